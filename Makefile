@@ -1,0 +1,58 @@
+# PocoFlow developer entry points. A fresh machine needs only Python >= 3.11 and make:
+# every target below creates .venv on first use (CI runs `make test` on a fresh clone).
+
+PYTHON ?= python3
+VENV   ?= .venv
+EXTRAS ?= dev,ui,flower
+ARGS   ?=
+
+BIN   := $(VENV)/bin
+# Touched after a successful install: the venv is re-synced only when pyproject.toml
+# is newer, so `make test` costs nothing extra on the second run.
+STAMP := $(VENV)/.pocoflow-installed
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test demo bench lint fmt clean distclean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: PYTHON=$(PYTHON) VENV=$(VENV) EXTRAS=$(EXTRAS) ARGS='pytest/bench args'"
+
+venv: $(STAMP)  ## create .venv and install -e .[EXTRAS] (again only when pyproject.toml changed)
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "error: PocoFlow needs Python >= 3.11, but PYTHON=$(PYTHON) is: $$($(PYTHON) -V 2>/dev/null || echo 'not found')" >&2; \
+	  echo "       run e.g. 'make PYTHON=python3.11 $(MAKECMDGOALS)'" >&2; exit 1; }
+	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "error: '$(PYTHON) -m venv' failed; on Debian/Ubuntu: apt-get install python3-venv" >&2; exit 1; }
+	$(BIN)/python -m pip install --quiet --progress-bar off --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --progress-bar off -e '.[$(EXTRAS)]'
+	@touch $@
+
+test: venv  ## run the test suite (ARGS="-k ledger -x" to narrow it)
+	$(BIN)/pytest -q $(ARGS)
+
+demo: venv  ## run the built-in demo flow
+	$(BIN)/pocoflow demo
+
+bench: venv  ## run the benchmarks
+	$(BIN)/python -m bench $(ARGS)
+
+lint: venv  ## ruff check, ruff format --check, mypy on the package
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy pocoflow
+
+fmt: venv  ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:  ## remove build output and tool caches (keeps .venv and *.db)
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean  ## clean, and remove .venv too
+	rm -rf $(VENV)

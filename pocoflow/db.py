@@ -1,0 +1,479 @@
+"""WorkflowDB: the ledger of runs, checkpoints, events and steps (0.2's name and API).
+
+``WorkflowDB(path_or_url)`` takes what 0.2 took (a file path) or an SQLAlchemy URL
+(``sqlite:///FILE``, ``postgresql://USER:PASS@HOST/DB``). Every call is one transaction
+on a pooled connection; the queries live in ``pocoflow.ledger`` by table group, and this
+class only picks the transaction, encodes values and turns driver errors into messages
+that name the run and the database.
+
+Usage::
+
+    db = WorkflowDB("pocoflow.db")
+    db.create_run("run-abc", flow_name="my_pipeline")
+    db.save_checkpoint("run-abc", step=0, node_name="StepA", store=store)
+    db.update_run("run-abc", status="completed")
+    store = db.load_checkpoint("run-abc", step=0)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from pocoflow import codec
+from pocoflow.commit import StepCommit
+from pocoflow.ledger import checkpoints, events, runs, steps, txn
+from pocoflow.ledger.common import epoch
+from pocoflow.ledger.engine import DEFAULT_BUSY_TIMEOUT_S, mask_url, resolve_url, shared_engine
+from pocoflow.ledger.errors import LedgerOpenError, is_fk_violation
+from pocoflow.ledger.migrate import ensure_schema
+from pocoflow.store import Store
+
+__all__ = ["WorkflowDB"]
+
+T = TypeVar("T")
+
+
+def _data_of(store: Any) -> Mapping[str, Any]:
+    if isinstance(store, Store):
+        return store.as_dict()
+    if isinstance(store, Mapping):
+        return store
+    data = getattr(store, "_data", None)  # a 0.2-style Store from another package
+    if isinstance(data, Mapping):
+        return data
+    raise TypeError(f"Expected a Store or a mapping, got {type(store).__name__}")
+
+
+def _encode_all(data: Mapping[str, Any]) -> dict[str, str]:
+    """Every value as codec text; a value that would not round-trip raises ``TypeError``
+    naming its key before anything is written (G7)."""
+    return {key: codec.encode(value, key=key) for key, value in data.items()}
+
+
+def _decode_all(texts: Mapping[str, str]) -> dict[str, Any]:
+    return {key: codec.decode(text, key=key) for key, text in texts.items()}
+
+
+class WorkflowDB:
+    """The run ledger on SQLite or PostgreSQL.
+
+    Parameters
+    ----------
+    path_or_url :
+        A file path (``str`` or ``Path``; parent directories are created, as in 0.2) or a
+        URL: ``sqlite:///FILE``, ``postgresql://`` / ``postgresql+psycopg://``.
+    synchronous :
+        SQLite only: ``"NORMAL"`` (default; env ``POCOFLOW_SQLITE_SYNCHRONOUS``) or
+        ``"FULL"`` to fsync every commit.
+    busy_timeout :
+        SQLite only: seconds a writer waits for another's lock before each retry.
+
+    Instances on the same database share one engine and pool per process, and the schema
+    is migrated (or found current) once per engine, so constructing one is cheap.
+    """
+
+    def __init__(
+        self,
+        path_or_url: str | os.PathLike[str],
+        *,
+        synchronous: str | None = None,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S,
+    ) -> None:
+        url = resolve_url(path_or_url)
+        self._ledger = shared_engine(url, synchronous=synchronous, busy_timeout_s=busy_timeout)
+        self._dialect = self._ledger.dialect
+        #: The SQLite file (0.2 attribute), None on PostgreSQL.
+        self.db_path: Path | None = (
+            Path(url.database) if self._dialect == "sqlite" and url.database else None
+        )
+        try:
+            ensure_schema(self._ledger)
+        except DBAPIError as exc:
+            raise LedgerOpenError(
+                f"Cannot open the ledger database {self._ledger.label}: {exc.orig}"
+            ) from exc
+
+    # ── identity ──────────────────────────────────────────────────────────────
+
+    @property
+    def url(self) -> str:
+        """The database URL with any password masked: safe to print and log."""
+        return mask_url(self._ledger.url)
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self._dialect
+
+    def __repr__(self) -> str:
+        return f"WorkflowDB({self.url!r})"
+
+    def close(self) -> None:
+        """Close pooled connections now (others on this database reconnect on next use)."""
+        self._ledger.dispose()
+
+    def __enter__(self) -> WorkflowDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ── plumbing ──────────────────────────────────────────────────────────────
+
+    def _read(self, fn: Callable[[Connection], T], run_id: str | None = None) -> T:
+        return txn.run(self._ledger, fn, write=False, what="reading", run_id=run_id)
+
+    def _write(self, fn: Callable[[Connection], T], what: str, run_id: str | None) -> T:
+        """A write transaction; a row naming a run ``pf_runs`` lacks -> ``KeyError``."""
+        try:
+            return txn.run(self._ledger, fn, write=True, what=what, run_id=run_id)
+        except IntegrityError as exc:
+            if run_id is not None and is_fk_violation(exc):
+                raise KeyError(
+                    f"Unknown run id {run_id!r} in ledger {self._ledger.label}: "
+                    "create_run() it first"
+                ) from None
+            raise
+
+    # ── runs ──────────────────────────────────────────────────────────────────
+
+    def create_run(
+        self,
+        run_id: str,
+        flow_name: str = "",
+        *,
+        status: str = "running",
+        fingerprint: str | None = None,
+        max_steps: int | None = None,
+        initial_store: Store | Mapping[str, Any] | None = None,
+        initial_step: int = -1,
+        start_node: str | None = None,
+        parent_run_id: str | None = None,
+        forked_from_step: int | None = None,
+        queue: str | None = None,
+        graph_shape: str | None = None,
+    ) -> bool:
+        """Record a new run; False (and nothing written) if ``run_id`` exists, as 0.2
+        ignored duplicates.
+
+        ``initial_store`` is written in the same transaction as the checkpoint of
+        ``initial_step`` (-1: before the first node; a fork passes the step it forks
+        from), with ``start_node`` as its ``next_node``, so a run never exists without
+        the Store it starts from. A distributed run also records the broker ``queue`` its
+        steps go to and its ``graph_shape`` (JSON), which a version refusal compares (G6).
+        """
+        runs.check_fields({"status": status})
+        row: dict[str, Any] = {
+            "run_id": run_id,
+            "flow_name": flow_name,
+            "status": status,
+            "fingerprint": fingerprint,
+            "max_steps": max_steps,
+            "store_name": initial_store.name if isinstance(initial_store, Store) else None,
+            "parent_run_id": parent_run_id,
+            "forked_from_step": forked_from_step,
+            "queue": queue,
+            "graph_shape": graph_shape,
+        }
+        texts = None if initial_store is None else _encode_all(_data_of(initial_store))
+        dialect = self._dialect
+
+        def body(conn: Connection) -> bool:
+            if not runs.insert(conn, dialect, row):
+                return False
+            if texts is not None:
+                checkpoints.write_full(
+                    conn, run_id, initial_step, "", texts, next_node=start_node
+                )
+            return True
+
+        return self._write(body, "creating the run", run_id)
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        """Set fields of a run row (0.2's five, plus ``fingerprint``, ``max_steps``,
+        ``control``...). Unknown field -> ``ValueError``; unknown run -> ``KeyError``."""
+        runs.check_fields(fields)
+        if not self._write(
+            lambda conn: runs.update_fields(conn, run_id, fields), "updating the run", run_id
+        ):
+            raise KeyError(f"Unknown run id {run_id!r} in ledger {self._ledger.label}")
+
+    def update_run_if(
+        self,
+        run_id: str,
+        *,
+        status_in: tuple[str, ...] | None = None,
+        control_in: tuple[str, ...] | None = None,
+        **fields: Any,
+    ) -> bool:
+        """``update_run`` as a compare-and-set: only while the run's status (and control)
+        is one of ``status_in`` (``control_in``). False, nothing written, otherwise or for
+        an unknown run. How distributed runs change state without racing each other."""
+        runs.check_fields(fields)
+        return self._write(
+            lambda conn: runs.update_fields_if(
+                conn, run_id, fields, status_in=status_in, control_in=control_in
+            ),
+            "updating the run",
+            run_id,
+        )
+
+    def set_control(self, run_id: str, control: str | None) -> None:
+        """Leave a ``cancel`` / ``pause`` request on the run (None clears it); read it back
+        with ``get_run(run_id)["control"]``. Workers check it before each node (G4)."""
+        self.update_run(run_id, control=control)
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        """The run row as a dict (0.2 column names plus ours), or None."""
+        return self._read(lambda conn: runs.get(conn, run_id), run_id)
+
+    def list_runs(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The ``limit`` most recently started runs, newest first."""
+        return self._read(lambda conn: runs.list_recent(conn, limit))
+
+    # ── checkpoints ───────────────────────────────────────────────────────────
+
+    def save_checkpoint(self, run_id: str, step: int, node_name: str, store: Any) -> None:
+        """0.2's checkpoint call: writes every value at ``step``, replacing an existing
+        checkpoint of that step. Not the hot path (``commit_step`` is)."""
+        texts = _encode_all(_data_of(store))
+        self._write(
+            lambda conn: checkpoints.write_full(conn, run_id, step, node_name, texts, replace=True),
+            f"saving checkpoint {step}",
+            run_id,
+        )
+
+    def commit_step(self, c: StepCommit, *, now: float | None = None) -> bool:
+        """Write one node step in one transaction: its changed values, the checkpoint
+        (manifest, next node, action), its events, the run fields and, distributed, the
+        fenced ``pf_steps`` update and the successor's outbox row.
+
+        Returns False, with nothing written, when ``(run_id, step)`` is committed already
+        or ``c.attempt`` no longer holds the step: another attempt won (G1). ``now`` is
+        the clock of the outbox row.
+        """
+        if c.run_fields:
+            runs.check_fields(c.run_fields)
+        checkpoints.check_commit(c)
+        dialect = self._dialect
+
+        def body(conn: Connection) -> bool:
+            if not checkpoints.commit(conn, dialect, c, now):
+                raise txn.Abort(False)
+            return True
+
+        return self._write(body, f"committing step {c.step}", c.run_id)
+
+    def get_checkpoints(self, run_id: str) -> list[dict[str, Any]]:
+        """Checkpoint rows of the nodes that ran (step >= 0), by step; 0.2 columns plus
+        ``next_node`` and ``action``. ``store_json`` is only set on 0.2 rows."""
+        return self._read(lambda conn: checkpoints.list_rows(conn, run_id), run_id)
+
+    def get_checkpoint(self, run_id: str, step: int) -> dict[str, Any]:
+        """One checkpoint row (any step, -1 included); ``KeyError`` if absent."""
+        row = self._read(lambda conn: checkpoints.get_row(conn, run_id, step), run_id)
+        if row is None:
+            raise KeyError(f"No checkpoint for run_id={run_id!r} step={step}")
+        return row
+
+    def latest_checkpoint(self, run_id: str) -> dict[str, Any] | None:
+        """``step``, ``node_name``, ``next_node``, ``action`` of the newest checkpoint
+        (step -1 = only the initial Store), or None: where a resume starts."""
+        return self._read(lambda conn: checkpoints.latest(conn, run_id), run_id)
+
+    def load_checkpoint(self, run_id: str, step: int) -> Store:
+        """The whole Store after ``step`` (-1 = the initial Store); ``KeyError`` naming run
+        and step if there is no such checkpoint."""
+        return self.load_store(run_id, step)[0]
+
+    def load_store(self, run_id: str, step: int) -> tuple[Store, dict[str, int], dict[str, str]]:
+        """``(store, manifest, texts)`` of a checkpoint, to resume from it.
+
+        ``texts`` holds each value's stored codec text, so a ``StoreTracker`` seeded with
+        the manifest and texts knows what is unchanged without re-encoding. A 0.2
+        checkpoint returns an empty manifest and texts: its values must all be written
+        again by the next commit.
+        """
+        manifest, texts, legacy = self._read(
+            lambda conn: checkpoints.load_texts(conn, run_id, step), run_id
+        )
+        data = legacy if legacy is not None else _decode_all(texts)
+        return Store(data, name=f"{run_id}@step{step}"), manifest, texts
+
+    def count_committed(self, run_id: str) -> int:
+        """Committed node steps of the run (checkpoints with step >= 0): what
+        ``max_steps`` is checked against across workers (G5)."""
+        return self._read(lambda conn: checkpoints.count_committed(conn, run_id), run_id)
+
+    def count_values(self, run_id: str, key: str | None = None) -> int:
+        """Stored value rows of a run (of one key): each is one change of that key."""
+        return self._read(lambda conn: checkpoints.count_values(conn, run_id, key), run_id)
+
+    # ── events ────────────────────────────────────────────────────────────────
+
+    def save_event(self, run_id: str, event: str, **kw: Any) -> None:
+        """Append an event. Optional: ``step``, ``node_name``, ``action``, ``elapsed_ms``,
+        ``error_msg``, ``attempt``, ``ts`` (ISO text, datetime or epoch; default now)."""
+        row = events.row(run_id, event, kw)
+        self._write(lambda conn: events.insert_rows(conn, [row]), "saving an event", run_id)
+
+    def get_events(self, run_id: str, *, after_id: int = 0) -> list[dict[str, Any]]:
+        """Events of a run in insertion order; ``after_id`` skips those already seen."""
+        return self._read(lambda conn: events.get(conn, run_id, after_id), run_id)
+
+    # ── steps: outbox, leases, fencing (distributed executor) ────────────────
+
+    def insert_step(
+        self,
+        run_id: str,
+        step: int,
+        node_id: str,
+        *,
+        attempt: int = 1,
+        lease_s: float | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """The outbox row of a run's first step (later steps get theirs from
+        ``commit_step``), leased for ``lease_s`` from now (G3). False if it exists."""
+        t = epoch(now)
+        expires = None if lease_s is None else t + lease_s
+        dialect = self._dialect
+        return self._write(
+            lambda conn: steps.insert_step(conn, dialect, run_id, step, node_id, attempt, expires, t),
+            f"queueing step {step}",
+            run_id,
+        )
+
+    def mark_sent(
+        self,
+        run_id: str,
+        step: int,
+        attempt: int,
+        *,
+        task_id: str | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """The message of ``attempt`` is with the broker (under ``task_id``): the outbox
+        sweep skips the row from now on. False if the attempt is stale or already sent."""
+        t = epoch(now)
+        return self._write(
+            lambda conn: steps.mark_sent(conn, run_id, step, attempt, task_id, t),
+            f"marking step {step} sent",
+            run_id,
+        )
+
+    def claim_step(
+        self,
+        run_id: str,
+        step: int,
+        attempt: int,
+        worker: str,
+        lease_s: float,
+        now: float | None = None,
+        *,
+        task_id: str | None = None,
+    ) -> bool:
+        """Take the lease on ``(run_id, step)`` for ``attempt`` and record the attempt's
+        start (``worker``, broker ``task_id``) in ``pf_attempts``. False: the step is committed, failed, held by a live
+        lease of another worker, or ``attempt`` is stale — do nothing (G1)."""
+        t = epoch(now)
+        return self._write(
+            lambda conn: steps.claim(conn, run_id, step, attempt, worker, lease_s, t, task_id),
+            f"claiming step {step}",
+            run_id,
+        )
+
+    def renew_lease(
+        self,
+        run_id: str,
+        step: int,
+        attempt: int,
+        worker: str,
+        lease_s: float,
+        now: float | None = None,
+    ) -> bool:
+        """Extend a held lease; False = it was taken over, stop working on the step."""
+        t = epoch(now)
+        return self._write(
+            lambda conn: steps.renew(conn, run_id, step, attempt, worker, lease_s, t),
+            f"renewing the lease of step {step}",
+            run_id,
+        )
+
+    def end_attempt(
+        self,
+        run_id: str,
+        step: int,
+        attempt: int,
+        worker: str | None,
+        outcome: str,
+        error_msg: str | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Close the attempt's ``pf_attempts`` row with ``outcome`` (committed, duplicate,
+        retry, failed...). False if no open row matched."""
+        t = epoch(now)
+        return self._write(
+            lambda conn: steps.end_attempt(
+                conn, run_id, step, attempt, worker, outcome, error_msg, t
+            ),
+            f"ending attempt {attempt} of step {step}",
+            run_id,
+        )
+
+    def fail_step(self, run_id: str, step: int, attempt: int) -> bool:
+        """Mark the step failed (node out of retries) if ``attempt`` still holds it."""
+        return self._write(
+            lambda conn: steps.fail(conn, run_id, step, attempt), f"failing step {step}", run_id
+        )
+
+    def take_over(
+        self,
+        run_id: str,
+        step: int,
+        old_attempt: int,
+        lease_s: float,
+        now: float | None = None,
+        *,
+        force: bool = False,
+    ) -> int | None:
+        """Re-queue a step whose lease expired under a new attempt (returned), fencing out
+        the old holder (G1, G3); the caller then sends the new attempt's message. None if
+        the step moved on (committed, renewed, already taken over). ``force`` skips the
+        expiry check (resume of a paused or failed run)."""
+        t = epoch(now)
+        return self._write(
+            lambda conn: steps.take_over(conn, run_id, step, old_attempt, lease_s, t, force),
+            f"taking over step {step}",
+            run_id,
+        )
+
+    def get_step(self, run_id: str, step: int) -> dict[str, Any] | None:
+        return self._read(lambda conn: steps.get(conn, run_id, step), run_id)
+
+    def get_attempts(self, run_id: str) -> list[dict[str, Any]]:
+        return self._read(lambda conn: steps.attempts(conn, run_id), run_id)
+
+    def running_task_ids(self, run_id: str) -> list[str]:
+        """Broker task ids of the run's queued or running steps (for revoke)."""
+        return self._read(lambda conn: steps.task_ids(conn, run_id), run_id)
+
+    def expired_steps(self, now: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Steps whose lease ran out (worker died, message lost) of runs still going, oldest
+        lease first: the sweeper takes them over (G3)."""
+        t = epoch(now)
+        return self._read(lambda conn: steps.expired(conn, t, limit))
+
+    def unsent_steps(
+        self, older_than_s: float, now: float | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Outbox rows queued more than ``older_than_s`` ago and never marked sent (the
+        publisher died between commit and send): the sweeper sends them."""
+        cutoff = epoch(now) - older_than_s
+        return self._read(lambda conn: steps.unsent(conn, cutoff, limit))

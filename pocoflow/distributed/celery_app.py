@@ -1,0 +1,101 @@
+"""The Celery app every PocoFlow process builds the same way: workers, clients, sweepers.
+
+Celery is only the transport. Which step runs, and whether it already ran, is decided by
+the ledger (leases, fencing, outbox), so the broker settings here aim at low latency and
+small blast radius rather than delivery guarantees.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from pocoflow.settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+TASK_NAME = "pocoflow.step"
+DEFAULT_QUEUE = "pocoflow"
+ACKS_LATE_ENV = "POCOFLOW_ACKS_LATE"
+
+# Early acknowledgement by default, because the ledger lease (not the broker) finds a
+# step whose worker died (G3): with late ack a killed task is acked anyway (Celery's
+# task_reject_on_worker_lost is off) or redelivered only after the visibility timeout,
+# so late ack would buy nothing but a broker round trip per step. Measured on a 100-step
+# chain (1 worker, Redis, SQLite): see _ACKS_LATE_NOTE in docs of bench; early ack was
+# the faster of the two. POCOFLOW_ACKS_LATE=1 turns late ack on.
+DEFAULT_ACKS_LATE = False
+
+#: Because an unacked message is redelivered after this long: far above any lease, so
+#: Redis never re-delivers a step the sweeper is already handling (1 h is Celery's own
+#: default; set explicitly so a countdown retry is not redelivered early).
+VISIBILITY_TIMEOUT_S = 3600
+
+#: Publishing a step message must not hang a worker when Redis is down: a failed publish
+#: leaves the outbox row unsent, and the sweeper sends it later (G3).
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 2,
+    "interval_start": 0.0,
+    "interval_step": 0.2,
+    "interval_max": 0.5,
+}
+
+
+def acks_late_from_env(env: Mapping[str, str] | None = None) -> bool:
+    raw = (os.environ if env is None else env).get(ACKS_LATE_ENV, "").strip().lower()
+    if raw in ("", "default"):
+        return DEFAULT_ACKS_LATE
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{ACKS_LATE_ENV} must be 1/0, true/false, yes/no or on/off, got {raw!r}")
+
+
+def create_app(settings: Settings | None = None, *, acks_late: bool | None = None) -> Celery:
+    """A Celery app for ``settings`` (default ``Settings.from_env()``).
+
+    JSON only (G7): no pickle can reach a worker. No result backend: a step's outcome is
+    its ledger commit. Prefetch 1: a worker holds at most one step it is not running, so
+    a busy worker does not sit on steps another could run.
+    """
+    try:
+        from celery import Celery
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "The distributed executor needs Celery: pip install 'pocoflow[distributed]'"
+        ) from exc
+
+    settings = settings or Settings.from_env()
+    if acks_late is None:
+        acks_late = acks_late_from_env()
+    app = Celery("pocoflow", set_as_current=False)
+    app.conf.update(_config(settings, acks_late))
+    return app
+
+
+def _config(settings: Settings, acks_late: bool) -> dict[str, Any]:
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        # JSON only, both ways (G7).
+        "accept_content": ["json"],
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": acks_late,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_routes": {TASK_NAME: {"queue": DEFAULT_QUEUE}},
+        "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
+        # PocoFlow configures its own logging; Celery must not take over the root logger.
+        "worker_hijack_root_logger": False,
+        # Steps are short and latency matters more than fairness across long tasks.
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        "enable_utc": True,
+    }

@@ -1,0 +1,204 @@
+"""The caller's side of distributed runs: ``submit``, ``attach``, ``resume_run``.
+
+``submit`` writes everything a worker needs into the ledger (run row with the initial
+Store, fingerprint, graph shape, max_steps, queue; the step-0 outbox row leased from now)
+*before* publishing, so a message can never name a run the ledger does not know, and a
+publish that fails is repaired by the sweeper (G3). It returns at once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+from pocoflow.distributed import lifecycle
+from pocoflow.distributed.control import CANCEL, PAUSE, RemoteControl, clear_flag, redis_client
+from pocoflow.distributed.graphs import shape_text
+from pocoflow.distributed.message import StepMessage
+from pocoflow.hooks import FLOW_END, FLOW_START, RUN_RESUMED
+from pocoflow.logging import get_logger
+from pocoflow.recorder import open_ledger
+from pocoflow.registry import UnknownFlowError, get_builder, import_flow_modules
+from pocoflow.runner import RunHandle
+from pocoflow.settings import Settings, mask_url
+from pocoflow.step import utc_now
+
+if TYPE_CHECKING:
+    from pocoflow.db import WorkflowDB
+    from pocoflow.distributed.publish import Publisher
+    from pocoflow.flow import Flow
+    from pocoflow.graph import Graph
+    from pocoflow.store import Store
+
+_log = get_logger("distributed.client")
+
+RESUMABLE = ("failed", "cancelled", "paused")
+
+
+def _settings(settings: Settings | None, db_url: str | None) -> Settings:
+    if settings is None:
+        return Settings.from_env(db_url=db_url)
+    if db_url is not None:
+        from dataclasses import replace
+
+        return replace(settings, db_url=db_url)
+    return settings
+
+
+@functools.lru_cache(maxsize=8)
+def _publisher(settings: Settings) -> Publisher:
+    """One Celery app (and broker connection pool) per settings per process."""
+    from pocoflow.distributed.celery_app import create_app
+    from pocoflow.distributed.publish import Publisher
+
+    return Publisher(create_app(settings), open_ledger(settings.db_url))
+
+
+def _handle(run_id: str, db: WorkflowDB, settings: Settings, store: Store | None = None) -> RunHandle:
+    control = RemoteControl(
+        run_id,
+        db,
+        redis_url=settings.redis_url,
+        publisher_factory=lambda: _publisher(settings),
+        lease_s=settings.lease_seconds,
+    )
+    return RunHandle(run_id, db=db, control=control, initial_store=store)
+
+
+def _registered_graph(flow_name: str, settings: Settings) -> Graph:
+    """The graph a worker would build for ``flow_name``: from the registry, importing the
+    configured flow modules (``POCOFLOW_FLOWS``) if the name is not registered yet."""
+    try:
+        builder = get_builder(flow_name)
+    except UnknownFlowError:
+        import_flow_modules(settings.flows)
+        builder = get_builder(flow_name)
+    return builder().graph()
+
+
+def submit(
+    flow: Flow,
+    store: Store | dict[str, Any],
+    *,
+    run_id: str | None = None,
+    queue: str | None = None,
+    db_url: str | None = None,
+    settings: Settings | None = None,
+) -> RunHandle:
+    """Start ``flow`` on the workers and return its handle at once.
+
+    The flow must be registered (``@flow("name")``) and its registered builder must build
+    this very graph, because the workers rebuild it from the registry by name (G6, G7).
+    A Store value that would not round-trip raises ``TypeError`` naming the key before
+    anything is written (G7).
+    """
+    from pocoflow.flow import as_store, make_run_id
+
+    settings = _settings(settings, db_url)
+    name = flow.flow_name
+    graph = flow.graph()
+    try:
+        registered = get_builder(name)().graph()
+    except UnknownFlowError:
+        raise ValueError(
+            f"Flow {name!r} is not registered, so no worker can find its graph: build it "
+            f"with a function decorated @flow({name!r}) in a module the workers import "
+            "(--flows / POCOFLOW_FLOWS)"
+        ) from None
+    if registered.fingerprint != graph.fingerprint:
+        from pocoflow.graph import shape_difference
+
+        raise ValueError(
+            f"Flow {name!r} differs from the graph its registered builder makes, which is "
+            f"what workers would run ({shape_difference(registered.shape(), graph.shape())}); "
+            "submit the Flow the builder returns"
+        )
+    store = as_store(store)
+    run_id = run_id or flow.run_id or make_run_id(name)
+    db = open_ledger(settings.db_url)
+    created = db.create_run(
+        run_id,
+        name,
+        status="queued",
+        fingerprint=graph.fingerprint,
+        max_steps=flow.max_steps,
+        initial_store=store,
+        start_node=graph.start_id,
+        queue=queue,
+        graph_shape=shape_text(graph),
+    )
+    if not created:
+        raise ValueError(f"Run id {run_id!r} already exists in ledger {db.url}; pick another")
+    db.save_event(run_id, FLOW_START, node_name=graph.start_id, ts=utc_now())
+    db.insert_step(run_id, 0, graph.start_id, lease_s=settings.lease_seconds)
+    flow._run_id = run_id
+    sent = _publisher(settings).send(StepMessage(run_id, name, 0, graph.start_id, 1), queue=queue)
+    if not sent:
+        _log.warning(
+            "Run %s is recorded but its first step could not be published to %s yet; a "
+            "worker's sweeper will send it",
+            run_id,
+            mask_url(settings.broker_url),
+        )
+    _log.info("Flow %r submitted, run_id=%s", name, run_id)
+    return _handle(run_id, db, settings, store)
+
+
+def attach(run_id: str, db_url: str | None = None, *, settings: Settings | None = None) -> RunHandle:
+    """A handle on any recorded run, from any process; ``KeyError`` naming an unknown id."""
+    settings = _settings(settings, db_url)
+    db = open_ledger(settings.db_url)
+    if db.get_run(run_id) is None:
+        raise KeyError(f"Unknown run id {run_id!r} in ledger {db.url}")
+    return _handle(run_id, db, settings)
+
+
+def resume_run(
+    run_id: str,
+    *,
+    force: bool = False,
+    db_url: str | None = None,
+    settings: Settings | None = None,
+) -> RunHandle:
+    """Continue a failed, cancelled or paused distributed run: its outstanding step is
+    sent again under a new attempt.
+
+    ``force`` accepts the flow's current graph (a run refused for a graph change, G6): the
+    run's fingerprint and shape are re-recorded from this process's registry (the flow
+    modules of ``POCOFLOW_FLOWS`` are imported if needed).
+    """
+    settings = _settings(settings, db_url)
+    db = open_ledger(settings.db_url)
+    run = db.get_run(run_id)
+    if run is None:
+        raise KeyError(f"Unknown run id {run_id!r} in ledger {db.url}")
+    if run["status"] not in RESUMABLE:
+        raise ValueError(
+            f"Run {run_id!r} is {run['status']}: only a failed, cancelled or paused run can "
+            "be resumed"
+        )
+    if force:
+        graph = _registered_graph(run["flow_name"], settings)
+        db.update_run(run_id, fingerprint=graph.fingerprint, graph_shape=shape_text(graph))
+    if not db.update_run_if(
+        run_id,
+        status_in=RESUMABLE,
+        status="running",
+        control=None,
+        error_msg=None,
+        completed_at=None,
+    ):
+        raise ValueError(f"Run {run_id!r} changed status while resuming; look again")
+    if settings.redis_url:
+        client = redis_client(settings.redis_url)
+        for flag in (CANCEL, PAUSE):
+            clear_flag(client, run_id, flag)
+    db.save_event(run_id, RUN_RESUMED, ts=utc_now())
+    message = lifecycle.requeue_outstanding(
+        db, run_id, _publisher(settings), lease_s=settings.lease_seconds
+    )
+    if message is None:  # the last checkpoint already ends the run
+        now = utc_now()
+        db.save_event(run_id, FLOW_END, ts=now)
+        db.update_run(run_id, status="completed", completed_at=now)
+    return _handle(run_id, db, settings)

@@ -1,0 +1,235 @@
+"""Cancel and pause flags in Redis, and ``RemoteControl``: RunHandle's steering wheel for
+distributed runs (G4).
+
+The ledger's ``pf_runs.control`` column is the source of truth: every request is written
+there first, so a cancelled run never runs another node even if Redis lost its keys (a
+restart without persistence). The Redis flags are the fast path a long ``exec`` polls
+through ``Node.cancelled()`` without hitting the database every half second.
+
+Redis being down never fails a request: writes retry with backoff for a bounded time and
+then give up with a warning (the ledger has the request); reads report "unknown" and the
+caller falls back to the ledger.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from pocoflow.logging import get_logger
+from pocoflow.settings import mask_url
+
+if TYPE_CHECKING:
+    import redis
+
+    from pocoflow.db import WorkflowDB
+    from pocoflow.distributed.publish import Publisher
+
+_log = get_logger("distributed.control")
+
+T = TypeVar("T")
+
+CANCEL = "cancel"
+PAUSE = "pause"
+FLAGS = (CANCEL, PAUSE)
+KEY_TEMPLATE = "pocoflow:{run_id}:{flag}"
+#: Because a paused run may sit for days; when a flag expires the ledger still holds it.
+FLAG_TTL_S = 7 * 24 * 3600
+#: How long a flag write keeps retrying a Redis that is down before it leaves the
+#: request to the ledger alone.
+WRITE_BUDGET_S = 3.0
+#: Socket timeouts: a flag read sits on the step's hot path, so a dead Redis must cost
+#: at most this long before the ledger answers instead.
+SOCKET_TIMEOUT_S = 0.5
+
+
+def flag_key(run_id: str, flag: str) -> str:
+    if flag not in FLAGS:
+        raise ValueError(f"Unknown control flag {flag!r}; known: {', '.join(FLAGS)}")
+    return KEY_TEMPLATE.format(run_id=run_id, flag=flag)
+
+
+@functools.lru_cache(maxsize=8)
+def redis_client(url: str) -> redis.Redis:
+    """One client (and connection pool) per URL per process; redis-py re-opens its
+    connections after a fork, so prefork children can share the cached object."""
+    import redis as redis_lib
+
+    return redis_lib.Redis.from_url(
+        url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
+    )
+
+
+def with_retry(
+    call: Callable[[], T],
+    *,
+    budget_s: float,
+    what: str,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T | None:
+    """``call()``, retried with doubling backoff while Redis is unreachable, for at most
+    ``budget_s`` seconds; ``None`` when it never answered (the caller falls back to the
+    ledger)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError
+
+    deadline = clock() + budget_s
+    delay = 0.05
+    while True:
+        try:
+            return call()
+        except (RedisConnectionError, TimeoutError, OSError) as exc:
+            if clock() + delay > deadline:
+                _log.warning("Redis unreachable while %s (%s); the ledger decides", what, exc)
+                return None
+            sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def set_flag(
+    client: redis.Redis, run_id: str, flag: str, *, ttl_s: int = FLAG_TTL_S, budget_s: float = WRITE_BUDGET_S
+) -> bool:
+    """Raise ``flag`` for ``run_id``; False if Redis stayed unreachable for ``budget_s``."""
+    key = flag_key(run_id, flag)
+    return bool(with_retry(lambda: client.set(key, "1", ex=ttl_s), budget_s=budget_s, what=f"setting {key}"))
+
+
+def clear_flag(
+    client: redis.Redis, run_id: str, flag: str, *, budget_s: float = WRITE_BUDGET_S
+) -> bool:
+    key = flag_key(run_id, flag)
+    done = with_retry(lambda: client.delete(key), budget_s=budget_s, what=f"clearing {key}")
+    return done is not None
+
+
+def read_flags(client: redis.Redis, run_id: str, *, budget_s: float = 0.0) -> frozenset[str] | None:
+    """The flags raised for ``run_id``, or ``None`` when Redis did not answer."""
+    keys = [flag_key(run_id, flag) for flag in FLAGS]
+    values = with_retry(lambda: client.mget(keys), budget_s=budget_s, what=f"reading flags of {run_id}")
+    if values is None:
+        return None
+    return frozenset(flag for flag, value in zip(FLAGS, values, strict=True) if value is not None)
+
+
+class FlagReader:
+    """A cached cancel probe for a running ``exec`` (G4): Redis at most every
+    ``interval_s``, the ledger's control column when Redis does not answer."""
+
+    def __init__(
+        self,
+        run_id: str,
+        client: redis.Redis | None,
+        db: WorkflowDB,
+        *,
+        interval_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.run_id = run_id
+        self.client = client
+        self.db = db
+        self.interval_s = interval_s
+        self.clock = clock
+        self._checked_at: float | None = None
+        self._cancelled = False
+
+    def __call__(self) -> bool:
+        if self._cancelled:
+            return True
+        now = self.clock()
+        if self._checked_at is not None and now - self._checked_at < self.interval_s:
+            return False
+        self._checked_at = now
+        flags = read_flags(self.client, self.run_id) if self.client is not None else None
+        if flags is None or CANCEL in flags:
+            # Redis did not answer, or says cancel: the ledger confirms, because a flag
+            # can outlive a resume that could not reach Redis to clear it.
+            run = self.db.get_run(self.run_id) or {}
+            self._cancelled = run.get("control") == CANCEL or run.get("status") == "cancelled"
+        return self._cancelled
+
+
+class RemoteControl:
+    """RunHandle's control for a run on the workers: ``cancel(terminate)``, ``pause``,
+    ``resume``, ``cancelled``, ``paused`` (G4).
+
+    Every request lands in the ledger first (source of truth), then in Redis (fast path).
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        db: WorkflowDB,
+        *,
+        redis_url: str | None,
+        publisher_factory: Callable[[], Publisher],
+        lease_s: float,
+    ) -> None:
+        self.run_id = run_id
+        self.db = db
+        self.redis_url = redis_url
+        self._publisher_factory = publisher_factory
+        self.lease_s = lease_s
+
+    def _redis(self) -> redis.Redis | None:
+        return redis_client(self.redis_url) if self.redis_url else None
+
+    def cancel(self, terminate: bool = False) -> None:
+        """Stop the run before its next node; ``terminate`` also kills the running step's
+        task (Celery revoke with terminate), whose attempt then commits nothing."""
+        from pocoflow.distributed import lifecycle
+
+        if not lifecycle.request_cancel(self.db, self.run_id):
+            _log.info("Run %s already finished; cancel ignored", self.run_id)
+        client = self._redis()
+        if client is not None and not set_flag(client, self.run_id, CANCEL):
+            _log.warning(
+                "Cancel of run %s recorded in the ledger only (Redis %s unreachable)",
+                self.run_id,
+                mask_url(self.redis_url),
+            )
+        if terminate:
+            self._terminate_running_step()
+
+    def _terminate_running_step(self) -> None:
+        task_ids = self.db.running_task_ids(self.run_id)
+        if not task_ids:
+            return
+        publisher = self._publisher_factory()
+        for task_id in task_ids:
+            _log.info("Run %s: revoking task %s (terminate)", self.run_id, task_id)
+            publisher.revoke(task_id, terminate=True)
+
+    def pause(self) -> None:
+        """Hold the run before its next node; the worker that meets the request marks the
+        run ``paused`` and leaves the step queued for ``resume``."""
+        from pocoflow.distributed import lifecycle
+
+        lifecycle.request_pause(self.db, self.run_id)
+        client = self._redis()
+        if client is not None:
+            set_flag(client, self.run_id, PAUSE)
+
+    def resume(self) -> None:
+        """Let a paused run go on: clears the request and, if a worker already parked the
+        run, re-enqueues its outstanding step."""
+        from pocoflow.distributed import lifecycle
+
+        client = self._redis()
+        if client is not None:
+            clear_flag(client, self.run_id, PAUSE)
+        lifecycle.resume_paused(self.db, self.run_id, self._publisher_factory(), lease_s=self.lease_s)
+
+    @property
+    def cancelled(self) -> bool:
+        run = self.db.get_run(self.run_id) or {}
+        return run.get("status") == "cancelled" or run.get("control") == CANCEL
+
+    @property
+    def paused(self) -> bool:
+        run = self.db.get_run(self.run_id) or {}
+        return run.get("status") == "paused" or run.get("control") == PAUSE
+
+    def __repr__(self) -> str:
+        return f"RemoteControl(run_id={self.run_id!r})"

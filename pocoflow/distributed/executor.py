@@ -1,0 +1,450 @@
+"""The distributed step: what one Celery task does for one node step (ARCHITECTURE §3).
+
+    decode -> guard -> claim -> load -> run -> commit -> enqueue
+
+Every stage that can meet another process's work is fenced by the ledger: the claim
+takes the step's lease for the message's attempt, the commit lands only if that attempt
+still holds it, so whatever the broker delivers twice, and whichever worker wakes up
+late, at most one transition per step is committed (G1). A step's lease is renewed by a
+heartbeat while it runs; if its worker dies the sweeper re-runs it (G3). Nothing here
+sleeps: a node retry is a new message with a countdown, scheduled by Celery.
+
+``execute_step`` never raises: a Celery task that raised could be retried by the broker
+in a loop; every failure is recorded on the run (or logged, when there is no run to
+record it on) and the ledger decides what happens next.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pocoflow.codec import CodecError
+from pocoflow.commit import NextStep, StepCommit
+from pocoflow.delta import StoreTracker
+from pocoflow.distributed import lifecycle
+from pocoflow.distributed.control import FlagReader, redis_client
+from pocoflow.distributed.graphs import GraphCache, mismatch_message
+from pocoflow.distributed.message import MalformedMessage, StepMessage
+from pocoflow.hooks import FLOW_END, MESSAGE_MALFORMED, NODE_ERROR, NODE_RETRY
+from pocoflow.logging import get_logger
+from pocoflow.registry import UnknownFlowError
+from pocoflow.settings import Settings
+from pocoflow.step import RetryLater, StepError, run_step, utc_now
+
+if TYPE_CHECKING:
+    import redis
+    from celery import Celery
+
+    from pocoflow.db import WorkflowDB
+    from pocoflow.flow import Flow
+    from pocoflow.graph import Graph
+    from pocoflow.node import Node
+    from pocoflow.store import Store
+
+    from pocoflow.distributed.publish import Publisher
+
+_log = get_logger("distributed.executor")
+
+# What ``execute_step`` returns (and ``pf_attempts.outcome`` records where there is a row).
+COMMITTED = "committed"
+DUPLICATE = "duplicate"  # stale attempt, already committed, or leased by another worker
+LOST = "lost"  # the lease was taken over while this attempt ran: nothing committed
+RETRY = "retry"
+FAILED = "failed"
+REFUSED = "refused"  # unknown flow or another graph version: the run failed, resumable
+STOPPED = "stopped"  # the run had finished
+CANCELLED = "cancelled"
+PAUSED = "paused"
+MALFORMED = "malformed"
+UNKNOWN_RUN = "unknown_run"
+CRASHED = "crashed"
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process shares between its steps: ledger, publisher, control Redis,
+    lease length, graph cache. Built once per process (after the fork)."""
+
+    db: WorkflowDB
+    publisher: Publisher
+    redis: redis.Redis | None
+    lease_s: float
+    graphs: GraphCache = field(default_factory=GraphCache)
+    clock: Callable[[], float] = time.time
+
+    @classmethod
+    def from_settings(cls, settings: Settings, app: Celery | None = None) -> WorkerContext:
+        from pocoflow.distributed.celery_app import create_app
+        from pocoflow.distributed.publish import Publisher
+        from pocoflow.recorder import open_ledger
+
+        db = open_ledger(settings.db_url)
+        app = app if app is not None else create_app(settings)
+        return cls(
+            db=db,
+            publisher=Publisher(app, db),
+            redis=redis_client(settings.redis_url) if settings.redis_url else None,
+            lease_s=settings.lease_seconds,
+        )
+
+
+_context_lock = threading.Lock()
+_context: tuple[int, WorkerContext] | None = None
+_context_factory: Callable[[], WorkerContext] = lambda: WorkerContext.from_settings(  # noqa: E731
+    Settings.from_env()
+)
+
+
+def configure(factory: Callable[[], WorkerContext]) -> None:
+    """Set how this process builds its context (the worker app passes its own Celery app,
+    so steps publish through the app whose connections Celery resets after a fork)."""
+    global _context, _context_factory
+    with _context_lock:
+        _context_factory = factory
+        _context = None
+
+
+def default_context() -> WorkerContext:
+    global _context
+    with _context_lock:
+        if _context is None or _context[0] != os.getpid():
+            _context = (os.getpid(), _context_factory())
+        return _context[1]
+
+
+def default_worker_id() -> str:
+    """``hostname:pid`` of the process running the step: what ``pf_attempts.worker``
+    records, so an operator (or a test) can find the process and signal it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def execute_step(
+    message: Any,
+    *,
+    worker_id: str | None = None,
+    task_id: str | None = None,
+    context: WorkerContext | None = None,
+) -> str:
+    """Run the step ``message`` names, following the step protocol; returns the outcome.
+
+    Never raises (see module docstring). ``worker_id`` defaults to ``hostname:pid``.
+    """
+    ctx = context or default_context()
+    worker = worker_id or default_worker_id()
+    try:
+        msg = StepMessage.from_dict(message)
+    except MalformedMessage as error:
+        _record_malformed(ctx.db, error)
+        return MALFORMED
+    try:
+        return _StepRun(ctx, msg, worker, task_id).run()
+    except Exception:
+        _log.exception(
+            "Step %d of run %s (attempt %d) crashed in the executor; its lease will expire "
+            "and the sweeper will re-run it",
+            msg.step,
+            msg.run_id,
+            msg.attempt,
+        )
+        return CRASHED
+
+
+def _record_malformed(db: WorkflowDB, error: MalformedMessage) -> None:
+    _log.error("Dropped a malformed step message: %s", error)
+    if error.run_id is None:
+        return
+    try:
+        if db.get_run(error.run_id) is not None:
+            db.save_event(error.run_id, MESSAGE_MALFORMED, error_msg=str(error), ts=utc_now())
+    except Exception as exc:  # the ledger is down: the log line above is all we can do
+        _log.warning("Could not record the malformed message on run %s: %s", error.run_id, exc)
+
+
+class _Refused(Exception):
+    """The step cannot run on this worker (unknown flow, other graph version, bad node)."""
+
+
+@dataclass
+class _Loaded:
+    flow: Flow
+    graph: Graph
+    node: Node
+    store: Store
+    tracker: StoreTracker
+
+
+class _StepRun:
+    """One delivery of one step message."""
+
+    def __init__(self, ctx: WorkerContext, msg: StepMessage, worker: str, task_id: str | None):
+        self.ctx = ctx
+        self.db = ctx.db
+        self.msg = msg
+        self.worker = worker
+        self.task_id = task_id
+
+    # ── the protocol ──────────────────────────────────────────────────────────
+
+    def run(self) -> str:
+        msg, db = self.msg, self.db
+        run = db.get_run(msg.run_id)
+        if run is None:
+            _log.error("Step message for unknown run %r dropped", msg.run_id)
+            return UNKNOWN_RUN
+        stop = self._guard(run)
+        if stop is not None:
+            return stop
+        if not db.claim_step(msg.run_id, msg.step, msg.attempt, self.worker, self.ctx.lease_s):
+            _log.info(
+                "Step %d of run %s attempt %d: already committed, stale or leased elsewhere; "
+                "nothing to do",
+                msg.step,
+                msg.run_id,
+                msg.attempt,
+            )
+            return DUPLICATE
+        if run["status"] == "queued":
+            db.update_run_if(msg.run_id, status_in=("queued",), status="running")
+        max_steps = run.get("max_steps")
+        if max_steps is not None and msg.step >= max_steps:
+            return self._refuse(
+                f"Flow {msg.flow!r} exceeded max_steps={max_steps} at node {msg.node_id!r} "
+                f"(run {msg.run_id}). Check for an unintended loop or raise max_steps."
+            )
+        try:
+            loaded = self._load(run)
+        except _Refused as refusal:
+            return self._refuse(str(refusal))
+        with _Heartbeat(self):
+            return self._run_and_commit(run, loaded)
+
+    def _guard(self, run: dict[str, Any]) -> str | None:
+        """Stop before the node if the run finished, was cancelled or paused (G4).
+
+        The ledger row decides: the Redis flags are a cache of it for ``exec``'s cancel
+        probe, and a flag left over after a Redis outage must not stop a resumed run.
+        """
+        msg, status, control = self.msg, run["status"], run.get("control")
+        if status == "cancelled" or control == "cancel":
+            if status != "cancelled":
+                lifecycle.request_cancel(self.db, msg.run_id, step=msg.step)
+            return CANCELLED
+        if status in lifecycle.FINISHED:
+            return STOPPED
+        if status == "paused":
+            return PAUSED
+        if control == "pause" and lifecycle.park(self.db, msg.run_id, msg.step):
+            _log.info("Run %s paused before step %d", msg.run_id, msg.step)
+            return PAUSED
+        return None
+
+    def _load(self, run: dict[str, Any]) -> _Loaded:
+        """Graph from the registry (G7), fingerprint check (G6), Store of step-1."""
+        msg = self.msg
+        try:
+            flow, graph = self.ctx.graphs.get(msg.flow)
+        except UnknownFlowError as exc:
+            raise _Refused(f"Worker {self.worker} refused run {msg.run_id!r}: {exc}") from None
+        if msg.flow != run["flow_name"]:
+            raise _Refused(
+                f"Step message names flow {msg.flow!r} but run {msg.run_id!r} is a run of "
+                f"{run['flow_name']!r}"
+            )
+        recorded = run.get("fingerprint")
+        if recorded and recorded != graph.fingerprint:
+            raise _Refused(mismatch_message(run, graph, run_id=msg.run_id, worker=self.worker))
+        try:
+            node = graph.node(msg.node_id)
+        except KeyError as exc:
+            raise _Refused(f"Run {msg.run_id!r}, flow {msg.flow!r}: {exc.args[0]}") from None
+        store, manifest, texts = self.db.load_store(msg.run_id, msg.step - 1)
+        tracker = StoreTracker()
+        tracker.seed(manifest, texts, store.as_dict())
+        return _Loaded(flow, graph, node, store, tracker)
+
+    def _run_and_commit(self, run: dict[str, Any], loaded: _Loaded) -> str:
+        msg = self.msg
+        probe = FlagReader(msg.run_id, self.ctx.redis, self.db)
+        try:
+            done = run_step(
+                loaded.node,
+                loaded.store,
+                step=msg.step,
+                hooks=loaded.flow._hooks,
+                run_id=msg.run_id,
+                attempt=msg.attempt,
+                cancel_probe=probe,
+                record=True,
+                try_number=msg.try_number,
+            )
+        except RetryLater as retry:
+            return self._retry(run, loaded, retry)
+        except StepError as error:
+            cause = f"{type(error.cause).__name__}: {error.cause}"
+            return self._fail(cause, error.events)
+        return self._commit(run, loaded, done.action, done.events)
+
+    def _commit(
+        self, run: dict[str, Any], loaded: _Loaded, action: str | None, events: list[dict]
+    ) -> str:
+        """One transaction: checkpoint, events, run row, successor's outbox row (§3.4);
+        then publish the successor (§3.5). A refused commit enqueues nothing (G1)."""
+        msg, db, node = self.msg, self.db, loaded.node
+        following = node.next_node(action)
+        next_id = loaded.graph.id_of(following) if following is not None else None
+        try:
+            manifest, changed = loaded.tracker.diff(loaded.store.as_dict(), msg.step)
+        except CodecError as exc:  # G7: a value that would not round-trip, named by key
+            error = f"Run {msg.run_id!r} step {msg.step} ({node.name}): {exc}"
+            return self._fail(error, events)
+        events = [{**e, "attempt": msg.attempt} for e in events]
+        run_fields: dict[str, Any] = {"total_steps": msg.step + 1}
+        now = self.ctx.clock()
+        next_step = None
+        if following is None:
+            ts = utc_now()
+            events.append({"event": FLOW_END, "step": msg.step + 1, "ts": ts, "attempt": msg.attempt})
+            run_fields.update(status="completed", completed_at=ts, current_node=node.name)
+        else:
+            assert next_id is not None
+            run_fields["current_node"] = following.name
+            next_step = NextStep(msg.step + 1, next_id, 1, now + self.ctx.lease_s)
+        commit = StepCommit(
+            run_id=msg.run_id,
+            step=msg.step,
+            node_name=node.name,
+            action=action,
+            next_node=next_id,
+            manifest=manifest,
+            changed=changed,
+            events=events,
+            run_fields=run_fields,
+            attempt=msg.attempt,
+            next_step=next_step,
+        )
+        if not db.commit_step(commit, now=now):
+            self._end(LOST, "another attempt took over or committed this step first")
+            _log.warning(
+                "Step %d of run %s: attempt %d lost its lease; its result was discarded",
+                msg.step,
+                msg.run_id,
+                msg.attempt,
+            )
+            return LOST
+        self._end(COMMITTED)
+        if next_step is not None:
+            successor = StepMessage(msg.run_id, msg.flow, next_step.step, next_step.node_id, 1)
+            self.ctx.publisher.send(successor, queue=run.get("queue"))
+        else:
+            loaded.flow._hooks.fire(FLOW_END, msg.step + 1, loaded.store)
+        return COMMITTED
+
+    def _retry(self, run: dict[str, Any], loaded: _Loaded, retry: RetryLater) -> str:
+        """Schedule try ``retry.next_try`` under a new attempt with Celery's countdown;
+        the lease covers the delay so the sweeper leaves the waiting step alone."""
+        msg, db = self.msg, self.db
+        error = f"{type(retry.cause).__name__}: {retry.cause}"
+        db.save_event(
+            msg.run_id,
+            NODE_RETRY,
+            step=msg.step,
+            node_name=loaded.node.name,
+            error_msg=error,
+            attempt=msg.attempt,
+            ts=utc_now(),
+        )
+        self._end(RETRY, error)
+        lease = self.ctx.lease_s + retry.delay
+        new_attempt = db.take_over(msg.run_id, msg.step, msg.attempt, lease, force=True)
+        if new_attempt is None:
+            return LOST
+        _log.info(
+            "Step %d of run %s: try %d failed (%s); try %d in %.2fs as attempt %d",
+            msg.step,
+            msg.run_id,
+            msg.try_number,
+            error,
+            retry.next_try,
+            retry.delay,
+            new_attempt,
+        )
+        self.ctx.publisher.send(
+            msg.retry(retry.next_try, new_attempt), queue=run.get("queue"), countdown=retry.delay
+        )
+        return RETRY
+
+    def _fail(self, error_msg: str, events: list[dict[str, Any]]) -> str:
+        msg = self.msg
+        if not self.db.fail_step(msg.run_id, msg.step, msg.attempt):
+            self._end(LOST, "lease taken over before the failure could be recorded")
+            return LOST
+        self._end(FAILED, error_msg)
+        if not any(e.get("event") == NODE_ERROR for e in events):
+            events = [*events, {"event": NODE_ERROR, "step": msg.step, "error_msg": error_msg}]
+        lifecycle.fail_run(self.db, msg.run_id, error_msg, attempt=msg.attempt, events=events)
+        _log.error("Run %s failed at step %d: %s", msg.run_id, msg.step, error_msg)
+        return FAILED
+
+    def _refuse(self, error_msg: str) -> str:
+        """The step cannot run here; the run fails but stays resumable (G5, G6, G7)."""
+        msg = self.msg
+        if not self.db.fail_step(msg.run_id, msg.step, msg.attempt):
+            self._end(LOST)
+            return LOST
+        self._end(REFUSED, error_msg)
+        lifecycle.fail_run(
+            self.db, msg.run_id, error_msg, step=msg.step, node_name=msg.node_id, attempt=msg.attempt
+        )
+        _log.error("%s", error_msg)
+        return REFUSED
+
+    def _end(self, outcome: str, error_msg: str | None = None) -> None:
+        msg = self.msg
+        self.db.end_attempt(msg.run_id, msg.step, msg.attempt, self.worker, outcome, error_msg)
+
+
+class _Heartbeat:
+    """Renews the step's lease every ``lease/3`` while the node runs (G3): a live worker
+    keeps its step however long ``exec`` takes; a dead or frozen one stops renewing."""
+
+    def __init__(self, step_run: _StepRun) -> None:
+        self.step_run = step_run
+        self.interval = step_run.ctx.lease_s / 3
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="pocoflow-lease", daemon=True)
+        self.lost = False
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        s = self.step_run
+        msg = s.msg
+        while not self._stop.wait(self.interval):
+            try:
+                renewed = s.db.renew_lease(
+                    msg.run_id, msg.step, msg.attempt, s.worker, s.ctx.lease_s
+                )
+            except Exception as exc:  # the ledger blinked: try again next beat
+                _log.warning("Lease renewal of step %d of run %s failed: %s", msg.step, msg.run_id, exc)
+                continue
+            if not renewed:
+                self.lost = True
+                _log.warning(
+                    "Step %d of run %s: attempt %d lost its lease; its commit will be refused",
+                    msg.step,
+                    msg.run_id,
+                    msg.attempt,
+                )
+                return

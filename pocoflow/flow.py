@@ -1,0 +1,388 @@
+"""Flow: runs a graph of nodes against one Store, with hooks, checkpoints and a ledger.
+
+The Flow decides what runs next; where it runs is the executor's business: ``run`` and
+``run_background`` execute in this process, ``submit`` hands the same graph to Celery
+workers. A Flow is itself a Node, so a flow can be a step of another flow.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from uuid import uuid4
+
+from pocoflow.graph import Graph
+from pocoflow.hooks import RUN_CANCELLED, RUN_PAUSED, RUN_RESUMED, Hooks
+from pocoflow.logging import get_logger
+from pocoflow.node import Node
+from pocoflow.recorder import RunRecorder, open_ledger
+from pocoflow.runner import RunControl, RunHandle
+from pocoflow.step import StepError, run_step
+from pocoflow.store import Store
+
+if TYPE_CHECKING:
+    from pocoflow.db import WorkflowDB
+
+_log = get_logger("flow")
+
+
+class RunSetupError(ValueError):
+    """A run could not start (unknown run, nothing to resume, another graph); no node ran."""
+
+
+class UnknownRunError(RunSetupError, KeyError):
+    """No run with this id in the ledger."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown run"
+
+
+def make_run_id(flow_name: str) -> str:
+    return f"{flow_name}-{uuid4().hex[:8]}"
+
+
+def as_store(store: Store | dict[str, Any] | None) -> Store:
+    if store is None:
+        return Store()
+    if isinstance(store, Store):
+        return store
+    if isinstance(store, dict):
+        return Store(data=store)
+    raise TypeError(f"A flow runs on a Store or a dict, got {type(store).__name__}")
+
+
+class Flow(Node):
+    """A directed graph of nodes from ``start``.
+
+    ``checkpoint_dir`` writes ``step_NNN_<Node>.json`` after each node; ``db_path`` (a file
+    path or an SQLAlchemy URL) records the run, its events and a checkpoint per node in
+    one transaction; ``max_steps`` stops runaway loops.
+    """
+
+    def __init__(
+        self,
+        start: Node,
+        checkpoint_dir: str | Path | None = None,
+        max_steps: int = 100,
+        db_path: str | Path | None = None,
+        run_id: str | None = None,
+        flow_name: str | None = None,
+    ) -> None:
+        if not isinstance(start, Node):
+            raise TypeError(f"Flow(start=...) needs a Node, got {type(start).__name__}")
+        if not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+        self.flow_name = flow_name or type(start).__name__
+        super().__init__(name=self.flow_name)
+        self.start = start
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.max_steps = max_steps
+        self.db_path = db_path
+        self.run_id = run_id
+        self._run_id: str | None = None
+        self._hooks = Hooks()
+        if self.checkpoint_dir:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    # ── configuration ─────────────────────────────────────────────────────────
+
+    def on(self, event: str, callback: Callable[..., Any]) -> Flow:
+        """Register a hook: node_start(name, store), node_end(name, action, elapsed_s,
+        store), node_error(name, exc, store), flow_end(steps, store). Returns self."""
+        self._hooks.add(event, callback)
+        return self
+
+    def graph(self) -> Graph:
+        return Graph(self.start)
+
+    @property
+    def last_run_id(self) -> str | None:
+        return self._run_id
+
+    def _ledger(self) -> WorkflowDB | None:
+        return open_ledger(self.db_path) if self.db_path else None
+
+    # ── running in this process ───────────────────────────────────────────────
+
+    def run(self, store: Store | dict[str, Any], resume_from: Node | None = None) -> Store:
+        """Run until the graph ends; returns the (mutated) Store.
+
+        ``resume_from`` starts a new run at that node, e.g. with a Store restored from a
+        checkpoint (0.2 style); ``resume(run_id)`` continues a recorded run instead.
+        """
+        return self._run_new(as_store(store), resume_from, self.run_id, RunControl())
+
+    def run_background(
+        self, store: Store | dict[str, Any], resume_from: Node | None = None
+    ) -> RunHandle:
+        """Start the run on a daemon thread and return its handle at once."""
+        store = as_store(store)
+        run_id = self.run_id or make_run_id(self.flow_name)
+        self._run_id = run_id
+        control = RunControl()
+        return self._in_thread(
+            run_id, control, store, lambda: self._run_new(store, resume_from, run_id, control)
+        )
+
+    def resume(self, run_id: str, *, background: bool = False) -> Store | RunHandle:
+        """Continue a recorded run (failed, cancelled, paused, interrupted) from its last
+        checkpoint, with the node that checkpoint says runs next."""
+        db = self._require_ledger("resume")
+        plan = _ResumePlan.load(db, run_id, self)
+        control = RunControl()
+        if background:
+            return self._in_thread(run_id, control, plan.store, lambda: self._continue(plan, control))
+        return self._continue(plan, control)
+
+    def fork(self, run_id: str, from_step: int, *, new_run_id: str | None = None) -> Store:
+        """Start a new run from checkpoint ``from_step`` of ``run_id``; the original run is
+        left untouched. Steps keep their numbers, so the fork's first step is
+        ``from_step + 1``."""
+        db = self._require_ledger("fork")
+        if db.get_run(run_id) is None:
+            raise UnknownRunError(f"Unknown run id {run_id!r}")
+        try:
+            checkpoint = db.get_checkpoint(run_id, from_step)
+            store = db.load_checkpoint(run_id, from_step)
+        except KeyError as exc:
+            raise RunSetupError(str(exc.args[0] if exc.args else exc)) from None
+        graph = self.graph()
+        next_id = checkpoint.get("next_node")
+        if next_id is None:
+            raise RunSetupError(
+                f"Run {run_id!r} step {from_step} was its last step: there is nothing to fork "
+                "from it"
+            )
+        fork_id = new_run_id or make_run_id(self.flow_name)
+        self._run_id = fork_id
+        recorder = RunRecorder(fork_id, db, self.checkpoint_dir)
+        recorder.start(
+            store,
+            flow_name=self.flow_name,
+            fingerprint=graph.fingerprint,
+            max_steps=self.max_steps,
+            start_node=next_id,
+            initial_step=from_step,
+            parent_run_id=run_id,
+            forked_from_step=from_step,
+        )
+        return self._loop(graph, graph.node(next_id), store, from_step + 1, recorder, RunControl())
+
+    # ── running on Celery workers ─────────────────────────────────────────────
+
+    def submit(self, store: Store | dict[str, Any], *, run_id: str | None = None) -> RunHandle:
+        """Start the run on the Celery workers and return its handle at once.
+
+        Only registered flows (``@flow("name")``) can be submitted: workers find the graph
+        by that name.
+        """
+        from pocoflow.distributed.client import submit
+
+        return submit(self, as_store(store), run_id=run_id)
+
+    # ── internals ─────────────────────────────────────────────────────────────
+
+    def _require_ledger(self, what: str) -> WorkflowDB:
+        db = self._ledger()
+        if db is None:
+            raise RunSetupError(
+                f"Flow {self.flow_name!r}: {what}() needs a ledger (db_path=...)"
+            )
+        return db
+
+    def _in_thread(
+        self, run_id: str, control: RunControl, store: Store, target: Callable[[], Store]
+    ) -> RunHandle:
+        done = threading.Event()
+        box: list[Any] = []
+
+        def body() -> None:
+            try:
+                box.append(target())
+            except BaseException as exc:
+                box.append(exc)
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=body, daemon=True, name=f"pocoflow-{run_id}")
+        thread.start()
+        _log.info("Flow %r started in background, run_id=%s", self.flow_name, run_id)
+        return RunHandle(
+            run_id, thread, done, box, db=self._ledger(), control=control, initial_store=store
+        )
+
+    def _run_new(
+        self, store: Store, start: Node | None, run_id: str | None, control: RunControl
+    ) -> Store:
+        current = start or self.start
+        run_id = run_id or make_run_id(self.flow_name)
+        self._run_id = run_id
+        recorder = RunRecorder(run_id, self._ledger(), self.checkpoint_dir)
+        graph = None
+        if recorder.db is not None:  # ids and fingerprint only matter to the ledger
+            graph = self.graph()
+            if current not in graph:
+                graph = Graph(current)  # 0.2 allowed resuming at any node
+            recorder.start(
+                store,
+                flow_name=self.flow_name,
+                fingerprint=graph.fingerprint,
+                max_steps=self.max_steps,
+                start_node=current.name,
+            )
+        return self._loop(graph, current, store, 0, recorder, control)
+
+    def _continue(self, plan: _ResumePlan, control: RunControl) -> Store:
+        self._run_id = plan.run_id
+        recorder = RunRecorder(plan.run_id, plan.db, self.checkpoint_dir)
+        recorder.resume_from(plan.store, plan.manifest, plan.texts)
+        plan.db.update_run(
+            plan.run_id, status="running", error_msg=None, completed_at=None, control=None
+        )
+        plan.db.save_event(plan.run_id, RUN_RESUMED, step=plan.step)
+        if plan.node is None:
+            recorder.empty_run_done()
+            return plan.store
+        return self._loop(plan.graph, plan.node, plan.store, plan.step, recorder, control)
+
+    def _loop(
+        self,
+        graph: Graph | None,
+        current: Node | None,
+        store: Store,
+        step: int,
+        recorder: RunRecorder,
+        control: RunControl,
+    ) -> Store:
+        run_id = recorder.run_id
+        record = recorder.db is not None
+        hooks = self._hooks
+        cancel_probe = control.cancel_event.is_set
+        is_running = control._running.is_set
+        steps_run = 0
+        while current is not None:
+            if not is_running():
+                recorder.ended_early(step, "paused", RUN_PAUSED, None)
+                control.wait_until_resumed()
+                if not control.cancelled and recorder.db is not None:
+                    recorder.db.update_run(run_id, status="running")
+            if cancel_probe():
+                _log.info("Run %s cancelled before node %r", run_id, current.name)
+                recorder.ended_early(step, "cancelled", RUN_CANCELLED, "cancelled")
+                return store
+            if step >= self.max_steps:
+                message = (
+                    f"Flow {self.flow_name!r} exceeded max_steps={self.max_steps} at node "
+                    f"{current.name!r} (run {run_id}). Check for an unintended loop or raise "
+                    "max_steps."
+                )
+                recorder.ended_early(step, "failed", "node_error", message)
+                raise RuntimeError(message)
+            try:
+                done = run_step(
+                    current,
+                    store,
+                    step=step,
+                    hooks=hooks,
+                    run_id=run_id,
+                    cancel_probe=cancel_probe,
+                    record=record,
+                )
+            except StepError as error:
+                _log.error("Flow %r aborted at node %r: %s", self.flow_name, current.name, error)
+                recorder.failed(step, error.events, f"{type(error.cause).__name__}: {error.cause}")
+                raise error.cause from None
+            following = current.next_node(done.action)
+            if recorder.active:
+                try:
+                    recorder.step_done(
+                        store,
+                        step=step,
+                        node_name=current.name,
+                        action=done.action,
+                        next_id=(
+                            graph.id_of(following)
+                            if graph is not None and following is not None
+                            else None
+                        ),
+                        next_name=following.name if following is not None else None,
+                        events=done.events,
+                    )
+                except Exception as exc:  # e.g. a value that cannot round-trip (G7)
+                    message = f"checkpoint of step {step} ({current.name}) failed: {exc}"
+                    recorder.failed(step, [], message)
+                    raise
+            step += 1
+            steps_run += 1
+            current = following
+        if steps_run == 0:
+            recorder.empty_run_done()
+        hooks.fire("flow_end", step, store)
+        return store
+
+    # ── a Flow used as a node of another flow ────────────────────────────────
+
+    def _run(self, store: Any) -> str | None:
+        """Run the inner graph on the outer Store; its last action routes the outer flow."""
+        prep_result = self.prep(store)
+        last_action = self._orchestrate(as_store(store) if isinstance(store, dict) else store)
+        return self.post(store, prep_result, last_action)
+
+    def _orchestrate(self, store: Store) -> str | None:
+        current: Node | None = self.start
+        action: str | None = None
+        steps = 0
+        while current is not None:
+            if steps >= self.max_steps:
+                raise RuntimeError(
+                    f"Sub-flow {self.flow_name!r} exceeded max_steps={self.max_steps}"
+                )
+            action = run_step(current, store, step=steps, hooks=self._hooks).action
+            current = current.next_node(action)
+            steps += 1
+        self._hooks.fire("flow_end", steps, store)
+        return action
+
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str | None:
+        return exec_result
+
+
+class _ResumePlan:
+    """Where a recorded run stands: its Store, the next step and the node to run."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+    @classmethod
+    def load(cls, db: WorkflowDB, run_id: str, flow: Flow) -> _ResumePlan:
+        run = db.get_run(run_id)
+        if run is None:
+            raise UnknownRunError(f"Unknown run id {run_id!r}")
+        if run["status"] == "completed":
+            raise RunSetupError(f"Run {run_id!r} already completed: nothing to resume")
+        graph = flow.graph()
+        recorded = run.get("fingerprint")
+        if recorded and recorded != graph.fingerprint:
+            raise RunSetupError(
+                f"Run {run_id!r} was recorded with another graph of flow {run['flow_name']!r} "
+                f"(fingerprint {recorded}, this one {graph.fingerprint}); run it with the "
+                "flow code it started with, or fork it"
+            )
+        latest = db.latest_checkpoint(run_id)
+        if latest is None:
+            step, next_id = -1, graph.start_id
+        else:
+            step, next_id = latest["step"], latest.get("next_node")
+        store, manifest, texts = db.load_store(run_id, step)
+        return cls(
+            db=db,
+            run_id=run_id,
+            graph=graph,
+            store=store,
+            manifest=manifest,
+            texts=texts,
+            step=step + 1,
+            node=graph.node(next_id) if next_id is not None else None,
+        )

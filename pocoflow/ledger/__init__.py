@@ -1,0 +1,17 @@
+"""The ledger: SQLAlchemy Core over SQLite or PostgreSQL, behind ``pocoflow.db.WorkflowDB``.
+
+Modules, one job each: ``engine`` (URL -> pooled engine; the only backend-specific set-up),
+``tables`` (the schema, defined once), ``migrate`` + ``migrations/`` (alembic revisions,
+run programmatically), ``txn`` (one transaction with lock retries), and the queries by
+table group: ``runs``, ``checkpoints`` (checkpoints + values + the step commit),
+``events``, ``steps`` (steps + attempts).
+"""
+
+from pocoflow.ledger.errors import (
+    LedgerError,
+    LedgerLockedError,
+    LedgerOpenError,
+    SchemaVersionError,
+)
+
+__all__ = ["LedgerError", "LedgerLockedError", "LedgerOpenError", "SchemaVersionError"]

@@ -1,0 +1,210 @@
+"""Queries on ``pf_checkpoints`` and ``pf_values``, and the step commit that writes them.
+
+A checkpoint row holds a manifest ``{key: step}``: for every key of the Store after that
+step, the step whose ``pf_values`` row holds its value. A value is written once, at the
+step that changed it, so an unchanged key costs nothing per step; loading any step still
+returns the whole Store, in one query over the manifest's ``(key, step)`` pairs.
+0.2 rows have no manifest and keep their full Store JSON in ``store_json``; they load too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import bindparam, delete, func, insert, select, tuple_
+from sqlalchemy.engine import Connection
+
+from pocoflow.commit import StepCommit
+from pocoflow.ledger import events, runs, steps
+from pocoflow.ledger.common import epoch, insert_ignore, iso_now
+from pocoflow.ledger.errors import LedgerError
+from pocoflow.ledger.tables import pf_checkpoints, pf_values
+
+_c = pf_checkpoints.c
+_v = pf_values.c
+_ROW_COLUMNS = [col for col in pf_checkpoints.c if col.name != "manifest"]
+
+_INSERT_VALUES = insert(pf_values)
+_INSERT_CHECKPOINT = insert(pf_checkpoints)
+_DELETE_VALUES = delete(pf_values).where(
+    _v.run_id == bindparam("run_id"), _v.step == bindparam("step")
+)
+_DELETE_CHECKPOINT = delete(pf_checkpoints).where(
+    _c.run_id == bindparam("run_id"), _c.step == bindparam("step")
+)
+_LIST = (
+    select(*_ROW_COLUMNS)
+    .where(_c.run_id == bindparam("run_id"), _c.step >= 0)
+    .order_by(_c.step)
+)
+_GET = select(*_ROW_COLUMNS).where(_c.run_id == bindparam("run_id"), _c.step == bindparam("step"))
+_LATEST = (
+    select(_c.step, _c.node_name, _c.next_node, _c.action)
+    .where(_c.run_id == bindparam("run_id"))
+    .order_by(_c.step.desc())
+    .limit(1)
+)
+_MANIFEST = select(_c.manifest, _c.store_json).where(
+    _c.run_id == bindparam("run_id"), _c.step == bindparam("step")
+)
+_VALUES = select(_v["key"], _v.step, _v.value_json).where(
+    _v.run_id == bindparam("run_id"),
+    tuple_(_v["key"], _v.step).in_(bindparam("pairs", expanding=True)),
+)
+_COUNT = select(func.count()).where(_c.run_id == bindparam("run_id"), _c.step >= 0)
+_COUNT_VALUES = select(func.count()).where(_v.run_id == bindparam("run_id"))
+_COUNT_KEY_VALUES = _COUNT_VALUES.where(_v["key"] == bindparam("key"))
+
+# Bound parameters per statement stay far below SQLite's and PostgreSQL's limits.
+_PAIRS_PER_QUERY = 4000
+
+
+def _json(manifest: Mapping[str, int]) -> str:
+    return json.dumps(manifest, separators=(",", ":"))
+
+
+def _value_rows(run_id: str, step: int, texts: Mapping[str, str]) -> list[dict[str, Any]]:
+    return [
+        {"run_id": run_id, "step": step, "key": key, "value_json": text}
+        for key, text in texts.items()
+    ]
+
+
+def write_full(
+    conn: Connection,
+    run_id: str,
+    step: int,
+    node_name: str,
+    texts: Mapping[str, str],
+    *,
+    next_node: str | None = None,
+    action: str | None = None,
+    replace: bool = False,
+) -> None:
+    """A checkpoint holding every value at ``step`` (0.2's ``save_checkpoint``, and the
+    initial Store of a run). ``replace`` overwrites an existing checkpoint, as 0.2's
+    INSERT OR REPLACE did."""
+    if replace:
+        params = {"run_id": run_id, "step": step}
+        conn.execute(_DELETE_VALUES, params)
+        conn.execute(_DELETE_CHECKPOINT, params)
+    if texts:
+        conn.execute(_INSERT_VALUES, _value_rows(run_id, step, texts))
+    conn.execute(
+        _INSERT_CHECKPOINT,
+        {
+            "run_id": run_id,
+            "step": step,
+            "node_name": node_name,
+            "store_json": None,
+            "created_at": iso_now(),
+            "next_node": next_node,
+            "action": action,
+            "manifest": _json(dict.fromkeys(texts, step)),
+        },
+    )
+
+
+def check_commit(c: StepCommit) -> None:
+    """A changed key must point at this step in the manifest, or its value would be lost."""
+    manifest = c.manifest
+    for key in c.changed:
+        if manifest.get(key) != c.step:
+            raise ValueError(
+                f"Run {c.run_id!r} step {c.step}: changed key {key!r} must map to step "
+                f"{c.step} in the manifest, not {manifest.get(key)!r}"
+            )
+
+
+def commit(conn: Connection, dialect: str, c: StepCommit, now: float | None = None) -> bool:
+    """Write one step (G1): fenced ``pf_steps`` update, checkpoint, values, events, run
+    fields and the successor's outbox row. False = another attempt owns or committed the
+    step; the caller then rolls the transaction back, so nothing of this attempt lands.
+
+    No SELECT: the fence is an UPDATE's row count and the checkpoint an
+    ``INSERT ... ON CONFLICT DO NOTHING``'s row count.
+    """
+    if c.attempt is not None and not steps.fence_commit(conn, c.run_id, c.step, c.attempt):
+        return False
+    inserted = conn.execute(
+        insert_ignore(dialect, pf_checkpoints, "run_id", "step"),
+        {
+            "run_id": c.run_id,
+            "step": c.step,
+            "node_name": c.node_name,
+            "store_json": None,
+            "created_at": iso_now(),
+            "next_node": c.next_node,
+            "action": c.action,
+            "manifest": _json(c.manifest),
+        },
+    ).rowcount
+    if inserted != 1:
+        return False
+    if c.changed:
+        conn.execute(_INSERT_VALUES, _value_rows(c.run_id, c.step, c.changed))
+    if c.events:
+        events.insert_rows(conn, events.rows_of(c.run_id, c.events))
+    runs.update_fields(conn, c.run_id, c.run_fields)
+    if c.next_step is not None:
+        steps.insert_successor(conn, c.run_id, c.next_step, epoch(now))
+    return True
+
+
+def list_rows(conn: Connection, run_id: str) -> list[dict[str, Any]]:
+    """Checkpoints of nodes that ran (step >= 0), oldest first, without the manifest."""
+    return [dict(r) for r in conn.execute(_LIST, {"run_id": run_id}).mappings()]
+
+
+def get_row(conn: Connection, run_id: str, step: int) -> dict[str, Any] | None:
+    row = conn.execute(_GET, {"run_id": run_id, "step": step}).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def latest(conn: Connection, run_id: str) -> dict[str, Any] | None:
+    row = conn.execute(_LATEST, {"run_id": run_id}).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def count_committed(conn: Connection, run_id: str) -> int:
+    return int(conn.execute(_COUNT, {"run_id": run_id}).scalar() or 0)
+
+
+def count_values(conn: Connection, run_id: str, key: str | None) -> int:
+    if key is None:
+        return int(conn.execute(_COUNT_VALUES, {"run_id": run_id}).scalar() or 0)
+    return int(conn.execute(_COUNT_KEY_VALUES, {"run_id": run_id, "key": key}).scalar() or 0)
+
+
+def load_texts(
+    conn: Connection, run_id: str, step: int
+) -> tuple[dict[str, int], dict[str, str], dict[str, Any] | None]:
+    """(manifest, encoded text per key, legacy data) of one checkpoint.
+
+    A 0.2 row (no manifest) returns an empty manifest and texts plus its decoded
+    ``store_json``: its values were never written to ``pf_values``, so a tracker seeded
+    from it must treat every key as new. Raises ``KeyError`` naming run and step.
+    """
+    row = conn.execute(_MANIFEST, {"run_id": run_id, "step": step}).first()
+    if row is None:
+        raise KeyError(f"No checkpoint for run_id={run_id!r} step={step}")
+    manifest_text, store_json = row
+    if manifest_text is None:
+        return {}, {}, json.loads(store_json or "{}")
+    manifest: dict[str, int] = json.loads(manifest_text)
+    pairs = list(manifest.items())
+    found: dict[str, str] = {}
+    for start in range(0, len(pairs), _PAIRS_PER_QUERY):
+        chunk = pairs[start : start + _PAIRS_PER_QUERY]
+        for key, _step, text in conn.execute(_VALUES, {"run_id": run_id, "pairs": chunk}):
+            found[key] = text
+    if len(found) != len(manifest):
+        missing = sorted(set(manifest) - set(found))
+        raise LedgerError(
+            f"Checkpoint run_id={run_id!r} step={step} names values the ledger does not "
+            f"hold: {', '.join(f'{k!r}@{manifest[k]}' for k in missing[:10])}"
+        )
+    texts = {key: found[key] for key in manifest}
+    return manifest, texts, None

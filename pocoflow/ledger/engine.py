@@ -1,0 +1,203 @@
+"""Engine set-up: the only place where SQLite and PostgreSQL differ (besides migrations).
+
+``resolve_url`` turns what a user passes (a file path, a ``Path``, ``sqlite:///...``,
+``postgresql://...``) into a SQLAlchemy URL; ``shared_engine`` builds one pooled engine
+per (URL, options) per process and checks the schema once for it, so opening a
+``WorkflowDB`` on an up-to-date database costs a dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, create_engine, make_url
+from sqlalchemy.exc import ArgumentError
+
+SYNCHRONOUS_ENV = "POCOFLOW_SQLITE_SYNCHRONOUS"
+SYNCHRONOUS_MODES = ("NORMAL", "FULL")
+DEFAULT_BUSY_TIMEOUT_S = 5.0
+
+_PG_SCHEMES = ("postgresql", "postgres")
+
+
+def mask_url(url: URL | str) -> str:
+    """The URL as text with any password replaced by ``***``: safe for logs and errors."""
+    if isinstance(url, str):
+        try:
+            url = make_url(url)
+        except ArgumentError:
+            return "<unparsable URL>"
+    return url.render_as_string(hide_password=True)
+
+
+def resolve_url(location: str | os.PathLike[str]) -> URL:
+    """What ``WorkflowDB(...)`` accepts -> a SQLAlchemy URL with an explicit driver.
+
+    A plain path (no ``://``) is an SQLite file, as in 0.2. ``postgresql://`` and
+    ``postgres://`` get the psycopg 3 driver. For SQLite files the parent directories are
+    created (0.2 did the same); a path that cannot have them raises ``ValueError``.
+    """
+    text = os.fspath(location)
+    if "://" not in text:
+        path = Path(text).expanduser()
+        _ensure_parent(path)
+        return URL.create("sqlite+pysqlite", database=str(path))
+    try:
+        url = make_url(text)
+    except ArgumentError as exc:
+        raise ValueError(f"Not a database URL or path: {mask_url(text)}") from exc
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise ValueError(
+                "An in-memory SQLite ledger is private to one connection; "
+                "give a file path, e.g. sqlite:///pocoflow.db"
+            )
+        _ensure_parent(Path(url.database).expanduser())
+        return url.set(drivername="sqlite+pysqlite")
+    if backend in _PG_SCHEMES:
+        driver = url.get_driver_name()
+        if "+" not in url.drivername or backend == "postgres":
+            driver = "psycopg"
+        return url.set(drivername=f"postgresql+{driver}")
+    raise ValueError(
+        f"Unsupported ledger URL {mask_url(url)}: use a file path, sqlite:///FILE or "
+        "postgresql://USER@HOST/DB"
+    )
+
+
+def _ensure_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"Cannot create the directory for the ledger database {str(path)!r}: {exc}"
+        ) from exc
+    if path.is_dir():
+        raise ValueError(f"The ledger database path {str(path)!r} is a directory, not a file")
+
+
+def synchronous_mode(value: str | None) -> str:
+    """NORMAL unless asked otherwise (argument, then ``POCOFLOW_SQLITE_SYNCHRONOUS``)."""
+    mode = (value or os.environ.get(SYNCHRONOUS_ENV) or "NORMAL").upper()
+    if mode not in SYNCHRONOUS_MODES:
+        raise ValueError(
+            f"SQLite synchronous mode must be one of {', '.join(SYNCHRONOUS_MODES)}, "
+            f"got {mode!r} (argument synchronous= or env {SYNCHRONOUS_ENV})"
+        )
+    return mode
+
+
+def _sqlite_engine(url: URL, synchronous: str, busy_timeout_s: float) -> Engine:
+    engine = create_engine(
+        url,
+        # Because pooled connections cross threads (RunHandle, background runs); each is
+        # used by one thread at a time.
+        connect_args={"check_same_thread": False},
+    )
+    busy_ms = max(0, int(busy_timeout_s * 1000))
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        # Because we emit BEGIN ourselves (ledger.txn): the sqlite3 module's own
+        # transaction handling skips BEGIN before DDL and SELECT, which breaks
+        # transactional migrations and repeatable reads. (Not from a "begin" engine event:
+        # any engine event slows every statement's dispatch.)
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        # Because concurrent writers (threads, worker processes) should queue for the write
+        # lock inside SQLite instead of failing at once; set first so the pragmas below
+        # wait too.
+        cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        # Because in WAL readers (monitor, RunHandle.wait polling) never block the writer
+        # nor it them. Persistent in the file; a no-op once set.
+        cur.execute("PRAGMA journal_mode = WAL")
+        # Because with WAL, NORMAL survives application crashes and never corrupts, and
+        # skips the fsync per commit (a power loss may drop the last commits); FULL
+        # fsyncs every commit for machines that must not lose one.
+        cur.execute(f"PRAGMA synchronous = {synchronous}")
+        # Because SQLite ignores foreign keys unless each connection asks for them.
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    return engine
+
+
+def _postgres_engine(url: URL) -> Engine:
+    # No pool_pre_ping: it costs a round trip per checkout on the hot path; a dropped
+    # connection is invalidated by SQLAlchemy and the ledger retries the call once.
+    return create_engine(url, pool_size=5, max_overflow=10)
+
+
+@dataclass(eq=False)
+class LedgerEngine:
+    """One pooled engine for one database, shared by every ``WorkflowDB`` on it."""
+
+    url: URL
+    engine: Engine
+    dialect: str
+    schema_ready: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def label(self) -> str:
+        """Names the database in errors: the file for SQLite, the masked URL otherwise."""
+        if self.dialect == "sqlite":
+            return str(self.url.database)
+        return mask_url(self.url)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+_registry: weakref.WeakValueDictionary[tuple[Any, ...], LedgerEngine] = (
+    weakref.WeakValueDictionary()
+)
+_registry_lock = threading.Lock()
+
+
+def shared_engine(
+    url: URL, *, synchronous: str | None = None, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S
+) -> LedgerEngine:
+    """The process-wide engine for ``url`` (created on first use, dropped with its last user).
+
+    Held weakly: when no ``WorkflowDB`` refers to it any more its pool is closed, so
+    short-lived databases (tests, one-off CLI calls) do not pile up open files.
+    """
+    dialect = url.get_backend_name()
+    sync = synchronous_mode(synchronous) if dialect == "sqlite" else None
+    key = (url.render_as_string(hide_password=False), sync, busy_timeout_s)
+    with _registry_lock:
+        found = _registry.get(key)
+        if found is not None:
+            return found
+        if dialect == "sqlite":
+            assert sync is not None
+            engine = _sqlite_engine(url, sync, busy_timeout_s)
+        else:
+            engine = _postgres_engine(url)
+        ledger = LedgerEngine(
+            url=url,
+            engine=engine,
+            dialect=dialect,
+        )
+        weakref.finalize(ledger, engine.dispose)
+        _registry[key] = ledger
+        return ledger
+
+
+def _after_fork_in_child() -> None:
+    # Because a forked worker (Celery prefork) must not share its parent's sockets and
+    # file handles: drop the inherited pools without closing the parent's connections.
+    for ledger in list(_registry.values()):
+        ledger.engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,61 @@
+"""Ledger errors, and the few questions we ask of a driver error (locked? which constraint?).
+
+Each answer looks at the DBAPI error SQLAlchemy wraps, so the rest of the ledger never
+imports ``sqlite3`` or ``psycopg`` to tell errors apart.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import DBAPIError
+
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
+_PG_UNIQUE_VIOLATION = "23505"
+_PG_FK_VIOLATION = "23503"
+
+
+class LedgerError(RuntimeError):
+    """A ledger operation could not be done; the message names the database and run."""
+
+
+class LedgerOpenError(LedgerError, ValueError):
+    """The database cannot be opened (not a database, server unreachable, bad URL).
+
+    Also a ``ValueError`` because, like a bad path, it is a configuration problem: the CLI
+    reports it as bad input.
+    """
+
+
+class LedgerLockedError(LedgerError):
+    """SQLite stayed locked by another writer through every retry; nothing was written."""
+
+
+class SchemaVersionError(LedgerError):
+    """The database was migrated by a newer pocoflow than this one."""
+
+
+def is_locked(exc: BaseException) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED (incl. extended codes): another connection holds a lock."""
+    orig = getattr(exc, "orig", exc)
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return "database is locked" in str(orig) or "database table is locked" in str(orig)
+
+
+def is_fk_violation(exc: DBAPIError) -> bool:
+    """A row named a run id that ``pf_runs`` does not have."""
+    orig = exc.orig
+    return (
+        getattr(orig, "sqlstate", None) == _PG_FK_VIOLATION
+        or "FOREIGN KEY constraint failed" in str(orig)
+    )
+
+
+def is_unique_violation(exc: DBAPIError) -> bool:
+    orig = exc.orig
+    return (
+        getattr(orig, "sqlstate", None) == _PG_UNIQUE_VIOLATION
+        or "UNIQUE constraint failed" in str(orig)
+        or "PRIMARY KEY constraint failed" in str(orig)
+    )

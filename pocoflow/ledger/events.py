@@ -1,0 +1,49 @@
+"""Queries on ``pf_events``: the append-only lifecycle log of a run (0.2 columns + attempt)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import bindparam, insert, select
+from sqlalchemy.engine import Connection
+
+from pocoflow.ledger.common import iso_ts
+from pocoflow.ledger.tables import pf_events
+
+FIELDS = ("step", "node_name", "action", "elapsed_ms", "error_msg", "attempt")
+"""Optional event fields besides ``event`` and ``ts`` (0.2's plus ``attempt``)."""
+
+_INSERT = insert(pf_events)
+_GET = (
+    select(pf_events)
+    .where(pf_events.c.run_id == bindparam("run_id"), pf_events.c.id > bindparam("after_id"))
+    .order_by(pf_events.c.id)
+)
+
+
+def row(run_id: str, event: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """One insert row; every key present so a batch goes out as one executemany.
+
+    Unknown keyword fields are ignored, as 0.2 did.
+    """
+    out = {name: fields.get(name) for name in FIELDS}
+    out["run_id"] = run_id
+    out["event"] = event
+    out["ts"] = iso_ts(fields.get("ts"))
+    return out
+
+
+def rows_of(run_id: str, events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for events given as dicts with an ``event`` key (how a StepCommit carries them)."""
+    return [row(run_id, e["event"], e) for e in events]
+
+
+def insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        conn.execute(_INSERT, rows)
+
+
+def get(conn: Connection, run_id: str, after_id: int = 0) -> list[dict[str, Any]]:
+    params = {"run_id": run_id, "after_id": after_id}
+    return [dict(r) for r in conn.execute(_GET, params).mappings()]

@@ -1,0 +1,105 @@
+"""Queries on ``pf_runs``: one row per run, its status, counters, lineage and control flag."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.engine import Connection
+
+from pocoflow.ledger.common import insert_ignore, iso_now
+from pocoflow.ledger.tables import CONTROLS, RUN_STATUSES, pf_runs
+
+UPDATABLE = frozenset(
+    {
+        "flow_name",
+        "status",
+        "completed_at",
+        "total_steps",
+        "current_node",
+        "error_msg",
+        "fingerprint",
+        "max_steps",
+        "store_name",
+        "control",
+        "parent_run_id",
+        "forked_from_step",
+        "queue",
+        "graph_shape",
+    }
+)
+"""Fields ``update_run`` accepts (0.2's five plus ours); ``updated_at`` is always set."""
+
+# SET columns come from the parameter names, so one statement (and one compiled form per
+# set of fields, cached by SQLAlchemy) serves every update.
+_UPDATE = update(pf_runs).where(pf_runs.c.run_id == bindparam("b_run_id"))
+_GET = select(pf_runs).where(pf_runs.c.run_id == bindparam("run_id"))
+_LIST = select(pf_runs).order_by(pf_runs.c.started_at.desc()).limit(bindparam("limit"))
+_EXISTS = select(func.count()).select_from(pf_runs).where(pf_runs.c.run_id == bindparam("run_id"))
+
+
+def check_fields(fields: Mapping[str, Any]) -> None:
+    """Reject what the CHECK constraints would, but with a message naming field and value."""
+    unknown = set(fields) - UPDATABLE
+    if unknown:
+        raise ValueError(
+            f"Unknown run field(s) {', '.join(sorted(unknown))}; "
+            f"updatable: {', '.join(sorted(UPDATABLE))}"
+        )
+    status = fields.get("status")
+    if status is not None and status not in RUN_STATUSES:
+        raise ValueError(f"Unknown run status {status!r}; one of {', '.join(RUN_STATUSES)}")
+    control = fields.get("control")
+    if control is not None and control not in CONTROLS:
+        raise ValueError(f"Unknown run control {control!r}; one of {', '.join(CONTROLS)} or None")
+
+
+def insert(conn: Connection, dialect: str, row: dict[str, Any]) -> bool:
+    """Insert the run row; False if the run id exists already (0.2's INSERT OR IGNORE)."""
+    row.setdefault("started_at", iso_now())
+    row.setdefault("updated_at", row["started_at"])
+    return conn.execute(insert_ignore(dialect, pf_runs, "run_id"), row).rowcount == 1
+
+
+def update_fields(conn: Connection, run_id: str, fields: Mapping[str, Any]) -> bool:
+    """Set ``fields`` (already checked) and ``updated_at``; False if no such run."""
+    params = dict(fields)
+    params["updated_at"] = iso_now()
+    params["b_run_id"] = run_id
+    return conn.execute(_UPDATE, params).rowcount == 1
+
+
+def update_fields_if(
+    conn: Connection,
+    run_id: str,
+    fields: Mapping[str, Any],
+    *,
+    status_in: tuple[str, ...] | None = None,
+    control_in: tuple[str, ...] | None = None,
+) -> bool:
+    """``update_fields`` only while the run's status / control is one of those given: a
+    compare-and-set, so racing processes (a worker parking a run, a user resuming it)
+    cannot both win. False if the row did not match."""
+    stmt = _UPDATE
+    if status_in is not None:
+        stmt = stmt.where(pf_runs.c.status.in_(status_in))
+    if control_in is not None:
+        stmt = stmt.where(pf_runs.c.control.in_(control_in))
+    params = dict(fields)
+    params["updated_at"] = iso_now()
+    params["b_run_id"] = run_id
+    return conn.execute(stmt, params).rowcount == 1
+
+
+def get(conn: Connection, run_id: str) -> dict[str, Any] | None:
+    row = conn.execute(_GET, {"run_id": run_id}).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def exists(conn: Connection, run_id: str) -> bool:
+    return bool(conn.execute(_EXISTS, {"run_id": run_id}).scalar())
+
+
+def list_recent(conn: Connection, limit: int) -> list[dict[str, Any]]:
+    return [dict(r) for r in conn.execute(_LIST, {"limit": limit}).mappings()]

@@ -1,0 +1,176 @@
+"""The ledger tables, defined once (SQLAlchemy Core, portable types) for every backend.
+
+This is the schema at the head revision; the migrations in ``migrations/versions`` build
+the same thing step by step (0001 = the pocoflow 0.2.1 schema, 0002 = our additions,
+0003 = distributed run queue/shape and attempt task ids), and
+a test compares the two. The 0.2 table and column names are kept so 0.2 readers (the
+Streamlit monitor, users' SQL) keep working.
+
+Times: the 0.2 columns stay ISO-8601 UTC text (``started_at``, ``created_at``, ``ts``);
+the step-protocol columns are epoch seconds (``Float``) because leases are compared and
+added to, never shown raw.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    Float,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+RUN_STATUSES = ("queued", "running", "paused", "waiting", "completed", "failed", "cancelled")
+"""Every status a run row may hold (the CHECK constraint of ``pf_runs.status``)."""
+
+CONTROLS = ("cancel", "pause")
+"""Requests another process may leave on a run (``pf_runs.control``); NULL = none."""
+
+STEP_STATUSES = ("queued", "running", "committed", "failed")
+"""Life of a ``pf_steps`` row: sent (outbox) -> claimed by a worker -> committed or failed."""
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+def _run_fk(table: str) -> ForeignKeyConstraint:
+    return ForeignKeyConstraint(["run_id"], ["pf_runs.run_id"], name=f"fk_{table}_run_id")
+
+
+metadata = MetaData()
+
+pf_runs = Table(
+    "pf_runs",
+    metadata,
+    # ── 0.2 columns ──
+    Column("run_id", Text, primary_key=True),
+    Column("flow_name", Text, nullable=False, server_default=""),
+    Column("status", Text, nullable=False, server_default="running"),
+    Column("started_at", Text, nullable=False),
+    Column("completed_at", Text),
+    Column("total_steps", Integer),
+    Column("current_node", Text),
+    Column("error_msg", Text),
+    # ── 0.3 ──
+    Column("fingerprint", Text),
+    Column("max_steps", Integer),
+    Column("store_name", Text),
+    Column("control", Text),
+    Column("parent_run_id", Text),
+    Column("forked_from_step", Integer),
+    Column("updated_at", Text),
+    # ── 0003: distributed runs ──
+    # Broker queue the run's steps go to (NULL = the default queue).
+    Column("queue", Text),
+    # JSON shape of the graph the run started with, so a refusal can say what changed (G6).
+    Column("graph_shape", Text),
+    CheckConstraint(_in("status", RUN_STATUSES), name="ck_pf_runs_status"),
+    CheckConstraint(f"control IS NULL OR {_in('control', CONTROLS)}", name="ck_pf_runs_control"),
+    Index("ix_pf_runs_started_at", "started_at"),
+)
+
+pf_checkpoints = Table(
+    "pf_checkpoints",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Text, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("node_name", Text, nullable=False),
+    # Full Store JSON, written by 0.2 only; new rows keep their values in pf_values.
+    Column("store_json", Text),
+    Column("created_at", Text, nullable=False),
+    # Node id that runs after this step; NULL = the run ends here.
+    Column("next_node", Text),
+    Column("action", Text),
+    # JSON object key -> step whose pf_values row holds the key's value at this step.
+    Column("manifest", Text),
+    # G1's last line of defence: one committed transition per (run_id, step).
+    UniqueConstraint("run_id", "step", name="uq_pf_checkpoints_run_step"),
+    _run_fk("pf_checkpoints"),
+    sqlite_autoincrement=True,
+)
+
+pf_values = Table(
+    "pf_values",
+    metadata,
+    Column("run_id", Text, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("key", Text, nullable=False),
+    # codec.encode text: written once, at the step that changed the key.
+    Column("value_json", Text, nullable=False),
+    PrimaryKeyConstraint("run_id", "step", "key", name="pk_pf_values"),
+    _run_fk("pf_values"),
+)
+
+pf_events = Table(
+    "pf_events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Text, nullable=False),
+    Column("step", Integer),
+    Column("node_name", Text),
+    Column("event", Text, nullable=False),
+    Column("action", Text),
+    Column("elapsed_ms", Float),
+    Column("error_msg", Text),
+    Column("ts", Text, nullable=False),
+    Column("attempt", Integer),
+    _run_fk("pf_events"),
+    Index("ix_pf_events_run_id", "run_id", "id"),
+    sqlite_autoincrement=True,
+)
+
+pf_steps = Table(
+    "pf_steps",
+    metadata,
+    Column("run_id", Text, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("node_id", Text, nullable=False),
+    Column("status", Text, nullable=False, server_default="queued"),
+    # Fencing token: bumped by every take-over; a commit must carry the current one (G1).
+    Column("attempt", Integer, nullable=False, server_default="1"),
+    Column("lease_owner", Text),
+    Column("lease_expires_at", Float),
+    # NULL = the outbox row was written but its message not yet published.
+    Column("sent_at", Float),
+    # Broker task id of the current attempt's message (for revoke on cancel).
+    Column("task_id", Text),
+    # When the current attempt was queued (insert or take-over): the unsent sweep's clock.
+    Column("queued_at", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    PrimaryKeyConstraint("run_id", "step", name="pk_pf_steps"),
+    CheckConstraint(_in("status", STEP_STATUSES), name="ck_pf_steps_status"),
+    _run_fk("pf_steps"),
+    # The sweeper's two questions (expired leases, unsent rows) both start from status.
+    Index("ix_pf_steps_status_lease", "status", "lease_expires_at"),
+)
+
+pf_attempts = Table(
+    "pf_attempts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Text, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("worker", Text),
+    Column("started_at", Float, nullable=False),
+    Column("ended_at", Float),
+    # NULL while running; then e.g. committed, duplicate, failed, retry, lost.
+    Column("outcome", Text),
+    Column("error_msg", Text),
+    # Broker task id of the delivery this attempt ran (0003).
+    Column("task_id", Text),
+    _run_fk("pf_attempts"),
+    Index("ix_pf_attempts_run_step", "run_id", "step", "attempt"),
+)
+
+V02_TABLES = ("pf_runs", "pf_checkpoints", "pf_events")
+"""Tables a pocoflow 0.2 database has; their presence without a version table = 0.2.1."""

@@ -1,0 +1,92 @@
+"""One transaction with retries: how every ledger call touches the database.
+
+SQLite serialises writers with a file lock. ``busy_timeout`` already makes a writer wait
+inside SQLite; when even that runs out we retry a few times with a short backoff and then
+raise ``LedgerLockedError`` naming the database and run. A failed try has rolled back, so
+retrying never writes half a step. A connection dropped by the server (PostgreSQL restart)
+is retried once on a fresh connection.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+
+from pocoflow.ledger.engine import LedgerEngine
+from pocoflow.ledger.errors import LedgerLockedError, is_locked
+
+T = TypeVar("T")
+
+LOCK_RETRIES = 4
+"""Tries after the first when SQLite reports the database locked."""
+LOCK_BACKOFF_S = 0.02
+"""First pause between those tries; doubled each time."""
+
+
+# Because a write that starts deferred and later needs the write lock can fail with
+# SQLITE_BUSY without waiting; IMMEDIATE takes the lock up front, so busy_timeout applies.
+# Reads stay deferred: in WAL they never wait for a writer.
+_SQLITE_BEGIN = {True: "BEGIN IMMEDIATE", False: "BEGIN"}
+
+
+class Abort(Exception):  # noqa: N818 — a control-flow signal, not an error
+    """Raised inside a transaction to roll it back and make the call return ``value``."""
+
+    def __init__(self, value: object = None) -> None:
+        super().__init__(value)
+        self.value = value
+
+
+def run(
+    ledger: LedgerEngine,
+    fn: Callable[[Connection], T],
+    *,
+    write: bool,
+    what: str,
+    run_id: str | None = None,
+) -> T:
+    """Run ``fn(conn)`` in one transaction, committed if it returns, rolled back if it raises.
+
+    ``write`` asks SQLite for the write lock at BEGIN (so waiting for it is orderly). On
+    SQLite the pool's connections run with the driver's transaction handling off
+    (``engine``), so the BEGIN here is what makes the calls inside one transaction.
+    ``what`` and ``run_id`` only name the operation in a lock error.
+    """
+    engine = ledger.engine
+    begin = _SQLITE_BEGIN[write] if ledger.dialect == "sqlite" else None
+    delay = LOCK_BACKOFF_S
+    tries = 0
+    started = time.monotonic()
+    while True:
+        tries += 1
+        try:
+            with engine.connect() as conn:
+                if begin is not None:
+                    # Straight to the driver: cheaper than a statement through SQLAlchemy,
+                    # whose own (autobegin) transaction then wraps this one's COMMIT.
+                    conn.connection.driver_connection.execute(begin)  # type: ignore[union-attr]
+                result = fn(conn)
+                conn.commit()
+                return result
+        except Abort as abort:
+            return abort.value  # type: ignore[return-value]
+        except Exception as exc:
+            if isinstance(exc, DBAPIError) and exc.connection_invalidated and tries == 1:
+                continue
+            if not is_locked(exc):
+                raise
+            if tries > LOCK_RETRIES:
+                waited = time.monotonic() - started
+                run_part = f" for run {run_id!r}" if run_id is not None else ""
+                raise LedgerLockedError(
+                    f"Ledger database {ledger.label} stayed locked by another writer while "
+                    f"{what}{run_part} ({tries} tries over {waited:.1f}s); nothing was "
+                    "written. Find the process holding the lock (a long transaction, an "
+                    "open sqlite3 shell) or raise busy_timeout."
+                ) from exc
+            time.sleep(delay)
+            delay *= 2

@@ -1,0 +1,216 @@
+"""Node: the nano-ETL unit of every pipeline step.
+
+    prep(store)               read what the node needs
+    exec(prep_result)         do the work (an LLM call): pure, so it can be retried
+    post(store, prep, result) write back and return the action that picks the successor
+
+Retries wrap ``exec`` only (one seam, ``_exec``), as in PocketFlow: prep and post run once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pocoflow.backoff import retry_delay
+from pocoflow.logging import get_logger
+
+_log = get_logger("node")
+
+DEFAULT_ACTION = "default"
+WILDCARD_ACTION = "*"
+
+
+class Node:
+    """Base class for synchronous nodes; override ``exec`` (and usually prep/post).
+
+    Retry settings are class attributes so a subclass states its policy once:
+    ``max_retries`` tries in all (1 = no retry), waiting ``retry_delay`` seconds,
+    multiplied by ``backoff_factor`` after each failure (capped at ``max_retry_delay``,
+    minus up to ``retry_jitter`` of it at random). Only exceptions in ``retry_on`` are
+    retried; when tries run out (or the error is not retryable) ``exec_fallback`` decides:
+    by default it re-raises.
+
+    While a step runs, the executor sets ``run_id``, ``step`` and ``attempt`` (1 on the
+    first delivery, higher after a crash or retry) so side effects can be made idempotent.
+    """
+
+    max_retries: int = 1
+    retry_delay: float = 0.0
+    backoff_factor: float = 1.0
+    max_retry_delay: float = 300.0
+    retry_jitter: float = 0.0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+    run_id: str | None = None
+    step: int | None = None
+    attempt: int = 1
+
+    def __init__(self, *, name: str | None = None) -> None:
+        self._successors: dict[str, Node] = {}
+        self.name = name or type(self).__name__
+        self._cancel_probe: Callable[[], bool] | None = None
+
+    def __getattr__(self, attr: str) -> Any:
+        # Subclasses written for 0.2 sometimes skip super().__init__(); give them the
+        # defaults instead of an AttributeError deep inside the run loop.
+        if attr == "_successors":
+            self._successors = {}
+            return self._successors
+        if attr == "name":
+            return type(self).__name__
+        if attr == "_cancel_probe":
+            return None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
+
+    # ── wiring ────────────────────────────────────────────────────────────────
+
+    def then(self, action: str, node: Node) -> Node:
+        """Wire ``node`` as the successor for ``action`` (``"*"`` matches any). Returns self."""
+        if not isinstance(action, str):
+            raise TypeError(f"Node {self.name!r}: action must be a str, got {type(action).__name__}")
+        if not isinstance(node, Node):
+            raise TypeError(
+                f"Node {self.name!r}: successor for {action!r} must be a Node, "
+                f"got {type(node).__name__}"
+            )
+        if action in self._successors:
+            _log.warning("Node %r: overwriting existing edge for action %r", self.name, action)
+        self._successors[action] = node
+        return self
+
+    def next_node(self, action: str | None) -> Node | None:
+        """The successor for ``action``, the wildcard's, or None (the flow ends here)."""
+        successors = self._successors
+        node = successors.get(action if action is not None else DEFAULT_ACTION)
+        if node is None:
+            node = successors.get(WILDCARD_ACTION)
+            if node is None and successors:
+                _log.info(
+                    "Node %r: action %r has no successor, the flow ends here (edges: %s)",
+                    self.name,
+                    action,
+                    ", ".join(successors),
+                )
+        return node
+
+    @property
+    def successors(self) -> dict[str, Node]:
+        return dict(self._successors)
+
+    # ── lifecycle: override these ─────────────────────────────────────────────
+
+    def prep(self, store: Any) -> Any:
+        return None
+
+    def exec(self, prep_result: Any) -> Any:
+        return None
+
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str | None:
+        return DEFAULT_ACTION
+
+    def exec_fallback(self, prep_result: Any, exc: BaseException) -> Any:
+        """Called when ``exec`` failed for good; return a result or raise (the default)."""
+        raise exc
+
+    def cancelled(self) -> bool:
+        """True once the run was cancelled: a long ``exec`` may poll this to stop early."""
+        probe = self._cancel_probe
+        return bool(probe and probe())
+
+    # ── the retry seam ────────────────────────────────────────────────────────
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        return isinstance(exc, self.retry_on)
+
+    def delay_after(self, failed_tries: int) -> float:
+        return retry_delay(
+            failed_tries,
+            base=self.retry_delay,
+            factor=self.backoff_factor,
+            maximum=self.max_retry_delay,
+            jitter=self.retry_jitter,
+        )
+
+    def _exec(self, prep_result: Any) -> Any:
+        """Run ``exec`` with this node's retry policy, sleeping between tries.
+
+        Used by in-process runs; the Celery executor calls ``exec`` once per task and lets
+        Celery schedule the retry instead, so no worker sleeps.
+        """
+        tries = self.max_retries
+        if tries <= 1:  # the common case, kept lean: it runs once per node step
+            try:
+                return self.exec(prep_result)
+            except Exception as exc:
+                return self.exec_fallback(prep_result, exc)
+        for failed in range(1, tries + 1):
+            try:
+                return self.exec(prep_result)
+            except Exception as exc:
+                if failed >= tries or not self.is_retryable(exc):
+                    if tries > 1:
+                        _log.error("Node %r exec failed after %d tries: %s", self.name, failed, exc)
+                    return self.exec_fallback(prep_result, exc)
+                delay = self.delay_after(failed)
+                _log.warning(
+                    "Node %r exec try %d/%d failed: %s; retrying in %.2fs",
+                    self.name,
+                    failed,
+                    tries,
+                    exc,
+                    delay,
+                )
+                if delay > 0:
+                    time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _run(self, store: Any) -> str | None:
+        """prep -> exec (with retries) -> post; returns the action (0.2 internal API)."""
+        prep_result = self.prep(store)
+        exec_result = self._exec(prep_result)
+        return self.post(store, prep_result, exec_result)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+class AsyncNode(Node):
+    """A node whose work is a coroutine: implement ``async exec_async(prep_result)``.
+
+    The framework drives it on its own event loop, so flows stay synchronous to call; use
+    ``asyncio.gather`` inside ``exec_async`` for parallel sub-calls.
+    """
+
+    async def exec_async(self, prep_result: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement exec_async()")
+
+    def exec(self, prep_result: Any) -> Any:
+        return run_coroutine(self.exec_async(prep_result))
+
+
+def run_coroutine(coro: Any) -> Any:
+    """Run ``coro`` to completion, also when the caller already sits in an event loop
+    (a notebook, an async web handler): then it runs on a helper thread's own loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: list[Any] = []
+
+    def target() -> None:
+        try:
+            box.append((True, asyncio.run(coro)))
+        except BaseException as exc:
+            box.append((False, exc))
+
+    thread = threading.Thread(target=target, name="pocoflow-async-exec")
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if ok:
+        return value
+    raise value

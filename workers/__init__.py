@@ -1,0 +1,1 @@
+"""PocoFlow's Celery workers: ``celery -A workers.app worker`` (or ``pocoflow worker``)."""
