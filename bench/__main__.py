@@ -22,8 +22,8 @@ def postgres_url():
     sys.path.insert(0, ".")
     from tests.servers import start_postgres
 
-    with start_postgres() as started:
-        yield started
+    with start_postgres() as server:
+        yield server.url
 
 
 def main() -> int:
