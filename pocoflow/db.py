@@ -2,9 +2,9 @@
 
 ``WorkflowDB(path_or_url)`` takes what 0.2 took (a file path) or an SQLAlchemy URL
 (``sqlite:///FILE``, ``postgresql://USER:PASS@HOST/DB``). Every call is one transaction
-on a pooled connection; the queries live in ``pocoflow.ledger`` by table group, and this
-class only picks the transaction, encodes values and turns driver errors into messages
-that name the run and the database.
+on a pooled connection; the queries live in ``pocoflow.ledger`` by table group, and the
+facade only picks the transaction, encodes values with ``pocoflow.codec`` and turns driver
+errors into messages that name the run and the database.
 
 Usage::
 
@@ -17,26 +17,18 @@ Usage::
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from pocoflow import codec
 from pocoflow.commit import StepCommit
-from pocoflow.ledger import checkpoints, events, runs, steps, txn
-from pocoflow.ledger.common import epoch
-from pocoflow.ledger.engine import DEFAULT_BUSY_TIMEOUT_S, mask_url, resolve_url, shared_engine
-from pocoflow.ledger.errors import LedgerOpenError, is_fk_violation
-from pocoflow.ledger.migrate import ensure_schema
+from pocoflow.ledger import checkpoints, events, runs, txn
+from pocoflow.ledger.queue import StepQueue
 from pocoflow.store import Store
 
 __all__ = ["WorkflowDB"]
-
-T = TypeVar("T")
 
 
 def _data_of(store: Any) -> Mapping[str, Any]:
@@ -60,7 +52,7 @@ def _decode_all(texts: Mapping[str, str]) -> dict[str, Any]:
     return {key: codec.decode(text, key=key) for key, text in texts.items()}
 
 
-class WorkflowDB:
+class WorkflowDB(StepQueue):
     """The run ledger on SQLite or PostgreSQL.
 
     Parameters
@@ -76,70 +68,12 @@ class WorkflowDB:
 
     Instances on the same database share one engine and pool per process, and the schema
     is migrated (or found current) once per engine, so constructing one is cheap.
+
+    This class holds the run, checkpoint and event calls (0.2's API and the step commit);
+    the distributed executor's step calls (outbox, leases, attempts) come from
+    ``pocoflow.ledger.queue.StepQueue``, the open/transaction plumbing from
+    ``pocoflow.ledger.client.LedgerClient``.
     """
-
-    def __init__(
-        self,
-        path_or_url: str | os.PathLike[str],
-        *,
-        synchronous: str | None = None,
-        busy_timeout: float = DEFAULT_BUSY_TIMEOUT_S,
-    ) -> None:
-        url = resolve_url(path_or_url)
-        self._ledger = shared_engine(url, synchronous=synchronous, busy_timeout_s=busy_timeout)
-        self._dialect = self._ledger.dialect
-        #: The SQLite file (0.2 attribute), None on PostgreSQL.
-        self.db_path: Path | None = (
-            Path(url.database) if self._dialect == "sqlite" and url.database else None
-        )
-        try:
-            ensure_schema(self._ledger)
-        except DBAPIError as exc:
-            raise LedgerOpenError(
-                f"Cannot open the ledger database {self._ledger.label}: {exc.orig}"
-            ) from exc
-
-    # ── identity ──────────────────────────────────────────────────────────────
-
-    @property
-    def url(self) -> str:
-        """The database URL with any password masked: safe to print and log."""
-        return mask_url(self._ledger.url)
-
-    @property
-    def dialect(self) -> str:
-        """``"sqlite"`` or ``"postgresql"``."""
-        return self._dialect
-
-    def __repr__(self) -> str:
-        return f"WorkflowDB({self.url!r})"
-
-    def close(self) -> None:
-        """Close pooled connections now (others on this database reconnect on next use)."""
-        self._ledger.dispose()
-
-    def __enter__(self) -> WorkflowDB:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ── plumbing ──────────────────────────────────────────────────────────────
-
-    def _read(self, fn: Callable[[Connection], T], run_id: str | None = None) -> T:
-        return txn.run(self._ledger, fn, write=False, what="reading", run_id=run_id)
-
-    def _write(self, fn: Callable[[Connection], T], what: str, run_id: str | None) -> T:
-        """A write transaction; a row naming a run ``pf_runs`` lacks -> ``KeyError``."""
-        try:
-            return txn.run(self._ledger, fn, write=True, what=what, run_id=run_id)
-        except IntegrityError as exc:
-            if run_id is not None and is_fk_violation(exc):
-                raise KeyError(
-                    f"Unknown run id {run_id!r} in ledger {self._ledger.label}: "
-                    "create_run() it first"
-                ) from None
-            raise
 
     # ── runs ──────────────────────────────────────────────────────────────────
 
@@ -188,9 +122,7 @@ class WorkflowDB:
             if not runs.insert(conn, dialect, row):
                 return False
             if texts is not None:
-                checkpoints.write_full(
-                    conn, run_id, initial_step, "", texts, next_node=start_node
-                )
+                checkpoints.write_full(conn, run_id, initial_step, "", texts, next_node=start_node)
             return True
 
         return self._write(body, "creating the run", run_id)
@@ -300,8 +232,9 @@ class WorkflowDB:
         checkpoint returns an empty manifest and texts: its values must all be written
         again by the next commit.
         """
+        dialect = self._dialect
         manifest, texts, legacy = self._read(
-            lambda conn: checkpoints.load_texts(conn, run_id, step), run_id
+            lambda conn: checkpoints.load_texts(conn, dialect, run_id, step), run_id
         )
         data = legacy if legacy is not None else _decode_all(texts)
         return Store(data, name=f"{run_id}@step{step}"), manifest, texts
@@ -326,154 +259,3 @@ class WorkflowDB:
     def get_events(self, run_id: str, *, after_id: int = 0) -> list[dict[str, Any]]:
         """Events of a run in insertion order; ``after_id`` skips those already seen."""
         return self._read(lambda conn: events.get(conn, run_id, after_id), run_id)
-
-    # ── steps: outbox, leases, fencing (distributed executor) ────────────────
-
-    def insert_step(
-        self,
-        run_id: str,
-        step: int,
-        node_id: str,
-        *,
-        attempt: int = 1,
-        lease_s: float | None = None,
-        now: float | None = None,
-    ) -> bool:
-        """The outbox row of a run's first step (later steps get theirs from
-        ``commit_step``), leased for ``lease_s`` from now (G3). False if it exists."""
-        t = epoch(now)
-        expires = None if lease_s is None else t + lease_s
-        dialect = self._dialect
-        return self._write(
-            lambda conn: steps.insert_step(conn, dialect, run_id, step, node_id, attempt, expires, t),
-            f"queueing step {step}",
-            run_id,
-        )
-
-    def mark_sent(
-        self,
-        run_id: str,
-        step: int,
-        attempt: int,
-        *,
-        task_id: str | None = None,
-        now: float | None = None,
-    ) -> bool:
-        """The message of ``attempt`` is with the broker (under ``task_id``): the outbox
-        sweep skips the row from now on. False if the attempt is stale or already sent."""
-        t = epoch(now)
-        return self._write(
-            lambda conn: steps.mark_sent(conn, run_id, step, attempt, task_id, t),
-            f"marking step {step} sent",
-            run_id,
-        )
-
-    def claim_step(
-        self,
-        run_id: str,
-        step: int,
-        attempt: int,
-        worker: str,
-        lease_s: float,
-        now: float | None = None,
-        *,
-        task_id: str | None = None,
-    ) -> bool:
-        """Take the lease on ``(run_id, step)`` for ``attempt`` and record the attempt's
-        start (``worker``, broker ``task_id``) in ``pf_attempts``. False: the step is committed, failed, held by a live
-        lease of another worker, or ``attempt`` is stale — do nothing (G1)."""
-        t = epoch(now)
-        return self._write(
-            lambda conn: steps.claim(conn, run_id, step, attempt, worker, lease_s, t, task_id),
-            f"claiming step {step}",
-            run_id,
-        )
-
-    def renew_lease(
-        self,
-        run_id: str,
-        step: int,
-        attempt: int,
-        worker: str,
-        lease_s: float,
-        now: float | None = None,
-    ) -> bool:
-        """Extend a held lease; False = it was taken over, stop working on the step."""
-        t = epoch(now)
-        return self._write(
-            lambda conn: steps.renew(conn, run_id, step, attempt, worker, lease_s, t),
-            f"renewing the lease of step {step}",
-            run_id,
-        )
-
-    def end_attempt(
-        self,
-        run_id: str,
-        step: int,
-        attempt: int,
-        worker: str | None,
-        outcome: str,
-        error_msg: str | None = None,
-        now: float | None = None,
-    ) -> bool:
-        """Close the attempt's ``pf_attempts`` row with ``outcome`` (committed, duplicate,
-        retry, failed...). False if no open row matched."""
-        t = epoch(now)
-        return self._write(
-            lambda conn: steps.end_attempt(
-                conn, run_id, step, attempt, worker, outcome, error_msg, t
-            ),
-            f"ending attempt {attempt} of step {step}",
-            run_id,
-        )
-
-    def fail_step(self, run_id: str, step: int, attempt: int) -> bool:
-        """Mark the step failed (node out of retries) if ``attempt`` still holds it."""
-        return self._write(
-            lambda conn: steps.fail(conn, run_id, step, attempt), f"failing step {step}", run_id
-        )
-
-    def take_over(
-        self,
-        run_id: str,
-        step: int,
-        old_attempt: int,
-        lease_s: float,
-        now: float | None = None,
-        *,
-        force: bool = False,
-    ) -> int | None:
-        """Re-queue a step whose lease expired under a new attempt (returned), fencing out
-        the old holder (G1, G3); the caller then sends the new attempt's message. None if
-        the step moved on (committed, renewed, already taken over). ``force`` skips the
-        expiry check (resume of a paused or failed run)."""
-        t = epoch(now)
-        return self._write(
-            lambda conn: steps.take_over(conn, run_id, step, old_attempt, lease_s, t, force),
-            f"taking over step {step}",
-            run_id,
-        )
-
-    def get_step(self, run_id: str, step: int) -> dict[str, Any] | None:
-        return self._read(lambda conn: steps.get(conn, run_id, step), run_id)
-
-    def get_attempts(self, run_id: str) -> list[dict[str, Any]]:
-        return self._read(lambda conn: steps.attempts(conn, run_id), run_id)
-
-    def running_task_ids(self, run_id: str) -> list[str]:
-        """Broker task ids of the run's queued or running steps (for revoke)."""
-        return self._read(lambda conn: steps.task_ids(conn, run_id), run_id)
-
-    def expired_steps(self, now: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Steps whose lease ran out (worker died, message lost) of runs still going, oldest
-        lease first: the sweeper takes them over (G3)."""
-        t = epoch(now)
-        return self._read(lambda conn: steps.expired(conn, t, limit))
-
-    def unsent_steps(
-        self, older_than_s: float, now: float | None = None, limit: int = 100
-    ) -> list[dict[str, Any]]:
-        """Outbox rows queued more than ``older_than_s`` ago and never marked sent (the
-        publisher died between commit and send): the sweeper sends them."""
-        cutoff = epoch(now) - older_than_s
-        return self._read(lambda conn: steps.unsent(conn, cutoff, limit))

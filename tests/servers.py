@@ -126,7 +126,9 @@ class RedisServer:
         while not _redis_ping(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise ServerError(f"redis-server on port {self.port} did not start:\n{_log_tail(log)}")
+                raise ServerError(
+                    f"redis-server on port {self.port} did not start:\n{_log_tail(log)}"
+                )
             time.sleep(0.01)
 
     def stop(self) -> None:
@@ -172,7 +174,9 @@ def postgres_bin_dir() -> Path:
         return Path(os.path.realpath(on_path)).parent
     debian = sorted(
         glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0,
+        key=lambda p: (
+            int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0
+        ),
     )
     if debian:
         return Path(debian[-1]).parent

@@ -5,13 +5,16 @@ Configuration comes from the environment (``POCOFLOW_DB_URL``, ``POCOFLOW_BROKER
 ``POCOFLOW_SWEEP_SECONDS``, ``POCOFLOW_ACKS_LATE``). The one task is a one-call adapter:
 every rule of the step protocol lives in ``pocoflow.distributed.executor``.
 
-At worker start the modules of ``POCOFLOW_FLOWS`` are imported (before the pool forks,
-so every child has the same registry), and the main process starts the sweeper thread
-that re-sends lost steps (G3).
+The modules of ``POCOFLOW_FLOWS`` are imported when this module loads: before the pool
+forks, so every child has the same registry, and loudly, so a worker whose flows cannot
+be imported fails at start instead of refusing every step. The main process starts the
+sweeper thread that re-sends lost steps (G3) once the worker is ready.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from celery import signals
@@ -31,6 +34,12 @@ settings = Settings.from_env()
 app = create_app(settings)
 configure(lambda: WorkerContext.from_settings(settings, app=app))
 
+# Because flow modules usually live in the project directory the worker starts in, which
+# the celery command does not put on sys.path.
+if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())
+imported_flow_modules = import_flow_modules(settings.flows)
+
 
 @app.task(name=TASK_NAME, bind=True, ignore_result=True)
 def step(self: Any, message: dict[str, Any]) -> str:
@@ -41,20 +50,15 @@ def step(self: Any, message: dict[str, Any]) -> str:
 _sweeper: SweeperThread | None = None
 
 
-@signals.worker_init.connect
-def _import_flows(**_: Any) -> None:
-    imported = import_flow_modules(settings.flows)
-    _log.info(
-        "PocoFlow worker: imported %s; flows %s; ledger %r",
-        ", ".join(imported) or "no flow modules",
-        ", ".join(registered_flows()) or "none",
-        settings.masked()["db_url"],
-    )
-
-
 @signals.worker_ready.connect
 def _start_sweeper(**_: Any) -> None:
     global _sweeper
+    _log.info(
+        "PocoFlow worker ready: flows %s (from %s); ledger %s",
+        ", ".join(registered_flows()) or "none",
+        ", ".join(imported_flow_modules) or "no flow modules",
+        settings.masked()["db_url"],
+    )
     _sweeper = SweeperThread(
         lambda: open_ledger(settings.db_url),
         lambda: Publisher(app, open_ledger(settings.db_url)),

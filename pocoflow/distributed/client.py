@@ -54,7 +54,9 @@ def _publisher(settings: Settings) -> Publisher:
     return Publisher(create_app(settings), open_ledger(settings.db_url))
 
 
-def _handle(run_id: str, db: WorkflowDB, settings: Settings, store: Store | None = None) -> RunHandle:
+def _handle(
+    run_id: str, db: WorkflowDB, settings: Settings, store: Store | None = None
+) -> RunHandle:
     control = RemoteControl(
         run_id,
         db,
@@ -92,9 +94,38 @@ def submit(
     A Store value that would not round-trip raises ``TypeError`` naming the key before
     anything is written (G7).
     """
-    from pocoflow.flow import as_store, make_run_id
+    from pocoflow.flow import as_store
 
     settings = _settings(settings, db_url)
+    store = as_store(store)
+    db = open_ledger(settings.db_url)
+    first = record_run(db, flow, store, run_id=run_id, queue=queue, lease_s=settings.lease_seconds)
+    sent = _publisher(settings).send(first, queue=queue)
+    if not sent:
+        _log.warning(
+            "Run %s is recorded but its first step could not be published to %s yet; a "
+            "worker's sweeper will send it",
+            first.run_id,
+            mask_url(settings.broker_url),
+        )
+    _log.info("Flow %r submitted, run_id=%s", flow.flow_name, first.run_id)
+    return _handle(first.run_id, db, settings, store)
+
+
+def record_run(
+    db: WorkflowDB,
+    flow: Flow,
+    store: Store,
+    *,
+    run_id: str | None = None,
+    queue: str | None = None,
+    lease_s: float,
+) -> StepMessage:
+    """The ledger half of ``submit``: check the flow is registered as is, write the run
+    row (queued) with its initial Store and the step-0 outbox row leased from now;
+    returns the message to publish. Nothing is written if a check fails."""
+    from pocoflow.flow import make_run_id
+
     name = flow.flow_name
     graph = flow.graph()
     try:
@@ -113,9 +144,7 @@ def submit(
             f"what workers would run ({shape_difference(registered.shape(), graph.shape())}); "
             "submit the Flow the builder returns"
         )
-    store = as_store(store)
     run_id = run_id or flow.run_id or make_run_id(name)
-    db = open_ledger(settings.db_url)
     created = db.create_run(
         run_id,
         name,
@@ -130,21 +159,14 @@ def submit(
     if not created:
         raise ValueError(f"Run id {run_id!r} already exists in ledger {db.url}; pick another")
     db.save_event(run_id, FLOW_START, node_name=graph.start_id, ts=utc_now())
-    db.insert_step(run_id, 0, graph.start_id, lease_s=settings.lease_seconds)
+    db.insert_step(run_id, 0, graph.start_id, lease_s=lease_s)
     flow._run_id = run_id
-    sent = _publisher(settings).send(StepMessage(run_id, name, 0, graph.start_id, 1), queue=queue)
-    if not sent:
-        _log.warning(
-            "Run %s is recorded but its first step could not be published to %s yet; a "
-            "worker's sweeper will send it",
-            run_id,
-            mask_url(settings.broker_url),
-        )
-    _log.info("Flow %r submitted, run_id=%s", name, run_id)
-    return _handle(run_id, db, settings, store)
+    return StepMessage(run_id, name, 0, graph.start_id, 1)
 
 
-def attach(run_id: str, db_url: str | None = None, *, settings: Settings | None = None) -> RunHandle:
+def attach(
+    run_id: str, db_url: str | None = None, *, settings: Settings | None = None
+) -> RunHandle:
     """A handle on any recorded run, from any process; ``KeyError`` naming an unknown id."""
     settings = _settings(settings, db_url)
     db = open_ledger(settings.db_url)

@@ -89,11 +89,18 @@ def with_retry(
 
 
 def set_flag(
-    client: redis.Redis, run_id: str, flag: str, *, ttl_s: int = FLAG_TTL_S, budget_s: float = WRITE_BUDGET_S
+    client: redis.Redis,
+    run_id: str,
+    flag: str,
+    *,
+    ttl_s: int = FLAG_TTL_S,
+    budget_s: float = WRITE_BUDGET_S,
 ) -> bool:
     """Raise ``flag`` for ``run_id``; False if Redis stayed unreachable for ``budget_s``."""
     key = flag_key(run_id, flag)
-    return bool(with_retry(lambda: client.set(key, "1", ex=ttl_s), budget_s=budget_s, what=f"setting {key}"))
+    return bool(
+        with_retry(lambda: client.set(key, "1", ex=ttl_s), budget_s=budget_s, what=f"setting {key}")
+    )
 
 
 def clear_flag(
@@ -107,7 +114,9 @@ def clear_flag(
 def read_flags(client: redis.Redis, run_id: str, *, budget_s: float = 0.0) -> frozenset[str] | None:
     """The flags raised for ``run_id``, or ``None`` when Redis did not answer."""
     keys = [flag_key(run_id, flag) for flag in FLAGS]
-    values = with_retry(lambda: client.mget(keys), budget_s=budget_s, what=f"reading flags of {run_id}")
+    values = with_retry(
+        lambda: client.mget(keys), budget_s=budget_s, what=f"reading flags of {run_id}"
+    )
     if values is None:
         return None
     return frozenset(flag for flag, value in zip(FLAGS, values, strict=True) if value is not None)
@@ -193,13 +202,19 @@ class RemoteControl:
             self._terminate_running_step()
 
     def _terminate_running_step(self) -> None:
-        task_ids = self.db.running_task_ids(self.run_id)
-        if not task_ids:
+        """Revoke the outstanding step's task (its process is killed) and fence its
+        attempt out, so even a process that survives the signal commits nothing (G1)."""
+        latest = self.db.latest_checkpoint(self.run_id)
+        step = latest["step"] + 1 if latest else 0
+        row = self.db.get_step(self.run_id, step)
+        if row is None or row["status"] not in ("queued", "running"):
             return
         publisher = self._publisher_factory()
-        for task_id in task_ids:
-            _log.info("Run %s: revoking task %s (terminate)", self.run_id, task_id)
-            publisher.revoke(task_id, terminate=True)
+        if row.get("task_id"):
+            _log.info("Run %s: revoking task %s (terminate)", self.run_id, row["task_id"])
+            publisher.revoke(row["task_id"], terminate=True)
+        self.db.end_attempt(self.run_id, step, row["attempt"], None, "terminated")
+        self.db.take_over(self.run_id, step, row["attempt"], self.lease_s, force=True)
 
     def pause(self) -> None:
         """Hold the run before its next node; the worker that meets the request marks the
@@ -219,7 +234,9 @@ class RemoteControl:
         client = self._redis()
         if client is not None:
             clear_flag(client, self.run_id, PAUSE)
-        lifecycle.resume_paused(self.db, self.run_id, self._publisher_factory(), lease_s=self.lease_s)
+        lifecycle.resume_paused(
+            self.db, self.run_id, self._publisher_factory(), lease_s=self.lease_s
+        )
 
     @property
     def cancelled(self) -> bool:

@@ -42,12 +42,11 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from pocoflow.db import WorkflowDB
+    from pocoflow.distributed.publish import Publisher
     from pocoflow.flow import Flow
     from pocoflow.graph import Graph
     from pocoflow.node import Node
     from pocoflow.store import Store
-
-    from pocoflow.distributed.publish import Publisher
 
 _log = get_logger("distributed.executor")
 
@@ -200,7 +199,9 @@ class _StepRun:
         stop = self._guard(run)
         if stop is not None:
             return stop
-        if not db.claim_step(msg.run_id, msg.step, msg.attempt, self.worker, self.ctx.lease_s):
+        if not db.claim_step(
+            msg.run_id, msg.step, msg.attempt, self.worker, self.ctx.lease_s, task_id=self.task_id
+        ):
             _log.info(
                 "Step %d of run %s attempt %d: already committed, stale or leased elsewhere; "
                 "nothing to do",
@@ -309,7 +310,9 @@ class _StepRun:
         next_step = None
         if following is None:
             ts = utc_now()
-            events.append({"event": FLOW_END, "step": msg.step + 1, "ts": ts, "attempt": msg.attempt})
+            events.append(
+                {"event": FLOW_END, "step": msg.step + 1, "ts": ts, "attempt": msg.attempt}
+            )
             run_fields.update(status="completed", completed_at=ts, current_node=node.name)
         else:
             assert next_id is not None
@@ -399,7 +402,12 @@ class _StepRun:
             return LOST
         self._end(REFUSED, error_msg)
         lifecycle.fail_run(
-            self.db, msg.run_id, error_msg, step=msg.step, node_name=msg.node_id, attempt=msg.attempt
+            self.db,
+            msg.run_id,
+            error_msg,
+            step=msg.step,
+            node_name=msg.node_id,
+            attempt=msg.attempt,
         )
         _log.error("%s", error_msg)
         return REFUSED
@@ -437,7 +445,9 @@ class _Heartbeat:
                     msg.run_id, msg.step, msg.attempt, s.worker, s.ctx.lease_s
                 )
             except Exception as exc:  # the ledger blinked: try again next beat
-                _log.warning("Lease renewal of step %d of run %s failed: %s", msg.step, msg.run_id, exc)
+                _log.warning(
+                    "Lease renewal of step %d of run %s failed: %s", msg.step, msg.run_id, exc
+                )
                 continue
             if not renewed:
                 self.lost = True

@@ -50,8 +50,7 @@ class Publisher:
             )
         except Exception as exc:  # broker down: the sweeper resends the unsent row
             _log.warning(
-                "Could not publish step %d of run %s (attempt %d): %s; the sweeper will "
-                "resend it",
+                "Could not publish step %d of run %s (attempt %d): %s; the sweeper will resend it",
                 message.step,
                 message.run_id,
                 message.attempt,
@@ -63,7 +62,9 @@ class Publisher:
                 message.run_id, message.step, message.attempt, task_id=result.id, now=now
             )
         except Exception as exc:  # the message is out; a resend would only be a duplicate
-            _log.warning("Could not mark step %d of run %s sent: %s", message.step, message.run_id, exc)
+            _log.warning(
+                "Could not mark step %d of run %s sent: %s", message.step, message.run_id, exc
+            )
         return True
 
     def revoke(self, task_id: str, *, terminate: bool = False, signal: str = "SIGTERM") -> None:

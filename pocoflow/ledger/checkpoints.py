@@ -3,7 +3,7 @@
 A checkpoint row holds a manifest ``{key: step}``: for every key of the Store after that
 step, the step whose ``pf_values`` row holds its value. A value is written once, at the
 step that changed it, so an unchanged key costs nothing per step; loading any step still
-returns the whole Store, in one query over the manifest's ``(key, step)`` pairs.
+returns the whole Store, in one query joining the manifest's members with their rows.
 0.2 rows have no manifest and keep their full Store JSON in ``store_json``; they load too.
 """
 
@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from functools import cache
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, select, tuple_
+from sqlalchemy import Select, bindparam, delete, func, insert, select, true
 from sqlalchemy.engine import Connection
 
 from pocoflow.commit import StepCommit
-from pocoflow.ledger import events, runs, steps
-from pocoflow.ledger.common import epoch, insert_ignore, iso_now
+from pocoflow.ledger import events, pipeline, runs, steps
+from pocoflow.ledger.common import epoch, insert_ignore, iso_now, json_object_items
 from pocoflow.ledger.errors import LedgerError
 from pocoflow.ledger.tables import pf_checkpoints, pf_values
 
@@ -35,9 +36,7 @@ _DELETE_CHECKPOINT = delete(pf_checkpoints).where(
     _c.run_id == bindparam("run_id"), _c.step == bindparam("step")
 )
 _LIST = (
-    select(*_ROW_COLUMNS)
-    .where(_c.run_id == bindparam("run_id"), _c.step >= 0)
-    .order_by(_c.step)
+    select(*_ROW_COLUMNS).where(_c.run_id == bindparam("run_id"), _c.step >= 0).order_by(_c.step)
 )
 _GET = select(*_ROW_COLUMNS).where(_c.run_id == bindparam("run_id"), _c.step == bindparam("step"))
 _LATEST = (
@@ -46,19 +45,33 @@ _LATEST = (
     .order_by(_c.step.desc())
     .limit(1)
 )
-_MANIFEST = select(_c.manifest, _c.store_json).where(
-    _c.run_id == bindparam("run_id"), _c.step == bindparam("step")
-)
-_VALUES = select(_v["key"], _v.step, _v.value_json).where(
-    _v.run_id == bindparam("run_id"),
-    tuple_(_v["key"], _v.step).in_(bindparam("pairs", expanding=True)),
-)
 _COUNT = select(func.count()).where(_c.run_id == bindparam("run_id"), _c.step >= 0)
 _COUNT_VALUES = select(func.count()).where(_v.run_id == bindparam("run_id"))
 _COUNT_KEY_VALUES = _COUNT_VALUES.where(_v["key"] == bindparam("key"))
 
-# Bound parameters per statement stay far below SQLite's and PostgreSQL's limits.
-_PAIRS_PER_QUERY = 4000
+
+@cache
+def _load_stmt(dialect: str) -> Select[Any]:
+    """Checkpoint row x manifest members, each with its value text, in one indexed query.
+
+    One row per manifest key (document order) with its value text; a 0.2 row or an empty
+    manifest gives one row with NULL key; no row = no such checkpoint.
+    """
+    items, key, step, order = json_object_items(dialect, _c.manifest)
+    # A correlated scalar subquery, not a join: both databases then seek the primary key
+    # once per member (a join lets PostgreSQL hash-scan every value row of the run).
+    value = (
+        select(_v.value_json)
+        .where(_v.run_id == _c.run_id, _v.step == step, _v["key"] == key)
+        .scalar_subquery()
+    )
+    return (
+        select(_c.manifest.is_(None).label("legacy"), _c.store_json, key, step, value)
+        .select_from(pf_checkpoints)
+        .outerjoin(items, true())
+        .where(_c.run_id == bindparam("run_id"), _c.step == bindparam("step"))
+        .order_by(order)
+    )
 
 
 def _json(manifest: Mapping[str, int]) -> str:
@@ -124,33 +137,36 @@ def commit(conn: Connection, dialect: str, c: StepCommit, now: float | None = No
     step; the caller then rolls the transaction back, so nothing of this attempt lands.
 
     No SELECT: the fence is an UPDATE's row count and the checkpoint an
-    ``INSERT ... ON CONFLICT DO NOTHING``'s row count.
+    ``INSERT ... ON CONFLICT DO NOTHING``'s row count. On PostgreSQL the statements go
+    out in one round trip (``pipeline``).
     """
-    if c.attempt is not None and not steps.fence_commit(conn, c.run_id, c.step, c.attempt):
-        return False
-    inserted = conn.execute(
-        insert_ignore(dialect, pf_checkpoints, "run_id", "step"),
-        {
-            "run_id": c.run_id,
-            "step": c.step,
-            "node_name": c.node_name,
-            "store_json": None,
-            "created_at": iso_now(),
-            "next_node": c.next_node,
-            "action": c.action,
-            "manifest": _json(c.manifest),
-        },
-    ).rowcount
-    if inserted != 1:
-        return False
-    if c.changed:
-        conn.execute(_INSERT_VALUES, _value_rows(c.run_id, c.step, c.changed))
-    if c.events:
-        events.insert_rows(conn, events.rows_of(c.run_id, c.events))
-    runs.update_fields(conn, c.run_id, c.run_fields)
+    ops: list[pipeline.Op] = []
+    if c.attempt is not None:
+        ops.append(steps.fence_op(c.run_id, c.step, c.attempt))
+    ops.append(
+        pipeline.Op(
+            insert_ignore(dialect, pf_checkpoints, "run_id", "step"),
+            {
+                "run_id": c.run_id,
+                "step": c.step,
+                "node_name": c.node_name,
+                "store_json": None,
+                "created_at": iso_now(),
+                "next_node": c.next_node,
+                "action": c.action,
+                "manifest": _json(c.manifest),
+            },
+            must_hit_one=True,
+        )
+    )
+    ops.append(pipeline.Op(_INSERT_VALUES, _value_rows(c.run_id, c.step, c.changed)))
+    ops.append(events.insert_op(events.rows_of(c.run_id, c.events)))
+    ops.append(runs.update_op(c.run_id, c.run_fields))
     if c.next_step is not None:
-        steps.insert_successor(conn, c.run_id, c.next_step, epoch(now))
-    return True
+        ops.append(steps.successor_op(c.run_id, c.next_step, epoch(now)))
+    # pk_pf_values can only fire when this step's checkpoint exists already (PostgreSQL
+    # sends the whole batch before looking at the checkpoint insert's row count).
+    return pipeline.run(conn, ops, conflicts=("pk_pf_values",))
 
 
 def list_rows(conn: Connection, run_id: str) -> list[dict[str, Any]]:
@@ -179,32 +195,34 @@ def count_values(conn: Connection, run_id: str, key: str | None) -> int:
 
 
 def load_texts(
-    conn: Connection, run_id: str, step: int
+    conn: Connection, dialect: str, run_id: str, step: int
 ) -> tuple[dict[str, int], dict[str, str], dict[str, Any] | None]:
-    """(manifest, encoded text per key, legacy data) of one checkpoint.
+    """(manifest, encoded text per key, legacy data) of one checkpoint, in one query.
 
     A 0.2 row (no manifest) returns an empty manifest and texts plus its decoded
     ``store_json``: its values were never written to ``pf_values``, so a tracker seeded
     from it must treat every key as new. Raises ``KeyError`` naming run and step.
     """
-    row = conn.execute(_MANIFEST, {"run_id": run_id, "step": step}).first()
-    if row is None:
+    rows = conn.execute(_load_stmt(dialect), {"run_id": run_id, "step": step}).all()
+    if not rows:
         raise KeyError(f"No checkpoint for run_id={run_id!r} step={step}")
-    manifest_text, store_json = row
-    if manifest_text is None:
+    legacy, store_json = rows[0][0], rows[0][1]
+    if legacy:
         return {}, {}, json.loads(store_json or "{}")
-    manifest: dict[str, int] = json.loads(manifest_text)
-    pairs = list(manifest.items())
-    found: dict[str, str] = {}
-    for start in range(0, len(pairs), _PAIRS_PER_QUERY):
-        chunk = pairs[start : start + _PAIRS_PER_QUERY]
-        for key, _step, text in conn.execute(_VALUES, {"run_id": run_id, "pairs": chunk}):
-            found[key] = text
-    if len(found) != len(manifest):
-        missing = sorted(set(manifest) - set(found))
+    manifest: dict[str, int] = {}
+    texts: dict[str, str] = {}
+    missing = []
+    for _legacy, _store_json, key, key_step, text in rows:
+        if key is None:
+            continue
+        manifest[key] = key_step
+        if text is None:
+            missing.append(f"{key!r}@{key_step}")
+        else:
+            texts[key] = text
+    if missing:
         raise LedgerError(
             f"Checkpoint run_id={run_id!r} step={step} names values the ledger does not "
-            f"hold: {', '.join(f'{k!r}@{manifest[k]}' for k in missing[:10])}"
+            f"hold: {', '.join(missing[:10])}"
         )
-    texts = {key: found[key] for key in manifest}
     return manifest, texts, None

@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import JSON, ColumnElement, Integer, Table, cast, func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.selectable import TableValuedAlias
 
 
 def iso_now() -> str:
@@ -52,3 +53,23 @@ def insert_ignore(dialect: str, table: Table, *conflict_cols: str) -> Insert:
             .returning(table.c[cols[0]])
         )
     return sqlite.insert(table).on_conflict_do_nothing(index_elements=cols)
+
+
+def json_object_items(
+    dialect: str, document: ColumnElement[Any]
+) -> tuple[TableValuedAlias, ColumnElement[str], ColumnElement[int], ColumnElement[int]]:
+    """The members of a JSON object column as rows: ``(from, key, int value, order)``.
+
+    Lets one query join a checkpoint's manifest with ``pf_values`` inside the database,
+    each key an index seek. SQLite's ``json_each`` and PostgreSQL's ``json_each_text``
+    differ only in name, value type and how document order is exposed.
+    """
+    if dialect == "postgresql":
+        items = (
+            func.json_each_text(cast(document, JSON))
+            .table_valued("key", "value", with_ordinality="ord", name="m")
+            .render_derived()
+        )
+        return items, items.c.key, cast(items.c.value, Integer), items.c.ord
+    items = func.json_each(document).table_valued("key", "value", "id", name="m")
+    return items, items.c.key, items.c.value, items.c.id

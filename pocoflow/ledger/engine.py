@@ -9,7 +9,9 @@ per (URL, options) per process and checks the schema once for it, so opening a
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,8 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError
+
+from pocoflow.ledger.errors import is_locked
 
 SYNCHRONOUS_ENV = "POCOFLOW_SQLITE_SYNCHRONOUS"
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
@@ -94,6 +98,22 @@ def synchronous_mode(value: str | None) -> str:
     return mode
 
 
+def _ensure_wal(cur: Any, wait_s: float) -> None:
+    """Switch a new file to WAL. The switch needs an exclusive lock and SQLite does not
+    wait for it (no busy handler), so processes opening a fresh file at once retry."""
+    if cur.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+        return
+    deadline = time.monotonic() + max(wait_s, 1.0)
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_locked(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _sqlite_engine(url: URL, synchronous: str, busy_timeout_s: float) -> Engine:
     engine = create_engine(
         url,
@@ -116,8 +136,8 @@ def _sqlite_engine(url: URL, synchronous: str, busy_timeout_s: float) -> Engine:
         # wait too.
         cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
         # Because in WAL readers (monitor, RunHandle.wait polling) never block the writer
-        # nor it them. Persistent in the file; a no-op once set.
-        cur.execute("PRAGMA journal_mode = WAL")
+        # nor it them. Persistent in the file, so only a new file needs it.
+        _ensure_wal(cur, busy_timeout_s)
         # Because with WAL, NORMAL survives application crashes and never corrupts, and
         # skips the fsync per commit (a power loss may drop the last commits); FULL
         # fsyncs every commit for machines that must not lose one.
@@ -141,6 +161,9 @@ class LedgerEngine:
 
     url: URL
     engine: Engine
+    #: Runs the read-only calls: on PostgreSQL in autocommit (under READ COMMITTED a
+    #: transaction adds nothing to a read but the BEGIN and COMMIT round trips).
+    reader: Engine
     dialect: str
     schema_ready: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -182,11 +205,10 @@ def shared_engine(
             engine = _sqlite_engine(url, sync, busy_timeout_s)
         else:
             engine = _postgres_engine(url)
-        ledger = LedgerEngine(
-            url=url,
-            engine=engine,
-            dialect=dialect,
-        )
+        reader = engine
+        if dialect == "postgresql":
+            reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+        ledger = LedgerEngine(url=url, engine=engine, reader=reader, dialect=dialect)
         weakref.finalize(ledger, engine.dispose)
         _registry[key] = ledger
         return ledger

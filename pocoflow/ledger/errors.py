@@ -46,10 +46,9 @@ def is_locked(exc: BaseException) -> bool:
 def is_fk_violation(exc: DBAPIError) -> bool:
     """A row named a run id that ``pf_runs`` does not have."""
     orig = exc.orig
-    return (
-        getattr(orig, "sqlstate", None) == _PG_FK_VIOLATION
-        or "FOREIGN KEY constraint failed" in str(orig)
-    )
+    return getattr(
+        orig, "sqlstate", None
+    ) == _PG_FK_VIOLATION or "FOREIGN KEY constraint failed" in str(orig)
 
 
 def is_unique_violation(exc: DBAPIError) -> bool:

@@ -9,6 +9,7 @@ from sqlalchemy import bindparam, insert, select
 from sqlalchemy.engine import Connection
 
 from pocoflow.ledger.common import iso_ts
+from pocoflow.ledger.pipeline import Op
 from pocoflow.ledger.tables import pf_events
 
 FIELDS = ("step", "node_name", "action", "elapsed_ms", "error_msg", "attempt")
@@ -37,6 +38,11 @@ def row(run_id: str, event: str, fields: Mapping[str, Any]) -> dict[str, Any]:
 def rows_of(run_id: str, events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Rows for events given as dicts with an ``event`` key (how a StepCommit carries them)."""
     return [row(run_id, e["event"], e) for e in events]
+
+
+def insert_op(rows: list[dict[str, Any]]) -> Op:
+    """One executemany for all the rows (skipped when empty)."""
+    return Op(_INSERT, rows)
 
 
 def insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:

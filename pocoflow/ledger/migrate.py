@@ -52,12 +52,25 @@ def ensure_schema(ledger: LedgerEngine) -> None:
     with ledger.lock:
         if ledger.schema_ready:
             return
-        with ledger.engine.connect() as conn:
-            version, _ = schema_version(conn)
-        _check_known(version, ledger)
-        if version != HEAD:
-            _migrate_with_retries(ledger)
+        for attempt in range(_RACE_RETRIES):
+            try:
+                _ensure(ledger)
+                break
+            except OperationalError as exc:
+                # Another process creating or migrating the same SQLite file: wait, recheck.
+                racing = is_locked(exc) or "already exists" in str(exc.orig)
+                if not racing or attempt == _RACE_RETRIES - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
         ledger.schema_ready = True
+
+
+def _ensure(ledger: LedgerEngine) -> None:
+    with ledger.reader.connect() as conn:
+        version, _ = schema_version(conn)
+    _check_known(version, ledger)
+    if version != HEAD:
+        _migrate(ledger)
 
 
 def _check_known(version: str | None, ledger: LedgerEngine) -> None:
@@ -66,19 +79,6 @@ def _check_known(version: str | None, ledger: LedgerEngine) -> None:
             f"Ledger database {ledger.label} has schema revision {version!r}, newer than "
             f"this pocoflow knows (head {HEAD}); upgrade pocoflow to use it"
         )
-
-
-def _migrate_with_retries(ledger: LedgerEngine) -> None:
-    for attempt in range(_RACE_RETRIES):
-        try:
-            _migrate(ledger)
-            return
-        except OperationalError as exc:
-            # Another process migrating the same SQLite file: wait, then recheck.
-            racing = is_locked(exc) or "already exists" in str(exc.orig)
-            if not racing or attempt == _RACE_RETRIES - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))
 
 
 def _migrate(ledger: LedgerEngine) -> None:

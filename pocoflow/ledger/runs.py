@@ -9,6 +9,7 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Connection
 
 from pocoflow.ledger.common import insert_ignore, iso_now
+from pocoflow.ledger.pipeline import Op
 from pocoflow.ledger.tables import CONTROLS, RUN_STATUSES, pf_runs
 
 UPDATABLE = frozenset(
@@ -62,12 +63,18 @@ def insert(conn: Connection, dialect: str, row: dict[str, Any]) -> bool:
     return conn.execute(insert_ignore(dialect, pf_runs, "run_id"), row).rowcount == 1
 
 
-def update_fields(conn: Connection, run_id: str, fields: Mapping[str, Any]) -> bool:
-    """Set ``fields`` (already checked) and ``updated_at``; False if no such run."""
+def update_op(run_id: str, fields: Mapping[str, Any]) -> Op:
+    """Set ``fields`` (already checked) and ``updated_at``."""
     params = dict(fields)
     params["updated_at"] = iso_now()
     params["b_run_id"] = run_id
-    return conn.execute(_UPDATE, params).rowcount == 1
+    return Op(_UPDATE, params)
+
+
+def update_fields(conn: Connection, run_id: str, fields: Mapping[str, Any]) -> bool:
+    """Set ``fields`` (already checked) and ``updated_at``; False if no such run."""
+    op = update_op(run_id, fields)
+    return conn.execute(op.stmt, op.params).rowcount == 1
 
 
 def update_fields_if(

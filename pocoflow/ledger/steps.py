@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 
 from pocoflow.commit import NextStep
 from pocoflow.ledger.common import insert_ignore
+from pocoflow.ledger.pipeline import Op
 from pocoflow.ledger.tables import pf_attempts, pf_runs, pf_steps
 
 _s = pf_steps.c
@@ -112,9 +113,7 @@ _TASK_IDS = (
     .order_by(_s.step)
 )
 _GET_ATTEMPTS = (
-    select(pf_attempts)
-    .where(_a.run_id == bindparam("run_id"))
-    .order_by(_a.step, _a.attempt, _a.id)
+    select(pf_attempts).where(_a.run_id == bindparam("run_id")).order_by(_a.step, _a.attempt, _a.id)
 )
 _LIVE_RUN = select(pf_runs.c.run_id).where(
     pf_runs.c.run_id == _s.run_id, pf_runs.c.status.not_in(_IDLE_RUN_STATUSES)
@@ -158,13 +157,21 @@ def insert_step(
 ) -> bool:
     """The outbox row of a step about to be sent; False if the step has a row already."""
     stmt = insert_ignore(dialect, pf_steps, "run_id", "step")
-    return conn.execute(stmt, _row(run_id, step, node_id, attempt, lease_expires_at, now)).rowcount == 1
+    return (
+        conn.execute(stmt, _row(run_id, step, node_id, attempt, lease_expires_at, now)).rowcount
+        == 1
+    )
+
+
+def successor_op(run_id: str, nxt: NextStep, now: float) -> Op:
+    """The successor's outbox row, inside the commit of its predecessor (plain insert: a
+    conflict is a bug and rolls the commit back)."""
+    return Op(_INSERT, _row(run_id, nxt.step, nxt.node_id, nxt.attempt, nxt.lease_expires_at, now))
 
 
 def insert_successor(conn: Connection, run_id: str, nxt: NextStep, now: float) -> None:
-    """The successor's outbox row, inside the commit of its predecessor (plain insert: a
-    conflict is a bug and rolls the commit back)."""
-    conn.execute(_INSERT, _row(run_id, nxt.step, nxt.node_id, nxt.attempt, nxt.lease_expires_at, now))
+    op = successor_op(run_id, nxt, now)
+    conn.execute(op.stmt, op.params)
 
 
 def _row(
@@ -185,9 +192,14 @@ def _row(
     }
 
 
-def fence_commit(conn: Connection, run_id: str, step: int, attempt: int) -> bool:
+def fence_op(run_id: str, step: int, attempt: int) -> Op:
     """Mark the step committed iff ``attempt`` still holds it and nobody committed it (G1)."""
-    return conn.execute(_COMMIT, _key(run_id, step, attempt)).rowcount == 1
+    return Op(_COMMIT, _key(run_id, step, attempt), must_hit_one=True)
+
+
+def fence_commit(conn: Connection, run_id: str, step: int, attempt: int) -> bool:
+    op = fence_op(run_id, step, attempt)
+    return conn.execute(op.stmt, op.params).rowcount == 1
 
 
 def mark_sent(

@@ -33,7 +33,7 @@ LOCK_BACKOFF_S = 0.02
 _SQLITE_BEGIN = {True: "BEGIN IMMEDIATE", False: "BEGIN"}
 
 
-class Abort(Exception):  # noqa: N818 — a control-flow signal, not an error
+class Abort(Exception):
     """Raised inside a transaction to roll it back and make the call return ``value``."""
 
     def __init__(self, value: object = None) -> None:
@@ -54,9 +54,14 @@ def run(
     ``write`` asks SQLite for the write lock at BEGIN (so waiting for it is orderly). On
     SQLite the pool's connections run with the driver's transaction handling off
     (``engine``), so the BEGIN here is what makes the calls inside one transaction.
-    ``what`` and ``run_id`` only name the operation in a lock error.
+    Reads on PostgreSQL run in autocommit (``LedgerEngine.reader``). ``what`` and
+    ``run_id`` only name the operation in a lock error.
+
+    A connection the server dropped is retried once; if it dropped during COMMIT the
+    commit may have landed, and the retry then sees its own row (``commit_step`` returns
+    False, the outbox row of the successor is already there for the sweeper).
     """
-    engine = ledger.engine
+    engine = ledger.engine if write else ledger.reader
     begin = _SQLITE_BEGIN[write] if ledger.dialect == "sqlite" else None
     delay = LOCK_BACKOFF_S
     tries = 0
@@ -65,9 +70,12 @@ def run(
         tries += 1
         try:
             with engine.connect() as conn:
+                # SQLAlchemy's transaction first, so commit() reaches the driver even when
+                # fn only used the driver connection (pipeline) or nothing at all.
+                conn.begin()
                 if begin is not None:
                     # Straight to the driver: cheaper than a statement through SQLAlchemy,
-                    # whose own (autobegin) transaction then wraps this one's COMMIT.
+                    # whose transaction (begun above) then issues this one's COMMIT.
                     conn.connection.driver_connection.execute(begin)  # type: ignore[union-attr]
                 result = fn(conn)
                 conn.commit()

@@ -43,9 +43,7 @@ def upgrade() -> None:
         sa.Column("store_json", sa.Text, nullable=False),
         sa.Column("created_at", sa.Text, nullable=False),
         sa.UniqueConstraint("run_id", "step", name="uq_pf_checkpoints_run_step"),
-        sa.ForeignKeyConstraint(
-            ["run_id"], ["pf_runs.run_id"], name="fk_pf_checkpoints_run_id"
-        ),
+        sa.ForeignKeyConstraint(["run_id"], ["pf_runs.run_id"], name="fk_pf_checkpoints_run_id"),
         sqlite_autoincrement=True,
     )
     op.create_table(

@@ -26,9 +26,7 @@ branch_labels = None
 depends_on = None
 
 _V1_STATUSES = "status IN ('queued','running','paused','completed','failed')"
-_V2_STATUSES = (
-    "status IN ('queued','running','paused','waiting','completed','failed','cancelled')"
-)
+_V2_STATUSES = "status IN ('queued','running','paused','waiting','completed','failed','cancelled')"
 _CONTROLS = "control IS NULL OR control IN ('cancel','pause')"
 _STEP_STATUSES = "status IN ('queued','running','committed','failed')"
 _RUN_COLUMNS = (
@@ -72,9 +70,7 @@ def _checkpoints_0001() -> sa.Table:
         sa.Column("store_json", sa.Text, nullable=False),
         sa.Column("created_at", sa.Text, nullable=False),
         sa.UniqueConstraint("run_id", "step", name="uq_pf_checkpoints_run_step"),
-        sa.ForeignKeyConstraint(
-            ["run_id"], ["pf_runs.run_id"], name="fk_pf_checkpoints_run_id"
-        ),
+        sa.ForeignKeyConstraint(["run_id"], ["pf_runs.run_id"], name="fk_pf_checkpoints_run_id"),
         sqlite_autoincrement=True,
     )
 

@@ -1,0 +1,167 @@
+"""The step-protocol half of the ledger API: outbox rows, leases, fencing and attempts
+for the distributed executor (G1, G3). The queries are in ``pocoflow.ledger.steps``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pocoflow.ledger import steps
+from pocoflow.ledger.client import LedgerClient
+from pocoflow.ledger.common import epoch
+
+
+class StepQueue(LedgerClient):
+    """Ledger calls a worker, publisher and sweeper make; every time takes ``now``."""
+
+    # ── steps: outbox, leases, fencing (distributed executor) ────────────────
+
+    def insert_step(
+        self,
+        run_id: str,
+        step: int,
+        node_id: str,
+        *,
+        attempt: int = 1,
+        lease_s: float | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """The outbox row of a run's first step (later steps get theirs from
+        ``commit_step``), leased for ``lease_s`` from now (G3). False if it exists."""
+        t = epoch(now)
+        expires = None if lease_s is None else t + lease_s
+        dialect = self._dialect
+        return self._write(
+            lambda conn: steps.insert_step(
+                conn, dialect, run_id, step, node_id, attempt, expires, t
+            ),
+            f"queueing step {step}",
+            run_id,
+        )
+
+    def mark_sent(
+        self,
+        run_id: str,
+        step: int,
+        attempt: int,
+        *,
+        task_id: str | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """The message of ``attempt`` is with the broker (under ``task_id``): the outbox
+        sweep skips the row from now on. False if the attempt is stale or already sent."""
+        t = epoch(now)
+        return self._write(
+            lambda conn: steps.mark_sent(conn, run_id, step, attempt, task_id, t),
+            f"marking step {step} sent",
+            run_id,
+        )
+
+    def claim_step(
+        self,
+        run_id: str,
+        step: int,
+        attempt: int,
+        worker: str,
+        lease_s: float,
+        now: float | None = None,
+        *,
+        task_id: str | None = None,
+    ) -> bool:
+        """Take the lease on ``(run_id, step)`` for ``attempt`` and record the attempt's
+        start (``worker``, broker ``task_id``) in ``pf_attempts``. False: the step is committed, failed, held by a live
+        lease of another worker, or ``attempt`` is stale — do nothing (G1)."""
+        t = epoch(now)
+        return self._write(
+            lambda conn: steps.claim(conn, run_id, step, attempt, worker, lease_s, t, task_id),
+            f"claiming step {step}",
+            run_id,
+        )
+
+    def renew_lease(
+        self,
+        run_id: str,
+        step: int,
+        attempt: int,
+        worker: str,
+        lease_s: float,
+        now: float | None = None,
+    ) -> bool:
+        """Extend a held lease; False = it was taken over, stop working on the step."""
+        t = epoch(now)
+        return self._write(
+            lambda conn: steps.renew(conn, run_id, step, attempt, worker, lease_s, t),
+            f"renewing the lease of step {step}",
+            run_id,
+        )
+
+    def end_attempt(
+        self,
+        run_id: str,
+        step: int,
+        attempt: int,
+        worker: str | None,
+        outcome: str,
+        error_msg: str | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Close the attempt's ``pf_attempts`` row with ``outcome`` (committed, duplicate,
+        retry, failed...). False if no open row matched."""
+        t = epoch(now)
+        return self._write(
+            lambda conn: steps.end_attempt(
+                conn, run_id, step, attempt, worker, outcome, error_msg, t
+            ),
+            f"ending attempt {attempt} of step {step}",
+            run_id,
+        )
+
+    def fail_step(self, run_id: str, step: int, attempt: int) -> bool:
+        """Mark the step failed (node out of retries) if ``attempt`` still holds it."""
+        return self._write(
+            lambda conn: steps.fail(conn, run_id, step, attempt), f"failing step {step}", run_id
+        )
+
+    def take_over(
+        self,
+        run_id: str,
+        step: int,
+        old_attempt: int,
+        lease_s: float,
+        now: float | None = None,
+        *,
+        force: bool = False,
+    ) -> int | None:
+        """Re-queue a step whose lease expired under a new attempt (returned), fencing out
+        the old holder (G1, G3); the caller then sends the new attempt's message. None if
+        the step moved on (committed, renewed, already taken over). ``force`` skips the
+        expiry check (resume of a paused or failed run)."""
+        t = epoch(now)
+        return self._write(
+            lambda conn: steps.take_over(conn, run_id, step, old_attempt, lease_s, t, force),
+            f"taking over step {step}",
+            run_id,
+        )
+
+    def get_step(self, run_id: str, step: int) -> dict[str, Any] | None:
+        return self._read(lambda conn: steps.get(conn, run_id, step), run_id)
+
+    def get_attempts(self, run_id: str) -> list[dict[str, Any]]:
+        return self._read(lambda conn: steps.attempts(conn, run_id), run_id)
+
+    def running_task_ids(self, run_id: str) -> list[str]:
+        """Broker task ids of the run's queued or running steps (for revoke)."""
+        return self._read(lambda conn: steps.task_ids(conn, run_id), run_id)
+
+    def expired_steps(self, now: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Steps whose lease ran out (worker died, message lost) of runs still going, oldest
+        lease first: the sweeper takes them over (G3)."""
+        t = epoch(now)
+        return self._read(lambda conn: steps.expired(conn, t, limit))
+
+    def unsent_steps(
+        self, older_than_s: float, now: float | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Outbox rows queued more than ``older_than_s`` ago and never marked sent (the
+        publisher died between commit and send): the sweeper sends them."""
+        cutoff = epoch(now) - older_than_s
+        return self._read(lambda conn: steps.unsent(conn, cutoff, limit))

@@ -1,0 +1,255 @@
+"""The step protocol driven in-process on both ledgers: ``execute_step`` with a recording
+publisher instead of Celery, so each rule (G1 fencing, guards, refusals, G7 values) is
+checked without worker processes. The distributed suite repeats the important ones with
+real workers."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from pocoflow import Flow, Node, flow
+from pocoflow.distributed import executor, lifecycle
+from pocoflow.distributed.client import record_run
+from pocoflow.distributed.executor import WorkerContext, execute_step
+from pocoflow.distributed.message import StepMessage
+from pocoflow.registry import build_flow
+from pocoflow.store import Store
+
+pytestmark = pytest.mark.ledger
+
+LEASE_S = 10.0
+#: Test hook: called by ``Grabbed.exec`` with (run_id, step, attempt).
+ON_EXEC: list[Any] = []
+
+
+class Publish:
+    """Records what the executor would publish, and marks it sent as a Publisher does."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.sent: list[tuple[StepMessage, dict[str, Any]]] = []
+
+    def send(self, message: StepMessage, **kwargs: Any) -> bool:
+        self.sent.append((message, kwargs))
+        self.db.mark_sent(
+            message.run_id, message.step, message.attempt, task_id=f"t{len(self.sent)}"
+        )
+        return True
+
+    __call__ = send
+
+    def revoke(self, task_id: str, **kwargs: Any) -> None:
+        pass
+
+    def take(self) -> list[StepMessage]:
+        messages = [m for m, _ in self.sent]
+        self.sent.clear()
+        return messages
+
+
+class Add(Node):
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+        store["n"] = store.get("n", 0) + 1
+        return "default"
+
+
+class Grabbed(Node):
+    """Its exec lets the test interfere (e.g. take the lease over) mid-step."""
+
+    def exec(self, prep_result: Any) -> None:
+        for hook in ON_EXEC:
+            hook(self.run_id, self.step, self.attempt)
+
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+        store["grabbed"] = True
+        return "default"
+
+
+class Unstorable(Node):
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+        store["sock"] = object()
+        return "default"
+
+
+@flow("exec_three")
+def three() -> Flow:
+    a, b, c = Add(name="a"), Add(name="b"), Add(name="c")
+    a.then("default", b)
+    b.then("default", c)
+    return Flow(start=a)
+
+
+@flow("exec_grabbed")
+def grabbed() -> Flow:
+    node = Grabbed()
+    node.then("default", Add(name="after"))
+    return Flow(start=node)
+
+
+@flow("exec_unstorable")
+def unstorable() -> Flow:
+    node = Add(name="ok")
+    node.then("default", Unstorable())
+    return Flow(start=node)
+
+
+@pytest.fixture
+def publish(db: Any) -> Publish:
+    return Publish(db)
+
+
+@pytest.fixture
+def ctx(db: Any, publish: Publish) -> WorkerContext:
+    return WorkerContext(db=db, publisher=publish, redis=None, lease_s=LEASE_S)  # type: ignore[arg-type]
+
+
+def start(db: Any, name: str, store: dict[str, Any] | None = None) -> StepMessage:
+    return record_run(db, build_flow(name), Store(store or {}), lease_s=LEASE_S)
+
+
+def drain(ctx: WorkerContext, publish: Publish, first: StepMessage) -> list[str]:
+    outcomes, queue = [], [first]
+    while queue:
+        outcomes.append(execute_step(queue.pop(0).to_dict(), worker_id="h:1", context=ctx))
+        queue.extend(publish.take())
+    return outcomes
+
+
+def test_a_run_drains_to_completion(db: Any, ctx: WorkerContext, publish: Publish) -> None:
+    first = start(db, "exec_three")
+    assert db.get_run(first.run_id)["status"] == "queued"
+    assert drain(ctx, publish, first) == ["committed"] * 3
+    run = db.get_run(first.run_id)
+    assert run["status"] == "completed" and run["total_steps"] == 3
+    assert db.load_checkpoint(first.run_id, 2).as_dict() == {"n": 3}
+    assert [a["outcome"] for a in db.get_attempts(first.run_id)] == ["committed"] * 3
+
+
+def test_the_same_message_twice_commits_once(db: Any, ctx: WorkerContext, publish: Publish) -> None:
+    first = start(db, "exec_three")
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "committed"
+    assert execute_step(first.to_dict(), worker_id="h:2", context=ctx) == "duplicate"
+    assert len(publish.take()) == 1  # one successor
+
+
+def test_racing_deliveries_have_exactly_one_winner(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    first = start(db, "exec_three")
+    barrier = threading.Barrier(4)
+    outcomes: list[str] = []
+
+    def deliver(i: int) -> None:
+        barrier.wait()
+        outcomes.append(execute_step(first.to_dict(), worker_id=f"h:{i}", context=ctx))
+
+    threads = [threading.Thread(target=deliver, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["committed"] + ["duplicate"] * 3
+    assert [c["step"] for c in db.get_checkpoints(first.run_id)] == [0]
+    assert len(publish.take()) == 1
+
+
+def test_an_attempt_that_lost_its_lease_commits_and_enqueues_nothing(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    first = start(db, "exec_grabbed")
+    new_attempts: list[int | None] = []
+    ON_EXEC.append(
+        lambda run_id, step, attempt: new_attempts.append(
+            db.take_over(run_id, step, attempt, LEASE_S, force=True)
+        )
+    )
+    try:
+        assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "lost"
+    finally:
+        ON_EXEC.clear()
+    assert new_attempts == [2]
+    assert db.get_checkpoints(first.run_id) == [] and publish.take() == []
+    assert db.get_step(first.run_id, 1) is None  # no successor row either
+    # The new attempt runs and wins.
+    again = StepMessage(first.run_id, first.flow, 0, first.node_id, 2)
+    assert drain(ctx, publish, again) == ["committed", "committed"]
+
+
+def test_a_stale_attempt_does_nothing(db: Any, ctx: WorkerContext, publish: Publish) -> None:
+    first = start(db, "exec_three")
+    assert db.take_over(first.run_id, 0, 1, LEASE_S, force=True) == 2
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "duplicate"
+    assert db.get_attempts(first.run_id) == []  # the stale delivery never started
+
+
+def test_an_unstorable_value_fails_the_run_naming_the_key(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    first = start(db, "exec_unstorable")
+    assert drain(ctx, publish, first) == ["committed", "failed"]
+    run = db.get_run(first.run_id)
+    assert run["status"] == "failed" and "'sock'" in run["error_msg"]
+    assert [c["step"] for c in db.get_checkpoints(first.run_id)] == [0]
+    assert db.get_step(first.run_id, 1)["status"] == "failed"
+
+
+def test_cancelled_and_finished_runs_stop_at_the_guard(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    first = start(db, "exec_three")
+    assert lifecycle.request_cancel(db, first.run_id)
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "cancelled"
+    assert db.get_step(first.run_id, 0)["status"] == "queued"  # left for a resume
+    assert not lifecycle.request_cancel(db, first.run_id)  # already finished
+    done = start(db, "exec_three")
+    drain(ctx, publish, done)
+    assert execute_step(done.to_dict(), worker_id="h:1", context=ctx) == "stopped"
+
+
+def test_a_pause_parks_the_run_and_resume_sends_the_step_again(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    first = start(db, "exec_three")
+    assert lifecycle.request_pause(db, first.run_id)
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "paused"
+    assert db.get_run(first.run_id)["status"] == "paused"
+    assert lifecycle.resume_paused(db, first.run_id, publish, lease_s=LEASE_S)  # type: ignore[arg-type]
+    (again,) = publish.take()
+    assert (again.step, again.attempt) == (0, 2)  # the parked attempt is fenced out
+    assert drain(ctx, publish, again) == ["committed"] * 3
+
+
+def test_a_pause_withdrawn_before_the_guard_parks_lets_the_step_run(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    first = start(db, "exec_three")
+    lifecycle.request_pause(db, first.run_id)
+    assert not lifecycle.resume_paused(db, first.run_id, publish, lease_s=LEASE_S)  # type: ignore[arg-type]
+    assert publish.take() == []
+    assert drain(ctx, publish, first) == ["committed"] * 3
+
+
+def test_unknown_runs_and_malformed_messages(db: Any, ctx: WorkerContext, publish: Publish) -> None:
+    first = start(db, "exec_three")
+    bad = {**first.to_dict(), "attempt": "one"}
+    assert execute_step(bad, worker_id="h:1", context=ctx) == "malformed"
+    (event,) = [e for e in db.get_events(first.run_id) if e["event"] == "message_malformed"]
+    assert "'attempt'" in event["error_msg"]
+    ghost = StepMessage("no-such-run", "exec_three", 0, "a", 1).to_dict()
+    assert execute_step(ghost, worker_id="h:1", context=ctx) == "unknown_run"
+    assert execute_step({"junk": True}, worker_id="h:1", context=ctx) == "malformed"
+
+
+def test_a_ledger_failure_inside_the_step_is_contained(
+    db: Any, ctx: WorkerContext, publish: Publish, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = start(db, "exec_three")
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("ledger went away")
+
+    monkeypatch.setattr(db, "load_store", broken)
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == executor.CRASHED

@@ -1,0 +1,235 @@
+"""commit_step on every backend: atomic, one winner per (run_id, step), fenced, delta values."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+
+from pocoflow import codec
+from pocoflow.commit import NextStep, StepCommit
+from pocoflow.store import Store
+
+pytestmark = pytest.mark.ledger
+
+
+def make_commit(
+    run_id: str,
+    step: int,
+    previous: dict[str, int],
+    changed: dict[str, Any],
+    **extra: Any,
+) -> StepCommit:
+    """A StepCommit as a tracker builds it: changed keys point at ``step``."""
+    manifest = {**previous, **dict.fromkeys(changed, step)}
+    texts = {key: codec.encode(value, key=key) for key, value in changed.items()}
+    extra.setdefault("node_name", "Node")
+    extra.setdefault("action", "default")
+    extra.setdefault("next_node", "Node")
+    return StepCommit(run_id=run_id, step=step, manifest=manifest, changed=texts, **extra)
+
+
+def start(db, run_id: str = "r1", **data: Any) -> dict[str, int]:
+    db.create_run(run_id, "f", initial_store=data or {"n": 0}, start_node="Node")
+    return dict.fromkeys(data or {"n": 0}, -1)
+
+
+def test_commit_writes_checkpoint_values_events_and_run_in_one_go(db):
+    manifest = start(db, n=0, text="keep")
+    ok = db.commit_step(
+        make_commit(
+            "r1",
+            0,
+            manifest,
+            {"n": 1},
+            events=[
+                {"event": "node_start", "step": 0, "node_name": "Node"},
+                {"event": "node_end", "step": 0, "node_name": "Node", "elapsed_ms": 3.5},
+            ],
+            run_fields={"total_steps": 1, "current_node": "Node"},
+        )
+    )
+    assert ok is True
+    assert db.load_checkpoint("r1", 0).as_dict() == {"n": 1, "text": "keep"}
+    row = db.get_checkpoint("r1", 0)
+    assert (row["node_name"], row["next_node"], row["action"]) == ("Node", "Node", "default")
+    assert row["store_json"] is None
+    assert [e["event"] for e in db.get_events("r1")] == ["node_start", "node_end"]
+    run = db.get_run("r1")
+    assert (run["total_steps"], run["current_node"]) == (1, "Node")
+    assert db.count_committed("r1") == 1
+    assert db.latest_checkpoint("r1")["step"] == 0
+
+
+def test_second_commit_of_a_step_returns_false_and_changes_nothing(db):
+    manifest = start(db)
+    first = make_commit(
+        "r1", 0, manifest, {"n": 1}, events=[{"event": "a"}], run_fields={"total_steps": 1}
+    )
+    assert db.commit_step(first) is True
+    before = (db.get_events("r1"), db.get_run("r1"), db.count_values("r1"))
+    second = make_commit(
+        "r1",
+        0,
+        manifest,
+        {"n": 99, "extra": "x"},
+        node_name="Other",
+        events=[{"event": "b"}],
+        run_fields={"total_steps": 42, "error_msg": "loser"},
+    )
+    assert db.commit_step(second) is False
+    assert (db.get_events("r1"), db.get_run("r1"), db.count_values("r1")) == before
+    assert db.load_checkpoint("r1", 0).as_dict() == {"n": 1}
+    assert db.get_checkpoint("r1", 0)["node_name"] == "Node"
+
+
+def test_a_failing_commit_leaves_no_partial_step(db):
+    manifest = start(db)
+    db.insert_step("r1", 1, "Node")  # the successor's outbox row already exists: a bug
+    commit = make_commit(
+        "r1", 0, manifest, {"n": 1}, events=[{"event": "x"}], next_step=NextStep(1, "Node")
+    )
+    with pytest.raises(IntegrityError):
+        db.commit_step(commit)
+    assert db.latest_checkpoint("r1")["step"] == -1
+    assert db.get_events("r1") == [] and db.count_values("r1") == 1  # the initial n only
+    assert db.commit_step(make_commit("r1", 0, manifest, {"n": 1})) is True
+
+
+def test_commit_for_unknown_run_raises_key_error(db):
+    with pytest.raises(KeyError, match="ghost"):
+        db.commit_step(make_commit("ghost", 0, {}, {"n": 1}))
+
+
+def test_commit_rejects_a_manifest_that_loses_a_changed_value(db):
+    start(db)
+    bad = StepCommit("r1", 0, "Node", None, None, manifest={"n": -1}, changed={"n": "1"})
+    with pytest.raises(ValueError, match="'n'"):
+        db.commit_step(bad)
+    with pytest.raises(ValueError, match="bogus"):
+        db.commit_step(make_commit("r1", 0, {}, {"n": 1}, run_fields={"bogus": 1}))
+    assert db.latest_checkpoint("r1")["step"] == -1
+
+
+@pytest.mark.parametrize("threads", [8])
+def test_racing_commits_of_one_step_have_exactly_one_winner(db, threads):
+    manifest = start(db)
+    barrier = threading.Barrier(threads)
+    results: list[bool] = []
+    errors: list[BaseException] = []
+
+    def commit(i: int) -> None:
+        c = make_commit(
+            "r1", 0, manifest, {"n": i, f"k{i}": i}, node_name=f"W{i}", events=[{"event": f"e{i}"}]
+        )
+        barrier.wait()
+        try:
+            results.append(db.commit_step(c))
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=commit, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    assert errors == []
+    assert sorted(results) == [False] * (threads - 1) + [True]
+    winner = db.get_checkpoint("r1", 0)["node_name"]
+    i = int(winner[1:])
+    assert db.load_checkpoint("r1", 0).as_dict() == {"n": i, f"k{i}": i}
+    assert [e["event"] for e in db.get_events("r1")] == [f"e{i}"]
+    assert db.count_values("r1") == 3  # initial n + the winner's two
+
+
+def test_fencing_a_stale_attempt_commits_nothing(db):
+    manifest = start(db)
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+    assert db.claim_step("r1", 0, 1, "w1", lease_s=10, now=100.0)
+    # w1 stalls past its lease; the sweeper hands the step to attempt 2.
+    assert db.take_over("r1", 0, 1, lease_s=10, now=111.0) == 2
+    stale = make_commit("r1", 0, manifest, {"n": 1}, attempt=1, events=[{"event": "stale"}])
+    assert db.commit_step(stale) is False
+    assert db.latest_checkpoint("r1")["step"] == -1 and db.get_events("r1") == []
+
+    assert db.claim_step("r1", 0, 2, "w2", lease_s=10, now=112.0)
+    fresh = make_commit(
+        "r1", 0, manifest, {"n": 2}, attempt=2, next_step=NextStep(1, "Node", 1, 125.0)
+    )
+    assert db.commit_step(fresh, now=113.0) is True
+    assert db.get_step("r1", 0)["status"] == "committed"
+    successor = db.get_step("r1", 1)
+    assert (successor["status"], successor["attempt"], successor["sent_at"]) == ("queued", 1, None)
+    assert (successor["lease_expires_at"], successor["created_at"]) == (125.0, 113.0)
+    # A duplicate delivery of attempt 2 after the commit: fenced too.
+    again = make_commit("r1", 0, manifest, {"n": 3}, attempt=2)
+    assert db.commit_step(again) is False
+    assert db.load_checkpoint("r1", 0)["n"] == 2
+
+
+def test_unchanged_values_are_written_once_and_every_step_loads_whole(db):
+    big = "x" * 50_000
+    manifest = start(db, blob=big, counter=0)
+    for step in range(6):
+        commit = make_commit("r1", step, manifest, {"counter": step + 1})
+        assert db.commit_step(commit)
+        manifest = commit.manifest
+    assert db.count_values("r1", "blob") == 1
+    assert db.count_values("r1", "counter") == 7
+    for step in range(-1, 6):
+        assert db.load_checkpoint("r1", step).as_dict() == {"blob": big, "counter": step + 1}
+    store, loaded_manifest, texts = db.load_store("r1", 5)
+    assert loaded_manifest == {"blob": -1, "counter": 5}
+    assert texts == {"blob": codec.encode(big, key="blob"), "counter": "6"}
+    assert list(store.keys()) == ["blob", "counter"]
+
+
+def test_deleted_keys_leave_the_store(db):
+    manifest = start(db, a=1, b=2)
+    commit = make_commit("r1", 0, {"a": manifest["a"]}, {"c": 3})
+    assert db.commit_step(commit)
+    assert db.load_checkpoint("r1", 0).as_dict() == {"a": 1, "c": 3}
+    assert db.load_checkpoint("r1", -1).as_dict() == {"a": 1, "b": 2}
+
+
+RICH = {
+    "when": dt.datetime(2026, 11, 24, 8, 30, 1, 123456, tzinfo=dt.UTC),
+    "naive": dt.datetime(2020, 2, 29, 23, 59),
+    "day": dt.date(2026, 1, 2),
+    "price": Decimal("12.340"),
+    "raw": b"\x00\xff\x10bytes",
+    "nested": {"list": [1.5, None, True], "when": dt.date(2020, 1, 1)},
+    "text": "ünïcødé ✓",
+}
+
+
+def test_rich_values_round_trip_losslessly(db):
+    db.create_run("r1", initial_store=dict(RICH))
+    db.save_checkpoint("r1", 0, "A", Store(dict(RICH)))
+    assert db.commit_step(make_commit("r1", 1, {}, dict(RICH)))
+    for step in (-1, 0, 1):
+        restored = db.load_checkpoint("r1", step)
+        for key, value in RICH.items():
+            assert restored[key] == value and type(restored[key]) is type(value), (step, key)
+
+
+def test_value_that_cannot_round_trip_names_the_key_and_writes_nothing(db):
+    db.create_run("r1")
+    with pytest.raises(TypeError, match="handle"):
+        db.save_checkpoint("r1", 0, "A", Store({"ok": 1, "handle": threading.Lock()}))
+    with pytest.raises(TypeError, match="handle"):
+        db.create_run("r2", initial_store={"handle": threading.Lock()})
+    assert db.get_checkpoints("r1") == [] and db.get_run("r2") is None
+
+
+def test_legacy_style_full_checkpoint_seeds_a_delta_commit(db):
+    db.create_run("r1")
+    db.save_checkpoint("r1", 0, "A", Store({"x": 1, "y": [1, 2]}))
+    _store, manifest, texts = db.load_store("r1", 0)
+    assert manifest == {"x": 0, "y": 0} and texts == {"x": "1", "y": "[1,2]"}
+    assert db.commit_step(make_commit("r1", 1, manifest, {"x": 2}))
+    assert db.load_checkpoint("r1", 1).as_dict() == {"x": 2, "y": [1, 2]}

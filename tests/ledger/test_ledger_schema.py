@@ -1,0 +1,271 @@
+"""Schema and engine: migrations (fresh, 0.2.1 in place, concurrent), pragmas, locking."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+import threading
+import time
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from pocoflow.db import WorkflowDB
+from pocoflow.ledger import LedgerLockedError, SchemaVersionError, migrate
+from pocoflow.ledger.tables import metadata
+from tests.ledger.test_ledger_commit import make_commit
+
+pytestmark = pytest.mark.ledger
+
+# pocoflow 0.2.1's DDL, verbatim (pocoflow/db.py of that release).
+V021_DDL = """
+PRAGMA journal_mode=WAL;
+
+CREATE TABLE IF NOT EXISTS pf_runs (
+    run_id       TEXT PRIMARY KEY,
+    flow_name    TEXT NOT NULL DEFAULT '',
+    status       TEXT NOT NULL DEFAULT 'running'
+        CHECK(status IN ('queued','running','paused','completed','failed')),
+    started_at   TEXT NOT NULL,
+    completed_at TEXT,
+    total_steps  INTEGER,
+    current_node TEXT,
+    error_msg    TEXT
+);
+
+CREATE TABLE IF NOT EXISTS pf_checkpoints (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id      TEXT NOT NULL,
+    step        INTEGER NOT NULL,
+    node_name   TEXT NOT NULL,
+    store_json  TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    UNIQUE(run_id, step),
+    FOREIGN KEY (run_id) REFERENCES pf_runs(run_id)
+);
+
+CREATE TABLE IF NOT EXISTS pf_events (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id      TEXT NOT NULL,
+    step        INTEGER,
+    node_name   TEXT,
+    event       TEXT NOT NULL,
+    action      TEXT,
+    elapsed_ms  REAL,
+    error_msg   TEXT,
+    ts          TEXT NOT NULL,
+    FOREIGN KEY (run_id) REFERENCES pf_runs(run_id)
+);
+"""
+
+
+def build_v021_database(path) -> None:
+    """A database as pocoflow 0.2.1 left it: its DDL, rows written the way it wrote them."""
+    conn = sqlite3.connect(path)
+    conn.executescript(V021_DDL)
+    conn.executemany(
+        "INSERT INTO pf_runs (run_id, flow_name, status, started_at, completed_at, "
+        "total_steps, current_node, error_msg) VALUES (?,?,?,?,?,?,?,?)",
+        [
+            ("old-1", "etl", "completed", "2025-01-01T00:00:00+00:00", "2025-01-01T00:01:00+00:00", 2, "B", None),
+            ("old-2", "etl", "failed", "2025-01-02T00:00:00+00:00", None, 1, "A", "boom"),
+            ("old-3", "", "running", "2025-01-03T00:00:00+00:00", None, None, None, None),
+        ],
+    )  # fmt: skip
+    conn.executemany(
+        "INSERT INTO pf_checkpoints (run_id, step, node_name, store_json, created_at) "
+        "VALUES (?,?,?,?,?)",
+        [
+            ("old-1", 0, "A", '{"x": 1, "msg": "hi"}', "2025-01-01T00:00:10+00:00"),
+            ("old-1", 1, "B", '{"x": 2, "msg": "hi", "obj": "<non-serialisable: Lock>"}', "2025-01-01T00:00:20+00:00"),
+            ("old-2", 0, "A", '{"x": 1}', "2025-01-02T00:00:10+00:00"),
+        ],
+    )  # fmt: skip
+    conn.executemany(
+        "INSERT INTO pf_events (run_id, step, node_name, event, action, elapsed_ms, error_msg, ts) "
+        "VALUES (?,?,?,?,?,?,?,?)",
+        [
+            ("old-1", None, "A", "flow_start", None, None, None, "2025-01-01T00:00:00+00:00"),
+            ("old-1", 0, "A", "node_end", "default", 12.5, None, "2025-01-01T00:00:10+00:00"),
+            ("old-2", 0, "A", "node_error", None, None, "boom", "2025-01-02T00:00:10+00:00"),
+            ("gone", None, None, "flow_start", None, None, None, "2025-01-04T00:00:00+00:00"),
+        ],
+    )  # fmt: skip
+    conn.commit()
+    conn.close()
+
+
+def table_rows(path, sql: str) -> list[tuple]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def test_v021_database_is_upgraded_in_place_without_losing_rows(tmp_path):
+    path = tmp_path / "old.db"
+    build_v021_database(path)
+    before = {
+        t: table_rows(path, f"SELECT * FROM {t} ORDER BY rowid")
+        for t in ("pf_runs", "pf_checkpoints", "pf_events")
+    }
+
+    db = WorkflowDB(path)
+
+    assert table_rows(path, "SELECT version_num FROM pf_alembic_version") == [(migrate.HEAD,)]
+    runs_after = table_rows(path, "SELECT run_id, flow_name, status, started_at, completed_at, total_steps, current_node, error_msg FROM pf_runs ORDER BY rowid")  # fmt: skip
+    assert runs_after == before["pf_runs"]
+    ckpt_after = table_rows(path, "SELECT id, run_id, step, node_name, store_json, created_at FROM pf_checkpoints ORDER BY id")  # fmt: skip
+    assert ckpt_after == before["pf_checkpoints"]
+    events_after = table_rows(path, "SELECT id, run_id, step, node_name, event, action, elapsed_ms, error_msg, ts FROM pf_events ORDER BY id")  # fmt: skip
+    assert events_after == before["pf_events"]
+    assert table_rows(path, "PRAGMA integrity_check") == [("ok",)]
+
+    # The 0.2 API reads the old rows...
+    assert [r["run_id"] for r in db.list_runs()] == ["old-3", "old-2", "old-1"]
+    assert [c["step"] for c in db.get_checkpoints("old-1")] == [0, 1]
+    assert db.load_checkpoint("old-1", 1).as_dict() == {
+        "x": 2,
+        "msg": "hi",
+        "obj": "<non-serialisable: Lock>",
+    }
+    assert db.get_events("old-1")[1]["elapsed_ms"] == 12.5
+    _store, manifest, texts = db.load_store("old-1", 1)
+    assert (manifest, texts) == ({}, {})  # nothing in pf_values: the next commit writes all
+    # ...and the new schema accepts what 0.2.1 refused, and new steps on old runs.
+    db.update_run("old-3", status="cancelled")
+    assert db.get_run("old-3")["status"] == "cancelled"
+    commit = make_commit("old-2", 1, {}, {"x": 5})
+    assert db.commit_step(commit) is True
+    assert db.load_checkpoint("old-2", 1).as_dict() == {"x": 5}
+    db.create_run("new-1", "etl", initial_store={"a": 1})
+    assert db.load_checkpoint("new-1", -1)["a"] == 1
+    db.close()
+
+
+def test_fresh_database_goes_to_head_and_reopening_does_not_migrate(ledger_url, monkeypatch):
+    WorkflowDB(ledger_url).close()
+    engine = create_engine(ledger_url)
+    with engine.connect() as conn:
+        assert migrate.schema_version(conn) == (migrate.HEAD, True)
+    engine.dispose()
+
+    def refuse(ledger):  # pragma: no cover - only runs if the check is broken
+        raise AssertionError("an up-to-date database must not load the migration machinery")
+
+    monkeypatch.setattr(migrate, "_migrate", refuse)
+    other = WorkflowDB(ledger_url, busy_timeout=1.25)  # another engine: checks, finds head
+    other.create_run("r1")
+    other.close()
+
+
+def test_head_constant_matches_the_revision_scripts():
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrate.MIGRATIONS_DIR))
+    scripts = ScriptDirectory.from_config(cfg)
+    assert scripts.get_current_head() == migrate.HEAD
+    assert sorted(r.revision for r in scripts.walk_revisions()) == list(migrate.REVISIONS)
+
+
+def test_migrations_build_exactly_the_tables_module(db):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with db._ledger.engine.connect() as conn:
+        context = MigrationContext.configure(
+            conn, opts={"compare_type": True, "version_table": migrate.VERSION_TABLE}
+        )
+        assert compare_metadata(context, metadata) == []
+
+
+def test_newer_schema_is_refused_with_a_clear_error(ledger_url):
+    WorkflowDB(ledger_url).close()
+    engine = create_engine(ledger_url)
+    with engine.begin() as conn:
+        conn.execute(text(f"UPDATE {migrate.VERSION_TABLE} SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(SchemaVersionError, match="9999"):
+        WorkflowDB(ledger_url, busy_timeout=2.5)
+
+
+def _open_and_write(url: str, barrier, index: int) -> None:
+    barrier.wait(30)
+    db = WorkflowDB(url)
+    db.create_run(f"p{index}", initial_store={"i": index})
+    db.close()
+
+
+def test_processes_opening_a_fresh_database_at_once_all_succeed(ledger_url):
+    ctx = multiprocessing.get_context("spawn")
+    count = 3
+    barrier = ctx.Barrier(count)
+    procs = [
+        ctx.Process(target=_open_and_write, args=(ledger_url, barrier, i)) for i in range(count)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * count
+    db = WorkflowDB(ledger_url)
+    assert sorted(r["run_id"] for r in db.list_runs()) == [f"p{i}" for i in range(count)]
+    db.close()
+
+
+# ── SQLite engine settings ───────────────────────────────────────────────────
+
+
+def pragma(db: WorkflowDB, name: str):
+    with db._ledger.engine.connect() as conn:
+        return conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+
+
+def test_sqlite_pragmas(tmp_path, monkeypatch):
+    db = WorkflowDB(tmp_path / "a.db")
+    assert pragma(db, "journal_mode") == "wal"
+    assert pragma(db, "synchronous") == 1  # NORMAL
+    assert pragma(db, "foreign_keys") == 1
+    assert pragma(db, "busy_timeout") == 5000
+    assert pragma(WorkflowDB(tmp_path / "a.db", synchronous="full"), "synchronous") == 2
+    monkeypatch.setenv("POCOFLOW_SQLITE_SYNCHRONOUS", "FULL")
+    assert pragma(WorkflowDB(tmp_path / "b.db"), "synchronous") == 2
+    monkeypatch.setenv("POCOFLOW_SQLITE_SYNCHRONOUS", "OFF")
+    with pytest.raises(ValueError, match="POCOFLOW_SQLITE_SYNCHRONOUS"):
+        WorkflowDB(tmp_path / "c.db")
+
+
+def test_instances_on_one_database_share_an_engine(tmp_path):
+    first, second = WorkflowDB(tmp_path / "a.db"), WorkflowDB(f"sqlite:///{tmp_path}/a.db")
+    assert first._ledger is second._ledger
+    assert WorkflowDB(tmp_path / "a.db", synchronous="FULL")._ledger is not first._ledger
+
+
+def test_locked_sqlite_retries_then_names_the_database_and_run(tmp_path):
+    path = tmp_path / "locked.db"
+    db = WorkflowDB(path, busy_timeout=0.05)
+    db.create_run("r1", initial_store={"n": 0})
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # another process mid-write
+    holder.execute("UPDATE pf_runs SET error_msg = 'holder' WHERE run_id = 'r1'")
+    started = time.monotonic()
+    with pytest.raises(LedgerLockedError) as info:
+        db.commit_step(make_commit("r1", 0, {"n": -1}, {"n": 1}))
+    assert str(path) in str(info.value) and "'r1'" in str(info.value)
+    assert time.monotonic() - started >= 0.25  # it waited and retried before giving up
+    assert db.get_run("r1")["error_msg"] is None  # readers are not blocked (WAL)
+    holder.execute("ROLLBACK")
+
+    # A lock released while retrying: the commit goes through.
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.12, lambda: holder.execute("ROLLBACK"))
+    release.start()
+    assert db.commit_step(make_commit("r1", 0, {"n": -1}, {"n": 1})) is True
+    release.join()
+    holder.close()
+    assert db.load_checkpoint("r1", 0)["n"] == 1
+    assert table_rows(path, "PRAGMA integrity_check") == [("ok",)]
+    db.close()

@@ -1,0 +1,139 @@
+"""The sweeper on both ledgers, with an injected clock: unsent outbox rows are re-sent,
+expired leases taken over under a new attempt, idle runs left alone, and racing sweepers
+have exactly one winner per step (G1, G3)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from pocoflow import Flow, Node, flow
+from pocoflow.distributed import lifecycle
+from pocoflow.distributed.client import record_run
+from pocoflow.distributed.message import StepMessage
+from pocoflow.distributed.sweeper import UNSENT_GRACE_S, sweep
+from pocoflow.registry import build_flow
+from pocoflow.store import Store
+
+pytestmark = pytest.mark.ledger
+
+LEASE_S = 2.0
+
+
+class Noop(Node):
+    pass
+
+
+@flow("sweep_two")
+def two() -> Flow:
+    a = Noop(name="a")
+    a.then("default", Noop(name="b"))
+    return Flow(start=a)
+
+
+class Sent:
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.messages: list[tuple[StepMessage, str | None]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, message: StepMessage, queue: str | None = None, **_: Any) -> bool:
+        with self.lock:
+            self.messages.append((message, queue))
+        self.db.mark_sent(message.run_id, message.step, message.attempt)
+        return True
+
+
+def submitted(db: Any, *, queue: str | None = None) -> tuple[StepMessage, float]:
+    """A run whose step-0 outbox row was written at the returned time and never sent."""
+    now = time.time()
+    return record_run(db, build_flow("sweep_two"), Store({}), queue=queue, lease_s=LEASE_S), now
+
+
+def test_an_unsent_row_is_sent_after_the_grace_period(db: Any) -> None:
+    first, t0 = submitted(db, queue="gpu")
+    sent = Sent(db)
+    assert not sweep(db, sent, lease_s=LEASE_S, now=t0 + UNSENT_GRACE_S / 2)
+    report = sweep(db, sent, lease_s=LEASE_S, now=t0 + UNSENT_GRACE_S + 0.1)
+    assert report.resent == [(first.run_id, 0)]
+    assert sent.messages == [(first, "gpu")]  # same attempt, the run's queue
+    assert not sweep(db, sent, lease_s=LEASE_S, now=t0 + UNSENT_GRACE_S + 0.2)  # marked sent
+
+
+def test_an_expired_lease_is_taken_over_under_a_new_attempt(db: Any) -> None:
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    assert db.claim_step(first.run_id, 0, 1, "dead:1", LEASE_S, now=t0)
+    sent = Sent(db)
+    assert not sweep(db, sent, lease_s=LEASE_S, now=t0 + LEASE_S - 0.1)  # still leased
+    report = sweep(db, sent, lease_s=LEASE_S, now=t0 + LEASE_S + 0.1)
+    assert report.taken_over == [(first.run_id, 0, 2)]
+    ((message, _),) = sent.messages
+    assert (message.step, message.attempt, message.node_id) == (0, 2, "a")
+    (old,) = db.get_attempts(first.run_id)
+    assert old["outcome"] == "lost"
+    # The dead holder's commit would now be refused; the new attempt can claim.
+    assert not db.claim_step(first.run_id, 0, 1, "dead:1", LEASE_S, now=t0 + 3)
+    assert db.claim_step(first.run_id, 0, 2, "live:2", LEASE_S, now=t0 + 3)
+
+
+def test_a_lost_message_of_a_queued_step_is_found_too(db: Any) -> None:
+    """Leased from the moment it is enqueued: a message lost before any worker claimed it
+    (a dead worker's prefetch buffer, a Redis restart) shows up as an expired lease."""
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    report = sweep(db, Sent(db), lease_s=LEASE_S, now=t0 + LEASE_S + 0.1)
+    assert report.taken_over == [(first.run_id, 0, 2)]
+
+
+def test_try_number_continues_after_recorded_retries(db: Any) -> None:
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    db.claim_step(first.run_id, 0, 1, "w:1", LEASE_S, now=t0)
+    db.end_attempt(first.run_id, 0, 1, "w:1", "retry", now=t0)
+    assert db.take_over(first.run_id, 0, 1, LEASE_S, now=t0, force=True) == 2
+    db.mark_sent(first.run_id, 0, 2, now=t0)  # the retry message, then lost
+    sent = Sent(db)
+    sweep(db, sent, lease_s=LEASE_S, now=t0 + LEASE_S + 0.1)
+    ((message, _),) = sent.messages
+    assert (message.attempt, message.try_number) == (3, 2)
+
+
+@pytest.mark.parametrize("idle", ["paused", "cancelled", "failed", "completed"])
+def test_idle_runs_are_left_alone(db: Any, idle: str) -> None:
+    first, t0 = submitted(db)
+    db.update_run(first.run_id, status=idle)
+    later = t0 + LEASE_S + UNSENT_GRACE_S + 1
+    assert not sweep(db, Sent(db), lease_s=LEASE_S, now=later)
+
+
+def test_a_pause_request_not_yet_met_is_still_swept(db: Any) -> None:
+    """The guard of the re-sent message is what parks the run."""
+    first, t0 = submitted(db)
+    db.update_run(first.run_id, status="running")
+    lifecycle.request_pause(db, first.run_id)
+    assert sweep(db, Sent(db), lease_s=LEASE_S, now=t0 + UNSENT_GRACE_S + 0.1).resent
+
+
+def test_racing_sweepers_take_over_once(db: Any) -> None:
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    sent = Sent(db)
+    barrier = threading.Barrier(4)
+    reports: list[Any] = []
+
+    def sweeper() -> None:
+        barrier.wait()
+        reports.append(sweep(db, sent, lease_s=LEASE_S, now=t0 + LEASE_S + 0.1))
+
+    threads = [threading.Thread(target=sweeper) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(len(r.taken_over) for r in reports) == 1
+    assert [m.attempt for m, _ in sent.messages] == [2]
+    assert db.get_step(first.run_id, 0)["attempt"] == 2

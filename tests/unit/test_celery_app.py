@@ -1,0 +1,88 @@
+"""The Celery app's settings (JSON only, prefetch 1, no results, queues) and the
+publisher's behaviour when the broker is down (the sweeper's job, never an exception)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pocoflow.distributed.celery_app import (
+    DEFAULT_ACKS_LATE,
+    DEFAULT_QUEUE,
+    TASK_NAME,
+    acks_late_from_env,
+    create_app,
+)
+from pocoflow.distributed.message import StepMessage
+from pocoflow.distributed.publish import Publisher
+from pocoflow.settings import Settings
+
+pytestmark = pytest.mark.unit
+
+SETTINGS = Settings(broker_url="redis://:secret@127.0.0.1:1/0", db_url="sqlite:///x.db")
+
+
+def test_json_only_and_no_result_backend() -> None:
+    conf = create_app(SETTINGS).conf
+    assert conf.accept_content == ["json"]
+    assert conf.task_serializer == conf.result_serializer == "json"
+    assert conf.task_ignore_result and not conf.result_backend
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.worker_hijack_root_logger is False
+    assert conf.broker_connection_retry_on_startup is True
+    assert conf.broker_transport_options["visibility_timeout"] >= 3600
+    assert conf.task_default_queue == DEFAULT_QUEUE
+    assert conf.task_routes[TASK_NAME] == {"queue": DEFAULT_QUEUE}
+    assert conf.task_acks_late is DEFAULT_ACKS_LATE
+
+
+def test_acks_late_is_a_setting() -> None:
+    assert acks_late_from_env({}) is DEFAULT_ACKS_LATE
+    assert acks_late_from_env({"POCOFLOW_ACKS_LATE": "1"}) is True
+    assert acks_late_from_env({"POCOFLOW_ACKS_LATE": "off"}) is False
+    with pytest.raises(ValueError, match="POCOFLOW_ACKS_LATE"):
+        acks_late_from_env({"POCOFLOW_ACKS_LATE": "sometimes"})
+    assert create_app(SETTINGS, acks_late=True).conf.task_acks_late is True
+
+
+class DownBroker:
+    def send_task(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConnectionRefusedError("broker down")
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.marked: list[tuple[Any, ...]] = []
+
+    def mark_sent(self, *args: Any, **kwargs: Any) -> bool:
+        self.marked.append(args)
+        return True
+
+
+class Broker:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def send_task(self, name: str, **kwargs: Any) -> Any:
+        self.calls.append({"name": name, **kwargs})
+        return type("Result", (), {"id": "task-1"})()
+
+
+def test_a_failed_publish_is_reported_not_raised_and_not_marked_sent() -> None:
+    ledger = Ledger()
+    publisher = Publisher(DownBroker(), ledger)  # type: ignore[arg-type]
+    assert publisher.send(StepMessage("r", "f", 0, "a", 1)) is False
+    assert ledger.marked == []
+
+
+def test_a_publish_marks_the_row_sent_under_its_attempt() -> None:
+    ledger, broker = Ledger(), Broker()
+    publisher = Publisher(broker, ledger)  # type: ignore[arg-type]
+    assert publisher.send(
+        StepMessage("r", "f", 4, "a", 2, try_number=2), queue="gpu", countdown=1.5
+    )
+    (call,) = broker.calls
+    assert call["name"] == TASK_NAME and call["queue"] == "gpu" and call["countdown"] == 1.5
+    assert call["args"] == [StepMessage("r", "f", 4, "a", 2, try_number=2).to_dict()]
+    assert ledger.marked == [("r", 4, 2)]
