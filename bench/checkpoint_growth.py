@@ -6,6 +6,7 @@ Target (issue 2): the SQLite ledger grows by under 2 MB in all and each step tak
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 import tempfile
@@ -50,7 +51,7 @@ def measure_pocoflow(path: Path) -> tuple[int, float]:
     flow.on("node_start", lambda name, store: starts.append(time.perf_counter()))
     flow.run(Store({"blob": BLOB, "counter": 0}))
     starts.append(time.perf_counter())
-    step_times = [b - a for a, b in zip(starts, starts[1:])]
+    step_times = [b - a for a, b in itertools.pairwise(starts)]
     step_times.sort()
     return db_bytes(path) - before, step_times[len(step_times) // 2]
 

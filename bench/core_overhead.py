@@ -5,6 +5,7 @@ Target (issue 2): at most 1.5x PocketFlow's per-node time.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pocketflow
@@ -41,14 +42,14 @@ class PocketStep(pocketflow.Node):
 
 def poco_chain(db_path=None) -> Flow:
     nodes = [PocoStep() for _ in range(CHAIN)]
-    for a, b in zip(nodes, nodes[1:]):
+    for a, b in itertools.pairwise(nodes):
         a.then("default", b)
     return Flow(start=nodes[0], max_steps=CHAIN + 1, db_path=db_path)
 
 
 def pocket_chain() -> pocketflow.Flow:
     nodes = [PocketStep() for _ in range(CHAIN)]
-    for a, b in zip(nodes, nodes[1:]):
+    for a, b in itertools.pairwise(nodes):
         a >> b
     return pocketflow.Flow(start=nodes[0])
 

@@ -73,9 +73,7 @@ def raw_postgres_us(url: str, steps: int = 500) -> float:
         for step in range(steps):
             with conn.transaction():
                 conn.execute("INSERT INTO bench_v VALUES ('r', %s, 'n', %s)", (step, str(step)))
-                conn.execute(
-                    "INSERT INTO bench_c VALUES ('r', %s, 'Step', '{}', 'ts')", (step,)
-                )
+                conn.execute("INSERT INTO bench_c VALUES ('r', %s, 'Step', '{}', 'ts')", (step,))
                 with conn.cursor() as cur:
                     cur.executemany(
                         "INSERT INTO bench_e(run, step, event, ts) VALUES ('r', %s, %s, 'ts')",

@@ -1,6 +1,6 @@
 """Hello, PocoFlow: two nodes, one Store, a hook and a ledger.
 
-    python examples/hello.py            # prints the greeting and the recorded run
+python examples/hello.py            # prints the greeting and the recorded run
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def flows_option(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.group(
-    epilog="Examples:\n\n  pocoflow run examples.hello:build_flow --store '{\"name\": \"Ada\"}'"
+    epilog='Examples:\n\n  pocoflow run examples.hello:build_flow --store \'{"name": "Ada"}\''
     "\n\n  pocoflow runs\n\n  pocoflow show hello-1a2b3c4d"
 )
 @click.version_option(package_name="pocoflow")
@@ -149,7 +149,9 @@ def live_lines(flow: Any) -> None:
     """One line per node as it ends: the progress of an in-process run."""
 
     def node_end(name: str, action: str | None, elapsed: float, store: Any) -> None:
-        click.echo(f"  {click.style('ok', fg='green')} {name} -> {action}  ({elapsed * 1000:.1f} ms)")
+        click.echo(
+            f"  {click.style('ok', fg='green')} {name} -> {action}  ({elapsed * 1000:.1f} ms)"
+        )
 
     def node_error(name: str, exc: BaseException, store: Any) -> None:
         click.echo(f"  {click.style('!!', fg='red')} {name}: {type(exc).__name__}: {exc}")
@@ -185,7 +187,7 @@ def finish_local(flow: Any, runner: Callable[[], Any]) -> None:
 # ── commands ─────────────────────────────────────────────────────────────────
 
 
-@main.command(epilog="Example: pocoflow run examples.hello:build_flow --store '{\"name\": \"Ada\"}'")
+@main.command(epilog='Example: pocoflow run examples.hello:build_flow --store \'{"name": "Ada"}\'')
 @click.argument("target")
 @click.option("--store", "store_text", help="Initial Store as JSON, or @file.json.")
 @db_option
@@ -230,8 +232,16 @@ def show(run_id: str, db_url: str) -> None:
     db = open_db(db_url)
     run = get_run_or_fail(db, run_id)
     console = Console()
-    for key in ("run_id", "flow_name", "status", "started_at", "completed_at", "total_steps",
-                "current_node", "error_msg"):
+    for key in (
+        "run_id",
+        "flow_name",
+        "status",
+        "started_at",
+        "completed_at",
+        "total_steps",
+        "current_node",
+        "error_msg",
+    ):
         console.print(f"[bold]{key}[/bold]: {run.get(key)}")
     table = Table("step", "event", "node", "action", "ms", "error")
     for event in db.get_events(run_id):
@@ -263,7 +273,9 @@ def resume(run_id: str, target: str | None, flows: str, db_url: str) -> None:
     finish_local(flow, lambda: flow.resume(run_id))
 
 
-@main.command(epilog="Example: pocoflow fork article-1a2b3c4d --from-step 2 --flows examples.article")
+@main.command(
+    epilog="Example: pocoflow fork article-1a2b3c4d --from-step 2 --flows examples.article"
+)
 @click.argument("run_id")
 @click.option("--from-step", "from_step", required=True, type=int, help="Checkpoint to fork from.")
 @click.option("--flow", "target", help="MODULE:BUILDER that builds the run's graph.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
@@ -133,7 +134,9 @@ class Flow(Node):
         plan = _ResumePlan.load(db, run_id, self)
         control = RunControl()
         if background:
-            return self._in_thread(run_id, control, plan.store, lambda: self._continue(plan, control))
+            return self._in_thread(
+                run_id, control, plan.store, lambda: self._continue(plan, control)
+            )
         return self._continue(plan, control)
 
     def fork(self, run_id: str, from_step: int, *, new_run_id: str | None = None) -> Store:
@@ -163,7 +166,8 @@ class Flow(Node):
             flow_name=self.flow_name,
             fingerprint=graph.fingerprint,
             max_steps=self.max_steps,
-            start_node=next_id,
+            start_id=next_id,
+            start_name=graph.node(next_id).name,
             initial_step=from_step,
             parent_run_id=run_id,
             forked_from_step=from_step,
@@ -187,9 +191,7 @@ class Flow(Node):
     def _require_ledger(self, what: str) -> WorkflowDB:
         db = self._ledger()
         if db is None:
-            raise RunSetupError(
-                f"Flow {self.flow_name!r}: {what}() needs a ledger (db_path=...)"
-            )
+            raise RunSetupError(f"Flow {self.flow_name!r}: {what}() needs a ledger (db_path=...)")
         return db
 
     def _in_thread(
@@ -230,7 +232,8 @@ class Flow(Node):
                 flow_name=self.flow_name,
                 fingerprint=graph.fingerprint,
                 max_steps=self.max_steps,
-                start_node=current.name,
+                start_id=graph.id_of(current),
+                start_name=current.name,
             )
         return self._loop(graph, current, store, 0, recorder, control)
 
@@ -349,11 +352,18 @@ class Flow(Node):
         return exec_result
 
 
+@dataclass
 class _ResumePlan:
     """Where a recorded run stands: its Store, the next step and the node to run."""
 
-    def __init__(self, **fields: Any) -> None:
-        self.__dict__.update(fields)
+    db: WorkflowDB
+    run_id: str
+    graph: Graph
+    store: Store
+    manifest: dict[str, int]
+    texts: dict[str, str]
+    step: int
+    node: Node | None
 
     @classmethod
     def load(cls, db: WorkflowDB, run_id: str, flow: Flow) -> _ResumePlan:
@@ -371,6 +381,7 @@ class _ResumePlan:
                 "flow code it started with, or fork it"
             )
         latest = db.latest_checkpoint(run_id)
+        next_id: str | None
         if latest is None:
             step, next_id = -1, graph.start_id
         else:

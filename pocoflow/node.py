@@ -71,7 +71,9 @@ class Node:
     def then(self, action: str, node: Node) -> Node:
         """Wire ``node`` as the successor for ``action`` (``"*"`` matches any). Returns self."""
         if not isinstance(action, str):
-            raise TypeError(f"Node {self.name!r}: action must be a str, got {type(action).__name__}")
+            raise TypeError(
+                f"Node {self.name!r}: action must be a str, got {type(action).__name__}"
+            )
         if not isinstance(node, Node):
             raise TypeError(
                 f"Node {self.name!r}: successor for {action!r} must be a Node, "

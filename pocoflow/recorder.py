@@ -56,7 +56,8 @@ class RunRecorder:
         flow_name: str,
         fingerprint: str,
         max_steps: int,
-        start_node: str,
+        start_id: str,
+        start_name: str,
         initial_step: int = -1,
         parent_run_id: str | None = None,
         forked_from_step: int | None = None,
@@ -71,11 +72,12 @@ class RunRecorder:
             max_steps=max_steps,
             initial_store=store,
             initial_step=initial_step,
+            start_node=start_id,
             parent_run_id=parent_run_id,
             forked_from_step=forked_from_step,
         )
         self.tracker.diff(store.as_dict(), initial_step)
-        self.db.save_event(self.run_id, FLOW_START, node_name=start_node, ts=utc_now())
+        self.db.save_event(self.run_id, FLOW_START, node_name=start_name, ts=utc_now())
 
     def resume_from(self, store: Store, manifest: dict[str, int], texts: dict[str, str]) -> None:
         self.tracker.seed(manifest, texts, store.as_dict())

@@ -141,7 +141,11 @@ class RunHandle:
                 raise TimeoutError(f"Run {self.run_id!r} did not finish within {timeout}s")
             # Short polls at first so wait() returns within ~50 ms of the end; then back
             # off a little so a long wait does not hammer the ledger.
-            time.sleep(interval if deadline is None else min(interval, max(0.0, deadline - time.monotonic())))
+            time.sleep(
+                interval
+                if deadline is None
+                else min(interval, max(0.0, deadline - time.monotonic()))
+            )
             interval = min(interval * 1.5, 0.04)
 
     # ── control ───────────────────────────────────────────────────────────────

@@ -34,7 +34,9 @@ class RetryLater(Exception):
     """``exec`` failed with tries left: the executor schedules try ``next_try`` after
     ``delay`` seconds instead of sleeping (the distributed path)."""
 
-    def __init__(self, node_name: str, step: int, cause: BaseException, next_try: int, delay: float):
+    def __init__(
+        self, node_name: str, step: int, cause: BaseException, next_try: int, delay: float
+    ):
         super().__init__(f"node {node_name!r} (step {step}) try {next_try - 1} failed: {cause}")
         self.cause = cause
         self.next_try = next_try

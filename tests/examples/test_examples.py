@@ -53,29 +53,48 @@ def test_cli_run_show_and_bad_input(tmp_path):
     cli = [sys.executable, "-m", "pocoflow.cli"]
     ok = subprocess.run(
         [*cli, "run", "examples.hello:build_flow", "--store", '{"name": "Ada"}', "--db", db],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert ok.returncode == 0, ok.stderr
     assert "Greet -> shout" in ok.stdout and "HELLO, ADA!" in ok.stdout
     run_id = re.search(r"run (hello-[0-9a-f]{8}): completed", ok.stdout).group(1)
 
-    shown = subprocess.run([*cli, "show", run_id, "--db", db], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    shown = subprocess.run(
+        [*cli, "show", run_id, "--db", db], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert shown.returncode == 0 and "node_end" in shown.stdout and "HELLO, ADA!" in shown.stdout
 
-    listed = subprocess.run([*cli, "runs", "--db", db], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    listed = subprocess.run(
+        [*cli, "runs", "--db", db], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert run_id in listed.stdout
 
-    unknown = subprocess.run([*cli, "show", "hello-nope", "--db", db], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    unknown = subprocess.run(
+        [*cli, "show", "hello-nope", "--db", db],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert unknown.returncode == 2 and "unknown run id 'hello-nope'" in unknown.stderr
 
     bad_json = subprocess.run(
         [*cli, "run", "examples.hello:build_flow", "--store", "{name:", "--db", db],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert bad_json.returncode == 2 and "not valid JSON" in bad_json.stderr
 
     failing = subprocess.run(
         [*cli, "run", "examples.hello:build_flow", "--store", "{}", "--db", db],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert failing.returncode == 1 and "KeyError" in failing.stderr

@@ -72,6 +72,16 @@ def test_failed_run_resumes_from_last_checkpoint(ledger_url):
     assert [c["step"] for c in db.get_checkpoints(run_id)] == [0, 1, 2, 3, 4]
 
 
+def test_run_that_failed_at_its_first_node_resumes_from_the_initial_store(ledger_url):
+    Count.fail_at = 0
+    flow = counter_flow(ledger_url)
+    with pytest.raises(RuntimeError, match="boom at 0"):
+        flow.run({"n": 0, "until": 2})
+    store = counter_flow(ledger_url).resume(flow.last_run_id)
+    assert store["trail"] == [1, 2]
+    assert [c["step"] for c in WorkflowDB(ledger_url).get_checkpoints(flow.last_run_id)] == [0, 1]
+
+
 def test_resume_refuses_completed_unknown_and_changed_graph(ledger_url):
     flow = counter_flow(ledger_url)
     flow.run({"n": 0, "until": 1})
