@@ -22,7 +22,7 @@ def postgres_url():
     sys.path.insert(0, ".")
     from tests.servers import start_postgres
 
-    with start_postgres() as server:
+    with start_postgres(durable=True) as server:
         yield server.url
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,35 @@ def flows_option(func: Callable[..., Any]) -> Callable[..., Any]:
         default="",
         help="Comma-separated modules that register flows with @flow (env POCOFLOW_FLOWS).",
     )(func)
+
+
+def broker_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--broker",
+        "broker_url",
+        envvar="POCOFLOW_BROKER_URL",
+        default=None,
+        help="Celery broker URL (env POCOFLOW_BROKER_URL, default redis://localhost:6379/0).",
+    )(func)
+
+
+def cli_settings(db_url: str, broker_url: str | None = None, flows: str | None = None) -> Any:
+    from pocoflow.settings import Settings
+
+    try:
+        return Settings.from_env(db_url=db_url, broker_url=broker_url, flows=flows or None)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+
+
+class _cwd_on_path:
+    """Flow modules usually live in the directory the command runs in."""
+
+    def __enter__(self) -> None:
+        sys.path.insert(0, ".")
+
+    def __exit__(self, *exc: object) -> None:
+        sys.path.remove(".")
 
 
 @click.group(
@@ -260,14 +290,49 @@ def show(run_id: str, db_url: str) -> None:
     click.echo(store_json(store))
 
 
-@main.command(epilog="Example: pocoflow resume article-1a2b3c4d --flows examples.article")
+@main.command(
+    epilog="Examples:\n\n  pocoflow resume article-1a2b3c4d --flows examples.article"
+    "\n\n  pocoflow resume article-1a2b3c4d --force   # accept a changed graph"
+)
 @click.argument("run_id")
-@click.option("--flow", "target", help="MODULE:BUILDER that builds the run's graph.")
+@click.option("--flow", "target", help="MODULE:BUILDER that builds the run's graph (local runs).")
+@click.option("--force", is_flag=True, help="Distributed run: accept the flow's current graph.")
+@click.option("--wait/--no-wait", default=True, help="Distributed run: wait for the end.")
 @flows_option
+@broker_option
 @db_option
-def resume(run_id: str, target: str | None, flows: str, db_url: str) -> None:
-    """Continue a failed, cancelled or interrupted run from its last checkpoint."""
+def resume(
+    run_id: str,
+    target: str | None,
+    force: bool,
+    wait: bool,
+    flows: str,
+    broker_url: str | None,
+    db_url: str,
+) -> None:
+    """Continue a failed, cancelled, paused or interrupted run from its last checkpoint.
+
+    A run submitted to workers is sent back to them; a run that ran in a process is
+    continued in this one.
+    """
     db = open_db(db_url)
+    run = get_run_or_fail(db, run_id)
+    if run.get("queue"):
+        from pocoflow.distributed.client import resume_run
+        from pocoflow.registry import import_flow_modules
+
+        settings = cli_settings(db_url, broker_url, flows)
+        if force:
+            with _cwd_on_path():
+                import_flow_modules(settings.flows)
+        try:
+            handle = resume_run(run_id, force=force, settings=settings)
+        except (KeyError, ValueError, LookupError) as exc:
+            raise BadInput(str(exc.args[0] if exc.args else exc)) from None
+        click.echo(f"run {run_id}: resumed on the workers")
+        if wait:
+            wait_for(handle)
+        return
     flow = flow_for_run(db, run_id, target, flows)
     flow.db_path = db_url
     finish_local(flow, lambda: flow.resume(run_id))
@@ -287,6 +352,151 @@ def fork(run_id: str, from_step: int, target: str | None, flows: str, db_url: st
     flow = flow_for_run(db, run_id, target, flows)
     flow.db_path = db_url
     finish_local(flow, lambda: flow.fork(run_id, from_step))
+
+
+# ── distributed runs ─────────────────────────────────────────────────────────
+
+
+def wait_for(handle: Any) -> None:
+    """Follow a distributed run with a progress line; exit 1 if it fails."""
+    from rich.console import Console
+
+    from pocoflow.runner import FINISHED_STATUSES
+
+    console = Console(stderr=True)
+    with console.status(f"run {handle.run_id}: waiting for the workers") as status:
+        while True:
+            run = handle._db.get_run(handle.run_id)
+            status.update(
+                f"run {handle.run_id}: {run['status']}, {run['total_steps'] or 0} steps, "
+                f"at {run['current_node'] or '-'}"
+            )
+            if run["status"] in FINISHED_STATUSES:
+                break
+            time.sleep(0.1)
+    click.echo(f"run {handle.run_id}: {run['status']}")
+    if run["status"] == "failed":
+        click.echo(f"error: {run['error_msg']}", err=True)
+        sys.exit(EXIT_RUN_FAILED)
+    if run["status"] == "completed":
+        click.echo(store_json(handle.store()))
+
+
+@main.command(
+    epilog='Example: pocoflow submit article --store \'{"topic": "tides"}\' --flows examples.article'
+)
+@click.argument("flow_name")
+@click.option("--store", "store_text", help="Initial Store as JSON, or @file.json.")
+@click.option("--run-id", default=None, help="Run id to use (default <flow>-<8 hex>).")
+@click.option("--queue", default=None, help="Broker queue for the run's steps.")
+@click.option("--wait/--no-wait", default=False, help="Follow the run until it ends.")
+@flows_option
+@broker_option
+@db_option
+def submit(
+    flow_name: str,
+    store_text: str | None,
+    run_id: str | None,
+    queue: str | None,
+    wait: bool,
+    flows: str,
+    broker_url: str | None,
+    db_url: str,
+) -> None:
+    """Start registered flow FLOW_NAME on the workers; prints the run id at once."""
+    from pocoflow.distributed.client import submit as submit_run
+    from pocoflow.registry import UnknownFlowError, build_flow, import_flow_modules
+
+    data = parse_store(store_text)
+    settings = cli_settings(db_url, broker_url, flows)
+    try:
+        with _cwd_on_path():
+            import_flow_modules(settings.flows)
+        flow = build_flow(flow_name)
+    except (ImportError, UnknownFlowError) as exc:
+        raise BadInput(str(exc)) from None
+    try:
+        handle = submit_run(flow, data, run_id=run_id, queue=queue, settings=settings)
+    except (TypeError, ValueError) as exc:
+        raise BadInput(str(exc)) from None
+    click.echo(handle.run_id)
+    if wait:
+        wait_for(handle)
+
+
+def _control(verb: str) -> Callable[..., None]:
+    def command(run_id: str, db_url: str, broker_url: str | None, **options: Any) -> None:
+        from pocoflow.distributed.client import attach
+
+        settings = cli_settings(db_url, broker_url)
+        try:
+            handle = attach(run_id, settings=settings)
+        except KeyError as exc:
+            raise BadInput(str(exc.args[0])) from None
+        getattr(handle, verb)(**options)
+        click.echo(f"run {run_id}: {verb} requested")
+
+    return command
+
+
+@main.command(epilog="Example: pocoflow cancel article-1a2b3c4d --terminate")
+@click.argument("run_id")
+@click.option("--terminate", is_flag=True, help="Also stop the step running now.")
+@broker_option
+@db_option
+def cancel(run_id: str, terminate: bool, broker_url: str | None, db_url: str) -> None:
+    """Cancel RUN before its next node starts."""
+    _control("cancel")(run_id, db_url, broker_url, terminate=terminate)
+
+
+@main.command(epilog="Example: pocoflow pause article-1a2b3c4d")
+@click.argument("run_id")
+@broker_option
+@db_option
+def pause(run_id: str, broker_url: str | None, db_url: str) -> None:
+    """Hold RUN before its next node; `pocoflow resume RUN` lets it go on."""
+    _control("pause")(run_id, db_url, broker_url)
+
+
+@main.command(epilog="Example: pocoflow worker --flows examples.article --concurrency 4")
+@flows_option
+@click.option("--concurrency", type=click.IntRange(1, 512), default=None, help="Pool size.")
+@click.option("--queues", default=None, help="Comma-separated queues (default pocoflow).")
+@click.option("--loglevel", default="info", show_default=True)
+def worker(flows: str, concurrency: int | None, queues: str | None, loglevel: str) -> None:
+    """Run a Celery worker for PocoFlow steps (celery -A workers.app worker)."""
+    from pocoflow.cli_worker import run_worker
+
+    run_worker(flows or None, concurrency, queues, loglevel)
+
+
+@main.command(epilog="Example: pocoflow flower --port 5555")
+@click.option("--port", default=5555, show_default=True, type=int)
+@broker_option
+def flower(port: int, broker_url: str | None) -> None:
+    """Watch the workers in Flower (celery -A workers.app flower)."""
+    import os
+
+    if broker_url:
+        os.environ["POCOFLOW_BROKER_URL"] = broker_url
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "flower", f"--port={port}"]
+    os.execv(sys.executable, argv)
+
+
+@main.command(epilog="Example: pocoflow demo --workers 2")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 8))
+@click.option("--topic", default="durable workflows", show_default=True)
+def demo(workers: int, topic: str) -> None:
+    """Run the article pipeline on a private Redis and worker processes started here."""
+    from pocoflow.demo import run_demo
+
+    try:
+        run_demo(workers=workers, topic=topic, echo=click.echo)
+    except FileNotFoundError as exc:
+        raise BadInput(str(exc)) from None
+    except Exception as exc:
+        click.echo(f"demo failed: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(EXIT_RUN_FAILED)
 
 
 if __name__ == "__main__":  # pragma: no cover

