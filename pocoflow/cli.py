@@ -164,8 +164,10 @@ def open_db(db_url: str) -> Any:
 
     try:
         return WorkflowDB(db_url)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise BadInput(str(exc)) from None
+    except Exception as exc:  # the driver could not reach the database
+        raise BadInput(f"cannot open ledger {mask_url(db_url)}: {type(exc).__name__}") from None
 
 
 def get_run_or_fail(db: Any, run_id: str) -> dict[str, Any]:
@@ -227,6 +229,7 @@ def run(target: str, store_text: str | None, db_url: str) -> None:
     flow = build(target)
     if flow.db_path is None:
         flow.db_path = db_url
+    open_db(str(flow.db_path))  # a bad ledger is bad input (2), found before any node runs
     finish_local(flow, lambda: flow.run(data))
 
 
@@ -253,9 +256,17 @@ def runs(limit: int, db_url: str) -> None:
 
 @main.command(epilog="Example: pocoflow show hello-1a2b3c4d")
 @click.argument("run_id")
+@flows_option
 @db_option
-def show(run_id: str, db_url: str) -> None:
-    """Show one run: its row, its events with timings and its latest Store."""
+def show(run_id: str, flows: str, db_url: str) -> None:
+    """Show one run: its row, its events with timings and its latest Store.
+
+    --flows imports the modules that register the Store's own classes, if any.
+    """
+    from pocoflow.registry import import_flow_modules
+
+    with _cwd_on_path():
+        import_flow_modules(flows)
     from rich.console import Console
     from rich.table import Table
 
@@ -286,8 +297,11 @@ def show(run_id: str, db_url: str) -> None:
         )
     console.print(table)
     latest = db.latest_checkpoint(run_id)
-    store = db.load_checkpoint(run_id, latest["step"] if latest else -1)
-    click.echo(store_json(store))
+    step = latest["step"] if latest else -1
+    try:
+        click.echo(store_json(db.load_checkpoint(run_id, step)))
+    except TypeError as exc:  # a class this process has not registered
+        click.echo(f"store of step {step} not shown: {exc}", err=True)
 
 
 @main.command(

@@ -62,8 +62,8 @@ def run_demo(
     echo(f"sections: {', '.join(store['sections'])}; review rounds: {store['reviews']}")
     echo("")
     echo("look further:")
-    echo(f"  pocoflow show {handle.run_id} --db {db_url}")
-    echo(f"  pocoflow runs --db {db_url}")
+    echo(f"  pocoflow show {handle.run_id} --db {mask_url(db_url)}")
+    echo(f"  pocoflow runs --db {mask_url(db_url)}")
     echo("  monitor workers: pocoflow flower (with POCOFLOW_BROKER_URL set to your Redis)")
     return handle.run_id
 

@@ -14,30 +14,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
+from pocoflow.errors import RunSetupError, StepConflict, UnknownRunError
 from pocoflow.graph import Graph
 from pocoflow.hooks import RUN_CANCELLED, RUN_PAUSED, RUN_RESUMED, Hooks
 from pocoflow.logging import get_logger
 from pocoflow.node import Node
 from pocoflow.recorder import RunRecorder, open_ledger
 from pocoflow.runner import RunControl, RunHandle
-from pocoflow.step import StepError, run_step
+from pocoflow.step import RunCancelled, StepError, run_step
 from pocoflow.store import Store
 
 if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
 
 _log = get_logger("flow")
-
-
-class RunSetupError(ValueError):
-    """A run could not start (unknown run, nothing to resume, another graph); no node ran."""
-
-
-class UnknownRunError(RunSetupError, KeyError):
-    """No run with this id in the ledger."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "unknown run"
 
 
 def make_run_id(flow_name: str) -> str:
@@ -127,11 +117,14 @@ class Flow(Node):
             run_id, control, store, lambda: self._run_new(store, resume_from, run_id, control)
         )
 
-    def resume(self, run_id: str, *, background: bool = False) -> Store | RunHandle:
+    def resume(
+        self, run_id: str, *, schema: dict[str, Any] | None = None, background: bool = False
+    ) -> Store | RunHandle:
         """Continue a recorded run (failed, cancelled, paused, interrupted) from its last
-        checkpoint, with the node that checkpoint says runs next."""
+        checkpoint, with the node that checkpoint says runs next. ``schema`` re-applies the
+        Store's schema (schemas are code, not data, so the ledger does not keep them)."""
         db = self._require_ledger("resume")
-        plan = _ResumePlan.load(db, run_id, self)
+        plan = _ResumePlan.load(db, run_id, self, schema)
         control = RunControl()
         if background:
             return self._in_thread(
@@ -139,7 +132,14 @@ class Flow(Node):
             )
         return self._continue(plan, control)
 
-    def fork(self, run_id: str, from_step: int, *, new_run_id: str | None = None) -> Store:
+    def fork(
+        self,
+        run_id: str,
+        from_step: int,
+        *,
+        new_run_id: str | None = None,
+        schema: dict[str, Any] | None = None,
+    ) -> Store:
         """Start a new run from checkpoint ``from_step`` of ``run_id``; the original run is
         left untouched. Steps keep their numbers, so the fork's first step is
         ``from_step + 1``."""
@@ -148,7 +148,7 @@ class Flow(Node):
             raise UnknownRunError(f"Unknown run id {run_id!r}")
         try:
             checkpoint = db.get_checkpoint(run_id, from_step)
-            store = db.load_checkpoint(run_id, from_step)
+            store = _with_schema(db.load_checkpoint(run_id, from_step), db, run_id, schema)
         except KeyError as exc:
             raise RunSetupError(str(exc.args[0] if exc.args else exc)) from None
         graph = self.graph()
@@ -241,9 +241,15 @@ class Flow(Node):
         self._run_id = plan.run_id
         recorder = RunRecorder(plan.run_id, plan.db, self.checkpoint_dir)
         recorder.resume_from(plan.store, plan.manifest, plan.texts)
-        plan.db.update_run(
-            plan.run_id, status="running", error_msg=None, completed_at=None, control=None
-        )
+        if not plan.db.update_run_if(
+            plan.run_id,
+            status_in=_RESUMABLE,
+            status="running",
+            error_msg=None,
+            completed_at=None,
+            control=None,
+        ):
+            raise RunSetupError(f"Run {plan.run_id!r} changed status while resuming; look again")
         plan.db.save_event(plan.run_id, RUN_RESUMED, step=plan.step)
         if plan.node is None:
             recorder.empty_run_done()
@@ -272,9 +278,7 @@ class Flow(Node):
                 if not control.cancelled and recorder.db is not None:
                     recorder.db.update_run(run_id, status="running")
             if cancel_probe():
-                _log.info("Run %s cancelled before node %r", run_id, current.name)
-                recorder.ended_early(step, "cancelled", RUN_CANCELLED, "cancelled")
-                return store
+                return self._cancelled(recorder, control, step, store, current.name)
             if step >= self.max_steps:
                 message = (
                     f"Flow {self.flow_name!r} exceeded max_steps={self.max_steps} at node "
@@ -293,9 +297,11 @@ class Flow(Node):
                     cancel_probe=cancel_probe,
                     record=record,
                 )
+            except RunCancelled:
+                return self._cancelled(recorder, control, step, store, current.name)
             except StepError as error:
                 _log.error("Flow %r aborted at node %r: %s", self.flow_name, current.name, error)
-                recorder.failed(step, error.events, f"{type(error.cause).__name__}: {error.cause}")
+                recorder.failed(step, error.events, str(error.cause))
                 raise error.cause from None
             following = current.next_node(done.action)
             if recorder.active:
@@ -313,6 +319,8 @@ class Flow(Node):
                         next_name=following.name if following is not None else None,
                         events=done.events,
                     )
+                except StepConflict:
+                    raise  # the step belongs to another runner: record nothing
                 except Exception as exc:  # e.g. a value that cannot round-trip (G7)
                     message = f"checkpoint of step {step} ({current.name}) failed: {exc}"
                     recorder.failed(step, [], message)
@@ -325,6 +333,15 @@ class Flow(Node):
         hooks.fire("flow_end", step, store)
         return store
 
+    def _cancelled(
+        self, recorder: RunRecorder, control: RunControl, step: int, store: Store, node: str
+    ) -> Store:
+        _log.info("Run %s cancelled before node %r", recorder.run_id, node)
+        control.stopped_by_cancel = True
+        recorder.ended_early(step, "cancelled", RUN_CANCELLED, "cancelled")
+        self._hooks.fire("flow_end", step, store)  # 0.2 fired it on cancel too
+        return store
+
     # ── a Flow used as a node of another flow ────────────────────────────────
 
     def _run(self, store: Any) -> str | None:
@@ -333,16 +350,37 @@ class Flow(Node):
         last_action = self._orchestrate(as_store(store) if isinstance(store, dict) else store)
         return self.post(store, prep_result, last_action)
 
+    _is_flow = True
+    _outer_context: tuple[str | None, int | None, int, Callable[[], bool] | None] = (
+        None,
+        None,
+        1,
+        None,
+    )
+
     def _orchestrate(self, store: Store) -> str | None:
+        """The inner graph runs inside one outer step: a cancel between inner nodes stops
+        the outer step uncommitted, so a resume re-runs the sub-flow from its start."""
+        run_id, _, attempt, cancel_probe = self._outer_context
         current: Node | None = self.start
         action: str | None = None
         steps = 0
         while current is not None:
+            if cancel_probe is not None and cancel_probe():
+                raise RunCancelled(f"sub-flow {self.flow_name!r} cancelled before {current.name!r}")
             if steps >= self.max_steps:
                 raise RuntimeError(
                     f"Sub-flow {self.flow_name!r} exceeded max_steps={self.max_steps}"
                 )
-            action = run_step(current, store, step=steps, hooks=self._hooks).action
+            action = run_step(
+                current,
+                store,
+                step=steps,
+                hooks=self._hooks,
+                run_id=run_id,
+                attempt=attempt,
+                cancel_probe=cancel_probe,
+            ).action
             current = current.next_node(action)
             steps += 1
         self._hooks.fire("flow_end", steps, store)
@@ -366,12 +404,17 @@ class _ResumePlan:
     node: Node | None
 
     @classmethod
-    def load(cls, db: WorkflowDB, run_id: str, flow: Flow) -> _ResumePlan:
+    def load(
+        cls, db: WorkflowDB, run_id: str, flow: Flow, schema: dict[str, Any] | None
+    ) -> _ResumePlan:
         run = db.get_run(run_id)
         if run is None:
             raise UnknownRunError(f"Unknown run id {run_id!r}")
-        if run["status"] == "completed":
-            raise RunSetupError(f"Run {run_id!r} already completed: nothing to resume")
+        if run["status"] not in _RESUMABLE:
+            raise RunSetupError(
+                f"Run {run_id!r} is {run['status']}: only a failed, cancelled, paused or "
+                "interrupted run can be resumed"
+            )
         graph = flow.graph()
         recorded = run.get("fingerprint")
         if recorded and recorded != graph.fingerprint:
@@ -386,7 +429,16 @@ class _ResumePlan:
             step, next_id = -1, graph.start_id
         else:
             step, next_id = latest["step"], latest.get("next_node")
-        store, manifest, texts = db.load_store(run_id, step)
+            if next_id is None:
+                # A new-format last step commits "completed" with it, so this is a 0.2
+                # checkpoint, which never said which node runs next.
+                raise RunSetupError(
+                    f"Run {run_id!r}: checkpoint {step} does not record the node that runs "
+                    "next (a run recorded by pocoflow 0.2); restart it with "
+                    "flow.run(db.load_checkpoint(run_id, step), resume_from=node)"
+                )
+        loaded, manifest, texts = db.load_store(run_id, step)
+        store = _with_schema(loaded, db, run_id, schema, run)
         return cls(
             db=db,
             run_id=run_id,
@@ -397,3 +449,18 @@ class _ResumePlan:
             step=step + 1,
             node=graph.node(next_id) if next_id is not None else None,
         )
+
+
+_RESUMABLE = ("failed", "cancelled", "paused", "running", "queued")
+
+
+def _with_schema(
+    loaded: Store,
+    db: WorkflowDB,
+    run_id: str,
+    schema: dict[str, Any] | None,
+    run: dict[str, Any] | None = None,
+) -> Store:
+    """The loaded values under the run's Store name and the caller's schema."""
+    run = run or db.get_run(run_id) or {}
+    return Store(loaded.as_dict(), schema=schema, name=run.get("store_name") or loaded.name)

@@ -48,6 +48,7 @@ class Node:
     run_id: str | None = None
     step: int | None = None
     attempt: int = 1
+    _is_flow = False
 
     def __init__(self, *, name: str | None = None) -> None:
         self._successors: dict[str, Node] = {}
@@ -85,9 +86,12 @@ class Node:
         return self
 
     def next_node(self, action: str | None) -> Node | None:
-        """The successor for ``action``, the wildcard's, or None (the flow ends here)."""
+        """The successor for ``action``, the wildcard's, or None (the flow ends here).
+
+        A ``post`` that returns None follows only the wildcard edge, as in 0.2.
+        """
         successors = self._successors
-        node = successors.get(action if action is not None else DEFAULT_ACTION)
+        node = successors.get(action)  # type: ignore[arg-type]  # None matches no edge, as in 0.2
         if node is None:
             node = successors.get(WILDCARD_ACTION)
             if node is None and successors:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pocoflow.commit import StepCommit
 from pocoflow.delta import StoreTracker
+from pocoflow.errors import RunSetupError, StepConflict
 from pocoflow.hooks import FLOW_END, FLOW_START
 from pocoflow.step import utc_now
 from pocoflow.store import Store
@@ -64,7 +65,7 @@ class RunRecorder:
     ) -> None:
         if self.db is None:
             return
-        self.db.create_run(
+        created = self.db.create_run(
             self.run_id,
             flow_name,
             status="running",
@@ -76,6 +77,11 @@ class RunRecorder:
             parent_run_id=parent_run_id,
             forked_from_step=forked_from_step,
         )
+        if not created:
+            raise RunSetupError(
+                f"Run id {self.run_id!r} is already in the ledger: give each run its own id "
+                "(leave Flow(run_id=...) unset to get a fresh one)"
+            )
         self.tracker.diff(store.as_dict(), initial_step)
         self.db.save_event(self.run_id, FLOW_START, node_name=start_name, ts=utc_now())
 
@@ -120,7 +126,7 @@ class RunRecorder:
             )
         )
         if not committed:
-            raise RuntimeError(
+            raise StepConflict(
                 f"Run {self.run_id!r}: step {step} ({node_name}) was already committed by "
                 "another runner; this one stops to keep one transition per step"
             )

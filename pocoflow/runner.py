@@ -34,6 +34,7 @@ class RunControl:
         self.cancel_event = threading.Event()
         self._running = threading.Event()
         self._running.set()
+        self.stopped_by_cancel = False  # set by the run loop when it honoured a cancel
 
     def cancel(self, terminate: bool = False) -> None:
         self.cancel_event.set()
@@ -103,7 +104,9 @@ class RunHandle:
             result = self._result_box[0] if self._result_box else None
             if isinstance(result, BaseException):
                 return "failed"
-            return "cancelled" if self._control.cancelled else "completed"
+            return (
+                "cancelled" if getattr(self._control, "stopped_by_cancel", False) else "completed"
+            )
         return "paused" if self._control.paused else "running"
 
     @property

@@ -30,6 +30,12 @@ class StepRun:
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
+class RunCancelled(Exception):
+    """Raised inside a step to stop it because its run was cancelled (a sub-flow between
+    its inner nodes, or a long ``exec`` that polled ``self.cancelled()``): the step is not
+    committed and the run ends as ``cancelled``, not ``failed``."""
+
+
 class RetryLater(Exception):
     """``exec`` failed with tries left: the executor schedules try ``next_try`` after
     ``delay`` seconds instead of sleeping (the distributed path)."""
@@ -73,8 +79,12 @@ def run_step(
     retry, so no worker sleeps); otherwise the node's own retry loop runs. ``record``
     builds the ledger events. Raises ``StepError`` wrapping the node's exception.
     """
-    node.run_id, node.step, node.attempt = run_id, step, attempt
-    node._cancel_probe = cancel_probe
+    if node._is_flow:
+        # A sub-flow keeps its own configured run_id; its inner steps get the outer run's.
+        node._outer_context = (run_id, step, attempt, cancel_probe)  # type: ignore[attr-defined]
+    else:
+        node.run_id, node.step, node.attempt = run_id, step, attempt
+        node._cancel_probe = cancel_probe
     name = node.name
     events: list[dict[str, Any]] = []
     if record:
@@ -92,7 +102,7 @@ def run_step(
                 f"Node {name!r} (step {step}): post() must return an action str or None, "
                 f"got {type(action).__name__}"
             )
-    except RetryLater:
+    except (RetryLater, RunCancelled):
         raise
     except Exception as exc:
         elapsed = time.perf_counter() - started

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -98,3 +99,48 @@ def test_cli_run_show_and_bad_input(tmp_path):
         timeout=60,
     )
     assert failing.returncode == 1 and "KeyError" in failing.stderr
+
+
+def test_cli_resume_and_fork(tmp_path):
+    db = str(tmp_path / "cli.db")
+    marker = tmp_path / "fail-once"
+    marker.touch()
+    env = {**os.environ, "POCOFLOW_TEST_FAIL_ONCE": str(marker), "PYTHONPATH": str(ROOT)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pocoflow.cli", *args, "--db", db],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    failed = cli("run", "tests.examples.cli_flows:build", "--store", '{"n": 0}')
+    assert failed.returncode == 1 and "transient failure" in failed.stderr
+    run_id = re.search(r"run (cli-count-[0-9a-f]{8}) failed", failed.stderr).group(1)
+
+    resumed = cli("resume", run_id, "--flows", "tests.examples.cli_flows")
+    assert resumed.returncode == 0, resumed.stderr
+    assert '"n": 3' in resumed.stdout
+
+    forked = cli("fork", run_id, "--from-step", "0", "--flow", "tests.examples.cli_flows:build")
+    assert forked.returncode == 0, forked.stderr
+    assert '"n": 3' in forked.stdout and run_id not in forked.stdout
+
+    assert (
+        cli(
+            "fork", run_id, "--from-step", "99", "--flow", "tests.examples.cli_flows:build"
+        ).returncode
+        == 2
+    )
+    assert cli("resume", run_id, "--flows", "tests.examples.cli_flows").returncode == 2  # completed
+    assert cli("resume", "cli-count-nope").returncode == 2
+
+
+def test_cli_bad_ledger_path_is_bad_input(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.touch()
+    bad = subprocess.run(
+        [sys.executable, "-m", "pocoflow.cli", "run", "examples.hello:build_flow",
+         "--store", '{"name": "x"}', "--db", str(blocker / "x.db")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and str(blocker) in bad.stderr

@@ -85,7 +85,7 @@ def test_run_that_failed_at_its_first_node_resumes_from_the_initial_store(ledger
 def test_resume_refuses_completed_unknown_and_changed_graph(ledger_url):
     flow = counter_flow(ledger_url)
     flow.run({"n": 0, "until": 1})
-    with pytest.raises(RunSetupError, match="already completed"):
+    with pytest.raises(RunSetupError, match="is completed"):
         flow.resume(flow.last_run_id)
     with pytest.raises(UnknownRunError, match="nope"):
         flow.resume("nope")
@@ -185,3 +185,119 @@ def test_background_run_status_and_events_from_ledger(ledger_url):
     wait_until(lambda: handle.status == "completed", timeout=5)
     assert [e["event"] for e in handle.events()].count("node_end") == 3
     assert handle.store()["n"] == 3
+
+
+class Gate(Node):
+    """Holds its exec until released, so a test can act while a node is running."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def exec(self, prep_result):
+        self.entered.set()
+        assert self.release.wait(10)
+
+    def post(self, store, prep_result, result):
+        store["gate"] = True
+        return "next"
+
+
+def gated_flow(ledger_url: str) -> tuple[Flow, Gate]:
+    gate = Gate()
+    gate.then("next", Count())
+    return Flow(start=gate, db_path=ledger_url, flow_name="gated"), gate
+
+
+def test_background_cancel_is_recorded_as_cancelled(ledger_url):
+    flow, gate = gated_flow(ledger_url)
+    ends: list[int] = []
+    flow.on("flow_end", lambda steps, store: ends.append(steps))
+    handle = flow.run_background({"n": 0, "until": 5})
+    assert gate.entered.wait(10)
+    handle.cancel()
+    gate.release.set()
+    assert handle.wait(10)["n"] == 0  # Count never ran
+    run = WorkflowDB(ledger_url).get_run(handle.run_id)
+    assert run["status"] == "cancelled" and handle.status == "cancelled"
+    assert [e["event"] for e in handle.events()][-1] == "run_cancelled"
+    assert ends == [1]  # flow_end fires on cancel, as in 0.2
+
+
+def test_background_pause_holds_the_next_node_until_resume(ledger_url):
+    flow, gate = gated_flow(ledger_url)
+    handle = flow.run_background({"n": 0, "until": 1})
+    assert gate.entered.wait(10)
+    handle.pause()
+    gate.release.set()
+    db = WorkflowDB(ledger_url)
+    wait_until(lambda: db.get_run(handle.run_id)["status"] == "paused", timeout=10)
+    assert "run_paused" in [e["event"] for e in handle.events()]
+    assert handle.store()["n"] == 0 and not handle.is_done  # Count is held back
+    handle.resume()
+    assert handle.wait(10)["n"] == 1
+    assert db.get_run(handle.run_id)["status"] == "completed"
+
+
+def test_resume_from_starts_a_new_run_at_that_node(ledger_url):
+    first, second = Count(), Count()
+    first.then("next", second)
+    second.then("next", Count())
+    flow = Flow(start=first, db_path=ledger_url)
+    store = flow.run({"n": 10, "until": 12}, resume_from=second)
+    assert store["trail"] == [11, 12]
+    run = WorkflowDB(ledger_url).get_run(flow.last_run_id)
+    assert run["status"] == "completed" and run["total_steps"] == 2
+
+
+def test_fixed_run_id_reused_is_refused_and_the_first_run_kept(ledger_url):
+    Flow(start=Count(), db_path=ledger_url, run_id="fixed").run({"n": 0, "until": 1})
+    with pytest.raises(RunSetupError, match="'fixed' is already in the ledger"):
+        Flow(start=Count(), db_path=ledger_url, run_id="fixed").run({"n": 0, "until": 1})
+    assert WorkflowDB(ledger_url).get_run("fixed")["status"] == "completed"
+
+
+def test_resume_reapplies_schema_and_store_name(ledger_url):
+    Count.fail_at = 1
+    flow = counter_flow(ledger_url)
+    with pytest.raises(RuntimeError):
+        flow.run(Store({"n": 0, "until": 3}, schema={"n": int}, name="counter"))
+    store = counter_flow(ledger_url).resume(flow.last_run_id, schema={"n": int})
+    assert store.name == "counter" and store["n"] == 3
+    with pytest.raises(TypeError, match="'n'"):
+        store["n"] = "three"
+
+
+def test_legacy_02_checkpoint_cannot_be_resumed_blindly(ledger_url):
+    db = WorkflowDB(ledger_url)
+    db.create_run("old-run", "count")
+    db.save_checkpoint("old-run", 0, "Count", Store({"n": 1, "until": 3}))
+    db.update_run("old-run", status="failed", error_msg="boom")
+    with pytest.raises(RunSetupError, match="does not record the node that runs next"):
+        counter_flow(ledger_url).resume("old-run")
+    assert db.get_run("old-run")["status"] == "failed"
+
+
+def test_cancel_inside_a_subflow_stops_between_inner_nodes(ledger_url):
+    ran: list[str] = []
+
+    class Mark(Node):
+        def post(self, store, prep_result, result):
+            ran.append(self.name)
+            return "next"
+
+    inner_first = Gate()
+    inner_first.then("next", Mark(name="inner2"))
+    inner = Flow(start=inner_first, flow_name="inner")
+    outer_first = Mark(name="outer1")
+    outer_first.then("next", inner)
+    inner.then("next", Mark(name="outer3"))
+    handle = Flow(start=outer_first, db_path=ledger_url).run_background({})
+    assert inner_first.entered.wait(10)
+    handle.cancel()
+    inner_first.release.set()
+    handle.wait(10)
+    assert ran == ["outer1"]  # neither inner2 nor outer3 ran after the cancel
+    db = WorkflowDB(ledger_url)
+    assert db.get_run(handle.run_id)["status"] == "cancelled"
+    assert [c["step"] for c in db.get_checkpoints(handle.run_id)] == [0]
