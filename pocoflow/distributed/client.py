@@ -12,6 +12,7 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 from pocoflow.distributed import lifecycle
+from pocoflow.distributed.celery_app import DEFAULT_QUEUE
 from pocoflow.distributed.control import CANCEL, PAUSE, RemoteControl, clear_flag, redis_client
 from pocoflow.distributed.graphs import shape_text
 from pocoflow.distributed.message import StepMessage
@@ -153,7 +154,8 @@ def record_run(
         max_steps=flow.max_steps,
         initial_store=store,
         start_node=graph.start_id,
-        queue=queue,
+        # Always set, so a distributed run is told from a local one by its queue.
+        queue=queue or DEFAULT_QUEUE,
         graph_shape=shape_text(graph),
     )
     if not created:

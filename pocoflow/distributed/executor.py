@@ -30,12 +30,13 @@ from pocoflow.delta import StoreTracker
 from pocoflow.distributed import lifecycle
 from pocoflow.distributed.control import FlagReader, redis_client
 from pocoflow.distributed.graphs import GraphCache, mismatch_message
+from pocoflow.distributed.lease import LeaseKeeper
 from pocoflow.distributed.message import MalformedMessage, StepMessage
 from pocoflow.hooks import FLOW_END, MESSAGE_MALFORMED, NODE_ERROR, NODE_RETRY
 from pocoflow.logging import get_logger
 from pocoflow.registry import UnknownFlowError
 from pocoflow.settings import Settings
-from pocoflow.step import RetryLater, StepError, run_step, utc_now
+from pocoflow.step import RetryLater, RunCancelled, StepError, run_step, utc_now
 
 if TYPE_CHECKING:
     import redis
@@ -76,6 +77,10 @@ class WorkerContext:
     lease_s: float
     graphs: GraphCache = field(default_factory=GraphCache)
     clock: Callable[[], float] = time.time
+    leases: LeaseKeeper = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.leases = LeaseKeeper(self.db, self.lease_s)
 
     @classmethod
     def from_settings(cls, settings: Settings, app: Celery | None = None) -> WorkerContext:
@@ -196,6 +201,16 @@ class _StepRun:
         if run is None:
             _log.error("Step message for unknown run %r dropped", msg.run_id)
             return UNKNOWN_RUN
+        if msg.flow != run["flow_name"]:  # a forged or garbled message must not fail the run
+            _record_malformed(
+                db,
+                MalformedMessage(
+                    f"step message names flow {msg.flow!r} but run {msg.run_id!r} is a run "
+                    f"of {run['flow_name']!r}",
+                    run_id=msg.run_id,
+                ),
+            )
+            return MALFORMED
         stop = self._guard(run)
         if stop is not None:
             return stop
@@ -222,7 +237,7 @@ class _StepRun:
             loaded = self._load(run)
         except _Refused as refusal:
             return self._refuse(str(refusal))
-        with _Heartbeat(self):
+        with self.ctx.leases.hold(msg.run_id, msg.step, msg.attempt, self.worker):
             return self._run_and_commit(run, loaded)
 
     def _guard(self, run: dict[str, Any]) -> str | None:
@@ -252,11 +267,6 @@ class _StepRun:
             flow, graph = self.ctx.graphs.get(msg.flow)
         except UnknownFlowError as exc:
             raise _Refused(f"Worker {self.worker} refused run {msg.run_id!r}: {exc}") from None
-        if msg.flow != run["flow_name"]:
-            raise _Refused(
-                f"Step message names flow {msg.flow!r} but run {msg.run_id!r} is a run of "
-                f"{run['flow_name']!r}"
-            )
         recorded = run.get("fingerprint")
         if recorded and recorded != graph.fingerprint:
             raise _Refused(mismatch_message(run, graph, run_id=msg.run_id, worker=self.worker))
@@ -286,6 +296,12 @@ class _StepRun:
             )
         except RetryLater as retry:
             return self._retry(run, loaded, retry)
+        except RunCancelled:
+            # A sub-flow (or an exec) stopped itself because the run was cancelled: nothing
+            # is committed, the step stays for a resume (G4).
+            self._end(CANCELLED, "the run was cancelled while the step ran")
+            lifecycle.request_cancel(self.db, msg.run_id, step=msg.step)
+            return CANCELLED
         except StepError as error:
             cause = f"{type(error.cause).__name__}: {error.cause}"
             return self._fail(cause, error.events)
@@ -415,46 +431,3 @@ class _StepRun:
     def _end(self, outcome: str, error_msg: str | None = None) -> None:
         msg = self.msg
         self.db.end_attempt(msg.run_id, msg.step, msg.attempt, self.worker, outcome, error_msg)
-
-
-class _Heartbeat:
-    """Renews the step's lease every ``lease/3`` while the node runs (G3): a live worker
-    keeps its step however long ``exec`` takes; a dead or frozen one stops renewing."""
-
-    def __init__(self, step_run: _StepRun) -> None:
-        self.step_run = step_run
-        self.interval = step_run.ctx.lease_s / 3
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="pocoflow-lease", daemon=True)
-        self.lost = False
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _beat(self) -> None:
-        s = self.step_run
-        msg = s.msg
-        while not self._stop.wait(self.interval):
-            try:
-                renewed = s.db.renew_lease(
-                    msg.run_id, msg.step, msg.attempt, s.worker, s.ctx.lease_s
-                )
-            except Exception as exc:  # the ledger blinked: try again next beat
-                _log.warning(
-                    "Lease renewal of step %d of run %s failed: %s", msg.step, msg.run_id, exc
-                )
-                continue
-            if not renewed:
-                self.lost = True
-                _log.warning(
-                    "Step %d of run %s: attempt %d lost its lease; its commit will be refused",
-                    msg.step,
-                    msg.run_id,
-                    msg.attempt,
-                )
-                return

@@ -68,8 +68,9 @@ class StepQueue(LedgerClient):
         task_id: str | None = None,
     ) -> bool:
         """Take the lease on ``(run_id, step)`` for ``attempt`` and record the attempt's
-        start (``worker``, broker ``task_id``) in ``pf_attempts``. False: the step is committed, failed, held by a live
-        lease of another worker, or ``attempt`` is stale — do nothing (G1)."""
+        start (``worker``, broker ``task_id``) in ``pf_attempts``. False: the step is
+        committed, failed, held by a live lease of another worker, or ``attempt`` is
+        stale — do nothing (G1)."""
         t = epoch(now)
         return self._write(
             lambda conn: steps.claim(conn, run_id, step, attempt, worker, lease_s, t, task_id),

@@ -16,6 +16,7 @@ from pocoflow.distributed.client import record_run
 from pocoflow.distributed.executor import WorkerContext, execute_step
 from pocoflow.distributed.message import StepMessage
 from pocoflow.registry import build_flow
+from pocoflow.step import RunCancelled
 from pocoflow.store import Store
 
 pytestmark = pytest.mark.ledger
@@ -87,6 +88,18 @@ def grabbed() -> Flow:
     node = Grabbed()
     node.then("default", Add(name="after"))
     return Flow(start=node)
+
+
+class StopsItself(Node):
+    """As a sub-flow does when it meets a cancel between its inner nodes."""
+
+    def exec(self, prep_result: Any) -> None:
+        raise RunCancelled("cancelled inside the step")
+
+
+@flow("exec_stops")
+def stops() -> Flow:
+    return Flow(start=StopsItself())
 
 
 @flow("exec_unstorable")
@@ -238,6 +251,9 @@ def test_unknown_runs_and_malformed_messages(db: Any, ctx: WorkerContext, publis
     assert execute_step(bad, worker_id="h:1", context=ctx) == "malformed"
     (event,) = [e for e in db.get_events(first.run_id) if e["event"] == "message_malformed"]
     assert "'attempt'" in event["error_msg"]
+    other_flow = {**first.to_dict(), "flow": "exec_grabbed"}
+    assert execute_step(other_flow, worker_id="h:1", context=ctx) == "malformed"
+    assert db.get_run(first.run_id)["status"] == "queued"  # the run is not harmed
     ghost = StepMessage("no-such-run", "exec_three", 0, "a", 1).to_dict()
     assert execute_step(ghost, worker_id="h:1", context=ctx) == "unknown_run"
     assert execute_step({"junk": True}, worker_id="h:1", context=ctx) == "malformed"
@@ -253,3 +269,14 @@ def test_a_ledger_failure_inside_the_step_is_contained(
 
     monkeypatch.setattr(db, "load_store", broken)
     assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == executor.CRASHED
+
+
+def test_a_step_that_stops_for_a_cancel_commits_nothing(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    first = start(db, "exec_stops")
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "cancelled"
+    assert db.get_run(first.run_id)["status"] == "cancelled"
+    assert db.get_checkpoints(first.run_id) == [] and publish.take() == []
+    (attempt,) = db.get_attempts(first.run_id)
+    assert attempt["outcome"] == "cancelled"

@@ -1,0 +1,95 @@
+"""Lease renewal for the steps a worker process is running (G3).
+
+One daemon thread per process renews every held lease each ``lease/3``: a live worker
+keeps its step however long ``exec`` takes, a dead or frozen one stops renewing and the
+sweeper takes the step over. One long-lived thread rather than one per step, because
+starting a thread costs about a millisecond on a busy interpreter, which on a fast node
+is most of the step. A renewal that finds the lease gone marks the holding lost; the
+commit would be refused anyway (fencing), this only lets the step log it early.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pocoflow.logging import get_logger
+
+if TYPE_CHECKING:
+    from pocoflow.db import WorkflowDB
+
+_log = get_logger("distributed.lease")
+
+
+@dataclass
+class Holding:
+    run_id: str
+    step: int
+    attempt: int
+    worker: str
+    lost: bool = False
+
+
+class LeaseKeeper:
+    def __init__(self, db: WorkflowDB, lease_s: float) -> None:
+        self.db = db
+        self.lease_s = lease_s
+        self.interval_s = lease_s / 3
+        self._held: dict[int, Holding] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    @contextmanager
+    def hold(self, run_id: str, step: int, attempt: int, worker: str) -> Iterator[Holding]:
+        """Keep this attempt's lease renewed while the block runs."""
+        holding = Holding(run_id, step, attempt, worker)
+        with self._lock:
+            self._ensure_thread()
+            self._held[id(holding)] = holding
+        try:
+            yield holding
+        finally:
+            with self._lock:
+                self._held.pop(id(holding), None)
+
+    def _ensure_thread(self) -> None:
+        # After a fork the parent's thread is gone: the child starts its own.
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, name="pocoflow-lease", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        wake = threading.Event()
+        while True:
+            wake.wait(self.interval_s)
+            with self._lock:
+                held = list(self._held.values())
+            for holding in held:
+                self.renew(holding)
+
+    def renew(self, holding: Holding) -> None:
+        if holding.lost:
+            return
+        try:
+            renewed = self.db.renew_lease(
+                holding.run_id, holding.step, holding.attempt, holding.worker, self.lease_s
+            )
+        except Exception as exc:  # the ledger blinked: try again next beat
+            _log.warning(
+                "Lease renewal of step %d of run %s failed: %s", holding.step, holding.run_id, exc
+            )
+            return
+        if not renewed:
+            holding.lost = True
+            _log.warning(
+                "Step %d of run %s: attempt %d lost its lease; its commit will be refused",
+                holding.step,
+                holding.run_id,
+                holding.attempt,
+            )

@@ -1,0 +1,174 @@
+"""A module-scoped cluster per ledger backend: a ledger, a Redis DB, two real workers.
+
+Tests that kill or freeze a worker call ``cluster.ensure_workers()`` afterwards (or at
+their start), so the next test finds two live, unfrozen workers again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pocoflow.distributed import client
+from pocoflow.distributed.celery_app import TASK_NAME, create_app
+from pocoflow.distributed.message import StepMessage
+from pocoflow.runner import RunHandle
+from pocoflow.settings import Settings
+from tests.distributed import flows
+from tests.distributed.faults import (
+    TEST_LEASE_S,
+    TEST_SWEEP_S,
+    WorkerProcess,
+    start_worker,
+    worker_env,
+)
+
+pytestmark = pytest.mark.distributed
+
+_redis_dbs = itertools.cycle(range(1, 16))
+
+
+class Cluster:
+    """Ledger + broker + worker processes, and the client settings to talk to them."""
+
+    def __init__(
+        self, db_url: str, broker_url: str, workdir: Path, worker_extra: dict[str, str]
+    ) -> None:
+        from pocoflow.db import WorkflowDB
+
+        self.workdir = workdir
+        self.settings = Settings(
+            db_url=db_url,
+            broker_url=broker_url,
+            redis_url=broker_url,
+            lease_seconds=TEST_LEASE_S,
+            sweep_seconds=TEST_SWEEP_S,
+        )
+        self.db = WorkflowDB(db_url)
+        self.env = worker_env(db_url, broker_url, extra=worker_extra)
+        self.workers: list[WorkerProcess] = []
+        self._names = itertools.count(1)
+        self._app: Any = None
+
+    @property
+    def app(self) -> Any:
+        if self._app is None:
+            self._app = create_app(self.settings)
+        return self._app
+
+    # ── workers ──────────────────────────────────────────────────────────────
+
+    def start_workers(self, n: int) -> list[WorkerProcess]:
+        started = [start_worker(f"w{next(self._names)}", self.env, self.workdir) for _ in range(n)]
+        for worker in started:
+            worker.wait_ready()
+        self.workers.extend(started)
+        return started
+
+    def ensure_workers(self, n: int = 2) -> None:
+        """Thaw frozen workers, forget dead ones, start new ones up to ``n``."""
+        for worker in self.workers:
+            if worker.frozen:
+                worker.thaw()
+        self.workers = [w for w in self.workers if w.alive]
+        if len(self.workers) < n:
+            self.start_workers(n - len(self.workers))
+
+    def stop(self) -> None:
+        """Every worker at once: teardown costs one worker's kill, not one per worker."""
+        for worker in self.workers:
+            worker.kill_nowait()
+        for worker in self.workers:
+            worker.proc.wait(10)
+        self.workers = []
+
+    def logs(self) -> str:
+        return "\n".join(f"==== {w.name}\n{w.log()[-4000:]}" for w in self.workers)
+
+    # ── runs ─────────────────────────────────────────────────────────────────
+
+    def side_dir(self) -> Path:
+        path = Path(tempfile.mkdtemp(prefix="side-", dir=self.workdir))
+        return path
+
+    def submit(self, flow_name: str, store: dict[str, Any] | None = None, **kw: Any) -> RunHandle:
+        from pocoflow.registry import build_flow
+
+        return client.submit(build_flow(flow_name), store or {}, settings=self.settings, **kw)
+
+    def send_raw(self, body: Any) -> None:
+        """Publish a step message body as is (a duplicate, a malformed one...)."""
+        if isinstance(body, StepMessage):
+            body = body.to_dict()
+        self.app.send_task(TASK_NAME, args=[body], queue="pocoflow")
+
+
+@contextlib.contextmanager
+def _ledger(backend: str, request: pytest.FixtureRequest, workdir: Path) -> Iterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite:///{workdir / 'ledger.db'}"
+        return
+    from tests.conftest import fresh_postgres_database
+
+    with fresh_postgres_database(request.getfixturevalue("database_url")) as url:
+        yield url
+
+
+def _broker(redis_url: str) -> str:
+    """A Redis database of its own for each cluster, emptied first."""
+    import redis
+
+    base = redis_url.rsplit("/", 1)[0]
+    url = f"{base}/{next(_redis_dbs)}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def cluster(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Cluster]:
+    """Two live workers on a fresh ledger of each backend, shared by a test module."""
+    workdir = Path(tempfile.mkdtemp(prefix="pocoflow-dist-"))
+    extra = getattr(request.module, "WORKER_ENV", {})
+    with _ledger(request.param, request, workdir) as db_url:
+        cluster = Cluster(db_url, _broker(redis_url), workdir, extra)
+        try:
+            cluster.start_workers(getattr(request.module, "WORKERS", 2))
+            yield cluster
+        finally:
+            cluster.stop()
+            cluster.db.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test's report carries the tail of every worker's log."""
+    report = yield
+    cluster = getattr(item, "funcargs", {}).get("live")
+    if report.when == "call" and report.failed and isinstance(cluster, Cluster):
+        report.sections.append(("worker logs", cluster.logs()))
+    return report
+
+
+@pytest.fixture
+def live(cluster: Cluster) -> Cluster:
+    """The module's cluster with two live, unfrozen workers."""
+    cluster.ensure_workers(2)
+    return cluster
+
+
+def local_result(flow_name: str, store: dict[str, Any]) -> dict[str, Any]:
+    """What the same flow gives when run in this process, without a ledger."""
+    from pocoflow.registry import build_flow
+
+    return build_flow(flow_name).run(dict(store)).as_dict()
+
+
+__all__ = ["Cluster", "flows", "local_result"]

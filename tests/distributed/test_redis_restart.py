@@ -1,0 +1,38 @@
+"""Redis restarted mid-run (every queued message and flag lost: no persistence): the
+workers reconnect, the sweeper re-sends what was lost, the run completes (G3)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.distributed.conftest import Cluster
+from tests.distributed.faults import checkpoint_steps, restart_redis
+from tests.helpers import wait_until
+from tests.servers import RedisServer, start_redis
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """A Redis of this module's own, because the test stops it."""
+    with start_redis() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+def test_a_redis_restart_mid_run_loses_no_step(live: Cluster, redis_server: RedisServer) -> None:
+    handle = live.submit("slow_chain", {"slow_s": 0.25})
+    wait_until(lambda: live.db.count_committed(handle.run_id) >= 2, 30)
+    restart_redis(redis_server, down_s=1.0)
+    store = handle.wait(timeout=60)
+    assert store["count"] == 8 and handle.status == "completed"
+    assert checkpoint_steps(live.db, handle.run_id) == list(range(8))
+    # The workers are connected again and serve a new run.
+    assert live.submit("counter", {"count": 0}).wait(timeout=30)["count"] == 20
