@@ -22,7 +22,8 @@ timedelta  ``[days, seconds, microseconds]``
 decimal    ``Decimal`` as its exact string; ``uuid`` likewise
 dict       a dict that has a ``"__pf__"`` key of its own, as ``[key, value]`` pairs
 dataclass  a registered dataclass, ``"t"`` = registered name, ``"v"`` = fields
-model      a registered pydantic v2 model (``model_dump(mode="json")``)
+model      a registered pydantic v2 model (``model_dump(mode="json")``, which must
+           ``model_validate`` back to an equal model, else refused naming the field)
 enum       a registered ``Enum`` member, by value
 ========== ==============================================================
 
@@ -37,6 +38,7 @@ import binascii
 import dataclasses
 import json
 import math
+import sys
 import threading
 import zoneinfo
 from collections.abc import Callable
@@ -337,7 +339,99 @@ def _dataclass(v: Any, name: str) -> Any:
 
 
 def _model(v: Any, name: str) -> Any:
-    return {TAG: "model", "t": name, "v": _to_json(v.model_dump(mode="json"))}
+    # model_dump(mode="json") is only lossless when the field types pin the Python types
+    # down: an ``Any`` field turns a tuple into a list and a date into a str, and
+    # model_validate cannot tell. So the dump must validate back to an equal model (only
+    # models pay this), else the write is refused naming the field that changed.
+    try:
+        dump = v.model_dump(mode="json")
+    except Exception as e:
+        raise _Unencodable(v, f"model_dump(mode='json') failed: {e}") from None
+    try:
+        back = type(v).model_validate(dump)
+    except Exception as e:
+        raise _Unencodable(
+            v,
+            "model_validate() rejects its own model_dump(mode='json'), so the checkpoint "
+            f"could not be read back: {e}",
+        ) from None
+    if back != v:
+        diff = _model_diff(v, back, [])
+        if diff is not None:
+            segments, was, became, why = diff
+            err = _Unencodable(
+                was,
+                why
+                or (
+                    f"the pydantic model {_type_name(type(v))} does not round-trip it: "
+                    "after model_dump(mode='json') and model_validate() it comes back "
+                    f"as {_type_name(type(became))} {became!r:.80}; give the field an "
+                    "exact type (e.g. tuple[int, int] or datetime.date rather than Any) "
+                    "or store a JSON value"
+                ),
+            )
+            err.segments.extend(reversed(segments))
+            raise err
+    return {TAG: "model", "t": name, "v": _to_json(dump)}
+
+
+_Diff = tuple[list[str], Any, Any, str | None]
+
+
+def _model_diff(a: Any, b: Any, path: list[str]) -> _Diff | None:
+    """Where ``b`` (``a`` after a model dump/validate round trip) differs from ``a``: the
+    path segments, the original part, what it became and maybe why; None when the same.
+    Like ``==``, except that NaN equals NaN (a NaN field must not be refused)."""
+    if a is b:
+        return None
+    ta = type(a)
+    if ta is not type(b):
+        return path, a, b, None
+    if ta is float:
+        same = a == b or (math.isnan(a) and math.isnan(b))
+        return None if same else (path, a, b, None)
+    if ta is Decimal:
+        return None if str(a) == str(b) else (path, a, b, None)
+    if ta is list or ta is tuple:
+        if len(a) != len(b):
+            return path, a, b, None
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            found = _model_diff(x, y, [*path, f"[{i}]"])
+            if found is not None:
+                return found
+        return None
+    if ta is dict:
+        if list(a) != list(b):
+            return path, a, b, None
+        for k, x in a.items():
+            found = _model_diff(x, b[k], [*path, f"[{k!r}]"])
+            if found is not None:
+                return found
+        return None
+    if _kind(ta) == "model":
+        fields_a, fields_b = a.__dict__, b.__dict__
+        extra_a = getattr(a, "__pydantic_extra__", None) or {}
+        extra_b = getattr(b, "__pydantic_extra__", None) or {}
+        for k in [*ta.model_fields, *extra_a, *(k for k in extra_b if k not in extra_a)]:
+            x = fields_a[k] if k in fields_a else extra_a.get(k)
+            y = fields_b[k] if k in fields_b else extra_b.get(k)
+            found = _model_diff(x, y, [*path, f".{k}"])
+            if found is not None:
+                return found
+        private_a = getattr(a, "__pydantic_private__", None) or {}
+        private_b = getattr(b, "__pydantic_private__", None) or {}
+        for k, x in private_a.items():
+            if _model_diff(x, private_b.get(k), []) is not None:
+                why = (
+                    f"its private attribute {k} is left out by model_dump() and would "
+                    "come back as its default"
+                )
+                return path, a, b, why
+        return None
+    try:
+        return None if a == b else (path, a, b, None)
+    except Exception:
+        return path, a, b, None
 
 
 def _enum(v: Enum, name: str) -> Any:
@@ -375,7 +469,9 @@ _REGISTERED: dict[str, Callable[[Any, str], Any]] = {
 def _to_json(v: Any) -> Any:
     """The JSON-able form of ``v``: plain values as is, the rest tagged."""
     t = type(v)
-    if t is str or t is int or t is bool or v is None:
+    if t is int:
+        return v if -_INT_SAFE < v < _INT_SAFE else _big_int(v)
+    if t is str or t is bool or v is None:
         return v
     if t is float:
         return v if math.isfinite(v) else {TAG: "float", "v": repr(v)}
@@ -390,6 +486,24 @@ def _to_json(v: Any) -> Any:
     if entry is not None:
         return _REGISTERED[entry[1]](v, entry[0])
     raise _Unencodable(v, _hint(v))
+
+
+# Python refuses to turn an int of more than sys.get_int_max_str_digits() digits (4300
+# by default, 640 at least) into text, and json.dumps with it: with a bare ValueError
+# that names no key. Ints below 640 digits never need the check.
+_INT_SAFE = 10**639
+
+
+def _big_int(v: int) -> int:
+    try:
+        str(v)  # fails fast (before converting) when over the limit
+    except ValueError:
+        raise _Unencodable(
+            v,
+            f"it has more than {sys.get_int_max_str_digits()} digits, Python's int/str "
+            "conversion limit (sys.set_int_max_str_digits); store it as a str or bytes",
+        ) from None
+    return v
 
 
 def _hint(v: Any) -> str:

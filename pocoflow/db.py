@@ -61,8 +61,9 @@ class WorkflowDB(StepQueue):
         A file path (``str`` or ``Path``; parent directories are created, as in 0.2) or a
         URL: ``sqlite:///FILE``, ``postgresql://`` / ``postgresql+psycopg://``.
     synchronous :
-        SQLite only: ``"NORMAL"`` (default; env ``POCOFLOW_SQLITE_SYNCHRONOUS``) or
-        ``"FULL"`` to fsync every commit.
+        SQLite only: ``"NORMAL"`` (default; env ``POCOFLOW_SQLITE_SYNCHRONOUS``), ``"FULL"``
+        or ``"EXTRA"`` to fsync every commit, or ``"OFF"`` (fast, but a power loss can
+        corrupt the file).
     busy_timeout :
         SQLite only: seconds a writer waits for another's lock before each retry.
 

@@ -182,6 +182,22 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def pids(self) -> set[int]:
+        """The main process and every live descendant (its pool children)."""
+        found = {self.pid}
+        parents = _parent_map()
+        changed = True
+        while changed:
+            changed = False
+            for pid, ppid in parents.items():
+                if ppid in found and pid not in found:
+                    found.add(pid)
+                    changed = True
+        return found
+
+    def owns(self, pid: int) -> bool:
+        return pid in self.pids()
+
     def wait_ready(self, timeout: float = WORKER_READY_TIMEOUT_S) -> None:
         """Until Celery logs `` ready.``; a worker that exits first raises with its log."""
         deadline = time.monotonic() + timeout
@@ -206,6 +222,9 @@ class WorkerProcess:
         self.signal(signal.SIGKILL)
         self.proc.wait(STOP_TIMEOUT_S)
 
+    def kill_nowait(self) -> None:
+        self.signal(signal.SIGKILL)
+
     def freeze(self) -> None:
         self.signal(signal.SIGSTOP)
         self.frozen = True
@@ -225,6 +244,22 @@ class WorkerProcess:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+def _parent_map() -> dict[int, int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        # The command name is in parentheses and may hold spaces: ppid follows the ")".
+        fields = stat.rsplit(")", 1)[1].split()
+        parents[int(entry)] = int(fields[1])
+    return parents
 
 
 def start_worker(

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_BROKER_URL",
     "DEFAULT_DB_URL",
     "ENV_VARS",
+    "SQLITE_SYNCHRONOUS_MODES",
     "Settings",
     "default_redis_url",
     "mask_url",
@@ -45,7 +46,8 @@ ENV_VARS: dict[str, str] = {
 }
 
 _REDIS_SCHEMES = frozenset({"redis", "rediss"})
-_SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+#: ``PRAGMA synchronous`` values a SQLite ledger accepts (here and in ``WorkflowDB``).
+SQLITE_SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 _MASK = "***"  # the same token SQLAlchemy prints for a hidden password
 
 
@@ -80,10 +82,10 @@ class Settings:
         object.__setattr__(self, "lease_seconds", _positive("lease_seconds", self.lease_seconds))
         object.__setattr__(self, "sweep_seconds", _positive("sweep_seconds", self.sweep_seconds))
         sync = str(self.sqlite_synchronous).strip().upper()
-        if sync not in _SQLITE_SYNCHRONOUS:
+        if sync not in SQLITE_SYNCHRONOUS_MODES:
             raise ValueError(
                 f"{ENV_VARS['sqlite_synchronous']} must be one of "
-                f"{', '.join(_SQLITE_SYNCHRONOUS)}, got {self.sqlite_synchronous!r}"
+                f"{', '.join(SQLITE_SYNCHRONOUS_MODES)}, got {self.sqlite_synchronous!r}"
             )
         object.__setattr__(self, "sqlite_synchronous", sync)
         for name in ("db_url", "broker_url"):

@@ -4,8 +4,9 @@ The 0.2 API is kept exactly (``s[k]``, ``get``, ``update``, ``as_dict()``, obser
 ``snapshot``/``restore``, ``_name``, ``_data``). What changed is what it promises:
 
 * a schema may use typing generics (``list[str]``, ``int | None``, ``Literal``...),
-  checked deeply on every write and on the initial data, so a wrong value fails at the
-  write that made it, naming store, key, expected and actual type;
+  checked deeply on every write and on the initial data (where None, the usual "not set
+  yet" placeholder, passes), so a wrong value fails at the write that made it, naming
+  store, key, expected and actual type;
 * snapshots go through :mod:`pocoflow.codec`, so a value comes back equal and of the
   same type, or the snapshot refuses with a ``TypeError`` naming the key (0.2 silently
   wrote ``"<non-serialisable: X>"``). 0.2 snapshot files still restore.
@@ -84,9 +85,13 @@ class Store:
         for expected in self._schema.values():
             for cls in typecheck.registered_types(expected):
                 codec.register_type(cls)
+        # None in the initial data is the usual "not set yet" placeholder, and 0.2 never
+        # checked initial data at all: let it pass here (restore() too). A later write of
+        # None is checked like any other.
         for key, check in self._checks.items():
-            if key in self._data and not check(self._data[key]):
-                raise self._type_error(key, self._data[key])
+            value = self._data.get(key)
+            if value is not None and not check(value):
+                raise self._type_error(key, value)
 
     # ── identity ──────────────────────────────────────────────────────────────
 
@@ -136,6 +141,10 @@ class Store:
 
     def __len__(self) -> int:
         return len(self._data)
+
+    def __bool__(self) -> bool:
+        # 0.2 had no __len__, so every Store was truthy; ``if store:`` must stay so.
+        return True
 
     def get(self, key: str, default: Any = None) -> Any:
         return self._data.get(key, default)

@@ -21,23 +21,25 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError
 
+from pocoflow import settings
 from pocoflow.ledger.errors import is_locked
+from pocoflow.settings import DEFAULT_SQLITE_SYNCHRONOUS, SQLITE_SYNCHRONOUS_MODES
 
-SYNCHRONOUS_ENV = "POCOFLOW_SQLITE_SYNCHRONOUS"
-SYNCHRONOUS_MODES = ("NORMAL", "FULL")
+SYNCHRONOUS_ENV = settings.ENV_VARS["sqlite_synchronous"]
 DEFAULT_BUSY_TIMEOUT_S = 5.0
 
 _PG_SCHEMES = ("postgresql", "postgres")
 
 
 def mask_url(url: URL | str) -> str:
-    """The URL as text with any password replaced by ``***``: safe for logs and errors."""
-    if isinstance(url, str):
-        try:
-            url = make_url(url)
-        except ArgumentError:
-            return "<unparsable URL>"
-    return url.render_as_string(hide_password=True)
+    """The URL as text with every secret replaced by ``***``: safe for logs and errors.
+
+    SQLAlchemy hides only the userinfo password; :func:`pocoflow.settings.mask_url` then
+    hides the rest (``?password=``, ``?sslpassword=``, tokens...), so every label, error
+    and repr built from here is masked like the CLI's own output."""
+    if isinstance(url, URL):
+        return settings.mask_url(url.render_as_string(hide_password=True))
+    return settings.mask_url(url)
 
 
 def resolve_url(location: str | os.PathLike[str]) -> URL:
@@ -88,11 +90,13 @@ def _ensure_parent(path: Path) -> None:
 
 
 def synchronous_mode(value: str | None) -> str:
-    """NORMAL unless asked otherwise (argument, then ``POCOFLOW_SQLITE_SYNCHRONOUS``)."""
-    mode = (value or os.environ.get(SYNCHRONOUS_ENV) or "NORMAL").upper()
-    if mode not in SYNCHRONOUS_MODES:
+    """NORMAL unless asked otherwise (argument, then ``POCOFLOW_SQLITE_SYNCHRONOUS``); the
+    values :class:`pocoflow.settings.Settings` accepts, from the same constant."""
+    mode = value or os.environ.get(SYNCHRONOUS_ENV) or DEFAULT_SQLITE_SYNCHRONOUS
+    mode = mode.strip().upper()
+    if mode not in SQLITE_SYNCHRONOUS_MODES:
         raise ValueError(
-            f"SQLite synchronous mode must be one of {', '.join(SYNCHRONOUS_MODES)}, "
+            f"SQLite synchronous mode must be one of {', '.join(SQLITE_SYNCHRONOUS_MODES)}, "
             f"got {mode!r} (argument synchronous= or env {SYNCHRONOUS_ENV})"
         )
     return mode
@@ -140,7 +144,8 @@ def _sqlite_engine(url: URL, synchronous: str, busy_timeout_s: float) -> Engine:
         _ensure_wal(cur, busy_timeout_s)
         # Because with WAL, NORMAL survives application crashes and never corrupts, and
         # skips the fsync per commit (a power loss may drop the last commits); FULL
-        # fsyncs every commit for machines that must not lose one.
+        # fsyncs every commit for machines that must not lose one (EXTRA: the directory
+        # too). OFF never fsyncs: for throwaway ledgers only, a power loss can corrupt.
         cur.execute(f"PRAGMA synchronous = {synchronous}")
         # Because SQLite ignores foreign keys unless each connection asks for them.
         cur.execute("PRAGMA foreign_keys = ON")
@@ -155,7 +160,7 @@ def _postgres_engine(url: URL) -> Engine:
     return create_engine(url, pool_size=5, max_overflow=10)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class LedgerEngine:
     """One pooled engine for one database, shared by every ``WorkflowDB`` on it."""
 
@@ -174,6 +179,10 @@ class LedgerEngine:
         if self.dialect == "sqlite":
             return str(self.url.database)
         return mask_url(self.url)
+
+    def __repr__(self) -> str:
+        # Not the dataclass repr: URL and Engine reprs show ?password= query parameters.
+        return f"LedgerEngine({mask_url(self.url)!r})"
 
     def dispose(self) -> None:
         self.engine.dispose()

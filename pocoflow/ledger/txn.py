@@ -9,6 +9,7 @@ is retried once on a fresh connection.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -20,6 +21,11 @@ from pocoflow.ledger.engine import LedgerEngine
 from pocoflow.ledger.errors import LedgerLockedError, is_locked
 
 T = TypeVar("T")
+
+#: One DEBUG record per lock retry (``extra``: ``ledger_retry``, the retry number from 1,
+#: and ``ledger_run_id``), emitted before the backoff sleep: the contention is visible in
+#: logs, and tests can see that a writer really retried.
+_log = logging.getLogger("pocoflow.ledger.txn")
 
 LOCK_RETRIES = 4
 """Tries after the first when SQLite reports the database locked."""
@@ -96,5 +102,16 @@ def run(
                     "written. Find the process holding the lock (a long transaction, an "
                     "open sqlite3 shell) or raise busy_timeout."
                 ) from exc
+            if _log.isEnabledFor(logging.DEBUG):
+                _log.debug(
+                    "Ledger %s locked while %s%s; retry %d of %d in %.0f ms",
+                    ledger.label,
+                    what,
+                    f" for run {run_id!r}" if run_id is not None else "",
+                    tries,
+                    LOCK_RETRIES,
+                    delay * 1000,
+                    extra={"ledger_retry": tries, "ledger_run_id": run_id},
+                )
             time.sleep(delay)
             delay *= 2

@@ -9,16 +9,12 @@ Readiness and every fault outcome are polled, never slept for.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pocoflow.cli_worker import worker_argv
+from pocoflow import devcluster
+from pocoflow.devcluster import WorkerProcess
 from tests.helpers import wait_until
 
 if TYPE_CHECKING:
@@ -30,7 +26,6 @@ FLOWS_MODULE = "tests.distributed.flows"
 #: Short lease and sweep so a lost step is re-run within ~3 s in tests (G3).
 TEST_LEASE_S = 2.0
 TEST_SWEEP_S = 0.5
-READY_TIMEOUT_S = 60.0
 
 
 def worker_env(
@@ -43,99 +38,11 @@ def worker_env(
     extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """The environment of a test worker: only our POCOFLOW_* settings, never the caller's."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POCOFLOW_")}
-    env.update(
-        POCOFLOW_DB_URL=db_url,
-        POCOFLOW_BROKER_URL=broker_url,
-        POCOFLOW_REDIS_URL=broker_url,
-        POCOFLOW_FLOWS=flows,
-        POCOFLOW_LEASE_SECONDS=str(lease_s),
-        POCOFLOW_SWEEP_SECONDS=str(sweep_s),
-        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p),
-        PYTHONUNBUFFERED="1",
+    env = devcluster.worker_environment(
+        db_url, broker_url, flows, lease_s=lease_s, sweep_s=sweep_s, pythonpath=str(REPO_ROOT)
     )
     env.update(extra or {})
     return env
-
-
-@dataclass
-class WorkerProcess:
-    """One ``pocoflow worker`` node: a Celery main process and its pool children."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    frozen: bool = field(default=False)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def pids(self) -> set[int]:
-        """The main process and every live descendant."""
-        found = {self.pid}
-        parents = _parent_map()
-        changed = True
-        while changed:
-            changed = False
-            for pid, ppid in parents.items():
-                if ppid in found and pid not in found:
-                    found.add(pid)
-                    changed = True
-        return found
-
-    def owns(self, pid: int) -> bool:
-        return pid in self.pids()
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
-        def ready() -> bool:
-            if not self.alive:
-                raise AssertionError(f"worker {self.name} exited at start:\n{self.log()[-3000:]}")
-            return " ready." in self.log()
-
-        wait_until(ready, timeout, interval=0.05)
-
-    def signal(self, sig: int) -> None:
-        """Signal the whole worker node (its process group)."""
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def kill(self) -> None:
-        """kill -9 of the node: main process and pool children, as a lost machine."""
-        self.signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def kill_nowait(self) -> None:
-        self.signal(signal.SIGKILL)
-
-    def freeze(self) -> None:
-        self.signal(signal.SIGSTOP)
-        self.frozen = True
-
-    def thaw(self) -> None:
-        self.signal(signal.SIGCONT)
-        self.frozen = False
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Warm shutdown, then kill -9 if it lingers."""
-        if not self.alive:
-            return
-        if self.frozen:
-            self.thaw()
-        self.signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
 
 
 def start_worker(
@@ -147,42 +54,10 @@ def start_worker(
     queues: str | None = None,
     pool: str | None = None,
 ) -> WorkerProcess:
-    """Start a worker node (not waiting for it: call ``wait_ready``)."""
-    log_path = log_dir / f"{name}.log"
-    argv = worker_argv(
-        concurrency=concurrency,
-        queues=queues,
-        loglevel="info",
-        pool=pool,
-        hostname=f"{name}@%h",
-        extra=["--without-heartbeat"],
+    """Start a worker node from the repository root (not waiting: call ``wait_ready``)."""
+    return devcluster.start_worker(
+        name, env, log_dir, cwd=REPO_ROOT, concurrency=concurrency, queues=queues, pool=pool
     )
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, *argv],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return WorkerProcess(name, proc, log_path)
-
-
-def _parent_map() -> dict[int, int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        # The command name is in parentheses and may hold spaces: ppid follows the ")".
-        fields = stat.rsplit(")", 1)[1].split()
-        parents[int(entry)] = int(fields[1])
-    return parents
 
 
 def pid_alive(pid: int) -> bool:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import multiprocessing
 import sqlite3
 import threading
-import time
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import create_engine, text
 
 from pocoflow.db import WorkflowDB
-from pocoflow.ledger import LedgerLockedError, SchemaVersionError, migrate
+from pocoflow.ledger import LedgerLockedError, SchemaVersionError, migrate, txn
 from pocoflow.ledger.tables import metadata
+from tests.helpers import wait_until
 from tests.ledger.test_ledger_commit import make_commit
 
 pytestmark = pytest.mark.ledger
@@ -233,7 +236,7 @@ def test_sqlite_pragmas(tmp_path, monkeypatch):
     assert pragma(WorkflowDB(tmp_path / "a.db", synchronous="full"), "synchronous") == 2
     monkeypatch.setenv("POCOFLOW_SQLITE_SYNCHRONOUS", "FULL")
     assert pragma(WorkflowDB(tmp_path / "b.db"), "synchronous") == 2
-    monkeypatch.setenv("POCOFLOW_SQLITE_SYNCHRONOUS", "OFF")
+    monkeypatch.setenv("POCOFLOW_SQLITE_SYNCHRONOUS", "SOMETIMES")
     with pytest.raises(ValueError, match="POCOFLOW_SQLITE_SYNCHRONOUS"):
         WorkflowDB(tmp_path / "c.db")
 
@@ -244,28 +247,108 @@ def test_instances_on_one_database_share_an_engine(tmp_path):
     assert WorkflowDB(tmp_path / "a.db", synchronous="FULL")._ledger is not first._ledger
 
 
+class _LockRetries(logging.Handler):
+    """Sees the ledger's lock retries (txn's DEBUG records) from the writer's thread.
+
+    With ``hold``, the writer stops inside its first retry until :meth:`resume`: the test
+    then acts while the writer is provably between two tries, whatever the scheduling."""
+
+    def __init__(self, hold: bool = False) -> None:
+        super().__init__(logging.DEBUG)
+        self.retries: list[int] = []
+        self._hold = hold
+        self._resumed = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        retry = getattr(record, "ledger_retry", None)
+        if retry is None:
+            return
+        self.retries.append(retry)
+        if self._hold:
+            self._resumed.wait(timeout=30)
+
+    def resume(self) -> None:
+        self._resumed.set()
+
+
+@contextlib.contextmanager
+def lock_retries(hold: bool = False) -> Iterator[_LockRetries]:
+    logger = logging.getLogger("pocoflow.ledger.txn")
+    handler, level = _LockRetries(hold), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        handler.resume()
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def hold_write_lock(path) -> sqlite3.Connection:
+    """Another connection mid-write (as another process would be): holds the write lock."""
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("UPDATE pf_runs SET error_msg = 'holder' WHERE run_id = 'r1'")
+    return holder
+
+
+def checkpoint_rows(path) -> list[tuple]:
+    return table_rows(path, "SELECT step FROM pf_checkpoints WHERE run_id = 'r1' AND step >= 0")
+
+
 def test_locked_sqlite_retries_then_names_the_database_and_run(tmp_path):
     path = tmp_path / "locked.db"
     db = WorkflowDB(path, busy_timeout=0.05)
     db.create_run("r1", initial_store={"n": 0})
-    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    holder.execute("BEGIN IMMEDIATE")  # another process mid-write
-    holder.execute("UPDATE pf_runs SET error_msg = 'holder' WHERE run_id = 'r1'")
-    started = time.monotonic()
-    with pytest.raises(LedgerLockedError) as info:
-        db.commit_step(make_commit("r1", 0, {"n": -1}, {"n": 1}))
-    assert str(path) in str(info.value) and "'r1'" in str(info.value)
-    assert time.monotonic() - started >= 0.25  # it waited and retried before giving up
-    assert db.get_run("r1")["error_msg"] is None  # readers are not blocked (WAL)
-    holder.execute("ROLLBACK")
-
-    # A lock released while retrying: the commit goes through.
-    holder.execute("BEGIN IMMEDIATE")
-    release = threading.Timer(0.12, lambda: holder.execute("ROLLBACK"))
-    release.start()
-    assert db.commit_step(make_commit("r1", 0, {"n": -1}, {"n": 1})) is True
-    release.join()
-    holder.close()
+    holder = hold_write_lock(path)
+    try:
+        with lock_retries() as seen, pytest.raises(LedgerLockedError) as info:
+            db.commit_step(make_commit("r1", 0, {"n": -1}, {"n": 1}))
+        assert str(path) in str(info.value) and "'r1'" in str(info.value)
+        assert seen.retries == list(range(1, txn.LOCK_RETRIES + 1))  # retried, then gave up
+        assert db.get_run("r1")["error_msg"] is None  # readers are not blocked (WAL)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert checkpoint_rows(path) == []  # nothing half-written
+    assert table_rows(path, "PRAGMA integrity_check") == [("ok",)]
+    db.commit_step(make_commit("r1", 0, {"n": -1}, {"n": 1}))  # and the ledger still works
     assert db.load_checkpoint("r1", 0)["n"] == 1
+    db.close()
+
+
+def test_a_lock_released_while_retrying_lets_the_write_land_once(tmp_path):
+    path = tmp_path / "locked.db"
+    db = WorkflowDB(path, busy_timeout=0.05)
+    db.create_run("r1", initial_store={"n": 0})
+    holder = hold_write_lock(path)
+    outcome: dict[str, object] = {}
+
+    def write() -> None:
+        try:
+            outcome["committed"] = db.commit_step(make_commit("r1", 0, {"n": -1}, {"n": 1}))
+        except BaseException as exc:  # surfaced by the asserts below
+            outcome["error"] = exc
+
+    with lock_retries(hold=True) as seen:
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        try:
+            # Synchronise on state: the writer has failed a try on the lock and is paused
+            # inside its first retry, so it cannot run out of retries meanwhile.
+            wait_until(lambda: seen.retries, timeout=30)
+            assert writer.is_alive() and checkpoint_rows(path) == []
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+            seen.resume()
+        writer.join(timeout=30)
+    assert not writer.is_alive()
+    assert outcome == {"committed": True}
+    assert seen.retries[0] == 1
+    assert checkpoint_rows(path) == [(0,)]  # landed, exactly once
+    assert db.load_checkpoint("r1", 0)["n"] == 1
+    assert db.get_run("r1")["error_msg"] is None  # the holder's write was rolled back
     assert table_rows(path, "PRAGMA integrity_check") == [("ok",)]
     db.close()

@@ -467,3 +467,85 @@ def test_codec_does_not_import_pydantic_for_plain_or_dataclass_values() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.strip() == "False"
+
+
+def _registered_model(**fields: Any) -> Any:
+    pydantic = pytest.importorskip("pydantic")
+    model = pydantic.create_model("Lossy", **fields)
+    register_type(model, name=f"tests.Lossy{id(model)}")
+    return model
+
+
+@pytest.mark.parametrize(
+    ("value", "type_name", "became"),
+    [
+        ((1, 2), "tuple", "list"),
+        (date(2026, 1, 2), "datetime.date", "str"),
+        ({1, 2}, "set", "list"),
+        (Decimal("1.5"), "decimal.Decimal", "str"),
+    ],
+)
+def test_pydantic_model_that_would_not_round_trip_is_refused_naming_key_field_and_type(
+    value: Any, type_name: str, became: str
+) -> None:
+    # An ``Any`` field dumps a tuple as a list and a date as a str; model_validate then
+    # keeps them so: the checkpoint would silently hand back a different value.
+    model = _registered_model(x=(Any, None), y=(float, 0.0))
+    err = _error({"m": [model(x=value)]})
+    assert err.path == "doc['m'][0].x"
+    assert f"of type {type_name}" in str(err)
+    assert f"comes back as {became}" in str(err)
+    with pytest.raises(CodecError):
+        codec.to_jsonable(model(x=value), key="doc")
+
+
+def test_pydantic_model_whose_dump_fails_names_the_model_type() -> None:
+    model = _registered_model(x=(Any, None))
+    err = _error(model(x=b"\xff"))
+    assert "Lossy" in str(err) and "model_dump" in str(err)
+
+
+def test_pydantic_model_with_exact_field_types_still_round_trips() -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    class Exact(pydantic.BaseModel):
+        pair: tuple[int, int]
+        day: date
+        tags: frozenset[str] = frozenset()
+        score: float = 0.0
+        extra: Any = None
+
+    register_type(Exact)
+    roundtrip(Exact(pair=(1, 2), day=date(2026, 1, 2), tags=frozenset({"a"}), extra=[1]))
+    # NaN != NaN, but it does come back: not a reason to refuse.
+    back = decode(
+        encode(Exact(pair=(1, 2), day=date(2026, 1, 2), score=math.nan), key="k"), key="k"
+    )
+    assert math.isnan(back.score)
+    roundtrip(Exact(pair=(1, 2), day=date(2026, 1, 2), score=math.inf))
+
+
+def test_pydantic_private_attribute_that_would_be_lost_is_refused() -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    class Cached(pydantic.BaseModel):
+        x: int
+        _memo: int = pydantic.PrivateAttr(default=0)
+
+    register_type(Cached)
+    roundtrip(Cached(x=1))
+    value = Cached(x=1)
+    value._memo = 5
+    err = _error(value)
+    assert "_memo" in str(err) and "Cached" in str(err)
+
+
+@pytest.mark.parametrize(
+    "value", [10**5000, -(10**5000), {"a": [1, 10**5000]}], ids=["int", "negative", "nested"]
+)
+def test_int_over_the_str_digit_limit_is_refused_naming_the_key(value: Any) -> None:
+    err = _error(value)
+    assert "digits" in str(err) and "of type int" in str(err)
+    with pytest.raises(CodecError, match="'doc'"):
+        codec.to_jsonable(value, key="doc")
+    roundtrip(10**4000)  # under the limit: fine

@@ -166,6 +166,36 @@ def test_constructor_checks_initial_data() -> None:
     Store({"other": "1"}, schema={"x": int})  # missing keys are validate()'s job
 
 
+def test_none_in_initial_data_is_a_placeholder_not_a_type_error() -> None:
+    # 0.2.1 compatibility: 0.2 never checked initial data, and None means "not set yet".
+    s = Store({"result": None, "n": 1}, schema={"result": str, "n": int}, name="init")
+    assert s["result"] is None
+    s["result"] = "done"
+    with pytest.raises(TypeError, match=r"Store\[init\]: key 'result' expects str"):
+        s["result"] = None  # a write of None after construction is still checked
+    with pytest.raises(TypeError, match="key 'n' expects int"):
+        s.update(n=None)
+    with pytest.raises(TypeError, match="key 'n' expects int"):
+        Store({"result": None, "n": "1"}, schema={"result": str, "n": int})
+
+
+def test_restore_with_schema_accepts_none_placeholders(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    Store({"result": None, "n": 2}, name="r").snapshot(path)
+    s = Store.restore(path, schema={"result": str, "n": int})
+    assert s["result"] is None and s["n"] == 2 and s.name == "r"
+    Store({"n": "2"}).snapshot(path)
+    with pytest.raises(TypeError, match="key 'n' expects int"):
+        Store.restore(path, schema={"n": int})
+
+
+def test_a_store_is_truthy_even_when_empty() -> None:
+    # 0.2 had no __len__, so `if store:` was always true; code relies on it.
+    assert bool(Store()) is True
+    assert Store({}, schema={"x": int})
+    assert len(Store()) == 0
+
+
 def test_unsupported_schema_type_fails_at_construction() -> None:
     with pytest.raises(TypeError):
         Store(schema={"x": "int"})
@@ -324,6 +354,16 @@ def test_snapshot_refuses_unencodable_values_and_leaves_no_file(tmp_path: Path) 
     with pytest.raises(TypeError, match="'client'") as info:
         s.snapshot(path)
     assert isinstance(info.value, codec.CodecError)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_snapshot_of_an_int_over_the_str_digit_limit_names_the_key(tmp_path: Path) -> None:
+    s = Store({"ok": 1, "huge": [10**5000]}, name="big")
+    path = tmp_path / "snap.json"
+    with pytest.raises(codec.CodecError, match="'huge'") as info:
+        s.snapshot(path)
+    assert info.value.key == "huge" and info.value.path == "huge[0]"
+    assert "digits" in str(info.value)
     assert list(tmp_path.iterdir()) == []
 
 
