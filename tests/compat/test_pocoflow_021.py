@@ -14,7 +14,6 @@ from pocoflow import AsyncNode, Flow, Node, Store
 
 # ── Store ─────────────────────────────────────────────────────────────────────
 
-
 def test_store_basic():
     s = Store({"x": 1})
     assert s["x"] == 1
@@ -61,7 +60,6 @@ def test_store_contains_and_get():
 
 # ── Node & Flow ───────────────────────────────────────────────────────────────
 
-
 class _AddNode(Node):
     def prep(self, store):
         return store["value"]
@@ -85,22 +83,18 @@ def test_chained_nodes():
     a.then("next", b)
     store = Store({"value": 0})
     Flow(start=a).run(store)
-    assert store["value"] == 20  # +10 twice
+    assert store["value"] == 20   # +10 twice
 
 
 def test_wildcard_edge():
     class RouterNode(Node):
-        def exec(self, prep):
-            return "unknown_action"
-
+        def exec(self, prep): return "unknown_action"
         def post(self, store, prep, result):
             store["routed"] = True
             return result
 
     class FallbackNode(Node):
-        def exec(self, prep):
-            return None
-
+        def exec(self, prep): return None
         def post(self, store, prep, result):
             store["fell_back"] = True
             return "done"
@@ -127,14 +121,11 @@ def test_flow_hooks():
 
 def test_flow_max_steps():
     class LoopNode(Node):
-        def exec(self, prep):
-            return None
-
-        def post(self, store, prep, result):
-            return "loop"
+        def exec(self, prep): return None
+        def post(self, store, prep, result): return "loop"
 
     n = LoopNode()
-    n.then("loop", n)  # infinite loop
+    n.then("loop", n)   # infinite loop
     with pytest.raises(RuntimeError, match="max_steps"):
         Flow(start=n, max_steps=5).run(Store({}))
 
@@ -150,7 +141,6 @@ def test_flow_checkpoint(tmp_path):
 
 
 # ── Retry ─────────────────────────────────────────────────────────────────────
-
 
 def test_retry_succeeds_on_third_attempt():
     attempts = [0]
@@ -179,16 +169,13 @@ def test_retry_exhausted_raises():
     class AlwaysFailNode(Node):
         max_retries = 2
         retry_delay = 0.0
-
-        def exec(self, prep):
-            raise RuntimeError("always fails")
+        def exec(self, prep): raise RuntimeError("always fails")
 
     with pytest.raises(RuntimeError, match="always fails"):
         Flow(start=AlwaysFailNode()).run(Store({}))
 
 
 # ── AsyncNode ─────────────────────────────────────────────────────────────────
-
 
 class _AsyncDouble(AsyncNode):
     def prep(self, store):
@@ -211,14 +198,12 @@ def test_async_node():
 
 def test_async_gather():
     class GatherNode(AsyncNode):
-        def prep(self, store):
-            return [1, 2, 3]
+        def prep(self, store): return [1, 2, 3]
 
         async def exec_async(self, items):
             async def double(x):
                 await asyncio.sleep(0)
                 return x * 2
-
             return await asyncio.gather(*[double(i) for i in items])
 
         def post(self, store, prep, result):
@@ -341,9 +326,7 @@ def test_background_runner_completes(tmp_path):
 
 def test_background_runner_timeout(tmp_path):
     class _VerySlowNode(Node):
-        def exec(self, prep):
-            _time.sleep(10)
-            return "done"
+        def exec(self, prep): _time.sleep(10); return "done"
 
     flow = Flow(start=_VerySlowNode())
     handle = flow.run_background(Store({}))
