@@ -30,7 +30,18 @@ def alternate(a: Callable[[], object], b: Callable[[], object], repeat: int) -> 
     return statistics.median(times_a), statistics.median(times_b)
 
 
-def report(label: str, value: float, unit: str, reference: str, verdict: bool) -> bool:
-    mark = "ok  " if verdict else "FAIL"
-    print(f"  [{mark}] {label:<44} {value:>10.1f} {unit:<6} {reference}")
-    return verdict
+def report(
+    label: str, value: float, unit: str, reference: str, verdict: bool | None, digits: int = 1
+) -> bool:
+    """Print one figure beside its reference; ``verdict`` None marks a figure without a
+    target (``info``), which never fails the run."""
+    mark = "info" if verdict is None else "ok  " if verdict else "FAIL"
+    print(f"  [{mark}] {label:<44} {value:>10.{digits}f} {unit:<6} {reference}")
+    return verdict is not False
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) by the nearest-rank method: a value that occurred."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n * q / 100), at least 1
+    return ordered[int(rank) - 1]

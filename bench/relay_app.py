@@ -1,27 +1,42 @@
 """A raw Celery relay: the floor a distributed step cannot beat.
 
-Task ``bench.relay(n, key)`` sends itself with ``n - 1`` until 0, then sets ``key`` in
-Redis: 100 tasks one after another through the broker, each doing nothing else. Same
-broker, same JSON, same prefetch as PocoFlow's app, so the difference is our step.
+Task ``bench.relay(n, key)`` sends itself with ``n - 1`` until 0, then pushes the epoch
+time it finished onto the Redis list ``key``: ``n + 1`` tasks one after another through
+the broker, each doing nothing else. Same broker, same JSON, same prefetch and ack mode
+as PocoFlow's app (``create_app``), so the difference is our step. The caller blocks on
+the list (``BLPOP``) rather than polling it, so waiting costs the box nothing.
+
+The worker runs ``celery -A bench.relay_app worker --queues relay``; callers send by name
+(``send_task``) through an app of their own, so they need not import this module.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from typing import Any
 
 from pocoflow.distributed.celery_app import create_app
 from pocoflow.settings import Settings
 
+TASK = "bench.relay"
+QUEUE = "relay"
+
 settings = Settings.from_env()
 app = create_app(settings)
-app.conf.task_routes = {"bench.relay": {"queue": "relay"}}
+app.conf.task_routes = {TASK: {"queue": QUEUE}}
 
 
-@app.task(name="bench.relay", ignore_result=True)
-def relay(n: int, key: str) -> None:
-    if n > 0:
-        relay.apply_async(args=[n - 1, key], queue="relay")
-        return
+@functools.cache
+def _redis() -> Any:
     import redis
 
-    redis.Redis.from_url(settings.broker_url).set(key, repr(time.time()))
+    return redis.Redis.from_url(settings.broker_url)
+
+
+@app.task(name=TASK, ignore_result=True)
+def relay(n: int, key: str) -> None:
+    if n > 0:
+        relay.apply_async(args=[n - 1, key], queue=QUEUE)
+        return
+    _redis().rpush(key, repr(time.time()))

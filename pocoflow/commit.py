@@ -40,3 +40,6 @@ class StepCommit:
     run_fields: dict[str, Any] = field(default_factory=dict)
     attempt: int | None = None
     next_step: NextStep | None = None
+    #: With ``attempt``: this worker's ``pf_attempts`` row is closed as committed in the
+    #: same transaction (one round trip fewer per distributed step).
+    worker: str | None = None

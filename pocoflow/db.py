@@ -240,6 +240,30 @@ class WorkflowDB(StepQueue):
         data = legacy if legacy is not None else _decode_all(texts)
         return Store(data, name=f"{run_id}@step{step}"), manifest, texts
 
+    def load_run_and_store(
+        self, run_id: str, step: int
+    ) -> tuple[dict[str, Any] | None, tuple[Store, dict[str, int], dict[str, str]] | None]:
+        """The run row and ``load_store(run_id, step)`` in one read transaction: a worker
+        needs both before every step, and one transaction costs less than two. The store
+        part is None when the run or the checkpoint is missing."""
+        dialect = self._dialect
+
+        def body(conn: Connection) -> tuple[Any, Any]:
+            run = runs.get(conn, run_id)
+            if run is None:
+                return None, None
+            try:
+                return run, checkpoints.load_texts(conn, dialect, run_id, step)
+            except KeyError:
+                return run, None
+
+        run, loaded = self._read(body, run_id)
+        if loaded is None:
+            return run, None
+        manifest, texts, legacy = loaded
+        data = legacy if legacy is not None else _decode_all(texts)
+        return run, (Store(data, name=f"{run_id}@step{step}"), manifest, texts)
+
     def count_committed(self, run_id: str) -> int:
         """Committed node steps of the run (checkpoints with step >= 0): what
         ``max_steps`` is checked against across workers (G5)."""

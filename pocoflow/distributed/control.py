@@ -210,9 +210,16 @@ class RemoteControl:
         if row is None or row["status"] not in ("queued", "running"):
             return
         publisher = self._publisher_factory()
-        if row.get("task_id"):
-            _log.info("Run %s: revoking task %s (terminate)", self.run_id, row["task_id"])
-            publisher.revoke(row["task_id"], terminate=True)
+        # The running attempt's own row names the task it runs under (written at claim);
+        # the outbox's task id may not be marked yet (marks are batched).
+        running = [
+            a["task_id"]
+            for a in self.db.get_attempts(self.run_id)
+            if a["step"] == step and a["ended_at"] is None and a.get("task_id")
+        ]
+        for task_id in running or ([row["task_id"]] if row.get("task_id") else []):
+            _log.info("Run %s: revoking task %s (terminate)", self.run_id, task_id)
+            publisher.revoke(task_id, terminate=True)
         self.db.end_attempt(self.run_id, step, row["attempt"], None, "terminated")
         self.db.take_over(self.run_id, step, row["attempt"], self.lease_s, force=True)
 

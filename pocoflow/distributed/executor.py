@@ -85,14 +85,14 @@ class WorkerContext:
     @classmethod
     def from_settings(cls, settings: Settings, app: Celery | None = None) -> WorkerContext:
         from pocoflow.distributed.celery_app import create_app
-        from pocoflow.distributed.publish import Publisher
+        from pocoflow.distributed.publish import Publisher, SentMarker
         from pocoflow.recorder import open_ledger
 
         db = open_ledger(settings.db_url)
         app = app if app is not None else create_app(settings)
         return cls(
             db=db,
-            publisher=Publisher(app, db),
+            publisher=Publisher(app, db, marker=SentMarker(db)),
             redis=redis_client(settings.redis_url) if settings.redis_url else None,
             lease_s=settings.lease_seconds,
         )
@@ -192,12 +192,15 @@ class _StepRun:
         self.msg = msg
         self.worker = worker
         self.task_id = task_id
+        self._prior: tuple[Store, dict[str, int], dict[str, str]] | None = None
 
     # ── the protocol ──────────────────────────────────────────────────────────
 
     def run(self) -> str:
         msg, db = self.msg, self.db
-        run = db.get_run(msg.run_id)
+        # One read for the guard and the load: the Store of step-1 is cheap to read and
+        # rarely wasted (only when the claim below finds a duplicate).
+        run, self._prior = db.load_run_and_store(msg.run_id, msg.step - 1)
         if run is None:
             _log.error("Step message for unknown run %r dropped", msg.run_id)
             return UNKNOWN_RUN
@@ -274,7 +277,7 @@ class _StepRun:
             node = graph.node(msg.node_id)
         except KeyError as exc:
             raise _Refused(f"Run {msg.run_id!r}, flow {msg.flow!r}: {exc.args[0]}") from None
-        store, manifest, texts = self.db.load_store(msg.run_id, msg.step - 1)
+        store, manifest, texts = self._prior or self.db.load_store(msg.run_id, msg.step - 1)
         tracker = StoreTracker()
         tracker.seed(manifest, texts, store.as_dict())
         return _Loaded(flow, graph, node, store, tracker)
@@ -346,6 +349,7 @@ class _StepRun:
             run_fields=run_fields,
             attempt=msg.attempt,
             next_step=next_step,
+            worker=self.worker,
         )
         if not db.commit_step(commit, now=now):
             self._end(LOST, "another attempt took over or committed this step first")
@@ -356,7 +360,6 @@ class _StepRun:
                 msg.attempt,
             )
             return LOST
-        self._end(COMMITTED)
         if next_step is not None:
             successor = StepMessage(msg.run_id, msg.flow, next_step.step, next_step.node_id, 1)
             self.ctx.publisher.send(successor, queue=run.get("queue"))

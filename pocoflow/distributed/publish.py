@@ -8,6 +8,10 @@ newer attempt's row.
 
 from __future__ import annotations
 
+import atexit
+import queue
+import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from pocoflow.distributed.celery_app import DEFAULT_QUEUE, PUBLISH_RETRY_POLICY, TASK_NAME
@@ -22,12 +26,51 @@ if TYPE_CHECKING:
 _log = get_logger("distributed.publish")
 
 
-class Publisher:
-    """Publishes step messages on ``app``'s broker and marks their outbox rows sent."""
+class SentMarker:
+    """Marks published outbox rows sent from a background thread, in batches.
 
-    def __init__(self, app: Celery, db: WorkflowDB) -> None:
+    Because a mark only spares the sweeper a resend, it need not hold up the step: a
+    worker that dies before its batch lands just lets the sweeper resend those messages
+    after the grace period, and the duplicate is refused by the step's claim (G1).
+    """
+
+    def __init__(self, db: WorkflowDB, interval_s: float = 0.02) -> None:
+        self.db = db
+        self.interval_s = interval_s
+        self._pending: queue.SimpleQueue[tuple[str, int, int, str | None, float]] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._loop, name="pocoflow-sent", daemon=True)
+        self._thread.start()
+        atexit.register(self.flush)
+
+    def add(self, run_id: str, step: int, attempt: int, task_id: str | None, now: float) -> None:
+        self._pending.put((run_id, step, attempt, task_id, now))
+
+    def flush(self) -> None:
+        batch = []
+        while not self._pending.empty():
+            batch.append(self._pending.get_nowait())
+        try:
+            self.db.mark_sent_many(batch)
+        except Exception as exc:  # the sweeper resends; nothing is lost
+            _log.warning("Could not mark %d sent steps: %s", len(batch), exc)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.interval_s)
+            if not self._pending.empty():
+                self.flush()
+
+
+class Publisher:
+    """Publishes step messages on ``app``'s broker and marks their outbox rows sent
+    (at once, or through a ``SentMarker`` when the caller is on a hot path)."""
+
+    def __init__(self, app: Celery, db: WorkflowDB, *, marker: SentMarker | None = None) -> None:
         self.app = app
         self.db = db
+        self.marker = marker
 
     def send(
         self,
@@ -57,6 +100,11 @@ class Publisher:
                 exc,
             )
             return False
+        if self.marker is not None:
+            self.marker.add(
+                message.run_id, message.step, message.attempt, result.id, now or time.time()
+            )
+            return True
         try:
             self.db.mark_sent(
                 message.run_id, message.step, message.attempt, task_id=result.id, now=now

@@ -38,12 +38,42 @@ def run(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...] = ()) ->
     ``conflicts`` fired. After False the caller must roll back."""
     if conn.dialect.name == "postgresql":
         return _pipelined(conn, ops, conflicts)
-    for op in ops:
-        if isinstance(op.params, Sequence) and not op.params:
-            continue
-        if conn.execute(op.stmt, op.params).rowcount != 1 and op.must_hit_one:  # type: ignore[arg-type]
-            return False
+    return _sqlite_direct(conn, ops)
+
+
+def _sqlite_direct(conn: Connection, ops: Sequence[Op]) -> bool:
+    """The batch through the sqlite3 cursor with SQL compiled once per statement: the
+    Core execute path costs more than SQLite's own insert here (about 20 us a statement),
+    and a step commit runs seven of them."""
+    import sqlite3
+
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, sqlite3.Connection)
+    cur = raw.cursor()
+    sql = ""
+    try:
+        for op in ops:
+            many = not isinstance(op.params, Mapping)
+            rows: Sequence[Mapping[str, Any]] = op.params if many else [op.params]  # type: ignore[assignment, list-item]
+            if not rows:
+                continue
+            compiled = _compiled(op.stmt, conn.dialect, tuple(rows[0]))
+            sql = compiled.string
+            order = getattr(compiled, "positiontup", None) or ()  # qmark order of SQLite
+            if many:
+                cur.executemany(sql, [_positional(compiled, order, r) for r in rows])
+            else:
+                cur.execute(sql, _positional(compiled, order, rows[0]))
+                if op.must_hit_one and cur.rowcount != 1:
+                    return False
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(sql, None, exc, sqlite3.Error) from exc
     return True
+
+
+def _positional(compiled: Compiled, order: Sequence[str], row: Mapping[str, Any]) -> list[Any]:
+    params = _params(compiled, row)
+    return [params[name] for name in order]
 
 
 @lru_cache(maxsize=256)

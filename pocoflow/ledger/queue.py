@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pocoflow.ledger import steps
+from pocoflow.ledger import steps, txn
 from pocoflow.ledger.client import LedgerClient
 from pocoflow.ledger.common import epoch
 
@@ -56,6 +56,19 @@ class StepQueue(LedgerClient):
             run_id,
         )
 
+    def mark_sent_many(self, sent: list[tuple[str, int, int, str | None, float]]) -> None:
+        """``mark_sent`` for a batch of ``(run_id, step, attempt, task_id, now)`` in one
+        transaction: a worker marks what it published in the background, off the step's
+        critical path."""
+        if not sent:
+            return
+
+        def body(conn: Any) -> None:
+            for run_id, step, attempt, task_id, now in sent:
+                steps.mark_sent(conn, run_id, step, attempt, task_id, now)
+
+        self._write(body, f"marking {len(sent)} steps sent", sent[0][0])
+
     def claim_step(
         self,
         run_id: str,
@@ -72,11 +85,13 @@ class StepQueue(LedgerClient):
         committed, failed, held by a live lease of another worker, or ``attempt`` is
         stale — do nothing (G1)."""
         t = epoch(now)
-        return self._write(
-            lambda conn: steps.claim(conn, run_id, step, attempt, worker, lease_s, t, task_id),
-            f"claiming step {step}",
-            run_id,
-        )
+
+        def body(conn: Any) -> bool:
+            if not steps.claim(conn, run_id, step, attempt, worker, lease_s, t, task_id):
+                raise txn.Abort(False)  # roll back: PostgreSQL sent the whole batch
+            return True
+
+        return self._write(body, f"claiming step {step}", run_id)
 
     def renew_lease(
         self,

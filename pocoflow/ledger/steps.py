@@ -19,6 +19,7 @@ from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from pocoflow.commit import NextStep
+from pocoflow.ledger import pipeline
 from pocoflow.ledger.common import insert_ignore
 from pocoflow.ledger.pipeline import Op
 from pocoflow.ledger.tables import pf_attempts, pf_runs, pf_steps
@@ -228,10 +229,18 @@ def claim(
     """
     params = _key(run_id, step, attempt)
     params.update(worker=worker, now=now, expires=now + lease_s)
-    if conn.execute(_CLAIM, params).rowcount != 1:
-        return False
-    start_attempt(conn, run_id, step, attempt, worker, now, task_id)
-    return True
+    attempt_row = {
+        "run_id": run_id,
+        "step": step,
+        "attempt": attempt,
+        "worker": worker,
+        "started_at": now,
+        "task_id": task_id,
+    }
+    # A batch because claiming is on every step's path (see pipeline.run).
+    return pipeline.run(
+        conn, [Op(_CLAIM, params, must_hit_one=True), Op(_INSERT_ATTEMPT, attempt_row)]
+    )
 
 
 def renew(
@@ -285,6 +294,15 @@ def start_attempt(
             "task_id": task_id,
         },
     )
+
+
+def end_attempt_op(
+    run_id: str, step: int, attempt: int, worker: str, outcome: str, now: float
+) -> Op:
+    """Closing an attempt's row as part of a batch (the step commit)."""
+    params = _key(run_id, step, attempt)
+    params.update(now=now, outcome=outcome, err=None, b_worker=worker)
+    return Op(_END_ATTEMPT, params)
 
 
 def end_attempt(

@@ -267,6 +267,11 @@ def test_a_ledger_failure_inside_the_step_is_contained(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("ledger went away")
 
+    real = db.load_run_and_store
+    # The run row reads fine, then the Store load (after the claim) fails.
+    monkeypatch.setattr(
+        db, "load_run_and_store", lambda run_id, step: (real(run_id, step)[0], None)
+    )
     monkeypatch.setattr(db, "load_store", broken)
     assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == executor.CRASHED
 

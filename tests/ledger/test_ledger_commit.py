@@ -233,3 +233,31 @@ def test_legacy_style_full_checkpoint_seeds_a_delta_commit(db):
     assert manifest == {"x": 0, "y": 0} and texts == {"x": "1", "y": "[1,2]"}
     assert db.commit_step(make_commit("r1", 1, manifest, {"x": 2}))
     assert db.load_checkpoint("r1", 1).as_dict() == {"x": 2, "y": [1, 2]}
+
+
+def test_a_worker_commit_closes_its_attempt_in_the_same_transaction(db):
+    manifest = start(db)
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+    assert db.claim_step("r1", 0, 1, "w1", lease_s=10, now=100.0, task_id="t-1")
+    lost = make_commit("r1", 0, manifest, {"n": 1}, attempt=9, worker="w1")
+    assert db.commit_step(lost, now=101.0) is False
+    (attempt,) = db.get_attempts("r1")
+    assert attempt["ended_at"] is None  # a refused commit closes nothing
+
+    won = make_commit("r1", 0, manifest, {"n": 1}, attempt=1, worker="w1")
+    assert db.commit_step(won, now=102.0) is True
+    (attempt,) = db.get_attempts("r1")
+    assert (attempt["outcome"], attempt["ended_at"], attempt["task_id"]) == (
+        "committed",
+        102.0,
+        "t-1",
+    )
+
+
+def test_run_and_store_come_in_one_read(db):
+    start(db, n=5, s="x")
+    run, (store, manifest, texts) = db.load_run_and_store("r1", -1)
+    assert run["run_id"] == "r1" and store.as_dict() == {"n": 5, "s": "x"}
+    assert manifest == {"n": -1, "s": -1} and set(texts) == {"n", "s"}
+    assert db.load_run_and_store("r1", 7) == (run, None)
+    assert db.load_run_and_store("nope", -1) == (None, None)
