@@ -65,6 +65,9 @@ MALFORMED = "malformed"
 UNKNOWN_RUN = "unknown_run"
 CRASHED = "crashed"
 
+#: Stores kept for the next step of runs this process just advanced (see keep()).
+HANDOFF_SIZE = 64
+
 
 @dataclass
 class WorkerContext:
@@ -79,8 +82,23 @@ class WorkerContext:
     clock: Callable[[], float] = time.time
     leases: LeaseKeeper = field(init=False)
 
+    handoff: dict[tuple[str, str, int], tuple[Store, StoreTracker]] = field(
+        init=False, default_factory=dict
+    )
+
     def __post_init__(self) -> None:
         self.leases = LeaseKeeper(self.db, self.lease_s)
+
+    def keep(self, run_id: str, flow: str, step: int, store: Store, tracker: StoreTracker) -> None:
+        """Hold the Store this process just committed as step ``step``: when the same
+        process gets the next step (often), it need not read it back. Taken once, so a
+        retry or a second delivery reads the checkpoint from the ledger again."""
+        if len(self.handoff) >= HANDOFF_SIZE:
+            self.handoff.pop(next(iter(self.handoff)))
+        self.handoff[(run_id, flow, step)] = (store, tracker)
+
+    def take(self, run_id: str, flow: str, step: int) -> tuple[Store, StoreTracker] | None:
+        return self.handoff.pop((run_id, flow, step), None)
 
     @classmethod
     def from_settings(cls, settings: Settings, app: Celery | None = None) -> WorkerContext:
@@ -193,14 +211,23 @@ class _StepRun:
         self.worker = worker
         self.task_id = task_id
         self._prior: tuple[Store, dict[str, int], dict[str, str]] | None = None
+        self._handed: tuple[Store, StoreTracker] | None = None
 
     # ── the protocol ──────────────────────────────────────────────────────────
 
     def run(self) -> str:
         msg, db = self.msg, self.db
-        # One read for the guard and the load: the Store of step-1 is cheap to read and
-        # rarely wasted (only when the claim below finds a duplicate).
-        run, self._prior = db.load_run_and_store(msg.run_id, msg.step - 1)
+        # The Store of step-1 is in memory when this process committed it; otherwise one
+        # read brings the run row and the Store (rarely wasted: only on a duplicate).
+        self._handed = self.ctx.take(msg.run_id, msg.flow, msg.step - 1)
+        claimed = False
+        if self._handed is not None:
+            claimed, run = db.claim_if_runnable(
+                msg.run_id, msg.step, msg.attempt, self.worker, self.ctx.lease_s,
+                task_id=self.task_id,
+            )  # fmt: skip
+        else:
+            run, self._prior = db.load_run_and_store(msg.run_id, msg.step - 1)
         if run is None:
             _log.error("Step message for unknown run %r dropped", msg.run_id)
             return UNKNOWN_RUN
@@ -214,10 +241,10 @@ class _StepRun:
                 ),
             )
             return MALFORMED
-        stop = self._guard(run)
+        stop = None if claimed else self._guard(run)
         if stop is not None:
             return stop
-        if not db.claim_step(
+        if not claimed and not db.claim_step(
             msg.run_id, msg.step, msg.attempt, self.worker, self.ctx.lease_s, task_id=self.task_id
         ):
             _log.info(
@@ -277,6 +304,9 @@ class _StepRun:
             node = graph.node(msg.node_id)
         except KeyError as exc:
             raise _Refused(f"Run {msg.run_id!r}, flow {msg.flow!r}: {exc.args[0]}") from None
+        if self._handed is not None:
+            store, tracker = self._handed
+            return _Loaded(flow, graph, node, store, tracker)
         store, manifest, texts = self._prior or self.db.load_store(msg.run_id, msg.step - 1)
         tracker = StoreTracker()
         tracker.seed(manifest, texts, store.as_dict())
@@ -361,6 +391,7 @@ class _StepRun:
             )
             return LOST
         if next_step is not None:
+            self.ctx.keep(msg.run_id, msg.flow, msg.step, loaded.store, loaded.tracker)
             successor = StepMessage(msg.run_id, msg.flow, next_step.step, next_step.node_id, 1)
             self.ctx.publisher.send(successor, queue=run.get("queue"))
         else:

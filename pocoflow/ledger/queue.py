@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pocoflow.ledger import steps, txn
+from pocoflow.ledger import runs, steps, txn
 from pocoflow.ledger.client import LedgerClient
 from pocoflow.ledger.common import epoch
 
@@ -90,6 +90,33 @@ class StepQueue(LedgerClient):
             if not steps.claim(conn, run_id, step, attempt, worker, lease_s, t, task_id):
                 raise txn.Abort(False)  # roll back: PostgreSQL sent the whole batch
             return True
+
+        return self._write(body, f"claiming step {step}", run_id)
+
+    def claim_if_runnable(
+        self,
+        run_id: str,
+        step: int,
+        attempt: int,
+        worker: str,
+        lease_s: float,
+        *,
+        task_id: str | None = None,
+        now: float | None = None,
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Read the run row and, if the run may go on (queued or running, no cancel or
+        pause requested), claim the step: one transaction instead of a read and a write.
+        Returns ``(claimed, run)``; a run that may not go on is returned unclaimed for the
+        caller's guard to handle."""
+        t = epoch(now)
+
+        def body(conn: Any) -> tuple[bool, dict[str, Any] | None]:
+            run = runs.get(conn, run_id)
+            if run is None or run["status"] not in ("queued", "running") or run["control"]:
+                raise txn.Abort((False, run))
+            if not steps.claim(conn, run_id, step, attempt, worker, lease_s, t, task_id):
+                raise txn.Abort((False, run))  # roll back: PostgreSQL sent the whole batch
+            return True, run
 
         return self._write(body, f"claiming step {step}", run_id)
 

@@ -285,3 +285,23 @@ def test_a_step_that_stops_for_a_cancel_commits_nothing(
     assert db.get_checkpoints(first.run_id) == [] and publish.take() == []
     (attempt,) = db.get_attempts(first.run_id)
     assert attempt["outcome"] == "cancelled"
+
+
+def test_the_next_step_in_the_same_process_reuses_the_committed_store(
+    db: Any, ctx: WorkerContext, publish: Publish, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = start(db, "exec_three")
+    loads: list[int] = []
+    real = db.load_run_and_store
+
+    def counting(run_id: str, step: int) -> Any:
+        loads.append(step)
+        return real(run_id, step)
+
+    monkeypatch.setattr(db, "load_run_and_store", counting)
+    assert drain(ctx, publish, first) == ["committed"] * 3
+    assert loads == [-1]  # steps 1 and 2 took the Store this process had just committed
+    assert db.load_checkpoint(first.run_id, 2).as_dict() == {"n": 3}
+    # A second delivery of a step finds no handoff (taken once) and reads the ledger.
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "stopped"
+    assert loads == [-1, -1]

@@ -261,3 +261,20 @@ def test_run_and_store_come_in_one_read(db):
     assert manifest == {"n": -1, "s": -1} and set(texts) == {"n", "s"}
     assert db.load_run_and_store("r1", 7) == (run, None)
     assert db.load_run_and_store("nope", -1) == (None, None)
+
+
+def test_claim_if_runnable_claims_only_a_run_that_may_go_on(db):
+    start(db)
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+    db.set_control("r1", "pause")
+    claimed, run = db.claim_if_runnable("r1", 0, 1, "w1", 10, now=101.0)
+    assert (claimed, run["control"]) == (False, "pause")
+    assert db.get_step("r1", 0)["status"] == "queued" and db.get_attempts("r1") == []
+
+    db.set_control("r1", None)
+    claimed, run = db.claim_if_runnable("r1", 0, 1, "w1", 10, now=102.0)
+    assert claimed and run["run_id"] == "r1"
+    assert db.get_step("r1", 0)["status"] == "running"
+    again, _ = db.claim_if_runnable("r1", 0, 1, "w2", 10, now=103.0)  # a duplicate
+    assert again is False and len(db.get_attempts("r1")) == 1
+    assert db.claim_if_runnable("nope", 0, 1, "w1", 10) == (False, None)
