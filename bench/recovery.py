@@ -1,7 +1,7 @@
 """Recovery time after ``kill -9`` of the worker running a step (G3).
 
 Two worker nodes with the default lease and sweep interval (``POCOFLOW_LEASE_SECONDS``
-10, ``POCOFLOW_SWEEP_SECONDS`` 5: target lease + sweep = 15 s or less) on a private Redis
+10, ``POCOFLOW_SWEEP_SECONDS`` 4: lease + sweep = 14 s, target 15 s or less) on a private Redis
 and a SQLite ledger. A run of ``bench_nap`` is submitted; while its middle step naps, the
 worker running it is found from its open ``pf_attempts`` row (``worker`` =
 ``hostname:pid``) and its whole process group is killed with SIGKILL. Measured, on the
@@ -33,6 +33,8 @@ from pocoflow.devcluster import start_redis
 from pocoflow.settings import DEFAULT_LEASE_SECONDS, DEFAULT_SWEEP_SECONDS, Settings
 from tests.distributed.faults import attempts_of, checkpoint_steps, open_attempt, worker_running
 from tests.helpers import wait_until
+
+G3_TARGET_S = 15.0
 
 if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
@@ -79,7 +81,10 @@ def main(kills: int = 3) -> bool:
     from pocoflow.db import WorkflowDB
 
     lease, sweep = DEFAULT_LEASE_SECONDS, DEFAULT_SWEEP_SECONDS
-    target = lease + sweep
+    # G3 bounds the wait by lease + sweep (the defaults keep that at 14 s, a lease expires
+    # up to `lease` after its last renewal and the next sweep may be `sweep` away); the
+    # issue's target is 15 s or less.
+    target = G3_TARGET_S
     print(
         f"recovery: kill -9 of the worker running a step, 2 workers, default lease "
         f"{lease:g} s + sweep {sweep:g} s, the step naps {NAP_S:g} s, {kills} kills"
@@ -105,7 +110,8 @@ def main(kills: int = 3) -> bool:
         f"kill -> re-run start (worst of {kills})",
         max(starts),
         "s",
-        f"each {', '.join(f'{s:.1f}' for s in starts)} s; target <= {target:g} s (lease + sweep)",
+        f"each {', '.join(f'{s:.1f}' for s in starts)} s; lease + sweep = {lease + sweep:g} s, "
+        f"target <= {target:g} s",
         max(starts) <= target,
     )
     ok &= report(

@@ -26,7 +26,7 @@ def test_defaults_from_an_empty_environment() -> None:
     assert s.redis_url == "redis://localhost:6379/0"
     assert s.flows == ()
     assert s.lease_seconds == 10.0
-    assert s.sweep_seconds == 5.0
+    assert s.sweep_seconds == 4.0
     assert s.sqlite_synchronous == "NORMAL"
 
 
