@@ -82,7 +82,8 @@ def _follow(handle, settings: Settings, timeout: float, echo: Callable[[str], No
             if event["event"] == "node_end":
                 echo(
                     f"  step {event['step']:>2}  {event['node_name']:<10} -> "
-                    f"{event['action']:<9} {event['elapsed_ms']:7.1f} ms"
+                    f"{event['action']:<9} {event['elapsed_ms']:7.1f} ms  "
+                    f"{_ran_on(db, handle.run_id, event['step'])}"
                 )
             elif event["event"] in ("node_retry", "node_error"):
                 echo(
@@ -92,3 +93,11 @@ def _follow(handle, settings: Settings, timeout: float, echo: Callable[[str], No
         if handle.is_done:
             return
         time.sleep(0.05)
+
+
+def _ran_on(db, run_id: str, step: int) -> str:
+    """Which worker process committed ``step``: the attempt row's ``host:pid``."""
+    for attempt in db.get_attempts(run_id):
+        if attempt["step"] == step and attempt["outcome"] == "committed":
+            return f"on {attempt['worker']}"
+    return ""

@@ -144,3 +144,14 @@ def test_cli_bad_ledger_path_is_bad_input(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 2 and str(blocker) in bad.stderr
+
+
+def test_demo_runs_the_article_pipeline_on_real_workers(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "pocoflow.cli", "demo", "--workers", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "summary: In short:" in done.stdout
+    workers = set(re.findall(r"-> \S+ +[\d.]+ ms +on (\S+)", done.stdout))
+    assert len(workers) >= 1 and "Summarise  -> done" in done.stdout
