@@ -347,6 +347,10 @@ def resume(
         if wait:
             wait_for(handle)
         return
+    if run.get("control") == "pause":  # held by a live process: let it go on
+        db.update_run_if(run_id, control_in=("pause",), control=None)
+        click.echo(f"run {run_id}: resume requested; the process holding it goes on")
+        return
     flow = flow_for_run(db, run_id, target, flows)
     flow.db_path = db_url
     finish_local(flow, lambda: flow.resume(run_id))

@@ -157,6 +157,11 @@ class WorkflowDB(StepQueue):
             run_id,
         )
 
+    def get_control(self, run_id: str) -> str | None:
+        """The ``cancel``/``pause`` request standing on a run (None: none, or no run): what
+        an in-process run reads before every node, so it is one narrow query."""
+        return self._read(lambda conn: runs.control(conn, run_id), run_id)
+
     def set_control(self, run_id: str, control: str | None) -> None:
         """Leave a ``cancel`` / ``pause`` request on the run (None clears it); read it back
         with ``get_run(run_id)["control"]``. Workers check it before each node (G4)."""

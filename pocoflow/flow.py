@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 _log = get_logger("flow")
 
+#: How often a run held by a pause request from another process looks for its withdrawal.
+LEDGER_POLL_S = 0.05
+
 
 def make_run_id(flow_name: str) -> str:
     return f"{flow_name}-{uuid4().hex[:8]}"
@@ -272,6 +275,12 @@ class Flow(Node):
         is_running = control._running.is_set
         steps_run = 0
         while current is not None:
+            if record:
+                requested = recorder.requested_control()
+                if requested == "cancel":  # the requester recorded the cancel already
+                    return self._cancelled(recorder, control, step, store, current.name, False)
+                if requested == "pause" and not self._hold_for_ledger(recorder, control, step):
+                    return self._cancelled(recorder, control, step, store, current.name, False)
             if not is_running():
                 recorder.ended_early(step, "paused", RUN_PAUSED, None)
                 control.wait_until_resumed()
@@ -333,12 +342,32 @@ class Flow(Node):
         hooks.fire("flow_end", step, store)
         return store
 
+    def _hold_for_ledger(self, recorder: RunRecorder, control: RunControl, step: int) -> bool:
+        """Wait while another process's pause request stands; False if it became a cancel.
+        Polls the ledger, since the request comes from another process."""
+        recorder.park(step)
+        while True:
+            requested = recorder.requested_control()
+            if requested == "cancel" or control.cancelled:
+                return False
+            if requested != "pause":
+                recorder.unpark(step)
+                return True
+            control.cancel_event.wait(LEDGER_POLL_S)
+
     def _cancelled(
-        self, recorder: RunRecorder, control: RunControl, step: int, store: Store, node: str
+        self,
+        recorder: RunRecorder,
+        control: RunControl,
+        step: int,
+        store: Store,
+        node: str,
+        record: bool = True,
     ) -> Store:
         _log.info("Run %s cancelled before node %r", recorder.run_id, node)
         control.stopped_by_cancel = True
-        recorder.ended_early(step, "cancelled", RUN_CANCELLED, "cancelled")
+        if record:
+            recorder.ended_early(step, "cancelled", RUN_CANCELLED, "cancelled")
         self._hooks.fire("flow_end", step, store)  # 0.2 fired it on cancel too
         return store
 

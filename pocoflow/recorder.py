@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pocoflow.commit import StepCommit
 from pocoflow.delta import StoreTracker
 from pocoflow.errors import RunSetupError, StepConflict
-from pocoflow.hooks import FLOW_END, FLOW_START
+from pocoflow.hooks import FLOW_END, FLOW_START, RUN_PAUSED, RUN_RESUMED
 from pocoflow.step import utc_now
 from pocoflow.store import Store
 
@@ -130,6 +130,24 @@ class RunRecorder:
                 f"Run {self.run_id!r}: step {step} ({node_name}) was already committed by "
                 "another runner; this one stops to keep one transition per step"
             )
+
+    def requested_control(self) -> str | None:
+        """A ``cancel``/``pause`` left on the run by another process (``attach``, the CLI)."""
+        return self.db.get_control(self.run_id) if self.db is not None else None
+
+    def park(self, step: int) -> None:
+        """A ledger pause request met before ``step``: the run is ``paused`` until the
+        request is withdrawn."""
+        assert self.db is not None
+        if self.db.update_run_if(
+            self.run_id, status_in=("running",), control_in=("pause",), status="paused"
+        ):
+            self.db.save_event(self.run_id, RUN_PAUSED, step=step, ts=utc_now())
+
+    def unpark(self, step: int) -> None:
+        assert self.db is not None
+        if self.db.update_run_if(self.run_id, status_in=("paused",), status="running"):
+            self.db.save_event(self.run_id, RUN_RESUMED, step=step, ts=utc_now())
 
     def ended_early(self, step: int, status: str, event: str, error_msg: str | None) -> None:
         """The run stopped before its graph ended: failed, cancelled or paused."""

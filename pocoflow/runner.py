@@ -54,8 +54,8 @@ class RunControl:
     def paused(self) -> bool:
         return not self._running.is_set()
 
-    def wait_until_resumed(self) -> None:
-        self._running.wait()
+    def wait_until_resumed(self, timeout: float | None = None) -> bool:
+        return self._running.wait(timeout)
 
 
 class RunHandle:

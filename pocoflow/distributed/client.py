@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from pocoflow.distributed import lifecycle
 from pocoflow.distributed.celery_app import DEFAULT_QUEUE
-from pocoflow.distributed.control import CANCEL, PAUSE, RemoteControl, clear_flag, redis_client
+from pocoflow.distributed.control import (
+    CANCEL,
+    PAUSE,
+    LedgerControl,
+    RemoteControl,
+    clear_flag,
+    redis_client,
+)
 from pocoflow.distributed.graphs import shape_text
 from pocoflow.distributed.message import StepMessage
 from pocoflow.hooks import FLOW_END, FLOW_START, RUN_RESUMED
@@ -56,8 +63,15 @@ def _publisher(settings: Settings) -> Publisher:
 
 
 def _handle(
-    run_id: str, db: WorkflowDB, settings: Settings, store: Store | None = None
+    run_id: str,
+    db: WorkflowDB,
+    settings: Settings,
+    store: Store | None = None,
+    *,
+    on_workers: bool = True,
 ) -> RunHandle:
+    if not on_workers:  # a run_background() run of some process: steer it by the ledger
+        return RunHandle(run_id, db=db, control=LedgerControl(run_id, db), initial_store=store)
     control = RemoteControl(
         run_id,
         db,
@@ -172,9 +186,11 @@ def attach(
     """A handle on any recorded run, from any process; ``KeyError`` naming an unknown id."""
     settings = _settings(settings, db_url)
     db = open_ledger(settings.db_url)
-    if db.get_run(run_id) is None:
+    run = db.get_run(run_id)
+    if run is None:
         raise KeyError(f"Unknown run id {run_id!r} in ledger {db.url}")
-    return _handle(run_id, db, settings)
+    # Submitted runs record their queue; in-process runs have none.
+    return _handle(run_id, db, settings, on_workers=bool(run.get("queue")))
 
 
 def resume_run(

@@ -257,3 +257,44 @@ class RemoteControl:
 
     def __repr__(self) -> str:
         return f"RemoteControl(run_id={self.run_id!r})"
+
+
+class LedgerControl:
+    """RunHandle's control for a run executing in some process (``run_background``) rather
+    than on the workers: requests land in the ledger's ``control`` column, which that
+    process reads before every node (G4), so ``attach(run_id).cancel()`` and
+    ``pocoflow cancel`` reach it from anywhere."""
+
+    def __init__(self, run_id: str, db: WorkflowDB) -> None:
+        self.run_id = run_id
+        self.db = db
+
+    def cancel(self, terminate: bool = False) -> None:
+        """``terminate`` cannot interrupt another process's ``exec``; the run stops before
+        its next node, and a long ``exec`` that polls ``self.cancelled()`` stops early."""
+        from pocoflow.distributed import lifecycle
+
+        if not lifecycle.request_cancel(self.db, self.run_id):
+            _log.info("Run %s already finished; cancel ignored", self.run_id)
+
+    def pause(self) -> None:
+        from pocoflow.distributed import lifecycle
+
+        lifecycle.request_pause(self.db, self.run_id)
+
+    def resume(self) -> None:
+        """Withdraw the pause request; the process holding the run goes on."""
+        self.db.update_run_if(self.run_id, control_in=("pause",), control=None)
+
+    @property
+    def cancelled(self) -> bool:
+        run = self.db.get_run(self.run_id) or {}
+        return run.get("status") == "cancelled" or run.get("control") == CANCEL
+
+    @property
+    def paused(self) -> bool:
+        run = self.db.get_run(self.run_id) or {}
+        return run.get("status") == "paused" or run.get("control") == PAUSE
+
+    def __repr__(self) -> str:
+        return f"LedgerControl(run_id={self.run_id!r})"

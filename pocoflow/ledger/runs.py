@@ -37,6 +37,7 @@ UPDATABLE = frozenset(
 _UPDATE = update(pf_runs).where(pf_runs.c.run_id == bindparam("b_run_id"))
 _GET = select(pf_runs).where(pf_runs.c.run_id == bindparam("run_id"))
 _LIST = select(pf_runs).order_by(pf_runs.c.started_at.desc()).limit(bindparam("limit"))
+_CONTROL = select(pf_runs.c.control).where(pf_runs.c.run_id == bindparam("run_id"))
 _EXISTS = select(func.count()).select_from(pf_runs).where(pf_runs.c.run_id == bindparam("run_id"))
 
 
@@ -102,6 +103,10 @@ def update_fields_if(
 def get(conn: Connection, run_id: str) -> dict[str, Any] | None:
     row = conn.execute(_GET, {"run_id": run_id}).mappings().first()
     return dict(row) if row is not None else None
+
+
+def control(conn: Connection, run_id: str) -> str | None:
+    return conn.execute(_CONTROL, {"run_id": run_id}).scalar()
 
 
 def exists(conn: Connection, run_id: str) -> bool:

@@ -301,3 +301,31 @@ def test_cancel_inside_a_subflow_stops_between_inner_nodes(ledger_url):
     db = WorkflowDB(ledger_url)
     assert db.get_run(handle.run_id)["status"] == "cancelled"
     assert [c["step"] for c in db.get_checkpoints(handle.run_id)] == [0]
+
+
+def test_attach_pauses_resumes_and_cancels_a_background_run_via_the_ledger(ledger_url):
+    from pocoflow import attach
+
+    flow, gate = gated_flow(ledger_url)
+    handle = flow.run_background({"n": 0, "until": 3})
+    assert gate.entered.wait(10)
+    remote = attach(handle.run_id, db_url=ledger_url)  # as another process would
+    remote.pause()
+    gate.release.set()
+    db = WorkflowDB(ledger_url)
+    wait_until(lambda: db.get_run(handle.run_id)["status"] == "paused", timeout=10)
+    assert remote.status == "paused" and handle.store()["n"] == 0 and not handle.is_done
+    remote.resume()
+    assert handle.wait(10)["n"] == 1
+    assert db.get_run(handle.run_id)["status"] == "completed"
+    events = [e["event"] for e in db.get_events(handle.run_id)]
+    assert events.index("run_paused") < events.index("run_resumed")
+
+    flow, gate = gated_flow(ledger_url)
+    handle = flow.run_background({"n": 0, "until": 3})
+    assert gate.entered.wait(10)
+    attach(handle.run_id, db_url=ledger_url).cancel()
+    gate.release.set()
+    assert handle.wait(10)["n"] == 0  # stopped before Count
+    assert handle.status == "cancelled"
+    assert [e["event"] for e in db.get_events(handle.run_id)].count("run_cancelled") == 1
