@@ -23,8 +23,9 @@ from typing import Any
 from sqlalchemy.engine import Connection
 
 from pocoflow import codec
-from pocoflow.commit import StepCommit
-from pocoflow.ledger import checkpoints, events, runs, txn
+from pocoflow.commit import NextStep, StepCommit
+from pocoflow.ledger import checkpoints, events, runs, steps, txn
+from pocoflow.ledger.common import epoch
 from pocoflow.ledger.queue import StepQueue
 from pocoflow.store import Store
 
@@ -93,6 +94,9 @@ class WorkflowDB(StepQueue):
         forked_from_step: int | None = None,
         queue: str | None = None,
         graph_shape: str | None = None,
+        start_events: list[dict[str, Any]] | None = None,
+        first_step: NextStep | None = None,
+        now: float | None = None,
     ) -> bool:
         """Record a new run; False (and nothing written) if ``run_id`` exists, as 0.2
         ignored duplicates.
@@ -102,6 +106,8 @@ class WorkflowDB(StepQueue):
         from), with ``start_node`` as its ``next_node``, so a run never exists without
         the Store it starts from. A distributed run also records the broker ``queue`` its
         steps go to and its ``graph_shape`` (JSON), which a version refusal compares (G6).
+        ``start_events`` and the ``first_step`` outbox row (leased from ``now``) land in
+        the same transaction, so a submitted run never exists without its first step.
         """
         runs.check_fields({"status": status})
         row: dict[str, Any] = {
@@ -124,6 +130,10 @@ class WorkflowDB(StepQueue):
                 return False
             if texts is not None:
                 checkpoints.write_full(conn, run_id, initial_step, "", texts, next_node=start_node)
+            if start_events:
+                events.insert_rows(conn, events.rows_of(run_id, start_events))
+            if first_step is not None:
+                steps.insert_successor(conn, run_id, first_step, epoch(now))
             return True
 
         return self._write(body, "creating the run", run_id)

@@ -74,6 +74,7 @@ class RunRecorder:
             initial_store=store,
             initial_step=initial_step,
             start_node=start_id,
+            start_events=[{"event": FLOW_START, "node_name": start_name, "ts": utc_now()}],
             parent_run_id=parent_run_id,
             forked_from_step=forked_from_step,
         )
@@ -83,7 +84,6 @@ class RunRecorder:
                 "(leave Flow(run_id=...) unset to get a fresh one)"
             )
         self.tracker.diff(store.as_dict(), initial_step)
-        self.db.save_event(self.run_id, FLOW_START, node_name=start_name, ts=utc_now())
 
     def resume_from(self, store: Store, manifest: dict[str, int], texts: dict[str, str]) -> None:
         self.tracker.seed(manifest, texts, store.as_dict())

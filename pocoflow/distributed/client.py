@@ -9,8 +9,10 @@ publish that fails is repaired by the sweeper (G3). It returns at once.
 from __future__ import annotations
 
 import functools
+import time
 from typing import TYPE_CHECKING, Any
 
+from pocoflow.commit import NextStep
 from pocoflow.distributed import lifecycle
 from pocoflow.distributed.celery_app import DEFAULT_QUEUE
 from pocoflow.distributed.control import (
@@ -171,11 +173,11 @@ def record_run(
         # Always set, so a distributed run is told from a local one by its queue.
         queue=queue or DEFAULT_QUEUE,
         graph_shape=shape_text(graph),
+        start_events=[{"event": FLOW_START, "node_name": graph.start_id, "ts": utc_now()}],
+        first_step=NextStep(0, graph.start_id, 1, time.time() + lease_s),
     )
     if not created:
         raise ValueError(f"Run id {run_id!r} already exists in ledger {db.url}; pick another")
-    db.save_event(run_id, FLOW_START, node_name=graph.start_id, ts=utc_now())
-    db.insert_step(run_id, 0, graph.start_id, lease_s=lease_s)
     flow._run_id = run_id
     return StepMessage(run_id, name, 0, graph.start_id, 1)
 

@@ -278,3 +278,22 @@ def test_claim_if_runnable_claims_only_a_run_that_may_go_on(db):
     again, _ = db.claim_if_runnable("r1", 0, 1, "w2", 10, now=103.0)  # a duplicate
     assert again is False and len(db.get_attempts("r1")) == 1
     assert db.claim_if_runnable("nope", 0, 1, "w1", 10) == (False, None)
+
+
+def test_a_submitted_run_is_created_with_its_first_step_in_one_transaction(db):
+    first = NextStep(0, "Node", 1, 110.0)
+    start_event = [{"event": "flow_start", "node_name": "Node"}]
+    assert db.create_run(
+        "r1", "f", status="queued", initial_store={"n": 0}, start_node="Node",
+        start_events=start_event, first_step=first, now=100.0,
+    )  # fmt: skip
+    step = db.get_step("r1", 0)
+    assert (step["status"], step["attempt"], step["lease_expires_at"]) == ("queued", 1, 110.0)
+    assert [e["event"] for e in db.get_events("r1")] == ["flow_start"]
+    # A duplicate id writes nothing at all: no second event, the outbox row untouched.
+    assert not db.create_run(
+        "r1", "f", initial_store={"n": 9}, start_events=start_event,
+        first_step=NextStep(0, "Other", 5, 999.0),
+    )  # fmt: skip
+    assert [e["event"] for e in db.get_events("r1")] == ["flow_start"]
+    assert db.get_step("r1", 0)["node_id"] == "Node" and db.load_checkpoint("r1", -1)["n"] == 0
