@@ -159,106 +159,6 @@ class FlagReader:
         return self._cancelled
 
 
-class RemoteControl:
-    """RunHandle's control for a run on the workers: ``cancel(terminate)``, ``pause``,
-    ``resume``, ``cancelled``, ``paused`` (G4).
-
-    Every request lands in the ledger first (source of truth), then in Redis (fast path).
-    """
-
-    def __init__(
-        self,
-        run_id: str,
-        db: WorkflowDB,
-        *,
-        redis_url: str | None,
-        publisher_factory: Callable[[], Publisher],
-        lease_s: float,
-    ) -> None:
-        self.run_id = run_id
-        self.db = db
-        self.redis_url = redis_url
-        self._publisher_factory = publisher_factory
-        self.lease_s = lease_s
-
-    def _redis(self) -> redis.Redis | None:
-        return redis_client(self.redis_url) if self.redis_url else None
-
-    def cancel(self, terminate: bool = False) -> None:
-        """Stop the run before its next node; ``terminate`` also kills the running step's
-        task (Celery revoke with terminate), whose attempt then commits nothing."""
-        from pocoflow.distributed import lifecycle
-
-        if not lifecycle.request_cancel(self.db, self.run_id):
-            _log.info("Run %s already finished; cancel ignored", self.run_id)
-        client = self._redis()
-        if client is not None and not set_flag(client, self.run_id, CANCEL):
-            _log.warning(
-                "Cancel of run %s recorded in the ledger only (Redis %s unreachable)",
-                self.run_id,
-                mask_url(self.redis_url),
-            )
-        if terminate:
-            self._terminate_running_step()
-
-    def _terminate_running_step(self) -> None:
-        """Revoke the outstanding step's task (its process is killed) and fence its
-        attempt out, so even a process that survives the signal commits nothing (G1)."""
-        latest = self.db.latest_checkpoint(self.run_id)
-        step = latest["step"] + 1 if latest else 0
-        row = self.db.get_step(self.run_id, step)
-        if row is None or row["status"] not in ("queued", "running"):
-            return
-        publisher = self._publisher_factory()
-        # The running attempt's own row names the task it runs under (written at claim);
-        # the outbox's task id may not be marked yet (marks are batched).
-        running = [
-            a["task_id"]
-            for a in self.db.get_attempts(self.run_id)
-            if a["step"] == step and a["ended_at"] is None and a.get("task_id")
-        ]
-        for task_id in running or ([row["task_id"]] if row.get("task_id") else []):
-            _log.info("Run %s: revoking task %s (terminate)", self.run_id, task_id)
-            publisher.revoke(task_id, terminate=True)
-        self.db.end_attempt(self.run_id, step, row["attempt"], None, "terminated")
-        self.db.take_over(self.run_id, step, row["attempt"], self.lease_s, force=True)
-
-    def pause(self) -> None:
-        """Hold the run before its next node; the worker that meets the request marks the
-        run ``paused`` and leaves the step queued for ``resume``."""
-        from pocoflow.distributed import lifecycle
-
-        lifecycle.request_pause(self.db, self.run_id)
-        client = self._redis()
-        if client is not None:
-            set_flag(client, self.run_id, PAUSE)
-
-    def resume(self) -> None:
-        """Let a paused run go on: clears the request and, if a worker already parked the
-        run, re-enqueues its outstanding step."""
-        from pocoflow.distributed import lifecycle
-
-        client = self._redis()
-        if client is not None:
-            clear_flag(client, self.run_id, PAUSE)
-        lifecycle.resume_paused(
-            self.db, self.run_id, self._publisher_factory(), lease_s=self.lease_s
-        )
-
-    @property
-    def cancelled(self) -> bool:
-        run = self.db.get_run(self.run_id) or {}
-        return run.get("status") == "cancelled" or run.get("control") == CANCEL
-
-    @property
-    def paused(self) -> bool:
-        run = self.db.get_run(self.run_id) or {}
-        return run.get("status") == "paused" or run.get("control") == PAUSE
-
-    def __repr__(self) -> str:
-        return f"RemoteControl(run_id={self.run_id!r})"
-
-
 class LedgerControl:
     """RunHandle's control for a run executing in some process (``run_background``) rather
     than on the workers: requests land in the ledger's ``control`` column, which that
@@ -297,4 +197,85 @@ class LedgerControl:
         return run.get("status") == "paused" or run.get("control") == PAUSE
 
     def __repr__(self) -> str:
-        return f"LedgerControl(run_id={self.run_id!r})"
+        return f"{type(self).__name__}(run_id={self.run_id!r})"
+
+
+class RemoteControl(LedgerControl):
+    """RunHandle's control for a run on the workers: ``cancel(terminate)``, ``pause``,
+    ``resume``, ``cancelled``, ``paused`` (G4).
+
+    Every request lands in the ledger first (source of truth), then in Redis (fast path).
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        db: WorkflowDB,
+        *,
+        redis_url: str | None,
+        publisher_factory: Callable[[], Publisher],
+        lease_s: float,
+    ) -> None:
+        super().__init__(run_id, db)
+        self.redis_url = redis_url
+        self._publisher_factory = publisher_factory
+        self.lease_s = lease_s
+
+    def _redis(self) -> redis.Redis | None:
+        return redis_client(self.redis_url) if self.redis_url else None
+
+    def cancel(self, terminate: bool = False) -> None:
+        """Stop the run before its next node; ``terminate`` also kills the running step's
+        task (Celery revoke with terminate), whose attempt then commits nothing."""
+        super().cancel()
+        client = self._redis()
+        if client is not None and not set_flag(client, self.run_id, CANCEL):
+            _log.warning(
+                "Cancel of run %s recorded in the ledger only (Redis %s unreachable)",
+                self.run_id,
+                mask_url(self.redis_url),
+            )
+        if terminate:
+            self._terminate_running_step()
+
+    def _terminate_running_step(self) -> None:
+        """Revoke the outstanding step's task (its process is killed) and fence its
+        attempt out, so even a process that survives the signal commits nothing (G1)."""
+        latest = self.db.latest_checkpoint(self.run_id)
+        step = latest["step"] + 1 if latest else 0
+        row = self.db.get_step(self.run_id, step)
+        if row is None or row["status"] not in ("queued", "running"):
+            return
+        publisher = self._publisher_factory()
+        # The running attempt's own row names the task it runs under (written at claim);
+        # the outbox's task id may not be marked yet (marks are batched).
+        running = [
+            a["task_id"]
+            for a in self.db.get_attempts(self.run_id)
+            if a["step"] == step and a["ended_at"] is None and a.get("task_id")
+        ]
+        for task_id in running or ([row["task_id"]] if row.get("task_id") else []):
+            _log.info("Run %s: revoking task %s (terminate)", self.run_id, task_id)
+            publisher.revoke(task_id, terminate=True)
+        self.db.end_attempt(self.run_id, step, row["attempt"], None, "terminated")
+        self.db.take_over(self.run_id, step, row["attempt"], self.lease_s, force=True)
+
+    def pause(self) -> None:
+        """Hold the run before its next node; the worker that meets the request marks the
+        run ``paused`` and leaves the step queued for ``resume``."""
+        super().pause()
+        client = self._redis()
+        if client is not None:
+            set_flag(client, self.run_id, PAUSE)
+
+    def resume(self) -> None:
+        """Let a paused run go on: clears the request and, if a worker already parked the
+        run, re-enqueues its outstanding step."""
+        from pocoflow.distributed import lifecycle
+
+        client = self._redis()
+        if client is not None:
+            clear_flag(client, self.run_id, PAUSE)
+        lifecycle.resume_paused(
+            self.db, self.run_id, self._publisher_factory(), lease_s=self.lease_s
+        )

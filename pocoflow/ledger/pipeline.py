@@ -13,7 +13,7 @@ like every other ledger error.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -52,12 +52,7 @@ def _sqlite_direct(conn: Connection, ops: Sequence[Op]) -> bool:
     cur = raw.cursor()
     sql = ""
     try:
-        for op in ops:
-            many = not isinstance(op.params, Mapping)
-            rows: Sequence[Mapping[str, Any]] = op.params if many else [op.params]  # type: ignore[assignment, list-item]
-            if not rows:
-                continue
-            compiled = _compiled(op.stmt, conn.dialect, tuple(rows[0]))
+        for op, compiled, rows, many in _batches(conn, ops):
             sql = compiled.string
             order = getattr(compiled, "positiontup", None) or ()  # qmark order of SQLite
             if many:
@@ -69,6 +64,17 @@ def _sqlite_direct(conn: Connection, ops: Sequence[Op]) -> bool:
     except sqlite3.Error as exc:
         raise DBAPIError.instance(sql, None, exc, sqlite3.Error) from exc
     return True
+
+
+def _batches(
+    conn: Connection, ops: Sequence[Op]
+) -> Iterator[tuple[Op, Compiled, Sequence[Mapping[str, Any]], bool]]:
+    """Each op with its compiled statement and rows; empty executemanys are skipped."""
+    for op in ops:
+        many = not isinstance(op.params, Mapping)
+        rows: Sequence[Mapping[str, Any]] = op.params if many else [op.params]  # type: ignore[assignment, list-item]
+        if rows:
+            yield op, _compiled(op.stmt, conn.dialect, tuple(rows[0])), rows, many
 
 
 def _positional(compiled: Compiled, order: Sequence[str], row: Mapping[str, Any]) -> list[Any]:
@@ -95,12 +101,7 @@ def _pipelined(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...]) 
     sql = ""
     try:
         with raw.pipeline():
-            for op in ops:
-                many = not isinstance(op.params, Mapping)
-                rows: Sequence[Mapping[str, Any]] = op.params if many else [op.params]  # type: ignore[assignment, list-item]
-                if not rows:
-                    continue
-                compiled = _compiled(op.stmt, conn.dialect, tuple(rows[0]))
+            for op, compiled, rows, many in _batches(conn, ops):
                 sql = compiled.string
                 cur = raw.cursor()
                 if many:
