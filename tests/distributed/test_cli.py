@@ -1,0 +1,91 @@
+"""The distributed commands of the CLI against real workers: submit, pause, resume, cancel."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pocoflow.devcluster import free_port
+from tests.distributed.conftest import Cluster
+from tests.distributed.faults import REPO_ROOT
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.distributed
+
+TIMEOUT_S = 60.0
+
+
+def cli(live: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POCOFLOW_")}
+    env.update(
+        POCOFLOW_DB_URL=live.settings.db_url,
+        POCOFLOW_BROKER_URL=live.settings.broker_url,
+        POCOFLOW_FLOWS="tests.distributed.flows",
+        PYTHONPATH=str(REPO_ROOT),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "pocoflow.cli", *args],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+
+
+def test_submit_waits_and_prints_the_final_store(live: Cluster) -> None:
+    done = cli(live, "submit", "counter", "--store", '{"count": 0}', "--wait")
+    assert done.returncode == 0, done.stderr
+    run_id = done.stdout.splitlines()[0]
+    assert re.fullmatch(r"counter-[0-9a-f]{8}", run_id)
+    assert json.loads(done.stdout.split("completed\n", 1)[1])["count"] == 20
+    assert live.db.get_run(run_id)["status"] == "completed"
+
+
+def test_submit_of_an_unknown_flow_is_bad_input(live: Cluster) -> None:
+    refused = cli(live, "submit", "no-such-flow", "--store", "{}")
+    assert refused.returncode == 2 and "'no-such-flow' is not registered" in refused.stderr
+
+
+def test_pause_resume_and_cancel_from_the_command_line(live: Cluster) -> None:
+    side = live.side_dir()
+    submitted = cli(
+        live, "submit", "hold", "--store", json.dumps({"count": 0, "side_dir": str(side)})
+    )
+    run_id = submitted.stdout.strip()
+    wait_until(lambda: any(Path(side).glob(f"{run_id}.*.pid")), TIMEOUT_S)
+    assert cli(live, "pause", run_id).returncode == 0
+    (Path(side) / f"{run_id}.release").touch()
+    wait_until(lambda: live.db.get_run(run_id)["status"] == "paused", TIMEOUT_S)
+    assert live.db.latest_checkpoint(run_id)["step"] == 1  # "after" is held back
+
+    resumed = cli(live, "resume", run_id)
+    assert resumed.returncode == 0, resumed.stderr
+    assert live.db.get_run(run_id)["status"] == "completed"
+    assert cli(live, "cancel", run_id).returncode == 0  # finished: nothing to cancel
+    assert live.db.get_run(run_id)["status"] == "completed"
+    assert cli(live, "cancel", "counter-00000000").returncode == 2
+
+
+def test_flower_serves_the_workers(live: Cluster) -> None:
+    port = free_port()
+    env = {**os.environ, "POCOFLOW_BROKER_URL": live.settings.broker_url}
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "pocoflow.cli", "flower", "--port", str(port)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        def page() -> bytes | None:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).read()
+            except OSError:
+                return None
+
+        assert b"Flower" in wait_until(page, TIMEOUT_S, interval=0.2)
+    finally:
+        flower.terminate()
+        flower.wait(10)
