@@ -336,6 +336,12 @@ def resume(
         from pocoflow.registry import import_flow_modules
 
         settings = cli_settings(db_url, broker_url, flows)
+        if run["status"] in ("queued", "running") and run.get("control") == "pause":
+            from pocoflow.distributed.client import attach
+
+            attach(run_id, settings=settings).resume()  # not parked yet: withdraw the request
+            click.echo(f"run {run_id}: pause withdrawn; it goes on")
+            return
         if force:
             with _cwd_on_path():
                 import_flow_modules(settings.flows)

@@ -64,7 +64,8 @@ def run_demo(
     echo("look further:")
     echo(f"  pocoflow show {handle.run_id} --db {mask_url(db_url)}")
     echo(f"  pocoflow runs --db {mask_url(db_url)}")
-    echo("  monitor workers: pocoflow flower (with POCOFLOW_BROKER_URL set to your Redis)")
+    echo("  with your own Redis and workers: pocoflow worker --flows examples.article,")
+    echo("  pocoflow submit article --store '{\"topic\": \"tides\"}' --wait, pocoflow flower")
     return handle.run_id
 
 

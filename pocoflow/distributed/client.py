@@ -182,6 +182,19 @@ def record_run(
     return StepMessage(run_id, name, 0, graph.start_id, 1)
 
 
+def _stranded(db: WorkflowDB, run_id: str, run: dict[str, Any]) -> bool:
+    """A run still marked running whose next step failed or never got its row: a process
+    stopped between two of its writes (failing a step, then its run). Nothing else will
+    move it, so resume may."""
+    if run["status"] != "running":
+        return False
+    latest = db.latest_checkpoint(run_id)
+    if latest is None or latest.get("next_node") is None:
+        return False
+    row = db.get_step(run_id, latest["step"] + 1)
+    return row is None or row["status"] == "failed"
+
+
 def attach(
     run_id: str, db_url: str | None = None, *, settings: Settings | None = None
 ) -> RunHandle:
@@ -214,7 +227,7 @@ def resume_run(
     run = db.get_run(run_id)
     if run is None:
         raise KeyError(f"Unknown run id {run_id!r} in ledger {db.url}")
-    if run["status"] not in RESUMABLE:
+    if run["status"] not in RESUMABLE and not _stranded(db, run_id, run):
         raise ValueError(
             f"Run {run_id!r} is {run['status']}: only a failed, cancelled or paused run can "
             "be resumed"
@@ -224,7 +237,7 @@ def resume_run(
         db.update_run(run_id, fingerprint=graph.fingerprint, graph_shape=shape_text(graph))
     if not db.update_run_if(
         run_id,
-        status_in=RESUMABLE,
+        status_in=(*RESUMABLE, "running"),
         status="running",
         control=None,
         error_msg=None,

@@ -217,36 +217,40 @@ class _StepRun:
 
     def run(self) -> str:
         msg, db = self.msg, self.db
-        # The Store of step-1 is in memory when this process committed it; otherwise one
-        # read brings the run row and the Store (rarely wasted: only on a duplicate).
+        # The Store of step-1 is in memory when this process committed it (and the run's
+        # flow was checked then); otherwise one read brings the run row and the Store.
         self._handed = self.ctx.take(msg.run_id, msg.flow, msg.step - 1)
-        claimed = False
-        if self._handed is not None:
-            claimed, run = db.claim_if_runnable(
-                msg.run_id, msg.step, msg.attempt, self.worker, self.ctx.lease_s,
-                task_id=self.task_id,
-            )  # fmt: skip
-        else:
-            run, self._prior = db.load_run_and_store(msg.run_id, msg.step - 1)
+        if self._handed is None:
+            first_look, self._prior = db.load_run_and_store(msg.run_id, msg.step - 1)
+            if first_look is None:
+                _log.error("Step message for unknown run %r dropped", msg.run_id)
+                return UNKNOWN_RUN
+            if msg.flow != first_look["flow_name"]:  # forged or garbled: must not fail the run
+                _record_malformed(
+                    db,
+                    MalformedMessage(
+                        f"step message names flow {msg.flow!r} but run {msg.run_id!r} is a "
+                        f"run of {first_look['flow_name']!r}",
+                        run_id=msg.run_id,
+                    ),
+                )
+                return MALFORMED
+        # Guard and claim in one transaction: a cancel or pause that lands after the check
+        # cannot slip in before the claim (G4). A run that may not go on is handed to the
+        # guard; if the guard finds nothing to stop for (a pause withdrawn meanwhile), one
+        # more claim decides.
+        run: dict[str, Any] | None = None
+        for _ in range(2):
+            claimed, run = self._claim()
+            if claimed or run is None:
+                break
+            stop = self._guard(run)
+            if stop is not None:
+                return stop
         if run is None:
             _log.error("Step message for unknown run %r dropped", msg.run_id)
             return UNKNOWN_RUN
-        if msg.flow != run["flow_name"]:  # a forged or garbled message must not fail the run
-            _record_malformed(
-                db,
-                MalformedMessage(
-                    f"step message names flow {msg.flow!r} but run {msg.run_id!r} is a run "
-                    f"of {run['flow_name']!r}",
-                    run_id=msg.run_id,
-                ),
-            )
-            return MALFORMED
-        stop = None if claimed else self._guard(run)
-        if stop is not None:
-            return stop
-        if not claimed and not db.claim_step(
-            msg.run_id, msg.step, msg.attempt, self.worker, self.ctx.lease_s, task_id=self.task_id
-        ):
+        if not claimed:
             _log.info(
                 "Step %d of run %s attempt %d: already committed, stale or leased elsewhere; "
                 "nothing to do",
@@ -269,6 +273,12 @@ class _StepRun:
             return self._refuse(str(refusal))
         with self.ctx.leases.hold(msg.run_id, msg.step, msg.attempt, self.worker):
             return self._run_and_commit(run, loaded)
+
+    def _claim(self) -> tuple[bool, dict[str, Any] | None]:
+        msg = self.msg
+        return self.db.claim_if_runnable(
+            msg.run_id, msg.step, msg.attempt, self.worker, self.ctx.lease_s, task_id=self.task_id
+        )
 
     def _guard(self, run: dict[str, Any]) -> str | None:
         """Stop before the node if the run finished, was cancelled or paused (G4).

@@ -96,7 +96,10 @@ def fail_run(
         fields.setdefault("attempt", attempt)
         fields.setdefault("ts", utc_now())
         db.save_event(run_id, event["event"], **fields)
-    db.update_run(run_id, status="failed", error_msg=error_msg, completed_at=utc_now())
+    # Only while live: a cancel that landed meanwhile stands (G4).
+    db.update_run_if(
+        run_id, status_in=LIVE, status="failed", error_msg=error_msg, completed_at=utc_now()
+    )
 
 
 def requeue_outstanding(

@@ -161,7 +161,7 @@ def commit(conn: Connection, dialect: str, c: StepCommit, now: float | None = No
     )
     ops.append(pipeline.Op(_INSERT_VALUES, _value_rows(c.run_id, c.step, c.changed)))
     ops.append(events.insert_op(events.rows_of(c.run_id, c.events)))
-    ops.append(runs.update_op(c.run_id, c.run_fields))
+    ops.extend(runs.step_update_ops(c.run_id, c.run_fields))
     if c.next_step is not None:
         ops.append(steps.successor_op(c.run_id, c.next_step, epoch(now)))
     if c.attempt is not None and c.worker is not None:

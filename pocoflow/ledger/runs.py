@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from pocoflow.ledger.common import insert_ignore, iso_now
@@ -37,6 +37,10 @@ UPDATABLE = frozenset(
 _UPDATE = update(pf_runs).where(pf_runs.c.run_id == bindparam("b_run_id"))
 _GET = select(pf_runs).where(pf_runs.c.run_id == bindparam("run_id"))
 _LIST = select(pf_runs).order_by(pf_runs.c.started_at.desc()).limit(bindparam("limit"))
+# A plain OR of equalities, not IN: expanding parameters do not survive the precompiled
+# batches of pipeline.run.
+_UPDATE_IF_LIVE = _UPDATE.where(or_(pf_runs.c.status == "queued", pf_runs.c.status == "running"))
+_ENDING_FIELDS = frozenset({"status", "completed_at", "error_msg"})
 _CONTROL = select(pf_runs.c.control).where(pf_runs.c.run_id == bindparam("run_id"))
 _EXISTS = select(func.count()).select_from(pf_runs).where(pf_runs.c.run_id == bindparam("run_id"))
 
@@ -70,6 +74,17 @@ def update_op(run_id: str, fields: Mapping[str, Any]) -> Op:
     params["updated_at"] = iso_now()
     params["b_run_id"] = run_id
     return Op(_UPDATE, params)
+
+
+def step_update_ops(run_id: str, fields: Mapping[str, Any]) -> list[Op]:
+    """The run fields of a step commit. A status change (the run ends) applies only while
+    the run is live, so a cancel that landed while the last step ran stands (G4)."""
+    ending = {k: v for k, v in fields.items() if k in _ENDING_FIELDS}
+    ops = [update_op(run_id, {k: v for k, v in fields.items() if k not in _ENDING_FIELDS})]
+    if ending:
+        params = {**ending, "updated_at": iso_now(), "b_run_id": run_id}
+        ops.append(Op(_UPDATE_IF_LIVE, params))
+    return ops
 
 
 def update_fields(conn: Connection, run_id: str, fields: Mapping[str, Any]) -> bool:

@@ -305,3 +305,52 @@ def test_the_next_step_in_the_same_process_reuses_the_committed_store(
     # A second delivery of a step finds no handoff (taken once) and reads the ledger.
     assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "stopped"
     assert loads == [-1, -1]
+
+
+def test_a_cancel_between_the_first_look_and_the_claim_runs_no_node(
+    db: Any, ctx: WorkerContext, publish: Publish, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = start(db, "exec_three")
+    real = db.load_run_and_store
+
+    def then_cancel(run_id: str, step: int) -> Any:
+        seen = real(run_id, step)
+        lifecycle.request_cancel(db, run_id)  # lands after the look, before the claim
+        return seen
+
+    monkeypatch.setattr(db, "load_run_and_store", then_cancel)
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "cancelled"
+    assert db.get_checkpoints(first.run_id) == [] and db.get_attempts(first.run_id) == []
+    assert db.get_run(first.run_id)["status"] == "cancelled"
+
+
+def test_a_cancel_while_the_last_step_runs_is_not_overwritten_by_its_commit(
+    db: Any, ctx: WorkerContext, publish: Publish, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = start(db, "exec_three")
+    outcomes = [execute_step(first.to_dict(), worker_id="h:1", context=ctx)]
+    second = publish.take()[0]
+    outcomes.append(execute_step(second.to_dict(), worker_id="h:1", context=ctx))
+    last = publish.take()[0]
+    real = db.commit_step
+
+    def cancel_then_commit(commit: Any, **kw: Any) -> bool:
+        lifecycle.request_cancel(db, first.run_id)
+        return real(commit, **kw)
+
+    monkeypatch.setattr(db, "commit_step", cancel_then_commit)
+    outcomes.append(execute_step(last.to_dict(), worker_id="h:1", context=ctx))
+    assert outcomes == ["committed"] * 3
+    run = db.get_run(first.run_id)
+    assert (run["status"], run["total_steps"]) == ("cancelled", 3)  # the cancel stands
+
+
+def test_a_run_stranded_between_failing_its_step_and_itself_can_be_resumed(db: Any) -> None:
+    from pocoflow.distributed.client import _stranded
+
+    first = start(db, "exec_three")
+    assert db.claim_step(first.run_id, 0, 1, "h:1", LEASE_S)
+    db.update_run(first.run_id, status="running")
+    assert not _stranded(db, first.run_id, db.get_run(first.run_id))
+    assert db.fail_step(first.run_id, 0, 1)  # ...and the process died before failing the run
+    assert _stranded(db, first.run_id, db.get_run(first.run_id))
