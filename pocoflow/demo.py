@@ -65,7 +65,7 @@ def run_demo(
     echo(f"  pocoflow show {handle.run_id} --db {mask_url(db_url)}")
     echo(f"  pocoflow runs --db {mask_url(db_url)}")
     echo("  with your own Redis and workers: pocoflow worker --flows examples.article,")
-    echo("  pocoflow submit article --store '{\"topic\": \"tides\"}' --wait, pocoflow flower")
+    echo('  pocoflow submit article --store \'{"topic": "tides"}\' --wait, pocoflow flower')
     return handle.run_id
 
 

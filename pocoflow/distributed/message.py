@@ -8,7 +8,7 @@ defaults so a message queued by an older client still decodes.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 MESSAGE_VERSION = 1
@@ -41,10 +41,11 @@ class StepMessage:
     v: int = MESSAGE_VERSION
 
     def __post_init__(self) -> None:
-        _check_types({f.name: getattr(self, f.name) for f in fields(self)})
+        _check_types(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Flat fields: a plain dict, not asdict()'s recursive deepcopy (every step pays it).
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
 
     @classmethod
     def from_dict(cls, data: Any) -> StepMessage:
@@ -92,3 +93,6 @@ def _check_types(values: dict[str, Any]) -> None:
             raise MalformedMessage(
                 f"step message field {name!r} must be an int >= {minimum}, got {value!r}"
             )
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(StepMessage))
