@@ -206,3 +206,20 @@ def versioned_flow() -> Flow:
     if os.environ.get("POCOFLOW_TEST_VARIANT") == "b":
         second.then("default", Increment(name="third"))
     return Flow(start=first)
+
+
+@flow("hooked")
+def hooked_flow() -> Flow:
+    """Two Increments; the builder's hooks append to the side file named in the Store, so
+    a test sees them fire in the worker process."""
+    first, second = Increment(name="h1"), Increment(name="h2")
+    first.then("default", second)
+    built = Flow(start=first)
+
+    def node_end(name: str, action: Any, elapsed: float, store: Any) -> None:
+        _append(_side(store, "hooks"), f"node_end {name} {os.getpid()}")
+
+    def flow_end(steps: int, store: Any) -> None:
+        _append(_side(store, "hooks"), f"flow_end {steps} {os.getpid()}")
+
+    return built.on("node_end", node_end).on("flow_end", flow_end)
