@@ -84,7 +84,11 @@ def test_a_message_delivered_twice_commits_once(live: Cluster) -> None:
     for step in (0, 7, CHAIN_LENGTH - 1):  # and again after the run completed
         live.send_raw(StepMessage(handle.run_id, "counter", step, f"inc{step:02d}", 1))
     live.send_raw(first)
-    # The late duplicates reach the guard and stop there: nothing changes.
+    # A run submitted after the late duplicates goes through the same FIFO queue: once it
+    # has finished, every duplicate ahead of it was taken and has met the guard.
+    sentinel = live.submit("counter", {"count": 0})
+    assert sentinel.wait(timeout=TIMEOUT_S)["count"] == CHAIN_LENGTH
+    # The late duplicates reached the guard and stopped there: nothing changed.
     assert_one_checkpoint_per_step(live, handle.run_id, CHAIN_LENGTH)
     execs = (side / f"{handle.run_id}.execs").read_text().splitlines()
     assert sorted(int(line.split()[0]) for line in execs) == list(range(CHAIN_LENGTH))
