@@ -36,3 +36,25 @@ def test_a_redis_restart_mid_run_loses_no_step(live: Cluster, redis_server: Redi
     assert checkpoint_steps(live.db, handle.run_id) == list(range(8))
     # The workers are connected again and serve a new run.
     assert live.submit("counter", {"count": 0}).wait(timeout=30)["count"] == 20
+
+
+def test_a_cancel_while_redis_is_down_is_honoured(live: Cluster, redis_server: RedisServer) -> None:
+    """The ledger is the guard's truth: a cancel recorded while Redis (broker and flags)
+    is down stops the run at its next node once the workers are back."""
+    handle = live.submit("slow_chain", {"slow_s": 0.25})
+    wait_until(lambda: live.db.count_committed(handle.run_id) >= 1, 30)
+    redis_server.stop()
+    try:
+        handle.cancel()  # the Redis flag cannot be set: the ledger request must do
+        assert live.db.get_run(handle.run_id)["status"] == "cancelled"
+    finally:
+        redis_server.start()
+    handle.wait(timeout=60)
+    # The step running at the cancel may still commit; wait until no attempt is open.
+    wait_until(lambda: all(a["ended_at"] for a in live.db.get_attempts(handle.run_id)), timeout=30)
+    committed = live.db.count_committed(handle.run_id)
+    # Nothing past the step that was running at the cancel commits, even after the
+    # sweeper re-sends what Redis lost.
+    assert live.submit("counter", {"count": 0}).wait(timeout=30)["count"] == 20
+    assert live.db.count_committed(handle.run_id) == committed < 8
+    assert live.db.get_run(handle.run_id)["status"] == "cancelled"
