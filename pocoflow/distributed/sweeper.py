@@ -95,14 +95,20 @@ def sweep(
     return report
 
 
+#: Outcomes after which the step can only go on through a resume, which starts tries at 1.
+_FRESH_START_AFTER = frozenset({"failed", "refused", "cancelled", "terminated"})
+
+
 def _message(db: WorkflowDB, run: dict[str, Any], row: dict[str, Any], attempt: int) -> StepMessage:
-    """The step message for ``row``; ``try_number`` continues after the recorded retries,
-    so a lost retry message does not reset the node's ``max_retries`` budget."""
-    retries = sum(
-        1
-        for a in db.get_attempts(row["run_id"])
-        if a["step"] == row["step"] and a["outcome"] == "retry"
-    )
+    """The step message for ``row``; ``try_number`` continues after the retries recorded
+    since the step last ended for good (failed, refused, cancelled: a resume starts its
+    tries afresh), so a lost retry message does not reset the ``max_retries`` budget."""
+    retries = 0
+    attempts = [a for a in db.get_attempts(row["run_id"]) if a["step"] == row["step"]]
+    for previous in reversed(attempts):
+        if previous["outcome"] in _FRESH_START_AFTER:
+            break
+        retries += previous["outcome"] == "retry"
     return StepMessage(
         run_id=row["run_id"],
         flow=run["flow_name"],

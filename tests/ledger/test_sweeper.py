@@ -102,6 +102,26 @@ def test_try_number_continues_after_recorded_retries(db: Any) -> None:
     assert (message.attempt, message.try_number) == (3, 2)
 
 
+def test_try_number_starts_afresh_after_a_resume(db: Any) -> None:
+    first, t0 = submitted(db)
+    run_id = first.run_id
+    db.mark_sent(run_id, 0, 1, now=t0)
+    db.claim_step(run_id, 0, 1, "w:1", LEASE_S, now=t0)
+    db.end_attempt(run_id, 0, 1, "w:1", "retry", now=t0)
+    assert db.take_over(run_id, 0, 1, LEASE_S, now=t0, force=True) == 2
+    db.claim_step(run_id, 0, 2, "w:1", LEASE_S, now=t0)
+    db.end_attempt(run_id, 0, 2, "w:1", "failed", now=t0)  # out of tries: the run failed...
+    assert db.take_over(run_id, 0, 2, LEASE_S, now=t0, force=True) == 3  # ...and is resumed
+    db.claim_step(run_id, 0, 3, "w:1", LEASE_S, now=t0)
+    db.end_attempt(run_id, 0, 3, "w:1", "retry", now=t0)
+    assert db.take_over(run_id, 0, 3, LEASE_S, now=t0, force=True) == 4
+    db.mark_sent(run_id, 0, 4, now=t0)  # the retry message, then lost
+    sent = Sent(db)
+    sweep(db, sent, lease_s=LEASE_S, now=t0 + LEASE_S + 0.1)
+    ((message, _),) = sent.messages
+    assert (message.attempt, message.try_number) == (5, 2)  # one retry since the resume
+
+
 @pytest.mark.parametrize("idle", ["paused", "cancelled", "failed", "completed"])
 def test_idle_runs_are_left_alone(db: Any, idle: str) -> None:
     first, t0 = submitted(db)
