@@ -56,8 +56,10 @@ def sweep(
     now: float | None = None,
     grace_s: float = UNSENT_GRACE_S,
 ) -> SweepReport:
-    """One pass: resend unsent outbox rows older than ``grace_s``, then take over and
-    resend steps whose lease expired, for runs still live (not paused or finished)."""
+    """One pass: resend unsent outbox rows older than ``grace_s``; then, for runs still
+    live (not paused or finished), resend under the same attempt the expired steps nobody
+    claimed, and take over (new attempt, fencing the old holder) the expired ones that a
+    worker had claimed."""
     now = time.time() if now is None else now
     report = SweepReport()
     runs: dict[str, dict[str, Any] | None] = {}
@@ -79,6 +81,17 @@ def sweep(
     for row in db.expired_steps(now=now):
         run = run_of(row["run_id"])
         if run is None:
+            continue
+        if row["status"] == "queued":  # sent, never claimed: same attempt, sent again
+            if db.renew_queued(row["run_id"], row["step"], row["attempt"], lease_s, now=now):
+                _log.warning(
+                    "Step %d of run %s: attempt %d was never claimed; sending it again",
+                    row["step"],
+                    row["run_id"],
+                    row["attempt"],
+                )
+                if publish(_message(db, run, row, row["attempt"]), queue=run.get("queue")):
+                    report.resent.append((row["run_id"], row["step"]))
             continue
         new_attempt = db.take_over(row["run_id"], row["step"], row["attempt"], lease_s, now=now)
         if new_attempt is None:  # another sweeper (or the holder's renewal) won

@@ -120,6 +120,19 @@ class StepQueue(LedgerClient):
 
         return self._write(body, f"claiming step {step}", run_id)
 
+    def renew_queued(
+        self, run_id: str, step: int, attempt: int, lease_s: float, now: float | None = None
+    ) -> bool:
+        """An expired step nobody claimed gets a fresh lease for its resend, keeping its
+        attempt (G3 without inflating attempts when a queue runs long). False if another
+        sweeper or a claim got there first."""
+        t = epoch(now)
+        return self._write(
+            lambda conn: steps.renew_queued(conn, run_id, step, attempt, lease_s, t),
+            f"re-leasing step {step}",
+            run_id,
+        )
+
     def renew_lease(
         self,
         run_id: str,

@@ -92,6 +92,18 @@ _TAKE_OVER_EXPIRED = _TAKE_OVER.where(
     _s.status.in_(("queued", "running")),
     or_(_s.lease_expires_at.is_(None), _s.lease_expires_at < bindparam("now")),
 )
+# A queued step whose lease ran out was sent but never claimed (a message lost in a dead
+# worker's prefetch buffer or a Redis restart, or still waiting in a long queue): nobody
+# holds it, so it is sent again under the same attempt; the claim lets one copy run.
+_RELEASE_QUEUED = (
+    update(pf_steps)
+    .where(
+        _FENCE,
+        _s.status == "queued",
+        or_(_s.lease_expires_at.is_(None), _s.lease_expires_at < bindparam("now")),
+    )
+    .values(lease_expires_at=bindparam("expires"), queued_at=bindparam("now"))
+)
 _END_ANY_ATTEMPT = (
     update(pf_attempts)
     .where(
@@ -272,6 +284,15 @@ def take_over(
         return None
     end_attempt(conn, run_id, step, old_attempt, None, "lost", None, now)
     return old_attempt + 1
+
+
+def renew_queued(
+    conn: Connection, run_id: str, step: int, attempt: int, lease_s: float, now: float
+) -> bool:
+    """Lease an expired, never-claimed step again for its resend (one sweeper wins)."""
+    params = _key(run_id, step, attempt)
+    params.update(now=now, expires=now + lease_s)
+    return conn.execute(_RELEASE_QUEUED, params).rowcount == 1
 
 
 def start_attempt(
