@@ -241,14 +241,7 @@ def claim(
     """
     params = _key(run_id, step, attempt)
     params.update(worker=worker, now=now, expires=now + lease_s)
-    attempt_row = {
-        "run_id": run_id,
-        "step": step,
-        "attempt": attempt,
-        "worker": worker,
-        "started_at": now,
-        "task_id": task_id,
-    }
+    attempt_row = _attempt_row(run_id, step, attempt, worker, now, task_id)
     # A batch because claiming is on every step's path (see pipeline.run).
     return pipeline.run(
         conn, [Op(_CLAIM, params, must_hit_one=True), Op(_INSERT_ATTEMPT, attempt_row)]
@@ -295,26 +288,17 @@ def renew_queued(
     return conn.execute(_RELEASE_QUEUED, params).rowcount == 1
 
 
-def start_attempt(
-    conn: Connection,
-    run_id: str,
-    step: int,
-    attempt: int,
-    worker: str | None,
-    now: float,
-    task_id: str | None = None,
-) -> None:
-    conn.execute(
-        _INSERT_ATTEMPT,
-        {
-            "run_id": run_id,
-            "step": step,
-            "attempt": attempt,
-            "worker": worker,
-            "started_at": now,
-            "task_id": task_id,
-        },
-    )
+def _attempt_row(
+    run_id: str, step: int, attempt: int, worker: str | None, now: float, task_id: str | None
+) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "step": step,
+        "attempt": attempt,
+        "worker": worker,
+        "started_at": now,
+        "task_id": task_id,
+    }
 
 
 def end_attempt_op(
