@@ -81,17 +81,10 @@ class StepQueue(LedgerClient):
         task_id: str | None = None,
     ) -> bool:
         """Take the lease on ``(run_id, step)`` for ``attempt`` and record the attempt's
-        start (``worker``, broker ``task_id``) in ``pf_attempts``. False: the step is
-        committed, failed, held by a live lease of another worker, or ``attempt`` is
-        stale — do nothing (G1)."""
-        t = epoch(now)
-
-        def body(conn: Any) -> bool:
-            if not steps.claim(conn, run_id, step, attempt, worker, lease_s, t, task_id):
-                raise txn.Abort(False)  # roll back: PostgreSQL sent the whole batch
-            return True
-
-        return self._write(body, f"claiming step {step}", run_id)
+        start (``worker``, broker ``task_id``) in ``pf_attempts``, whatever the run's
+        status. False: the step is committed, failed, held by a live lease of another
+        worker, or ``attempt`` is stale — do nothing (G1)."""
+        return self._claim(run_id, step, attempt, worker, lease_s, now, task_id, False)[0]
 
     def claim_if_runnable(
         self,
@@ -105,14 +98,29 @@ class StepQueue(LedgerClient):
         now: float | None = None,
     ) -> tuple[bool, dict[str, Any] | None]:
         """Read the run row and, if the run may go on (queued or running, no cancel or
-        pause requested), claim the step: one transaction instead of a read and a write.
-        Returns ``(claimed, run)``; a run that may not go on is returned unclaimed for the
-        caller's guard to handle."""
+        pause requested), claim the step: one transaction instead of a read and a write
+        (what a worker does before every step, G1 and G4). Returns ``(claimed, run)``; a
+        run that may not go on is returned unclaimed for the caller's guard to handle."""
+        return self._claim(run_id, step, attempt, worker, lease_s, now, task_id, True)
+
+    def _claim(
+        self,
+        run_id: str,
+        step: int,
+        attempt: int,
+        worker: str,
+        lease_s: float,
+        now: float | None,
+        task_id: str | None,
+        runnable_only: bool,
+    ) -> tuple[bool, dict[str, Any] | None]:
         t = epoch(now)
 
         def body(conn: Any) -> tuple[bool, dict[str, Any] | None]:
-            run = runs.get(conn, run_id)
-            if run is None or run["status"] not in ("queued", "running") or run["control"]:
+            run = runs.get(conn, run_id) if runnable_only else None
+            if runnable_only and (
+                run is None or run["status"] not in ("queued", "running") or run["control"]
+            ):
                 raise txn.Abort((False, run))
             if not steps.claim(conn, run_id, step, attempt, worker, lease_s, t, task_id):
                 raise txn.Abort((False, run))  # roll back: PostgreSQL sent the whole batch
