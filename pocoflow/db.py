@@ -167,6 +167,20 @@ class WorkflowDB(StepQueue):
             run_id,
         )
 
+    def park_run(
+        self, run_id: str, step: int, attempt: int, worker: str, now: float | None = None
+    ) -> bool:
+        """Mark a live run with a pause request ``paused`` before step ``step``, iff the
+        delivery of ``attempt`` on ``worker`` is the one that would run that step (not a
+        duplicate of a step another worker holds or committed). False, nothing written,
+        otherwise (G4 without stranding a running step)."""
+        t = epoch(now)
+        return self._write(
+            lambda conn: runs.park(conn, run_id, step, attempt, worker, t),
+            "parking the run",
+            run_id,
+        )
+
     def get_control(self, run_id: str) -> str | None:
         """The ``cancel``/``pause`` request standing on a run (None: none, or no run): what
         an in-process run reads before every node, so it is one narrow query."""

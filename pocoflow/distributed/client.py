@@ -25,7 +25,7 @@ from pocoflow.distributed.control import (
 )
 from pocoflow.distributed.graphs import shape_text
 from pocoflow.distributed.message import StepMessage
-from pocoflow.hooks import FLOW_END, FLOW_START, RUN_RESUMED
+from pocoflow.hooks import FLOW_START, RUN_RESUMED
 from pocoflow.logging import get_logger
 from pocoflow.recorder import open_ledger
 from pocoflow.registry import UnknownFlowError, get_builder, import_flow_modules
@@ -249,11 +249,5 @@ def resume_run(
         for flag in (CANCEL, PAUSE):
             clear_flag(client, run_id, flag)
     db.save_event(run_id, RUN_RESUMED, ts=utc_now())
-    message = lifecycle.requeue_outstanding(
-        db, run_id, _publisher(settings), lease_s=settings.lease_seconds
-    )
-    if message is None:  # the last checkpoint already ends the run
-        now = utc_now()
-        db.save_event(run_id, FLOW_END, ts=now)
-        db.update_run(run_id, status="completed", completed_at=now)
+    lifecycle.continue_run(db, run_id, _publisher(settings), lease_s=settings.lease_seconds)
     return _handle(run_id, db, settings)

@@ -295,7 +295,9 @@ class _StepRun:
             return STOPPED
         if status == "paused":
             return PAUSED
-        if control == "pause" and lifecycle.park(self.db, msg.run_id, msg.step):
+        if control == "pause" and lifecycle.park(
+            self.db, msg.run_id, msg.step, msg.attempt, self.worker
+        ):
             _log.info("Run %s paused before step %d", msg.run_id, msg.step)
             return PAUSED
         return None
