@@ -127,19 +127,30 @@ def update_fields_if(
     *,
     status_in: tuple[str, ...] | None = None,
     control_in: tuple[str, ...] | None = None,
+    stamp: str | None = None,
 ) -> bool:
     """``update_fields`` only while the run's status / control is one of those given: a
     compare-and-set, so racing processes (a worker parking a run, a user resuming it)
-    cannot both win. False if the row did not match."""
+    cannot both win. False if the row did not match. ``stamp`` is the ``updated_at`` to
+    write (default now): a caller that may have to recognise its own write passes one."""
     stmt = _UPDATE
     if status_in is not None:
         stmt = stmt.where(pf_runs.c.status.in_(status_in))
     if control_in is not None:
         stmt = stmt.where(pf_runs.c.control.in_(control_in))
     params = dict(fields)
-    params["updated_at"] = iso_now()
+    params["updated_at"] = stamp or iso_now()
     params["b_run_id"] = run_id
     return conn.execute(stmt, params).rowcount == 1
+
+
+def shows(conn: Connection, run_id: str, fields: Mapping[str, Any]) -> bool:
+    """The run row holds every one of ``fields``. How a write whose COMMIT outcome was lost
+    recognises itself on the retry (``txn.run``'s ``confirm``): its fields include a time
+    stamp it generated (``updated_at``, ``started_at``, to the microsecond), which serves
+    as its write token, since no other writer wrote that value."""
+    row = get(conn, run_id)
+    return row is not None and all(row.get(k) == v for k, v in fields.items())
 
 
 def park(conn: Connection, run_id: str, step: int, attempt: int, worker: str, now: float) -> bool:
