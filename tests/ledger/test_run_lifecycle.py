@@ -5,6 +5,7 @@ is running."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from pocoflow import Flow, Node, flow
 from pocoflow.distributed import client, lifecycle
 from pocoflow.distributed.executor import WorkerContext, execute_step
 from pocoflow.distributed.message import StepMessage
+from pocoflow.distributed.sweeper import UNSENT_GRACE_S, sweep
 from tests.ledger.test_distributed_executor import LEASE_S, Add, Publish, drain, start
 
 pytestmark = pytest.mark.ledger
@@ -38,6 +40,30 @@ def meddled() -> Flow:
     first = Add(name="first")
     first.then("default", Meddled())
     return Flow(start=first)
+
+
+class FailsFirst(Node):
+    max_retries = 2
+    retry_delay = 30.0
+
+    def exec(self, prep_result: Any) -> None:
+        if self.attempt == 1:
+            raise RuntimeError("flaky")
+
+
+@flow("lifecycle_flaky")
+def flaky() -> Flow:
+    return Flow(start=FailsFirst())
+
+
+class LostPublish(Publish):
+    """A broker that never got the message (and the publisher gave up)."""
+
+    def send(self, message: StepMessage, **kwargs: Any) -> bool:
+        self.sent.append((message, kwargs))
+        return False
+
+    __call__ = send
 
 
 @pytest.fixture
@@ -213,3 +239,20 @@ def commit(db: Any, run_id: str, step: int, *, last: bool) -> bool:
             worker="h:1",
         )
     )
+
+
+def test_the_sweeper_resends_an_unsent_retry_with_the_rest_of_its_countdown(db: Any) -> None:
+    first = start(db, "lifecycle_flaky")
+    lost = LostPublish(db)
+    worker = WorkerContext(db=db, publisher=lost, redis=None, lease_s=LEASE_S)  # type: ignore[arg-type]
+    t0 = time.time()
+    assert execute_step(first.to_dict(), worker_id="h:1", context=worker) == "retry"
+    ((_, scheduled),) = lost.sent
+    assert scheduled["countdown"] == FailsFirst.retry_delay
+    later = t0 + UNSENT_GRACE_S + 4.0
+    resent = Publish(db)
+    assert sweep(db, resent, lease_s=LEASE_S, now=later).resent == [(first.run_id, 0)]
+    ((message, kwargs),) = resent.sent
+    assert (message.attempt, message.try_number) == (2, 2)
+    left = FailsFirst.retry_delay - (later - t0)
+    assert kwargs.get("countdown", 0.0) == pytest.approx(left, abs=1.0)  # backoff kept
