@@ -444,6 +444,16 @@ class _ResumePlan:
                 f"Run {run_id!r} is {run['status']}: only a failed, cancelled, paused or "
                 "interrupted run can be resumed"
             )
+        if run.get("queue"):
+            # Submitted runs carry their queue. Their steps are leased and fenced in the
+            # ledger, which this process's loop does not do: it would run beside the
+            # workers (a paused or cancelled run's queued step is swept to one as soon
+            # as the run is running again), and two executors could each commit.
+            raise RunSetupError(
+                f"Run {run_id!r} was submitted to the workers (queue {run['queue']!r}) and "
+                f"is {run['status']}; resume it there, where its steps are fenced: "
+                f"`pocoflow resume {run_id}` or `attach({run_id!r}).resume()`"
+            )
         graph = flow.graph()
         recorded = run.get("fingerprint")
         if recorded and recorded != graph.fingerprint:

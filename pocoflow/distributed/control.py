@@ -283,12 +283,24 @@ class RemoteControl(LedgerControl):
 
     def resume(self) -> None:
         """Let a paused run go on: clears the request and, if a worker already parked the
-        run, re-enqueues its outstanding step."""
+        run, re-enqueues its outstanding step. A failed or cancelled run is sent back to
+        the workers from its last checkpoint, as ``pocoflow resume RUN`` does."""
         from pocoflow.distributed import lifecycle
 
         client = self._redis()
         if client is not None:
             clear_flag(client, self.run_id, PAUSE)
-        lifecycle.resume_paused(
-            self.db, self.run_id, self._publisher_factory(), lease_s=self.lease_s
-        )
+        publisher = self._publisher_factory()
+        if lifecycle.resume_paused(self.db, self.run_id, publisher, lease_s=self.lease_s):
+            return
+        run = self.db.get_run(self.run_id) or {}
+        if run.get("status") in ("failed", "cancelled"):
+            if client is not None:
+                clear_flag(client, self.run_id, CANCEL)
+            lifecycle.restart(
+                self.db,
+                self.run_id,
+                publisher,
+                lease_s=self.lease_s,
+                status_in=("failed", "cancelled"),
+            )

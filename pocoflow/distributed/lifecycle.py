@@ -84,6 +84,32 @@ def resume_paused(
     return True
 
 
+def restart(
+    db: WorkflowDB,
+    run_id: str,
+    publisher: Publisher,
+    *,
+    lease_s: float,
+    status_in: tuple[str, ...] = ("failed", "cancelled", "paused"),
+) -> bool:
+    """Set a run that stopped (failed, cancelled, paused) running again and send its
+    outstanding step under a new attempt, or complete it if its last step committed.
+    False, nothing done, if the run's status is not one of ``status_in`` (a compare-and-
+    set: of two racing resumers one restarts the run)."""
+    if not db.update_run_if(
+        run_id,
+        status_in=status_in,
+        status="running",
+        control=None,
+        error_msg=None,
+        completed_at=None,
+    ):
+        return False
+    db.save_event(run_id, RUN_RESUMED, ts=utc_now())
+    continue_run(db, run_id, publisher, lease_s=lease_s)
+    return True
+
+
 def fail_run(
     db: WorkflowDB,
     run_id: str,

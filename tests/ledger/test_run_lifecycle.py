@@ -256,3 +256,39 @@ def test_the_sweeper_resends_an_unsent_retry_with_the_rest_of_its_countdown(db: 
     assert (message.attempt, message.try_number) == (2, 2)
     left = FailsFirst.retry_delay - (later - t0)
     assert kwargs.get("countdown", 0.0) == pytest.approx(left, abs=1.0)  # backoff kept
+
+
+@pytest.mark.parametrize("status", ["queued", "running", "paused", "cancelled", "failed"])
+def test_flow_resume_refuses_a_run_that_belongs_to_the_workers(
+    db: Any, ledger_url: str, status: str
+) -> None:
+    """Flow.resume would run it in this process beside the workers, unfenced (a paused or
+    cancelled run's queued step would be swept to a worker as soon as it runs again)."""
+    from pocoflow.errors import RunSetupError
+    from pocoflow.registry import build_flow
+
+    first = start(db, "exec_three")
+    db.update_run(first.run_id, status=status)
+    local = build_flow("exec_three")
+    local.db_path = ledger_url
+    with pytest.raises(RunSetupError, match=rf"{first.run_id}.*pocoflow resume {first.run_id}"):
+        local.resume(first.run_id)
+    assert db.get_checkpoints(first.run_id) == []
+    assert db.get_run(first.run_id)["status"] == status
+
+
+def test_a_handle_resumes_a_cancelled_distributed_run_as_the_cli_does(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    """What Flow.resume's refusal recommends: ``attach(run_id).resume()``."""
+    from pocoflow.distributed.control import RemoteControl
+
+    first = cancelled_before_step_0(db, ctx)
+    control = RemoteControl(
+        first.run_id, db, redis_url=None, publisher_factory=lambda: publish, lease_s=LEASE_S
+    )  # type: ignore[arg-type]
+    control.resume()
+    (again,) = publish.take()
+    assert (again.step, again.attempt) == (0, 2)
+    assert drain(ctx, publish, again) == ["committed"] * 3
+    assert db.get_run(first.run_id)["status"] == "completed"
