@@ -187,16 +187,16 @@ class WorkflowDB(StepQueue):
         an unknown run. How distributed runs change state without racing each other."""
         runs.check_fields(fields)
         stamp = iso_now()  # this call's write token, if its COMMIT's outcome is lost
-        return self._write(
-            lambda conn: runs.update_fields_if(
+
+        def body(conn: Connection) -> bool:
+            return runs.update_fields_if(
                 conn, run_id, fields, status_in=status_in, control_in=control_in, stamp=stamp
-            ),
-            "updating the run",
-            run_id,
-            confirm=lambda conn, done: (
-                done or runs.shows(conn, run_id, {**fields, "updated_at": stamp})
-            ),
-        )
+            )
+
+        def own_update(conn: Connection, done: bool) -> bool:
+            return done or runs.shows(conn, run_id, {**fields, "updated_at": stamp})
+
+        return self._write(body, "updating the run", run_id, confirm=own_update)
 
     def park_run(
         self, run_id: str, step: int, attempt: int, worker: str, now: float | None = None
@@ -261,12 +261,10 @@ class WorkflowDB(StepQueue):
                 raise txn.Abort(False)
             return True
 
-        return self._write(
-            body,
-            f"committing step {c.step}",
-            c.run_id,
-            confirm=lambda conn, ok: ok or _own(conn, c),
-        )
+        def own_commit(conn: Connection, ok: bool) -> bool:
+            return ok or _own(conn, c)
+
+        return self._write(body, f"committing step {c.step}", c.run_id, confirm=own_commit)
 
     def get_checkpoints(self, run_id: str) -> list[dict[str, Any]]:
         """Checkpoint rows of the nodes that ran (step >= 0), by step; 0.2 columns plus
