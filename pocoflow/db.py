@@ -325,7 +325,8 @@ class WorkflowDB(StepQueue):
             return run, None
         manifest, texts, legacy = loaded
         data = legacy if legacy is not None else _decode_all(texts)
-        return run, (Store(data, name=f"{run_id}@step{step}"), manifest, texts)
+        name = run.get("store_name") or f"{run_id}@step{step}"  # the Store the run began with
+        return run, (Store(data, name=name), manifest, texts)
 
     def count_committed(self, run_id: str) -> int:
         """Committed node steps of the run (checkpoints with step >= 0): what

@@ -12,6 +12,7 @@ import pytest
 
 from pocoflow import Flow, Node, flow
 from pocoflow.distributed import client, lifecycle
+from pocoflow.distributed.client import record_run
 from pocoflow.distributed.executor import WorkerContext, execute_step
 from pocoflow.distributed.message import StepMessage
 from pocoflow.distributed.sweeper import UNSENT_GRACE_S, sweep
@@ -292,3 +293,34 @@ def test_a_handle_resumes_a_cancelled_distributed_run_as_the_cli_does(
     assert (again.step, again.attempt) == (0, 2)
     assert drain(ctx, publish, again) == ["committed"] * 3
     assert db.get_run(first.run_id)["status"] == "completed"
+
+
+class Typed(Node):
+    """Records the Store it was given on the worker."""
+
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+        store["seen"] = [*store.get("seen", []), [store.name, sorted(store.schema)]]
+        return "default"
+
+
+@flow("lifecycle_typed")
+def typed() -> Flow:
+    first = Typed(name="first")
+    first.then("default", Typed(name="second"))
+    return Flow(start=first, schema={"n": int, "seen": list})
+
+
+def test_a_store_rebuilt_on_a_worker_has_the_runs_name_and_the_flows_schema(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    from pocoflow.registry import build_flow
+    from pocoflow.store import Store
+
+    store = Store({"n": 1}, schema={"n": int, "seen": list}, name="orders")
+    first = record_run(db, build_flow("lifecycle_typed"), store, lease_s=LEASE_S)
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "committed"
+    (second,) = publish.take()
+    ctx.handoff.clear()  # another worker process takes step 1: it rebuilds the Store
+    assert execute_step(second.to_dict(), worker_id="h:2", context=ctx) == "committed"
+    final = db.load_checkpoint(first.run_id, 1)
+    assert final["seen"] == [["orders", ["n", "seen"]]] * 2
