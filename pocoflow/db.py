@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection
 from pocoflow import codec
 from pocoflow.commit import NextStep, StepCommit
 from pocoflow.ledger import checkpoints, events, runs, steps, txn
-from pocoflow.ledger.common import epoch
+from pocoflow.ledger.common import epoch, iso_now
 from pocoflow.ledger.queue import StepQueue
 from pocoflow.store import Store
 
@@ -51,6 +51,23 @@ def _encode_all(data: Mapping[str, Any]) -> dict[str, str]:
 
 def _decode_all(texts: Mapping[str, str]) -> dict[str, Any]:
     return {key: codec.decode(text, key=key) for key, text in texts.items()}
+
+
+def _own(conn: Connection, c: StepCommit) -> bool:
+    """After a step commit whose COMMIT outcome was lost, and whose retry found the step
+    committed: was it this commit? A distributed commit closed its own attempt's row (this
+    attempt, this worker) as committed in the same transaction; a local run has a single
+    writer, so the checkpoint of its step is its own."""
+    if c.attempt is not None and c.worker is not None:
+        return any(
+            a["step"] == c.step
+            and a["attempt"] == c.attempt
+            and a["worker"] == c.worker
+            and a["outcome"] == "committed"
+            for a in steps.attempts(conn, c.run_id)
+        )
+    row = checkpoints.get_row(conn, c.run_id, c.step)
+    return row is not None and row["node_name"] == c.node_name
 
 
 class WorkflowDB(StepQueue):
@@ -110,9 +127,12 @@ class WorkflowDB(StepQueue):
         the same transaction, so a submitted run never exists without its first step.
         """
         runs.check_fields({"status": status})
+        started = iso_now()  # also this call's write token (see ``own_run``)
         row: dict[str, Any] = {
             "run_id": run_id,
             "flow_name": flow_name,
+            "started_at": started,
+            "updated_at": started,
             "status": status,
             "fingerprint": fingerprint,
             "max_steps": max_steps,
@@ -136,7 +156,14 @@ class WorkflowDB(StepQueue):
                 steps.insert_successor(conn, run_id, first_step, epoch(now))
             return True
 
-        return self._write(body, "creating the run", run_id)
+        def own_run(conn: Connection, created: bool) -> bool:
+            # The COMMIT's outcome was lost and the retry found the run: it is ours if it
+            # carries the start time this call wrote.
+            return created or runs.shows(
+                conn, run_id, {"started_at": started, "flow_name": flow_name}
+            )
+
+        return self._write(body, "creating the run", run_id, confirm=own_run)
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         """Set fields of a run row (0.2's five, plus ``fingerprint``, ``max_steps``,
@@ -159,11 +186,29 @@ class WorkflowDB(StepQueue):
         is one of ``status_in`` (``control_in``). False, nothing written, otherwise or for
         an unknown run. How distributed runs change state without racing each other."""
         runs.check_fields(fields)
+        stamp = iso_now()  # this call's write token, if its COMMIT's outcome is lost
+
+        def body(conn: Connection) -> bool:
+            return runs.update_fields_if(
+                conn, run_id, fields, status_in=status_in, control_in=control_in, stamp=stamp
+            )
+
+        def own_update(conn: Connection, done: bool) -> bool:
+            return done or runs.shows(conn, run_id, {**fields, "updated_at": stamp})
+
+        return self._write(body, "updating the run", run_id, confirm=own_update)
+
+    def park_run(
+        self, run_id: str, step: int, attempt: int, worker: str, now: float | None = None
+    ) -> bool:
+        """Mark a live run with a pause request ``paused`` before step ``step``, iff the
+        delivery of ``attempt`` on ``worker`` is the one that would run that step (not a
+        duplicate of a step another worker holds or committed). False, nothing written,
+        otherwise (G4 without stranding a running step)."""
+        t = epoch(now)
         return self._write(
-            lambda conn: runs.update_fields_if(
-                conn, run_id, fields, status_in=status_in, control_in=control_in
-            ),
-            "updating the run",
+            lambda conn: runs.park(conn, run_id, step, attempt, worker, t),
+            "parking the run",
             run_id,
         )
 
@@ -216,7 +261,10 @@ class WorkflowDB(StepQueue):
                 raise txn.Abort(False)
             return True
 
-        return self._write(body, f"committing step {c.step}", c.run_id)
+        def own_commit(conn: Connection, ok: bool) -> bool:
+            return ok or _own(conn, c)
+
+        return self._write(body, f"committing step {c.step}", c.run_id, confirm=own_commit)
 
     def get_checkpoints(self, run_id: str) -> list[dict[str, Any]]:
         """Checkpoint rows of the nodes that ran (step >= 0), by step; 0.2 columns plus
@@ -277,7 +325,8 @@ class WorkflowDB(StepQueue):
             return run, None
         manifest, texts, legacy = loaded
         data = legacy if legacy is not None else _decode_all(texts)
-        return run, (Store(data, name=f"{run_id}@step{step}"), manifest, texts)
+        name = run.get("store_name") or f"{run_id}@step{step}"  # the Store the run began with
+        return run, (Store(data, name=name), manifest, texts)
 
     def count_committed(self, run_id: str) -> int:
         """Committed node steps of the run (checkpoints with step >= 0): what

@@ -8,7 +8,7 @@ workers. A Flow is itself a Node, so a flow can be a step of another flow.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,7 +52,8 @@ class Flow(Node):
 
     ``checkpoint_dir`` writes ``step_NNN_<Node>.json`` after each node; ``db_path`` (a file
     path or an SQLAlchemy URL) records the run, its events and a checkpoint per node in
-    one transaction; ``max_steps`` stops runaway loops.
+    one transaction; ``max_steps`` stops runaway loops; ``schema`` is the Store schema a
+    run's Store gets when it is rebuilt from the ledger (on a worker, by ``resume``).
     """
 
     def __init__(
@@ -63,6 +64,8 @@ class Flow(Node):
         db_path: str | Path | None = None,
         run_id: str | None = None,
         flow_name: str | None = None,
+        *,
+        schema: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(start, Node):
             raise TypeError(f"Flow(start=...) needs a Node, got {type(start).__name__}")
@@ -75,6 +78,13 @@ class Flow(Node):
         self.max_steps = max_steps
         self.db_path = db_path
         self.run_id = run_id
+        #: The Store schema of this flow's runs, applied wherever a run's Store is rebuilt
+        #: from the ledger (a worker's step, ``resume``, ``fork``): schemas are code, not
+        #: data, so the flow's code carries it. Building a Store with it registers its
+        #: types with the codec, so this process decodes them too.
+        self.schema = dict(schema) if schema else None
+        if self.schema:
+            Store(schema=self.schema)
         self._run_id: str | None = None
         self._hooks = Hooks()
         if self.checkpoint_dir:
@@ -127,7 +137,7 @@ class Flow(Node):
         checkpoint, with the node that checkpoint says runs next. ``schema`` re-applies the
         Store's schema (schemas are code, not data, so the ledger does not keep them)."""
         db = self._require_ledger("resume")
-        plan = _ResumePlan.load(db, run_id, self, schema)
+        plan = _ResumePlan.load(db, run_id, self, schema or self.schema)
         control = RunControl()
         if background:
             return self._in_thread(
@@ -151,7 +161,9 @@ class Flow(Node):
             raise UnknownRunError(f"Unknown run id {run_id!r}")
         try:
             checkpoint = db.get_checkpoint(run_id, from_step)
-            store = _with_schema(db.load_checkpoint(run_id, from_step), db, run_id, schema)
+            store = _with_schema(
+                db.load_checkpoint(run_id, from_step), db, run_id, schema or self.schema
+            )
         except KeyError as exc:
             raise RunSetupError(str(exc.args[0] if exc.args else exc)) from None
         graph = self.graph()
@@ -443,6 +455,16 @@ class _ResumePlan:
             raise RunSetupError(
                 f"Run {run_id!r} is {run['status']}: only a failed, cancelled, paused or "
                 "interrupted run can be resumed"
+            )
+        if run.get("queue"):
+            # Submitted runs carry their queue. Their steps are leased and fenced in the
+            # ledger, which this process's loop does not do: it would run beside the
+            # workers (a paused or cancelled run's queued step is swept to one as soon
+            # as the run is running again), and two executors could each commit.
+            raise RunSetupError(
+                f"Run {run_id!r} was submitted to the workers (queue {run['queue']!r}) and "
+                f"is {run['status']}; resume it there, where its steps are fenced: "
+                f"`pocoflow resume {run_id}` or `attach({run_id!r}).resume()`"
             )
         graph = flow.graph()
         recorded = run.get("fingerprint")

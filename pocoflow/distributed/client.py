@@ -25,7 +25,7 @@ from pocoflow.distributed.control import (
 )
 from pocoflow.distributed.graphs import shape_text
 from pocoflow.distributed.message import StepMessage
-from pocoflow.hooks import FLOW_END, FLOW_START, RUN_RESUMED
+from pocoflow.hooks import FLOW_START
 from pocoflow.logging import get_logger
 from pocoflow.recorder import open_ledger
 from pocoflow.registry import UnknownFlowError, get_builder, import_flow_modules
@@ -235,25 +235,14 @@ def resume_run(
     if force:
         graph = _registered_graph(run["flow_name"], settings)
         db.update_run(run_id, fingerprint=graph.fingerprint, graph_shape=shape_text(graph))
-    if not db.update_run_if(
-        run_id,
-        status_in=(*RESUMABLE, "running"),
-        status="running",
-        control=None,
-        error_msg=None,
-        completed_at=None,
-    ):
-        raise ValueError(f"Run {run_id!r} changed status while resuming; look again")
     if settings.redis_url:
         client = redis_client(settings.redis_url)
         for flag in (CANCEL, PAUSE):
             clear_flag(client, run_id, flag)
-    db.save_event(run_id, RUN_RESUMED, ts=utc_now())
-    message = lifecycle.requeue_outstanding(
-        db, run_id, _publisher(settings), lease_s=settings.lease_seconds
-    )
-    if message is None:  # the last checkpoint already ends the run
-        now = utc_now()
-        db.save_event(run_id, FLOW_END, ts=now)
-        db.update_run(run_id, status="completed", completed_at=now)
+    publisher = _publisher(settings)
+    statuses = (*RESUMABLE, "running")
+    if not lifecycle.restart(
+        db, run_id, publisher, lease_s=settings.lease_seconds, status_in=statuses
+    ):
+        raise ValueError(f"Run {run_id!r} changed status while resuming; look again")
     return _handle(run_id, db, settings)

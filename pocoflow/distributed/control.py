@@ -43,6 +43,9 @@ WRITE_BUDGET_S = 3.0
 #: Socket timeouts: a flag read sits on the step's hot path, so a dead Redis must cost
 #: at most this long before the ledger answers instead.
 SOCKET_TIMEOUT_S = 0.5
+#: Because Redis saying "no flag" may only mean the flag never landed: a running exec's
+#: cancel probe asks the ledger at least this often (G4 within a few seconds regardless).
+LEDGER_CONFIRM_S = 5.0
 
 
 def flag_key(run_id: str, flag: str) -> str:
@@ -124,7 +127,11 @@ def read_flags(client: redis.Redis, run_id: str, *, budget_s: float = 0.0) -> fr
 
 class FlagReader:
     """A cached cancel probe for a running ``exec`` (G4): Redis at most every
-    ``interval_s``, the ledger's control column when Redis does not answer."""
+    ``interval_s``, the ledger when Redis does not answer or says cancel, and the ledger
+    anyway at most every ``ledger_interval_s``: Redis saying "no flag" is not proof, since
+    a cancel's flag can miss Redis (restarted empty, or ``set_flag`` gave up) while the
+    ledger holds it. One indexed row read every few seconds of a long exec; none on a
+    step that ends sooner."""
 
     def __init__(
         self,
@@ -133,14 +140,17 @@ class FlagReader:
         db: WorkflowDB,
         *,
         interval_s: float = 0.5,
+        ledger_interval_s: float = LEDGER_CONFIRM_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.run_id = run_id
         self.client = client
         self.db = db
         self.interval_s = interval_s
+        self.ledger_interval_s = ledger_interval_s
         self.clock = clock
         self._checked_at: float | None = None
+        self._ledger_at: float | None = None
         self._cancelled = False
 
     def __call__(self) -> bool:
@@ -150,10 +160,13 @@ class FlagReader:
         if self._checked_at is not None and now - self._checked_at < self.interval_s:
             return False
         self._checked_at = now
+        if self._ledger_at is None:
+            self._ledger_at = now  # the guard read the ledger just before exec started
         flags = read_flags(self.client, self.run_id) if self.client is not None else None
-        if flags is None or CANCEL in flags:
-            # Redis did not answer, or says cancel: the ledger confirms, because a flag
-            # can outlive a resume that could not reach Redis to clear it.
+        # Redis did not answer, or says cancel (a flag can outlive a resume that could not
+        # reach Redis to clear it), or says nothing for a while: the ledger decides.
+        if flags is None or CANCEL in flags or now - self._ledger_at >= self.ledger_interval_s:
+            self._ledger_at = now
             run = self.db.get_run(self.run_id) or {}
             self._cancelled = run.get("control") == CANCEL or run.get("status") == "cancelled"
         return self._cancelled
@@ -270,12 +283,24 @@ class RemoteControl(LedgerControl):
 
     def resume(self) -> None:
         """Let a paused run go on: clears the request and, if a worker already parked the
-        run, re-enqueues its outstanding step."""
+        run, re-enqueues its outstanding step. A failed or cancelled run is sent back to
+        the workers from its last checkpoint, as ``pocoflow resume RUN`` does."""
         from pocoflow.distributed import lifecycle
 
         client = self._redis()
         if client is not None:
             clear_flag(client, self.run_id, PAUSE)
-        lifecycle.resume_paused(
-            self.db, self.run_id, self._publisher_factory(), lease_s=self.lease_s
-        )
+        publisher = self._publisher_factory()
+        if lifecycle.resume_paused(self.db, self.run_id, publisher, lease_s=self.lease_s):
+            return
+        run = self.db.get_run(self.run_id) or {}
+        if run.get("status") in ("failed", "cancelled"):
+            if client is not None:
+                clear_flag(client, self.run_id, CANCEL)
+            lifecycle.restart(
+                self.db,
+                self.run_id,
+                publisher,
+                lease_s=self.lease_s,
+                status_in=("failed", "cancelled"),
+            )

@@ -37,6 +37,7 @@ from pocoflow.logging import get_logger
 from pocoflow.registry import UnknownFlowError
 from pocoflow.settings import Settings
 from pocoflow.step import RetryLater, RunCancelled, StepError, run_step, utc_now
+from pocoflow.store import Store
 
 if TYPE_CHECKING:
     import redis
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
     from pocoflow.flow import Flow
     from pocoflow.graph import Graph
     from pocoflow.node import Node
-    from pocoflow.store import Store
 
 _log = get_logger("distributed.executor")
 
@@ -295,7 +295,9 @@ class _StepRun:
             return STOPPED
         if status == "paused":
             return PAUSED
-        if control == "pause" and lifecycle.park(self.db, msg.run_id, msg.step):
+        if control == "pause" and lifecycle.park(
+            self.db, msg.run_id, msg.step, msg.attempt, self.worker
+        ):
             _log.info("Run %s paused before step %d", msg.run_id, msg.step)
             return PAUSED
         return None
@@ -318,6 +320,8 @@ class _StepRun:
             store, tracker = self._handed
             return _Loaded(flow, graph, node, store, tracker)
         store, manifest, texts = self._prior or self.db.load_store(msg.run_id, msg.step - 1)
+        if flow.schema:  # the flow's schema, as the Store it was submitted with had
+            store = Store(store.as_dict(), schema=flow.schema, name=store.name)
         tracker = StoreTracker()
         tracker.seed(manifest, texts, store.as_dict())
         return _Loaded(flow, graph, node, store, tracker)

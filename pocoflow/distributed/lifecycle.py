@@ -9,10 +9,11 @@ consistent state: the row, not anybody's earlier read, decides.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pocoflow.distributed.message import StepMessage
-from pocoflow.hooks import NODE_ERROR, RUN_CANCELLED, RUN_PAUSED, RUN_RESUMED
+from pocoflow.hooks import FLOW_END, NODE_ERROR, RUN_CANCELLED, RUN_PAUSED, RUN_RESUMED
 from pocoflow.logging import get_logger
 from pocoflow.step import utc_now
 
@@ -52,10 +53,14 @@ def request_pause(db: WorkflowDB, run_id: str) -> bool:
     return db.update_run_if(run_id, status_in=LIVE, control="pause")
 
 
-def park(db: WorkflowDB, run_id: str, step: int) -> bool:
-    """The guard met a pause request: mark the run paused, leaving step ``step`` queued
-    for ``resume``. False if the request was withdrawn meanwhile (go on with the step)."""
-    done = db.update_run_if(run_id, status_in=LIVE, control_in=("pause",), status="paused")
+def park(db: WorkflowDB, run_id: str, step: int, attempt: int, worker: str) -> bool:
+    """The guard of ``attempt`` of step ``step`` met a pause request: mark the run paused,
+    leaving the step queued for ``resume``. False, and nothing changes, if the request was
+    withdrawn meanwhile (go on with the step) or if this delivery is not the one that
+    would run the step (it is committed, another attempt holds it, or another worker's
+    live lease does): that worker commits the step, and the guard of its successor parks
+    the run, so a pause never strands a step that is running."""
+    done = db.park_run(run_id, step, attempt, worker)
     if done:
         db.save_event(run_id, RUN_PAUSED, step=step, ts=utc_now())
     return done
@@ -64,7 +69,8 @@ def park(db: WorkflowDB, run_id: str, step: int) -> bool:
 def resume_paused(
     db: WorkflowDB, run_id: str, publisher: Publisher, *, lease_s: float, queue: str | None = None
 ) -> bool:
-    """Withdraw a pause request and, if a worker parked the run, send its step again.
+    """Withdraw a pause request and, if a worker parked the run, send its step again (or
+    complete the run, if its last step committed while it was parked).
 
     The request is cleared *before* the parked status is read back, so a worker parking
     the run at the same moment either parks first (and we re-enqueue) or finds the
@@ -74,7 +80,33 @@ def resume_paused(
     if not db.update_run_if(run_id, status_in=("paused",), status="running"):
         return False
     db.save_event(run_id, RUN_RESUMED, ts=utc_now())
-    requeue_outstanding(db, run_id, publisher, lease_s=lease_s, queue=queue)
+    continue_run(db, run_id, publisher, lease_s=lease_s, queue=queue)
+    return True
+
+
+def restart(
+    db: WorkflowDB,
+    run_id: str,
+    publisher: Publisher,
+    *,
+    lease_s: float,
+    status_in: tuple[str, ...] = ("failed", "cancelled", "paused"),
+) -> bool:
+    """Set a run that stopped (failed, cancelled, paused) running again and send its
+    outstanding step under a new attempt, or complete it if its last step committed.
+    False, nothing done, if the run's status is not one of ``status_in`` (a compare-and-
+    set: of two racing resumers one restarts the run)."""
+    if not db.update_run_if(
+        run_id,
+        status_in=status_in,
+        status="running",
+        control=None,
+        error_msg=None,
+        completed_at=None,
+    ):
+        return False
+    db.save_event(run_id, RUN_RESUMED, ts=utc_now())
+    continue_run(db, run_id, publisher, lease_s=lease_s)
     return True
 
 
@@ -102,6 +134,22 @@ def fail_run(
     )
 
 
+@dataclass(frozen=True)
+class Outstanding:
+    """What ``requeue_outstanding`` found. ``message``: the step it sent under a fresh
+    attempt. ``ended``: the run's last step committed, nothing is left to run. Neither:
+    another process (a second resumer, the sweeper, a worker) took the step over first
+    and sends it; this caller must not touch the run's status."""
+
+    message: StepMessage | None = None
+    ended: bool = False
+
+
+#: Because each round starts again only when a step committed under the caller, a run
+#: whose steps keep committing is plainly in someone's hands after a few.
+REQUEUE_ROUNDS = 5
+
+
 def requeue_outstanding(
     db: WorkflowDB,
     run_id: str,
@@ -110,33 +158,74 @@ def requeue_outstanding(
     lease_s: float,
     queue: str | None = None,
     now: float | None = None,
-) -> StepMessage | None:
+) -> Outstanding:
     """Send the run's next step again under a fresh attempt (fencing out any holder).
 
-    The next step follows the latest checkpoint; ``None`` when that checkpoint ends the
-    run (nothing left to run). ``exec`` tries start again at 1: a resume is a new start.
+    The next step follows the latest checkpoint. A take-over that finds the step moved on
+    tells why: committed meanwhile (a late worker's commit) -> the step after it;
+    taken by another process -> nothing sent; taken by this very call, whose write landed
+    although its connection was lost at COMMIT (the row shows this call's ``now`` as
+    ``queued_at``) -> sent. Only a checkpoint that ends the run says ``ended``. ``exec``
+    tries start again at 1: a resume is a new start.
     """
     run = db.get_run(run_id)
     if run is None:
         raise KeyError(f"Unknown run id {run_id!r}")
-    latest = db.latest_checkpoint(run_id)
-    if latest is None or latest.get("next_node") is None:
-        return None
-    step, node_id = latest["step"] + 1, latest["next_node"]
-    now = time.time() if now is None else now
-    row = db.get_step(run_id, step)
-    if row is None:
-        db.insert_step(run_id, step, node_id, attempt=1, lease_s=lease_s, now=now)
-        attempt = 1
+    t = time.time() if now is None else now
+    for _ in range(REQUEUE_ROUNDS):
+        latest = db.latest_checkpoint(run_id)
+        if latest is None:
+            raise KeyError(f"Run {run_id!r} has no checkpoint, not even its initial Store")
+        if latest.get("next_node") is None:
+            return Outstanding(ended=True)
+        step, node_id = latest["step"] + 1, latest["next_node"]
         row = db.get_step(run_id, step)
-        assert row is not None
-        attempt = row["attempt"]
-    else:
-        taken = db.take_over(run_id, step, row["attempt"], lease_s, now=now, force=True)
-        if taken is None:  # committed meanwhile or another resume won: it runs already
-            return None
-        attempt = taken
-    message = StepMessage(run_id, run["flow_name"], step, node_id, attempt)
-    publisher.send(message, queue=queue or run.get("queue"))
-    _log.info("Run %s: step %d (%s) re-enqueued as attempt %d", run_id, step, node_id, attempt)
-    return message
+        if row is None:  # a run stranded before its outbox row was written
+            db.insert_step(run_id, step, node_id, attempt=1, lease_s=lease_s, now=t)
+            row = db.get_step(run_id, step)
+            assert row is not None
+            attempt = row["attempt"]  # ours or a racing resumer's: the claim lets one run
+        elif row["status"] == "committed":
+            continue
+        else:
+            taken = db.take_over(run_id, step, row["attempt"], lease_s, now=t, force=True)
+            if taken is None:
+                seen = db.get_step(run_id, step)
+                if seen is None or seen["status"] == "committed":
+                    continue
+                if not (seen["attempt"] == row["attempt"] + 1 and seen["queued_at"] == t):
+                    _log.info(
+                        "Run %s: step %d was taken over by another process (attempt %d); "
+                        "it sends it",
+                        run_id,
+                        step,
+                        seen["attempt"],
+                    )
+                    return Outstanding()
+                taken = seen["attempt"]
+            attempt = taken
+        message = StepMessage(run_id, run["flow_name"], step, node_id, attempt)
+        publisher.send(message, queue=queue or run.get("queue"))
+        _log.info("Run %s: step %d (%s) re-enqueued as attempt %d", run_id, step, node_id, attempt)
+        return Outstanding(message)
+    return Outstanding()
+
+
+def continue_run(
+    db: WorkflowDB,
+    run_id: str,
+    publisher: Publisher,
+    *,
+    lease_s: float,
+    queue: str | None = None,
+) -> Outstanding:
+    """Go on with a run just set ``running`` again (resume): send its outstanding step, or,
+    if its last step committed (while it was paused, cancelled or failed), complete it.
+    A run is completed only on the evidence of that commit, never because a take-over
+    came back empty."""
+    found = requeue_outstanding(db, run_id, publisher, lease_s=lease_s, queue=queue)
+    if found.ended:
+        now = utc_now()
+        if db.update_run_if(run_id, status_in=LIVE, status="completed", completed_at=now):
+            db.save_event(run_id, FLOW_END, ts=now)
+    return found

@@ -75,7 +75,11 @@ def sweep(
             continue
         message = _message(db, run, row, row["attempt"])
         _log.info("Resending unsent step %d of run %s", row["step"], row["run_id"])
-        if publish(message, queue=run.get("queue")):
+        # A retry's row is leased for its backoff too (executor._retry): what is left of
+        # that wait is its countdown, so a resend does not skip the backoff.
+        wait = (row["lease_expires_at"] or now) - lease_s - now
+        later = {"countdown": wait} if wait > 0 else {}
+        if publish(message, queue=run.get("queue"), **later):
             report.resent.append((row["run_id"], row["step"]))
 
     for row in db.expired_steps(now=now):

@@ -73,10 +73,18 @@ class LedgerClient:
     def _read(self, fn: Callable[[Connection], T], run_id: str | None = None) -> T:
         return txn.run(self._ledger, fn, write=False, what="reading", run_id=run_id)
 
-    def _write(self, fn: Callable[[Connection], T], what: str, run_id: str | None) -> T:
-        """A write transaction; a row naming a run ``pf_runs`` lacks -> ``KeyError``."""
+    def _write(
+        self,
+        fn: Callable[[Connection], T],
+        what: str,
+        run_id: str | None,
+        *,
+        confirm: Callable[[Connection, T], T] | None = None,
+    ) -> T:
+        """A write transaction; a row naming a run ``pf_runs`` lacks -> ``KeyError``.
+        ``confirm``: see ``txn.run`` (a COMMIT whose outcome was lost)."""
         try:
-            return txn.run(self._ledger, fn, write=True, what=what, run_id=run_id)
+            return txn.run(self._ledger, fn, write=True, what=what, run_id=run_id, confirm=confirm)
         except IntegrityError as exc:
             if run_id is not None and is_fk_violation(exc):
                 raise KeyError(

@@ -12,6 +12,9 @@ _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 _PG_UNIQUE_VIOLATION = "23505"
 _PG_FK_VIOLATION = "23503"
+# serialization_failure, deadlock_detected: PostgreSQL rolled the transaction back to let
+# a concurrent one through; the same transaction run again normally succeeds.
+_PG_CONFLICTS = ("40001", "40P01")
 
 
 class LedgerError(RuntimeError):
@@ -30,6 +33,11 @@ class LedgerLockedError(LedgerError):
     """SQLite stayed locked by another writer through every retry; nothing was written."""
 
 
+class LedgerConflictError(LedgerError):
+    """PostgreSQL kept aborting the transaction to resolve a conflict with concurrent ones
+    (serialization failure, deadlock) through every retry; nothing was written."""
+
+
 class SchemaVersionError(LedgerError):
     """The database was migrated by a newer pocoflow than this one."""
 
@@ -41,6 +49,11 @@ def is_locked(exc: BaseException) -> bool:
     if code is not None:
         return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
     return "database is locked" in str(orig) or "database table is locked" in str(orig)
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """A PostgreSQL serialization failure or deadlock: retry the whole transaction."""
+    return getattr(getattr(exc, "orig", exc), "sqlstate", None) in _PG_CONFLICTS
 
 
 def is_fk_violation(exc: DBAPIError) -> bool:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from pocoflow.ledger.common import insert_ignore, iso_now
 from pocoflow.ledger.pipeline import Op
-from pocoflow.ledger.tables import CONTROLS, RUN_STATUSES, pf_runs
+from pocoflow.ledger.tables import CONTROLS, RUN_STATUSES, pf_runs, pf_steps
 
 UPDATABLE = frozenset(
     {
@@ -37,9 +37,35 @@ UPDATABLE = frozenset(
 _UPDATE = update(pf_runs).where(pf_runs.c.run_id == bindparam("b_run_id"))
 _GET = select(pf_runs).where(pf_runs.c.run_id == bindparam("run_id"))
 _LIST = select(pf_runs).order_by(pf_runs.c.started_at.desc()).limit(bindparam("limit"))
+_r = pf_runs.c
+_s = pf_steps.c
 # A plain OR of equalities, not IN: expanding parameters do not survive the precompiled
 # batches of pipeline.run.
-_UPDATE_IF_LIVE = _UPDATE.where(or_(pf_runs.c.status == "queued", pf_runs.c.status == "running"))
+_LIVE = or_(_r.status == "queued", _r.status == "running")
+# The run fields that end a run apply while it is live or paused: a cancel that landed
+# while the last step ran stands (G4), but a pause only holds the *next* node, so the
+# commit of a step that was already running still ends the run.
+_UPDATE_IF_ENDABLE = _UPDATE.where(or_(_LIVE, _r.status == "paused"))
+# Parking needs the delivery that would run the step: a duplicate, a stale attempt or a
+# step another worker holds under a live lease (it will commit, and its successor's guard
+# parks) must not park, or the holder's last commit would find the run not live.
+_STEP_RUNNABLE_BY = (
+    select(_s.step)
+    .where(
+        _s.run_id == bindparam("b_run_id"),
+        _s.step == bindparam("b_step"),
+        _s.attempt == bindparam("b_attempt"),
+        or_(
+            _s.status == "queued",
+            and_(
+                _s.status == "running",
+                or_(_s.lease_owner == bindparam("worker"), _s.lease_expires_at < bindparam("now")),
+            ),
+        ),
+    )
+    .exists()
+)
+_PARK = _UPDATE.where(_LIVE, _r.control == "pause", _STEP_RUNNABLE_BY)
 _ENDING_FIELDS = frozenset({"status", "completed_at", "error_msg"})
 _CONTROL = select(pf_runs.c.control).where(pf_runs.c.run_id == bindparam("run_id"))
 _EXISTS = select(func.count()).select_from(pf_runs).where(pf_runs.c.run_id == bindparam("run_id"))
@@ -78,12 +104,13 @@ def update_op(run_id: str, fields: Mapping[str, Any]) -> Op:
 
 def step_update_ops(run_id: str, fields: Mapping[str, Any]) -> list[Op]:
     """The run fields of a step commit. A status change (the run ends) applies only while
-    the run is live, so a cancel that landed while the last step ran stands (G4)."""
+    the run is live or paused, so a cancel that landed while the last step ran stands
+    (G4) while a pause parked meanwhile cannot leave a finished run unfinished."""
     ending = {k: v for k, v in fields.items() if k in _ENDING_FIELDS}
     ops = [update_op(run_id, {k: v for k, v in fields.items() if k not in _ENDING_FIELDS})]
     if ending:
         params = {**ending, "updated_at": iso_now(), "b_run_id": run_id}
-        ops.append(Op(_UPDATE_IF_LIVE, params))
+        ops.append(Op(_UPDATE_IF_ENDABLE, params))
     return ops
 
 
@@ -100,19 +127,46 @@ def update_fields_if(
     *,
     status_in: tuple[str, ...] | None = None,
     control_in: tuple[str, ...] | None = None,
+    stamp: str | None = None,
 ) -> bool:
     """``update_fields`` only while the run's status / control is one of those given: a
     compare-and-set, so racing processes (a worker parking a run, a user resuming it)
-    cannot both win. False if the row did not match."""
+    cannot both win. False if the row did not match. ``stamp`` is the ``updated_at`` to
+    write (default now): a caller that may have to recognise its own write passes one."""
     stmt = _UPDATE
     if status_in is not None:
         stmt = stmt.where(pf_runs.c.status.in_(status_in))
     if control_in is not None:
         stmt = stmt.where(pf_runs.c.control.in_(control_in))
     params = dict(fields)
-    params["updated_at"] = iso_now()
+    params["updated_at"] = stamp or iso_now()
     params["b_run_id"] = run_id
     return conn.execute(stmt, params).rowcount == 1
+
+
+def shows(conn: Connection, run_id: str, fields: Mapping[str, Any]) -> bool:
+    """The run row holds every one of ``fields``. How a write whose COMMIT outcome was lost
+    recognises itself on the retry (``txn.run``'s ``confirm``): its fields include a time
+    stamp it generated (``updated_at``, ``started_at``, to the microsecond), which serves
+    as its write token, since no other writer wrote that value."""
+    row = get(conn, run_id)
+    return row is not None and all(row.get(k) == v for k, v in fields.items())
+
+
+def park(conn: Connection, run_id: str, step: int, attempt: int, worker: str, now: float) -> bool:
+    """Mark the run paused iff it is live with a pause request and ``attempt`` of step
+    ``step`` is this worker's to run (queued, or running under its own or an expired
+    lease): one compare-and-set over both rows, so no claim or commit slips in between."""
+    params = {
+        "status": "paused",
+        "updated_at": iso_now(),
+        "b_run_id": run_id,
+        "b_step": step,
+        "b_attempt": attempt,
+        "worker": worker,
+        "now": now,
+    }
+    return conn.execute(_PARK, params).rowcount == 1
 
 
 def get(conn: Connection, run_id: str) -> dict[str, Any] | None:

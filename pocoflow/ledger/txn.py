@@ -2,14 +2,22 @@
 
 SQLite serialises writers with a file lock. ``busy_timeout`` already makes a writer wait
 inside SQLite; when even that runs out we retry a few times with a short backoff and then
-raise ``LedgerLockedError`` naming the database and run. A failed try has rolled back, so
-retrying never writes half a step. A connection dropped by the server (PostgreSQL restart)
-is retried once on a fresh connection.
+raise ``LedgerLockedError`` naming the database and run. PostgreSQL aborts a transaction
+to resolve a serialization failure or a deadlock (SQLSTATE 40001 / 40P01); those are
+retried the same way (``LedgerConflictError`` when they never clear). A failed try has
+rolled back, so retrying never writes half a step.
+
+A connection dropped by the server (PostgreSQL restart, ``pg_terminate_backend``) is
+retried once on a fresh connection. Dropped *during COMMIT*, the outcome is unknown: the
+commit may have landed. The retry then runs into its own write (its compare-and-set
+misses), so a call that can tell its own write from another's passes ``confirm``, which
+looks at the rows after such a retry and corrects the answer (defect 7 of issue 6).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -18,7 +26,12 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from pocoflow.ledger.engine import LedgerEngine
-from pocoflow.ledger.errors import LedgerLockedError, is_locked
+from pocoflow.ledger.errors import (
+    LedgerConflictError,
+    LedgerLockedError,
+    is_conflict,
+    is_locked,
+)
 
 T = TypeVar("T")
 
@@ -31,6 +44,10 @@ LOCK_RETRIES = 4
 """Tries after the first when SQLite reports the database locked."""
 LOCK_BACKOFF_S = 0.02
 """First pause between those tries; doubled each time."""
+CONFLICT_RETRIES = 6
+"""Tries after the first when PostgreSQL aborted the transaction for a serialization
+failure or a deadlock; the pause doubles from ``LOCK_BACKOFF_S`` with jitter, because two
+transactions that deadlocked once and retry in step would deadlock again."""
 
 
 # Because a write that starts deferred and later needs the write lock can fail with
@@ -54,6 +71,7 @@ def run(
     write: bool,
     what: str,
     run_id: str | None = None,
+    confirm: Callable[[Connection, T], T] | None = None,
 ) -> T:
     """Run ``fn(conn)`` in one transaction, committed if it returns, rolled back if it raises.
 
@@ -63,17 +81,21 @@ def run(
     Reads on PostgreSQL run in autocommit (``LedgerEngine.reader``). ``what`` and
     ``run_id`` only name the operation in a lock error.
 
-    A connection the server dropped is retried once; if it dropped during COMMIT the
-    commit may have landed, and the retry then sees its own row (``commit_step`` returns
-    False, the outbox row of the successor is already there for the sweeper).
+    ``confirm(conn, result)`` runs (in a read after the retry) only when a first try lost
+    its connection during COMMIT: ``result`` is what the retry returned (or its ``Abort``
+    value), and ``confirm`` returns the true answer, e.g. True where the retry's
+    compare-and-set missed because the first try's write, recognised by a value only this
+    call wrote, had landed. Free on every other call.
     """
     engine = ledger.engine if write else ledger.reader
     begin = _SQLITE_BEGIN[write] if ledger.dialect == "sqlite" else None
     delay = LOCK_BACKOFF_S
     tries = 0
+    unknown = False  # a COMMIT was sent on a connection that then died
     started = time.monotonic()
     while True:
         tries += 1
+        committing = False
         try:
             with engine.connect() as conn:
                 # SQLAlchemy's transaction first, so commit() reaches the driver even when
@@ -84,34 +106,77 @@ def run(
                     # whose transaction (begun above) then issues this one's COMMIT.
                     conn.connection.driver_connection.execute(begin)  # type: ignore[union-attr]
                 result = fn(conn)
+                committing = True
                 conn.commit()
-                return result
         except Abort as abort:
-            return abort.value  # type: ignore[return-value]
+            result = abort.value  # type: ignore[assignment]
         except Exception as exc:
             if isinstance(exc, DBAPIError) and exc.connection_invalidated and tries == 1:
+                unknown = committing
+                if unknown:
+                    _log.warning(
+                        "Ledger %s: connection lost during COMMIT while %s%s; the outcome is "
+                        "unknown, retrying",
+                        ledger.label,
+                        what,
+                        f" for run {run_id!r}" if run_id is not None else "",
+                    )
                 continue
-            if not is_locked(exc):
+            conflict = is_conflict(exc)
+            if not (conflict or is_locked(exc)):
                 raise
-            if tries > LOCK_RETRIES:
-                waited = time.monotonic() - started
-                run_part = f" for run {run_id!r}" if run_id is not None else ""
-                raise LedgerLockedError(
-                    f"Ledger database {ledger.label} stayed locked by another writer while "
-                    f"{what}{run_part} ({tries} tries over {waited:.1f}s); nothing was "
-                    "written. Find the process holding the lock (a long transaction, an "
-                    "open sqlite3 shell) or raise busy_timeout."
-                ) from exc
+            if tries > (CONFLICT_RETRIES if conflict else LOCK_RETRIES):
+                raise _exhausted(ledger, what, run_id, tries, started, conflict) from exc
             if _log.isEnabledFor(logging.DEBUG):
                 _log.debug(
-                    "Ledger %s locked while %s%s; retry %d of %d in %.0f ms",
+                    "Ledger %s %s while %s%s; retry %d in %.0f ms",
                     ledger.label,
+                    "conflict (serialization failure or deadlock)" if conflict else "locked",
                     what,
                     f" for run {run_id!r}" if run_id is not None else "",
                     tries,
-                    LOCK_RETRIES,
                     delay * 1000,
                     extra={"ledger_retry": tries, "ledger_run_id": run_id},
                 )
-            time.sleep(delay)
+            time.sleep(delay * random.uniform(0.5, 1.5) if conflict else delay)
             delay *= 2
+            continue
+        if unknown and confirm is not None:
+            return _confirmed(ledger, confirm, result, what, run_id)
+        return result
+
+
+def _confirmed(
+    ledger: LedgerEngine,
+    confirm: Callable[[Connection, T], T],
+    result: T,
+    what: str,
+    run_id: str | None,
+) -> T:
+    """``confirm``'s verdict on ``result``, read after the retry committed (or aborted)."""
+    return run(ledger, lambda conn: confirm(conn, result), write=False, what=what, run_id=run_id)
+
+
+def _exhausted(
+    ledger: LedgerEngine,
+    what: str,
+    run_id: str | None,
+    tries: int,
+    started: float,
+    conflict: bool,
+) -> Exception:
+    waited = time.monotonic() - started
+    run_part = f" for run {run_id!r}" if run_id is not None else ""
+    if conflict:
+        return LedgerConflictError(
+            f"Ledger database {ledger.label} kept aborting the transaction while {what}"
+            f"{run_part} (serialization failure or deadlock, {tries} tries over "
+            f"{waited:.1f}s); nothing was written. Another process keeps writing the same "
+            "rows: look for a stuck or looping writer."
+        )
+    return LedgerLockedError(
+        f"Ledger database {ledger.label} stayed locked by another writer while "
+        f"{what}{run_part} ({tries} tries over {waited:.1f}s); nothing was "
+        "written. Find the process holding the lock (a long transaction, an "
+        "open sqlite3 shell) or raise busy_timeout."
+    )

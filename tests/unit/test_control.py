@@ -137,3 +137,23 @@ def test_without_redis_the_probe_asks_the_ledger() -> None:
     ledger.run["control"] = CANCEL
     assert probe() is True
     assert ledger.reads == 2
+
+
+def test_a_cancel_whose_flag_never_reached_redis_still_reaches_the_exec(
+    client: fakeredis.FakeRedis,
+) -> None:
+    """Redis answers "no flag" (restarted empty, or set_flag gave up) while the ledger says
+    cancelled: the probe confirms with the ledger every ``ledger_interval_s`` anyway."""
+    clock = Clock()
+    ledger = FakeLedger()
+    probe = FlagReader("r", client, ledger, interval_s=0.5, clock=clock)  # type: ignore[arg-type]
+    assert probe() is False
+    reads_at_start = ledger.reads
+    ledger.run.update(status="cancelled", control=CANCEL)  # no Redis flag
+    for _ in range(5):  # 2.5 s of polls: Redis only, the ledger is not asked
+        clock.now += 0.5
+        assert probe() is False
+    assert ledger.reads == reads_at_start
+    clock.now += probe.ledger_interval_s
+    assert probe() is True
+    assert ledger.reads == reads_at_start + 1

@@ -1,0 +1,229 @@
+"""PostgreSQL transactions whose outcome the client cannot know, or that the server
+aborted to resolve a conflict (issue 6 defects 7 and 8).
+
+* The connection dies *after* COMMIT landed, before the client hears back (a real
+  ``pg_terminate_backend`` of the session, hooked in right after the server committed):
+  the retry of the whole transaction then meets its own write. Every call must see it as
+  its own (``submit``, ``commit_step``, ``request_cancel``, a resume's take-over) instead of
+  reporting "already exists", "lost" or "already finished".
+* Serialization failures and deadlocks (SQLSTATE 40001 / 40P01), forced by a trigger, are
+  retried a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from pocoflow.db import WorkflowDB
+from pocoflow.distributed import lifecycle
+from pocoflow.distributed.client import record_run
+from pocoflow.distributed.executor import WorkerContext, execute_step
+from pocoflow.hooks import RUN_CANCELLED
+from pocoflow.ledger import txn
+from pocoflow.ledger.errors import LedgerConflictError
+from pocoflow.registry import build_flow
+from pocoflow.store import Store
+from tests.conftest import fresh_postgres_database
+from tests.ledger.test_distributed_executor import LEASE_S, Publish, drain, start
+
+pytestmark = pytest.mark.ledger
+
+
+@pytest.fixture
+def pg_url(database_url: str) -> Iterator[str]:
+    with fresh_postgres_database(database_url) as url:
+        yield url
+
+
+@pytest.fixture
+def db(pg_url: str) -> Iterator[WorkflowDB]:
+    ledger = WorkflowDB(pg_url)
+    yield ledger
+    ledger.close()
+
+
+@pytest.fixture
+def publish(db: WorkflowDB) -> Publish:
+    return Publish(db)
+
+
+@pytest.fixture
+def ctx(db: WorkflowDB, publish: Publish) -> WorkerContext:
+    return WorkerContext(db=db, publisher=publish, redis=None, lease_s=LEASE_S)  # type: ignore[arg-type]
+
+
+def dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class CommitKiller:
+    """Arms a hook on the ledger's engine: the next write's COMMIT lands on the server, then
+    the session is terminated (``pg_terminate_backend``) before the client reads anything
+    more, so the client sees its connection lost with the outcome unknown."""
+
+    def __init__(self, db: WorkflowDB, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.dsn = dsn(url)
+        self.armed = 0
+        self.fired = 0
+        dialect = db._ledger.engine.dialect
+        real = dialect.do_commit
+
+        def do_commit(dbapi_conn: Any) -> None:
+            real(dbapi_conn)
+            if self.armed and not dbapi_conn.driver_connection.autocommit:  # writes only
+                self.armed -= 1
+                self.fired += 1
+                self._kill(dbapi_conn)
+
+        monkeypatch.setattr(dialect, "do_commit", do_commit)
+
+    def arm(self, times: int = 1) -> None:
+        self.armed = times
+
+    def _kill(self, pooled: Any) -> None:
+        dbapi_conn: psycopg.Connection[Any] = pooled.driver_connection
+        pid = dbapi_conn.info.backend_pid
+        with psycopg.connect(self.dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+        dbapi_conn.execute("SELECT 1")  # raises: the socket is dead, psycopg marks it broken
+
+
+@pytest.fixture
+def killer(db: WorkflowDB, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> CommitKiller:
+    return CommitKiller(db, pg_url, monkeypatch)
+
+
+def test_the_kill_hook_loses_the_connection_after_the_commit_landed(
+    db: WorkflowDB, killer: CommitKiller
+) -> None:
+    db.create_run("r-hook", "f")
+    killer.arm()
+    db.update_run("r-hook", current_node="landed")  # retried, same write: no error
+    assert killer.fired == 1
+    assert db.get_run("r-hook")["current_node"] == "landed"
+
+
+def test_submit_whose_commit_outcome_was_lost_finds_its_own_run(
+    db: WorkflowDB, killer: CommitKiller
+) -> None:
+    killer.arm()
+    first = record_run(db, build_flow("exec_three"), Store({}), run_id="r-1", lease_s=LEASE_S)
+    assert killer.fired == 1
+    assert first.run_id == "r-1"
+    assert db.get_run("r-1")["status"] == "queued"
+    # Another submit of the same id is still refused: the write is recognised as ours
+    # only by the call that made it.
+    with pytest.raises(ValueError, match="already exists"):
+        record_run(db, build_flow("exec_three"), Store({}), run_id="r-1", lease_s=LEASE_S)
+
+
+def test_a_step_commit_whose_outcome_was_lost_is_committed_and_its_successor_sent(
+    db: WorkflowDB, ctx: WorkerContext, publish: Publish, killer: CommitKiller
+) -> None:
+    from tests.ledger import test_distributed_executor as base
+
+    first = start(db, "exec_grabbed")
+    base.ON_EXEC.append(lambda run_id, step, attempt: killer.arm())  # the commit's COMMIT
+    try:
+        assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "committed"
+    finally:
+        base.ON_EXEC.clear()
+    assert killer.fired == 1
+    (successor,) = publish.take()
+    assert (successor.step, successor.attempt) == (1, 1)
+    assert [a["outcome"] for a in db.get_attempts(first.run_id)] == ["committed"]
+    assert drain(ctx, publish, successor) == ["committed"]
+    assert db.get_run(first.run_id)["status"] == "completed"
+
+
+def test_a_cancel_whose_outcome_was_lost_reports_the_cancel(
+    db: WorkflowDB, killer: CommitKiller
+) -> None:
+    first = start(db, "exec_three")
+    killer.arm()
+    assert lifecycle.request_cancel(db, first.run_id)
+    assert killer.fired == 1
+    assert db.get_run(first.run_id)["status"] == "cancelled"
+    assert [e["event"] for e in db.get_events(first.run_id)].count(RUN_CANCELLED) == 1
+    assert not lifecycle.request_cancel(db, first.run_id)  # a second cancel: finished
+
+
+def test_a_resume_take_over_whose_outcome_was_lost_sends_the_step(
+    db: WorkflowDB,
+    ctx: WorkerContext,
+    publish: Publish,
+    killer: CommitKiller,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = start(db, "exec_three")
+    assert lifecycle.request_cancel(db, first.run_id)
+    assert db.update_run_if(first.run_id, status_in=("cancelled",), status="running", control=None)
+    real_get_step = db.get_step
+
+    def get_step(run_id: str, step: int) -> Any:  # the take-over's COMMIT comes next
+        monkeypatch.setattr(db, "get_step", real_get_step)
+        killer.arm()
+        return real_get_step(run_id, step)
+
+    monkeypatch.setattr(db, "get_step", get_step)
+    found = lifecycle.requeue_outstanding(db, first.run_id, publish, lease_s=LEASE_S)  # type: ignore[arg-type]
+    assert killer.fired == 1
+    assert found.message is not None and found.message.attempt == 2
+    assert drain(ctx, publish, publish.take()[0]) == ["committed"] * 3
+
+
+# ── serialization failures and deadlocks ─────────────────────────────────────
+
+
+@contextlib.contextmanager
+def failing_inserts(url: str, sqlstate: str, times: int) -> Iterator[None]:
+    """The next ``times`` inserts into pf_events fail with ``sqlstate`` (a sequence counts
+    them, outside any transaction, so the failures survive the rollbacks)."""
+    with psycopg.connect(dsn(url), autocommit=True) as admin:
+        admin.execute("CREATE SEQUENCE pf_test_fail")
+        admin.execute(
+            f"""CREATE FUNCTION pf_test_fail() RETURNS trigger AS $$
+            BEGIN
+              IF nextval('pf_test_fail') <= {times} THEN
+                RAISE EXCEPTION 'forced by the test' USING ERRCODE = '{sqlstate}';
+              END IF;
+              RETURN NEW;
+            END $$ LANGUAGE plpgsql"""
+        )
+        admin.execute(
+            "CREATE TRIGGER pf_test_fail BEFORE INSERT ON pf_events "
+            "FOR EACH ROW EXECUTE FUNCTION pf_test_fail()"
+        )
+        try:
+            yield
+        finally:
+            admin.execute("DROP TRIGGER pf_test_fail ON pf_events")
+
+
+@pytest.mark.parametrize("sqlstate", ["40001", "40P01"])
+def test_serialization_failures_and_deadlocks_are_retried(
+    db: WorkflowDB, pg_url: str, sqlstate: str
+) -> None:
+    db.create_run("r-conflict", "f")
+    with failing_inserts(pg_url, sqlstate, times=2):
+        db.save_event("r-conflict", "custom", error_msg="once")
+    assert [e["error_msg"] for e in db.get_events("r-conflict")] == ["once"]
+
+
+def test_a_conflict_that_never_clears_is_reported_after_bounded_tries(
+    db: WorkflowDB, pg_url: str
+) -> None:
+    db.create_run("r-stuck", "f")
+    with (
+        failing_inserts(pg_url, "40001", times=1000),
+        pytest.raises(LedgerConflictError, match="'r-stuck'"),
+    ):
+        db.save_event("r-stuck", "custom")
+    assert db.get_events("r-stuck") == []
+    assert txn.CONFLICT_RETRIES >= 3
