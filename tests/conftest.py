@@ -59,6 +59,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Give every test its folder's marker; refuse a test with none or a second one."""
     wrong = []
     for item in items:
+        if not Path(item.path).resolve().is_relative_to(TESTS_ROOT):
+            continue  # e.g. doctests of the package: not the suite's business
         marker = folder_marker(item.path)
         if marker is not None:
             item.add_marker(marker)

@@ -20,6 +20,7 @@ import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -215,9 +216,15 @@ def _quietly(read: Callable[[], Any], timeout: float = 30.0) -> Any:
 
 
 def inject(
-    fault: str, chaos: Chaos, rng: random.Random, run_ids: list[str], pg: PostgresServer
+    fault: str,
+    chaos: Chaos,
+    rng: random.Random,
+    run_ids: list[str],
+    pg: PostgresServer,
+    late: list[tuple[str, dict[str, Any]]],
 ) -> str:
-    """Inject one fault while ``run_ids`` are in flight; returns what was done."""
+    """Inject one fault while ``run_ids`` are in flight; returns what was done. Runs
+    submitted during the fault are added to ``late`` (run id, first Store)."""
     if fault == "kill9":
         slot = chaos.busy_slot(rng, run_ids)
         assert slot.proc is not None
@@ -255,18 +262,47 @@ def inject(
         def done() -> bool:
             return all(chaos.status(r) in ("completed", "failed") for r in run_ids)
 
-        killed = _terminate_backends(chaos.db_url, rng, until=done, seconds=20.0)
-        return f"pg_terminate_backend x{killed} under load"
+        killed: list[int] = []
+        killer_rng = random.Random(rng.random())  # its own: the seed stays reproducible
+        killer = threading.Thread(
+            target=lambda: killed.append(
+                _terminate_backends(chaos.db_url, killer_rng, until=done, seconds=20.0)
+            )
+        )
+        killer.start()
+        refused = _submit_during(chaos, rng, late, count=3)
+        killer.join()
+        return f"pg_terminate_backend x{killed[0]} under load, {refused} submits raised"
     if fault == "poison":
         return "a step that kills its worker every time"
     raise ValueError(f"unknown fault {fault!r}; known: {', '.join(ALL_FAULTS)}")
 
 
+def _submit_during(
+    chaos: Chaos, rng: random.Random, late: list[tuple[str, dict[str, Any]]], count: int
+) -> int:
+    """Submit ``count`` runs as a user would while the fault lasts: a submit that raises
+    is tried again (the ledger count then shows a run created twice, if the failed one
+    was in fact recorded). Returns how many submits raised."""
+    raised = 0
+    for _ in range(count):
+        start = {"count": rng.randrange(1000), "nap_s": 0.1}
+        for _try in range(20):
+            try:
+                late.append((chaos.submit("nap_chain", start), start))
+                break
+            except Exception:
+                raised += 1
+                time.sleep(0.1)
+    return raised
+
+
 def _terminate_backends(
     db_url: str, rng: random.Random, *, until: Callable[[], bool], seconds: float
 ) -> int:
-    """Kill a random ledger connection every 0.2 s until ``until()`` or ``seconds`` pass
-    (any session but this one: workers', sweepers', the checker's)."""
+    """Every 0.1 s kill a random share of the ledger's connections until ``until()`` or
+    ``seconds`` pass (any session but this one: workers', sweepers', the checker's), so
+    some die mid-transaction and some at COMMIT."""
     import psycopg
     from sqlalchemy.engine import make_url
 
@@ -283,10 +319,10 @@ def _terminate_backends(
                     "AND pid <> pg_backend_pid()"
                 )
             ]
-            if pids:
-                conn.execute("SELECT pg_terminate_backend(%s)", (rng.choice(pids),))
+            for pid in rng.sample(pids, rng.randint(1, len(pids)) if pids else 0):
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
                 killed += 1
-            time.sleep(0.2)
+            time.sleep(0.1)
     return killed
 
 
@@ -300,11 +336,14 @@ def run_round(
     # In flight: some run has committed a step or two.
     _quietly(lambda: _wait(lambda: any(chaos.db.count_committed(r) >= 2 for r in run_ids), timeout))
     injected_at = time.monotonic()
-    injected = inject(fault, chaos, rng, run_ids, pg)
+    late: list[tuple[str, dict[str, Any]]] = []
+    injected = inject(fault, chaos, rng, run_ids, pg, late)
+    run_ids += [run_id for run_id, _ in late]
+    starts += [start for _, start in late]
     deadline = injected_at + timeout
     pending = chaos.wait_finished(run_ids, deadline)
     seconds = time.monotonic() - injected_at
-    result = RoundResult(fault, injected, runs, 0, seconds)
+    result = RoundResult(fault, injected, len(run_ids), 0, seconds)
     for run_id in pending:
         result.problems.append(f"{run_id}: still {chaos.status(run_id)} after {timeout:.0f}s")
     for run_id, start in zip(run_ids, starts):
