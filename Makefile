@@ -12,7 +12,7 @@ BIN   := $(VENV)/bin
 STAMP := $(VENV)/.pocoflow-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test demo bench lint fmt clean distclean
+.PHONY: help venv test chaos chaos-short demo bench lint fmt clean distclean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 test: venv  ## run the test suite (ARGS="-k ledger -x" to narrow it)
 	$(BIN)/pytest -q $(ARGS)
+
+chaos: venv  ## long fault rounds on real processes, summary table (ARGS="--faults kill9 --rounds 5")
+	$(BIN)/python -m tests.chaos $(ARGS)
+
+chaos-short: venv  ## the fault rounds CI runs (about a minute)
+	$(BIN)/python -m tests.chaos --short $(ARGS)
 
 demo: venv  ## run the built-in demo flow
 	$(BIN)/pocoflow demo

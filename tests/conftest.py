@@ -4,28 +4,114 @@
 ``POCOFLOW_TEST_DATABASE_URL``, else start private servers (``tests.servers``) once per
 session, only when a test asks for them. ``ledger_url`` runs a test on SQLite and on
 PostgreSQL, each time on a fresh empty database; ``db`` opens a ``WorkflowDB`` on it.
+
+Every test carries exactly one marker, its folder's (``-m unit``, ``-m ledger``...), and
+every process the suite starts keeps its temp files (``pymp-*`` of a killed worker's
+pool, ...) in one session dir removed at the end: the suite leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import pytest
 
 from tests.servers import start_postgres, start_redis
 
 REDIS_ENV = "POCOFLOW_TEST_REDIS_URL"
+#: Because the distributed tests empty (FLUSHDB) databases 1-15 of the Redis they use: a
+#: Redis given by URL is used only when its owner says these may be emptied.
+REDIS_FLUSH_ENV = "POCOFLOW_TEST_REDIS_FLUSH"
 DATABASE_ENV = "POCOFLOW_TEST_DATABASE_URL"
 LEDGER_BACKENDS = ["sqlite", "postgresql"]
+
+TESTS_ROOT = Path(__file__).resolve().parent
+#: The marker of each test folder; a test collected elsewhere is an error.
+FOLDER_MARKERS = {
+    "unit": "unit",
+    "ledger": "ledger",
+    "distributed": "distributed",
+    "examples": "examples",
+    "compat": "compat",
+}
+
+
+def folder_marker(path: Path) -> str | None:
+    """The marker a test file gets from the folder it lives in under ``tests/``."""
+    try:
+        folder = Path(path).resolve().relative_to(TESTS_ROOT).parts[0]
+    except (ValueError, IndexError):
+        return None
+    return FOLDER_MARKERS.get(folder)
+
+
+def folder_markers_of(item: pytest.Item) -> set[str]:
+    return {m.name for m in item.iter_markers() if m.name in FOLDER_MARKERS.values()}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give every test its folder's marker; refuse a test with none or a second one."""
+    wrong = []
+    for item in items:
+        if not Path(item.path).resolve().is_relative_to(TESTS_ROOT):
+            continue  # e.g. doctests of the package: not the suite's business
+        marker = folder_marker(item.path)
+        if marker is not None:
+            item.add_marker(marker)
+        if marker is None or folder_markers_of(item) != {marker}:
+            wrong.append(f"{item.nodeid}: {sorted(folder_markers_of(item))}")
+    if wrong:
+        raise pytest.UsageError(
+            "each test must carry exactly its folder's marker (one of "
+            f"{sorted(FOLDER_MARKERS)}); move or unmark:\n  " + "\n  ".join(wrong)
+        )
+
+
+_session_tmp: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Child processes (workers, CLI runs, servers) write their temp files into a session
+    dir that is removed at the end, because a worker killed with -9 cannot remove its
+    own ``pymp-*`` dirs. This process keeps the temp dir it had (tmp_path etc.)."""
+    global _session_tmp
+    external_redis_url(os.environ)  # refuse at once, not in the first distributed test
+    tempfile.gettempdir()  # cached first, so only children see the new TMPDIR
+    _session_tmp = tempfile.mkdtemp(prefix="pocoflow-tests-")
+    os.environ["TMPDIR"] = _session_tmp
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _session_tmp is not None:
+        shutil.rmtree(_session_tmp, ignore_errors=True)
+
+
+def external_redis_url(env: Mapping[str, str]) -> str | None:
+    """The Redis named by ``POCOFLOW_TEST_REDIS_URL``, if any, once its owner allowed the
+    suite to empty its databases 1-15; else a ``pytest.UsageError`` saying so."""
+    url = env.get(REDIS_ENV)
+    if not url:
+        return None
+    if env.get(REDIS_FLUSH_ENV, "").strip().lower() not in ("1", "true", "yes", "on"):
+        raise pytest.UsageError(
+            f"{REDIS_ENV}={url} would have databases 1-15 of that Redis emptied (FLUSHDB) by "
+            f"the distributed tests. Set {REDIS_FLUSH_ENV}=1 if they hold nothing you need, "
+            f"or unset {REDIS_ENV} to let the suite start a private Redis."
+        )
+    return url
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    if os.environ.get(REDIS_ENV):
-        yield os.environ[REDIS_ENV]
+    external = external_redis_url(os.environ)
+    if external:
+        yield external
         return
     with start_redis() as server:
         yield server.url

@@ -1,5 +1,5 @@
 """Reusable fault operations for the distributed suite: real worker processes, kill -9,
-SIGSTOP/SIGCONT, Redis restarts.
+SIGSTOP/SIGCONT, Redis restarts, network partitions (a loopback TCP proxy).
 
 Workers are started exactly as ``pocoflow worker`` starts them (``worker_argv``), each in
 its own session (process group), so a fault can hit one worker node (main process and
@@ -9,6 +9,9 @@ Readiness and every fault outcome are polled, never slept for.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,3 +115,116 @@ def restart_redis(server: RedisServer, down_s: float = 0.0) -> None:
     if down_s:
         time.sleep(down_s)  # the outage itself is the fault under test, not a sync point
     server.start()
+
+
+# ── network partitions ───────────────────────────────────────────────────────
+
+
+class FaultProxy:
+    """A TCP proxy on 127.0.0.1 in front of one loopback server (Redis, PostgreSQL), for
+    one client: ``partition()`` stops every byte both ways, as a cut cable would (the
+    connections stay open, what is sent waits), ``heal()`` lets the held bytes through
+    as TCP retransmission would, and ``reset()`` closes every connection at once.
+
+    Loopback only, by construction: it listens on 127.0.0.1 and refuses any other target.
+    Threads are daemons and ``close()`` ends them, so a test cannot leave one behind.
+    """
+
+    BUFFER = 65536
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        if not ipaddress.ip_address(target_host).is_loopback:
+            raise ValueError(f"FaultProxy proxies loopback servers only, not {target_host}")
+        self.target = (target_host, target_port)
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: set[Any] = set()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.port: int = self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept, name="fault-proxy", daemon=True)
+        self._thread.start()
+
+    def url_for(self, url: str) -> str:
+        """``url`` with its port replaced by the proxy's (host must be 127.0.0.1)."""
+        from sqlalchemy.engine import make_url
+
+        if url.startswith("redis://"):
+            path = url.split("://", 1)[1].partition("/")[2]
+            return f"redis://127.0.0.1:{self.port}/{path}"
+        proxied = make_url(url).set(host="127.0.0.1", port=self.port)
+        return proxied.render_as_string(hide_password=False)
+
+    @property
+    def partitioned(self) -> bool:
+        return not self._flowing.is_set()
+
+    def partition(self) -> None:
+        self._flowing.clear()
+
+    def heal(self) -> None:
+        self._flowing.set()
+
+    def reset(self) -> None:
+        """Close every connection now (the server restarted, a NAT forgot them)."""
+        with self._lock:
+            sockets, self._sockets = self._sockets, set()
+        for sock in sockets:
+            _close(sock)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._flowing.set()
+        _close(self._listener)
+        self.reset()
+        self._thread.join(2)
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                _close(client)
+                continue
+            with self._lock:
+                self._sockets.update((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any) -> None:
+        try:
+            while True:
+                data = src.recv(self.BUFFER)
+                if not data:
+                    break
+                while not self._flowing.wait(0.2):  # partitioned: hold the bytes
+                    if self._closed.is_set():
+                        return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                _close(sock)
+            with self._lock:
+                self._sockets.difference_update((src, dst))
+
+
+def _close(sock: Any) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass

@@ -147,10 +147,17 @@ def test_cli_bad_ledger_path_is_bad_input(tmp_path):
 
 
 def test_demo_runs_the_article_pipeline_on_real_workers(tmp_path):
+    # From a scratch dir (examples found on PYTHONPATH): the demo's .pocoflow/ state dir
+    # lands there, not in the checkout.
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     done = subprocess.run(
         [sys.executable, "-m", "pocoflow.cli", "demo", "--workers", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
+    assert (tmp_path / ".pocoflow" / "demo.db").exists()
     assert done.returncode == 0, done.stdout + done.stderr
     assert "summary: In short:" in done.stdout
     workers = set(re.findall(r"-> \S+ +[\d.]+ ms +on (\S+)", done.stdout))

@@ -1,0 +1,1 @@
+"""``make chaos``: long fault rounds against real processes (see ``runner``)."""
