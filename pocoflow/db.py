@@ -25,7 +25,6 @@ from sqlalchemy.engine import Connection
 from pocoflow import codec
 from pocoflow.commit import NextStep, StepCommit
 from pocoflow.ledger import checkpoints, events, runs, steps, txn
-from pocoflow.ledger.common import epoch
 from pocoflow.ledger.queue import StepQueue
 from pocoflow.store import Store
 
@@ -133,7 +132,7 @@ class WorkflowDB(StepQueue):
             if start_events:
                 events.insert_rows(conn, events.rows_of(run_id, start_events))
             if first_step is not None:
-                steps.insert_successor(conn, run_id, first_step, epoch(now))
+                steps.insert_successor(conn, run_id, first_step, now)
             return True
 
         return self._write(body, "creating the run", run_id)

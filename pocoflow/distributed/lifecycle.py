@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from pocoflow.commit import StepFailure
 from pocoflow.distributed.message import StepMessage
 from pocoflow.hooks import NODE_ERROR, RUN_CANCELLED, RUN_PAUSED, RUN_RESUMED
 from pocoflow.logging import get_logger
@@ -83,23 +84,38 @@ def fail_run(
     run_id: str,
     error_msg: str,
     *,
-    step: int | None = None,
+    step: int,
+    attempt: int,
+    holder: str,
+    worker: str | None = None,
     node_name: str | None = None,
-    attempt: int | None = None,
     events: list[dict[str, Any]] | None = None,
-) -> None:
-    """Record why the run stopped and mark it failed; it stays resumable."""
-    for event in events or [
-        {"event": NODE_ERROR, "step": step, "node_name": node_name, "error_msg": error_msg}
-    ]:
-        fields = {k: v for k, v in event.items() if k != "event"}
-        fields.setdefault("attempt", attempt)
-        fields.setdefault("ts", utc_now())
-        db.save_event(run_id, event["event"], **fields)
-    # Only while live: a cancel that landed meanwhile stands (G4).
-    db.update_run_if(
-        run_id, status_in=LIVE, status="failed", error_msg=error_msg, completed_at=utc_now()
+    outcome: str = "failed",
+) -> bool:
+    """Fail step ``step`` (held by ``holder``'s claim of ``attempt``) and its run, with
+    why: the step row, the attempt row (``outcome``), the events (a ``node_error`` unless
+    given) and the run's status, in one transaction. The run stays resumable; a cancel
+    that landed meanwhile stands (G4). False, nothing written, if the claim was lost."""
+    given = list(events or ())
+    if not any(e.get("event") == NODE_ERROR for e in given):
+        error = {"event": NODE_ERROR, "step": step, "node_name": node_name, "error_msg": error_msg}
+        given.append(error)
+    ts = utc_now()
+    rows = [
+        {"attempt": attempt, "ts": ts, **{k: v for k, v in e.items() if v is not None}}
+        for e in given
+    ]
+    failure = StepFailure(
+        run_id=run_id,
+        step=step,
+        attempt=attempt,
+        holder=holder,
+        worker=worker or holder,
+        error_msg=error_msg,
+        outcome=outcome,
+        events=rows,
     )
+    return db.fail_step(failure)
 
 
 def requeue_outstanding(
