@@ -209,26 +209,47 @@ def test_a_stale_commit_with_a_successor_is_a_clean_loss(db: Any) -> None:
     assert db.load_checkpoint("r1", 0)["n"] == 2
 
 
+def test_a_stale_commit_on_a_worker_is_recorded_as_lost(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    """Its node changes no value, so on PostgreSQL only the successor's row collides."""
+    first = start(db, "exec_grabbed", {"grabbed": True})
+    inner: list[str] = []
+
+    def newer_attempt_commits_first(run_id: str, step: int, attempt: int) -> None:
+        ON_EXEC.clear()
+        assert db.take_over(run_id, step, attempt, LEASE_S, force=True) == 2
+        again = StepMessage(run_id, "exec_grabbed", step, first.node_id, 2)
+        inner.append(execute_step(again.to_dict(), worker_id="h:2", context=ctx))
+
+    ON_EXEC.append(newer_attempt_commits_first)
+    try:
+        outer = execute_step(first.to_dict(), worker_id="h:1", context=ctx)
+    finally:
+        ON_EXEC.clear()
+    assert (outer, inner) == ("lost", ["committed"])
+    attempts = [(a["attempt"], a["worker"], a["outcome"]) for a in db.get_attempts(first.run_id)]
+    assert attempts == [(1, "h:1", "lost"), (2, "h:2", "committed")]
+    assert [c["step"] for c in db.get_checkpoints(first.run_id)] == [0]
+    assert len(publish.take()) == 1  # the winner's successor only
+
+
 # ── defect 9: worker ids, the database's clock, parameters kept out of errors ─
 
 
-def test_the_worker_id_is_unique_per_process_and_names_host_and_pid() -> None:
+def test_the_worker_id_is_unique_per_process_and_names_host_and_pid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     worker = executor.default_worker_id()
     assert worker == executor.default_worker_id()  # stable within the process
     host, pid = worker.rsplit(":", 1)
     assert pid == str(os.getpid()) and host.startswith(socket.gethostname())
-    # Containers share host names and pids; the id must not be host:pid alone.
+    # Containers share host names and pids: the id must not be host:pid alone, and
+    # another process with the same host and pid (as a fresh one starts) draws another.
     assert worker != f"{socket.gethostname()}:{os.getpid()}"
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        os.write(write, executor.default_worker_id().encode())
-        os._exit(0)
-    os.waitpid(child, 0)
-    other = os.read(read, 200).decode()
-    os.close(read)
-    os.close(write)
-    assert other != worker and other.rsplit(":", 1)[1] == str(child)
+    monkeypatch.setattr(executor, "_worker_id", None)
+    other = executor.default_worker_id()
+    assert other != worker and other.rsplit(":", 1)[1] == pid
 
 
 def test_leases_run_on_the_database_clock(db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
