@@ -1,4 +1,5 @@
-"""Small pieces every query module shares: timestamps and the one dialect-specific insert."""
+"""Small pieces every query module shares: timestamps, the database clock (`NOW`) and the
+one dialect-specific insert."""
 
 from __future__ import annotations
 
