@@ -40,7 +40,8 @@ def test_a_frozen_holder_loses_to_a_copy_of_the_same_attempt(live: Cluster) -> N
             TIMEOUT_S,
         )
         # The broker delivers attempt 1 again (a redelivery, a resend): the other worker
-        # claims the expired lease and runs the same attempt.
+        # claims the expired lease and runs the same attempt. (The frozen worker's last
+        # BRPOP, 1 s, timed out while the 2 s lease ran out: it cannot take the copy.)
         node_id = live.db.get_step(handle.run_id, HOLD_STEP)["node_id"]
         live.send_raw(StepMessage(handle.run_id, "hold", HOLD_STEP, node_id, 1))
         _, copy = wait_until(

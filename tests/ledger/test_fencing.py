@@ -176,7 +176,9 @@ def test_a_cancel_committed_after_the_guard_read_stops_the_claim(
         row = real_get(conn, run_id)
         thread = threading.Thread(target=lifecycle.request_cancel, args=(other, run_id))
         thread.start()
-        thread.join(0.5)  # PostgreSQL: lands now; SQLite: waits for our write lock
+        # PostgreSQL: lands at once (returns as soon as it did); SQLite: waits for our
+        # write lock, so it is still waiting when the short join gives up.
+        thread.join(10.0 if db.dialect == "postgresql" else 0.2)
         canceller.append(thread)
         return row
 
