@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection
 from pocoflow import codec
 from pocoflow.commit import NextStep, StepCommit
 from pocoflow.ledger import checkpoints, events, runs, steps, txn
-from pocoflow.ledger.common import epoch, iso_now
+from pocoflow.ledger.common import iso_now
 from pocoflow.ledger.queue import StepQueue
 from pocoflow.store import Store
 
@@ -153,7 +153,7 @@ class WorkflowDB(StepQueue):
             if start_events:
                 events.insert_rows(conn, events.rows_of(run_id, start_events))
             if first_step is not None:
-                steps.insert_successor(conn, run_id, first_step, epoch(now))
+                steps.insert_successor(conn, run_id, first_step, now)
             return True
 
         def own_run(conn: Connection, created: bool) -> bool:
@@ -199,15 +199,14 @@ class WorkflowDB(StepQueue):
         return self._write(body, "updating the run", run_id, confirm=own_update)
 
     def park_run(
-        self, run_id: str, step: int, attempt: int, worker: str, now: float | None = None
+        self, run_id: str, step: int, attempt: int, holder: str, now: float | None = None
     ) -> bool:
         """Mark a live run with a pause request ``paused`` before step ``step``, iff the
-        delivery of ``attempt`` on ``worker`` is the one that would run that step (not a
+        delivery of ``attempt`` by ``holder`` is the one that would run that step (not a
         duplicate of a step another worker holds or committed). False, nothing written,
         otherwise (G4 without stranding a running step)."""
-        t = epoch(now)
         return self._write(
-            lambda conn: runs.park(conn, run_id, step, attempt, worker, t),
+            lambda conn: runs.park(conn, run_id, step, attempt, holder, now),
             "parking the run",
             run_id,
         )

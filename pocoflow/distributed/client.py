@@ -9,7 +9,6 @@ publish that fails is repaired by the sweeper (G3). It returns at once.
 from __future__ import annotations
 
 import functools
-import time
 from typing import TYPE_CHECKING, Any
 
 from pocoflow.commit import NextStep
@@ -174,7 +173,7 @@ def record_run(
         queue=queue or DEFAULT_QUEUE,
         graph_shape=shape_text(graph),
         start_events=[{"event": FLOW_START, "node_name": graph.start_id, "ts": utc_now()}],
-        first_step=NextStep(0, graph.start_id, 1, time.time() + lease_s),
+        first_step=NextStep(0, graph.start_id, 1, lease_s=lease_s),
     )
     if not created:
         raise ValueError(f"Run id {run_id!r} already exists in ledger {db.url}; pick another")

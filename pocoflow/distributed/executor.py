@@ -16,10 +16,11 @@ record it on) and the ledger decides what happens next.
 
 from __future__ import annotations
 
+import itertools
 import os
+import secrets
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ from pocoflow.distributed.control import FlagReader, redis_client
 from pocoflow.distributed.graphs import GraphCache, mismatch_message
 from pocoflow.distributed.lease import LeaseKeeper
 from pocoflow.distributed.message import MalformedMessage, StepMessage
-from pocoflow.hooks import FLOW_END, MESSAGE_MALFORMED, NODE_ERROR, NODE_RETRY
+from pocoflow.hooks import FLOW_END, MESSAGE_MALFORMED, NODE_RETRY
 from pocoflow.logging import get_logger
 from pocoflow.registry import UnknownFlowError
 from pocoflow.settings import Settings
@@ -79,7 +80,8 @@ class WorkerContext:
     redis: redis.Redis | None
     lease_s: float
     graphs: GraphCache = field(default_factory=GraphCache)
-    clock: Callable[[], float] = time.time
+    #: Injected by tests; None = the ledger's (database) clock for leases and outbox rows.
+    clock: Callable[[], float] | None = None
     leases: LeaseKeeper = field(init=False)
 
     handoff: dict[tuple[str, str, int], tuple[Store, StoreTracker]] = field(
@@ -140,10 +142,21 @@ def default_context() -> WorkerContext:
         return _context[1]
 
 
+_worker_id: tuple[int, str] | None = None
+#: Numbers the claims of this process: the holder token of each delivery (see _StepRun).
+_claims = itertools.count(1)
+
+
 def default_worker_id() -> str:
-    """``hostname:pid`` of the process running the step: what ``pf_attempts.worker``
-    records, so an operator (or a test) can find the process and signal it."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``hostname/nonce:pid`` of the process running the step: what ``pf_attempts.worker``
+    records, so an operator (or a test) finds the host and the process to signal (the pid
+    after the last colon). The random nonce, drawn once per process (again after a fork),
+    tells apart processes that share a host name and a pid: containers, each its pid 1."""
+    global _worker_id
+    pid = os.getpid()
+    if _worker_id is None or _worker_id[0] != pid:
+        _worker_id = (pid, f"{socket.gethostname()}/{secrets.token_hex(4)}:{pid}")
+    return _worker_id[1]
 
 
 def execute_step(
@@ -155,7 +168,8 @@ def execute_step(
 ) -> str:
     """Run the step ``message`` names, following the step protocol; returns the outcome.
 
-    Never raises (see module docstring). ``worker_id`` defaults to ``hostname:pid``.
+    Never raises (see module docstring). ``worker_id`` defaults to
+    ``default_worker_id()``.
     """
     ctx = context or default_context()
     worker = worker_id or default_worker_id()
@@ -209,6 +223,10 @@ class _StepRun:
         self.db = ctx.db
         self.msg = msg
         self.worker = worker
+        # This delivery's claim token: two deliveries of one attempt in one process (a
+        # threads pool, a redelivery) are two holders, and only the current one may renew,
+        # commit or fail the step (G1).
+        self.holder = f"{worker}#{next(_claims)}"
         self.task_id = task_id
         self._prior: tuple[Store, dict[str, int], dict[str, str]] | None = None
         self._handed: tuple[Store, StoreTracker] | None = None
@@ -251,6 +269,8 @@ class _StepRun:
             _log.error("Step message for unknown run %r dropped", msg.run_id)
             return UNKNOWN_RUN
         if not claimed:
+            if self._other_node():
+                return MALFORMED
             _log.info(
                 "Step %d of run %s attempt %d: already committed, stale or leased elsewhere; "
                 "nothing to do",
@@ -271,14 +291,41 @@ class _StepRun:
             loaded = self._load(run)
         except _Refused as refusal:
             return self._refuse(str(refusal))
-        with self.ctx.leases.hold(msg.run_id, msg.step, msg.attempt, self.worker):
+        with self.ctx.leases.hold(msg.run_id, msg.step, msg.attempt, self.holder):
             return self._run_and_commit(run, loaded)
 
     def _claim(self) -> tuple[bool, dict[str, Any] | None]:
         msg = self.msg
+        # The claim names the node the message asks for: it wins only if the ledger
+        # recorded that node for the step, so a message cannot choose what runs.
         return self.db.claim_if_runnable(
-            msg.run_id, msg.step, msg.attempt, self.worker, self.ctx.lease_s, task_id=self.task_id
+            msg.run_id,
+            msg.step,
+            msg.attempt,
+            self.worker,
+            self.ctx.lease_s,
+            task_id=self.task_id,
+            holder=self.holder,
+            node_id=msg.node_id,
         )
+
+    def _other_node(self) -> bool:
+        """After a lost claim (off the hot path): did the message name another node than
+        the ledger recorded for its step? Then it is forged or garbled, recorded on the
+        run as malformed; the run goes on with the step's real message."""
+        msg = self.msg
+        row = self.db.get_step(msg.run_id, msg.step)
+        if row is None or row["node_id"] == msg.node_id:
+            return False
+        _record_malformed(
+            self.db,
+            MalformedMessage(
+                f"step message names node {msg.node_id!r} for step {msg.step} of run "
+                f"{msg.run_id!r}, but the ledger recorded node {row['node_id']!r}",
+                run_id=msg.run_id,
+            ),
+        )
+        return True
 
     def _guard(self, run: dict[str, Any]) -> str | None:
         """Stop before the node if the run finished, was cancelled or paused (G4).
@@ -296,7 +343,7 @@ class _StepRun:
         if status == "paused":
             return PAUSED
         if control == "pause" and lifecycle.park(
-            self.db, msg.run_id, msg.step, msg.attempt, self.worker
+            self.db, msg.run_id, msg.step, msg.attempt, self.holder
         ):
             _log.info("Run %s paused before step %d", msg.run_id, msg.step)
             return PAUSED
@@ -369,7 +416,7 @@ class _StepRun:
             return self._fail(error, events)
         events = [{**e, "attempt": msg.attempt} for e in events]
         run_fields: dict[str, Any] = {"total_steps": msg.step + 1}
-        now = self.ctx.clock()
+        now = self.ctx.clock() if self.ctx.clock is not None else None
         next_step = None
         if following is None:
             ts = utc_now()
@@ -380,7 +427,7 @@ class _StepRun:
         else:
             assert next_id is not None
             run_fields["current_node"] = following.name
-            next_step = NextStep(msg.step + 1, next_id, 1, now + self.ctx.lease_s)
+            next_step = NextStep(msg.step + 1, next_id, 1, lease_s=self.ctx.lease_s)
         commit = StepCommit(
             run_id=msg.run_id,
             step=msg.step,
@@ -394,6 +441,7 @@ class _StepRun:
             attempt=msg.attempt,
             next_step=next_step,
             worker=self.worker,
+            holder=self.holder,
         )
         if not db.commit_step(commit, now=now):
             self._end(LOST, "another attempt took over or committed this step first")
@@ -428,7 +476,7 @@ class _StepRun:
         )
         self._end(RETRY, error)
         lease = self.ctx.lease_s + retry.delay
-        new_attempt = db.take_over(msg.run_id, msg.step, msg.attempt, lease, force=True)
+        new_attempt = db.take_over(msg.run_id, msg.step, msg.attempt, lease, holder=self.holder)
         if new_attempt is None:
             return LOST
         _log.info(
@@ -448,31 +496,37 @@ class _StepRun:
 
     def _fail(self, error_msg: str, events: list[dict[str, Any]]) -> str:
         msg = self.msg
-        if not self.db.fail_step(msg.run_id, msg.step, msg.attempt):
+        if not lifecycle.fail_run(
+            self.db,
+            msg.run_id,
+            error_msg,
+            step=msg.step,
+            attempt=msg.attempt,
+            holder=self.holder,
+            worker=self.worker,
+            events=events,
+        ):
             self._end(LOST, "lease taken over before the failure could be recorded")
             return LOST
-        self._end(FAILED, error_msg)
-        if not any(e.get("event") == NODE_ERROR for e in events):
-            events = [*events, {"event": NODE_ERROR, "step": msg.step, "error_msg": error_msg}]
-        lifecycle.fail_run(self.db, msg.run_id, error_msg, attempt=msg.attempt, events=events)
         _log.error("Run %s failed at step %d: %s", msg.run_id, msg.step, error_msg)
         return FAILED
 
     def _refuse(self, error_msg: str) -> str:
         """The step cannot run here; the run fails but stays resumable (G5, G6, G7)."""
         msg = self.msg
-        if not self.db.fail_step(msg.run_id, msg.step, msg.attempt):
-            self._end(LOST)
-            return LOST
-        self._end(REFUSED, error_msg)
-        lifecycle.fail_run(
+        if not lifecycle.fail_run(
             self.db,
             msg.run_id,
             error_msg,
             step=msg.step,
-            node_name=msg.node_id,
             attempt=msg.attempt,
-        )
+            holder=self.holder,
+            worker=self.worker,
+            node_name=msg.node_id,
+            outcome=REFUSED,
+        ):
+            self._end(LOST)
+            return LOST
         _log.error("%s", error_msg)
         return REFUSED
 

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pocoflow.commit import StepFailure
 from pocoflow.distributed.message import StepMessage
 from pocoflow.hooks import FLOW_END, NODE_ERROR, RUN_CANCELLED, RUN_PAUSED, RUN_RESUMED
 from pocoflow.logging import get_logger
@@ -53,14 +54,14 @@ def request_pause(db: WorkflowDB, run_id: str) -> bool:
     return db.update_run_if(run_id, status_in=LIVE, control="pause")
 
 
-def park(db: WorkflowDB, run_id: str, step: int, attempt: int, worker: str) -> bool:
+def park(db: WorkflowDB, run_id: str, step: int, attempt: int, holder: str) -> bool:
     """The guard of ``attempt`` of step ``step`` met a pause request: mark the run paused,
     leaving the step queued for ``resume``. False, and nothing changes, if the request was
     withdrawn meanwhile (go on with the step) or if this delivery is not the one that
     would run the step (it is committed, another attempt holds it, or another worker's
     live lease does): that worker commits the step, and the guard of its successor parks
     the run, so a pause never strands a step that is running."""
-    done = db.park_run(run_id, step, attempt, worker)
+    done = db.park_run(run_id, step, attempt, holder)
     if done:
         db.save_event(run_id, RUN_PAUSED, step=step, ts=utc_now())
     return done
@@ -115,23 +116,38 @@ def fail_run(
     run_id: str,
     error_msg: str,
     *,
-    step: int | None = None,
+    step: int,
+    attempt: int,
+    holder: str,
+    worker: str | None = None,
     node_name: str | None = None,
-    attempt: int | None = None,
     events: list[dict[str, Any]] | None = None,
-) -> None:
-    """Record why the run stopped and mark it failed; it stays resumable."""
-    for event in events or [
-        {"event": NODE_ERROR, "step": step, "node_name": node_name, "error_msg": error_msg}
-    ]:
-        fields = {k: v for k, v in event.items() if k != "event"}
-        fields.setdefault("attempt", attempt)
-        fields.setdefault("ts", utc_now())
-        db.save_event(run_id, event["event"], **fields)
-    # Only while live: a cancel that landed meanwhile stands (G4).
-    db.update_run_if(
-        run_id, status_in=LIVE, status="failed", error_msg=error_msg, completed_at=utc_now()
+    outcome: str = "failed",
+) -> bool:
+    """Fail step ``step`` (held by ``holder``'s claim of ``attempt``) and its run, with
+    why: the step row, the attempt row (``outcome``), the events (a ``node_error`` unless
+    given) and the run's status, in one transaction. The run stays resumable; a cancel
+    that landed meanwhile stands (G4). False, nothing written, if the claim was lost."""
+    given = list(events or ())
+    if not any(e.get("event") == NODE_ERROR for e in given):
+        error = {"event": NODE_ERROR, "step": step, "node_name": node_name, "error_msg": error_msg}
+        given.append(error)
+    ts = utc_now()
+    rows = [
+        {"attempt": attempt, "ts": ts, **{k: v for k, v in e.items() if v is not None}}
+        for e in given
+    ]
+    failure = StepFailure(
+        run_id=run_id,
+        step=step,
+        attempt=attempt,
+        holder=holder,
+        worker=worker or holder,
+        error_msg=error_msg,
+        outcome=outcome,
+        events=rows,
     )
+    return db.fail_step(failure)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 
 from pocoflow.commit import StepCommit
 from pocoflow.ledger import events, pipeline, runs, steps
-from pocoflow.ledger.common import epoch, insert_ignore, iso_now, json_object_items
+from pocoflow.ledger.common import insert_ignore, iso_now, json_object_items
 from pocoflow.ledger.errors import LedgerError
 from pocoflow.ledger.tables import pf_checkpoints, pf_values
 
@@ -142,7 +142,7 @@ def commit(conn: Connection, dialect: str, c: StepCommit, now: float | None = No
     """
     ops: list[pipeline.Op] = []
     if c.attempt is not None:
-        ops.append(steps.fence_op(c.run_id, c.step, c.attempt))
+        ops.append(steps.fence_op(c.run_id, c.step, c.attempt, c.lease_holder))
     ops.append(
         pipeline.Op(
             insert_ignore(dialect, pf_checkpoints, "run_id", "step"),
@@ -163,11 +163,9 @@ def commit(conn: Connection, dialect: str, c: StepCommit, now: float | None = No
     ops.append(events.insert_op(events.rows_of(c.run_id, c.events)))
     ops.extend(runs.step_update_ops(c.run_id, c.run_fields))
     if c.next_step is not None:
-        ops.append(steps.successor_op(c.run_id, c.next_step, epoch(now)))
+        ops.append(steps.successor_op(dialect, c.run_id, c.next_step, now))
     if c.attempt is not None and c.worker is not None:
-        ops.append(
-            steps.end_attempt_op(c.run_id, c.step, c.attempt, c.worker, "committed", epoch(now))
-        )
+        ops.append(steps.end_attempt_op(c.run_id, c.step, c.attempt, c.worker, "committed", now))
     # pk_pf_values can only fire when this step's checkpoint exists already (PostgreSQL
     # sends the whole batch before looking at the checkpoint insert's row count).
     return pipeline.run(conn, ops, conflicts=("pk_pf_values",))

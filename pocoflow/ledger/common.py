@@ -1,15 +1,17 @@
-"""Small pieces every query module shares: timestamps and the one dialect-specific insert."""
+"""Small pieces every query module shares: timestamps, the database clock (`NOW`) and the
+one dialect-specific insert."""
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import JSON, ColumnElement, Integer, Table, cast, func
+from sqlalchemy import JSON, ColumnElement, Float, Integer, Table, bindparam, cast, func
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import TableValuedAlias
 
 
@@ -31,9 +33,30 @@ def iso_ts(value: Any) -> str:
     raise TypeError(f"Event timestamp must be ISO text, datetime or epoch seconds, got {value!r}")
 
 
-def epoch(now: float | None) -> float:
-    """The injectable clock of the step-protocol functions (``now=None`` = wall clock)."""
-    return time.time() if now is None else now
+class _DbEpoch(FunctionElement[float]):
+    """The database server's clock in epoch seconds."""
+
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(_DbEpoch, "postgresql")
+def _pg_epoch(element: Any, compiler: Any, **kw: Any) -> str:
+    # now() is the transaction's start: one instant for every statement of a claim or commit.
+    return "CAST(EXTRACT(EPOCH FROM now()) AS DOUBLE PRECISION)"
+
+
+@compiles(_DbEpoch, "sqlite")
+def _sqlite_epoch(element: Any, compiler: Any, **kw: Any) -> str:
+    # Julian days to Unix seconds; 'now' is one instant per statement, to the millisecond.
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+NOW: ColumnElement[float] = func.coalesce(bindparam("now", type_=Float), _DbEpoch())
+"""The step protocol's clock in SQL: the bound ``now`` when a test injects one, otherwise
+the database's own clock. Leases are written and compared by one clock whichever host
+runs the worker or the sweeper (a host whose clock is ahead takes over no live step),
+and reading it costs no round trip: it is part of the statement that needs it (G3)."""
 
 
 @cache

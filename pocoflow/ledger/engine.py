@@ -118,12 +118,18 @@ def _ensure_wal(cur: Any, wait_s: float) -> None:
             time.sleep(0.01)
 
 
+# Both engines are created with hide_parameters=True because SQLAlchemy otherwise puts a
+# failing statement's parameters (Store values, a user's data) into the error text, and
+# from there into tracebacks, logs and the run's error_msg.
+
+
 def _sqlite_engine(url: URL, synchronous: str, busy_timeout_s: float) -> Engine:
     engine = create_engine(
         url,
         # Because pooled connections cross threads (RunHandle, background runs); each is
         # used by one thread at a time.
         connect_args={"check_same_thread": False},
+        hide_parameters=True,
     )
     busy_ms = max(0, int(busy_timeout_s * 1000))
 
@@ -157,7 +163,7 @@ def _sqlite_engine(url: URL, synchronous: str, busy_timeout_s: float) -> Engine:
 def _postgres_engine(url: URL) -> Engine:
     # No pool_pre_ping: it costs a round trip per checkout on the hot path; a dropped
     # connection is invalidated by SQLAlchemy and the ledger retries the call once.
-    return create_engine(url, pool_size=5, max_overflow=10)
+    return create_engine(url, pool_size=5, max_overflow=10, hide_parameters=True)
 
 
 @dataclass(eq=False, repr=False)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from pocoflow.commit import StepFailure
 from pocoflow.ledger import runs, steps, txn
 from pocoflow.ledger.client import LedgerClient
-from pocoflow.ledger.common import epoch
 
 
 class StepQueue(LedgerClient):
-    """Ledger calls a worker, publisher and sweeper make; every time takes ``now``."""
+    """Ledger calls a worker, publisher and sweeper make. Times come from the database's
+    clock; ``now`` (epoch seconds) replaces it, for tests."""
 
     # ── steps: outbox, leases, fencing (distributed executor) ────────────────
 
@@ -27,12 +28,10 @@ class StepQueue(LedgerClient):
     ) -> bool:
         """The outbox row of a run's first step (later steps get theirs from
         ``commit_step``), leased for ``lease_s`` from now (G3). False if it exists."""
-        t = epoch(now)
-        expires = None if lease_s is None else t + lease_s
         dialect = self._dialect
         return self._write(
             lambda conn: steps.insert_step(
-                conn, dialect, run_id, step, node_id, attempt, expires, t
+                conn, dialect, run_id, step, node_id, attempt, lease_s, now
             ),
             f"queueing step {step}",
             run_id,
@@ -49,9 +48,8 @@ class StepQueue(LedgerClient):
     ) -> bool:
         """The message of ``attempt`` is with the broker (under ``task_id``): the outbox
         sweep skips the row from now on. False if the attempt is stale or already sent."""
-        t = epoch(now)
         return self._write(
-            lambda conn: steps.mark_sent(conn, run_id, step, attempt, task_id, t),
+            lambda conn: steps.mark_sent(conn, run_id, step, attempt, task_id, now),
             f"marking step {step} sent",
             run_id,
         )
@@ -79,12 +77,19 @@ class StepQueue(LedgerClient):
         now: float | None = None,
         *,
         task_id: str | None = None,
+        holder: str | None = None,
+        node_id: str | None = None,
     ) -> bool:
         """Take the lease on ``(run_id, step)`` for ``attempt`` and record the attempt's
         start (``worker``, broker ``task_id``) in ``pf_attempts``, whatever the run's
-        status. False: the step is committed, failed, held by a live lease of another
-        worker, or ``attempt`` is stale — do nothing (G1)."""
-        return self._claim(run_id, step, attempt, worker, lease_s, now, task_id, False)[0]
+        status. ``holder`` (default ``worker``) is the claim's token: renewing, committing
+        and failing the step must name it, so give every delivery its own. With
+        ``node_id``, only if the ledger recorded that node for the step. False: the step
+        is committed, failed, held by a live lease of another holder, another node's, or
+        ``attempt`` is stale — do nothing (G1)."""
+        return self._claim(
+            run_id, step, attempt, worker, holder, lease_s, now, task_id, node_id, False
+        )[0]
 
     def claim_if_runnable(
         self,
@@ -96,12 +101,18 @@ class StepQueue(LedgerClient):
         *,
         task_id: str | None = None,
         now: float | None = None,
+        holder: str | None = None,
+        node_id: str | None = None,
     ) -> tuple[bool, dict[str, Any] | None]:
         """Read the run row and, if the run may go on (queued or running, no cancel or
         pause requested), claim the step: one transaction instead of a read and a write
-        (what a worker does before every step, G1 and G4). Returns ``(claimed, run)``; a
-        run that may not go on is returned unclaimed for the caller's guard to handle."""
-        return self._claim(run_id, step, attempt, worker, lease_s, now, task_id, True)
+        (what a worker does before every step, G1 and G4). The claim's own statement
+        checks the run again, so a cancel committed after the read (PostgreSQL runs READ
+        COMMITTED) stops it too. Returns ``(claimed, run)``; a run that may not go on is
+        returned unclaimed for the caller's guard to handle."""
+        return self._claim(
+            run_id, step, attempt, worker, holder, lease_s, now, task_id, node_id, True
+        )
 
     def _claim(
         self,
@@ -109,12 +120,14 @@ class StepQueue(LedgerClient):
         step: int,
         attempt: int,
         worker: str,
+        holder: str | None,
         lease_s: float,
         now: float | None,
         task_id: str | None,
+        node_id: str | None,
         runnable_only: bool,
     ) -> tuple[bool, dict[str, Any] | None]:
-        t = epoch(now)
+        token = holder or worker
 
         def body(conn: Any) -> tuple[bool, dict[str, Any] | None]:
             run = runs.get(conn, run_id) if runnable_only else None
@@ -122,7 +135,19 @@ class StepQueue(LedgerClient):
                 run is None or run["status"] not in ("queued", "running") or run["control"]
             ):
                 raise txn.Abort((False, run))
-            if not steps.claim(conn, run_id, step, attempt, worker, lease_s, t, task_id):
+            if not steps.claim(
+                conn,
+                run_id,
+                step,
+                attempt,
+                worker,
+                token,
+                lease_s,
+                now,
+                task_id,
+                node_id=node_id,
+                if_runnable=runnable_only,
+            ):
                 raise txn.Abort((False, run))  # roll back: PostgreSQL sent the whole batch
             return True, run
 
@@ -134,9 +159,8 @@ class StepQueue(LedgerClient):
         """An expired step nobody claimed gets a fresh lease for its resend, keeping its
         attempt (G3 without inflating attempts when a queue runs long). False if another
         sweeper or a claim got there first."""
-        t = epoch(now)
         return self._write(
-            lambda conn: steps.renew_queued(conn, run_id, step, attempt, lease_s, t),
+            lambda conn: steps.renew_queued(conn, run_id, step, attempt, lease_s, now),
             f"re-leasing step {step}",
             run_id,
         )
@@ -146,14 +170,14 @@ class StepQueue(LedgerClient):
         run_id: str,
         step: int,
         attempt: int,
-        worker: str,
+        holder: str,
         lease_s: float,
         now: float | None = None,
     ) -> bool:
-        """Extend a held lease; False = it was taken over, stop working on the step."""
-        t = epoch(now)
+        """Extend the lease ``holder``'s claim holds; False = it was taken over or claimed
+        again by another delivery: stop working on the step."""
         return self._write(
-            lambda conn: steps.renew(conn, run_id, step, attempt, worker, lease_s, t),
+            lambda conn: steps.renew(conn, run_id, step, attempt, holder, lease_s, now),
             f"renewing the lease of step {step}",
             run_id,
         )
@@ -170,20 +194,25 @@ class StepQueue(LedgerClient):
     ) -> bool:
         """Close the attempt's ``pf_attempts`` row with ``outcome`` (committed, duplicate,
         retry, failed...). False if no open row matched."""
-        t = epoch(now)
         return self._write(
             lambda conn: steps.end_attempt(
-                conn, run_id, step, attempt, worker, outcome, error_msg, t
+                conn, run_id, step, attempt, worker, outcome, error_msg, now
             ),
             f"ending attempt {attempt} of step {step}",
             run_id,
         )
 
-    def fail_step(self, run_id: str, step: int, attempt: int) -> bool:
-        """Mark the step failed (node out of retries) if ``attempt`` still holds it."""
-        return self._write(
-            lambda conn: steps.fail(conn, run_id, step, attempt), f"failing step {step}", run_id
-        )
+    def fail_step(self, f: StepFailure, *, now: float | None = None) -> bool:
+        """Fail the step and its run in one transaction (see ``StepFailure``): the node
+        is out of retries or the step was refused. False, nothing written, if ``f.holder``
+        no longer holds the step (G1)."""
+
+        def body(conn: Any) -> bool:
+            if not steps.fail(conn, f, now):
+                raise txn.Abort(False)
+            return True
+
+        return self._write(body, f"failing step {f.step}", f.run_id)
 
     def take_over(
         self,
@@ -194,14 +223,17 @@ class StepQueue(LedgerClient):
         now: float | None = None,
         *,
         force: bool = False,
+        holder: str | None = None,
     ) -> int | None:
         """Re-queue a step whose lease expired under a new attempt (returned), fencing out
         the old holder (G1, G3); the caller then sends the new attempt's message. None if
         the step moved on (committed, renewed, already taken over). ``force`` skips the
-        expiry check (resume of a paused or failed run)."""
-        t = epoch(now)
+        expiry check (resume of a paused or failed run); ``holder`` takes it over only
+        while that claim holds it (the holder's own retry)."""
         return self._write(
-            lambda conn: steps.take_over(conn, run_id, step, old_attempt, lease_s, t, force),
+            lambda conn: steps.take_over(
+                conn, run_id, step, old_attempt, lease_s, now, force, holder
+            ),
             f"taking over step {step}",
             run_id,
         )
@@ -219,13 +251,11 @@ class StepQueue(LedgerClient):
     def expired_steps(self, now: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Steps whose lease ran out (worker died, message lost) of runs still going, oldest
         lease first: the sweeper takes them over (G3)."""
-        t = epoch(now)
-        return self._read(lambda conn: steps.expired(conn, t, limit))
+        return self._read(lambda conn: steps.expired(conn, now, limit))
 
     def unsent_steps(
         self, older_than_s: float, now: float | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
         """Outbox rows queued more than ``older_than_s`` ago and never marked sent (the
         publisher died between commit and send): the sweeper sends them."""
-        cutoff = epoch(now) - older_than_s
-        return self._read(lambda conn: steps.unsent(conn, cutoff, limit))
+        return self._read(lambda conn: steps.unsent(conn, older_than_s, now, limit))

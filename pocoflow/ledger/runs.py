@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.engine import Connection
 
-from pocoflow.ledger.common import insert_ignore, iso_now
+from pocoflow.ledger.common import NOW, insert_ignore, iso_now
 from pocoflow.ledger.pipeline import Op
 from pocoflow.ledger.tables import CONTROLS, RUN_STATUSES, pf_runs, pf_steps
 
@@ -59,7 +59,7 @@ _STEP_RUNNABLE_BY = (
             _s.status == "queued",
             and_(
                 _s.status == "running",
-                or_(_s.lease_owner == bindparam("worker"), _s.lease_expires_at < bindparam("now")),
+                or_(_s.lease_owner == bindparam("holder"), _s.lease_expires_at < NOW),
             ),
         ),
     )
@@ -153,9 +153,11 @@ def shows(conn: Connection, run_id: str, fields: Mapping[str, Any]) -> bool:
     return row is not None and all(row.get(k) == v for k, v in fields.items())
 
 
-def park(conn: Connection, run_id: str, step: int, attempt: int, worker: str, now: float) -> bool:
+def park(
+    conn: Connection, run_id: str, step: int, attempt: int, holder: str, now: float | None
+) -> bool:
     """Mark the run paused iff it is live with a pause request and ``attempt`` of step
-    ``step`` is this worker's to run (queued, or running under its own or an expired
+    ``step`` is this holder's to run (queued, or running under its own or an expired
     lease): one compare-and-set over both rows, so no claim or commit slips in between."""
     params = {
         "status": "paused",
@@ -163,7 +165,7 @@ def park(conn: Connection, run_id: str, step: int, attempt: int, worker: str, no
         "b_run_id": run_id,
         "b_step": step,
         "b_attempt": attempt,
-        "worker": worker,
+        "holder": holder,
         "now": now,
     }
     return conn.execute(_PARK, params).rowcount == 1

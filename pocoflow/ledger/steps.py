@@ -4,47 +4,69 @@ distributed executor (G1, G3).
 A ``pf_steps`` row is written when a step is enqueued (the outbox row, ``sent_at`` NULL
 until its message is published) and carries a lease from that moment, so a message lost
 anywhere (publisher crash, dead worker's prefetch buffer) shows up as an expired lease.
-``attempt`` is the fencing token: every take-over bumps it, and claims, renewals and the
-commit all name the attempt they hold, so a worker that lost its lease changes nothing.
+Two fencing tokens guard it: ``attempt``, bumped by every take-over, and the holder token
+every claim writes into ``lease_owner``. Renewals, the commit and the failure of a step
+name both, so a worker that lost its lease changes nothing, even when another delivery of
+the *same* attempt claimed the step after it froze (G1).
 
-Every time is epoch seconds and every function takes ``now`` (``None`` = wall clock) so
-the sweeper and lease logic are tested without sleeping.
+Every time is epoch seconds from the database's clock (``common.NOW``): a ``now`` given
+to a function replaces it, so the sweeper and lease logic are tested without sleeping.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.dml import Insert
 
-from pocoflow.commit import NextStep
-from pocoflow.ledger import pipeline
-from pocoflow.ledger.common import insert_ignore
+from pocoflow.commit import NextStep, StepFailure
+from pocoflow.ledger import events, pipeline, runs
+from pocoflow.ledger.common import NOW, insert_ignore, iso_now
 from pocoflow.ledger.pipeline import Op
 from pocoflow.ledger.tables import pf_attempts, pf_runs, pf_steps
 
 _s = pf_steps.c
 _a = pf_attempts.c
+_r = pf_runs.c
 _KEY = and_(_s.run_id == bindparam("b_run_id"), _s.step == bindparam("b_step"))
 _FENCE = and_(_KEY, _s.attempt == bindparam("b_attempt"))
+# The claim holding the step now: its attempt and its holder token.
+_HELD = and_(_FENCE, _s.status == "running", _s.lease_owner == bindparam("holder"))
+_EXPIRES = NOW + bindparam("lease_s")
+_LEASE_OVER = or_(_s.lease_expires_at.is_(None), _s.lease_expires_at < NOW)
 
 # Runs whose steps a sweeper must leave alone: resending would only bounce off the guard.
 _IDLE_RUN_STATUSES = ("paused", "completed", "failed", "cancelled")
 
-_INSERT = insert(pf_steps)
-_INSERT_ATTEMPT = insert(pf_attempts)
+# An outbox row's lease: the absolute time given (a run's first step), else lease_s on NOW.
+_OUTBOX_TIMES = {
+    "lease_expires_at": func.coalesce(bindparam("expires"), _EXPIRES),
+    "queued_at": NOW,
+    "created_at": NOW,
+}
+_INSERT_ATTEMPT = insert(pf_attempts).values(started_at=NOW)
 _MARK_SENT = (
     update(pf_steps)
     .where(_FENCE, _s.sent_at.is_(None))
-    .values(sent_at=bindparam("now"), task_id=bindparam("task_id"))
+    .values(sent_at=NOW, task_id=bindparam("task_id"))
 )
-_COMMIT = (
-    update(pf_steps)
-    .where(_FENCE, _s.status != "committed")
-    .values(status="committed", lease_expires_at=None)
+_COMMIT = update(pf_steps).where(_HELD).values(status="committed", lease_expires_at=None)
+_FAIL = update(pf_steps).where(_HELD).values(status="failed", lease_expires_at=None)
+# A run may go on: checked by the claim's own statement, so a cancel or pause committed
+# after the guard read the run row (PostgreSQL, READ COMMITTED) still stops it (G4).
+_RUN_GOES_ON = (
+    select(_r.run_id)
+    .where(
+        _r.run_id == _s.run_id,
+        or_(_r.status == "queued", _r.status == "running"),
+        _r.control.is_(None),
+    )
+    .exists()
 )
-_CLAIM = (
+_CLAIM_ANY = (
     update(pf_steps)
     .where(
         _FENCE,
@@ -52,29 +74,22 @@ _CLAIM = (
             _s.status == "queued",
             and_(
                 _s.status == "running",
-                or_(
-                    _s.lease_owner == bindparam("worker"),
-                    _s.lease_expires_at < bindparam("now"),
-                ),
+                or_(_s.lease_owner == bindparam("holder"), _s.lease_expires_at < NOW),
             ),
         ),
     )
-    .values(
-        status="running",
-        lease_owner=bindparam("worker"),
-        lease_expires_at=bindparam("expires"),
+    .values(status="running", lease_owner=bindparam("holder"), lease_expires_at=_EXPIRES)
+)
+# (only while the run goes on, only for the node the ledger recorded) -> statement
+_CLAIMS = {
+    (live, node): _CLAIM_ANY.where(
+        *([_RUN_GOES_ON] if live else []),
+        *([_s.node_id == bindparam("b_node_id")] if node else []),
     )
-)
-_RENEW = (
-    update(pf_steps)
-    .where(_FENCE, _s.status == "running", _s.lease_owner == bindparam("worker"))
-    .values(lease_expires_at=bindparam("expires"))
-)
-_FAIL = (
-    update(pf_steps)
-    .where(_FENCE, _s.status != "committed")
-    .values(status="failed", lease_expires_at=None)
-)
+    for live in (False, True)
+    for node in (False, True)
+}
+_RENEW = update(pf_steps).where(_HELD).values(lease_expires_at=_EXPIRES)
 _TAKE_OVER = (
     update(pf_steps)
     .where(_FENCE, _s.status != "committed")
@@ -82,27 +97,22 @@ _TAKE_OVER = (
         attempt=_s.attempt + 1,
         status="queued",
         lease_owner=None,
-        lease_expires_at=bindparam("expires"),
+        lease_expires_at=_EXPIRES,
         sent_at=None,
         task_id=None,
-        queued_at=bindparam("now"),
+        queued_at=NOW,
     )
 )
-_TAKE_OVER_EXPIRED = _TAKE_OVER.where(
-    _s.status.in_(("queued", "running")),
-    or_(_s.lease_expires_at.is_(None), _s.lease_expires_at < bindparam("now")),
-)
+_TAKE_OVER_EXPIRED = _TAKE_OVER.where(_s.status.in_(("queued", "running")), _LEASE_OVER)
+# The holder itself hands its step to a new attempt (a retry): only while it holds it.
+_TAKE_OVER_HELD = _TAKE_OVER.where(_HELD)
 # A queued step whose lease ran out was sent but never claimed (a message lost in a dead
 # worker's prefetch buffer or a Redis restart, or still waiting in a long queue): nobody
 # holds it, so it is sent again under the same attempt; the claim lets one copy run.
 _RELEASE_QUEUED = (
     update(pf_steps)
-    .where(
-        _FENCE,
-        _s.status == "queued",
-        or_(_s.lease_expires_at.is_(None), _s.lease_expires_at < bindparam("now")),
-    )
-    .values(lease_expires_at=bindparam("expires"), queued_at=bindparam("now"))
+    .where(_FENCE, _s.status == "queued", _LEASE_OVER)
+    .values(lease_expires_at=_EXPIRES, queued_at=NOW)
 )
 _END_ANY_ATTEMPT = (
     update(pf_attempts)
@@ -112,7 +122,7 @@ _END_ANY_ATTEMPT = (
         _a.attempt == bindparam("b_attempt"),
         _a.ended_at.is_(None),
     )
-    .values(ended_at=bindparam("now"), outcome=bindparam("outcome"), error_msg=bindparam("err"))
+    .values(ended_at=NOW, outcome=bindparam("outcome"), error_msg=bindparam("err"))
 )
 _END_ATTEMPT = _END_ANY_ATTEMPT.where(_a.worker == bindparam("b_worker"))
 _GET = select(pf_steps).where(_KEY)
@@ -128,16 +138,10 @@ _TASK_IDS = (
 _GET_ATTEMPTS = (
     select(pf_attempts).where(_a.run_id == bindparam("run_id")).order_by(_a.step, _a.attempt, _a.id)
 )
-_LIVE_RUN = select(pf_runs.c.run_id).where(
-    pf_runs.c.run_id == _s.run_id, pf_runs.c.status.not_in(_IDLE_RUN_STATUSES)
-)
+_LIVE_RUN = select(_r.run_id).where(_r.run_id == _s.run_id, _r.status.not_in(_IDLE_RUN_STATUSES))
 _EXPIRED = (
     select(pf_steps)
-    .where(
-        _s.status.in_(("queued", "running")),
-        _s.lease_expires_at < bindparam("now"),
-        _LIVE_RUN.exists(),
-    )
+    .where(_s.status.in_(("queued", "running")), _s.lease_expires_at < NOW, _LIVE_RUN.exists())
     .order_by(_s.lease_expires_at)
     .limit(bindparam("limit"))
 )
@@ -146,7 +150,7 @@ _UNSENT = (
     .where(
         _s.status == "queued",
         _s.sent_at.is_(None),
-        _s.queued_at <= bindparam("cutoff"),
+        _s.queued_at <= NOW - bindparam("older_than"),
         _LIVE_RUN.exists(),
     )
     .order_by(_s.queued_at)
@@ -158,6 +162,11 @@ def _key(run_id: str, step: int, attempt: int) -> dict[str, Any]:
     return {"b_run_id": run_id, "b_step": step, "b_attempt": attempt}
 
 
+@cache
+def _insert_outbox(dialect: str) -> Insert:
+    return insert_ignore(dialect, pf_steps, "run_id", "step").values(_OUTBOX_TIMES)
+
+
 def insert_step(
     conn: Connection,
     dialect: str,
@@ -165,30 +174,36 @@ def insert_step(
     step: int,
     node_id: str,
     attempt: int,
-    lease_expires_at: float | None,
-    now: float,
+    lease_s: float | None,
+    now: float | None,
 ) -> bool:
     """The outbox row of a step about to be sent; False if the step has a row already."""
-    stmt = insert_ignore(dialect, pf_steps, "run_id", "step")
-    return (
-        conn.execute(stmt, _row(run_id, step, node_id, attempt, lease_expires_at, now)).rowcount
-        == 1
-    )
+    row = _row(run_id, step, node_id, attempt, None, lease_s, now)
+    return conn.execute(_insert_outbox(dialect), row).rowcount == 1
 
 
-def successor_op(run_id: str, nxt: NextStep, now: float) -> Op:
-    """The successor's outbox row, inside the commit of its predecessor (plain insert: a
-    conflict is a bug and rolls the commit back)."""
-    return Op(_INSERT, _row(run_id, nxt.step, nxt.node_id, nxt.attempt, nxt.lease_expires_at, now))
+def successor_op(dialect: str, run_id: str, nxt: NextStep, now: float | None) -> Op:
+    """The successor's outbox row, inside the commit of its predecessor. Guarded, not a
+    plain insert: a stale commit's successor meets the winner's row, and on PostgreSQL
+    the batch is sent whole before the fence's row count is seen; the conflict must then
+    be a clean loss (rolled back, reported False), not a primary-key error."""
+    row = _row(run_id, nxt.step, nxt.node_id, nxt.attempt, nxt.lease_expires_at, nxt.lease_s, now)
+    return Op(_insert_outbox(dialect), row, must_hit_one=True)
 
 
-def insert_successor(conn: Connection, run_id: str, nxt: NextStep, now: float) -> None:
-    op = successor_op(run_id, nxt, now)
-    conn.execute(op.stmt, op.params)
+def insert_successor(conn: Connection, run_id: str, nxt: NextStep, now: float | None) -> bool:
+    op = successor_op(conn.dialect.name, run_id, nxt, now)
+    return conn.execute(op.stmt, op.params).rowcount == 1
 
 
 def _row(
-    run_id: str, step: int, node_id: str, attempt: int, expires: float | None, now: float
+    run_id: str,
+    step: int,
+    node_id: str,
+    attempt: int,
+    expires: float | None,
+    lease_s: float | None,
+    now: float | None,
 ) -> dict[str, Any]:
     return {
         "run_id": run_id,
@@ -197,26 +212,28 @@ def _row(
         "status": "queued",
         "attempt": attempt,
         "lease_owner": None,
-        "lease_expires_at": expires,
         "sent_at": None,
         "task_id": None,
-        "queued_at": now,
-        "created_at": now,
+        "expires": expires,
+        "lease_s": lease_s,
+        "now": now,
     }
 
 
-def fence_op(run_id: str, step: int, attempt: int) -> Op:
-    """Mark the step committed iff ``attempt`` still holds it and nobody committed it (G1)."""
-    return Op(_COMMIT, _key(run_id, step, attempt), must_hit_one=True)
-
-
-def fence_commit(conn: Connection, run_id: str, step: int, attempt: int) -> bool:
-    op = fence_op(run_id, step, attempt)
-    return conn.execute(op.stmt, op.params).rowcount == 1
+def fence_op(run_id: str, step: int, attempt: int, holder: str) -> Op:
+    """Mark the step committed iff ``holder``'s claim of ``attempt`` still holds it (G1)."""
+    params = _key(run_id, step, attempt)
+    params["holder"] = holder
+    return Op(_COMMIT, params, must_hit_one=True)
 
 
 def mark_sent(
-    conn: Connection, run_id: str, step: int, attempt: int, task_id: str | None, now: float
+    conn: Connection,
+    run_id: str,
+    step: int,
+    attempt: int,
+    task_id: str | None,
+    now: float | None,
 ) -> bool:
     """Close the outbox entry: the message of this attempt is with the broker."""
     params = _key(run_id, step, attempt)
@@ -230,34 +247,67 @@ def claim(
     step: int,
     attempt: int,
     worker: str,
+    holder: str,
     lease_s: float,
-    now: float,
+    now: float | None,
     task_id: str | None = None,
+    *,
+    node_id: str | None = None,
+    if_runnable: bool = False,
 ) -> bool:
-    """Take the lease for ``attempt`` and open its ``pf_attempts`` row, in one transaction.
+    """Take the lease for ``attempt`` as ``holder`` and open its ``pf_attempts`` row (of
+    ``worker``), in one transaction.
 
     Wins when the row is queued with this attempt, or running under this attempt with an
-    expired lease (the broker redelivered a dead worker's message) or under this worker.
+    expired lease (the broker redelivered a dead worker's message) or under this holder
+    (a retried transaction). With ``node_id``, only if the ledger recorded that node for
+    the step (a message cannot choose what runs); with ``if_runnable``, only while the run
+    may go on, decided by this statement (G4).
     """
     params = _key(run_id, step, attempt)
-    params.update(worker=worker, now=now, expires=now + lease_s)
+    params.update(holder=holder, now=now, lease_s=lease_s, b_node_id=node_id)
+    stmt = _CLAIMS[(if_runnable, node_id is not None)]
     attempt_row = _attempt_row(run_id, step, attempt, worker, now, task_id)
     # A batch because claiming is on every step's path (see pipeline.run).
     return pipeline.run(
-        conn, [Op(_CLAIM, params, must_hit_one=True), Op(_INSERT_ATTEMPT, attempt_row)]
+        conn, [Op(stmt, params, must_hit_one=True), Op(_INSERT_ATTEMPT, attempt_row)]
     )
 
 
 def renew(
-    conn: Connection, run_id: str, step: int, attempt: int, worker: str, lease_s: float, now: float
+    conn: Connection,
+    run_id: str,
+    step: int,
+    attempt: int,
+    holder: str,
+    lease_s: float,
+    now: float | None,
 ) -> bool:
     params = _key(run_id, step, attempt)
-    params.update(worker=worker, expires=now + lease_s)
+    params.update(holder=holder, lease_s=lease_s, now=now)
     return conn.execute(_RENEW, params).rowcount == 1
 
 
-def fail(conn: Connection, run_id: str, step: int, attempt: int) -> bool:
-    return conn.execute(_FAIL, _key(run_id, step, attempt)).rowcount == 1
+def fail(conn: Connection, f: StepFailure, now: float | None) -> bool:
+    """Fail the step and its run in one batch: the step row (iff ``f.holder``'s claim of
+    ``f.attempt`` holds it), the attempt row, the events and the run's status, which
+    changes only while the run is live (a cancel that landed meanwhile stands, G4).
+    False = the claim was lost; the caller rolls back, so nothing of it lands.
+
+    One transaction, as the step commit: a crash half way cannot leave a failed step
+    under a run still marked running, which nothing would ever finish.
+    """
+    params = _key(f.run_id, f.step, f.attempt)
+    params["holder"] = f.holder
+    ops = [
+        Op(_FAIL, params, must_hit_one=True),
+        end_attempt_op(f.run_id, f.step, f.attempt, f.worker, f.outcome, now, f.error_msg),
+        events.insert_op(events.rows_of(f.run_id, f.events)),
+        *runs.step_update_ops(
+            f.run_id, {"status": "failed", "error_msg": f.error_msg, "completed_at": iso_now()}
+        ),
+    ]
+    return pipeline.run(conn, ops)
 
 
 def take_over(
@@ -266,13 +316,18 @@ def take_over(
     step: int,
     old_attempt: int,
     lease_s: float,
-    now: float,
+    now: float | None,
     force: bool,
+    holder: str | None = None,
 ) -> int | None:
-    """Re-queue the step under ``old_attempt + 1`` (fencing out the old holder)."""
+    """Re-queue the step under ``old_attempt + 1`` (fencing out the old holder). With
+    ``holder``: only while that claim holds the step (its own retry)."""
     params = _key(run_id, step, old_attempt)
-    params.update(now=now, expires=now + lease_s)
-    stmt = _TAKE_OVER if force else _TAKE_OVER_EXPIRED
+    params.update(now=now, lease_s=lease_s, holder=holder)
+    if holder is not None:
+        stmt = _TAKE_OVER_HELD
+    else:
+        stmt = _TAKE_OVER if force else _TAKE_OVER_EXPIRED
     if conn.execute(stmt, params).rowcount != 1:
         return None
     end_attempt(conn, run_id, step, old_attempt, None, "lost", None, now)
@@ -280,33 +335,44 @@ def take_over(
 
 
 def renew_queued(
-    conn: Connection, run_id: str, step: int, attempt: int, lease_s: float, now: float
+    conn: Connection, run_id: str, step: int, attempt: int, lease_s: float, now: float | None
 ) -> bool:
     """Lease an expired, never-claimed step again for its resend (one sweeper wins)."""
     params = _key(run_id, step, attempt)
-    params.update(now=now, expires=now + lease_s)
+    params.update(now=now, lease_s=lease_s)
     return conn.execute(_RELEASE_QUEUED, params).rowcount == 1
 
 
 def _attempt_row(
-    run_id: str, step: int, attempt: int, worker: str | None, now: float, task_id: str | None
+    run_id: str,
+    step: int,
+    attempt: int,
+    worker: str | None,
+    now: float | None,
+    task_id: str | None,
 ) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "step": step,
         "attempt": attempt,
         "worker": worker,
-        "started_at": now,
+        "now": now,
         "task_id": task_id,
     }
 
 
 def end_attempt_op(
-    run_id: str, step: int, attempt: int, worker: str, outcome: str, now: float
+    run_id: str,
+    step: int,
+    attempt: int,
+    worker: str,
+    outcome: str,
+    now: float | None,
+    error_msg: str | None = None,
 ) -> Op:
-    """Closing an attempt's row as part of a batch (the step commit)."""
+    """Closing an attempt's row as part of a batch (the step commit or failure)."""
     params = _key(run_id, step, attempt)
-    params.update(now=now, outcome=outcome, err=None, b_worker=worker)
+    params.update(now=now, outcome=outcome, err=error_msg, b_worker=worker)
     return Op(_END_ATTEMPT, params)
 
 
@@ -318,7 +384,7 @@ def end_attempt(
     worker: str | None,
     outcome: str,
     error_msg: str | None,
-    now: float,
+    now: float | None,
 ) -> bool:
     """Close the open ``pf_attempts`` row(s) of this attempt (of ``worker``, or any if None)."""
     params = _key(run_id, step, attempt)
@@ -342,11 +408,13 @@ def attempts(conn: Connection, run_id: str) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(_GET_ATTEMPTS, {"run_id": run_id}).mappings()]
 
 
-def expired(conn: Connection, now: float, limit: int) -> list[dict[str, Any]]:
+def expired(conn: Connection, now: float | None, limit: int) -> list[dict[str, Any]]:
     rows = conn.execute(_EXPIRED, {"now": now, "limit": limit}).mappings()
     return [dict(r) for r in rows]
 
 
-def unsent(conn: Connection, cutoff: float, limit: int) -> list[dict[str, Any]]:
-    rows = conn.execute(_UNSENT, {"cutoff": cutoff, "limit": limit}).mappings()
-    return [dict(r) for r in rows]
+def unsent(
+    conn: Connection, older_than_s: float, now: float | None, limit: int
+) -> list[dict[str, Any]]:
+    params = {"older_than": older_than_s, "now": now, "limit": limit}
+    return [dict(r) for r in conn.execute(_UNSENT, params).mappings()]

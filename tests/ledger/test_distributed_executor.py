@@ -352,5 +352,8 @@ def test_a_run_stranded_between_failing_its_step_and_itself_can_be_resumed(db: A
     assert db.claim_step(first.run_id, 0, 1, "h:1", LEASE_S)
     db.update_run(first.run_id, status="running")
     assert not _stranded(db, first.run_id, db.get_run(first.run_id))
-    assert db.fail_step(first.run_id, 0, 1)  # ...and the process died before failing the run
+    # A step failed under a run still running: what separate transactions once left when
+    # the process died between failing the step and failing the run.
+    assert lifecycle.fail_run(db, first.run_id, "boom", step=0, attempt=1, holder="h:1")
+    db.update_run(first.run_id, status="running")
     assert _stranded(db, first.run_id, db.get_run(first.run_id))

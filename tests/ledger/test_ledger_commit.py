@@ -93,10 +93,14 @@ def test_a_failing_commit_leaves_no_partial_step(db):
     commit = make_commit(
         "r1", 0, manifest, {"n": 1}, events=[{"event": "x"}], next_step=NextStep(1, "Node")
     )
-    with pytest.raises(IntegrityError):
-        db.commit_step(commit)
+    assert db.commit_step(commit) is False  # a conflict, as a stale commit's successor meets
     assert db.latest_checkpoint("r1")["step"] == -1
     assert db.get_events("r1") == [] and db.count_values("r1") == 1  # the initial n only
+    broken = make_commit("r1", 0, manifest, {"n": 1}, events=[{"event": None}])
+    with pytest.raises(IntegrityError):  # pf_events.event is NOT NULL
+        db.commit_step(broken)
+    assert db.latest_checkpoint("r1")["step"] == -1
+    assert db.get_events("r1") == [] and db.count_values("r1") == 1
     assert db.commit_step(make_commit("r1", 0, manifest, {"n": 1})) is True
 
 
@@ -152,13 +156,15 @@ def test_fencing_a_stale_attempt_commits_nothing(db):
     assert db.claim_step("r1", 0, 1, "w1", lease_s=10, now=100.0)
     # w1 stalls past its lease; the sweeper hands the step to attempt 2.
     assert db.take_over("r1", 0, 1, lease_s=10, now=111.0) == 2
-    stale = make_commit("r1", 0, manifest, {"n": 1}, attempt=1, events=[{"event": "stale"}])
+    stale = make_commit(
+        "r1", 0, manifest, {"n": 1}, attempt=1, worker="w1", events=[{"event": "stale"}]
+    )
     assert db.commit_step(stale) is False
     assert db.latest_checkpoint("r1")["step"] == -1 and db.get_events("r1") == []
 
     assert db.claim_step("r1", 0, 2, "w2", lease_s=10, now=112.0)
     fresh = make_commit(
-        "r1", 0, manifest, {"n": 2}, attempt=2, next_step=NextStep(1, "Node", 1, 125.0)
+        "r1", 0, manifest, {"n": 2}, attempt=2, worker="w2", next_step=NextStep(1, "Node", 1, 125.0)
     )
     assert db.commit_step(fresh, now=113.0) is True
     assert db.get_step("r1", 0)["status"] == "committed"
@@ -166,7 +172,7 @@ def test_fencing_a_stale_attempt_commits_nothing(db):
     assert (successor["status"], successor["attempt"], successor["sent_at"]) == ("queued", 1, None)
     assert (successor["lease_expires_at"], successor["created_at"]) == (125.0, 113.0)
     # A duplicate delivery of attempt 2 after the commit: fenced too.
-    again = make_commit("r1", 0, manifest, {"n": 3}, attempt=2)
+    again = make_commit("r1", 0, manifest, {"n": 3}, attempt=2, worker="w2")
     assert db.commit_step(again) is False
     assert db.load_checkpoint("r1", 0)["n"] == 2
 

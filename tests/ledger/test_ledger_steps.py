@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from pocoflow.commit import StepFailure
+
 pytestmark = pytest.mark.ledger
 
 LEASE = 10.0
@@ -98,10 +100,20 @@ def test_expired_steps_skip_runs_that_are_not_going(db, run):
 
 def test_committed_and_failed_steps_are_final(db, run):
     db.insert_step(run, 0, "A", lease_s=LEASE, now=100.0)
+    db.update_run(run, status="running")
     db.claim_step(run, 0, 1, "w1", LEASE, now=100.0)
-    assert db.fail_step(run, 0, 2) is False  # stale attempt
-    assert db.fail_step(run, 0, 1) is True
+    assert db.fail_step(StepFailure(run, 0, 2, "w1", "w1", "boom"), now=101.0) is False  # stale
+    assert db.fail_step(StepFailure(run, 0, 1, "w2", "w2", "boom"), now=101.0) is False  # not w2's
+    assert db.get_step(run, 0)["status"] == "running" and db.get_run(run)["status"] == "running"
+    assert db.fail_step(StepFailure(run, 0, 1, "w1", "w1", "boom"), now=101.0) is True
     assert db.get_step(run, 0)["status"] == "failed"
+    assert (db.get_run(run)["status"], db.get_run(run)["error_msg"]) == ("failed", "boom")
+    (attempt,) = db.get_attempts(run)
+    assert (attempt["outcome"], attempt["error_msg"], attempt["ended_at"]) == (
+        "failed",
+        "boom",
+        101.0,
+    )
     assert db.claim_step(run, 0, 1, "w2", LEASE, now=200.0) is False
     assert db.expired_steps(now=500.0) == []
     assert db.take_over(run, 0, 1, LEASE, now=500.0) is None

@@ -1,0 +1,279 @@
+"""The fence holds against every copy of a step, not only stale attempts (issue 6, defects
+3, 4, 6, 8, 9): a re-claimed lease fences out its frozen holder, the ledger decides which
+node a step runs, failing a step is one transaction, a cancel cannot slip between the
+guard's read and the claim, leases run on the database's clock, and errors do not print
+Store values. On both ledgers, with an injected clock where the code allows."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+from sqlalchemy import insert
+
+from pocoflow import Flow, Node, flow
+from pocoflow.commit import NextStep
+from pocoflow.distributed import executor, lifecycle
+from pocoflow.distributed.executor import WorkerContext, execute_step
+from pocoflow.distributed.message import StepMessage
+from pocoflow.hooks import NODE_ERROR
+from pocoflow.ledger.tables import pf_values
+from tests.ledger.test_distributed_executor import LEASE_S, ON_EXEC, Publish, drain, start
+from tests.ledger.test_ledger_commit import make_commit, start as start_run
+
+pytestmark = pytest.mark.ledger
+
+
+class Broken(Node):
+    """Fails for good (no retries): the step and its run fail."""
+
+    def exec(self, prep_result: Any) -> None:
+        raise ValueError("broken for good")
+
+
+@flow("fence_broken")
+def broken() -> Flow:
+    return Flow(start=Broken())
+
+
+@pytest.fixture
+def publish(db: Any) -> Publish:
+    return Publish(db)
+
+
+@pytest.fixture
+def ctx(db: Any, publish: Publish) -> WorkerContext:
+    return WorkerContext(db=db, publisher=publish, redis=None, lease_s=LEASE_S)  # type: ignore[arg-type]
+
+
+# ── defect 3: the fence names the lease holder, not only the attempt ─────────
+
+
+def test_a_frozen_holder_cannot_commit_after_its_attempt_was_claimed_again(db: Any) -> None:
+    manifest = start_run(db)
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+    assert db.claim_step("r1", 0, 1, "w1", lease_s=10, now=100.0)
+    # w1 freezes past its lease; the broker delivers the same attempt to w2.
+    assert db.claim_step("r1", 0, 1, "w2", lease_s=10, now=111.0)
+    frozen = make_commit("r1", 0, manifest, {"n": 1}, attempt=1, worker="w1")
+    assert db.commit_step(frozen, now=112.0) is False
+    assert db.latest_checkpoint("r1")["step"] == -1
+    assert db.renew_lease("r1", 0, 1, "w1", 10, now=112.0) is False
+    live = make_commit("r1", 0, manifest, {"n": 2}, attempt=1, worker="w2")
+    assert db.commit_step(live, now=113.0) is True
+    assert db.load_checkpoint("r1", 0)["n"] == 2
+
+
+def test_a_frozen_holder_cannot_commit_onto_a_step_failed_by_the_new_holder(db: Any) -> None:
+    manifest = start_run(db)
+    db.update_run("r1", status="running")
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+    assert db.claim_step("r1", 0, 1, "w1", lease_s=10, now=100.0)
+    assert db.claim_step("r1", 0, 1, "w2", lease_s=10, now=111.0)
+    assert not lifecycle.fail_run(db, "r1", "boom", step=0, attempt=1, holder="w1")
+    assert lifecycle.fail_run(db, "r1", "boom", step=0, attempt=1, holder="w2")
+    frozen = make_commit("r1", 0, manifest, {"n": 1}, attempt=1, worker="w1")
+    assert db.commit_step(frozen, now=112.0) is False
+    assert db.get_step("r1", 0)["status"] == "failed"
+    assert db.get_run("r1")["status"] == "failed" and db.get_checkpoints("r1") == []
+
+
+def test_two_deliveries_in_one_process_do_not_share_a_lease(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    """A threads pool runs both copies under the same worker id: only one may claim."""
+    first = start(db, "exec_grabbed")
+    inner: list[str] = []
+
+    def deliver_again(*_: Any) -> None:
+        ON_EXEC.clear()  # the copy's own exec, if it ran, must not nest again
+        inner.append(execute_step(first.to_dict(), worker_id="h:1", context=ctx))
+
+    ON_EXEC.append(deliver_again)
+    try:
+        outer = execute_step(first.to_dict(), worker_id="h:1", context=ctx)
+    finally:
+        ON_EXEC.clear()
+    assert (outer, inner) == ("committed", ["duplicate"])
+    assert [a["outcome"] for a in db.get_attempts(first.run_id)] == ["committed"]
+
+
+# ── defect 4: the ledger, not the message, names the node ───────────────────
+
+
+def test_a_message_naming_another_node_is_refused_and_recorded(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    first = start(db, "exec_three")
+    forged = StepMessage(first.run_id, "exec_three", 0, "c", 1)  # the last node, at step 0
+    assert execute_step(forged.to_dict(), worker_id="h:1", context=ctx) == "malformed"
+    assert db.get_checkpoints(first.run_id) == [] and publish.take() == []
+    assert db.get_step(first.run_id, 0)["status"] == "queued"  # the real message still runs
+    events = [e for e in db.get_events(first.run_id) if e["event"] == "message_malformed"]
+    assert len(events) == 1 and "'c'" in events[0]["error_msg"]
+    assert "'a'" in events[0]["error_msg"]
+    assert db.get_run(first.run_id)["status"] == "queued"  # not failed
+    assert drain(ctx, publish, first) == ["committed"] * 3
+    assert db.load_checkpoint(first.run_id, 2).as_dict() == {"n": 3}
+
+
+# ── defect 6: failing a step is one transaction ──────────────────────────────
+
+
+def test_failing_a_step_is_all_or_nothing(
+    db: Any, ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pocoflow.ledger import events
+
+    first = start(db, "fence_broken")
+    real_row = events.row
+
+    def crash_on_node_error(run_id: str, event: str, fields: Any) -> dict[str, Any]:
+        if event == NODE_ERROR:
+            raise RuntimeError("crash while failing the step")
+        return real_row(run_id, event, fields)
+
+    monkeypatch.setattr(events, "row", crash_on_node_error)
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "crashed"
+    # Nothing half done: the step is still held (the sweeper re-runs it when its lease
+    # runs out), the run still running, no error event.
+    step, run = db.get_step(first.run_id, 0), db.get_run(first.run_id)
+    assert (step["status"], run["status"]) == ("running", "running")
+    assert [e["event"] for e in db.get_events(first.run_id)] == ["flow_start"]
+
+    monkeypatch.setattr(events, "row", real_row)
+    again = StepMessage(first.run_id, "fence_broken", 0, first.node_id, 2)
+    assert db.take_over(first.run_id, 0, 1, LEASE_S, force=True) == 2
+    assert execute_step(again.to_dict(), worker_id="h:1", context=ctx) == "failed"
+    step, run = db.get_step(first.run_id, 0), db.get_run(first.run_id)
+    assert (step["status"], run["status"]) == ("failed", "failed")
+    assert "broken for good" in run["error_msg"]
+    assert [a["outcome"] for a in db.get_attempts(first.run_id)] == ["lost", "failed"]
+    assert [e["event"] for e in db.get_events(first.run_id)].count(NODE_ERROR) == 1
+
+
+# ── defect 8: PostgreSQL's guard, and a stale commit in pipeline mode ────────
+
+
+def test_a_cancel_committed_after_the_guard_read_stops_the_claim(
+    db: Any, ledger_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process cancels right after the claim transaction read the run row."""
+    from pocoflow.db import WorkflowDB
+    from pocoflow.ledger import runs
+
+    start_run(db)
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+    other = WorkflowDB(ledger_url)
+    real_get = runs.get
+    canceller: list[threading.Thread] = []
+
+    def get_then_cancel(conn: Any, run_id: str) -> Any:
+        row = real_get(conn, run_id)
+        thread = threading.Thread(target=lifecycle.request_cancel, args=(other, run_id))
+        thread.start()
+        # PostgreSQL: lands at once (returns as soon as it did); SQLite: waits for our
+        # write lock, so it is still waiting when the short join gives up.
+        thread.join(10.0 if db.dialect == "postgresql" else 0.2)
+        canceller.append(thread)
+        return row
+
+    monkeypatch.setattr(runs, "get", get_then_cancel)
+    try:
+        claimed, _run = db.claim_if_runnable("r1", 0, 1, "w1", 10, now=101.0)
+        cancel_landed_first = not canceller[0].is_alive()
+    finally:
+        monkeypatch.setattr(runs, "get", real_get)
+        canceller[0].join(30)
+        other.close()
+    assert db.get_run("r1")["status"] == "cancelled"
+    # Claimed only if the claim is ordered before the cancel (SQLite's write lock).
+    assert not (claimed and cancel_landed_first)
+
+
+def test_a_stale_commit_with_a_successor_is_a_clean_loss(db: Any) -> None:
+    manifest = start_run(db)
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+    assert db.claim_step("r1", 0, 1, "w1", lease_s=10, now=100.0)
+    assert db.take_over("r1", 0, 1, lease_s=10, now=111.0) == 2
+    assert db.claim_step("r1", 0, 2, "w2", lease_s=10, now=112.0)
+    nxt = NextStep(1, "Node", 1, 125.0)
+    won = make_commit("r1", 0, manifest, {"n": 2}, attempt=2, worker="w2", next_step=nxt)
+    assert db.commit_step(won, now=113.0) is True
+    # w1 wakes and commits too, changing no value: its successor row collides with the
+    # winner's (PostgreSQL sends the whole batch before the fence's row count is seen).
+    stale = make_commit("r1", 0, manifest, {}, attempt=1, worker="w1", next_step=nxt)
+    assert db.commit_step(stale, now=114.0) is False
+    assert db.load_checkpoint("r1", 0)["n"] == 2
+
+
+def test_a_stale_commit_on_a_worker_is_recorded_as_lost(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    """Its node changes no value, so on PostgreSQL only the successor's row collides."""
+    first = start(db, "exec_grabbed", {"grabbed": True})
+    inner: list[str] = []
+
+    def newer_attempt_commits_first(run_id: str, step: int, attempt: int) -> None:
+        ON_EXEC.clear()
+        assert db.take_over(run_id, step, attempt, LEASE_S, force=True) == 2
+        again = StepMessage(run_id, "exec_grabbed", step, first.node_id, 2)
+        inner.append(execute_step(again.to_dict(), worker_id="h:2", context=ctx))
+
+    ON_EXEC.append(newer_attempt_commits_first)
+    try:
+        outer = execute_step(first.to_dict(), worker_id="h:1", context=ctx)
+    finally:
+        ON_EXEC.clear()
+    assert (outer, inner) == ("lost", ["committed"])
+    attempts = [(a["attempt"], a["worker"], a["outcome"]) for a in db.get_attempts(first.run_id)]
+    assert attempts == [(1, "h:1", "lost"), (2, "h:2", "committed")]
+    assert [c["step"] for c in db.get_checkpoints(first.run_id)] == [0]
+    assert len(publish.take()) == 1  # the winner's successor only
+
+
+# ── defect 9: worker ids, the database's clock, parameters kept out of errors ─
+
+
+def test_the_worker_id_is_unique_per_process_and_names_host_and_pid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    worker = executor.default_worker_id()
+    assert worker == executor.default_worker_id()  # stable within the process
+    host, pid = worker.rsplit(":", 1)
+    assert pid == str(os.getpid()) and host.startswith(socket.gethostname())
+    # Containers share host names and pids: the id must not be host:pid alone, and
+    # another process with the same host and pid (as a fresh one starts) draws another.
+    assert worker != f"{socket.gethostname()}:{os.getpid()}"
+    monkeypatch.setattr(executor, "_worker_id", None)
+    other = executor.default_worker_id()
+    assert other != worker and other.rsplit(":", 1)[1] == pid
+
+
+def test_leases_run_on_the_database_clock(db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    start_run(db)
+    db.update_run("r1", status="running")
+    assert db.insert_step("r1", 0, "Node", lease_s=30)
+    assert db.claim_step("r1", 0, 1, "live", lease_s=30)
+    before, wall = time.time(), time.time
+    monkeypatch.setattr(time, "time", lambda: wall() + 3600.0)  # this host runs an hour ahead
+    # A sweeper on the host that is ahead sees a live lease, and cannot take it over.
+    assert db.expired_steps() == []
+    assert db.take_over("r1", 0, 1, lease_s=30) is None
+    assert db.renew_lease("r1", 0, 1, "live", lease_s=30)
+    expires = db.get_step("r1", 0)["lease_expires_at"]
+    assert before + 25 < expires < wall() + 35
+
+
+def test_a_failing_statement_does_not_print_store_values(db: Any) -> None:
+    from pocoflow.ledger import txn
+
+    secret = "hunter2-do-not-log"
+    row = {"run_id": "ghost", "step": 0, "key": "password", "value_json": f'"{secret}"'}
+    with pytest.raises(Exception) as failure:
+        txn.run(db._ledger, lambda conn: conn.execute(insert(pf_values), row), write=True, what="x")
+    assert secret not in str(failure.value) and secret not in repr(failure.value)
