@@ -20,6 +20,7 @@ from bench import (
     distributed_latency,
     distributed_throughput,
     ledger_overhead,
+    ledger_scale,
     recovery,
 )
 
@@ -51,6 +52,7 @@ def main() -> int:
     ok = core_overhead.main()
     with postgres_url() as pg_url:
         ok &= ledger_overhead.main(pg_url)
+        ok &= section(lambda: ledger_scale.main(pg_url))
     ok &= checkpoint_growth.main()
     ok &= section(distributed_latency.main)
     ok &= section(distributed_throughput.main)

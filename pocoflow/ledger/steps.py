@@ -22,15 +22,19 @@ from pocoflow.commit import NextStep
 from pocoflow.ledger import pipeline
 from pocoflow.ledger.common import insert_ignore
 from pocoflow.ledger.pipeline import Op
-from pocoflow.ledger.tables import pf_attempts, pf_runs, pf_steps
+from pocoflow.ledger.tables import (
+    ACTIVE_STEP_STATUSES,
+    LIVE_RUN_STATUSES,
+    literal_in,
+    pf_attempts,
+    pf_runs,
+    pf_steps,
+)
 
 _s = pf_steps.c
 _a = pf_attempts.c
 _KEY = and_(_s.run_id == bindparam("b_run_id"), _s.step == bindparam("b_step"))
 _FENCE = and_(_KEY, _s.attempt == bindparam("b_attempt"))
-
-# Runs whose steps a sweeper must leave alone: resending would only bounce off the guard.
-_IDLE_RUN_STATUSES = ("paused", "completed", "failed", "cancelled")
 
 _INSERT = insert(pf_steps)
 _INSERT_ATTEMPT = insert(pf_attempts)
@@ -128,26 +132,24 @@ _TASK_IDS = (
 _GET_ATTEMPTS = (
     select(pf_attempts).where(_a.run_id == bindparam("run_id")).order_by(_a.step, _a.attempt, _a.id)
 )
-_LIVE_RUN = select(pf_runs.c.run_id).where(
-    pf_runs.c.run_id == _s.run_id, pf_runs.c.status.not_in(_IDLE_RUN_STATUSES)
+# The sweeper's queries start from the live runs (partial index ix_pf_runs_live) and seek
+# each one's unfinished steps (ix_pf_steps_active), so their cost follows the runs in
+# flight, not the finished and parked runs the ledger keeps; the predicates repeat the
+# partial indexes' own (literal_in), or the planners could not use them.
+_SWEEPABLE = select(pf_steps).where(
+    _s.run_id.in_(select(pf_runs.c.run_id).where(literal_in(pf_runs.c.status, LIVE_RUN_STATUSES))),
+    literal_in(_s.status, ACTIVE_STEP_STATUSES),
 )
 _EXPIRED = (
-    select(pf_steps)
-    .where(
-        _s.status.in_(("queued", "running")),
-        _s.lease_expires_at < bindparam("now"),
-        _LIVE_RUN.exists(),
-    )
+    _SWEEPABLE.where(_s.lease_expires_at < bindparam("now"))
     .order_by(_s.lease_expires_at)
     .limit(bindparam("limit"))
 )
 _UNSENT = (
-    select(pf_steps)
-    .where(
+    _SWEEPABLE.where(
         _s.status == "queued",
         _s.sent_at.is_(None),
         _s.queued_at <= bindparam("cutoff"),
-        _LIVE_RUN.exists(),
     )
     .order_by(_s.queued_at)
     .limit(bindparam("limit"))
