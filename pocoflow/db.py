@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection
 
 from pocoflow import codec
 from pocoflow.commit import NextStep, StepCommit
-from pocoflow.ledger import checkpoints, events, runs, steps, txn
+from pocoflow.ledger import checkpoints, events, prune as retention, runs, steps, txn
 from pocoflow.ledger.common import epoch
 from pocoflow.ledger.queue import StepQueue
 from pocoflow.store import Store
@@ -299,3 +299,51 @@ class WorkflowDB(StepQueue):
     def get_events(self, run_id: str, *, after_id: int = 0) -> list[dict[str, Any]]:
         """Events of a run in insertion order; ``after_id`` skips those already seen."""
         return self._read(lambda conn: events.get(conn, run_id, after_id), run_id)
+
+    # ── retention ─────────────────────────────────────────────────────────────
+
+    def prune_runs(
+        self,
+        older_than_s: float,
+        *,
+        statuses: tuple[str, ...] = retention.FINISHED,
+        dry_run: bool = False,
+        batch: int = retention.DEFAULT_BATCH,
+        max_batches: int | None = None,
+        now: float | None = None,
+    ) -> int:
+        """Delete the finished runs (``statuses``: completed, failed, cancelled) whose last
+        change is more than ``older_than_s`` seconds before ``now``, with their
+        checkpoints, values, events, steps and attempts; returns how many runs went
+        (``dry_run``: how many would, nothing deleted).
+
+        ``batch`` runs per write transaction, so the steps running beside a prune wait
+        milliseconds for a lock, not the whole prune; ``max_batches`` bounds one call (the
+        sweeper prunes a little each pass). A live run is never touched: each batch
+        re-checks its runs inside its transaction. ``ValueError`` for a status that is not
+        finished or a negative age.
+        """
+        statuses = retention.check_statuses(tuple(statuses))
+        if not older_than_s >= 0:
+            raise ValueError(f"Prune age must be >= 0 seconds, got {older_than_s!r}")
+        if batch < 1:
+            raise ValueError(f"Prune batch must be >= 1 run, got {batch!r}")
+        cutoff = retention.cutoff_iso(older_than_s, epoch(now))
+        if dry_run:
+            return self._read(lambda conn: retention.count(conn, statuses, cutoff))
+        dialect = self._dialect
+        deleted, batches, after = 0, 0, ""
+        while max_batches is None or batches < max_batches:
+            ids = self._read(
+                lambda conn, after=after: retention.candidates(conn, statuses, cutoff, after, batch)
+            )
+            if not ids:
+                break
+            after = ids[-1]
+            deleted += self._write(
+                lambda conn, ids=ids: retention.delete_runs(conn, dialect, ids, statuses, cutoff),
+                f"pruning {len(ids)} runs",
+                None,
+            )
+            batches += 1
+        return deleted
