@@ -206,15 +206,31 @@ class WorkflowDB(StepQueue):
         or ``c.attempt`` no longer holds the step: another attempt won (G1). ``now`` is
         the clock of the outbox row.
         """
+        return self._commit(c, now, read_control=False)[0]
+
+    def commit_step_read_control(self, c: StepCommit) -> tuple[bool, str | None]:
+        """``commit_step``, then the run's ``cancel``/``pause`` request read in the same
+        transaction: ``(committed, control)``.
+
+        What an in-process run does after each node, because it checks the request before
+        the next one (G4): the value as of its own commit is as good as one read an
+        instant later (a request landing in between is seen before the node after), and
+        costs a statement instead of a read transaction per step.
+        """
+        return self._commit(c, None, read_control=True)
+
+    def _commit(
+        self, c: StepCommit, now: float | None, *, read_control: bool
+    ) -> tuple[bool, str | None]:
         if c.run_fields:
             runs.check_fields(c.run_fields)
         checkpoints.check_commit(c)
         dialect = self._dialect
 
-        def body(conn: Connection) -> bool:
+        def body(conn: Connection) -> tuple[bool, str | None]:
             if not checkpoints.commit(conn, dialect, c, now):
-                raise txn.Abort(False)
-            return True
+                raise txn.Abort((False, None))
+            return True, checkpoints.control_after_commit(conn, c.run_id) if read_control else None
 
         return self._write(body, f"committing step {c.step}", c.run_id)
 
