@@ -10,7 +10,9 @@ The old rows are written by a few ``INSERT ... SELECT`` statements over a number
 code (``execute_step``) with a publisher that records the successor's message and marks
 it sent, as the broker round trip is not what grows with the ledger. Runs of the 20-step
 ``bench_chain20`` alternate between the empty and the seeded ledger. The sweep is timed
-on the seeded ledger with ``--live`` runs in flight (one queued step each).
+on the seeded ledger with ``--live`` runs in flight (one queued step each). Last, the old
+finished runs are pruned a batch at a time (``pocoflow prune``'s transactions), printing
+the longest batch: how long a step running beside a prune may wait for it.
 
     python -m bench.ledger_scale [--runs 100000] [--backend sqlite|postgresql|both]
 """
@@ -32,6 +34,7 @@ sys.path.insert(0, ".")
 from bench import dist_flows  # noqa: F401  (registers bench_chain20)
 from bench.common import report
 from bench.dist_flows import THROUGHPUT_CHAIN as STEPS
+from pocoflow.ledger.prune import DEFAULT_BATCH
 
 SEED_RUNS = 100_000
 SEED_STEPS = 3
@@ -40,6 +43,7 @@ SEED_EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 SEED_ISO = "2026-01-01T00:00:00+00:00"
 LEASE_S = 30.0
 STEP_RATIO_TARGET = 1.2
+PRUNE_AGE_S = 30 * 86400.0
 SWEEP_MS_TARGET = 5.0
 
 _RUN_STATUS = (
@@ -251,6 +255,7 @@ def measure(backend: str, runs: int, chains: int, live: int, pg_server_url: str 
             empty.hold_live_runs(live)
             sweeps = [seeded.sweep_s() for _ in range(20)]
             empty_sweep = statistics.median(empty.sweep_s() for _ in range(20))
+            pruned, batch_s = prune_all(seeded.db)
         finally:
             empty.close()
             seeded.close()
@@ -274,7 +279,29 @@ def measure(backend: str, runs: int, chains: int, live: int, pg_server_url: str 
         sweep_ms <= SWEEP_MS_TARGET,
         digits=2,
     )
+    report(
+        "prune of the old finished runs, longest batch",
+        max(batch_s) * 1e3,
+        "ms",
+        f"{pruned} runs in {len(batch_s)} batches of {DEFAULT_BATCH}, {sum(batch_s):.1f}s "
+        f"in all (median batch {statistics.median(batch_s) * 1e3:.1f} ms): the longest a "
+        "step waits for the prune",
+        None,
+        digits=1,
+    )
     return ok
+
+
+def prune_all(db: Any) -> tuple[int, list[float]]:
+    """Prune every seeded finished run a batch per call, timing each (read + write)."""
+    pruned, times = 0, []
+    while True:
+        started = time.perf_counter()
+        n = db.prune_runs(PRUNE_AGE_S, max_batches=1)
+        if not n:
+            return pruned, times
+        times.append(time.perf_counter() - started)
+        pruned += n
 
 
 def main(

@@ -492,7 +492,13 @@ def pause(run_id: str, broker_url: str | None, db_url: str) -> None:
     help="Comma-separated finished statuses to delete.",
 )
 @click.option("--dry-run", is_flag=True, help="Print how many runs would go; delete nothing.")
-@click.option("--batch", default=200, show_default=True, type=click.IntRange(1, 10_000))
+@click.option(
+    "--batch",
+    default=50,  # pocoflow.ledger.prune.DEFAULT_BATCH (not imported: --help stays light)
+    show_default=True,
+    type=click.IntRange(1, 10_000),
+    help="Runs per delete transaction.",
+)
 @db_option
 def prune(older_than: str, statuses: str, dry_run: bool, batch: int, db_url: str) -> None:
     """Delete finished runs older than --older-than, with all their rows, in batches.

@@ -30,9 +30,10 @@ from pocoflow.ledger.tables import metadata, pf_runs
 FINISHED = ("completed", "failed", "cancelled")
 """The run statuses a prune may delete."""
 
-DEFAULT_BATCH = 200
-"""Runs per delete transaction: small enough that a step waits at most milliseconds for
-the SQLite write lock, large enough that a prune of 100,000 runs is 500 transactions."""
+DEFAULT_BATCH = 50
+"""Runs per delete transaction: a 20-step run has about 120 rows, so a batch holds the
+SQLite write lock for tens of milliseconds at most (what a step beside it may wait), and
+a prune of 100,000 runs is 2,000 transactions."""
 
 _r = pf_runs.c
 # Because 0.2 rows have no updated_at and some finished runs no completed_at.
