@@ -1,6 +1,7 @@
 """``make bench``: every benchmark, each figure beside a reference measured in this run.
 
-PostgreSQL figures use POCOFLOW_BENCH_DATABASE_URL, or a private server started here.
+PostgreSQL figures use POCOFLOW_BENCH_DATABASE_URL, or a private server started here
+(the ledger-scale and load sections create databases on it, so its user needs CREATEDB).
 The distributed sections each start a private Redis and their own worker processes, and
 stop all of them on the way out, even when a measurement fails (which fails that section
 and goes on with the next). Exit status 1 when a target is missed.
@@ -20,6 +21,8 @@ from bench import (
     distributed_latency,
     distributed_throughput,
     ledger_overhead,
+    ledger_scale,
+    load,
     recovery,
 )
 
@@ -51,6 +54,8 @@ def main() -> int:
     ok = core_overhead.main()
     with postgres_url() as pg_url:
         ok &= ledger_overhead.main(pg_url)
+        ok &= section(lambda: ledger_scale.main(pg_url))
+        ok &= section(lambda: load.main(server_url=pg_url))
     ok &= checkpoint_growth.main()
     ok &= section(distributed_latency.main)
     ok &= section(distributed_throughput.main)

@@ -90,7 +90,9 @@ def relay_client(broker_url: str) -> tuple[Any, Any]:
     from pocoflow.settings import Settings
 
     app = create_app(Settings(db_url="sqlite:///unused.db", broker_url=broker_url))
-    return app, redis.Redis.from_url(broker_url)
+    # Because redis-py 8 reads with a 5 s socket timeout by default, which a BLPOP waiting
+    # for a long load outlasts.
+    return app, redis.Redis.from_url(broker_url, socket_timeout=LOAD_TIMEOUT_S + 10)
 
 
 def relay_load(app: Any, client: Any, chains: int, tasks: int) -> tuple[float, float]:

@@ -482,6 +482,43 @@ def pause(run_id: str, broker_url: str | None, db_url: str) -> None:
     _control("pause")(run_id, db_url, broker_url)
 
 
+@main.command(epilog="Example: pocoflow prune --older-than 30d --status completed,cancelled")
+@click.option("--older-than", "older_than", required=True, help="Age: 30d, 12h, 90m, or seconds.")
+@click.option(
+    "--status",
+    "statuses",
+    default="completed,failed,cancelled",
+    show_default=True,
+    help="Comma-separated finished statuses to delete.",
+)
+@click.option("--dry-run", is_flag=True, help="Print how many runs would go; delete nothing.")
+@click.option(
+    "--batch",
+    default=50,  # pocoflow.ledger.prune.DEFAULT_BATCH (not imported: --help stays light)
+    show_default=True,
+    type=click.IntRange(1, 10_000),
+    help="Runs per delete transaction.",
+)
+@db_option
+def prune(older_than: str, statuses: str, dry_run: bool, batch: int, db_url: str) -> None:
+    """Delete finished runs older than --older-than, with all their rows, in batches.
+
+    Never touches a queued, running, paused or waiting run; each batch is its own short
+    transaction, so running steps are not held up.
+    """
+    from pocoflow.settings import parse_duration
+
+    try:
+        age_s = parse_duration(older_than, "--older-than")
+        chosen = tuple(s.strip() for s in statuses.split(",") if s.strip())
+        db = open_db(db_url)
+        count = db.prune_runs(age_s, statuses=chosen, dry_run=dry_run, batch=batch)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {count} runs ({', '.join(chosen)}) older than {older_than}")
+
+
 @main.command(epilog="Example: pocoflow worker --flows examples.article --concurrency 4")
 @flows_option
 @click.option("--concurrency", type=click.IntRange(1, 512), default=None, help="Pool size.")

@@ -17,6 +17,7 @@ Usage::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,7 +25,7 @@ from sqlalchemy.engine import Connection
 
 from pocoflow import codec
 from pocoflow.commit import NextStep, StepCommit
-from pocoflow.ledger import checkpoints, events, runs, steps, txn
+from pocoflow.ledger import checkpoints, events, prune as retention, runs, steps, txn
 from pocoflow.ledger.common import iso_now
 from pocoflow.ledger.queue import StepQueue
 from pocoflow.store import Store
@@ -250,18 +251,38 @@ class WorkflowDB(StepQueue):
         or ``c.attempt`` no longer holds the step: another attempt won (G1). ``now`` is
         the clock of the outbox row.
         """
+        return self._commit(c, now, read_control=False)[0]
+
+    def commit_step_read_control(self, c: StepCommit) -> tuple[bool, str | None]:
+        """``commit_step``, then the run's ``cancel``/``pause`` request read in the same
+        transaction: ``(committed, control)``.
+
+        What an in-process run does after each node, because it checks the request before
+        the next one (G4): the value as of its own commit is as good as one read an
+        instant later (a request landing in between is seen before the node after), and
+        costs a statement instead of a read transaction per step.
+        """
+        return self._commit(c, None, read_control=True)
+
+    def _commit(
+        self, c: StepCommit, now: float | None, *, read_control: bool
+    ) -> tuple[bool, str | None]:
         if c.run_fields:
             runs.check_fields(c.run_fields)
         checkpoints.check_commit(c)
         dialect = self._dialect
 
-        def body(conn: Connection) -> bool:
+        def body(conn: Connection) -> tuple[bool, str | None]:
             if not checkpoints.commit(conn, dialect, c, now):
-                raise txn.Abort(False)
-            return True
+                raise txn.Abort((False, None))
+            return True, checkpoints.control_after_commit(conn, c.run_id) if read_control else None
 
-        def own_commit(conn: Connection, ok: bool) -> bool:
-            return ok or _own(conn, c)
+        def own_commit(
+            conn: Connection, result: tuple[bool, str | None]
+        ) -> tuple[bool, str | None]:
+            if result[0] or not _own(conn, c):
+                return result
+            return True, checkpoints.control_after_commit(conn, c.run_id) if read_control else None
 
         return self._write(body, f"committing step {c.step}", c.run_id, confirm=own_commit)
 
@@ -347,3 +368,51 @@ class WorkflowDB(StepQueue):
     def get_events(self, run_id: str, *, after_id: int = 0) -> list[dict[str, Any]]:
         """Events of a run in insertion order; ``after_id`` skips those already seen."""
         return self._read(lambda conn: events.get(conn, run_id, after_id), run_id)
+
+    # ── retention ─────────────────────────────────────────────────────────────
+
+    def prune_runs(
+        self,
+        older_than_s: float,
+        *,
+        statuses: tuple[str, ...] = retention.FINISHED,
+        dry_run: bool = False,
+        batch: int = retention.DEFAULT_BATCH,
+        max_batches: int | None = None,
+        now: float | None = None,
+    ) -> int:
+        """Delete the finished runs (``statuses``: completed, failed, cancelled) whose last
+        change is more than ``older_than_s`` seconds before ``now``, with their
+        checkpoints, values, events, steps and attempts; returns how many runs went
+        (``dry_run``: how many would, nothing deleted).
+
+        ``batch`` runs per write transaction, so the steps running beside a prune wait
+        milliseconds for a lock, not the whole prune; ``max_batches`` bounds one call (the
+        sweeper prunes a little each pass). A live run is never touched: each batch
+        re-checks its runs inside its transaction. ``ValueError`` for a status that is not
+        finished or a negative age.
+        """
+        statuses = retention.check_statuses(tuple(statuses))
+        if not older_than_s >= 0:
+            raise ValueError(f"Prune age must be >= 0 seconds, got {older_than_s!r}")
+        if batch < 1:
+            raise ValueError(f"Prune batch must be >= 1 run, got {batch!r}")
+        cutoff = retention.cutoff_iso(older_than_s, time.time() if now is None else now)
+        if dry_run:
+            return self._read(lambda conn: retention.count(conn, statuses, cutoff))
+        dialect = self._dialect
+        deleted, batches, after = 0, 0, ""
+        while max_batches is None or batches < max_batches:
+            ids = self._read(
+                lambda conn, after=after: retention.candidates(conn, statuses, cutoff, after, batch)
+            )
+            if not ids:
+                break
+            after = ids[-1]
+            deleted += self._write(
+                lambda conn, ids=ids: retention.delete_runs(conn, dialect, ids, statuses, cutoff),
+                f"pruning {len(ids)} runs",
+                None,
+            )
+            batches += 1
+        return deleted

@@ -20,6 +20,8 @@ from pocoflow.store import Store
 if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
 
+_UNREAD = object()
+
 
 @lru_cache(maxsize=32)
 def _open_ledger(location: str) -> WorkflowDB:
@@ -47,6 +49,9 @@ class RunRecorder:
         self.checkpoint_dir = checkpoint_dir
         self.tracker = StoreTracker()
         self.active = db is not None or checkpoint_dir is not None
+        # The run's control request as read by the last step's commit, for the check
+        # before the next node; _UNREAD once used (or before any commit): read the ledger.
+        self._control: str | object | None = _UNREAD
 
     # ── run boundaries ────────────────────────────────────────────────────────
 
@@ -112,7 +117,7 @@ class RunRecorder:
             run_fields.update(status="completed", completed_at=now, current_node=node_name)
         else:
             run_fields["current_node"] = next_name
-        committed = self.db.commit_step(
+        committed, self._control = self.db.commit_step_read_control(
             StepCommit(
                 run_id=self.run_id,
                 step=step,
@@ -132,7 +137,14 @@ class RunRecorder:
             )
 
     def requested_control(self) -> str | None:
-        """A ``cancel``/``pause`` left on the run by another process (``attach``, the CLI)."""
+        """A ``cancel``/``pause`` left on the run by another process (``attach``, the CLI).
+
+        Right after a step's commit this is the value that commit read (G4 holds: it is
+        the request as of that instant); any later call reads the ledger again, so a
+        paused run polling here sees the request change."""
+        control, self._control = self._control, _UNREAD
+        if control is not _UNREAD:
+            return control  # type: ignore[return-value]
         return self.db.get_control(self.run_id) if self.db is not None else None
 
     def park(self, step: int) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "Settings",
     "default_redis_url",
     "mask_url",
+    "parse_duration",
 ]
 
 DEFAULT_DB_URL = "sqlite:///pocoflow.db"
@@ -43,6 +44,7 @@ ENV_VARS: dict[str, str] = {
     "lease_seconds": "POCOFLOW_LEASE_SECONDS",
     "sweep_seconds": "POCOFLOW_SWEEP_SECONDS",
     "sqlite_synchronous": "POCOFLOW_SQLITE_SYNCHRONOUS",
+    "prune_older_than": "POCOFLOW_PRUNE_OLDER_THAN",
 }
 
 _REDIS_SCHEMES = frozenset({"redis", "rediss"})
@@ -75,6 +77,9 @@ class Settings:
     sweep_seconds: float = DEFAULT_SWEEP_SECONDS
     #: ``PRAGMA synchronous`` for SQLite ledgers in WAL mode.
     sqlite_synchronous: str = DEFAULT_SQLITE_SYNCHRONOUS
+    #: Seconds (or ``"30d"``) after which workers' sweepers delete finished runs; None
+    #: (default) keeps every run, because deleting history must be asked for.
+    prune_older_than: float | None = None
 
     def __post_init__(self) -> None:
         # Here rather than in from_env, so Settings(...) built by hand is checked too.
@@ -88,6 +93,9 @@ class Settings:
                 f"{', '.join(SQLITE_SYNCHRONOUS_MODES)}, got {self.sqlite_synchronous!r}"
             )
         object.__setattr__(self, "sqlite_synchronous", sync)
+        if self.prune_older_than is not None:
+            age = parse_duration(self.prune_older_than, ENV_VARS["prune_older_than"])
+            object.__setattr__(self, "prune_older_than", age)
         for name in ("db_url", "broker_url"):
             if not getattr(self, name):
                 raise ValueError(f"{ENV_VARS[name]} must not be empty")
@@ -141,6 +149,26 @@ def default_redis_url(broker_url: str) -> str | None:
     """The control-flag Redis to use when none is configured: the broker, if it is Redis."""
     scheme = broker_url.split("://", 1)[0].lower() if "://" in broker_url else ""
     return broker_url if scheme in _REDIS_SCHEMES else None
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?)\s*([smhdw]?)", re.IGNORECASE)
+_DURATION_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: str | float, what: str = "duration") -> float:
+    """``"30d"``, ``"12h"``, ``"90m"``, ``"45s"``, ``"2w"`` or a number of seconds -> seconds."""
+    if isinstance(value, int | float):
+        number = float(value)
+    else:
+        match = _DURATION.fullmatch(str(value).strip())
+        if match is None:
+            raise ValueError(
+                f"{what} must be a number of seconds or like 30d, 12h, 90m, got {value!r}"
+            )
+        number = float(match[1]) * _DURATION_UNIT_S[match[2].lower()]
+    if not number >= 0:  # also rejects NaN
+        raise ValueError(f"{what} must be >= 0, got {value!r}")
+    return number
 
 
 def _split_flows(value: str | Iterable[str]) -> tuple[str, ...]:

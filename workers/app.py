@@ -23,6 +23,7 @@ from pocoflow.distributed.celery_app import TASK_NAME, create_app
 from pocoflow.distributed.executor import WorkerContext, configure, execute_step
 from pocoflow.distributed.publish import Publisher
 from pocoflow.distributed.sweeper import SweeperThread
+from pocoflow.ledger.prune import Pruner
 from pocoflow.logging import get_logger
 from pocoflow.recorder import open_ledger
 from pocoflow.registry import import_flow_modules, registered_flows
@@ -64,6 +65,7 @@ def _start_sweeper(**_: Any) -> None:
         lambda: Publisher(app, open_ledger(settings.db_url)),
         lease_s=settings.lease_seconds,
         interval_s=settings.sweep_seconds,
+        pruner=None if settings.prune_older_than is None else Pruner(settings.prune_older_than),
     )
     _sweeper.start()
 

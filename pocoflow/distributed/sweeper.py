@@ -28,6 +28,7 @@ from pocoflow.logging import get_logger
 
 if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
+    from pocoflow.ledger.prune import Pruner
 
 _log = get_logger("distributed.sweeper")
 
@@ -150,8 +151,10 @@ class SweeperThread(threading.Thread):
         *,
         lease_s: float,
         interval_s: float,
+        pruner: Pruner | None = None,
     ) -> None:
         super().__init__(name="pocoflow-sweeper", daemon=True)
+        self.pruner = pruner
         self._db_factory = db_factory
         self._publish_factory = publish_factory
         self.lease_s = lease_s
@@ -165,6 +168,8 @@ class SweeperThread(threading.Thread):
                 if db is None or publish is None:
                     db, publish = self._db_factory(), self._publish_factory()
                 sweep(db, publish, lease_s=self.lease_s)
+                if self.pruner is not None:  # retention (POCOFLOW_PRUNE_OLDER_THAN)
+                    self.pruner.tick(db, time.monotonic())
             except Exception:
                 _log.exception("Sweep failed; trying again in %.1fs", self.interval_s)
 

@@ -171,6 +171,23 @@ def commit(conn: Connection, dialect: str, c: StepCommit, now: float | None = No
     return pipeline.run(conn, ops, conflicts=("pk_pf_values",))
 
 
+@cache
+def _control_sql(dialect: Any) -> str:
+    return runs._CONTROL.compile(dialect=dialect).string
+
+
+def control_after_commit(conn: Connection, run_id: str) -> str | None:
+    """The run's control request, read in the transaction of the step just committed.
+
+    On SQLite straight through the driver (the Core execute path costs several times
+    this one-row primary key read, which an in-process run makes after every step)."""
+    if conn.dialect.name != "sqlite":
+        return runs.control(conn, run_id)
+    raw = conn.connection.driver_connection
+    row = raw.execute(_control_sql(conn.dialect), (run_id,)).fetchone()  # type: ignore[union-attr]
+    return None if row is None else row[0]
+
+
 def list_rows(conn: Connection, run_id: str) -> list[dict[str, Any]]:
     """Checkpoints of nodes that ran (step >= 0), oldest first, without the manifest."""
     return [dict(r) for r in conn.execute(_LIST, {"run_id": run_id}).mappings()]

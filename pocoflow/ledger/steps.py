@@ -26,7 +26,14 @@ from pocoflow.commit import NextStep, StepFailure
 from pocoflow.ledger import events, pipeline, runs
 from pocoflow.ledger.common import NOW, insert_ignore, iso_now
 from pocoflow.ledger.pipeline import Op
-from pocoflow.ledger.tables import pf_attempts, pf_runs, pf_steps
+from pocoflow.ledger.tables import (
+    ACTIVE_STEP_STATUSES,
+    LIVE_RUN_STATUSES,
+    literal_in,
+    pf_attempts,
+    pf_runs,
+    pf_steps,
+)
 
 _s = pf_steps.c
 _a = pf_attempts.c
@@ -37,9 +44,6 @@ _FENCE = and_(_KEY, _s.attempt == bindparam("b_attempt"))
 _HELD = and_(_FENCE, _s.status == "running", _s.lease_owner == bindparam("holder"))
 _EXPIRES = NOW + bindparam("lease_s")
 _LEASE_OVER = or_(_s.lease_expires_at.is_(None), _s.lease_expires_at < NOW)
-
-# Runs whose steps a sweeper must leave alone: resending would only bounce off the guard.
-_IDLE_RUN_STATUSES = ("paused", "completed", "failed", "cancelled")
 
 # An outbox row's lease: the absolute time given (a run's first step), else lease_s on NOW.
 _OUTBOX_TIMES = {
@@ -138,20 +142,24 @@ _TASK_IDS = (
 _GET_ATTEMPTS = (
     select(pf_attempts).where(_a.run_id == bindparam("run_id")).order_by(_a.step, _a.attempt, _a.id)
 )
-_LIVE_RUN = select(_r.run_id).where(_r.run_id == _s.run_id, _r.status.not_in(_IDLE_RUN_STATUSES))
+# The sweeper's queries start from the live runs (partial index ix_pf_runs_live) and seek
+# each one's unfinished steps (ix_pf_steps_active), so their cost follows the runs in
+# flight, not the finished and parked runs the ledger keeps; the predicates repeat the
+# partial indexes' own (literal_in), or the planners could not use them.
+_SWEEPABLE = select(pf_steps).where(
+    _s.run_id.in_(select(pf_runs.c.run_id).where(literal_in(pf_runs.c.status, LIVE_RUN_STATUSES))),
+    literal_in(_s.status, ACTIVE_STEP_STATUSES),
+)
 _EXPIRED = (
-    select(pf_steps)
-    .where(_s.status.in_(("queued", "running")), _s.lease_expires_at < NOW, _LIVE_RUN.exists())
+    _SWEEPABLE.where(_s.lease_expires_at < NOW)
     .order_by(_s.lease_expires_at)
     .limit(bindparam("limit"))
 )
 _UNSENT = (
-    select(pf_steps)
-    .where(
+    _SWEEPABLE.where(
         _s.status == "queued",
         _s.sent_at.is_(None),
         _s.queued_at <= NOW - bindparam("older_than"),
-        _LIVE_RUN.exists(),
     )
     .order_by(_s.queued_at)
     .limit(bindparam("limit"))

@@ -1,0 +1,111 @@
+"""The ledger at scale, on both backends: on a ledger seeded with old runs (finished, and
+paused or cancelled ones holding queued step rows), the sweeper's and the claim's queries
+are answered from indexes, the sweeper's from the live runs only, so their cost follows
+the work in flight and not the history (G3 stays cheap however long the ledger grows).
+
+The plans come from the databases themselves (EXPLAIN QUERY PLAN / EXPLAIN), so dropping
+an index, or a query reshaped so the planner can no longer use it, fails here."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from sqlalchemy import Executable
+
+from bench.ledger_scale import seed
+from pocoflow.distributed.client import record_run
+from pocoflow.distributed.sweeper import sweep
+from pocoflow.ledger import runs, steps
+from pocoflow.registry import build_flow
+from pocoflow.store import Store
+from tests.ledger.test_sweeper import Sent
+
+pytestmark = pytest.mark.ledger
+
+SEEDED_RUNS = 3000
+LEASE_S = 2.0
+
+
+def plan(db: Any, stmt: Executable, params: dict[str, Any]) -> str:
+    """The database's plan for ``stmt`` with ``params``, one line per node."""
+    engine = db._ledger.engine
+    compiled = stmt.compile(dialect=engine.dialect)
+    # Expanded: an IN of a list parameter is written out, one placeholder per value.
+    state = compiled.construct_expanded_state(params)
+    values: Any = state.parameters
+    if compiled.positional:
+        values = tuple(values[name] for name in state.positiontup or ())
+    prefix = "EXPLAIN QUERY PLAN " if db.dialect == "sqlite" else "EXPLAIN "
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(prefix + state.statement, values).all()
+        conn.rollback()
+    return "\n".join(str(row[-1]) for row in rows)
+
+
+def full_scans(db: Any, text: str) -> list[str]:
+    """Plan lines that read a whole table (SQLite ``SCAN t`` without an index, PostgreSQL
+    ``Seq Scan``)."""
+    if db.dialect == "sqlite":
+        return [
+            line
+            for line in text.splitlines()
+            if line.startswith("SCAN ") and "INDEX" not in line and "SUBQUERY" not in line
+        ]
+    return [line for line in text.splitlines() if "Seq Scan" in line]
+
+
+@pytest.fixture
+def seeded(db: Any) -> Any:
+    seed(str(db._ledger.url.render_as_string(hide_password=False)), SEEDED_RUNS)
+    return db
+
+
+def test_the_seed_holds_finished_and_parked_runs(seeded: Any) -> None:
+    parked = seeded.get_run("old-10")
+    assert parked["status"] == "cancelled"
+    row = seeded.get_step("old-10", 2)
+    assert row["status"] == "queued" and row["lease_expires_at"] < time.time()
+    assert seeded.get_run("old-11")["status"] == "paused"
+    assert seeded.get_run("old-13")["status"] == "completed"
+    assert seeded.load_checkpoint("old-13", 2).as_dict() == {"n": 3}
+
+
+def test_the_sweepers_queries_start_from_the_live_runs(seeded: Any) -> None:
+    for stmt, params in (
+        (steps._EXPIRED, {"now": time.time(), "limit": 100}),
+        (steps._UNSENT, {"cutoff": time.time(), "limit": 100}),
+    ):
+        text = plan(seeded, stmt, params)
+        assert "ix_pf_runs_live" in text, text
+        assert "ix_pf_steps_active" in text, text
+        assert full_scans(seeded, text) == [], text
+
+
+def test_the_claim_and_the_run_read_seek_their_primary_keys(seeded: Any) -> None:
+    key = {"b_run_id": "old-10", "b_step": 2, "b_attempt": 1}
+    claim = {**key, "worker": "w", "now": time.time(), "expires": time.time() + 10}
+    ended = {**key, "b_worker": "w", "now": 1.0, "outcome": "committed", "err": None}
+    for stmt, params in (
+        (steps._CLAIM, claim),
+        (steps._END_ATTEMPT, ended),
+        (runs._GET, {"run_id": "old-10"}),
+    ):
+        text = plan(seeded, stmt, params)
+        assert "INDEX" in text.upper(), text
+        assert full_scans(seeded, text) == [], text
+
+
+def test_on_a_seeded_ledger_the_sweep_finds_live_work_and_leaves_parked_rows(
+    seeded: Any,
+) -> None:
+    first = record_run(seeded, build_flow("sweep_two"), Store({}), lease_s=LEASE_S)
+    sent = Sent(seeded)
+    now = time.time() + LEASE_S + 5  # the live run's lease has run out, never sent
+    report = sweep(seeded, sent, lease_s=LEASE_S, now=now)
+    assert set(report.resent) == {(first.run_id, 0)} and not report.taken_over
+    assert {m.run_id for m, _ in sent.messages} == {first.run_id}
+    # The seeded parked rows' leases ran out long ago; still only the live run's shows.
+    later = seeded.expired_steps(now=now + 100)
+    assert [(row["run_id"], row["step"]) for row in later] == [(first.run_id, 0)]
