@@ -75,7 +75,7 @@ def test_the_seed_holds_finished_and_parked_runs(seeded: Any) -> None:
 def test_the_sweepers_queries_start_from_the_live_runs(seeded: Any) -> None:
     for stmt, params in (
         (steps._EXPIRED, {"now": time.time(), "limit": 100}),
-        (steps._UNSENT, {"cutoff": time.time(), "limit": 100}),
+        (steps._UNSENT, {"now": time.time(), "older_than": 1.0, "limit": 100}),
     ):
         text = plan(seeded, stmt, params)
         assert "ix_pf_runs_live" in text, text
@@ -85,10 +85,10 @@ def test_the_sweepers_queries_start_from_the_live_runs(seeded: Any) -> None:
 
 def test_the_claim_and_the_run_read_seek_their_primary_keys(seeded: Any) -> None:
     key = {"b_run_id": "old-10", "b_step": 2, "b_attempt": 1}
-    claim = {**key, "worker": "w", "now": time.time(), "expires": time.time() + 10}
+    claim = {**key, "holder": "w#1", "now": time.time(), "lease_s": 10.0, "b_node_id": "n0"}
     ended = {**key, "b_worker": "w", "now": 1.0, "outcome": "committed", "err": None}
     for stmt, params in (
-        (steps._CLAIM, claim),
+        (steps._CLAIMS[(True, True)], claim),
         (steps._END_ATTEMPT, ended),
         (runs._GET, {"run_id": "old-10"}),
     ):
