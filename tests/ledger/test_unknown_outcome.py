@@ -71,6 +71,8 @@ class CommitKiller:
         self.dsn = dsn(url)
         self.armed = 0
         self.fired = 0
+        #: Run after the kill, before the client retries: what other processes write then.
+        self.meanwhile: list[Any] = []
         dialect = db._ledger.engine.dialect
         real = dialect.do_commit
 
@@ -91,6 +93,8 @@ class CommitKiller:
         pid = dbapi_conn.info.backend_pid
         with psycopg.connect(self.dsn, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+        for write in self.meanwhile:
+            write()
         dbapi_conn.execute("SELECT 1")  # raises: the socket is dead, psycopg marks it broken
 
 
@@ -176,6 +180,49 @@ def test_a_resume_take_over_whose_outcome_was_lost_sends_the_step(
     assert killer.fired == 1
     assert found.message is not None and found.message.attempt == 2
     assert drain(ctx, publish, publish.take()[0]) == ["committed"] * 3
+
+
+def commit_running_step(url: str, run_id: str, step: int, worker: str) -> None:
+    """Another process (a worker holding ``step``) commits it: a separate engine, so the
+    kill hook leaves it alone. Like every step commit it writes the run row too."""
+    from pocoflow.commit import NextStep, StepCommit
+
+    other = WorkflowDB(url)
+    try:
+        assert other.commit_step(
+            StepCommit(
+                run_id=run_id,
+                step=step,
+                node_name="a",
+                action="default",
+                next_node="b",
+                manifest={},
+                changed={},
+                run_fields={"total_steps": step + 1, "current_node": "b"},
+                attempt=1,
+                next_step=NextStep(step + 1, "b", 1, None),
+                worker=worker,
+            )
+        )
+    finally:
+        other.close()
+
+
+def test_a_lost_cancel_is_recognised_though_a_running_step_committed_before_the_retry(
+    db: WorkflowDB, pg_url: str, killer: CommitKiller
+) -> None:
+    """A cancel lands while step 0 runs; before the client's retry, the worker commits the
+    step (allowed: the cancel stops the next node), which writes the run row too. The
+    cancel must still be recognised as this call's own write."""
+    first = start(db, "exec_three")
+    assert db.claim_step(first.run_id, 0, 1, "h:w", LEASE_S)
+    killer.meanwhile.append(lambda: commit_running_step(pg_url, first.run_id, 0, "h:w"))
+    killer.arm()
+    assert lifecycle.request_cancel(db, first.run_id)
+    assert killer.fired == 1
+    assert db.get_run(first.run_id)["status"] == "cancelled"
+    assert db.get_step(first.run_id, 0)["status"] == "committed"
+    assert [e["event"] for e in db.get_events(first.run_id)].count(RUN_CANCELLED) == 1
 
 
 # ── serialization failures and deadlocks ─────────────────────────────────────
