@@ -324,3 +324,37 @@ def test_a_store_rebuilt_on_a_worker_has_the_runs_name_and_the_flows_schema(
     assert execute_step(second.to_dict(), worker_id="h:2", context=ctx) == "committed"
     final = db.load_checkpoint(first.run_id, 1)
     assert final["seen"] == [["orders", ["n", "seen"]]] * 2
+
+
+def test_a_store_that_does_not_fit_the_flows_schema_refuses_the_step_instead_of_crashing(
+    db: Any, ctx: WorkerContext
+) -> None:
+    """The flow's schema changed after submit (a deploy): the worker cannot rebuild the
+    Store. The run fails naming the key, resumable; a crash would leave the step leased
+    for the sweeper to re-run, crashing the same way every lease."""
+    from pocoflow.registry import build_flow
+    from pocoflow.store import Store
+
+    loose = build_flow("lifecycle_typed")
+    loose.schema = None  # the flow as it was when the run was submitted
+    first = record_run(db, loose, Store({"n": "one"}), lease_s=LEASE_S)
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "refused"
+    run = db.get_run(first.run_id)
+    assert run["status"] == "failed"
+    assert "'n'" in run["error_msg"] and "schema" in run["error_msg"]
+    assert db.get_step(first.run_id, 0)["status"] == "failed"
+
+
+def test_submit_checks_the_store_against_the_flows_schema(db: Any) -> None:
+    from pocoflow.registry import build_flow
+    from pocoflow.store import Store
+
+    with pytest.raises(TypeError, match="'n'"):
+        record_run(
+            db,
+            build_flow("lifecycle_typed"),
+            Store({"n": "one"}),
+            run_id="r-typed",
+            lease_s=LEASE_S,
+        )
+    assert db.get_run("r-typed") is None
