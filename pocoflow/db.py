@@ -343,7 +343,17 @@ class WorkflowDB(StepQueue):
         """Append an event. Optional: ``step``, ``node_name``, ``action``, ``elapsed_ms``,
         ``error_msg``, ``attempt``, ``ts`` (ISO text, datetime or epoch; default now)."""
         row = events.row(run_id, event, kw)
-        self._write(lambda conn: events.insert_rows(conn, [row]), "saving an event", run_id)
+        tries = 0
+
+        def body(conn: Connection) -> None:
+            nonlocal tries
+            tries += 1
+            # An append has no compare-and-set for a retry to miss: after a COMMIT whose
+            # outcome was lost (txn.run retries it), it looks for its first try's row.
+            if tries == 1 or not events.exists(conn, row):
+                events.insert_rows(conn, [row])
+
+        self._write(body, "saving an event", run_id)
 
     def get_events(self, run_id: str, *, after_id: int = 0) -> list[dict[str, Any]]:
         """Events of a run in insertion order; ``after_id`` skips those already seen."""

@@ -225,6 +225,20 @@ def test_a_lost_cancel_is_recognised_though_a_running_step_committed_before_the_
     assert [e["event"] for e in db.get_events(first.run_id)].count(RUN_CANCELLED) == 1
 
 
+def test_an_event_whose_outcome_was_lost_is_written_once(
+    db: WorkflowDB, killer: CommitKiller
+) -> None:
+    """An append has no compare-and-set to miss: the retry would write the event again
+    (a second RUN_CANCELLED, NODE_RETRY...) unless it looks for the first."""
+    db.create_run("r-event", "f")
+    killer.arm()
+    db.save_event("r-event", RUN_CANCELLED, step=2, error_msg="cancelled")
+    assert killer.fired == 1
+    assert [(e["event"], e["step"]) for e in db.get_events("r-event")] == [(RUN_CANCELLED, 2)]
+    db.save_event("r-event", RUN_CANCELLED, step=2, error_msg="cancelled")  # a new event
+    assert len(db.get_events("r-event")) == 2
+
+
 # ── serialization failures and deadlocks ─────────────────────────────────────
 
 
