@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from pocoflow import Flow, Node, flow
 from pocoflow.db import WorkflowDB
 from pocoflow.distributed import lifecycle
 from pocoflow.distributed.client import record_run
@@ -30,7 +31,7 @@ from pocoflow.ledger.errors import LedgerConflictError
 from pocoflow.registry import build_flow
 from pocoflow.store import Store
 from tests.conftest import fresh_postgres_database
-from tests.ledger.test_distributed_executor import LEASE_S, Publish, drain, start
+from tests.ledger.test_distributed_executor import LEASE_S, Add, Publish, drain, start
 
 pytestmark = pytest.mark.ledger
 
@@ -73,12 +74,17 @@ class CommitKiller:
         self.fired = 0
         #: Run after the kill, before the client retries: what other processes write then.
         self.meanwhile: list[Any] = []
+        #: Kill the session before the COMMIT reaches the server: it never lands, and the
+        #: client cannot tell this from a COMMIT that landed.
+        self.before = False
         dialect = db._ledger.engine.dialect
         real = dialect.do_commit
 
         def do_commit(dbapi_conn: Any) -> None:
-            real(dbapi_conn)
-            if self.armed and not dbapi_conn.driver_connection.autocommit:  # writes only
+            armed = self.armed and not dbapi_conn.driver_connection.autocommit  # writes only
+            if not (armed and self.before):
+                real(dbapi_conn)
+            if armed:
                 self.armed -= 1
                 self.fired += 1
                 self._kill(dbapi_conn)
@@ -182,7 +188,9 @@ def test_a_resume_take_over_whose_outcome_was_lost_sends_the_step(
     assert drain(ctx, publish, publish.take()[0]) == ["committed"] * 3
 
 
-def commit_running_step(url: str, run_id: str, step: int, worker: str) -> None:
+def commit_running_step(
+    url: str, run_id: str, step: int, worker: str, attempt: int = 1, **changed: str
+) -> None:
     """Another process (a worker holding ``step``) commits it: a separate engine, so the
     kill hook leaves it alone. Like every step commit it writes the run row too."""
     from pocoflow.commit import NextStep, StepCommit
@@ -196,10 +204,10 @@ def commit_running_step(url: str, run_id: str, step: int, worker: str) -> None:
                 node_name="a",
                 action="default",
                 next_node="b",
-                manifest={},
-                changed={},
+                manifest=dict.fromkeys(changed, step),
+                changed=changed,
                 run_fields={"total_steps": step + 1, "current_node": "b"},
-                attempt=1,
+                attempt=attempt,
                 next_step=NextStep(step + 1, "b", 1, None),
                 worker=worker,
             )
@@ -223,6 +231,75 @@ def test_a_lost_cancel_is_recognised_though_a_running_step_committed_before_the_
     assert db.get_run(first.run_id)["status"] == "cancelled"
     assert db.get_step(first.run_id, 0)["status"] == "committed"
     assert [e["event"] for e in db.get_events(first.run_id)].count(RUN_CANCELLED) == 1
+
+
+class Quiet(Node):
+    """Changes nothing in the Store; its exec arms the kill hook for the step's COMMIT."""
+
+    killer: CommitKiller | None = None
+
+    def exec(self, prep_result: Any) -> None:
+        assert Quiet.killer is not None
+        Quiet.killer.arm()
+
+
+@flow("unknown_quiet")
+def quiet() -> Flow:
+    first = Quiet(name="quiet")
+    first.then("default", Add(name="add"))
+    return Flow(start=first)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the retry's successor insert meets the row its first try wrote (pk_pf_steps) "
+    "and crashes; h1's guarded successor_op (issue 6 defect 8) fixes it: drop this mark "
+    "when h1 is merged",
+)
+def test_a_lost_commit_of_a_step_that_changed_no_value_is_committed(
+    db: WorkflowDB, ctx: WorkerContext, publish: Publish, killer: CommitKiller
+) -> None:
+    first = start(db, "unknown_quiet")
+    Quiet.killer = killer
+    try:
+        assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "committed"
+    finally:
+        Quiet.killer = None
+    assert killer.fired == 1
+    (successor,) = publish.take()
+    assert drain(ctx, publish, successor) == ["committed"]
+    assert db.get_run(first.run_id)["status"] == "completed"
+
+
+def test_a_step_commit_lost_before_it_landed_while_another_attempt_committed_is_lost(
+    db: WorkflowDB, pg_url: str, ctx: WorkerContext, publish: Publish, killer: CommitKiller
+) -> None:
+    """The retry of a step commit finds the step committed, by a take-over's attempt and
+    not by this one: the commit is not recognised as its own (nothing is sent on, the
+    worker keeps no Store for the next step)."""
+    from tests.ledger import test_distributed_executor as base
+
+    first = start(db, "exec_grabbed")
+
+    def other_attempt_commits() -> None:
+        assert db.take_over(first.run_id, 0, 1, LEASE_S, force=True) == 2
+        assert db.claim_step(first.run_id, 0, 2, "h:2", LEASE_S)
+        commit_running_step(pg_url, first.run_id, 0, "h:2", attempt=2, grabbed="true")
+
+    killer.before = True
+    killer.meanwhile.append(other_attempt_commits)
+    base.ON_EXEC.append(lambda run_id, step, attempt: killer.arm())  # the commit's COMMIT
+    try:
+        assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "lost"
+    finally:
+        base.ON_EXEC.clear()
+    assert killer.fired == 1
+    assert publish.take() == []
+    assert ctx.handoff == {}
+    assert [(a["attempt"], a["outcome"]) for a in db.get_attempts(first.run_id)] == [
+        (1, "lost"),
+        (2, "committed"),
+    ]
 
 
 def test_an_event_whose_outcome_was_lost_is_written_once(
