@@ -271,6 +271,31 @@ def test_a_lost_commit_of_a_step_that_changed_no_value_is_committed(
     assert db.get_run(first.run_id)["status"] == "completed"
 
 
+def test_a_local_step_commit_whose_outcome_was_lost_goes_on(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Flow.run(db_path=...)``: the retry of a step commit that landed finds the step's
+    checkpoint; a local run has one writer, so it is its own and the run goes on (not
+    ``StepConflict``)."""
+    from pocoflow import recorder
+
+    ledger = recorder.open_ledger(pg_url)
+    killer = CommitKiller(ledger, pg_url, monkeypatch)
+    first = Quiet(name="quiet")
+    first.then("default", Add(name="add"))
+    local = Flow(start=first, db_path=pg_url, run_id="r-local")
+    Quiet.killer = killer
+    try:
+        assert local.run({}).as_dict() == {"n": 1}
+        assert killer.fired == 1
+        assert ledger.get_run("r-local")["status"] == "completed"
+        assert [c["node_name"] for c in ledger.get_checkpoints("r-local")] == ["quiet", "add"]
+    finally:
+        Quiet.killer = None
+        ledger.close()
+        recorder._open_ledger.cache_clear()
+
+
 def test_a_step_commit_lost_before_it_landed_while_another_attempt_committed_is_lost(
     db: WorkflowDB, pg_url: str, ctx: WorkerContext, publish: Publish, killer: CommitKiller
 ) -> None:
