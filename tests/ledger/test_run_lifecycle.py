@@ -358,3 +358,22 @@ def test_submit_checks_the_store_against_the_flows_schema(db: Any) -> None:
             lease_s=LEASE_S,
         )
     assert db.get_run("r-typed") is None
+
+
+def test_a_flows_schema_is_what_resume_and_fork_rebuild_the_store_with(ledger_url: str) -> None:
+    from pocoflow.store import Store
+    from tests.ledger.test_flow_runs import Count
+
+    def typed() -> Flow:
+        node = Count()
+        node.then("next", node)
+        return Flow(start=node, db_path=ledger_url, flow_name="count", schema={"n": int})
+
+    Count.fail_at = 1
+    failed = typed()
+    with pytest.raises(RuntimeError, match="boom at 1"):
+        failed.run(Store({"n": 0, "until": 3}))
+    resumed = typed().resume(failed.last_run_id)
+    assert resumed["n"] == 3 and dict(resumed.schema) == {"n": int}
+    forked = typed().fork(failed.last_run_id, from_step=0)
+    assert forked["n"] == 3 and dict(forked.schema) == {"n": int}
