@@ -390,3 +390,16 @@ def test_a_conflict_that_never_clears_is_reported_after_bounded_tries(
         db.save_event("r-stuck", "custom")
     assert db.get_events("r-stuck") == []
     assert txn.CONFLICT_RETRIES >= 3
+
+
+def test_a_commit_lost_on_the_retry_of_a_conflict_is_still_recognised(
+    db: WorkflowDB, pg_url: str, killer: CommitKiller
+) -> None:
+    """A serialization failure first, then the retry's COMMIT lands with its connection
+    lost: the one retry on a fresh connection is not used up by the conflict's retry."""
+    killer.arm()
+    with failing_inserts(pg_url, "40001", times=1):  # the run's start event, first try
+        first = record_run(db, build_flow("exec_three"), Store({}), run_id="r-2", lease_s=LEASE_S)
+    assert killer.fired == 1
+    assert first.run_id == "r-2"
+    assert db.get_run("r-2")["status"] == "queued"
