@@ -377,3 +377,24 @@ def test_a_flows_schema_is_what_resume_and_fork_rebuild_the_store_with(ledger_ur
     assert resumed["n"] == 3 and dict(resumed.schema) == {"n": int}
     forked = typed().fork(failed.last_run_id, from_step=0)
     assert forked["n"] == 3 and dict(forked.schema) == {"n": int}
+
+
+def test_resuming_a_run_cancelled_while_its_last_step_ran_completes_it_with_one_flow_end(
+    db: Any, ctx: WorkerContext, publish: Publish, resume: Any
+) -> None:
+    """The last step's commit recorded ``flow_end`` (the cancel kept the status); the
+    resume that completes the run must not record the end a second time."""
+    from pocoflow.hooks import FLOW_END
+
+    first = start(db, "lifecycle_meddled")
+    assert drain_one(ctx, publish, first) == "committed"
+    (last,) = publish.take()
+    ON_EXEC.append(lambda run_id, step, attempt: lifecycle.request_cancel(db, run_id))
+    try:
+        assert drain_one(ctx, publish, last) == "committed"
+    finally:
+        ON_EXEC.clear()
+    assert db.get_run(first.run_id)["status"] == "cancelled"
+    resume(first.run_id)
+    assert db.get_run(first.run_id)["status"] == "completed"
+    assert [e["event"] for e in db.get_events(first.run_id)].count(FLOW_END) == 1
