@@ -206,10 +206,16 @@ class WorkflowDB(StepQueue):
         duplicate of a step another worker holds or committed). False, nothing written,
         otherwise (G4 without stranding a running step)."""
         t = epoch(now)
+        stamp = iso_now()  # this call's write token, as in ``update_run_if``
+
+        def own_park(conn: Connection, done: bool) -> bool:
+            return done or runs.shows(conn, run_id, {"status": "paused", "updated_at": stamp})
+
         return self._write(
-            lambda conn: runs.park(conn, run_id, step, attempt, worker, t),
+            lambda conn: runs.park(conn, run_id, step, attempt, worker, t, stamp),
             "parking the run",
             run_id,
+            confirm=own_park,
         )
 
     def get_control(self, run_id: str) -> str | None:

@@ -159,13 +159,16 @@ def shows(conn: Connection, run_id: str, fields: Mapping[str, Any]) -> bool:
     return row is not None and all(row.get(k) == v for k, v in fields.items())
 
 
-def park(conn: Connection, run_id: str, step: int, attempt: int, worker: str, now: float) -> bool:
+def park(
+    conn: Connection, run_id: str, step: int, attempt: int, worker: str, now: float, stamp: str
+) -> bool:
     """Mark the run paused iff it is live with a pause request and ``attempt`` of step
     ``step`` is this worker's to run (queued, or running under its own or an expired
-    lease): one compare-and-set over both rows, so no claim or commit slips in between."""
+    lease): one compare-and-set over both rows, so no claim or commit slips in between.
+    ``stamp`` is the ``updated_at`` written (the caller's write token)."""
     params = {
         "status": "paused",
-        "updated_at": iso_now(),
+        "updated_at": stamp,
         "b_run_id": run_id,
         "b_step": step,
         "b_attempt": attempt,

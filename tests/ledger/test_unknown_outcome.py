@@ -25,7 +25,7 @@ from pocoflow.db import WorkflowDB
 from pocoflow.distributed import lifecycle
 from pocoflow.distributed.client import record_run
 from pocoflow.distributed.executor import WorkerContext, execute_step
-from pocoflow.hooks import RUN_CANCELLED
+from pocoflow.hooks import RUN_CANCELLED, RUN_PAUSED
 from pocoflow.ledger import txn
 from pocoflow.ledger.errors import LedgerConflictError
 from pocoflow.registry import build_flow
@@ -403,3 +403,17 @@ def test_a_commit_lost_on_the_retry_of_a_conflict_is_still_recognised(
     assert killer.fired == 1
     assert first.run_id == "r-2"
     assert db.get_run("r-2")["status"] == "queued"
+
+
+def test_a_park_whose_outcome_was_lost_records_the_pause(
+    db: WorkflowDB, ctx: WorkerContext, killer: CommitKiller
+) -> None:
+    """The guard parks the run (a pause was requested) and the COMMIT's outcome is lost:
+    the park is recognised, so its ``run_paused`` event is written."""
+    first = start(db, "exec_three")
+    assert lifecycle.request_pause(db, first.run_id)
+    killer.arm()  # the claim is refused and rolled back: the park is the first COMMIT
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "paused"
+    assert killer.fired == 1
+    assert db.get_run(first.run_id)["status"] == "paused"
+    assert [e["event"] for e in db.get_events(first.run_id)].count(RUN_PAUSED) == 1
