@@ -243,7 +243,10 @@ def resume_run(
         for flag in (CANCEL, PAUSE):
             clear_flag(client, run_id, flag)
     publisher = _publisher(settings)
-    statuses = (*RESUMABLE, "running")
+    # The status this call read, and only that one: a stopped run that another resumer
+    # restarted meanwhile is running, and taking its step over again would only fence
+    # out that resumer's fresh attempt.
+    statuses = ("running",) if run["status"] == "running" else RESUMABLE
     if not lifecycle.restart(
         db, run_id, publisher, lease_s=settings.lease_seconds, status_in=statuses
     ):

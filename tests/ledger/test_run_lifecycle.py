@@ -398,3 +398,25 @@ def test_resuming_a_run_cancelled_while_its_last_step_ran_completes_it_with_one_
     resume(first.run_id)
     assert db.get_run(first.run_id)["status"] == "completed"
     assert [e["event"] for e in db.get_events(first.run_id)].count(FLOW_END) == 1
+
+
+def test_of_two_resumers_that_both_saw_the_run_stopped_one_restarts_it(
+    db: Any, ctx: WorkerContext, publish: Publish, resume: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B reads the run cancelled; A resumes it before B's compare-and-set. B must not
+    restart it a second time (a take-over of A's fresh attempt, whose worker then loses
+    its step): B is told the status changed."""
+    first = cancelled_before_step_0(db, ctx)
+    real = db.get_run
+
+    def get_run(run_id: str) -> Any:
+        row = real(run_id)
+        monkeypatch.setattr(db, "get_run", real)
+        resume(run_id)  # A, between B's read and B's compare-and-set
+        return row
+
+    monkeypatch.setattr(db, "get_run", get_run)
+    with pytest.raises(ValueError, match="changed status"):
+        resume(first.run_id)
+    (sent,) = publish.take()
+    assert sent.attempt == 2 and db.get_step(first.run_id, 0)["attempt"] == 2
