@@ -206,10 +206,16 @@ class WorkflowDB(StepQueue):
         delivery of ``attempt`` by ``holder`` is the one that would run that step (not a
         duplicate of a step another worker holds or committed). False, nothing written,
         otherwise (G4 without stranding a running step)."""
+        stamp = iso_now()  # this call's write token, as in ``update_run_if``
+
+        def own_park(conn: Connection, done: bool) -> bool:
+            return done or runs.shows(conn, run_id, {"status": "paused", "updated_at": stamp})
+
         return self._write(
-            lambda conn: runs.park(conn, run_id, step, attempt, holder, now),
+            lambda conn: runs.park(conn, run_id, step, attempt, holder, now, stamp),
             "parking the run",
             run_id,
+            confirm=own_park,
         )
 
     def get_control(self, run_id: str) -> str | None:
@@ -363,7 +369,17 @@ class WorkflowDB(StepQueue):
         """Append an event. Optional: ``step``, ``node_name``, ``action``, ``elapsed_ms``,
         ``error_msg``, ``attempt``, ``ts`` (ISO text, datetime or epoch; default now)."""
         row = events.row(run_id, event, kw)
-        self._write(lambda conn: events.insert_rows(conn, [row]), "saving an event", run_id)
+        tries = 0
+
+        def body(conn: Connection) -> None:
+            nonlocal tries
+            tries += 1
+            # An append has no compare-and-set for a retry to miss: after a COMMIT whose
+            # outcome was lost (txn.run retries it), it looks for its first try's row.
+            if tries == 1 or not events.exists(conn, row):
+                events.insert_rows(conn, [row])
+
+        self._write(body, "saving an event", run_id)
 
     def get_events(self, run_id: str, *, after_id: int = 0) -> list[dict[str, Any]]:
         """Events of a run in insertion order; ``after_id`` skips those already seen."""

@@ -31,13 +31,13 @@ from pocoflow.registry import UnknownFlowError, get_builder, import_flow_modules
 from pocoflow.runner import RunHandle
 from pocoflow.settings import Settings, mask_url
 from pocoflow.step import utc_now
+from pocoflow.store import Store
 
 if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
     from pocoflow.distributed.publish import Publisher
     from pocoflow.flow import Flow
     from pocoflow.graph import Graph
-    from pocoflow.store import Store
 
 _log = get_logger("distributed.client")
 
@@ -139,7 +139,8 @@ def record_run(
 ) -> StepMessage:
     """The ledger half of ``submit``: check the flow is registered as is, write the run
     row (queued) with its initial Store and the step-0 outbox row leased from now;
-    returns the message to publish. Nothing is written if a check fails."""
+    returns the message to publish. Nothing is written if a check fails (a Store that
+    does not fit the flow's schema raises ``TypeError`` naming the key)."""
     from pocoflow.flow import make_run_id
 
     name = flow.flow_name
@@ -160,6 +161,8 @@ def record_run(
             f"what workers would run ({shape_difference(registered.shape(), graph.shape())}); "
             "submit the Flow the builder returns"
         )
+    if flow.schema:  # what every worker will check when it rebuilds the Store: now
+        Store(store.as_dict(), schema=flow.schema, name=store.name)
     run_id = run_id or flow.run_id or make_run_id(name)
     created = db.create_run(
         run_id,
@@ -239,7 +242,10 @@ def resume_run(
         for flag in (CANCEL, PAUSE):
             clear_flag(client, run_id, flag)
     publisher = _publisher(settings)
-    statuses = (*RESUMABLE, "running")
+    # The status this call read, and only that one: a stopped run that another resumer
+    # restarted meanwhile is running, and taking its step over again would only fence
+    # out that resumer's fresh attempt.
+    statuses = ("running",) if run["status"] == "running" else RESUMABLE
     if not lifecycle.restart(
         db, run_id, publisher, lease_s=settings.lease_seconds, status_in=statuses
     ):

@@ -368,7 +368,14 @@ class _StepRun:
             return _Loaded(flow, graph, node, store, tracker)
         store, manifest, texts = self._prior or self.db.load_store(msg.run_id, msg.step - 1)
         if flow.schema:  # the flow's schema, as the Store it was submitted with had
-            store = Store(store.as_dict(), schema=flow.schema, name=store.name)
+            try:
+                store = Store(store.as_dict(), schema=flow.schema, name=store.name)
+            except TypeError as exc:  # a crash would be re-run by the sweeper, forever
+                raise _Refused(
+                    f"Run {msg.run_id!r} step {msg.step}: its Store does not fit the schema "
+                    f"of flow {msg.flow!r} ({exc}); fix the schema and resume, or fork the "
+                    "run from an earlier step"
+                ) from None
         tracker = StoreTracker()
         tracker.seed(manifest, texts, store.as_dict())
         return _Loaded(flow, graph, node, store, tracker)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pocoflow.commit import StepFailure
 from pocoflow.distributed.message import StepMessage
-from pocoflow.hooks import FLOW_END, NODE_ERROR, RUN_CANCELLED, RUN_PAUSED, RUN_RESUMED
+from pocoflow.hooks import NODE_ERROR, RUN_CANCELLED, RUN_PAUSED, RUN_RESUMED
 from pocoflow.logging import get_logger
 from pocoflow.step import utc_now
 
@@ -241,7 +241,7 @@ def continue_run(
     came back empty."""
     found = requeue_outstanding(db, run_id, publisher, lease_s=lease_s, queue=queue)
     if found.ended:
-        now = utc_now()
-        if db.update_run_if(run_id, status_in=LIVE, status="completed", completed_at=now):
-            db.save_event(run_id, FLOW_END, ts=now)
+        # No flow_end event: the last step's commit recorded it, in its own transaction;
+        # only the status change was held back (by the cancel or failure standing then).
+        db.update_run_if(run_id, status_in=LIVE, status="completed", completed_at=utc_now())
     return found

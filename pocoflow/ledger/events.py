@@ -22,6 +22,13 @@ _GET = (
     .order_by(pf_events.c.id)
 )
 
+_SAME = select(pf_events.c.id).where(
+    *(pf_events.c[name].is_not_distinct_from(bindparam(name)) for name in FIELDS),
+    pf_events.c.run_id == bindparam("run_id"),
+    pf_events.c.event == bindparam("event"),
+    pf_events.c.ts == bindparam("ts"),
+)
+
 
 def row(run_id: str, event: str, fields: Mapping[str, Any]) -> dict[str, Any]:
     """One insert row; every key present so a batch goes out as one executemany.
@@ -48,6 +55,12 @@ def insert_op(rows: list[dict[str, Any]]) -> Op:
 def insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
     if rows:
         conn.execute(_INSERT, rows)
+
+
+def exists(conn: Connection, row: Mapping[str, Any]) -> bool:
+    """An event equal to ``row`` (same run, event, time stamp and fields) is recorded:
+    how an append retried after a COMMIT whose outcome was lost finds its first try."""
+    return conn.execute(_SAME, dict(row)).first() is not None
 
 
 def get(conn: Connection, run_id: str, after_id: int = 0) -> list[dict[str, Any]]:

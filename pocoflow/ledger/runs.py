@@ -105,9 +105,15 @@ def update_op(run_id: str, fields: Mapping[str, Any]) -> Op:
 def step_update_ops(run_id: str, fields: Mapping[str, Any]) -> list[Op]:
     """The run fields of a step commit. A status change (the run ends) applies only while
     the run is live or paused, so a cancel that landed while the last step ran stands
-    (G4) while a pause parked meanwhile cannot leave a finished run unfinished."""
+    (G4) while a pause parked meanwhile cannot leave a finished run unfinished.
+
+    Progress alone (``total_steps``, ``current_node``) leaves ``updated_at`` as it is:
+    that column is the stamp of the run's last transition, which a compare-and-set whose
+    COMMIT outcome was lost looks for on its retry (``WorkflowDB.update_run_if``); a step
+    committing meanwhile (a cancel does not stop a running step) must not wipe it."""
     ending = {k: v for k, v in fields.items() if k in _ENDING_FIELDS}
-    ops = [update_op(run_id, {k: v for k, v in fields.items() if k not in _ENDING_FIELDS})]
+    progress = {k: v for k, v in fields.items() if k not in _ENDING_FIELDS}
+    ops = [Op(_UPDATE, {**progress, "b_run_id": run_id})] if progress else []
     if ending:
         params = {**ending, "updated_at": iso_now(), "b_run_id": run_id}
         ops.append(Op(_UPDATE_IF_ENDABLE, params))
@@ -154,14 +160,21 @@ def shows(conn: Connection, run_id: str, fields: Mapping[str, Any]) -> bool:
 
 
 def park(
-    conn: Connection, run_id: str, step: int, attempt: int, holder: str, now: float | None
+    conn: Connection,
+    run_id: str,
+    step: int,
+    attempt: int,
+    holder: str,
+    now: float | None,
+    stamp: str,
 ) -> bool:
     """Mark the run paused iff it is live with a pause request and ``attempt`` of step
     ``step`` is this holder's to run (queued, or running under its own or an expired
-    lease): one compare-and-set over both rows, so no claim or commit slips in between."""
+    lease): one compare-and-set over both rows, so no claim or commit slips in between.
+    ``stamp`` is the ``updated_at`` written (the caller's write token)."""
     params = {
         "status": "paused",
-        "updated_at": iso_now(),
+        "updated_at": stamp,
         "b_run_id": run_id,
         "b_step": step,
         "b_attempt": attempt,

@@ -81,7 +81,7 @@ def run(
     Reads on PostgreSQL run in autocommit (``LedgerEngine.reader``). ``what`` and
     ``run_id`` only name the operation in a lock error.
 
-    ``confirm(conn, result)`` runs (in a read after the retry) only when a first try lost
+    ``confirm(conn, result)`` runs (in a read after the retry) only when a try lost
     its connection during COMMIT: ``result`` is what the retry returned (or its ``Abort``
     value), and ``confirm`` returns the true answer, e.g. True where the retry's
     compare-and-set missed because the first try's write, recognised by a value only this
@@ -92,6 +92,7 @@ def run(
     delay = LOCK_BACKOFF_S
     tries = 0
     unknown = False  # a COMMIT was sent on a connection that then died
+    reconnected = False  # the one retry on a fresh connection is spent (not a lock's)
     started = time.monotonic()
     while True:
         tries += 1
@@ -111,7 +112,8 @@ def run(
         except Abort as abort:
             result = abort.value  # type: ignore[assignment]
         except Exception as exc:
-            if isinstance(exc, DBAPIError) and exc.connection_invalidated and tries == 1:
+            if isinstance(exc, DBAPIError) and exc.connection_invalidated and not reconnected:
+                reconnected = True
                 unknown = committing
                 if unknown:
                     _log.warning(

@@ -323,3 +323,99 @@ def test_a_store_rebuilt_on_a_worker_has_the_runs_name_and_the_flows_schema(
     assert execute_step(second.to_dict(), worker_id="h:2", context=ctx) == "committed"
     final = db.load_checkpoint(first.run_id, 1)
     assert final["seen"] == [["orders", ["n", "seen"]]] * 2
+
+
+def test_a_store_that_does_not_fit_the_flows_schema_refuses_the_step_instead_of_crashing(
+    db: Any, ctx: WorkerContext
+) -> None:
+    """The flow's schema changed after submit (a deploy): the worker cannot rebuild the
+    Store. The run fails naming the key, resumable; a crash would leave the step leased
+    for the sweeper to re-run, crashing the same way every lease."""
+    from pocoflow.registry import build_flow
+    from pocoflow.store import Store
+
+    loose = build_flow("lifecycle_typed")
+    loose.schema = None  # the flow as it was when the run was submitted
+    first = record_run(db, loose, Store({"n": "one"}), lease_s=LEASE_S)
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "refused"
+    run = db.get_run(first.run_id)
+    assert run["status"] == "failed"
+    assert "'n'" in run["error_msg"] and "schema" in run["error_msg"]
+    assert db.get_step(first.run_id, 0)["status"] == "failed"
+
+
+def test_submit_checks_the_store_against_the_flows_schema(db: Any) -> None:
+    from pocoflow.registry import build_flow
+    from pocoflow.store import Store
+
+    with pytest.raises(TypeError, match="'n'"):
+        record_run(
+            db,
+            build_flow("lifecycle_typed"),
+            Store({"n": "one"}),
+            run_id="r-typed",
+            lease_s=LEASE_S,
+        )
+    assert db.get_run("r-typed") is None
+
+
+def test_a_flows_schema_is_what_resume_and_fork_rebuild_the_store_with(ledger_url: str) -> None:
+    from pocoflow.store import Store
+    from tests.ledger.test_flow_runs import Count
+
+    def typed() -> Flow:
+        node = Count()
+        node.then("next", node)
+        return Flow(start=node, db_path=ledger_url, flow_name="count", schema={"n": int})
+
+    Count.fail_at = 1
+    failed = typed()
+    with pytest.raises(RuntimeError, match="boom at 1"):
+        failed.run(Store({"n": 0, "until": 3}))
+    resumed = typed().resume(failed.last_run_id)
+    assert resumed["n"] == 3 and dict(resumed.schema) == {"n": int}
+    forked = typed().fork(failed.last_run_id, from_step=0)
+    assert forked["n"] == 3 and dict(forked.schema) == {"n": int}
+
+
+def test_resuming_a_run_cancelled_while_its_last_step_ran_completes_it_with_one_flow_end(
+    db: Any, ctx: WorkerContext, publish: Publish, resume: Any
+) -> None:
+    """The last step's commit recorded ``flow_end`` (the cancel kept the status); the
+    resume that completes the run must not record the end a second time."""
+    from pocoflow.hooks import FLOW_END
+
+    first = start(db, "lifecycle_meddled")
+    assert drain_one(ctx, publish, first) == "committed"
+    (last,) = publish.take()
+    ON_EXEC.append(lambda run_id, step, attempt: lifecycle.request_cancel(db, run_id))
+    try:
+        assert drain_one(ctx, publish, last) == "committed"
+    finally:
+        ON_EXEC.clear()
+    assert db.get_run(first.run_id)["status"] == "cancelled"
+    resume(first.run_id)
+    assert db.get_run(first.run_id)["status"] == "completed"
+    assert [e["event"] for e in db.get_events(first.run_id)].count(FLOW_END) == 1
+
+
+def test_of_two_resumers_that_both_saw_the_run_stopped_one_restarts_it(
+    db: Any, ctx: WorkerContext, publish: Publish, resume: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B reads the run cancelled; A resumes it before B's compare-and-set. B must not
+    restart it a second time (a take-over of A's fresh attempt, whose worker then loses
+    its step): B is told the status changed."""
+    first = cancelled_before_step_0(db, ctx)
+    real = db.get_run
+
+    def get_run(run_id: str) -> Any:
+        row = real(run_id)
+        monkeypatch.setattr(db, "get_run", real)
+        resume(run_id)  # A, between B's read and B's compare-and-set
+        return row
+
+    monkeypatch.setattr(db, "get_run", get_run)
+    with pytest.raises(ValueError, match="changed status"):
+        resume(first.run_id)
+    (sent,) = publish.take()
+    assert sent.attempt == 2 and db.get_step(first.run_id, 0)["attempt"] == 2

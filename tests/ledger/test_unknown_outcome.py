@@ -20,17 +20,18 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from pocoflow import Flow, Node, flow
 from pocoflow.db import WorkflowDB
 from pocoflow.distributed import lifecycle
 from pocoflow.distributed.client import record_run
 from pocoflow.distributed.executor import WorkerContext, execute_step
-from pocoflow.hooks import RUN_CANCELLED
+from pocoflow.hooks import RUN_CANCELLED, RUN_PAUSED
 from pocoflow.ledger import txn
 from pocoflow.ledger.errors import LedgerConflictError
 from pocoflow.registry import build_flow
 from pocoflow.store import Store
 from tests.conftest import fresh_postgres_database
-from tests.ledger.test_distributed_executor import LEASE_S, Publish, drain, start
+from tests.ledger.test_distributed_executor import LEASE_S, Add, Publish, drain, start
 
 pytestmark = pytest.mark.ledger
 
@@ -71,12 +72,19 @@ class CommitKiller:
         self.dsn = dsn(url)
         self.armed = 0
         self.fired = 0
+        #: Run after the kill, before the client retries: what other processes write then.
+        self.meanwhile: list[Any] = []
+        #: Kill the session before the COMMIT reaches the server: it never lands, and the
+        #: client cannot tell this from a COMMIT that landed.
+        self.before = False
         dialect = db._ledger.engine.dialect
         real = dialect.do_commit
 
         def do_commit(dbapi_conn: Any) -> None:
-            real(dbapi_conn)
-            if self.armed and not dbapi_conn.driver_connection.autocommit:  # writes only
+            armed = self.armed and not dbapi_conn.driver_connection.autocommit  # writes only
+            if not (armed and self.before):
+                real(dbapi_conn)
+            if armed:
                 self.armed -= 1
                 self.fired += 1
                 self._kill(dbapi_conn)
@@ -91,6 +99,8 @@ class CommitKiller:
         pid = dbapi_conn.info.backend_pid
         with psycopg.connect(self.dsn, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+        for write in self.meanwhile:
+            write()
         dbapi_conn.execute("SELECT 1")  # raises: the socket is dead, psycopg marks it broken
 
 
@@ -178,6 +188,153 @@ def test_a_resume_take_over_whose_outcome_was_lost_sends_the_step(
     assert drain(ctx, publish, publish.take()[0]) == ["committed"] * 3
 
 
+def commit_running_step(
+    url: str, run_id: str, step: int, worker: str, attempt: int = 1, **changed: str
+) -> None:
+    """Another process (a worker holding ``step``) commits it: a separate engine, so the
+    kill hook leaves it alone. Like every step commit it writes the run row too."""
+    from pocoflow.commit import NextStep, StepCommit
+
+    other = WorkflowDB(url)
+    try:
+        assert other.commit_step(
+            StepCommit(
+                run_id=run_id,
+                step=step,
+                node_name="a",
+                action="default",
+                next_node="b",
+                manifest=dict.fromkeys(changed, step),
+                changed=changed,
+                run_fields={"total_steps": step + 1, "current_node": "b"},
+                attempt=attempt,
+                next_step=NextStep(step + 1, "b", 1, None),
+                worker=worker,
+            )
+        )
+    finally:
+        other.close()
+
+
+def test_a_lost_cancel_is_recognised_though_a_running_step_committed_before_the_retry(
+    db: WorkflowDB, pg_url: str, killer: CommitKiller
+) -> None:
+    """A cancel lands while step 0 runs; before the client's retry, the worker commits the
+    step (allowed: the cancel stops the next node), which writes the run row too. The
+    cancel must still be recognised as this call's own write."""
+    first = start(db, "exec_three")
+    assert db.claim_step(first.run_id, 0, 1, "h:w", LEASE_S)
+    killer.meanwhile.append(lambda: commit_running_step(pg_url, first.run_id, 0, "h:w"))
+    killer.arm()
+    assert lifecycle.request_cancel(db, first.run_id)
+    assert killer.fired == 1
+    assert db.get_run(first.run_id)["status"] == "cancelled"
+    assert db.get_step(first.run_id, 0)["status"] == "committed"
+    assert [e["event"] for e in db.get_events(first.run_id)].count(RUN_CANCELLED) == 1
+
+
+class Quiet(Node):
+    """Changes nothing in the Store; its exec arms the kill hook for the step's COMMIT."""
+
+    killer: CommitKiller | None = None
+
+    def exec(self, prep_result: Any) -> None:
+        assert Quiet.killer is not None
+        Quiet.killer.arm()
+
+
+@flow("unknown_quiet")
+def quiet() -> Flow:
+    first = Quiet(name="quiet")
+    first.then("default", Add(name="add"))
+    return Flow(start=first)
+
+
+def test_a_lost_commit_of_a_step_that_changed_no_value_is_committed(
+    db: WorkflowDB, ctx: WorkerContext, publish: Publish, killer: CommitKiller
+) -> None:
+    first = start(db, "unknown_quiet")
+    Quiet.killer = killer
+    try:
+        assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "committed"
+    finally:
+        Quiet.killer = None
+    assert killer.fired == 1
+    (successor,) = publish.take()
+    assert drain(ctx, publish, successor) == ["committed"]
+    assert db.get_run(first.run_id)["status"] == "completed"
+
+
+def test_a_local_step_commit_whose_outcome_was_lost_goes_on(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Flow.run(db_path=...)``: the retry of a step commit that landed finds the step's
+    checkpoint; a local run has one writer, so it is its own and the run goes on (not
+    ``StepConflict``)."""
+    from pocoflow import recorder
+
+    ledger = recorder.open_ledger(pg_url)
+    killer = CommitKiller(ledger, pg_url, monkeypatch)
+    first = Quiet(name="quiet")
+    first.then("default", Add(name="add"))
+    local = Flow(start=first, db_path=pg_url, run_id="r-local")
+    Quiet.killer = killer
+    try:
+        assert local.run({}).as_dict() == {"n": 1}
+        assert killer.fired == 1
+        assert ledger.get_run("r-local")["status"] == "completed"
+        assert [c["node_name"] for c in ledger.get_checkpoints("r-local")] == ["quiet", "add"]
+    finally:
+        Quiet.killer = None
+        ledger.close()
+        recorder._open_ledger.cache_clear()
+
+
+def test_a_step_commit_lost_before_it_landed_while_another_attempt_committed_is_lost(
+    db: WorkflowDB, pg_url: str, ctx: WorkerContext, publish: Publish, killer: CommitKiller
+) -> None:
+    """The retry of a step commit finds the step committed, by a take-over's attempt and
+    not by this one: the commit is not recognised as its own (nothing is sent on, the
+    worker keeps no Store for the next step)."""
+    from tests.ledger import test_distributed_executor as base
+
+    first = start(db, "exec_grabbed")
+
+    def other_attempt_commits() -> None:
+        assert db.take_over(first.run_id, 0, 1, LEASE_S, force=True) == 2
+        assert db.claim_step(first.run_id, 0, 2, "h:2", LEASE_S)
+        commit_running_step(pg_url, first.run_id, 0, "h:2", attempt=2, grabbed="true")
+
+    killer.before = True
+    killer.meanwhile.append(other_attempt_commits)
+    base.ON_EXEC.append(lambda run_id, step, attempt: killer.arm())  # the commit's COMMIT
+    try:
+        assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "lost"
+    finally:
+        base.ON_EXEC.clear()
+    assert killer.fired == 1
+    assert publish.take() == []
+    assert ctx.handoff == {}
+    assert [(a["attempt"], a["outcome"]) for a in db.get_attempts(first.run_id)] == [
+        (1, "lost"),
+        (2, "committed"),
+    ]
+
+
+def test_an_event_whose_outcome_was_lost_is_written_once(
+    db: WorkflowDB, killer: CommitKiller
+) -> None:
+    """An append has no compare-and-set to miss: the retry would write the event again
+    (a second RUN_CANCELLED, NODE_RETRY...) unless it looks for the first."""
+    db.create_run("r-event", "f")
+    killer.arm()
+    db.save_event("r-event", RUN_CANCELLED, step=2, error_msg="cancelled")
+    assert killer.fired == 1
+    assert [(e["event"], e["step"]) for e in db.get_events("r-event")] == [(RUN_CANCELLED, 2)]
+    db.save_event("r-event", RUN_CANCELLED, step=2, error_msg="cancelled")  # a new event
+    assert len(db.get_events("r-event")) == 2
+
+
 # ── serialization failures and deadlocks ─────────────────────────────────────
 
 
@@ -227,3 +384,30 @@ def test_a_conflict_that_never_clears_is_reported_after_bounded_tries(
         db.save_event("r-stuck", "custom")
     assert db.get_events("r-stuck") == []
     assert txn.CONFLICT_RETRIES >= 3
+
+
+def test_a_commit_lost_on_the_retry_of_a_conflict_is_still_recognised(
+    db: WorkflowDB, pg_url: str, killer: CommitKiller
+) -> None:
+    """A serialization failure first, then the retry's COMMIT lands with its connection
+    lost: the one retry on a fresh connection is not used up by the conflict's retry."""
+    killer.arm()
+    with failing_inserts(pg_url, "40001", times=1):  # the run's start event, first try
+        first = record_run(db, build_flow("exec_three"), Store({}), run_id="r-2", lease_s=LEASE_S)
+    assert killer.fired == 1
+    assert first.run_id == "r-2"
+    assert db.get_run("r-2")["status"] == "queued"
+
+
+def test_a_park_whose_outcome_was_lost_records_the_pause(
+    db: WorkflowDB, ctx: WorkerContext, killer: CommitKiller
+) -> None:
+    """The guard parks the run (a pause was requested) and the COMMIT's outcome is lost:
+    the park is recognised, so its ``run_paused`` event is written."""
+    first = start(db, "exec_three")
+    assert lifecycle.request_pause(db, first.run_id)
+    killer.arm()  # the claim is refused and rolled back: the park is the first COMMIT
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "paused"
+    assert killer.fired == 1
+    assert db.get_run(first.run_id)["status"] == "paused"
+    assert [e["event"] for e in db.get_events(first.run_id)].count(RUN_PAUSED) == 1
