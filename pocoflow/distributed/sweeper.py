@@ -1,18 +1,30 @@
 """The sweeper: finds steps nobody is working on and sends them again (G3).
 
-Two kinds of orphans:
+Kinds of orphans, fastest found first:
 
 * an outbox row never published (the committing worker died between commit and send,
-  or the broker was down): sent again with its current attempt;
-* a step whose lease expired (its worker was killed, frozen or partitioned, or its
-  message was lost in a dead worker's prefetch buffer or a Redis restart): taken over
-  under a new attempt, which fences the old holder out (G1), and sent.
+  or the broker was down): sent again with its current attempt after ``grace_s``;
+* the broker lost its messages (Redis restarted empty, FLUSHALL): a sentinel key that
+  every sweep looks at is gone, so every queued step of a live run is sent again at once,
+  in pages (10,000 lost messages take seconds, not 100 per sweep);
+* a worker process that stopped beating (killed, frozen, cut off; see ``liveness``) for
+  ``dead_after_s``: the step it was running is taken over under a new attempt, which
+  fences it out (G1), and the messages it held unstarted (prefetched) are sent again
+  under their attempt. This is the 5 s path of G3, whatever the lease says;
+* a step whose lease expired: a claimed one is taken over (the backstop when a process
+  never wrote a heartbeat); a queued one nobody claimed is usually just waiting in a long
+  queue, so it is sent again only after ``requeue_after_s`` in the queue (no duplicate
+  storm: a step 10,000 messages deep is not re-sent every lease period).
 
-Several workers sweep at once safely: ``take_over`` is a fenced update, so for one
-expired lease exactly one sweeper gets the new attempt and the others get ``None``; a
-duplicate resend of an unsent row carries the same attempt, and only one delivery can
-claim it. The sweep itself is pure of timing: ``now`` is injected, the thread only
-decides how often to call it.
+A step lost with its worker ``max_crashes`` times in a row is a poison step (its exec
+kills the process: ``os._exit``, a segfault, the OOM killer): its run fails with the
+reason instead of crashing workers forever.
+
+Several workers sweep at once safely: every transition is a compare-and-set on the
+attempt and the lease holder (or receiver), so for one orphan exactly one sweeper acts;
+a duplicate resend carries the same attempt, and only one delivery can claim it. The
+sweep itself is pure of timing: ``now`` is injected, the thread only decides how often
+to call it.
 """
 
 from __future__ import annotations
@@ -23,10 +35,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pocoflow.distributed import lifecycle
+from pocoflow.distributed.liveness import dead_after
 from pocoflow.distributed.message import StepMessage
+from pocoflow.ledger import liveness
 from pocoflow.logging import get_logger
+from pocoflow.settings import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_MAX_CRASHES
 
 if TYPE_CHECKING:
+    import redis
+
     from pocoflow.db import WorkflowDB
 
 _log = get_logger("distributed.sweeper")
@@ -34,6 +52,14 @@ _log = get_logger("distributed.sweeper")
 #: An outbox row younger than this is probably being published right now by the worker
 #: that committed it; resending it would only make a duplicate.
 UNSENT_GRACE_S = 1.0
+#: Because a queued step whose lease ran out is, unless a loss was seen (dead receiver,
+#: broker sentinel gone), most likely waiting in a long queue: it is sent again only
+#: after this long in the queue, the backstop for a loss nothing else saw.
+REQUEUE_AFTER_S = 60.0
+#: Rows per page of the bulk re-send after a broker loss.
+BULK_PAGE = 1000
+#: Worker rows silent this long are deleted (their steps were recovered long before).
+FORGET_WORKERS_AFTER_S = 3600.0
 
 Publish = Callable[..., bool]
 """``publish(message, queue=...) -> bool``: a ``Publisher`` or a test double."""
@@ -43,9 +69,36 @@ Publish = Callable[..., bool]
 class SweepReport:
     resent: list[tuple[str, int]] = field(default_factory=list)
     taken_over: list[tuple[str, int, int]] = field(default_factory=list)
+    poisoned: list[tuple[str, int]] = field(default_factory=list)
+    #: Messages sent again because the broker lost them (sentinel gone).
+    bulk_resent: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.resent or self.taken_over)
+        return bool(self.resent or self.taken_over or self.poisoned or self.bulk_resent)
+
+
+class BrokerSentinel:
+    """Tells whether the broker lost its messages since the last look: a key set in the
+    broker's own Redis database disappears with them (restart without persistence,
+    FLUSHDB/FLUSHALL). Only one sweeper re-sends (a lock key with a TTL, so a sweeper
+    that dies midway is replaced); the sentinel is set again when the re-send is done."""
+
+    KEY = "pocoflow:broker-sentinel"
+    LOCK = "pocoflow:broker-sentinel:resend"
+    LOCK_TTL_S = 60
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def lost(self) -> bool:
+        """True (once, to one sweeper) when the sentinel is gone: re-send, then ``set()``."""
+        if self.client.exists(self.KEY):
+            return False
+        return bool(self.client.set(self.LOCK, "1", nx=True, ex=self.LOCK_TTL_S))
+
+    def set(self) -> None:
+        self.client.set(self.KEY, "1")
+        self.client.delete(self.LOCK)
 
 
 def sweep(
@@ -55,11 +108,12 @@ def sweep(
     lease_s: float,
     now: float | None = None,
     grace_s: float = UNSENT_GRACE_S,
+    dead_after_s: float = dead_after(DEFAULT_HEARTBEAT_SECONDS),
+    requeue_after_s: float = REQUEUE_AFTER_S,
+    max_crashes: int = DEFAULT_MAX_CRASHES,
+    sentinel: BrokerSentinel | None = None,
 ) -> SweepReport:
-    """One pass: resend unsent outbox rows older than ``grace_s``; then, for runs still
-    live (not paused or finished), resend under the same attempt the expired steps nobody
-    claimed, and take over (new attempt, fencing the old holder) the expired ones that a
-    worker had claimed."""
+    """One pass (see the module docstring for what is found, in this order)."""
     now = time.time() if now is None else now
     report = SweepReport()
     runs: dict[str, dict[str, Any] | None] = {}
@@ -78,17 +132,57 @@ def sweep(
         if publish(message, queue=run.get("queue")):
             report.resent.append((row["run_id"], row["step"]))
 
+    if sentinel is not None:
+        report.bulk_resent = _after_broker_loss(db, publish, sentinel)
+
+    for row in liveness.held_by_dead(db, dead_after_s, now=now):
+        run = run_of(row["run_id"])
+        if run is None:
+            continue
+        if row["status"] == "running":
+            owner = row["lease_owner"]
+            new_attempt = liveness.recover_running(
+                db, row["run_id"], row["step"], row["attempt"], owner, lease_s
+            )
+            if new_attempt is not None:
+                _log.warning(
+                    "Step %d of run %s: worker %s stopped beating; re-running as attempt %d",
+                    row["step"],
+                    row["run_id"],
+                    owner,
+                    new_attempt,
+                )
+                _rerun(db, publish, run, row, new_attempt, owner, max_crashes, report)
+            continue
+        receiver = row["received_by"]
+        if liveness.recover_received(
+            db, row["run_id"], row["step"], row["attempt"], receiver, lease_s
+        ):
+            _log.warning(
+                "Step %d of run %s: worker %s died holding its message; sending it again",
+                row["step"],
+                row["run_id"],
+                receiver,
+            )
+            if publish(_message(db, run, row, row["attempt"]), queue=run.get("queue")):
+                report.resent.append((row["run_id"], row["step"]))
+
     for row in db.expired_steps(now=now):
         run = run_of(row["run_id"])
         if run is None:
             continue
-        if row["status"] == "queued":  # sent, never claimed: same attempt, sent again
+        if row["status"] == "queued":  # sent, never claimed
+            due = row["queued_at"] + requeue_after_s
+            if now < due:  # most likely waiting in a long queue: no re-send yet
+                liveness.postpone(db, row["run_id"], row["step"], row["attempt"], due)
+                continue
             if db.renew_queued(row["run_id"], row["step"], row["attempt"], lease_s, now=now):
                 _log.warning(
-                    "Step %d of run %s: attempt %d was never claimed; sending it again",
+                    "Step %d of run %s: attempt %d was not claimed in %.0fs; sending it again",
                     row["step"],
                     row["run_id"],
                     row["attempt"],
+                    requeue_after_s,
                 )
                 if publish(_message(db, run, row, row["attempt"]), queue=run.get("queue")):
                     report.resent.append((row["run_id"], row["step"]))
@@ -103,25 +197,90 @@ def sweep(
             row["attempt"],
             new_attempt,
         )
-        report.taken_over.append((row["run_id"], row["step"], new_attempt))
-        publish(_message(db, run, row, new_attempt), queue=run.get("queue"))
+        _rerun(db, publish, run, row, new_attempt, row["lease_owner"], max_crashes, report)
     return report
 
 
-#: Outcomes after which the step can only go on through a resume, which starts tries at 1.
-_FRESH_START_AFTER = frozenset({"failed", "refused", "cancelled", "terminated"})
+def _rerun(
+    db: WorkflowDB,
+    publish: Publish,
+    run: dict[str, Any],
+    row: dict[str, Any],
+    new_attempt: int,
+    owner: str | None,
+    max_crashes: int,
+    report: SweepReport,
+) -> None:
+    """Send a taken-over step as ``new_attempt``, or fail its run if the step was lost
+    with its worker ``max_crashes`` times in a row (a poison step)."""
+    run_id, step = row["run_id"], row["step"]
+    lost, retries = liveness.crashes(db.get_attempts(run_id), step)
+    if lost >= max_crashes:
+        error = (
+            f"Step {step} (node {row['node_id']!r}) of run {run_id} was lost with its worker "
+            f"{lost} times in a row (last on {owner}): a poison step, whose exec likely "
+            "kills its process (os._exit, a segfault, the OOM killer). Fix the node or "
+            "raise POCOFLOW_MAX_CRASHES, then resume the run."
+        )
+        if db.fail_step(run_id, step, new_attempt):
+            lifecycle.fail_run(
+                db, run_id, error, step=step, node_name=row["node_id"], attempt=new_attempt
+            )
+            report.poisoned.append((run_id, step))
+            _log.error("%s", error)
+        return
+    report.taken_over.append((run_id, step, new_attempt))
+    message = StepMessage(
+        run_id=run_id,
+        flow=run["flow_name"],
+        step=step,
+        node_id=row["node_id"],
+        attempt=new_attempt,
+        try_number=retries + 1,
+    )
+    publish(message, queue=run.get("queue"))
+
+
+def _after_broker_loss(db: WorkflowDB, publish: Publish, sentinel: BrokerSentinel) -> int:
+    try:
+        if not sentinel.lost():
+            return 0
+    except Exception as exc:  # the broker is down: its loss is seen once it is back
+        _log.warning("Could not check the broker sentinel: %s", exc)
+        return 0
+    sent = _resend_all_queued(db, publish)
+    sentinel.set()
+    return sent
+
+
+def _resend_all_queued(db: WorkflowDB, publish: Publish) -> int:
+    """The broker lost its messages: send every queued, already-sent step of a live run
+    again under its attempt, page by page (one query per ``BULK_PAGE`` steps, and the
+    attempts read only for a step past its first attempt)."""
+    sent = 0
+    after: tuple[str, int] | None = None
+    while True:
+        page = liveness.queued_steps(db, after, BULK_PAGE)
+        for row in page:
+            run = {"flow_name": row["flow_name"], "queue": row["queue"], "run_id": row["run_id"]}
+            if publish(_message(db, run, row, row["attempt"]), queue=row["queue"]):
+                sent += 1
+        if len(page) < BULK_PAGE:
+            break
+        after = (page[-1]["run_id"], page[-1]["step"])
+    if sent:
+        _log.warning("The broker lost its messages: sent %d queued steps again", sent)
+    return sent
 
 
 def _message(db: WorkflowDB, run: dict[str, Any], row: dict[str, Any], attempt: int) -> StepMessage:
     """The step message for ``row``; ``try_number`` continues after the retries recorded
     since the step last ended for good (failed, refused, cancelled: a resume starts its
-    tries afresh), so a lost retry message does not reset the ``max_retries`` budget."""
+    tries afresh), so a lost retry message does not reset the ``max_retries`` budget.
+    A first attempt has no earlier ones: no query."""
     retries = 0
-    attempts = [a for a in db.get_attempts(row["run_id"]) if a["step"] == row["step"]]
-    for previous in reversed(attempts):
-        if previous["outcome"] in _FRESH_START_AFTER:
-            break
-        retries += previous["outcome"] == "retry"
+    if attempt > 1:
+        retries = liveness.crashes(db.get_attempts(row["run_id"]), row["step"])[1]
     return StepMessage(
         run_id=row["run_id"],
         flow=run["flow_name"],
@@ -136,7 +295,9 @@ class SweeperThread(threading.Thread):
     """Calls ``sweep`` every ``interval_s`` on a daemon thread until ``stop()``.
 
     A failing sweep (ledger unreachable) is logged and tried again next interval: the
-    sweeper must outlive the outages it exists to repair.
+    sweeper must outlive the outages it exists to repair. ``sweep_options`` are passed
+    to every ``sweep`` (dead_after_s, max_crashes...); ``sentinel_factory`` builds the
+    broker-loss sentinel (None: a broker that is not Redis, no loss detection).
     """
 
     def __init__(
@@ -146,21 +307,30 @@ class SweeperThread(threading.Thread):
         *,
         lease_s: float,
         interval_s: float,
+        sentinel_factory: Callable[[], BrokerSentinel | None] | None = None,
+        **sweep_options: Any,
     ) -> None:
         super().__init__(name="pocoflow-sweeper", daemon=True)
         self._db_factory = db_factory
         self._publish_factory = publish_factory
+        self._sentinel_factory = sentinel_factory
         self.lease_s = lease_s
         self.interval_s = interval_s
+        self.sweep_options = sweep_options
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        db = publish = None
+        db = publish = sentinel = None
+        pruned_at = 0.0
         while not self._stop_event.wait(self.interval_s):
             try:
                 if db is None or publish is None:
                     db, publish = self._db_factory(), self._publish_factory()
-                sweep(db, publish, lease_s=self.lease_s)
+                    sentinel = self._sentinel_factory() if self._sentinel_factory else None
+                sweep(db, publish, lease_s=self.lease_s, sentinel=sentinel, **self.sweep_options)
+                if time.monotonic() - pruned_at > FORGET_WORKERS_AFTER_S / 10:
+                    liveness.prune_workers(db, FORGET_WORKERS_AFTER_S)
+                    pruned_at = time.monotonic()
             except Exception:
                 _log.exception("Sweep failed; trying again in %.1fs", self.interval_s)
 
