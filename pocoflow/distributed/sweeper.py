@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pocoflow.distributed import lifecycle
+from pocoflow.distributed.celery_app import DEFAULT_QUEUE
 from pocoflow.distributed.liveness import dead_after
 from pocoflow.distributed.message import StepMessage
 from pocoflow.ledger import liveness
@@ -81,7 +82,13 @@ class BrokerSentinel:
     """Tells whether the broker lost its messages since the last look: a key set in the
     broker's own Redis database disappears with them (restart without persistence,
     FLUSHDB/FLUSHALL). Only one sweeper re-sends (a lock key with a TTL, so a sweeper
-    that dies midway is replaced); the sentinel is set again when the re-send is done."""
+    that dies midway is replaced); the sentinel is set again when the re-send is done.
+
+    A missing key is ambiguous only the first time a sweeper looks: a fresh broker whose
+    clients published before any worker started has no sentinel either. Then the step
+    queues decide: messages waiting there mean nothing was lost (no 2x duplicate of a
+    whole backlog at every first start); empty queues with queued steps mean it was.
+    """
 
     KEY = "pocoflow:broker-sentinel"
     LOCK = "pocoflow:broker-sentinel:resend"
@@ -89,16 +96,23 @@ class BrokerSentinel:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
+        self.seen = False
 
-    def lost(self) -> bool:
-        """True (once, to one sweeper) when the sentinel is gone: re-send, then ``set()``."""
+    def lost(self, queues: Callable[[], list[str]] = lambda: [DEFAULT_QUEUE]) -> bool:
+        """True (to one sweeper) when the sentinel is gone: re-send, then ``set()``."""
         if self.client.exists(self.KEY):
+            self.seen = True
+            return False
+        if not self.seen and any(self.client.llen(q) for q in queues()):
+            self.client.set(self.KEY, "1", nx=True)
+            self.seen = True
             return False
         return bool(self.client.set(self.LOCK, "1", nx=True, ex=self.LOCK_TTL_S))
 
     def set(self) -> None:
         self.client.set(self.KEY, "1")
         self.client.delete(self.LOCK)
+        self.seen = True
 
 
 def sweep(
@@ -243,7 +257,7 @@ def _rerun(
 
 def _after_broker_loss(db: WorkflowDB, publish: Publish, sentinel: BrokerSentinel) -> int:
     try:
-        if not sentinel.lost():
+        if not sentinel.lost(lambda: liveness.queues_in_use(db, DEFAULT_QUEUE)):
             return 0
     except Exception as exc:  # the broker is down: its loss is seen once it is back
         _log.warning("Could not check the broker sentinel: %s", exc)

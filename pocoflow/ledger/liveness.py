@@ -225,7 +225,7 @@ def queued_page(
         .where(
             _s.status == "queued",
             _s.sent_at.is_not(None),
-            _r.status.not_in(("paused", "completed", "failed", "cancelled")),
+            _r.status.not_in(steps._IDLE_RUN_STATUSES),
         )
         .order_by(_s.run_id, _s.step)
         .limit(limit)
@@ -233,6 +233,19 @@ def queued_page(
     if after is not None:
         stmt = stmt.where(tuple_(_s.run_id, _s.step) > tuple_(literal(after[0]), literal(after[1])))
     return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
+def queue_names(conn: Connection, default: str) -> list[str]:
+    """Broker queues the queued steps of live runs went to (``default`` for NULL)."""
+    stmt = (
+        select(func.coalesce(_r.queue, default))
+        .where(
+            _r.status.in_(("queued", "running")),
+            select(_s.run_id).where(_s.run_id == _r.run_id, _s.status == "queued").exists(),
+        )
+        .distinct()
+    )
+    return sorted({default, *conn.execute(stmt).scalars()})
 
 
 def crashes(attempts: list[dict[str, Any]], step: int) -> tuple[int, int]:
@@ -319,6 +332,10 @@ def queued_steps(
     db: LedgerClient, after: tuple[str, int] | None = None, limit: int = 1000
 ) -> list[dict[str, Any]]:
     return db._read(lambda conn: queued_page(conn, after, limit))
+
+
+def queues_in_use(db: LedgerClient, default: str) -> list[str]:
+    return db._read(lambda conn: queue_names(conn, default))
 
 
 def live_workers(db: LedgerClient, dead_after_s: float, now: float | None = None) -> int:

@@ -93,7 +93,7 @@ class LostOnce:
         self.looks = 0
         self.restored = False
 
-    def lost(self) -> bool:
+    def lost(self, queues: Any = None) -> bool:
         self.looks += 1
         return self.looks == 1
 
@@ -122,13 +122,26 @@ def test_a_broker_loss_sends_every_queued_step_again_in_one_sweep(
 
 def test_broker_sentinel_reports_a_flushed_broker_once(fake_redis: Any) -> None:
     sentinel = sweeper.BrokerSentinel(fake_redis)
-    sentinel.set()
+    fake_redis.lpush("pocoflow", "a message")  # a fresh broker with a backlog: no loss
     assert not sentinel.lost()
+    assert not sweeper.BrokerSentinel(fake_redis).lost()  # the key is set now
     fake_redis.flushdb()
     assert sentinel.lost()
     assert not sweeper.BrokerSentinel(fake_redis).lost()  # another sweeper: already on it
     sentinel.set()
     assert not sentinel.lost()
+
+
+def test_a_first_look_at_an_empty_broker_without_sentinel_is_a_loss(fake_redis: Any) -> None:
+    """Queued steps in the ledger, nothing in the broker, never marked: their messages
+    are gone (a broker restarted empty before any worker looked)."""
+    assert sweeper.BrokerSentinel(fake_redis).lost(lambda: ["pocoflow", "gpu"])
+
+
+def test_queues_in_use_names_the_queues_of_queued_steps(db: Any) -> None:
+    submitted(db, queue="gpu")
+    submitted(db)
+    assert liveness.queues_in_use(db, "pocoflow") == ["gpu", "pocoflow"]
 
 
 def test_heartbeats_use_the_database_clock(db: Any) -> None:
