@@ -181,14 +181,13 @@ def sweep(
             if publish(_message(db, run, row, row["attempt"]), queue=run.get("queue")):
                 report.resent.append((row["run_id"], row["step"]))
 
+    liveness.postpone_waiting(db, requeue_after_s, now=now)
     for row in db.expired_steps(now=now):
         run = run_of(row["run_id"])
         if run is None:
             continue
         if row["status"] == "queued":  # sent, never claimed
-            due = row["queued_at"] + requeue_after_s
-            if now < due:  # most likely waiting in a long queue: no re-send yet
-                liveness.postpone(db, row["run_id"], row["step"], row["attempt"], due)
+            if now < row["queued_at"] + requeue_after_s:  # postponed since by another sweeper
                 continue
             if db.renew_queued(row["run_id"], row["step"], row["attempt"], lease_s, now=now):
                 _log.warning(

@@ -202,15 +202,22 @@ def release_received(
     return conn.execute(stmt).rowcount == 1
 
 
-def hold_queued(conn: Connection, run_id: str, step: int, attempt: int, until: float) -> bool:
-    """An expired step that is only waiting in a long queue: push its lease to ``until``
-    without sending it again (no duplicate storm)."""
+def hold_waiting(conn: Connection, requeue_after_s: float, now: float | None) -> int:
+    """Every queued step whose lease ran out but that has waited less than
+    ``requeue_after_s``: most likely behind a long queue, so its lease is pushed to
+    ``queued_at + requeue_after_s`` without a re-send (no duplicate storm). One
+    statement for the whole backlog, so a deep queue costs one write per sweep."""
+    clock = db_clock(now)
     stmt = (
         update(pf_steps)
-        .where(_s.run_id == run_id, _s.step == step, _s.attempt == attempt, _s.status == "queued")
-        .values(lease_expires_at=until)
+        .where(
+            _s.status == "queued",
+            _s.lease_expires_at < clock,
+            _s.queued_at + requeue_after_s > clock,
+        )
+        .values(lease_expires_at=_s.queued_at + requeue_after_s)
     )
-    return conn.execute(stmt).rowcount == 1
+    return conn.execute(stmt).rowcount
 
 
 def queued_page(
@@ -320,11 +327,9 @@ def recover_received(
     )
 
 
-def postpone(db: LedgerClient, run_id: str, step: int, attempt: int, until: float) -> bool:
+def postpone_waiting(db: LedgerClient, requeue_after_s: float, now: float | None = None) -> int:
     return db._write(
-        lambda conn: hold_queued(conn, run_id, step, attempt, until),
-        f"postponing the re-send of step {step}",
-        run_id,
+        lambda conn: hold_waiting(conn, requeue_after_s, now), "postponing queued steps", None
     )
 
 
