@@ -125,11 +125,12 @@ def ensure(
         return heartbeat
 
 
-def stop() -> None:
-    """Stop this process's heartbeats cleanly (worker shutdown)."""
+def stop(only: Heartbeat | None = None) -> None:
+    """Stop this process's heartbeats (or ``only`` that one) cleanly: worker shutdown."""
     with _lock:
         for key in [k for k in _running if k[0] == os.getpid()]:
-            _running.pop(key).stop()
+            if only is None or _running[key] is only:
+                _running.pop(key).stop()
 
 
 def _safely(held: Held) -> set[StepKey]:

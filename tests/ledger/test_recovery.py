@@ -161,3 +161,44 @@ def fake_redis() -> Any:
     import fakeredis
 
     return fakeredis.FakeRedis()
+
+
+def test_the_heartbeat_thread_records_what_its_process_holds(db: Any) -> None:
+    from pocoflow.distributed import liveness as process_liveness
+    from tests.helpers import wait_until
+
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    held = {(first.run_id, 0, 1)}
+    heartbeat = process_liveness.ensure(db, "host:51", 0.2, held=lambda: held)
+    try:
+        assert liveness.live_workers(db, DEAD_AFTER_S) == 1  # first beat before returning
+        wait_until(lambda: db.get_step(first.run_id, 0)["received_by"] == "host:51", 10)
+    finally:
+        process_liveness.stop(heartbeat)
+    assert liveness.live_workers(db, DEAD_AFTER_S) == 0  # a clean stop buries the row
+    report = swept(db, Sent(db), t0 + 0.5)
+    assert report.resent == [(first.run_id, 0)]
+
+
+def test_celery_held_lists_prefetched_and_countdown_messages_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from celery.worker import state
+
+    from pocoflow.distributed.celery_app import TASK_NAME
+    from pocoflow.distributed.liveness import celery_held
+
+    class Request:
+        def __init__(self, body: Any, name: str = TASK_NAME) -> None:
+            self.name, self.args = name, [body]
+
+    waiting = Request({"run_id": "r", "step": 1, "attempt": 2})
+    running = Request({"run_id": "r", "step": 0, "attempt": 1})
+    countdown = Request({"run_id": "s", "step": 3, "attempt": 4})
+    other = Request({"run_id": "t", "step": 0, "attempt": 1}, name="other.task")
+    garbled = Request("not a dict")
+    monkeypatch.setattr(state, "reserved_requests", {waiting, running, other, garbled})
+    monkeypatch.setattr(state, "active_requests", {running})
+    monkeypatch.setattr(state, "scheduled_requests", {countdown})
+    assert celery_held(TASK_NAME)() == {("r", 1, 2), ("s", 3, 4)}
