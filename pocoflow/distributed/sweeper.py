@@ -127,7 +127,11 @@ def sweep(
     max_crashes: int = DEFAULT_MAX_CRASHES,
     sentinel: BrokerSentinel | None = None,
 ) -> SweepReport:
-    """One pass (see the module docstring for what is found, in this order)."""
+    """One pass (see the module docstring for what is found, in this order).
+
+    Liveness is judged on the database's clock unless a test injects ``now``: a sweeper
+    whose host clock runs ahead must not declare live workers dead."""
+    injected = now
     now = time.time() if now is None else now
     report = SweepReport()
     runs: dict[str, dict[str, Any] | None] = {}
@@ -149,7 +153,7 @@ def sweep(
     if sentinel is not None:
         report.bulk_resent = _after_broker_loss(db, publish, sentinel)
 
-    for row in liveness.held_by_dead(db, dead_after_s, now=now):
+    for row in liveness.held_by_dead(db, dead_after_s, now=injected):
         run = run_of(row["run_id"])
         if run is None:
             continue
@@ -181,7 +185,7 @@ def sweep(
             if publish(_message(db, run, row, row["attempt"]), queue=run.get("queue")):
                 report.resent.append((row["run_id"], row["step"]))
 
-    liveness.postpone_waiting(db, requeue_after_s, now=now)
+    liveness.postpone_waiting(db, requeue_after_s, now=injected)
     for row in db.expired_steps(now=now):
         run = run_of(row["run_id"])
         if run is None:

@@ -202,3 +202,18 @@ def test_celery_held_lists_prefetched_and_countdown_messages_only(
     monkeypatch.setattr(state, "active_requests", {running})
     monkeypatch.setattr(state, "scheduled_requests", {countdown})
     assert celery_held(TASK_NAME)() == {("r", 1, 2), ("s", 3, 4)}
+
+
+def test_a_sweeper_whose_clock_runs_ahead_declares_no_live_worker_dead(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    assert db.claim_step(first.run_id, 0, 1, "host:61", 7200.0, now=t0)
+    liveness.record_beat(db, "host:61", "host", 61)  # on the database's clock
+    real = time.time
+    monkeypatch.setattr(sweeper.time, "time", lambda: real() + 3600)  # an hour ahead
+    report = sweep(db, Sent(db), lease_s=7200.0, dead_after_s=DEAD_AFTER_S)
+    assert not report.taken_over
