@@ -31,7 +31,7 @@ from pocoflow.distributed.executor import (
     default_worker_id,
     execute_step,
 )
-from pocoflow.distributed.publish import Publisher
+from pocoflow.distributed.publish import Publisher, SentMarker
 from pocoflow.distributed.sweeper import BrokerSentinel, SweeperThread
 from pocoflow.logging import get_logger
 from pocoflow.recorder import open_ledger
@@ -60,6 +60,11 @@ def step(self: Any, message: dict[str, Any]) -> str:
 _sweeper: SweeperThread | None = None
 
 
+def _marked_publisher() -> Publisher:
+    db = open_ledger(settings.db_url)
+    return Publisher(app, db, marker=SentMarker(db))
+
+
 @signals.worker_ready.connect
 def _start_sweeper(**_: Any) -> None:
     global _sweeper
@@ -78,7 +83,9 @@ def _start_sweeper(**_: Any) -> None:
     broker_redis = default_redis_url(settings.broker_url)  # None: not Redis, no sentinel
     _sweeper = SweeperThread(
         lambda: open_ledger(settings.db_url),
-        lambda: Publisher(app, open_ledger(settings.db_url)),
+        # Marks in a background batch: a bulk re-send after a broker loss (thousands of
+        # messages) must not pay one ledger write per message.
+        _marked_publisher,
         lease_s=settings.lease_seconds,
         interval_s=settings.sweep_seconds,
         sentinel_factory=lambda: (

@@ -13,8 +13,9 @@ Kinds of orphans, fastest found first:
   under their attempt. This is the 5 s path of G3, whatever the lease says;
 * a step whose lease expired: a claimed one is taken over (the backstop when a process
   never wrote a heartbeat); a queued one nobody claimed is usually just waiting in a long
-  queue, so it is sent again only after ``requeue_after_s`` in the queue (no duplicate
-  storm: a step 10,000 messages deep is not re-sent every lease period).
+  queue, so it is sent again only after ``requeue_after_s`` in the queue, and while the
+  broker still has messages waiting only after ``REQUEUE_CAP_S`` (no duplicate storm: a
+  step 10,000 messages deep is not re-sent every lease period, nor every minute).
 
 A step lost with its worker ``max_crashes`` times in a row is a poison step (its exec
 kills the process: ``os._exit``, a segfault, the OOM killer): its run fails with the
@@ -57,6 +58,9 @@ UNSENT_GRACE_S = 1.0
 #: broker sentinel gone), most likely waiting in a long queue: it is sent again only
 #: after this long in the queue, the backstop for a loss nothing else saw.
 REQUEUE_AFTER_S = 60.0
+#: Because a loss nothing else saw must still be found under constant load: past this
+#: long in the queue a step is sent again even while the broker has messages waiting.
+REQUEUE_CAP_S = 600.0
 #: Rows per page of the bulk re-send after a broker loss.
 BULK_PAGE = 1000
 #: Worker rows silent this long are deleted (their steps were recovered long before).
@@ -108,6 +112,10 @@ class BrokerSentinel:
             self.seen = True
             return False
         return bool(self.client.set(self.LOCK, "1", nx=True, ex=self.LOCK_TTL_S))
+
+    def busy(self, queues: list[str]) -> bool:
+        """Messages wait in one of ``queues`` (a step not claimed may just be there)."""
+        return any(self.client.llen(q) for q in queues)
 
     def set(self) -> None:
         self.client.set(self.KEY, "1")
@@ -186,7 +194,15 @@ def sweep(
                 report.resent.append((row["run_id"], row["step"]))
 
     liveness.postpone_waiting(db, requeue_after_s, now=injected)
-    for row in db.expired_steps(now=now):
+    expired = db.expired_steps(now=now)
+    due = [
+        r for r in expired if r["status"] == "queued" and now >= r["queued_at"] + requeue_after_s
+    ]
+    if due and sentinel is not None and _broker_busy(db, sentinel):
+        # Messages still wait in the broker: a due step is most likely among them.
+        liveness.postpone_while_busy(db, requeue_after_s, REQUEUE_CAP_S, now=injected)
+        expired = [r for r in expired if r not in due or now >= r["queued_at"] + REQUEUE_CAP_S]
+    for row in expired:
         run = run_of(row["run_id"])
         if run is None:
             continue
@@ -256,6 +272,14 @@ def _rerun(
         try_number=retries + 1,
     )
     publish(message, queue=run.get("queue"))
+
+
+def _broker_busy(db: WorkflowDB, sentinel: BrokerSentinel) -> bool:
+    try:
+        return sentinel.busy(liveness.queues_in_use(db, DEFAULT_QUEUE))
+    except Exception as exc:  # cannot tell: the backstop re-sends, as without a broker view
+        _log.warning("Could not read the broker's queue lengths: %s", exc)
+        return False
 
 
 def _after_broker_loss(db: WorkflowDB, publish: Publish, sentinel: BrokerSentinel) -> int:

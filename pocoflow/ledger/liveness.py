@@ -220,6 +220,19 @@ def hold_waiting(conn: Connection, requeue_after_s: float, now: float | None) ->
     return conn.execute(stmt).rowcount
 
 
+def hold_busy(conn: Connection, requeue_after_s: float, cap_s: float, now: float | None) -> int:
+    """The broker still has messages waiting: every expired queued step that has waited
+    less than ``cap_s`` is most likely among them, so its lease is pushed
+    ``requeue_after_s`` from now, without a re-send (one statement)."""
+    clock = db_clock(now)
+    stmt = (
+        update(pf_steps)
+        .where(_s.status == "queued", _s.lease_expires_at < clock, _s.queued_at + cap_s > clock)
+        .values(lease_expires_at=clock + requeue_after_s)
+    )
+    return conn.execute(stmt).rowcount
+
+
 def queued_page(
     conn: Connection, after: tuple[str, int] | None, limit: int
 ) -> list[dict[str, Any]]:
@@ -324,6 +337,14 @@ def recover_received(
         lambda conn: release_received(conn, run_id, step, attempt, receiver, lease_s),
         f"releasing step {step} from dead worker {receiver}",
         run_id,
+    )
+
+
+def postpone_while_busy(
+    db: LedgerClient, requeue_after_s: float, cap_s: float, now: float | None = None
+) -> int:
+    return db._write(
+        lambda conn: hold_busy(conn, requeue_after_s, cap_s, now), "postponing queued steps", None
     )
 
 

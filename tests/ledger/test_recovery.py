@@ -217,3 +217,23 @@ def test_a_sweeper_whose_clock_runs_ahead_declares_no_live_worker_dead(
     monkeypatch.setattr(sweeper.time, "time", lambda: real() + 3600)  # an hour ahead
     report = sweep(db, Sent(db), lease_s=7200.0, dead_after_s=DEAD_AFTER_S)
     assert not report.taken_over
+
+
+def test_a_step_due_for_a_resend_waits_while_the_broker_has_messages(
+    db: Any, fake_redis: Any
+) -> None:
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    sentinel = sweeper.BrokerSentinel(fake_redis)
+    sentinel.set()
+    fake_redis.lpush("pocoflow", "a message ahead of ours")
+    sent = Sent(db)
+    due = t0 + sweeper.REQUEUE_AFTER_S + 0.1
+    assert not swept(db, sent, due, sentinel=sentinel)  # the backlog is still draining
+    fake_redis.delete("pocoflow")
+    later = due + sweeper.REQUEUE_AFTER_S + 0.1
+    assert swept(db, sent, later, sentinel=sentinel).resent == [(first.run_id, 0)]
+    # Under constant load a loss is still found, after REQUEUE_CAP_S.
+    fake_redis.lpush("pocoflow", "more work")
+    capped = later + sweeper.REQUEUE_CAP_S + 0.1
+    assert swept(db, sent, capped, sentinel=sentinel).resent == [(first.run_id, 0)]
