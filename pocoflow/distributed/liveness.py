@@ -15,7 +15,8 @@ same thread, and written only for messages held across two looks (0.2 s apart): 
 message taken straight into the pool, which is every step of a busy chain, costs nothing.
 What this does not cover, by design: a message received less than ~0.4 s before its
 worker died, or in flight between the worker's main process and its pool child, is not
-known to the ledger; it is found by the queued-step backstop (``sweeper.REQUEUE_AFTER_S``).
+known to the ledger; it is found by the queued-step backstop (``sweeper.REQUEUE_AFTER_S``
+once the broker's queues are empty, ``REQUEUE_CAP_S`` at the latest).
 A process starved of the GIL for ``dead_after`` (a C call that never releases it) is
 taken for dead; its step is re-run and its own late commit refused (G1), never doubled.
 """
