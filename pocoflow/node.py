@@ -142,9 +142,13 @@ class Node:
 
     def _exec_once(self, prep_result: Any) -> Any:
         """One ``exec`` try, bounded by ``exec_timeout()`` (see ``call_with_timeout``)."""
-        limit = self.exec_timeout()
+        limit = self.timeout
         if limit is None:
-            return self.exec(prep_result)
+            if _ENV_DATA is not None and _ENV_KEY not in _ENV_DATA:  # the common case
+                return self.exec(prep_result)
+            limit = default_step_timeout()
+            if limit is None:
+                return self.exec(prep_result)
         return call_with_timeout(self.exec, prep_result, limit, f"Node {self.name!r} exec")
 
     def is_retryable(self, exc: BaseException) -> bool:
@@ -216,10 +220,33 @@ class AsyncNode(Node):
         return run_coroutine(self.exec_async(prep_result))
 
 
+# Because every exec reads the setting and ``os.environ.get`` of an unset variable costs
+# a raised KeyError (about a microsecond, ten times the rest of the check): the mapping
+# behind ``os.environ`` (kept in step by every ``os.environ[...] = ...``) is read
+# directly where the platform has one.
+_ENV_DATA: dict[Any, Any] | None = getattr(os.environ, "_data", None)
+_ENV_KEY: Any = os.environ.encodekey(STEP_TIMEOUT_ENV) if _ENV_DATA is not None else None  # type: ignore[attr-defined]
+_parsed: tuple[Any, float | None] = (None, None)
+
+
 def default_step_timeout(env: Any = None) -> float | None:
     """``POCOFLOW_STEP_TIMEOUT`` in seconds, or None when unset or empty. Read at each
-    ``exec`` (a dict lookup), so a worker and a test see the environment they run in."""
-    raw = (os.environ if env is None else env).get(STEP_TIMEOUT_ENV, "").strip()
+    ``exec``, so a worker and a test see the environment they run in."""
+    global _parsed
+    if env is None and _ENV_DATA is not None:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        if raw is None:
+            return None
+        if raw == _parsed[0]:
+            return _parsed[1]
+        value = _parse_timeout(os.environ.decodevalue(raw))  # type: ignore[attr-defined]
+        _parsed = (raw, value)
+        return value
+    return _parse_timeout((os.environ if env is None else env).get(STEP_TIMEOUT_ENV, ""))
+
+
+def _parse_timeout(raw: str) -> float | None:
+    raw = raw.strip()
     if not raw:
         return None
     try:
