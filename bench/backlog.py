@@ -121,8 +121,20 @@ def backlog(runs: int, tmp: Path) -> tuple[float, float, float]:
         return int(client.get(DELIVERIES_KEY) or 0) / steps, done - ready, submit_s
 
 
-def loss(runs: int, tmp: Path) -> tuple[float, int]:
-    """Seconds from FLUSHALL to every run completed, and how many runs were left then."""
+def _refilled(client: Any, lost: int, timeout: float = 60.0) -> float:
+    """Seconds until the broker's queue holds most of the ``lost`` messages again (polled
+    every 10 ms; the workers drain it meanwhile, so the peak is a little below)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if client.llen("pocoflow") >= lost * 0.8:
+            return time.monotonic() - started
+        time.sleep(0.01)  # polling the broker for progress, not synchronising
+    return float("nan")
+
+
+def loss(runs: int, tmp: Path) -> tuple[float, float, int]:
+    """Seconds from FLUSHALL to the lost messages back in the broker and to every run
+    completed, and how many runs were left at the flush."""
     import redis as redis_lib
 
     with start_redis() as server:
@@ -132,11 +144,13 @@ def loss(runs: int, tmp: Path) -> tuple[float, int]:
         _submit(settings, runs)
         with workers(_env(db_url, server.url, short_lease=False), tmp, 2):
             _wait_completed(db_path, int(runs * LOSS_AT), LOAD_TIMEOUT_S * 5)
-            redis_lib.Redis.from_url(server.url).flushall()
+            client = redis_lib.Redis.from_url(server.url)
+            client.flushall()
             flushed = time.time()
             left = runs - _completed(db_path)
+            refilled_s = _refilled(client, left)
             done = _wait_completed(db_path, runs, LOAD_TIMEOUT_S * 5)
-        return done - flushed, left
+        return refilled_s, done - flushed, left
 
 
 def main(runs: int = 10_000) -> bool:
@@ -156,15 +170,22 @@ def main(runs: int = 10_000) -> bool:
             ratio <= TARGET_RATIO,
             digits=3,
         )
-        recovered_s, left = loss(runs, tmp)
+        refilled_s, recovered_s, left = loss(runs, tmp)
         expected_s = drain_s * left / runs
+        ok &= report(
+            "FLUSHALL -> 80% of lost messages re-sent",
+            refilled_s,
+            "s",
+            f"{left} runs' messages lost; default settings (sweep 1 s); the old sweeper "
+            f"re-sent 100 per 4 s sweep per worker, from a lease after: ~{left / 50:.0f} s",
+            None,
+        )
         ok &= report(
             "FLUSHALL -> every run completed",
             recovered_s,
             "s",
-            f"{left} runs' messages lost; the same number drained in {expected_s:.1f} s "
-            f"without a loss -> {recovered_s / expected_s:.2f}x (default settings; the old "
-            "sweeper re-sent 100 expired steps per 4 s sweep per worker)",
+            f"the same number drained in {expected_s:.1f} s without a loss "
+            f"-> {recovered_s / expected_s:.2f}x",
             None,
         )
     return ok
