@@ -1,8 +1,9 @@
 """Recovery time after ``kill -9`` of the worker running a step (G3).
 
-Two worker nodes with the default lease and sweep interval (``POCOFLOW_LEASE_SECONDS``
-10, ``POCOFLOW_SWEEP_SECONDS`` 4: lease + sweep = 14 s, target 15 s or less) on a private Redis
-and a SQLite ledger. A run of ``bench_nap`` is submitted; while its middle step naps, the
+Two worker nodes with the default settings (``POCOFLOW_HEARTBEAT_SECONDS`` 1: a process
+silent for 3 s is dead; ``POCOFLOW_SWEEP_SECONDS`` 1; the 10 s lease is only the
+backstop) on a private Redis and a SQLite ledger; target: re-run start within 5 s, worst
+and p99 over the kills. A run of ``bench_nap`` is submitted; while its middle step naps, the
 worker running it is found from its open ``pf_attempts`` row (``worker`` =
 ``hostname:pid``) and its whole process group is killed with SIGKILL. Measured, on the
 box's wall clock, from the kill to the re-run's start (``started_at`` of the step's next
@@ -10,7 +11,7 @@ attempt row, written when the surviving worker claims it) and to its commit
 (``created_at`` of the step's checkpoint; the re-run naps too, so this is shown, not held
 to the target, which G3 sets for the re-run). Repeated with a fresh worker in place of
 the dead one, since where the kill falls in the sweep cycle varies the figure; the worst
-one is held to the target.
+one and the p99 are held to the target.
 
     python -m bench.recovery [--kills N]
 """
@@ -27,14 +28,20 @@ from typing import TYPE_CHECKING
 sys.path.insert(0, ".")
 
 from bench.cluster import POCOFLOW_APP, iso_s, start_worker, worker_env, workers
-from bench.common import report
+from bench.common import percentile, report
 from bench.dist_flows import bench_nap
 from pocoflow.devcluster import start_redis
-from pocoflow.settings import DEFAULT_LEASE_SECONDS, DEFAULT_SWEEP_SECONDS, Settings
+from pocoflow.distributed.liveness import dead_after
+from pocoflow.settings import (
+    DEFAULT_HEARTBEAT_SECONDS,
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_SWEEP_SECONDS,
+    Settings,
+)
 from tests.distributed.faults import attempts_of, checkpoint_steps, open_attempt, worker_running
 from tests.helpers import wait_until
 
-G3_TARGET_S = 15.0
+G3_TARGET_S = 5.0
 
 if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
@@ -74,20 +81,21 @@ def one_kill(
     return rerun["started_at"] - killed_at, committed - killed_at, problem
 
 
-def main(kills: int = 3) -> bool:
-    """Print kill -> re-run start and kill -> commit (worst of ``kills``) beside the
-    15 s target; True when every re-run started in time, on another worker, and left one
-    checkpoint per step."""
+def main(kills: int = 10) -> bool:
+    """Print kill -> re-run start (worst and p99 of ``kills``) and kill -> commit beside
+    the 5 s target; True when every re-run started in time, on another worker, and left
+    one checkpoint per step."""
     from pocoflow.db import WorkflowDB
 
     lease, sweep = DEFAULT_LEASE_SECONDS, DEFAULT_SWEEP_SECONDS
-    # G3 bounds the wait by lease + sweep (the defaults keep that at 14 s, a lease expires
-    # up to `lease` after its last renewal and the next sweep may be `sweep` away); the
-    # issue's target is 15 s or less.
+    dead = dead_after(DEFAULT_HEARTBEAT_SECONDS)
+    # The bound: a process is dead `dead` after its last beat (at most `dead` after the
+    # kill), and the next sweep is at most `sweep` later; the lease is only the backstop.
     target = G3_TARGET_S
     print(
-        f"recovery: kill -9 of the worker running a step, 2 workers, default lease "
-        f"{lease:g} s + sweep {sweep:g} s, the step naps {NAP_S:g} s, {kills} kills"
+        f"recovery: kill -9 of the worker running a step, 2 workers, default heartbeat "
+        f"{DEFAULT_HEARTBEAT_SECONDS:g} s (dead after {dead:g} s) + sweep {sweep:g} s, "
+        f"lease {lease:g} s (backstop), the step naps {NAP_S:g} s, {kills} kills"
     )
     starts, commits, problems = [], [], []
     with tempfile.TemporaryDirectory(prefix="pocoflow-bench-") as tmp, start_redis() as redis:
@@ -110,9 +118,16 @@ def main(kills: int = 3) -> bool:
         f"kill -> re-run start (worst of {kills})",
         max(starts),
         "s",
-        f"each {', '.join(f'{s:.1f}' for s in starts)} s; lease + sweep = {lease + sweep:g} s, "
-        f"target <= {target:g} s",
+        f"each {', '.join(f'{s:.1f}' for s in starts)} s; dead after + sweep = "
+        f"{dead + sweep:g} s, target <= {target:g} s (old: lease + sweep = {lease + 4:g} s)",
         max(starts) <= target,
+    )
+    ok &= report(
+        f"kill -> re-run start (p99 of {kills})",
+        percentile(starts, 99),
+        "s",
+        f"median {percentile(starts, 50):.1f} s, target <= {target:g} s",
+        percentile(starts, 99) <= target,
     )
     ok &= report(
         f"kill -> re-run committed (worst of {kills})",
@@ -138,5 +153,5 @@ def main(kills: int = 3) -> bool:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--kills", type=int, default=10)
     sys.exit(0 if main(parser.parse_args().kills) else 1)

@@ -10,6 +10,7 @@ Retries wrap ``exec`` only (one seam, ``_exec``), as in PocketFlow: prep and pos
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,8 @@ _log = get_logger("node")
 
 DEFAULT_ACTION = "default"
 WILDCARD_ACTION = "*"
+#: The ``timeout`` of every node that sets none (seconds; unset or empty = no limit).
+STEP_TIMEOUT_ENV = "POCOFLOW_STEP_TIMEOUT"
 
 
 class Node:
@@ -44,6 +47,9 @@ class Node:
     max_retry_delay: float = 300.0
     retry_jitter: float = 0.0
     retry_on: tuple[type[BaseException], ...] = (Exception,)
+    #: Seconds one ``exec`` try may take; past it the try fails with ``TimeoutError`` and
+    #: the retry policy decides (None = ``POCOFLOW_STEP_TIMEOUT``, unset = no limit).
+    timeout: float | None = None
 
     run_id: str | None = None
     step: int | None = None
@@ -129,6 +135,22 @@ class Node:
 
     # ── the retry seam ────────────────────────────────────────────────────────
 
+    def exec_timeout(self) -> float | None:
+        """This node's ``timeout``, else ``POCOFLOW_STEP_TIMEOUT``, else None (no limit)."""
+        limit = self.timeout
+        return default_step_timeout() if limit is None else limit
+
+    def _exec_once(self, prep_result: Any) -> Any:
+        """One ``exec`` try, bounded by ``exec_timeout()`` (see ``call_with_timeout``)."""
+        limit = self.timeout
+        if limit is None:
+            if _ENV_DATA is not None and _ENV_KEY not in _ENV_DATA:  # the common case
+                return self.exec(prep_result)
+            limit = default_step_timeout()
+            if limit is None:
+                return self.exec(prep_result)
+        return call_with_timeout(self.exec, prep_result, limit, f"Node {self.name!r} exec")
+
     def is_retryable(self, exc: BaseException) -> bool:
         return isinstance(exc, self.retry_on)
 
@@ -150,12 +172,12 @@ class Node:
         tries = self.max_retries
         if tries <= 1:  # the common case, kept lean: it runs once per node step
             try:
-                return self.exec(prep_result)
+                return self._exec_once(prep_result)
             except Exception as exc:
                 return self.exec_fallback(prep_result, exc)
         for failed in range(1, tries + 1):
             try:
-                return self.exec(prep_result)
+                return self._exec_once(prep_result)
             except Exception as exc:
                 if failed >= tries or not self.is_retryable(exc):
                     if tries > 1:
@@ -196,6 +218,79 @@ class AsyncNode(Node):
 
     def exec(self, prep_result: Any) -> Any:
         return run_coroutine(self.exec_async(prep_result))
+
+
+# Because every exec reads the setting and ``os.environ.get`` of an unset variable costs
+# a raised KeyError (about a microsecond, ten times the rest of the check): the mapping
+# behind ``os.environ`` (kept in step by every ``os.environ[...] = ...``) is read
+# directly where the platform has one.
+_ENV_DATA: dict[Any, Any] | None = getattr(os.environ, "_data", None)
+_ENV_KEY: Any = os.environ.encodekey(STEP_TIMEOUT_ENV) if _ENV_DATA is not None else None  # type: ignore[attr-defined]
+_parsed: tuple[Any, float | None] = (None, None)
+
+
+def default_step_timeout(env: Any = None) -> float | None:
+    """``POCOFLOW_STEP_TIMEOUT`` in seconds, or None when unset or empty. Read at each
+    ``exec``, so a worker and a test see the environment they run in."""
+    global _parsed
+    if env is None and _ENV_DATA is not None:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        if raw is None:
+            return None
+        if raw == _parsed[0]:
+            return _parsed[1]
+        value = _parse_timeout(os.environ.decodevalue(raw))  # type: ignore[attr-defined]
+        _parsed = (raw, value)
+        return value
+    return _parse_timeout((os.environ if env is None else env).get(STEP_TIMEOUT_ENV, ""))
+
+
+def _parse_timeout(raw: str) -> float | None:
+    raw = raw.strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{STEP_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"{STEP_TIMEOUT_ENV} must be > 0 seconds, got {raw!r}")
+    return value
+
+
+def call_with_timeout(fn: Callable[[Any], Any], arg: Any, limit: float, what: str) -> Any:
+    """``fn(arg)`` on a helper thread; past ``limit`` seconds raise ``TimeoutError``.
+
+    Why a thread that is abandoned, rather than killing the work: Python cannot stop a
+    thread, and a signal (``SIGALRM``) only reaches the main thread and cannot break a
+    blocking C call either. So the caller stops waiting: the try fails with
+    ``TimeoutError`` at once and the retry policy takes over, while the hung call runs on
+    in a daemon thread whose result is dropped, never returned, so a late result is
+    never committed (G1; on workers the attempt that ran it is ended too, and a later
+    commit under it would be refused by fencing). What the abandoned call still does
+    (a late side effect) is the same as any at-least-once ``exec``: make it idempotent
+    with ``run_id``/``step``/``attempt``. A process left with many hung threads is best
+    recycled; on workers Celery's ``--max-tasks-per-child`` does that. Only nodes with a
+    timeout pay for the thread (about 0.1 ms).
+    """
+    box: list[tuple[bool, Any]] = []
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            box.append((True, fn(arg)))
+        except BaseException as exc:  # handed to the waiting caller
+            box.append((False, exc))
+        done.set()
+
+    thread = threading.Thread(target=target, name="pocoflow-exec", daemon=True)
+    thread.start()
+    if not done.wait(limit):
+        raise TimeoutError(f"{what} took longer than its timeout of {limit:g}s; abandoned")
+    ok, value = box[0]
+    if ok:
+        return value
+    raise value
 
 
 def run_coroutine(coro: Any) -> Any:

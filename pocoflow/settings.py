@@ -32,7 +32,12 @@ __all__ = [
 DEFAULT_DB_URL = "sqlite:///pocoflow.db"
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 DEFAULT_LEASE_SECONDS = 10.0
-DEFAULT_SWEEP_SECONDS = 4.0  # lease + sweep = 14 s: G3's bound, inside the 15 s target
+# G3 in 5 s: a dead worker is known 3 heartbeats (3 s) after its last one, and the next
+# sweep (at most 1 s later) re-sends its steps: kill -9 -> re-run start <= ~4 s. The
+# lease is only the backstop for a process that never wrote a heartbeat.
+DEFAULT_SWEEP_SECONDS = 1.0
+DEFAULT_HEARTBEAT_SECONDS = 1.0
+DEFAULT_MAX_CRASHES = 3
 DEFAULT_SQLITE_SYNCHRONOUS = "NORMAL"
 
 #: Settings field -> environment variable. The CLI binds its options to the same names.
@@ -43,6 +48,9 @@ ENV_VARS: dict[str, str] = {
     "flows": "POCOFLOW_FLOWS",
     "lease_seconds": "POCOFLOW_LEASE_SECONDS",
     "sweep_seconds": "POCOFLOW_SWEEP_SECONDS",
+    "heartbeat_seconds": "POCOFLOW_HEARTBEAT_SECONDS",
+    "max_crashes": "POCOFLOW_MAX_CRASHES",
+    "step_timeout": "POCOFLOW_STEP_TIMEOUT",
     "sqlite_synchronous": "POCOFLOW_SQLITE_SYNCHRONOUS",
     "prune_older_than": "POCOFLOW_PRUNE_OLDER_THAN",
 }
@@ -80,12 +88,35 @@ class Settings:
     #: Seconds (or ``"30d"``) after which workers' sweepers delete finished runs; None
     #: (default) keeps every run, because deleting history must be asked for.
     prune_older_than: float | None = None
+    #: How often each worker process writes its liveness row; silent for 3 beats = dead,
+    #: and the steps it ran or held are re-sent (G3).
+    heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
+    #: Attempts of one step lost with their worker (killed, frozen, cut off) after which
+    #: the run fails as a poison step instead of crashing workers forever.
+    max_crashes: int = DEFAULT_MAX_CRASHES
+    #: Default ``timeout`` (seconds per ``exec`` try) of every node; None = no limit. The
+    #: node reads ``POCOFLOW_STEP_TIMEOUT`` itself; this checks it at start-up.
+    step_timeout: float | None = None
 
     def __post_init__(self) -> None:
         # Here rather than in from_env, so Settings(...) built by hand is checked too.
         object.__setattr__(self, "flows", _split_flows(self.flows))
         object.__setattr__(self, "lease_seconds", _positive("lease_seconds", self.lease_seconds))
         object.__setattr__(self, "sweep_seconds", _positive("sweep_seconds", self.sweep_seconds))
+        object.__setattr__(
+            self, "heartbeat_seconds", _positive("heartbeat_seconds", self.heartbeat_seconds)
+        )
+        if self.step_timeout is not None:
+            object.__setattr__(self, "step_timeout", _positive("step_timeout", self.step_timeout))
+        try:
+            crashes = int(self.max_crashes)
+        except (TypeError, ValueError):
+            crashes = 0
+        if crashes < 1:
+            raise ValueError(
+                f"{ENV_VARS['max_crashes']} must be a whole number >= 1, got {self.max_crashes!r}"
+            )
+        object.__setattr__(self, "max_crashes", crashes)
         sync = str(self.sqlite_synchronous).strip().upper()
         if sync not in SQLITE_SYNCHRONOUS_MODES:
             raise ValueError(

@@ -137,7 +137,7 @@ def run_step(
 
 def _exec_try(node: Node, prep_result: Any, try_number: int, step: int) -> Any:
     try:
-        return node.exec(prep_result)
+        return node._exec_once(prep_result)
     except Exception as exc:
         tries = max(1, int(node.max_retries))
         if try_number < tries and node.is_retryable(exc):

@@ -2,13 +2,16 @@
 
 Configuration comes from the environment (``POCOFLOW_DB_URL``, ``POCOFLOW_BROKER_URL``,
 ``POCOFLOW_REDIS_URL``, ``POCOFLOW_FLOWS``, ``POCOFLOW_LEASE_SECONDS``,
-``POCOFLOW_SWEEP_SECONDS``, ``POCOFLOW_ACKS_LATE``). The one task is a one-call adapter:
+``POCOFLOW_SWEEP_SECONDS``, ``POCOFLOW_HEARTBEAT_SECONDS``, ``POCOFLOW_MAX_CRASHES``,
+``POCOFLOW_STEP_TIMEOUT``, ``POCOFLOW_ACKS_LATE``). The one task is a one-call adapter:
 every rule of the step protocol lives in ``pocoflow.distributed.executor``.
 
 The modules of ``POCOFLOW_FLOWS`` are imported when this module loads: before the pool
 forks, so every child has the same registry, and loudly, so a worker whose flows cannot
-be imported fails at start instead of refusing every step. The main process starts the
-sweeper thread that re-sends lost steps (G3) once the worker is ready.
+be imported fails at start instead of refusing every step. Once the worker is ready, the
+main process starts its liveness heartbeat, which also tells the ledger which step
+messages it holds prefetched but not started, and the sweeper thread that re-sends lost
+steps (G3).
 """
 
 from __future__ import annotations
@@ -19,15 +22,22 @@ from typing import Any
 
 from celery import signals
 
+from pocoflow.distributed import liveness
 from pocoflow.distributed.celery_app import TASK_NAME, create_app
-from pocoflow.distributed.executor import WorkerContext, configure, execute_step
-from pocoflow.distributed.publish import Publisher
-from pocoflow.distributed.sweeper import SweeperThread
+from pocoflow.distributed.control import redis_client
+from pocoflow.distributed.executor import (
+    WorkerContext,
+    configure,
+    default_worker_id,
+    execute_step,
+)
+from pocoflow.distributed.publish import Publisher, SentMarker
+from pocoflow.distributed.sweeper import BrokerSentinel, SweeperThread
 from pocoflow.ledger.prune import Pruner
 from pocoflow.logging import get_logger
 from pocoflow.recorder import open_ledger
 from pocoflow.registry import import_flow_modules, registered_flows
-from pocoflow.settings import Settings
+from pocoflow.settings import Settings, default_redis_url
 
 _log = get_logger("worker")
 
@@ -51,6 +61,11 @@ def step(self: Any, message: dict[str, Any]) -> str:
 _sweeper: SweeperThread | None = None
 
 
+def _marked_publisher() -> Publisher:
+    db = open_ledger(settings.db_url)
+    return Publisher(app, db, marker=SentMarker(db))
+
+
 @signals.worker_ready.connect
 def _start_sweeper(**_: Any) -> None:
     global _sweeper
@@ -60,12 +75,26 @@ def _start_sweeper(**_: Any) -> None:
         ", ".join(imported_flow_modules) or "no flow modules",
         settings.masked()["db_url"],
     )
+    liveness.ensure(
+        open_ledger(settings.db_url),
+        default_worker_id(),
+        settings.heartbeat_seconds,
+        held=liveness.celery_held(TASK_NAME),
+    )
+    broker_redis = default_redis_url(settings.broker_url)  # None: not Redis, no sentinel
     _sweeper = SweeperThread(
         lambda: open_ledger(settings.db_url),
-        lambda: Publisher(app, open_ledger(settings.db_url)),
+        # Marks in a background batch: a bulk re-send after a broker loss (thousands of
+        # messages) must not pay one ledger write per message.
+        _marked_publisher,
         lease_s=settings.lease_seconds,
         interval_s=settings.sweep_seconds,
         pruner=None if settings.prune_older_than is None else Pruner(settings.prune_older_than),
+        sentinel_factory=lambda: (
+            BrokerSentinel(redis_client(broker_redis)) if broker_redis else None
+        ),
+        dead_after_s=liveness.dead_after(settings.heartbeat_seconds),
+        max_crashes=settings.max_crashes,
     )
     _sweeper.start()
 
@@ -74,3 +103,4 @@ def _start_sweeper(**_: Any) -> None:
 def _stop_sweeper(**_: Any) -> None:
     if _sweeper is not None:
         _sweeper.stop()
+    liveness.stop()

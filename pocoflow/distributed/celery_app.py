@@ -20,8 +20,8 @@ TASK_NAME = "pocoflow.step"
 DEFAULT_QUEUE = "pocoflow"
 ACKS_LATE_ENV = "POCOFLOW_ACKS_LATE"
 
-# Early acknowledgement by default, because the ledger lease (not the broker) finds a
-# step whose worker died (G3): with late ack a killed task is acked anyway (Celery's
+# Early acknowledgement by default, because the ledger (worker heartbeats and leases, not
+# the broker) finds a step whose worker died (G3): with late ack a killed task is acked anyway (Celery's
 # task_reject_on_worker_lost is off) or redelivered only after the visibility timeout,
 # so late ack buys nothing but a broker round trip per step. Measured with
 # `python -m bench.distributed_latency --postgres private` (100-step chain, 1 worker,

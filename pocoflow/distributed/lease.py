@@ -6,6 +6,10 @@ sweeper takes the step over. One long-lived thread rather than one per step, bec
 starting a thread costs about a millisecond on a busy interpreter, which on a fast node
 is most of the step. A renewal that finds the lease gone marks the holding lost; the
 commit would be refused anyway (fencing), this only lets the step log it early.
+
+The first hold in a process also starts the process's liveness heartbeat (``liveness``):
+the sweeper recovers a dead process's step when its heartbeat stops (about 3 s), well
+before its lease runs out; the lease stays as the backstop.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pocoflow.distributed import liveness
 from pocoflow.logging import get_logger
 
 if TYPE_CHECKING:
@@ -30,26 +35,40 @@ class Holding:
     run_id: str
     step: int
     attempt: int
-    worker: str
+    holder: str
     lost: bool = False
 
 
 class LeaseKeeper:
-    def __init__(self, db: WorkflowDB, lease_s: float) -> None:
+    def __init__(self, db: WorkflowDB, lease_s: float, heartbeat_s: float | None = None) -> None:
         self.db = db
         self.lease_s = lease_s
+        self.heartbeat_s = heartbeat_s
         self.interval_s = lease_s / 3
         self._held: dict[int, Holding] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = 0
+        self._beating: tuple[int, str] | None = None
+
+    def _heartbeat_s(self) -> float:
+        if self.heartbeat_s is None:
+            from pocoflow.settings import Settings
+
+            self.heartbeat_s = Settings.from_env().heartbeat_seconds
+        return self.heartbeat_s
 
     @contextmanager
-    def hold(self, run_id: str, step: int, attempt: int, worker: str) -> Iterator[Holding]:
-        """Keep this attempt's lease renewed while the block runs."""
-        holding = Holding(run_id, step, attempt, worker)
+    def hold(self, run_id: str, step: int, attempt: int, holder: str) -> Iterator[Holding]:
+        """Keep the lease of ``holder``'s claim of this attempt renewed while the block
+        runs. The holder token is ``<worker id>#<n>``; the heartbeat is the worker's."""
+        holding = Holding(run_id, step, attempt, holder)
+        worker = holder.rpartition("#")[0] or holder
         with self._lock:
             self._ensure_thread()
+            if self._beating != (os.getpid(), worker):
+                liveness.ensure(self.db, worker, self._heartbeat_s())
+                self._beating = (os.getpid(), worker)
             self._held[id(holding)] = holding
         try:
             yield holding
@@ -78,7 +97,7 @@ class LeaseKeeper:
             return
         try:
             renewed = self.db.renew_lease(
-                holding.run_id, holding.step, holding.attempt, holding.worker, self.lease_s
+                holding.run_id, holding.step, holding.attempt, holding.holder, self.lease_s
             )
         except Exception as exc:  # the ledger blinked: try again next beat
             _log.warning(

@@ -1,18 +1,31 @@
 """The sweeper: finds steps nobody is working on and sends them again (G3).
 
-Two kinds of orphans:
+Kinds of orphans, fastest found first:
 
 * an outbox row never published (the committing worker died between commit and send,
-  or the broker was down): sent again with its current attempt;
-* a step whose lease expired (its worker was killed, frozen or partitioned, or its
-  message was lost in a dead worker's prefetch buffer or a Redis restart): taken over
-  under a new attempt, which fences the old holder out (G1), and sent.
+  or the broker was down): sent again with its current attempt after ``grace_s``;
+* the broker lost its messages (Redis restarted empty, FLUSHALL): a sentinel key that
+  every sweep looks at is gone, so every queued step of a live run is sent again at once,
+  in pages (10,000 lost messages take seconds, not 100 per sweep);
+* a worker process that stopped beating (killed, frozen, cut off; see ``liveness``) for
+  ``dead_after_s``: the step it was running is taken over under a new attempt, which
+  fences it out (G1), and the messages it held unstarted (prefetched) are sent again
+  under their attempt. This is the 5 s path of G3, whatever the lease says;
+* a step whose lease expired: a claimed one is taken over (the backstop when a process
+  never wrote a heartbeat); a queued one nobody claimed is usually just waiting in a long
+  queue, so it is sent again only after ``requeue_after_s`` in the queue, and while the
+  broker still has messages waiting only after ``REQUEUE_CAP_S`` (no duplicate storm: a
+  step 10,000 messages deep is not re-sent every lease period, nor every minute).
 
-Several workers sweep at once safely: ``take_over`` is a fenced update, so for one
-expired lease exactly one sweeper gets the new attempt and the others get ``None``; a
-duplicate resend of an unsent row carries the same attempt, and only one delivery can
-claim it. The sweep itself is pure of timing: ``now`` is injected, the thread only
-decides how often to call it.
+A step lost with its worker ``max_crashes`` times in a row is a poison step (its exec
+kills the process: ``os._exit``, a segfault, the OOM killer): its run fails with the
+reason instead of crashing workers forever.
+
+Several workers sweep at once safely: every transition is a compare-and-set on the
+attempt and the lease holder (or receiver), so for one orphan exactly one sweeper acts;
+a duplicate resend carries the same attempt, and only one delivery can claim it. The
+sweep itself is pure of timing: ``now`` is injected, the thread only decides how often
+to call it.
 """
 
 from __future__ import annotations
@@ -23,10 +36,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pocoflow.distributed import lifecycle
+from pocoflow.distributed.celery_app import DEFAULT_QUEUE
+from pocoflow.distributed.liveness import dead_after
 from pocoflow.distributed.message import StepMessage
+from pocoflow.ledger import liveness
 from pocoflow.logging import get_logger
+from pocoflow.settings import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_MAX_CRASHES
 
 if TYPE_CHECKING:
+    import redis
+
     from pocoflow.db import WorkflowDB
     from pocoflow.ledger.prune import Pruner
 
@@ -35,6 +55,17 @@ _log = get_logger("distributed.sweeper")
 #: An outbox row younger than this is probably being published right now by the worker
 #: that committed it; resending it would only make a duplicate.
 UNSENT_GRACE_S = 1.0
+#: Because a queued step whose lease ran out is, unless a loss was seen (dead receiver,
+#: broker sentinel gone), most likely waiting in a long queue: it is sent again only
+#: after this long in the queue, the backstop for a loss nothing else saw.
+REQUEUE_AFTER_S = 60.0
+#: Because a loss nothing else saw must still be found under constant load: past this
+#: long in the queue a step is sent again even while the broker has messages waiting.
+REQUEUE_CAP_S = 600.0
+#: Rows per page of the bulk re-send after a broker loss.
+BULK_PAGE = 1000
+#: Worker rows silent this long are deleted (their steps were recovered long before).
+FORGET_WORKERS_AFTER_S = 3600.0
 
 Publish = Callable[..., bool]
 """``publish(message, queue=...) -> bool``: a ``Publisher`` or a test double."""
@@ -44,9 +75,53 @@ Publish = Callable[..., bool]
 class SweepReport:
     resent: list[tuple[str, int]] = field(default_factory=list)
     taken_over: list[tuple[str, int, int]] = field(default_factory=list)
+    poisoned: list[tuple[str, int]] = field(default_factory=list)
+    #: Messages sent again because the broker lost them (sentinel gone).
+    bulk_resent: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.resent or self.taken_over)
+        return bool(self.resent or self.taken_over or self.poisoned or self.bulk_resent)
+
+
+class BrokerSentinel:
+    """Tells whether the broker lost its messages since the last look: a key set in the
+    broker's own Redis database disappears with them (restart without persistence,
+    FLUSHDB/FLUSHALL). Only one sweeper re-sends (a lock key with a TTL, so a sweeper
+    that dies midway is replaced); the sentinel is set again when the re-send is done.
+
+    A missing key is ambiguous only the first time a sweeper looks: a fresh broker whose
+    clients published before any worker started has no sentinel either. Then the step
+    queues decide: messages waiting there mean nothing was lost (no 2x duplicate of a
+    whole backlog at every first start); empty queues with queued steps mean it was.
+    """
+
+    KEY = "pocoflow:broker-sentinel"
+    LOCK = "pocoflow:broker-sentinel:resend"
+    LOCK_TTL_S = 60
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.seen = False
+
+    def lost(self, queues: Callable[[], list[str]] = lambda: [DEFAULT_QUEUE]) -> bool:
+        """True (to one sweeper) when the sentinel is gone: re-send, then ``set()``."""
+        if self.client.exists(self.KEY):
+            self.seen = True
+            return False
+        if not self.seen and any(self.client.llen(q) for q in queues()):
+            self.client.set(self.KEY, "1", nx=True)
+            self.seen = True
+            return False
+        return bool(self.client.set(self.LOCK, "1", nx=True, ex=self.LOCK_TTL_S))
+
+    def busy(self, queues: list[str]) -> bool:
+        """Messages wait in one of ``queues`` (a step not claimed may just be there)."""
+        return any(self.client.llen(q) for q in queues)
+
+    def set(self) -> None:
+        self.client.set(self.KEY, "1")
+        self.client.delete(self.LOCK)
+        self.seen = True
 
 
 def sweep(
@@ -56,12 +131,18 @@ def sweep(
     lease_s: float,
     now: float | None = None,
     grace_s: float = UNSENT_GRACE_S,
+    dead_after_s: float = dead_after(DEFAULT_HEARTBEAT_SECONDS),
+    requeue_after_s: float = REQUEUE_AFTER_S,
+    max_crashes: int = DEFAULT_MAX_CRASHES,
+    sentinel: BrokerSentinel | None = None,
 ) -> SweepReport:
-    """One pass: resend unsent outbox rows older than ``grace_s``; then, for runs still
-    live (not paused or finished), resend under the same attempt the expired steps nobody
-    claimed, and take over (new attempt, fencing the old holder) the expired ones that a
-    worker had claimed."""
-    now = time.time() if now is None else now
+    """One pass (see the module docstring for what is found, in this order).
+
+    Time is the database's clock (read once per pass) unless a test injects ``now``: a
+    sweeper whose host clock runs ahead must not declare live workers dead nor take over
+    live leases."""
+    injected = now
+    now = liveness.database_now(db) if now is None else now
     report = SweepReport()
     runs: dict[str, dict[str, Any] | None] = {}
 
@@ -83,17 +164,64 @@ def sweep(
         if publish(message, queue=run.get("queue"), **later):
             report.resent.append((row["run_id"], row["step"]))
 
-    for row in db.expired_steps(now=now):
+    if sentinel is not None:
+        report.bulk_resent = _after_broker_loss(db, publish, sentinel)
+
+    for row in liveness.held_by_dead(db, dead_after_s, now=injected):
         run = run_of(row["run_id"])
         if run is None:
             continue
-        if row["status"] == "queued":  # sent, never claimed: same attempt, sent again
+        if row["status"] == "running":
+            owner = row["lease_owner"]
+            new_attempt = liveness.recover_running(
+                db, row["run_id"], row["step"], row["attempt"], owner, lease_s
+            )
+            if new_attempt is not None:
+                _log.warning(
+                    "Step %d of run %s: worker %s stopped beating; re-running as attempt %d",
+                    row["step"],
+                    row["run_id"],
+                    owner,
+                    new_attempt,
+                )
+                _rerun(db, publish, run, row, new_attempt, owner, max_crashes, report)
+            continue
+        receiver = row["received_by"]
+        if liveness.recover_received(
+            db, row["run_id"], row["step"], row["attempt"], receiver, lease_s
+        ):
+            _log.warning(
+                "Step %d of run %s: worker %s died holding its message; sending it again",
+                row["step"],
+                row["run_id"],
+                receiver,
+            )
+            if publish(_message(db, run, row, row["attempt"]), queue=run.get("queue")):
+                report.resent.append((row["run_id"], row["step"]))
+
+    liveness.postpone_waiting(db, requeue_after_s, now=injected)
+    expired = db.expired_steps(now=now)
+    due = [
+        r for r in expired if r["status"] == "queued" and now >= r["queued_at"] + requeue_after_s
+    ]
+    if due and sentinel is not None and _broker_busy(db, sentinel):
+        # Messages still wait in the broker: a due step is most likely among them.
+        liveness.postpone_while_busy(db, requeue_after_s, REQUEUE_CAP_S, now=injected)
+        expired = [r for r in expired if r not in due or now >= r["queued_at"] + REQUEUE_CAP_S]
+    for row in expired:
+        run = run_of(row["run_id"])
+        if run is None:
+            continue
+        if row["status"] == "queued":  # sent, never claimed
+            if now < row["queued_at"] + requeue_after_s:  # postponed since by another sweeper
+                continue
             if db.renew_queued(row["run_id"], row["step"], row["attempt"], lease_s, now=now):
                 _log.warning(
-                    "Step %d of run %s: attempt %d was never claimed; sending it again",
+                    "Step %d of run %s: attempt %d was not claimed in %.0fs; sending it again",
                     row["step"],
                     row["run_id"],
                     row["attempt"],
+                    requeue_after_s,
                 )
                 if publish(_message(db, run, row, row["attempt"]), queue=run.get("queue")):
                     report.resent.append((row["run_id"], row["step"]))
@@ -108,25 +236,98 @@ def sweep(
             row["attempt"],
             new_attempt,
         )
-        report.taken_over.append((row["run_id"], row["step"], new_attempt))
-        publish(_message(db, run, row, new_attempt), queue=run.get("queue"))
+        _rerun(db, publish, run, row, new_attempt, row["lease_owner"], max_crashes, report)
     return report
 
 
-#: Outcomes after which the step can only go on through a resume, which starts tries at 1.
-_FRESH_START_AFTER = frozenset({"failed", "refused", "cancelled", "terminated"})
+def _rerun(
+    db: WorkflowDB,
+    publish: Publish,
+    run: dict[str, Any],
+    row: dict[str, Any],
+    new_attempt: int,
+    owner: str | None,
+    max_crashes: int,
+    report: SweepReport,
+) -> None:
+    """Send a taken-over step as ``new_attempt``, or fail its run if the step was lost
+    with its worker ``max_crashes`` times in a row (a poison step)."""
+    run_id, step = row["run_id"], row["step"]
+    lost, retries = liveness.crashes(db.get_attempts(run_id), step)
+    if lost >= max_crashes:
+        error = (
+            f"Step {step} (node {row['node_id']!r}) of run {run_id} was lost with its worker "
+            f"{lost} times in a row (last on {owner}): a poison step, whose exec likely "
+            "kills its process (os._exit, a segfault, the OOM killer). Fix the node or "
+            "raise POCOFLOW_MAX_CRASHES, then resume the run."
+        )
+        if db.fail_step(run_id, step, new_attempt):
+            lifecycle.fail_run(
+                db, run_id, error, step=step, node_name=row["node_id"], attempt=new_attempt
+            )
+            report.poisoned.append((run_id, step))
+            _log.error("%s", error)
+        return
+    report.taken_over.append((run_id, step, new_attempt))
+    message = StepMessage(
+        run_id=run_id,
+        flow=run["flow_name"],
+        step=step,
+        node_id=row["node_id"],
+        attempt=new_attempt,
+        try_number=retries + 1,
+    )
+    publish(message, queue=run.get("queue"))
+
+
+def _broker_busy(db: WorkflowDB, sentinel: BrokerSentinel) -> bool:
+    try:
+        return sentinel.busy(liveness.queues_in_use(db, DEFAULT_QUEUE))
+    except Exception as exc:  # cannot tell: the backstop re-sends, as without a broker view
+        _log.warning("Could not read the broker's queue lengths: %s", exc)
+        return False
+
+
+def _after_broker_loss(db: WorkflowDB, publish: Publish, sentinel: BrokerSentinel) -> int:
+    try:
+        if not sentinel.lost(lambda: liveness.queues_in_use(db, DEFAULT_QUEUE)):
+            return 0
+    except Exception as exc:  # the broker is down: its loss is seen once it is back
+        _log.warning("Could not check the broker sentinel: %s", exc)
+        return 0
+    sent = _resend_all_queued(db, publish)
+    sentinel.set()
+    return sent
+
+
+def _resend_all_queued(db: WorkflowDB, publish: Publish) -> int:
+    """The broker lost its messages: send every queued, already-sent step of a live run
+    again under its attempt, page by page (one query per ``BULK_PAGE`` steps, and the
+    attempts read only for a step past its first attempt)."""
+    sent = 0
+    after: tuple[str, int] | None = None
+    while True:
+        page = liveness.queued_steps(db, after, BULK_PAGE)
+        for row in page:
+            run = {"flow_name": row["flow_name"], "queue": row["queue"], "run_id": row["run_id"]}
+            if publish(_message(db, run, row, row["attempt"]), queue=row["queue"]):
+                sent += 1
+        if len(page) < BULK_PAGE:
+            break
+        after = (page[-1]["run_id"], page[-1]["step"])
+    if sent:
+        _log.warning("The broker lost its messages: sent %d queued steps again", sent)
+    return sent
 
 
 def _message(db: WorkflowDB, run: dict[str, Any], row: dict[str, Any], attempt: int) -> StepMessage:
     """The step message for ``row``; ``try_number`` continues after the retries recorded
     since the step last ended for good (failed, refused, cancelled: a resume starts its
-    tries afresh), so a lost retry message does not reset the ``max_retries`` budget."""
+    tries afresh), so a lost retry message does not reset the ``max_retries`` budget.
+    A first attempt has no earlier ones: no query."""
     retries = 0
-    attempts = [a for a in db.get_attempts(row["run_id"]) if a["step"] == row["step"]]
-    for previous in reversed(attempts):
-        if previous["outcome"] in _FRESH_START_AFTER:
-            break
-        retries += previous["outcome"] == "retry"
+    if attempt > 1:
+        retries = liveness.crashes(db.get_attempts(row["run_id"]), row["step"])[1]
     return StepMessage(
         run_id=row["run_id"],
         flow=run["flow_name"],
@@ -141,7 +342,9 @@ class SweeperThread(threading.Thread):
     """Calls ``sweep`` every ``interval_s`` on a daemon thread until ``stop()``.
 
     A failing sweep (ledger unreachable) is logged and tried again next interval: the
-    sweeper must outlive the outages it exists to repair.
+    sweeper must outlive the outages it exists to repair. ``sweep_options`` are passed
+    to every ``sweep`` (dead_after_s, max_crashes...); ``sentinel_factory`` builds the
+    broker-loss sentinel (None: a broker that is not Redis, no loss detection).
     """
 
     def __init__(
@@ -152,22 +355,31 @@ class SweeperThread(threading.Thread):
         lease_s: float,
         interval_s: float,
         pruner: Pruner | None = None,
+        sentinel_factory: Callable[[], BrokerSentinel | None] | None = None,
+        **sweep_options: Any,
     ) -> None:
         super().__init__(name="pocoflow-sweeper", daemon=True)
         self.pruner = pruner
         self._db_factory = db_factory
         self._publish_factory = publish_factory
+        self._sentinel_factory = sentinel_factory
         self.lease_s = lease_s
         self.interval_s = interval_s
+        self.sweep_options = sweep_options
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        db = publish = None
+        db = publish = sentinel = None
+        pruned_at = 0.0
         while not self._stop_event.wait(self.interval_s):
             try:
                 if db is None or publish is None:
                     db, publish = self._db_factory(), self._publish_factory()
-                sweep(db, publish, lease_s=self.lease_s)
+                    sentinel = self._sentinel_factory() if self._sentinel_factory else None
+                sweep(db, publish, lease_s=self.lease_s, sentinel=sentinel, **self.sweep_options)
+                if time.monotonic() - pruned_at > FORGET_WORKERS_AFTER_S / 10:
+                    liveness.prune_workers(db, FORGET_WORKERS_AFTER_S)
+                    pruned_at = time.monotonic()
                 if self.pruner is not None:  # retention (POCOFLOW_PRUNE_OLDER_THAN)
                     self.pruner.tick(db, time.monotonic())
             except Exception:

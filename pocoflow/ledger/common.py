@@ -33,26 +33,26 @@ def iso_ts(value: Any) -> str:
     raise TypeError(f"Event timestamp must be ISO text, datetime or epoch seconds, got {value!r}")
 
 
-class _DbEpoch(FunctionElement[float]):
+class DbEpoch(FunctionElement[float]):
     """The database server's clock in epoch seconds."""
 
     type = Float()
     inherit_cache = True
 
 
-@compiles(_DbEpoch, "postgresql")
+@compiles(DbEpoch, "postgresql")
 def _pg_epoch(element: Any, compiler: Any, **kw: Any) -> str:
     # now() is the transaction's start: one instant for every statement of a claim or commit.
     return "CAST(EXTRACT(EPOCH FROM now()) AS DOUBLE PRECISION)"
 
 
-@compiles(_DbEpoch, "sqlite")
+@compiles(DbEpoch, "sqlite")
 def _sqlite_epoch(element: Any, compiler: Any, **kw: Any) -> str:
     # Julian days to Unix seconds; 'now' is one instant per statement, to the millisecond.
     return "((julianday('now') - 2440587.5) * 86400.0)"
 
 
-NOW: ColumnElement[float] = func.coalesce(bindparam("now", type_=Float), _DbEpoch())
+NOW: ColumnElement[float] = func.coalesce(bindparam("now", type_=Float), DbEpoch())
 """The step protocol's clock in SQL: the bound ``now`` when a test injects one, otherwise
 the database's own clock. Leases are written and compared by one clock whichever host
 runs the worker or the sweeper (a host whose clock is ahead takes over no live step),

@@ -2,8 +2,9 @@
 
 This is the schema at the head revision; the migrations in ``migrations/versions`` build
 the same thing step by step (0001 = the pocoflow 0.2.1 schema, 0002 = our additions,
-0003 = distributed run queue/shape and attempt task ids, 0005 = the partial indexes that
-keep the sweeper's cost independent of how many finished runs the ledger holds), and
+0003 = distributed run queue/shape and attempt task ids, 0004 = worker liveness and who
+received a step's message, 0005 = the partial indexes that keep the sweeper's cost
+independent of how many finished runs the ledger holds), and
 a test compares the two. The 0.2 table and column names are kept so 0.2 readers (the
 Streamlit monitor, users' SQL) keep working.
 
@@ -173,9 +174,14 @@ pf_steps = Table(
     # When the current attempt was queued (insert or take-over): the unsent sweep's clock.
     Column("queued_at", Float, nullable=False),
     Column("created_at", Float, nullable=False),
+    # 0004: the worker process (``pf_workers.worker_id``) holding this attempt's message
+    # in its prefetch buffer or countdown; if that process dies it is sent again (G3).
+    Column("received_by", Text),
     PrimaryKeyConstraint("run_id", "step", name="pk_pf_steps"),
     CheckConstraint(_in("status", STEP_STATUSES), name="ck_pf_steps_status"),
     _run_fk("pf_steps"),
+    # A dead worker's received messages are found from the worker (0004).
+    Index("ix_pf_steps_received_by", "received_by"),
 )
 # A live run's unfinished steps (one or a few per run), without its committed ones nor
 # the queued rows that paused and cancelled runs leave behind: the sweeper's second seek.
@@ -205,6 +211,21 @@ pf_attempts = Table(
     Column("task_id", Text),
     _run_fk("pf_attempts"),
     Index("ix_pf_attempts_run_step", "run_id", "step", "attempt"),
+)
+
+pf_workers = Table(
+    "pf_workers",
+    metadata,
+    # One row per worker process (0004): what ``pf_steps.lease_owner``/``received_by`` and
+    # ``pf_attempts.worker`` name. Times are the database's clock, so hosts whose clocks
+    # disagree still agree on who is alive (G3).
+    Column("worker_id", Text, primary_key=True),
+    Column("host", Text),
+    Column("pid", Integer),
+    Column("started_at", Float, nullable=False),
+    # Last heartbeat; a process silent for ``dead_after`` is taken for dead (G3).
+    Column("beat_at", Float, nullable=False),
+    Index("ix_pf_workers_beat_at", "beat_at"),
 )
 
 V02_TABLES = ("pf_runs", "pf_checkpoints", "pf_events")

@@ -14,7 +14,7 @@ from pocoflow import Flow, Node, flow
 from pocoflow.distributed import lifecycle
 from pocoflow.distributed.client import record_run
 from pocoflow.distributed.message import StepMessage
-from pocoflow.distributed.sweeper import UNSENT_GRACE_S, sweep
+from pocoflow.distributed.sweeper import REQUEUE_AFTER_S, UNSENT_GRACE_S, sweep
 from pocoflow.registry import build_flow
 from pocoflow.store import Store
 
@@ -80,23 +80,26 @@ def test_an_expired_lease_is_taken_over_under_a_new_attempt(db: Any) -> None:
     assert db.claim_step(first.run_id, 0, 2, "live:2", LEASE_S, now=t0 + 3)
 
 
-def test_a_lost_message_of_a_queued_step_is_found_too(db: Any) -> None:
-    """Leased from the moment it is enqueued: a message lost before any worker claimed it
-    (a dead worker's prefetch buffer, a Redis restart) shows up as an expired lease."""
+def test_a_queued_step_waiting_in_a_long_queue_is_not_sent_again_every_lease(db: Any) -> None:
+    """No duplicate storm: an unclaimed step whose lease ran out is most likely waiting
+    behind a backlog; only after REQUEUE_AFTER_S in the queue does the backstop send it
+    again (same attempt: the claim lets one copy run)."""
     first, t0 = submitted(db)
     db.mark_sent(first.run_id, 0, 1, now=t0)
     sent = Sent(db)
-    report = sweep(db, sent, lease_s=LEASE_S, now=t0 + LEASE_S + 0.1)
-    # Nobody holds it, so it goes out again under the same attempt (no attempt inflation
-    # when a queue merely runs long); the claim lets one copy run.
+    lease_periods = int(REQUEUE_AFTER_S // LEASE_S) - 1
+    for k in range(1, lease_periods + 1):
+        assert not sweep(db, sent, lease_s=LEASE_S, now=t0 + k * LEASE_S + 0.1)
+    assert sent.messages == []
+    later = t0 + REQUEUE_AFTER_S + 0.1
+    report = sweep(db, sent, lease_s=LEASE_S, now=later)
     assert report.resent == [(first.run_id, 0)] and report.taken_over == []
     assert [m.attempt for m, _ in sent.messages] == [1]
     row = db.get_step(first.run_id, 0)
     assert (row["attempt"], row["status"]) == (1, "queued")
-    # The sweep renewed the lease from its own clock: now + lease, to the float (an
-    # epoch time at approx's default relative tolerance would pass anything within ~30 min).
-    assert row["lease_expires_at"] == pytest.approx(t0 + 2 * LEASE_S + 0.1, abs=1e-3)
-    assert db.claim_step(first.run_id, 0, 1, "w:2", LEASE_S, now=t0 + LEASE_S + 0.2)
+    # The sweep renewed the lease from its own clock: now + lease, to the float.
+    assert row["lease_expires_at"] == pytest.approx(later + LEASE_S, abs=1e-3)
+    assert db.claim_step(first.run_id, 0, 1, "w:2", LEASE_S, now=later + 0.1)
 
 
 def test_try_number_continues_after_recorded_retries(db: Any) -> None:
@@ -107,7 +110,7 @@ def test_try_number_continues_after_recorded_retries(db: Any) -> None:
     assert db.take_over(first.run_id, 0, 1, LEASE_S, now=t0, force=True) == 2
     db.mark_sent(first.run_id, 0, 2, now=t0)  # the retry message, then lost
     sent = Sent(db)
-    sweep(db, sent, lease_s=LEASE_S, now=t0 + LEASE_S + 0.1)
+    sweep(db, sent, lease_s=LEASE_S, now=t0 + REQUEUE_AFTER_S + 0.1)
     ((message, _),) = sent.messages
     assert (message.attempt, message.try_number) == (2, 2)
 
@@ -127,7 +130,7 @@ def test_try_number_starts_afresh_after_a_resume(db: Any) -> None:
     assert db.take_over(run_id, 0, 3, LEASE_S, now=t0, force=True) == 4
     db.mark_sent(run_id, 0, 4, now=t0)  # the retry message, then lost
     sent = Sent(db)
-    sweep(db, sent, lease_s=LEASE_S, now=t0 + LEASE_S + 0.1)
+    sweep(db, sent, lease_s=LEASE_S, now=t0 + REQUEUE_AFTER_S + 0.1)
     ((message, _),) = sent.messages
     assert (message.attempt, message.try_number) == (4, 2)  # one retry since the resume
 
@@ -160,7 +163,7 @@ def test_racing_sweepers_act_once(db: Any, claimed: bool) -> None:
 
     def sweeper() -> None:
         barrier.wait()
-        reports.append(sweep(db, sent, lease_s=LEASE_S, now=t0 + LEASE_S + 0.1))
+        reports.append(sweep(db, sent, lease_s=LEASE_S, now=t0 + REQUEUE_AFTER_S + 0.1))
 
     threads = [threading.Thread(target=sweeper) for _ in range(4)]
     for t in threads:

@@ -26,7 +26,8 @@ def test_defaults_from_an_empty_environment() -> None:
     assert s.redis_url == "redis://localhost:6379/0"
     assert s.flows == ()
     assert s.lease_seconds == 10.0
-    assert s.sweep_seconds == 4.0
+    assert s.sweep_seconds == 1.0
+    assert (s.heartbeat_seconds, s.max_crashes, s.step_timeout) == (1.0, 3, None)
     assert s.sqlite_synchronous == "NORMAL"
 
 
@@ -266,3 +267,21 @@ def test_settings_module_imports_no_heavy_dependency() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_recovery_settings_come_from_the_environment_and_are_checked() -> None:
+    env = {
+        "POCOFLOW_HEARTBEAT_SECONDS": "0.5",
+        "POCOFLOW_MAX_CRASHES": "5",
+        "POCOFLOW_STEP_TIMEOUT": "30",
+    }
+    s = Settings.from_env(env)
+    assert (s.heartbeat_seconds, s.max_crashes, s.step_timeout) == (0.5, 5, 30.0)
+    for var, bad in [
+        ("POCOFLOW_MAX_CRASHES", "0"),
+        ("POCOFLOW_MAX_CRASHES", "many"),
+        ("POCOFLOW_STEP_TIMEOUT", "-1"),
+        ("POCOFLOW_HEARTBEAT_SECONDS", "0"),
+    ]:
+        with pytest.raises(ValueError, match=var):
+            Settings.from_env({var: bad})

@@ -1,0 +1,362 @@
+"""Queries for fast, bounded recovery (G3): worker heartbeats, the steps a dead worker
+held (running or only received), poison counting and the bulk re-send after a broker
+lost its messages.
+
+Every time compared across hosts is the database's clock (``db_clock``), never a host's:
+a worker whose clock runs ahead must not declare live workers dead. Tests inject ``now``
+(a number) instead, exactly as the ``pf_steps`` functions take it.
+
+Called through the ``LedgerClient`` plumbing of the ``WorkflowDB`` a worker already holds
+(one transaction per call, lock retries, errors naming the run): see the facade
+functions at the bottom.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Float, and_, bindparam, func, literal, or_, select, tuple_, update
+from sqlalchemy.engine import Connection
+
+from pocoflow.ledger import steps
+from pocoflow.ledger.common import DbEpoch, insert_ignore
+from pocoflow.ledger.tables import LIVE_RUN_STATUSES, literal_in, pf_runs, pf_steps, pf_workers
+
+if TYPE_CHECKING:
+    from sqlalchemy.sql.elements import ColumnElement
+
+    from pocoflow.ledger.client import LedgerClient
+
+_s = pf_steps.c
+_w = pf_workers.c
+_r = pf_runs.c
+# The run of a step is one the sweeper looks after (queued, running, waiting: the
+# partial index ix_pf_runs_live, whose predicate is repeated literally).
+_LIVE_RUN = select(_r.run_id).where(
+    _r.run_id == _s.run_id, literal_in(_r.status, LIVE_RUN_STATUSES)
+)
+
+#: Outcomes after which a step only goes on through a resume, which starts afresh: crash
+#: counting (and the try number) restart after them.
+FRESH_START_AFTER = frozenset({"failed", "refused", "cancelled", "terminated"})
+#: The outcome ``take_over`` records for the attempt of a holder that stopped answering.
+CRASHED_OUTCOME = "lost"
+
+
+def db_clock(now: float | None) -> ColumnElement[float]:
+    """``now`` as a bound number when a test injects it, else the database's clock."""
+    return DbEpoch() if now is None else literal(float(now), Float)
+
+
+def read_clock(conn: Connection) -> float:
+    return float(conn.execute(select(DbEpoch())).scalar_one())
+
+
+# ── heartbeats ───────────────────────────────────────────────────────────────
+
+_KEY = and_(
+    _s.run_id == bindparam("b_run_id"),
+    _s.step == bindparam("b_step"),
+    _s.attempt == bindparam("b_attempt"),
+)
+_MARK_RECEIVED = (
+    update(pf_steps)
+    .where(
+        _KEY, _s.status == "queued", or_(_s.received_by.is_(None), _s.received_by != bindparam("w"))
+    )
+    .values(received_by=bindparam("w"))
+)
+
+
+def beat(
+    conn: Connection,
+    dialect: str,
+    worker: str,
+    host: str,
+    pid: int,
+    received: list[tuple[str, int, int]],
+    now: float | None,
+) -> None:
+    """Record that ``worker`` is alive, and that it holds the (not started) messages
+    ``received`` = ``[(run_id, step, attempt)]``: one transaction, off the step's path."""
+    clock = db_clock(now)
+    hit = conn.execute(
+        update(pf_workers).where(_w.worker_id == worker).values(beat_at=clock)
+    ).rowcount
+    if not hit:
+        row = {"worker_id": worker, "host": host, "pid": pid, "started_at": clock, "beat_at": clock}
+        conn.execute(insert_ignore(dialect, pf_workers, "worker_id").values(**row))
+    if received:
+        conn.execute(
+            _MARK_RECEIVED,
+            [{"b_run_id": r, "b_step": s, "b_attempt": a, "w": worker} for r, s, a in received],
+        )
+
+
+def bury(conn: Connection, worker: str) -> None:
+    """A worker stopping cleanly: dead at once, so what it received is sent again now."""
+    conn.execute(update(pf_workers).where(_w.worker_id == worker).values(beat_at=0.0))
+
+
+def prune(conn: Connection, older_than_s: float, now: float | None) -> int:
+    """Forget workers silent for ``older_than_s`` (their steps were recovered long ago)."""
+    stmt = pf_workers.delete().where(_w.beat_at < db_clock(now) - older_than_s)
+    return conn.execute(stmt).rowcount
+
+
+# ── what dead workers held ───────────────────────────────────────────────────
+
+
+def _dead(is_worker: Any, dead_after_s: float, now: float | None) -> Any:
+    silent = select(_w.worker_id).where(is_worker, _w.beat_at < db_clock(now) - dead_after_s)
+    return silent.exists()
+
+
+# A running step's lease owner is the claim's holder token, ``<worker id>#<n>`` (one per
+# delivery, see executor): the worker is the part before the last '#'.
+_HOLDER_IS_WORKER = func.substr(_s.lease_owner, 1, func.length(_w.worker_id) + 1) == (
+    _w.worker_id + "#"
+)
+
+
+def dead_holders(
+    conn: Connection, dead_after_s: float, now: float | None, limit: int
+) -> list[dict[str, Any]]:
+    """Steps of live runs that a silent worker process was running (lease owner) or held
+    unstarted (received), whatever their lease says: the sweeper recovers them now."""
+    running = select(pf_steps).where(
+        _s.status == "running", _dead(_HOLDER_IS_WORKER, dead_after_s, now), _LIVE_RUN.exists()
+    )
+    received = select(pf_steps).where(
+        _s.status == "queued",
+        _s.received_by.is_not(None),
+        _dead(_w.worker_id == _s.received_by, dead_after_s, now),
+        _LIVE_RUN.exists(),
+    )
+    rows = [dict(r) for r in conn.execute(running.limit(limit)).mappings()]
+    rows += [dict(r) for r in conn.execute(received.limit(limit)).mappings()]
+    return rows
+
+
+def take_over_dead(
+    conn: Connection, run_id: str, step: int, attempt: int, owner: str, lease_s: float
+) -> int | None:
+    """Re-queue a step whose lease ``owner`` died under ``attempt + 1`` (fencing it out,
+    G1) and end its attempt as lost; None if the step moved on meanwhile."""
+    clock = DbEpoch()
+    stmt = (
+        update(pf_steps)
+        .where(
+            _s.run_id == run_id,
+            _s.step == step,
+            _s.attempt == attempt,
+            _s.status == "running",
+            _s.lease_owner == owner,
+        )
+        .values(
+            attempt=_s.attempt + 1,
+            status="queued",
+            lease_owner=None,
+            lease_expires_at=clock + lease_s,
+            sent_at=None,
+            task_id=None,
+            received_by=None,
+            queued_at=clock,
+        )
+    )
+    if conn.execute(stmt).rowcount != 1:
+        return None
+    steps.end_attempt(conn, run_id, step, attempt, None, CRASHED_OUTCOME, None, read_clock(conn))
+    return attempt + 1
+
+
+def release_received(
+    conn: Connection, run_id: str, step: int, attempt: int, receiver: str, lease_s: float
+) -> bool:
+    """A dead worker's unstarted message: forget the receiver and lease the step afresh
+    for its re-send under the same attempt; one sweeper wins."""
+    clock = DbEpoch()
+    stmt = (
+        update(pf_steps)
+        .where(
+            _s.run_id == run_id,
+            _s.step == step,
+            _s.attempt == attempt,
+            _s.status == "queued",
+            _s.received_by == receiver,
+        )
+        .values(received_by=None, queued_at=clock, lease_expires_at=clock + lease_s)
+    )
+    return conn.execute(stmt).rowcount == 1
+
+
+def hold_waiting(conn: Connection, requeue_after_s: float, now: float | None) -> int:
+    """Every queued step whose lease ran out but that has waited less than
+    ``requeue_after_s``: most likely behind a long queue, so its lease is pushed to
+    ``queued_at + requeue_after_s`` without a re-send (no duplicate storm). One
+    statement for the whole backlog, so a deep queue costs one write per sweep."""
+    clock = db_clock(now)
+    stmt = (
+        update(pf_steps)
+        .where(
+            _s.status == "queued",
+            _s.lease_expires_at < clock,
+            _s.queued_at + requeue_after_s > clock,
+        )
+        .values(lease_expires_at=_s.queued_at + requeue_after_s)
+    )
+    return conn.execute(stmt).rowcount
+
+
+def hold_busy(conn: Connection, requeue_after_s: float, cap_s: float, now: float | None) -> int:
+    """The broker still has messages waiting: every expired queued step that has waited
+    less than ``cap_s`` is most likely among them, so its lease is pushed
+    ``requeue_after_s`` from now, without a re-send (one statement)."""
+    clock = db_clock(now)
+    stmt = (
+        update(pf_steps)
+        .where(_s.status == "queued", _s.lease_expires_at < clock, _s.queued_at + cap_s > clock)
+        .values(lease_expires_at=clock + requeue_after_s)
+    )
+    return conn.execute(stmt).rowcount
+
+
+def queued_page(
+    conn: Connection, after: tuple[str, int] | None, limit: int
+) -> list[dict[str, Any]]:
+    """Queued steps of live runs whose message went to the broker, with the run's flow
+    and queue, in key order after ``after``: what a broker that lost its messages must
+    get again. Keyset pages, so 10,000 lost messages cost a few queries, not 10,000."""
+    stmt = (
+        select(pf_steps, _r.flow_name, _r.queue)
+        .join(pf_runs, _r.run_id == _s.run_id)
+        .where(
+            _s.status == "queued",
+            _s.sent_at.is_not(None),
+            literal_in(_r.status, LIVE_RUN_STATUSES),
+        )
+        .order_by(_s.run_id, _s.step)
+        .limit(limit)
+    )
+    if after is not None:
+        stmt = stmt.where(tuple_(_s.run_id, _s.step) > tuple_(literal(after[0]), literal(after[1])))
+    return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
+def queue_names(conn: Connection, default: str) -> list[str]:
+    """Broker queues the queued steps of live runs went to (``default`` for NULL)."""
+    stmt = (
+        select(func.coalesce(_r.queue, default))
+        .where(
+            _r.status.in_(("queued", "running")),
+            select(_s.run_id).where(_s.run_id == _r.run_id, _s.status == "queued").exists(),
+        )
+        .distinct()
+    )
+    return sorted({default, *conn.execute(stmt).scalars()})
+
+
+def crashes(attempts: list[dict[str, Any]], step: int) -> tuple[int, int]:
+    """(attempts of ``step`` lost with their worker, retries) since the step last ended
+    for good: what the poison limit and the try number count (pure; takes the rows)."""
+    lost = retries = 0
+    for row in reversed([a for a in attempts if a["step"] == step]):
+        if row["outcome"] in FRESH_START_AFTER:
+            break
+        lost += row["outcome"] == CRASHED_OUTCOME
+        retries += row["outcome"] == "retry"
+    return lost, retries
+
+
+def count_workers(conn: Connection, dead_after_s: float, now: float | None) -> int:
+    """Worker processes heard from within ``dead_after_s``."""
+    stmt = select(func.count()).where(_w.beat_at >= db_clock(now) - dead_after_s)
+    return int(conn.execute(stmt).scalar_one())
+
+
+# ── facade: the calls workers and sweepers make ──────────────────────────────
+
+
+def record_beat(
+    db: LedgerClient,
+    worker: str,
+    host: str,
+    pid: int,
+    received: list[tuple[str, int, int]] = (),  # type: ignore[assignment]
+    *,
+    now: float | None = None,
+) -> None:
+    dialect = db.dialect
+    db._write(
+        lambda conn: beat(conn, dialect, worker, host, pid, list(received), now),
+        f"recording the heartbeat of worker {worker}",
+        None,
+    )
+
+
+def record_stop(db: LedgerClient, worker: str) -> None:
+    db._write(lambda conn: bury(conn, worker), f"recording worker {worker} stopped", None)
+
+
+def prune_workers(db: LedgerClient, older_than_s: float, now: float | None = None) -> int:
+    return db._write(lambda conn: prune(conn, older_than_s, now), "pruning workers", None)
+
+
+def held_by_dead(
+    db: LedgerClient, dead_after_s: float, now: float | None = None, limit: int = 1000
+) -> list[dict[str, Any]]:
+    return db._read(lambda conn: dead_holders(conn, dead_after_s, now, limit))
+
+
+def recover_running(
+    db: LedgerClient, run_id: str, step: int, attempt: int, owner: str, lease_s: float
+) -> int | None:
+    return db._write(
+        lambda conn: take_over_dead(conn, run_id, step, attempt, owner, lease_s),
+        f"taking over step {step} from dead worker {owner}",
+        run_id,
+    )
+
+
+def recover_received(
+    db: LedgerClient, run_id: str, step: int, attempt: int, receiver: str, lease_s: float
+) -> bool:
+    return db._write(
+        lambda conn: release_received(conn, run_id, step, attempt, receiver, lease_s),
+        f"releasing step {step} from dead worker {receiver}",
+        run_id,
+    )
+
+
+def postpone_while_busy(
+    db: LedgerClient, requeue_after_s: float, cap_s: float, now: float | None = None
+) -> int:
+    return db._write(
+        lambda conn: hold_busy(conn, requeue_after_s, cap_s, now), "postponing queued steps", None
+    )
+
+
+def postpone_waiting(db: LedgerClient, requeue_after_s: float, now: float | None = None) -> int:
+    return db._write(
+        lambda conn: hold_waiting(conn, requeue_after_s, now), "postponing queued steps", None
+    )
+
+
+def queued_steps(
+    db: LedgerClient, after: tuple[str, int] | None = None, limit: int = 1000
+) -> list[dict[str, Any]]:
+    return db._read(lambda conn: queued_page(conn, after, limit))
+
+
+def queues_in_use(db: LedgerClient, default: str) -> list[str]:
+    return db._read(lambda conn: queue_names(conn, default))
+
+
+def live_workers(db: LedgerClient, dead_after_s: float, now: float | None = None) -> int:
+    return db._read(lambda conn: count_workers(conn, dead_after_s, now))
+
+
+def database_now(db: LedgerClient) -> float:
+    """The database's clock, read once: a sweep's one notion of now, whichever host runs
+    it (a sweeper whose host clock runs ahead resends and takes over nothing early)."""
+    return db._read(read_clock)

@@ -1,0 +1,239 @@
+"""Fast, bounded recovery on both ledgers with an injected clock (G3): a worker process
+that stops beating loses its running step and its prefetched messages within
+``dead_after``, whatever their leases say; a step lost with its worker ``max_crashes``
+times fails its run as a poison step; a broker that lost its messages gets every queued
+step again in one sweep."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pocoflow.distributed import sweeper
+from pocoflow.distributed.sweeper import sweep
+from pocoflow.ledger import liveness
+from tests.ledger.test_sweeper import Sent, submitted
+
+pytestmark = pytest.mark.ledger
+
+LONG_LEASE_S = 60.0  # far beyond every sweep below: only liveness can find the orphans
+DEAD_AFTER_S = 3.0
+
+
+def swept(db: Any, sent: Sent, now: float, **kw: Any) -> sweeper.SweepReport:
+    return sweep(db, sent, lease_s=LONG_LEASE_S, now=now, dead_after_s=DEAD_AFTER_S, **kw)
+
+
+def test_a_dead_workers_running_step_is_taken_over_long_before_its_lease_ends(db: Any) -> None:
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    assert db.claim_step(first.run_id, 0, 1, "host:11", LONG_LEASE_S, now=t0)
+    liveness.record_beat(db, "host:11", "host", 11, now=t0)
+    sent = Sent(db)
+    assert not swept(db, sent, t0 + DEAD_AFTER_S - 0.1)  # beat recently: alive
+    liveness.record_beat(db, "host:11", "host", 11, now=t0 + 1)  # still beating
+    assert not swept(db, sent, t0 + 1 + DEAD_AFTER_S - 0.1)
+    report = swept(db, sent, t0 + 1 + DEAD_AFTER_S + 0.1)  # silent for dead_after
+    assert report.taken_over == [(first.run_id, 0, 2)]
+    ((message, _),) = sent.messages
+    assert (message.attempt, message.try_number) == (2, 1)
+    (old,) = db.get_attempts(first.run_id)
+    assert old["outcome"] == "lost"
+    assert not db.claim_step(first.run_id, 0, 1, "host:11", LONG_LEASE_S, now=t0 + 5)  # fenced
+
+
+def test_a_dead_workers_prefetched_message_is_sent_again_under_its_attempt(db: Any) -> None:
+    first, t0 = submitted(db)
+    second, _ = submitted(db)
+    for run in (first, second):
+        db.mark_sent(run.run_id, 0, 1, now=t0)
+    liveness.record_beat(db, "host:21", "host", 21, [(first.run_id, 0, 1)], now=t0)
+    liveness.record_beat(db, "host:22", "host", 22, [(second.run_id, 0, 1)], now=t0)
+    assert db.get_step(first.run_id, 0)["received_by"] == "host:21"
+    liveness.record_beat(db, "host:22", "host", 22, now=t0 + DEAD_AFTER_S)  # 22 lives on
+    sent = Sent(db)
+    report = swept(db, sent, t0 + DEAD_AFTER_S + 0.1)
+    assert report.resent == [(first.run_id, 0)]  # only the dead receiver's message
+    assert [(m.run_id, m.attempt) for m, _ in sent.messages] == [(first.run_id, 1)]
+    assert db.get_step(first.run_id, 0)["received_by"] is None
+    assert not swept(db, sent, t0 + DEAD_AFTER_S + 0.2)  # once
+    assert db.claim_step(first.run_id, 0, 1, "host:23", LONG_LEASE_S, now=t0 + 4)
+
+
+def test_a_step_lost_with_its_worker_max_crashes_times_fails_its_run(db: Any) -> None:
+    poison, t0 = submitted(db)
+    healthy, _ = submitted(db)
+    run_id = poison.run_id
+    db.mark_sent(run_id, 0, 1, now=t0)
+    sent = Sent(db)
+    for crash in range(1, 4):
+        t = t0 + 10 * crash
+        worker = f"host:{100 + crash}"
+        assert db.claim_step(run_id, 0, crash, worker, LONG_LEASE_S, now=t)
+        liveness.record_beat(db, worker, "host", 100 + crash, now=t)
+        report = swept(db, sent, t + DEAD_AFTER_S + 0.1, max_crashes=3)
+        if crash < 3:
+            assert report.taken_over == [(run_id, 0, crash + 1)]
+    assert report.poisoned == [(run_id, 0)] and not report.taken_over
+    assert [m.attempt for m, _ in sent.messages if m.run_id == run_id] == [2, 3]  # no 3rd
+    run = db.get_run(run_id)
+    assert run["status"] == "failed"
+    assert "lost with its worker 3 times" in run["error_msg"]
+    assert "POCOFLOW_MAX_CRASHES" in run["error_msg"] and "node 'a'" in run["error_msg"]
+    assert db.get_step(run_id, 0)["status"] == "failed"
+    assert db.get_run(healthy.run_id)["status"] in ("queued", "running")  # others go on
+
+
+class LostOnce:
+    """A broker sentinel that reports one loss, then none (what BrokerSentinel does with
+    a Redis that restarted empty)."""
+
+    def __init__(self) -> None:
+        self.looks = 0
+        self.restored = False
+
+    def lost(self, queues: Any = None) -> bool:
+        self.looks += 1
+        return self.looks == 1
+
+    def set(self) -> None:
+        self.restored = True
+
+
+def test_a_broker_loss_sends_every_queued_step_again_in_one_sweep(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sweeper, "BULK_PAGE", 7)  # several pages without thousands of runs
+    runs = [submitted(db)[0] for _ in range(30)]
+    t0 = max(db.get_step(r.run_id, 0)["queued_at"] for r in runs)
+    for run in runs:
+        db.mark_sent(run.run_id, 0, 1, now=t0)
+    claimed = runs[0]  # running on a live worker: its message is not in the broker
+    assert db.claim_step(claimed.run_id, 0, 1, "host:31", LONG_LEASE_S, now=t0)
+    sentinel = LostOnce()
+    sent = Sent(db)
+    report = swept(db, sent, t0 + 0.5, sentinel=sentinel)  # old code: 100 per 4 s sweep
+    assert report.bulk_resent == 29 and sentinel.restored
+    assert sorted(m.run_id for m, _ in sent.messages) == sorted(r.run_id for r in runs[1:])
+    assert {m.attempt for m, _ in sent.messages} == {1}
+    assert not swept(db, sent, t0 + 0.6, sentinel=sentinel)
+
+
+def test_broker_sentinel_reports_a_flushed_broker_once(fake_redis: Any) -> None:
+    sentinel = sweeper.BrokerSentinel(fake_redis)
+    fake_redis.lpush("pocoflow", "a message")  # a fresh broker with a backlog: no loss
+    assert not sentinel.lost()
+    assert not sweeper.BrokerSentinel(fake_redis).lost()  # the key is set now
+    fake_redis.flushdb()
+    assert sentinel.lost()
+    assert not sweeper.BrokerSentinel(fake_redis).lost()  # another sweeper: already on it
+    sentinel.set()
+    assert not sentinel.lost()
+
+
+def test_a_first_look_at_an_empty_broker_without_sentinel_is_a_loss(fake_redis: Any) -> None:
+    """Queued steps in the ledger, nothing in the broker, never marked: their messages
+    are gone (a broker restarted empty before any worker looked)."""
+    assert sweeper.BrokerSentinel(fake_redis).lost(lambda: ["pocoflow", "gpu"])
+
+
+def test_queues_in_use_names_the_queues_of_queued_steps(db: Any) -> None:
+    submitted(db, queue="gpu")
+    submitted(db)
+    assert liveness.queues_in_use(db, "pocoflow") == ["gpu", "pocoflow"]
+
+
+def test_heartbeats_use_the_database_clock(db: Any) -> None:
+    liveness.record_beat(db, "host:41", "host", 41)
+    (row,) = db._read(lambda conn: list(conn.execute(liveness.pf_workers.select()).mappings()))
+    clock = db._read(liveness.read_clock)
+    assert clock - 5 < row["beat_at"] <= clock
+    assert liveness.live_workers(db, DEAD_AFTER_S) == 1
+    assert liveness.live_workers(db, DEAD_AFTER_S, now=row["beat_at"] + DEAD_AFTER_S + 1) == 0
+    liveness.record_stop(db, "host:41")  # a clean stop: dead at once
+    assert liveness.live_workers(db, DEAD_AFTER_S) == 0
+    assert liveness.prune_workers(db, 3600) == 1
+
+
+@pytest.fixture
+def fake_redis() -> Any:
+    import fakeredis
+
+    return fakeredis.FakeRedis()
+
+
+def test_the_heartbeat_thread_records_what_its_process_holds(db: Any) -> None:
+    from pocoflow.distributed import liveness as process_liveness
+    from tests.helpers import wait_until
+
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    held = {(first.run_id, 0, 1)}
+    heartbeat = process_liveness.ensure(db, "host:51", 0.2, held=lambda: held)
+    try:
+        assert liveness.live_workers(db, DEAD_AFTER_S) == 1  # first beat before returning
+        wait_until(lambda: db.get_step(first.run_id, 0)["received_by"] == "host:51", 10)
+    finally:
+        process_liveness.stop(heartbeat)
+    assert liveness.live_workers(db, DEAD_AFTER_S) == 0  # a clean stop buries the row
+    report = swept(db, Sent(db), t0 + 0.5)
+    assert report.resent == [(first.run_id, 0)]
+
+
+def test_celery_held_lists_prefetched_and_countdown_messages_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from celery.worker import state
+
+    from pocoflow.distributed.celery_app import TASK_NAME
+    from pocoflow.distributed.liveness import celery_held
+
+    class Request:
+        def __init__(self, body: Any, name: str = TASK_NAME) -> None:
+            self.name, self.args = name, [body]
+
+    waiting = Request({"run_id": "r", "step": 1, "attempt": 2})
+    running = Request({"run_id": "r", "step": 0, "attempt": 1})
+    countdown = Request({"run_id": "s", "step": 3, "attempt": 4})
+    other = Request({"run_id": "t", "step": 0, "attempt": 1}, name="other.task")
+    garbled = Request("not a dict")
+    monkeypatch.setattr(state, "reserved_requests", {waiting, running, other, garbled})
+    monkeypatch.setattr(state, "active_requests", {running})
+    monkeypatch.setattr(state, "scheduled_requests", {countdown})
+    assert celery_held(TASK_NAME)() == {("r", 1, 2), ("s", 3, 4)}
+
+
+def test_a_sweeper_whose_clock_runs_ahead_declares_no_live_worker_dead(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    assert db.claim_step(first.run_id, 0, 1, "host:61", 7200.0, now=t0)
+    liveness.record_beat(db, "host:61", "host", 61)  # on the database's clock
+    real = time.time
+    monkeypatch.setattr(sweeper.time, "time", lambda: real() + 3600)  # an hour ahead
+    report = sweep(db, Sent(db), lease_s=7200.0, dead_after_s=DEAD_AFTER_S)
+    assert not report.taken_over
+
+
+def test_a_step_due_for_a_resend_waits_while_the_broker_has_messages(
+    db: Any, fake_redis: Any
+) -> None:
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    sentinel = sweeper.BrokerSentinel(fake_redis)
+    sentinel.set()
+    fake_redis.lpush("pocoflow", "a message ahead of ours")
+    sent = Sent(db)
+    due = t0 + sweeper.REQUEUE_AFTER_S + 0.1
+    assert not swept(db, sent, due, sentinel=sentinel)  # the backlog is still draining
+    fake_redis.delete("pocoflow")
+    later = due + sweeper.REQUEUE_AFTER_S + 0.1
+    assert swept(db, sent, later, sentinel=sentinel).resent == [(first.run_id, 0)]
+    # Under constant load a loss is still found, after REQUEUE_CAP_S.
+    fake_redis.lpush("pocoflow", "more work")
+    capped = later + sweeper.REQUEUE_CAP_S + 0.1
+    assert swept(db, sent, capped, sentinel=sentinel).resent == [(first.run_id, 0)]
