@@ -173,18 +173,18 @@ def sweep(
             continue
         if row["status"] == "running":
             owner = row["lease_owner"]
-            new_attempt = liveness.recover_running(
-                db, row["run_id"], row["step"], row["attempt"], owner, lease_s
+            _recover(
+                db,
+                publish,
+                run,
+                row,
+                lambda r=row, o=owner: liveness.recover_running(
+                    db, r["run_id"], r["step"], r["attempt"], o, lease_s
+                ),
+                "its worker stopped beating",
+                max_crashes,
+                report,
             )
-            if new_attempt is not None:
-                _log.warning(
-                    "Step %d of run %s: worker %s stopped beating; re-running as attempt %d",
-                    row["step"],
-                    row["run_id"],
-                    owner,
-                    new_attempt,
-                )
-                _rerun(db, publish, run, row, new_attempt, owner, max_crashes, report)
             continue
         receiver = row["received_by"]
         if liveness.recover_received(
@@ -226,48 +226,71 @@ def sweep(
                 if publish(_message(db, run, row, row["attempt"]), queue=run.get("queue")):
                     report.resent.append((row["run_id"], row["step"]))
             continue
-        new_attempt = db.take_over(row["run_id"], row["step"], row["attempt"], lease_s, now=now)
-        if new_attempt is None:  # another sweeper (or the holder's renewal) won
-            continue
-        _log.warning(
-            "Step %d of run %s: lease of attempt %d expired; re-running as attempt %d",
-            row["step"],
-            row["run_id"],
-            row["attempt"],
-            new_attempt,
+        _recover(
+            db,
+            publish,
+            run,
+            row,
+            lambda r=row: db.take_over(r["run_id"], r["step"], r["attempt"], lease_s, now=now),
+            "its lease expired",
+            max_crashes,
+            report,
         )
-        _rerun(db, publish, run, row, new_attempt, row["lease_owner"], max_crashes, report)
     return report
 
 
-def _rerun(
+def _recover(
     db: WorkflowDB,
     publish: Publish,
     run: dict[str, Any],
     row: dict[str, Any],
-    new_attempt: int,
-    owner: str | None,
+    take_over: Callable[[], int | None],
+    why: str,
     max_crashes: int,
     report: SweepReport,
 ) -> None:
-    """Send a taken-over step as ``new_attempt``, or fail its run if the step was lost
-    with its worker ``max_crashes`` times in a row (a poison step)."""
-    run_id, step = row["run_id"], row["step"]
+    """A claimed step whose holder is gone: fail its run if this is the
+    ``max_crashes``-th attempt in a row lost with its worker (a poison step), else take
+    it over (``take_over``: new attempt, fencing the holder out, G1) and send it.
+
+    The poison verdict is written as the dead holder's failure (``fail_run`` fenced on
+    its claim), so a holder that was only slow and commits first wins, and the step row,
+    the attempt row, the events and the run's status change in one transaction."""
+    run_id, step, owner = row["run_id"], row["step"], row["lease_owner"]
     lost, retries = liveness.crashes(db.get_attempts(run_id), step)
-    if lost >= max_crashes:
+    if lost + 1 >= max_crashes:
         error = (
             f"Step {step} (node {row['node_id']!r}) of run {run_id} was lost with its worker "
-            f"{lost} times in a row (last on {owner}): a poison step, whose exec likely "
+            f"{lost + 1} times in a row (last on {owner}): a poison step, whose exec likely "
             "kills its process (os._exit, a segfault, the OOM killer). Fix the node or "
             "raise POCOFLOW_MAX_CRASHES, then resume the run."
         )
-        if db.fail_step(run_id, step, new_attempt):
-            lifecycle.fail_run(
-                db, run_id, error, step=step, node_name=row["node_id"], attempt=new_attempt
-            )
+        if lifecycle.fail_run(
+            db,
+            run_id,
+            error,
+            step=step,
+            attempt=row["attempt"],
+            holder=owner,
+            worker=owner.rpartition("#")[0] or owner,
+            node_name=row["node_id"],
+            outcome=liveness.CRASHED_OUTCOME,
+        ):
             report.poisoned.append((run_id, step))
             _log.error("%s", error)
         return
+    new_attempt = take_over()
+    if new_attempt is None:  # another sweeper (or the holder's renewal) won
+        return
+    _log.warning(
+        "Step %d of run %s: %s (attempt %d on %s); re-running as attempt %d",
+        step,
+        run_id,
+        why,
+        row["attempt"],
+        owner,
+        new_attempt,
+    )
     report.taken_over.append((run_id, step, new_attempt))
     message = StepMessage(
         run_id=run_id,

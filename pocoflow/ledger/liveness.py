@@ -113,9 +113,10 @@ def _dead(is_worker: Any, dead_after_s: float, now: float | None) -> Any:
 
 
 # A running step's lease owner is the claim's holder token, ``<worker id>#<n>`` (one per
-# delivery, see executor): the worker is the part before the last '#'.
-_HOLDER_IS_WORKER = func.substr(_s.lease_owner, 1, func.length(_w.worker_id) + 1) == (
-    _w.worker_id + "#"
+# delivery, see executor), or the worker id itself (``claim_step`` without a holder).
+_HOLDER_IS_WORKER = or_(
+    _s.lease_owner == _w.worker_id,
+    func.substr(_s.lease_owner, 1, func.length(_w.worker_id) + 1) == _w.worker_id + "#",
 )
 
 

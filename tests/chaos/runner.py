@@ -332,7 +332,7 @@ def run_round(
     chaos.ensure_workers()
     starts = [{"count": rng.randrange(1000), "nap_s": 0.1} for _ in range(runs)]
     run_ids = [chaos.submit("nap_chain", start) for start in starts]
-    poison = chaos.submit("poison", {"count": 0}) if fault == "poison" else None
+    poison = chaos.submit("poison_kill", {"count": 0}) if fault == "poison" else None
     # In flight: some run has committed a step or two.
     _quietly(lambda: _wait(lambda: any(chaos.db.count_committed(r) >= 2 for r in run_ids), timeout))
     injected_at = time.monotonic()

@@ -113,9 +113,9 @@ class Poison(Node):
         return "default"
 
 
-@flow("poison")
-def poison_flow() -> Flow:
-    """Increment -> Poison -> Increment."""
+@flow("poison_kill")
+def poison_kill_flow() -> Flow:
+    """Increment -> Poison -> Increment (SIGKILL; recovery_flows has the os._exit one)."""
     first, poison, last = Increment(name="before"), Poison(), Increment(name="after")
     first.then("default", poison)
     poison.then("default", last)

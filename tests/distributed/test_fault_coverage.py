@@ -193,26 +193,3 @@ def test_resume_force_through_the_cli_accepts_the_workers_graph(live: Cluster) -
     assert run["status"] == "completed"
     assert handle.store().as_dict() == {"count": 3, "trail": ["first", "second", "third"]}
     assert checkpoint_steps(live.db, handle.run_id) == [0, 1, 2]
-
-
-POISON_BOUND_S = 3 * RECOVERY_BOUND_S  # three crashed attempts (the issue's default)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 6: a poison step (its exec kills the worker process) is re-run forever; "
-    "it must fail its run after a bounded number of crashed attempts",
-)
-def test_a_poison_step_fails_its_run_after_bounded_crashes(live: Cluster) -> None:
-    poison = live.submit("poison", {"count": 0})
-    try:
-        other = live.submit("counter", {"count": 0})
-        assert other.wait(timeout=TIMEOUT_S).as_dict() == local_result("counter", {"count": 0})
-        wait_until(lambda: live.db.get_run(poison.run_id)["status"] == "failed", POISON_BOUND_S)
-        run = live.db.get_run(poison.run_id)
-        assert run["error_msg"]  # the reason (crashed attempts), for the operator
-        assert poison.store().as_dict() == {"count": 1, "trail": ["before"]}  # step 0 kept
-        assert checkpoint_steps(live.db, poison.run_id) == [0]
-    finally:
-        if live.db.get_run(poison.run_id)["status"] not in ("failed", "completed"):
-            poison.cancel(terminate=True)  # stop it bouncing through the next tests
