@@ -167,6 +167,22 @@ class FaultProxy:
     def heal(self) -> None:
         self._flowing.set()
 
+    def server_side_addresses(self) -> set[str]:
+        """``host:port`` of this proxy's connections to its server, as the server names
+        its clients (Redis ``CLIENT LIST`` addr, PostgreSQL ``pg_stat_activity``): which
+        of the server's sessions belong to the client behind this proxy."""
+        with self._lock:
+            sockets = list(self._sockets)
+        found = set()
+        for sock in sockets:
+            try:
+                if sock.getpeername()[:2] == self.target:
+                    host, port = sock.getsockname()[:2]
+                    found.add(f"{host}:{port}")
+            except OSError:  # closed meanwhile
+                continue
+        return found
+
     def reset(self) -> None:
         """Close every connection now (the server restarted, a NAT forgot them)."""
         with self._lock:

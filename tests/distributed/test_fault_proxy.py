@@ -1,6 +1,6 @@
 """The partition proxy itself, against a loopback echo server: bytes flow, a partition
 holds them (both ways) until it heals, a reset closes every connection, and it refuses
-to proxy anything but loopback."""
+to proxy anything but loopback; it names its sessions as the server sees them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.distributed.faults import FaultProxy
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.distributed
 
@@ -73,3 +74,18 @@ def test_urls_point_at_the_proxy_and_only_loopback_is_proxied(echo_port: int) ->
         proxy.close()
     with pytest.raises(ValueError, match="loopback"):
         FaultProxy(80, target_host="192.0.2.1")
+
+
+def test_server_side_addresses_name_the_proxied_sessions_as_the_server_sees_them() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(5)
+    proxy = FaultProxy(server.getsockname()[1])
+    try:
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        conn, (host, port) = server.accept()
+        assert wait_until(proxy.server_side_addresses, 5) == {f"{host}:{port}"}
+        conn.close()
+        client.close()
+    finally:
+        proxy.close()
+        server.close()
