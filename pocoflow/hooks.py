@@ -25,6 +25,8 @@ RUN_PAUSED = "run_paused"
 RUN_RESUMED = "run_resumed"
 # A step message a worker could not decode (recorded when its run id was readable).
 MESSAGE_MALFORMED = "message_malformed"
+# An attempt that finished after its lease was taken over: its commit was refused (G1).
+COMMIT_REFUSED = "commit_refused"
 
 _log = get_logger("hooks")
 

@@ -33,7 +33,7 @@ from pocoflow.distributed.control import FlagReader, redis_client
 from pocoflow.distributed.graphs import GraphCache, mismatch_message
 from pocoflow.distributed.lease import LeaseKeeper
 from pocoflow.distributed.message import MalformedMessage, StepMessage
-from pocoflow.hooks import FLOW_END, MESSAGE_MALFORMED, NODE_RETRY
+from pocoflow.hooks import COMMIT_REFUSED, FLOW_END, MESSAGE_MALFORMED, NODE_RETRY
 from pocoflow.logging import get_logger
 from pocoflow.registry import UnknownFlowError
 from pocoflow.settings import Settings
@@ -451,13 +451,15 @@ class _StepRun:
             holder=self.holder,
         )
         if not db.commit_step(commit, now=now):
-            self._end(LOST, "another attempt took over or committed this step first")
-            _log.warning(
-                "Step %d of run %s: attempt %d lost its lease; its result was discarded",
-                msg.step,
-                msg.run_id,
-                msg.attempt,
+            why = (
+                f"attempt {msg.attempt} on {self.worker} finished after its lease was taken "
+                "over (or another attempt committed first); its result was discarded"
             )
+            self._end(LOST, why)
+            # The attempt row may be closed already (the sweeper's take-over): the event
+            # is what tells the run's story of a late worker (a partition, a freeze).
+            self._record(COMMIT_REFUSED, why)
+            _log.warning("Step %d of run %s: %s", msg.step, msg.run_id, why)
             return LOST
         if next_step is not None:
             self.ctx.keep(msg.run_id, msg.flow, msg.step, loaded.store, loaded.tracker)
@@ -536,6 +538,17 @@ class _StepRun:
             return LOST
         _log.error("%s", error_msg)
         return REFUSED
+
+    def _record(self, event: str, error_msg: str) -> None:
+        """An event on the run for what happened to this delivery; the ledger blinking
+        must not turn a refused commit into a crash, so a failed write is only logged."""
+        msg = self.msg
+        try:
+            self.db.save_event(
+                msg.run_id, event, step=msg.step, attempt=msg.attempt, error_msg=error_msg
+            )
+        except Exception as exc:
+            _log.warning("Could not record %s on run %s: %s", event, msg.run_id, exc)
 
     def _end(self, outcome: str, error_msg: str | None = None) -> None:
         msg = self.msg

@@ -160,10 +160,30 @@ def _sqlite_engine(url: URL, synchronous: str, busy_timeout_s: float) -> Engine:
     return engine
 
 
+#: Server-side limits on every ledger session. A worker cut off (partition, frozen host)
+#: between an UPDATE and its COMMIT keeps its row locks until the server notices; with
+#: PostgreSQL's defaults (no idle-in-transaction limit, TCP keepalive after 2 h) the
+#: sweeper's take-over of its step would wait that long (G3). No ledger transaction idles:
+#: each runs its statements back to back, so 5 s only ever ends a session that is gone.
+#: The keepalives make the server find a dead peer of an idle session in ~11 s.
+POSTGRES_SESSION_OPTIONS = (
+    "-c idle_in_transaction_session_timeout=5000 "
+    "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3"
+)
+
+
 def _postgres_engine(url: URL) -> Engine:
     # No pool_pre_ping: it costs a round trip per checkout on the hot path; a dropped
     # connection is invalidated by SQLAlchemy and the ledger retries the call once.
-    return create_engine(url, pool_size=5, max_overflow=10, hide_parameters=True)
+    users = url.query.get("options")
+    options = POSTGRES_SESSION_OPTIONS if not users else f"{POSTGRES_SESSION_OPTIONS} {users}"
+    return create_engine(
+        url,
+        pool_size=5,
+        max_overflow=10,
+        hide_parameters=True,
+        connect_args={"options": options},
+    )
 
 
 @dataclass(eq=False, repr=False)

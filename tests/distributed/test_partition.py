@@ -7,9 +7,8 @@ while the winner still runs the step, only the fence (attempt and holder token o
 ``pf_steps``) stands between the late commit and the ledger; after the run finished,
 the late commit meets the winner's checkpoint and successor row too.
 
-The refusal is seen in the cut-off worker's log: the take-over already closed attempt
-1's ``pf_attempts`` row as ``lost``, so the executor's own record of the refused commit
-(``end_attempt`` on an open row) changes nothing in the ledger.
+The refusal is recorded on the run as a ``commit_refused`` event naming the late attempt
+(the take-over already closed attempt 1's ``pf_attempts`` row as ``lost``).
 
 PostgreSQL only, because a partition needs a network link to cut: the cut-off worker
 reaches Redis and PostgreSQL through ``FaultProxy`` instances, the other worker directly.
@@ -39,6 +38,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from pocoflow.devcluster import WorkerProcess
+from pocoflow.hooks import COMMIT_REFUSED
 from pocoflow.runner import RunHandle
 from tests.distributed import fault_flows  # noqa: F401  (registers the long flow here)
 from tests.distributed.conftest import Cluster, _broker, _ledger
@@ -64,8 +64,6 @@ RERUN_BOUND_S = 10.0
 #: Long enough that the cut (at most ~1 s after the step starts) lands mid-exec and that
 #: the winner still runs when the loser's commit arrives (a few seconds after the cut).
 LONG_S = 5.0
-#: What the executor logs when the ledger refuses a commit (``executor._commit``).
-REFUSED = "Step {step} of run {run_id}: attempt {attempt} lost its lease; its result was"
 
 
 class Partitioned:
@@ -177,8 +175,11 @@ def _cut_mid_step(live: Cluster, partitioned: Partitioned, handle: RunHandle) ->
 
 
 def _refused(partitioned: Partitioned, run_id: str, attempt: int) -> bool:
-    line = REFUSED.format(step=STEP, run_id=run_id, attempt=attempt)
-    return line in partitioned.cut.log()
+    """The ledger recorded the refusal of ``attempt``'s late commit (``executor._commit``)."""
+    return any(
+        e["event"] == COMMIT_REFUSED and e["step"] == STEP and e["attempt"] == attempt
+        for e in partitioned.cluster.db.get_events(run_id)
+    )
 
 
 def test_a_late_commit_from_a_healed_partition_is_fenced_out_while_the_winner_runs(
