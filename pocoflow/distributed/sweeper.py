@@ -60,8 +60,11 @@ def sweep(
     """One pass: resend unsent outbox rows older than ``grace_s``; then, for runs still
     live (not paused or finished), resend under the same attempt the expired steps nobody
     claimed, and take over (new attempt, fencing the old holder) the expired ones that a
-    worker had claimed."""
-    now = time.time() if now is None else now
+    worker had claimed.
+
+    ``now`` defaults to the database's clock, read once: the leases were written on it,
+    and a sweeper on a host whose clock runs ahead must not take over live steps (G3)."""
+    now = db.clock() if now is None else now
     report = SweepReport()
     runs: dict[str, dict[str, Any] | None] = {}
 

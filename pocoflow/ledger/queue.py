@@ -248,6 +248,13 @@ class StepQueue(LedgerClient):
         """Broker task ids of the run's queued or running steps (for revoke)."""
         return self._read(lambda conn: steps.task_ids(conn, run_id), run_id)
 
+    def clock(self) -> float:
+        """The database's clock (epoch seconds), the clock every lease is written and
+        compared on: a caller that computes with times outside SQL (the sweeper's
+        countdowns, its ``now``) reads it here, never from its own host, whose clock may
+        run ahead and take over live steps (G3)."""
+        return self._read(steps.clock)
+
     def expired_steps(self, now: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Steps whose lease ran out (worker died, message lost) of runs still going, oldest
         lease first: the sweeper takes them over (G3)."""

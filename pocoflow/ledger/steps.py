@@ -24,7 +24,7 @@ from sqlalchemy.sql.dml import Insert
 
 from pocoflow.commit import NextStep, StepFailure
 from pocoflow.ledger import events, pipeline, runs
-from pocoflow.ledger.common import NOW, insert_ignore, iso_now
+from pocoflow.ledger.common import DB_CLOCK, NOW, insert_ignore, iso_now
 from pocoflow.ledger.pipeline import Op
 from pocoflow.ledger.tables import (
     ACTIVE_STEP_STATUSES,
@@ -414,6 +414,10 @@ def task_ids(conn: Connection, run_id: str) -> list[str]:
 
 def attempts(conn: Connection, run_id: str) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(_GET_ATTEMPTS, {"run_id": run_id}).mappings()]
+
+
+def clock(conn: Connection) -> float:
+    return float(conn.execute(DB_CLOCK).scalar_one())
 
 
 def expired(conn: Connection, now: float | None, limit: int) -> list[dict[str, Any]]:

@@ -172,3 +172,23 @@ def test_racing_sweepers_act_once(db: Any, claimed: bool) -> None:
     expected = 2 if claimed else 1
     assert [m.attempt for m, _ in sent.messages] == [expected]
     assert db.get_step(first.run_id, 0)["attempt"] == expected
+
+
+def test_a_sweeper_whose_host_clock_is_ahead_takes_over_no_live_step(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leases are written on the database's clock; the sweep must compare them with that
+    clock too, or a sweeper on a host running ahead takes over (and doubles) every live
+    step (issue 6 defect 9). Nothing injected: the sweep reads the clock itself."""
+    first, _ = submitted(db)
+    db.mark_sent(first.run_id, 0, 1)
+    assert db.claim_step(first.run_id, 0, 1, "live:1", 30.0)
+    second, _ = submitted(db)  # sent, not yet claimed: its message is in the queue
+    db.mark_sent(second.run_id, 0, 1)
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() + 3600.0)  # this host runs an hour ahead
+    sent = Sent(db)
+    assert not sweep(db, sent, lease_s=30.0)
+    assert sent.messages == []
+    assert db.get_step(first.run_id, 0)["attempt"] == 1
+    assert db.get_step(second.run_id, 0)["attempt"] == 1
