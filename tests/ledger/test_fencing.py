@@ -82,6 +82,23 @@ def test_a_frozen_holder_cannot_commit_onto_a_step_failed_by_the_new_holder(db: 
     assert db.get_run("r1")["status"] == "failed" and db.get_checkpoints("r1") == []
 
 
+def test_a_frozen_holder_cannot_schedule_a_retry_of_its_attempt_claimed_again(
+    db: Any,
+) -> None:
+    """A retry's take-over is the holder's own: a frozen holder whose exec raised must not
+    re-queue the step another delivery of the same attempt now runs (which would fence
+    that live holder out and run exec once more)."""
+    start_run(db)
+    db.update_run("r1", status="running")
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+    assert db.claim_step("r1", 0, 1, "w1", lease_s=10, now=100.0)
+    assert db.claim_step("r1", 0, 1, "w2", lease_s=10, now=111.0)
+    assert db.take_over("r1", 0, 1, 10, now=112.0, holder="w1") is None
+    row = db.get_step("r1", 0)
+    assert (row["attempt"], row["status"], row["lease_owner"]) == (1, "running", "w2")
+    assert db.take_over("r1", 0, 1, 10, now=112.0, holder="w2") == 2  # its own retry
+
+
 def test_two_deliveries_in_one_process_do_not_share_a_lease(
     db: Any, ctx: WorkerContext, publish: Publish
 ) -> None:
