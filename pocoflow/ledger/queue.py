@@ -128,8 +128,11 @@ class StepQueue(LedgerClient):
         runnable_only: bool,
     ) -> tuple[bool, dict[str, Any] | None]:
         token = holder or worker
+        tries = 0
 
         def body(conn: Any) -> tuple[bool, dict[str, Any] | None]:
+            nonlocal tries
+            tries += 1
             run = runs.get(conn, run_id) if runnable_only else None
             if runnable_only and (
                 run is None or run["status"] not in ("queued", "running") or run["control"]
@@ -147,6 +150,7 @@ class StepQueue(LedgerClient):
                 task_id,
                 node_id=node_id,
                 if_runnable=runnable_only,
+                retried=tries > 1,  # only a lost COMMIT can have left its row (txn.run)
             ):
                 raise txn.Abort((False, run))  # roll back: PostgreSQL sent the whole batch
             return True, run

@@ -294,3 +294,22 @@ def test_a_failing_statement_does_not_print_store_values(db: Any) -> None:
     with pytest.raises(Exception) as failure:
         txn.run(db._ledger, lambda conn: conn.execute(insert(pf_values), row), write=True, what="x")
     assert secret not in str(failure.value) and secret not in repr(failure.value)
+
+
+def test_a_retried_claim_opens_its_attempt_row_once(db: Any) -> None:
+    """The claim's retry after a lost COMMIT (PostgreSQL: test_unknown_outcome) writes the
+    attempt row only if its first try's row is not there; on both ledgers."""
+    from pocoflow.ledger import steps
+
+    start_run(db)
+    db.update_run("r1", status="running")
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+
+    def retried_claim(conn: Any) -> bool:
+        return steps.claim(conn, "r1", 0, 1, "w1", "w1#1", 10, 100.0, "t1", retried=True)
+
+    assert db._write(retried_claim, "claiming", "r1")  # the first try never landed: opens it
+    assert db._write(retried_claim, "claiming", "r1")  # it landed: wins again, no second row
+    rows = [(a["attempt"], a["worker"], a["task_id"], a["ended_at"]) for a in db.get_attempts("r1")]
+    assert rows == [(1, "w1", "t1", None)]
+    assert db.get_attempts("r1")[0]["started_at"] == 100.0
