@@ -313,3 +313,27 @@ def test_a_retried_claim_opens_its_attempt_row_once(db: Any) -> None:
     rows = [(a["attempt"], a["worker"], a["task_id"], a["ended_at"]) for a in db.get_attempts("r1")]
     assert rows == [(1, "w1", "t1", None)]
     assert db.get_attempts("r1")[0]["started_at"] == 100.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pf_attempts rows are closed per (attempt, worker), not per holder: the live "
+    "delivery's commit also closes the frozen one's row as committed (review r1, not fixed)",
+)
+def test_two_holders_in_one_process_close_only_their_own_attempt_rows(db: Any) -> None:
+    """Two deliveries of one attempt in one process (threads pool) share the worker id;
+    each must close its own ``pf_attempts`` row. Today the live holder's commit closes the
+    frozen holder's row as committed too (and a frozen holder's ``lost`` would close the
+    live one's): the audit shows two commits, and the lost-COMMIT recognition (``_own``)
+    of the frozen holder would take the live holder's commit for its own."""
+    manifest = start_run(db)
+    db.update_run("r1", status="running")
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+    assert db.claim_step("r1", 0, 1, "h:1", lease_s=10, now=100.0, holder="h:1#1")
+    assert db.claim_step("r1", 0, 1, "h:1", lease_s=10, now=111.0, holder="h:1#2")
+    live = make_commit("r1", 0, manifest, {"n": 2}, attempt=1, worker="h:1", holder="h:1#2")
+    assert db.commit_step(live, now=112.0)
+    frozen = make_commit("r1", 0, manifest, {"n": 1}, attempt=1, worker="h:1", holder="h:1#1")
+    assert not db.commit_step(frozen, now=113.0)
+    db.end_attempt("r1", 0, 1, "h:1", "lost", now=113.0)  # what its executor then records
+    assert sorted(a["outcome"] for a in db.get_attempts("r1")) == ["committed", "lost"]
