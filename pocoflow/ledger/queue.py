@@ -216,7 +216,10 @@ class StepQueue(LedgerClient):
                 raise txn.Abort(False)
             return True
 
-        return self._write(body, f"failing step {f.step}", f.run_id)
+        def own_failure(conn: Any, done: bool) -> bool:  # a COMMIT whose outcome was lost
+            return done or steps.failed_by(conn, f)
+
+        return self._write(body, f"failing step {f.step}", f.run_id, confirm=own_failure)
 
     def take_over(
         self,

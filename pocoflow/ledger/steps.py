@@ -348,6 +348,18 @@ def fail(conn: Connection, f: StepFailure, now: float | None) -> bool:
     return pipeline.run(conn, ops)
 
 
+def failed_by(conn: Connection, f: StepFailure) -> bool:
+    """The step row shows ``f`` landed: failed under ``f.attempt`` by ``f.holder`` (only
+    that holder's claim can fail the step, and the failure leaves its token in place)."""
+    row = get(conn, f.run_id, f.step)
+    return (
+        row is not None
+        and row["status"] == "failed"
+        and row["attempt"] == f.attempt
+        and row["lease_owner"] == f.holder
+    )
+
+
 def take_over(
     conn: Connection,
     run_id: str,
