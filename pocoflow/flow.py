@@ -16,7 +16,7 @@ from uuid import uuid4
 
 from pocoflow.errors import RunSetupError, StepConflict, UnknownRunError
 from pocoflow.graph import Graph
-from pocoflow.hooks import RUN_CANCELLED, RUN_PAUSED, RUN_RESUMED, Hooks
+from pocoflow.hooks import RUN_CANCELLED, RUN_RESUMED, Hooks
 from pocoflow.logging import get_logger
 from pocoflow.node import Node
 from pocoflow.recorder import RunRecorder, open_ledger
@@ -294,10 +294,12 @@ class Flow(Node):
                 if requested == "pause" and not self._hold_for_ledger(recorder, control, step):
                     return self._cancelled(recorder, control, step, store, current.name, False)
             if not is_running():
-                recorder.ended_early(step, "paused", RUN_PAUSED, None)
+                recorder.hold(step)
                 control.wait_until_resumed()
-                if not control.cancelled and recorder.db is not None:
-                    recorder.db.update_run(run_id, status="running")
+                # A cancel from another process while held ended the run (G4): go on only
+                # if the run is still this process's paused run.
+                if not control.cancelled and not recorder.release(step):
+                    return self._cancelled(recorder, control, step, store, current.name, False)
             if cancel_probe():
                 return self._cancelled(recorder, control, step, store, current.name)
             if step >= self.max_steps:

@@ -161,16 +161,28 @@ class RunRecorder:
         if self.db.update_run_if(self.run_id, status_in=("paused",), status="running"):
             self.db.save_event(self.run_id, RUN_RESUMED, step=step, ts=utc_now())
 
+    def hold(self, step: int) -> None:
+        """The run's own handle paused it before ``step``: ``paused`` in the ledger, unless
+        another process cancelled it meanwhile (compare-and-set: the cancel stands). The
+        event goes first, so whoever sees the status ``paused`` finds its event."""
+        if self.db is not None:
+            self.db.save_event(self.run_id, RUN_PAUSED, step=step, ts=utc_now())
+            self.db.update_run_if(self.run_id, status_in=("running",), status="paused")
+
+    def release(self, step: int) -> bool:
+        """The handle resumed the run held by ``hold``: ``running`` again. False if the run
+        is no longer paused (``pocoflow cancel`` landed while it was held): stop, G4."""
+        return self.db is None or self.db.update_run_if(
+            self.run_id, status_in=("paused",), status="running"
+        )
+
     def ended_early(self, step: int, status: str, event: str, error_msg: str | None) -> None:
-        """The run stopped before its graph ended: failed, cancelled or paused."""
+        """The run stopped before its graph ended: failed or cancelled."""
         if self.db is None:
             return
         now = utc_now()
         self.db.save_event(self.run_id, event, step=step, error_msg=error_msg, ts=now)
-        fields: dict[str, Any] = {"status": status, "error_msg": error_msg}
-        if status != "paused":
-            fields["completed_at"] = now
-        self.db.update_run(self.run_id, **fields)
+        self.db.update_run(self.run_id, status=status, error_msg=error_msg, completed_at=now)
 
     def failed(self, step: int, events: list[dict[str, Any]], error_msg: str) -> None:
         if self.db is None:

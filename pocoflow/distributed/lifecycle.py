@@ -8,7 +8,6 @@ consistent state: the row, not anybody's earlier read, decides.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -180,14 +179,18 @@ def requeue_outstanding(
     The next step follows the latest checkpoint. A take-over that finds the step moved on
     tells why: committed meanwhile (a late worker's commit) -> the step after it;
     taken by another process -> nothing sent; taken by this very call, whose write landed
-    although its connection was lost at COMMIT (the row shows this call's ``now`` as
-    ``queued_at``) -> sent. Only a checkpoint that ends the run says ``ended``. ``exec``
+    although its connection was lost at COMMIT (the row shows this call's ``now``, the
+    database's clock read once, as ``queued_at``) -> sent. Only a checkpoint that ends the run says ``ended``. ``exec``
     tries start again at 1: a resume is a new start.
     """
     run = db.get_run(run_id)
     if run is None:
         raise KeyError(f"Unknown run id {run_id!r}")
-    t = time.time() if now is None else now
+    # The database's clock, as every lease: a resumer whose host runs ahead must not
+    # lease the step far into the future (a lost message would wait that long, G3). Read
+    # once, it is also this call's write token in ``queued_at`` (two resumers reading the
+    # same instant both send the step: one message too many, which the claim absorbs).
+    t = db.clock() if now is None else now
     for _ in range(REQUEUE_ROUNDS):
         latest = db.latest_checkpoint(run_id)
         if latest is None:

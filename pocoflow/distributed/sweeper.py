@@ -142,7 +142,7 @@ def sweep(
     sweeper whose host clock runs ahead must not declare live workers dead nor take over
     live leases."""
     injected = now
-    now = liveness.database_now(db) if now is None else now
+    now = db.clock() if now is None else now
     report = SweepReport()
     runs: dict[str, dict[str, Any] | None] = {}
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import JSON, ColumnElement, Float, Integer, Table, bindparam, cast, func
+from sqlalchemy import JSON, ColumnElement, Float, Integer, Table, bindparam, cast, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.dml import Insert
@@ -57,6 +57,11 @@ NOW: ColumnElement[float] = func.coalesce(bindparam("now", type_=Float), DbEpoch
 the database's own clock. Leases are written and compared by one clock whichever host
 runs the worker or the sweeper (a host whose clock is ahead takes over no live step),
 and reading it costs no round trip: it is part of the statement that needs it (G3)."""
+
+DB_CLOCK = select(DbEpoch())
+"""The database's clock read on its own: for the few callers that must do arithmetic on
+it outside SQL (a sweep's countdowns, a resume's write token), once per call, off the
+step's path."""
 
 
 @cache

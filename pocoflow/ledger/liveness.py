@@ -48,10 +48,6 @@ def db_clock(now: float | None) -> ColumnElement[float]:
     return DbEpoch() if now is None else literal(float(now), Float)
 
 
-def read_clock(conn: Connection) -> float:
-    return float(conn.execute(select(DbEpoch())).scalar_one())
-
-
 # ── heartbeats ───────────────────────────────────────────────────────────────
 
 _KEY = and_(
@@ -167,7 +163,7 @@ def take_over_dead(
     )
     if conn.execute(stmt).rowcount != 1:
         return None
-    steps.end_attempt(conn, run_id, step, attempt, None, CRASHED_OUTCOME, None, read_clock(conn))
+    steps.end_attempt(conn, run_id, step, attempt, None, CRASHED_OUTCOME, None, steps.clock(conn))
     return attempt + 1
 
 
@@ -355,9 +351,3 @@ def queues_in_use(db: LedgerClient, default: str) -> list[str]:
 
 def live_workers(db: LedgerClient, dead_after_s: float, now: float | None = None) -> int:
     return db._read(lambda conn: count_workers(conn, dead_after_s, now))
-
-
-def database_now(db: LedgerClient) -> float:
-    """The database's clock, read once: a sweep's one notion of now, whichever host runs
-    it (a sweeper whose host clock runs ahead resends and takes over nothing early)."""
-    return db._read(read_clock)

@@ -128,8 +128,11 @@ class StepQueue(LedgerClient):
         runnable_only: bool,
     ) -> tuple[bool, dict[str, Any] | None]:
         token = holder or worker
+        tries = 0
 
         def body(conn: Any) -> tuple[bool, dict[str, Any] | None]:
+            nonlocal tries
+            tries += 1
             run = runs.get(conn, run_id) if runnable_only else None
             if runnable_only and (
                 run is None or run["status"] not in ("queued", "running") or run["control"]
@@ -147,6 +150,7 @@ class StepQueue(LedgerClient):
                 task_id,
                 node_id=node_id,
                 if_runnable=runnable_only,
+                retried=tries > 1,  # only a lost COMMIT can have left its row (txn.run)
             ):
                 raise txn.Abort((False, run))  # roll back: PostgreSQL sent the whole batch
             return True, run
@@ -212,7 +216,10 @@ class StepQueue(LedgerClient):
                 raise txn.Abort(False)
             return True
 
-        return self._write(body, f"failing step {f.step}", f.run_id)
+        def own_failure(conn: Any, done: bool) -> bool:  # a COMMIT whose outcome was lost
+            return done or steps.failed_by(conn, f)
+
+        return self._write(body, f"failing step {f.step}", f.run_id, confirm=own_failure)
 
     def take_over(
         self,
@@ -247,6 +254,13 @@ class StepQueue(LedgerClient):
     def running_task_ids(self, run_id: str) -> list[str]:
         """Broker task ids of the run's queued or running steps (for revoke)."""
         return self._read(lambda conn: steps.task_ids(conn, run_id), run_id)
+
+    def clock(self) -> float:
+        """The database's clock (epoch seconds), the clock every lease is written and
+        compared on: a caller that computes with times outside SQL (the sweeper's
+        countdowns, its ``now``) reads it here, never from its own host, whose clock may
+        run ahead and take over live steps (G3)."""
+        return self._read(steps.clock)
 
     def expired_steps(self, now: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Steps whose lease ran out (worker died, message lost) of runs still going, oldest

@@ -18,13 +18,13 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Integer, Text, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.dml import Insert
 
 from pocoflow.commit import NextStep, StepFailure
 from pocoflow.ledger import events, pipeline, runs
-from pocoflow.ledger.common import NOW, insert_ignore, iso_now
+from pocoflow.ledger.common import DB_CLOCK, NOW, insert_ignore, iso_now
 from pocoflow.ledger.pipeline import Op
 from pocoflow.ledger.tables import (
     ACTIVE_STEP_STATUSES,
@@ -52,6 +52,30 @@ _OUTBOX_TIMES = {
     "created_at": NOW,
 }
 _INSERT_ATTEMPT = insert(pf_attempts).values(started_at=NOW)
+# The same, unless this worker's row of the attempt is open already: a claim retried after
+# its COMMIT's outcome was lost wins again (its own holder holds the row) and must not open
+# a second row, which the sweeper would count as a second crash or retry.
+_INSERT_ATTEMPT_ONCE = insert(pf_attempts).from_select(
+    ["run_id", "step", "attempt", "worker", "started_at", "task_id"],
+    select(
+        bindparam("run_id", type_=Text),
+        bindparam("step", type_=Integer),
+        bindparam("attempt", type_=Integer),
+        bindparam("worker", type_=Text),
+        NOW,
+        bindparam("task_id", type_=Text),
+    ).where(
+        ~select(_a.id)
+        .where(
+            _a.run_id == bindparam("run_id"),
+            _a.step == bindparam("step"),
+            _a.attempt == bindparam("attempt"),
+            _a.worker == bindparam("worker"),
+            _a.ended_at.is_(None),
+        )
+        .exists()
+    ),
+)
 _MARK_SENT = (
     update(pf_steps)
     .where(_FENCE, _s.sent_at.is_(None))
@@ -262,6 +286,7 @@ def claim(
     *,
     node_id: str | None = None,
     if_runnable: bool = False,
+    retried: bool = False,
 ) -> bool:
     """Take the lease for ``attempt`` as ``holder`` and open its ``pf_attempts`` row (of
     ``worker``), in one transaction.
@@ -270,7 +295,8 @@ def claim(
     expired lease (the broker redelivered a dead worker's message) or under this holder
     (a retried transaction). With ``node_id``, only if the ledger recorded that node for
     the step (a message cannot choose what runs); with ``if_runnable``, only while the run
-    may go on, decided by this statement (G4).
+    may go on, decided by this statement (G4). ``retried``: a try of the same call went
+    before, whose COMMIT may have landed; its attempt row is then not opened twice.
     """
     params = _key(run_id, step, attempt)
     params.update(holder=holder, now=now, lease_s=lease_s, b_node_id=node_id)
@@ -278,7 +304,11 @@ def claim(
     attempt_row = _attempt_row(run_id, step, attempt, worker, now, task_id)
     # A batch because claiming is on every step's path (see pipeline.run).
     return pipeline.run(
-        conn, [Op(stmt, params, must_hit_one=True), Op(_INSERT_ATTEMPT, attempt_row)]
+        conn,
+        [
+            Op(stmt, params, must_hit_one=True),
+            Op(_INSERT_ATTEMPT_ONCE if retried else _INSERT_ATTEMPT, attempt_row),
+        ],
     )
 
 
@@ -316,6 +346,18 @@ def fail(conn: Connection, f: StepFailure, now: float | None) -> bool:
         ),
     ]
     return pipeline.run(conn, ops)
+
+
+def failed_by(conn: Connection, f: StepFailure) -> bool:
+    """The step row shows ``f`` landed: failed under ``f.attempt`` by ``f.holder`` (only
+    that holder's claim can fail the step, and the failure leaves its token in place)."""
+    row = get(conn, f.run_id, f.step)
+    return (
+        row is not None
+        and row["status"] == "failed"
+        and row["attempt"] == f.attempt
+        and row["lease_owner"] == f.holder
+    )
 
 
 def take_over(
@@ -414,6 +456,10 @@ def task_ids(conn: Connection, run_id: str) -> list[str]:
 
 def attempts(conn: Connection, run_id: str) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(_GET_ATTEMPTS, {"run_id": run_id}).mappings()]
+
+
+def clock(conn: Connection) -> float:
+    return float(conn.execute(DB_CLOCK).scalar_one())
 
 
 def expired(conn: Connection, now: float | None, limit: int) -> list[dict[str, Any]]:

@@ -82,6 +82,23 @@ def test_a_frozen_holder_cannot_commit_onto_a_step_failed_by_the_new_holder(db: 
     assert db.get_run("r1")["status"] == "failed" and db.get_checkpoints("r1") == []
 
 
+def test_a_frozen_holder_cannot_schedule_a_retry_of_its_attempt_claimed_again(
+    db: Any,
+) -> None:
+    """A retry's take-over is the holder's own: a frozen holder whose exec raised must not
+    re-queue the step another delivery of the same attempt now runs (which would fence
+    that live holder out and run exec once more)."""
+    start_run(db)
+    db.update_run("r1", status="running")
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+    assert db.claim_step("r1", 0, 1, "w1", lease_s=10, now=100.0)
+    assert db.claim_step("r1", 0, 1, "w2", lease_s=10, now=111.0)
+    assert db.take_over("r1", 0, 1, 10, now=112.0, holder="w1") is None
+    row = db.get_step("r1", 0)
+    assert (row["attempt"], row["status"], row["lease_owner"]) == (1, "running", "w2")
+    assert db.take_over("r1", 0, 1, 10, now=112.0, holder="w2") == 2  # its own retry
+
+
 def test_two_deliveries_in_one_process_do_not_share_a_lease(
     db: Any, ctx: WorkerContext, publish: Publish
 ) -> None:
@@ -277,3 +294,46 @@ def test_a_failing_statement_does_not_print_store_values(db: Any) -> None:
     with pytest.raises(Exception) as failure:
         txn.run(db._ledger, lambda conn: conn.execute(insert(pf_values), row), write=True, what="x")
     assert secret not in str(failure.value) and secret not in repr(failure.value)
+
+
+def test_a_retried_claim_opens_its_attempt_row_once(db: Any) -> None:
+    """The claim's retry after a lost COMMIT (PostgreSQL: test_unknown_outcome) writes the
+    attempt row only if its first try's row is not there; on both ledgers."""
+    from pocoflow.ledger import steps
+
+    start_run(db)
+    db.update_run("r1", status="running")
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+
+    def retried_claim(conn: Any) -> bool:
+        return steps.claim(conn, "r1", 0, 1, "w1", "w1#1", 10, 100.0, "t1", retried=True)
+
+    assert db._write(retried_claim, "claiming", "r1")  # the first try never landed: opens it
+    assert db._write(retried_claim, "claiming", "r1")  # it landed: wins again, no second row
+    rows = [(a["attempt"], a["worker"], a["task_id"], a["ended_at"]) for a in db.get_attempts("r1")]
+    assert rows == [(1, "w1", "t1", None)]
+    assert db.get_attempts("r1")[0]["started_at"] == 100.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pf_attempts rows are closed per (attempt, worker), not per holder: the live "
+    "delivery's commit also closes the frozen one's row as committed (review r1, not fixed)",
+)
+def test_two_holders_in_one_process_close_only_their_own_attempt_rows(db: Any) -> None:
+    """Two deliveries of one attempt in one process (threads pool) share the worker id;
+    each must close its own ``pf_attempts`` row. Today the live holder's commit closes the
+    frozen holder's row as committed too (and a frozen holder's ``lost`` would close the
+    live one's): the audit shows two commits, and the lost-COMMIT recognition (``_own``)
+    of the frozen holder would take the live holder's commit for its own."""
+    manifest = start_run(db)
+    db.update_run("r1", status="running")
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+    assert db.claim_step("r1", 0, 1, "h:1", lease_s=10, now=100.0, holder="h:1#1")
+    assert db.claim_step("r1", 0, 1, "h:1", lease_s=10, now=111.0, holder="h:1#2")
+    live = make_commit("r1", 0, manifest, {"n": 2}, attempt=1, worker="h:1", holder="h:1#2")
+    assert db.commit_step(live, now=112.0)
+    frozen = make_commit("r1", 0, manifest, {"n": 1}, attempt=1, worker="h:1", holder="h:1#1")
+    assert not db.commit_step(frozen, now=113.0)
+    db.end_attempt("r1", 0, 1, "h:1", "lost", now=113.0)  # what its executor then records
+    assert sorted(a["outcome"] for a in db.get_attempts("r1")) == ["committed", "lost"]

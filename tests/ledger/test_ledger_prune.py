@@ -156,3 +156,51 @@ def test_pocoflow_prune_command(seeded: Any) -> None:
         args = ["prune", "--older-than", "30d", *bad, "--db", url]
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 2, result.output
+
+
+def test_a_resume_landing_between_the_recheck_and_the_delete_keeps_its_run(
+    seeded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL runs READ COMMITTED: the batch's re-check must lock its run rows, or a
+    resume committed after the re-check read the run still failed has its (now running)
+    run deleted by the batch's DELETE, which no longer looks at the status. SQLite
+    serialises the two writers at BEGIN IMMEDIATE."""
+    import threading
+
+    from sqlalchemy import text
+
+    if seeded.dialect != "postgresql":
+        pytest.skip("SQLite's writers never interleave (BEGIN IMMEDIATE)")
+    real = retention._keyed_tables
+    resumed: list[bool] = []
+
+    def resume_meanwhile() -> list[Any]:
+        monkeypatch.setattr(retention, "_keyed_tables", real)
+        resumer = threading.Thread(
+            target=lambda: resumed.append(
+                seeded.update_run_if("old-12", status_in=("failed",), status="running")
+            )
+        )
+        resumer.start()
+
+        def blocked() -> bool:  # waiting for the batch's row lock
+            with seeded._ledger.engine.connect() as conn:
+                waiting = conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND datname = current_database()"
+                    )
+                ).scalar()
+            return bool(waiting)
+
+        wait_until(lambda: not resumer.is_alive() or blocked(), timeout=10)
+        threads.append(resumer)
+        return real()
+
+    threads: list[threading.Thread] = []
+    monkeypatch.setattr(retention, "_keyed_tables", resume_meanwhile)
+    seeded.prune_runs(30 * DAY)
+    threads[0].join(10)
+    # Either the resume won (the run is kept, running) or the prune did (the run is gone
+    # and the resume found nothing to resume): never a resumed run deleted.
+    assert resumed == ["old-12" in all_run_ids(seeded)]

@@ -147,7 +147,7 @@ def test_queues_in_use_names_the_queues_of_queued_steps(db: Any) -> None:
 def test_heartbeats_use_the_database_clock(db: Any) -> None:
     liveness.record_beat(db, "host:41", "host", 41)
     (row,) = db._read(lambda conn: list(conn.execute(liveness.pf_workers.select()).mappings()))
-    clock = db._read(liveness.read_clock)
+    clock = db.clock()
     assert clock - 5 < row["beat_at"] <= clock
     assert liveness.live_workers(db, DEAD_AFTER_S) == 1
     assert liveness.live_workers(db, DEAD_AFTER_S, now=row["beat_at"] + DEAD_AFTER_S + 1) == 0

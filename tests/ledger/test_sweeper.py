@@ -46,6 +46,8 @@ class Sent:
         self.db.mark_sent(message.run_id, message.step, message.attempt)
         return True
 
+    send = __call__  # as a Publisher, for lifecycle's resumes
+
 
 def submitted(db: Any, *, queue: str | None = None) -> tuple[StepMessage, float]:
     """A run whose step-0 outbox row was written at the returned time and never sent."""
@@ -175,3 +177,44 @@ def test_racing_sweepers_act_once(db: Any, claimed: bool) -> None:
     expected = 2 if claimed else 1
     assert [m.attempt for m, _ in sent.messages] == [expected]
     assert db.get_step(first.run_id, 0)["attempt"] == expected
+
+
+def test_a_sweeper_whose_host_clock_is_ahead_takes_over_no_live_step(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leases are written on the database's clock; the sweep must compare them with that
+    clock too, or a sweeper on a host running ahead takes over (and doubles) every live
+    step (issue 6 defect 9). Nothing injected: the sweep reads the clock itself."""
+    first, _ = submitted(db)
+    db.mark_sent(first.run_id, 0, 1)
+    assert db.claim_step(first.run_id, 0, 1, "live:1", 30.0)
+    second, _ = submitted(db)  # sent, not yet claimed: its message is in the queue
+    db.mark_sent(second.run_id, 0, 1)
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() + 3600.0)  # this host runs an hour ahead
+    sent = Sent(db)
+    assert not sweep(db, sent, lease_s=30.0)
+    assert sent.messages == []
+    assert db.get_step(first.run_id, 0)["attempt"] == 1
+    assert db.get_step(second.run_id, 0)["attempt"] == 1
+
+
+def test_a_resume_on_a_host_whose_clock_is_ahead_leases_on_the_database_clock(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume re-queues the outstanding step with a lease; written on the resuming
+    host's clock an hour ahead, a lost message of that step would wait an hour for the
+    sweeper instead of one lease (G3, issue 6 defect 9)."""
+    first, _ = submitted(db)
+    db.mark_sent(first.run_id, 0, 1)
+    assert lifecycle.request_cancel(db, first.run_id)
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() + 3600.0)  # this host runs an hour ahead
+    sent = Sent(db)
+    assert lifecycle.restart(db, first.run_id, sent, lease_s=LEASE_S)  # type: ignore[arg-type]
+    assert [(m.step, m.attempt) for m, _ in sent.messages] == [(0, 2)]
+    row = db.get_step(first.run_id, 0)
+    assert row["attempt"] == 2
+    db_now = db.clock()
+    assert row["queued_at"] <= db_now
+    assert row["lease_expires_at"] <= db_now + LEASE_S

@@ -411,3 +411,42 @@ def test_a_park_whose_outcome_was_lost_records_the_pause(
     assert killer.fired == 1
     assert db.get_run(first.run_id)["status"] == "paused"
     assert [e["event"] for e in db.get_events(first.run_id)].count(RUN_PAUSED) == 1
+
+
+def test_a_claim_whose_commit_outcome_was_lost_opens_one_attempt_row(
+    db: WorkflowDB, ctx: WorkerContext, publish: Publish, killer: CommitKiller
+) -> None:
+    """The claim's retry wins again (the row is held by its own holder token); it must not
+    open a second ``pf_attempts`` row for the one delivery: the sweeper and the poison
+    limit count those rows (a take-over closes each open one as lost, a retry each as
+    retry), so one crash would count twice."""
+    first = start(db, "exec_three")
+    killer.arm()
+    assert db.claim_if_runnable(first.run_id, 0, 1, "w:1", LEASE_S, holder="w:1#1")[0]
+    assert killer.fired == 1
+    assert [(a["attempt"], a["outcome"]) for a in db.get_attempts(first.run_id)] == [(1, None)]
+    # The worker dies; the take-over closes the attempt once.
+    assert db.take_over(first.run_id, 0, 1, LEASE_S, force=True) == 2
+    assert [(a["attempt"], a["outcome"]) for a in db.get_attempts(first.run_id)] == [(1, "lost")]
+
+
+def test_a_step_failure_whose_outcome_was_lost_reports_the_failure(
+    db: WorkflowDB, ctx: WorkerContext, killer: CommitKiller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failing a step is one transaction (defect 6); when its COMMIT's outcome is lost,
+    the retry's fence misses its own write (the step is failed already): the executor
+    must report the failure, not a lost lease."""
+    import tests.ledger.test_fencing  # noqa: F401  (registers the flow "fence_broken")
+
+    first = start(db, "fence_broken")
+    real_fail_step = db.fail_step
+
+    def fail_step(failure: Any, **kw: Any) -> bool:
+        killer.arm()
+        return real_fail_step(failure, **kw)
+
+    monkeypatch.setattr(db, "fail_step", fail_step)
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "failed"
+    assert killer.fired == 1
+    assert db.get_run(first.run_id)["status"] == "failed"
+    assert [(a["attempt"], a["outcome"]) for a in db.get_attempts(first.run_id)] == [(1, "failed")]
