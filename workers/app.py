@@ -26,10 +26,12 @@ from pocoflow.distributed import liveness
 from pocoflow.distributed.celery_app import TASK_NAME, create_app
 from pocoflow.distributed.control import redis_client
 from pocoflow.distributed.executor import (
+    LEDGER_UNREACHABLE,
     WorkerContext,
     configure,
     default_worker_id,
     execute_step,
+    redelivery_delay,
 )
 from pocoflow.distributed.publish import Publisher, SentMarker
 from pocoflow.distributed.sweeper import BrokerSentinel, SweeperThread
@@ -54,8 +56,12 @@ imported_flow_modules = import_flow_modules(settings.flows)
 
 @app.task(name=TASK_NAME, bind=True, ignore_result=True)
 def step(self: Any, message: dict[str, Any]) -> str:
-    """One node step of one run (see ``execute_step``)."""
-    return execute_step(message, task_id=self.request.id)
+    """One node step of one run (see ``execute_step``); a message that met an unreachable
+    ledger goes back to its queue with a countdown (Celery's retry: same queue, JSON)."""
+    outcome = execute_step(message, task_id=self.request.id)
+    if outcome == LEDGER_UNREACHABLE:
+        raise self.retry(countdown=redelivery_delay(self.request.retries), max_retries=None)
+    return outcome
 
 
 _sweeper: SweeperThread | None = None

@@ -65,6 +65,9 @@ PAUSED = "paused"
 MALFORMED = "malformed"
 UNKNOWN_RUN = "unknown_run"
 CRASHED = "crashed"
+#: The ledger could not be reached before the step was claimed: nothing in the ledger
+#: knows this delivery, so the message itself must come back (``redelivery_delay``).
+LEDGER_UNREACHABLE = "ledger_unreachable"
 
 #: Stores kept for the next step of runs this process just advanced (see keep()).
 HANDOFF_SIZE = 64
@@ -171,16 +174,30 @@ def execute_step(
     Never raises (see module docstring). ``worker_id`` defaults to
     ``default_worker_id()``.
     """
-    ctx = context or default_context()
     worker = worker_id or default_worker_id()
     try:
         msg = StepMessage.from_dict(message)
     except MalformedMessage as error:
-        _record_malformed(ctx.db, error)
+        _record_malformed((context or default_context()).db, error)
         return MALFORMED
+    step_run: _StepRun | None = None
     try:
-        return _StepRun(ctx, msg, worker, task_id).run()
-    except Exception:
+        # Inside the try: a process's first step opens its ledger here.
+        step_run = _StepRun(context or default_context(), msg, worker, task_id)
+        return step_run.run()
+    except Exception as exc:
+        if (step_run is None or not step_run.claimed) and _unreachable(exc):
+            # Early ack took the message off the broker, and the ledger never saw this
+            # delivery (no claim, no received mark): a PostgreSQL restart would lose the
+            # step until the queue backstop. The task sends the message again instead.
+            _log.warning(
+                "Step %d of run %s: the ledger is unreachable before the claim (%s); "
+                "the message will be delivered again",
+                msg.step,
+                msg.run_id,
+                exc,
+            )
+            return LEDGER_UNREACHABLE
         _log.exception(
             "Step %d of run %s (attempt %d) crashed in the executor; its lease will expire "
             "and the sweeper will re-run it",
@@ -189,6 +206,27 @@ def execute_step(
             msg.attempt,
         )
         return CRASHED
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The ledger could not be reached or stayed locked: a reason to try the message
+    again later, unlike a bug or a bad value, which would only fail again."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    from pocoflow.ledger.errors import LedgerConflictError, LedgerLockedError, LedgerOpenError
+
+    if isinstance(exc, LedgerOpenError):  # opening it: unreachable, or a bad URL?
+        return isinstance(exc.__cause__, InterfaceError | OperationalError)
+    return isinstance(
+        exc, InterfaceError | OperationalError | LedgerLockedError | LedgerConflictError
+    )
+
+
+def redelivery_delay(redeliveries: int) -> float:
+    """Seconds before a message that met an unreachable ledger is delivered again: 1, 2,
+    4 ... up to 15, so a short outage costs a second and a long one a message per step
+    every 15 s."""
+    return float(min(2**redeliveries, 15))
 
 
 def _record_malformed(db: WorkflowDB, error: MalformedMessage) -> None:
@@ -227,6 +265,7 @@ class _StepRun:
         # threads pool, a redelivery) are two holders, and only the current one may renew,
         # commit or fail the step (G1).
         self.holder = f"{worker}#{next(_claims)}"
+        self.claimed = False
         self.task_id = task_id
         self._prior: tuple[Store, dict[str, int], dict[str, str]] | None = None
         self._handed: tuple[Store, StoreTracker] | None = None
@@ -260,6 +299,7 @@ class _StepRun:
         run: dict[str, Any] | None = None
         for _ in range(2):
             claimed, run = self._claim()
+            self.claimed = claimed
             if claimed or run is None:
                 break
             stop = self._guard(run)

@@ -71,3 +71,50 @@ def test_a_postgres_restart_mid_run_leaves_every_run_exact(
     # No run was created twice, and the workers serve a new run.
     assert len(live.db.list_runs()) == len(handles)
     assert live.submit("counter", {"count": 0}).wait(timeout=TIMEOUT_S)["count"] == 20
+
+
+#: Far below the 60 s queue backstop (sweeper.REQUEUE_AFTER_S) that would otherwise be the
+#: only thing to find a message consumed while the ledger was down.
+REDELIVERED_WITHIN_S = 20.0
+
+
+def test_a_step_message_consumed_while_postgres_is_down_is_delivered_again(
+    live: Cluster, postgres: PostgresServer
+) -> None:
+    """Early ack takes the message off the broker before the claim; with the ledger down
+    the claim fails and nothing in the ledger knows of that delivery. The worker sends the
+    message back to its queue with a countdown, so the step runs once PostgreSQL is back."""
+    import redis
+    from sqlalchemy import text
+
+    from pocoflow.distributed.message import StepMessage
+    from pocoflow.distributed.sweeper import BrokerSentinel
+
+    # A run whose first message waits in a queue no worker reads, so the test can hand
+    # the workers a copy of it exactly while PostgreSQL is down.
+    handle = live.submit("counter", {"count": 0}, queue="nobody-reads-this")
+    with live.db._ledger.engine.begin() as conn:  # its successors go to the workers' queue
+        conn.execute(
+            text("UPDATE pf_runs SET queue = NULL WHERE run_id = :r"), {"r": handle.run_id}
+        )
+    row = live.db.get_step(handle.run_id, 0)
+    # The sweepers have looked at the broker once (else their first look at an empty
+    # queue could count as a broker loss and re-send the step, hiding what is tested).
+    broker = redis.Redis.from_url(live.settings.broker_url)
+    wait_until(lambda: broker.exists(BrokerSentinel.KEY), TIMEOUT_S)
+    message = StepMessage(handle.run_id, "counter", 0, row["node_id"], row["attempt"])
+    live.db.close()  # no pooled connection to find broken later
+    postgres.stop()
+    try:
+        live.send_raw(message)
+        wait_until(
+            lambda: any(f"Step 0 of run {handle.run_id}" in w.log() for w in live.workers),
+            TIMEOUT_S,
+        )
+    finally:
+        postgres.start()
+    store = handle.wait(timeout=REDELIVERED_WITHIN_S)
+    assert store.as_dict() == local_result("counter", {"count": 0})
+    assert checkpoint_steps(live.db, handle.run_id) == list(range(20))
+    logs = "".join(w.log() for w in live.workers)
+    assert f"Step 0 of run {handle.run_id}: the ledger is unreachable before the claim" in logs
