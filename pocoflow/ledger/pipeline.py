@@ -52,13 +52,12 @@ def _sqlite_direct(conn: Connection, ops: Sequence[Op]) -> bool:
     cur = raw.cursor()
     sql = ""
     try:
-        for op, compiled, rows, many in _batches(conn, ops):
-            sql = compiled.string
-            order = getattr(compiled, "positiontup", None) or ()  # qmark order of SQLite
+        for op, plan, rows, many in _batches(conn, ops):
+            sql = plan.sql
             if many:
-                cur.executemany(sql, [_positional(compiled, order, r) for r in rows])
+                cur.executemany(sql, [plan.positional(r) for r in rows])
             else:
-                cur.execute(sql, _positional(compiled, order, rows[0]))
+                cur.execute(sql, plan.positional(rows[0]))
                 if op.must_hit_one and cur.rowcount != 1:
                     return False
     except sqlite3.Error as exc:
@@ -66,30 +65,57 @@ def _sqlite_direct(conn: Connection, ops: Sequence[Op]) -> bool:
     return True
 
 
+class _Plan:
+    """A statement compiled for one dialect and one set of parameter names, with how to
+    build the driver's parameters from a row without SQLAlchemy's ``construct_params``
+    (which costs more than the statement on SQLite): each bound name either takes a row
+    key or is the statement's own constant (e.g. ``status='committed'``)."""
+
+    __slots__ = ("named", "positions", "sql")
+
+    def __init__(self, compiled: Compiled, keys: tuple[str, ...]) -> None:
+        self.sql: str = compiled.string
+        # Every bound name -> (row key, None) or (None, constant), found by binding a
+        # marker per row key: what construct_params itself would pick.
+        markers = {key: _Marker(key) for key in keys}
+        bound = compiled.construct_params(markers) or {}
+        source = {
+            name: (v.key, None) if isinstance(v, _Marker) else (None, v)
+            for name, v in bound.items()
+        }
+        self.named = tuple((name, *source[name]) for name in bound)
+        order = getattr(compiled, "positiontup", None) or ()  # qmark order of SQLite
+        self.positions = tuple(source[name] for name in order)
+
+    def positional(self, row: Mapping[str, Any]) -> list[Any]:
+        return [row[key] if key is not None else const for key, const in self.positions]
+
+    def params(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        return {name: row[key] if key is not None else c for name, key, c in self.named}
+
+
+class _Marker:
+    __slots__ = ("key",)
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
 def _batches(
     conn: Connection, ops: Sequence[Op]
-) -> Iterator[tuple[Op, Compiled, Sequence[Mapping[str, Any]], bool]]:
-    """Each op with its compiled statement and rows; empty executemanys are skipped."""
+) -> Iterator[tuple[Op, _Plan, Sequence[Mapping[str, Any]], bool]]:
+    """Each op with its compiled plan and rows; empty executemanys are skipped."""
     for op in ops:
         many = not isinstance(op.params, Mapping)
         rows: Sequence[Mapping[str, Any]] = op.params if many else [op.params]  # type: ignore[assignment, list-item]
         if rows:
-            yield op, _compiled(op.stmt, conn.dialect, tuple(rows[0])), rows, many
-
-
-def _positional(compiled: Compiled, order: Sequence[str], row: Mapping[str, Any]) -> list[Any]:
-    params = _params(compiled, row)
-    return [params[name] for name in order]
+            yield op, _plan(op.stmt, conn.dialect, tuple(rows[0])), rows, many
 
 
 @lru_cache(maxsize=256)
-def _compiled(stmt: Executable, dialect: Dialect, keys: tuple[str, ...]) -> Compiled:
-    return stmt.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
-
-
-def _params(compiled: Compiled, row: Mapping[str, Any]) -> dict[str, Any]:
-    """The row plus the statement's own bound values (e.g. ``status='committed'``)."""
-    return dict(compiled.construct_params(row) or {})
+def _plan(stmt: Executable, dialect: Dialect, keys: tuple[str, ...]) -> _Plan:
+    compiled = stmt.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
+    return _Plan(compiled, keys)
 
 
 def _pipelined(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...]) -> bool:
@@ -101,13 +127,13 @@ def _pipelined(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...]) 
     sql = ""
     try:
         with raw.pipeline():
-            for op, compiled, rows, many in _batches(conn, ops):
-                sql = compiled.string
+            for op, plan, rows, many in _batches(conn, ops):
+                sql = plan.sql
                 cur = raw.cursor()
                 if many:
-                    cur.executemany(sql, [_params(compiled, r) for r in rows])
+                    cur.executemany(sql, [plan.params(r) for r in rows])
                 else:
-                    cur.execute(sql, _params(compiled, rows[0]))
+                    cur.execute(sql, plan.params(rows[0]))
                 results.append((cur, op.must_hit_one))
     except psycopg.errors.UniqueViolation as exc:
         if exc.diag.constraint_name in conflicts:
