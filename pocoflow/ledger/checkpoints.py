@@ -10,7 +10,7 @@ returns the whole Store, in one query joining the manifest's members with their 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
 
@@ -223,6 +223,18 @@ def load_texts(
     from it must treat every key as new. Raises ``KeyError`` naming run and step.
     """
     rows = conn.execute(_load_stmt(dialect), {"run_id": run_id, "step": step}).all()
+    return texts_of(rows, run_id, step)
+
+
+def load_op(dialect: str, run_id: str, step: int) -> pipeline.Op:
+    """``load_texts``'s query as part of a batch; ``texts_of`` reads its rows."""
+    return pipeline.Op(_load_stmt(dialect), {"run_id": run_id, "step": step})
+
+
+def texts_of(
+    rows: Sequence[Sequence[Any]], run_id: str, step: int
+) -> tuple[dict[str, int], dict[str, str], dict[str, Any] | None]:
+    """``load_texts`` from the rows of its query (``KeyError`` when there are none)."""
     if not rows:
         raise KeyError(f"No checkpoint for run_id={run_id!r} step={step}")
     legacy, store_json = rows[0][0], rows[0][1]

@@ -37,11 +37,29 @@ def run(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...] = ()) ->
     """Run ``ops`` in the caller's transaction; False if a guard missed or a constraint in
     ``conflicts`` fired. After False the caller must roll back."""
     if conn.dialect.name == "postgresql":
-        return _pipelined(conn, ops, conflicts)
-    return _sqlite_direct(conn, ops)
+        return _pipelined(conn, ops, conflicts, [])
+    return _sqlite_direct(conn, ops, [])
 
 
-def _sqlite_direct(conn: Connection, ops: Sequence[Op]) -> bool:
+def run_reading(conn: Connection, ops: Sequence[Op]) -> tuple[bool, list[list[tuple[Any, ...]]]]:
+    """``run``, also returning the rows (tuples, in the SELECT's column order) of each
+    SELECT in ``ops``: ``[]`` for the other statements, and for those a missed guard left
+    unrun on SQLite. Every op must have parameters (an empty executemany is skipped and
+    would shift the list)."""
+    rows: list[list[tuple[Any, ...]]] = []
+    if conn.dialect.name == "postgresql":
+        ok = _pipelined(conn, ops, (), rows)
+    else:
+        ok = _sqlite_direct(conn, ops, rows)
+    rows += [[] for _ in range(len(ops) - len(rows))]
+    return ok, rows
+
+
+def _rows_of(cur: Any) -> list[tuple[Any, ...]]:
+    return [tuple(row) for row in cur.fetchall()]
+
+
+def _sqlite_direct(conn: Connection, ops: Sequence[Op], out: list[list[tuple[Any, ...]]]) -> bool:
     """The batch through the sqlite3 cursor with SQL compiled once per statement: the
     Core execute path costs more than SQLite's own insert here (about 20 us a statement),
     and a step commit runs seven of them."""
@@ -60,6 +78,7 @@ def _sqlite_direct(conn: Connection, ops: Sequence[Op]) -> bool:
                 cur.execute(sql, plan.positional(rows[0]))
                 if op.must_hit_one and cur.rowcount != 1:
                     return False
+            out.append(_rows_of(cur) if plan.select else [])
     except sqlite3.Error as exc:
         raise DBAPIError.instance(sql, None, exc, sqlite3.Error) from exc
     return True
@@ -71,10 +90,11 @@ class _Plan:
     (which costs more than the statement on SQLite): each bound name either takes a row
     key or is the statement's own constant (e.g. ``status='committed'``)."""
 
-    __slots__ = ("named", "positions", "sql")
+    __slots__ = ("named", "positions", "select", "sql")
 
-    def __init__(self, compiled: Compiled, keys: tuple[str, ...]) -> None:
+    def __init__(self, compiled: Compiled, keys: tuple[str, ...], select: bool) -> None:
         self.sql: str = compiled.string
+        self.select = select
         # Every bound name -> (row key, None) or (None, constant), found by binding a
         # marker per row key: what construct_params itself would pick.
         markers = {key: _Marker(key) for key in keys}
@@ -115,15 +135,20 @@ def _batches(
 @lru_cache(maxsize=256)
 def _plan(stmt: Executable, dialect: Dialect, keys: tuple[str, ...]) -> _Plan:
     compiled = stmt.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
-    return _Plan(compiled, keys)
+    return _Plan(compiled, keys, bool(getattr(stmt, "is_select", False)))
 
 
-def _pipelined(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...]) -> bool:
+def _pipelined(
+    conn: Connection,
+    ops: Sequence[Op],
+    conflicts: tuple[str, ...],
+    out: list[list[tuple[Any, ...]]],
+) -> bool:
     import psycopg
 
     raw = conn.connection.driver_connection
     assert isinstance(raw, psycopg.Connection)
-    results: list[tuple[psycopg.Cursor[Any], bool]] = []
+    results: list[tuple[psycopg.Cursor[Any], bool, bool]] = []
     sql = ""
     try:
         with raw.pipeline():
@@ -134,11 +159,12 @@ def _pipelined(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...]) 
                     cur.executemany(sql, [plan.params(r) for r in rows])
                 else:
                     cur.execute(sql, plan.params(rows[0]))
-                results.append((cur, op.must_hit_one))
+                results.append((cur, op.must_hit_one, plan.select))
     except psycopg.errors.UniqueViolation as exc:
         if exc.diag.constraint_name in conflicts:
             return False
         raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
     except psycopg.Error as exc:
         raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
-    return all(cur.rowcount == 1 for cur, guarded in results if guarded)
+    out.extend(_rows_of(cur) if select else [] for cur, _, select in results)
+    return all(cur.rowcount == 1 for cur, guarded, _ in results if guarded)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Text, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.dml import Insert
 
@@ -51,7 +51,21 @@ _OUTBOX_TIMES = {
     "queued_at": NOW,
     "created_at": NOW,
 }
-_INSERT_ATTEMPT = insert(pf_attempts).values(started_at=NOW)
+# The attempt row of a claim, copied from the step row only while this holder's claim of
+# this attempt holds it: run right after the claim in its batch, it inserts iff the claim
+# took the step, so the batch needs no round trip between them (PostgreSQL sends the
+# whole batch at once) and never inserts for a claim that missed, or for a missing run.
+_INSERT_ATTEMPT = insert(pf_attempts).from_select(
+    ["run_id", "step", "attempt", "worker", "started_at", "task_id"],
+    select(
+        _s.run_id,
+        _s.step,
+        _s.attempt,
+        bindparam("worker", type_=Text),
+        NOW,
+        bindparam("task_id", type_=Text),
+    ).where(_HELD),
+)
 _MARK_SENT = (
     update(pf_steps)
     .where(_FENCE, _s.sent_at.is_(None))
@@ -235,6 +249,17 @@ def fence_op(run_id: str, step: int, attempt: int, holder: str) -> Op:
     return Op(_COMMIT, params, must_hit_one=True)
 
 
+def mark_sent_op(sent: list[tuple[str, int, int, str | None, float | None]]) -> Op:
+    """``mark_sent`` for many ``(run_id, step, attempt, task_id, now)`` as one
+    executemany (one round trip on PostgreSQL, in a pipeline)."""
+    rows = []
+    for run_id, step, attempt, task_id, now in sent:
+        params = _key(run_id, step, attempt)
+        params.update(now=now, task_id=task_id)
+        rows.append(params)
+    return Op(_MARK_SENT, rows)
+
+
 def mark_sent(
     conn: Connection,
     run_id: str,
@@ -272,14 +297,50 @@ def claim(
     the step (a message cannot choose what runs); with ``if_runnable``, only while the run
     may go on, decided by this statement (G4).
     """
+    return claim_reading_run(
+        conn,
+        run_id,
+        step,
+        attempt,
+        worker,
+        holder,
+        lease_s,
+        now,
+        task_id,
+        node_id=node_id,
+        if_runnable=if_runnable,
+        read_run=False,
+    )[0]
+
+
+def claim_reading_run(
+    conn: Connection,
+    run_id: str,
+    step: int,
+    attempt: int,
+    worker: str,
+    holder: str,
+    lease_s: float,
+    now: float | None,
+    task_id: str | None = None,
+    *,
+    node_id: str | None = None,
+    if_runnable: bool = False,
+    read_run: bool = True,
+) -> tuple[bool, dict[str, Any] | None]:
+    """``claim``, with the run's guard columns (``runs.GUARD_COLUMNS``) read in the same batch
+    first: ``(claimed, run)``, run None for an unknown run. One round trip on PostgreSQL
+    for the read, the claim and the attempt row, because every step makes it (G1, G4)."""
     params = _key(run_id, step, attempt)
     params.update(holder=holder, now=now, lease_s=lease_s, b_node_id=node_id)
-    stmt = _CLAIMS[(if_runnable, node_id is not None)]
-    attempt_row = _attempt_row(run_id, step, attempt, worker, now, task_id)
-    # A batch because claiming is on every step's path (see pipeline.run).
-    return pipeline.run(
-        conn, [Op(stmt, params, must_hit_one=True), Op(_INSERT_ATTEMPT, attempt_row)]
-    )
+    # Its own dict: an UPDATE compiled for parameter names that are column names
+    # (task_id) would SET those columns too.
+    attempt_params = {**params, "worker": worker, "task_id": task_id}
+    ops = [runs.guard_op(run_id)] if read_run else []
+    ops += [Op(_CLAIMS[(if_runnable, node_id is not None)], params, must_hit_one=True)]
+    ops += [Op(_INSERT_ATTEMPT, attempt_params)]
+    claimed, rows = pipeline.run_reading(conn, ops)
+    return claimed, runs.guard_row(rows[0]) if read_run else None
 
 
 def renew(
@@ -349,24 +410,6 @@ def renew_queued(
     params = _key(run_id, step, attempt)
     params.update(now=now, lease_s=lease_s)
     return conn.execute(_RELEASE_QUEUED, params).rowcount == 1
-
-
-def _attempt_row(
-    run_id: str,
-    step: int,
-    attempt: int,
-    worker: str | None,
-    now: float | None,
-    task_id: str | None,
-) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "step": step,
-        "attempt": attempt,
-        "worker": worker,
-        "now": now,
-        "task_id": task_id,
-    }
 
 
 def end_attempt_op(
