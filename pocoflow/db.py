@@ -290,7 +290,9 @@ class WorkflowDB(StepQueue):
                 return result
             return True, checkpoints.control_after_commit(conn, c.run_id) if read_control else None
 
-        return self._write(body, f"committing step {c.step}", c.run_id, confirm=own_commit)
+        return self._write(
+            body, f"committing step {c.step}", c.run_id, confirm=own_commit, batched=True
+        )
 
     def get_checkpoints(self, run_id: str) -> list[dict[str, Any]]:
         """Checkpoint rows of the nodes that ran (step >= 0), by step; 0.2 columns plus

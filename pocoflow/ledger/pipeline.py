@@ -14,6 +14,7 @@ like every other ledger error.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -22,6 +23,10 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.compiler import Compiled
 from sqlalchemy.sql.expression import Executable
+
+#: The driver connection whose transaction's BEGIN the next batch must send (set by
+#: ``txn.run(..., batched=True)`` on PostgreSQL, which put it in autocommit for that).
+BEGIN_OWED: ContextVar[Any] = ContextVar("pocoflow_begin_owed", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +143,9 @@ def _plan(stmt: Executable, dialect: Dialect, keys: tuple[str, ...]) -> _Plan:
     return _Plan(compiled, keys, bool(getattr(stmt, "is_select", False)))
 
 
+_PG_IDLE = 0  # libpq's PQTRANS_IDLE
+
+
 def _pipelined(
     conn: Connection,
     ops: Sequence[Op],
@@ -150,8 +158,11 @@ def _pipelined(
     assert isinstance(raw, psycopg.Connection)
     results: list[tuple[psycopg.Cursor[Any], bool, bool]] = []
     sql = ""
+    begin = BEGIN_OWED.get() is raw and raw.pgconn.transaction_status == _PG_IDLE
     try:
         with raw.pipeline():
+            if begin:
+                raw.execute("BEGIN")
             for op, plan, rows, many in _batches(conn, ops):
                 sql = plan.sql
                 cur = raw.cursor()

@@ -151,7 +151,7 @@ class StepQueue(LedgerClient):
                 raise txn.Abort((False, run))  # roll back: PostgreSQL sent the whole batch
             return True, run
 
-        return self._write(body, f"claiming step {step}", run_id)
+        return self._write(body, f"claiming step {step}", run_id, batched=True)
 
     def renew_queued(
         self, run_id: str, step: int, attempt: int, lease_s: float, now: float | None = None
@@ -212,7 +212,7 @@ class StepQueue(LedgerClient):
                 raise txn.Abort(False)
             return True
 
-        return self._write(body, f"failing step {f.step}", f.run_id)
+        return self._write(body, f"failing step {f.step}", f.run_id, batched=True)
 
     def take_over(
         self,

@@ -19,12 +19,14 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
+from pocoflow.ledger import pipeline
 from pocoflow.ledger.engine import LedgerEngine
 from pocoflow.ledger.errors import (
     LedgerConflictError,
@@ -34,6 +36,8 @@ from pocoflow.ledger.errors import (
 )
 
 T = TypeVar("T")
+#: libpq's PQTRANS_IDLE: no transaction open on the connection.
+_PG_IDLE = 0
 
 #: One DEBUG record per lock retry (``extra``: ``ledger_retry``, the retry number from 1,
 #: and ``ledger_run_id``), emitted before the backoff sleep: the contention is visible in
@@ -72,8 +76,14 @@ def run(
     what: str,
     run_id: str | None = None,
     confirm: Callable[[Connection, T], T] | None = None,
+    batched: bool = False,
 ) -> T:
     """Run ``fn(conn)`` in one transaction, committed if it returns, rolled back if it raises.
+
+    ``batched``: ``fn`` starts with a ``pipeline`` batch. On PostgreSQL its BEGIN then
+    goes out inside that batch instead of in a round trip of its own (psycopg sends and
+    syncs a BEGIN alone before a pipeline's first statement): what the claim and the
+    commit of every step do (see ``_begin_in_batch``).
 
     ``write`` asks SQLite for the write lock at BEGIN (so waiting for it is orderly). On
     SQLite the pool's connections run with the driver's transaction handling off
@@ -89,6 +99,7 @@ def run(
     """
     engine = ledger.engine if write else ledger.reader
     begin = _SQLITE_BEGIN[write] if ledger.dialect == "sqlite" else None
+    in_batch = batched and write and ledger.dialect == "postgresql"
     delay = LOCK_BACKOFF_S
     tries = 0
     unknown = False  # a COMMIT was sent on a connection that then died
@@ -106,9 +117,15 @@ def run(
                     # Straight to the driver: cheaper than a statement through SQLAlchemy,
                     # whose transaction (begun above) then issues this one's COMMIT.
                     conn.connection.driver_connection.execute(begin)  # type: ignore[union-attr]
-                result = fn(conn)
-                committing = True
-                conn.commit()
+                if in_batch:
+                    with _begin_in_batch(conn):
+                        result = fn(conn)
+                        committing = True
+                        conn.commit()
+                else:
+                    result = fn(conn)
+                    committing = True
+                    conn.commit()
         except Abort as abort:
             result = abort.value  # type: ignore[assignment]
         except Exception as exc:
@@ -146,6 +163,31 @@ def run(
         if unknown and confirm is not None:
             return _confirmed(ledger, confirm, result, what, run_id)
         return result
+
+
+@contextmanager
+def _begin_in_batch(conn: Connection) -> Iterator[None]:
+    """The transaction's BEGIN goes out with the first ``pipeline`` batch.
+
+    The driver connection runs in autocommit for the transaction, so psycopg sends no
+    BEGIN of its own; ``pipeline`` puts ``BEGIN`` first in its batch, and from then the
+    server is in a transaction, which ``commit()`` (or a rollback) ends as usual. On the
+    way out the connection is put back as the pool lends it (no transaction, autocommit
+    off); one that cannot be is invalidated, so no later call runs without a BEGIN.
+    """
+    raw = conn.connection.driver_connection
+    raw.autocommit = True  # type: ignore[union-attr]
+    token = pipeline.BEGIN_OWED.set(raw)
+    try:
+        yield
+    finally:
+        pipeline.BEGIN_OWED.reset(token)
+        try:
+            if raw.pgconn.transaction_status != _PG_IDLE:  # type: ignore[union-attr]
+                raw.rollback()  # type: ignore[union-attr]  # the error path (an Abort...)
+            raw.autocommit = False  # type: ignore[union-attr]
+        except Exception:  # a dead connection: never lend it again
+            conn.invalidate()
 
 
 def _confirmed(
