@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from functools import cache
 from typing import Any
 
 from sqlalchemy import bindparam, insert, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.dml import Insert
 
 from pocoflow.ledger.common import iso_ts
 from pocoflow.ledger.pipeline import Op
@@ -48,8 +50,26 @@ def rows_of(run_id: str, events: Iterable[Mapping[str, Any]]) -> list[dict[str, 
 
 
 def insert_op(rows: list[dict[str, Any]]) -> Op:
-    """One executemany for all the rows (skipped when empty)."""
-    return Op(_INSERT, rows)
+    """All the rows in one statement: a multi-row INSERT for up to ``_MULTI_ROWS`` rows
+    (a step's node_start and node_end are one statement, not two, in its commit), else
+    one executemany (skipped when empty)."""
+    if not 1 < len(rows) <= _MULTI_ROWS:
+        return Op(_INSERT, rows)
+    params = {f"{key}_{i}": value for i, r in enumerate(rows) for key, value in r.items()}
+    return Op(_insert_multi(len(rows)), params)
+
+
+_MULTI_ROWS = 8
+_COLUMNS = ("run_id", "event", "ts", *FIELDS)
+
+
+@cache
+def _insert_multi(n: int) -> Insert:
+    """``INSERT ... VALUES (...), (...)`` for ``n`` rows, bound as ``<column>_<row>``."""
+    c = pf_events.c
+    return insert(pf_events).values(
+        [{col: bindparam(f"{col}_{i}", type_=c[col].type) for col in _COLUMNS} for i in range(n)]
+    )
 
 
 def insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
