@@ -15,6 +15,7 @@ to a function replaces it, so the sweeper and lease logic are tested without sle
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
@@ -249,7 +250,7 @@ def fence_op(run_id: str, step: int, attempt: int, holder: str) -> Op:
     return Op(_COMMIT, params, must_hit_one=True)
 
 
-def mark_sent_op(sent: list[tuple[str, int, int, str | None, float | None]]) -> Op:
+def mark_sent_op(sent: Sequence[tuple[str, int, int, str | None, float | None]]) -> Op:
     """``mark_sent`` for many ``(run_id, step, attempt, task_id, now)`` as one
     executemany (one round trip on PostgreSQL, in a pipeline)."""
     rows = []
