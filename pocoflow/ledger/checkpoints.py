@@ -160,7 +160,7 @@ def commit(conn: Connection, dialect: str, c: StepCommit, now: float | None = No
         )
     )
     ops.append(pipeline.Op(_INSERT_VALUES, _value_rows(c.run_id, c.step, c.changed)))
-    ops.append(events.insert_op(events.rows_of(c.run_id, c.events)))
+    ops.append(events.insert_op(events.rows_of(c.run_id, c.events), dialect))
     ops.extend(runs.step_update_ops(c.run_id, c.run_fields))
     if c.next_step is not None:
         ops.append(steps.successor_op(dialect, c.run_id, c.next_step, now))
