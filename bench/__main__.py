@@ -24,6 +24,7 @@ from bench import (
     ledger_scale,
     load,
     recovery,
+    step_cost,
 )
 
 
@@ -54,6 +55,7 @@ def main() -> int:
     ok = core_overhead.main()
     with postgres_url() as pg_url:
         ok &= ledger_overhead.main(pg_url)
+        ok &= section(lambda: step_cost.main(pg_url) or True)  # figures only, no target
         ok &= section(lambda: ledger_scale.main(pg_url))
         ok &= section(lambda: load.main(server_url=pg_url))
     ok &= checkpoint_growth.main()

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection
 
 from pocoflow import codec
 from pocoflow.commit import NextStep, StepCommit
-from pocoflow.ledger import checkpoints, events, prune as retention, runs, steps, txn
+from pocoflow.ledger import checkpoints, events, pipeline, prune as retention, runs, steps, txn
 from pocoflow.ledger.common import iso_now
 from pocoflow.ledger.queue import StepQueue
 from pocoflow.store import Store
@@ -290,7 +290,9 @@ class WorkflowDB(StepQueue):
                 return result
             return True, checkpoints.control_after_commit(conn, c.run_id) if read_control else None
 
-        return self._write(body, f"committing step {c.step}", c.run_id, confirm=own_commit)
+        return self._write(
+            body, f"committing step {c.step}", c.run_id, confirm=own_commit, batched=True
+        )
 
     def get_checkpoints(self, run_id: str) -> list[dict[str, Any]]:
         """Checkpoint rows of the nodes that ran (step >= 0), by step; 0.2 columns plus
@@ -332,17 +334,21 @@ class WorkflowDB(StepQueue):
     def load_run_and_store(
         self, run_id: str, step: int
     ) -> tuple[dict[str, Any] | None, tuple[Store, dict[str, int], dict[str, str]] | None]:
-        """The run row and ``load_store(run_id, step)`` in one read transaction: a worker
-        needs both before every step, and one transaction costs less than two. The store
-        part is None when the run or the checkpoint is missing."""
+        """The run's guard columns (``runs.GUARD_COLUMNS``: not ``graph_shape``, which only
+        a version refusal needs) and ``load_store(run_id, step)`` in one read, one round
+        trip on PostgreSQL: a worker needs both before every step. The store part is None
+        when the run or the checkpoint is missing."""
         dialect = self._dialect
 
         def body(conn: Connection) -> tuple[Any, Any]:
-            run = runs.get(conn, run_id)
+            # One batch: one round trip on PostgreSQL for both reads.
+            ops = [runs.guard_op(run_id), checkpoints.load_op(dialect, run_id, step)]
+            run_rows, store_rows = pipeline.run_reading(conn, ops)[1]
+            run = runs.guard_row(run_rows)
             if run is None:
                 return None, None
             try:
-                return run, checkpoints.load_texts(conn, dialect, run_id, step)
+                return run, checkpoints.texts_of(store_rows, run_id, step)
             except KeyError:
                 return run, None
 

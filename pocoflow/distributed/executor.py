@@ -398,7 +398,9 @@ class _StepRun:
             raise _Refused(f"Worker {self.worker} refused run {msg.run_id!r}: {exc}") from None
         recorded = run.get("fingerprint")
         if recorded and recorded != graph.fingerprint:
-            raise _Refused(mismatch_message(run, graph, run_id=msg.run_id, worker=self.worker))
+            # The whole row (graph_shape): the step's reads carry only the guard columns.
+            full = self.db.get_run(msg.run_id) or run
+            raise _Refused(mismatch_message(full, graph, run_id=msg.run_id, worker=self.worker))
         try:
             node = graph.node(msg.node_id)
         except KeyError as exc:

@@ -35,7 +35,10 @@ class SentMarker:
     after the grace period, and the duplicate is refused by the step's claim (G1).
     """
 
-    def __init__(self, db: WorkflowDB, interval_s: float = 0.02) -> None:
+    # 0.1 s because a batch should hold several marks at load (a worker publishes some 40
+    # steps a second: every 20 ms that was one mark, three statements, per step), while a
+    # mark still lands long before the sweeper's 1 s grace for unsent rows.
+    def __init__(self, db: WorkflowDB, interval_s: float = 0.1) -> None:
         self.db = db
         self.interval_s = interval_s
         self._pending: queue.SimpleQueue[tuple[str, int, int, str | None, float]] = (

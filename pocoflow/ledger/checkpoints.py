@@ -10,7 +10,7 @@ returns the whole Store, in one query joining the manifest's members with their 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
 
@@ -160,7 +160,7 @@ def commit(conn: Connection, dialect: str, c: StepCommit, now: float | None = No
         )
     )
     ops.append(pipeline.Op(_INSERT_VALUES, _value_rows(c.run_id, c.step, c.changed)))
-    ops.append(events.insert_op(events.rows_of(c.run_id, c.events)))
+    ops.append(events.insert_op(events.rows_of(c.run_id, c.events), dialect))
     ops.extend(runs.step_update_ops(c.run_id, c.run_fields))
     if c.next_step is not None:
         ops.append(steps.successor_op(dialect, c.run_id, c.next_step, now))
@@ -223,6 +223,18 @@ def load_texts(
     from it must treat every key as new. Raises ``KeyError`` naming run and step.
     """
     rows = conn.execute(_load_stmt(dialect), {"run_id": run_id, "step": step}).all()
+    return texts_of(rows, run_id, step)
+
+
+def load_op(dialect: str, run_id: str, step: int) -> pipeline.Op:
+    """``load_texts``'s query as part of a batch; ``texts_of`` reads its rows."""
+    return pipeline.Op(_load_stmt(dialect), {"run_id": run_id, "step": step})
+
+
+def texts_of(
+    rows: Sequence[Sequence[Any]], run_id: str, step: int
+) -> tuple[dict[str, int], dict[str, str], dict[str, Any] | None]:
+    """``load_texts`` from the rows of its query (``KeyError`` when there are none)."""
     if not rows:
         raise KeyError(f"No checkpoint for run_id={run_id!r} step={step}")
     legacy, store_json = rows[0][0], rows[0][1]

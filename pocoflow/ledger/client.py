@@ -80,11 +80,21 @@ class LedgerClient:
         run_id: str | None,
         *,
         confirm: Callable[[Connection, T], T] | None = None,
+        batched: bool = False,
     ) -> T:
         """A write transaction; a row naming a run ``pf_runs`` lacks -> ``KeyError``.
-        ``confirm``: see ``txn.run`` (a COMMIT whose outcome was lost)."""
+        ``confirm``: see ``txn.run`` (a COMMIT whose outcome was lost); ``batched``: ``fn``
+        starts with a ``pipeline`` batch, which then carries the BEGIN (``txn.run``)."""
         try:
-            return txn.run(self._ledger, fn, write=True, what=what, run_id=run_id, confirm=confirm)
+            return txn.run(
+                self._ledger,
+                fn,
+                write=True,
+                what=what,
+                run_id=run_id,
+                confirm=confirm,
+                batched=batched,
+            )
         except IntegrityError as exc:
             if run_id is not None and is_fk_violation(exc):
                 raise KeyError(

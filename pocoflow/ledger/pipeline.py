@@ -14,6 +14,7 @@ like every other ledger error.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -22,6 +23,10 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.compiler import Compiled
 from sqlalchemy.sql.expression import Executable
+
+#: The driver connection whose transaction's BEGIN the next batch must send (set by
+#: ``txn.run(..., batched=True)`` on PostgreSQL, which put it in autocommit for that).
+BEGIN_OWED: ContextVar[Any] = ContextVar("pocoflow_begin_owed", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +42,29 @@ def run(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...] = ()) ->
     """Run ``ops`` in the caller's transaction; False if a guard missed or a constraint in
     ``conflicts`` fired. After False the caller must roll back."""
     if conn.dialect.name == "postgresql":
-        return _pipelined(conn, ops, conflicts)
-    return _sqlite_direct(conn, ops)
+        return _pipelined(conn, ops, conflicts, [])
+    return _sqlite_direct(conn, ops, [])
 
 
-def _sqlite_direct(conn: Connection, ops: Sequence[Op]) -> bool:
+def run_reading(conn: Connection, ops: Sequence[Op]) -> tuple[bool, list[list[tuple[Any, ...]]]]:
+    """``run``, also returning the rows (tuples, in the SELECT's column order) of each
+    SELECT in ``ops``: ``[]`` for the other statements, and for those a missed guard left
+    unrun on SQLite. Every op must have parameters (an empty executemany is skipped and
+    would shift the list)."""
+    rows: list[list[tuple[Any, ...]]] = []
+    if conn.dialect.name == "postgresql":
+        ok = _pipelined(conn, ops, (), rows)
+    else:
+        ok = _sqlite_direct(conn, ops, rows)
+    rows += [[] for _ in range(len(ops) - len(rows))]
+    return ok, rows
+
+
+def _rows_of(cur: Any) -> list[tuple[Any, ...]]:
+    return [tuple(row) for row in cur.fetchall()]
+
+
+def _sqlite_direct(conn: Connection, ops: Sequence[Op], out: list[list[tuple[Any, ...]]]) -> bool:
     """The batch through the sqlite3 cursor with SQL compiled once per statement: the
     Core execute path costs more than SQLite's own insert here (about 20 us a statement),
     and a step commit runs seven of them."""
@@ -52,67 +75,107 @@ def _sqlite_direct(conn: Connection, ops: Sequence[Op]) -> bool:
     cur = raw.cursor()
     sql = ""
     try:
-        for op, compiled, rows, many in _batches(conn, ops):
-            sql = compiled.string
-            order = getattr(compiled, "positiontup", None) or ()  # qmark order of SQLite
+        for op, plan, rows, many in _batches(conn, ops):
+            sql = plan.sql
             if many:
-                cur.executemany(sql, [_positional(compiled, order, r) for r in rows])
+                cur.executemany(sql, [plan.positional(r) for r in rows])
             else:
-                cur.execute(sql, _positional(compiled, order, rows[0]))
+                cur.execute(sql, plan.positional(rows[0]))
                 if op.must_hit_one and cur.rowcount != 1:
                     return False
+            out.append(_rows_of(cur) if plan.select else [])
     except sqlite3.Error as exc:
         raise DBAPIError.instance(sql, None, exc, sqlite3.Error) from exc
     return True
 
 
+class _Plan:
+    """A statement compiled for one dialect and one set of parameter names, with how to
+    build the driver's parameters from a row without SQLAlchemy's ``construct_params``
+    (which costs more than the statement on SQLite): each bound name either takes a row
+    key or is the statement's own constant (e.g. ``status='committed'``)."""
+
+    __slots__ = ("named", "positions", "select", "sql")
+
+    def __init__(self, compiled: Compiled, keys: tuple[str, ...], select: bool) -> None:
+        self.sql: str = compiled.string
+        self.select = select
+        # Every bound name -> (row key, None) or (None, constant), found by binding a
+        # marker per row key: what construct_params itself would pick.
+        markers = {key: _Marker(key) for key in keys}
+        bound = compiled.construct_params(markers) or {}
+        source = {
+            name: (v.key, None) if isinstance(v, _Marker) else (None, v)
+            for name, v in bound.items()
+        }
+        self.named = tuple((name, *source[name]) for name in bound)
+        order = getattr(compiled, "positiontup", None) or ()  # qmark order of SQLite
+        self.positions = tuple(source[name] for name in order)
+
+    def positional(self, row: Mapping[str, Any]) -> list[Any]:
+        return [row[key] if key is not None else const for key, const in self.positions]
+
+    def params(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        return {name: row[key] if key is not None else c for name, key, c in self.named}
+
+
+class _Marker:
+    __slots__ = ("key",)
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
 def _batches(
     conn: Connection, ops: Sequence[Op]
-) -> Iterator[tuple[Op, Compiled, Sequence[Mapping[str, Any]], bool]]:
-    """Each op with its compiled statement and rows; empty executemanys are skipped."""
+) -> Iterator[tuple[Op, _Plan, Sequence[Mapping[str, Any]], bool]]:
+    """Each op with its compiled plan and rows; empty executemanys are skipped."""
     for op in ops:
         many = not isinstance(op.params, Mapping)
         rows: Sequence[Mapping[str, Any]] = op.params if many else [op.params]  # type: ignore[assignment, list-item]
         if rows:
-            yield op, _compiled(op.stmt, conn.dialect, tuple(rows[0])), rows, many
-
-
-def _positional(compiled: Compiled, order: Sequence[str], row: Mapping[str, Any]) -> list[Any]:
-    params = _params(compiled, row)
-    return [params[name] for name in order]
+            yield op, _plan(op.stmt, conn.dialect, tuple(rows[0])), rows, many
 
 
 @lru_cache(maxsize=256)
-def _compiled(stmt: Executable, dialect: Dialect, keys: tuple[str, ...]) -> Compiled:
-    return stmt.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
+def _plan(stmt: Executable, dialect: Dialect, keys: tuple[str, ...]) -> _Plan:
+    compiled = stmt.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
+    return _Plan(compiled, keys, bool(getattr(stmt, "is_select", False)))
 
 
-def _params(compiled: Compiled, row: Mapping[str, Any]) -> dict[str, Any]:
-    """The row plus the statement's own bound values (e.g. ``status='committed'``)."""
-    return dict(compiled.construct_params(row) or {})
+_PG_IDLE = 0  # libpq's PQTRANS_IDLE
 
 
-def _pipelined(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...]) -> bool:
+def _pipelined(
+    conn: Connection,
+    ops: Sequence[Op],
+    conflicts: tuple[str, ...],
+    out: list[list[tuple[Any, ...]]],
+) -> bool:
     import psycopg
 
     raw = conn.connection.driver_connection
     assert isinstance(raw, psycopg.Connection)
-    results: list[tuple[psycopg.Cursor[Any], bool]] = []
+    results: list[tuple[psycopg.Cursor[Any], bool, bool]] = []
     sql = ""
+    begin = BEGIN_OWED.get() is raw and raw.pgconn.transaction_status == _PG_IDLE
     try:
         with raw.pipeline():
-            for op, compiled, rows, many in _batches(conn, ops):
-                sql = compiled.string
+            if begin:
+                raw.execute("BEGIN")
+            for op, plan, rows, many in _batches(conn, ops):
+                sql = plan.sql
                 cur = raw.cursor()
                 if many:
-                    cur.executemany(sql, [_params(compiled, r) for r in rows])
+                    cur.executemany(sql, [plan.params(r) for r in rows])
                 else:
-                    cur.execute(sql, _params(compiled, rows[0]))
-                results.append((cur, op.must_hit_one))
+                    cur.execute(sql, plan.params(rows[0]))
+                results.append((cur, op.must_hit_one, plan.select))
     except psycopg.errors.UniqueViolation as exc:
         if exc.diag.constraint_name in conflicts:
             return False
         raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
     except psycopg.Error as exc:
         raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
-    return all(cur.rowcount == 1 for cur, guarded in results if guarded)
+    out.extend(_rows_of(cur) if select else [] for cur, _, select in results)
+    return all(cur.rowcount == 1 for cur, guarded, _ in results if guarded)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from pocoflow.commit import StepFailure
-from pocoflow.ledger import runs, steps, txn
+from pocoflow.ledger import pipeline, steps, txn
 from pocoflow.ledger.client import LedgerClient
 
 
@@ -61,11 +61,10 @@ class StepQueue(LedgerClient):
         if not sent:
             return
 
-        def body(conn: Any) -> None:
-            for run_id, step, attempt, task_id, now in sent:
-                steps.mark_sent(conn, run_id, step, attempt, task_id, now)
-
-        self._write(body, f"marking {len(sent)} steps sent", sent[0][0])
+        op = steps.mark_sent_op(sent)
+        self._write(
+            lambda conn: pipeline.run(conn, [op]), f"marking {len(sent)} steps sent", sent[0][0]
+        )
 
     def claim_step(
         self,
@@ -104,12 +103,13 @@ class StepQueue(LedgerClient):
         holder: str | None = None,
         node_id: str | None = None,
     ) -> tuple[bool, dict[str, Any] | None]:
-        """Read the run row and, if the run may go on (queued or running, no cancel or
-        pause requested), claim the step: one transaction instead of a read and a write
-        (what a worker does before every step, G1 and G4). The claim's own statement
-        checks the run again, so a cancel committed after the read (PostgreSQL runs READ
-        COMMITTED) stops it too. Returns ``(claimed, run)``; a run that may not go on is
-        returned unclaimed for the caller's guard to handle."""
+        """Read the run's guard columns (``steps.GUARD_COLUMNS``, not ``graph_shape``)
+        and, if the run may go on (queued or running, no cancel or pause requested), claim
+        the step: one transaction, one round trip on PostgreSQL (what a worker does before
+        every step, G1 and G4). The claim's own statement decides, so a cancel committed
+        after the read (PostgreSQL runs READ COMMITTED) stops it too. Returns
+        ``(claimed, run)``; a run that may not go on is returned unclaimed for the
+        caller's guard to handle (run None: no such run)."""
         return self._claim(
             run_id, step, attempt, worker, holder, lease_s, now, task_id, node_id, True
         )
@@ -133,12 +133,10 @@ class StepQueue(LedgerClient):
         def body(conn: Any) -> tuple[bool, dict[str, Any] | None]:
             nonlocal tries
             tries += 1
-            run = runs.get(conn, run_id) if runnable_only else None
-            if runnable_only and (
-                run is None or run["status"] not in ("queued", "running") or run["control"]
-            ):
-                raise txn.Abort((False, run))
-            if not steps.claim(
+            # The run's guard columns, the claim and the attempt row in one batch: the
+            # claim's own statement decides whether the run may go on (G4), so the read
+            # need not come first, and PostgreSQL gets all three in one round trip.
+            claimed, run = steps.claim_reading_run(
                 conn,
                 run_id,
                 step,
@@ -150,12 +148,14 @@ class StepQueue(LedgerClient):
                 task_id,
                 node_id=node_id,
                 if_runnable=runnable_only,
+                read_run=runnable_only,
                 retried=tries > 1,  # only a lost COMMIT can have left its row (txn.run)
-            ):
+            )
+            if not claimed:
                 raise txn.Abort((False, run))  # roll back: PostgreSQL sent the whole batch
             return True, run
 
-        return self._write(body, f"claiming step {step}", run_id)
+        return self._write(body, f"claiming step {step}", run_id, batched=True)
 
     def renew_queued(
         self, run_id: str, step: int, attempt: int, lease_s: float, now: float | None = None
@@ -219,7 +219,9 @@ class StepQueue(LedgerClient):
         def own_failure(conn: Any, done: bool) -> bool:  # a COMMIT whose outcome was lost
             return done or steps.failed_by(conn, f)
 
-        return self._write(body, f"failing step {f.step}", f.run_id, confirm=own_failure)
+        return self._write(
+            body, f"failing step {f.step}", f.run_id, confirm=own_failure, batched=True
+        )
 
     def take_over(
         self,

@@ -66,6 +66,19 @@ _STEP_RUNNABLE_BY = (
     .exists()
 )
 _PARK = _UPDATE.where(_LIVE, _r.control == "pause", _STEP_RUNNABLE_BY)
+# The run columns a worker's guard and load need, not the whole row: graph_shape alone
+# is over a kilobyte for a 20-node flow and only a version refusal reads it (G4, G6).
+GUARD_COLUMNS = (
+    _r.run_id,
+    _r.flow_name,
+    _r.status,
+    _r.control,
+    _r.max_steps,
+    _r.fingerprint,
+    _r.queue,
+    _r.store_name,
+)
+_GUARD = select(*GUARD_COLUMNS).where(_r.run_id == bindparam("b_run_id"))
 _ENDING_FIELDS = frozenset({"status", "completed_at", "error_msg"})
 _CONTROL = select(pf_runs.c.control).where(pf_runs.c.run_id == bindparam("run_id"))
 _EXISTS = select(func.count()).select_from(pf_runs).where(pf_runs.c.run_id == bindparam("run_id"))
@@ -187,6 +200,16 @@ def park(
 def get(conn: Connection, run_id: str) -> dict[str, Any] | None:
     row = conn.execute(_GET, {"run_id": run_id}).mappings().first()
     return dict(row) if row is not None else None
+
+
+def guard_op(run_id: str) -> Op:
+    """The read of the run's ``GUARD_COLUMNS``, as part of a batch (``guard_row``)."""
+    return Op(_GUARD, {"b_run_id": run_id})
+
+
+def guard_row(rows: list[tuple[Any, ...]]) -> dict[str, Any] | None:
+    """``guard_op``'s rows -> the run's guard columns by name, or None (no such run)."""
+    return dict(zip((c.key for c in GUARD_COLUMNS), rows[0], strict=True)) if rows else None
 
 
 def control(conn: Connection, run_id: str) -> str | None:

@@ -15,10 +15,11 @@ to a function replaces it, so the sweeper and lease logic are tested without sle
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Integer, Text, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Text, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.dml import Insert
 
@@ -51,26 +52,32 @@ _OUTBOX_TIMES = {
     "queued_at": NOW,
     "created_at": NOW,
 }
-_INSERT_ATTEMPT = insert(pf_attempts).values(started_at=NOW)
+# The attempt row of a claim, copied from the step row only while this holder's claim of
+# this attempt holds it: run right after the claim in its batch, it inserts iff the claim
+# took the step, so the batch needs no round trip between them (PostgreSQL sends the
+# whole batch at once) and never inserts for a claim that missed, or for a missing run.
+_ATTEMPT_OF_CLAIM = select(
+    _s.run_id,
+    _s.step,
+    _s.attempt,
+    bindparam("worker", type_=Text),
+    NOW,
+    bindparam("task_id", type_=Text),
+).where(_HELD)
+_ATTEMPT_COLUMNS = ["run_id", "step", "attempt", "worker", "started_at", "task_id"]
+_INSERT_ATTEMPT = insert(pf_attempts).from_select(_ATTEMPT_COLUMNS, _ATTEMPT_OF_CLAIM)
 # The same, unless this worker's row of the attempt is open already: a claim retried after
 # its COMMIT's outcome was lost wins again (its own holder holds the row) and must not open
 # a second row, which the sweeper would count as a second crash or retry.
 _INSERT_ATTEMPT_ONCE = insert(pf_attempts).from_select(
-    ["run_id", "step", "attempt", "worker", "started_at", "task_id"],
-    select(
-        bindparam("run_id", type_=Text),
-        bindparam("step", type_=Integer),
-        bindparam("attempt", type_=Integer),
-        bindparam("worker", type_=Text),
-        NOW,
-        bindparam("task_id", type_=Text),
-    ).where(
+    _ATTEMPT_COLUMNS,
+    _ATTEMPT_OF_CLAIM.where(
         ~select(_a.id)
         .where(
-            _a.run_id == bindparam("run_id"),
-            _a.step == bindparam("step"),
-            _a.attempt == bindparam("attempt"),
-            _a.worker == bindparam("worker"),
+            _a.run_id == _s.run_id,
+            _a.step == _s.step,
+            _a.attempt == _s.attempt,
+            _a.worker == bindparam("worker", type_=Text),
             _a.ended_at.is_(None),
         )
         .exists()
@@ -259,6 +266,17 @@ def fence_op(run_id: str, step: int, attempt: int, holder: str) -> Op:
     return Op(_COMMIT, params, must_hit_one=True)
 
 
+def mark_sent_op(sent: Sequence[tuple[str, int, int, str | None, float | None]]) -> Op:
+    """``mark_sent`` for many ``(run_id, step, attempt, task_id, now)`` as one
+    executemany (one round trip on PostgreSQL, in a pipeline)."""
+    rows = []
+    for run_id, step, attempt, task_id, now in sent:
+        params = _key(run_id, step, attempt)
+        params.update(now=now, task_id=task_id)
+        rows.append(params)
+    return Op(_MARK_SENT, rows)
+
+
 def mark_sent(
     conn: Connection,
     run_id: str,
@@ -298,18 +316,52 @@ def claim(
     may go on, decided by this statement (G4). ``retried``: a try of the same call went
     before, whose COMMIT may have landed; its attempt row is then not opened twice.
     """
+    return claim_reading_run(
+        conn,
+        run_id,
+        step,
+        attempt,
+        worker,
+        holder,
+        lease_s,
+        now,
+        task_id,
+        node_id=node_id,
+        if_runnable=if_runnable,
+        read_run=False,
+        retried=retried,
+    )[0]
+
+
+def claim_reading_run(
+    conn: Connection,
+    run_id: str,
+    step: int,
+    attempt: int,
+    worker: str,
+    holder: str,
+    lease_s: float,
+    now: float | None,
+    task_id: str | None = None,
+    *,
+    node_id: str | None = None,
+    if_runnable: bool = False,
+    read_run: bool = True,
+    retried: bool = False,
+) -> tuple[bool, dict[str, Any] | None]:
+    """``claim``, with the run's guard columns (``runs.GUARD_COLUMNS``) read in the same batch
+    first: ``(claimed, run)``, run None for an unknown run. One round trip on PostgreSQL
+    for the read, the claim and the attempt row, because every step makes it (G1, G4)."""
     params = _key(run_id, step, attempt)
     params.update(holder=holder, now=now, lease_s=lease_s, b_node_id=node_id)
-    stmt = _CLAIMS[(if_runnable, node_id is not None)]
-    attempt_row = _attempt_row(run_id, step, attempt, worker, now, task_id)
-    # A batch because claiming is on every step's path (see pipeline.run).
-    return pipeline.run(
-        conn,
-        [
-            Op(stmt, params, must_hit_one=True),
-            Op(_INSERT_ATTEMPT_ONCE if retried else _INSERT_ATTEMPT, attempt_row),
-        ],
-    )
+    # Its own dict: an UPDATE compiled for parameter names that are column names
+    # (task_id) would SET those columns too.
+    attempt_params = {**params, "worker": worker, "task_id": task_id}
+    ops = [runs.guard_op(run_id)] if read_run else []
+    ops += [Op(_CLAIMS[(if_runnable, node_id is not None)], params, must_hit_one=True)]
+    ops += [Op(_INSERT_ATTEMPT_ONCE if retried else _INSERT_ATTEMPT, attempt_params)]
+    claimed, rows = pipeline.run_reading(conn, ops)
+    return claimed, runs.guard_row(rows[0]) if read_run else None
 
 
 def renew(
@@ -391,24 +443,6 @@ def renew_queued(
     params = _key(run_id, step, attempt)
     params.update(now=now, lease_s=lease_s)
     return conn.execute(_RELEASE_QUEUED, params).rowcount == 1
-
-
-def _attempt_row(
-    run_id: str,
-    step: int,
-    attempt: int,
-    worker: str | None,
-    now: float | None,
-    task_id: str | None,
-) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "step": step,
-        "attempt": attempt,
-        "worker": worker,
-        "now": now,
-        "task_id": task_id,
-    }
 
 
 def end_attempt_op(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 from typing import Any
 
@@ -179,37 +178,32 @@ def test_failing_a_step_is_all_or_nothing(
 def test_a_cancel_committed_after_the_guard_read_stops_the_claim(
     db: Any, ledger_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Another process cancels right after the claim transaction read the run row."""
+    """The guard read and the claim go out as one batch, but on PostgreSQL (READ
+    COMMITTED) each statement sees what committed before it, so another process's cancel
+    can land between the read and the claim. The claim's own statement must see it:
+    simulated here by a read that reports the run as it was before the cancel."""
     from pocoflow.db import WorkflowDB
     from pocoflow.ledger import runs
 
     start_run(db)
     assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+    before = db.get_run("r1")
     other = WorkflowDB(ledger_url)
-    real_get = runs.get
-    canceller: list[threading.Thread] = []
-
-    def get_then_cancel(conn: Any, run_id: str) -> Any:
-        row = real_get(conn, run_id)
-        thread = threading.Thread(target=lifecycle.request_cancel, args=(other, run_id))
-        thread.start()
-        # PostgreSQL: lands at once (returns as soon as it did); SQLite: waits for our
-        # write lock, so it is still waiting when the short join gives up.
-        thread.join(10.0 if db.dialect == "postgresql" else 0.2)
-        canceller.append(thread)
-        return row
-
-    monkeypatch.setattr(runs, "get", get_then_cancel)
     try:
-        claimed, _run = db.claim_if_runnable("r1", 0, 1, "w1", 10, now=101.0)
-        cancel_landed_first = not canceller[0].is_alive()
+        lifecycle.request_cancel(other, "r1")
     finally:
-        monkeypatch.setattr(runs, "get", real_get)
-        canceller[0].join(30)
         other.close()
+    real_row = runs.guard_row
+
+    def stale_row(rows: Any) -> Any:
+        return {**real_row(rows), "status": before["status"], "control": None}
+
+    monkeypatch.setattr(runs, "guard_row", stale_row)
+    claimed, run = db.claim_if_runnable("r1", 0, 1, "w1", 10, now=101.0)
+    assert run is not None and run["control"] is None  # the read found it runnable
+    assert not claimed
+    assert db.get_step("r1", 0)["status"] == "queued" and db.get_attempts("r1") == []
     assert db.get_run("r1")["status"] == "cancelled"
-    # Claimed only if the claim is ordered before the cancel (SQLite's write lock).
-    assert not (claimed and cancel_landed_first)
 
 
 def test_a_stale_commit_with_a_successor_is_a_clean_loss(db: Any) -> None:

@@ -81,7 +81,9 @@ class CommitKiller:
         real = dialect.do_commit
 
         def do_commit(dbapi_conn: Any) -> None:
-            armed = self.armed and not dbapi_conn.driver_connection.autocommit  # writes only
+            # Writes only: a transaction is open (reads run in autocommit, and so do the
+            # batched writes, whose BEGIN went out in their batch).
+            armed = self.armed and dbapi_conn.driver_connection.pgconn.transaction_status != 0
             if not (armed and self.before):
                 real(dbapi_conn)
             if armed:
