@@ -199,29 +199,46 @@ def sweep(
             if publish(_message(db, run, row, row["attempt"]), queue=run.get("queue")):
                 report.resent.append((row["run_id"], row["step"]))
 
-    liveness.postpone_waiting(db, requeue_after_s, now=injected)
     expired = db.expired_steps(now=now)
-    due = [
-        r for r in expired if r["status"] == "queued" and now >= r["queued_at"] + requeue_after_s
-    ]
-    if due and sentinel is not None and _broker_busy(db, sentinel):
-        # Messages still wait in the broker: a due step is most likely among them.
-        liveness.postpone_while_busy(db, requeue_after_s, REQUEUE_CAP_S, now=injected)
-        expired = [r for r in expired if r not in due or now >= r["queued_at"] + REQUEUE_CAP_S]
+    # An expired step nobody claimed, while the broker's step queues are empty, is not
+    # waiting behind a backlog: a live worker holds it (recorded as received) or its
+    # message is gone, e.g. with a worker killed within a beat of receiving it, before its
+    # heartbeat could record it. Gone, it is sent again now, not after the queue backstop.
+    broker_idle = (
+        any(r["status"] == "queued" for r in expired)
+        and sentinel is not None
+        and not _broker_busy(db, sentinel)
+    )
+    if not broker_idle:
+        liveness.postpone_waiting(db, requeue_after_s, now=injected)
+        expired = db.expired_steps(now=now)
+        due = [
+            r
+            for r in expired
+            if r["status"] == "queued" and now >= r["queued_at"] + requeue_after_s
+        ]
+        if due and sentinel is not None and _broker_busy(db, sentinel):
+            # Messages still wait in the broker: a due step is most likely among them.
+            liveness.postpone_while_busy(db, requeue_after_s, REQUEUE_CAP_S, now=injected)
+            expired = [r for r in expired if r not in due or now >= r["queued_at"] + REQUEUE_CAP_S]
     for row in expired:
         run = run_of(row["run_id"])
         if run is None:
             continue
         if row["status"] == "queued":  # sent, never claimed
-            if now < row["queued_at"] + requeue_after_s:  # postponed since by another sweeper
+            if broker_idle:
+                if row["received_by"] is not None:  # held by a live worker (dead: above)
+                    continue
+            elif now < row["queued_at"] + requeue_after_s:  # postponed by another sweeper
                 continue
             if db.renew_queued(row["run_id"], row["step"], row["attempt"], lease_s, now=now):
                 _log.warning(
-                    "Step %d of run %s: attempt %d was not claimed in %.0fs; sending it again",
+                    "Step %d of run %s: attempt %d was not claimed (queued %.0fs ago); "
+                    "sending it again",
                     row["step"],
                     row["run_id"],
                     row["attempt"],
-                    requeue_after_s,
+                    now - row["queued_at"],
                 )
                 if publish(_message(db, run, row, row["attempt"]), queue=run.get("queue")):
                     report.resent.append((row["run_id"], row["step"]))
