@@ -135,8 +135,14 @@ def sweep(
     requeue_after_s: float = REQUEUE_AFTER_S,
     max_crashes: int = DEFAULT_MAX_CRASHES,
     sentinel: BrokerSentinel | None = None,
+    judge_holders: bool = True,
 ) -> SweepReport:
     """One pass (see the module docstring for what is found, in this order).
+
+    ``judge_holders=False`` leaves alone every step a worker holds (silent receivers and
+    holders, expired claims): what a sweeper does right after the ledger was unreachable
+    to it, when a silent heartbeat or an unrenewed lease says nothing of the worker
+    (``SweeperThread``).
 
     Time is the database's clock (read once per pass) unless a test injects ``now``: a
     sweeper whose host clock runs ahead must not declare live workers dead nor take over
@@ -167,7 +173,8 @@ def sweep(
     if sentinel is not None:
         report.bulk_resent = _after_broker_loss(db, publish, sentinel)
 
-    for row in liveness.held_by_dead(db, dead_after_s, now=injected):
+    dead = liveness.held_by_dead(db, dead_after_s, now=injected) if judge_holders else []
+    for row in dead:
         run = run_of(row["run_id"])
         if run is None:
             continue
@@ -225,6 +232,8 @@ def sweep(
                 )
                 if publish(_message(db, run, row, row["attempt"]), queue=run.get("queue")):
                     report.resent.append((row["run_id"], row["step"]))
+            continue
+        if not judge_holders:
             continue
         _recover(
             db,
@@ -365,7 +374,11 @@ class SweeperThread(threading.Thread):
     """Calls ``sweep`` every ``interval_s`` on a daemon thread until ``stop()``.
 
     A failing sweep (ledger unreachable) is logged and tried again next interval: the
-    sweeper must outlive the outages it exists to repair. ``sweep_options`` are passed
+    sweeper must outlive the outages it exists to repair. After one, steps held by
+    workers are left alone until the ledger has answered for ``dead_after_s``: no
+    worker could beat or renew its lease meanwhile either, so a live worker would be
+    declared dead, its step taken over and the loss counted toward the poison limit
+    (G3 without a false poison verdict); a worker still silent then is dead. ``sweep_options`` are passed
     to every ``sweep`` (dead_after_s, max_crashes...); ``sentinel_factory`` builds the
     broker-loss sentinel (None: a broker that is not Redis, no loss detection).
     """
@@ -394,18 +407,33 @@ class SweeperThread(threading.Thread):
     def run(self) -> None:
         db = publish = sentinel = None
         pruned_at = 0.0
+        grace_s = self.sweep_options.get("dead_after_s", dead_after(DEFAULT_HEARTBEAT_SECONDS))
+        answering_since: float | None = float("-inf")  # None: the last sweep failed
         while not self._stop_event.wait(self.interval_s):
             try:
                 if db is None or publish is None:
                     db, publish = self._db_factory(), self._publish_factory()
                     sentinel = self._sentinel_factory() if self._sentinel_factory else None
-                sweep(db, publish, lease_s=self.lease_s, sentinel=sentinel, **self.sweep_options)
+                judge = answering_since is not None and (
+                    time.monotonic() - answering_since >= grace_s
+                )
+                sweep(
+                    db,
+                    publish,
+                    lease_s=self.lease_s,
+                    sentinel=sentinel,
+                    judge_holders=judge,
+                    **self.sweep_options,
+                )
+                if answering_since is None:
+                    answering_since = time.monotonic()
                 if time.monotonic() - pruned_at > FORGET_WORKERS_AFTER_S / 10:
                     liveness.prune_workers(db, FORGET_WORKERS_AFTER_S)
                     pruned_at = time.monotonic()
                 if self.pruner is not None:  # retention (POCOFLOW_PRUNE_OLDER_THAN)
                     self.pruner.tick(db, time.monotonic())
             except Exception:
+                answering_since = None
                 _log.exception("Sweep failed; trying again in %.1fs", self.interval_s)
 
     def stop(self, timeout: float | None = 5.0) -> None:

@@ -6,13 +6,16 @@ step again in one sweep."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from pocoflow.distributed import sweeper
 from pocoflow.distributed.sweeper import sweep
 from pocoflow.ledger import liveness
+from tests.helpers import wait_until
 from tests.ledger.test_sweeper import Sent, submitted
 
 pytestmark = pytest.mark.ledger
@@ -237,3 +240,54 @@ def test_a_step_due_for_a_resend_waits_while_the_broker_has_messages(
     fake_redis.lpush("pocoflow", "more work")
     capped = later + sweeper.REQUEUE_CAP_S + 0.1
     assert swept(db, sent, capped, sentinel=sentinel).resent == [(first.run_id, 0)]
+
+
+def test_workers_silent_only_while_the_ledger_was_down_keep_their_steps(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ledger outage longer than ``dead_after`` silences every heartbeat; the sweeper
+    that meets the ledger again must not declare the workers dead before they can beat
+    (each take-over would also count as a crash toward the poison limit). A worker still
+    silent a ``dead_after`` after the ledger answers again is dead as usual."""
+    alive, _ = submitted(db)
+    dead, _ = submitted(db)
+    old_beat = db.clock() - 10.0  # the last beat before the outage
+    for run, worker in ((alive, "host:41"), (dead, "host:42")):
+        db.mark_sent(run.run_id, 0, 1)
+        assert db.claim_step(run.run_id, 0, 1, worker, LONG_LEASE_S)
+        liveness.record_beat(db, worker, "host", 41, now=old_beat)
+    down = threading.Event()
+    down.set()
+    calls = {"failed": 0, "ok": 0}
+    real_sweep = sweeper.sweep
+
+    def sweep_unless_down(*args: Any, **kw: Any) -> sweeper.SweepReport:
+        if down.is_set():
+            calls["failed"] += 1
+            raise OperationalError("SELECT 1", None, Exception("ledger unreachable"))
+        report = real_sweep(*args, **kw)
+        calls["ok"] += 1
+        return report
+
+    monkeypatch.setattr(sweeper, "sweep", sweep_unless_down)
+    sent = Sent(db)
+    thread = sweeper.SweeperThread(
+        lambda: db, lambda: sent, lease_s=LONG_LEASE_S, interval_s=0.02, dead_after_s=1.0
+    )
+    thread.start()
+    try:
+        wait_until(lambda: calls["failed"] >= 2, timeout=10)
+        down.clear()  # the ledger is back; the live worker beats as soon as it can
+        wait_until(lambda: calls["ok"] >= 1, timeout=10)
+
+        def live_beats_and_dead_is_taken_over() -> bool:
+            liveness.record_beat(db, "host:41", "host", 41)
+            return db.get_step(dead.run_id, 0)["attempt"] == 2
+
+        wait_until(live_beats_and_dead_is_taken_over, timeout=10)
+    finally:
+        thread.stop()
+    step = db.get_step(alive.run_id, 0)
+    assert (step["status"], step["attempt"], step["lease_owner"]) == ("running", 1, "host:41")
+    assert [a["outcome"] for a in db.get_attempts(alive.run_id)] == [None]
+    assert [m.run_id for m, _ in sent.messages] == [dead.run_id]
