@@ -163,15 +163,11 @@ def sweep(
             continue
         message = _message(db, run, row, row["attempt"])
         _log.info("Resending unsent step %d of run %s", row["step"], row["run_id"])
-        # A retry's row is leased for its backoff too (executor._retry): what is left of
-        # that wait is its countdown, so a resend does not skip the backoff.
-        wait = (row["lease_expires_at"] or now) - lease_s - now
-        later = {"countdown": wait} if wait > 0 else {}
-        if publish(message, queue=run.get("queue"), **later):
+        if publish(message, queue=run.get("queue"), **_rest_of_backoff(row, now)):
             report.resent.append((row["run_id"], row["step"]))
 
     if sentinel is not None:
-        report.bulk_resent = _after_broker_loss(db, publish, sentinel)
+        report.bulk_resent = _after_broker_loss(db, publish, sentinel, now)
 
     dead = liveness.held_by_dead(db, dead_after_s, now=injected) if judge_holders else []
     for row in dead:
@@ -203,7 +199,9 @@ def sweep(
                 row["run_id"],
                 receiver,
             )
-            if publish(_message(db, run, row, row["attempt"]), queue=run.get("queue")):
+            later = _rest_of_backoff(row, now)
+            message = _message(db, run, row, row["attempt"])
+            if publish(message, queue=run.get("queue"), **later):
                 report.resent.append((row["run_id"], row["step"]))
 
     liveness.postpone_waiting(db, requeue_after_s, now=injected)
@@ -320,19 +318,21 @@ def _broker_busy(db: WorkflowDB, sentinel: BrokerSentinel) -> bool:
         return False
 
 
-def _after_broker_loss(db: WorkflowDB, publish: Publish, sentinel: BrokerSentinel) -> int:
+def _after_broker_loss(
+    db: WorkflowDB, publish: Publish, sentinel: BrokerSentinel, now: float
+) -> int:
     try:
         if not sentinel.lost(lambda: liveness.queues_in_use(db, DEFAULT_QUEUE)):
             return 0
     except Exception as exc:  # the broker is down: its loss is seen once it is back
         _log.warning("Could not check the broker sentinel: %s", exc)
         return 0
-    sent = _resend_all_queued(db, publish)
+    sent = _resend_all_queued(db, publish, now)
     sentinel.set()
     return sent
 
 
-def _resend_all_queued(db: WorkflowDB, publish: Publish) -> int:
+def _resend_all_queued(db: WorkflowDB, publish: Publish, now: float) -> int:
     """The broker lost its messages: send every queued, already-sent step of a live run
     again under its attempt, page by page (one query per ``BULK_PAGE`` steps, and the
     attempts read only for a step past its first attempt)."""
@@ -342,7 +342,8 @@ def _resend_all_queued(db: WorkflowDB, publish: Publish) -> int:
         page = liveness.queued_steps(db, after, BULK_PAGE)
         for row in page:
             run = {"flow_name": row["flow_name"], "queue": row["queue"], "run_id": row["run_id"]}
-            if publish(_message(db, run, row, row["attempt"]), queue=row["queue"]):
+            later = _rest_of_backoff(row, now)
+            if publish(_message(db, run, row, row["attempt"]), queue=row["queue"], **later):
                 sent += 1
         if len(page) < BULK_PAGE:
             break
@@ -350,6 +351,15 @@ def _resend_all_queued(db: WorkflowDB, publish: Publish) -> int:
     if sent:
         _log.warning("The broker lost its messages: sent %d queued steps again", sent)
     return sent
+
+
+def _rest_of_backoff(row: dict[str, Any], now: float) -> dict[str, float]:
+    """The countdown of a message sent again before its step is due: a retry is queued
+    as of the end of its backoff (``executor._retry``), so every re-send (unsent row,
+    broker loss, dead receiver) keeps what is left of it instead of running the retry
+    at once."""
+    wait = row["queued_at"] - now
+    return {"countdown": wait} if wait > 0 else {}
 
 
 def _message(db: WorkflowDB, run: dict[str, Any], row: dict[str, Any], attempt: int) -> StepMessage:

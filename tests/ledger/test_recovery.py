@@ -291,3 +291,50 @@ def test_workers_silent_only_while_the_ledger_was_down_keep_their_steps(
     assert (step["status"], step["attempt"], step["lease_owner"]) == ("running", 1, "host:41")
     assert [a["outcome"] for a in db.get_attempts(alive.run_id)] == [None]
     assert [m.run_id for m, _ in sent.messages] == [dead.run_id]
+
+
+class Countdowns(Sent):
+    """``Sent``, also keeping each message's countdown (None: sent for now)."""
+
+    def __init__(self, db: Any) -> None:
+        super().__init__(db)
+        self.countdowns: list[float | None] = []
+
+    def __call__(self, message: Any, queue: str | None = None, **kw: Any) -> bool:
+        self.countdowns.append(kw.get("countdown"))
+        return super().__call__(message, queue)
+
+
+BACKOFF_S = 30.0
+
+
+def retry_waiting(db: Any) -> tuple[str, float]:
+    """A run whose step 0 failed a try at the returned time and waits ``BACKOFF_S`` for
+    its retry, attempt 2, sent with that countdown (what ``executor._retry`` writes)."""
+    run, t0 = submitted(db)
+    db.mark_sent(run.run_id, 0, 1, now=t0)
+    assert db.claim_step(run.run_id, 0, 1, "host:51", LONG_LEASE_S, now=t0)
+    lease = LONG_LEASE_S + BACKOFF_S
+    assert db.take_over(run.run_id, 0, 1, lease, now=t0, holder="host:51", due_in=BACKOFF_S) == 2
+    db.mark_sent(run.run_id, 0, 2, now=t0)
+    return run.run_id, t0
+
+
+def test_a_retry_sent_again_after_a_broker_loss_keeps_its_backoff(db: Any) -> None:
+    _, t0 = retry_waiting(db)
+    sent = Countdowns(db)
+    report = swept(db, sent, t0 + 10, sentinel=LostOnce())
+    assert report.bulk_resent == 1
+    assert [m.attempt for m, _ in sent.messages] == [2]
+    assert sent.countdowns == [pytest.approx(BACKOFF_S - 10, abs=0.01)]
+
+
+def test_a_retry_a_dead_worker_held_is_sent_again_with_its_backoff(db: Any) -> None:
+    run_id, t0 = retry_waiting(db)
+    liveness.record_beat(db, "host:52", "host", 52, [(run_id, 0, 2)], now=t0)  # prefetched
+    sent = Countdowns(db)
+    now = t0 + DEAD_AFTER_S + 0.1
+    assert swept(db, sent, now).resent == [(run_id, 0)]
+    assert sent.countdowns == [pytest.approx(BACKOFF_S - DEAD_AFTER_S - 0.1, abs=0.01)]
+    # The lease still covers the wait: no sweep re-sends it before the retry is due.
+    assert db.get_step(run_id, 0)["lease_expires_at"] >= t0 + LONG_LEASE_S + BACKOFF_S - 0.01
