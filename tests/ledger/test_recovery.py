@@ -338,3 +338,20 @@ def test_a_retry_a_dead_worker_held_is_sent_again_with_its_backoff(db: Any) -> N
     assert sent.countdowns == [pytest.approx(BACKOFF_S - DEAD_AFTER_S - 0.1, abs=0.01)]
     # The lease still covers the wait: no sweep re-sends it before the retry is due.
     assert db.get_step(run_id, 0)["lease_expires_at"] >= t0 + LONG_LEASE_S + BACKOFF_S - 0.01
+
+
+def test_a_dead_worker_is_found_by_the_holder_tokens_of_its_claims(db: Any) -> None:
+    """Workers claim with holder tokens ``<worker id>#<n>`` (one per delivery): the
+    step is the worker's, whatever ``n``; a worker whose id only begins the same is not
+    its owner."""
+    run, t0 = submitted(db)
+    other, _ = submitted(db)
+    for r, worker, holder in ((run, "host:61", "host:61#7"), (other, "host:612", "host:612#1")):
+        db.mark_sent(r.run_id, 0, 1, now=t0)
+        assert db.claim_step(r.run_id, 0, 1, worker, LONG_LEASE_S, now=t0, holder=holder)
+    liveness.record_beat(db, "host:61", "host", 61, now=t0)  # dies after this beat
+    liveness.record_beat(db, "host:6", "host", 6, now=t0)  # dead too, a prefix of both
+    liveness.record_beat(db, "host:612", "host", 612, now=t0 + DEAD_AFTER_S)  # alive
+    report = swept(db, Sent(db), t0 + DEAD_AFTER_S + 0.1)
+    assert report.taken_over == [(run.run_id, 0, 2)]
+    assert db.get_step(other.run_id, 0)["lease_owner"] == "host:612#1"
