@@ -281,7 +281,8 @@ def _recover(
             holder=owner,
             worker=owner.rpartition("#")[0] or owner,
             node_name=row["node_id"],
-            outcome=liveness.CRASHED_OUTCOME,
+            # "failed", not "lost": the verdict ends the step for good, so a resume
+            # starts its crash count afresh (``liveness.FRESH_START_AFTER``).
         ):
             report.poisoned.append((run_id, step))
             _log.error("%s", error)

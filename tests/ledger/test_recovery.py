@@ -355,3 +355,30 @@ def test_a_dead_worker_is_found_by_the_holder_tokens_of_its_claims(db: Any) -> N
     report = swept(db, Sent(db), t0 + DEAD_AFTER_S + 0.1)
     assert report.taken_over == [(run.run_id, 0, 2)]
     assert db.get_step(other.run_id, 0)["lease_owner"] == "host:612#1"
+
+
+def test_a_resumed_poison_step_gets_its_crash_budget_afresh(db: Any) -> None:
+    """The poison verdict ends the step for good: once the node is fixed and the run
+    resumed, one crash (a deploy, the OOM killer elsewhere) is one crash of a new start,
+    not the fourth of the old one (what the error message promises)."""
+    from pocoflow.distributed import lifecycle
+
+    poison, t0 = submitted(db)
+    run_id = poison.run_id
+    db.mark_sent(run_id, 0, 1, now=t0)
+    sent = Sent(db)
+    for crash in range(1, 4):
+        t = t0 + 10 * crash
+        worker = f"host:{200 + crash}"
+        assert db.claim_step(run_id, 0, crash, worker, LONG_LEASE_S, now=t)
+        liveness.record_beat(db, worker, "host", 200 + crash, now=t)
+        report = swept(db, sent, t + DEAD_AFTER_S + 0.1, max_crashes=3)
+    assert report.poisoned == [(run_id, 0)]
+    assert lifecycle.restart(db, run_id, sent, lease_s=LONG_LEASE_S)  # type: ignore[arg-type]
+    resumed = db.get_step(run_id, 0)["attempt"]
+    t = t0 + 50
+    assert db.claim_step(run_id, 0, resumed, "host:204", LONG_LEASE_S, now=t)
+    liveness.record_beat(db, "host:204", "host", 204, now=t)
+    report = swept(db, sent, t + DEAD_AFTER_S + 0.1, max_crashes=3)
+    assert report.taken_over == [(run_id, 0, resumed + 1)] and not report.poisoned
+    assert db.get_run(run_id)["status"] == "running"
