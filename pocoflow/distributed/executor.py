@@ -527,7 +527,9 @@ class _StepRun:
         )
         self._end(RETRY, error)
         lease = self.ctx.lease_s + retry.delay
-        new_attempt = db.take_over(msg.run_id, msg.step, msg.attempt, lease, holder=self.holder)
+        new_attempt = db.take_over(
+            msg.run_id, msg.step, msg.attempt, lease, holder=self.holder, due_in=retry.delay
+        )
         if new_attempt is None:
             return LOST
         _log.info(

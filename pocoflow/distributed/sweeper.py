@@ -135,8 +135,14 @@ def sweep(
     requeue_after_s: float = REQUEUE_AFTER_S,
     max_crashes: int = DEFAULT_MAX_CRASHES,
     sentinel: BrokerSentinel | None = None,
+    judge_holders: bool = True,
 ) -> SweepReport:
     """One pass (see the module docstring for what is found, in this order).
+
+    ``judge_holders=False`` leaves alone every step a worker holds (silent receivers and
+    holders, expired claims): what a sweeper does right after the ledger was unreachable
+    to it, when a silent heartbeat or an unrenewed lease says nothing of the worker
+    (``SweeperThread``).
 
     Time is the database's clock (read once per pass) unless a test injects ``now``: a
     sweeper whose host clock runs ahead must not declare live workers dead nor take over
@@ -157,17 +163,14 @@ def sweep(
             continue
         message = _message(db, run, row, row["attempt"])
         _log.info("Resending unsent step %d of run %s", row["step"], row["run_id"])
-        # A retry's row is leased for its backoff too (executor._retry): what is left of
-        # that wait is its countdown, so a resend does not skip the backoff.
-        wait = (row["lease_expires_at"] or now) - lease_s - now
-        later = {"countdown": wait} if wait > 0 else {}
-        if publish(message, queue=run.get("queue"), **later):
+        if publish(message, queue=run.get("queue"), **_rest_of_backoff(row, now)):
             report.resent.append((row["run_id"], row["step"]))
 
     if sentinel is not None:
-        report.bulk_resent = _after_broker_loss(db, publish, sentinel)
+        report.bulk_resent = _after_broker_loss(db, publish, sentinel, now)
 
-    for row in liveness.held_by_dead(db, dead_after_s, now=injected):
+    dead = liveness.held_by_dead(db, dead_after_s, now=injected) if judge_holders else []
+    for row in dead:
         run = run_of(row["run_id"])
         if run is None:
             continue
@@ -196,7 +199,9 @@ def sweep(
                 row["run_id"],
                 receiver,
             )
-            if publish(_message(db, run, row, row["attempt"]), queue=run.get("queue")):
+            later = _rest_of_backoff(row, now)
+            message = _message(db, run, row, row["attempt"])
+            if publish(message, queue=run.get("queue"), **later):
                 report.resent.append((row["run_id"], row["step"]))
 
     expired = db.expired_steps(now=now)
@@ -242,6 +247,8 @@ def sweep(
                 )
                 if publish(_message(db, run, row, row["attempt"]), queue=run.get("queue")):
                     report.resent.append((row["run_id"], row["step"]))
+            continue
+        if not judge_holders:
             continue
         _recover(
             db,
@@ -291,7 +298,8 @@ def _recover(
             holder=owner,
             worker=owner.rpartition("#")[0] or owner,
             node_name=row["node_id"],
-            outcome=liveness.CRASHED_OUTCOME,
+            # "failed", not "lost": the verdict ends the step for good, so a resume
+            # starts its crash count afresh (``liveness.FRESH_START_AFTER``).
         ):
             report.poisoned.append((run_id, step))
             _log.error("%s", error)
@@ -328,19 +336,21 @@ def _broker_busy(db: WorkflowDB, sentinel: BrokerSentinel) -> bool:
         return False
 
 
-def _after_broker_loss(db: WorkflowDB, publish: Publish, sentinel: BrokerSentinel) -> int:
+def _after_broker_loss(
+    db: WorkflowDB, publish: Publish, sentinel: BrokerSentinel, now: float
+) -> int:
     try:
         if not sentinel.lost(lambda: liveness.queues_in_use(db, DEFAULT_QUEUE)):
             return 0
     except Exception as exc:  # the broker is down: its loss is seen once it is back
         _log.warning("Could not check the broker sentinel: %s", exc)
         return 0
-    sent = _resend_all_queued(db, publish)
+    sent = _resend_all_queued(db, publish, now)
     sentinel.set()
     return sent
 
 
-def _resend_all_queued(db: WorkflowDB, publish: Publish) -> int:
+def _resend_all_queued(db: WorkflowDB, publish: Publish, now: float) -> int:
     """The broker lost its messages: send every queued, already-sent step of a live run
     again under its attempt, page by page (one query per ``BULK_PAGE`` steps, and the
     attempts read only for a step past its first attempt)."""
@@ -350,7 +360,8 @@ def _resend_all_queued(db: WorkflowDB, publish: Publish) -> int:
         page = liveness.queued_steps(db, after, BULK_PAGE)
         for row in page:
             run = {"flow_name": row["flow_name"], "queue": row["queue"], "run_id": row["run_id"]}
-            if publish(_message(db, run, row, row["attempt"]), queue=row["queue"]):
+            later = _rest_of_backoff(row, now)
+            if publish(_message(db, run, row, row["attempt"]), queue=row["queue"], **later):
                 sent += 1
         if len(page) < BULK_PAGE:
             break
@@ -358,6 +369,15 @@ def _resend_all_queued(db: WorkflowDB, publish: Publish) -> int:
     if sent:
         _log.warning("The broker lost its messages: sent %d queued steps again", sent)
     return sent
+
+
+def _rest_of_backoff(row: dict[str, Any], now: float) -> dict[str, float]:
+    """The countdown of a message sent again before its step is due: a retry is queued
+    as of the end of its backoff (``executor._retry``), so every re-send (unsent row,
+    broker loss, dead receiver) keeps what is left of it instead of running the retry
+    at once."""
+    wait = row["queued_at"] - now
+    return {"countdown": wait} if wait > 0 else {}
 
 
 def _message(db: WorkflowDB, run: dict[str, Any], row: dict[str, Any], attempt: int) -> StepMessage:
@@ -382,7 +402,11 @@ class SweeperThread(threading.Thread):
     """Calls ``sweep`` every ``interval_s`` on a daemon thread until ``stop()``.
 
     A failing sweep (ledger unreachable) is logged and tried again next interval: the
-    sweeper must outlive the outages it exists to repair. ``sweep_options`` are passed
+    sweeper must outlive the outages it exists to repair. After one, steps held by
+    workers are left alone until the ledger has answered for ``dead_after_s``: no
+    worker could beat or renew its lease meanwhile either, so a live worker would be
+    declared dead, its step taken over and the loss counted toward the poison limit
+    (G3 without a false poison verdict); a worker still silent then is dead. ``sweep_options`` are passed
     to every ``sweep`` (dead_after_s, max_crashes...); ``sentinel_factory`` builds the
     broker-loss sentinel (None: a broker that is not Redis, no loss detection).
     """
@@ -411,18 +435,33 @@ class SweeperThread(threading.Thread):
     def run(self) -> None:
         db = publish = sentinel = None
         pruned_at = 0.0
+        grace_s = self.sweep_options.get("dead_after_s", dead_after(DEFAULT_HEARTBEAT_SECONDS))
+        answering_since: float | None = float("-inf")  # None: the last sweep failed
         while not self._stop_event.wait(self.interval_s):
             try:
                 if db is None or publish is None:
                     db, publish = self._db_factory(), self._publish_factory()
                     sentinel = self._sentinel_factory() if self._sentinel_factory else None
-                sweep(db, publish, lease_s=self.lease_s, sentinel=sentinel, **self.sweep_options)
+                judge = answering_since is not None and (
+                    time.monotonic() - answering_since >= grace_s
+                )
+                sweep(
+                    db,
+                    publish,
+                    lease_s=self.lease_s,
+                    sentinel=sentinel,
+                    judge_holders=judge,
+                    **self.sweep_options,
+                )
+                if answering_since is None:
+                    answering_since = time.monotonic()
                 if time.monotonic() - pruned_at > FORGET_WORKERS_AFTER_S / 10:
                     liveness.prune_workers(db, FORGET_WORKERS_AFTER_S)
                     pruned_at = time.monotonic()
                 if self.pruner is not None:  # retention (POCOFLOW_PRUNE_OLDER_THAN)
                     self.pruner.tick(db, time.monotonic())
             except Exception:
+                answering_since = None
                 _log.exception("Sweep failed; trying again in %.1fs", self.interval_s)
 
     def stop(self, timeout: float | None = 5.0) -> None:

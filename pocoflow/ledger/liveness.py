@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Float, and_, bindparam, func, literal, or_, select, tuple_, update
+from sqlalchemy import Float, and_, bindparam, case, func, literal, or_, select, tuple_, update
 from sqlalchemy.engine import Connection
 
 from pocoflow.ledger import steps
@@ -171,8 +171,9 @@ def release_received(
     conn: Connection, run_id: str, step: int, attempt: int, receiver: str, lease_s: float
 ) -> bool:
     """A dead worker's unstarted message: forget the receiver and lease the step afresh
-    for its re-send under the same attempt; one sweeper wins."""
-    clock = DbEpoch()
+    for its re-send under the same attempt; one sweeper wins. A retry not yet due stays
+    queued as of its due time, its lease covering the rest of its backoff."""
+    clock = case((_s.queued_at > DbEpoch(), _s.queued_at), else_=DbEpoch())
     stmt = (
         update(pf_steps)
         .where(

@@ -233,15 +233,17 @@ class StepQueue(LedgerClient):
         *,
         force: bool = False,
         holder: str | None = None,
+        due_in: float = 0.0,
     ) -> int | None:
         """Re-queue a step whose lease expired under a new attempt (returned), fencing out
         the old holder (G1, G3); the caller then sends the new attempt's message. None if
         the step moved on (committed, renewed, already taken over). ``force`` skips the
         expiry check (resume of a paused or failed run); ``holder`` takes it over only
-        while that claim holds it (the holder's own retry)."""
+        while that claim holds it (the holder's own retry, due after its backoff
+        ``due_in``, which its lease must cover too)."""
         return self._write(
             lambda conn: steps.take_over(
-                conn, run_id, step, old_attempt, lease_s, now, force, holder
+                conn, run_id, step, old_attempt, lease_s, now, force, holder, due_in
             ),
             f"taking over step {step}",
             run_id,

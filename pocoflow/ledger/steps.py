@@ -140,7 +140,10 @@ _TAKE_OVER = (
 )
 _TAKE_OVER_EXPIRED = _TAKE_OVER.where(_s.status.in_(("queued", "running")), _LEASE_OVER)
 # The holder itself hands its step to a new attempt (a retry): only while it holds it.
-_TAKE_OVER_HELD = _TAKE_OVER.where(_HELD)
+# Its ``queued_at`` is when the retry is due (after its backoff), so whoever sends it
+# again (a broker loss, a dead receiver, an unsent row) sends it with what is left of
+# that wait, and the queue backstop counts from then.
+_TAKE_OVER_HELD = _TAKE_OVER.where(_HELD).values(queued_at=NOW + bindparam("due_in"))
 # A queued step whose lease ran out was sent but never claimed (a message lost in a dead
 # worker's prefetch buffer or a Redis restart, or still waiting in a long queue): nobody
 # holds it, so it is sent again under the same attempt; the claim lets one copy run.
@@ -421,12 +424,15 @@ def take_over(
     now: float | None,
     force: bool,
     holder: str | None = None,
+    due_in: float = 0.0,
 ) -> int | None:
     """Re-queue the step under ``old_attempt + 1`` (fencing out the old holder). With
-    ``holder``: only while that claim holds the step (its own retry)."""
+    ``holder``: only while that claim holds the step (its own retry, due in ``due_in``
+    seconds: ``queued_at``)."""
     params = _key(run_id, step, old_attempt)
     params.update(now=now, lease_s=lease_s, holder=holder)
     if holder is not None:
+        params["due_in"] = due_in
         stmt = _TAKE_OVER_HELD
     else:
         stmt = _TAKE_OVER if force else _TAKE_OVER_EXPIRED

@@ -6,13 +6,16 @@ step again in one sweep."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from pocoflow.distributed import sweeper
 from pocoflow.distributed.sweeper import sweep
 from pocoflow.ledger import liveness
+from tests.helpers import wait_until
 from tests.ledger.test_sweeper import Sent, submitted
 
 pytestmark = pytest.mark.ledger
@@ -237,3 +240,145 @@ def test_a_step_due_for_a_resend_waits_while_the_broker_has_messages(
     fake_redis.lpush("pocoflow", "more work")
     capped = later + sweeper.REQUEUE_CAP_S + 0.1
     assert swept(db, sent, capped, sentinel=sentinel).resent == [(first.run_id, 0)]
+
+
+def test_workers_silent_only_while_the_ledger_was_down_keep_their_steps(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ledger outage longer than ``dead_after`` silences every heartbeat; the sweeper
+    that meets the ledger again must not declare the workers dead before they can beat
+    (each take-over would also count as a crash toward the poison limit). A worker still
+    silent a ``dead_after`` after the ledger answers again is dead as usual."""
+    alive, _ = submitted(db)
+    dead, _ = submitted(db)
+    old_beat = db.clock() - 10.0  # the last beat before the outage
+    for run, worker in ((alive, "host:41"), (dead, "host:42")):
+        db.mark_sent(run.run_id, 0, 1)
+        assert db.claim_step(run.run_id, 0, 1, worker, LONG_LEASE_S)
+        liveness.record_beat(db, worker, "host", 41, now=old_beat)
+    down = threading.Event()
+    down.set()
+    calls = {"failed": 0, "ok": 0}
+    real_sweep = sweeper.sweep
+
+    def sweep_unless_down(*args: Any, **kw: Any) -> sweeper.SweepReport:
+        if down.is_set():
+            calls["failed"] += 1
+            raise OperationalError("SELECT 1", None, Exception("ledger unreachable"))
+        report = real_sweep(*args, **kw)
+        calls["ok"] += 1
+        return report
+
+    monkeypatch.setattr(sweeper, "sweep", sweep_unless_down)
+    sent = Sent(db)
+    thread = sweeper.SweeperThread(
+        lambda: db, lambda: sent, lease_s=LONG_LEASE_S, interval_s=0.02, dead_after_s=1.0
+    )
+    thread.start()
+    try:
+        wait_until(lambda: calls["failed"] >= 2, timeout=10)
+        down.clear()  # the ledger is back; the live worker beats as soon as it can
+        wait_until(lambda: calls["ok"] >= 1, timeout=10)
+
+        def live_beats_and_dead_is_taken_over() -> bool:
+            liveness.record_beat(db, "host:41", "host", 41)
+            return db.get_step(dead.run_id, 0)["attempt"] == 2
+
+        wait_until(live_beats_and_dead_is_taken_over, timeout=10)
+    finally:
+        thread.stop()
+    step = db.get_step(alive.run_id, 0)
+    assert (step["status"], step["attempt"], step["lease_owner"]) == ("running", 1, "host:41")
+    assert [a["outcome"] for a in db.get_attempts(alive.run_id)] == [None]
+    assert [m.run_id for m, _ in sent.messages] == [dead.run_id]
+
+
+class Countdowns(Sent):
+    """``Sent``, also keeping each message's countdown (None: sent for now)."""
+
+    def __init__(self, db: Any) -> None:
+        super().__init__(db)
+        self.countdowns: list[float | None] = []
+
+    def __call__(self, message: Any, queue: str | None = None, **kw: Any) -> bool:
+        self.countdowns.append(kw.get("countdown"))
+        return super().__call__(message, queue)
+
+
+BACKOFF_S = 30.0
+
+
+def retry_waiting(db: Any) -> tuple[str, float]:
+    """A run whose step 0 failed a try at the returned time and waits ``BACKOFF_S`` for
+    its retry, attempt 2, sent with that countdown (what ``executor._retry`` writes)."""
+    run, t0 = submitted(db)
+    db.mark_sent(run.run_id, 0, 1, now=t0)
+    assert db.claim_step(run.run_id, 0, 1, "host:51", LONG_LEASE_S, now=t0)
+    lease = LONG_LEASE_S + BACKOFF_S
+    assert db.take_over(run.run_id, 0, 1, lease, now=t0, holder="host:51", due_in=BACKOFF_S) == 2
+    db.mark_sent(run.run_id, 0, 2, now=t0)
+    return run.run_id, t0
+
+
+def test_a_retry_sent_again_after_a_broker_loss_keeps_its_backoff(db: Any) -> None:
+    _, t0 = retry_waiting(db)
+    sent = Countdowns(db)
+    report = swept(db, sent, t0 + 10, sentinel=LostOnce())
+    assert report.bulk_resent == 1
+    assert [m.attempt for m, _ in sent.messages] == [2]
+    assert sent.countdowns == [pytest.approx(BACKOFF_S - 10, abs=0.01)]
+
+
+def test_a_retry_a_dead_worker_held_is_sent_again_with_its_backoff(db: Any) -> None:
+    run_id, t0 = retry_waiting(db)
+    liveness.record_beat(db, "host:52", "host", 52, [(run_id, 0, 2)], now=t0)  # prefetched
+    sent = Countdowns(db)
+    now = t0 + DEAD_AFTER_S + 0.1
+    assert swept(db, sent, now).resent == [(run_id, 0)]
+    assert sent.countdowns == [pytest.approx(BACKOFF_S - DEAD_AFTER_S - 0.1, abs=0.01)]
+    # The lease still covers the wait: no sweep re-sends it before the retry is due.
+    assert db.get_step(run_id, 0)["lease_expires_at"] >= t0 + LONG_LEASE_S + BACKOFF_S - 0.01
+
+
+def test_a_dead_worker_is_found_by_the_holder_tokens_of_its_claims(db: Any) -> None:
+    """Workers claim with holder tokens ``<worker id>#<n>`` (one per delivery): the
+    step is the worker's, whatever ``n``; a worker whose id only begins the same is not
+    its owner."""
+    run, t0 = submitted(db)
+    other, _ = submitted(db)
+    for r, worker, holder in ((run, "host:61", "host:61#7"), (other, "host:612", "host:612#1")):
+        db.mark_sent(r.run_id, 0, 1, now=t0)
+        assert db.claim_step(r.run_id, 0, 1, worker, LONG_LEASE_S, now=t0, holder=holder)
+    liveness.record_beat(db, "host:61", "host", 61, now=t0)  # dies after this beat
+    liveness.record_beat(db, "host:6", "host", 6, now=t0)  # dead too, a prefix of both
+    liveness.record_beat(db, "host:612", "host", 612, now=t0 + DEAD_AFTER_S)  # alive
+    report = swept(db, Sent(db), t0 + DEAD_AFTER_S + 0.1)
+    assert report.taken_over == [(run.run_id, 0, 2)]
+    assert db.get_step(other.run_id, 0)["lease_owner"] == "host:612#1"
+
+
+def test_a_resumed_poison_step_gets_its_crash_budget_afresh(db: Any) -> None:
+    """The poison verdict ends the step for good: once the node is fixed and the run
+    resumed, one crash (a deploy, the OOM killer elsewhere) is one crash of a new start,
+    not the fourth of the old one (what the error message promises)."""
+    from pocoflow.distributed import lifecycle
+
+    poison, t0 = submitted(db)
+    run_id = poison.run_id
+    db.mark_sent(run_id, 0, 1, now=t0)
+    sent = Sent(db)
+    for crash in range(1, 4):
+        t = t0 + 10 * crash
+        worker = f"host:{200 + crash}"
+        assert db.claim_step(run_id, 0, crash, worker, LONG_LEASE_S, now=t)
+        liveness.record_beat(db, worker, "host", 200 + crash, now=t)
+        report = swept(db, sent, t + DEAD_AFTER_S + 0.1, max_crashes=3)
+    assert report.poisoned == [(run_id, 0)]
+    assert lifecycle.restart(db, run_id, sent, lease_s=LONG_LEASE_S)  # type: ignore[arg-type]
+    resumed = db.get_step(run_id, 0)["attempt"]
+    t = t0 + 50
+    assert db.claim_step(run_id, 0, resumed, "host:204", LONG_LEASE_S, now=t)
+    liveness.record_beat(db, "host:204", "host", 204, now=t)
+    report = swept(db, sent, t + DEAD_AFTER_S + 0.1, max_crashes=3)
+    assert report.taken_over == [(run_id, 0, resumed + 1)] and not report.poisoned
+    assert db.get_run(run_id)["status"] == "running"

@@ -241,7 +241,7 @@ def commit(db: Any, run_id: str, step: int, *, last: bool) -> bool:
     )
 
 
-def test_the_sweeper_resends_an_unsent_retry_with_the_rest_of_its_countdown(db: Any) -> None:
+def test_the_sweeper_resends_an_unsent_retry_once_its_backoff_is_over(db: Any) -> None:
     first = start(db, "lifecycle_flaky")
     lost = LostPublish(db)
     worker = WorkerContext(db=db, publisher=lost, redis=None, lease_s=LEASE_S)  # type: ignore[arg-type]
@@ -249,13 +249,15 @@ def test_the_sweeper_resends_an_unsent_retry_with_the_rest_of_its_countdown(db: 
     assert execute_step(first.to_dict(), worker_id="h:1", context=worker) == "retry"
     ((_, scheduled),) = lost.sent
     assert scheduled["countdown"] == FailsFirst.retry_delay
-    later = t0 + UNSENT_GRACE_S + 4.0
     resent = Publish(db)
-    assert sweep(db, resent, lease_s=LEASE_S, now=later).resent == [(first.run_id, 0)]
+    # Queued as of the end of its backoff: not sent again before it is due...
+    assert not sweep(db, resent, lease_s=LEASE_S, now=t0 + UNSENT_GRACE_S + 4.0)
+    # ...and then at once, without a countdown (the backoff is over).
+    due = time.time() + FailsFirst.retry_delay + UNSENT_GRACE_S + 0.1
+    assert sweep(db, resent, lease_s=LEASE_S, now=due).resent == [(first.run_id, 0)]
     ((message, kwargs),) = resent.sent
     assert (message.attempt, message.try_number) == (2, 2)
-    left = FailsFirst.retry_delay - (later - t0)
-    assert kwargs.get("countdown", 0.0) == pytest.approx(left, abs=1.0)  # backoff kept
+    assert "countdown" not in kwargs
 
 
 @pytest.mark.parametrize("status", ["queued", "running", "paused", "cancelled", "failed"])

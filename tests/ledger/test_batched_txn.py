@@ -1,0 +1,63 @@
+"""``txn.run(..., batched=True)``: on PostgreSQL its BEGIN goes out inside the first
+pipeline batch (the driver connection runs in autocommit for that transaction), on
+SQLite the body runs on the raw pooled connection. Either way the transaction is one
+transaction (an abort after the batch leaves nothing), and every connection goes back
+to the pool as it was lent: no transaction open, PostgreSQL's autocommit off, so a
+later plain write transaction is still one transaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from pocoflow.ledger import pipeline, txn
+from pocoflow.ledger.tables import pf_workers
+
+pytestmark = pytest.mark.ledger
+
+
+def worker_row(worker: str) -> dict[str, Any]:
+    return {"worker_id": worker, "host": "h", "pid": 1, "started_at": 1.0, "beat_at": 1.0}
+
+
+def batched(db: Any, *workers: str, then: Exception | None = None) -> None:
+    def body(conn: Any) -> None:
+        pipeline.run(conn, [pipeline.Op(insert(pf_workers), worker_row(w)) for w in workers])
+        if then is not None:
+            raise then
+
+    txn.run(db._ledger, body, write=True, what="test batch", batched=True)
+
+
+def workers(db: Any) -> int:
+    with db._ledger.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(pf_workers)).scalar_one())
+
+
+def lent_as_new(pooled: Any, dialect: str) -> bool:
+    raw = pooled.driver_connection
+    if dialect == "postgresql":
+        return raw.autocommit is False and raw.pgconn.transaction_status == 0  # idle
+    return not raw.in_transaction
+
+
+def test_a_batched_transaction_is_one_and_gives_its_connection_back_clean(db: Any) -> None:
+    batched(db, "w1")  # committed
+    batched(db, "w2", then=txn.Abort())  # rolled back after its batch ran
+    with pytest.raises(IntegrityError):
+        batched(db, "w3", "w1")  # the batch itself fails (w1 exists)
+    with pytest.raises(RuntimeError):
+        batched(db, "w4", then=RuntimeError("the body fails after its batch"))
+    assert workers(db) == 1  # only w1: each failed transaction left nothing
+    engine = db._ledger.engine
+    idle = engine.pool.checkedin()
+    assert idle >= 1
+    lent = [engine.raw_connection() for _ in range(idle)]  # every idle pooled connection
+    try:
+        assert all(lent_as_new(pooled, db._ledger.dialect) for pooled in lent)
+    finally:
+        for pooled in lent:
+            pooled.close()
