@@ -20,7 +20,14 @@ from sqlalchemy.engine import Connection
 
 from pocoflow.ledger import steps
 from pocoflow.ledger.common import DbEpoch, insert_ignore
-from pocoflow.ledger.tables import LIVE_RUN_STATUSES, literal_in, pf_runs, pf_steps, pf_workers
+from pocoflow.ledger.tables import (
+    ACTIVE_STEP_STATUSES,
+    LIVE_RUN_STATUSES,
+    literal_in,
+    pf_runs,
+    pf_steps,
+    pf_workers,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
@@ -30,10 +37,13 @@ if TYPE_CHECKING:
 _s = pf_steps.c
 _w = pf_workers.c
 _r = pf_runs.c
-# The run of a step is one the sweeper looks after (queued, running, waiting: the
-# partial index ix_pf_runs_live, whose predicate is repeated literally).
-_LIVE_RUN = select(_r.run_id).where(
-    _r.run_id == _s.run_id, literal_in(_r.status, LIVE_RUN_STATUSES)
+# Every per-sweep query starts from the live runs and seeks their unfinished steps
+# (ix_pf_runs_live, ix_pf_steps_active, predicates repeated literally so the planners
+# use the partial indexes), as steps.py's sweeper queries do: their cost follows the
+# runs in flight, not the finished and parked runs the ledger keeps.
+_SWEEPABLE = and_(
+    _s.run_id.in_(select(_r.run_id).where(literal_in(_r.status, LIVE_RUN_STATUSES))),
+    literal_in(_s.status, ACTIVE_STEP_STATUSES),
 )
 
 #: Outcomes after which a step only goes on through a resume, which starts afresh: crash
@@ -116,20 +126,26 @@ _HOLDER_IS_WORKER = or_(
 )
 
 
+def dead_holder_queries(dead_after_s: float, now: float | None) -> tuple[Any, Any]:
+    """(running steps whose holder is silent, queued steps whose receiver is silent)."""
+    running = select(pf_steps).where(
+        _SWEEPABLE, _s.status == "running", _dead(_HOLDER_IS_WORKER, dead_after_s, now)
+    )
+    received = select(pf_steps).where(
+        _SWEEPABLE,
+        _s.status == "queued",
+        _s.received_by.is_not(None),
+        _dead(_w.worker_id == _s.received_by, dead_after_s, now),
+    )
+    return running, received
+
+
 def dead_holders(
     conn: Connection, dead_after_s: float, now: float | None, limit: int
 ) -> list[dict[str, Any]]:
     """Steps of live runs that a silent worker process was running (lease owner) or held
     unstarted (received), whatever their lease says: the sweeper recovers them now."""
-    running = select(pf_steps).where(
-        _s.status == "running", _dead(_HOLDER_IS_WORKER, dead_after_s, now), _LIVE_RUN.exists()
-    )
-    received = select(pf_steps).where(
-        _s.status == "queued",
-        _s.received_by.is_not(None),
-        _dead(_w.worker_id == _s.received_by, dead_after_s, now),
-        _LIVE_RUN.exists(),
-    )
+    running, received = dead_holder_queries(dead_after_s, now)
     rows = [dict(r) for r in conn.execute(running.limit(limit)).mappings()]
     rows += [dict(r) for r in conn.execute(received.limit(limit)).mappings()]
     return rows
@@ -197,6 +213,7 @@ def hold_waiting(conn: Connection, requeue_after_s: float, now: float | None) ->
     stmt = (
         update(pf_steps)
         .where(
+            _SWEEPABLE,
             _s.status == "queued",
             _s.lease_expires_at < clock,
             _s.queued_at + requeue_after_s > clock,
@@ -213,7 +230,12 @@ def hold_busy(conn: Connection, requeue_after_s: float, cap_s: float, now: float
     clock = db_clock(now)
     stmt = (
         update(pf_steps)
-        .where(_s.status == "queued", _s.lease_expires_at < clock, _s.queued_at + cap_s > clock)
+        .where(
+            _SWEEPABLE,
+            _s.status == "queued",
+            _s.lease_expires_at < clock,
+            _s.queued_at + cap_s > clock,
+        )
         .values(lease_expires_at=clock + requeue_after_s)
     )
     return conn.execute(stmt).rowcount

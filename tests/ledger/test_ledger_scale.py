@@ -17,7 +17,7 @@ from sqlalchemy import Executable
 from bench.ledger_scale import seed
 from pocoflow.distributed.client import record_run
 from pocoflow.distributed.sweeper import sweep
-from pocoflow.ledger import runs, steps
+from pocoflow.ledger import liveness, runs, steps
 from pocoflow.registry import build_flow
 from pocoflow.store import Store
 from tests.ledger.test_sweeper import Sent
@@ -81,6 +81,17 @@ def test_the_sweepers_queries_start_from_the_live_runs(seeded: Any) -> None:
         assert "ix_pf_runs_live" in text, text
         assert "ix_pf_steps_active" in text, text
         assert full_scans(seeded, text) == [], text
+
+
+def test_the_dead_worker_queries_start_from_the_live_runs(seeded: Any) -> None:
+    """The heartbeat sweep runs every second in every worker: its steps come from the live
+    runs too, whatever the ledger keeps (a scan of the few worker rows is fine)."""
+    for stmt in liveness.dead_holder_queries(3.0, time.time()):
+        text = plan(seeded, stmt, {})
+        assert "ix_pf_runs_live" in text, text
+        assert "ix_pf_steps_active" in text, text
+        scans = [line for line in full_scans(seeded, text) if "pf_workers" not in line]
+        assert scans == [], text
 
 
 def test_the_claim_and_the_run_read_seek_their_primary_keys(seeded: Any) -> None:
