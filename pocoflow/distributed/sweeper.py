@@ -187,6 +187,7 @@ def sweep(
                 "its worker stopped beating",
                 max_crashes,
                 report,
+                crashed=True,
             )
             continue
         receiver = row["received_by"]
@@ -226,6 +227,7 @@ def sweep(
             # Messages still wait in the broker: a due step is most likely among them.
             liveness.postpone_while_busy(db, requeue_after_s, REQUEUE_CAP_S, now=injected)
             expired = [r for r in expired if r not in due or now >= r["queued_at"] + REQUEUE_CAP_S]
+    beats: dict[str, float] | None = None
     for row in expired:
         run = run_of(row["run_id"])
         if run is None:
@@ -250,15 +252,31 @@ def sweep(
             continue
         if not judge_holders:
             continue
+        if beats is None:
+            beats = liveness.last_beats(db)
+        owner = row["lease_owner"] or ""
+        beat = beats.get(owner.rpartition("#")[0] or owner)
+        # A crash only if its process missed beats too (it died before the heartbeat
+        # pass could tell); a live process's expired lease (a ledger error ended the
+        # delivery) says nothing about the node.
+        crashed = beat is not None and beat < now - dead_after_s / 2
         _recover(
             db,
             publish,
             run,
             row,
-            lambda r=row: db.take_over(r["run_id"], r["step"], r["attempt"], lease_s, now=now),
+            lambda r=row, c=crashed: db.take_over(
+                r["run_id"],
+                r["step"],
+                r["attempt"],
+                lease_s,
+                now=now,
+                note=liveness.WORKER_DIED if c else None,
+            ),
             "its lease expired",
             max_crashes,
             report,
+            crashed=crashed,
         )
     return report
 
@@ -272,17 +290,20 @@ def _recover(
     why: str,
     max_crashes: int,
     report: SweepReport,
+    *,
+    crashed: bool,
 ) -> None:
     """A claimed step whose holder is gone: fail its run if this is the
-    ``max_crashes``-th attempt in a row lost with its worker (a poison step), else take
-    it over (``take_over``: new attempt, fencing the holder out, G1) and send it.
+    ``max_crashes``-th attempt lost with its worker process (a poison step; ``crashed``:
+    this holder's process stopped beating, not only its lease ran out), else take it
+    over (``take_over``: new attempt, fencing the holder out, G1) and send it.
 
     The poison verdict is written as the dead holder's failure (``fail_run`` fenced on
     its claim), so a holder that was only slow and commits first wins, and the step row,
     the attempt row, the events and the run's status change in one transaction."""
     run_id, step, owner = row["run_id"], row["step"], row["lease_owner"]
     lost, retries = liveness.crashes(db.get_attempts(run_id), step)
-    if lost + 1 >= max_crashes:
+    if crashed and lost + 1 >= max_crashes:
         error = (
             f"Step {step} (node {row['node_id']!r}) of run {run_id} was lost with its worker "
             f"{lost + 1} times in a row (last on {owner}): a poison step, whose exec likely "

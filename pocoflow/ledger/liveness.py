@@ -51,6 +51,11 @@ _SWEEPABLE = and_(
 FRESH_START_AFTER = frozenset({"failed", "refused", "cancelled", "terminated"})
 #: The outcome ``take_over`` records for the attempt of a holder that stopped answering.
 CRASHED_OUTCOME = "lost"
+#: The ``error_msg`` of an attempt lost because its worker process stopped beating: only
+#: those count toward the poison limit. An attempt lost while its worker lived on (a
+#: ledger error, a connection killed mid-commit, a refused late commit) says nothing
+#: about the node, and counting it failed healthy runs under pg_terminate_backend.
+WORKER_DIED = "its worker process stopped beating"
 
 
 def db_clock(now: float | None) -> ColumnElement[float]:
@@ -179,7 +184,9 @@ def take_over_dead(
     )
     if conn.execute(stmt).rowcount != 1:
         return None
-    steps.end_attempt(conn, run_id, step, attempt, None, CRASHED_OUTCOME, None, steps.clock(conn))
+    steps.end_attempt(
+        conn, run_id, step, attempt, None, CRASHED_OUTCOME, WORKER_DIED, steps.clock(conn)
+    )
     return attempt + 1
 
 
@@ -277,13 +284,14 @@ def queue_names(conn: Connection, default: str) -> list[str]:
 
 
 def crashes(attempts: list[dict[str, Any]], step: int) -> tuple[int, int]:
-    """(attempts of ``step`` lost with their worker, retries) since the step last ended
-    for good: what the poison limit and the try number count (pure; takes the rows)."""
+    """(attempts of ``step`` lost with their worker process, retries) since the step last
+    ended for good: what the poison limit and the try number count (pure; takes the
+    rows). Attempts lost while their worker lived on are not crashes (``WORKER_DIED``)."""
     lost = retries = 0
     for row in reversed([a for a in attempts if a["step"] == step]):
         if row["outcome"] in FRESH_START_AFTER:
             break
-        lost += row["outcome"] == CRASHED_OUTCOME
+        lost += row["outcome"] == CRASHED_OUTCOME and row.get("error_msg") == WORKER_DIED
         retries += row["outcome"] == "retry"
     return lost, retries
 
@@ -374,3 +382,10 @@ def queues_in_use(db: LedgerClient, default: str) -> list[str]:
 
 def live_workers(db: LedgerClient, dead_after_s: float, now: float | None = None) -> int:
     return db._read(lambda conn: count_workers(conn, dead_after_s, now))
+
+
+def last_beats(db: LedgerClient) -> dict[str, float]:
+    """``worker id -> last beat`` (database clock) of every worker with a heartbeat row."""
+    return db._read(
+        lambda conn: {w: float(b) for w, b in conn.execute(select(_w.worker_id, _w.beat_at))}
+    )

@@ -234,16 +234,18 @@ class StepQueue(LedgerClient):
         force: bool = False,
         holder: str | None = None,
         due_in: float = 0.0,
+        note: str | None = None,
     ) -> int | None:
         """Re-queue a step whose lease expired under a new attempt (returned), fencing out
         the old holder (G1, G3); the caller then sends the new attempt's message. None if
         the step moved on (committed, renewed, already taken over). ``force`` skips the
         expiry check (resume of a paused or failed run); ``holder`` takes it over only
         while that claim holds it (the holder's own retry, due after its backoff
-        ``due_in``, which its lease must cover too)."""
+        ``due_in``, which its lease must cover too). ``note``: the old attempt's
+        ``error_msg`` (why it was lost)."""
         return self._write(
             lambda conn: steps.take_over(
-                conn, run_id, step, old_attempt, lease_s, now, force, holder, due_in
+                conn, run_id, step, old_attempt, lease_s, now, force, holder, due_in, note
             ),
             f"taking over step {step}",
             run_id,

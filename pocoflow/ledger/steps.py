@@ -425,6 +425,7 @@ def take_over(
     force: bool,
     holder: str | None = None,
     due_in: float = 0.0,
+    note: str | None = None,
 ) -> int | None:
     """Re-queue the step under ``old_attempt + 1`` (fencing out the old holder). With
     ``holder``: only while that claim holds the step (its own retry, due in ``due_in``
@@ -438,7 +439,7 @@ def take_over(
         stmt = _TAKE_OVER if force else _TAKE_OVER_EXPIRED
     if conn.execute(stmt, params).rowcount != 1:
         return None
-    end_attempt(conn, run_id, step, old_attempt, None, "lost", None, now)
+    end_attempt(conn, run_id, step, old_attempt, None, "lost", note, now)
     return old_attempt + 1
 
 

@@ -382,3 +382,47 @@ def test_a_resumed_poison_step_gets_its_crash_budget_afresh(db: Any) -> None:
     report = swept(db, sent, t + DEAD_AFTER_S + 0.1, max_crashes=3)
     assert report.taken_over == [(run_id, 0, resumed + 1)] and not report.poisoned
     assert db.get_run(run_id)["status"] == "running"
+
+
+def test_attempts_lost_while_their_worker_beat_on_are_not_crashes(db: Any) -> None:
+    """A lease that ran out while its worker kept beating (a connection killed mid-commit
+    ended the delivery) is taken over, but says nothing about the node: four such
+    take-overs poison nothing (pg_terminate_backend under load used to fail healthy
+    runs this way)."""
+    first, t0 = submitted(db)
+    run_id = first.run_id
+    db.mark_sent(run_id, 0, 1, now=t0)
+    sent = Sent(db)
+    short_lease = 2.0
+    for attempt in range(1, 5):
+        t = t0 + 100 * attempt
+        worker = f"host:{200 + attempt}"
+        assert db.claim_step(run_id, 0, attempt, worker, short_lease, now=t)
+        later = t + short_lease + 0.5
+        liveness.record_beat(db, worker, "host", 200 + attempt, now=later)  # alive
+        report = sweep(
+            db, sent, lease_s=short_lease, now=later + 0.1, dead_after_s=DEAD_AFTER_S, max_crashes=3
+        )
+        assert report.taken_over == [(run_id, 0, attempt + 1)] and not report.poisoned
+    assert db.get_run(run_id)["status"] in ("queued", "running")
+    assert liveness.crashes(db.get_attempts(run_id), 0)[0] == 0
+
+
+def test_a_lease_that_ran_out_with_its_process_silent_is_a_crash(db: Any) -> None:
+    """The lease pass can beat the heartbeat pass to a dead process (a lease shorter than
+    dead_after): the attempt still counts as a crash when the process missed beats."""
+    first, t0 = submitted(db)
+    run_id = first.run_id
+    db.mark_sent(run_id, 0, 1, now=t0)
+    assert db.claim_step(run_id, 0, 1, "host:301", 2.0, now=t0)
+    liveness.record_beat(db, "host:301", "host", 301, now=t0)  # then silent
+    report = sweep(db, Sent(db), lease_s=2.0, now=t0 + 2.1, dead_after_s=DEAD_AFTER_S)
+    assert report.taken_over == [(run_id, 0, 2)]
+    assert liveness.crashes(db.get_attempts(run_id), 0)[0] == 1
+
+
+def test_only_attempts_lost_with_their_worker_process_count_as_crashes() -> None:
+    lost_alive = {"step": 0, "outcome": "lost", "error_msg": "late commit refused"}
+    crashed = {"step": 0, "outcome": "lost", "error_msg": liveness.WORKER_DIED}
+    assert liveness.crashes([lost_alive, lost_alive, lost_alive], 0) == (0, 0)
+    assert liveness.crashes([crashed, lost_alive, crashed], 0) == (2, 0)

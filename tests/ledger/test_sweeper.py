@@ -50,9 +50,10 @@ class Sent:
 
 
 def submitted(db: Any, *, queue: str | None = None) -> tuple[StepMessage, float]:
-    """A run whose step-0 outbox row was written at the returned time and never sent."""
-    now = time.time()
-    return record_run(db, build_flow("sweep_two"), Store({}), queue=queue, lease_s=LEASE_S), now
+    """A run whose step-0 outbox row was written at the returned time (the database's
+    clock, as the row has it) and never sent."""
+    first = record_run(db, build_flow("sweep_two"), Store({}), queue=queue, lease_s=LEASE_S)
+    return first, db.get_step(first.run_id, 0)["queued_at"]
 
 
 def test_an_unsent_row_is_sent_after_the_grace_period(db: Any) -> None:
