@@ -323,14 +323,15 @@ class _StepRun:
             db.update_run_if(msg.run_id, status_in=("queued",), status="running")
         max_steps = run.get("max_steps")
         if max_steps is not None and msg.step >= max_steps:
-            return self._refuse(
+            return self._fail(
                 f"Flow {msg.flow!r} exceeded max_steps={max_steps} at node {msg.node_id!r} "
-                f"(run {msg.run_id}). Check for an unintended loop or raise max_steps."
+                f"(run {msg.run_id}). Check for an unintended loop or raise max_steps.",
+                refused=True,
             )
         try:
             loaded = self._load(run)
         except _Refused as refusal:
-            return self._refuse(str(refusal))
+            return self._fail(str(refusal), refused=True)
         with self.ctx.leases.hold(msg.run_id, msg.step, msg.attempt, self.holder):
             return self._run_and_commit(run, loaded)
 
@@ -547,8 +548,14 @@ class _StepRun:
         )
         return RETRY
 
-    def _fail(self, error_msg: str, events: list[dict[str, Any]]) -> str:
+    def _fail(
+        self, error_msg: str, events: list[dict[str, Any]] | None = None, *, refused: bool = False
+    ) -> str:
+        """Fail the step and its run in one transaction, fenced on this holder's claim; a
+        refusal (G5, G6, G7: the step cannot run here) names the node and is recorded as
+        ``refused``. The run stays resumable either way."""
         msg = self.msg
+        outcome = REFUSED if refused else FAILED
         if not lifecycle.fail_run(
             self.db,
             msg.run_id,
@@ -558,30 +565,13 @@ class _StepRun:
             holder=self.holder,
             worker=self.worker,
             events=events,
+            node_name=msg.node_id if refused else None,
+            outcome=outcome,
         ):
             self._end(LOST, "lease taken over before the failure could be recorded")
             return LOST
         _log.error("Run %s failed at step %d: %s", msg.run_id, msg.step, error_msg)
-        return FAILED
-
-    def _refuse(self, error_msg: str) -> str:
-        """The step cannot run here; the run fails but stays resumable (G5, G6, G7)."""
-        msg = self.msg
-        if not lifecycle.fail_run(
-            self.db,
-            msg.run_id,
-            error_msg,
-            step=msg.step,
-            attempt=msg.attempt,
-            holder=self.holder,
-            worker=self.worker,
-            node_name=msg.node_id,
-            outcome=REFUSED,
-        ):
-            self._end(LOST)
-            return LOST
-        _log.error("%s", error_msg)
-        return REFUSED
+        return outcome
 
     def _record(self, event: str, error_msg: str) -> None:
         """An event on the run for what happened to this delivery; the ledger blinking
