@@ -30,6 +30,7 @@ to call it.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -181,8 +182,14 @@ def sweep(
                 publish,
                 run,
                 row,
-                lambda r=row, o=owner: liveness.recover_running(
-                    db, r["run_id"], r["step"], r["attempt"], o, lease_s
+                functools.partial(
+                    liveness.recover_running,
+                    db,
+                    row["run_id"],
+                    row["step"],
+                    row["attempt"],
+                    owner,
+                    lease_s,
                 ),
                 "its worker stopped beating",
                 max_crashes,
@@ -265,13 +272,14 @@ def sweep(
             publish,
             run,
             row,
-            lambda r=row, c=crashed: db.take_over(
-                r["run_id"],
-                r["step"],
-                r["attempt"],
+            functools.partial(
+                db.take_over,
+                row["run_id"],
+                row["step"],
+                row["attempt"],
                 lease_s,
                 now=now,
-                note=liveness.WORKER_DIED if c else None,
+                note=liveness.WORKER_DIED if crashed else None,
             ),
             "its lease expired",
             max_crashes,

@@ -211,11 +211,12 @@ def release_received(
     return conn.execute(stmt).rowcount == 1
 
 
-def hold_waiting(conn: Connection, requeue_after_s: float, now: float | None) -> int:
-    """Every queued step whose lease ran out but that has waited less than
-    ``requeue_after_s``: most likely behind a long queue, so its lease is pushed to
-    ``queued_at + requeue_after_s`` without a re-send (no duplicate storm). One
-    statement for the whole backlog, so a deep queue costs one write per sweep."""
+def _hold_expired_queued(
+    conn: Connection, waited_under_s: float, new_lease: Any, now: float | None
+) -> int:
+    """Push the lease of every expired queued step of a live run that has waited less
+    than ``waited_under_s`` to ``new_lease(clock)``, without a re-send: one statement for
+    the whole backlog, so a deep queue costs one write per sweep (no duplicate storm)."""
     clock = db_clock(now)
     stmt = (
         update(pf_steps)
@@ -223,29 +224,25 @@ def hold_waiting(conn: Connection, requeue_after_s: float, now: float | None) ->
             _SWEEPABLE,
             _s.status == "queued",
             _s.lease_expires_at < clock,
-            _s.queued_at + requeue_after_s > clock,
+            _s.queued_at + waited_under_s > clock,
         )
-        .values(lease_expires_at=_s.queued_at + requeue_after_s)
+        .values(lease_expires_at=new_lease(clock))
     )
     return conn.execute(stmt).rowcount
+
+
+def hold_waiting(conn: Connection, requeue_after_s: float, now: float | None) -> int:
+    """Expired queued steps that waited less than ``requeue_after_s`` are most likely
+    behind a long queue: leased until ``queued_at + requeue_after_s``."""
+    return _hold_expired_queued(
+        conn, requeue_after_s, lambda clock: _s.queued_at + requeue_after_s, now
+    )
 
 
 def hold_busy(conn: Connection, requeue_after_s: float, cap_s: float, now: float | None) -> int:
-    """The broker still has messages waiting: every expired queued step that has waited
-    less than ``cap_s`` is most likely among them, so its lease is pushed
-    ``requeue_after_s`` from now, without a re-send (one statement)."""
-    clock = db_clock(now)
-    stmt = (
-        update(pf_steps)
-        .where(
-            _SWEEPABLE,
-            _s.status == "queued",
-            _s.lease_expires_at < clock,
-            _s.queued_at + cap_s > clock,
-        )
-        .values(lease_expires_at=clock + requeue_after_s)
-    )
-    return conn.execute(stmt).rowcount
+    """The broker still has messages waiting: expired queued steps that waited less than
+    ``cap_s`` are most likely among them, leased ``requeue_after_s`` from now."""
+    return _hold_expired_queued(conn, cap_s, lambda clock: clock + requeue_after_s, now)
 
 
 def queued_page(

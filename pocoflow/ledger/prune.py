@@ -49,7 +49,7 @@ _CANDIDATES = (
     .limit(bindparam("limit"))
 )
 _COUNT = select(func.count()).select_from(pf_runs).where(*_OLD_AND_FINISHED)
-_IDS = bindparam("ids", expanding=True)
+_IDS: Any = bindparam("ids", expanding=True)
 _RECHECK = select(_r.run_id).where(_r.run_id.in_(_IDS), *_OLD_AND_FINISHED)
 
 

@@ -294,48 +294,6 @@ def mark_sent(
     return conn.execute(_MARK_SENT, params).rowcount == 1
 
 
-def claim(
-    conn: Connection,
-    run_id: str,
-    step: int,
-    attempt: int,
-    worker: str,
-    holder: str,
-    lease_s: float,
-    now: float | None,
-    task_id: str | None = None,
-    *,
-    node_id: str | None = None,
-    if_runnable: bool = False,
-    retried: bool = False,
-) -> bool:
-    """Take the lease for ``attempt`` as ``holder`` and open its ``pf_attempts`` row (of
-    ``worker``), in one transaction.
-
-    Wins when the row is queued with this attempt, or running under this attempt with an
-    expired lease (the broker redelivered a dead worker's message) or under this holder
-    (a retried transaction). With ``node_id``, only if the ledger recorded that node for
-    the step (a message cannot choose what runs); with ``if_runnable``, only while the run
-    may go on, decided by this statement (G4). ``retried``: a try of the same call went
-    before, whose COMMIT may have landed; its attempt row is then not opened twice.
-    """
-    return claim_reading_run(
-        conn,
-        run_id,
-        step,
-        attempt,
-        worker,
-        holder,
-        lease_s,
-        now,
-        task_id,
-        node_id=node_id,
-        if_runnable=if_runnable,
-        read_run=False,
-        retried=retried,
-    )[0]
-
-
 def claim_reading_run(
     conn: Connection,
     run_id: str,
@@ -352,9 +310,20 @@ def claim_reading_run(
     read_run: bool = True,
     retried: bool = False,
 ) -> tuple[bool, dict[str, Any] | None]:
-    """``claim``, with the run's guard columns (``runs.GUARD_COLUMNS``) read in the same batch
-    first: ``(claimed, run)``, run None for an unknown run. One round trip on PostgreSQL
-    for the read, the claim and the attempt row, because every step makes it (G1, G4)."""
+    """Take the lease for ``attempt`` as ``holder`` and open its ``pf_attempts`` row (of
+    ``worker``), in one transaction; with ``read_run``, the run's guard columns
+    (``runs.GUARD_COLUMNS``) are read in the same batch first.
+
+    Wins when the row is queued with this attempt, or running under this attempt with an
+    expired lease (the broker redelivered a dead worker's message) or under this holder
+    (a retried transaction). With ``node_id``, only if the ledger recorded that node for
+    the step (a message cannot choose what runs); with ``if_runnable``, only while the run
+    may go on, decided by this statement (G4). ``retried``: a try of the same call went
+    before, whose COMMIT may have landed; its attempt row is then not opened twice.
+
+    Returns ``(claimed, run)``, run None for an unknown run or without ``read_run``. One
+    round trip on PostgreSQL for the read, the claim and the attempt row, because every
+    step makes it (G1, G4)."""
     params = _key(run_id, step, attempt)
     params.update(holder=holder, now=now, lease_s=lease_s, b_node_id=node_id)
     # Its own dict: an UPDATE compiled for parameter names that are column names

@@ -300,7 +300,9 @@ def test_a_retried_claim_opens_its_attempt_row_once(db: Any) -> None:
     assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
 
     def retried_claim(conn: Any) -> bool:
-        return steps.claim(conn, "r1", 0, 1, "w1", "w1#1", 10, 100.0, "t1", retried=True)
+        return steps.claim_reading_run(
+            conn, "r1", 0, 1, "w1", "w1#1", 10, 100.0, "t1", read_run=False, retried=True
+        )[0]
 
     assert db._write(retried_claim, "claiming", "r1")  # the first try never landed: opens it
     assert db._write(retried_claim, "claiming", "r1")  # it landed: wins again, no second row
