@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pocoflow.codec import register_type
 from pocoflow.flow import Flow
+from pocoflow.mapnode import MapNode
 from pocoflow.node import AsyncNode, Node
 from pocoflow.registry import flow, register_flow
 from pocoflow.runner import RunHandle
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncNode",
     "Flow",
+    "MapNode",
     "Node",
     "RunHandle",
     "Store",

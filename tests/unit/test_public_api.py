@@ -10,6 +10,7 @@ import pocoflow
 EXPECTED = {
     "AsyncNode",
     "Flow",
+    "MapNode",
     "Node",
     "RunHandle",
     "Store",

@@ -1,0 +1,175 @@
+"""MapNode: one node step that fans ``exec`` out over a list of items.
+
+    prep(store)                   -> items (a list)
+    exec(item)                    once per item, concurrently, each with the retry policy
+    post(store, items, results)   results in item order
+
+Why a node kind and not a loop inside ``exec``: each item is its own unit of retry (and,
+on workers, its own task with its own ledger row), so a failure or a crash re-runs only
+that item, and the items of one step spread over every worker. This module is the pure
+core: in-process concurrency (threads, or one event loop for an async ``exec``); the
+distributed executor fans the same items out as tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+from pocoflow.node import AsyncNode, Node, run_coroutine
+from pocoflow.step import RunCancelled
+
+#: ``on_item_error`` values: fail the node naming the item, or hand the exception to post.
+ITEM_ERROR_POLICIES = ("raise", "collect")
+
+
+class ItemFailed(Exception):
+    """An item's ``exec`` failed for good (its tries spent): the node fails naming it."""
+
+    def __init__(self, node_name: str, index: int, cause: BaseException) -> None:
+        super().__init__(
+            f"MapNode {node_name!r}: item {index} failed: {type(cause).__name__}: {cause}"
+        )
+        self.node_name = node_name
+        self.index = index
+        self.cause = cause
+
+
+class MapNode(Node):
+    """Fan-out: ``prep`` returns the items, ``exec(item)`` runs once per item, ``post``
+    gets ``(store, items, results)`` with the results in item order.
+
+    ``max_parallel`` items run at once in this process (threads; an ``AsyncNode`` map
+    runs its ``exec_async`` calls on one event loop instead). A failing item follows the
+    node's retry policy (``max_retries``, ``retry_delay``, ``timeout``...); when its tries
+    are spent the node fails with ``ItemFailed`` naming the item index, or, with
+    ``on_item_error = "collect"``, the exception takes the item's place in ``results``.
+    A cancel stops the map between items: items not started never start (G4).
+    """
+
+    max_parallel: int = 8
+    on_item_error: str = "raise"
+
+    # ── what executors call ───────────────────────────────────────────────────
+
+    def items_of(self, prep_result: Any) -> list[Any]:
+        """``prep``'s result as the list of items, or a ``TypeError`` naming the node."""
+        if isinstance(prep_result, list | tuple):
+            return list(prep_result)
+        raise TypeError(
+            f"MapNode {self.name!r}: prep() must return a list of items, "
+            f"got {type(prep_result).__name__}"
+        )
+
+    def check_policy(self) -> None:
+        if self.on_item_error not in ITEM_ERROR_POLICIES:
+            raise ValueError(
+                f"MapNode {self.name!r}: on_item_error must be one of "
+                f"{', '.join(ITEM_ERROR_POLICIES)}, got {self.on_item_error!r}"
+            )
+        if not isinstance(self.max_parallel, int) or self.max_parallel < 1:
+            raise ValueError(
+                f"MapNode {self.name!r}: max_parallel must be a positive int, "
+                f"got {self.max_parallel!r}"
+            )
+
+    def item_outcome(self, index: int, exc: BaseException) -> BaseException:
+        """What an item whose tries are spent leaves: its exception in ``results``
+        (``collect``), else ``ItemFailed`` raised to fail the node."""
+        if self.on_item_error == "collect":
+            return exc
+        raise ItemFailed(self.name, index, exc) from exc
+
+    # ── in-process run ────────────────────────────────────────────────────────
+
+    def _run(self, store: Any) -> str | None:
+        self.check_policy()
+        items = self.items_of(self.prep(store))
+        return self.post(store, items, self.map_items(items))
+
+    def map_items(self, items: Sequence[Any]) -> list[Any]:
+        """Every item's result (or collected exception), in item order."""
+        if isinstance(self, AsyncNode):
+            return run_coroutine(self._map_async(items))
+        return _map_threads(self, items, self.max_parallel, self.cancelled)
+
+    def run_item(self, index: int, item: Any) -> Any:
+        """One item: ``exec`` under the retry policy; a spent item per ``on_item_error``."""
+        try:
+            return self._exec(item)
+        except Exception as exc:
+            return self.item_outcome(index, exc)
+
+    async def _map_async(self, items: Sequence[Any]) -> list[Any]:
+        assert isinstance(self, AsyncNode)
+        gate = asyncio.Semaphore(self.max_parallel)
+        node = self
+
+        async def one(index: int, item: Any) -> Any:
+            async with gate:
+                if node.cancelled():
+                    raise RunCancelled(f"MapNode {node.name!r} cancelled before item {index}")
+                try:
+                    return await _exec_async_with_retries(node, item)
+                except Exception as exc:
+                    return node.item_outcome(index, exc)
+
+        return list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
+
+
+def _map_threads(
+    node: MapNode, items: Sequence[Any], parallel: int, cancelled: Callable[[], bool]
+) -> list[Any]:
+    """Items on up to ``parallel`` threads, started in order, each only if the run was not
+    cancelled meanwhile; the first item to fail for good stops new starts and is raised
+    once the running ones end (so no thread outlives the step)."""
+    results: list[Any] = [None] * len(items)
+    if not items:
+        return results
+    failure: list[BaseException] = []
+    lock = threading.Lock()
+    with ThreadPoolExecutor(
+        max_workers=min(parallel, len(items)), thread_name_prefix=f"pocoflow-map-{node.name}"
+    ) as pool:
+        running: set[Future[None]] = set()
+
+        def one(index: int, item: Any) -> None:
+            try:
+                results[index] = node.run_item(index, item)
+            except BaseException as exc:
+                with lock:
+                    failure.append(exc)
+
+        for index, item in enumerate(items):
+            while len(running) >= parallel:
+                running = wait(running, return_when=FIRST_COMPLETED).not_done
+            if failure:
+                break
+            if cancelled():
+                wait(running)
+                raise RunCancelled(f"MapNode {node.name!r} cancelled before item {index}")
+            running.add(pool.submit(one, index, item))
+        wait(running)
+    if failure:
+        raise failure[0]
+    return results
+
+
+async def _exec_async_with_retries(node: AsyncNode, item: Any) -> Any:
+    """``exec_async`` with the node's retry policy, waiting on the loop (not a thread)."""
+    tries = max(1, int(node.max_retries))
+    for failed in range(1, tries + 1):
+        try:
+            if node.timeout is not None:
+                return await asyncio.wait_for(node.exec_async(item), node.timeout)
+            return await node.exec_async(item)
+        except Exception as exc:
+            if failed >= tries or not node.is_retryable(exc):
+                return node.exec_fallback(item, exc)
+            delay = node.delay_after(failed)
+            if delay > 0:
+                await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover

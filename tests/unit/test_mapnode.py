@@ -1,0 +1,202 @@
+"""MapNode in one process: item order, bounded concurrency, per-item retries, failure
+policies, async exec, cancel between items, nested sub-flows."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from pocoflow import AsyncNode, Flow, MapNode, Node
+from pocoflow.mapnode import ItemFailed
+
+WAIT_S = 10.0
+
+
+class Square(MapNode):
+    def prep(self, store: Any) -> Any:
+        return store["numbers"]
+
+    def exec(self, item: int) -> int:
+        return item * item
+
+    def post(self, store: Any, items: Any, results: Any) -> str:
+        store["squares"] = results
+        return "default"
+
+
+def test_results_come_back_in_item_order() -> None:
+    store = Flow(start=Square()).run({"numbers": list(range(50))})
+    assert store["squares"] == [n * n for n in range(50)]
+
+
+def test_an_empty_list_runs_post_with_no_results() -> None:
+    assert Flow(start=Square()).run({"numbers": []})["squares"] == []
+
+
+def test_prep_must_return_a_list_and_the_error_names_the_node() -> None:
+    with pytest.raises(TypeError, match="MapNode 'Square'.*list of items.*got int"):
+        Flow(start=Square()).run({"numbers": 3})
+
+
+def test_at_most_max_parallel_items_run_at_once_and_that_many_do() -> None:
+    class Overlap(MapNode):
+        max_parallel = 3
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lock = threading.Lock()
+            self.inflight = 0
+            self.peak = 0
+            self.three_in = threading.Barrier(3, timeout=WAIT_S)
+
+        def prep(self, store: Any) -> Any:
+            return list(range(9))
+
+        def exec(self, item: int) -> int:
+            with self.lock:
+                self.inflight += 1
+                self.peak = max(self.peak, self.inflight)
+            if item < 3:
+                self.three_in.wait()  # the first three must be in flight together
+            with self.lock:
+                self.inflight -= 1
+            return item
+
+        def post(self, store: Any, items: Any, results: Any) -> str:
+            store["out"] = results
+            return "default"
+
+    node = Overlap()
+    assert Flow(start=node).run({})["out"] == list(range(9))
+    assert node.peak == 3
+
+
+def test_a_failing_item_is_retried_on_its_own() -> None:
+    calls: dict[int, int] = {}
+    lock = threading.Lock()
+
+    class Flaky(Square):
+        max_retries = 3
+
+        def exec(self, item: int) -> int:
+            with lock:
+                calls[item] = calls.get(item, 0) + 1
+            if item == 4 and calls[item] < 3:
+                raise ConnectionError("flaky")
+            return item * item
+
+    store = Flow(start=Flaky()).run({"numbers": list(range(6))})
+    assert store["squares"] == [n * n for n in range(6)]
+    assert calls == {0: 1, 1: 1, 2: 1, 3: 1, 4: 3, 5: 1}
+
+
+def test_an_item_out_of_tries_fails_the_node_naming_its_index() -> None:
+    class Broken(Square):
+        max_retries = 2
+
+        def exec(self, item: int) -> int:
+            if item == 7:
+                raise ValueError("bad document")
+            return item
+
+    with pytest.raises(
+        ItemFailed, match=r"MapNode 'Broken': item 7 failed: ValueError: bad"
+    ) as err:
+        Flow(start=Broken()).run({"numbers": list(range(10))})
+    assert err.value.index == 7 and isinstance(err.value.cause, ValueError)
+
+
+def test_collect_puts_the_exception_in_the_item_place() -> None:
+    class Collect(Square):
+        on_item_error = "collect"
+
+        def exec(self, item: int) -> int:
+            if item % 2:
+                raise ValueError(f"odd {item}")
+            return item
+
+    results = Flow(start=Collect()).run({"numbers": [0, 1, 2, 3]})["squares"]
+    assert results[0] == 0 and results[2] == 2
+    assert [str(r) for r in results[1::2]] == ["odd 1", "odd 3"]
+    assert all(isinstance(r, ValueError) for r in results[1::2])
+
+
+def test_a_bad_policy_is_a_clear_error() -> None:
+    class Wrong(Square):
+        on_item_error = "ignore"
+
+    with pytest.raises(ValueError, match="on_item_error must be one of raise, collect"):
+        Flow(start=Wrong()).run({"numbers": [1]})
+
+
+def test_an_async_exec_runs_the_items_on_one_loop_bounded_by_max_parallel() -> None:
+    class Fetch(MapNode, AsyncNode):
+        max_parallel = 4
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inflight = 0
+            self.peak = 0
+            self.threads: set[int] = set()
+
+        def prep(self, store: Any) -> Any:
+            return list(range(20))
+
+        async def exec_async(self, item: int) -> int:
+            self.threads.add(threading.get_ident())
+            self.inflight += 1
+            self.peak = max(self.peak, self.inflight)
+            await asyncio.sleep(0)  # let the others in
+            await asyncio.sleep(0)
+            self.inflight -= 1
+            return -item
+
+        def post(self, store: Any, items: Any, results: Any) -> str:
+            store["out"] = results
+            return "default"
+
+    node = Fetch()
+    assert Flow(start=node).run({})["out"] == [-n for n in range(20)]
+    assert node.peak == 4 and len(node.threads) == 1
+
+
+def test_a_cancel_stops_the_map_between_items() -> None:
+    started: list[int] = []
+    first_in = threading.Event()
+    release = threading.Event()
+
+    class Slow(Square):
+        max_parallel = 1
+
+        def exec(self, item: int) -> int:
+            started.append(item)
+            first_in.set()
+            assert release.wait(WAIT_S)
+            return item
+
+    handle = Flow(start=Slow()).run_background({"numbers": list(range(5))})
+    assert first_in.wait(WAIT_S)
+    handle.cancel()
+    release.set()
+    handle.wait(timeout=WAIT_S)
+    assert handle.status == "cancelled"
+    assert started == [0]
+
+
+def test_an_item_may_run_a_sub_flow() -> None:
+    class Double(Node):
+        def prep(self, store: Any) -> Any:
+            return store["n"]
+
+        def post(self, store: Any, n: Any, _: Any) -> str:
+            store["n"] = n * 2
+            return "default"
+
+    class Nested(Square):
+        def exec(self, item: int) -> int:
+            return Flow(start=Double()).run({"n": item})["n"]
+
+    assert Flow(start=Nested()).run({"numbers": [1, 2, 3]})["squares"] == [2, 4, 6]
