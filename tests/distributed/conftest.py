@@ -151,10 +151,30 @@ def cluster(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Cluster]
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """A failed test's report carries the tail of every worker's log."""
     report = yield
-    cluster = getattr(item, "funcargs", {}).get("live")
+    args = getattr(item, "funcargs", {})
+    cluster = args.get("live") or args.get("cluster")
     if report.when == "call" and report.failed and isinstance(cluster, Cluster):
         report.sections.append(("worker logs", cluster.logs()))
+        report.sections.append(("unfinished runs in the ledger", _unfinished_story(cluster)))
     return report
+
+
+def _unfinished_story(cluster: Cluster) -> str:
+    """Steps, attempts and events of the runs that did not finish: what a flaky failure
+    needs to be understood from a CI log alone."""
+    lines: list[str] = []
+    try:
+        for run in cluster.db.list_runs(limit=20):
+            if run["status"] in ("completed", "failed", "cancelled"):
+                continue
+            lines.append(f"== run {run['run_id']} {run['status']} control={run.get('control')}")
+            for step in range((run.get("total_steps") or 0) + 1):
+                lines.append(f"  step {cluster.db.get_step(run['run_id'], step)}")
+            lines += [f"  attempt {a}" for a in cluster.db.get_attempts(run["run_id"])]
+            lines += [f"  event {e}" for e in cluster.db.get_events(run["run_id"])]
+    except Exception as exc:  # the ledger itself may be the fault under test
+        lines.append(f"(could not read the ledger: {exc})")
+    return "\n".join(lines)
 
 
 @pytest.fixture
