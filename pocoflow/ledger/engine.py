@@ -23,6 +23,7 @@ from sqlalchemy.exc import ArgumentError
 
 from pocoflow import settings
 from pocoflow.ledger.errors import is_locked
+from pocoflow.ledger.forkgate import gate as fork_gate
 from pocoflow.settings import DEFAULT_SQLITE_SYNCHRONOUS, SQLITE_SYNCHRONOUS_MODES
 
 SYNCHRONOUS_ENV = settings.ENV_VARS["sqlite_synchronous"]
@@ -132,6 +133,9 @@ def _sqlite_engine(url: URL, synchronous: str, busy_timeout_s: float) -> Engine:
         hide_parameters=True,
     )
     busy_ms = max(0, int(busy_timeout_s * 1000))
+    # Because a process forked mid-transaction could never write the file (forkgate).
+    event.listen(engine, "checkout", fork_gate.checkout)
+    event.listen(engine, "checkin", fork_gate.checkin)
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
