@@ -345,3 +345,18 @@ def test_cancel_stops_the_batch_between_passes(parallel: bool):
     handle.wait(TIMEOUT_S)
     assert handle.status == "cancelled"
     assert started == ["a"]
+
+
+@pytest.mark.parametrize("try_number", [None, 1])
+def test_a_subflow_step_runs_its_inner_graph_on_the_workers_path_too(try_number: int | None):
+    """The distributed executor runs a step with ``try_number`` (one exec try per task):
+    a Flow or BatchFlow node has no exec of its own, so it must still run whole."""
+    from pocoflow.hooks import Hooks
+    from pocoflow.step import run_step
+
+    batch = Docs(start=Write(), flow_name="per_doc")
+    batch.parallel = True
+    store = Store({"docs": ["a", "b"], "base": 0, "log": [], "gone": 1})
+    done = run_step(batch, store, step=3, hooks=Hooks(), run_id="r-1", try_number=try_number)
+    assert done.action == "default"
+    assert (store["out/a"], store["out/b"], store["last"]) == ("A", "B", "b")

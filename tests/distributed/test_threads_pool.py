@@ -1,0 +1,72 @@
+"""``pocoflow worker --pool threads --concurrency 8``: one worker process runs many steps
+at once on threads. Every run still ends with the Store a local run gives, and every node
+sees its own step's ``run_id``/``step``/``attempt`` although the steps share a process
+(each thread has its own copy of every flow graph). A flow holding a parallel BatchFlow
+runs it inside one step on the worker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.distributed import threads_flows  # noqa: F401  (registers its flows here too)
+from tests.distributed.conftest import Cluster, local_result
+from tests.distributed.faults import attempts_of, start_worker
+from tests.distributed.threads_flows import STEPS
+
+pytestmark = pytest.mark.distributed
+
+WORKERS = 0  # the module's one worker is the threads worker below
+WORKER_ENV = {"POCOFLOW_FLOWS": "tests.distributed.threads_flows"}
+THREADS = 8
+RUNS = 24
+TIMEOUT_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def threaded(cluster: Cluster) -> Iterator[Cluster]:
+    """The module's cluster with one worker started as ``--pool threads --concurrency 8``."""
+    worker = start_worker(
+        "threads", cluster.env, cluster.workdir, concurrency=THREADS, pool="threads"
+    )
+    cluster.workers.append(worker)
+    worker.wait_ready()
+    yield cluster
+
+
+def committed_attempt(cluster: Cluster, run_id: str, step: int) -> int:
+    (row,) = [a for a in attempts_of(cluster.db, run_id, step) if a["outcome"] == "committed"]
+    return int(row["attempt"])
+
+
+def test_many_runs_at_once_each_node_sees_its_own_step(threaded: Cluster) -> None:
+    side = threaded.side_dir()
+    handles = [
+        threaded.submit("witness_chain", {"n": n, "side_dir": str(side)}) for n in range(RUNS)
+    ]
+    for n, handle in enumerate(handles):
+        store = handle.wait(timeout=TIMEOUT_S).as_dict()
+        seen = store.pop("seen")
+        assert store == {"n": n, "side_dir": str(side), "total": n * STEPS}
+        for step in range(STEPS):
+            # prep, exec (after a sleep other steps ran in) and post saw the same step:
+            # this run's, under the attempt the ledger committed.
+            own = [handle.run_id, step, committed_attempt(threaded, handle.run_id, step)]
+            assert seen[f"w{step}"] == [own, own, own], (handle.run_id, step)
+    lines = [line.split() for line in (side / "threads").read_text().splitlines()]
+    assert len(lines) == RUNS * STEPS
+    assert len({pid for pid, *_ in lines}) == 1  # one worker process...
+    assert len({thread for _, thread, *_ in lines}) > 1  # ...running steps on threads
+
+
+def test_a_flow_with_a_parallel_batchflow_runs_on_the_threads_worker(
+    threaded: Cluster,
+) -> None:
+    handles = [threaded.submit("batch_in_flow", {"n": n}) for n in range(6)]
+    for n, handle in enumerate(handles):
+        store = handle.wait(timeout=TIMEOUT_S).as_dict()
+        assert store == local_result("batch_in_flow", {"n": n})
+        assert store["summary"] == [[f"{n}-{i}".upper(), True, True] for i in range(4)]
+        steps = [(c["step"], c["node_name"]) for c in threaded.db.get_checkpoints(handle.run_id)]
+        assert steps == [(0, "Split"), (1, "per_doc"), (2, "Summarise")]
