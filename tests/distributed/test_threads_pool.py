@@ -70,3 +70,13 @@ def test_a_flow_with_a_parallel_batchflow_runs_on_the_threads_worker(
         assert store["summary"] == [[f"{n}-{i}".upper(), True, True] for i in range(4)]
         steps = [(c["step"], c["node_name"]) for c in threaded.db.get_checkpoints(handle.run_id)]
         assert steps == [(0, "Split"), (1, "per_doc"), (2, "Summarise")]
+
+
+def test_a_batchflow_submitted_on_its_own_is_a_one_step_run(threaded: Cluster) -> None:
+    docs = ["a", "b", "c"]
+    handle = threaded.submit("batch_alone", {"docs": docs})
+    store = handle.wait(timeout=TIMEOUT_S).as_dict()
+    assert store == local_result("batch_alone", {"docs": docs})
+    assert [store[f"out/{doc}"] for doc in docs] == [[d.upper(), True, True] for d in docs]
+    steps = [(c["step"], c["node_name"]) for c in threaded.db.get_checkpoints(handle.run_id)]
+    assert steps == [(0, "batch_alone")]

@@ -100,3 +100,9 @@ def batch_in_flow() -> Flow:
     split.then("default", batch)
     batch.then("default", summarise)
     return Flow(start=split)
+
+
+@flow("batch_alone")
+def batch_alone() -> Flow:
+    """A parallel BatchFlow as the whole flow: its run is one step, the batch."""
+    return PerDoc(start=Upper())

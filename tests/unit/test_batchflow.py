@@ -360,3 +360,19 @@ def test_a_subflow_step_runs_its_inner_graph_on_the_workers_path_too(try_number:
     done = run_step(batch, store, step=3, hooks=Hooks(), run_id="r-1", try_number=try_number)
     assert done.action == "default"
     assert (store["out/a"], store["out/b"], store["last"]) == ("A", "B", "b")
+
+
+def test_a_failed_parallel_batch_merges_nothing():
+    class FailLast(Write):
+        def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+            super().post(store, prep_result, exec_result)
+            if self.params["doc"] == "z":
+                raise RuntimeError("late failure")
+            return "default"
+
+    batch = Docs(start=FailLast())
+    batch.parallel = True
+    store = Store({"docs": ["x", "z"], "base": 0, "log": [], "gone": 1})
+    with pytest.raises(BatchPassFailed, match="pass 1"):
+        batch.run(store)
+    assert store.as_dict() == {"docs": ["x", "z"], "base": 0, "log": [], "gone": 1}
