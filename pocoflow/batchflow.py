@@ -2,7 +2,7 @@
 
     prep(store)                       -> a list of param dicts, one per pass
     the graph from ``start``          runs once per dict; its nodes read ``self.params``
-    post(store, param_dicts, None)    -> the action for the outer flow ("default")
+    post(store, params_list, None)    -> the action for the outer flow ("default")
 
 Sequential passes (the default) run in order on the one Store, as PocketFlow's do: a pass
 sees what the passes before it wrote. Parallel passes (``parallel = True``) run side by
@@ -66,6 +66,13 @@ class PassWrites:
     set: dict[str, Any] = field(default_factory=dict)
     deleted: list[str] = field(default_factory=list)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"set": self.set, "deleted": self.deleted}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PassWrites:
+        return cls(dict(data["set"]), list(data["deleted"]))
+
     def apply(self, store: Store) -> None:
         """Write these changes onto ``store`` (schema checks and observers as usual)."""
         for key, value in self.set.items():
@@ -87,7 +94,8 @@ class BatchFlow(Flow):
 
     Used as a node of an outer Flow, the whole batch is one step of the outer run (as any
     sub-flow); run on its own (``run``, ``run_background``, ``submit``), the run has one
-    step: the batch. ``post`` returns ``"default"`` so the outer flow goes on.
+    step: the batch. ``post(store, params_list, None)`` gets each pass's params and
+    returns ``"default"`` so the outer flow goes on.
     """
 
     parallel: bool = False
@@ -125,15 +133,14 @@ class BatchFlow(Flow):
 
     def _run(self, store: Any) -> str | None:
         store = as_store(store) if isinstance(store, dict) else store
-        prep_result = self.prep(store)
-        batch = self.batch_of(prep_result)
-        if self.parallel and len(batch) > 1:
-            for writes in _Passes(self, store).map_items(batch):
-                writes.apply(store)
-        else:
-            for index, params in enumerate(batch):
-                self.run_pass(store, index, params)
-        return self.post(store, prep_result, None)
+        if self.parallel:
+            passes = BatchPasses(self)
+            passes._cancel_probe = self._outer_context[3]
+            return passes._run(store)
+        batch = self.batch_of(self.prep(store))
+        for index, params in enumerate(batch):
+            self.run_pass(store, index, params)
+        return self.post(store, batch, None)
 
     def run_pass(self, store: Store, index: int, params: dict[str, Any]) -> None:
         """Pass ``index``: the graph once on ``store``, every node a copy with ``params``."""
@@ -145,28 +152,56 @@ class BatchFlow(Flow):
             raise BatchPassFailed(self.name, index, params, exc) from exc
 
 
-class _Passes(MapNode):
-    """The parallel passes of one batch run, as the items of a map: item = a pass's
-    params, result = its ``PassWrites``. MapNode gives the concurrency (threads up to
-    ``max_parallel``, in pass order) and the stop between items on cancel or failure."""
+class BatchPasses(MapNode):
+    """The parallel passes of a batch as a MapNode, so they run wherever map items run:
 
-    def __init__(self, batch: BatchFlow, store: Store) -> None:
+        prep(store)                 -> items ``{"index": i, "params": {...}}``
+        exec(item)                  -> the pass's writes, ``PassWrites.to_dict()`` (JSON)
+        post(store, items, results) -> merges the writes in pass order, then the batch's
+                                       own ``post``
+
+    ``exec`` starts each pass from a copy of ``base``, the Store as it was before the
+    batch, which ``prep`` binds; an executor that runs items elsewhere (a worker that
+    did not run ``prep``) binds it with ``bind(store)`` first: the step's input Store.
+    In process, MapNode runs the items on threads (``max_parallel``, in pass order) and
+    stops starting them on a cancel or a failure.
+    """
+
+    def __init__(self, batch: BatchFlow) -> None:
         super().__init__(name=f"{batch.name}[passes]")
         self.batch = batch
-        self.store = store
-        self.before = store.as_dict()
         self.max_parallel = batch.max_parallel
-        self._cancel_probe = batch._outer_context[3]
-        self.check_policy()
+        self.base: Store | None = None
 
-    def run_item(self, index: int, item: Any) -> PassWrites:
-        # Neither the map's retries nor its timeout: a pass is many nodes, each with its
-        # own policy; a failed pass is already named by BatchPassFailed.
-        own = Store(copy.deepcopy(self.before), schema=self.store.schema, name=self.store.name)
+    def bind(self, store: Store) -> None:
+        """The Store every pass starts from (a copy of it each)."""
+        self.base = store
+
+    def prep(self, store: Any) -> list[dict[str, Any]]:
+        self.bind(store)
+        batch = self.batch.batch_of(self.batch.prep(store))
+        return [{"index": index, "params": params} for index, params in enumerate(batch)]
+
+    def exec(self, item: dict[str, Any]) -> dict[str, Any]:
+        base = self.base
+        if base is None:
+            raise RuntimeError(f"{self.name}: bind(store) before running a pass")
+        before = base.as_dict()
+        own = Store(copy.deepcopy(before), schema=base.schema, name=base.name)
         written: dict[str, None] = {}
         own.add_observer(lambda key, old, new: written.setdefault(key))
-        self.batch.run_pass(own, index, item)
-        return _writes_of(own.as_dict(), self.before, written)
+        self.batch.run_pass(own, item["index"], item["params"])
+        return _writes_of(own.as_dict(), before, written).to_dict()
+
+    def run_item(self, index: int, item: Any) -> Any:
+        # Neither the map's retries nor its timeout: a pass is many nodes, each with its
+        # own policy, and a failed pass is already named by BatchPassFailed.
+        return self.exec(item)
+
+    def post(self, store: Any, items: list[dict[str, Any]], results: list[Any]) -> str | None:
+        for result in results:
+            PassWrites.from_dict(result).apply(store)
+        return self.batch.post(store, [item["params"] for item in items], None)
 
 
 def _writes_of(

@@ -376,3 +376,51 @@ def test_a_failed_parallel_batch_merges_nothing():
     with pytest.raises(BatchPassFailed, match="pass 1"):
         batch.run(store)
     assert store.as_dict() == {"docs": ["x", "z"], "base": 0, "log": [], "gone": 1}
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_post_gets_every_pass_params_and_picks_the_action(parallel: bool):
+    class Routed(Docs):
+        def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+            store["post_got"] = [prep_result, exec_result]
+            return "done"
+
+    batch = Routed(start=Record())
+    batch.parallel = parallel
+    batch.params = {"tenant": "t1"}  # as an enclosing batch would set it
+    end = Record(name="end")
+    batch.then("done", end)
+    store = Flow(start=batch).run({"docs": ["a", "b"]})
+    assert store["post_got"] == [[{"tenant": "t1", "doc": "a"}, {"tenant": "t1", "doc": "b"}], None]
+    assert store["seen"][-1] == ["end", {}]
+
+
+def test_parallel_passes_are_json_map_items_an_executor_can_run_anywhere():
+    """What a distributed map needs: prep gives JSON items; an item runs on a fresh
+    BatchPasses bound to the step's input Store (another process); post merges."""
+    import json
+
+    from pocoflow.batchflow import BatchPasses
+
+    batch = Docs(start=Write(), flow_name="per_doc")
+    before = {"docs": ["x", "del", "y"], "base": 0, "log": [], "gone": 1}
+    items = json.loads(json.dumps(BatchPasses(batch).prep(Store(before))))
+    assert items[1] == {"index": 1, "params": {"doc": "del"}}
+    results = []
+    for item in reversed(items):  # any order, any process
+        worker_side = BatchPasses(batch)
+        worker_side.bind(Store(before))
+        results.insert(0, json.loads(json.dumps(worker_side.exec(item))))
+    assert results[1] == {
+        "set": {
+            "base_seen": 0,
+            "out/del": "DEL",
+            "last": "del",
+            "log": ["del"],
+            "base": "changed by del",
+        },
+        "deleted": ["gone"],
+    }
+    store = Store(before)
+    assert BatchPasses(batch).post(store, items, results) == "default"
+    assert (store["last"], store["log"], "gone" in store) == ("y", ["y"], False)
