@@ -7,13 +7,17 @@ runs it inside one step on the worker."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from pocoflow.devcluster import WorkerProcess
+from pocoflow.runner import RunHandle
 from tests.distributed import threads_flows  # noqa: F401  (registers its flows here too)
 from tests.distributed.conftest import Cluster, local_result
 from tests.distributed.faults import attempts_of, start_worker
 from tests.distributed.threads_flows import STEPS
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.distributed
 
@@ -24,15 +28,33 @@ RUNS = 24
 TIMEOUT_S = 120.0
 
 
+def start_threads_worker(cluster: Cluster) -> WorkerProcess:
+    worker = start_worker(
+        f"threads{len(cluster.workers)}",
+        cluster.env,
+        cluster.workdir,
+        concurrency=THREADS,
+        pool="threads",
+    )
+    cluster.workers.append(worker)  # the cluster's teardown kills it
+    worker.wait_ready()
+    return worker
+
+
 @pytest.fixture(scope="module")
 def threaded(cluster: Cluster) -> Iterator[Cluster]:
     """The module's cluster with one worker started as ``--pool threads --concurrency 8``."""
-    worker = start_worker(
-        "threads", cluster.env, cluster.workdir, concurrency=THREADS, pool="threads"
-    )
-    cluster.workers.append(worker)
-    worker.wait_ready()
+    start_threads_worker(cluster)
     yield cluster
+
+
+def assert_witnessed(cluster: Cluster, handle: RunHandle, store: dict[str, Any]) -> None:
+    """prep, exec (after a sleep other steps ran in) and post of every step saw the same
+    step: this run's, under the attempt the ledger committed."""
+    seen = store.pop("seen")
+    for step in range(STEPS):
+        own = [handle.run_id, step, committed_attempt(cluster, handle.run_id, step)]
+        assert seen[f"w{step}"] == [own, own, own], (handle.run_id, step)
 
 
 def committed_attempt(cluster: Cluster, run_id: str, step: int) -> int:
@@ -47,13 +69,8 @@ def test_many_runs_at_once_each_node_sees_its_own_step(threaded: Cluster) -> Non
     ]
     for n, handle in enumerate(handles):
         store = handle.wait(timeout=TIMEOUT_S).as_dict()
-        seen = store.pop("seen")
+        assert_witnessed(threaded, handle, store)
         assert store == {"n": n, "side_dir": str(side), "total": n * STEPS}
-        for step in range(STEPS):
-            # prep, exec (after a sleep other steps ran in) and post saw the same step:
-            # this run's, under the attempt the ledger committed.
-            own = [handle.run_id, step, committed_attempt(threaded, handle.run_id, step)]
-            assert seen[f"w{step}"] == [own, own, own], (handle.run_id, step)
     lines = [line.split() for line in (side / "threads").read_text().splitlines()]
     assert len(lines) == RUNS * STEPS
     assert len({pid for pid, *_ in lines}) == 1  # one worker process...
@@ -80,3 +97,32 @@ def test_a_batchflow_submitted_on_its_own_is_a_one_step_run(threaded: Cluster) -
     assert [store[f"out/{doc}"] for doc in docs] == [[d.upper(), True, True] for d in docs]
     steps = [(c["step"], c["node_name"]) for c in threaded.db.get_checkpoints(handle.run_id)]
     assert steps == [(0, "batch_alone")]
+
+
+def test_kill_9_of_a_threads_worker_reruns_all_its_steps_elsewhere(threaded: Cluster) -> None:
+    """Every step in flight on the killed process (up to eight) starts again on the new
+    worker (G3), and each run still ends as a local run does."""
+    side = threaded.side_dir()
+    base = {"side_dir": str(side), "exec_s": 0.4}
+    handles = [threaded.submit("witness_chain", {**base, "n": n}) for n in range(THREADS)]
+    wait_until(lambda: open_attempts(threaded, handles) >= THREADS // 2, TIMEOUT_S)
+    (victim,) = [w for w in threaded.workers if w.alive]
+    victim.kill()
+    start_threads_worker(threaded)
+    rerun = 0
+    for n, handle in enumerate(handles):
+        store = handle.wait(timeout=TIMEOUT_S).as_dict()
+        assert_witnessed(threaded, handle, store)
+        assert store == {**base, "n": n, "total": n * STEPS}
+        rerun += sum(committed_attempt(threaded, handle.run_id, s) > 1 for s in range(STEPS))
+    assert rerun >= THREADS // 2  # the steps that were running on the dead process
+
+
+def open_attempts(cluster: Cluster, handles: list[RunHandle]) -> int:
+    """Attempts started and not ended, over the runs: steps running right now."""
+    return sum(
+        1
+        for handle in handles
+        for attempt in cluster.db.get_attempts(handle.run_id)
+        if attempt["ended_at"] is None
+    )

@@ -36,14 +36,14 @@ class Witness(Node):
 
     def prep(self, store: Any) -> Any:
         _record_thread(store, f"{self.run_id} {self.name}")
-        return [self.run_id, self.step, self.attempt]
+        return [self.run_id, self.step, self.attempt], store.get("exec_s", EXEC_S)
 
     def exec(self, prep_result: Any) -> Any:
-        time.sleep(EXEC_S)
+        time.sleep(prep_result[1])
         return [self.run_id, self.step, self.attempt]
 
     def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
-        seen = [prep_result, exec_result, [self.run_id, self.step, self.attempt]]
+        seen = [prep_result[0], exec_result, [self.run_id, self.step, self.attempt]]
         store["seen"] = {**store.get("seen", {}), self.name: seen}
         store["total"] = store.get("total", 0) + store["n"]
         return "default"
