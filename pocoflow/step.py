@@ -78,8 +78,9 @@ def run_step(
     tries left raises ``RetryLater`` (the distributed executor lets Celery schedule the
     retry, so no worker sleeps); otherwise the node's own retry loop runs. A sub-flow
     (a Flow or BatchFlow used as a node) always runs whole through ``_run``: its work is
-    its inner graph, not an ``exec``, and its inner nodes keep their own retry loops. ``record``
-    builds the ledger events. Raises ``StepError`` wrapping the node's exception.
+    its inner graph, not an ``exec``, and its inner nodes keep their own retry loops.
+    ``record`` builds the ledger events. Raises ``StepError`` wrapping the node's
+    exception.
     """
     if node._is_flow:
         # A sub-flow keeps its own configured run_id; its inner steps get the outer run's.
