@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pocoflow.batchflow import BatchFlow
 from pocoflow.codec import register_type
 from pocoflow.flow import Flow
 from pocoflow.mapnode import MapNode
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsyncNode",
+    "BatchFlow",
     "Flow",
     "MapNode",
     "Node",

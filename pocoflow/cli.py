@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from pocoflow.cli_worker import POOLS
 from pocoflow.settings import DEFAULT_DB_URL, mask_url
 
 EXIT_OK = 0
@@ -519,16 +520,28 @@ def prune(older_than: str, statuses: str, dry_run: bool, batch: int, db_url: str
     click.echo(f"{verb} {count} runs ({', '.join(chosen)}) older than {older_than}")
 
 
-@main.command(epilog="Example: pocoflow worker --flows examples.article --concurrency 4")
+@main.command(
+    epilog="Examples: pocoflow worker --flows examples.article --concurrency 4\n\n"
+    "pocoflow worker --flows examples.article --pool threads --concurrency 8"
+)
 @flows_option
 @click.option("--concurrency", type=click.IntRange(1, 512), default=None, help="Pool size.")
 @click.option("--queues", default=None, help="Comma-separated queues (default pocoflow).")
+@click.option(
+    "--pool",
+    type=click.Choice(POOLS),
+    default=None,
+    help="Celery pool: prefork (default; CPU-bound nodes), threads (I/O-bound nodes such "
+    "as LLM calls: many steps and items per process), solo (one at a time).",
+)
 @click.option("--loglevel", default="info", show_default=True)
-def worker(flows: str, concurrency: int | None, queues: str | None, loglevel: str) -> None:
+def worker(
+    flows: str, concurrency: int | None, queues: str | None, pool: str | None, loglevel: str
+) -> None:
     """Run a Celery worker for PocoFlow steps (celery -A workers.app worker)."""
     from pocoflow.cli_worker import run_worker
 
-    run_worker(flows or None, concurrency, queues, loglevel)
+    run_worker(flows or None, concurrency, queues, loglevel, pool=pool)
 
 
 @main.command(epilog="Example: pocoflow flower --port 5555")

@@ -15,6 +15,11 @@ from pocoflow.distributed.celery_app import DEFAULT_QUEUE
 #: Because PocoFlow keeps no worker-to-worker state (the ledger is shared), gossip and
 #: mingle only slow start-up (mingle waits a second for replies) and add broker traffic.
 QUIET_FLAGS = ("--without-gossip", "--without-mingle")
+#: The Celery pools a PocoFlow worker supports. ``threads`` suits I/O-bound nodes (an LLM
+#: call waits on the network, not the CPU): one process runs ``--concurrency`` steps or
+#: map items at once, each thread with its own copy of every flow graph, so what a step
+#: sets on its node objects (``run_id``, ``step``, ``attempt``) is never another's.
+POOLS = ("prefork", "threads", "solo")
 
 
 def worker_argv(
@@ -34,6 +39,8 @@ def worker_argv(
     if concurrency:
         argv += ["--concurrency", str(int(concurrency))]
     if pool:
+        if pool not in POOLS:
+            raise ValueError(f"Unknown worker pool {pool!r}; choose one of {', '.join(POOLS)}")
         argv += ["--pool", pool]
     if hostname:
         argv += ["--hostname", hostname]

@@ -7,6 +7,7 @@ workers. A Flow is itself a Node, so a flow can be a step of another flow.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -99,7 +100,13 @@ class Flow(Node):
         return self
 
     def graph(self) -> Graph:
-        return Graph(self.start)
+        """The graph a run of this flow steps through (its ids and fingerprint)."""
+        return Graph(self._entry())
+
+    def _entry(self) -> Node:
+        """The first node of a run of this flow: its start node (a BatchFlow's run is the
+        batch itself, one step)."""
+        return self.start
 
     @property
     def last_run_id(self) -> str | None:
@@ -233,7 +240,7 @@ class Flow(Node):
     def _run_new(
         self, store: Store, start: Node | None, run_id: str | None, control: RunControl
     ) -> Store:
-        current = start or self.start
+        current = start or self._entry()
         run_id = run_id or make_run_id(self.flow_name)
         self._run_id = run_id
         recorder = RunRecorder(run_id, self._ledger(), self.checkpoint_dir)
@@ -390,7 +397,10 @@ class Flow(Node):
     def _run(self, store: Any) -> str | None:
         """Run the inner graph on the outer Store; its last action routes the outer flow."""
         prep_result = self.prep(store)
-        last_action = self._orchestrate(as_store(store) if isinstance(store, dict) else store)
+        last_action = self._orchestrate(
+            as_store(store) if isinstance(store, dict) else store,
+            self.params if self._in_pass else None,
+        )
         return self.post(store, prep_result, last_action)
 
     _is_flow = True
@@ -401,9 +411,16 @@ class Flow(Node):
         None,
     )
 
-    def _orchestrate(self, store: Store) -> str | None:
+    def _orchestrate(
+        self, store: Store, params: Mapping[str, Any] | None = None, *, fire_end: bool = True
+    ) -> str | None:
         """The inner graph runs inside one outer step: a cancel between inner nodes stops
-        the outer step uncommitted, so a resume re-runs the sub-flow from its start."""
+        the outer step uncommitted, so a resume re-runs the sub-flow from its start.
+
+        With ``params`` (a BatchFlow pass) each node runs as a shallow copy carrying them,
+        as in PocketFlow: the node objects are shared by every pass, and passes may run
+        side by side, so what ``run_step`` sets on a node (``params``, ``run_id``,
+        ``step``...) must land on an object of the pass's own."""
         run_id, _, attempt, cancel_probe = self._outer_context
         current: Node | None = self.start
         action: str | None = None
@@ -415,8 +432,12 @@ class Flow(Node):
                 raise RuntimeError(
                     f"Sub-flow {self.flow_name!r} exceeded max_steps={self.max_steps}"
                 )
+            node = current
+            if params is not None:
+                node = copy.copy(current)
+                node.params, node._in_pass = params, True
             action = run_step(
-                current,
+                node,
                 store,
                 step=steps,
                 hooks=self._hooks,
@@ -426,7 +447,8 @@ class Flow(Node):
             ).action
             current = current.next_node(action)
             steps += 1
-        self._hooks.fire("flow_end", steps, store)
+        if fire_end:
+            self._hooks.fire("flow_end", steps, store)
         return action
 
     def post(self, store: Any, prep_result: Any, exec_result: Any) -> str | None:

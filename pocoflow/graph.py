@@ -79,7 +79,9 @@ class Graph:
             }
             inner = getattr(node, "start", None)
             if isinstance(inner, Node) and hasattr(node, "graph"):
-                entry["subflow"] = node.graph().shape()
+                # The inner graph itself, not node.graph(): a BatchFlow's run graph is
+                # the batch node, which would describe itself forever.
+                entry["subflow"] = Graph(inner).shape()
             shape[node_id] = entry
         return {"start": self.start_id, "nodes": shape}
 

@@ -13,7 +13,8 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from pocoflow.backoff import retry_delay
@@ -39,6 +40,10 @@ class Node:
 
     While a step runs, the executor sets ``run_id``, ``step`` and ``attempt`` (1 on the
     first delivery, higher after a crash or retry) so side effects can be made idempotent.
+
+    ``params`` is the parameter dict of the ``BatchFlow`` pass the node runs in (empty
+    outside a batch). A pass runs a shallow copy of each node with its own ``params``, so
+    passes that run side by side never see each other's.
     """
 
     max_retries: int = 1
@@ -54,7 +59,11 @@ class Node:
     run_id: str | None = None
     step: int | None = None
     attempt: int = 1
+    #: Read-only and empty by default; a BatchFlow pass sets it on its copy of the node.
+    params: Mapping[str, Any] = MappingProxyType({})
     _is_flow = False
+    #: True on the copy of a node that runs inside a BatchFlow pass (see ``Flow._run``).
+    _in_pass = False
 
     def __init__(self, *, name: str | None = None) -> None:
         self._successors: dict[str, Node] = {}

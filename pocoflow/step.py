@@ -76,8 +76,11 @@ def run_step(
 
     With ``try_number`` set, ``exec`` runs once as that try and a retryable failure with
     tries left raises ``RetryLater`` (the distributed executor lets Celery schedule the
-    retry, so no worker sleeps); otherwise the node's own retry loop runs. ``record``
-    builds the ledger events. Raises ``StepError`` wrapping the node's exception.
+    retry, so no worker sleeps); otherwise the node's own retry loop runs. A sub-flow
+    (a Flow or BatchFlow used as a node) always runs whole through ``_run``: its work is
+    its inner graph, not an ``exec``, and its inner nodes keep their own retry loops.
+    ``record`` builds the ledger events. Raises ``StepError`` wrapping the node's
+    exception.
     """
     if node._is_flow:
         # A sub-flow keeps its own configured run_id; its inner steps get the outer run's.
@@ -92,7 +95,7 @@ def run_step(
     hooks.fire(NODE_START, name, store)
     started = time.perf_counter()
     try:
-        if try_number is not None:
+        if try_number is not None and not node._is_flow:
             prep_result = node.prep(store)
             action = node.post(store, prep_result, _exec_try(node, prep_result, try_number, step))
         else:

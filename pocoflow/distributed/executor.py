@@ -90,6 +90,9 @@ class WorkerContext:
     handoff: dict[tuple[str, str, int], tuple[Store, StoreTracker]] = field(
         init=False, default_factory=dict
     )
+    #: Because a threads-pool worker keeps and takes from every pool thread at once:
+    #: evicting the oldest entry while another thread takes it must not raise.
+    _handoff_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.leases = LeaseKeeper(self.db, self.lease_s)
@@ -98,12 +101,14 @@ class WorkerContext:
         """Hold the Store this process just committed as step ``step``: when the same
         process gets the next step (often), it need not read it back. Taken once, so a
         retry or a second delivery reads the checkpoint from the ledger again."""
-        if len(self.handoff) >= HANDOFF_SIZE:
-            self.handoff.pop(next(iter(self.handoff)))
-        self.handoff[(run_id, flow, step)] = (store, tracker)
+        with self._handoff_lock:
+            if len(self.handoff) >= HANDOFF_SIZE:
+                self.handoff.pop(next(iter(self.handoff)))
+            self.handoff[(run_id, flow, step)] = (store, tracker)
 
     def take(self, run_id: str, flow: str, step: int) -> tuple[Store, StoreTracker] | None:
-        return self.handoff.pop((run_id, flow, step), None)
+        with self._handoff_lock:
+            return self.handoff.pop((run_id, flow, step), None)
 
     @classmethod
     def from_settings(cls, settings: Settings, app: Celery | None = None) -> WorkerContext:

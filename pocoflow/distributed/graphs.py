@@ -13,15 +13,21 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from pocoflow.graph import Graph, shape_difference
+from pocoflow.logging import get_logger
 from pocoflow.registry import build_flow
 
 if TYPE_CHECKING:
     from pocoflow.flow import Flow
 
+_log = get_logger("distributed.graphs")
+
 
 class GraphCache:
     def __init__(self) -> None:
         self._local = threading.local()
+        self._lock = threading.Lock()
+        #: id of every Flow built here -> the thread it was built for; see ``_check``.
+        self._owners: dict[int, int] = {}
 
     def get(self, flow_name: str) -> tuple[Flow, Graph]:
         """``(flow, graph)`` for a registered flow; ``UnknownFlowError`` otherwise."""
@@ -29,8 +35,24 @@ class GraphCache:
         found = cache.get(flow_name)
         if found is None:
             flow = build_flow(flow_name)
+            self._check(flow_name, flow)
             found = cache[flow_name] = (flow, flow.graph())
         return found
+
+    def _check(self, flow_name: str, flow: Flow) -> None:
+        """Warn when a builder hands two threads the same Flow object (it keeps one in a
+        global): their concurrent steps would then share node objects, and what a step
+        sets on its node (``run_id``, ``step``, ``attempt``) would be another's."""
+        me = threading.get_ident()
+        with self._lock:
+            owner = self._owners.setdefault(id(flow), me)
+        if owner != me:
+            _log.warning(
+                "The builder of flow %r returned the same Flow object to two threads: "
+                "steps running at once on a threads pool share its nodes. Build the "
+                "nodes and the Flow inside the builder, so each call makes new ones.",
+                flow_name,
+            )
 
     def clear(self) -> None:
         self._local.__dict__.pop("flows", None)

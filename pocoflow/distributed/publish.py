@@ -75,27 +75,42 @@ class Publisher:
         self.app = app
         self.db = db
         self.marker = marker
-        self._producer: Any = None
-        self._producer_pid = 0
+        # Per thread: a kombu producer (its channel) must not be used by two threads at
+        # once, and a threads-pool worker publishes from every pool thread.
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._held: tuple[int, int] = (0, 0)  # (pid, producers this process holds)
 
     def _held_producer(self) -> Any:
-        """One broker producer per process, kept: acquiring one from the pool for every
-        message costs about a tenth of a step."""
+        """This thread's broker producer, kept: acquiring one from the pool for every
+        message costs about a tenth of a step. None (send_task then borrows one for the
+        message) without a pool, or once held producers fill half the pool's limit
+        (``broker_pool_limit``): threads beyond that borrow, and there are always some
+        left to borrow, so no thread waits forever on a pool its peers keep."""
         pool = getattr(self.app, "producer_pool", None)
         if pool is None:  # a stand-in app without a pool: let it publish its own way
             return None
-        if self._producer is None or self._producer_pid != os.getpid():
-            self._producer = pool.acquire(block=True)
-            self._producer_pid = os.getpid()
-        return self._producer
+        local, pid = self._local, os.getpid()
+        if getattr(local, "pid", None) != pid:  # a new thread, or a forked child
+            local.pid, local.producer = pid, None
+            with self._lock:
+                held = self._held[1] if self._held[0] == pid else 0
+                if not pool.limit or held < max(1, pool.limit // 2):
+                    local.producer = pool.acquire(block=True)
+                    self._held = (pid, held + 1)
+        return local.producer
 
     def _drop_producer(self) -> None:
-        if self._producer is not None:
-            try:
-                self._producer.release()
-            except Exception:
-                pass
-        self._producer = None
+        """Forget this thread's producer (after a failed send): a fresh one next time."""
+        producer, self._local.pid = getattr(self._local, "producer", None), None
+        if producer is None:
+            return
+        with self._lock:
+            self._held = (self._held[0], max(0, self._held[1] - 1))
+        try:
+            producer.release()
+        except Exception:
+            pass
 
     def send(
         self,
@@ -118,7 +133,7 @@ class Publisher:
                 producer=self._held_producer(),
             )
         except Exception as exc:  # broker down: the sweeper resends the unsent row
-            self._drop_producer()  # a fresh one (and connection) next time
+            self._drop_producer()
             _log.warning(
                 "Could not publish step %d of run %s (attempt %d): %s; the sweeper will resend it",
                 message.step,

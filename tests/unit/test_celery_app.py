@@ -86,3 +86,64 @@ def test_a_publish_marks_the_row_sent_under_its_attempt() -> None:
     assert call["name"] == TASK_NAME and call["queue"] == "gpu" and call["countdown"] == 1.5
     assert call["args"] == [StepMessage("r", "f", 4, "a", 2, try_number=2).to_dict()]
     assert ledger.marked == [("r", 4, 2)]
+
+
+class CountingPool:
+    """A producer pool stand-in: hands out numbered producers, counts releases."""
+
+    limit = 4
+    LimitExceeded = RuntimeError
+
+    def __init__(self) -> None:
+        self.acquired = 0
+        self.released = 0
+
+    def acquire(self, block: bool = False) -> Any:
+        pool = self
+        pool.acquired += 1
+
+        class Producer:
+            number = pool.acquired
+
+            def release(self) -> None:
+                pool.released += 1
+
+        return Producer()
+
+
+def test_each_thread_holds_its_own_producer_up_to_half_the_pool() -> None:
+    """A threads-pool worker publishes from every pool thread: a kombu producer is not
+    thread-safe, and threads that keep producers must leave some for others to borrow."""
+    import threading
+
+    app = Broker()
+    app.producer_pool = CountingPool()  # type: ignore[attr-defined]
+    publisher = Publisher(app, Ledger())  # type: ignore[arg-type]
+    barrier = threading.Barrier(4)
+    got: list[Any] = []
+
+    def thread() -> None:
+        barrier.wait(5)
+        first = publisher._held_producer()
+        assert publisher._held_producer() is first  # kept by the thread
+        got.append(first)
+
+    threads = [threading.Thread(target=thread) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    held = [p for p in got if p is not None]
+    assert len(got) == 4 and len({p.number for p in held}) == len(held) == 2
+    publisher.send(StepMessage("r", "f", 0, "a", 1))  # this thread: the pool is half held
+    assert app.calls[-1]["producer"] is None  # send_task borrows one for the message
+
+
+def test_a_failed_send_releases_the_threads_producer() -> None:
+    app, pool = DownBroker(), CountingPool()
+    app.producer_pool = pool  # type: ignore[attr-defined]
+    publisher = Publisher(app, Ledger())  # type: ignore[arg-type]
+    assert publisher.send(StepMessage("r", "f", 0, "a", 1)) is False
+    assert (pool.acquired, pool.released) == (1, 1)
+    publisher.send(StepMessage("r", "f", 0, "a", 1))
+    assert pool.acquired == 2  # a fresh producer after the failure

@@ -9,6 +9,7 @@ import pocoflow
 
 EXPECTED = {
     "AsyncNode",
+    "BatchFlow",
     "Flow",
     "MapNode",
     "Node",

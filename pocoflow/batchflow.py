@@ -1,0 +1,223 @@
+"""BatchFlow: a sub-flow run once per parameter dict, as in PocketFlow.
+
+    prep(store)                       -> a list of param dicts, one per pass
+    the graph from ``start``          runs once per dict; its nodes read ``self.params``
+    post(store, params_list, None)    -> the action for the outer flow ("default")
+
+Sequential passes (the default) run in order on the one Store, as PocketFlow's do: a pass
+sees what the passes before it wrote. Parallel passes (``parallel = True``) run side by
+side, so they cannot share a Store without racing: each pass runs on its own copy of the
+Store as it was before the batch, and what each pass wrote (set or deleted, including a
+value changed in place) is merged back in pass order once every pass is done; when two
+passes write one key, the later pass wins. Passes that must all be seen write keys of
+their own (say ``results/<doc>``) and ``post`` gathers them.
+
+Why the parallel passes are a MapNode's items: a pass is then one unit of concurrency
+(``max_parallel`` threads here) and of failure (a failed pass is named by its index), and
+its result is the JSON-shaped set of keys it wrote, which is what a distributed map item
+hands back, so parallel passes can become map items on workers unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pocoflow.flow import Flow, as_store
+from pocoflow.mapnode import MapNode
+from pocoflow.node import DEFAULT_ACTION, Node
+from pocoflow.step import RunCancelled, StepError
+from pocoflow.store import Store
+
+#: How much of a pass's params an error message shows.
+PARAMS_SHOWN = 200
+
+
+class BatchPassFailed(Exception):
+    """A pass of a BatchFlow failed: names the batch, the pass index, its params and the
+    inner node; ``cause`` is the node's own exception."""
+
+    def __init__(
+        self, batch: str, index: int, params: Mapping[str, Any], cause: BaseException
+    ) -> None:
+        node = ""
+        if isinstance(cause, StepError):
+            node, cause = f" at node {cause.node_name!r}", cause.cause
+        shown = repr(dict(params))
+        if len(shown) > PARAMS_SHOWN:
+            shown = shown[: PARAMS_SHOWN - 3] + "..."
+        super().__init__(
+            f"BatchFlow {batch!r}: pass {index} (params {shown}) failed{node}: "
+            f"{type(cause).__name__}: {cause}"
+        )
+        self.batch = batch
+        self.index = index
+        self.params = dict(params)
+        self.cause = cause
+
+
+@dataclass
+class PassWrites:
+    """What one parallel pass wrote to its copy of the Store: the keys it set (with their
+    final values) and the keys it deleted. JSON-shaped, as a map item's result."""
+
+    set: dict[str, Any] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"set": self.set, "deleted": self.deleted}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PassWrites:
+        return cls(dict(data["set"]), list(data["deleted"]))
+
+    def apply(self, store: Store) -> None:
+        """Write these changes onto ``store`` (schema checks and observers as usual)."""
+        for key, value in self.set.items():
+            store[key] = value
+        for key in self.deleted:
+            if key in store:
+                del store[key]
+
+
+class BatchFlow(Flow):
+    """A Flow whose ``prep(store)`` returns a list of param dicts: the graph from
+    ``start`` runs once per dict (a pass), and every node of a pass sees the dict,
+    merged over the batch's own ``params``, as ``self.params``.
+
+    ``parallel = True`` runs up to ``max_parallel`` passes at once, each on a copy of the
+    Store merged back in pass order (see the module docstring). A failed pass fails the
+    batch with ``BatchPassFailed`` naming its index; in parallel, passes not started yet
+    do not start. A cancel stops the batch between nodes and between passes.
+
+    Used as a node of an outer Flow, the whole batch is one step of the outer run (as any
+    sub-flow); run on its own (``run``, ``run_background``, ``submit``), the run has one
+    step: the batch. ``post(store, params_list, None)`` gets each pass's params and
+    returns ``"default"`` so the outer flow goes on.
+    """
+
+    parallel: bool = False
+    max_parallel: int = 8
+
+    def prep(self, store: Any) -> list[dict[str, Any]]:
+        """The param dicts, one per pass (override). None means no pass."""
+        return []
+
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str | None:
+        return DEFAULT_ACTION
+
+    def _entry(self) -> Node:
+        return self
+
+    def batch_of(self, prep_result: Any) -> list[dict[str, Any]]:
+        """``prep``'s result as the list of each pass's params (the batch's own
+        ``params`` under each dict), or a ``TypeError`` naming the batch and the pass."""
+        if prep_result is None:
+            return []
+        if not isinstance(prep_result, list | tuple):
+            raise TypeError(
+                f"BatchFlow {self.name!r}: prep() must return a list of param dicts, "
+                f"got {type(prep_result).__name__}"
+            )
+        batch = []
+        for index, params in enumerate(prep_result):
+            if not isinstance(params, Mapping):
+                raise TypeError(
+                    f"BatchFlow {self.name!r}: pass {index} params must be a dict, "
+                    f"got {type(params).__name__}"
+                )
+            batch.append({**self.params, **params})
+        return batch
+
+    def _run(self, store: Any) -> str | None:
+        store = as_store(store) if isinstance(store, dict) else store
+        if self.parallel:
+            passes = BatchPasses(self)
+            passes._cancel_probe = self._outer_context[3]
+            return passes._run(store)
+        batch = self.batch_of(self.prep(store))
+        for index, params in enumerate(batch):
+            self.run_pass(store, index, params)
+        return self.post(store, batch, None)
+
+    def run_pass(self, store: Store, index: int, params: dict[str, Any]) -> None:
+        """Pass ``index``: the graph once on ``store``, every node a copy with ``params``."""
+        try:
+            self._orchestrate(store, params, fire_end=False)
+        except RunCancelled:
+            raise
+        except Exception as exc:
+            raise BatchPassFailed(self.name, index, params, exc) from exc
+
+
+class BatchPasses(MapNode):
+    """The parallel passes of a batch as a MapNode, so they run wherever map items run:
+
+        prep(store)                 -> items ``{"index": i, "params": {...}}``
+        exec(item)                  -> the pass's writes, ``PassWrites.to_dict()`` (JSON)
+        post(store, items, results) -> merges the writes in pass order, then the batch's
+                                       own ``post``
+
+    ``exec`` starts each pass from a copy of ``base``, the Store as it was before the
+    batch, which ``prep`` binds; an executor that runs items elsewhere (a worker that
+    did not run ``prep``) binds it with ``bind(store)`` first: the step's input Store.
+    In process, MapNode runs the items on threads (``max_parallel``, in pass order) and
+    stops starting them on a cancel or a failure.
+    """
+
+    def __init__(self, batch: BatchFlow) -> None:
+        super().__init__(name=f"{batch.name}[passes]")
+        self.batch = batch
+        self.max_parallel = batch.max_parallel
+        self.base: Store | None = None
+
+    def bind(self, store: Store) -> None:
+        """The Store every pass starts from (a copy of it each)."""
+        self.base = store
+
+    def prep(self, store: Any) -> list[dict[str, Any]]:
+        self.bind(store)
+        batch = self.batch.batch_of(self.batch.prep(store))
+        return [{"index": index, "params": params} for index, params in enumerate(batch)]
+
+    def exec(self, item: dict[str, Any]) -> dict[str, Any]:
+        base = self.base
+        if base is None:
+            raise RuntimeError(f"{self.name}: bind(store) before running a pass")
+        before = base.as_dict()
+        own = Store(copy.deepcopy(before), schema=base.schema, name=base.name)
+        written: dict[str, None] = {}
+        own.add_observer(lambda key, old, new: written.setdefault(key))
+        self.batch.run_pass(own, item["index"], item["params"])
+        return _writes_of(own.as_dict(), before, written).to_dict()
+
+    def run_item(self, index: int, item: Any) -> Any:
+        # Neither the map's retries nor its timeout: a pass is many nodes, each with its
+        # own policy, and a failed pass is already named by BatchPassFailed.
+        return self.exec(item)
+
+    def post(self, store: Any, items: list[dict[str, Any]], results: list[Any]) -> str | None:
+        for result in results:
+            PassWrites.from_dict(result).apply(store)
+        return self.batch.post(store, [item["params"] for item in items], None)
+
+
+def _writes_of(
+    after: dict[str, Any], before: dict[str, Any], written: dict[str, None]
+) -> PassWrites:
+    """What a pass changed: keys it wrote, values it changed in place, keys it deleted."""
+    writes = PassWrites()
+    for key, value in after.items():
+        if key in written or key not in before or _differs(value, before[key]):
+            writes.set[key] = value
+    writes.deleted = [key for key in before if key not in after]
+    return writes
+
+
+def _differs(a: Any, b: Any) -> bool:
+    try:
+        return bool(a != b)
+    except Exception:  # a value whose == raises (arrays): count it as changed
+        return True
