@@ -10,6 +10,7 @@ Retries wrap ``exec`` only (one seam, ``_exec``), as in PocketFlow: prep and pos
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import threading
 import time
@@ -127,6 +128,28 @@ class Node:
     def exec_fallback(self, prep_result: Any, exc: BaseException) -> Any:
         """Called when ``exec`` failed for good; return a result or raise (the default)."""
         raise exc
+
+    def report_usage(
+        self,
+        *,
+        model: str | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cost_usd: float | None = None,
+    ) -> Any:
+        """Record what one LLM call used, from inside ``exec``: kept for the attempt
+        running now (failed and retried attempts too: they were billed), written at once.
+        ``cost_usd`` wins over the price table (``pocoflow.usage.set_prices``); an
+        unpriced model without a cost records ``cost_usd=None``. Returns the report."""
+        from pocoflow.usage import report
+
+        return report(
+            self.name,
+            model=model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_usd=cost_usd,
+        )
 
     def cancelled(self) -> bool:
         """True once the run was cancelled: a long ``exec`` may poll this to stop early."""
@@ -283,7 +306,9 @@ def call_with_timeout(fn: Callable[[Any], Any], arg: Any, limit: float, what: st
             box.append((False, exc))
         done.set()
 
-    thread = threading.Thread(target=target, name="pocoflow-exec", daemon=True)
+    # The caller's context (the usage attempt of ``report_usage``) goes with the call.
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(target,), name="pocoflow-exec", daemon=True)
     thread.start()
     if not done.wait(limit):
         raise TimeoutError(f"{what} took longer than its timeout of {limit:g}s; abandoned")
@@ -308,7 +333,8 @@ def run_coroutine(coro: Any) -> Any:
         except BaseException as exc:
             box.append((False, exc))
 
-    thread = threading.Thread(target=target, name="pocoflow-async-exec")
+    context = contextvars.copy_context()  # asyncio.run copies it into its task
+    thread = threading.Thread(target=context.run, args=(target,), name="pocoflow-async-exec")
     thread.start()
     thread.join()
     ok, value = box[0]
