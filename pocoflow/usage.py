@@ -17,7 +17,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -258,7 +258,7 @@ def empty_totals() -> dict[str, Any]:
     return {"calls": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
 
 
-def summarize(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
+def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Per-node rows ``{node_name, calls, input_tokens, output_tokens, cost_usd}`` -> the
     ``RunHandle.usage()`` dict: totals plus ``by_node``. An unknown cost counts as 0."""
     total = empty_totals()
