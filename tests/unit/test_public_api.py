@@ -18,6 +18,7 @@ EXPECTED = {
     "flow",
     "register_flow",
     "register_type",
+    "set_prices",
 }
 
 
