@@ -9,10 +9,10 @@ import threading
 import pytest
 
 import pocoflow
-from pocoflow import AsyncNode, Flow, Node
-from pocoflow import usage
+from pocoflow import AsyncNode, Flow, Node, usage
 from pocoflow.usage import Budget, MemorySink, UsageReport, recording
 from tests.helpers import wait_until
+from tests.usage_nodes import Ask, Summarise, ask_then_summarise
 
 
 @pytest.fixture(autouse=True)
@@ -141,40 +141,10 @@ def test_recording_without_sink_inherits_the_enclosing_one():
 # ── local runs without a ledger ───────────────────────────────────────────────
 
 
-class Ask(Node):
-    """Reports 10 + 5 tokens per try; fails its first ``fail_tries`` tries."""
-
-    max_retries = 3
-    fail_tries = 0
-    calls = 0
-
-    def exec(self, prep_result):
-        type(self).calls += 1
-        self.report_usage(model="m", input_tokens=10, output_tokens=5)
-        if type(self).calls <= type(self).fail_tries:
-            raise RuntimeError("provider hiccup")
-        return "ok"
-
-
-class Summarise(Node):
-    ran = 0
-
-    def exec(self, prep_result):
-        type(self).ran += 1
-        self.report_usage(model="big", input_tokens=100, output_tokens=50, cost_usd=0.25)
-
-
-def two_nodes(**budget) -> Flow:
-    Ask.calls, Summarise.ran = 0, 0
-    ask = Ask()
-    ask.then("default", Summarise())
-    return Flow(ask, flow_name="two", **budget)
-
-
 def test_usage_of_a_local_run_counts_failed_tries():
     pocoflow.set_prices({"m": {"input": 0.001, "output": 0.002}})
     Ask.fail_tries = 2
-    flow = two_nodes()
+    flow = ask_then_summarise()
     flow.run({})
     Ask.fail_tries = 0
     got = flow.usage()
@@ -217,14 +187,14 @@ def test_sub_flow_nodes_report_under_their_own_names():
 
 
 def test_budget_stops_a_foreground_run_before_its_next_node():
-    flow = two_nodes(max_tokens=10)
+    flow = ask_then_summarise(max_tokens=10)
     flow.run({})
     assert Summarise.ran == 0  # Ask used 15 tokens > 10: paused before Summarise
     assert flow.usage()["input_tokens"] == 10
 
 
 def test_budget_holds_a_background_run_until_resumed_with_more():
-    flow = two_nodes(max_cost_usd=0.0)
+    flow = ask_then_summarise(max_cost_usd=0.0)
     pocoflow.set_prices({"m": {"input": 0.001, "output": 0.0}})
     handle = flow.run_background({})
     wait_until(lambda: handle.status == "paused", timeout=10)
