@@ -56,6 +56,9 @@ class Node:
     step: int | None = None
     attempt: int = 1
     _is_flow = False
+    #: The step attempt this node runs, for ``report_usage`` from threads ``exec`` starts
+    #: itself (they do not inherit the contextvar that normally says it).
+    _usage_scope: Any = None
 
     def __init__(self, *, name: str | None = None) -> None:
         self._successors: dict[str, Node] = {}
@@ -149,6 +152,7 @@ class Node:
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             cost_usd=cost_usd,
+            fallback=getattr(self, "_usage_scope", None),
         )
 
     def cancelled(self) -> bool:

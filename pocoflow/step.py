@@ -96,8 +96,12 @@ def run_step(
     hooks.fire(NODE_START, name, store)
     started = time.perf_counter()
     try:
-        with recording(run_id, step, attempt, name, sink=usage_sink):
-            action = _prep_exec_post(node, store, step, try_number)
+        with recording(run_id, step, attempt, name, sink=usage_sink) as scope:
+            node._usage_scope = scope
+            try:
+                action = _prep_exec_post(node, store, step, try_number)
+            finally:
+                node._usage_scope = None
         if action is not None and not isinstance(action, str):
             raise TypeError(
                 f"Node {name!r} (step {step}): post() must return an action str or None, "

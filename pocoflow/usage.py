@@ -111,11 +111,16 @@ def _prices_from_file() -> dict[str, tuple[float, float]]:
     try:
         with open(path, encoding="utf-8") as fh:
             raw = json.load(fh)
+        if not isinstance(raw, Mapping):
+            raise ValueError("the price table must be a JSON object")
+        parsed = {str(m): _price_pair(str(m), p) for m, p in raw.items()}
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{PRICES_ENV}={path!r}: cannot read the price table: {exc}") from None
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{PRICES_ENV}={path!r}: the price table must be a JSON object")
-    parsed = {str(m): _price_pair(str(m), p) for m, p in raw.items()}
+        # Logged once, not raised: the call was made and billed, and its tokens must still
+        # be recorded; only its cost stays unknown (NULL) until the file is fixed.
+        _log.error(
+            "%s=%r: cannot read the price table, costs stay unknown: %s", PRICES_ENV, path, exc
+        )
+        parsed = {}
     _file_prices = (path, parsed)
     return parsed
 
@@ -209,8 +214,13 @@ def report(
     input_tokens: int = 0,
     output_tokens: int = 0,
     cost_usd: float | None = None,
+    fallback: Attempt | None = None,
 ) -> UsageReport:
-    """Record one LLM call for the current attempt (``Node.report_usage``)."""
+    """Record one LLM call for the current attempt (``Node.report_usage``).
+
+    ``fallback``: the attempt to use when this context has none, e.g. a thread that
+    ``exec`` started itself (threads do not inherit contextvars): the step that node is
+    running, without a map item's index."""
     input_tokens = _count("input_tokens", input_tokens, node_name)
     output_tokens = _count("output_tokens", output_tokens, node_name)
     if cost_usd is not None:
@@ -227,7 +237,7 @@ def report(
         cost_usd = float(cost_usd)
     else:
         cost_usd = cost_of(model, input_tokens, output_tokens)
-    scope = _current.get()
+    scope = _current.get() or fallback
     entry = UsageReport(
         run_id=scope.run_id if scope else None,
         step=scope.step if scope else None,

@@ -58,18 +58,46 @@ def test_bad_prices_and_bad_reports_are_named(tmp_path, monkeypatch):
         usage.set_prices({"m": {"input": -1}})
     with pytest.raises(ValueError, match="'m'"):
         usage.set_prices({"m": "cheap"})
-    path = tmp_path / "bad.json"
-    path.write_text("[1, 2]")
-    monkeypatch.setenv(usage.PRICES_ENV, str(path))
-    with pytest.raises(ValueError, match="POCOFLOW_PRICES"):
-        usage.cost_of("x", 1, 1)
-    monkeypatch.delenv(usage.PRICES_ENV)
+
     with pytest.raises(ValueError, match="Node 'Ask'.*input_tokens"):
         usage.report("Ask", input_tokens=-1)
     with pytest.raises(ValueError, match="Node 'Ask'.*output_tokens"):
         usage.report("Ask", output_tokens=1.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cost_usd"):
         usage.report("Ask", cost_usd=float("nan"))
+
+
+def test_an_unreadable_price_file_keeps_tokens_and_logs(tmp_path, monkeypatch, caplog):
+    """The call was billed: its tokens are recorded even when pricing it fails."""
+    path = tmp_path / "bad.json"
+    path.write_text("[1, 2]")
+    monkeypatch.setenv(usage.PRICES_ENV, str(path))
+    sink = MemorySink()
+    with recording("r", 0, 1, "N", sink=sink):
+        entry = usage.report("N", model="x", input_tokens=4)
+    assert entry.cost_usd is None and sink.totals() == (4, 0.0)
+    assert "POCOFLOW_PRICES" in caplog.text and "bad.json" in caplog.text
+
+
+def test_a_thread_started_by_exec_reports_to_its_step():
+    """Threads do not inherit contextvars; the node's running step is the fallback."""
+
+    class Fan(Node):
+        def exec(self, prep_result):
+            workers = [
+                threading.Thread(target=self.report_usage, kwargs={"input_tokens": 5})
+                for _ in range(3)
+            ]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join(10)
+
+    node = Fan()
+    flow = Flow(node)
+    flow.run({})
+    assert flow.usage()["by_node"]["Fan"]["input_tokens"] == 15
+    assert node._usage_scope is None  # nothing left behind after the step
 
 
 def test_report_outside_a_step_is_not_recorded_but_returned():
