@@ -219,8 +219,11 @@ class Flow(Node):
             initial_step=from_step,
             parent_run_id=run_id,
             forked_from_step=from_step,
+            budget=self.budget,
         )
-        return self._loop(graph, graph.node(next_id), store, from_step + 1, recorder, RunControl())
+        control = RunControl()
+        control.budget = self.budget  # the fork's own budget: its usage starts at zero
+        return self._loop(graph, graph.node(next_id), store, from_step + 1, recorder, control)
 
     # ── running on Celery workers ─────────────────────────────────────────────
 

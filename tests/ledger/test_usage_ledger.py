@@ -194,3 +194,16 @@ def test_cli_runs_show_and_resume_with_a_higher_budget(ledger_url: str, monkeypa
     assert (run["status"], run["max_tokens"], run["max_cost_usd"]) == ("completed", 500, 2.0)
     shown = runner.invoke(cli, ["show", run_id, "--db", ledger_url])
     assert "Summarise" in shown.output and "total" in shown.output
+
+
+def test_a_fork_gets_the_flows_budget_and_its_own_usage(ledger_url: str) -> None:
+    built = ask_then_summarise(db_path=ledger_url)
+    built.run({})
+    parent = built.last_run_id
+    limited = ask_then_summarise(db_path=ledger_url, max_tokens=0)
+    limited.fork(parent, 0)  # from after Ask: Summarise runs, then nothing is left
+    fork_id = limited.last_run_id
+    db = WorkflowDB(ledger_url)
+    assert db.get_run(fork_id)["max_tokens"] == 0
+    assert db.get_usage(fork_id)["by_node"].keys() == {"Summarise"}
+    assert db.get_usage(parent)["calls"] == 2
