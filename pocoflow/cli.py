@@ -237,14 +237,20 @@ def run(target: str, store_text: str | None, db_url: str) -> None:
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
 @db_option
 def runs(limit: int, db_url: str) -> None:
-    """List recent runs, newest first."""
+    """List recent runs, newest first, with the tokens and cost each reported."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("run id", "flow", "status", "steps", "tokens", "cost $", "started", "error")
     db = open_db(db_url)
     rows = db.list_runs(limit=limit)
     spent = db.usage_by_run([row["run_id"] for row in rows])  # one grouped query
+    # Run ids are what users copy into the next command: never cut, even on 80 columns
+    # (no vertical rules, so the eight columns fit).
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True, pad_edge=False)
+    table.add_column("run id", min_width=max((len(r["run_id"]) for r in rows), default=6))
+    for name in ("flow", "status", "steps", "tokens", "cost $", "started", "error"):
+        table.add_column(name)
     for row in rows:
         used = spent.get(row["run_id"])
         table.add_row(
