@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from pocoflow.logging import get_logger
 
@@ -143,9 +143,9 @@ def cost_of(model: str | None, input_tokens: int, output_tokens: int) -> float |
 # ── the current attempt ───────────────────────────────────────────────────────
 
 
-@dataclass(frozen=True)
-class Attempt:
-    """The attempt reports are recorded for, in this thread / task (``recording``)."""
+class Attempt(NamedTuple):
+    """The attempt reports are recorded for, in this thread / task (``recording``). A
+    tuple because one is made for every step: it must cost next to nothing."""
 
     run_id: str | None
     step: int | None
@@ -185,17 +185,35 @@ def recording(
     inherit contextvars: a thread running items enters its own ``recording`` (pass
     ``current().sink``) or runs under ``contextvars.copy_context()``.
     """
-    if sink is None:
-        outer = _current.get()
-        if outer is None:
-            yield None
-            return
-        sink = outer.sink
-    scope = Attempt(run_id, step, attempt, node_name, item, sink)
-    token = _current.set(scope)
+    scope, token = enter(run_id, step, attempt, node_name, item, sink)
     try:
         yield scope
     finally:
+        if token is not None:
+            _current.reset(token)
+
+
+def enter(
+    run_id: str | None,
+    step: int | None,
+    attempt: int,
+    node_name: str,
+    item: int | None = None,
+    sink: UsageSink | None = None,
+) -> tuple[Attempt | None, contextvars.Token[Attempt | None] | None]:
+    """``recording`` without the generator, for the step loop (a few hundred ns a step):
+    returns the scope and the token to hand to ``leave`` (None: nothing was set)."""
+    if sink is None:
+        outer = _current.get()
+        if outer is None:
+            return None, None
+        sink = outer.sink
+    scope = Attempt(run_id, step, attempt, node_name, item, sink)
+    return scope, _current.set(scope)
+
+
+def leave(token: contextvars.Token[Attempt | None] | None) -> None:
+    if token is not None:
         _current.reset(token)
 
 
