@@ -15,7 +15,7 @@ from typing import Any
 
 from pocoflow.hooks import NODE_END, NODE_ERROR, NODE_START, Hooks
 from pocoflow.node import Node
-from pocoflow.usage import UsageSink, enter as usage_enter, leave as usage_leave
+from pocoflow.usage import UsageSink, recording
 
 
 def utc_now() -> str:
@@ -96,13 +96,12 @@ def run_step(
     hooks.fire(NODE_START, name, store)
     started = time.perf_counter()
     try:
-        scope, token = usage_enter(run_id, step, attempt, name, None, usage_sink)
-        node._usage_scope = scope
-        try:
-            action = _prep_exec_post(node, store, step, try_number)
-        finally:
-            node._usage_scope = None
-            usage_leave(token)
+        with recording(run_id, step, attempt, name, None, usage_sink) as scope:
+            node._usage_scope = scope
+            try:
+                action = _prep_exec_post(node, store, step, try_number)
+            finally:
+                node._usage_scope = None
         if action is not None and not isinstance(action, str):
             raise TypeError(
                 f"Node {name!r} (step {step}): post() must return an action str or None, "

@@ -17,8 +17,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -169,52 +168,45 @@ def current() -> Attempt | None:
     return _current.get()
 
 
-@contextmanager
-def recording(
-    run_id: str | None,
-    step: int | None,
-    attempt: int,
-    node_name: str,
-    item: int | None = None,
-    sink: UsageSink | None = None,
-) -> Iterator[Attempt | None]:
+class recording:
     """Record this context's ``report_usage`` calls for the given attempt (and map item).
 
     ``sink`` None: the enclosing attempt's sink (a sub-flow's inner node, a map item);
     with neither, nothing is set and reports are dropped with a warning. Threads do not
     inherit contextvars: a thread running items enters its own ``recording`` (pass
-    ``current().sink``) or runs under ``contextvars.copy_context()``.
+    ``current().sink``) or runs under ``contextvars.copy_context()``. A class, not a
+    generator, because every step enters one: about a microsecond.
     """
-    scope, token = enter(run_id, step, attempt, node_name, item, sink)
-    try:
-        yield scope
-    finally:
-        if token is not None:
-            _current.reset(token)
 
+    __slots__ = ("_token", "scope")
 
-def enter(
-    run_id: str | None,
-    step: int | None,
-    attempt: int,
-    node_name: str,
-    item: int | None = None,
-    sink: UsageSink | None = None,
-) -> tuple[Attempt | None, contextvars.Token[Attempt | None] | None]:
-    """``recording`` without the generator, for the step loop (a few hundred ns a step):
-    returns the scope and the token to hand to ``leave`` (None: nothing was set)."""
-    if sink is None:
-        outer = _current.get()
-        if outer is None:
-            return None, None
-        sink = outer.sink
-    scope = Attempt(run_id, step, attempt, node_name, item, sink)
-    return scope, _current.set(scope)
+    def __init__(
+        self,
+        run_id: str | None,
+        step: int | None,
+        attempt: int,
+        node_name: str,
+        item: int | None = None,
+        sink: UsageSink | None = None,
+    ) -> None:
+        self._token: contextvars.Token[Attempt | None] | None = None
+        self.scope: Attempt | None = None
+        if sink is None:
+            outer = _current.get()
+            if outer is None:
+                return
+            sink = outer.sink
+        self.scope = Attempt(run_id, step, attempt, node_name, item, sink)
 
+    def __enter__(self) -> Attempt | None:
+        if self.scope is not None:
+            self._token = _current.set(self.scope)
+        return self.scope
 
-def leave(token: contextvars.Token[Attempt | None] | None) -> None:
-    if token is not None:
-        _current.reset(token)
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None
 
 
 def _count(name: str, value: Any, node: str) -> int:
