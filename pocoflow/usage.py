@@ -209,6 +209,17 @@ class recording:
             self._token = None
 
 
+def for_item(node: Any, index: int) -> recording:
+    """The ``recording`` of map item ``index`` of the step ``node`` is running, usable on
+    any thread (a pool thread has no contextvar: the node's running step is found through
+    it). What a MapNode wraps around each item's ``exec``: ``with for_item(self, i): ...``.
+    Outside a step it records nothing."""
+    outer = _current.get() or getattr(node, "_usage_scope", None)
+    if outer is None:
+        return recording(None, None, 1, node.name)
+    return recording(outer.run_id, outer.step, outer.attempt, node.name, index, outer.sink)
+
+
 def _count(name: str, value: Any, node: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(

@@ -156,6 +156,31 @@ def test_each_thread_records_its_own_item_on_one_node_instance():
     }
 
 
+def test_items_on_pool_threads_record_their_index_through_for_item():
+    """How a MapNode tags its items: pool threads find the node's running step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Fan(Node):
+        def prep(self, store):
+            return [3, 1, 2]
+
+        def exec(self, items):
+            def one(index):
+                with usage.for_item(self, index):
+                    self.report_usage(input_tokens=items[index])
+
+            with ThreadPoolExecutor(3) as pool:
+                list(pool.map(one, range(len(items))))
+
+    flow = Flow(Fan())
+    flow.run({})
+    reports = flow._usage.reports
+    assert sorted((r.item, r.input_tokens) for r in reports) == [(0, 3), (1, 1), (2, 2)]
+    assert {(r.step, r.node_name) for r in reports} == {(0, "Fan")}
+    with usage.for_item(Fan(), 0) as scope:
+        assert scope is None  # outside a step: nothing to record to
+
+
 def test_recording_without_sink_inherits_the_enclosing_one():
     sink = MemorySink()
     with recording("r", 1, 1, "Outer", sink=sink), recording("r", 1, 1, "Inner", item=4):
