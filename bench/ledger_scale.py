@@ -68,7 +68,7 @@ def _series(dialect: str, n: int) -> tuple[str, str]:
 
 def seed_sql(dialect: str, runs: int, steps: int = SEED_STEPS, prefix: str = "old-") -> list[str]:
     """The statements that write ``runs`` old runs of ``steps`` steps each, with their
-    checkpoints (step -1 too), values, events, step rows and attempts."""
+    checkpoints (step -1 too), values, events, step rows, attempts and usage rows."""
     last = steps - 1
     out = []
     # Runs.
@@ -114,6 +114,12 @@ def seed_sql(dialect: str, runs: int, steps: int = SEED_STEPS, prefix: str = "ol
         f"{w}INSERT INTO pf_events (run_id, step, node_name, event, action, elapsed_ms, ts, "
         f"attempt) SELECT '{prefix}' || {i}, {j}, 't', 'node_end', 'default', 0.1, "
         f"'{SEED_ISO}', 1 FROM {src}"
+    )
+    # One report_usage call per step, as a run of LLM nodes leaves.
+    out.append(
+        f"{w}INSERT INTO pf_usage (run_id, step, attempt, node_name, model, input_tokens, "
+        f"output_tokens, cost_usd, ts) SELECT '{prefix}' || {i}, {j}, 1, 't', 'm', 100, 20, "
+        f"0.001, '{SEED_ISO}' FROM {src}"
     )
     return out
 

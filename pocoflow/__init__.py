@@ -17,6 +17,7 @@ from pocoflow.node import AsyncNode, Node
 from pocoflow.registry import flow, register_flow
 from pocoflow.runner import RunHandle
 from pocoflow.store import Store
+from pocoflow.usage import set_prices
 
 if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
@@ -35,6 +36,7 @@ __all__ = [
     "flow",
     "register_flow",
     "register_type",
+    "set_prices",
 ]
 __version__ = "0.3.0.dev0"
 

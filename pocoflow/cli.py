@@ -238,17 +238,29 @@ def run(target: str, store_text: str | None, db_url: str) -> None:
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
 @db_option
 def runs(limit: int, db_url: str) -> None:
-    """List recent runs, newest first."""
+    """List recent runs, newest first, with the tokens and cost each reported."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("run id", "flow", "status", "steps", "started", "error")
-    for row in open_db(db_url).list_runs(limit=limit):
+    db = open_db(db_url)
+    rows = db.list_runs(limit=limit)
+    spent = db.usage_by_run([row["run_id"] for row in rows])  # one grouped query
+    # Run ids are what users copy into the next command: never cut, even on 80 columns
+    # (no vertical rules, so the eight columns fit).
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True, pad_edge=False)
+    table.add_column("run id", min_width=max((len(r["run_id"]) for r in rows), default=6))
+    for name in ("flow", "status", "steps", "tokens", "cost $", "started", "error"):
+        table.add_column(name)
+    for row in rows:
+        used = spent.get(row["run_id"])
         table.add_row(
             row["run_id"],
             row["flow_name"],
             row["status"],
             str(row["total_steps"] or 0),
+            str(used["input_tokens"] + used["output_tokens"]) if used else "",
+            f"{used['cost_usd']:.4f}" if used else "",
             (row["started_at"] or "")[:19],
             (row["error_msg"] or "")[:60],
         )
@@ -297,6 +309,7 @@ def show(run_id: str, flows: str, db_url: str) -> None:
             (event["error_msg"] or "")[:60],
         )
     console.print(table)
+    usage_table(console, db.get_usage(run_id), run)
     latest = db.latest_checkpoint(run_id)
     step = latest["step"] if latest else -1
     try:
@@ -305,14 +318,50 @@ def show(run_id: str, flows: str, db_url: str) -> None:
         click.echo(f"store of step {step} not shown: {exc}", err=True)
 
 
+def usage_table(console: Any, usage: dict[str, Any], run: dict[str, Any]) -> None:
+    """The run's ``report_usage`` totals by node, and its budget, if it has either."""
+    from rich.table import Table
+
+    budget = [
+        f"{name}={run[name]:g}"
+        for name in ("max_tokens", "max_cost_usd")
+        if run.get(name) is not None
+    ]
+    if budget:
+        console.print(f"[bold]budget[/bold]: {', '.join(budget)}")
+    if not usage["calls"]:
+        return
+    table = Table("node", "calls", "input tokens", "output tokens", "cost $", title="usage")
+    rows = [*usage["by_node"].items(), ("total", usage)]
+    for name, part in rows:
+        table.add_row(
+            name,
+            str(part["calls"]),
+            str(part["input_tokens"]),
+            str(part["output_tokens"]),
+            f"{part['cost_usd']:.6f}",
+        )
+    console.print(table)
+
+
 @main.command(
     epilog="Examples:\n\n  pocoflow resume article-1a2b3c4d --flows examples.article"
     "\n\n  pocoflow resume article-1a2b3c4d --force   # accept a changed graph"
+    "\n\n  pocoflow resume article-1a2b3c4d --max-tokens 200000   # a higher budget"
 )
 @click.argument("run_id")
 @click.option("--flow", "target", help="MODULE:BUILDER that builds the run's graph (local runs).")
 @click.option("--force", is_flag=True, help="Distributed run: accept the flow's current graph.")
 @click.option("--wait/--no-wait", default=True, help="Distributed run: wait for the end.")
+@click.option(
+    "--max-tokens", type=click.IntRange(0), default=None, help="Raise the run's token budget."
+)
+@click.option(
+    "--max-cost-usd",
+    type=click.FloatRange(0),
+    default=None,
+    help="Raise the run's cost budget (USD).",
+)
 @flows_option
 @broker_option
 @db_option
@@ -321,6 +370,8 @@ def resume(
     target: str | None,
     force: bool,
     wait: bool,
+    max_tokens: int | None,
+    max_cost_usd: float | None,
     flows: str,
     broker_url: str | None,
     db_url: str,
@@ -332,6 +383,8 @@ def resume(
     """
     db = open_db(db_url)
     run = get_run_or_fail(db, run_id)
+    # The budget first, in the ledger: whoever goes on with the run reads it there.
+    db.set_budget(run_id, max_tokens=max_tokens, max_cost_usd=max_cost_usd)
     if run.get("queue"):
         from pocoflow.distributed.client import resume_run
         from pocoflow.registry import import_flow_modules

@@ -25,7 +25,16 @@ from sqlalchemy.engine import Connection
 
 from pocoflow import codec
 from pocoflow.commit import NextStep, StepCommit
-from pocoflow.ledger import checkpoints, events, pipeline, prune as retention, runs, steps, txn
+from pocoflow.ledger import (
+    checkpoints,
+    events,
+    pipeline,
+    prune as retention,
+    runs,
+    steps,
+    txn,
+    usage as usage_rows,
+)
 from pocoflow.ledger.common import iso_now
 from pocoflow.ledger.queue import StepQueue
 from pocoflow.store import Store
@@ -115,6 +124,8 @@ class WorkflowDB(StepQueue):
         start_events: list[dict[str, Any]] | None = None,
         first_step: NextStep | None = None,
         now: float | None = None,
+        max_tokens: int | None = None,
+        max_cost_usd: float | None = None,
     ) -> bool:
         """Record a new run; False (and nothing written) if ``run_id`` exists, as 0.2
         ignored duplicates.
@@ -142,6 +153,8 @@ class WorkflowDB(StepQueue):
             "forked_from_step": forked_from_step,
             "queue": queue,
             "graph_shape": graph_shape,
+            "max_tokens": max_tokens,
+            "max_cost_usd": max_cost_usd,
         }
         texts = None if initial_store is None else _encode_all(_data_of(initial_store))
         dialect = self._dialect
@@ -390,6 +403,49 @@ class WorkflowDB(StepQueue):
     def get_events(self, run_id: str, *, after_id: int = 0) -> list[dict[str, Any]]:
         """Events of a run in insertion order; ``after_id`` skips those already seen."""
         return self._read(lambda conn: events.get(conn, run_id, after_id), run_id)
+
+    # ── usage ─────────────────────────────────────────────────────────────────
+
+    def add_usage(self, report: Any) -> None:
+        """Record one ``report_usage`` call (a ``pocoflow.usage.UsageReport``) at once, in
+        its own transaction: the call was billed whatever the attempt does next."""
+        values = usage_rows.row(report)
+        tries = 0
+
+        def body(conn: Connection) -> None:
+            nonlocal tries
+            tries += 1
+            if tries == 1 or not usage_rows.exists(conn, values):  # see save_event
+                usage_rows.insert_row(conn, values)
+
+        self._write(body, "recording usage", report.run_id)
+
+    def usage_totals(self, run_id: str) -> tuple[int, float]:
+        """(tokens, cost_usd) the run reported so far, every attempt included."""
+        return self._read(lambda conn: usage_rows.totals(conn, run_id), run_id)
+
+    def get_usage(self, run_id: str) -> dict[str, Any]:
+        """``{"calls", "input_tokens", "output_tokens", "cost_usd", "by_node": {...}}``
+        of the run (``RunHandle.usage()``); an unknown cost counts as 0."""
+        from pocoflow.usage import summarize
+
+        return summarize(self._read(lambda conn: usage_rows.by_node(conn, run_id), run_id))
+
+    def usage_by_run(self, run_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Totals (calls, tokens, cost) of each run that reported usage: one query."""
+        return self._read(lambda conn: usage_rows.by_run(conn, run_ids))
+
+    def set_budget(
+        self, run_id: str, *, max_tokens: int | None = None, max_cost_usd: float | None = None
+    ) -> None:
+        """Raise (or set) the run's budget; a limit left None keeps the recorded one."""
+        fields = {
+            k: v
+            for k, v in (("max_tokens", max_tokens), ("max_cost_usd", max_cost_usd))
+            if v is not None
+        }
+        if fields:
+            self.update_run(run_id, **fields)
 
     # ── retention ─────────────────────────────────────────────────────────────
 

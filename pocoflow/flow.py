@@ -24,6 +24,7 @@ from pocoflow.recorder import RunRecorder, open_ledger
 from pocoflow.runner import RunControl, RunHandle
 from pocoflow.step import RunCancelled, StepError, run_step
 from pocoflow.store import Store
+from pocoflow.usage import Budget, budget_message, summarize
 
 if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
@@ -67,6 +68,8 @@ class Flow(Node):
         flow_name: str | None = None,
         *,
         schema: Mapping[str, Any] | None = None,
+        max_tokens: int | None = None,
+        max_cost_usd: float | None = None,
     ) -> None:
         if not isinstance(start, Node):
             raise TypeError(f"Flow(start=...) needs a Node, got {type(start).__name__}")
@@ -86,7 +89,11 @@ class Flow(Node):
         self.schema = dict(schema) if schema else None
         if self.schema:
             Store(schema=self.schema)
+        #: The run budget: a run that has reported more tokens (input + output) or cost
+        #: pauses before its next node; ``resume`` can raise it.
+        self.budget = Budget(max_tokens, max_cost_usd)
         self._run_id: str | None = None
+        self._usage: Any = None  # the last run's usage sink (``usage()``)
         self._hooks = Hooks()
         if self.checkpoint_dir:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -111,6 +118,21 @@ class Flow(Node):
     @property
     def last_run_id(self) -> str | None:
         return self._run_id
+
+    @property
+    def max_tokens(self) -> int | None:
+        return self.budget.max_tokens
+
+    @property
+    def max_cost_usd(self) -> float | None:
+        return self.budget.max_cost_usd
+
+    def usage(self) -> dict[str, Any]:
+        """Usage of this flow's last run in this process (``RunHandle.usage()``'s dict):
+        from the ledger when it has one, else kept in memory on the run."""
+        if self._usage is None:
+            raise RunSetupError(f"Flow {self.flow_name!r} has not run in this process yet")
+        return usage_of(self._usage, self._run_id)
 
     def _ledger(self) -> WorkflowDB | None:
         return open_ledger(self.db_path) if self.db_path else None
@@ -138,14 +160,25 @@ class Flow(Node):
         )
 
     def resume(
-        self, run_id: str, *, schema: dict[str, Any] | None = None, background: bool = False
+        self,
+        run_id: str,
+        *,
+        schema: dict[str, Any] | None = None,
+        background: bool = False,
+        max_tokens: int | None = None,
+        max_cost_usd: float | None = None,
     ) -> Store | RunHandle:
         """Continue a recorded run (failed, cancelled, paused, interrupted) from its last
         checkpoint, with the node that checkpoint says runs next. ``schema`` re-applies the
-        Store's schema (schemas are code, not data, so the ledger does not keep them)."""
+        Store's schema (schemas are code, not data, so the ledger does not keep them).
+        ``max_tokens`` / ``max_cost_usd`` raise the run's recorded budget (a run paused
+        on its budget goes on only once it is under it)."""
         db = self._require_ledger("resume")
         plan = _ResumePlan.load(db, run_id, self, schema or self.schema)
         control = RunControl()
+        control.budget = plan.budget.raised(max_tokens, max_cost_usd)
+        if control.budget != plan.budget:
+            db.set_budget(run_id, max_tokens=max_tokens, max_cost_usd=max_cost_usd)
         if background:
             return self._in_thread(
                 run_id, control, plan.store, lambda: self._continue(plan, control)
@@ -193,8 +226,11 @@ class Flow(Node):
             initial_step=from_step,
             parent_run_id=run_id,
             forked_from_step=from_step,
+            budget=self.budget,
         )
-        return self._loop(graph, graph.node(next_id), store, from_step + 1, recorder, RunControl())
+        control = RunControl()
+        control.budget = self.budget  # the fork's own budget: its usage starts at zero
+        return self._loop(graph, graph.node(next_id), store, from_step + 1, recorder, control)
 
     # ── running on Celery workers ─────────────────────────────────────────────
 
@@ -231,10 +267,19 @@ class Flow(Node):
                 done.set()
 
         thread = threading.Thread(target=body, daemon=True, name=f"pocoflow-{run_id}")
+        # A handle can resume this run: its budget holds it (paused) rather than ending it.
+        control.held_by_handle = True
         thread.start()
         _log.info("Flow %r started in background, run_id=%s", self.flow_name, run_id)
         return RunHandle(
-            run_id, thread, done, box, db=self._ledger(), control=control, initial_store=store
+            run_id,
+            thread,
+            done,
+            box,
+            db=self._ledger(),
+            control=control,
+            initial_store=store,
+            usage=lambda: usage_of(control.usage, run_id),
         )
 
     def _run_new(
@@ -244,6 +289,8 @@ class Flow(Node):
         run_id = run_id or make_run_id(self.flow_name)
         self._run_id = run_id
         recorder = RunRecorder(run_id, self._ledger(), self.checkpoint_dir)
+        if control.budget is None:
+            control.budget = self.budget
         graph = None
         if recorder.db is not None:  # ids and fingerprint only matter to the ledger
             graph = self.graph()
@@ -256,6 +303,7 @@ class Flow(Node):
                 max_steps=self.max_steps,
                 start_id=graph.id_of(current),
                 start_name=current.name,
+                budget=self.budget,
             )
         return self._loop(graph, current, store, 0, recorder, control)
 
@@ -290,6 +338,7 @@ class Flow(Node):
         run_id = recorder.run_id
         record = recorder.db is not None
         hooks = self._hooks
+        self._usage = control.usage = recorder.usage
         cancel_probe = control.cancel_event.is_set
         is_running = control._running.is_set
         steps_run = 0
@@ -300,6 +349,12 @@ class Flow(Node):
                     return self._cancelled(recorder, control, step, store, current.name, False)
                 if requested == "pause" and not self._hold_for_ledger(recorder, control, step):
                     return self._cancelled(recorder, control, step, store, current.name, False)
+            budget = control.budget
+            if budget is not None and budget.limited and not self._within(budget, recorder, step):
+                if not control.held_by_handle:
+                    recorder.hold(step)  # paused in the ledger: resume(run_id, max_tokens=)
+                    return store
+                control.pause()  # a handle's run waits for handle.resume(max_tokens=...)
             if not is_running():
                 recorder.hold(step)
                 control.wait_until_resumed()
@@ -307,6 +362,7 @@ class Flow(Node):
                 # if the run is still this process's paused run.
                 if not control.cancelled and not recorder.release(step):
                     return self._cancelled(recorder, control, step, store, current.name, False)
+                continue  # look again: a cancel, or a budget still spent
             if cancel_probe():
                 return self._cancelled(recorder, control, step, store, current.name)
             if step >= self.max_steps:
@@ -326,6 +382,7 @@ class Flow(Node):
                     run_id=run_id,
                     cancel_probe=cancel_probe,
                     record=record,
+                    usage_sink=recorder.usage,
                 )
             except RunCancelled:
                 return self._cancelled(recorder, control, step, store, current.name)
@@ -362,6 +419,17 @@ class Flow(Node):
             recorder.empty_run_done()
         hooks.fire("flow_end", step, store)
         return store
+
+    def _within(self, budget: Budget, recorder: RunRecorder, step: int) -> bool:
+        """True while the run's reported usage is within ``budget``; otherwise record
+        why it pauses before ``step`` (only runs with a budget pay for the read)."""
+        reason = budget.exceeded(*recorder.usage.totals(recorder.run_id))
+        if reason is None:
+            return True
+        message = budget_message(recorder.run_id, reason, step)
+        _log.warning("%s", message)
+        recorder.budget_exceeded(step, message)
+        return False
 
     def _hold_for_ledger(self, recorder: RunRecorder, control: RunControl, step: int) -> bool:
         """Wait while another process's pause request stands; False if it became a cancel.
@@ -467,6 +535,7 @@ class _ResumePlan:
     texts: dict[str, str]
     step: int
     node: Node | None
+    budget: Budget
 
     @classmethod
     def load(
@@ -523,6 +592,7 @@ class _ResumePlan:
             texts=texts,
             step=step + 1,
             node=graph.node(next_id) if next_id is not None else None,
+            budget=Budget(run.get("max_tokens"), run.get("max_cost_usd")),
         )
 
 
@@ -539,3 +609,13 @@ def _with_schema(
     """The loaded values under the run's Store name and the caller's schema."""
     run = run or db.get_run(run_id) or {}
     return Store(loaded.as_dict(), schema=schema, name=run.get("store_name") or loaded.name)
+
+
+def usage_of(sink: Any, run_id: str | None) -> dict[str, Any]:
+    """A run's ``RunHandle.usage()`` dict from its sink: the ledger's rows, or memory."""
+    if sink is None:  # not started yet
+        return summarize([])
+    db = getattr(sink, "db", None)
+    if db is not None and run_id is not None:
+        return db.get_usage(run_id)
+    return sink.summary()

@@ -10,6 +10,7 @@ Retries wrap ``exec`` only (one seam, ``_exec``), as in PocketFlow: prep and pos
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import threading
 import time
@@ -64,6 +65,9 @@ class Node:
     _is_flow = False
     #: True on the copy of a node that runs inside a BatchFlow pass (see ``Flow._run``).
     _in_pass = False
+    #: The step attempt this node runs, for ``report_usage`` from threads ``exec`` starts
+    #: itself (they do not inherit the contextvar that normally says it).
+    _usage_scope: Any = None
 
     def __init__(self, *, name: str | None = None) -> None:
         self._successors: dict[str, Node] = {}
@@ -136,6 +140,29 @@ class Node:
     def exec_fallback(self, prep_result: Any, exc: BaseException) -> Any:
         """Called when ``exec`` failed for good; return a result or raise (the default)."""
         raise exc
+
+    def report_usage(
+        self,
+        *,
+        model: str | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cost_usd: float | None = None,
+    ) -> Any:
+        """Record what one LLM call used, from inside ``exec``: kept for the attempt
+        running now (failed and retried attempts too: they were billed), written at once.
+        ``cost_usd`` wins over the price table (``pocoflow.usage.set_prices``); an
+        unpriced model without a cost records ``cost_usd=None``. Returns the report."""
+        from pocoflow.usage import report
+
+        return report(
+            self.name,
+            model=model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_usd=cost_usd,
+            fallback=getattr(self, "_usage_scope", None),
+        )
 
     def cancelled(self) -> bool:
         """True once the run was cancelled: a long ``exec`` may poll this to stop early."""
@@ -292,7 +319,9 @@ def call_with_timeout(fn: Callable[[Any], Any], arg: Any, limit: float, what: st
             box.append((False, exc))
         done.set()
 
-    thread = threading.Thread(target=target, name="pocoflow-exec", daemon=True)
+    # The caller's context (the usage attempt of ``report_usage``) goes with the call.
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(target,), name="pocoflow-exec", daemon=True)
     thread.start()
     if not done.wait(limit):
         raise TimeoutError(f"{what} took longer than its timeout of {limit:g}s; abandoned")
@@ -317,7 +346,8 @@ def run_coroutine(coro: Any) -> Any:
         except BaseException as exc:
             box.append((False, exc))
 
-    thread = threading.Thread(target=target, name="pocoflow-async-exec")
+    context = contextvars.copy_context()  # asyncio.run copies it into its task
+    thread = threading.Thread(target=context.run, args=(target,), name="pocoflow-async-exec")
     thread.start()
     thread.join()
     ok, value = box[0]

@@ -16,6 +16,7 @@ from pocoflow.errors import RunSetupError, StepConflict
 from pocoflow.hooks import FLOW_END, FLOW_START, RUN_PAUSED, RUN_RESUMED
 from pocoflow.step import utc_now
 from pocoflow.store import Store
+from pocoflow.usage import BUDGET_EXCEEDED, Budget, LedgerSink, MemorySink, UsageSink
 
 if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
@@ -49,6 +50,8 @@ class RunRecorder:
         self.checkpoint_dir = checkpoint_dir
         self.tracker = StoreTracker()
         self.active = db is not None or checkpoint_dir is not None
+        #: Where the run's ``report_usage`` calls go: a row each in the ledger, or memory.
+        self.usage: UsageSink = LedgerSink(db) if db is not None else MemorySink()
         # The run's control request as read by the last step's commit, for the check
         # before the next node; _UNREAD once used (or before any commit): read the ledger.
         self._control: str | object | None = _UNREAD
@@ -67,6 +70,7 @@ class RunRecorder:
         initial_step: int = -1,
         parent_run_id: str | None = None,
         forked_from_step: int | None = None,
+        budget: Budget | None = None,
     ) -> None:
         if self.db is None:
             return
@@ -82,6 +86,8 @@ class RunRecorder:
             start_events=[{"event": FLOW_START, "node_name": start_name, "ts": utc_now()}],
             parent_run_id=parent_run_id,
             forked_from_step=forked_from_step,
+            max_tokens=budget.max_tokens if budget else None,
+            max_cost_usd=budget.max_cost_usd if budget else None,
         )
         if not created:
             raise RunSetupError(
@@ -168,6 +174,11 @@ class RunRecorder:
         if self.db is not None:
             self.db.save_event(self.run_id, RUN_PAUSED, step=step, ts=utc_now())
             self.db.update_run_if(self.run_id, status_in=("running",), status="paused")
+
+    def budget_exceeded(self, step: int, message: str) -> None:
+        """Why the run pauses before ``step``: it spent its budget (an event)."""
+        if self.db is not None:
+            self.db.save_event(self.run_id, BUDGET_EXCEEDED, step=step, error_msg=message)
 
     def release(self, step: int) -> bool:
         """The handle resumed the run held by ``hold``: ``running`` again. False if the run

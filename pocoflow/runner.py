@@ -14,8 +14,11 @@ from typing import TYPE_CHECKING, Any
 from pocoflow.logging import get_logger
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pocoflow.db import WorkflowDB
     from pocoflow.store import Store
+    from pocoflow.usage import Budget
 
 _log = get_logger("runner")
 
@@ -35,6 +38,12 @@ class RunControl:
         self._running = threading.Event()
         self._running.set()
         self.stopped_by_cancel = False  # set by the run loop when it honoured a cancel
+        #: The run's budget, checked before every node; ``RunHandle.resume`` raises it.
+        self.budget: Budget | None = None
+        #: True when a handle can resume the run: its budget then holds it, paused.
+        self.held_by_handle = False
+        #: The run's usage sink (set when the run loop starts).
+        self.usage: Any = None
 
     def cancel(self, terminate: bool = False) -> None:
         self.cancel_event.set()
@@ -77,6 +86,7 @@ class RunHandle:
         *,
         control: Any = None,
         initial_store: Store | None = None,
+        usage: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.run_id = run_id
         self._thread = thread
@@ -89,6 +99,7 @@ class RunHandle:
         self._control = control
         self._db = db
         self._initial_store = initial_store
+        self._usage = usage
 
     # ── status ────────────────────────────────────────────────────────────────
 
@@ -163,8 +174,31 @@ class RunHandle:
         """Hold the run before its next node; ``resume()`` lets it go on."""
         self._control.pause()
 
-    def resume(self) -> None:
+    def resume(self, *, max_tokens: int | None = None, max_cost_usd: float | None = None) -> None:
+        """Let a paused run go on; ``max_tokens`` / ``max_cost_usd`` first raise the
+        budget of a run paused because it spent it (the other limit stays as it was)."""
+        if max_tokens is not None or max_cost_usd is not None:
+            from pocoflow.usage import Budget
+
+            current = getattr(self._control, "budget", None) or Budget()
+            raised = current.raised(max_tokens, max_cost_usd)  # checks the values
+            if self._db is not None:
+                self._db.set_budget(self.run_id, max_tokens=max_tokens, max_cost_usd=max_cost_usd)
+            if hasattr(self._control, "budget"):
+                self._control.budget = raised
         self._control.resume()
+
+    def usage(self) -> dict[str, Any]:
+        """``{"calls", "input_tokens", "output_tokens", "cost_usd", "by_node": {name:
+        {...}}}``: every ``report_usage`` call of the run, failed and retried attempts
+        included (``calls`` counts the calls; an unpriced call counts 0 cost)."""
+        if self._db is not None:
+            return self._db.get_usage(self.run_id)
+        if self._usage is not None:
+            return self._usage()
+        from pocoflow.usage import summarize
+
+        return summarize([])
 
     # ── what happened ─────────────────────────────────────────────────────────
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from pocoflow.hooks import NODE_END, NODE_ERROR, NODE_START, Hooks
 from pocoflow.node import Node
+from pocoflow.usage import UsageSink, recording
 
 
 def utc_now() -> str:
@@ -71,9 +72,12 @@ def run_step(
     cancel_probe: Callable[[], bool] | None = None,
     record: bool = False,
     try_number: int | None = None,
+    usage_sink: UsageSink | None = None,
 ) -> StepRun:
     """Run ``node`` once against ``store``; hooks fire here, in whatever process runs it.
 
+    ``report_usage`` calls of the step go to ``usage_sink`` (None: the enclosing step's,
+    as for the inner nodes of a sub-flow), tagged with this run, step and attempt.
     With ``try_number`` set, ``exec`` runs once as that try and a retryable failure with
     tries left raises ``RetryLater`` (the distributed executor lets Celery schedule the
     retry, so no worker sleeps); otherwise the node's own retry loop runs. A sub-flow
@@ -95,11 +99,12 @@ def run_step(
     hooks.fire(NODE_START, name, store)
     started = time.perf_counter()
     try:
-        if try_number is not None and not node._is_flow:
-            prep_result = node.prep(store)
-            action = node.post(store, prep_result, _exec_try(node, prep_result, try_number, step))
-        else:
-            action = node._run(store)
+        with recording(run_id, step, attempt, name, None, usage_sink) as scope:
+            node._usage_scope = scope
+            try:
+                action = _prep_exec_post(node, store, step, try_number)
+            finally:
+                node._usage_scope = None
         if action is not None and not isinstance(action, str):
             raise TypeError(
                 f"Node {name!r} (step {step}): post() must return an action str or None, "
@@ -136,6 +141,13 @@ def run_step(
         )
     hooks.fire(NODE_END, name, action, elapsed, store)
     return StepRun(action, elapsed, events)
+
+
+def _prep_exec_post(node: Node, store: Any, step: int, try_number: int | None) -> Any:
+    if try_number is not None and not node._is_flow:
+        prep_result = node.prep(store)
+        return node.post(store, prep_result, _exec_try(node, prep_result, try_number, step))
+    return node._run(store)
 
 
 def _exec_try(node: Node, prep_result: Any, try_number: int, step: int) -> Any:

@@ -32,6 +32,7 @@ from pocoflow.runner import RunHandle
 from pocoflow.settings import Settings, mask_url
 from pocoflow.step import utc_now
 from pocoflow.store import Store
+from pocoflow.usage import Budget
 
 if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
@@ -177,6 +178,8 @@ def record_run(
         graph_shape=shape_text(graph),
         start_events=[{"event": FLOW_START, "node_name": graph.start_id, "ts": utc_now()}],
         first_step=NextStep(0, graph.start_id, 1, lease_s=lease_s),
+        max_tokens=flow.budget.max_tokens,
+        max_cost_usd=flow.budget.max_cost_usd,
     )
     if not created:
         raise ValueError(f"Run id {run_id!r} already exists in ledger {db.url}; pick another")
@@ -216,9 +219,12 @@ def resume_run(
     force: bool = False,
     db_url: str | None = None,
     settings: Settings | None = None,
+    max_tokens: int | None = None,
+    max_cost_usd: float | None = None,
 ) -> RunHandle:
     """Continue a failed, cancelled or paused distributed run: its outstanding step is
-    sent again under a new attempt.
+    sent again under a new attempt. ``max_tokens`` / ``max_cost_usd`` raise the run's
+    budget first (a run paused on its budget pauses again while it is still over it).
 
     ``force`` accepts the flow's current graph (a run refused for a graph change, G6): the
     run's fingerprint and shape are re-recorded from this process's registry (the flow
@@ -234,6 +240,9 @@ def resume_run(
             f"Run {run_id!r} is {run['status']}: only a failed, cancelled or paused run can "
             "be resumed"
         )
+    if max_tokens is not None or max_cost_usd is not None:
+        Budget(max_tokens, max_cost_usd)  # ValueError for a bad limit, before any write
+        db.set_budget(run_id, max_tokens=max_tokens, max_cost_usd=max_cost_usd)
     if force:
         graph = _registered_graph(run["flow_name"], settings)
         db.update_run(run_id, fingerprint=graph.fingerprint, graph_shape=shape_text(graph))

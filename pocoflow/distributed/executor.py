@@ -39,6 +39,7 @@ from pocoflow.registry import UnknownFlowError
 from pocoflow.settings import Settings
 from pocoflow.step import RetryLater, RunCancelled, StepError, run_step, utc_now
 from pocoflow.store import Store
+from pocoflow.usage import BUDGET_EXCEEDED, Budget, LedgerSink, budget_message
 
 if TYPE_CHECKING:
     import redis
@@ -86,6 +87,9 @@ class WorkerContext:
     #: Injected by tests; None = the ledger's (database) clock for leases and outbox rows.
     clock: Callable[[], float] | None = None
     leases: LeaseKeeper = field(init=False)
+    #: Where every step's ``report_usage`` calls go: a ledger row each, written at once,
+    #: so a call made before this process is killed is kept.
+    usage: LedgerSink = field(init=False)
 
     handoff: dict[tuple[str, str, int], tuple[Store, StoreTracker]] = field(
         init=False, default_factory=dict
@@ -96,6 +100,7 @@ class WorkerContext:
 
     def __post_init__(self) -> None:
         self.leases = LeaseKeeper(self.db, self.lease_s)
+        self.usage = LedgerSink(self.db)
 
     def keep(self, run_id: str, flow: str, step: int, store: Store, tracker: StoreTracker) -> None:
         """Hold the Store this process just committed as step ``step``: when the same
@@ -333,6 +338,10 @@ class _StepRun:
                 f"(run {msg.run_id}). Check for an unintended loop or raise max_steps.",
                 refused=True,
             )
+        if run.get("max_tokens") is not None or run.get("max_cost_usd") is not None:
+            stop = self._over_budget(run)  # only runs with a budget pay for this read
+            if stop is not None:
+                return stop
         try:
             loaded = self._load(run)
         except _Refused as refusal:
@@ -395,6 +404,27 @@ class _StepRun:
             return PAUSED
         return None
 
+    def _over_budget(self, run: dict[str, Any]) -> str | None:
+        """Pause the run before this step if it has reported more than its budget: the
+        reason as a ``budget_exceeded`` event, then the run parked (``paused``) with the
+        step left for ``resume``, which may raise the budget. None: within budget."""
+        msg, db = self.msg, self.db
+        budget = Budget(run.get("max_tokens"), run.get("max_cost_usd"))
+        reason = budget.exceeded(*db.usage_totals(msg.run_id))
+        if reason is None:
+            return None
+        message = budget_message(msg.run_id, reason, msg.step)
+        db.save_event(
+            msg.run_id, BUDGET_EXCEEDED, step=msg.step, attempt=msg.attempt, error_msg=message
+        )
+        # Parking needs the run's pause request (the compare-and-set that keeps a racing
+        # resume or cancel consistent); a cancel that landed meanwhile stands.
+        lifecycle.request_pause(db, msg.run_id)
+        parked = lifecycle.park(db, msg.run_id, msg.step, msg.attempt, self.holder)
+        self._end(PAUSED, message)
+        _log.warning("%s%s", message, "" if parked else " (the run changed meanwhile)")
+        return PAUSED
+
     def _load(self, run: dict[str, Any]) -> _Loaded:
         """Graph from the registry (G7), fingerprint check (G6), Store of step-1."""
         msg = self.msg
@@ -442,6 +472,7 @@ class _StepRun:
                 cancel_probe=probe,
                 record=True,
                 try_number=msg.try_number,
+                usage_sink=self.ctx.usage,
             )
         except RetryLater as retry:
             return self._retry(run, loaded, retry)

@@ -28,6 +28,8 @@ UPDATABLE = frozenset(
         "forked_from_step",
         "queue",
         "graph_shape",
+        "max_tokens",
+        "max_cost_usd",
     }
 )
 """Fields ``update_run`` accepts (0.2's five plus ours); ``updated_at`` is always set."""
@@ -77,6 +79,8 @@ GUARD_COLUMNS = (
     _r.fingerprint,
     _r.queue,
     _r.store_name,
+    _r.max_tokens,
+    _r.max_cost_usd,
 )
 _GUARD = select(*GUARD_COLUMNS).where(_r.run_id == bindparam("b_run_id"))
 _ENDING_FIELDS = frozenset({"status", "completed_at", "error_msg"})

@@ -4,7 +4,8 @@ This is the schema at the head revision; the migrations in ``migrations/versions
 the same thing step by step (0001 = the pocoflow 0.2.1 schema, 0002 = our additions,
 0003 = distributed run queue/shape and attempt task ids, 0004 = worker liveness and who
 received a step's message, 0005 = the partial indexes that keep the sweeper's cost
-independent of how many finished runs the ledger holds), and
+independent of how many finished runs the ledger holds, 0008 = usage rows and run
+budgets), and
 a test compares the two. The 0.2 table and column names are kept so 0.2 readers (the
 Streamlit monitor, users' SQL) keep working.
 
@@ -96,6 +97,9 @@ pf_runs = Table(
     Column("queue", Text),
     # JSON shape of the graph the run started with, so a refusal can say what changed (G6).
     Column("graph_shape", Text),
+    # ── 0008: the run's budget (NULL = no limit); raised by a resume ──
+    Column("max_tokens", Integer),
+    Column("max_cost_usd", Float),
     CheckConstraint(_in("status", RUN_STATUSES), name="ck_pf_runs_status"),
     CheckConstraint(f"control IS NULL OR {_in('control', CONTROLS)}", name="ck_pf_runs_control"),
     Index("ix_pf_runs_started_at", "started_at"),
@@ -226,6 +230,30 @@ pf_workers = Table(
     # Last heartbeat; a process silent for ``dead_after`` is taken for dead (G3).
     Column("beat_at", Float, nullable=False),
     Index("ix_pf_workers_beat_at", "beat_at"),
+)
+
+pf_usage = Table(
+    "pf_usage",
+    metadata,
+    # One row per ``Node.report_usage`` call (0008), written as it is made, so the calls of
+    # a failed, retried or crashed attempt are kept: they were billed.
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Text, nullable=False),
+    Column("step", Integer),
+    Column("attempt", Integer, nullable=False),
+    Column("node_name", Text, nullable=False),
+    # The map item's index (NULL: a plain node's exec).
+    Column("item", Integer),
+    Column("model", Text),
+    Column("input_tokens", Integer, nullable=False),
+    Column("output_tokens", Integer, nullable=False),
+    # Given, or priced from the table where the call ran; NULL = unknown model, no cost.
+    Column("cost_usd", Float),
+    Column("ts", Text, nullable=False),
+    _run_fk("pf_usage"),
+    # Totals by run (``runs``, the budget guard) and by node (``show``) read this index.
+    Index("ix_pf_usage_run_id", "run_id", "node_name"),
+    sqlite_autoincrement=True,
 )
 
 V02_TABLES = ("pf_runs", "pf_checkpoints", "pf_events")

@@ -20,6 +20,7 @@ EXPECTED = {
     "flow",
     "register_flow",
     "register_type",
+    "set_prices",
 }
 
 

@@ -1,0 +1,209 @@
+"""Usage rows and budgets on both ledgers: the queries, local runs with a ledger, the
+executor's budget guard (driven in-process, as test_distributed_executor does) and the
+CLI's show / runs / resume --max-tokens."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from pocoflow import Flow, flow, set_prices
+from pocoflow.cli import main as cli
+from pocoflow.db import WorkflowDB
+from pocoflow.distributed import lifecycle
+from pocoflow.distributed.client import record_run
+from pocoflow.distributed.executor import WorkerContext
+from pocoflow.registry import build_flow
+from pocoflow.store import Store
+from pocoflow.usage import BUDGET_EXCEEDED, UsageReport
+from tests.ledger.test_distributed_executor import LEASE_S, Publish, drain
+from tests.usage_nodes import Ask, ask_then_summarise
+
+
+@pytest.fixture(autouse=True)
+def prices():
+    set_prices({"m": {"input": 0.001, "output": 0.002}}, replace=True)
+    yield
+    set_prices({}, replace=True)
+
+
+@flow("usage_two")
+def usage_two() -> Flow:
+    return ask_then_summarise()
+
+
+@flow("usage_two_budget")
+def usage_two_budget() -> Flow:
+    return ask_then_summarise("usage_two_budget", max_tokens=10)
+
+
+def report(run_id: str, node: str, tokens: int, cost: float | None, step: int = 0) -> UsageReport:
+    return UsageReport(run_id, step, 1, node, None, "m", tokens, 1, cost)
+
+
+# ── queries ───────────────────────────────────────────────────────────────────
+
+
+def test_usage_rows_totals_by_node_and_by_run(db: WorkflowDB) -> None:
+    db.create_run("r1", "f", max_tokens=50, max_cost_usd=1.5)
+    db.create_run("r2", "f")
+    db.create_run("r3", "f")
+    db.add_usage(report("r1", "A", 10, 0.5))
+    db.add_usage(report("r1", "A", 20, None))  # unknown cost counts 0
+    db.add_usage(report("r1", "B", 5, 0.25, step=1))
+    db.add_usage(report("r2", "A", 1, 0.1))
+    assert db.usage_totals("r1") == (38, 0.75)
+    assert db.usage_totals("r3") == (0, 0.0)
+    got = db.get_usage("r1")
+    assert (got["calls"], got["input_tokens"], got["output_tokens"]) == (3, 35, 3)
+    assert got["cost_usd"] == pytest.approx(0.75)
+    assert got["by_node"]["A"]["calls"] == 2 and got["by_node"]["B"]["input_tokens"] == 5
+    by_run = db.usage_by_run(["r1", "r2", "r3"])
+    assert set(by_run) == {"r1", "r2"} and by_run["r2"]["calls"] == 1
+    run = db.get_run("r1")
+    assert (run["max_tokens"], run["max_cost_usd"]) == (50, 1.5)
+    db.set_budget("r1", max_tokens=500)
+    assert (db.get_run("r1")["max_tokens"], db.get_run("r1")["max_cost_usd"]) == (500, 1.5)
+
+
+def test_usage_of_an_unknown_run_is_refused(db: WorkflowDB) -> None:
+    with pytest.raises(KeyError, match="nope"):
+        db.add_usage(report("nope", "A", 1, None))
+
+
+# ── local runs with a ledger ──────────────────────────────────────────────────
+
+
+def test_local_run_keeps_every_tries_usage(ledger_url: str) -> None:
+    Ask.fail_tries = 1
+    try:
+        built = ask_then_summarise(db_path=ledger_url)
+        built.run({})
+    finally:
+        Ask.fail_tries = 0
+    got = WorkflowDB(ledger_url).get_usage(built.last_run_id)
+    assert got["by_node"]["Ask"]["calls"] == 2  # the failed try was billed too
+    assert got["calls"] == 3 and got["cost_usd"] == pytest.approx(0.04 + 0.25)
+    assert built.usage() == got
+
+
+def test_local_budget_pauses_and_resume_with_more_completes(ledger_url: str) -> None:
+    built = ask_then_summarise(db_path=ledger_url, max_tokens=10)
+    store = built.run({})
+    run_id = built.last_run_id
+    db = WorkflowDB(ledger_url)
+    run = db.get_run(run_id)
+    assert run["status"] == "paused" and run["max_tokens"] == 10
+    assert "summarised" not in store
+    (exceeded,) = [e for e in db.get_events(run_id) if e["event"] == BUDGET_EXCEEDED]
+    assert exceeded["step"] == 1 and "max_tokens=10" in exceeded["error_msg"]
+    # Still over the budget: it pauses again before the same node.
+    again = ask_then_summarise(db_path=ledger_url)
+    again.resume(run_id, max_tokens=12)
+    assert db.get_run(run_id)["status"] == "paused"
+    final = again.resume(run_id, max_tokens=1000)
+    assert final["summarised"] and db.get_run(run_id)["status"] == "completed"
+    assert db.get_run(run_id)["max_tokens"] == 1000
+
+
+def test_background_run_with_ledger_waits_for_handle_resume(ledger_url: str) -> None:
+    from tests.helpers import wait_until
+
+    built = ask_then_summarise(db_path=ledger_url, max_cost_usd=0.01)
+    handle = built.run_background({})
+    wait_until(lambda: handle.status == "paused", timeout=10)
+    handle.resume(max_cost_usd=5.0)
+    assert handle.wait(timeout=10)["summarised"]
+    assert WorkflowDB(ledger_url).get_run(handle.run_id)["max_cost_usd"] == 5.0
+    assert handle.usage()["calls"] == 2
+
+
+# ── the executor's budget guard ───────────────────────────────────────────────
+
+
+def test_executor_records_usage_and_pauses_over_budget(db: WorkflowDB) -> None:
+    publish = Publish(db)
+    ctx = WorkerContext(db=db, publisher=publish, redis=None, lease_s=LEASE_S)  # type: ignore[arg-type]
+    first = record_run(db, build_flow("usage_two_budget"), Store({}), lease_s=LEASE_S)
+    assert db.get_run(first.run_id)["max_tokens"] == 10
+    assert drain(ctx, publish, first) == ["committed", "paused"]
+    run_id = first.run_id
+    assert db.get_run(run_id)["status"] == "paused"
+    events = [e["event"] for e in db.get_events(run_id)]
+    assert events[-2:] == [BUDGET_EXCEEDED, "run_paused"]
+    assert db.get_usage(run_id)["by_node"]["Ask"]["calls"] == 1
+    # A resume with a higher budget sends the step again; it completes.
+    db.set_budget(run_id, max_tokens=1000)
+    assert lifecycle.resume_paused(db, run_id, publish, lease_s=LEASE_S)  # type: ignore[arg-type]
+    (again,) = publish.take()
+    assert drain(ctx, publish, again) == ["committed"]
+    assert db.get_run(run_id)["status"] == "completed"
+    assert db.get_usage(run_id)["calls"] == 2
+
+
+def test_executor_keeps_usage_of_a_retried_attempt(db: WorkflowDB) -> None:
+    publish = Publish(db)
+    ctx = WorkerContext(db=db, publisher=publish, redis=None, lease_s=LEASE_S)  # type: ignore[arg-type]
+    Ask.fail_tries = 1
+    try:
+        first = record_run(db, build_flow("usage_two"), Store({}), lease_s=LEASE_S)
+        assert drain(ctx, publish, first) == ["retry", "committed", "committed"]
+    finally:
+        Ask.fail_tries = 0
+    rows = db.get_usage(first.run_id)
+    assert rows["by_node"]["Ask"]["calls"] == 2 and rows["calls"] == 3
+
+
+def test_a_run_without_budget_does_not_read_its_usage(db: WorkflowDB, monkeypatch) -> None:
+    """The hot path: only runs with a budget pay for the totals query."""
+    publish = Publish(db)
+    ctx = WorkerContext(db=db, publisher=publish, redis=None, lease_s=LEASE_S)  # type: ignore[arg-type]
+    reads: list[str] = []
+    monkeypatch.setattr(db, "usage_totals", lambda run_id: reads.append(run_id) or (0, 0.0))
+    first = record_run(db, build_flow("usage_two"), Store({}), lease_s=LEASE_S)
+    assert drain(ctx, publish, first) == ["committed", "committed"]
+    assert reads == []
+
+
+# ── CLI ───────────────────────────────────────────────────────────────────────
+
+
+def test_cli_runs_show_and_resume_with_a_higher_budget(ledger_url: str, monkeypatch) -> None:
+    built = ask_then_summarise(db_path=ledger_url, max_tokens=10)
+    built.run({})
+    run_id = built.last_run_id
+    runner = CliRunner()
+    monkeypatch.setenv("COLUMNS", "200")
+    listed = runner.invoke(cli, ["runs", "--db", ledger_url])
+    assert listed.exit_code == 0, listed.output
+    line = next(ln for ln in listed.output.splitlines() if run_id in ln)
+    assert "15" in line and "0.0200" in line and "paused" in line
+    shown = runner.invoke(cli, ["show", run_id, "--db", ledger_url])
+    assert shown.exit_code == 0, shown.output
+    assert "max_tokens=10" in shown.output and "budget_exceeded" in shown.output
+    usage_lines = [ln for ln in shown.output.splitlines() if "Ask" in ln and "0.020000" in ln]
+    assert usage_lines, shown.output
+    bad = runner.invoke(cli, ["resume", run_id, "--max-tokens", "-5", "--db", ledger_url])
+    assert bad.exit_code == 2
+    monkeypatch.setattr("pocoflow.cli.flow_for_run", lambda *a: ask_then_summarise())
+    resumed = runner.invoke(
+        cli, ["resume", run_id, "--max-tokens", "500", "--max-cost-usd", "2", "--db", ledger_url]
+    )
+    assert resumed.exit_code == 0, resumed.output
+    run = WorkflowDB(ledger_url).get_run(run_id)
+    assert (run["status"], run["max_tokens"], run["max_cost_usd"]) == ("completed", 500, 2.0)
+    shown = runner.invoke(cli, ["show", run_id, "--db", ledger_url])
+    assert "Summarise" in shown.output and "total" in shown.output
+
+
+def test_a_fork_gets_the_flows_budget_and_its_own_usage(ledger_url: str) -> None:
+    built = ask_then_summarise(db_path=ledger_url)
+    built.run({})
+    parent = built.last_run_id
+    limited = ask_then_summarise(db_path=ledger_url, max_tokens=0)
+    limited.fork(parent, 0)  # from after Ask: Summarise runs, then nothing is left
+    fork_id = limited.last_run_id
+    db = WorkflowDB(ledger_url)
+    assert db.get_run(fork_id)["max_tokens"] == 0
+    assert db.get_usage(fork_id)["by_node"].keys() == {"Summarise"}
+    assert db.get_usage(parent)["calls"] == 2
