@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
+from pocoflow import usage
 from pocoflow.node import AsyncNode, Node, run_coroutine
 from pocoflow.step import RunCancelled
 
@@ -99,7 +100,8 @@ class MapNode(Node):
     def run_item(self, index: int, item: Any) -> Any:
         """One item: ``exec`` under the retry policy; a spent item per ``on_item_error``."""
         try:
-            return self._exec(item)
+            with usage.for_item(self, index):  # report_usage names the item
+                return self._exec(item)
         except Exception as exc:
             return self.item_outcome(index, exc)
 
@@ -113,7 +115,8 @@ class MapNode(Node):
                 if node.cancelled():
                     raise RunCancelled(f"MapNode {node.name!r} cancelled before item {index}")
                 try:
-                    return await _exec_async_with_retries(node, item)
+                    with usage.for_item(node, index):
+                        return await _exec_async_with_retries(node, item)
                 except Exception as exc:
                     return node.item_outcome(index, exc)
 

@@ -200,3 +200,26 @@ def test_an_item_may_run_a_sub_flow() -> None:
             return Flow(start=Double()).run({"n": item})["n"]
 
     assert Flow(start=Nested()).run({"numbers": [1, 2, 3]})["squares"] == [2, 4, 6]
+
+
+def test_usage_reported_by_items_on_pool_threads_is_kept_per_item() -> None:
+    class Priced(Square):
+        max_parallel = 4
+
+        def exec(self, item: int) -> int:
+            self.report_usage(model="m", input_tokens=item, output_tokens=1, cost_usd=0.5)
+            return item
+
+    from pocoflow import usage
+
+    items: list[int | None] = []
+    usage.listeners.append(lambda report: items.append(report.item))
+    try:
+        flow = Flow(start=Priced())
+        flow.run({"numbers": list(range(10))})
+    finally:
+        usage.listeners.pop()
+    assert sorted(items, key=str) == list(range(10))  # every report names its item
+    totals = flow.usage()
+    assert (totals["calls"], totals["input_tokens"], totals["output_tokens"]) == (10, 45, 10)
+    assert totals["cost_usd"] == 5.0 and totals["by_node"]["Priced"]["calls"] == 10
