@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from examples import article, hello
+from examples import article, hello, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,6 +28,18 @@ def test_article_pipeline_is_deterministic(tmp_path):
     assert first["summary"] == second["summary"]
     assert len(first["drafts"]) == len(first["sections"]) == 3
     assert first["summary"].startswith("In short:")
+
+
+def test_summarizer_reports_cost_per_node(tmp_path):
+    store, usage = summarize.main(12, str(tmp_path / "s.db"))
+    assert len(store["summaries"]) == 12 and store["digest"].startswith("In short:")
+    by_node = usage["by_node"]
+    assert by_node["SummarizeEach"]["calls"] == 12 and by_node["Combine"]["calls"] == 1
+    # priced from the example's table: the small model per document, the large one once
+    assert 0 < by_node["SummarizeEach"]["cost_usd"] < by_node["Combine"]["cost_usd"]
+    assert usage["cost_usd"] == pytest.approx(
+        by_node["SummarizeEach"]["cost_usd"] + by_node["Combine"]["cost_usd"]
+    )
 
 
 def readme_blocks() -> list[str]:
