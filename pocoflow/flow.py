@@ -23,6 +23,7 @@ from pocoflow.recorder import RunRecorder, open_ledger
 from pocoflow.runner import RunControl, RunHandle
 from pocoflow.step import RunCancelled, StepError, run_step
 from pocoflow.store import Store
+from pocoflow.waiting import PARKED, SIGNALLED, SignalReader, WaitingFor
 
 if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
@@ -133,8 +134,9 @@ class Flow(Node):
     def resume(
         self, run_id: str, *, schema: dict[str, Any] | None = None, background: bool = False
     ) -> Store | RunHandle:
-        """Continue a recorded run (failed, cancelled, paused, interrupted) from its last
-        checkpoint, with the node that checkpoint says runs next. ``schema`` re-applies the
+        """Continue a recorded run (failed, cancelled, paused, waiting, interrupted) from
+        its last checkpoint, with the node that checkpoint says runs next (a node that
+        waited runs again from ``prep``, and ``wait_for`` returns the value sent since). ``schema`` re-applies the
         Store's schema (schemas are code, not data, so the ledger does not keep them)."""
         db = self._require_ledger("resume")
         plan = _ResumePlan.load(db, run_id, self, schema or self.schema)
@@ -285,6 +287,7 @@ class Flow(Node):
         hooks = self._hooks
         cancel_probe = control.cancel_event.is_set
         is_running = control._running.is_set
+        signals = recorder.signal_reader()
         steps_run = 0
         while current is not None:
             if record:
@@ -319,9 +322,25 @@ class Flow(Node):
                     run_id=run_id,
                     cancel_probe=cancel_probe,
                     record=record,
+                    signals=signals,
                 )
             except RunCancelled:
                 return self._cancelled(recorder, control, step, store, current.name)
+            except WaitingFor as waiting:
+                found = recorder.wait(step, current.name, waiting)
+                if found == PARKED:
+                    _log.info(
+                        "Run %s waits for %r at node %r; send it, then flow.resume(%r)",
+                        run_id,
+                        waiting.key,
+                        current.name,
+                        run_id,
+                    )
+                    return store
+                if found != SIGNALLED and recorder.requested_control() is None:
+                    _log.warning("Run %s stopped running while %r waited", run_id, current.name)
+                    return store
+                continue  # the value came meanwhile; a cancel or pause is met at the top
             except StepError as error:
                 _log.error("Flow %r aborted at node %r: %s", self.flow_name, current.name, error)
                 recorder.failed(step, error.events, str(error.cause))
@@ -394,17 +413,14 @@ class Flow(Node):
         return self.post(store, prep_result, last_action)
 
     _is_flow = True
-    _outer_context: tuple[str | None, int | None, int, Callable[[], bool] | None] = (
-        None,
-        None,
-        1,
-        None,
-    )
+    _outer_context: tuple[
+        str | None, int | None, int, Callable[[], bool] | None, SignalReader | None
+    ] = (None, None, 1, None, None)
 
     def _orchestrate(self, store: Store) -> str | None:
         """The inner graph runs inside one outer step: a cancel between inner nodes stops
         the outer step uncommitted, so a resume re-runs the sub-flow from its start."""
-        run_id, _, attempt, cancel_probe = self._outer_context
+        run_id, _, attempt, cancel_probe, signals = self._outer_context
         current: Node | None = self.start
         action: str | None = None
         steps = 0
@@ -423,6 +439,7 @@ class Flow(Node):
                 run_id=run_id,
                 attempt=attempt,
                 cancel_probe=cancel_probe,
+                signals=signals,
             ).action
             current = current.next_node(action)
             steps += 1
@@ -455,8 +472,8 @@ class _ResumePlan:
             raise UnknownRunError(f"Unknown run id {run_id!r}")
         if run["status"] not in _RESUMABLE:
             raise RunSetupError(
-                f"Run {run_id!r} is {run['status']}: only a failed, cancelled, paused or "
-                "interrupted run can be resumed"
+                f"Run {run_id!r} is {run['status']}: only a failed, cancelled, paused, "
+                "waiting or interrupted run can be resumed"
             )
         if run.get("queue"):
             # Submitted runs carry their queue. Their steps are leased and fenced in the
@@ -504,7 +521,7 @@ class _ResumePlan:
         )
 
 
-_RESUMABLE = ("failed", "cancelled", "paused", "running", "queued")
+_RESUMABLE = ("failed", "cancelled", "paused", "running", "queued", "waiting")
 
 
 def _with_schema(

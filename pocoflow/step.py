@@ -15,6 +15,7 @@ from typing import Any
 
 from pocoflow.hooks import NODE_END, NODE_ERROR, NODE_START, Hooks
 from pocoflow.node import Node
+from pocoflow.waiting import SignalReader
 
 
 def utc_now() -> str:
@@ -71,20 +72,24 @@ def run_step(
     cancel_probe: Callable[[], bool] | None = None,
     record: bool = False,
     try_number: int | None = None,
+    signals: SignalReader | None = None,
 ) -> StepRun:
     """Run ``node`` once against ``store``; hooks fire here, in whatever process runs it.
 
     With ``try_number`` set, ``exec`` runs once as that try and a retryable failure with
     tries left raises ``RetryLater`` (the distributed executor lets Celery schedule the
     retry, so no worker sleeps); otherwise the node's own retry loop runs. ``record``
-    builds the ledger events. Raises ``StepError`` wrapping the node's exception.
+    builds the ledger events; ``signals`` is what ``Node.wait_for`` reads. Raises
+    ``StepError`` wrapping the node's exception; ``WaitingFor`` (a node waits for a value
+    not sent yet) passes through untouched, for the executor to park the run.
     """
     if node._is_flow:
         # A sub-flow keeps its own configured run_id; its inner steps get the outer run's.
-        node._outer_context = (run_id, step, attempt, cancel_probe)  # type: ignore[attr-defined]
+        node._outer_context = (run_id, step, attempt, cancel_probe, signals)  # type: ignore[attr-defined]
     else:
         node.run_id, node.step, node.attempt = run_id, step, attempt
         node._cancel_probe = cancel_probe
+        node._signals = signals
     name = node.name
     events: list[dict[str, Any]] = []
     if record:
