@@ -84,7 +84,12 @@ class SignalInbox(LedgerClient):
         finished run or a key that has a value already; ``TypeError`` (``CodecError``)
         for a value that would not round-trip. Nothing is written then."""
         key = check_key(key)
-        text = codec.encode(value, key=key)
+        try:
+            text = codec.encode(value, key=key)
+        except TypeError as exc:  # CodecError: say it is a sent value, not a Store value
+            raise TypeError(
+                f"Run {run_id!r}: the value sent for {key!r} cannot be stored: {exc}"
+            ) from None
         stamp = iso_now()
         event = {"event": SIGNAL_SENT, "error_msg": f"value sent for {key!r}", "ts": stamp}
 
