@@ -213,7 +213,14 @@ def finish_local(flow: Any, runner: Callable[[], Any]) -> None:
     except Exception as exc:
         click.echo(f"run {flow.last_run_id} failed: {type(exc).__name__}: {exc}", err=True)
         sys.exit(EXIT_RUN_FAILED)
-    click.echo(f"run {flow.last_run_id}: completed")
+    run_id = flow.last_run_id
+    if flow.db_path and open_db(str(flow.db_path)).get_run(run_id)["status"] == "waiting":
+        click.echo(
+            f"run {run_id}: waiting for a value; send it with `pocoflow send {run_id} KEY "
+            f"JSON`, then continue with `pocoflow resume {run_id}`"
+        )
+        return
+    click.echo(f"run {run_id}: completed")
     click.echo(store_json(store))
 
 

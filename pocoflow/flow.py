@@ -340,6 +340,7 @@ class Flow(Node):
                 if found != SIGNALLED and recorder.requested_control() is None:
                     _log.warning("Run %s stopped running while %r waited", run_id, current.name)
                     return store
+                recorder.rewind(store, step)  # the node runs again from prep
                 continue  # the value came meanwhile; a cancel or pause is met at the top
             except StepError as error:
                 _log.error("Flow %r aborted at node %r: %s", self.flow_name, current.name, error)

@@ -169,6 +169,16 @@ class RunRecorder:
             self.run_id, waiting.key, step=step, node_name=node_name, timeout=waiting.timeout
         )
 
+    def rewind(self, store: Store, step: int) -> None:
+        """Put ``store`` back, in place, to the checkpoint before ``step``: a node that
+        runs again from ``prep`` (its value came as it stopped to wait) must not see what
+        its first ``prep`` wrote."""
+        assert self.db is not None
+        before = self.db.load_checkpoint(self.run_id, step - 1).as_dict()
+        for key in [k for k in store if k not in before]:
+            del store[key]
+        store.update({k: v for k, v in before.items() if k not in store or store[k] != v})
+
     def park(self, step: int) -> None:
         """A ledger pause request met before ``step``: the run is ``paused`` until the
         request is withdrawn."""

@@ -68,12 +68,12 @@ def approval_flow(node: Node | None = None, **kw: Any) -> Flow:
     return Flow(draft, flow_name="approval", **kw)
 
 
-@flow("wait_approval")
+@flow("ledger_wait_approval")
 def wait_approval() -> Flow:
     return approval_flow()
 
 
-@flow("wait_approval_5s")
+@flow("ledger_wait_approval_5s")
 def wait_approval_5s() -> Flow:
     return approval_flow(Approve5s())
 
@@ -150,6 +150,7 @@ def test_a_send_between_the_wait_and_the_park_is_not_lost_locally(ledger_url: st
     ON_WAIT.append(lambda run_id: db.send_signal(run_id, "approval", "late", lease_s=LEASE_S))
     store = flow.run({})
     assert store["approval"] == "late"
+    assert store["prep_ran"] == 1  # the re-run started from the Store before the node
     assert db.get_run(flow.last_run_id)["status"] == "completed"
     assert len(PREPS) == 2
 
@@ -208,7 +209,7 @@ def test_wait_for_without_a_ledger_fails_the_run_clearly() -> None:
 def test_a_distributed_step_parks_and_a_send_wakes_it(
     db: Any, ctx: WorkerContext, publish: Publish, clock: Clock
 ) -> None:
-    first = start(db, "wait_approval")
+    first = start(db, "ledger_wait_approval")
     assert drain(ctx, publish, first) == ["committed", "waiting"]
     run_id = first.run_id
     assert db.get_run(run_id)["status"] == "waiting"
@@ -240,17 +241,18 @@ def test_a_distributed_step_parks_and_a_send_wakes_it(
 def test_a_send_between_the_wait_and_the_park_reruns_the_node_in_the_step(
     db: Any, ctx: WorkerContext, publish: Publish
 ) -> None:
-    first = start(db, "wait_approval")
+    first = start(db, "ledger_wait_approval")
     ON_WAIT.append(lambda run_id: db.send_signal(run_id, "approval", "now", lease_s=LEASE_S))
     assert drain(ctx, publish, first) == ["committed", "committed"]
     assert db.load_checkpoint(first.run_id, 1)["approval"] == "now"
+    assert db.load_checkpoint(first.run_id, 1)["prep_ran"] == 1  # re-run from the step-0 Store
     assert [e["event"] for e in db.get_events(first.run_id)].count("run_waiting") == 0
 
 
 def test_a_copy_of_a_parked_step_message_does_nothing(
     db: Any, ctx: WorkerContext, publish: Publish
 ) -> None:
-    first = start(db, "wait_approval")
+    first = start(db, "ledger_wait_approval")
     drain(ctx, publish, first)
     row = db.get_step(first.run_id, 1)
     copy = first.retry(1, row["attempt"]).to_dict() | {"step": 1, "node_id": row["node_id"]}
@@ -262,7 +264,7 @@ def test_a_copy_of_a_parked_step_message_does_nothing(
 def test_a_timed_out_wait_is_woken_by_the_sweeper(
     db: Any, ctx: WorkerContext, publish: Publish, clock: Clock
 ) -> None:
-    first = start(db, "wait_approval_5s")
+    first = start(db, "ledger_wait_approval_5s")
     assert drain(ctx, publish, first) == ["committed", "waiting"]
     assert not sweep(db, publish, lease_s=LEASE_S, now=clock.now + 4).woken  # not yet
     assert not publish.sent
@@ -280,7 +282,7 @@ def test_a_timed_out_wait_is_woken_by_the_sweeper(
 def test_a_waiting_run_can_be_cancelled_and_resumed(
     db: Any, ctx: WorkerContext, publish: Publish, clock: Clock
 ) -> None:
-    first = start(db, "wait_approval")
+    first = start(db, "ledger_wait_approval")
     drain(ctx, publish, first)
     assert lifecycle.request_cancel(db, first.run_id)
     assert db.get_run(first.run_id)["status"] == "cancelled"
@@ -301,7 +303,7 @@ def test_a_woken_step_whose_publish_was_lost_is_sent_by_the_sweeper(
 ) -> None:
     """The waker writes the step back as an unsent outbox row before publishing: if it
     dies in between, the sweeper's unsent pass sends it (G3)."""
-    first = start(db, "wait_approval")
+    first = start(db, "ledger_wait_approval")
     drain(ctx, publish, first)
     assert db.send_signal(first.run_id, "approval", "ok", lease_s=LEASE_S) is not None
     # ... and the sender died here, before publishing.
@@ -317,7 +319,7 @@ RACE_ROUNDS = 12
 def race_park_and_send(db: Any, value: int) -> tuple[str, dict[str, Any]]:
     """One round: a run whose step 0 is held by ``w#1``; its park and a send start on a
     barrier. Returns the run id and what each returned."""
-    run_id = start(db, "wait_approval").run_id
+    run_id = start(db, "ledger_wait_approval").run_id
     db.update_run(run_id, status="running")
     assert db.claim_step(run_id, 0, 1, "w", LEASE_S, holder="w#1")
     barrier = threading.Barrier(2)
@@ -373,7 +375,7 @@ def test_a_send_and_a_park_committing_in_either_order_under_the_row_lock(
 
     if db.dialect != "postgresql":
         pytest.skip("SQLite's writers never interleave (BEGIN IMMEDIATE)")
-    run_id = start(db, "wait_approval").run_id
+    run_id = start(db, "ledger_wait_approval").run_id
     db.update_run(run_id, status="running")
     assert db.claim_step(run_id, 0, 1, "w", LEASE_S, holder="w#1")
     fence = StepFence(1, "w#1", "w")
