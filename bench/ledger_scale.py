@@ -68,7 +68,7 @@ def _series(dialect: str, n: int) -> tuple[str, str]:
 
 def seed_sql(dialect: str, runs: int, steps: int = SEED_STEPS, prefix: str = "old-") -> list[str]:
     """The statements that write ``runs`` old runs of ``steps`` steps each, with their
-    checkpoints (step -1 too), values, events, step rows and attempts."""
+    checkpoints (step -1 too), values, events, step rows, attempts and a sent signal."""
     last = steps - 1
     out = []
     # Runs.
@@ -114,6 +114,12 @@ def seed_sql(dialect: str, runs: int, steps: int = SEED_STEPS, prefix: str = "ol
         f"{w}INSERT INTO pf_events (run_id, step, node_name, event, action, elapsed_ms, ts, "
         f"attempt) SELECT '{prefix}' || {i}, {j}, 't', 'node_end', 'default', 0.1, "
         f"'{SEED_ISO}', 1 FROM {src}"
+    )
+    # One answered human-in-the-loop value per run (wait_for / send).
+    w, src = _series(dialect, runs)
+    out.append(
+        f"{w}INSERT INTO pf_signals (run_id, key, value_json, sent_at, created_at) "
+        f"SELECT '{prefix}' || k, 'approval', 'true', {SEED_EPOCH}, {SEED_EPOCH} FROM {src}"
     )
     return out
 
