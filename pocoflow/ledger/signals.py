@@ -54,7 +54,9 @@ _RUN = update(pf_runs).where(_r.run_id == bindparam("b_run_id"))
 _TO_WAITING = _RUN.where(_r.status == "running", _r.control.is_(None)).values(
     status="waiting", updated_at=bindparam("stamp")
 )
-_TOUCH_UNFINISHED = _RUN.where(_r.status.in_(NOT_FINISHED)).values(updated_at=bindparam("stamp"))
+# Takes the run row's lock without changing it: ``updated_at`` is the write token of the
+# run's transitions (``WorkflowDB.update_run_if``), which a send must not wipe.
+_LOCK_UNFINISHED = _RUN.where(_r.status.in_(NOT_FINISHED)).values(status=_r.status)
 _TO_RUNNING = _RUN.where(_r.status == "waiting").values(
     status="running", updated_at=bindparam("stamp")
 )
@@ -240,7 +242,7 @@ def send(
     ``("finished", None)`` or ``("duplicate", None)``, nothing written.
     """
     params = _params(run_id, key, now, stamp=stamp, value=text)
-    if conn.execute(_TOUCH_UNFINISHED, params).rowcount != 1:  # locks the run row
+    if conn.execute(_LOCK_UNFINISHED, params).rowcount != 1:  # locks the run row
         return ("finished" if runs.exists(conn, run_id) else "unknown"), None
     row = get(conn, run_id, key, now)
     if row is None:

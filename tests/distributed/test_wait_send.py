@@ -99,3 +99,16 @@ def test_send_from_the_command_line(live: Cluster) -> None:
     assert late.returncode == 2 and f"Run '{handle.run_id}' is completed" in late.stderr
     shown = cli(live, "show", handle.run_id)
     assert "signal 'approval': sent" in shown.stdout
+
+
+def test_a_waiting_run_is_cancelled_and_resumed(live: Cluster) -> None:
+    handle = live.submit("wait_approval", {"topic": "reefs"})
+    wait_until(status_is(live, handle.run_id, "waiting"), TIMEOUT_S)
+    handle.cancel()
+    assert handle.status == "cancelled"
+    with pytest.raises(SendRefused, match="is cancelled"):
+        handle.send("approval", {"ok": True})
+    resumed = client.resume_run(handle.run_id, settings=live.settings)
+    wait_until(status_is(live, handle.run_id, "waiting"), TIMEOUT_S)  # it asks again
+    resumed.send("approval", {"ok": True})
+    assert resumed.wait(timeout=TIMEOUT_S)["outcome"] == "shipped"
