@@ -417,7 +417,16 @@ class _StepRun:
         if self._handed is not None:
             store, tracker = self._handed
             return _Loaded(flow, graph, node, store, tracker)
-        store, manifest, texts = self._prior or self.db.load_store(msg.run_id, msg.step - 1)
+        store, tracker = self._read_store(flow, self._prior)
+        return _Loaded(flow, graph, node, store, tracker)
+
+    def _read_store(
+        self, flow: Flow, prior: tuple[Store, dict[str, int], dict[str, str]] | None = None
+    ) -> tuple[Store, StoreTracker]:
+        """The Store of step-1 (``prior``: as already read) under the flow's schema, and
+        its tracker."""
+        msg = self.msg
+        store, manifest, texts = prior or self.db.load_store(msg.run_id, msg.step - 1)
         if flow.schema:  # the flow's schema, as the Store it was submitted with had
             try:
                 store = Store(store.as_dict(), schema=flow.schema, name=store.name)
@@ -429,7 +438,7 @@ class _StepRun:
                 ) from None
         tracker = StoreTracker()
         tracker.seed(manifest, texts, store.as_dict())
-        return _Loaded(flow, graph, node, store, tracker)
+        return store, tracker
 
     def _run_and_commit(self, run: dict[str, Any], loaded: _Loaded) -> str:
         msg, db = self.msg, self.db
@@ -505,11 +514,9 @@ class _StepRun:
         return stop
 
     def _reload(self, loaded: _Loaded) -> _Loaded:
-        store, manifest, texts = self.db.load_store(self.msg.run_id, self.msg.step - 1)
-        if loaded.flow.schema:
-            store = Store(store.as_dict(), schema=loaded.flow.schema, name=store.name)
-        tracker = StoreTracker()
-        tracker.seed(manifest, texts, store.as_dict())
+        """The node runs again from prep: on the Store of step-1 read afresh, since the
+        first run's prep may have written to the one in memory."""
+        store, tracker = self._read_store(loaded.flow)
         return _Loaded(loaded.flow, loaded.graph, loaded.node, store, tracker)
 
     def _now(self) -> float | None:
