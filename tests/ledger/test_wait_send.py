@@ -198,6 +198,17 @@ def test_cancel_of_a_waiting_local_run(ledger_url: str, db: Any) -> None:
         handle.send("approval", True)
 
 
+def test_a_node_of_a_sub_flow_waits_and_the_sub_flow_runs_again(ledger_url: str, db: Any) -> None:
+    inner = approval_flow()  # Draft -> Approve, as a node of the outer flow
+    outer = Flow(inner, db_path=ledger_url, flow_name="outer")
+    assert outer.run({}).get("approval") is None
+    run_id = outer.last_run_id
+    assert db.get_run(run_id)["status"] == "waiting"
+    db.send_signal(run_id, "approval", "inner ok", lease_s=LEASE_S)
+    assert outer.resume(run_id)["approval"] == "inner ok"
+    assert db.get_run(run_id)["status"] == "completed"
+
+
 def test_wait_for_without_a_ledger_fails_the_run_clearly() -> None:
     with pytest.raises(RuntimeError, match=r"wait_for\('approval'\) needs a run recorded"):
         approval_flow().run({})
