@@ -68,7 +68,8 @@ def _series(dialect: str, n: int) -> tuple[str, str]:
 
 def seed_sql(dialect: str, runs: int, steps: int = SEED_STEPS, prefix: str = "old-") -> list[str]:
     """The statements that write ``runs`` old runs of ``steps`` steps each, with their
-    checkpoints (step -1 too), values, events, step rows, attempts and usage rows."""
+    checkpoints (step -1 too), values, events, step rows, attempts, usage rows and a
+    sent signal."""
     last = steps - 1
     out = []
     # Runs.
@@ -120,6 +121,12 @@ def seed_sql(dialect: str, runs: int, steps: int = SEED_STEPS, prefix: str = "ol
         f"{w}INSERT INTO pf_usage (run_id, step, attempt, node_name, model, input_tokens, "
         f"output_tokens, cost_usd, ts) SELECT '{prefix}' || {i}, {j}, 1, 't', 'm', 100, 20, "
         f"0.001, '{SEED_ISO}' FROM {src}"
+    )
+    # One answered human-in-the-loop value per run (wait_for / send).
+    w, src = _series(dialect, runs)
+    out.append(
+        f"{w}INSERT INTO pf_signals (run_id, key, value_json, sent_at, created_at) "
+        f"SELECT '{prefix}' || k, 'approval', 'true', {SEED_EPOCH}, {SEED_EPOCH} FROM {src}"
     )
     return out
 

@@ -79,6 +79,7 @@ class _cwd_on_path:
 @click.group(
     epilog='Examples:\n\n  pocoflow run examples.hello:build_flow --store \'{"name": "Ada"}\''
     "\n\n  pocoflow runs\n\n  pocoflow show hello-1a2b3c4d"
+    "\n\n  pocoflow send approval-1a2b3c4d approved true"
 )
 @click.version_option(package_name="pocoflow")
 def main() -> None:
@@ -213,7 +214,14 @@ def finish_local(flow: Any, runner: Callable[[], Any]) -> None:
     except Exception as exc:
         click.echo(f"run {flow.last_run_id} failed: {type(exc).__name__}: {exc}", err=True)
         sys.exit(EXIT_RUN_FAILED)
-    click.echo(f"run {flow.last_run_id}: completed")
+    run_id = flow.last_run_id
+    if flow.db_path and open_db(str(flow.db_path)).get_run(run_id)["status"] == "waiting":
+        click.echo(
+            f"run {run_id}: waiting for a value; send it with `pocoflow send {run_id} KEY "
+            f"JSON`, then continue with `pocoflow resume {run_id}`"
+        )
+        return
+    click.echo(f"run {run_id}: completed")
     click.echo(store_json(store))
 
 
@@ -310,6 +318,15 @@ def show(run_id: str, flows: str, db_url: str) -> None:
         )
     console.print(table)
     usage_table(console, db.get_usage(run_id), run)
+    for signal in db.get_signals(run_id):
+        state = (
+            "sent"
+            if "value" in signal
+            else "waited for"
+            if signal["waiting_step"] is not None
+            else "not sent"
+        )
+        console.print(f"[bold]signal[/bold] {signal['key']!r}: {state}")
     latest = db.latest_checkpoint(run_id)
     step = latest["step"] if latest else -1
     try:
@@ -515,6 +532,38 @@ def _control(verb: str) -> Callable[..., None]:
         click.echo(f"run {run_id}: {verb} requested")
 
     return command
+
+
+@main.command(
+    epilog="Examples:\n\n  pocoflow send approval-1a2b3c4d approved true"
+    '\n\n  pocoflow send approval-1a2b3c4d review \'{"ok": false, "note": "too long"}\''
+)
+@click.argument("run_id")
+@click.argument("key")
+@click.argument("value_json", metavar="JSON")
+@broker_option
+@db_option
+def send(run_id: str, key: str, value_json: str, broker_url: str | None, db_url: str) -> None:
+    """Send the JSON value for KEY to RUN: the node waiting in wait_for(KEY) goes on.
+
+    A run on the workers continues by itself; a run that ran in a process stays waiting
+    until `pocoflow resume RUN`. Each key takes one value: a second send is refused.
+    """
+    from pocoflow.distributed.client import send as send_value
+    from pocoflow.errors import SendRefused
+
+    try:
+        value = json.loads(value_json)
+    except ValueError as exc:
+        raise BadInput(f"JSON for {key!r} is not valid JSON: {exc}") from None
+    settings = cli_settings(db_url, broker_url)
+    try:
+        status = send_value(run_id, key, value, settings=settings)
+    except KeyError as exc:  # UnknownRunError
+        raise BadInput(str(exc.args[0] if exc.args else exc)) from None
+    except (SendRefused, ValueError) as exc:
+        raise BadInput(str(exc)) from None
+    click.echo(f"run {run_id}: value sent for {key!r}; the run is {status}")
 
 
 @main.command(epilog="Example: pocoflow cancel article-1a2b3c4d --terminate")

@@ -36,6 +36,7 @@ from pocoflow.ledger import (
     usage as usage_rows,
 )
 from pocoflow.ledger.common import iso_now
+from pocoflow.ledger.inbox import SignalInbox
 from pocoflow.ledger.queue import StepQueue
 from pocoflow.store import Store
 
@@ -80,7 +81,7 @@ def _own(conn: Connection, c: StepCommit) -> bool:
     return row is not None and row["node_name"] == c.node_name
 
 
-class WorkflowDB(StepQueue):
+class WorkflowDB(StepQueue, SignalInbox):
     """The run ledger on SQLite or PostgreSQL.
 
     Parameters
@@ -100,7 +101,8 @@ class WorkflowDB(StepQueue):
 
     This class holds the run, checkpoint and event calls (0.2's API and the step commit);
     the distributed executor's step calls (outbox, leases, attempts) come from
-    ``pocoflow.ledger.queue.StepQueue``, the open/transaction plumbing from
+    ``pocoflow.ledger.queue.StepQueue``, the human-in-the-loop calls (``wait_for``,
+    ``send``) from ``pocoflow.ledger.inbox.SignalInbox``, the open/transaction plumbing from
     ``pocoflow.ledger.client.LedgerClient``.
     """
 

@@ -17,3 +17,13 @@ class UnknownRunError(RunSetupError, KeyError):
 
 class StepConflict(RuntimeError):
     """Another runner already committed this step: this one stops and writes nothing (G1)."""
+
+
+class SendRefused(ValueError):
+    """A value could not be sent to a run: the run has finished, or its key already has a
+    value (each key of a run takes one value). Nothing was written."""
+
+    def __init__(self, message: str, *, run_id: str, key: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.key = key

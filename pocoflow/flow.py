@@ -25,6 +25,7 @@ from pocoflow.runner import RunControl, RunHandle
 from pocoflow.step import RunCancelled, StepError, run_step
 from pocoflow.store import Store
 from pocoflow.usage import Budget, budget_message, summarize
+from pocoflow.waiting import PARKED, SIGNALLED, SignalReader, WaitingFor
 
 if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
@@ -168,11 +169,12 @@ class Flow(Node):
         max_tokens: int | None = None,
         max_cost_usd: float | None = None,
     ) -> Store | RunHandle:
-        """Continue a recorded run (failed, cancelled, paused, interrupted) from its last
-        checkpoint, with the node that checkpoint says runs next. ``schema`` re-applies the
-        Store's schema (schemas are code, not data, so the ledger does not keep them).
-        ``max_tokens`` / ``max_cost_usd`` raise the run's recorded budget (a run paused
-        on its budget goes on only once it is under it)."""
+        """Continue a recorded run (failed, cancelled, paused, waiting, interrupted) from
+        its last checkpoint, with the node that checkpoint says runs next (a node that
+        waited runs again from ``prep``, and ``wait_for`` returns the value sent since).
+        ``schema`` re-applies the Store's schema (schemas are code, not data, so the
+        ledger does not keep them). ``max_tokens`` / ``max_cost_usd`` raise the run's
+        recorded budget (a run paused on its budget goes on only once it is under it)."""
         db = self._require_ledger("resume")
         plan = _ResumePlan.load(db, run_id, self, schema or self.schema)
         control = RunControl()
@@ -341,6 +343,7 @@ class Flow(Node):
         self._usage = control.usage = recorder.usage
         cancel_probe = control.cancel_event.is_set
         is_running = control._running.is_set
+        signals = recorder.signal_reader()
         steps_run = 0
         while current is not None:
             if record:
@@ -383,9 +386,26 @@ class Flow(Node):
                     cancel_probe=cancel_probe,
                     record=record,
                     usage_sink=recorder.usage,
+                    signals=signals,
                 )
             except RunCancelled:
                 return self._cancelled(recorder, control, step, store, current.name)
+            except WaitingFor as waiting:
+                found = recorder.wait(step, current.name, waiting)
+                if found == PARKED:
+                    _log.info(
+                        "Run %s waits for %r at node %r; send it, then flow.resume(%r)",
+                        run_id,
+                        waiting.key,
+                        current.name,
+                        run_id,
+                    )
+                    return store
+                if found != SIGNALLED and recorder.requested_control() is None:
+                    _log.warning("Run %s stopped running while %r waited", run_id, current.name)
+                    return store
+                recorder.rewind(store, step)  # the node runs again from prep
+                continue  # the value came meanwhile; a cancel or pause is met at the top
             except StepError as error:
                 _log.error("Flow %r aborted at node %r: %s", self.flow_name, current.name, error)
                 recorder.failed(step, error.events, str(error.cause))
@@ -472,12 +492,9 @@ class Flow(Node):
         return self.post(store, prep_result, last_action)
 
     _is_flow = True
-    _outer_context: tuple[str | None, int | None, int, Callable[[], bool] | None] = (
-        None,
-        None,
-        1,
-        None,
-    )
+    _outer_context: tuple[
+        str | None, int | None, int, Callable[[], bool] | None, SignalReader | None
+    ] = (None, None, 1, None, None)
 
     def _orchestrate(
         self, store: Store, params: Mapping[str, Any] | None = None, *, fire_end: bool = True
@@ -489,7 +506,7 @@ class Flow(Node):
         as in PocketFlow: the node objects are shared by every pass, and passes may run
         side by side, so what ``run_step`` sets on a node (``params``, ``run_id``,
         ``step``...) must land on an object of the pass's own."""
-        run_id, _, attempt, cancel_probe = self._outer_context
+        run_id, _, attempt, cancel_probe, signals = self._outer_context
         current: Node | None = self.start
         action: str | None = None
         steps = 0
@@ -512,6 +529,7 @@ class Flow(Node):
                 run_id=run_id,
                 attempt=attempt,
                 cancel_probe=cancel_probe,
+                signals=signals,
             ).action
             current = current.next_node(action)
             steps += 1
@@ -546,8 +564,8 @@ class _ResumePlan:
             raise UnknownRunError(f"Unknown run id {run_id!r}")
         if run["status"] not in _RESUMABLE:
             raise RunSetupError(
-                f"Run {run_id!r} is {run['status']}: only a failed, cancelled, paused or "
-                "interrupted run can be resumed"
+                f"Run {run_id!r} is {run['status']}: only a failed, cancelled, paused, "
+                "waiting or interrupted run can be resumed"
             )
         if run.get("queue"):
             # Submitted runs carry their queue. Their steps are leased and fenced in the
@@ -596,7 +614,7 @@ class _ResumePlan:
         )
 
 
-_RESUMABLE = ("failed", "cancelled", "paused", "running", "queued")
+_RESUMABLE = ("failed", "cancelled", "paused", "running", "queued", "waiting")
 
 
 def _with_schema(

@@ -27,6 +27,11 @@ RUN_RESUMED = "run_resumed"
 MESSAGE_MALFORMED = "message_malformed"
 # An attempt that finished after its lease was taken over: its commit was refused (G1).
 COMMIT_REFUSED = "commit_refused"
+# Human in the loop: a node waits for a value (the run is ``waiting``), a value was sent,
+# a wait passed its timeout with no value (the node runs again and gets TimeoutError).
+RUN_WAITING = "run_waiting"
+SIGNAL_SENT = "signal_sent"
+WAIT_TIMED_OUT = "wait_timed_out"
 
 _log = get_logger("hooks")
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from pocoflow.backoff import retry_delay
 from pocoflow.logging import get_logger
+from pocoflow.waiting import SignalReader, WaitingFor, check_key, check_timeout
 
 _log = get_logger("node")
 
@@ -68,6 +69,8 @@ class Node:
     #: The step attempt this node runs, for ``report_usage`` from threads ``exec`` starts
     #: itself (they do not inherit the contextvar that normally says it).
     _usage_scope: Any = None
+    #: Reads the run's signals for ``wait_for``; set by the executor (None: no ledger).
+    _signals: SignalReader | None = None
 
     def __init__(self, *, name: str | None = None) -> None:
         self._successors: dict[str, Node] = {}
@@ -168,6 +171,36 @@ class Node:
         """True once the run was cancelled: a long ``exec`` may poll this to stop early."""
         probe = self._cancel_probe
         return bool(probe and probe())
+
+    def wait_for(self, key: str, timeout: float | None = None) -> Any:
+        """The value sent to this run for ``key`` (``RunHandle.send``, ``pocoflow send``).
+
+        Until one is sent, the step stops here uncommitted and the run shows ``waiting``,
+        holding no worker; once it arrives the node runs again from ``prep`` (on any
+        worker, or in ``flow.resume`` for a local run), and this call returns it. Call it
+        before side effects that must not happen twice. ``timeout`` (seconds, counted
+        from the first wait) makes it raise ``TimeoutError`` once no value came in time:
+        a distributed run is woken for that by the sweeper; the error then follows the
+        node's retry and ``exec_fallback`` policy if raised in ``exec``. Needs a ledger
+        (``Flow(db_path=...)`` or ``submit``).
+        """
+        key = check_key(key)
+        timeout = check_timeout(timeout)
+        reader = self._signals
+        if reader is None:
+            raise RuntimeError(
+                f"Node {self.name!r}: wait_for({key!r}) needs a run recorded in a ledger, "
+                "where the value can be sent: create the Flow with db_path=... or submit it"
+            )
+        signal = reader(key)
+        if signal.sent:
+            return signal.value
+        if signal.expired:
+            raise TimeoutError(
+                f"Node {self.name!r} (run {self.run_id}): no value was sent for {key!r} "
+                "before its wait timed out"
+            )
+        raise WaitingFor(self.name, key, timeout)
 
     # ── the retry seam ────────────────────────────────────────────────────────
 

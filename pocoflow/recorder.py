@@ -17,6 +17,7 @@ from pocoflow.hooks import FLOW_END, FLOW_START, RUN_PAUSED, RUN_RESUMED
 from pocoflow.step import utc_now
 from pocoflow.store import Store
 from pocoflow.usage import BUDGET_EXCEEDED, Budget, LedgerSink, MemorySink, UsageSink
+from pocoflow.waiting import Signal, SignalReader, WaitingFor
 
 if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
@@ -152,6 +153,37 @@ class RunRecorder:
         if control is not _UNREAD:
             return control  # type: ignore[return-value]
         return self.db.get_control(self.run_id) if self.db is not None else None
+
+    def signal_reader(self) -> SignalReader | None:
+        """What ``Node.wait_for`` reads in this run: its signals in the ledger (None
+        without one: ``wait_for`` then says it needs a ledger)."""
+        db, run_id = self.db, self.run_id
+        if db is None:
+            return None
+
+        def read(key: str) -> Signal:
+            return db.read_signal(run_id, key)
+
+        return read
+
+    def wait(self, step: int, node_name: str, waiting: WaitingFor) -> str:
+        """The node of ``step`` waits for a value not sent yet: mark the run ``waiting``
+        (``PARKED``), unless the value arrived meanwhile (``SIGNALLED``: run the node
+        again) or the run was stopped (``STOPPED``); see ``WorkflowDB.park_waiting``."""
+        assert self.db is not None
+        return self.db.park_waiting(
+            self.run_id, waiting.key, step=step, node_name=node_name, timeout=waiting.timeout
+        )
+
+    def rewind(self, store: Store, step: int) -> None:
+        """Put ``store`` back, in place, to the checkpoint before ``step``: a node that
+        runs again from ``prep`` (its value came as it stopped to wait) must not see what
+        its first ``prep`` wrote."""
+        assert self.db is not None
+        before = self.db.load_checkpoint(self.run_id, step - 1).as_dict()
+        for key in [k for k in store if k not in before]:
+            del store[key]
+        store.update({k: v for k, v in before.items() if k not in store or store[k] != v})
 
     def park(self, step: int) -> None:
         """A ledger pause request met before ``step``: the run is ``paused`` until the

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 _log = get_logger("runner")
 
 FINISHED_STATUSES = frozenset({"completed", "failed", "cancelled"})
+#: A run that ran in a process has no step rows to lease when it is woken.
+_NO_LEASE = 0.0
 
 
 class RunControl:
@@ -69,10 +71,12 @@ class RunControl:
 
 class RunHandle:
     """Handle on one run: ``status``, ``is_done``, ``wait``, ``cancel``, ``pause``,
-    ``resume``, ``events`` and ``store``.
+    ``resume``, ``send``, ``events`` and ``store``.
 
     ``wait`` returns the final Store, re-raises the run's error, and returns the last
-    Store of a cancelled run (check ``status``).
+    Store of a cancelled run (check ``status``). A background run whose node waits for a
+    value (``wait_for``) stops its thread: ``wait`` returns the Store and ``status`` says
+    ``waiting``; a run on the workers is waited for until it ends.
     """
 
     def __init__(
@@ -169,6 +173,20 @@ class RunHandle:
         ``Node.cancelled()``). ``terminate`` also interrupts a distributed step."""
         _log.info("Cancel requested for run %r", self.run_id)
         self._control.cancel(terminate)
+
+    def send(self, key: str, value: Any) -> None:
+        """Deliver ``value`` (JSON, or anything the Store's codec round-trips) for ``key``:
+        the node waiting in ``wait_for(key)`` runs again from ``prep`` and gets it. A run
+        on the workers goes on by itself; a run that ran in a process stays ``waiting``
+        until ``flow.resume(run_id)``. A value may also be sent before the node asks.
+
+        ``UnknownRunError`` for an unknown run; ``SendRefused`` (naming run and key) for a
+        finished run or a key that already has its value."""
+        sender = getattr(self._control, "send", None)
+        if sender is not None:  # a run on the workers: the control also wakes it
+            sender(key, value)
+            return
+        self._require_db("send").send_signal(self.run_id, key, value, lease_s=_NO_LEASE)
 
     def pause(self) -> None:
         """Hold the run before its next node; ``resume()`` lets it go on."""

@@ -16,6 +16,7 @@ from typing import Any
 from pocoflow.hooks import NODE_END, NODE_ERROR, NODE_START, Hooks
 from pocoflow.node import Node
 from pocoflow.usage import UsageSink, recording
+from pocoflow.waiting import SignalReader
 
 
 def utc_now() -> str:
@@ -73,6 +74,7 @@ def run_step(
     record: bool = False,
     try_number: int | None = None,
     usage_sink: UsageSink | None = None,
+    signals: SignalReader | None = None,
 ) -> StepRun:
     """Run ``node`` once against ``store``; hooks fire here, in whatever process runs it.
 
@@ -83,15 +85,17 @@ def run_step(
     retry, so no worker sleeps); otherwise the node's own retry loop runs. A sub-flow
     (a Flow or BatchFlow used as a node) always runs whole through ``_run``: its work is
     its inner graph, not an ``exec``, and its inner nodes keep their own retry loops.
-    ``record`` builds the ledger events. Raises ``StepError`` wrapping the node's
-    exception.
+    ``record`` builds the ledger events; ``signals`` is what ``Node.wait_for`` reads. Raises
+    ``StepError`` wrapping the node's exception; ``WaitingFor`` (a node waits for a value
+    not sent yet) passes through untouched, for the executor to park the run.
     """
     if node._is_flow:
         # A sub-flow keeps its own configured run_id; its inner steps get the outer run's.
-        node._outer_context = (run_id, step, attempt, cancel_probe)  # type: ignore[attr-defined]
+        node._outer_context = (run_id, step, attempt, cancel_probe, signals)  # type: ignore[attr-defined]
     else:
         node.run_id, node.step, node.attempt = run_id, step, attempt
         node._cancel_probe = cancel_probe
+        node._signals = signals
     name = node.name
     events: list[dict[str, Any]] = []
     if record:

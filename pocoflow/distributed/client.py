@@ -24,6 +24,7 @@ from pocoflow.distributed.control import (
 )
 from pocoflow.distributed.graphs import shape_text
 from pocoflow.distributed.message import StepMessage
+from pocoflow.errors import UnknownRunError
 from pocoflow.hooks import FLOW_START
 from pocoflow.logging import get_logger
 from pocoflow.recorder import open_ledger
@@ -203,12 +204,13 @@ def _stranded(db: WorkflowDB, run_id: str, run: dict[str, Any]) -> bool:
 def attach(
     run_id: str, db_url: str | None = None, *, settings: Settings | None = None
 ) -> RunHandle:
-    """A handle on any recorded run, from any process; ``KeyError`` naming an unknown id."""
+    """A handle on any recorded run, from any process; ``UnknownRunError`` (a
+    ``KeyError``) naming an unknown id."""
     settings = _settings(settings, db_url)
     db = open_ledger(settings.db_url)
     run = db.get_run(run_id)
     if run is None:
-        raise KeyError(f"Unknown run id {run_id!r} in ledger {db.url}")
+        raise UnknownRunError(f"Unknown run id {run_id!r} in ledger {db.url}")
     # Submitted runs record their queue; in-process runs have none.
     return _handle(run_id, db, settings, on_workers=bool(run.get("queue")))
 
@@ -235,6 +237,12 @@ def resume_run(
     run = db.get_run(run_id)
     if run is None:
         raise KeyError(f"Unknown run id {run_id!r} in ledger {db.url}")
+    if run["status"] == "waiting":
+        raise ValueError(
+            f"Run {run_id!r} is waiting for a value (see `pocoflow show {run_id}`): send it "
+            f"with `pocoflow send {run_id} KEY JSON` or handle.send(key, value), and the run "
+            "goes on by itself"
+        )
     if run["status"] not in RESUMABLE and not _stranded(db, run_id, run):
         raise ValueError(
             f"Run {run_id!r} is {run['status']}: only a failed, cancelled or paused run can "
@@ -260,3 +268,19 @@ def resume_run(
     ):
         raise ValueError(f"Run {run_id!r} changed status while resuming; look again")
     return _handle(run_id, db, settings)
+
+
+def send(
+    run_id: str,
+    key: str,
+    value: Any,
+    *,
+    db_url: str | None = None,
+    settings: Settings | None = None,
+) -> str:
+    """``attach(run_id).send(key, value)``, returning the run's status afterwards (a run
+    on the workers that waited on ``key`` is ``running`` again; a run that ran in a
+    process stays ``waiting`` until ``flow.resume``). What ``pocoflow send`` calls."""
+    handle = attach(run_id, db_url, settings=settings)
+    handle.send(key, value)
+    return handle.status

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pocoflow.logging import get_logger
 from pocoflow.settings import mask_url
@@ -272,6 +272,13 @@ class RemoteControl(LedgerControl):
             publisher.revoke(task_id, terminate=True)
         self.db.end_attempt(self.run_id, step, row["attempt"], None, "terminated")
         self.db.take_over(self.run_id, step, row["attempt"], self.lease_s, force=True)
+
+    def send(self, key: str, value: Any) -> None:
+        """Deliver ``value`` for ``key``; a run waiting on it goes on on the workers."""
+        from pocoflow.distributed import lifecycle
+
+        publisher = self._publisher_factory()
+        lifecycle.send_value(self.db, self.run_id, key, value, publisher, lease_s=self.lease_s)
 
     def pause(self) -> None:
         """Hold the run before its next node; the worker that meets the request marks the

@@ -34,12 +34,14 @@ from pocoflow.distributed.graphs import GraphCache, mismatch_message
 from pocoflow.distributed.lease import LeaseKeeper
 from pocoflow.distributed.message import MalformedMessage, StepMessage
 from pocoflow.hooks import COMMIT_REFUSED, FLOW_END, MESSAGE_MALFORMED, NODE_RETRY
+from pocoflow.ledger.signals import StepFence
 from pocoflow.logging import get_logger
 from pocoflow.registry import UnknownFlowError
 from pocoflow.settings import Settings
 from pocoflow.step import RetryLater, RunCancelled, StepError, run_step, utc_now
 from pocoflow.store import Store
 from pocoflow.usage import BUDGET_EXCEEDED, Budget, LedgerSink, budget_message
+from pocoflow.waiting import LOST as PARK_LOST, PARKED, SIGNALLED, Signal, WaitingFor
 
 if TYPE_CHECKING:
     import redis
@@ -63,6 +65,7 @@ REFUSED = "refused"  # unknown flow or another graph version: the run failed, re
 STOPPED = "stopped"  # the run had finished
 CANCELLED = "cancelled"
 PAUSED = "paused"
+WAITING = "waiting"  # the node waits for a value (``wait_for``): the run is parked
 MALFORMED = "malformed"
 UNKNOWN_RUN = "unknown_run"
 CRASHED = "crashed"
@@ -70,6 +73,9 @@ CRASHED = "crashed"
 #: knows this delivery, so the message itself must come back (``redelivery_delay``).
 LEDGER_UNREACHABLE = "ledger_unreachable"
 
+#: Because a node may wait for several keys in turn and each value may land just as it
+#: parks: a step re-runs its node in place at most this often before it lets go.
+MAX_WAKEUPS_IN_STEP = 20
 #: Stores kept for the next step of runs this process just advanced (see keep()).
 HANDOFF_SIZE = 64
 
@@ -397,6 +403,8 @@ class _StepRun:
             return STOPPED
         if status == "paused":
             return PAUSED
+        if status == "waiting":  # a copy of a parked step's message (a broker re-send)
+            return WAITING
         if control == "pause" and lifecycle.park(
             self.db, msg.run_id, msg.step, msg.attempt, self.holder
         ):
@@ -444,7 +452,16 @@ class _StepRun:
         if self._handed is not None:
             store, tracker = self._handed
             return _Loaded(flow, graph, node, store, tracker)
-        store, manifest, texts = self._prior or self.db.load_store(msg.run_id, msg.step - 1)
+        store, tracker = self._read_store(flow, self._prior)
+        return _Loaded(flow, graph, node, store, tracker)
+
+    def _read_store(
+        self, flow: Flow, prior: tuple[Store, dict[str, int], dict[str, str]] | None = None
+    ) -> tuple[Store, StoreTracker]:
+        """The Store of step-1 (``prior``: as already read) under the flow's schema, and
+        its tracker."""
+        msg = self.msg
+        store, manifest, texts = prior or self.db.load_store(msg.run_id, msg.step - 1)
         if flow.schema:  # the flow's schema, as the Store it was submitted with had
             try:
                 store = Store(store.as_dict(), schema=flow.schema, name=store.name)
@@ -456,36 +473,90 @@ class _StepRun:
                 ) from None
         tracker = StoreTracker()
         tracker.seed(manifest, texts, store.as_dict())
-        return _Loaded(flow, graph, node, store, tracker)
+        return store, tracker
 
     def _run_and_commit(self, run: dict[str, Any], loaded: _Loaded) -> str:
+        msg, db = self.msg, self.db
+        probe = FlagReader(msg.run_id, self.ctx.redis, db)
+
+        def signals(key: str) -> Signal:
+            return db.read_signal(msg.run_id, key, now=self._now())
+
+        for _ in range(MAX_WAKEUPS_IN_STEP):
+            try:
+                done = run_step(
+                    loaded.node,
+                    loaded.store,
+                    step=msg.step,
+                    hooks=loaded.flow._hooks,
+                    run_id=msg.run_id,
+                    attempt=msg.attempt,
+                    cancel_probe=probe,
+                    record=True,
+                    try_number=msg.try_number,
+                    usage_sink=self.ctx.usage,
+                    signals=signals,
+                )
+            except WaitingFor as waiting:
+                stop = self._park(loaded, waiting)
+                if stop is not None:
+                    return stop
+                # The value came meanwhile: run the node again from prep on a Store as
+                # it was before the step (prep or post may have written to it).
+                loaded = self._reload(loaded)
+                continue
+            except RetryLater as retry:
+                return self._retry(run, loaded, retry)
+            except RunCancelled:
+                # A sub-flow (or an exec) stopped itself because the run was cancelled:
+                # nothing is committed, the step stays for a resume (G4).
+                self._end(CANCELLED, "the run was cancelled while the step ran")
+                lifecycle.request_cancel(db, msg.run_id, step=msg.step)
+                return CANCELLED
+            except StepError as error:
+                cause = f"{type(error.cause).__name__}: {error.cause}"
+                return self._fail(cause, error.events)
+            return self._commit(run, loaded, done.action, done.events)
+        self._end(LOST, "woken too often in one step; the sweeper sends it again")
+        return LOST
+
+    def _park(self, loaded: _Loaded, waiting: WaitingFor) -> str | None:
+        """The node waits for a value: park the run (``waiting``, the step handed over and
+        held by nobody) and return WAITING; None if the value was sent meanwhile (run the
+        node again). A cancel or pause that landed while the node ran is honoured here,
+        as the guard would have before the next node (G4)."""
         msg = self.msg
-        probe = FlagReader(msg.run_id, self.ctx.redis, self.db)
-        try:
-            done = run_step(
-                loaded.node,
-                loaded.store,
-                step=msg.step,
-                hooks=loaded.flow._hooks,
-                run_id=msg.run_id,
-                attempt=msg.attempt,
-                cancel_probe=probe,
-                record=True,
-                try_number=msg.try_number,
-                usage_sink=self.ctx.usage,
-            )
-        except RetryLater as retry:
-            return self._retry(run, loaded, retry)
-        except RunCancelled:
-            # A sub-flow (or an exec) stopped itself because the run was cancelled: nothing
-            # is committed, the step stays for a resume (G4).
-            self._end(CANCELLED, "the run was cancelled while the step ran")
-            lifecycle.request_cancel(self.db, msg.run_id, step=msg.step)
-            return CANCELLED
-        except StepError as error:
-            cause = f"{type(error.cause).__name__}: {error.cause}"
-            return self._fail(cause, error.events)
-        return self._commit(run, loaded, done.action, done.events)
+        found = self.db.park_waiting(
+            msg.run_id,
+            waiting.key,
+            step=msg.step,
+            node_name=loaded.node.name,
+            timeout=waiting.timeout,
+            fence=StepFence(msg.attempt, self.holder, self.worker),
+            now=self._now(),
+        )
+        if found == PARKED:
+            _log.info("Run %s waits for %r at step %d", msg.run_id, waiting.key, msg.step)
+            return WAITING
+        if found == SIGNALLED:
+            return None
+        if found == PARK_LOST:
+            self._end(LOST, "lease taken over before the run could wait")
+            return LOST
+        stop = self._guard(self.db.get_run(msg.run_id) or {"status": "cancelled"})
+        if stop is None:
+            return None  # the pause was withdrawn meanwhile: go on
+        self._end(stop, f"the run was {stop} while the node waited for {waiting.key!r}")
+        return stop
+
+    def _reload(self, loaded: _Loaded) -> _Loaded:
+        """The node runs again from prep: on the Store of step-1 read afresh, since the
+        first run's prep may have written to the one in memory."""
+        store, tracker = self._read_store(loaded.flow)
+        return _Loaded(loaded.flow, loaded.graph, loaded.node, store, tracker)
+
+    def _now(self) -> float | None:
+        return self.ctx.clock() if self.ctx.clock is not None else None
 
     def _commit(
         self, run: dict[str, Any], loaded: _Loaded, action: str | None, events: list[dict]

@@ -8,6 +8,7 @@ consistent state: the row, not anybody's earlier read, decides.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from pocoflow.step import utc_now
 if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
     from pocoflow.distributed.publish import Publisher
+    from pocoflow.ledger.signals import Wake
 
 _log = get_logger("distributed.lifecycle")
 
@@ -248,3 +250,36 @@ def continue_run(
         # only the status change was held back (by the cancel or failure standing then).
         db.update_run_if(run_id, status_in=LIVE, status="completed", completed_at=utc_now())
     return found
+
+
+def send_value(
+    db: WorkflowDB, run_id: str, key: str, value: Any, publisher: Publisher, *, lease_s: float
+) -> bool:
+    """Record ``value`` for ``key`` of a distributed run and, if the run waits on that
+    key, send its parked step again (``wake``). True if the run was woken. Raises as
+    ``WorkflowDB.send_signal`` (unknown run, finished run, key sent twice)."""
+    found = db.send_signal(run_id, key, value, lease_s=lease_s)
+    if found is None:
+        return False
+    wake(db, found, publisher.send, lease_s=lease_s)
+    return True
+
+
+def wake(db: WorkflowDB, found: Wake, publish: Callable[..., bool], *, lease_s: float) -> None:
+    """Publish the step of a run just woken from ``waiting`` (``publish(message,
+    queue=...)``: a Publisher's ``send`` or the sweeper's publish). Its outbox row is in
+    the ledger already, written with the wake, so a publish that fails is repaired by the
+    sweeper's unsent pass (G3); a parked row that was not found is sent afresh."""
+    if not found.outboxed:
+        continue_run(db, found.run_id, _Sender(publish), lease_s=lease_s, queue=found.queue)  # type: ignore[arg-type]
+        return
+    message = StepMessage(found.run_id, found.flow, found.step, found.node_id, found.attempt)
+    publish(message, queue=found.queue)
+    _log.info("Run %s woken: step %d sent as attempt %d", found.run_id, found.step, found.attempt)
+
+
+class _Sender:
+    """A bare publish callable where ``requeue_outstanding`` wants a ``.send``."""
+
+    def __init__(self, publish: Callable[..., bool]) -> None:
+        self.send = publish

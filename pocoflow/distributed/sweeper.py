@@ -11,6 +11,9 @@ Kinds of orphans, fastest found first:
   ``dead_after_s``: the step it was running is taken over under a new attempt, which
   fences it out (G1), and the messages it held unstarted (prefetched) are sent again
   under their attempt. This is the 5 s path of G3, whatever the lease says;
+* a run waiting for a value (``wait_for``) whose timeout passed: woken, its node runs
+  again and gets ``TimeoutError`` (a waiting run's parked step has no lease and is
+  marked sent, so no other pass touches it while it waits);
 * a step whose lease expired: a claimed one is taken over (the backstop when a process
   never wrote a heartbeat); a queued one nobody claimed is usually just waiting in a long
   queue, so it is sent again only after ``requeue_after_s`` in the queue, and while the
@@ -79,9 +82,13 @@ class SweepReport:
     poisoned: list[tuple[str, int]] = field(default_factory=list)
     #: Messages sent again because the broker lost them (sentinel gone).
     bulk_resent: int = 0
+    #: Waiting runs woken because their ``wait_for(key, timeout=...)`` ran out.
+    woken: list[tuple[str, str]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.resent or self.taken_over or self.poisoned or self.bulk_resent)
+        return bool(
+            self.resent or self.taken_over or self.poisoned or self.bulk_resent or self.woken
+        )
 
 
 class BrokerSentinel:
@@ -166,6 +173,8 @@ def sweep(
         _log.info("Resending unsent step %d of run %s", row["step"], row["run_id"])
         if publish(message, queue=run.get("queue"), **_rest_of_backoff(row, now)):
             report.resent.append((row["run_id"], row["step"]))
+
+    report.woken = _wake_timed_out(db, publish, lease_s, injected)
 
     if sentinel is not None:
         report.bulk_resent = _after_broker_loss(db, publish, sentinel, now)
@@ -355,6 +364,23 @@ def _recover(
         try_number=retries + 1,
     )
     publish(message, queue=run.get("queue"))
+
+
+def _wake_timed_out(
+    db: WorkflowDB, publish: Publish, lease_s: float, now: float | None
+) -> list[tuple[str, str]]:
+    """Wake the waiting runs whose ``wait_for(key, timeout=...)`` deadline passed with no
+    value: their node runs again and ``wait_for`` raises ``TimeoutError``. Each wake is a
+    compare-and-set on the run row, so of a send and several sweepers exactly one wins."""
+    woken = []
+    for run_id, key in db.expired_waits(now=now):
+        found = db.wake_expired_wait(run_id, key, lease_s=lease_s, now=now)
+        if found is None:
+            continue
+        _log.warning("Run %s: the wait for %r timed out; its node runs again", run_id, key)
+        lifecycle.wake(db, found, publish, lease_s=lease_s)
+        woken.append((run_id, key))
+    return woken
 
 
 def _broker_busy(db: WorkflowDB, sentinel: BrokerSentinel) -> bool:

@@ -257,6 +257,8 @@ def queued_page(
         .where(
             _s.status == "queued",
             _s.sent_at.is_not(None),
+            # Not the step of a waiting run: parked with no lease, it has no message.
+            _s.lease_expires_at.is_not(None),
             literal_in(_r.status, LIVE_RUN_STATUSES),
         )
         .order_by(_s.run_id, _s.step)

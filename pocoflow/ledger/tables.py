@@ -5,7 +5,7 @@ the same thing step by step (0001 = the pocoflow 0.2.1 schema, 0002 = our additi
 0003 = distributed run queue/shape and attempt task ids, 0004 = worker liveness and who
 received a step's message, 0005 = the partial indexes that keep the sweeper's cost
 independent of how many finished runs the ledger holds, 0008 = usage rows and run
-budgets), and
+budgets, 0009 = the values sent to runs that wait for them: ``wait_for``/``send``), and
 a test compares the two. The 0.2 table and column names are kept so 0.2 readers (the
 Streamlit monitor, users' SQL) keep working.
 
@@ -254,6 +254,27 @@ pf_usage = Table(
     # Totals by run (``runs``, the budget guard) and by node (``show``) read this index.
     Index("ix_pf_usage_run_id", "run_id", "node_name"),
     sqlite_autoincrement=True,
+)
+
+pf_signals = Table(
+    "pf_signals",
+    metadata,
+    # 0009: human in the loop. One row per (run, key): the value sent for ``key``
+    # (``RunHandle.send``) and, while a step waits for it (``Node.wait_for``), which step.
+    # Unique per key, so a second send for the same key is refused, not overwritten.
+    Column("run_id", Text, nullable=False),
+    Column("key", Text, nullable=False),
+    # codec.encode text of the value; NULL = not sent yet (a step waits for it).
+    Column("value_json", Text),
+    Column("sent_at", Float),
+    # The step parked on this key, NULL once woken (by the value or the timeout).
+    Column("waiting_step", Integer),
+    # Deadline of the wait (database clock), set by the first wait and kept by later
+    # ones; past it ``wait_for`` raises TimeoutError. NULL = no timeout.
+    Column("wait_until", Float),
+    Column("created_at", Float, nullable=False),
+    PrimaryKeyConstraint("run_id", "key", name="pk_pf_signals"),
+    _run_fk("pf_signals"),
 )
 
 V02_TABLES = ("pf_runs", "pf_checkpoints", "pf_events")

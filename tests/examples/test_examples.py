@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from examples import article, hello, summarize
+from examples import approval, article, hello, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,6 +40,43 @@ def test_summarizer_reports_cost_per_node(tmp_path):
     assert usage["cost_usd"] == pytest.approx(
         by_node["SummarizeEach"]["cost_usd"] + by_node["Combine"]["cost_usd"]
     )
+
+
+def test_approval_flow_waits_for_each_answer(tmp_path, capsys):
+    from pocoflow.db import WorkflowDB
+
+    store = approval.main(tmp_path / "approval.db")
+    assert store["published"] == store["draft"] and store["round"] == 2
+    out = capsys.readouterr().out
+    run_id = re.search(r"run (approval-[0-9a-f]{8}) is waiting; draft 1", out).group(1)
+    assert f"run {run_id} is completed: published" in out
+    db = WorkflowDB(tmp_path / "approval.db")
+    events = [e["event"] for e in db.get_events(run_id)]
+    assert events.count("run_waiting") == 2 and events.count("signal_sent") == 2
+    assert [s["key"] for s in db.get_signals(run_id)] == ["review-1", "review-2"]
+
+
+def test_approval_flow_from_the_command_line(tmp_path):
+    db = str(tmp_path / "cli.db")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pocoflow.cli", *args, "--db", db],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    started = cli("run", "examples.approval:build_flow", "--store", '{"topic": "tides"}')
+    assert started.returncode == 0, started.stderr
+    run_id = re.search(r"run (approval-[0-9a-f]{8}): waiting for a value", started.stdout).group(1)
+    sent = cli("send", run_id, "review-1", '{"ok": true}')
+    assert sent.returncode == 0 and "the run is waiting" in sent.stdout, sent.stderr
+    twice = cli("send", run_id, "review-1", '{"ok": false}')
+    assert twice.returncode == 2 and "already has a value for 'review-1'" in twice.stderr
+    unknown = cli("send", "approval-nope", "review-1", "true")
+    assert unknown.returncode == 2 and "'approval-nope'" in unknown.stderr
+    resumed = cli("resume", run_id, "--flows", "examples.approval")
+    assert resumed.returncode == 0 and f"run {run_id}: completed" in resumed.stdout
+    assert '"published": "Tides: a short section' in resumed.stdout
 
 
 def readme_blocks() -> list[str]:

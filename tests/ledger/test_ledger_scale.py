@@ -17,7 +17,7 @@ from sqlalchemy import Executable
 from bench.ledger_scale import seed
 from pocoflow.distributed.client import record_run
 from pocoflow.distributed.sweeper import sweep
-from pocoflow.ledger import liveness, runs, steps
+from pocoflow.ledger import liveness, runs, signals, steps
 from pocoflow.registry import build_flow
 from pocoflow.store import Store
 from tests.ledger.test_sweeper import Sent
@@ -81,6 +81,14 @@ def test_the_sweepers_queries_start_from_the_live_runs(seeded: Any) -> None:
         assert "ix_pf_runs_live" in text, text
         assert "ix_pf_steps_active" in text, text
         assert full_scans(seeded, text) == [], text
+
+
+def test_the_timed_out_waits_query_starts_from_the_live_runs(seeded: Any) -> None:
+    """Every sweep looks for waits past their timeout (``wait_for``): from the live runs
+    and the signal rows' primary key, never the signals of the whole history."""
+    text = plan(seeded, signals._EXPIRED_WAITS, {"now": time.time(), "limit": 100})
+    assert "ix_pf_runs_live" in text, text
+    assert full_scans(seeded, text) == [], text
 
 
 def test_the_dead_worker_queries_start_from_the_live_runs(seeded: Any) -> None:
