@@ -23,8 +23,8 @@ LATENCY_ENV = "POCOFLOW_EXAMPLE_LLM_LATENCY"
 
 llm = FakeLLM(delay=float(os.environ.get(LATENCY_ENV) or 0))
 
-# Dollars per token (input, output) of the two pretend models.
-set_prices({"fake-small": (0.15e-6, 0.60e-6), "fake-large": (2.50e-6, 10.0e-6)})
+#: Dollars per token (input, output) of the two pretend models.
+PRICES = {"fake-small": (0.15e-6, 0.60e-6), "fake-large": (2.50e-6, 10.0e-6)}
 
 TOPICS = ["tides", "bees", "compilers", "glaciers", "jazz", "ledgers", "lichens", "rivets"]
 
@@ -91,6 +91,7 @@ class Combine(Node):
 
 @flow("summarize")
 def build_summarize_flow() -> Flow:
+    set_prices(PRICES)  # here, not at import: every process that builds the flow prices it
     each = SummarizeEach()
     each.then("default", Combine())
     return Flow(start=each)
