@@ -17,6 +17,7 @@ from uuid import uuid4
 from pocoflow.errors import RunSetupError, StepConflict, UnknownRunError
 from pocoflow.graph import Graph
 from pocoflow.hooks import RUN_CANCELLED, RUN_RESUMED, Hooks
+from pocoflow.limits import LimitGate, current_limiter
 from pocoflow.logging import get_logger
 from pocoflow.node import Node
 from pocoflow.recorder import RunRecorder, open_ledger
@@ -286,6 +287,8 @@ class Flow(Node):
         cancel_probe = control.cancel_event.is_set
         is_running = control._running.is_set
         steps_run = 0
+        # Local runs wait in place for their limits (this process's limiter).
+        gate = LimitGate(current_limiter(), self.flow_name)
         while current is not None:
             if record:
                 requested = recorder.requested_control()
@@ -319,6 +322,7 @@ class Flow(Node):
                     run_id=run_id,
                     cancel_probe=cancel_probe,
                     record=record,
+                    limit_gate=gate,
                 )
             except RunCancelled:
                 return self._cancelled(recorder, control, step, store, current.name)
@@ -423,6 +427,7 @@ class Flow(Node):
                 run_id=run_id,
                 attempt=attempt,
                 cancel_probe=cancel_probe,
+                limit_gate=self._limit_gate,
             ).action
             current = current.next_node(action)
             steps += 1

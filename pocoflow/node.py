@@ -10,14 +10,18 @@ Retries wrap ``exec`` only (one seam, ``_exec``), as in PocketFlow: prep and pos
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pocoflow.backoff import retry_delay
 from pocoflow.logging import get_logger
+
+if TYPE_CHECKING:
+    from pocoflow.limits import LimitGate
 
 _log = get_logger("node")
 
@@ -50,11 +54,22 @@ class Node:
     #: Seconds one ``exec`` try may take; past it the try fails with ``TimeoutError`` and
     #: the retry policy decides (None = ``POCOFLOW_STEP_TIMEOUT``, unset = no limit).
     timeout: float | None = None
+    #: Limits shared by every caller of this node (``pocoflow.limits``): ``"10/s"``
+    #: (``/m``, ``/h``) exec starts per sliding window, calls in flight, and tokens
+    #: recorded per window; all None = unlimited.
+    rate_limit: str | None = None
+    max_concurrency: int | None = None
+    token_limit: str | None = None
+    #: Routes this node's steps to workers started with ``--queues <queue>`` (None: the
+    #: run's queue).
+    queue: str | None = None
 
     run_id: str | None = None
     step: int | None = None
     attempt: int = 1
     _is_flow = False
+    #: Set by ``run_step`` for a node with limits: every exec try passes through it.
+    _limit_gate: LimitGate | None = None
 
     def __init__(self, *, name: str | None = None) -> None:
         self._successors: dict[str, Node] = {}
@@ -128,6 +143,12 @@ class Node:
         """Called when ``exec`` failed for good; return a result or raise (the default)."""
         raise exc
 
+    def limit_key(self, prep_result_or_item: Any) -> str:
+        """The resource this call's limits count against (a tenant, an API key): calls
+        under one key share the limits, across nodes and flows. The default, ``""``,
+        means one key per flow and node name."""
+        return ""
+
     def cancelled(self) -> bool:
         """True once the run was cancelled: a long ``exec`` may poll this to stop early."""
         probe = self._cancel_probe
@@ -141,7 +162,16 @@ class Node:
         return default_step_timeout() if limit is None else limit
 
     def _exec_once(self, prep_result: Any) -> Any:
-        """One ``exec`` try, bounded by ``exec_timeout()`` (see ``call_with_timeout``)."""
+        """One ``exec`` try, bounded by ``exec_timeout()`` (see ``call_with_timeout``),
+        started only when the node's limits allow it (the gate waits or raises
+        ``LimitWait``; the slot is given back when the try ends)."""
+        gate = self._limit_gate
+        if gate is not None:
+            with gate.entered(self, prep_result):
+                return self._exec_bounded(prep_result)
+        return self._exec_bounded(prep_result)
+
+    def _exec_bounded(self, prep_result: Any) -> Any:
         limit = self.timeout
         if limit is None:
             if _ENV_DATA is not None and _ENV_KEY not in _ENV_DATA:  # the common case
@@ -283,7 +313,9 @@ def call_with_timeout(fn: Callable[[Any], Any], arg: Any, limit: float, what: st
             box.append((False, exc))
         done.set()
 
-    thread = threading.Thread(target=target, name="pocoflow-exec", daemon=True)
+    # The call's context (the limit key ``record_tokens`` reads) goes with it.
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(target,), name="pocoflow-exec", daemon=True)
     thread.start()
     if not done.wait(limit):
         raise TimeoutError(f"{what} took longer than its timeout of {limit:g}s; abandoned")
