@@ -501,7 +501,9 @@ class _StepRun:
         else:
             assert next_id is not None
             run_fields["current_node"] = following.name
-            next_step = NextStep(msg.step + 1, next_id, 1, lease_s=self.ctx.lease_s)
+            next_step = NextStep(
+                msg.step + 1, next_id, 1, lease_s=self.ctx.lease_s, queue=following.queue
+            )
         commit = StepCommit(
             run_id=msg.run_id,
             step=msg.step,

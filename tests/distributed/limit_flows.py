@@ -18,7 +18,7 @@ HANG_LIMIT_S = 60.0
 
 
 class Timed(Node):
-    """Records its exec interval; sleeps ``store["work_s"]``; with ``store["hang"]`` its
+    """Records its exec interval and pid (and its name in the Store's trail); sleeps ``store["work_s"]``; with ``store["hang"]`` its
     first attempt hangs (until its worker is killed)."""
 
     def prep(self, store: Any) -> Any:
@@ -32,11 +32,12 @@ class Timed(Node):
             time.sleep(HANG_LIMIT_S)
         time.sleep(work_s)
         with open(side / "calls", "a", encoding="utf-8") as handle:
-            handle.write(f"{start} {time.time()} {os.getpid()}\n")
+            handle.write(f"{start} {time.time()} {os.getpid()} {self.name}\n")
         return self.attempt
 
     def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
         store["attempt"] = exec_result
+        store["trail"] = [*store.get("trail", []), self.name]
         return "default"
 
 
@@ -61,3 +62,16 @@ def limited_concurrency() -> Flow:
 @flow("unlimited")
 def unlimited() -> Flow:
     return Flow(start=Timed(name="call"))
+
+
+class OnGpu(Timed):
+    queue = "gpu"
+
+
+@flow("routed")
+def routed() -> Flow:
+    """gpu -> cpu -> gpu: the first send and each successor follow Node.queue."""
+    first, middle, last = OnGpu(name="gpu1"), Timed(name="cpu"), OnGpu(name="gpu2")
+    first.then("default", middle)
+    middle.then("default", last)
+    return Flow(start=first)

@@ -1,6 +1,7 @@
 """Node limits with real workers: a rate limit and a concurrency limit hold across two
 workers, a limited step that must wait holds no worker (an unlimited run goes by), and
-the concurrency slot of a worker killed with -9 is freed when its lease runs out."""
+the concurrency slot of a worker killed with -9 is freed when its lease runs out. Also
+``Node.queue``: a node's steps go to the workers serving its queue."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from tests.distributed import limit_flows
 from tests.distributed.conftest import Cluster
-from tests.distributed.faults import FLOWS_MODULE, worker_running
+from tests.distributed.faults import FLOWS_MODULE, start_worker, worker_running
 from tests.helpers import wait_until
 
 # The limits live in Redis, not in the ledger: one ledger backend is enough here (the
@@ -34,7 +35,7 @@ def _calls(side: Path) -> list[tuple[float, float]]:
     if not path.exists():
         return []
     lines = path.read_text().splitlines()
-    return sorted((float(a), float(b)) for a, b, _ in (line.split() for line in lines))
+    return sorted((float(a), float(b)) for a, b, *_ in (line.split() for line in lines))
 
 
 def test_a_rate_limit_holds_across_workers(live: Cluster) -> None:
@@ -102,3 +103,22 @@ def test_a_killed_workers_concurrency_slot_is_freed_by_its_lease(live: Cluster) 
     assert hung.wait(timeout=TIMEOUT_S)["attempt"] >= 2  # a re-run, not the hung call
     assert time.monotonic() - killed_at < 20
     assert len(_calls(side)) == 2
+
+
+def test_a_node_queue_routes_its_steps_to_the_workers_serving_it(live: Cluster) -> None:
+    gpu = start_worker("gpu", live.env, live.workdir, queues="gpu")
+    try:
+        gpu.wait_ready()
+        side = live.side_dir()
+        run = live.submit("routed", {"side_dir": str(side)})
+        assert run.wait(timeout=TIMEOUT_S)["trail"] == ["gpu1", "cpu", "gpu2"]
+        ran_on = {
+            name: int(pid)
+            for *_, pid, name in (
+                line.split() for line in (side / "calls").read_text().splitlines()
+            )
+        }
+        assert ran_on["gpu1"] in gpu.pids() and ran_on["gpu2"] in gpu.pids()
+        assert ran_on["cpu"] not in gpu.pids()
+    finally:
+        gpu.stop()
