@@ -164,7 +164,11 @@ class Decision:
 class Limiter(Protocol):
     """Decides whether a call may start; each decision is atomic across its callers."""
 
-    def acquire(self, limits: Limits, key: str, holder: str) -> Decision: ...
+    def acquire(self, limits: Limits, key: str, holder: str, waiter: str | None = None) -> Decision:
+        """``holder`` names this call's slot (unique per call); ``waiter`` names who asks
+        again after a refusal (a step, a map item: stable across its re-sends), so a
+        limiter can spread the asks of many waiters."""
+        ...
 
     def release(self, slot: Slot) -> None: ...
 
@@ -203,7 +207,9 @@ class LocalLimiter:
         self._tokens: dict[tuple[str, float], deque[tuple[float, int]]] = {}
         self._slots: dict[str, set[str]] = {}
 
-    def acquire(self, limits: Limits, key: str, holder: str) -> Decision:
+    def acquire(self, limits: Limits, key: str, holder: str, waiter: str | None = None) -> Decision:
+        # Local waiters are threads that sleep: their asks cost no ledger write, so the
+        # poll is not spread by waiter here.
         with self._lock:
             now = self.clock()
             wait = 0.0
@@ -280,13 +286,16 @@ def new_holder() -> str:
     return secrets.token_hex(8)
 
 
-def acquire(node: Node, key: str, *, limiter: Limiter | None = None) -> Decision:
-    """One decision for one ``exec`` call of ``node`` under ``key`` (a map item's gate).
-    A node without limits always goes; ``release(decision.slot)`` after the call."""
+def acquire(
+    node: Node, key: str, *, waiter: str | None = None, limiter: Limiter | None = None
+) -> Decision:
+    """One decision for one ``exec`` call of ``node`` under ``key`` (a map item's gate;
+    ``waiter``: the item, e.g. ``f"{run_id}:{step}:{index}"``). A node without limits
+    always goes; ``release(decision.slot)`` after the call."""
     limits = limits_of(node)
     if limits is None:
         return Decision()
-    return (limiter or _limiter).acquire(limits, key, new_holder())
+    return (limiter or _limiter).acquire(limits, key, new_holder(), waiter)
 
 
 def release(slot: Slot | None) -> None:
@@ -342,8 +351,9 @@ class LimitGate:
             )
         key = limit_key_of(node, prep_result, self.flow_name)
         holder = new_holder()
+        waiter = f"{node.run_id}:{node.step}" if node.run_id is not None else None
         while True:
-            decision = self.limiter.acquire(limits, key, holder)
+            decision = self.limiter.acquire(limits, key, holder, waiter)
             if decision.go:
                 break
             if not self.blocking:

@@ -14,6 +14,11 @@ one hash tag per limit key (``{key}``) so a Redis Cluster keeps them on one node
   from one thread per process, and releases it when the call ends.
 - ``pocoflow:limit:{key}:tokens:<window ms>``: ZSET ``<id>:<tokens>`` -> time (us); the
   script sums the window (one entry per recorded call).
+- ``pocoflow:limit:{key}:waiters``: ZSET waiter -> when it is forgotten. Nobody knows
+  when a slot frees, so a refused caller asks again later; with W waiters (a step is
+  one, whatever its attempt) for N slots each is told to ask again in ``poll * W / N``,
+  so 1,000 steps waiting for 3 slots cost about 3 asks (a ledger write and a message
+  each) per poll, not 1,000.
 
 While Redis cannot be reached the limits fail closed: a decision answers "wait" with a
 backoff (0.5 s doubling to 15 s) and a warning, so a limited node never runs unlimited;
@@ -39,9 +44,9 @@ KEY_PREFIX = "pocoflow:limit:"
 OUTAGE_WAIT_S = 0.5
 OUTAGE_WAIT_CAP_S = 15.0
 
-# KEYS: rate, slots, tokens. ARGV: rate count, rate window us, max concurrency, token
-# limit, token window us, holder, slot lease us, concurrency poll us, rate entry id.
-# A 0 turns a limit off. Returns 0 (go) or the wait in us.
+# KEYS: rate, slots, tokens, waiters. ARGV: rate count, rate window us, max concurrency,
+# token limit, token window us, holder, slot lease us, concurrency poll us, rate entry id,
+# waiter id ("" = none). A 0 turns a limit off. Returns 0 (go) or the wait in us.
 ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -51,7 +56,22 @@ if cmax > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   if not redis.call('ZSCORE', KEYS[2], ARGV[6]) and redis.call('ZCARD', KEYS[2]) >= cmax then
     local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-    wait = math.min(tonumber(first[2]) - now, tonumber(ARGV[8]))
+    local poll = tonumber(ARGV[8])
+    if ARGV[10] ~= '' then
+      -- W waiters for cmax slots each ask every poll * W / cmax: the asks stay near
+      -- cmax per poll however many wait. A waiter is forgotten a poll after its turn.
+      redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+      local waiting = redis.call('ZCARD', KEYS[4])
+      if not redis.call('ZSCORE', KEYS[4], ARGV[10]) then
+        waiting = waiting + 1
+      end
+      poll = poll * math.max(1, math.ceil(waiting / cmax))
+    end
+    wait = math.min(tonumber(first[2]) - now, poll)
+    if ARGV[10] ~= '' then
+      redis.call('ZADD', KEYS[4], now + wait + tonumber(ARGV[8]), ARGV[10])
+      redis.call('PEXPIRE', KEYS[4], math.ceil((wait + tonumber(ARGV[8])) / 1000) + 1000)
+    end
   end
 end
 local rn = tonumber(ARGV[1])
@@ -91,6 +111,9 @@ if rn > 0 then
   redis.call('PEXPIRE', KEYS[1], math.ceil(rwin / 1000) + 1000)
 end
 if cmax > 0 then
+  if ARGV[10] ~= '' then
+    redis.call('ZREM', KEYS[4], ARGV[10])
+  end
   local lease = tonumber(ARGV[7])
   redis.call('ZADD', KEYS[2], now + lease, ARGV[6])
   redis.call('PEXPIRE', KEYS[2], math.ceil(lease / 1000) + 1000)
@@ -133,6 +156,10 @@ def slots_key(key: str) -> str:
     return f"{KEY_PREFIX}{{{key}}}:slots"
 
 
+def waiters_key(key: str) -> str:
+    return f"{KEY_PREFIX}{{{key}}}:waiters"
+
+
 def tokens_key(key: str, window: Rate) -> str:
     return f"{KEY_PREFIX}{{{key}}}:tokens:{window.window_ms}"
 
@@ -161,7 +188,7 @@ class RedisLimiter:
 
         return cls(redis_client(url), lease_s=lease_s)
 
-    def acquire(self, limits: Limits, key: str, holder: str) -> Decision:
+    def acquire(self, limits: Limits, key: str, holder: str, waiter: str | None = None) -> Decision:
         rate, tokens = limits.rate, limits.tokens
         no_rate = Rate(1, 1.0)
         args: list[str | int] = [
@@ -174,8 +201,14 @@ class RedisLimiter:
             _us(self.lease_s),
             _us(self.poll_s),
             new_holder(),
+            waiter or "",
         ]
-        keys = [rate_key(key, rate or no_rate), slots_key(key), tokens_key(key, tokens or no_rate)]
+        keys = [
+            rate_key(key, rate or no_rate),
+            slots_key(key),
+            tokens_key(key, tokens or no_rate),
+            waiters_key(key),
+        ]
         try:
             wait_us = int(self._acquire(keys=keys, args=args))
         except Exception as exc:

@@ -78,9 +78,10 @@ def test_concurrency_slot_is_freed_by_release_or_by_its_lease(
     assert dead.acquire(limits, key, "dead").go
     assert not limiter.acquire(limits, key, "c").go
     deadline = time.monotonic() + 5
-    while not limiter.acquire(limits, key, "c").go:
+    while not (freed := limiter.acquire(limits, key, "c")).go:
         assert time.monotonic() < deadline, "the dead holder's slot was never freed"
         time.sleep(0.05)
+    release(freed.slot)
 
 
 def test_a_live_holder_keeps_its_slot_past_the_lease(client: redis.Redis, key: str) -> None:
@@ -94,7 +95,9 @@ def test_a_live_holder_keeps_its_slot_past_the_lease(client: redis.Redis, key: s
         assert not other.acquire(limits, key, "other").go
         time.sleep(0.05)
     release(decision.slot)
-    assert other.acquire(limits, key, "other").go
+    after = other.acquire(limits, key, "other")
+    assert after.go
+    release(after.slot)
 
 
 def test_token_window_sums_recorded_tokens(client: redis.Redis, key: str) -> None:
@@ -129,3 +132,22 @@ def test_redis_down_fails_closed_with_backoff() -> None:
     limits = Limits(rate=Rate(100, 1.0))
     waits = [limiter.acquire(limits, "k", "h").wait_s for _ in range(3)]
     assert waits == [OUTAGE_WAIT_S, OUTAGE_WAIT_S * 2, OUTAGE_WAIT_S * 4]
+
+
+def test_many_waiters_for_few_slots_are_told_to_ask_less_often(
+    client: redis.Redis, key: str
+) -> None:
+    """W waiters for N slots each ask every poll * W / N: the asks stay near N per poll."""
+    limiter = RedisLimiter(client, lease_s=30, poll_s=0.2)
+    limits = Limits(concurrency=2)
+    held = [limiter.acquire(limits, key, f"h{i}") for i in range(2)]
+    waits = [limiter.acquire(limits, key, f"x{i}", f"step-{i}").wait_s for i in range(6)]
+    assert waits == pytest.approx([0.2, 0.2, 0.4, 0.4, 0.6, 0.6])
+    # A waiter asking again is counted once; once served it is forgotten.
+    assert limiter.acquire(limits, key, "x0", "step-0").wait_s == pytest.approx(0.6)
+    release(held[0].slot)
+    served = limiter.acquire(limits, key, "x0", "step-0")
+    assert served.go
+    assert limiter.acquire(limits, key, "x9", "step-9").wait_s == pytest.approx(0.6)
+    for d in [*held[1:], served]:
+        release(d.slot)
