@@ -22,6 +22,7 @@ from bench import (
     distributed_throughput,
     ledger_overhead,
     ledger_scale,
+    limits,
     load,
     recovery,
     step_cost,
@@ -62,6 +63,7 @@ def main() -> int:
     ok &= section(distributed_latency.main)
     ok &= section(distributed_throughput.main)
     ok &= section(recovery.main)
+    ok &= section(limits.main)
     print("all targets met" if ok else "SOME TARGETS MISSED")
     return 0 if ok else 1
 

@@ -20,6 +20,8 @@ class NextStep:
     attempt: int = 1
     lease_expires_at: float | None = None
     lease_s: float | None = None
+    #: The node's own broker queue (None: the run's), kept with the step for re-sends.
+    queue: str | None = None
 
 
 @dataclass(frozen=True)

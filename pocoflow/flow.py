@@ -18,6 +18,7 @@ from uuid import uuid4
 from pocoflow.errors import RunSetupError, StepConflict, UnknownRunError
 from pocoflow.graph import Graph
 from pocoflow.hooks import RUN_CANCELLED, RUN_RESUMED, Hooks
+from pocoflow.limits import LimitGate, current_limiter
 from pocoflow.logging import get_logger
 from pocoflow.node import Node
 from pocoflow.recorder import RunRecorder, open_ledger
@@ -345,6 +346,8 @@ class Flow(Node):
         is_running = control._running.is_set
         signals = recorder.signal_reader()
         steps_run = 0
+        # Local runs wait in place for their limits (this process's limiter).
+        gate = LimitGate(current_limiter(), self.flow_name)
         while current is not None:
             if record:
                 requested = recorder.requested_control()
@@ -387,6 +390,7 @@ class Flow(Node):
                     record=record,
                     usage_sink=recorder.usage,
                     signals=signals,
+                    limit_gate=gate,
                 )
             except RunCancelled:
                 return self._cancelled(recorder, control, step, store, current.name)
@@ -530,6 +534,7 @@ class Flow(Node):
                 attempt=attempt,
                 cancel_probe=cancel_probe,
                 signals=signals,
+                limit_gate=self._limit_gate,
             ).action
             current = current.next_node(action)
             steps += 1

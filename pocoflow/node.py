@@ -16,11 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pocoflow.backoff import retry_delay
 from pocoflow.logging import get_logger
 from pocoflow.waiting import SignalReader, WaitingFor, check_key, check_timeout
+
+if TYPE_CHECKING:
+    from pocoflow.limits import LimitGate
 
 _log = get_logger("node")
 
@@ -57,6 +60,15 @@ class Node:
     #: Seconds one ``exec`` try may take; past it the try fails with ``TimeoutError`` and
     #: the retry policy decides (None = ``POCOFLOW_STEP_TIMEOUT``, unset = no limit).
     timeout: float | None = None
+    #: Limits shared by every caller of this node (``pocoflow.limits``): ``"10/s"``
+    #: (``/m``, ``/h``) exec starts per sliding window, calls in flight, and tokens
+    #: recorded per window; all None = unlimited.
+    rate_limit: str | None = None
+    max_concurrency: int | None = None
+    token_limit: str | None = None
+    #: Routes this node's steps to workers started with ``--queues <queue>`` (None: the
+    #: run's queue).
+    queue: str | None = None
 
     run_id: str | None = None
     step: int | None = None
@@ -71,6 +83,8 @@ class Node:
     _usage_scope: Any = None
     #: Reads the run's signals for ``wait_for``; set by the executor (None: no ledger).
     _signals: SignalReader | None = None
+    #: Set by ``run_step`` for a node with limits: every exec try passes through it.
+    _limit_gate: LimitGate | None = None
 
     def __init__(self, *, name: str | None = None) -> None:
         self._successors: dict[str, Node] = {}
@@ -158,7 +172,7 @@ class Node:
         unpriced model without a cost records ``cost_usd=None``. Returns the report."""
         from pocoflow.usage import report
 
-        return report(
+        entry = report(
             self.name,
             model=model,
             input_tokens=input_tokens,
@@ -166,6 +180,17 @@ class Node:
             cost_usd=cost_usd,
             fallback=getattr(self, "_usage_scope", None),
         )
+        if self.token_limit is not None:  # the tokens count against the window at once
+            from pocoflow.limits import record_tokens
+
+            record_tokens(self, None, entry.tokens)
+        return entry
+
+    def limit_key(self, prep_result_or_item: Any) -> str:
+        """The resource this call's limits count against (a tenant, an API key): calls
+        under one key share the limits, across nodes and flows. The default, ``""``,
+        means one key per flow and node name."""
+        return ""
 
     def cancelled(self) -> bool:
         """True once the run was cancelled: a long ``exec`` may poll this to stop early."""
@@ -210,7 +235,16 @@ class Node:
         return default_step_timeout() if limit is None else limit
 
     def _exec_once(self, prep_result: Any) -> Any:
-        """One ``exec`` try, bounded by ``exec_timeout()`` (see ``call_with_timeout``)."""
+        """One ``exec`` try, bounded by ``exec_timeout()`` (see ``call_with_timeout``),
+        started only when the node's limits allow it (the gate waits or raises
+        ``LimitWait``; the slot is given back when the try ends)."""
+        gate = self._limit_gate
+        if gate is not None:
+            with gate.entered(self, prep_result):
+                return self._exec_bounded(prep_result)
+        return self._exec_bounded(prep_result)
+
+    def _exec_bounded(self, prep_result: Any) -> Any:
         limit = self.timeout
         if limit is None:
             if _ENV_DATA is not None and _ENV_KEY not in _ENV_DATA:  # the common case
@@ -352,7 +386,8 @@ def call_with_timeout(fn: Callable[[Any], Any], arg: Any, limit: float, what: st
             box.append((False, exc))
         done.set()
 
-    # The caller's context (the usage attempt of ``report_usage``) goes with the call.
+    # The caller's context (the usage attempt of ``report_usage``, the limit key
+    # ``record_tokens`` reads) goes with the call.
     context = contextvars.copy_context()
     thread = threading.Thread(target=context.run, args=(target,), name="pocoflow-exec", daemon=True)
     thread.start()

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pocoflow.hooks import NODE_END, NODE_ERROR, NODE_START, Hooks
+from pocoflow.limits import LimitGate, LimitWait
 from pocoflow.node import Node
 from pocoflow.usage import UsageSink, recording
 from pocoflow.waiting import SignalReader
@@ -75,6 +76,7 @@ def run_step(
     try_number: int | None = None,
     usage_sink: UsageSink | None = None,
     signals: SignalReader | None = None,
+    limit_gate: LimitGate | None = None,
 ) -> StepRun:
     """Run ``node`` once against ``store``; hooks fire here, in whatever process runs it.
 
@@ -88,14 +90,24 @@ def run_step(
     ``record`` builds the ledger events; ``signals`` is what ``Node.wait_for`` reads. Raises
     ``StepError`` wrapping the node's exception; ``WaitingFor`` (a node waits for a value
     not sent yet) passes through untouched, for the executor to park the run.
+
+    ``limit_gate`` enforces the node's limits before each exec try; a non-blocking gate
+    raises ``LimitWait`` out of here (nothing ran, no try was spent). The inner nodes of
+    a sub-flow wait in place instead: sending the outer step again would re-run the
+    inner nodes before them.
     """
     if node._is_flow:
         # A sub-flow keeps its own configured run_id; its inner steps get the outer run's.
         node._outer_context = (run_id, step, attempt, cancel_probe, signals)  # type: ignore[attr-defined]
+        node._limit_gate = limit_gate.waiting() if limit_gate is not None else None
     else:
         node.run_id, node.step, node.attempt = run_id, step, attempt
         node._cancel_probe = cancel_probe
         node._signals = signals
+        if limit_gate is not None or node._limit_gate is not None:
+            node._limit_gate = (
+                limit_gate if limit_gate is not None and limit_gate.applies(node) else None
+            )
     name = node.name
     events: list[dict[str, Any]] = []
     if record:
@@ -114,7 +126,7 @@ def run_step(
                 f"Node {name!r} (step {step}): post() must return an action str or None, "
                 f"got {type(action).__name__}"
             )
-    except (RetryLater, RunCancelled):
+    except (RetryLater, RunCancelled, LimitWait):
         raise
     except Exception as exc:
         elapsed = time.perf_counter() - started
@@ -157,6 +169,8 @@ def _prep_exec_post(node: Node, store: Any, step: int, try_number: int | None) -
 def _exec_try(node: Node, prep_result: Any, try_number: int, step: int) -> Any:
     try:
         return node._exec_once(prep_result)
+    except LimitWait:
+        raise
     except Exception as exc:
         tries = max(1, int(node.max_retries))
         if try_number < tries and node.is_retryable(exc):

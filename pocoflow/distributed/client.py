@@ -118,7 +118,7 @@ def submit(
     store = as_store(store)
     db = open_ledger(settings.db_url)
     first = record_run(db, flow, store, run_id=run_id, queue=queue, lease_s=settings.lease_seconds)
-    sent = _publisher(settings).send(first, queue=queue)
+    sent = _publisher(settings).send(first, queue=flow.start.queue or queue)
     if not sent:
         _log.warning(
             "Run %s is recorded but its first step could not be published to %s yet; a "
@@ -178,7 +178,7 @@ def record_run(
         queue=queue or DEFAULT_QUEUE,
         graph_shape=shape_text(graph),
         start_events=[{"event": FLOW_START, "node_name": graph.start_id, "ts": utc_now()}],
-        first_step=NextStep(0, graph.start_id, 1, lease_s=lease_s),
+        first_step=NextStep(0, graph.start_id, 1, lease_s=lease_s, queue=flow.start.queue),
         max_tokens=flow.budget.max_tokens,
         max_cost_usd=flow.budget.max_cost_usd,
     )

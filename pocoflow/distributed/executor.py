@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import secrets
 import socket
 import threading
@@ -32,9 +33,11 @@ from pocoflow.distributed import lifecycle
 from pocoflow.distributed.control import FlagReader, redis_client
 from pocoflow.distributed.graphs import GraphCache, mismatch_message
 from pocoflow.distributed.lease import LeaseKeeper
+from pocoflow.distributed.limiter import RedisLimiter
 from pocoflow.distributed.message import MalformedMessage, StepMessage
 from pocoflow.hooks import COMMIT_REFUSED, FLOW_END, MESSAGE_MALFORMED, NODE_RETRY
 from pocoflow.ledger.signals import StepFence
+from pocoflow.limits import Limiter, LimitGate, LimitWait, use_limiter
 from pocoflow.logging import get_logger
 from pocoflow.registry import UnknownFlowError
 from pocoflow.settings import Settings
@@ -60,6 +63,8 @@ COMMITTED = "committed"
 DUPLICATE = "duplicate"  # stale attempt, already committed, or leased by another worker
 LOST = "lost"  # the lease was taken over while this attempt ran: nothing committed
 RETRY = "retry"
+#: The node's limits (rate, concurrency, tokens) said wait: sent again for later, no try spent.
+LIMITED = "limited"
 FAILED = "failed"
 REFUSED = "refused"  # unknown flow or another graph version: the run failed, resumable
 STOPPED = "stopped"  # the run had finished
@@ -78,6 +83,13 @@ LEDGER_UNREACHABLE = "ledger_unreachable"
 MAX_WAKEUPS_IN_STEP = 20
 #: Stores kept for the next step of runs this process just advanced (see keep()).
 HANDOFF_SIZE = 64
+#: A limit wait is stretched by up to this fraction at random (see _wait_for_limit).
+LIMIT_JITTER = 0.1
+
+
+def step_queue(run: dict[str, Any], node: Node | None) -> str | None:
+    """The queue a step of ``node`` goes to: the node's ``queue``, else the run's."""
+    return getattr(node, "queue", None) or run.get("queue")
 
 
 @dataclass
@@ -92,6 +104,9 @@ class WorkerContext:
     graphs: GraphCache = field(default_factory=GraphCache)
     #: Injected by tests; None = the ledger's (database) clock for leases and outbox rows.
     clock: Callable[[], float] | None = None
+    #: The limiter shared by every worker (Redis); None without a control Redis, when a
+    #: node with limits fails rather than run unlimited.
+    limiter: Limiter | None = None
     leases: LeaseKeeper = field(init=False)
     #: Where every step's ``report_usage`` calls go: a ledger row each, written at once,
     #: so a call made before this process is killed is kept.
@@ -129,11 +144,17 @@ class WorkerContext:
 
         db = open_ledger(settings.db_url)
         app = app if app is not None else create_app(settings)
+        client = redis_client(settings.redis_url) if settings.redis_url else None
+        limiter = None
+        if client is not None:
+            limiter = RedisLimiter(client, lease_s=settings.lease_seconds)
+            use_limiter(limiter)  # what a map item's gate asks in this process too
         return cls(
             db=db,
             publisher=Publisher(app, db, marker=SentMarker(db)),
-            redis=redis_client(settings.redis_url) if settings.redis_url else None,
+            redis=client,
             lease_s=settings.lease_seconds,
+            limiter=limiter,
         )
 
 
@@ -496,6 +517,7 @@ class _StepRun:
                     try_number=msg.try_number,
                     usage_sink=self.ctx.usage,
                     signals=signals,
+                    limit_gate=LimitGate(self.ctx.limiter, msg.flow, blocking=False),
                 )
             except WaitingFor as waiting:
                 stop = self._park(loaded, waiting)
@@ -507,6 +529,8 @@ class _StepRun:
                 continue
             except RetryLater as retry:
                 return self._retry(run, loaded, retry)
+            except LimitWait as wait:
+                return self._wait_for_limit(run, loaded, wait)
             except RunCancelled:
                 # A sub-flow (or an exec) stopped itself because the run was cancelled:
                 # nothing is committed, the step stays for a resume (G4).
@@ -584,7 +608,9 @@ class _StepRun:
         else:
             assert next_id is not None
             run_fields["current_node"] = following.name
-            next_step = NextStep(msg.step + 1, next_id, 1, lease_s=self.ctx.lease_s)
+            next_step = NextStep(
+                msg.step + 1, next_id, 1, lease_s=self.ctx.lease_s, queue=following.queue
+            )
         commit = StepCommit(
             run_id=msg.run_id,
             step=msg.step,
@@ -614,7 +640,7 @@ class _StepRun:
         if next_step is not None:
             self.ctx.keep(msg.run_id, msg.flow, msg.step, loaded.store, loaded.tracker)
             successor = StepMessage(msg.run_id, msg.flow, next_step.step, next_step.node_id, 1)
-            self.ctx.publisher.send(successor, queue=run.get("queue"))
+            self.ctx.publisher.send(successor, queue=step_queue(run, following))
         else:
             loaded.flow._hooks.fire(FLOW_END, msg.step + 1, loaded.store)
         return COMMITTED
@@ -634,10 +660,7 @@ class _StepRun:
             ts=utc_now(),
         )
         self._end(RETRY, error)
-        lease = self.ctx.lease_s + retry.delay
-        new_attempt = db.take_over(
-            msg.run_id, msg.step, msg.attempt, lease, holder=self.holder, due_in=retry.delay
-        )
+        new_attempt = self._send_again(run, loaded, retry.next_try, retry.delay)
         if new_attempt is None:
             return LOST
         _log.info(
@@ -650,10 +673,42 @@ class _StepRun:
             retry.delay,
             new_attempt,
         )
-        self.ctx.publisher.send(
-            msg.retry(retry.next_try, new_attempt), queue=run.get("queue"), countdown=retry.delay
-        )
         return RETRY
+
+    def _wait_for_limit(self, run: dict[str, Any], loaded: _Loaded, wait: LimitWait) -> str:
+        """The node's limits refused the call: hold no worker, send the step again for
+        when it may start, under a new attempt with the same try (no retry is spent)."""
+        msg = self.msg
+        self._end(LIMITED, str(wait))
+        # A little jitter so the waiters of one key do not all come back at one instant.
+        delay = wait.wait_s * (1 + random.random() * LIMIT_JITTER)
+        if self._send_again(run, loaded, msg.try_number, delay) is None:
+            return LOST
+        _log.debug("Step %d of run %s: %s", msg.step, msg.run_id, wait)
+        return LIMITED
+
+    def _send_again(
+        self, run: dict[str, Any], loaded: _Loaded, try_number: int, delay: float
+    ) -> int | None:
+        """Re-queue this step as try ``try_number`` under the next attempt, due in
+        ``delay`` s; the lease covers the delay so the sweeper leaves the waiting step
+        alone. None when this holder lost the step meanwhile."""
+        msg = self.msg
+        new_attempt = self.db.take_over(
+            msg.run_id,
+            msg.step,
+            msg.attempt,
+            self.ctx.lease_s + delay,
+            holder=self.holder,
+            due_in=delay,
+        )
+        if new_attempt is not None:
+            self.ctx.publisher.send(
+                msg.retry(try_number, new_attempt),
+                queue=step_queue(run, loaded.node),
+                countdown=delay,
+            )
+        return new_attempt
 
     def _fail(
         self, error_msg: str, events: list[dict[str, Any]] | None = None, *, refused: bool = False

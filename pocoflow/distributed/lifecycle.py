@@ -226,7 +226,7 @@ def requeue_outstanding(
                 taken = seen["attempt"]
             attempt = taken
         message = StepMessage(run_id, run["flow_name"], step, node_id, attempt)
-        publisher.send(message, queue=queue or run.get("queue"))
+        publisher.send(message, queue=queue or row.get("queue") or run.get("queue"))
         _log.info("Run %s: step %d (%s) re-enqueued as attempt %d", run_id, step, node_id, attempt)
         return Outstanding(message)
     return Outstanding()

@@ -171,7 +171,7 @@ def sweep(
             continue
         message = _message(db, run, row, row["attempt"])
         _log.info("Resending unsent step %d of run %s", row["step"], row["run_id"])
-        if publish(message, queue=run.get("queue"), **_rest_of_backoff(row, now)):
+        if publish(message, queue=_queue(run, row), **_rest_of_backoff(row, now)):
             report.resent.append((row["run_id"], row["step"]))
 
     report.woken = _wake_timed_out(db, publish, lease_s, injected)
@@ -218,7 +218,7 @@ def sweep(
             )
             later = _rest_of_backoff(row, now)
             message = _message(db, run, row, row["attempt"])
-            if publish(message, queue=run.get("queue"), **later):
+            if publish(message, queue=_queue(run, row), **later):
                 report.resent.append((row["run_id"], row["step"]))
 
     expired = db.expired_steps(now=now)
@@ -263,7 +263,7 @@ def sweep(
                     row["attempt"],
                     now - row["queued_at"],
                 )
-                if publish(_message(db, run, row, row["attempt"]), queue=run.get("queue")):
+                if publish(_message(db, run, row, row["attempt"]), queue=_queue(run, row)):
                     report.resent.append((row["run_id"], row["step"]))
             continue
         if not judge_holders:
@@ -363,7 +363,7 @@ def _recover(
         attempt=new_attempt,
         try_number=retries + 1,
     )
-    publish(message, queue=run.get("queue"))
+    publish(message, queue=_queue(run, row))
 
 
 def _wake_timed_out(
@@ -433,6 +433,11 @@ def _rest_of_backoff(row: dict[str, Any], now: float) -> dict[str, float]:
     at once."""
     wait = row["queued_at"] - now
     return {"countdown": wait} if wait > 0 else {}
+
+
+def _queue(run: dict[str, Any], row: dict[str, Any]) -> str | None:
+    """The step's own queue (its node's ``queue``), else the run's."""
+    return row.get("queue") or run.get("queue")
 
 
 def _message(db: WorkflowDB, run: dict[str, Any], row: dict[str, Any], attempt: int) -> StepMessage:

@@ -252,7 +252,11 @@ def queued_page(
     and queue, in key order after ``after``: what a broker that lost its messages must
     get again. Keyset pages, so 10,000 lost messages cost a few queries, not 10,000."""
     stmt = (
-        select(pf_steps, _r.flow_name, _r.queue)
+        select(
+            *(c for c in pf_steps.c if c.name != "queue"),
+            _r.flow_name,
+            func.coalesce(_s.queue, _r.queue).label("queue"),  # the step's own, else the run's
+        )
         .join(pf_runs, _r.run_id == _s.run_id)
         .where(
             _s.status == "queued",
@@ -270,16 +274,24 @@ def queued_page(
 
 
 def queue_names(conn: Connection, default: str) -> list[str]:
-    """Broker queues the queued steps of live runs went to (``default`` for NULL)."""
-    stmt = (
+    """Broker queues the queued steps of live runs went to (``default`` for NULL): the
+    runs' queues, and the queues of nodes that name their own (``Node.queue``)."""
+    live = _r.status.in_(("queued", "running"))
+    runs = (
         select(func.coalesce(_r.queue, default))
         .where(
-            _r.status.in_(("queued", "running")),
+            live,
             select(_s.run_id).where(_s.run_id == _r.run_id, _s.status == "queued").exists(),
         )
         .distinct()
     )
-    return sorted({default, *conn.execute(stmt).scalars()})
+    own = (
+        select(_s.queue)
+        .join(pf_runs, _r.run_id == _s.run_id)
+        .where(live, _s.status == "queued", _s.queue.is_not(None))
+        .distinct()
+    )
+    return sorted({default, *conn.execute(runs).scalars(), *conn.execute(own).scalars()})
 
 
 def crashes(attempts: list[dict[str, Any]], step: int) -> tuple[int, int]:

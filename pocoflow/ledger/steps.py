@@ -230,6 +230,7 @@ def successor_op(dialect: str, run_id: str, nxt: NextStep, now: float | None) ->
     the batch is sent whole before the fence's row count is seen; the conflict must then
     be a clean loss (rolled back, reported False), not a primary-key error."""
     row = _row(run_id, nxt.step, nxt.node_id, nxt.attempt, nxt.lease_expires_at, nxt.lease_s, now)
+    row["queue"] = nxt.queue
     return Op(_insert_outbox(dialect), row, must_hit_one=True)
 
 
@@ -259,6 +260,7 @@ def _row(
         "expires": expires,
         "lease_s": lease_s,
         "now": now,
+        "queue": None,
     }
 
 

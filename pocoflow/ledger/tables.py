@@ -4,8 +4,9 @@ This is the schema at the head revision; the migrations in ``migrations/versions
 the same thing step by step (0001 = the pocoflow 0.2.1 schema, 0002 = our additions,
 0003 = distributed run queue/shape and attempt task ids, 0004 = worker liveness and who
 received a step's message, 0005 = the partial indexes that keep the sweeper's cost
-independent of how many finished runs the ledger holds, 0008 = usage rows and run
-budgets, 0009 = the values sent to runs that wait for them: ``wait_for``/``send``), and
+independent of how many finished runs the ledger holds, 0007 = the queue of each step,
+0008 = usage rows and run budgets, 0009 = the values sent to runs that wait for them:
+``wait_for``/``send``), and
 a test compares the two. The 0.2 table and column names are kept so 0.2 readers (the
 Streamlit monitor, users' SQL) keep working.
 
@@ -181,6 +182,10 @@ pf_steps = Table(
     # 0004: the worker process (``pf_workers.worker_id``) holding this attempt's message
     # in its prefetch buffer or countdown; if that process dies it is sent again (G3).
     Column("received_by", Text),
+    # 0007: the broker queue of this step's node (``Node.queue``); NULL = the run's queue.
+    # Kept with the step because a re-send (sweeper, resume) must route it as its first
+    # send did, and the sending process need not have the flow's graph.
+    Column("queue", Text),
     PrimaryKeyConstraint("run_id", "step", name="pk_pf_steps"),
     CheckConstraint(_in("status", STEP_STATUSES), name="ck_pf_steps_status"),
     _run_fk("pf_steps"),

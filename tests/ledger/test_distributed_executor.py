@@ -357,3 +357,51 @@ def test_a_run_stranded_between_failing_its_step_and_itself_can_be_resumed(db: A
     assert lifecycle.fail_run(db, first.run_id, "boom", step=0, attempt=1, holder="h:1")
     db.update_run(first.run_id, status="running")
     assert _stranded(db, first.run_id, db.get_run(first.run_id))
+
+
+class FailsOnceLimited(Node):
+    """``rate_limit`` 1 a minute, 3 tries; its first exec fails."""
+
+    rate_limit = "1/m"
+    max_retries = 3
+    calls: list[int] = []
+
+    def exec(self, prep_result: Any) -> str:
+        FailsOnceLimited.calls.append(self.attempt)
+        if len(FailsOnceLimited.calls) == 1:
+            raise ValueError("first try fails")
+        return "ok"
+
+
+@flow("exec_limited")
+def limited() -> Flow:
+    return Flow(start=FailsOnceLimited())
+
+
+def test_a_limit_wait_gives_the_step_back_without_spending_a_try(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    """Try 2 is refused by the rate limit: it ends as ``limited`` and comes back as try 2
+    (a new attempt, a countdown of the wait, a lease covering it); nothing ran."""
+    from pocoflow.limits import LocalLimiter
+
+    clock = [1000.0]
+    ctx.limiter = LocalLimiter(lambda: clock[0])
+    FailsOnceLimited.calls.clear()
+    first = start(db, "exec_limited")
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "retry"
+    ((second, _),) = publish.sent
+    publish.take()
+    assert (second.try_number, second.attempt) == (2, 2)
+    before = db.clock()
+    assert execute_step(second.to_dict(), worker_id="h:1", context=ctx) == "limited"
+    ((third, sent),) = publish.sent
+    publish.take()
+    assert (third.try_number, third.attempt) == (2, 3)
+    assert 60 <= sent["countdown"] <= 66  # the wait, plus up to 10% jitter
+    assert db.get_step(first.run_id, 0)["lease_expires_at"] >= before + 60 + LEASE_S
+    assert FailsOnceLimited.calls == [1]  # the refused try never reached exec
+    clock[0] += 60
+    assert execute_step(third.to_dict(), worker_id="h:1", context=ctx) == "committed"
+    outcomes = [a["outcome"] for a in db.get_attempts(first.run_id)]
+    assert outcomes == ["retry", "limited", "committed"]

@@ -15,6 +15,7 @@ from pocoflow.distributed import lifecycle
 from pocoflow.distributed.client import record_run
 from pocoflow.distributed.message import StepMessage
 from pocoflow.distributed.sweeper import REQUEUE_AFTER_S, UNSENT_GRACE_S, sweep
+from pocoflow.ledger import liveness
 from pocoflow.registry import build_flow
 from pocoflow.store import Store
 
@@ -64,6 +65,33 @@ def test_an_unsent_row_is_sent_after_the_grace_period(db: Any) -> None:
     assert report.resent == [(first.run_id, 0)]
     assert sent.messages == [(first, "gpu")]  # same attempt, the run's queue
     assert not sweep(db, sent, lease_s=LEASE_S, now=t0 + UNSENT_GRACE_S + 0.2)  # marked sent
+
+
+class OnGpu(Node):
+    queue = "gpu"
+
+
+@flow("sweep_gpu")
+def gpu_first() -> Flow:
+    start = OnGpu(name="g")
+    start.then("default", Noop(name="b"))
+    return Flow(start=start)
+
+
+def test_a_node_queue_is_kept_with_its_step_for_every_resend(db: Any) -> None:
+    """``Node.queue`` routes the step's first send and every re-send: the sweeper's, the
+    bulk one after a broker loss, and a resume's, from the step row, not the graph."""
+    first = record_run(db, build_flow("sweep_gpu"), Store({}), queue="cpu", lease_s=LEASE_S)
+    t0 = db.get_step(first.run_id, 0)["queued_at"]
+    assert db.get_step(first.run_id, 0)["queue"] == "gpu"
+    sent = Sent(db)
+    sweep(db, sent, lease_s=LEASE_S, now=t0 + UNSENT_GRACE_S + 0.1)
+    assert sent.messages == [(first, "gpu")]
+    page = liveness.queued_steps(db, None, 10)
+    assert [(r["step"], r["queue"]) for r in page] == [(0, "gpu")]
+    assert liveness.queues_in_use(db, "pocoflow") == ["cpu", "gpu", "pocoflow"]
+    lifecycle.requeue_outstanding(db, first.run_id, sent, lease_s=LEASE_S)
+    assert sent.messages[-1][1] == "gpu"
 
 
 def test_an_expired_lease_is_taken_over_under_a_new_attempt(db: Any) -> None:

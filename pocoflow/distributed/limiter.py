@@ -1,0 +1,290 @@
+"""The limiter every worker shares: node limits kept in Redis, one Lua script per decision.
+
+Each decision is ONE ``EVALSHA`` round trip that reads the Redis server's clock
+(``TIME``, never a worker's), prunes, checks all three limits and, when the call may
+start, records it, so two workers can never both take the last place. Keys, all under
+one hash tag per limit key (``{key}``) so a Redis Cluster keeps them on one node:
+
+- ``pocoflow:limit:{key}:rate:<window ms>``: ZSET of start times (us), an exact sliding
+  log: a start is allowed while fewer than N starts lie in the last window; the wait is
+  the time until the oldest counted one leaves it.
+- ``pocoflow:limit:{key}:slots``: ZSET holder -> lease expiry (us). Expired entries are
+  pruned by the same script, so the slot of a worker killed with -9 is free once its
+  lease (``POCOFLOW_LEASE_SECONDS``) runs out; a live holder renews it every lease/3
+  from one thread per process, and releases it when the call ends.
+- ``pocoflow:limit:{key}:tokens:<window ms>``: ZSET ``<id>:<tokens>`` -> time (us); the
+  script sums the window (one entry per recorded call).
+- ``pocoflow:limit:{key}:waiters``: ZSET waiter -> when it is forgotten. Nobody knows
+  when a slot frees, so a refused caller asks again later; with W waiters (a step is
+  one, whatever its attempt) for N slots each is told to ask again in ``poll * W / N``,
+  so 1,000 steps waiting for 3 slots cost about 3 asks (a ledger write and a message
+  each) per poll, not 1,000.
+
+While Redis cannot be reached the limits fail closed: a decision answers "wait" with a
+backoff (0.5 s doubling to 15 s) and a warning, so a limited node never runs unlimited;
+workers send the step again for then, as for any limit wait.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from pocoflow.limits import CONCURRENCY_POLL_S, Decision, Limits, Rate, Slot, new_holder
+from pocoflow.logging import get_logger
+
+if TYPE_CHECKING:
+    import redis
+
+_log = get_logger("distributed.limiter")
+
+KEY_PREFIX = "pocoflow:limit:"
+#: First wait after Redis failed to answer a decision, doubled per failure up to the cap.
+OUTAGE_WAIT_S = 0.5
+OUTAGE_WAIT_CAP_S = 15.0
+
+# KEYS: rate, slots, tokens, waiters. ARGV: rate count, rate window us, max concurrency,
+# token limit, token window us, holder, slot lease us, concurrency poll us, rate entry id,
+# waiter id ("" = none). A 0 turns a limit off. Returns 0 (go) or the wait in us.
+ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local wait = 0
+local cmax = tonumber(ARGV[3])
+if cmax > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if not redis.call('ZSCORE', KEYS[2], ARGV[6]) and redis.call('ZCARD', KEYS[2]) >= cmax then
+    local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    local poll = tonumber(ARGV[8])
+    if ARGV[10] ~= '' then
+      -- W waiters for cmax slots each ask every poll * W / cmax: the asks stay near
+      -- cmax per poll however many wait. A waiter is forgotten a poll after its turn.
+      redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+      local waiting = redis.call('ZCARD', KEYS[4])
+      if not redis.call('ZSCORE', KEYS[4], ARGV[10]) then
+        waiting = waiting + 1
+      end
+      poll = poll * math.max(1, math.ceil(waiting / cmax))
+    end
+    wait = math.min(tonumber(first[2]) - now, poll)
+    if ARGV[10] ~= '' then
+      redis.call('ZADD', KEYS[4], now + wait + tonumber(ARGV[8]), ARGV[10])
+      redis.call('PEXPIRE', KEYS[4], math.ceil((wait + tonumber(ARGV[8])) / 1000) + 1000)
+    end
+  end
+end
+local rn = tonumber(ARGV[1])
+local rwin = tonumber(ARGV[2])
+if rn > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - rwin)
+  local n = redis.call('ZCARD', KEYS[1])
+  if n >= rn then
+    local edge = redis.call('ZRANGE', KEYS[1], n - rn, n - rn, 'WITHSCORES')
+    wait = math.max(wait, tonumber(edge[2]) + rwin - now)
+  end
+end
+local tl = tonumber(ARGV[4])
+if tl > 0 then
+  local twin = tonumber(ARGV[5])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - twin)
+  local entries = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+  local total = 0
+  for i = 1, #entries, 2 do
+    total = total + tonumber(string.match(entries[i], ':(%d+)$'))
+  end
+  if total >= tl then
+    for i = 1, #entries, 2 do
+      total = total - tonumber(string.match(entries[i], ':(%d+)$'))
+      if total < tl then
+        wait = math.max(wait, tonumber(entries[i + 1]) + twin - now)
+        break
+      end
+    end
+  end
+end
+if wait > 0 then
+  return math.max(1, math.ceil(wait))
+end
+if rn > 0 then
+  redis.call('ZADD', KEYS[1], now, ARGV[9])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(rwin / 1000) + 1000)
+end
+if cmax > 0 then
+  if ARGV[10] ~= '' then
+    redis.call('ZREM', KEYS[4], ARGV[10])
+  end
+  local lease = tonumber(ARGV[7])
+  redis.call('ZADD', KEYS[2], now + lease, ARGV[6])
+  redis.call('PEXPIRE', KEYS[2], math.ceil(lease / 1000) + 1000)
+end
+return 0
+"""
+
+# KEYS: slots. ARGV: holder, lease us. 1 if the holder still had its slot (renewed).
+RENEW = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return 0
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local lease = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(lease / 1000) + 1000)
+return 1
+"""
+
+# KEYS: tokens. ARGV: entry "<id>:<tokens>", window us.
+RECORD_TOKENS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) / 1000) + 1000)
+return 1
+"""
+
+
+def _us(seconds: float) -> int:
+    return max(1, round(seconds * 1_000_000))
+
+
+def rate_key(key: str, window: Rate) -> str:
+    return f"{KEY_PREFIX}{{{key}}}:rate:{window.window_ms}"
+
+
+def slots_key(key: str) -> str:
+    return f"{KEY_PREFIX}{{{key}}}:slots"
+
+
+def waiters_key(key: str) -> str:
+    return f"{KEY_PREFIX}{{{key}}}:waiters"
+
+
+def tokens_key(key: str, window: Rate) -> str:
+    return f"{KEY_PREFIX}{{{key}}}:tokens:{window.window_ms}"
+
+
+class RedisLimiter:
+    """``pocoflow.limits.Limiter`` on Redis, shared by every worker and process."""
+
+    def __init__(
+        self, client: redis.Redis, *, lease_s: float, poll_s: float = CONCURRENCY_POLL_S
+    ) -> None:
+        self.client = client
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self._acquire = client.register_script(ACQUIRE)
+        self._renew = client.register_script(RENEW)
+        self._record = client.register_script(RECORD_TOKENS)
+        self._failures = 0
+        self._held: dict[str, Slot] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    @classmethod
+    def from_url(cls, url: str, *, lease_s: float) -> RedisLimiter:
+        from pocoflow.distributed.control import redis_client
+
+        return cls(redis_client(url), lease_s=lease_s)
+
+    def acquire(self, limits: Limits, key: str, holder: str, waiter: str | None = None) -> Decision:
+        rate, tokens = limits.rate, limits.tokens
+        no_rate = Rate(1, 1.0)
+        args: list[str | int] = [
+            rate.count if rate else 0,
+            _us(rate.window_s) if rate else 0,
+            limits.concurrency or 0,
+            tokens.count if tokens else 0,
+            _us(tokens.window_s) if tokens else 0,
+            holder,
+            _us(self.lease_s),
+            _us(self.poll_s),
+            new_holder(),
+            waiter or "",
+        ]
+        keys = [
+            rate_key(key, rate or no_rate),
+            slots_key(key),
+            tokens_key(key, tokens or no_rate),
+            waiters_key(key),
+        ]
+        try:
+            wait_us = int(self._acquire(keys=keys, args=args))
+        except Exception as exc:
+            return self._outage(key, exc)
+        self._failures = 0
+        if wait_us > 0:
+            return Decision(wait_s=wait_us / 1_000_000)
+        if limits.concurrency is None:
+            return Decision()
+        slot = Slot(key, holder, self)
+        self._keep(slot)
+        return Decision(slot=slot)
+
+    def release(self, slot: Slot) -> None:
+        with self._lock:
+            self._held.pop(slot.holder, None)
+        try:
+            self.client.zrem(slots_key(slot.key), slot.holder)
+        except Exception as exc:  # the slot's lease frees it soon enough
+            _log.warning("Could not release limit slot of %r: %s", slot.key, exc)
+
+    def record_tokens(self, window: Rate, key: str, tokens: int) -> None:
+        entry = f"{new_holder()}:{int(tokens)}"
+        try:
+            self._record(keys=[tokens_key(key, window)], args=[entry, _us(window.window_s)])
+        except Exception as exc:
+            _log.warning("Could not record %d tokens under limit key %r: %s", tokens, key, exc)
+
+    def renew(self, slot: Slot) -> bool:
+        """Extend the slot's lease; False when it was lost (it expired meanwhile)."""
+        try:
+            return bool(
+                self._renew(keys=[slots_key(slot.key)], args=[slot.holder, _us(self.lease_s)])
+            )
+        except Exception as exc:  # Redis blinked: next beat tries again
+            _log.warning("Could not renew limit slot of %r: %s", slot.key, exc)
+            return True
+
+    # ── fail closed while Redis is away ──────────────────────────────────────
+
+    def _outage(self, key: str, exc: Exception) -> Decision:
+        wait = min(OUTAGE_WAIT_S * 2**self._failures, OUTAGE_WAIT_CAP_S)
+        self._failures += 1
+        _log.warning(
+            "Limiter: Redis did not answer for limit key %r (%s); the call waits %.1fs "
+            "(limits fail closed)",
+            key,
+            exc,
+            wait,
+        )
+        return Decision(wait_s=wait)
+
+    # ── slot renewal: one thread per process ────────────────────────────────
+
+    def _keep(self, slot: Slot) -> None:
+        with self._lock:
+            self._held[slot.holder] = slot
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._renew_loop, name="pocoflow-limit-slots", daemon=True
+                )
+                self._thread.start()
+
+    def _renew_loop(self) -> None:
+        wake = threading.Event()
+        while True:
+            wake.wait(self.lease_s / 3)
+            with self._lock:
+                held = list(self._held.values())
+            for slot in held:
+                if not self.renew(slot):
+                    _log.warning(
+                        "Limit slot of %r (holder %s) expired before its call ended",
+                        slot.key,
+                        slot.holder,
+                    )
+                    with self._lock:
+                        self._held.pop(slot.holder, None)

@@ -1,0 +1,371 @@
+"""Node limits shared by every caller: ``rate_limit``, ``max_concurrency``, ``token_limit``.
+
+A node states its limits as class attributes; ``limit_key(prep_result_or_item)`` names
+the resource they protect (a tenant, an API key). Before each ``exec`` try the executor
+asks a ``Limiter`` for a ``Decision``: go (with a concurrency ``Slot`` to release after
+the call) or the number of seconds to wait before asking again. The semantics:
+
+- ``rate_limit = "10/s"`` (``/m``, ``/h``, or ``"5/2s"``): at most 10 calls START in any
+  sliding window of that length (an exact log of start times, no fixed buckets).
+- ``max_concurrency = 3``: at most 3 calls in flight; a slot is leased, so a slot of a
+  caller that died is freed when its lease runs out.
+- ``token_limit = "100000/m"``: a call may start only while the tokens recorded
+  (``record_tokens``) in the last window are below the limit.
+
+Calls with the same key share one concurrency pool; rate and token logs are shared by
+calls with the same key AND the same window length. This module is pure (stdlib only):
+the in-process ``LocalLimiter`` serves local runs, ``pocoflow.distributed.limiter``
+holds the Redis one that every worker shares.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import re
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from pocoflow.node import Node
+
+__all__ = [
+    "Decision",
+    "LimitGate",
+    "LimitWait",
+    "Limiter",
+    "Limits",
+    "LocalLimiter",
+    "Rate",
+    "Slot",
+    "acquire",
+    "current_limiter",
+    "limit_key_of",
+    "limits_of",
+    "parse_rate",
+    "record_tokens",
+    "release",
+    "use_limiter",
+]
+
+#: How long a caller refused for want of a concurrency slot waits before asking again
+#: (nobody can know when a slot frees; a slot whose lease ends sooner shortens it).
+CONCURRENCY_POLL_S = 0.2
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*(?:\.\d+)?)\s*([smh])\s*$")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``count`` per ``window_s`` seconds, parsed from ``"10/s"``, ``"100/m"``, ``"5/2s"``."""
+
+    count: int
+    window_s: float
+
+    @property
+    def window_ms(self) -> int:
+        return max(1, round(self.window_s * 1000))
+
+
+def parse_rate(text: str, what: str = "rate_limit") -> Rate:
+    """Parse ``"N/s"``, ``"N/m"``, ``"N/h"`` or ``"N/<number><unit>"``; a bad text raises
+    ``ValueError`` naming ``what`` and the accepted forms."""
+    match = _RATE.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(
+            f"{what} must look like '10/s', '100/m', '5/h' or '5/2s' (count per window), "
+            f"got {text!r}"
+        )
+    count, length, unit = match.groups()
+    window = (float(length) if length else 1.0) * _UNITS[unit]
+    if int(count) < 1 or window <= 0:
+        raise ValueError(f"{what} needs a count >= 1 and a window > 0, got {text!r}")
+    return Rate(int(count), window)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A node's parsed limits (None = that limit is off)."""
+
+    rate: Rate | None = None
+    concurrency: int | None = None
+    tokens: Rate | None = None
+
+
+def limits_of(node: Node) -> Limits | None:
+    """The node's limits, or None when it sets none (the common case, kept cheap: the
+    parse is cached per distinct attribute values). A bad value raises ``ValueError``
+    naming the node."""
+    raw = (
+        getattr(node, "rate_limit", None),
+        getattr(node, "max_concurrency", None),
+        getattr(node, "token_limit", None),
+    )
+    if raw == (None, None, None):
+        return None
+    try:
+        return _parse_limits(*raw)
+    except ValueError as exc:
+        raise ValueError(f"Node {node.name!r}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_limits(rate: Any, concurrency: Any, tokens: Any) -> Limits:
+    if concurrency is not None and (
+        not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1
+    ):
+        raise ValueError(f"max_concurrency must be an int >= 1, got {concurrency!r}")
+    return Limits(
+        rate=parse_rate(rate, "rate_limit") if rate is not None else None,
+        concurrency=concurrency,
+        tokens=parse_rate(tokens, "token_limit") if tokens is not None else None,
+    )
+
+
+def limit_key_of(node: Node, prep_result_or_item: Any, flow_name: str | None) -> str:
+    """The key the node's limits are counted under: ``node.limit_key(...)``, or, when it
+    returns an empty string (the default), one key per flow and node name."""
+    key = node.limit_key(prep_result_or_item)
+    if not isinstance(key, str):
+        raise TypeError(f"Node {node.name!r}: limit_key() must return a str, got {key!r}")
+    return key or f"{flow_name or ''}/{node.name}"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A concurrency slot held under ``holder`` for ``key``; give it back with
+    ``release(slot)``. ``limiter`` is who granted it (and renews it meanwhile)."""
+
+    key: str
+    holder: str
+    limiter: Limiter = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """``wait_s == 0``: the call may start now (holding ``slot`` when the node has a
+    ``max_concurrency``); otherwise ask again in ``wait_s`` seconds."""
+
+    wait_s: float = 0.0
+    slot: Slot | None = None
+
+    @property
+    def go(self) -> bool:
+        return self.wait_s <= 0
+
+
+class Limiter(Protocol):
+    """Decides whether a call may start; each decision is atomic across its callers."""
+
+    def acquire(self, limits: Limits, key: str, holder: str, waiter: str | None = None) -> Decision:
+        """``holder`` names this call's slot (unique per call); ``waiter`` names who asks
+        again after a refusal (a step, a map item: stable across its re-sends), so a
+        limiter can spread the asks of many waiters."""
+        ...
+
+    def release(self, slot: Slot) -> None: ...
+
+    def record_tokens(self, window: Rate, key: str, tokens: int) -> None: ...
+
+
+class LimitWait(Exception):
+    """The call may not start yet: ask again in ``wait_s`` seconds. Raised only by a
+    non-blocking gate (workers), so the step is sent again for later instead of holding
+    a worker; never treated as a failure of ``exec`` (no retry is spent on it)."""
+
+    def __init__(self, node_name: str, key: str, wait_s: float) -> None:
+        super().__init__(f"node {node_name!r} is limited (key {key!r}): wait {wait_s:.3f}s")
+        self.node_name = node_name
+        self.key = key
+        self.wait_s = wait_s
+
+
+# ── the in-process backend ───────────────────────────────────────────────────
+
+
+class LocalLimiter:
+    """The limiter of local runs: one process, any number of threads (background runs,
+    map items). The same rules as the Redis limiter, on the injectable ``clock``."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.clock = clock
+        #: How a blocking gate waits with this limiter (a test's fake clock advances).
+        self.sleep = sleep
+        self._lock = threading.Lock()
+        self._starts: dict[tuple[str, float], deque[float]] = {}
+        self._tokens: dict[tuple[str, float], deque[tuple[float, int]]] = {}
+        self._slots: dict[str, set[str]] = {}
+
+    def acquire(self, limits: Limits, key: str, holder: str, waiter: str | None = None) -> Decision:
+        # Local waiters are threads that sleep: their asks cost no ledger write, so the
+        # poll is not spread by waiter here.
+        with self._lock:
+            now = self.clock()
+            wait = 0.0
+            if limits.concurrency is not None:
+                held = self._slots.get(key, set())
+                if holder not in held and len(held) >= limits.concurrency:
+                    wait = CONCURRENCY_POLL_S
+            if limits.rate is not None:
+                starts = self._log(self._starts, key, limits.rate, now)
+                if len(starts) >= limits.rate.count:
+                    wait = max(wait, starts[-limits.rate.count] + limits.rate.window_s - now)
+            if limits.tokens is not None:
+                wait = max(wait, self._token_wait(key, limits.tokens, now))
+            if wait > 0:
+                return Decision(wait_s=wait)
+            if limits.rate is not None:
+                self._starts[(key, limits.rate.window_s)].append(now)
+            if limits.concurrency is None:
+                return Decision()
+            self._slots.setdefault(key, set()).add(holder)
+            return Decision(slot=Slot(key, holder, self))
+
+    def release(self, slot: Slot) -> None:
+        with self._lock:
+            self._slots.get(slot.key, set()).discard(slot.holder)
+
+    def record_tokens(self, window: Rate, key: str, tokens: int) -> None:
+        with self._lock:
+            log = self._tokens.setdefault((key, window.window_s), deque())
+            log.append((self.clock(), int(tokens)))
+
+    def _log(self, logs: dict, key: str, rate: Rate, now: float) -> deque:
+        log = logs.setdefault((key, rate.window_s), deque())
+        while log and log[0] <= now - rate.window_s:
+            log.popleft()
+        return log
+
+    def _token_wait(self, key: str, window: Rate, now: float) -> float:
+        log = self._tokens.setdefault((key, window.window_s), deque())
+        while log and log[0][0] <= now - window.window_s:
+            log.popleft()
+        total = sum(tokens for _, tokens in log)
+        if total < window.count:
+            return 0.0
+        for at, tokens in log:  # oldest first: when enough have left the window
+            total -= tokens
+            if total < window.count:
+                return at + window.window_s - now
+        return 0.0  # pragma: no cover  (total reaches 0 < count)
+
+
+# ── the process's limiter and the small API MapNode and usage call ──────────
+
+_limiter: Limiter = LocalLimiter()
+#: (limits, key) of the call in progress in this context: ``record_tokens`` defaults to it.
+_current: contextvars.ContextVar[tuple[Limits, str] | None] = contextvars.ContextVar(
+    "pocoflow_limit_call", default=None
+)
+
+
+def use_limiter(limiter: Limiter) -> Limiter:
+    """Make ``limiter`` the one this process asks (workers install the Redis limiter at
+    start-up); returns the previous one."""
+    global _limiter
+    previous, _limiter = _limiter, limiter
+    return previous
+
+
+def current_limiter() -> Limiter:
+    return _limiter
+
+
+def new_holder() -> str:
+    return secrets.token_hex(8)
+
+
+def acquire(
+    node: Node, key: str, *, waiter: str | None = None, limiter: Limiter | None = None
+) -> Decision:
+    """One decision for one ``exec`` call of ``node`` under ``key`` (a map item's gate;
+    ``waiter``: the item, e.g. ``f"{run_id}:{step}:{index}"``). A node without limits
+    always goes; ``release(decision.slot)`` after the call."""
+    limits = limits_of(node)
+    if limits is None:
+        return Decision()
+    return (limiter or _limiter).acquire(limits, key, new_holder(), waiter)
+
+
+def release(slot: Slot | None) -> None:
+    """Give a concurrency slot back (None: nothing to do)."""
+    if slot is not None:
+        slot.limiter.release(slot)
+
+
+def record_tokens(
+    node: Node, key: str | None, tokens: int, *, limiter: Limiter | None = None
+) -> None:
+    """Count ``tokens`` against the node's ``token_limit`` under ``key`` (None: the key of
+    the call in progress). A node without a token limit records nothing."""
+    limits = limits_of(node)
+    if limits is None or limits.tokens is None or tokens <= 0:
+        return
+    if key is None:
+        call = _current.get()
+        if call is None:
+            return
+        key = call[1]
+    (limiter or _limiter).record_tokens(limits.tokens, key, tokens)
+
+
+@dataclass
+class LimitGate:
+    """What ``Node._exec_once`` passes each try through. ``blocking`` (local runs, and
+    nodes inside a sub-flow) sleeps until the call may start; otherwise (a worker's step)
+    a wait raises ``LimitWait`` and the executor sends the step again for later.
+    ``limiter=None`` means no shared limiter is configured: a limited node then fails
+    with an error naming the setting rather than run unlimited."""
+
+    limiter: Limiter | None
+    flow_name: str | None
+    blocking: bool = True
+
+    def applies(self, node: Node) -> bool:
+        return limits_of(node) is not None
+
+    def waiting(self) -> LimitGate:
+        return LimitGate(self.limiter, self.flow_name, True)
+
+    @contextmanager
+    def entered(self, node: Node, prep_result: Any) -> Iterator[None]:
+        limits = limits_of(node)
+        if limits is None:
+            yield
+            return
+        if self.limiter is None:
+            raise RuntimeError(
+                f"Node {node.name!r} has limits but this process has no shared limiter: "
+                "set POCOFLOW_REDIS_URL (a redis:// URL) for the workers"
+            )
+        key = limit_key_of(node, prep_result, self.flow_name)
+        holder = new_holder()
+        waiter = f"{node.run_id}:{node.step}" if node.run_id is not None else None
+        while True:
+            decision = self.limiter.acquire(limits, key, holder, waiter)
+            if decision.go:
+                break
+            if not self.blocking:
+                raise LimitWait(node.name, key, decision.wait_s)
+            if node.cancelled():
+                from pocoflow.step import RunCancelled
+
+                raise RunCancelled(f"run cancelled while node {node.name!r} waited for its limit")
+            getattr(self.limiter, "sleep", time.sleep)(decision.wait_s)
+        token = _current.set((limits, key))
+        try:
+            yield
+        finally:
+            _current.reset(token)
+            release(decision.slot)

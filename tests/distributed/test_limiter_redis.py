@@ -1,0 +1,153 @@
+"""The Redis limiter's Lua scripts against a real Redis: every decision atomic, on the
+server's clock, slots freed by their lease, and fail-closed while Redis is away."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from pocoflow.distributed.limiter import OUTAGE_WAIT_S, RedisLimiter, slots_key, tokens_key
+from pocoflow.limits import Limits, Rate, release
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def key() -> str:
+    return f"test-{uuid.uuid4().hex}"
+
+
+def test_rate_decisions_race_and_exactly_n_win(client: redis.Redis, key: str) -> None:
+    limiter = RedisLimiter(client, lease_s=5)
+    limits = Limits(rate=Rate(3, 10.0))
+    barrier = threading.Barrier(12)
+    decisions = []
+
+    def decide(i: int) -> None:
+        barrier.wait()
+        decisions.append(limiter.acquire(limits, key, f"h{i}"))
+
+    threads = [threading.Thread(target=decide, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(d.go for d in decisions) == 3
+    waits = [d.wait_s for d in decisions if not d.go]
+    assert all(9.0 < w <= 10.0 for w in waits), waits
+
+
+def test_rate_wait_ends_when_the_oldest_start_leaves_the_window(
+    client: redis.Redis, key: str
+) -> None:
+    limiter = RedisLimiter(client, lease_s=5)
+    limits = Limits(rate=Rate(1, 0.3))
+    assert limiter.acquire(limits, key, "a").go
+    wait = limiter.acquire(limits, key, "b").wait_s
+    assert 0 < wait <= 0.3
+    time.sleep(wait)  # the wait itself is what is measured here
+    assert limiter.acquire(limits, key, "b").go
+
+
+def test_concurrency_slot_is_freed_by_release_or_by_its_lease(
+    client: redis.Redis, key: str
+) -> None:
+    limits = Limits(concurrency=1)
+    limiter = RedisLimiter(client, lease_s=0.3, poll_s=1.0)
+    first = limiter.acquire(limits, key, "a")
+    assert first.go and first.slot is not None
+    refused = limiter.acquire(limits, key, "b")
+    assert 0 < refused.wait_s <= 0.3  # the lease ends before the poll interval
+    release(first.slot)
+    assert client.zcard(slots_key(key)) == 0
+    # A holder that dies stops renewing: a second process's decision frees its slot.
+    dead = RedisLimiter(client, lease_s=0.3)
+    dead._keep = lambda slot: None  # type: ignore[method-assign]  # no renewal thread
+    assert dead.acquire(limits, key, "dead").go
+    assert not limiter.acquire(limits, key, "c").go
+    deadline = time.monotonic() + 5
+    while not (freed := limiter.acquire(limits, key, "c")).go:
+        assert time.monotonic() < deadline, "the dead holder's slot was never freed"
+        time.sleep(0.05)
+    release(freed.slot)
+
+
+def test_a_live_holder_keeps_its_slot_past_the_lease(client: redis.Redis, key: str) -> None:
+    limits = Limits(concurrency=1)
+    live = RedisLimiter(client, lease_s=0.3)
+    decision = live.acquire(limits, key, "live")
+    assert decision.slot is not None
+    deadline = time.monotonic() + 1.0
+    other = RedisLimiter(client, lease_s=0.3)
+    while time.monotonic() < deadline:  # three leases long: renewed meanwhile
+        assert not other.acquire(limits, key, "other").go
+        time.sleep(0.05)
+    release(decision.slot)
+    after = other.acquire(limits, key, "other")
+    assert after.go
+    release(after.slot)
+
+
+def test_token_window_sums_recorded_tokens(client: redis.Redis, key: str) -> None:
+    limiter = RedisLimiter(client, lease_s=5)
+    window = Rate(100, 60.0)
+    limits = Limits(tokens=window)
+    assert limiter.acquire(limits, key, "a").go
+    limiter.record_tokens(window, key, 60)
+    assert limiter.acquire(limits, key, "b").go
+    limiter.record_tokens(window, key, 50)
+    wait = limiter.acquire(limits, key, "c").wait_s
+    assert 59 < wait <= 60  # until the 60 leave the window
+    assert client.zcard(tokens_key(key, window)) == 2
+    assert client.pttl(tokens_key(key, window)) > 60_000
+
+
+def test_all_three_limits_in_one_decision(client: redis.Redis, key: str) -> None:
+    limiter = RedisLimiter(client, lease_s=5)
+    limits = Limits(rate=Rate(2, 60.0), concurrency=5, tokens=Rate(1000, 60.0))
+    first = limiter.acquire(limits, key, "a")
+    second = limiter.acquire(limits, key, "b")
+    assert first.go and second.go
+    third = limiter.acquire(limits, key, "c")  # the rate refuses: no slot is taken
+    assert not third.go and client.zcard(slots_key(key)) == 2
+    for d in (first, second):
+        release(d.slot)
+
+
+def test_redis_down_fails_closed_with_backoff() -> None:
+    down = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    limiter = RedisLimiter(down, lease_s=5)
+    limits = Limits(rate=Rate(100, 1.0))
+    waits = [limiter.acquire(limits, "k", "h").wait_s for _ in range(3)]
+    assert waits == [OUTAGE_WAIT_S, OUTAGE_WAIT_S * 2, OUTAGE_WAIT_S * 4]
+
+
+def test_many_waiters_for_few_slots_are_told_to_ask_less_often(
+    client: redis.Redis, key: str
+) -> None:
+    """W waiters for N slots each ask every poll * W / N: the asks stay near N per poll."""
+    limiter = RedisLimiter(client, lease_s=30, poll_s=0.2)
+    limits = Limits(concurrency=2)
+    held = [limiter.acquire(limits, key, f"h{i}") for i in range(2)]
+    waits = [limiter.acquire(limits, key, f"x{i}", f"step-{i}").wait_s for i in range(6)]
+    assert waits == pytest.approx([0.2, 0.2, 0.4, 0.4, 0.6, 0.6])
+    # A waiter asking again is counted once; once served it is forgotten.
+    assert limiter.acquire(limits, key, "x0", "step-0").wait_s == pytest.approx(0.6)
+    release(held[0].slot)
+    served = limiter.acquire(limits, key, "x0", "step-0")
+    assert served.go
+    assert limiter.acquire(limits, key, "x9", "step-9").wait_s == pytest.approx(0.6)
+    for d in [*held[1:], served]:
+        release(d.slot)

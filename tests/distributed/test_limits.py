@@ -1,0 +1,128 @@
+"""Node limits with real workers: a rate limit and a concurrency limit hold across two
+workers, a limited step that must wait holds no worker (an unlimited run goes by), and
+the concurrency slot of a worker killed with -9 is freed when its lease runs out. Also
+``Node.queue``: a node's steps go to the workers serving its queue."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import limit_flows
+from tests.distributed.conftest import Cluster
+from tests.distributed.faults import FLOWS_MODULE, start_worker, worker_running
+from tests.helpers import wait_until
+
+# The limits live in Redis, not in the ledger: one ledger backend is enough here (the
+# take-over that re-queues a waiting step is covered on both by tests/ledger).
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.parametrize("cluster", ["sqlite"], indirect=True),
+]
+
+WORKER_ENV = {"POCOFLOW_FLOWS": f"{FLOWS_MODULE},tests.distributed.limit_flows"}
+TIMEOUT_S = 60
+#: Exec starts are stamped in the workers a moment after the limiter's decision (on
+#: Redis's clock): on a loaded box two stamps can come closer than their decisions did.
+CLOCK_SLACK_S = 0.15
+
+
+def _calls(side: Path) -> list[tuple[float, float]]:
+    path = side / "calls"
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return sorted((float(a), float(b)) for a, b, *_ in (line.split() for line in lines))
+
+
+def test_a_rate_limit_holds_across_workers(live: Cluster) -> None:
+    side = live.side_dir()
+    runs = [live.submit("limited-rate", {"side_dir": str(side)}) for _ in range(9)]
+    for run in runs:
+        run.wait(timeout=TIMEOUT_S)
+    starts = [start for start, _ in _calls(side)]
+    assert len(starts) == 9
+    count = int(limit_flows.RATE.split("/")[0])
+    # Any window of 1 s holds at most 3 starts: start i+3 is at least 1 s after start i.
+    gaps = [starts[i + count] - starts[i] for i in range(len(starts) - count)]
+    assert min(gaps) >= 1.0 - CLOCK_SLACK_S, gaps
+    # ... and both workers ran calls: the limit is shared, not per worker.
+    pids = {line.split()[2] for line in (side / "calls").read_text().splitlines()}
+    assert len(pids) == 2
+    attempts = [a for run in runs for a in live.db.get_attempts(run.run_id)]
+    assert {a["outcome"] for a in attempts} <= {"limited", "committed"}
+    assert any(a["outcome"] == "limited" for a in attempts)
+
+
+def test_max_concurrency_holds_across_workers(live: Cluster) -> None:
+    side = live.side_dir()
+    store = {"side_dir": str(side), "work_s": 0.3}
+    runs = [live.submit("limited-concurrency", store) for _ in range(4)]
+    for run in runs:
+        run.wait(timeout=TIMEOUT_S)
+    calls = _calls(side)
+    assert len(calls) == 4
+    # Sorted by start, one at a time: each call starts after the previous one ended.
+    overlaps = [b_start - a_end for (_, a_end), (b_start, _) in itertools.pairwise(calls)]
+    assert min(overlaps) >= -CLOCK_SLACK_S / 10, calls
+
+
+def test_an_unlimited_run_is_not_starved_by_waiting_limited_steps(live: Cluster) -> None:
+    side = live.side_dir()
+    # 12 calls at 3/s: the last may start only some 3 s from now; meanwhile their steps
+    # wait as countdown messages, not in the workers' only pool slots.
+    limited = [live.submit("limited-rate", {"side_dir": str(side)}) for _ in range(12)]
+    wait_until(lambda: len(_calls(side)) >= 3, TIMEOUT_S)
+    free = live.submit("unlimited", {"side_dir": str(live.side_dir())})
+    free.wait(timeout=TIMEOUT_S)
+    assert not all(run.is_done for run in limited), "the limited runs were already done"
+    for run in limited:
+        run.wait(timeout=TIMEOUT_S)
+
+
+def test_a_killed_workers_concurrency_slot_is_freed_by_its_lease(live: Cluster) -> None:
+    import redis
+
+    from pocoflow.distributed.limiter import slots_key
+
+    slots = redis.Redis.from_url(live.settings.broker_url)
+    key = slots_key("limited-concurrency/call")  # the default key: flow / node name
+    side = live.side_dir()
+    hung = live.submit("limited-concurrency", {"side_dir": str(side), "hang": True})
+    started = side / f"{hung.run_id}.1.started"
+    pid = int(wait_until(lambda: started.exists() and started.read_text(), TIMEOUT_S))
+    (holder,) = slots.zrange(key, 0, -1)
+    worker_running(live.workers, pid).kill()
+    # Nothing releases the dead worker's slot but its lease (2 s here, no longer renewed):
+    # a run submitted now waits for it, then runs, and so does the hung run's re-run.
+    assert slots.zrange(key, 0, -1) == [holder]
+    lease_ends = slots.zscore(key, holder) / 1e6  # Redis's clock, this machine's too
+    other = live.submit("limited-concurrency", {"side_dir": str(side)})
+    other.wait(timeout=TIMEOUT_S)
+    assert hung.wait(timeout=TIMEOUT_S)["attempt"] >= 2  # a re-run, not the hung call
+    calls = _calls(side)
+    assert len(calls) == 2
+    assert calls[0][0] >= lease_ends - CLOCK_SLACK_S / 10, (calls, lease_ends)
+    assert holder not in slots.zrange(key, 0, -1)
+    slots.close()
+
+
+def test_a_node_queue_routes_its_steps_to_the_workers_serving_it(live: Cluster) -> None:
+    gpu = start_worker("gpu", live.env, live.workdir, queues="gpu")
+    try:
+        gpu.wait_ready()
+        side = live.side_dir()
+        run = live.submit("routed", {"side_dir": str(side)})
+        assert run.wait(timeout=TIMEOUT_S)["trail"] == ["gpu1", "cpu", "gpu2"]
+        ran_on = {
+            name: int(pid)
+            for *_, pid, name in (
+                line.split() for line in (side / "calls").read_text().splitlines()
+            )
+        }
+        assert ran_on["gpu1"] in gpu.pids() and ran_on["gpu2"] in gpu.pids()
+        assert ran_on["cpu"] not in gpu.pids()
+    finally:
+        gpu.stop()

@@ -1,0 +1,244 @@
+"""Node limits: parsing, the in-process limiter (on an injected clock) and the gate that
+local runs pass every exec try through."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from pocoflow import Flow, Node
+from pocoflow.limits import (
+    CONCURRENCY_POLL_S,
+    LimitGate,
+    Limits,
+    LimitWait,
+    LocalLimiter,
+    Rate,
+    acquire,
+    limit_key_of,
+    limits_of,
+    parse_rate,
+    record_tokens,
+    release,
+    use_limiter,
+)
+
+pytestmark = pytest.mark.unit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "count", "window"),
+    [
+        ("10/s", 10, 1.0),
+        ("100/m", 100, 60.0),
+        ("5/h", 5, 3600.0),
+        ("5/2s", 5, 2.0),
+        (" 3 / 0.5s", 3, 0.5),
+    ],
+)
+def test_parse_rate(text: str, count: int, window: float) -> None:
+    assert parse_rate(text) == Rate(count, window)
+
+
+@pytest.mark.parametrize("text", ["10", "10/d", "0/s", "x/s", "10/0s", "", None, 10])
+def test_parse_rate_refuses_bad_text(text: Any) -> None:
+    with pytest.raises(ValueError, match="token_limit"):
+        parse_rate(text, "token_limit")
+
+
+def test_limits_of_names_the_node() -> None:
+    class Bad(Node):
+        max_concurrency = 0
+
+    class Fine(Node):
+        rate_limit = "2/s"
+        token_limit = "100/m"
+
+    assert limits_of(Node()) is None
+    assert limits_of(Fine()) == Limits(rate=Rate(2, 1.0), tokens=Rate(100, 60.0))
+    with pytest.raises(ValueError, match="Node 'Bad': max_concurrency"):
+        limits_of(Bad())
+
+
+def test_default_key_is_per_flow_and_node_and_limit_key_overrides() -> None:
+    class Tenant(Node):
+        def limit_key(self, prep_result: Any) -> str:
+            return f"tenant-{prep_result}"
+
+    assert limit_key_of(Node(name="call"), None, "summarise") == "summarise/call"
+    assert limit_key_of(Tenant(), "a", "summarise") == "tenant-a"
+
+
+def test_rate_is_a_sliding_window() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(clock)
+    limits = Limits(rate=Rate(2, 1.0))
+    assert limiter.acquire(limits, "k", "h1").go
+    clock.now += 0.4
+    assert limiter.acquire(limits, "k", "h2").go
+    refused = limiter.acquire(limits, "k", "h3")
+    assert refused.wait_s == pytest.approx(0.6)  # until the first start leaves the window
+    clock.now += 0.6
+    assert limiter.acquire(limits, "k", "h3").go
+    assert limiter.acquire(limits, "k", "h4").wait_s == pytest.approx(0.4)
+    assert limiter.acquire(limits, "other", "h5").go  # another key, another log
+
+
+def test_concurrency_slots_are_released() -> None:
+    limiter = LocalLimiter(Clock())
+    limits = Limits(concurrency=2)
+    first, second = limiter.acquire(limits, "k", "a"), limiter.acquire(limits, "k", "b")
+    assert first.slot is not None and second.slot is not None
+    assert limiter.acquire(limits, "k", "c").wait_s == CONCURRENCY_POLL_S
+    release(first.slot)
+    assert limiter.acquire(limits, "k", "c").go
+
+
+def test_token_window_admits_calls_while_under_the_limit() -> None:
+    clock = Clock()
+    limiter = LocalLimiter(clock)
+    window = Rate(100, 60.0)
+    limits = Limits(tokens=window)
+    assert limiter.acquire(limits, "k", "a").go
+    limiter.record_tokens(window, "k", 60)
+    clock.now += 10
+    limiter.record_tokens(window, "k", 50)  # 110 in the window: over
+    assert limiter.acquire(limits, "k", "b").wait_s == pytest.approx(50.0)
+    clock.now += 50  # the 60 left the window: 50 < 100
+    assert limiter.acquire(limits, "k", "b").go
+
+
+def test_acquire_release_and_record_tokens_api() -> None:
+    class Llm(Node):
+        max_concurrency = 1
+        token_limit = "10/s"
+
+    clock = Clock()
+    limiter = LocalLimiter(clock)
+    node = Llm()
+    decision = acquire(node, "key", limiter=limiter)
+    assert decision.go and decision.slot is not None
+    assert not acquire(node, "key", limiter=limiter).go
+    release(decision.slot)
+    record_tokens(node, "key", 10, limiter=limiter)
+    assert acquire(node, "key", limiter=limiter).wait_s == pytest.approx(1.0)
+    assert acquire(Node(), "key", limiter=limiter).go  # no limits: always
+
+
+def test_non_blocking_gate_raises_limit_wait() -> None:
+    class Limited(Node):
+        rate_limit = "1/m"
+
+    gate = LimitGate(LocalLimiter(Clock()), "f", blocking=False)
+    node = Limited()
+    with gate.entered(node, None):
+        pass
+    with pytest.raises(LimitWait) as caught, gate.entered(node, None):
+        pass
+    assert caught.value.key == "f/Limited" and caught.value.wait_s == pytest.approx(60.0)
+
+
+def test_gate_without_a_shared_limiter_refuses_to_run_unlimited() -> None:
+    class Limited(Node):
+        max_concurrency = 1
+
+    with (
+        pytest.raises(RuntimeError, match="POCOFLOW_REDIS_URL"),
+        LimitGate(None, "f").entered(Limited(), None),
+    ):
+        pass
+
+
+def test_local_run_waits_for_its_rate_limit_and_records_tokens_under_the_call_key() -> None:
+    clock = Clock()
+    starts: list[float] = []
+
+    class Call(Node):
+        rate_limit = "2/s"
+        token_limit = "1000/m"
+
+        def prep(self, store: Any) -> Any:
+            return store["i"]
+
+        def exec(self, prep_result: Any) -> Any:
+            starts.append(clock.now)
+            record_tokens(self, None, 1)
+            return prep_result
+
+        def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+            store["i"] = exec_result + 1
+            return "again" if store["i"] < 5 else "done"
+
+    call = Call()
+    call.then("again", call)
+    limiter = LocalLimiter(clock, clock.sleep)
+    previous = use_limiter(limiter)
+    try:
+        Flow(call, flow_name="loop").run({"i": 0})
+    finally:
+        use_limiter(previous)
+    assert starts == [1000.0, 1000.0, 1001.0, 1001.0, 1002.0]
+    assert sum(t for _, t in limiter._tokens[("loop/Call", 60.0)]) == 5
+
+
+def test_local_concurrency_across_threads() -> None:
+    limiter = LocalLimiter()
+    limits = Limits(concurrency=2)
+    barrier = threading.Barrier(8)
+    granted: list[bool] = []
+
+    def take(i: int) -> None:
+        barrier.wait()
+        granted.append(limiter.acquire(limits, "k", f"h{i}").go)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert granted.count(True) == 2
+
+
+def test_report_usage_counts_against_the_token_limit_and_holds_the_next_call() -> None:
+    clock = Clock()
+    starts: list[float] = []
+
+    class Chat(Node):
+        token_limit = "100/m"
+
+        def prep(self, store: Any) -> Any:
+            return store["i"]
+
+        def exec(self, prep_result: Any) -> Any:
+            starts.append(clock.now)
+            self.report_usage(model="m", input_tokens=70, output_tokens=10)
+            return prep_result
+
+        def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+            store["i"] = exec_result + 1
+            return "again" if store["i"] < 3 else "done"
+
+    chat = Chat()
+    chat.then("again", chat)
+    limiter = LocalLimiter(clock, clock.sleep)
+    previous = use_limiter(limiter)
+    try:
+        Flow(chat, flow_name="chat").run({"i": 0})
+    finally:
+        use_limiter(previous)
+    # 80 tokens are under 100: the second call starts at once; 160 are not: the third
+    # waits until the first call's tokens leave the minute window
+    assert starts == [1000.0, 1000.0, 1060.0]
