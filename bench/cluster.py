@@ -49,12 +49,23 @@ def worker_env(
     return env
 
 
-def start_worker(name: str, env: dict[str, str], log_dir: Path, app: str) -> WorkerProcess:
-    """One worker node, concurrency 1, as ``pocoflow worker`` starts it (not waiting)."""
+def start_worker(
+    name: str,
+    env: dict[str, str],
+    log_dir: Path,
+    app: str,
+    *,
+    concurrency: int = 1,
+    pool: str | None = None,
+) -> WorkerProcess:
+    """One worker node (concurrency 1 unless given), as ``pocoflow worker`` starts it (not
+    waiting)."""
     if app == POCOFLOW_APP:
-        return devcluster.start_worker(name, env, log_dir, cwd=REPO_ROOT)
-    argv = worker_argv(concurrency=1, queues=relay_app.QUEUE, hostname=f"{name}@%h",
-                       extra=["--without-heartbeat"])  # fmt: skip
+        return devcluster.start_worker(
+            name, env, log_dir, cwd=REPO_ROOT, concurrency=concurrency, pool=pool
+        )
+    argv = worker_argv(concurrency=concurrency, queues=relay_app.QUEUE, pool=pool,
+                       hostname=f"{name}@%h", extra=["--without-heartbeat"])  # fmt: skip
     argv[argv.index(POCOFLOW_APP)] = app
     log_path = log_dir / f"{name}.log"
     with open(log_path, "ab") as log:
@@ -65,7 +76,13 @@ def start_worker(name: str, env: dict[str, str], log_dir: Path, app: str) -> Wor
 
 @contextlib.contextmanager
 def workers(
-    env: dict[str, str], log_dir: Path, n: int = 1, app: str = POCOFLOW_APP
+    env: dict[str, str],
+    log_dir: Path,
+    n: int = 1,
+    app: str = POCOFLOW_APP,
+    *,
+    concurrency: int = 1,
+    pool: str | None = None,
 ) -> Iterator[list[WorkerProcess]]:
     """``n`` ready worker nodes of ``app``, all killed on exit (also the ones added to
     the yielded list, e.g. a replacement for a worker the caller killed)."""
@@ -73,7 +90,10 @@ def workers(
     started: list[WorkerProcess] = []
     try:
         for _ in range(n):
-            started.append(start_worker(f"{kind}-{uuid.uuid4().hex[:6]}", env, log_dir, app))
+            name = f"{kind}-{uuid.uuid4().hex[:6]}"
+            started.append(
+                start_worker(name, env, log_dir, app, concurrency=concurrency, pool=pool)
+            )
         for worker in started:
             worker.wait_ready()
         yield started

@@ -6,7 +6,7 @@ import itertools
 import time
 from typing import Any
 
-from pocoflow import Flow, Node, flow
+from pocoflow import Flow, MapNode, Node, flow
 
 CHAIN = 100
 THROUGHPUT_CHAIN = 20
@@ -58,3 +58,27 @@ def bench_nap() -> Flow:
     before.then("default", nap)
     nap.then("default", after)
     return Flow(start=before, max_steps=3)
+
+
+class Sleepy(MapNode):
+    """Fan-out: one item per simulated LLM call; ``exec`` sleeps the item's seconds (the
+    call's latency) and returns a small result, as a summary would be."""
+
+    max_parallel = 32
+
+    def prep(self, store: Any) -> list[float]:
+        return [float(store["item_s"])] * int(store["items"])
+
+    def exec(self, item_s: float) -> int:
+        if item_s:
+            time.sleep(item_s)  # the call's latency, not a synchronisation
+        return 1
+
+    def post(self, store: Any, items: Any, results: list[int]) -> str:
+        store["done"] = sum(results)
+        return "default"
+
+
+@flow("bench_fanout")
+def bench_fanout() -> Flow:
+    return Flow(start=Sleepy(name="calls"), max_steps=1)

@@ -40,3 +40,14 @@ def relay(n: int, key: str) -> None:
         relay.apply_async(args=[n - 1, key], queue=QUEUE)
         return
     _redis().rpush(key, repr(time.time()))
+
+
+SLEEP_TASK = "bench.sleep_item"
+
+
+@app.task(name=SLEEP_TASK, ignore_result=True)
+def sleep_item(seconds: float, key: str) -> None:
+    """One item of a raw Celery group: the same simulated call as the MapNode's item."""
+    if seconds:
+        time.sleep(seconds)  # the call's latency, not a synchronisation
+    _redis().rpush(key, repr(time.time()))
