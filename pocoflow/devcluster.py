@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -332,12 +332,29 @@ def local_cluster(
     workers: int = 2,
     cwd: Path | None = None,
     log_dir: Path | None = None,
+    concurrency: int = 1,
+    pool: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[RedisServer, list[WorkerProcess]]]:
-    """A private Redis and ``workers`` worker processes, stopped on exit."""
+    """A private Redis and ``workers`` worker processes (``concurrency`` slots each, in
+    ``pool``; ``env`` added to theirs), stopped on exit."""
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="pocoflow-workers-"))
     with start_redis() as redis:
-        env = worker_environment(db_url, redis.url, flows, pythonpath=str(cwd or Path.cwd()))
-        started = [start_worker(f"worker{i + 1}", env, log_dir, cwd=cwd) for i in range(workers)]
+        environment = worker_environment(
+            db_url, redis.url, flows, pythonpath=str(cwd or Path.cwd())
+        )
+        environment.update(env or {})
+        started = [
+            start_worker(
+                f"worker{i + 1}",
+                environment,
+                log_dir,
+                cwd=cwd,
+                concurrency=concurrency,
+                pool=pool,
+            )
+            for i in range(workers)
+        ]
         try:
             for worker in started:
                 worker.wait_ready()
