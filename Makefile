@@ -10,6 +10,7 @@ BIN   := $(VENV)/bin
 # Touched after a successful install: the venv is re-synced only when pyproject.toml
 # is newer, so `make test` costs nothing extra on the second run.
 STAMP := $(VENV)/.pocoflow-installed
+PIP_LOG := $(VENV)/pip-install.log
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test chaos chaos-short demo bench lint fmt clean distclean
@@ -24,13 +25,20 @@ $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 	  echo "error: PocoFlow needs Python >= 3.11, but PYTHON=$(PYTHON) is: $$($(PYTHON) -V 2>/dev/null || echo 'not found')" >&2; \
 	  echo "       run e.g. 'make PYTHON=python3.11 $(MAKECMDGOALS)'" >&2; exit 1; }
+	@echo "setup 1/2: creating $(VENV) with $$($(PYTHON) -V)"
 	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
 	  echo "error: '$(PYTHON) -m venv' failed; on Debian/Ubuntu: apt-get install python3-venv" >&2; exit 1; }
-	$(BIN)/python -m pip install --quiet --progress-bar off --upgrade pip
+	@$(BIN)/python -m pip install --quiet --progress-bar off --upgrade pip > $(PIP_LOG) 2>&1 \
+	  || { tail -20 $(PIP_LOG) >&2; echo "error: upgrading pip failed; full log: $(PIP_LOG)" >&2; exit 1; }
 
+# Because a fresh clone's first screen should say what is happening, not be pip's log:
+# one line per phase, pip's output in a file (shown in part only when it fails).
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --progress-bar off -e '.[$(EXTRAS)]'
+	@echo "setup 2/2: installing pocoflow[$(EXTRAS)] and its dependencies (log: $(PIP_LOG))"
+	@$(BIN)/python -m pip install --progress-bar off -e '.[$(EXTRAS)]' >> $(PIP_LOG) 2>&1 \
+	  || { tail -30 $(PIP_LOG) >&2; echo "error: pip install failed; full log: $(PIP_LOG)" >&2; exit 1; }
 	@touch $@
+	@echo "setup done: $(VENV) is ready"
 
 test: venv  ## run the test suite (ARGS="-k ledger -x" to narrow it)
 	$(BIN)/pytest -q $(ARGS)

@@ -25,7 +25,7 @@ class Outline(Node):
         return store["topic"]
 
     def exec(self, topic):
-        return llm.complete(f"outline: {topic}")
+        return llm.complete(f"outline: {topic}", self.attempt)
 
     def post(self, store, topic, outline):
         store["sections"] = [line[2:] for line in outline.splitlines()]
@@ -43,7 +43,7 @@ class Draft(Node):
         return store["sections"][len(store["drafts"])]
 
     def exec(self, section):
-        return llm.complete(f"draft: {section}")
+        return llm.complete(f"draft: {section}", self.attempt)
 
     def post(self, store, section, text):
         store["drafts"] = [*store["drafts"], text]
@@ -58,7 +58,7 @@ class Review(Node):
         return " | ".join(store["drafts"])
 
     def exec(self, drafts):
-        return llm.complete(f"review: {drafts}")
+        return llm.complete(f"review: {drafts}", self.attempt)
 
     def post(self, store, drafts, verdict):
         store["reviews"] = store.get("reviews", 0) + 1
@@ -76,7 +76,7 @@ class Summarise(Node):
         return " ".join(store["drafts"])
 
     def exec(self, text):
-        return llm.complete(f"summary: {text}")
+        return llm.complete(f"summary: {text}", self.attempt)
 
     def post(self, store, text, summary):
         store["summary"] = summary

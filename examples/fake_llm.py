@@ -1,7 +1,11 @@
 """A deterministic stand-in for an LLM, so examples, tests and the demo run offline.
 
 Answers depend only on the prompt (a hash picks the wording); ``fail_first`` makes the
-first calls for a prompt raise, to show retries. ``delay`` imitates network latency.
+first tries of a prompt raise, to show retries. ``delay`` imitates network latency.
+
+A failure depends on the step's ``attempt`` when the caller passes it, not only on what
+this process has seen: on workers a retry is a new attempt, often in another process,
+which must then succeed (a per-process count would fail it again with the same message).
 """
 
 from __future__ import annotations
@@ -21,12 +25,18 @@ class FakeLLM:
         self.delay = delay
         self.calls: Counter[str] = Counter()
 
-    def complete(self, prompt: str) -> str:
+    def complete(self, prompt: str, attempt: int = 1) -> str:
+        """The answer to ``prompt``; the first ``fail_first`` tries raise. Tries are
+        counted by ``attempt`` (workers: one per retry) plus, within one attempt, the calls
+        this process made (local retries all run as attempt 1)."""
         self.calls[prompt] += 1
+        key = f"{attempt}\0{prompt}"
+        self.calls[key] += 1
         if self.delay:
             time.sleep(self.delay)
-        if self.calls[prompt] <= self.fail_first:
-            raise FakeLLMError(f"rate limited (call {self.calls[prompt]} for this prompt)")
+        tries = attempt - 1 + self.calls[key]
+        if tries <= self.fail_first:
+            raise FakeLLMError(f"rate limited (try {tries} of this prompt, attempt {attempt})")
         digest = int(hashlib.sha256(prompt.encode()).hexdigest(), 16)
         kind = prompt.split(":", 1)[0].strip().lower()
         subject = prompt.split(":", 1)[-1].strip()

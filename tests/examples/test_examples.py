@@ -211,3 +211,14 @@ def test_demo_runs_the_article_pipeline_on_real_workers(tmp_path):
     assert "summary: In short:" in done.stdout
     workers = set(re.findall(r"-> \S+ +[\d.]+ ms +on (\S+)", done.stdout))
     assert len(workers) >= 1 and "Summarise  -> done" in done.stdout
+
+
+def test_fake_llm_failures_follow_the_attempt_not_the_process():
+    from examples.fake_llm import FakeLLM, FakeLLMError
+
+    local = FakeLLM(fail_first=1)
+    with pytest.raises(FakeLLMError, match="try 1 of this prompt, attempt 1"):
+        local.complete("draft: x")
+    assert local.complete("draft: x").startswith("X:")  # an in-process retry succeeds
+    # A worker retry is attempt 2, often in a fresh process: it succeeds there at once.
+    assert FakeLLM(fail_first=1).complete("draft: x", attempt=2).startswith("X:")
