@@ -27,6 +27,7 @@ from pocoflow import codec
 from pocoflow.commit import NextStep, StepCommit
 from pocoflow.ledger import checkpoints, events, pipeline, prune as retention, runs, steps, txn
 from pocoflow.ledger.common import iso_now
+from pocoflow.ledger.itemqueue import ItemQueue
 from pocoflow.ledger.queue import StepQueue
 from pocoflow.store import Store
 
@@ -71,7 +72,7 @@ def _own(conn: Connection, c: StepCommit) -> bool:
     return row is not None and row["node_name"] == c.node_name
 
 
-class WorkflowDB(StepQueue):
+class WorkflowDB(ItemQueue, StepQueue):
     """The run ledger on SQLite or PostgreSQL.
 
     Parameters

@@ -1,0 +1,571 @@
+"""Queries on ``pf_items`` and ``pf_joins``: the distributed fan-out of a MapNode.
+
+A map step's task runs ``prep`` once and, in one transaction, writes a ``pf_items`` row
+per item (the outbox: ``sent_at`` NULL until the item's message is published), the
+step's ``pf_joins`` row (``total``, ``done = 0``) and parks the step (``lease_owner =
+FANNED_OUT``, no lease: no step sweep takes it over, no step claim re-runs ``prep``).
+
+Each item is claimed, renewed, committed and taken over exactly as a step is (G1, G3):
+``attempt`` is bumped by every take-over and retry, ``lease_owner`` holds the claim's
+holder token, and the commit lands only under both. An item's commit is one batch: its
+result row, ``done = done + 1`` on the join row and, when that makes ``done`` reach
+``total``, the step row re-queued under a new attempt: the join's outbox entry. The row
+lock on ``pf_joins`` serialises the item commits of one step (and a resume's look at it,
+``reopen``), so exactly one commit sees the count complete. ``pf_runs`` is not written
+on an item's commit: a thousand items do not contend on one run row.
+
+Times are epoch seconds from the database's clock (``common.NOW``); ``now`` replaces it
+for tests, as in ``steps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Float, and_, bindparam, case, func, insert, literal, or_, select, update
+from sqlalchemy.engine import Connection
+
+from pocoflow.ledger import events, pipeline, runs
+from pocoflow.ledger.common import NOW, DbEpoch
+from pocoflow.ledger.pipeline import Op
+from pocoflow.ledger.tables import (
+    ACTIVE_ITEM_STATUSES,
+    FANNED_OUT,
+    LIVE_RUN_STATUSES,
+    literal_in,
+    pf_items,
+    pf_joins,
+    pf_runs,
+    pf_steps,
+    pf_workers,
+)
+
+_i = pf_items.c
+_j = pf_joins.c
+_s = pf_steps.c
+_r = pf_runs.c
+_w = pf_workers.c
+
+_STEP = and_(_i.run_id == bindparam("b_run_id"), _i.step == bindparam("b_step"))
+_KEY = and_(_STEP, _i.idx == bindparam("b_idx"))
+_FENCE = and_(_KEY, _i.attempt == bindparam("b_attempt"))
+_HELD = and_(_FENCE, _i.status == "running", _i.lease_owner == bindparam("b_holder"))
+_JOIN = and_(_j.run_id == bindparam("b_run_id"), _j.step == bindparam("b_step"))
+_STEP_ROW = and_(_s.run_id == bindparam("b_run_id"), _s.step == bindparam("b_step"))
+_EXPIRES = NOW + bindparam("lease_s")
+
+# ── fan-out ──────────────────────────────────────────────────────────────────
+
+_INSERT_ITEM = insert(pf_items).values(queued_at=NOW)
+_INSERT_JOIN = insert(pf_joins).values(created_at=NOW)
+# The step holder hands the step to its items: no owner a sweep could find dead, no lease
+# that could expire; only while this holder's claim of this attempt holds it (G1).
+_PARK = (
+    update(pf_steps)
+    .where(
+        _STEP_ROW,
+        _s.attempt == bindparam("b_attempt"),
+        _s.status == "running",
+        _s.lease_owner == bindparam("b_holder"),
+    )
+    .values(lease_owner=FANNED_OUT, lease_expires_at=None)
+)
+
+# ── item claim, renewal, commit ──────────────────────────────────────────────
+
+# The run may go on (G4: cancel and pause take effect between items), decided by the
+# claim's own statement as a step claim's is, and the step runs the node the message
+# names (the ledger, not a message, chooses what runs).
+_RUN_GOES_ON = (
+    select(_r.run_id)
+    .where(_r.run_id == _i.run_id, or_(_r.status == "queued", _r.status == "running"))
+    .where(_r.control.is_(None))
+    .exists()
+)
+_NODE_IS = (
+    select(_s.run_id)
+    .where(_s.run_id == _i.run_id, _s.step == _i.step, _s.node_id == bindparam("b_node_id"))
+    .exists()
+)
+_CLAIM = (
+    update(pf_items)
+    .where(
+        _FENCE,
+        or_(
+            _i.status == "queued",
+            and_(
+                _i.status == "running",
+                or_(_i.lease_owner == bindparam("b_holder"), _i.lease_expires_at < NOW),
+            ),
+        ),
+        _RUN_GOES_ON,
+        _NODE_IS,
+    )
+    .values(
+        status="running",
+        lease_owner=bindparam("b_holder"),
+        lease_expires_at=_EXPIRES,
+        received_by=None,
+    )
+)
+_CLAIMED_ITEM = select(_i.item_json, _i.try_number).where(_HELD)
+_RENEW = update(pf_items).where(_HELD).values(lease_expires_at=_EXPIRES)
+# The holder keeps its token on the row (the proof a lost COMMIT's retry looks for).
+_FINISH = (
+    update(pf_items)
+    .where(_HELD)
+    .values(
+        status=bindparam("b_status"),
+        result_json=bindparam("b_result"),
+        error_json=bindparam("b_error"),
+        lease_expires_at=None,
+    )
+)
+_COUNT = (
+    update(pf_joins)
+    .where(_JOIN)
+    .values(done=_j.done + 1, ready_at=case((_j.done + 1 >= _j.total, NOW), else_=_j.ready_at))
+)
+_COMPLETE = (
+    select(_j.run_id).where(_j.run_id == _s.run_id, _j.step == _s.step, _j.done >= _j.total)
+).exists()
+# The join's outbox entry: the parked step queued again under a new attempt, leased from
+# now (G3), iff its count is complete. A step a resumer holds instead is joined by it.
+_REQUEUE_STEP = (
+    update(pf_steps)
+    .where(_STEP_ROW, _s.status == "running", _s.lease_owner == FANNED_OUT, _COMPLETE)
+    .values(
+        status="queued",
+        attempt=_s.attempt + 1,
+        lease_owner=None,
+        lease_expires_at=_EXPIRES,
+        sent_at=None,
+        task_id=None,
+        received_by=None,
+        queued_at=NOW,
+    )
+)
+_JOIN_STATE = (
+    select(_j.done, _j.total, _s.status, _s.attempt, _s.node_id, _s.lease_owner)
+    .join(pf_steps, and_(_s.run_id == _j.run_id, _s.step == _j.step))
+    .where(_JOIN)
+)
+_RETRY = (
+    update(pf_items)
+    .where(_HELD)
+    .values(
+        attempt=_i.attempt + 1,
+        status="queued",
+        try_number=bindparam("b_try"),
+        lease_owner=None,
+        lease_expires_at=None,
+        sent_at=None,
+        received_by=None,
+        queued_at=NOW + bindparam("b_due_in"),
+    )
+)
+_MARK_SENT = update(pf_items).where(_FENCE, _i.sent_at.is_(None)).values(sent_at=NOW)
+
+
+def _key(run_id: str, step: int, idx: int, attempt: int) -> dict[str, Any]:
+    return {"b_run_id": run_id, "b_step": step, "b_idx": idx, "b_attempt": attempt}
+
+
+def fan_out_ops(
+    run_id: str,
+    step: int,
+    attempt: int,
+    holder: str,
+    item_texts: Sequence[str],
+    step_events: list[dict[str, Any]],
+    end_attempt: Op,
+    now: float | None,
+) -> list[Op]:
+    """The fan-out's batch: park the step (fenced on ``holder``'s claim), the join row,
+    every item row in one executemany, the step's events and its attempt row closed."""
+    park = {"b_run_id": run_id, "b_step": step, "b_attempt": attempt, "b_holder": holder}
+    join = {"run_id": run_id, "step": step, "total": len(item_texts), "done": 0, "now": now}
+    rows = [
+        {
+            "run_id": run_id,
+            "step": step,
+            "idx": idx,
+            "item_json": text,
+            "status": "queued",
+            "attempt": 1,
+            "try_number": 1,
+            "now": now,
+        }
+        for idx, text in enumerate(item_texts)
+    ]
+    return [
+        Op(_PARK, park, must_hit_one=True),
+        Op(_INSERT_JOIN, join),
+        Op(_INSERT_ITEM, rows),
+        events.insert_op(events.rows_of(run_id, step_events)),
+        end_attempt,
+    ]
+
+
+def claim(
+    conn: Connection,
+    run_id: str,
+    step: int,
+    idx: int,
+    attempt: int,
+    holder: str,
+    node_id: str,
+    lease_s: float,
+    now: float | None,
+) -> tuple[bool, dict[str, Any] | None, tuple[str, int] | None]:
+    """Read the run's guard columns, claim the item for ``attempt`` as ``holder`` (only
+    while the run goes on, for the node the ledger recorded) and read its value and try:
+    one batch, one round trip on PostgreSQL. ``(claimed, run, (item_json, try_number))``."""
+    params = _key(run_id, step, idx, attempt)
+    params.update(b_holder=holder, b_node_id=node_id, now=now, lease_s=lease_s)
+    read = {k: params[k] for k in ("b_run_id", "b_step", "b_idx", "b_attempt", "b_holder")}
+    ops = [runs.guard_op(run_id), Op(_CLAIM, params, must_hit_one=True), Op(_CLAIMED_ITEM, read)]
+    claimed, rows = pipeline.run_reading(conn, ops)
+    run = runs.guard_row(rows[0])
+    item = rows[2][0] if claimed and rows[2] else None
+    return claimed, run, (str(item[0]), int(item[1])) if item is not None else None
+
+
+def renew(
+    conn: Connection,
+    run_id: str,
+    step: int,
+    idx: int,
+    attempt: int,
+    holder: str,
+    lease_s: float,
+    now: float | None = None,
+) -> bool:
+    params = _key(run_id, step, idx, attempt)
+    params.update(b_holder=holder, lease_s=lease_s, now=now)
+    return conn.execute(_RENEW, params).rowcount == 1
+
+
+def commit(
+    conn: Connection,
+    run_id: str,
+    step: int,
+    idx: int,
+    attempt: int,
+    holder: str,
+    result_json: str | None,
+    error_json: str | None,
+    lease_s: float,
+    now: float | None = None,
+) -> tuple[bool, dict[str, Any] | None]:
+    """An item's result (or collected error), its count on the join and, if it completes
+    the count, the step re-queued for its join: one batch (G1: only under ``holder``'s
+    claim of ``attempt``). Returns ``(committed, join state)``; the state's ``done ==
+    total`` tells the one commit that completed the join."""
+    params = _key(run_id, step, idx, attempt)
+    params.update(b_holder=holder, b_status="done", b_result=result_json, b_error=error_json)
+    join = {"b_run_id": run_id, "b_step": step, "now": now, "lease_s": lease_s}
+    ops = [
+        Op(_FINISH, params, must_hit_one=True),
+        Op(_COUNT, join, must_hit_one=True),
+        Op(_REQUEUE_STEP, join),
+        Op(_JOIN_STATE, {"b_run_id": run_id, "b_step": step}),
+    ]
+    committed, rows = pipeline.run_reading(conn, ops)
+    return committed, _state(rows[3]) if committed else None
+
+
+def _state(rows: list[tuple[Any, ...]]) -> dict[str, Any] | None:
+    if not rows:
+        return None
+    done, total, status, attempt, node_id, owner = rows[0]
+    return {
+        "done": done,
+        "total": total,
+        "step_status": status,
+        "step_attempt": attempt,
+        "node_id": node_id,
+        "lease_owner": owner,
+    }
+
+
+def committed_by(
+    conn: Connection, run_id: str, step: int, idx: int, attempt: int, holder: str
+) -> bool:
+    """A lost COMMIT's retry missed: did the first try land (the row is finished under
+    this attempt and holder, which only its commit or failure writes)?"""
+    row = get(conn, run_id, step, idx)
+    return (
+        row is not None
+        and row["status"] in ("done", "failed")
+        and row["attempt"] == attempt
+        and row["lease_owner"] == holder
+    )
+
+
+def fail_ops(
+    run_id: str,
+    step: int,
+    idx: int,
+    attempt: int,
+    holder: str,
+    error_json: str,
+    error_msg: str,
+    fail_events: list[dict[str, Any]],
+) -> list[Op]:
+    """An item out of tries under ``on_item_error = "raise"``: the item failed and its
+    run failed naming it (only while live: a cancel that landed stands), one batch. The
+    step stays parked: a resume re-opens the failed and unfinished items (``reopen``)."""
+    from pocoflow.ledger.common import iso_now
+
+    params = _key(run_id, step, idx, attempt)
+    params.update(b_holder=holder, b_status="failed", b_result=None, b_error=error_json)
+    ending = {"status": "failed", "error_msg": error_msg, "completed_at": iso_now()}
+    return [
+        Op(_FINISH, params, must_hit_one=True),
+        events.insert_op(events.rows_of(run_id, fail_events)),
+        *runs.step_update_ops(run_id, ending),
+    ]
+
+
+def retry(
+    conn: Connection,
+    run_id: str,
+    step: int,
+    idx: int,
+    attempt: int,
+    holder: str,
+    next_try: int,
+    due_in: float,
+    now: float | None = None,
+) -> int | None:
+    """The holder hands its item to a new attempt for try ``next_try``, due in
+    ``due_in`` seconds; None if its claim no longer holds the item."""
+    params = _key(run_id, step, idx, attempt)
+    params.update(b_holder=holder, b_try=next_try, b_due_in=due_in, now=now)
+    return attempt + 1 if conn.execute(_RETRY, params).rowcount == 1 else None
+
+
+def mark_sent_op(sent: Sequence[tuple[str, int, int, int]], now: float | None) -> Op:
+    """Close the outbox entries of published ``(run_id, step, idx, attempt)``: one
+    executemany (a fan-out marks all its items in one statement)."""
+    return Op(_MARK_SENT, [{**_key(*key), "now": now} for key in sent])
+
+
+def get(conn: Connection, run_id: str, step: int, idx: int) -> dict[str, Any] | None:
+    stmt = select(pf_items).where(_i.run_id == run_id, _i.step == step, _i.idx == idx)
+    row = conn.execute(stmt).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def all_items(conn: Connection, run_id: str, step: int) -> list[dict[str, Any]]:
+    """Every item of a step in item order (the join reads them once)."""
+    stmt = select(pf_items).where(_i.run_id == run_id, _i.step == step).order_by(_i.idx)
+    return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
+def join_state(conn: Connection, run_id: str, step: int) -> dict[str, Any] | None:
+    """The join of a map step with its step row, or None: the step never fanned out."""
+    return _state(
+        [tuple(r) for r in conn.execute(_JOIN_STATE, {"b_run_id": run_id, "b_step": step})]
+    )
+
+
+_LOCK_JOIN = update(pf_joins).where(_JOIN).values(done=_j.done)
+_REOPEN = (
+    update(pf_items)
+    .where(
+        _STEP,
+        or_(
+            _i.status.in_(("queued", "failed")),
+            and_(_i.status == "running", _i.lease_expires_at < NOW),
+        ),
+    )
+    .values(
+        attempt=_i.attempt + 1,
+        status="queued",
+        try_number=case((_i.status == "failed", 1), else_=_i.try_number),
+        lease_owner=None,
+        lease_expires_at=None,
+        sent_at=None,
+        received_by=None,
+        queued_at=NOW,
+    )
+)
+
+
+def reopen(
+    conn: Connection,
+    run_id: str,
+    step: int,
+    attempt: int,
+    holder: str,
+    now: float | None = None,
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """A fanned-out step claimed again (a resume, or a copy of its message): lock the
+    join row first, as every item commit does, so a commit that completes the count
+    either lands before (the count is complete: the caller joins, holding the step) or
+    after the step is parked again (that commit re-queues it). When not complete: the
+    step parked again and every unfinished item that nobody holds (queued, failed, lease
+    expired) re-opened under a new attempt; returns ``(join, items to send)``."""
+    key = {"b_run_id": run_id, "b_step": step}
+    conn.execute(_LOCK_JOIN, key)
+    state = join_state(conn, run_id, step)
+    if state is None or state["done"] >= state["total"]:
+        return state, []
+    park = {**key, "b_attempt": attempt, "b_holder": holder}
+    if conn.execute(_PARK, park).rowcount != 1:
+        return state, []
+    conn.execute(_REOPEN, {**key, "now": now})
+    stmt = select(_i.idx, _i.attempt, _i.try_number).where(
+        _i.run_id == run_id, _i.step == step, _i.status == "queued", _i.sent_at.is_(None)
+    )
+    return state, [dict(r) for r in conn.execute(stmt.order_by(_i.idx)).mappings()]
+
+
+# ── sweeper ──────────────────────────────────────────────────────────────────
+
+_LIVE_ITEMS = and_(
+    _i.run_id.in_(select(_r.run_id).where(literal_in(_r.status, LIVE_RUN_STATUSES))),
+    literal_in(_i.status, ACTIVE_ITEM_STATUSES),
+)
+_WITH_RUN = (
+    select(pf_items.c.run_id, _i.step, _i.idx, _i.attempt, _i.try_number, _i.status)
+    .add_columns(_i.lease_owner, _i.received_by, _i.queued_at, _r.flow_name, _r.queue)
+    .add_columns(_s.node_id)
+    .join(pf_runs, _r.run_id == _i.run_id)
+    .join(pf_steps, and_(_s.run_id == _i.run_id, _s.step == _i.step))
+)
+
+
+def unsent(
+    conn: Connection, older_than_s: float, now: float | None, limit: int
+) -> list[dict[str, Any]]:
+    """Queued items of live runs whose message was never published (the fan-out's or a
+    retry's publisher died, the broker was down), due more than ``older_than_s`` ago."""
+    stmt = (
+        _WITH_RUN.where(
+            _LIVE_ITEMS,
+            _i.status == "queued",
+            _i.sent_at.is_(None),
+            _i.queued_at <= NOW - bindparam("older_than"),
+        )
+        .order_by(_i.run_id, _i.step, _i.idx)
+        .limit(limit)
+    )
+    return [
+        dict(r) for r in conn.execute(stmt, {"older_than": older_than_s, "now": now}).mappings()
+    ]
+
+
+def _silent(match: Any, dead_after_s: float, now: float | None) -> Any:
+    """Some worker process matched by ``match`` stopped beating ``dead_after_s`` ago."""
+    clock = DbEpoch() if now is None else literal(float(now), Float)
+    return select(_w.worker_id).where(match, _w.beat_at < clock - dead_after_s).exists()
+
+
+# A claim's holder token is ``<worker id>#<n>`` (see the executor).
+_HOLDER_IS_WORKER = or_(
+    _i.lease_owner == _w.worker_id,
+    func.substr(_i.lease_owner, 1, func.length(_w.worker_id) + 1) == _w.worker_id + "#",
+)
+
+
+def orphaned(
+    conn: Connection, dead_after_s: float, now: float | None, limit: int
+) -> list[dict[str, Any]]:
+    """Items of live runs nobody works on: running under a lease that expired or a
+    holder whose process stopped beating, or queued in a dead process's prefetch buffer
+    (``received_by``): the sweeper takes them over or sends them again (G3)."""
+    expired = and_(_i.status == "running", _i.lease_expires_at < NOW)
+    holder_dead = and_(_i.status == "running", _silent(_HOLDER_IS_WORKER, dead_after_s, now))
+    receiver_dead = and_(
+        _i.status == "queued",
+        _i.received_by.is_not(None),
+        _silent(_w.worker_id == _i.received_by, dead_after_s, now),
+    )
+    stmt = _WITH_RUN.where(_LIVE_ITEMS, or_(expired, holder_dead, receiver_dead))
+    stmt = stmt.order_by(_i.run_id, _i.step, _i.idx).limit(limit)
+    return [dict(r) for r in conn.execute(stmt, {"now": now}).mappings()]
+
+
+def take_over(
+    conn: Connection, run_id: str, step: int, idx: int, attempt: int, owner: str | None
+) -> int | None:
+    """Re-queue a running item whose holder is gone under ``attempt + 1`` (fencing the
+    holder out, G1); None if it moved on meanwhile (committed, renewed by a new claim)."""
+    stmt = (
+        update(pf_items)
+        .where(_FENCE, _i.status == "running", _i.lease_owner == bindparam("b_owner"))
+        .values(
+            attempt=_i.attempt + 1,
+            status="queued",
+            lease_owner=None,
+            lease_expires_at=None,
+            sent_at=None,
+            received_by=None,
+            queued_at=NOW,
+        )
+    )
+    params = {**_key(run_id, step, idx, attempt), "b_owner": owner, "now": None}
+    return attempt + 1 if conn.execute(stmt, params).rowcount == 1 else None
+
+
+def release_received(
+    conn: Connection, run_id: str, step: int, idx: int, attempt: int, receiver: str
+) -> bool:
+    """A dead process held the item's message unstarted: forget it, for a re-send under
+    the same attempt (one sweeper wins)."""
+    stmt = (
+        update(pf_items)
+        .where(_FENCE, _i.status == "queued", _i.received_by == bindparam("b_receiver"))
+        .values(received_by=None)
+    )
+    return (
+        conn.execute(stmt, {**_key(run_id, step, idx, attempt), "b_receiver": receiver}).rowcount
+        == 1
+    )
+
+
+_MARK_RECEIVED = (
+    update(pf_items)
+    .where(_FENCE, _i.status == "queued")
+    .where(or_(_i.received_by.is_(None), _i.received_by != bindparam("b_worker")))
+    .values(received_by=bindparam("b_worker"))
+)
+
+
+def mark_received(
+    conn: Connection, worker: str, received: Sequence[tuple[str, int, int, int]]
+) -> None:
+    """``worker`` holds these item messages unstarted (its heartbeat tells)."""
+    if received:
+        conn.execute(_MARK_RECEIVED, [{**_key(*key), "b_worker": worker} for key in received])
+
+
+def stranded_joins(conn: Connection, limit: int) -> list[dict[str, Any]]:
+    """Parked steps of live runs whose count is complete (a backstop: a commit that
+    completed it always re-queues the step or finds it held by a resumer, who joins)."""
+    stmt = (
+        select(_s.run_id, _s.step)
+        .join(pf_joins, and_(_j.run_id == _s.run_id, _j.step == _s.step))
+        .where(
+            _s.run_id.in_(select(_r.run_id).where(literal_in(_r.status, LIVE_RUN_STATUSES))),
+            _s.status == "running",
+            _s.lease_owner == FANNED_OUT,
+            _j.done >= _j.total,
+        )
+        .limit(limit)
+    )
+    return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
+def requeue_join(
+    conn: Connection, run_id: str, step: int, lease_s: float, now: float | None
+) -> dict[str, Any] | None:
+    """Re-queue a stranded join's step (see ``stranded_joins``); its state if it did."""
+    params = {"b_run_id": run_id, "b_step": step, "lease_s": lease_s, "now": now}
+    if conn.execute(_REQUEUE_STEP, params).rowcount != 1:
+        return None
+    return join_state(conn, run_id, step)
