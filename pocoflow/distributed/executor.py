@@ -32,9 +32,11 @@ from pocoflow.distributed import lifecycle
 from pocoflow.distributed.control import FlagReader, redis_client
 from pocoflow.distributed.graphs import GraphCache, mismatch_message
 from pocoflow.distributed.lease import LeaseKeeper
+from pocoflow.distributed.mapstep import run_map_step
 from pocoflow.distributed.message import MalformedMessage, StepMessage
 from pocoflow.hooks import COMMIT_REFUSED, FLOW_END, MESSAGE_MALFORMED, NODE_RETRY
 from pocoflow.logging import get_logger
+from pocoflow.mapnode import MapNode
 from pocoflow.registry import UnknownFlowError
 from pocoflow.settings import Settings
 from pocoflow.step import RetryLater, RunCancelled, StepError, run_step, utc_now
@@ -425,6 +427,8 @@ class _StepRun:
 
     def _run_and_commit(self, run: dict[str, Any], loaded: _Loaded) -> str:
         msg = self.msg
+        if isinstance(loaded.node, MapNode):  # its items run as tasks of their own
+            return run_map_step(self, run, loaded)
         probe = FlagReader(msg.run_id, self.ctx.redis, self.db)
         try:
             done = run_step(

@@ -37,6 +37,8 @@ class Holding:
     attempt: int
     holder: str
     lost: bool = False
+    #: The item of a map step this holding is of (None: the step itself).
+    idx: int | None = None
 
 
 class LeaseKeeper:
@@ -59,10 +61,13 @@ class LeaseKeeper:
         return self.heartbeat_s
 
     @contextmanager
-    def hold(self, run_id: str, step: int, attempt: int, holder: str) -> Iterator[Holding]:
-        """Keep the lease of ``holder``'s claim of this attempt renewed while the block
-        runs. The holder token is ``<worker id>#<n>``; the heartbeat is the worker's."""
-        holding = Holding(run_id, step, attempt, holder)
+    def hold(
+        self, run_id: str, step: int, attempt: int, holder: str, idx: int | None = None
+    ) -> Iterator[Holding]:
+        """Keep the lease of ``holder``'s claim of this attempt (of the step, or of its
+        item ``idx``) renewed while the block runs. The holder token is
+        ``<worker id>#<n>``; the heartbeat is the worker's."""
+        holding = Holding(run_id, step, attempt, holder, idx=idx)
         worker = holder.rpartition("#")[0] or holder
         with self._lock:
             self._ensure_thread()
@@ -95,10 +100,14 @@ class LeaseKeeper:
     def renew(self, holding: Holding) -> None:
         if holding.lost:
             return
+        h = holding
         try:
-            renewed = self.db.renew_lease(
-                holding.run_id, holding.step, holding.attempt, holding.holder, self.lease_s
-            )
+            if h.idx is None:
+                renewed = self.db.renew_lease(h.run_id, h.step, h.attempt, h.holder, self.lease_s)
+            else:
+                renewed = self.db.renew_item_lease(
+                    h.run_id, h.step, h.idx, h.attempt, h.holder, self.lease_s
+                )
         except Exception as exc:  # the ledger blinked: try again next beat
             _log.warning(
                 "Lease renewal of step %d of run %s failed: %s", holding.step, holding.run_id, exc

@@ -54,19 +54,7 @@ class StepMessage:
         Unknown keys are ignored (a newer client may add fields an older worker does not
         need); missing keys with defaults take them.
         """
-        if not isinstance(data, dict):
-            raise MalformedMessage(f"step message must be a JSON object, got {type(data).__name__}")
-        run_id = data.get("run_id") if isinstance(data.get("run_id"), str) else None
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name in data:
-                values[f.name] = data[f.name]
-            elif f.default is MISSING:
-                raise MalformedMessage(f"step message lacks field {f.name!r}", run_id=run_id)
-        try:
-            return cls(**values)
-        except MalformedMessage as error:
-            raise MalformedMessage(str(error), run_id=run_id) from None
+        return _decode(cls, data, "step message")
 
     def retry(self, try_number: int, attempt: int) -> StepMessage:
         """The message for the next ``exec`` try of this step, under a new attempt."""
@@ -75,7 +63,60 @@ class StepMessage:
         )
 
 
-_INT_FIELDS = {"step": 0, "attempt": 1, "try_number": 1, "v": 1}  # field -> minimum
+@dataclass(frozen=True)
+class ItemMessage:
+    """Run item ``idx`` of map step ``step`` (node ``node_id``) of ``run_id`` as the
+    item's fencing ``attempt``, ``exec`` try ``try_number``: ids only, as a step message.
+    The item's value comes from the ledger (``pf_items``), never from the message."""
+
+    run_id: str
+    flow: str
+    step: int
+    node_id: str
+    idx: int
+    attempt: int
+    try_number: int = 1
+    v: int = MESSAGE_VERSION
+
+    def __post_init__(self) -> None:
+        _check_types(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _ITEM_FIELD_NAMES}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ItemMessage:
+        """Decode a message body; raise ``MalformedMessage`` naming the first bad field."""
+        return _decode(cls, data, "item message")
+
+    @property
+    def key(self) -> tuple[str, int, int, int]:
+        """``(run_id, step, idx, attempt)``: what the ledger's item rows are fenced on."""
+        return (self.run_id, self.step, self.idx, self.attempt)
+
+    def retry(self, try_number: int, attempt: int) -> ItemMessage:
+        return ItemMessage(
+            self.run_id, self.flow, self.step, self.node_id, self.idx, attempt, try_number
+        )
+
+
+def _decode(cls: Any, data: Any, what: str) -> Any:
+    if not isinstance(data, dict):
+        raise MalformedMessage(f"{what} must be a JSON object, got {type(data).__name__}")
+    run_id = data.get("run_id") if isinstance(data.get("run_id"), str) else None
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name in data:
+            values[f.name] = data[f.name]
+        elif f.default is MISSING:
+            raise MalformedMessage(f"{what} lacks field {f.name!r}", run_id=run_id)
+    try:
+        return cls(**values)
+    except MalformedMessage as error:
+        raise MalformedMessage(str(error), run_id=run_id) from None
+
+
+_INT_FIELDS = {"step": 0, "idx": 0, "attempt": 1, "try_number": 1, "v": 1}  # field -> minimum
 _STR_FIELDS = ("run_id", "flow", "node_id")
 
 
@@ -87,6 +128,8 @@ def _check_types(values: dict[str, Any]) -> None:
                 f"step message field {name!r} must be a non-empty string, got {value!r}"
             )
     for name, minimum in _INT_FIELDS.items():
+        if name not in values:  # idx: item messages only
+            continue
         value = values[name]
         # bool is an int in Python, but True is never a step number.
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
@@ -96,3 +139,4 @@ def _check_types(values: dict[str, Any]) -> None:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(StepMessage))
+_ITEM_FIELD_NAMES = tuple(f.name for f in fields(ItemMessage))

@@ -11,6 +11,8 @@ Kinds of orphans, fastest found first:
   ``dead_after_s``: the step it was running is taken over under a new attempt, which
   fences it out (G1), and the messages it held unstarted (prefetched) are sent again
   under their attempt. This is the 5 s path of G3, whatever the lease says;
+* map items, the same way (``itemsweep``): unsent, held by a dead or expired holder,
+  prefetched by a dead process, and a complete join whose step is still parked;
 * a step whose lease expired: a claimed one is taken over (the backstop when a process
   never wrote a heartbeat); a queued one nobody claimed is usually just waiting in a long
   queue, so it is sent again only after ``requeue_after_s`` in the queue, and while the
@@ -37,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pocoflow.distributed import lifecycle
+from pocoflow.distributed import itemsweep, lifecycle
 from pocoflow.distributed.celery_app import DEFAULT_QUEUE
 from pocoflow.distributed.liveness import dead_after
 from pocoflow.distributed.message import StepMessage
@@ -79,9 +81,13 @@ class SweepReport:
     poisoned: list[tuple[str, int]] = field(default_factory=list)
     #: Messages sent again because the broker lost them (sentinel gone).
     bulk_resent: int = 0
+    #: Map items sent again: unsent, taken over from a dead holder, or dead receiver's.
+    items: list[tuple[str, int, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.resent or self.taken_over or self.poisoned or self.bulk_resent)
+        return bool(
+            self.resent or self.taken_over or self.poisoned or self.bulk_resent or self.items
+        )
 
 
 class BrokerSentinel:
@@ -169,6 +175,17 @@ def sweep(
 
     if sentinel is not None:
         report.bulk_resent = _after_broker_loss(db, publish, sentinel, now)
+
+    report.items = itemsweep.sweep_items(
+        db,
+        publish,
+        lease_s=lease_s,
+        now=now,
+        injected=injected,
+        grace_s=grace_s,
+        dead_after_s=dead_after_s,
+        judge_holders=judge_holders,
+    )
 
     dead = liveness.held_by_dead(db, dead_after_s, now=injected) if judge_holders else []
     for row in dead:
@@ -374,7 +391,7 @@ def _after_broker_loss(
     except Exception as exc:  # the broker is down: its loss is seen once it is back
         _log.warning("Could not check the broker sentinel: %s", exc)
         return 0
-    sent = _resend_all_queued(db, publish, now)
+    sent = _resend_all_queued(db, publish, now) + itemsweep.resend_all(db, publish, now)
     sentinel.set()
     return sent
 

@@ -242,3 +242,9 @@ class ItemQueue(LedgerClient):
             f"re-queueing the join of step {step}",
             run_id,
         )
+
+    def queued_items(
+        self, after: tuple[str, int, int] | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """A page of sent, queued items of live runs (the re-send after a broker loss)."""
+        return self._read(lambda conn: items.queued_page(conn, after, limit))

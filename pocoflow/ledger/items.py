@@ -23,7 +23,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Float, and_, bindparam, case, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    Float,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.engine import Connection
 
 from pocoflow.ledger import events, pipeline, runs
@@ -569,3 +581,18 @@ def requeue_join(
     if conn.execute(_REQUEUE_STEP, params).rowcount != 1:
         return None
     return join_state(conn, run_id, step)
+
+
+def queued_page(
+    conn: Connection, after: tuple[str, int, int] | None, limit: int
+) -> list[dict[str, Any]]:
+    """Queued items of live runs whose message went to the broker, in key order after
+    ``after``: what a broker that lost its messages must get again (keyset pages)."""
+    stmt = _WITH_RUN.where(_LIVE_ITEMS, _i.status == "queued", _i.sent_at.is_not(None))
+    if after is not None:
+        stmt = stmt.where(
+            tuple_(_i.run_id, _i.step, _i.idx)
+            > tuple_(literal(after[0]), literal(after[1]), literal(after[2]))
+        )
+    stmt = stmt.order_by(_i.run_id, _i.step, _i.idx).limit(limit)
+    return [dict(r) for r in conn.execute(stmt, {"now": None}).mappings()]
