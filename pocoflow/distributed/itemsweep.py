@@ -6,6 +6,10 @@
   is taken over under a new attempt (fencing the holder out, G1) and sent again: after a
   kill -9 only the items that were in flight on the dead worker run again;
 * an item a dead process held unstarted (prefetched) is sent again under its attempt;
+* a sent, queued item no live process reported holding is sent again under its attempt
+  once it waited ``stale_after_s`` (a lease while the broker's queues are empty: its
+  message went down with a process killed within a beat of receiving it; the queue cap
+  while messages still wait there, since it is most likely among them);
 * a map step whose count is complete but which is still parked (a backstop: the commit
   that completes a count re-queues its step) is re-queued for its join;
 * after a broker loss (``resend_all``) every sent, queued item of a live run.
@@ -59,8 +63,11 @@ def sweep_items(
     grace_s: float,
     dead_after_s: float,
     judge_holders: bool,
+    stale_after_s: Callable[[], float],
 ) -> list[tuple[str, int, int]]:
-    """One pass over items; returns the ``(run_id, step, idx)`` sent again."""
+    """One pass over items; returns the ``(run_id, step, idx)`` sent again.
+    ``stale_after_s()`` is asked only when some sent item waits unclaimed (it may look
+    at the broker's queues)."""
     sent: list[tuple[str, int, int]] = []
     for row in db.unsent_items(grace_s, now=now):
         if publish(_message(row, row["attempt"]), queue=row["queue"], **_later(row, now)):
@@ -87,6 +94,17 @@ def sweep_items(
                 attempt = row["attempt"]
             if publish(_message(row, attempt), queue=row["queue"]):
                 sent.append(key)
+        waiting = db.stale_queued_items(lease_s, now=injected)
+        if waiting:
+            limit = stale_after_s()
+            for row in waiting:
+                key = (row["run_id"], row["step"], row["idx"])
+                if now - row["queued_at"] < limit:
+                    continue
+                if db.touch_queued_item(*key, row["attempt"], row["queued_at"]) and publish(
+                    _message(row, row["attempt"]), queue=row["queue"]
+                ):
+                    sent.append(key)
     for stranded in db.stranded_joins():
         state = db.requeue_join(stranded["run_id"], stranded["step"], lease_s)
         run = db.get_run(stranded["run_id"])

@@ -185,6 +185,9 @@ def sweep(
         grace_s=grace_s,
         dead_after_s=dead_after_s,
         judge_holders=judge_holders,
+        stale_after_s=lambda: (
+            lease_s if sentinel is not None and not _broker_busy(db, sentinel) else REQUEUE_CAP_S
+        ),
     )
 
     dead = liveness.held_by_dead(db, dead_after_s, now=injected) if judge_holders else []

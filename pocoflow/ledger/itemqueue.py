@@ -248,3 +248,17 @@ class ItemQueue(LedgerClient):
     ) -> list[dict[str, Any]]:
         """A page of sent, queued items of live runs (the re-send after a broker loss)."""
         return self._read(lambda conn: items.queued_page(conn, after, limit))
+
+    def stale_queued_items(
+        self, older_than_s: float, now: float | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        return self._read(lambda conn: items.stale_queued(conn, older_than_s, now, limit))
+
+    def touch_queued_item(
+        self, run_id: str, step: int, idx: int, attempt: int, queued_at: float
+    ) -> bool:
+        return self._write(
+            lambda conn: items.touch_queued(conn, run_id, step, idx, attempt, queued_at),
+            f"re-sending item {idx} of step {step}",
+            run_id,
+        )
