@@ -185,3 +185,40 @@ def test_items_that_run_a_sub_flow(live: Cluster) -> None:
     result = finish(live, handle)
     assert result["squares"] == local("map_subflow", store)["squares"]
     assert result["squares"] == [sum(2 * j for j in range(i)) for i in range(12)]
+
+
+def test_pause_between_items_and_resume_runs_only_the_unfinished(live: Cluster) -> None:
+    side = live.side_dir()
+    store = {"n": 24, "sleep": map_flows.SLOW_ITEM_S / 2, "side_dir": str(side)}
+    handle = live.submit("map_square", store)
+    wait_until(lambda: len(execs(side, handle.run_id)) >= 3, TIMEOUT_S)
+    handle.pause()
+    wait_until(lambda: handle.status == "paused", TIMEOUT_S)
+    paused_at = len(execs(side, handle.run_id))
+    assert paused_at < 24
+    handle.resume()
+    result = finish(live, handle)
+    assert result["squares"] == [i * i for i in range(24)] and result["finished"] is True
+    counts = Counter(i for i, _, _ in execs(side, handle.run_id))
+    assert counts == {i: 1 for i in range(24)}  # nothing ran twice across the pause
+    assert "run_paused" in [e["event"] for e in handle.events()]
+
+
+def test_resume_after_cancel_finishes_the_map(live: Cluster) -> None:
+    side = live.side_dir()
+    store = {"n": 16, "sleep": map_flows.SLOW_ITEM_S / 2, "side_dir": str(side)}
+    handle = live.submit("map_square", store)
+    wait_until(lambda: len(execs(side, handle.run_id)) >= 2, TIMEOUT_S)
+    handle.cancel()
+    assert handle.status == "cancelled"
+    handle.resume()
+    result = finish(live, handle)
+    assert result["squares"] == [i * i for i in range(16)]
+    assert set(Counter(i for i, _, _ in execs(side, handle.run_id))) == set(range(16))
+
+
+def test_an_empty_map_posts_at_once(live: Cluster) -> None:
+    handle = live.submit("map_square", {"n": 0})
+    result = finish(live, handle)
+    assert result["squares"] == [] and result["total"] == 0 and result["finished"] is True
+    assert live.db.get_join(handle.run_id, 0) is None
