@@ -99,9 +99,10 @@ def sweep_items(
             limit = stale_after_s()
             for row in waiting:
                 key = (row["run_id"], row["step"], row["idx"])
-                if now - row["queued_at"] < limit:
+                # A retry counts from when it is due, not from its (early) send.
+                if now - max(row["sent_at"], row["queued_at"]) < limit:
                     continue
-                if db.touch_queued_item(*key, row["attempt"], row["queued_at"]) and publish(
+                if db.touch_queued_item(*key, row["attempt"], row["sent_at"]) and publish(
                     _message(row, row["attempt"]), queue=row["queue"]
                 ):
                     sent.append(key)

@@ -255,10 +255,10 @@ class ItemQueue(LedgerClient):
         return self._read(lambda conn: items.stale_queued(conn, older_than_s, now, limit))
 
     def touch_queued_item(
-        self, run_id: str, step: int, idx: int, attempt: int, queued_at: float
+        self, run_id: str, step: int, idx: int, attempt: int, sent_at: float
     ) -> bool:
         return self._write(
-            lambda conn: items.touch_queued(conn, run_id, step, idx, attempt, queued_at),
+            lambda conn: items.touch_queued(conn, run_id, step, idx, attempt, sent_at),
             f"re-sending item {idx} of step {step}",
             run_id,
         )

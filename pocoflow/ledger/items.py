@@ -444,7 +444,8 @@ _LIVE_ITEMS = and_(
 )
 _WITH_RUN = (
     select(pf_items.c.run_id, _i.step, _i.idx, _i.attempt, _i.try_number, _i.status)
-    .add_columns(_i.lease_owner, _i.received_by, _i.queued_at, _r.flow_name, _r.queue)
+    .add_columns(_i.lease_owner, _i.received_by, _i.queued_at, _i.sent_at)
+    .add_columns(_r.flow_name, _r.queue)
     .add_columns(_s.node_id)
     .join(pf_runs, _r.run_id == _i.run_id)
     .join(pf_steps, and_(_s.run_id == _i.run_id, _s.step == _i.step))
@@ -601,30 +602,29 @@ def queued_page(
 def stale_queued(
     conn: Connection, older_than_s: float, now: float | None, limit: int
 ) -> list[dict[str, Any]]:
-    """Sent, queued items of live runs that no live process reported holding, queued more
-    than ``older_than_s`` ago: lost with a process killed within a beat of receiving
-    them, before its heartbeat could tell (or in a broker that lost them)."""
+    """Queued items of live runs that no live process reported holding, sent more than
+    ``older_than_s`` ago: lost with a process killed within a beat of receiving them,
+    before its heartbeat could tell (or in a broker that lost them)."""
     stmt = _WITH_RUN.where(
         _LIVE_ITEMS,
         _i.status == "queued",
-        _i.sent_at.is_not(None),
         _i.received_by.is_(None),
-        _i.queued_at <= NOW - bindparam("older_than"),
+        _i.sent_at <= NOW - bindparam("older_than"),
     )
-    stmt = stmt.order_by(_i.queued_at).limit(limit)
+    stmt = stmt.order_by(_i.sent_at).limit(limit)
     params = {"older_than": older_than_s, "now": now}
     return [dict(r) for r in conn.execute(stmt, params).mappings()]
 
 
 def touch_queued(
-    conn: Connection, run_id: str, step: int, idx: int, attempt: int, queued_at: float
+    conn: Connection, run_id: str, step: int, idx: int, attempt: int, sent_at: float
 ) -> bool:
-    """Restart a stale item's clock for its re-send under the same attempt; one sweeper
-    wins (compare-and-set on the ``queued_at`` it read)."""
+    """Restart a stale item's clock (``sent_at``) for its re-send under the same attempt;
+    one sweeper wins (compare-and-set on the ``sent_at`` it read)."""
     stmt = (
         update(pf_items)
-        .where(_FENCE, _i.status == "queued", _i.queued_at == bindparam("b_seen"))
-        .values(queued_at=NOW)
+        .where(_FENCE, _i.status == "queued", _i.sent_at == bindparam("b_seen"))
+        .values(sent_at=NOW)
     )
-    params = {**_key(run_id, step, idx, attempt), "b_seen": queued_at, "now": None}
+    params = {**_key(run_id, step, idx, attempt), "b_seen": sent_at, "now": None}
     return conn.execute(stmt, params).rowcount == 1

@@ -230,3 +230,42 @@ def test_stranded_join_is_found_and_requeued(fanned):
     state = db.requeue_join(RUN, 0, LEASE)
     assert state["step_status"] == "queued" and state["step_attempt"] == 2
     assert db.requeue_join(RUN, 0, LEASE) is None
+
+
+class _Published:
+    """A publisher double: records messages, marks items sent as the real one does."""
+
+    def __init__(self, db) -> None:
+        self.db = db
+        self.messages: list = []
+
+    def __call__(self, message, queue=None, **_) -> bool:
+        from pocoflow.distributed.message import ItemMessage
+
+        self.messages.append(message)
+        if isinstance(message, ItemMessage):
+            self.db.mark_items_sent([message.key])
+        return True
+
+
+def test_sweep_sends_unsent_items_and_takes_over_a_dead_holders(fanned):
+    from pocoflow.distributed.message import ItemMessage
+    from pocoflow.distributed.sweeper import sweep
+    from pocoflow.ledger.liveness import record_beat
+
+    db = fanned
+    publish = _Published(db)
+    clock = db.clock()
+    report = sweep(db, publish, lease_s=LEASE, now=clock + 5, dead_after_s=3.0)
+    # The fan-out's messages were never published: all three are sent once.
+    assert sorted(report.items) == [(RUN, 0, 0), (RUN, 0, 1), (RUN, 0, 2)]
+    assert all(isinstance(m, ItemMessage) and m.attempt == 1 for m in publish.messages)
+    assert sweep(db, publish, lease_s=LEASE, now=clock + 6, dead_after_s=3.0).items == []
+    # A worker claims item 1 and dies (its heartbeat stops).
+    record_beat(db, "wdead", "h", 1, now=clock)
+    assert db.claim_item(RUN, 0, 1, 1, "wdead#1", "M", LEASE, now=clock)[0]
+    report = sweep(db, publish, lease_s=LEASE, now=clock + 5, dead_after_s=3.0)
+    assert report.items == [(RUN, 0, 1)]
+    resent = publish.messages[-1]
+    assert (resent.idx, resent.attempt) == (1, 2)
+    assert db.get_item(RUN, 0, 1)["status"] == "queued"
