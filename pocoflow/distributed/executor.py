@@ -376,16 +376,11 @@ class _StepRun:
         The ledger row decides: the Redis flags are a cache of it for ``exec``'s cancel
         probe, and a flag left over after a Redis outage must not stop a resumed run.
         """
-        msg, status, control = self.msg, run["status"], run.get("control")
-        if status == "cancelled" or control == "cancel":
-            if status != "cancelled":
-                lifecycle.request_cancel(self.db, msg.run_id, step=msg.step)
-            return CANCELLED
-        if status in lifecycle.FINISHED:
-            return STOPPED
-        if status == "paused":
-            return PAUSED
-        if control == "pause" and lifecycle.park(
+        msg = self.msg
+        stop = lifecycle.stopped(self.db, run, msg.step)
+        if stop is not None:
+            return stop
+        if run.get("control") == "pause" and lifecycle.park(
             self.db, msg.run_id, msg.step, msg.attempt, self.holder
         ):
             _log.info("Run %s paused before step %d", msg.run_id, msg.step)

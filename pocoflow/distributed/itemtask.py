@@ -33,7 +33,6 @@ from pocoflow.distributed.executor import (
     MALFORMED,
     PAUSED,
     RETRY,
-    STOPPED,
     UNKNOWN_RUN,
     WorkerContext,
     _claims,
@@ -45,6 +44,7 @@ from pocoflow.distributed.executor import (
 from pocoflow.distributed.graphs import mismatch_message
 from pocoflow.distributed.message import ItemMessage, MalformedMessage, StepMessage
 from pocoflow.hooks import NODE_ERROR, NODE_RETRY, RUN_PAUSED
+from pocoflow.ledger.items import ItemClaim
 from pocoflow.logging import get_logger
 from pocoflow.mapnode import ItemFailed, MapNode, error_record
 from pocoflow.registry import UnknownFlowError
@@ -101,19 +101,12 @@ class _ItemRun:
         self.msg = msg
         self.worker = worker
         self.holder = f"{worker}#{next(_claims)}"
+        self.claim = ItemClaim(msg.run_id, msg.step, msg.idx, msg.attempt, self.holder)
         self.claimed = False
 
     def run(self) -> str:
         msg, db = self.msg, self.db
-        claimed, run, item = db.claim_item(
-            msg.run_id,
-            msg.step,
-            msg.idx,
-            msg.attempt,
-            self.holder,
-            msg.node_id,
-            self.ctx.lease_s,
-        )
+        claimed, run, item = db.claim_item(self.claim, msg.node_id, self.ctx.lease_s)
         self.claimed = claimed
         if run is None:
             _log.error("Item message for unknown run %r dropped", msg.run_id)
@@ -138,16 +131,11 @@ class _ItemRun:
 
     def _guard(self, run: dict[str, Any]) -> str:
         """The claim missed: the run stopped (G4), or this delivery is a duplicate."""
-        msg, status, control = self.msg, run["status"], run.get("control")
-        if status == "cancelled" or control == "cancel":
-            if status != "cancelled":
-                lifecycle.request_cancel(self.db, msg.run_id, step=msg.step)
-            return CANCELLED
-        if status in lifecycle.FINISHED:
-            return STOPPED
-        if status == "paused":
-            return PAUSED
-        if control == "pause":
+        msg = self.msg
+        stop = lifecycle.stopped(self.db, run, msg.step)
+        if stop is not None:
+            return stop
+        if run.get("control") == "pause":
             if self.db.update_run_if(
                 msg.run_id, status_in=lifecycle.LIVE, control_in=("pause",), status="paused"
             ):
@@ -203,14 +191,7 @@ class _ItemRun:
     def _commit(self, run: dict[str, Any], result: str | None, error: str | None) -> str:
         msg = self.msg
         committed, state = self.db.commit_item(
-            msg.run_id,
-            msg.step,
-            msg.idx,
-            msg.attempt,
-            self.holder,
-            result_json=result,
-            error_json=error,
-            lease_s=self.ctx.lease_s,
+            self.claim, result_json=result, error_json=error, lease_s=self.ctx.lease_s
         )
         if not committed:
             _log.warning(
@@ -248,15 +229,7 @@ class _ItemRun:
             attempt=msg.attempt,
             ts=utc_now(),
         )
-        attempt = self.db.retry_item(
-            msg.run_id,
-            msg.step,
-            msg.idx,
-            msg.attempt,
-            self.holder,
-            next_try=try_number + 1,
-            due_in=delay,
-        )
+        attempt = self.db.retry_item(self.claim, next_try=try_number + 1, due_in=delay)
         if attempt is None:
             return LOST
         _log.info(
@@ -291,14 +264,7 @@ class _ItemRun:
             "ts": utc_now(),
         }
         if not self.db.fail_item(
-            msg.run_id,
-            msg.step,
-            msg.idx,
-            msg.attempt,
-            self.holder,
-            error_json=json.dumps(record),
-            error_msg=error_msg,
-            events=[event],
+            self.claim, error_json=json.dumps(record), error_msg=error_msg, events=[event]
         ):
             return LOST
         _log.error("Run %s failed at step %d item %d: %s", msg.run_id, msg.step, msg.idx, error_msg)

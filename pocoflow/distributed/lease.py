@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pocoflow.distributed import liveness
+from pocoflow.ledger.items import ItemClaim
 from pocoflow.logging import get_logger
 
 if TYPE_CHECKING:
@@ -105,9 +106,8 @@ class LeaseKeeper:
             if h.idx is None:
                 renewed = self.db.renew_lease(h.run_id, h.step, h.attempt, h.holder, self.lease_s)
             else:
-                renewed = self.db.renew_item_lease(
-                    h.run_id, h.step, h.idx, h.attempt, h.holder, self.lease_s
-                )
+                claim = ItemClaim(h.run_id, h.step, h.idx, h.attempt, h.holder)
+                renewed = self.db.renew_item_lease(claim, self.lease_s)
         except Exception as exc:  # the ledger blinked: try again next beat
             _log.warning(
                 "Lease renewal of step %d of run %s failed: %s", holding.step, holding.run_id, exc

@@ -9,7 +9,7 @@ defaults so a message queued by an older client still decodes.
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 MESSAGE_VERSION = 1
 
@@ -23,8 +23,31 @@ class MalformedMessage(ValueError):
         self.run_id = run_id
 
 
+class _Message:
+    """What every message kind shares: types checked at construction, a flat dict out,
+    a forgiving decode in (unknown keys ignored, defaults for missing ones)."""
+
+    KIND: ClassVar[str] = "message"
+
+    def __post_init__(self) -> None:
+        _check_types(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        # Flat fields: a plain dict, not asdict()'s recursive deepcopy (every step pays it).
+        return {name: getattr(self, name) for name in _field_names(type(self))}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Any:
+        """Decode a message body; raise ``MalformedMessage`` naming the first bad field.
+
+        Unknown keys are ignored (a newer client may add fields an older worker does not
+        need); missing keys with defaults take them.
+        """
+        return _decode(cls, data, cls.KIND)
+
+
 @dataclass(frozen=True)
-class StepMessage:
+class StepMessage(_Message):
     """Run step ``step`` (node ``node_id``) of ``run_id`` as fencing ``attempt``.
 
     ``try_number`` counts ``exec`` tries of a node with ``max_retries`` (1 on the first);
@@ -39,22 +62,11 @@ class StepMessage:
     attempt: int
     try_number: int = 1
     v: int = MESSAGE_VERSION
-
-    def __post_init__(self) -> None:
-        _check_types(self.to_dict())
-
-    def to_dict(self) -> dict[str, Any]:
-        # Flat fields: a plain dict, not asdict()'s recursive deepcopy (every step pays it).
-        return {name: getattr(self, name) for name in _FIELD_NAMES}
+    KIND: ClassVar[str] = "step message"
 
     @classmethod
     def from_dict(cls, data: Any) -> StepMessage:
-        """Decode a message body; raise ``MalformedMessage`` naming the first bad field.
-
-        Unknown keys are ignored (a newer client may add fields an older worker does not
-        need); missing keys with defaults take them.
-        """
-        return _decode(cls, data, "step message")
+        return _decode(cls, data, cls.KIND)  # type: ignore[no-any-return]
 
     def retry(self, try_number: int, attempt: int) -> StepMessage:
         """The message for the next ``exec`` try of this step, under a new attempt."""
@@ -64,7 +76,7 @@ class StepMessage:
 
 
 @dataclass(frozen=True)
-class ItemMessage:
+class ItemMessage(_Message):
     """Run item ``idx`` of map step ``step`` (node ``node_id``) of ``run_id`` as the
     item's fencing ``attempt``, ``exec`` try ``try_number``: ids only, as a step message.
     The item's value comes from the ledger (``pf_items``), never from the message."""
@@ -77,17 +89,11 @@ class ItemMessage:
     attempt: int
     try_number: int = 1
     v: int = MESSAGE_VERSION
-
-    def __post_init__(self) -> None:
-        _check_types(self.to_dict())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in _ITEM_FIELD_NAMES}
+    KIND: ClassVar[str] = "item message"
 
     @classmethod
     def from_dict(cls, data: Any) -> ItemMessage:
-        """Decode a message body; raise ``MalformedMessage`` naming the first bad field."""
-        return _decode(cls, data, "item message")
+        return _decode(cls, data, cls.KIND)  # type: ignore[no-any-return]
 
     @property
     def key(self) -> tuple[str, int, int, int]:
@@ -138,5 +144,11 @@ def _check_types(values: dict[str, Any]) -> None:
             )
 
 
-_FIELD_NAMES = tuple(f.name for f in fields(StepMessage))
-_ITEM_FIELD_NAMES = tuple(f.name for f in fields(ItemMessage))
+_FIELD_NAMES: dict[str, tuple[str, ...]] = {}
+
+
+def _field_names(cls: Any) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls.KIND)
+    if names is None:
+        names = _FIELD_NAMES[cls.KIND] = tuple(f.name for f in fields(cls))
+    return names

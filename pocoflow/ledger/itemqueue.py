@@ -8,6 +8,7 @@ from typing import Any
 
 from pocoflow.ledger import items, pipeline, steps, txn
 from pocoflow.ledger.client import LedgerClient
+from pocoflow.ledger.items import ItemClaim
 
 #: ``pf_attempts.outcome`` of the step attempt that ran ``prep`` and fanned its items out.
 FANNED_OUT_OUTCOME = "fanned_out"
@@ -52,50 +53,30 @@ class ItemQueue(LedgerClient):
         return self._write(body, f"fanning out step {step}", run_id, confirm=own, batched=True)
 
     def claim_item(
-        self,
-        run_id: str,
-        step: int,
-        idx: int,
-        attempt: int,
-        holder: str,
-        node_id: str,
-        lease_s: float,
-        now: float | None = None,
+        self, c: ItemClaim, node_id: str, lease_s: float, now: float | None = None
     ) -> tuple[bool, dict[str, Any] | None, tuple[str, int] | None]:
-        """Claim item ``idx`` for ``attempt`` while its run goes on (G1, G4): returns
-        ``(claimed, run guard columns, (item codec text, try number))``."""
+        """Claim the item for ``c`` while its run goes on (G1, G4): returns ``(claimed,
+        run guard columns, (item codec text, try number))``."""
 
         def body(conn: Any) -> tuple[bool, dict[str, Any] | None, tuple[str, int] | None]:
-            got = items.claim(conn, run_id, step, idx, attempt, holder, node_id, lease_s, now)
+            got = items.claim(conn, c, node_id, lease_s, now)
             if not got[0]:
                 raise txn.Abort(got)  # roll back: PostgreSQL sent the whole batch
             return got
 
-        return self._write(body, f"claiming item {idx} of step {step}", run_id, batched=True)
+        return self._write(body, f"claiming item {c.idx} of step {c.step}", c.run_id, batched=True)
 
-    def renew_item_lease(
-        self,
-        run_id: str,
-        step: int,
-        idx: int,
-        attempt: int,
-        holder: str,
-        lease_s: float,
-        now: float | None = None,
-    ) -> bool:
+    def renew_item_lease(self, c: ItemClaim, lease_s: float, now: float | None = None) -> bool:
+        """Extend ``c``'s lease; False = the item was taken over: its commit will fail."""
         return self._write(
-            lambda conn: items.renew(conn, run_id, step, idx, attempt, holder, lease_s, now),
-            f"renewing the lease of item {idx} of step {step}",
-            run_id,
+            lambda conn: items.renew(conn, c, lease_s, now),
+            f"renewing the lease of item {c.idx} of step {c.step}",
+            c.run_id,
         )
 
     def commit_item(
         self,
-        run_id: str,
-        step: int,
-        idx: int,
-        attempt: int,
-        holder: str,
+        c: ItemClaim,
         *,
         result_json: str | None,
         error_json: str | None = None,
@@ -106,36 +87,23 @@ class ItemQueue(LedgerClient):
         ``items.commit``). ``(False, None)``, nothing written, if the claim was lost."""
 
         def body(conn: Any) -> tuple[bool, dict[str, Any] | None]:
-            got = items.commit(
-                conn, run_id, step, idx, attempt, holder, result_json, error_json, lease_s, now
-            )
+            got = items.commit(conn, c, result_json, error_json, lease_s, now)
             if not got[0]:
                 raise txn.Abort((False, None))
             return got
 
         def own(conn: Any, got: tuple[bool, dict[str, Any] | None]) -> Any:
-            if got[0] or not items.committed_by(conn, run_id, step, idx, attempt, holder):
+            if got[0] or not items.committed_by(conn, c):
                 return got
-            return True, items.join_state(conn, run_id, step)
+            return True, items.join_state(conn, c.run_id, c.step)
 
-        return self._write(
-            body, f"committing item {idx} of step {step}", run_id, confirm=own, batched=True
-        )
+        return self._finish_item(body, own, "committing", c)
 
     def fail_item(
-        self,
-        run_id: str,
-        step: int,
-        idx: int,
-        attempt: int,
-        holder: str,
-        *,
-        error_json: str,
-        error_msg: str,
-        events: list[dict[str, Any]],
+        self, c: ItemClaim, *, error_json: str, error_msg: str, events: list[dict[str, Any]]
     ) -> bool:
         """The item out of tries fails its run, naming it (see ``items.fail_ops``)."""
-        ops = items.fail_ops(run_id, step, idx, attempt, holder, error_json, error_msg, events)
+        ops = items.fail_ops(c, error_json, error_msg, events)
 
         def body(conn: Any) -> bool:
             if not pipeline.run(conn, ops):
@@ -143,30 +111,24 @@ class ItemQueue(LedgerClient):
             return True
 
         def own(conn: Any, done: bool) -> bool:
-            return done or items.committed_by(conn, run_id, step, idx, attempt, holder)
+            return done or items.committed_by(conn, c)
 
+        return self._finish_item(body, own, "failing", c)
+
+    def _finish_item(self, body: Any, own: Any, what: str, c: ItemClaim) -> Any:
         return self._write(
-            body, f"failing item {idx} of step {step}", run_id, confirm=own, batched=True
+            body, f"{what} item {c.idx} of step {c.step}", c.run_id, confirm=own, batched=True
         )
 
     def retry_item(
-        self,
-        run_id: str,
-        step: int,
-        idx: int,
-        attempt: int,
-        holder: str,
-        *,
-        next_try: int,
-        due_in: float,
-        now: float | None = None,
+        self, c: ItemClaim, *, next_try: int, due_in: float, now: float | None = None
     ) -> int | None:
+        """Hand the item to a new attempt (returned) for try ``next_try``, due in
+        ``due_in`` seconds; None if ``c`` no longer holds it."""
         return self._write(
-            lambda conn: items.retry(
-                conn, run_id, step, idx, attempt, holder, next_try, due_in, now
-            ),
-            f"retrying item {idx} of step {step}",
-            run_id,
+            lambda conn: items.retry(conn, c, next_try, due_in, now),
+            f"retrying item {c.idx} of step {c.step}",
+            c.run_id,
         )
 
     def mark_items_sent(

@@ -21,6 +21,7 @@ for tests, as in ``steps``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -184,6 +185,26 @@ def _key(run_id: str, step: int, idx: int, attempt: int) -> dict[str, Any]:
     return {"b_run_id": run_id, "b_step": step, "b_idx": idx, "b_attempt": attempt}
 
 
+@dataclass(frozen=True)
+class ItemClaim:
+    """One delivery's claim of an item: which item, under which attempt, by which
+    holder token. Renewing, committing, retrying and failing the item must name it (G1)."""
+
+    run_id: str
+    step: int
+    idx: int
+    attempt: int
+    holder: str
+
+    def params(self, **more: Any) -> dict[str, Any]:
+        """The fence's bound parameters (``_HELD``), plus ``more``."""
+        return {
+            **_key(self.run_id, self.step, self.idx, self.attempt),
+            "b_holder": self.holder,
+            **more,
+        }
+
+
 def fan_out_ops(
     run_id: str,
     step: int,
@@ -221,68 +242,47 @@ def fan_out_ops(
 
 
 def claim(
-    conn: Connection,
-    run_id: str,
-    step: int,
-    idx: int,
-    attempt: int,
-    holder: str,
-    node_id: str,
-    lease_s: float,
-    now: float | None,
+    conn: Connection, c: ItemClaim, node_id: str, lease_s: float, now: float | None
 ) -> tuple[bool, dict[str, Any] | None, tuple[str, int] | None]:
-    """Read the run's guard columns, claim the item for ``attempt`` as ``holder`` (only
-    while the run goes on, for the node the ledger recorded) and read its value and try:
-    one batch, one round trip on PostgreSQL. ``(claimed, run, (item_json, try_number))``."""
-    params = _key(run_id, step, idx, attempt)
-    params.update(b_holder=holder, b_node_id=node_id, now=now, lease_s=lease_s)
-    read = {k: params[k] for k in ("b_run_id", "b_step", "b_idx", "b_attempt", "b_holder")}
-    ops = [runs.guard_op(run_id), Op(_CLAIM, params, must_hit_one=True), Op(_CLAIMED_ITEM, read)]
+    """Read the run's guard columns, claim the item for ``c`` (only while the run goes
+    on, for the node the ledger recorded) and read its value and try: one batch, one
+    round trip on PostgreSQL. ``(claimed, run, (item_json, try_number))``."""
+    params = c.params(b_node_id=node_id, now=now, lease_s=lease_s)
+    ops = [
+        runs.guard_op(c.run_id),
+        Op(_CLAIM, params, must_hit_one=True),
+        Op(_CLAIMED_ITEM, c.params()),
+    ]
     claimed, rows = pipeline.run_reading(conn, ops)
     run = runs.guard_row(rows[0])
     item = rows[2][0] if claimed and rows[2] else None
     return claimed, run, (str(item[0]), int(item[1])) if item is not None else None
 
 
-def renew(
-    conn: Connection,
-    run_id: str,
-    step: int,
-    idx: int,
-    attempt: int,
-    holder: str,
-    lease_s: float,
-    now: float | None = None,
-) -> bool:
-    params = _key(run_id, step, idx, attempt)
-    params.update(b_holder=holder, lease_s=lease_s, now=now)
-    return conn.execute(_RENEW, params).rowcount == 1
+def renew(conn: Connection, c: ItemClaim, lease_s: float, now: float | None = None) -> bool:
+    return conn.execute(_RENEW, c.params(lease_s=lease_s, now=now)).rowcount == 1
 
 
 def commit(
     conn: Connection,
-    run_id: str,
-    step: int,
-    idx: int,
-    attempt: int,
-    holder: str,
+    c: ItemClaim,
     result_json: str | None,
     error_json: str | None,
     lease_s: float,
     now: float | None = None,
 ) -> tuple[bool, dict[str, Any] | None]:
     """An item's result (or collected error), its count on the join and, if it completes
-    the count, the step re-queued for its join: one batch (G1: only under ``holder``'s
-    claim of ``attempt``). Returns ``(committed, join state)``; the state's ``done ==
-    total`` tells the one commit that completed the join."""
-    params = _key(run_id, step, idx, attempt)
-    params.update(b_holder=holder, b_status="done", b_result=result_json, b_error=error_json)
-    join = {"b_run_id": run_id, "b_step": step, "now": now, "lease_s": lease_s}
+    the count, the step re-queued for its join: one batch (G1: only under ``c``).
+    Returns ``(committed, join state)``; the state's ``done == total`` tells the one
+    commit that completed the join."""
+    params = c.params(b_status="done", b_result=result_json, b_error=error_json)
+    step = {"b_run_id": c.run_id, "b_step": c.step}
+    join = {**step, "now": now, "lease_s": lease_s}
     ops = [
         Op(_FINISH, params, must_hit_one=True),
         Op(_COUNT, join, must_hit_one=True),
         Op(_REQUEUE_STEP, join),
-        Op(_JOIN_STATE, {"b_run_id": run_id, "b_step": step}),
+        Op(_JOIN_STATE, step),
     ]
     committed, rows = pipeline.run_reading(conn, ops)
     return committed, _state(rows[3]) if committed else None
@@ -302,61 +302,42 @@ def _state(rows: list[tuple[Any, ...]]) -> dict[str, Any] | None:
     }
 
 
-def committed_by(
-    conn: Connection, run_id: str, step: int, idx: int, attempt: int, holder: str
-) -> bool:
+def committed_by(conn: Connection, c: ItemClaim) -> bool:
     """A lost COMMIT's retry missed: did the first try land (the row is finished under
     this attempt and holder, which only its commit or failure writes)?"""
-    row = get(conn, run_id, step, idx)
+    row = get(conn, c.run_id, c.step, c.idx)
     return (
         row is not None
         and row["status"] in ("done", "failed")
-        and row["attempt"] == attempt
-        and row["lease_owner"] == holder
+        and row["attempt"] == c.attempt
+        and row["lease_owner"] == c.holder
     )
 
 
 def fail_ops(
-    run_id: str,
-    step: int,
-    idx: int,
-    attempt: int,
-    holder: str,
-    error_json: str,
-    error_msg: str,
-    fail_events: list[dict[str, Any]],
+    c: ItemClaim, error_json: str, error_msg: str, fail_events: list[dict[str, Any]]
 ) -> list[Op]:
     """An item out of tries under ``on_item_error = "raise"``: the item failed and its
     run failed naming it (only while live: a cancel that landed stands), one batch. The
     step stays parked: a resume re-opens the failed and unfinished items (``reopen``)."""
     from pocoflow.ledger.common import iso_now
 
-    params = _key(run_id, step, idx, attempt)
-    params.update(b_holder=holder, b_status="failed", b_result=None, b_error=error_json)
+    params = c.params(b_status="failed", b_result=None, b_error=error_json)
     ending = {"status": "failed", "error_msg": error_msg, "completed_at": iso_now()}
     return [
         Op(_FINISH, params, must_hit_one=True),
-        events.insert_op(events.rows_of(run_id, fail_events)),
-        *runs.step_update_ops(run_id, ending),
+        events.insert_op(events.rows_of(c.run_id, fail_events)),
+        *runs.step_update_ops(c.run_id, ending),
     ]
 
 
 def retry(
-    conn: Connection,
-    run_id: str,
-    step: int,
-    idx: int,
-    attempt: int,
-    holder: str,
-    next_try: int,
-    due_in: float,
-    now: float | None = None,
+    conn: Connection, c: ItemClaim, next_try: int, due_in: float, now: float | None = None
 ) -> int | None:
     """The holder hands its item to a new attempt for try ``next_try``, due in
     ``due_in`` seconds; None if its claim no longer holds the item."""
-    params = _key(run_id, step, idx, attempt)
-    params.update(b_holder=holder, b_try=next_try, b_due_in=due_in, now=now)
-    return attempt + 1 if conn.execute(_RETRY, params).rowcount == 1 else None
+    params = c.params(b_try=next_try, b_due_in=due_in, now=now)
+    return c.attempt + 1 if conn.execute(_RETRY, params).rowcount == 1 else None
 
 
 def mark_sent_op(sent: Sequence[tuple[str, int, int, int]], now: float | None) -> Op:

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from pocoflow.ledger.items import ItemClaim
 from pocoflow.ledger.tables import FANNED_OUT
 
 pytestmark = pytest.mark.ledger
@@ -27,12 +28,16 @@ def fanned(db):
     return db
 
 
-def _claim(db, idx, holder="w1#1", attempt=1):
-    return db.claim_item(RUN, 0, idx, attempt, holder, "M", LEASE)
+def _c(idx, holder="w1#1", attempt=1):
+    return ItemClaim(RUN, 0, idx, attempt, holder)
+
+
+def _claim(db, idx, holder="w1#1", attempt=1, node="M", now=None):
+    return db.claim_item(_c(idx, holder, attempt), node, LEASE, now=now)
 
 
 def _commit(db, idx, holder="w1#1", attempt=1, result='"R"'):
-    return db.commit_item(RUN, 0, idx, attempt, holder, result_json=result, lease_s=LEASE)
+    return db.commit_item(_c(idx, holder, attempt), result_json=result, lease_s=LEASE)
 
 
 def test_fan_out_parks_the_step_and_writes_items_and_join(fanned):
@@ -72,7 +77,7 @@ def test_item_claim_commit_and_the_join(fanned):
     assert claimed and run["status"] == "running" and item == ('"a"', 1)
     assert _claim(db, 0, holder="w2#1")[0] is False  # held under a live lease
     assert _claim(db, 1, attempt=2)[0] is False  # stale attempt
-    assert db.claim_item(RUN, 0, 1, 1, "w1#2", "X", LEASE)[0] is False  # another node
+    assert _claim(db, 1, holder="w1#2", node="X")[0] is False  # another node
     ok, state = _commit(db, 0)
     assert ok and (state["done"], state["total"]) == (1, 3)
     assert state["step_status"] == "running"  # not complete: the step stays parked
@@ -95,7 +100,7 @@ def test_a_stale_holders_commit_is_refused(fanned):
     assert db.take_over_item(RUN, 0, 0, 1, "w1#1") == 2  # the sweeper: holder is dead
     assert _claim(db, 0, holder="w2#1", attempt=2)[0]
     assert _commit(db, 0) == (False, None)  # the old holder wakes up: nothing lands
-    assert db.renew_item_lease(RUN, 0, 0, 1, "w1#1", LEASE) is False
+    assert db.renew_item_lease(_c(0), LEASE) is False
     assert db.get_join(RUN, 0)["done"] == 0
     assert _commit(db, 0, holder="w2#1", attempt=2)[0]
     assert _commit(db, 0, holder="w2#1", attempt=2)[0] is False  # counted once
@@ -146,7 +151,7 @@ def test_the_join_row_is_unique(fanned):
 def test_retry_is_a_new_attempt_due_later(fanned):
     db = fanned
     assert _claim(db, 1)[0]
-    assert db.retry_item(RUN, 0, 1, 1, "w1#1", next_try=2, due_in=5.0, now=100.0) == 2
+    assert db.retry_item(_c(1), next_try=2, due_in=5.0, now=100.0) == 2
     row = db.get_item(RUN, 0, 1)
     assert (row["status"], row["attempt"], row["try_number"], row["queued_at"]) == (
         "queued",
@@ -168,11 +173,7 @@ def test_failed_item_fails_the_run_and_a_reopen_runs_it_again(fanned):
     assert _claim(db, 2)[0]
     events = [{"event": "node_error", "step": 0, "node_name": "M", "error_msg": "item 2"}]
     assert db.fail_item(
-        RUN,
-        0,
-        2,
-        1,
-        "w1#1",
+        _c(2),
         error_json='{"type": "ValueError", "message": "no"}',
         error_msg="MapNode 'M': item 2 failed",
         events=events,
@@ -207,8 +208,8 @@ def test_orphans_dead_holders_expired_leases_and_dead_receivers(fanned):
     db = fanned
     record_beat(db, "wdead", "h", 1, now=100.0)
     record_beat(db, "walive", "h", 2, now=200.0)
-    assert db.claim_item(RUN, 0, 0, 1, "wdead#1", "M", LEASE, now=195.0)[0]
-    assert db.claim_item(RUN, 0, 1, 1, "walive#1", "M", LEASE, now=195.0)[0]
+    assert _claim(db, 0, holder="wdead#1", now=195.0)[0]
+    assert _claim(db, 1, holder="walive#1", now=195.0)[0]
     assert db.orphaned_items(dead_after_s=3.0, now=201.0) != []
     found = {r["idx"]: r for r in db.orphaned_items(dead_after_s=3.0, now=201.0)}
     assert set(found) == {0}  # dead holder; the live one's lease lasts until 205
@@ -263,7 +264,7 @@ def test_sweep_sends_unsent_items_and_takes_over_a_dead_holders(fanned):
     assert sweep(db, publish, lease_s=LEASE, now=clock + 6, dead_after_s=3.0).items == []
     # A worker claims item 1 and dies (its heartbeat stops).
     record_beat(db, "wdead", "h", 1, now=clock)
-    assert db.claim_item(RUN, 0, 1, 1, "wdead#1", "M", LEASE, now=clock)[0]
+    assert _claim(db, 1, holder="wdead#1", now=clock)[0]
     report = sweep(db, publish, lease_s=LEASE, now=clock + 5, dead_after_s=3.0)
     assert report.items == [(RUN, 0, 1)]
     resent = publish.messages[-1]
