@@ -91,6 +91,9 @@ class Publisher:
         self.marker = marker
         self._producer: Any = None
         self._producer_pid = 0
+        # Because a kombu producer and its connection are not thread-safe, and a threads
+        # pool (I/O-bound map items) publishes from several threads of one process.
+        self._lock = threading.Lock()
 
     def _held_producer(self) -> Any:
         """One broker producer per process, kept: acquiring one from the pool for every
@@ -117,29 +120,30 @@ class Publisher:
         """The broker's task for ``message`` (its result), or None when it failed: the
         row stays unsent and the sweeper sends it later."""
         task = ITEM_TASK_NAME if isinstance(message, ItemMessage) else TASK_NAME
-        try:
-            return self.app.send_task(
-                task,
-                args=[message.to_dict()],
-                queue=queue or DEFAULT_QUEUE,
-                countdown=countdown if countdown and countdown > 0 else None,
-                retry=True,
-                retry_policy=PUBLISH_RETRY_POLICY,
-                producer=self._held_producer(),
-            )
-        except Exception as exc:  # broker down: the sweeper resends the unsent row
-            self._drop_producer()  # a fresh one (and connection) next time
-            what = f" item {message.idx}" if isinstance(message, ItemMessage) else ""
-            _log.warning(
-                "Could not publish step %d%s of run %s (attempt %d): %s; the sweeper will "
-                "resend it",
-                message.step,
-                what,
-                message.run_id,
-                message.attempt,
-                exc,
-            )
-            return None
+        with self._lock:
+            try:
+                return self.app.send_task(
+                    task,
+                    args=[message.to_dict()],
+                    queue=queue or DEFAULT_QUEUE,
+                    countdown=countdown if countdown and countdown > 0 else None,
+                    retry=True,
+                    retry_policy=PUBLISH_RETRY_POLICY,
+                    producer=self._held_producer(),
+                )
+            except Exception as exc:  # broker down: the sweeper resends the unsent row
+                self._drop_producer()  # a fresh one (and connection) next time
+                error = exc
+        what = f" item {message.idx}" if isinstance(message, ItemMessage) else ""
+        _log.warning(
+            "Could not publish step %d%s of run %s (attempt %d): %s; the sweeper will resend it",
+            message.step,
+            what,
+            message.run_id,
+            message.attempt,
+            error,
+        )
+        return None
 
     def send_items(
         self,
