@@ -4,7 +4,8 @@
   the broker was down) is sent after the grace period, with what is left of its backoff;
 * an item running under a lease that expired, or held by a process that stopped beating,
   is taken over under a new attempt (fencing the holder out, G1) and sent again: after a
-  kill -9 only the items that were in flight on the dead worker run again;
+  kill -9 only the items that were in flight on the dead worker run again; an item lost
+  with its process ``max_crashes`` times (a poison item) fails its run instead;
 * an item a dead process held unstarted (prefetched) is sent again under its attempt;
 * a sent, queued item no live process reported holding is sent again under its attempt
   once it waited ``stale_after_s`` (a lease while the broker's queues are empty: its
@@ -20,10 +21,15 @@ so of several sweepers one acts, and a duplicate message is refused by the item'
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from pocoflow.distributed.message import ItemMessage, StepMessage
+from pocoflow.hooks import NODE_ERROR
+from pocoflow.ledger.items import ItemClaim
+from pocoflow.ledger.liveness import last_beats
 from pocoflow.logging import get_logger
+from pocoflow.step import utc_now
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -64,6 +70,7 @@ def sweep_items(
     dead_after_s: float,
     judge_holders: bool,
     stale_after_s: Callable[[], float],
+    max_crashes: int,
 ) -> list[tuple[str, int, int]]:
     """One pass over items; returns the ``(run_id, step, idx)`` sent again.
     ``stale_after_s()`` is asked only when some sent item waits unclaimed (it may look
@@ -73,10 +80,22 @@ def sweep_items(
         if publish(_message(row, row["attempt"]), queue=row["queue"], **_later(row, now)):
             sent.append((row["run_id"], row["step"], row["idx"]))
     if judge_holders:
+        beats: dict[str, float] | None = None
         for row in db.orphaned_items(dead_after_s, now=injected):
             key = (row["run_id"], row["step"], row["idx"])
             if row["status"] == "running":
-                attempt = db.take_over_item(*key, row["attempt"], row["lease_owner"])
+                if beats is None:
+                    beats = last_beats(db)
+                owner = row["lease_owner"] or ""
+                beat = beats.get(owner.rpartition("#")[0] or owner)
+                # A crash only if its process stopped beating too (as for steps).
+                crashed = beat is not None and beat < now - dead_after_s / 2
+                if crashed and row["crashes"] + 1 >= max_crashes:
+                    _poison(db, row, max_crashes)
+                    continue
+                attempt = db.take_over_item(
+                    *key, row["attempt"], row["lease_owner"], crashed=crashed
+                )
                 if attempt is None:
                     continue
                 why = "its holder %s is gone; re-running as attempt %d"
@@ -120,6 +139,24 @@ def sweep_items(
         )
         publish(join, queue=run.get("queue"))
     return sent
+
+
+def _poison(db: WorkflowDB, row: dict[str, Any], max_crashes: int) -> None:
+    """An item lost with its worker ``max_crashes`` times (its exec kills the process):
+    its run fails naming it, fenced on the dead holder's claim, instead of crashing
+    workers forever. Fix the node or raise ``POCOFLOW_MAX_CRASHES``, then resume."""
+    error = (
+        f"MapNode {row['node_id']!r}: item {row['idx']} of step {row['step']} of run "
+        f"{row['run_id']} was lost with its worker {max_crashes} times in a row (last on "
+        f"{row['lease_owner']}): a poison item, whose exec likely kills its process. Fix the "
+        "node or raise POCOFLOW_MAX_CRASHES, then resume the run."
+    )
+    claim = ItemClaim(row["run_id"], row["step"], row["idx"], row["attempt"], row["lease_owner"])
+    record = {"type": "WorkerLost", "message": error}
+    event = {"event": NODE_ERROR, "step": row["step"], "node_name": row["node_id"]}
+    event.update(error_msg=error, attempt=row["attempt"], ts=utc_now())
+    if db.fail_item(claim, error_json=json.dumps(record), error_msg=error, events=[event]):
+        _log.error("%s", error)
 
 
 def resend_all(db: WorkflowDB, publish: Callable[..., bool], now: float) -> int:

@@ -185,6 +185,7 @@ def sweep(
         grace_s=grace_s,
         dead_after_s=dead_after_s,
         judge_holders=judge_holders,
+        max_crashes=max_crashes,
         stale_after_s=lambda: (
             lease_s if sentinel is not None and not _broker_busy(db, sentinel) else REQUEUE_CAP_S
         ),

@@ -176,10 +176,19 @@ class ItemQueue(LedgerClient):
         return self._read(lambda conn: items.orphaned(conn, dead_after_s, now, limit))
 
     def take_over_item(
-        self, run_id: str, step: int, idx: int, attempt: int, owner: str | None
+        self,
+        run_id: str,
+        step: int,
+        idx: int,
+        attempt: int,
+        owner: str | None,
+        *,
+        crashed: bool = False,
     ) -> int | None:
+        """Re-queue a running item whose holder is gone (new attempt, returned); with
+        ``crashed`` its process died, which counts toward the poison limit."""
         return self._write(
-            lambda conn: items.take_over(conn, run_id, step, idx, attempt, owner),
+            lambda conn: items.take_over(conn, run_id, step, idx, attempt, owner, crashed),
             f"taking over item {idx} of step {step}",
             run_id,
         )

@@ -424,7 +424,7 @@ _LIVE_ITEMS = and_(
     literal_in(_i.status, ACTIVE_ITEM_STATUSES),
 )
 _WITH_RUN = (
-    select(pf_items.c.run_id, _i.step, _i.idx, _i.attempt, _i.try_number, _i.status)
+    select(pf_items.c.run_id, _i.step, _i.idx, _i.attempt, _i.try_number, _i.status, _i.crashes)
     .add_columns(_i.lease_owner, _i.received_by, _i.queued_at, _i.sent_at)
     .add_columns(_r.flow_name, _r.queue)
     .add_columns(_s.node_id)
@@ -485,10 +485,17 @@ def orphaned(
 
 
 def take_over(
-    conn: Connection, run_id: str, step: int, idx: int, attempt: int, owner: str | None
+    conn: Connection,
+    run_id: str,
+    step: int,
+    idx: int,
+    attempt: int,
+    owner: str | None,
+    crashed: bool = False,
 ) -> int | None:
     """Re-queue a running item whose holder is gone under ``attempt + 1`` (fencing the
-    holder out, G1); None if it moved on meanwhile (committed, renewed by a new claim)."""
+    holder out, G1), counting a crash if its process died; None if it moved on meanwhile
+    (committed, renewed by a new claim)."""
     stmt = (
         update(pf_items)
         .where(_FENCE, _i.status == "running", _i.lease_owner == bindparam("b_owner"))
@@ -500,9 +507,11 @@ def take_over(
             sent_at=None,
             received_by=None,
             queued_at=NOW,
+            crashes=_i.crashes + bindparam("b_crashed"),
         )
     )
     params = {**_key(run_id, step, idx, attempt), "b_owner": owner, "now": None}
+    params["b_crashed"] = int(crashed)
     return attempt + 1 if conn.execute(stmt, params).rowcount == 1 else None
 
 

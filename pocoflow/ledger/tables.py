@@ -268,6 +268,8 @@ pf_items = Table(
     Column("result_json", Text),
     # JSON {"type", "message"} of the exception: collected (done) or fatal (failed).
     Column("error_json", Text),
+    # Attempts lost with their worker process: a poison item fails its run at the limit.
+    Column("crashes", Integer, nullable=False, server_default="0"),
     PrimaryKeyConstraint("run_id", "step", "idx", name="pk_pf_items"),
     CheckConstraint(_in("status", ITEM_STATUSES), name="ck_pf_items_status"),
     _run_fk("pf_items"),

@@ -270,3 +270,25 @@ def test_sweep_sends_unsent_items_and_takes_over_a_dead_holders(fanned):
     resent = publish.messages[-1]
     assert (resent.idx, resent.attempt) == (1, 2)
     assert db.get_item(RUN, 0, 1)["status"] == "queued"
+
+
+def test_an_item_lost_with_its_worker_max_crashes_times_fails_the_run(fanned):
+    from pocoflow.distributed.sweeper import sweep
+    from pocoflow.ledger.liveness import record_beat
+
+    db = fanned
+    publish = _Published(db)
+    t = db.clock()
+    db.mark_items_sent([(RUN, 0, i, 1) for i in range(3)])
+    record_beat(db, "wa", "h", 1, now=t)
+    assert _claim(db, 0, holder="wa#1", now=t)[0]
+    sweep(db, publish, lease_s=LEASE, now=t + 5, dead_after_s=3.0, max_crashes=2)
+    row = db.get_item(RUN, 0, 0)
+    assert (row["status"], row["attempt"], row["crashes"]) == ("queued", 2, 1)
+    record_beat(db, "wb", "h", 2, now=t + 5)
+    assert _claim(db, 0, holder="wb#1", attempt=2, now=t + 5)[0]
+    sweep(db, publish, lease_s=LEASE, now=t + 10, dead_after_s=3.0, max_crashes=2)
+    run = db.get_run(RUN)
+    assert run["status"] == "failed" and "item 0" in run["error_msg"]
+    assert "poison item" in run["error_msg"]
+    assert db.get_item(RUN, 0, 0)["status"] == "failed"
