@@ -31,7 +31,7 @@ from pocoflow.delta import StoreTracker
 from pocoflow.distributed import lifecycle
 from pocoflow.distributed.control import FlagReader, redis_client
 from pocoflow.distributed.graphs import GraphCache, mismatch_message
-from pocoflow.distributed.lease import LeaseKeeper
+from pocoflow.distributed.lease import Holding, LeaseKeeper
 from pocoflow.distributed.mapstep import run_map_step
 from pocoflow.distributed.message import MalformedMessage, StepMessage
 from pocoflow.hooks import COMMIT_REFUSED, FLOW_END, MESSAGE_MALFORMED, NODE_RETRY
@@ -271,6 +271,8 @@ class _StepRun:
         self.task_id = task_id
         self._prior: tuple[Store, dict[str, int], dict[str, str]] | None = None
         self._handed: tuple[Store, StoreTracker] | None = None
+        #: The step's lease renewal while it runs (a map step releases it once parked).
+        self.holding: Holding | None = None
 
     # ── the protocol ──────────────────────────────────────────────────────────
 
@@ -334,7 +336,8 @@ class _StepRun:
             loaded = self._load(run)
         except _Refused as refusal:
             return self._fail(str(refusal), refused=True)
-        with self.ctx.leases.hold(msg.run_id, msg.step, msg.attempt, self.holder):
+        with self.ctx.leases.hold(msg.run_id, msg.step, msg.attempt, self.holder) as held:
+            self.holding = held
             return self._run_and_commit(run, loaded)
 
     def _claim(self) -> tuple[bool, dict[str, Any] | None]:

@@ -76,7 +76,10 @@ def sweep_items(
     ``stale_after_s()`` is asked only when some sent item waits unclaimed (it may look
     at the broker's queues)."""
     sent: list[tuple[str, int, int]] = []
-    for row in db.unsent_items(grace_s, now=now):
+    unsent = db.unsent_items(grace_s, dead_after_s, now=now)
+    if unsent:
+        _log.info("Sending %d unsent items again", len(unsent))
+    for row in unsent:
         if publish(_message(row, row["attempt"]), queue=row["queue"], **_later(row, now)):
             sent.append((row["run_id"], row["step"], row["idx"]))
     if judge_holders:
@@ -116,6 +119,7 @@ def sweep_items(
         waiting = db.stale_queued_items(lease_s, now=injected)
         if waiting:
             limit = stale_after_s()
+            _log.info("%d sent items wait unclaimed; re-sent after %.0fs", len(waiting), limit)
             for row in waiting:
                 key = (row["run_id"], row["step"], row["idx"])
                 # A retry counts from when it is due, not from its (early) send.
@@ -171,5 +175,7 @@ def resend_all(db: WorkflowDB, publish: Callable[..., bool], now: float) -> int:
                 publish(_message(row, row["attempt"]), queue=row["queue"], **_later(row, now))
             )
         if len(page) < PAGE:
+            if count:
+                _log.warning("The broker lost its messages: sent %d queued items again", count)
             return count
         after = (page[-1]["run_id"], page[-1]["step"], page[-1]["idx"])

@@ -82,6 +82,13 @@ class LeaseKeeper:
             with self._lock:
                 self._held.pop(id(holding), None)
 
+    def release(self, holding: Holding) -> None:
+        """Stop renewing ``holding`` before its block ends: a map step whose fan-out
+        committed holds no lease any more (its items do), so renewing it would only
+        report it lost."""
+        with self._lock:
+            self._held.pop(id(holding), None)
+
     def _ensure_thread(self) -> None:
         # After a fork the parent's thread is gone: the child starts its own.
         if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
@@ -115,9 +122,14 @@ class LeaseKeeper:
             return
         if not renewed:
             holding.lost = True
+            with self._lock:
+                if id(holding) not in self._held:  # it ended (committed) meanwhile
+                    return
+            what = "" if h.idx is None else f" item {h.idx}"
             _log.warning(
-                "Step %d of run %s: attempt %d lost its lease; its commit will be refused",
-                holding.step,
-                holding.run_id,
-                holding.attempt,
+                "Step %d%s of run %s: attempt %d lost its lease; its commit will be refused",
+                h.step,
+                what,
+                h.run_id,
+                h.attempt,
             )

@@ -46,9 +46,10 @@ def run_map_step(sr: _StepRun, run: dict[str, Any], loaded: _Loaded) -> str:
     node.run_id, node.step, node.attempt = msg.run_id, msg.step, msg.attempt
     if db.get_join(msg.run_id, msg.step) is None:
         return _fan_out(sr, run, loaded, node)
-    state, todo = db.reopen_items(msg.run_id, msg.step, msg.attempt, sr.holder)
+    state, todo = db.reopen_items(msg.run_id, msg.step, msg.attempt, sr.holder, sr.worker)
     if state is not None and state["done"] >= state["total"]:
         return _join(sr, run, loaded, node)
+    _parked(sr)
     sr._end(FANNED_OUT_OUTCOME, None)
     _send(sr, run, [(r["idx"], r["attempt"], r["try_number"]) for r in todo])
     _log.info("Step %d of run %s: %d unfinished items sent again", msg.step, msg.run_id, len(todo))
@@ -81,9 +82,16 @@ def _fan_out(sr: _StepRun, run: dict[str, Any], loaded: _Loaded, node: MapNode) 
     if not db.fan_out(msg.run_id, msg.step, msg.attempt, sr.holder, sr.worker, texts, [started]):
         sr._end("lost", "lease taken over before the fan-out committed")
         return "lost"
+    _parked(sr)
     _send(sr, run, [(idx, 1, 1) for idx in range(len(texts))])
     _log.info("Step %d of run %s: fanned out %d items", msg.step, msg.run_id, len(texts))
     return FANNED_OUT
+
+
+def _parked(sr: _StepRun) -> None:
+    """The step holds no lease any more: its items do."""
+    if sr.holding is not None:
+        sr.ctx.leases.release(sr.holding)
 
 
 def _send(sr: _StepRun, run: dict[str, Any], todo: list[tuple[int, int, int]]) -> None:
@@ -96,6 +104,7 @@ def _send(sr: _StepRun, run: dict[str, Any], todo: list[tuple[int, int, int]]) -
     ]
     if messages:
         sr.ctx.publisher.send_items(messages, queue=run.get("queue"))
+    sr.db.items_published(msg.run_id, msg.step, sr.worker)
 
 
 def _join(sr: _StepRun, run: dict[str, Any], loaded: _Loaded, node: MapNode) -> str:

@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 
 _log = get_logger("distributed.publish")
 
+#: A fan-out marks its published items sent at least this often (messages, seconds): well
+#: within the sweeper's grace for unsent rows (``sweeper.UNSENT_GRACE_S``, 1 s).
+MARK_EVERY = 200
+MARK_AFTER_S = 0.25
+
 
 class SentMarker:
     """Marks published outbox rows sent from a background thread, in batches.
@@ -152,11 +157,23 @@ class Publisher:
         queue: str | None = None,
         countdown: float | None = None,
     ) -> int:
-        """Publish a fan-out's item messages through this process's one producer, then
-        mark them sent in one transaction; returns how many the broker took."""
-        sent = [m.key for m in messages if self._publish(m, queue, countdown) is not None]
-        self.send_items_marked(sent)
-        return len(sent)
+        """Publish a fan-out's item messages through this process's one producer, marking
+        them sent as they go, every ``MARK_EVERY`` messages or ``MARK_AFTER_S`` (one
+        statement each); returns how many the broker took. In batches, because a
+        thousand messages take longer than the sweeper's grace for unsent rows, and
+        marking them only at the end would have every one of them sent twice."""
+        taken = 0
+        batch: list[tuple[str, int, int, int]] = []
+        marked_at = time.monotonic()
+        for message in messages:
+            if self._publish(message, queue, countdown) is not None:
+                batch.append(message.key)
+            if len(batch) >= MARK_EVERY or time.monotonic() - marked_at > MARK_AFTER_S:
+                taken += len(batch)
+                self.send_items_marked(batch)
+                batch, marked_at = [], time.monotonic()
+        self.send_items_marked(batch)
+        return taken + len(batch)
 
     def send(
         self,
@@ -194,6 +211,8 @@ class Publisher:
 
     def send_items_marked(self, keys: list[tuple[str, int, int, int]]) -> None:
         """Mark published items sent now (one transaction)."""
+        if not keys:
+            return
         try:
             self.db.mark_items_sent(keys)
         except Exception as exc:  # the messages are out; a resend would only duplicate

@@ -33,7 +33,7 @@ class ItemQueue(LedgerClient):
         park the step, iff ``holder``'s claim of ``attempt`` still holds it. After this
         commit ``prep`` never runs again for the step: its items come from the ledger."""
         end = steps.end_attempt_op(run_id, step, attempt, worker, FANNED_OUT_OUTCOME, now)
-        ops = items.fan_out_ops(run_id, step, attempt, holder, item_texts, events, end, now)
+        ops = items.fan_out_ops(run_id, step, attempt, holder, worker, item_texts, events, end, now)
 
         def body(conn: Any) -> bool:
             if not pipeline.run(conn, ops):
@@ -154,21 +154,39 @@ class ItemQueue(LedgerClient):
         return self._read(lambda conn: items.join_state(conn, run_id, step), run_id)
 
     def reopen_items(
-        self, run_id: str, step: int, attempt: int, holder: str, now: float | None = None
+        self,
+        run_id: str,
+        step: int,
+        attempt: int,
+        holder: str,
+        worker: str,
+        now: float | None = None,
     ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         """See ``items.reopen``: what a claim of an already fanned-out step does."""
         return self._write(
-            lambda conn: items.reopen(conn, run_id, step, attempt, holder, now),
+            lambda conn: items.reopen(conn, run_id, step, attempt, holder, worker, now),
             f"re-opening the items of step {step}",
             run_id,
         )
 
     # ── sweeper ──────────────────────────────────────────────────────────────
 
+    def items_published(self, run_id: str, step: int, worker: str) -> bool:
+        """``worker`` published all the step's item messages (see ``items.sent_all``)."""
+        return self._write(
+            lambda conn: items.sent_all(conn, run_id, step, worker),
+            f"marking the items of step {step} published",
+            run_id,
+        )
+
     def unsent_items(
-        self, older_than_s: float, now: float | None = None, limit: int = 1000
+        self,
+        older_than_s: float,
+        dead_after_s: float,
+        now: float | None = None,
+        limit: int = 1000,
     ) -> list[dict[str, Any]]:
-        return self._read(lambda conn: items.unsent(conn, older_than_s, now, limit))
+        return self._read(lambda conn: items.unsent(conn, older_than_s, dead_after_s, now, limit))
 
     def orphaned_items(
         self, dead_after_s: float, now: float | None = None, limit: int = 1000

@@ -210,6 +210,7 @@ def fan_out_ops(
     step: int,
     attempt: int,
     holder: str,
+    worker: str,
     item_texts: Sequence[str],
     step_events: list[dict[str, Any]],
     end_attempt: Op,
@@ -219,6 +220,7 @@ def fan_out_ops(
     every item row in one executemany, the step's events and its attempt row closed."""
     park = {"b_run_id": run_id, "b_step": step, "b_attempt": attempt, "b_holder": holder}
     join = {"run_id": run_id, "step": step, "total": len(item_texts), "done": 0, "now": now}
+    join["sending_by"] = worker
     rows = [
         {
             "run_id": run_id,
@@ -366,6 +368,19 @@ def join_state(conn: Connection, run_id: str, step: int) -> dict[str, Any] | Non
 
 
 _LOCK_JOIN = update(pf_joins).where(_JOIN).values(done=_j.done)
+_SENDING = update(pf_joins).where(_JOIN).values(sending_by=bindparam("b_worker"))
+_SENT_ALL = (
+    update(pf_joins).where(_JOIN, _j.sending_by == bindparam("b_worker")).values(sending_by=None)
+)
+
+
+def sent_all(conn: Connection, run_id: str, step: int, worker: str) -> bool:
+    """``worker`` published every item message of the step: from now on the sweeper
+    re-sends any of them still unsent."""
+    params = {"b_run_id": run_id, "b_step": step, "b_worker": worker}
+    return conn.execute(_SENT_ALL, params).rowcount == 1
+
+
 _REOPEN = (
     update(pf_items)
     .where(
@@ -394,6 +409,7 @@ def reopen(
     step: int,
     attempt: int,
     holder: str,
+    worker: str,
     now: float | None = None,
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """A fanned-out step claimed again (a resume, or a copy of its message): lock the
@@ -411,6 +427,7 @@ def reopen(
     if conn.execute(_PARK, park).rowcount != 1:
         return state, []
     conn.execute(_REOPEN, {**key, "now": now})
+    conn.execute(_SENDING, {**key, "b_worker": worker})
     stmt = select(_i.idx, _i.attempt, _i.try_number).where(
         _i.run_id == run_id, _i.step == step, _i.status == "queued", _i.sent_at.is_(None)
     )
@@ -434,16 +451,26 @@ _WITH_RUN = (
 
 
 def unsent(
-    conn: Connection, older_than_s: float, now: float | None, limit: int
+    conn: Connection, older_than_s: float, dead_after_s: float, now: float | None, limit: int
 ) -> list[dict[str, Any]]:
     """Queued items of live runs whose message was never published (the fan-out's or a
-    retry's publisher died, the broker was down), due more than ``older_than_s`` ago."""
+    retry's publisher died, the broker was down), due more than ``older_than_s`` ago,
+    unless the process publishing the step's items (``sending_by``) still beats: a
+    thousand messages take longer than the grace, and re-sending them would double them."""
+    clock = DbEpoch() if now is None else literal(float(now), Float)
+    publishing = (
+        select(_j.run_id)
+        .join(pf_workers, _w.worker_id == _j.sending_by)
+        .where(_j.run_id == _i.run_id, _j.step == _i.step, _w.beat_at >= clock - dead_after_s)
+        .exists()
+    )
     stmt = (
         _WITH_RUN.where(
             _LIVE_ITEMS,
             _i.status == "queued",
             _i.sent_at.is_(None),
             _i.queued_at <= NOW - bindparam("older_than"),
+            ~publishing,
         )
         .order_by(_i.run_id, _i.step, _i.idx)
         .limit(limit)

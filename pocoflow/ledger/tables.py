@@ -297,6 +297,9 @@ pf_joins = Table(
     Column("done", Integer, nullable=False, server_default="0"),
     Column("created_at", Float, nullable=False),
     Column("ready_at", Float),
+    # The worker process publishing the step's item messages (fan-out, re-open), NULL
+    # once all are out: its unsent items are not re-sent while it lives and publishes.
+    Column("sending_by", Text),
     PrimaryKeyConstraint("run_id", "step", name="pk_pf_joins"),
     _run_fk("pf_joins"),
 )

@@ -137,3 +137,24 @@ class RunSubflow(Square):
 @flow("map_subflow")
 def map_subflow() -> Flow:
     return _map_flow(RunSubflow())
+
+
+class Sleep(MapNode):
+    """``store["n"]`` items that each sleep ``store["sleep"]`` seconds (an LLM call's
+    stand-in): what a fan-out's per-item cost is measured with."""
+
+    def prep(self, store: Any) -> list[float]:
+        return [store["sleep"]] * store["n"]
+
+    def exec(self, seconds: float) -> int:
+        time.sleep(seconds)
+        return 1
+
+    def post(self, store: Any, items: list[Any], results: list[Any]) -> str:
+        store["done"] = sum(results)
+        return "default"
+
+
+@flow("map_sleep")
+def map_sleep() -> Flow:
+    return Flow(start=Sleep())

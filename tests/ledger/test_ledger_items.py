@@ -142,7 +142,7 @@ def test_the_join_row_is_unique(fanned):
 
     from pocoflow.ledger import items
 
-    ops = items.fan_out_ops(RUN, 0, 1, "w0#1", ['"x"'], [], None, None)  # type: ignore[arg-type]
+    ops = items.fan_out_ops(RUN, 0, 1, "w0#1", "w0", ['"x"'], [], None, None)  # type: ignore[arg-type]
     with pytest.raises(IntegrityError):
         db._write(lambda conn: conn.execute(ops[1].stmt, ops[1].params), "dup join", RUN)
     assert db.get_join(RUN, 0)["total"] == 3
@@ -159,10 +159,10 @@ def test_retry_is_a_new_attempt_due_later(fanned):
         2,
         105.0,
     )
-    assert [r["idx"] for r in db.unsent_items(older_than_s=1.0, now=104.0)] == [0, 2]
-    assert [r["idx"] for r in db.unsent_items(older_than_s=1.0, now=107.0)] == [0, 1, 2]
+    assert [r["idx"] for r in db.unsent_items(1.0, 3.0, now=104.0)] == [0, 2]
+    assert [r["idx"] for r in db.unsent_items(1.0, 3.0, now=107.0)] == [0, 1, 2]
     db.mark_items_sent([(RUN, 0, 0, 1), (RUN, 0, 1, 2), (RUN, 0, 2, 1)])
-    assert db.unsent_items(older_than_s=0.0, now=1e12) == []
+    assert db.unsent_items(0.0, 3.0, now=1e12) == []
     claimed, _, item = _claim(db, 1, holder="w2#1", attempt=2)
     assert claimed and item == ('"b"', 2)
 
@@ -185,7 +185,7 @@ def test_failed_item_fails_the_run_and_a_reopen_runs_it_again(fanned):
     db.update_run(RUN, status="running", error_msg=None)
     assert db.take_over(RUN, 0, 1, LEASE, force=True) == 2
     assert db.claim_step(RUN, 0, 2, "w5", LEASE, holder="w5#1")
-    state, todo = db.reopen_items(RUN, 0, 2, "w5#1")
+    state, todo = db.reopen_items(RUN, 0, 2, "w5#1", "w5")
     assert (state["done"], state["total"]) == (1, 3)
     assert [(r["idx"], r["attempt"], r["try_number"]) for r in todo] == [(1, 2, 1), (2, 2, 1)]
     assert db.get_step(RUN, 0)["lease_owner"] == FANNED_OUT  # parked again
@@ -197,7 +197,7 @@ def test_reopen_of_a_complete_join_hands_it_to_the_claimer(fanned):
     for idx in range(3):
         assert _claim(db, idx)[0] and _commit(db, idx)[0]
     assert db.claim_step(RUN, 0, 2, "w5", LEASE, holder="w5#1")
-    state, todo = db.reopen_items(RUN, 0, 2, "w5#1")
+    state, todo = db.reopen_items(RUN, 0, 2, "w5#1", "w5")
     assert state["done"] == state["total"] == 3 and todo == []
     assert db.get_step(RUN, 0)["lease_owner"] == "w5#1"  # still held: it joins
 
@@ -292,3 +292,21 @@ def test_an_item_lost_with_its_worker_max_crashes_times_fails_the_run(fanned):
     assert run["status"] == "failed" and "item 0" in run["error_msg"]
     assert "poison item" in run["error_msg"]
     assert db.get_item(RUN, 0, 0)["status"] == "failed"
+
+
+def test_items_being_published_by_a_live_worker_are_not_sent_twice(db):
+    """A thousand messages take longer to publish than the unsent grace: while the
+    publishing process beats, its unsent items are left to it; once it says it is done,
+    or dies, the sweeper sends what is still unsent."""
+    from pocoflow.ledger.liveness import record_beat
+
+    db.create_run(RUN, "f", initial_store={}, status="running")
+    db.insert_step(RUN, 0, "M", lease_s=LEASE)
+    db.claim_step(RUN, 0, 1, "wp", LEASE, holder="wp#1")
+    record_beat(db, "wp", "h", 1, now=100.0)
+    db.fan_out(RUN, 0, 1, "wp#1", "wp", ['"a"', '"b"'], [], now=100.0)
+    db.mark_items_sent([(RUN, 0, 0, 1)])
+    assert db.unsent_items(1.0, 3.0, now=102.0) == []  # wp is still publishing
+    assert [r["idx"] for r in db.unsent_items(1.0, 3.0, now=104.0)] == [1]  # wp died
+    assert db.items_published(RUN, 0, "wp") is True
+    assert [r["idx"] for r in db.unsent_items(1.0, 3.0, now=102.0)] == [1]

@@ -62,6 +62,7 @@ def upgrade() -> None:
         sa.Column("done", sa.Integer, nullable=False, server_default="0"),
         sa.Column("created_at", sa.Float, nullable=False),
         sa.Column("ready_at", sa.Float),
+        sa.Column("sending_by", sa.Text),
         sa.PrimaryKeyConstraint("run_id", "step", name="pk_pf_joins"),
         sa.ForeignKeyConstraint(["run_id"], ["pf_runs.run_id"], name="fk_pf_joins_run_id"),
     )
