@@ -40,6 +40,8 @@ _log = get_logger("distributed.itemsweep")
 
 #: Rows per page of the bulk re-send after a broker loss.
 PAGE = 1000
+#: Sent items looked at per sweep for the unclaimed-item backstop.
+STALE_PAGE = 100
 
 
 def _message(row: dict[str, Any], attempt: int) -> ItemMessage:
@@ -116,7 +118,8 @@ def sweep_items(
                 attempt = row["attempt"]
             if publish(_message(row, attempt), queue=row["queue"]):
                 sent.append(key)
-        waiting = db.stale_queued_items(lease_s, now=injected)
+        # Oldest first, a page per sweep: a deep queue of sent items costs one short read.
+        waiting = db.stale_queued_items(lease_s, now=injected, limit=STALE_PAGE)
         if waiting:
             limit = stale_after_s()
             _log.info("%d sent items wait unclaimed; re-sent after %.0fs", len(waiting), limit)
