@@ -158,3 +158,20 @@ class Sleep(MapNode):
 @flow("map_sleep")
 def map_sleep() -> Flow:
     return Flow(start=Sleep())
+
+
+@flow("map_hooked")
+def map_hooked() -> Flow:
+    """``map_square`` whose hooks append to ``<side_dir>/hooks``: node_start fires once at
+    the fan-out, node_end once at the join, in the workers."""
+    built = map_square()
+
+    def note(line: str, store: Any) -> None:
+        side = store.get("side_dir")
+        if side:
+            with open(Path(side) / "hooks", "a", encoding="utf-8") as handle:
+                handle.write(f"{line} {os.getpid()}\n")
+
+    built.on("node_start", lambda name, store: note(f"node_start {name}", store))
+    built.on("node_end", lambda name, action, elapsed, store: note(f"node_end {name}", store))
+    return built

@@ -222,3 +222,16 @@ def test_an_empty_map_posts_at_once(live: Cluster) -> None:
     result = finish(live, handle)
     assert result["squares"] == [] and result["total"] == 0 and result["finished"] is True
     assert live.db.get_join(handle.run_id, 0) is None
+
+
+def test_hooks_fire_at_the_fan_out_and_at_the_join(live: Cluster) -> None:
+    side = live.side_dir()
+    handle = live.submit("map_hooked", {"n": 5, "side_dir": str(side)})
+    finish(live, handle)
+    lines = [line.split()[:2] for line in (side / "hooks").read_text().splitlines()]
+    assert lines == [
+        ["node_start", "Square"],
+        ["node_end", "Square"],
+        ["node_start", "Finish"],
+        ["node_end", "Finish"],
+    ]
