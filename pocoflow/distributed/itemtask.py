@@ -103,6 +103,7 @@ class _ItemRun:
         self.holder = f"{worker}#{next(_claims)}"
         self.claim = ItemClaim(msg.run_id, msg.step, msg.idx, msg.attempt, self.holder)
         self.claimed = False
+        self.node_name = msg.node_id  # the node's name once the graph is loaded
 
     def run(self) -> str:
         msg, db = self.msg, self.db
@@ -118,6 +119,7 @@ class _ItemRun:
         if isinstance(node, str):
             return self._fail(node, refused=True)
         value_text, try_number = item
+        self.node_name = node.name
         node.run_id, node.step, node.attempt = msg.run_id, msg.step, msg.attempt
         node._cancel_probe = FlagReader(msg.run_id, self.ctx.redis, db)
         with self.ctx.leases.hold(msg.run_id, msg.step, msg.attempt, self.holder, idx=msg.idx):
@@ -258,7 +260,7 @@ class _ItemRun:
         event = {
             "event": NODE_ERROR,
             "step": msg.step,
-            "node_name": msg.node_id,
+            "node_name": self.node_name,
             "error_msg": error_msg,
             "attempt": msg.attempt,
             "ts": utc_now(),

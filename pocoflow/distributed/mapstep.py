@@ -111,7 +111,7 @@ def _join(sr: _StepRun, run: dict[str, Any], loaded: _Loaded, node: MapNode) -> 
     """Every item is done: ``post(store, items, results)`` in item order, then the
     step's usual commit (checkpoint, events, successor)."""
     msg = sr.msg
-    rows = sr.db.get_items(msg.run_id, msg.step)
+    rows = sr.db.get_items(msg.run_id, msg.step, values_only=True)
     t0 = time.perf_counter()
     try:
         values = [codec.decode(r["item_json"], key=f"item {r['idx']}") for r in rows]

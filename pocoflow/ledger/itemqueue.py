@@ -145,9 +145,14 @@ class ItemQueue(LedgerClient):
     def get_item(self, run_id: str, step: int, idx: int) -> dict[str, Any] | None:
         return self._read(lambda conn: items.get(conn, run_id, step, idx), run_id)
 
-    def get_items(self, run_id: str, step: int) -> list[dict[str, Any]]:
-        """Every item row of a map step, in item order."""
-        return self._read(lambda conn: items.all_items(conn, run_id, step), run_id)
+    def get_items(
+        self, run_id: str, step: int, *, values_only: bool = False
+    ) -> list[dict[str, Any]]:
+        """Every item row of a map step, in item order (``values_only``: what the join
+        needs: ``idx``, ``item_json``, ``result_json``, ``error_json``)."""
+        return self._read(
+            lambda conn: items.all_items(conn, run_id, step, values_only=values_only), run_id
+        )
 
     def get_join(self, run_id: str, step: int) -> dict[str, Any] | None:
         """``done``, ``total`` and the step row's state, or None: not fanned out."""

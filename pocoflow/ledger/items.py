@@ -354,9 +354,13 @@ def get(conn: Connection, run_id: str, step: int, idx: int) -> dict[str, Any] | 
     return dict(row) if row is not None else None
 
 
-def all_items(conn: Connection, run_id: str, step: int) -> list[dict[str, Any]]:
-    """Every item of a step in item order (the join reads them once)."""
-    stmt = select(pf_items).where(_i.run_id == run_id, _i.step == step).order_by(_i.idx)
+def all_items(
+    conn: Connection, run_id: str, step: int, *, values_only: bool = False
+) -> list[dict[str, Any]]:
+    """Every item of a step in item order; ``values_only``: the columns the join reads
+    (index, value, result, error), so 10,000 results cost only their own size."""
+    columns = (_i.idx, _i.item_json, _i.result_json, _i.error_json) if values_only else (pf_items,)
+    stmt = select(*columns).where(_i.run_id == run_id, _i.step == step).order_by(_i.idx)
     return [dict(r) for r in conn.execute(stmt).mappings()]
 
 
