@@ -7,12 +7,13 @@ stays comparable with a local run's (the side directory travels in the items).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from pocoflow import Flow, MapNode, Node, Store, flow
+from pocoflow import AsyncNode, Flow, MapNode, Node, Store, flow
 
 #: A cancel or kill test's item must still be running when the test acts on it.
 SLOW_ITEM_S = 0.3
@@ -175,3 +176,20 @@ def map_hooked() -> Flow:
     built.on("node_start", lambda name, store: note(f"node_start {name}", store))
     built.on("node_end", lambda name, action, elapsed, store: note(f"node_end {name}", store))
     return built
+
+
+class AsyncSquare(Square, AsyncNode):
+    """An async exec on workers: each item task runs its coroutine."""
+
+    async def exec_async(self, item: dict[str, Any]) -> int:
+        _log_exec(item, self)
+        await asyncio.sleep(0.001)
+        return int(item["i"]) ** 2
+
+    def exec(self, item: dict[str, Any]) -> int:
+        return AsyncNode.exec(self, item)
+
+
+@flow("map_async")
+def map_async() -> Flow:
+    return _map_flow(AsyncSquare())

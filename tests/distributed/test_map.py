@@ -235,3 +235,11 @@ def test_hooks_fire_at_the_fan_out_and_at_the_join(live: Cluster) -> None:
         ["node_start", "Finish"],
         ["node_end", "Finish"],
     ]
+
+
+def test_an_async_map_on_workers(live: Cluster) -> None:
+    side = live.side_dir()
+    store = {"n": 10, "side_dir": str(side)}
+    handle = live.submit("map_async", store)
+    assert finish(live, handle)["squares"] == local("map_async", store)["squares"]
+    assert Counter(i for i, _, _ in execs(side, handle.run_id)) == {i: 1 for i in range(10)}
