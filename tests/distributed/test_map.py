@@ -243,3 +243,22 @@ def test_an_async_map_on_workers(live: Cluster) -> None:
     handle = live.submit("map_async", store)
     assert finish(live, handle)["squares"] == local("map_async", store)["squares"]
     assert Counter(i for i, _, _ in execs(side, handle.run_id)) == {i: 1 for i in range(10)}
+
+
+def test_items_on_a_threads_pool_worker(live: Cluster) -> None:
+    """``pocoflow worker --pool threads --concurrency 8`` runs I/O-bound items side by
+    side in one process; claims, leases and commits stay per item."""
+    from tests.distributed.faults import start_worker
+
+    threaded = start_worker("threads", live.env, live.workdir, concurrency=8, pool="threads")
+    try:
+        threaded.wait_ready()
+        side = live.side_dir()
+        store = {"n": 64, "sleep": 0.05, "side_dir": str(side)}
+        handle = live.submit("map_square", store)
+        assert finish(live, handle)["squares"] == [i * i for i in range(64)]
+        ran = execs(side, handle.run_id)
+        assert Counter(i for i, _, _ in ran) == {i: 1 for i in range(64)}
+        assert any(threaded.owns(pid) for _, _, pid in ran)
+    finally:
+        threaded.kill()
