@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 _log = get_logger("distributed.mapstep")
 
 #: What ``execute_step`` returns for a step whose items now run.
-FANNED_OUT = "fanned_out"
+FANNED_OUT = FANNED_OUT_OUTCOME
 
 
 def run_map_step(sr: _StepRun, run: dict[str, Any], loaded: _Loaded) -> str:

@@ -3,7 +3,7 @@
 A map step's task runs ``prep`` once and, in one transaction, writes a ``pf_items`` row
 per item (the outbox: ``sent_at`` NULL until the item's message is published), the
 step's ``pf_joins`` row (``total``, ``done = 0``) and parks the step (``lease_owner =
-FANNED_OUT``, no lease: no step sweep takes it over, no step claim re-runs ``prep``).
+PARKED_OWNER``, no lease: no step sweep takes it over, no step claim re-runs ``prep``).
 
 Each item is claimed, renewed, committed and taken over exactly as a step is (G1, G3):
 ``attempt`` is bumped by every take-over and retry, ``lease_owner`` holds the claim's
@@ -44,8 +44,8 @@ from pocoflow.ledger.common import NOW, DbEpoch
 from pocoflow.ledger.pipeline import Op
 from pocoflow.ledger.tables import (
     ACTIVE_ITEM_STATUSES,
-    FANNED_OUT,
     LIVE_RUN_STATUSES,
+    PARKED_OWNER,
     literal_in,
     pf_items,
     pf_joins,
@@ -82,7 +82,7 @@ _PARK = (
         _s.status == "running",
         _s.lease_owner == bindparam("b_holder"),
     )
-    .values(lease_owner=FANNED_OUT, lease_expires_at=None)
+    .values(lease_owner=PARKED_OWNER, lease_expires_at=None)
 )
 
 # ── item claim, renewal, commit ──────────────────────────────────────────────
@@ -147,7 +147,7 @@ _COMPLETE = (
 # now (G3), iff its count is complete. A step a resumer holds instead is joined by it.
 _REQUEUE_STEP = (
     update(pf_steps)
-    .where(_STEP_ROW, _s.status == "running", _s.lease_owner == FANNED_OUT, _COMPLETE)
+    .where(_STEP_ROW, _s.status == "running", _s.lease_owner == PARKED_OWNER, _COMPLETE)
     .values(
         status="queued",
         attempt=_s.attempt + 1,
@@ -587,7 +587,7 @@ def stranded_joins(conn: Connection, limit: int) -> list[dict[str, Any]]:
         .where(
             _s.run_id.in_(select(_r.run_id).where(literal_in(_r.status, LIVE_RUN_STATUSES))),
             _s.status == "running",
-            _s.lease_owner == FANNED_OUT,
+            _s.lease_owner == PARKED_OWNER,
             _j.done >= _j.total,
         )
         .limit(limit)

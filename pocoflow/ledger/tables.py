@@ -50,7 +50,7 @@ error) or failed (tries spent, ``on_item_error = "raise"``: the run failed)."""
 ACTIVE_ITEM_STATUSES = ("queued", "running")
 """Items somebody must still run."""
 
-FANNED_OUT = "fanout"
+PARKED_OWNER = "fanout"
 """``pf_steps.lease_owner`` of a map step whose items run: no worker holds it and it has
 no lease (``lease_expires_at`` NULL), so no step sweep takes it over and no step claim
 runs its ``prep`` again; the item whose commit completes its join re-queues it."""

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from pocoflow.ledger.items import ItemClaim
-from pocoflow.ledger.tables import FANNED_OUT
+from pocoflow.ledger.tables import PARKED_OWNER
 
 pytestmark = pytest.mark.ledger
 
@@ -45,7 +45,7 @@ def test_fan_out_parks_the_step_and_writes_items_and_join(fanned):
     step = db.get_step(RUN, 0)
     assert (step["status"], step["lease_owner"], step["lease_expires_at"]) == (
         "running",
-        FANNED_OUT,
+        PARKED_OWNER,
         None,
     )
     rows = db.get_items(RUN, 0)
@@ -188,7 +188,7 @@ def test_failed_item_fails_the_run_and_a_reopen_runs_it_again(fanned):
     state, todo = db.reopen_items(RUN, 0, 2, "w5#1", "w5")
     assert (state["done"], state["total"]) == (1, 3)
     assert [(r["idx"], r["attempt"], r["try_number"]) for r in todo] == [(1, 2, 1), (2, 2, 1)]
-    assert db.get_step(RUN, 0)["lease_owner"] == FANNED_OUT  # parked again
+    assert db.get_step(RUN, 0)["lease_owner"] == PARKED_OWNER  # parked again
     assert db.get_item(RUN, 0, 0)["status"] == "done"  # finished items stay done
 
 
