@@ -74,64 +74,106 @@ def sweep_items(
     stale_after_s: Callable[[], float],
     max_crashes: int,
 ) -> list[tuple[str, int, int]]:
-    """One pass over items; returns the ``(run_id, step, idx)`` sent again.
-    ``stale_after_s()`` is asked only when some sent item waits unclaimed (it may look
-    at the broker's queues)."""
-    sent: list[tuple[str, int, int]] = []
-    unsent = db.unsent_items(grace_s, dead_after_s, now=now)
-    if unsent:
-        _log.info("Sending %d unsent items again", len(unsent))
-    for row in unsent:
-        if publish(_message(row, row["attempt"]), queue=row["queue"], **_later(row, now)):
-            sent.append((row["run_id"], row["step"], row["idx"]))
+    """One pass over items (module docstring, in that order); returns the ``(run_id,
+    step, idx)`` sent again. ``judge_holders=False`` (right after a ledger outage) leaves
+    alone every item a worker holds, as for steps. ``stale_after_s()`` is asked only when
+    some sent item waits unclaimed (it may look at the broker's queues)."""
+    sent = _resend_unsent(db, publish, db.unsent_items(grace_s, dead_after_s, now=now), now)
     if judge_holders:
-        beats: dict[str, float] | None = None
-        for row in db.orphaned_items(dead_after_s, now=injected):
-            key = (row["run_id"], row["step"], row["idx"])
-            if row["status"] == "running":
-                if beats is None:
-                    beats = last_beats(db)
-                owner = row["lease_owner"] or ""
-                beat = beats.get(owner.rpartition("#")[0] or owner)
-                # A crash only if its process stopped beating too (as for steps).
-                crashed = beat is not None and beat < now - dead_after_s / 2
-                if crashed and row["crashes"] + 1 >= max_crashes:
-                    _poison(db, row, max_crashes)
-                    continue
-                attempt = db.take_over_item(
-                    *key, row["attempt"], row["lease_owner"], crashed=crashed
-                )
-                if attempt is None:
-                    continue
-                why = "its holder %s is gone; re-running as attempt %d"
-                _log.warning(
-                    "Item %d of step %d of run %s: " + why,
-                    row["idx"],
-                    row["step"],
-                    row["run_id"],
-                    row["lease_owner"],
-                    attempt,
-                )
-            else:
-                if not db.release_received_item(*key, row["attempt"], row["received_by"]):
-                    continue
-                attempt = row["attempt"]
-            if publish(_message(row, attempt), queue=row["queue"]):
-                sent.append(key)
+        orphans = db.orphaned_items(dead_after_s, now=injected)
+        sent += _recover(db, publish, orphans, now, dead_after_s, max_crashes)
         # Oldest first, a page per sweep: a deep queue of sent items costs one short read.
         waiting = db.stale_queued_items(lease_s, now=injected, limit=STALE_PAGE)
         if waiting:
-            limit = stale_after_s()
-            _log.info("%d sent items wait unclaimed; re-sent after %.0fs", len(waiting), limit)
-            for row in waiting:
-                key = (row["run_id"], row["step"], row["idx"])
-                # A retry counts from when it is due, not from its (early) send.
-                if now - max(row["sent_at"], row["queued_at"]) < limit:
-                    continue
-                if db.touch_queued_item(*key, row["attempt"], row["sent_at"]) and publish(
-                    _message(row, row["attempt"]), queue=row["queue"]
-                ):
-                    sent.append(key)
+            sent += _resend_stale(db, publish, waiting, now, stale_after_s())
+    _requeue_stranded_joins(db, publish, lease_s)
+    return sent
+
+
+Key = tuple[str, int, int]
+
+
+def _key(row: dict[str, Any]) -> Key:
+    return (row["run_id"], row["step"], row["idx"])
+
+
+def _resend_unsent(
+    db: WorkflowDB, publish: Callable[..., bool], rows: list[dict[str, Any]], now: float
+) -> list[Key]:
+    if rows:
+        _log.info("Sending %d unsent items again", len(rows))
+    return [
+        _key(row)
+        for row in rows
+        if publish(_message(row, row["attempt"]), queue=row["queue"], **_later(row, now))
+    ]
+
+
+def _recover(
+    db: WorkflowDB,
+    publish: Callable[..., bool],
+    rows: list[dict[str, Any]],
+    now: float,
+    dead_after_s: float,
+    max_crashes: int,
+) -> list[Key]:
+    """Take over the running orphans (or fail a poison item's run), release the queued
+    ones a dead process held, and send them again."""
+    sent: list[Key] = []
+    beats: dict[str, float] | None = None
+    for row in rows:
+        key = _key(row)
+        if row["status"] == "running":
+            beats = last_beats(db) if beats is None else beats
+            owner = row["lease_owner"] or ""
+            beat = beats.get(owner.rpartition("#")[0] or owner)
+            # A crash only if its process stopped beating too (as for steps).
+            crashed = beat is not None and beat < now - dead_after_s / 2
+            if crashed and row["crashes"] + 1 >= max_crashes:
+                _poison(db, row, max_crashes)
+                continue
+            attempt = db.take_over_item(*key, row["attempt"], owner, crashed=crashed)
+            if attempt is None:  # another sweeper, or the item moved on
+                continue
+            _log.warning(
+                "Item %d of step %d of run %s: its holder %s is gone; re-running as attempt %d",
+                row["idx"],
+                row["step"],
+                row["run_id"],
+                owner,
+                attempt,
+            )
+        elif db.release_received_item(*key, row["attempt"], row["received_by"]):
+            attempt = row["attempt"]
+        else:
+            continue
+        if publish(_message(row, attempt), queue=row["queue"]):
+            sent.append(key)
+    return sent
+
+
+def _resend_stale(
+    db: WorkflowDB,
+    publish: Callable[..., bool],
+    rows: list[dict[str, Any]],
+    now: float,
+    after_s: float,
+) -> list[Key]:
+    _log.debug("%d sent items wait unclaimed; sent again after %.0fs", len(rows), after_s)
+    sent: list[Key] = []
+    for row in rows:
+        # A retry counts from when it is due, not from its (early) send.
+        if now - max(row["sent_at"], row["queued_at"]) < after_s:
+            continue
+        key = _key(row)
+        if db.touch_queued_item(*key, row["attempt"], row["sent_at"]) and publish(
+            _message(row, row["attempt"]), queue=row["queue"]
+        ):
+            sent.append(key)
+    return sent
+
+
+def _requeue_stranded_joins(db: WorkflowDB, publish: Callable[..., bool], lease_s: float) -> None:
     for stranded in db.stranded_joins():
         state = db.requeue_join(stranded["run_id"], stranded["step"], lease_s)
         run = db.get_run(stranded["run_id"])
@@ -145,7 +187,6 @@ def sweep_items(
             state["step_attempt"],
         )
         publish(join, queue=run.get("queue"))
-    return sent
 
 
 def _poison(db: WorkflowDB, row: dict[str, Any], max_crashes: int) -> None:
