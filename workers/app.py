@@ -70,7 +70,7 @@ def step(self: Any, message: dict[str, Any]) -> str:
 def item(self: Any, message: dict[str, Any]) -> str:
     """One item of a map step (see ``execute_item``); redelivered like a step when the
     ledger was unreachable."""
-    outcome = execute_item(message)
+    outcome = execute_item(message, task_id=self.request.id)
     if outcome == LEDGER_UNREACHABLE:
         raise self.retry(countdown=redelivery_delay(self.request.retries), max_retries=None)
     return outcome

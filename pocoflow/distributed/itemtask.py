@@ -57,6 +57,7 @@ def execute_item(
     message: Any,
     *,
     worker_id: str | None = None,
+    task_id: str | None = None,
     context: WorkerContext | None = None,
 ) -> str:
     """Run the map item ``message`` names; returns the outcome (never raises)."""
@@ -68,7 +69,7 @@ def execute_item(
         return MALFORMED
     item: _ItemRun | None = None
     try:
-        item = _ItemRun(context or default_context(), msg, worker)
+        item = _ItemRun(context or default_context(), msg, worker, task_id)
         return item.run()
     except Exception as exc:
         if (item is None or not item.claimed) and _unreachable(exc):
@@ -95,13 +96,15 @@ def execute_item(
 class _ItemRun:
     """One delivery of one item message."""
 
-    def __init__(self, ctx: WorkerContext, msg: ItemMessage, worker: str) -> None:
+    def __init__(
+        self, ctx: WorkerContext, msg: ItemMessage, worker: str, task_id: str | None = None
+    ) -> None:
         self.ctx = ctx
         self.db = ctx.db
         self.msg = msg
         self.worker = worker
         self.holder = f"{worker}#{next(_claims)}"
-        self.claim = ItemClaim(msg.run_id, msg.step, msg.idx, msg.attempt, self.holder)
+        self.claim = ItemClaim(msg.run_id, msg.step, msg.idx, msg.attempt, self.holder, task_id)
         self.claimed = False
         self.node_name = msg.node_id  # the node's name once the graph is loaded
 

@@ -142,6 +142,11 @@ class ItemQueue(LedgerClient):
             lambda conn: pipeline.run(conn, [op]), f"marking {len(sent)} items sent", sent[0][0]
         )
 
+    def running_items(self, run_id: str, step: int) -> list[dict[str, Any]]:
+        """Items of the step a worker runs now: ``idx``, ``attempt``, ``lease_owner``,
+        ``task_id`` (what ``cancel(terminate=True)`` revokes)."""
+        return self._read(lambda conn: items.running(conn, run_id, step), run_id)
+
     def get_item(self, run_id: str, step: int, idx: int) -> dict[str, Any] | None:
         return self._read(lambda conn: items.get(conn, run_id, step, idx), run_id)
 

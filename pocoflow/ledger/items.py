@@ -39,13 +39,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
+from pocoflow.commit import PARKED_OWNER
 from pocoflow.ledger import events, pipeline, runs
 from pocoflow.ledger.common import NOW, DbEpoch
 from pocoflow.ledger.pipeline import Op
 from pocoflow.ledger.tables import (
     ACTIVE_ITEM_STATUSES,
     LIVE_RUN_STATUSES,
-    PARKED_OWNER,
     literal_in,
     pf_items,
     pf_joins,
@@ -120,6 +120,7 @@ _CLAIM = (
         lease_owner=bindparam("b_holder"),
         lease_expires_at=_EXPIRES,
         received_by=None,
+        task_id=bindparam("b_task_id"),
     )
 )
 _CLAIMED_ITEM = select(_i.item_json, _i.try_number).where(_HELD)
@@ -195,6 +196,8 @@ class ItemClaim:
     idx: int
     attempt: int
     holder: str
+    #: The broker task that delivered the claim (what a terminate revokes).
+    task_id: str | None = None
 
     def params(self, **more: Any) -> dict[str, Any]:
         """The fence's bound parameters (``_HELD``), plus ``more``."""
@@ -249,7 +252,7 @@ def claim(
     """Read the run's guard columns, claim the item for ``c`` (only while the run goes
     on, for the node the ledger recorded) and read its value and try: one batch, one
     round trip on PostgreSQL. ``(claimed, run, (item_json, try_number))``."""
-    params = c.params(b_node_id=node_id, now=now, lease_s=lease_s)
+    params = c.params(b_node_id=node_id, b_task_id=c.task_id, now=now, lease_s=lease_s)
     ops = [
         runs.guard_op(c.run_id),
         Op(_CLAIM, params, must_hit_one=True),
@@ -346,6 +349,16 @@ def mark_sent_op(sent: Sequence[tuple[str, int, int, int]], now: float | None) -
     """Close the outbox entries of published ``(run_id, step, idx, attempt)``: one
     executemany (a fan-out marks all its items in one statement)."""
     return Op(_MARK_SENT, [{**_key(*key), "now": now} for key in sent])
+
+
+def running(conn: Connection, run_id: str, step: int) -> list[dict[str, Any]]:
+    """The items of a step that a worker runs now (idx, attempt, holder, task id)."""
+    stmt = (
+        select(_i.idx, _i.attempt, _i.lease_owner, _i.task_id)
+        .where(_i.run_id == run_id, _i.step == step, _i.status == "running")
+        .order_by(_i.idx)
+    )
+    return [dict(r) for r in conn.execute(stmt).mappings()]
 
 
 def get(conn: Connection, run_id: str, step: int, idx: int) -> dict[str, Any] | None:

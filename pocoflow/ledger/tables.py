@@ -50,11 +50,6 @@ error) or failed (tries spent, ``on_item_error = "raise"``: the run failed)."""
 ACTIVE_ITEM_STATUSES = ("queued", "running")
 """Items somebody must still run."""
 
-PARKED_OWNER = "fanout"
-"""``pf_steps.lease_owner`` of a map step whose items run: no worker holds it and it has
-no lease (``lease_expires_at`` NULL), so no step sweep takes it over and no step claim
-runs its ``prep`` again; the item whose commit completes its join re-queues it."""
-
 LIVE_RUN_STATUSES = ("queued", "running", "waiting")
 """Runs whose steps may still need a worker: what the sweeper looks at."""
 
@@ -268,6 +263,8 @@ pf_items = Table(
     Column("result_json", Text),
     # JSON {"type", "message"} of the exception: collected (done) or fatal (failed).
     Column("error_json", Text),
+    # Broker task id of the delivery that claimed the item (revoked by a terminate).
+    Column("task_id", Text),
     # Attempts lost with their worker process: a poison item fails its run at the limit.
     Column("crashes", Integer, nullable=False, server_default="0"),
     PrimaryKeyConstraint("run_id", "step", "idx", name="pk_pf_items"),

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
+from pocoflow.commit import PARKED_OWNER
 from pocoflow.ledger.items import ItemClaim
-from pocoflow.ledger.tables import PARKED_OWNER
 
 pytestmark = pytest.mark.ledger
 

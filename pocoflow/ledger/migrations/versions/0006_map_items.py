@@ -39,6 +39,7 @@ def upgrade() -> None:
         sa.Column("received_by", sa.Text),
         sa.Column("result_json", sa.Text),
         sa.Column("error_json", sa.Text),
+        sa.Column("task_id", sa.Text),
         sa.Column("crashes", sa.Integer, nullable=False, server_default="0"),
         sa.PrimaryKeyConstraint("run_id", "step", "idx", name="pk_pf_items"),
         sa.CheckConstraint(
