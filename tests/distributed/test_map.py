@@ -262,3 +262,20 @@ def test_items_on_a_threads_pool_worker(live: Cluster) -> None:
         assert any(threaded.owns(pid) for _, _, pid in ran)
     finally:
         threaded.kill()
+
+
+def test_terminate_mid_fan_out_revokes_running_items_and_resume_finishes(live: Cluster) -> None:
+    side = live.side_dir()
+    store = {"n": 8, "sleep": 1.0, "side_dir": str(side)}
+    handle = live.submit("map_square", store)
+    wait_until(lambda: len(execs(side, handle.run_id)) >= 2, TIMEOUT_S)
+    running = wait_until(lambda: live.db.running_items(handle.run_id, 0), TIMEOUT_S)
+    assert all(item["task_id"] for item in running)
+    handle.cancel(terminate=True)
+    assert handle.status == "cancelled"
+    # The killed items were fenced out and re-queued for a resume.
+    for item in running:
+        row = live.db.get_item(handle.run_id, 0, item["idx"])
+        assert row["status"] in ("queued", "done") and row["attempt"] >= item["attempt"]
+    handle.resume()
+    assert finish(live, handle)["squares"] == [i * i for i in range(8)]
