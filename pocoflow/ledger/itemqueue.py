@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pocoflow.ledger import items, pipeline, steps, txn
+from pocoflow.ledger import itemrecovery, items, pipeline, steps, txn
 from pocoflow.ledger.client import LedgerClient
 from pocoflow.ledger.items import ItemClaim
 
@@ -196,12 +196,14 @@ class ItemQueue(LedgerClient):
         now: float | None = None,
         limit: int = 1000,
     ) -> list[dict[str, Any]]:
-        return self._read(lambda conn: items.unsent(conn, older_than_s, dead_after_s, now, limit))
+        return self._read(
+            lambda conn: itemrecovery.unsent(conn, older_than_s, dead_after_s, now, limit)
+        )
 
     def orphaned_items(
         self, dead_after_s: float, now: float | None = None, limit: int = 1000
     ) -> list[dict[str, Any]]:
-        return self._read(lambda conn: items.orphaned(conn, dead_after_s, now, limit))
+        return self._read(lambda conn: itemrecovery.orphaned(conn, dead_after_s, now, limit))
 
     def take_over_item(
         self,
@@ -216,7 +218,7 @@ class ItemQueue(LedgerClient):
         """Re-queue a running item whose holder is gone (new attempt, returned); with
         ``crashed`` its process died, which counts toward the poison limit."""
         return self._write(
-            lambda conn: items.take_over(conn, run_id, step, idx, attempt, owner, crashed),
+            lambda conn: itemrecovery.take_over(conn, run_id, step, idx, attempt, owner, crashed),
             f"taking over item {idx} of step {step}",
             run_id,
         )
@@ -225,19 +227,19 @@ class ItemQueue(LedgerClient):
         self, run_id: str, step: int, idx: int, attempt: int, receiver: str
     ) -> bool:
         return self._write(
-            lambda conn: items.release_received(conn, run_id, step, idx, attempt, receiver),
+            lambda conn: itemrecovery.release_received(conn, run_id, step, idx, attempt, receiver),
             f"releasing item {idx} of step {step}",
             run_id,
         )
 
     def stranded_joins(self, limit: int = 100) -> list[dict[str, Any]]:
-        return self._read(lambda conn: items.stranded_joins(conn, limit))
+        return self._read(lambda conn: itemrecovery.stranded_joins(conn, limit))
 
     def requeue_join(
         self, run_id: str, step: int, lease_s: float, now: float | None = None
     ) -> dict[str, Any] | None:
         return self._write(
-            lambda conn: items.requeue_join(conn, run_id, step, lease_s, now),
+            lambda conn: itemrecovery.requeue_join(conn, run_id, step, lease_s, now),
             f"re-queueing the join of step {step}",
             run_id,
         )
@@ -246,18 +248,18 @@ class ItemQueue(LedgerClient):
         self, after: tuple[str, int, int] | None = None, limit: int = 1000
     ) -> list[dict[str, Any]]:
         """A page of sent, queued items of live runs (the re-send after a broker loss)."""
-        return self._read(lambda conn: items.queued_page(conn, after, limit))
+        return self._read(lambda conn: itemrecovery.queued_page(conn, after, limit))
 
     def stale_queued_items(
         self, older_than_s: float, now: float | None = None, limit: int = 1000
     ) -> list[dict[str, Any]]:
-        return self._read(lambda conn: items.stale_queued(conn, older_than_s, now, limit))
+        return self._read(lambda conn: itemrecovery.stale_queued(conn, older_than_s, now, limit))
 
     def touch_queued_item(
         self, run_id: str, step: int, idx: int, attempt: int, sent_at: float
     ) -> bool:
         return self._write(
-            lambda conn: items.touch_queued(conn, run_id, step, idx, attempt, sent_at),
+            lambda conn: itemrecovery.touch_queued(conn, run_id, step, idx, attempt, sent_at),
             f"re-sending item {idx} of step {step}",
             run_id,
         )

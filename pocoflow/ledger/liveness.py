@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Float, and_, bindparam, case, func, literal, or_, select, tuple_, update
 from sqlalchemy.engine import Connection
 
-from pocoflow.ledger import items, steps
+from pocoflow.ledger import itemrecovery, steps
 from pocoflow.ledger.common import DbEpoch, insert_ignore
 from pocoflow.ledger.tables import (
     ACTIVE_STEP_STATUSES,
@@ -104,7 +104,7 @@ def beat(
             _MARK_RECEIVED,
             [{"b_run_id": r, "b_step": s, "b_attempt": a, "w": worker} for r, s, a in held_steps],
         )
-    items.mark_received(conn, worker, [key for key in received if len(key) == 4])
+    itemrecovery.mark_received(conn, worker, [key for key in received if len(key) == 4])
 
 
 def bury(conn: Connection, worker: str) -> None:
