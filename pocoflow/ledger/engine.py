@@ -198,6 +198,9 @@ class LedgerEngine:
     dialect: str
     schema_ready: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: SQLite: the write transactions of this process's threads, one at a time (see
+    #: ``txn.run``).
+    writers: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def label(self) -> str:
