@@ -68,8 +68,8 @@ def _series(dialect: str, n: int) -> tuple[str, str]:
 
 def seed_sql(dialect: str, runs: int, steps: int = SEED_STEPS, prefix: str = "old-") -> list[str]:
     """The statements that write ``runs`` old runs of ``steps`` steps each, with their
-    checkpoints (step -1 too), values, events, step rows, attempts, usage rows and a
-    sent signal."""
+    checkpoints (step -1 too), values, events, step rows, attempts, usage rows, a sent
+    signal, and step 0's map items and join."""
     last = steps - 1
     out = []
     # Runs.
@@ -127,6 +127,18 @@ def seed_sql(dialect: str, runs: int, steps: int = SEED_STEPS, prefix: str = "ol
     out.append(
         f"{w}INSERT INTO pf_signals (run_id, key, value_json, sent_at, created_at) "
         f"SELECT '{prefix}' || k, 'approval', 'true', {SEED_EPOCH}, {SEED_EPOCH} FROM {src}"
+    )
+    # Step 0 of every run was a map step: two items, done, and its complete join.
+    w, src = _series(dialect, runs * 2)
+    out.append(
+        f"{w}INSERT INTO pf_items (run_id, step, idx, item_json, status, attempt, try_number, "
+        f"queued_at, sent_at, result_json) SELECT '{prefix}' || (k / 2), 0, k % 2, '1', 'done', "
+        f"1, 1, {SEED_EPOCH}, {SEED_EPOCH}, '1' FROM {src}"
+    )
+    w, src = _series(dialect, runs)
+    out.append(
+        f"{w}INSERT INTO pf_joins (run_id, step, total, done, created_at, ready_at) "
+        f"SELECT '{prefix}' || k, 0, 2, 2, {SEED_EPOCH}, {SEED_EPOCH} FROM {src}"
     )
     return out
 

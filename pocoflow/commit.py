@@ -9,6 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+PARKED_OWNER = "fanout"
+"""``pf_steps.lease_owner`` of a map step whose items run: no worker holds it and it has
+no lease, so no step sweep takes it over and no step claim runs its ``prep`` again; the
+item commit that completes its join re-queues it."""
+
 
 @dataclass(frozen=True)
 class NextStep:

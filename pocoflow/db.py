@@ -37,6 +37,7 @@ from pocoflow.ledger import (
 )
 from pocoflow.ledger.common import iso_now
 from pocoflow.ledger.inbox import SignalInbox
+from pocoflow.ledger.itemqueue import ItemQueue
 from pocoflow.ledger.queue import StepQueue
 from pocoflow.store import Store
 
@@ -81,7 +82,7 @@ def _own(conn: Connection, c: StepCommit) -> bool:
     return row is not None and row["node_name"] == c.node_name
 
 
-class WorkflowDB(StepQueue, SignalInbox):
+class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
     """The run ledger on SQLite or PostgreSQL.
 
     Parameters

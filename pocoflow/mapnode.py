@@ -39,6 +39,39 @@ class ItemFailed(Exception):
         self.cause = cause
 
 
+class ItemError(Exception):
+    """An item's exception that crossed a process boundary (a worker collected it and
+    the join runs elsewhere) and whose type is not a built-in: ``type_name`` keeps the
+    original type's name, ``str()`` its message."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+
+    def __repr__(self) -> str:
+        return f"ItemError({self.type_name}: {self.args[0]!r})"
+
+
+def error_record(exc: BaseException) -> dict[str, str]:
+    """What the ledger keeps of an item's exception: its type name and message (JSON)."""
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+def revive_error(record: dict[str, str]) -> Exception:
+    """The exception ``error_record`` described: the built-in type again when it is one
+    (``ValueError("bad")``), else an ``ItemError`` naming the type. Never imports."""
+    import builtins
+
+    cls = getattr(builtins, str(record.get("type")), None)
+    message = str(record.get("message", ""))
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except Exception:  # a built-in with another signature (UnicodeDecodeError)
+            pass
+    return ItemError(str(record.get("type")), message)
+
+
 class MapNode(Node):
     """Fan-out: ``prep`` returns the items, ``exec(item)`` runs once per item, ``post``
     gets ``(store, items, results)`` with the results in item order.

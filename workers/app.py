@@ -3,8 +3,9 @@
 Configuration comes from the environment (``POCOFLOW_DB_URL``, ``POCOFLOW_BROKER_URL``,
 ``POCOFLOW_REDIS_URL``, ``POCOFLOW_FLOWS``, ``POCOFLOW_LEASE_SECONDS``,
 ``POCOFLOW_SWEEP_SECONDS``, ``POCOFLOW_HEARTBEAT_SECONDS``, ``POCOFLOW_MAX_CRASHES``,
-``POCOFLOW_STEP_TIMEOUT``, ``POCOFLOW_ACKS_LATE``). The one task is a one-call adapter:
-every rule of the step protocol lives in ``pocoflow.distributed.executor``.
+``POCOFLOW_STEP_TIMEOUT``, ``POCOFLOW_ACKS_LATE``). Each task is a one-call adapter:
+every rule of the step protocol lives in ``pocoflow.distributed.executor`` (and, for
+the items of a map step, ``pocoflow.distributed.itemtask``).
 
 The modules of ``POCOFLOW_FLOWS`` are imported when this module loads: before the pool
 forks, so every child has the same registry, and loudly, so a worker whose flows cannot
@@ -23,7 +24,7 @@ from typing import Any
 from celery import signals
 
 from pocoflow.distributed import liveness
-from pocoflow.distributed.celery_app import TASK_NAME, create_app
+from pocoflow.distributed.celery_app import ITEM_TASK_NAME, TASK_NAME, create_app
 from pocoflow.distributed.control import redis_client
 from pocoflow.distributed.executor import (
     LEDGER_UNREACHABLE,
@@ -33,6 +34,7 @@ from pocoflow.distributed.executor import (
     execute_step,
     redelivery_delay,
 )
+from pocoflow.distributed.itemtask import execute_item
 from pocoflow.distributed.publish import Publisher, SentMarker
 from pocoflow.distributed.sweeper import BrokerSentinel, SweeperThread
 from pocoflow.ledger.prune import Pruner
@@ -64,6 +66,16 @@ def step(self: Any, message: dict[str, Any]) -> str:
     return outcome
 
 
+@app.task(name=ITEM_TASK_NAME, bind=True, ignore_result=True)
+def item(self: Any, message: dict[str, Any]) -> str:
+    """One item of a map step (see ``execute_item``); redelivered like a step when the
+    ledger was unreachable."""
+    outcome = execute_item(message, task_id=self.request.id)
+    if outcome == LEDGER_UNREACHABLE:
+        raise self.retry(countdown=redelivery_delay(self.request.retries), max_retries=None)
+    return outcome
+
+
 _sweeper: SweeperThread | None = None
 
 
@@ -85,7 +97,7 @@ def _start_sweeper(**_: Any) -> None:
         open_ledger(settings.db_url),
         default_worker_id(),
         settings.heartbeat_seconds,
-        held=liveness.celery_held(TASK_NAME),
+        held=liveness.celery_held(TASK_NAME, ITEM_TASK_NAME),
     )
     broker_redis = default_redis_url(settings.broker_url)  # None: not Redis, no sentinel
     _sweeper = SweeperThread(

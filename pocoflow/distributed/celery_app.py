@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from celery import Celery
 
 TASK_NAME = "pocoflow.step"
+#: The task of one map item (``executor_items.execute_item``).
+ITEM_TASK_NAME = "pocoflow.item"
 DEFAULT_QUEUE = "pocoflow"
 ACKS_LATE_ENV = "POCOFLOW_ACKS_LATE"
 
@@ -91,7 +93,10 @@ def _config(settings: Settings, acks_late: bool) -> dict[str, Any]:
         "task_acks_late": acks_late,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": DEFAULT_QUEUE,
-        "task_routes": {TASK_NAME: {"queue": DEFAULT_QUEUE}},
+        "task_routes": {
+            TASK_NAME: {"queue": DEFAULT_QUEUE},
+            ITEM_TASK_NAME: {"queue": DEFAULT_QUEUE},
+        },
         "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
         # PocoFlow configures its own logging; Celery must not take over the root logger.
         "worker_hijack_root_logger": False,

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pocoflow.commit import PARKED_OWNER
 from pocoflow.logging import get_logger
 from pocoflow.settings import mask_url
 
@@ -260,6 +261,8 @@ class RemoteControl(LedgerControl):
         if row is None or row["status"] not in ("queued", "running"):
             return
         publisher = self._publisher_factory()
+        if row["lease_owner"] == PARKED_OWNER:  # a map step: its items run, not the step
+            self._terminate_running_items(step, publisher)
         # The running attempt's own row names the task it runs under (written at claim);
         # the outbox's task id may not be marked yet (marks are batched).
         running = [
@@ -279,6 +282,17 @@ class RemoteControl(LedgerControl):
 
         publisher = self._publisher_factory()
         lifecycle.send_value(self.db, self.run_id, key, value, publisher, lease_s=self.lease_s)
+
+    def _terminate_running_items(self, step: int, publisher: Any) -> None:
+        """Revoke the tasks of the map step's running items and re-queue each under a
+        new attempt (fencing the killed holders out, G1): a resume runs them again."""
+        for item in self.db.running_items(self.run_id, step):
+            if item["task_id"]:
+                _log.info("Run %s: revoking item task %s (terminate)", self.run_id, item["task_id"])
+                publisher.revoke(item["task_id"], terminate=True)
+            self.db.take_over_item(
+                self.run_id, step, item["idx"], item["attempt"], item["lease_owner"]
+            )
 
     def pause(self) -> None:
         """Hold the run before its next node; the worker that meets the request marks the

@@ -32,13 +32,15 @@ from pocoflow.delta import StoreTracker
 from pocoflow.distributed import lifecycle
 from pocoflow.distributed.control import FlagReader, redis_client
 from pocoflow.distributed.graphs import GraphCache, mismatch_message
-from pocoflow.distributed.lease import LeaseKeeper
+from pocoflow.distributed.lease import Holding, LeaseKeeper
 from pocoflow.distributed.limiter import RedisLimiter
+from pocoflow.distributed.mapstep import run_map_step
 from pocoflow.distributed.message import MalformedMessage, StepMessage
 from pocoflow.hooks import COMMIT_REFUSED, FLOW_END, MESSAGE_MALFORMED, NODE_RETRY
 from pocoflow.ledger.signals import StepFence
 from pocoflow.limits import Limiter, LimitGate, LimitWait, use_limiter
 from pocoflow.logging import get_logger
+from pocoflow.mapnode import MapNode
 from pocoflow.registry import UnknownFlowError
 from pocoflow.settings import Settings
 from pocoflow.step import RetryLater, RunCancelled, StepError, run_step, utc_now
@@ -306,6 +308,8 @@ class _StepRun:
         self.task_id = task_id
         self._prior: tuple[Store, dict[str, int], dict[str, str]] | None = None
         self._handed: tuple[Store, StoreTracker] | None = None
+        #: The step's lease renewal while it runs (a map step releases it once parked).
+        self.holding: Holding | None = None
 
     # ── the protocol ──────────────────────────────────────────────────────────
 
@@ -373,7 +377,8 @@ class _StepRun:
             loaded = self._load(run)
         except _Refused as refusal:
             return self._fail(str(refusal), refused=True)
-        with self.ctx.leases.hold(msg.run_id, msg.step, msg.attempt, self.holder):
+        with self.ctx.leases.hold(msg.run_id, msg.step, msg.attempt, self.holder) as held:
+            self.holding = held
             return self._run_and_commit(run, loaded)
 
     def _claim(self) -> tuple[bool, dict[str, Any] | None]:
@@ -415,18 +420,11 @@ class _StepRun:
         The ledger row decides: the Redis flags are a cache of it for ``exec``'s cancel
         probe, and a flag left over after a Redis outage must not stop a resumed run.
         """
-        msg, status, control = self.msg, run["status"], run.get("control")
-        if status == "cancelled" or control == "cancel":
-            if status != "cancelled":
-                lifecycle.request_cancel(self.db, msg.run_id, step=msg.step)
-            return CANCELLED
-        if status in lifecycle.FINISHED:
-            return STOPPED
-        if status == "paused":
-            return PAUSED
-        if status == "waiting":  # a copy of a parked step's message (a broker re-send)
-            return WAITING
-        if control == "pause" and lifecycle.park(
+        msg = self.msg
+        stop = lifecycle.stopped(self.db, run, msg.step)
+        if stop is not None:
+            return stop
+        if run.get("control") == "pause" and lifecycle.park(
             self.db, msg.run_id, msg.step, msg.attempt, self.holder
         ):
             _log.info("Run %s paused before step %d", msg.run_id, msg.step)
@@ -498,6 +496,8 @@ class _StepRun:
 
     def _run_and_commit(self, run: dict[str, Any], loaded: _Loaded) -> str:
         msg, db = self.msg, self.db
+        if isinstance(loaded.node, MapNode):  # its items run as tasks of their own
+            return run_map_step(self, run, loaded)
         probe = FlagReader(msg.run_id, self.ctx.redis, db)
 
         def signals(key: str) -> Signal:

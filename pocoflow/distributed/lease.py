@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pocoflow.distributed import liveness
+from pocoflow.ledger.items import ItemClaim
 from pocoflow.logging import get_logger
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ class Holding:
     attempt: int
     holder: str
     lost: bool = False
+    #: The item of a map step this holding is of (None: the step itself).
+    idx: int | None = None
 
 
 class LeaseKeeper:
@@ -59,10 +62,13 @@ class LeaseKeeper:
         return self.heartbeat_s
 
     @contextmanager
-    def hold(self, run_id: str, step: int, attempt: int, holder: str) -> Iterator[Holding]:
-        """Keep the lease of ``holder``'s claim of this attempt renewed while the block
-        runs. The holder token is ``<worker id>#<n>``; the heartbeat is the worker's."""
-        holding = Holding(run_id, step, attempt, holder)
+    def hold(
+        self, run_id: str, step: int, attempt: int, holder: str, idx: int | None = None
+    ) -> Iterator[Holding]:
+        """Keep the lease of ``holder``'s claim of this attempt (of the step, or of its
+        item ``idx``) renewed while the block runs. The holder token is
+        ``<worker id>#<n>``; the heartbeat is the worker's."""
+        holding = Holding(run_id, step, attempt, holder, idx=idx)
         worker = holder.rpartition("#")[0] or holder
         with self._lock:
             self._ensure_thread()
@@ -75,6 +81,13 @@ class LeaseKeeper:
         finally:
             with self._lock:
                 self._held.pop(id(holding), None)
+
+    def release(self, holding: Holding) -> None:
+        """Stop renewing ``holding`` before its block ends: a map step whose fan-out
+        committed holds no lease any more (its items do), so renewing it would only
+        report it lost."""
+        with self._lock:
+            self._held.pop(id(holding), None)
 
     def _ensure_thread(self) -> None:
         # After a fork the parent's thread is gone: the child starts its own.
@@ -95,10 +108,13 @@ class LeaseKeeper:
     def renew(self, holding: Holding) -> None:
         if holding.lost:
             return
+        h = holding
         try:
-            renewed = self.db.renew_lease(
-                holding.run_id, holding.step, holding.attempt, holding.holder, self.lease_s
-            )
+            if h.idx is None:
+                renewed = self.db.renew_lease(h.run_id, h.step, h.attempt, h.holder, self.lease_s)
+            else:
+                claim = ItemClaim(h.run_id, h.step, h.idx, h.attempt, h.holder)
+                renewed = self.db.renew_item_lease(claim, self.lease_s)
         except Exception as exc:  # the ledger blinked: try again next beat
             _log.warning(
                 "Lease renewal of step %d of run %s failed: %s", holding.step, holding.run_id, exc
@@ -106,9 +122,14 @@ class LeaseKeeper:
             return
         if not renewed:
             holding.lost = True
+            with self._lock:
+                if id(holding) not in self._held:  # it ended (committed) meanwhile
+                    return
+            what = "" if h.idx is None else f" item {h.idx}"
             _log.warning(
-                "Step %d of run %s: attempt %d lost its lease; its commit will be refused",
-                holding.step,
-                holding.run_id,
-                holding.attempt,
+                "Step %d%s of run %s: attempt %d lost its lease; its commit will be refused",
+                h.step,
+                what,
+                h.run_id,
+                h.attempt,
             )

@@ -50,6 +50,25 @@ def request_cancel(db: WorkflowDB, run_id: str, *, step: int | None = None) -> b
     return done
 
 
+def stopped(db: WorkflowDB, run: dict[str, Any], step: int) -> str | None:
+    """Why a run (its guard columns) may not go on: ``"cancelled"`` (a standing cancel
+    request becomes its status here), ``"stopped"`` (finished), ``"paused"`` or
+    ``"waiting"`` (``wait_for``); None
+    when it may, a pause request included (the caller parks the run its own way)."""
+    status, control = run["status"], run.get("control")
+    if status == "cancelled" or control == "cancel":
+        if status != "cancelled":
+            request_cancel(db, run["run_id"], step=step)
+        return "cancelled"
+    if status in FINISHED:
+        return "stopped"
+    if status == "paused":
+        return "paused"
+    if status == "waiting":  # a copy of a parked step's message (a broker re-send)
+        return "waiting"
+    return None
+
+
 def request_pause(db: WorkflowDB, run_id: str) -> bool:
     """Leave a pause request; the next guard parks the run. False if it is not live."""
     return db.update_run_if(run_id, status_in=LIVE, control="pause")

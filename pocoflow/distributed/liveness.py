@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pocoflow.logging import get_logger
 
@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 
 _log = get_logger("distributed.liveness")
 
-StepKey = tuple[str, int, int]
-"""(run_id, step, attempt) of a step message."""
+StepKey = tuple[Any, ...]
+"""(run_id, step, attempt) of a step message, (run_id, step, idx, attempt) of an item's."""
 Held = Callable[[], set[StepKey]]
 
 #: How often the thread looks at what the process holds (not a write: see module doc).
@@ -142,9 +142,11 @@ def _safely(held: Held) -> set[StepKey]:
         return set()
 
 
-def celery_held(task_name: str) -> Held:
+def celery_held(task_name: str, item_task_name: str | None = None) -> Held:
     """What this Celery worker process received and has not started: reserved (prefetched)
-    but not active, or waiting for a countdown. Read from Celery's in-memory state."""
+    but not active, or waiting for a countdown. Read from Celery's in-memory state. Step
+    messages give ``(run_id, step, attempt)``, map item messages (``item_task_name``)
+    ``(run_id, step, idx, attempt)``."""
 
     def held() -> set[StepKey]:
         from celery.worker import state
@@ -160,13 +162,17 @@ def celery_held(task_name: str) -> Held:
             return set()
         keys: set[StepKey] = set()
         for request in waiting:
-            if request in active or request.name != task_name:
+            if request in active or request.name not in (task_name, item_task_name):
                 continue
             args = request.args
             body = args[0] if args else None
             if isinstance(body, dict):
                 try:
-                    keys.add((str(body["run_id"]), int(body["step"]), int(body["attempt"])))
+                    run_step = (str(body["run_id"]), int(body["step"]))
+                    if request.name == task_name:
+                        keys.add((*run_step, int(body["attempt"])))
+                    else:
+                        keys.add((*run_step, int(body["idx"]), int(body["attempt"])))
                 except (KeyError, TypeError, ValueError):
                     continue  # malformed: the executor records it when it runs
         return keys

@@ -15,8 +15,13 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from pocoflow.distributed.celery_app import DEFAULT_QUEUE, PUBLISH_RETRY_POLICY, TASK_NAME
-from pocoflow.distributed.message import StepMessage
+from pocoflow.distributed.celery_app import (
+    DEFAULT_QUEUE,
+    ITEM_TASK_NAME,
+    PUBLISH_RETRY_POLICY,
+    TASK_NAME,
+)
+from pocoflow.distributed.message import ItemMessage, StepMessage
 from pocoflow.logging import get_logger
 
 if TYPE_CHECKING:
@@ -25,6 +30,11 @@ if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
 
 _log = get_logger("distributed.publish")
+
+#: A fan-out marks its published items sent at least this often (messages, seconds): well
+#: within the sweeper's grace for unsent rows (``sweeper.UNSENT_GRACE_S``, 1 s).
+MARK_EVERY = 200
+MARK_AFTER_S = 0.25
 
 
 class SentMarker:
@@ -44,6 +54,7 @@ class SentMarker:
         self._pending: queue.SimpleQueue[tuple[str, int, int, str | None, float]] = (
             queue.SimpleQueue()
         )
+        self._items: queue.SimpleQueue[tuple[str, int, int, int]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="pocoflow-sent", daemon=True)
         self._thread.start()
         atexit.register(self.flush)
@@ -51,19 +62,27 @@ class SentMarker:
     def add(self, run_id: str, step: int, attempt: int, task_id: str | None, now: float) -> None:
         self._pending.put((run_id, step, attempt, task_id, now))
 
+    def add_item(self, key: tuple[str, int, int, int]) -> None:
+        """A published item message ``(run_id, step, idx, attempt)``."""
+        self._items.put(key)
+
     def flush(self) -> None:
         batch = []
         while not self._pending.empty():
             batch.append(self._pending.get_nowait())
+        items = []
+        while not self._items.empty():
+            items.append(self._items.get_nowait())
         try:
             self.db.mark_sent_many(batch)
+            self.db.mark_items_sent(items)
         except Exception as exc:  # the sweeper resends; nothing is lost
-            _log.warning("Could not mark %d sent steps: %s", len(batch), exc)
+            _log.warning("Could not mark %d sent steps and items: %s", len(batch), exc)
 
     def _loop(self) -> None:
         while True:
             time.sleep(self.interval_s)
-            if not self._pending.empty():
+            if not (self._pending.empty() and self._items.empty()):
                 self.flush()
 
 
@@ -112,19 +131,15 @@ class Publisher:
         except Exception:
             pass
 
-    def send(
-        self,
-        message: StepMessage,
-        *,
-        queue: str | None = None,
-        countdown: float | None = None,
-        now: float | None = None,
-    ) -> bool:
-        """Publish ``message`` (on ``queue``, after ``countdown`` seconds); True if the
-        broker took it. The outbox row is marked sent only then."""
-        try:
-            result = self.app.send_task(
-                TASK_NAME,
+    def _publish(
+        self, message: StepMessage | ItemMessage, queue: str | None, countdown: float | None
+    ) -> Any:
+        """The broker's task for ``message`` (its result), or None when it failed: the
+        row stays unsent and the sweeper sends it later."""
+        task = ITEM_TASK_NAME if isinstance(message, ItemMessage) else TASK_NAME
+        try:  # no lock: each thread publishes through a producer of its own
+            return self.app.send_task(
+                task,
                 args=[message.to_dict()],
                 queue=queue or DEFAULT_QUEUE,
                 countdown=countdown if countdown and countdown > 0 else None,
@@ -133,15 +148,63 @@ class Publisher:
                 producer=self._held_producer(),
             )
         except Exception as exc:  # broker down: the sweeper resends the unsent row
-            self._drop_producer()
-            _log.warning(
-                "Could not publish step %d of run %s (attempt %d): %s; the sweeper will resend it",
-                message.step,
-                message.run_id,
-                message.attempt,
-                exc,
-            )
+            self._drop_producer()  # a fresh one (and connection) next time
+            error = exc
+        what = f" item {message.idx}" if isinstance(message, ItemMessage) else ""
+        _log.warning(
+            "Could not publish step %d%s of run %s (attempt %d): %s; the sweeper will resend it",
+            message.step,
+            what,
+            message.run_id,
+            message.attempt,
+            error,
+        )
+        return None
+
+    def send_items(
+        self,
+        messages: list[ItemMessage],
+        *,
+        queue: str | None = None,
+        countdown: float | None = None,
+    ) -> int:
+        """Publish a fan-out's item messages through this process's one producer, marking
+        them sent as they go, every ``MARK_EVERY`` messages or ``MARK_AFTER_S`` (one
+        statement each); returns how many the broker took. In batches, because a
+        thousand messages take longer than the sweeper's grace for unsent rows, and
+        marking them only at the end would have every one of them sent twice."""
+        taken = 0
+        batch: list[tuple[str, int, int, int]] = []
+        marked_at = time.monotonic()
+        for message in messages:
+            if self._publish(message, queue, countdown) is not None:
+                batch.append(message.key)
+            if len(batch) >= MARK_EVERY or time.monotonic() - marked_at > MARK_AFTER_S:
+                taken += len(batch)
+                self.send_items_marked(batch)
+                batch, marked_at = [], time.monotonic()
+        self.send_items_marked(batch)
+        return taken + len(batch)
+
+    def send(
+        self,
+        message: StepMessage | ItemMessage,
+        *,
+        queue: str | None = None,
+        countdown: float | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Publish ``message`` (on ``queue``, after ``countdown`` seconds); True if the
+        broker took it. The outbox row is marked sent only then."""
+        result = self._publish(message, queue, countdown)
+        if result is None:
             return False
+        if isinstance(message, ItemMessage):
+            if self.marker is not None:
+                self.marker.add_item(message.key)
+            else:
+                self.send_items_marked([message.key])
+            return True
         if self.marker is not None:
             self.marker.add(
                 message.run_id, message.step, message.attempt, result.id, now or time.time()
@@ -157,6 +220,15 @@ class Publisher:
             )
         return True
 
+    def send_items_marked(self, keys: list[tuple[str, int, int, int]]) -> None:
+        """Mark published items sent now (one transaction)."""
+        if not keys:
+            return
+        try:
+            self.db.mark_items_sent(keys)
+        except Exception as exc:  # the messages are out; a resend would only duplicate
+            _log.warning("Could not mark %d items sent: %s", len(keys), exc)
+
     def revoke(self, task_id: str, *, terminate: bool = False, signal: str = "SIGTERM") -> None:
         """Revoke a task on every worker; with ``terminate`` its process is signalled."""
         try:
@@ -164,5 +236,7 @@ class Publisher:
         except Exception as exc:
             _log.warning("Could not revoke task %s: %s", task_id, exc)
 
-    def __call__(self, message: StepMessage, queue: str | None = None, **kwargs: Any) -> bool:
+    def __call__(
+        self, message: StepMessage | ItemMessage, queue: str | None = None, **kwargs: Any
+    ) -> bool:
         return self.send(message, queue=queue, **kwargs)

@@ -14,6 +14,8 @@ Kinds of orphans, fastest found first:
 * a run waiting for a value (``wait_for``) whose timeout passed: woken, its node runs
   again and gets ``TimeoutError`` (a waiting run's parked step has no lease and is
   marked sent, so no other pass touches it while it waits);
+* map items, the same way (``itemsweep``): unsent, held by a dead or expired holder,
+  prefetched by a dead process, and a complete join whose step is still parked;
 * a step whose lease expired: a claimed one is taken over (the backstop when a process
   never wrote a heartbeat); a queued one nobody claimed is usually just waiting in a long
   queue, so it is sent again only after ``requeue_after_s`` in the queue, and while the
@@ -40,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pocoflow.distributed import lifecycle
+from pocoflow.distributed import itemsweep, lifecycle
 from pocoflow.distributed.celery_app import DEFAULT_QUEUE
 from pocoflow.distributed.liveness import dead_after
 from pocoflow.distributed.message import StepMessage
@@ -84,10 +86,17 @@ class SweepReport:
     bulk_resent: int = 0
     #: Waiting runs woken because their ``wait_for(key, timeout=...)`` ran out.
     woken: list[tuple[str, str]] = field(default_factory=list)
+    #: Map items sent again: unsent, taken over from a dead holder, or dead receiver's.
+    items: list[tuple[str, int, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
-            self.resent or self.taken_over or self.poisoned or self.bulk_resent or self.woken
+            self.resent
+            or self.taken_over
+            or self.poisoned
+            or self.bulk_resent
+            or self.woken
+            or self.items
         )
 
 
@@ -178,6 +187,21 @@ def sweep(
 
     if sentinel is not None:
         report.bulk_resent = _after_broker_loss(db, publish, sentinel, now)
+
+    report.items = itemsweep.sweep_items(
+        db,
+        publish,
+        lease_s=lease_s,
+        now=now,
+        injected=injected,
+        grace_s=grace_s,
+        dead_after_s=dead_after_s,
+        judge_holders=judge_holders,
+        max_crashes=max_crashes,
+        stale_after_s=lambda: (
+            lease_s if sentinel is not None and not _broker_busy(db, sentinel) else REQUEUE_CAP_S
+        ),
+    )
 
     dead = liveness.held_by_dead(db, dead_after_s, now=injected) if judge_holders else []
     for row in dead:
@@ -400,7 +424,7 @@ def _after_broker_loss(
     except Exception as exc:  # the broker is down: its loss is seen once it is back
         _log.warning("Could not check the broker sentinel: %s", exc)
         return 0
-    sent = _resend_all_queued(db, publish, now)
+    sent = _resend_all_queued(db, publish, now) + itemsweep.resend_all(db, publish, now)
     sentinel.set()
     return sent
 

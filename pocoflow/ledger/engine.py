@@ -202,6 +202,9 @@ class LedgerEngine:
     dialect: str
     schema_ready: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: SQLite: the write transactions of this process's threads, one at a time (see
+    #: ``txn.run``).
+    writers: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def label(self) -> str:
@@ -256,8 +259,12 @@ def shared_engine(
 def _after_fork_in_child() -> None:
     # Because a forked worker (Celery prefork) must not share its parent's sockets and
     # file handles: drop the inherited pools without closing the parent's connections.
+    # The same for the process-local locks: one held by a thread of the parent (a writer
+    # queued in ``txn``) would stay held for ever in the child, where that thread is gone.
     for ledger in list(_registry.values()):
         ledger.engine.dispose(close=False)
+        ledger.lock = threading.Lock()
+        ledger.writers = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

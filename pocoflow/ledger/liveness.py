@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Float, and_, bindparam, case, func, literal, or_, select, tuple_, update
 from sqlalchemy.engine import Connection
 
-from pocoflow.ledger import steps
+from pocoflow.ledger import itemrecovery, steps
 from pocoflow.ledger.common import DbEpoch, insert_ignore
 from pocoflow.ledger.tables import (
     ACTIVE_STEP_STATUSES,
@@ -85,11 +85,12 @@ def beat(
     worker: str,
     host: str,
     pid: int,
-    received: list[tuple[str, int, int]],
+    received: list[tuple[Any, ...]],
     now: float | None,
 ) -> None:
     """Record that ``worker`` is alive, and that it holds the (not started) messages
-    ``received`` = ``[(run_id, step, attempt)]``: one transaction, off the step's path."""
+    ``received`` = ``[(run_id, step, attempt)]`` of steps and ``[(run_id, step, idx,
+    attempt)]`` of map items: one transaction, off the step's path."""
     clock = db_clock(now)
     hit = conn.execute(
         update(pf_workers).where(_w.worker_id == worker).values(beat_at=clock)
@@ -97,11 +98,13 @@ def beat(
     if not hit:
         row = {"worker_id": worker, "host": host, "pid": pid, "started_at": clock, "beat_at": clock}
         conn.execute(insert_ignore(dialect, pf_workers, "worker_id").values(**row))
-    if received:
+    held_steps = [key for key in received if len(key) == 3]
+    if held_steps:
         conn.execute(
             _MARK_RECEIVED,
-            [{"b_run_id": r, "b_step": s, "b_attempt": a, "w": worker} for r, s, a in received],
+            [{"b_run_id": r, "b_step": s, "b_attempt": a, "w": worker} for r, s, a in held_steps],
         )
+    itemrecovery.mark_received(conn, worker, [key for key in received if len(key) == 4])
 
 
 def bury(conn: Connection, worker: str) -> None:
@@ -321,7 +324,7 @@ def record_beat(
     worker: str,
     host: str,
     pid: int,
-    received: list[tuple[str, int, int]] = (),  # type: ignore[assignment]
+    received: list[tuple[Any, ...]] = (),  # type: ignore[assignment]
     *,
     now: float | None = None,
 ) -> None:

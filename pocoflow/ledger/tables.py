@@ -6,7 +6,7 @@ the same thing step by step (0001 = the pocoflow 0.2.1 schema, 0002 = our additi
 received a step's message, 0005 = the partial indexes that keep the sweeper's cost
 independent of how many finished runs the ledger holds, 0007 = the queue of each step,
 0008 = usage rows and run budgets, 0009 = the values sent to runs that wait for them:
-``wait_for``/``send``), and
+``wait_for``/``send``, 0010 = map items and joins), and
 a test compares the two. The 0.2 table and column names are kept so 0.2 readers (the
 Streamlit monitor, users' SQL) keep working.
 
@@ -44,6 +44,13 @@ CONTROLS = ("cancel", "pause")
 STEP_STATUSES = ("queued", "running", "committed", "failed")
 """Life of a ``pf_steps`` row: sent (outbox) -> claimed by a worker -> committed or failed."""
 
+
+ITEM_STATUSES = ("queued", "running", "done", "failed")
+"""Life of a ``pf_items`` row: sent (outbox) -> claimed -> done (result or collected
+error) or failed (tries spent, ``on_item_error = "raise"``: the run failed)."""
+
+ACTIVE_ITEM_STATUSES = ("queued", "running")
+"""Items somebody must still run."""
 
 LIVE_RUN_STATUSES = ("queued", "running", "waiting")
 """Runs whose steps may still need a worker: what the sweeper looks at."""
@@ -280,6 +287,72 @@ pf_signals = Table(
     Column("created_at", Float, nullable=False),
     PrimaryKeyConstraint("run_id", "key", name="pk_pf_signals"),
     _run_fk("pf_signals"),
+)
+
+pf_items = Table(
+    "pf_items",
+    metadata,
+    # 0010: one row per item of a map step, written with its siblings in the fan-out's
+    # transaction; its outbox, lease and fencing work as ``pf_steps``' do (G1, G3).
+    Column("run_id", Text, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("idx", Integer, nullable=False),
+    # codec text of the item: exec's argument, read back by its claim and by the join.
+    Column("item_json", Text, nullable=False),
+    Column("status", Text, nullable=False, server_default="queued"),
+    # Fencing token, bumped by every take-over and retry; lease_owner = holder token.
+    Column("attempt", Integer, nullable=False, server_default="1"),
+    # exec try this attempt runs (1 on the first; a retry carries the next).
+    Column("try_number", Integer, nullable=False, server_default="1"),
+    Column("lease_owner", Text),
+    # NULL while queued: a deep queue of items is no expiry storm; set by the claim.
+    Column("lease_expires_at", Float),
+    # NULL = the message was not published yet (the outbox); the sweeper sends it.
+    Column("sent_at", Float),
+    # When the current attempt is due (a retry: after its backoff).
+    Column("queued_at", Float, nullable=False),
+    # The worker process holding the message unstarted (prefetch), as pf_steps has.
+    Column("received_by", Text),
+    # codec text of exec's result, written once by the item's commit.
+    Column("result_json", Text),
+    # JSON {"type", "message"} of the exception: collected (done) or fatal (failed).
+    Column("error_json", Text),
+    # Broker task id of the delivery that claimed the item (revoked by a terminate).
+    Column("task_id", Text),
+    # Attempts lost with their worker process: a poison item fails its run at the limit.
+    Column("crashes", Integer, nullable=False, server_default="0"),
+    PrimaryKeyConstraint("run_id", "step", "idx", name="pk_pf_items"),
+    CheckConstraint(_in("status", ITEM_STATUSES), name="ck_pf_items_status"),
+    _run_fk("pf_items"),
+    Index("ix_pf_items_received_by", "received_by"),
+)
+_ITEM_ACTIVE = literal_in(pf_items.c.status, ACTIVE_ITEM_STATUSES)
+Index(
+    "ix_pf_items_active",
+    pf_items.c.run_id,
+    pf_items.c.lease_expires_at,
+    sqlite_where=_ITEM_ACTIVE,
+    postgresql_where=_ITEM_ACTIVE,
+)
+
+pf_joins = Table(
+    "pf_joins",
+    metadata,
+    # 0010: one row per fanned-out map step. Its existence says the items are in the
+    # ledger (prep never runs again); ``done`` is moved by each item's commit, and the
+    # commit that makes it reach ``total`` sets ``ready_at`` and re-queues the step: the
+    # join's outbox entry, written once (the counter has one such commit).
+    Column("run_id", Text, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("total", Integer, nullable=False),
+    Column("done", Integer, nullable=False, server_default="0"),
+    Column("created_at", Float, nullable=False),
+    Column("ready_at", Float),
+    # The worker process publishing the step's item messages (fan-out, re-open), NULL
+    # once all are out: its unsent items are not re-sent while it lives and publishes.
+    Column("sending_by", Text),
+    PrimaryKeyConstraint("run_id", "step", name="pk_pf_joins"),
+    _run_fk("pf_joins"),
 )
 
 V02_TABLES = ("pf_runs", "pf_checkpoints", "pf_events")

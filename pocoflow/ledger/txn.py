@@ -16,6 +16,7 @@ looks at the rows after such a retry and corrects the answer (defect 7 of issue 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import sqlite3
@@ -104,6 +105,11 @@ def run(
     begin = _SQLITE_BEGIN[write] if ledger.dialect == "sqlite" else None
     in_batch = batched and write and ledger.dialect == "postgresql"
     raw_sqlite = batched and begin is not None
+    # Because SQLite's busy handler polls a held write lock with sleeps of 1, 2, 5, 10 ms
+    # and more: the threads of one process (a threads pool running map items) queue on a
+    # Python lock instead, woken the moment the writer before them commits, and only
+    # another process's writer makes one poll.
+    queue = ledger.writers if write and begin is not None else contextlib.nullcontext()
     delay = LOCK_BACKOFF_S
     tries = 0
     unknown = False  # a COMMIT was sent on a connection that then died
@@ -115,9 +121,10 @@ def run(
         try:
             if raw_sqlite:
                 assert begin is not None
-                result = _on_raw_sqlite(engine, begin, fn)
+                with queue:
+                    result = _on_raw_sqlite(engine, begin, fn)
             else:
-                with engine.connect() as conn:
+                with queue, engine.connect() as conn:
                     # SQLAlchemy's transaction first, so commit() reaches the driver even
                     # when fn only used the driver connection (pipeline) or nothing at all.
                     conn.begin()

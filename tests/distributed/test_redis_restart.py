@@ -9,10 +9,13 @@ import pytest
 
 from tests.distributed.conftest import Cluster
 from tests.distributed.faults import checkpoint_steps, restart_redis
+from tests.distributed.test_map import WORKER_ENV as MAP_WORKER_ENV, execs, finish
 from tests.helpers import wait_until
 from tests.servers import RedisServer, start_redis
 
 pytestmark = pytest.mark.distributed
+
+WORKER_ENV = MAP_WORKER_ENV  # the map flows too
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +61,19 @@ def test_a_cancel_while_redis_is_down_is_honoured(live: Cluster, redis_server: R
     assert live.submit("counter", {"count": 0}).wait(timeout=30)["count"] == 20
     assert live.db.count_committed(handle.run_id) == committed < 8
     assert live.db.get_run(handle.run_id)["status"] == "cancelled"
+
+
+def test_a_redis_restart_mid_fan_out_loses_no_item(
+    live: Cluster, redis_server: RedisServer
+) -> None:
+    """Every queued item message lost: the sweeper sends the lost items again and the
+    map completes, each item done once in the ledger (G3 for items)."""
+    side = live.side_dir()
+    handle = live.submit("map_square", {"n": 30, "sleep": 0.1, "side_dir": str(side)})
+    wait_until(lambda: len(execs(side, handle.run_id)) >= 3, 30)
+    restart_redis(redis_server, down_s=0.5)
+    result = finish(live, handle)
+    assert result["squares"] == [i * i for i in range(30)] and result["finished"] is True
+    rows = live.db.get_items(handle.run_id, 0)
+    assert [r["status"] for r in rows] == ["done"] * 30
+    assert {i for i, _, _ in execs(side, handle.run_id)} == set(range(30))

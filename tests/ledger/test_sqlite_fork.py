@@ -11,7 +11,9 @@ locked" for ever: seen as a step never claimed in CI). SQLite-only by nature.
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
 
 import pytest
 from sqlalchemy import text
@@ -55,3 +57,36 @@ def test_a_child_forked_during_a_transaction_can_write(tmp_path, kind: str) -> N
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the forked child could not write"
     assert db.get_run("r-1")["total_steps"] == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is a POSIX call")
+def test_a_child_forked_while_a_writer_queues_in_this_process_can_write(tmp_path) -> None:
+    # A thread of the parent holds the process's writer queue (``txn``) at the fork: the
+    # child, where that thread does not exist, must not find it held.
+    db = WorkflowDB(tmp_path / "queue.db", busy_timeout=1.0)
+    db.create_run("r-1", "f")
+    writers = db._ledger.writers
+    assert writers.acquire(timeout=5)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                db.update_run("r-1", total_steps=7)
+                code = 0
+            except BaseException:
+                code = 2
+            os._exit(code)
+        deadline = time.monotonic() + 20
+        while True:  # the child either writes (exit 0) or hangs on the inherited lock
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done or time.monotonic() > deadline:
+                break
+            threading.Event().wait(0.02)
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    finally:
+        writers.release()
+    assert done and os.waitstatus_to_exitcode(status) == 0, "the forked child hung on the lock"
+    assert db.get_run("r-1")["total_steps"] == 7

@@ -223,3 +223,21 @@ def test_usage_reported_by_items_on_pool_threads_is_kept_per_item() -> None:
     totals = flow.usage()
     assert (totals["calls"], totals["input_tokens"], totals["output_tokens"]) == (10, 45, 10)
     assert totals["cost_usd"] == 5.0 and totals["by_node"]["Priced"]["calls"] == 10
+
+
+def test_an_items_exception_survives_the_ledger_as_type_and_message() -> None:
+    from pocoflow.mapnode import ItemError, error_record, revive_error
+
+    record = error_record(ValueError("bad item 3"))
+    assert record == {"type": "ValueError", "message": "bad item 3"}
+    revived = revive_error(record)
+    assert type(revived) is ValueError and str(revived) == "bad item 3"
+
+    class QuotaExceeded(Exception):
+        pass
+
+    other = revive_error(error_record(QuotaExceeded("slow down")))
+    assert isinstance(other, ItemError) and other.type_name == "QuotaExceeded"
+    assert str(other) == "slow down"
+    # A name that is a builtin but not an exception is never called.
+    assert isinstance(revive_error({"type": "print", "message": "x"}), ItemError)

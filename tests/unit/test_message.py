@@ -83,3 +83,17 @@ def test_retry_keeps_the_step_and_bumps_try_and_attempt() -> None:
     again = StepMessage.from_dict(GOOD).retry(try_number=2, attempt=3)
     assert (again.run_id, again.step, again.node_id) == ("r-1", 3, "n#2")
     assert (again.try_number, again.attempt) == (2, 3)
+
+
+def test_item_message_round_trips_and_names_bad_fields() -> None:
+    from pocoflow.distributed.message import ItemMessage
+
+    msg = ItemMessage("r", "f", 2, "n", 7, 3, 2)
+    assert ItemMessage.from_dict(msg.to_dict()) == msg
+    assert msg.key == ("r", 2, 7, 3)
+    assert msg.retry(3, 4) == ItemMessage("r", "f", 2, "n", 7, 4, 3)
+    with pytest.raises(MalformedMessage, match="'idx'") as bad:
+        ItemMessage.from_dict({**msg.to_dict(), "idx": -1})
+    assert bad.value.run_id == "r"
+    with pytest.raises(MalformedMessage, match="item message lacks field 'idx'"):
+        ItemMessage.from_dict({k: v for k, v in msg.to_dict().items() if k != "idx"})

@@ -7,7 +7,7 @@
 A new table and plain ADD COLUMNs (nullable, no default): no rebuild, every row kept.
 
 Revision ID: 0008
-Revises: 0005
+Revises: 0007
 Create Date: 2026-11-30
 """
 

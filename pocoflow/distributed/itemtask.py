@@ -1,0 +1,276 @@
+"""One map item on a worker: what the ``pocoflow.item`` Celery task does.
+
+    decode -> claim (guard in the same statement) -> exec once as try N -> commit
+
+The item's claim and commit are fenced like a step's (attempt + holder token, G1): a
+duplicate delivery claims nothing, a worker that lost its item commits nothing. The
+claim re-checks the run row, so cancel and pause take effect between items (G4); no
+``pf_runs`` write happens on an item's way unless its run ends. A retryable failure with
+tries left becomes a new attempt sent with a Celery countdown (no worker sleeps); a spent
+item is collected into ``results`` or fails the run naming its index. The commit that
+completes the join publishes the map step again, for its join (``mapstep``).
+
+``execute_item`` never raises, for the reason ``execute_step`` does not.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pocoflow import codec
+from pocoflow.codec import CodecError
+from pocoflow.distributed import lifecycle
+from pocoflow.distributed.control import FlagReader
+from pocoflow.distributed.executor import (
+    CANCELLED,
+    COMMITTED,
+    CRASHED,
+    DUPLICATE,
+    FAILED,
+    LEDGER_UNREACHABLE,
+    LOST,
+    MALFORMED,
+    PAUSED,
+    RETRY,
+    UNKNOWN_RUN,
+    WorkerContext,
+    _claims,
+    _record_malformed,
+    _unreachable,
+    default_context,
+    default_worker_id,
+)
+from pocoflow.distributed.graphs import mismatch_message
+from pocoflow.distributed.message import ItemMessage, MalformedMessage, StepMessage
+from pocoflow.hooks import NODE_ERROR, NODE_RETRY, RUN_PAUSED
+from pocoflow.ledger.items import ItemClaim
+from pocoflow.logging import get_logger
+from pocoflow.mapnode import ItemFailed, MapNode, error_record
+from pocoflow.registry import UnknownFlowError
+from pocoflow.step import RunCancelled, utc_now
+
+_log = get_logger("distributed.items")
+
+
+def execute_item(
+    message: Any,
+    *,
+    worker_id: str | None = None,
+    task_id: str | None = None,
+    context: WorkerContext | None = None,
+) -> str:
+    """Run the map item ``message`` names; returns the outcome (never raises)."""
+    worker = worker_id or default_worker_id()
+    try:
+        msg = ItemMessage.from_dict(message)
+    except MalformedMessage as error:
+        _record_malformed((context or default_context()).db, error)
+        return MALFORMED
+    item: _ItemRun | None = None
+    try:
+        item = _ItemRun(context or default_context(), msg, worker, task_id)
+        return item.run()
+    except Exception as exc:
+        if (item is None or not item.claimed) and _unreachable(exc):
+            _log.warning(
+                "Item %d of step %d of run %s: the ledger is unreachable before the claim "
+                "(%s); the message will be delivered again",
+                msg.idx,
+                msg.step,
+                msg.run_id,
+                exc,
+            )
+            return LEDGER_UNREACHABLE
+        _log.exception(
+            "Item %d of step %d of run %s (attempt %d) crashed in the executor; its lease "
+            "will expire and the sweeper will re-run it",
+            msg.idx,
+            msg.step,
+            msg.run_id,
+            msg.attempt,
+        )
+        return CRASHED
+
+
+class _ItemRun:
+    """One delivery of one item message."""
+
+    def __init__(
+        self, ctx: WorkerContext, msg: ItemMessage, worker: str, task_id: str | None = None
+    ) -> None:
+        self.ctx = ctx
+        self.db = ctx.db
+        self.msg = msg
+        self.worker = worker
+        self.holder = f"{worker}#{next(_claims)}"
+        self.claim = ItemClaim(msg.run_id, msg.step, msg.idx, msg.attempt, self.holder, task_id)
+        self.claimed = False
+        self.node_name = msg.node_id  # the node's name once the graph is loaded
+
+    def run(self) -> str:
+        msg, db = self.msg, self.db
+        claimed, run, item = db.claim_item(self.claim, msg.node_id, self.ctx.lease_s)
+        self.claimed = claimed
+        if run is None:
+            _log.error("Item message for unknown run %r dropped", msg.run_id)
+            return UNKNOWN_RUN
+        if not claimed:
+            return self._guard(run)
+        assert item is not None
+        node = self._node(run)
+        if isinstance(node, str):
+            return self._fail(node, refused=True)
+        value_text, try_number = item
+        self.node_name = node.name
+        node.run_id, node.step, node.attempt = msg.run_id, msg.step, msg.attempt
+        node._cancel_probe = FlagReader(msg.run_id, self.ctx.redis, db)
+        with self.ctx.leases.hold(msg.run_id, msg.step, msg.attempt, self.holder, idx=msg.idx):
+            try:
+                value = codec.decode(value_text, key=f"item {msg.idx}")
+                return self._exec(run, node, value, try_number)
+            except RunCancelled:
+                # exec stopped itself: the item goes back to the queue for a resume.
+                db.take_over_item(msg.run_id, msg.step, msg.idx, msg.attempt, self.holder)
+                return CANCELLED
+
+    def _guard(self, run: dict[str, Any]) -> str:
+        """The claim missed: the run stopped (G4), or this delivery is a duplicate."""
+        msg = self.msg
+        stop = lifecycle.stopped(self.db, run, msg.step)
+        if stop is not None:
+            return stop
+        if run.get("control") == "pause":
+            if self.db.update_run_if(
+                msg.run_id, status_in=lifecycle.LIVE, control_in=("pause",), status="paused"
+            ):
+                self.db.save_event(msg.run_id, RUN_PAUSED, step=msg.step, ts=utc_now())
+                _log.info("Run %s paused between items of step %d", msg.run_id, msg.step)
+            return PAUSED
+        return DUPLICATE
+
+    def _node(self, run: dict[str, Any]) -> MapNode | str:
+        """The MapNode from the registry, checked against the run's graph (G6, G7); a
+        refusal's text otherwise."""
+        msg = self.msg
+        try:
+            _flow, graph = self.ctx.graphs.get(msg.flow)
+        except UnknownFlowError as exc:
+            return f"Worker {self.worker} refused run {msg.run_id!r}: {exc}"
+        recorded = run.get("fingerprint")
+        if recorded and recorded != graph.fingerprint:
+            full = self.db.get_run(msg.run_id) or run
+            return mismatch_message(full, graph, run_id=msg.run_id, worker=self.worker)
+        try:
+            node = graph.node(msg.node_id)
+        except KeyError as exc:
+            return f"Run {msg.run_id!r}, flow {msg.flow!r}: {exc.args[0]}"
+        if not isinstance(node, MapNode):
+            return f"Run {msg.run_id!r}: node {msg.node_id!r} is not a MapNode"
+        return node
+
+    def _exec(self, run: dict[str, Any], node: MapNode, value: Any, try_number: int) -> str:
+        msg = self.msg
+        try:
+            result = node._exec_once(value)
+        except RunCancelled:
+            raise
+        except Exception as exc:
+            tries = max(1, int(node.max_retries))
+            if try_number < tries and node.is_retryable(exc):
+                return self._retry(run, node, exc, try_number)
+            try:
+                result = node.exec_fallback(value, exc)
+            except Exception as final:
+                try:
+                    collected = node.item_outcome(msg.idx, final)
+                except ItemFailed as failed:
+                    return self._fail(str(failed), cause=final)
+                return self._commit(run, None, json.dumps(error_record(collected)))
+        try:
+            text = codec.encode(result, key=f"item {msg.idx} result")
+        except CodecError as exc:  # G7: a result that would not round-trip, named
+            return self._fail(f"MapNode {node.name!r} step {msg.step}: {exc}", cause=exc)
+        return self._commit(run, text, None)
+
+    def _commit(self, run: dict[str, Any], result: str | None, error: str | None) -> str:
+        msg = self.msg
+        committed, state = self.db.commit_item(
+            self.claim, result_json=result, error_json=error, lease_s=self.ctx.lease_s
+        )
+        if not committed:
+            _log.warning(
+                "Item %d of step %d of run %s: attempt %d lost its claim; result discarded",
+                msg.idx,
+                msg.step,
+                msg.run_id,
+                msg.attempt,
+            )
+            return LOST
+        # The commit that completed the count re-queued the step: publish it, for its join
+        # (a step a resumer holds instead is joined by that resumer).
+        if (
+            state is not None
+            and state["done"] == state["total"]
+            and state["step_status"] == "queued"
+            and state["lease_owner"] is None
+        ):
+            join = StepMessage(
+                msg.run_id, msg.flow, msg.step, state["node_id"], state["step_attempt"]
+            )
+            self.ctx.publisher.send(join, queue=run.get("queue"))
+        return COMMITTED
+
+    def _retry(self, run: dict[str, Any], node: MapNode, exc: Exception, try_number: int) -> str:
+        msg = self.msg
+        delay = node.delay_after(try_number)
+        error = f"{type(exc).__name__}: {exc}"
+        self.db.save_event(
+            msg.run_id,
+            NODE_RETRY,
+            step=msg.step,
+            node_name=node.name,
+            error_msg=f"item {msg.idx}: {error}",
+            attempt=msg.attempt,
+            ts=utc_now(),
+        )
+        attempt = self.db.retry_item(self.claim, next_try=try_number + 1, due_in=delay)
+        if attempt is None:
+            return LOST
+        _log.info(
+            "Item %d of step %d of run %s: try %d failed (%s); try %d in %.2fs",
+            msg.idx,
+            msg.step,
+            msg.run_id,
+            try_number,
+            error,
+            try_number + 1,
+            delay,
+        )
+        self.ctx.publisher.send(
+            msg.retry(try_number + 1, attempt), queue=run.get("queue"), countdown=delay
+        )
+        return RETRY
+
+    def _fail(
+        self, error_msg: str, *, cause: BaseException | None = None, refused: bool = False
+    ) -> str:
+        """The item fails its run, naming the item; the run stays resumable."""
+        msg = self.msg
+        record = (
+            error_record(cause) if cause is not None else {"type": "Refused", "message": error_msg}
+        )
+        event = {
+            "event": NODE_ERROR,
+            "step": msg.step,
+            "node_name": self.node_name,
+            "error_msg": error_msg,
+            "attempt": msg.attempt,
+            "ts": utc_now(),
+        }
+        if not self.db.fail_item(
+            self.claim, error_json=json.dumps(record), error_msg=error_msg, events=[event]
+        ):
+            return LOST
+        _log.error("Run %s failed at step %d item %d: %s", msg.run_id, msg.step, msg.idx, error_msg)
+        return "refused" if refused else FAILED

@@ -1,0 +1,265 @@
+"""The map half of the ledger API: fan-out, item claims, commits and the join for the
+distributed executor and the sweeper. The queries are in ``pocoflow.ledger.items``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pocoflow.ledger import itemrecovery, items, pipeline, steps, txn
+from pocoflow.ledger.client import LedgerClient
+from pocoflow.ledger.items import ItemClaim
+
+#: ``pf_attempts.outcome`` of the step attempt that ran ``prep`` and fanned its items out.
+FANNED_OUT_OUTCOME = "fanned_out"
+
+
+class ItemQueue(LedgerClient):
+    """Ledger calls for the items of map steps. Every call is one transaction; the
+    claims and commits are fenced as the step calls are (G1)."""
+
+    def fan_out(
+        self,
+        run_id: str,
+        step: int,
+        attempt: int,
+        holder: str,
+        worker: str,
+        item_texts: Sequence[str],
+        events: list[dict[str, Any]],
+        now: float | None = None,
+    ) -> bool:
+        """Write the items (codec texts, in order), the join row, the step's events and
+        park the step, iff ``holder``'s claim of ``attempt`` still holds it. After this
+        commit ``prep`` never runs again for the step: its items come from the ledger."""
+        end = steps.end_attempt_op(run_id, step, attempt, worker, FANNED_OUT_OUTCOME, now)
+        ops = items.fan_out_ops(run_id, step, attempt, holder, worker, item_texts, events, end, now)
+
+        def body(conn: Any) -> bool:
+            if not pipeline.run(conn, ops):
+                raise txn.Abort(False)
+            return True
+
+        def own(conn: Any, done: bool) -> bool:  # a COMMIT whose outcome was lost
+            if done:
+                return True
+            row = steps.get(conn, run_id, step)
+            return (
+                row is not None
+                and row["attempt"] == attempt
+                and bool(items.join_state(conn, run_id, step))
+            )
+
+        return self._write(body, f"fanning out step {step}", run_id, confirm=own, batched=True)
+
+    def claim_item(
+        self, c: ItemClaim, node_id: str, lease_s: float, now: float | None = None
+    ) -> tuple[bool, dict[str, Any] | None, tuple[str, int] | None]:
+        """Claim the item for ``c`` while its run goes on (G1, G4): returns ``(claimed,
+        run guard columns, (item codec text, try number))``."""
+
+        def body(conn: Any) -> tuple[bool, dict[str, Any] | None, tuple[str, int] | None]:
+            got = items.claim(conn, c, node_id, lease_s, now)
+            if not got[0]:
+                raise txn.Abort(got)  # roll back: PostgreSQL sent the whole batch
+            return got
+
+        return self._write(body, f"claiming item {c.idx} of step {c.step}", c.run_id, batched=True)
+
+    def renew_item_lease(self, c: ItemClaim, lease_s: float, now: float | None = None) -> bool:
+        """Extend ``c``'s lease; False = the item was taken over: its commit will fail."""
+        return self._write(
+            lambda conn: items.renew(conn, c, lease_s, now),
+            f"renewing the lease of item {c.idx} of step {c.step}",
+            c.run_id,
+        )
+
+    def commit_item(
+        self,
+        c: ItemClaim,
+        *,
+        result_json: str | None,
+        error_json: str | None = None,
+        lease_s: float,
+        now: float | None = None,
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """The item's result and its count on the join, in one transaction (see
+        ``items.commit``). ``(False, None)``, nothing written, if the claim was lost."""
+
+        def body(conn: Any) -> tuple[bool, dict[str, Any] | None]:
+            got = items.commit(conn, c, result_json, error_json, lease_s, now)
+            if not got[0]:
+                raise txn.Abort((False, None))
+            return got
+
+        def own(conn: Any, got: tuple[bool, dict[str, Any] | None]) -> Any:
+            if got[0] or not items.committed_by(conn, c):
+                return got
+            return True, items.join_state(conn, c.run_id, c.step)
+
+        return self._finish_item(body, own, "committing", c)
+
+    def fail_item(
+        self, c: ItemClaim, *, error_json: str, error_msg: str, events: list[dict[str, Any]]
+    ) -> bool:
+        """The item out of tries fails its run, naming it (see ``items.fail_ops``)."""
+        ops = items.fail_ops(c, error_json, error_msg, events)
+
+        def body(conn: Any) -> bool:
+            if not pipeline.run(conn, ops):
+                raise txn.Abort(False)
+            return True
+
+        def own(conn: Any, done: bool) -> bool:
+            return done or items.committed_by(conn, c)
+
+        return self._finish_item(body, own, "failing", c)
+
+    def _finish_item(self, body: Any, own: Any, what: str, c: ItemClaim) -> Any:
+        return self._write(
+            body, f"{what} item {c.idx} of step {c.step}", c.run_id, confirm=own, batched=True
+        )
+
+    def retry_item(
+        self, c: ItemClaim, *, next_try: int, due_in: float, now: float | None = None
+    ) -> int | None:
+        """Hand the item to a new attempt (returned) for try ``next_try``, due in
+        ``due_in`` seconds; None if ``c`` no longer holds it."""
+        return self._write(
+            lambda conn: items.retry(conn, c, next_try, due_in, now),
+            f"retrying item {c.idx} of step {c.step}",
+            c.run_id,
+        )
+
+    def mark_items_sent(
+        self, sent: Sequence[tuple[str, int, int, int]], now: float | None = None
+    ) -> None:
+        """The messages of ``(run_id, step, idx, attempt)`` are with the broker."""
+        if not sent:
+            return
+        op = items.mark_sent_op(sent, now)
+        self._write(
+            lambda conn: pipeline.run(conn, [op]), f"marking {len(sent)} items sent", sent[0][0]
+        )
+
+    def running_items(self, run_id: str, step: int) -> list[dict[str, Any]]:
+        """Items of the step a worker runs now: ``idx``, ``attempt``, ``lease_owner``,
+        ``task_id`` (what ``cancel(terminate=True)`` revokes)."""
+        return self._read(lambda conn: items.running(conn, run_id, step), run_id)
+
+    def get_item(self, run_id: str, step: int, idx: int) -> dict[str, Any] | None:
+        return self._read(lambda conn: items.get(conn, run_id, step, idx), run_id)
+
+    def get_items(
+        self, run_id: str, step: int, *, values_only: bool = False
+    ) -> list[dict[str, Any]]:
+        """Every item row of a map step, in item order (``values_only``: what the join
+        needs: ``idx``, ``item_json``, ``result_json``, ``error_json``)."""
+        return self._read(
+            lambda conn: items.all_items(conn, run_id, step, values_only=values_only), run_id
+        )
+
+    def get_join(self, run_id: str, step: int) -> dict[str, Any] | None:
+        """``done``, ``total`` and the step row's state, or None: not fanned out."""
+        return self._read(lambda conn: items.join_state(conn, run_id, step), run_id)
+
+    def reopen_items(
+        self,
+        run_id: str,
+        step: int,
+        attempt: int,
+        holder: str,
+        worker: str,
+        now: float | None = None,
+    ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """See ``items.reopen``: what a claim of an already fanned-out step does."""
+        return self._write(
+            lambda conn: items.reopen(conn, run_id, step, attempt, holder, worker, now),
+            f"re-opening the items of step {step}",
+            run_id,
+        )
+
+    # ── sweeper ──────────────────────────────────────────────────────────────
+
+    def items_published(self, run_id: str, step: int, worker: str) -> bool:
+        """``worker`` published all the step's item messages (see ``items.sent_all``)."""
+        return self._write(
+            lambda conn: items.sent_all(conn, run_id, step, worker),
+            f"marking the items of step {step} published",
+            run_id,
+        )
+
+    def unsent_items(
+        self,
+        older_than_s: float,
+        dead_after_s: float,
+        now: float | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        return self._read(
+            lambda conn: itemrecovery.unsent(conn, older_than_s, dead_after_s, now, limit)
+        )
+
+    def orphaned_items(
+        self, dead_after_s: float, now: float | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        return self._read(lambda conn: itemrecovery.orphaned(conn, dead_after_s, now, limit))
+
+    def take_over_item(
+        self,
+        run_id: str,
+        step: int,
+        idx: int,
+        attempt: int,
+        owner: str | None,
+        *,
+        crashed: bool = False,
+    ) -> int | None:
+        """Re-queue a running item whose holder is gone (new attempt, returned); with
+        ``crashed`` its process died, which counts toward the poison limit."""
+        return self._write(
+            lambda conn: itemrecovery.take_over(conn, run_id, step, idx, attempt, owner, crashed),
+            f"taking over item {idx} of step {step}",
+            run_id,
+        )
+
+    def release_received_item(
+        self, run_id: str, step: int, idx: int, attempt: int, receiver: str
+    ) -> bool:
+        return self._write(
+            lambda conn: itemrecovery.release_received(conn, run_id, step, idx, attempt, receiver),
+            f"releasing item {idx} of step {step}",
+            run_id,
+        )
+
+    def stranded_joins(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._read(lambda conn: itemrecovery.stranded_joins(conn, limit))
+
+    def requeue_join(
+        self, run_id: str, step: int, lease_s: float, now: float | None = None
+    ) -> dict[str, Any] | None:
+        return self._write(
+            lambda conn: itemrecovery.requeue_join(conn, run_id, step, lease_s, now),
+            f"re-queueing the join of step {step}",
+            run_id,
+        )
+
+    def queued_items(
+        self, after: tuple[str, int, int] | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """A page of sent, queued items of live runs (the re-send after a broker loss)."""
+        return self._read(lambda conn: itemrecovery.queued_page(conn, after, limit))
+
+    def stale_queued_items(
+        self, older_than_s: float, now: float | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        return self._read(lambda conn: itemrecovery.stale_queued(conn, older_than_s, now, limit))
+
+    def touch_queued_item(
+        self, run_id: str, step: int, idx: int, attempt: int, sent_at: float
+    ) -> bool:
+        return self._write(
+            lambda conn: itemrecovery.touch_queued(conn, run_id, step, idx, attempt, sent_at),
+            f"re-sending item {idx} of step {step}",
+            run_id,
+        )

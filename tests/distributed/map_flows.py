@@ -1,0 +1,195 @@
+"""MapNode flows the test workers import (``POCOFLOW_FLOWS=tests.distributed.map_flows``).
+
+Every item's ``exec`` appends ``idx attempt pid`` to ``<side>/<run_id>.items`` when it
+starts, so a test counts executions per item and sees which process ran them; the Store
+stays comparable with a local run's (the side directory travels in the items).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pocoflow import AsyncNode, Flow, MapNode, Node, Store, flow
+
+#: A cancel or kill test's item must still be running when the test acts on it.
+SLOW_ITEM_S = 0.3
+
+
+def _log_exec(item: dict[str, Any], node: Node) -> None:
+    side = item.get("side")
+    if side:
+        with open(Path(side) / f"{node.run_id}.items", "a", encoding="utf-8") as handle:
+            handle.write(f"{item['i']} {node.attempt} {os.getpid()}\n")
+
+
+def _tries(item: dict[str, Any], node: Node) -> int:
+    """How many times this item's exec started in this run (from the side file)."""
+    side = item.get("side")
+    if not side:
+        return 1
+    path = Path(side) / f"{node.run_id}.items"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    return sum(1 for line in lines if line.split()[0] == str(item["i"]))
+
+
+class Square(MapNode):
+    """items: ``{"i", "side", "sleep"}`` for i in range(store["n"]); result i*i."""
+
+    fail_on: tuple[int, ...] = ()
+    flaky_on: tuple[int, ...] = ()
+
+    def prep(self, store: Any) -> list[dict[str, Any]]:
+        sleep = store.get("sleep", 0.0)
+        return [{"i": i, "side": store.get("side_dir"), "sleep": sleep} for i in range(store["n"])]
+
+    def exec(self, item: dict[str, Any]) -> int:
+        _log_exec(item, self)
+        if item["i"] in self.flaky_on and _tries(item, self) < 2:
+            raise ConnectionError(f"flaky item {item['i']}")
+        if item["i"] in self.fail_on:
+            raise ValueError(f"bad item {item['i']}")
+        deadline = time.monotonic() + item["sleep"]
+        while time.monotonic() < deadline:  # a long call that polls for a cancel
+            time.sleep(0.01)
+        return int(item["i"]) ** 2
+
+    def post(self, store: Any, items: list[Any], results: list[Any]) -> str:
+        store["squares"] = [
+            f"{type(r).__name__}: {r}" if isinstance(r, Exception) else r for r in results
+        ]
+        store["total"] = sum(r for r in results if isinstance(r, int))
+        return "default"
+
+
+class Finish(Node):
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+        store["finished"] = True
+        return "default"
+
+
+def _map_flow(node: Square) -> Flow:
+    node.then("default", Finish())
+    return Flow(start=node, max_steps=10)
+
+
+@flow("map_square")
+def map_square() -> Flow:
+    return _map_flow(Square())
+
+
+class FlakySquare(Square):
+    max_retries = 2
+    retry_delay = 0.2
+    flaky_on = (3, 7)
+
+
+@flow("map_retry")
+def map_retry() -> Flow:
+    return _map_flow(FlakySquare())
+
+
+class FailingSquare(Square):
+    max_retries = 2
+    fail_on = (5,)
+
+
+@flow("map_fail")
+def map_fail() -> Flow:
+    return _map_flow(FailingSquare())
+
+
+class CollectingSquare(FailingSquare):
+    on_item_error = "collect"
+    fail_on = (1, 4)
+
+
+@flow("map_collect")
+def map_collect() -> Flow:
+    return _map_flow(CollectingSquare())
+
+
+class Double(MapNode):
+    """The inner fan-out of a sub-flow: runs on threads inside the item's process."""
+
+    def prep(self, store: Any) -> list[int]:
+        return list(range(store["k"]))
+
+    def exec(self, item: int) -> int:
+        return item * 2
+
+    def post(self, store: Any, items: list[Any], results: list[Any]) -> str:
+        store["doubled"] = sum(results)
+        return "default"
+
+
+class RunSubflow(Square):
+    """Each item runs a sub-flow (itself a fan-out): nested fan-out."""
+
+    def exec(self, item: dict[str, Any]) -> int:
+        _log_exec(item, self)
+        inner = Flow(start=Double()).run(Store({"k": item["i"]}))
+        return int(inner["doubled"])
+
+
+@flow("map_subflow")
+def map_subflow() -> Flow:
+    return _map_flow(RunSubflow())
+
+
+class Sleep(MapNode):
+    """``store["n"]`` items that each sleep ``store["sleep"]`` seconds (an LLM call's
+    stand-in): what a fan-out's per-item cost is measured with."""
+
+    def prep(self, store: Any) -> list[float]:
+        return [store["sleep"]] * store["n"]
+
+    def exec(self, seconds: float) -> int:
+        time.sleep(seconds)
+        return 1
+
+    def post(self, store: Any, items: list[Any], results: list[Any]) -> str:
+        store["done"] = sum(results)
+        return "default"
+
+
+@flow("map_sleep")
+def map_sleep() -> Flow:
+    return Flow(start=Sleep())
+
+
+@flow("map_hooked")
+def map_hooked() -> Flow:
+    """``map_square`` whose hooks append to ``<side_dir>/hooks``: node_start fires once at
+    the fan-out, node_end once at the join, in the workers."""
+    built = map_square()
+
+    def note(line: str, store: Any) -> None:
+        side = store.get("side_dir")
+        if side:
+            with open(Path(side) / "hooks", "a", encoding="utf-8") as handle:
+                handle.write(f"{line} {os.getpid()}\n")
+
+    built.on("node_start", lambda name, store: note(f"node_start {name}", store))
+    built.on("node_end", lambda name, action, elapsed, store: note(f"node_end {name}", store))
+    return built
+
+
+class AsyncSquare(Square, AsyncNode):
+    """An async exec on workers: each item task runs its coroutine."""
+
+    async def exec_async(self, item: dict[str, Any]) -> int:
+        _log_exec(item, self)
+        await asyncio.sleep(0.001)
+        return int(item["i"]) ** 2
+
+    def exec(self, item: dict[str, Any]) -> int:
+        return AsyncNode.exec(self, item)
+
+
+@flow("map_async")
+def map_async() -> Flow:
+    return _map_flow(AsyncSquare())

@@ -1,0 +1,281 @@
+"""MapNode fan-out on real workers, SQLite and PostgreSQL ledgers: one task per item, the
+join on the ledger, results equal to a local run's; kill -9 re-runs only the items that
+were in flight on the dead worker; retries, a spent item failing the run (resumable),
+collect, cancel between items, and items that run a sub-flow."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pocoflow.runner import RunFailed, RunHandle
+from tests.distributed import map_flows
+from tests.distributed.conftest import Cluster, local_result
+from tests.distributed.faults import worker_running
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.distributed
+
+WORKER_ENV = {"POCOFLOW_FLOWS": "tests.distributed.flows,tests.distributed.map_flows"}
+TIMEOUT_S = 90
+assert map_flows.SLOW_ITEM_S  # the module the workers import, imported here too
+
+
+def execs(side: Path, run_id: str) -> list[tuple[int, int, int]]:
+    """``(idx, attempt, pid)`` of every item exec that started, in order."""
+    path = side / f"{run_id}.items"
+    if not path.exists():
+        return []
+    return [
+        (int(i), int(a), int(p))
+        for i, a, p in (line.split() for line in path.read_text().splitlines())
+    ]
+
+
+def finish(live: Cluster, handle: RunHandle) -> dict:
+    """The run's final Store; on a timeout, the items' ledger rows tell where it stuck."""
+    try:
+        return handle.wait(timeout=TIMEOUT_S).as_dict()
+    except TimeoutError:
+        rows = [
+            (r["idx"], r["status"], r["attempt"], r["lease_owner"], r["received_by"], r["sent_at"])
+            for r in live.db.get_items(handle.run_id, 0)
+            if r["status"] != "done"
+        ]
+        step = live.db.get_step(handle.run_id, 0)
+        raise AssertionError(f"stuck: step {step}; items {rows}") from None
+
+
+def local(flow_name: str, store: dict) -> dict:
+    """The local run's Store, with the side dir left out of the items (no side files)."""
+    return local_result(flow_name, {k: v for k, v in store.items() if k != "side_dir"})
+
+
+def test_fan_out_of_200_items_over_2_workers_equals_a_local_run(live: Cluster) -> None:
+    side = live.side_dir()
+    store = {"n": 200, "side_dir": str(side)}
+    handle = live.submit("map_square", store)
+    result = finish(live, handle)
+    expected = local("map_square", store)
+    assert result["squares"] == expected["squares"] == [i * i for i in range(200)]
+    assert result["total"] == expected["total"] and result["finished"] is True
+    ran = execs(side, handle.run_id)
+    assert Counter(i for i, _, _ in ran) == {i: 1 for i in range(200)}  # each item once
+    assert len({pid for _, _, pid in ran}) == 2  # spread over both workers
+    items = live.db.get_items(handle.run_id, 0)
+    assert [r["status"] for r in items] == ["done"] * 200
+    join = live.db.get_join(handle.run_id, 0)
+    assert join["done"] == join["total"] == 200
+    # One checkpoint for the map step (its join), then the successor's.
+    assert [c["step"] for c in live.db.get_checkpoints(handle.run_id)] == [0, 1]
+    events = [e["event"] for e in handle.events()]
+    assert events.count("node_start") == 2 and events.count("node_end") == 2
+    outcomes = [a["outcome"] for a in live.db.get_attempts(handle.run_id) if a["step"] == 0]
+    assert outcomes == ["fanned_out", "committed"]
+
+
+def test_kill_9_mid_fan_out_reruns_only_the_items_in_flight(live: Cluster) -> None:
+    side = live.side_dir()
+    store = {"n": 30, "sleep": map_flows.SLOW_ITEM_S, "side_dir": str(side)}
+    handle = live.submit("map_square", store)
+    started = wait_until(
+        lambda: len(execs(side, handle.run_id)) >= 6 and execs(side, handle.run_id), TIMEOUT_S
+    )
+    victim = worker_running(live.workers, started[-1][2])
+    victim.kill()
+    killed = {pid for _, _, pid in execs(side, handle.run_id) if victim.owns(pid)} | {
+        started[-1][2]
+    }
+    result = finish(live, handle)
+    assert result["squares"] == [i * i for i in range(30)]
+    ran = execs(side, handle.run_id)
+    counts = Counter(i for i, _, _ in ran)
+    assert set(counts) == set(range(30))
+    twice = [i for i, n in counts.items() if n > 1]
+    assert all(n <= 2 for n in counts.values()), counts
+    # Only what was in flight on the dead worker ran again: its concurrency is 1, so one
+    # item at most, and that item's first run was on the killed process.
+    assert len(twice) <= 1, counts
+    for i in twice:
+        first_pid = next(pid for idx, _, pid in ran if idx == i)
+        assert first_pid in killed
+    live.ensure_workers(2)
+
+
+def test_a_retried_item(live: Cluster) -> None:
+    side = live.side_dir()
+    store = {"n": 10, "side_dir": str(side)}
+    handle = live.submit("map_retry", store)
+    result = finish(live, handle)
+    assert result["squares"] == [i * i for i in range(10)]
+    counts = Counter(i for i, _, _ in execs(side, handle.run_id))
+    assert counts[3] == counts[7] == 2 and all(counts[i] == 1 for i in range(10) if i not in (3, 7))
+    retries = [e for e in handle.events() if e["event"] == "node_retry"]
+    assert sorted(e["error_msg"].split(":")[0] for e in retries) == ["item 3", "item 7"]
+    row = live.db.get_item(handle.run_id, 0, 3)
+    assert (row["attempt"], row["try_number"]) == (2, 2)
+
+
+def test_an_item_out_of_tries_fails_the_run_naming_it_and_resume_reruns_it(
+    live: Cluster,
+) -> None:
+    side = live.side_dir()
+    handle = live.submit("map_fail", {"n": 8, "side_dir": str(side)})
+    with pytest.raises(RunFailed, match="item 5"):
+        handle.wait(timeout=TIMEOUT_S)
+    run = live.db.get_run(handle.run_id)
+    assert (
+        run["status"] == "failed" and "MapNode 'FailingSquare': item 5 failed" in run["error_msg"]
+    )
+    assert "ValueError: bad item 5" in run["error_msg"]
+    assert Counter(i for i, _, _ in execs(side, handle.run_id))[5] == 2  # max_retries = 2
+    assert live.db.get_item(handle.run_id, 0, 5)["status"] == "failed"
+    # Resumable: a resume re-opens the failed item (which fails again: same verdict), and
+    # the items that were done are not run again.
+    done_before = {r["idx"] for r in live.db.get_items(handle.run_id, 0) if r["status"] == "done"}
+    count_before = Counter(i for i, _, _ in execs(side, handle.run_id))
+    handle.resume()
+    wait_until(
+        lambda: (
+            live.db.get_run(handle.run_id)["status"] == "failed"
+            and Counter(i for i, _, _ in execs(side, handle.run_id))[5] == 4
+        ),
+        TIMEOUT_S,
+    )
+    count_after = Counter(i for i, _, _ in execs(side, handle.run_id))
+    for i in done_before:
+        assert count_after[i] == count_before[i]
+
+
+def test_collect_puts_the_exception_in_the_items_place(live: Cluster) -> None:
+    side = live.side_dir()
+    store = {"n": 6, "side_dir": str(side)}
+    handle = live.submit("map_collect", store)
+    result = finish(live, handle)
+    expected = local("map_collect", store)
+    assert result["squares"] == expected["squares"]
+    assert result["squares"] == [0, "ValueError: bad item 1", 4, 9, "ValueError: bad item 4", 25]
+    assert result["total"] == expected["total"]
+
+
+def test_cancel_takes_effect_between_items(live: Cluster) -> None:
+    side = live.side_dir()
+    store = {"n": 40, "sleep": map_flows.SLOW_ITEM_S, "side_dir": str(side)}
+    handle = live.submit("map_square", store)
+    wait_until(lambda: len(execs(side, handle.run_id)) >= 3, TIMEOUT_S)
+    handle.cancel()
+    assert handle.status == "cancelled"
+    cancelled_at = len(execs(side, handle.run_id))
+    # What was running when the cancel landed may finish; nothing new starts after it.
+    time.sleep(map_flows.SLOW_ITEM_S * 6)  # the absence of starts is what is measured
+    stopped = len(execs(side, handle.run_id))
+    assert stopped <= cancelled_at + 2, (cancelled_at, stopped)
+    assert stopped < 40
+    assert handle.status == "cancelled"
+    assert live.db.get_checkpoints(handle.run_id) == []  # the join never ran
+
+
+def test_items_that_run_a_sub_flow(live: Cluster) -> None:
+    side = live.side_dir()
+    store = {"n": 12, "side_dir": str(side)}
+    handle = live.submit("map_subflow", store)
+    result = finish(live, handle)
+    assert result["squares"] == local("map_subflow", store)["squares"]
+    assert result["squares"] == [sum(2 * j for j in range(i)) for i in range(12)]
+
+
+def test_pause_between_items_and_resume_runs_only_the_unfinished(live: Cluster) -> None:
+    side = live.side_dir()
+    store = {"n": 24, "sleep": map_flows.SLOW_ITEM_S / 2, "side_dir": str(side)}
+    handle = live.submit("map_square", store)
+    wait_until(lambda: len(execs(side, handle.run_id)) >= 3, TIMEOUT_S)
+    handle.pause()
+    wait_until(lambda: handle.status == "paused", TIMEOUT_S)
+    paused_at = len(execs(side, handle.run_id))
+    assert paused_at < 24
+    handle.resume()
+    result = finish(live, handle)
+    assert result["squares"] == [i * i for i in range(24)] and result["finished"] is True
+    counts = Counter(i for i, _, _ in execs(side, handle.run_id))
+    assert counts == {i: 1 for i in range(24)}  # nothing ran twice across the pause
+    assert "run_paused" in [e["event"] for e in handle.events()]
+
+
+def test_resume_after_cancel_finishes_the_map(live: Cluster) -> None:
+    side = live.side_dir()
+    store = {"n": 16, "sleep": map_flows.SLOW_ITEM_S / 2, "side_dir": str(side)}
+    handle = live.submit("map_square", store)
+    wait_until(lambda: len(execs(side, handle.run_id)) >= 2, TIMEOUT_S)
+    handle.cancel()
+    assert handle.status == "cancelled"
+    handle.resume()
+    result = finish(live, handle)
+    assert result["squares"] == [i * i for i in range(16)]
+    assert set(Counter(i for i, _, _ in execs(side, handle.run_id))) == set(range(16))
+
+
+def test_an_empty_map_posts_at_once(live: Cluster) -> None:
+    handle = live.submit("map_square", {"n": 0})
+    result = finish(live, handle)
+    assert result["squares"] == [] and result["total"] == 0 and result["finished"] is True
+    assert live.db.get_join(handle.run_id, 0) is None
+
+
+def test_hooks_fire_at_the_fan_out_and_at_the_join(live: Cluster) -> None:
+    side = live.side_dir()
+    handle = live.submit("map_hooked", {"n": 5, "side_dir": str(side)})
+    finish(live, handle)
+    lines = [line.split()[:2] for line in (side / "hooks").read_text().splitlines()]
+    assert lines == [
+        ["node_start", "Square"],
+        ["node_end", "Square"],
+        ["node_start", "Finish"],
+        ["node_end", "Finish"],
+    ]
+
+
+def test_an_async_map_on_workers(live: Cluster) -> None:
+    side = live.side_dir()
+    store = {"n": 10, "side_dir": str(side)}
+    handle = live.submit("map_async", store)
+    assert finish(live, handle)["squares"] == local("map_async", store)["squares"]
+    assert Counter(i for i, _, _ in execs(side, handle.run_id)) == {i: 1 for i in range(10)}
+
+
+def test_items_on_a_threads_pool_worker(live: Cluster) -> None:
+    """``pocoflow worker --pool threads --concurrency 8`` runs I/O-bound items side by
+    side in one process; claims, leases and commits stay per item."""
+    from tests.distributed.faults import start_worker
+
+    threaded = start_worker("threads", live.env, live.workdir, concurrency=8, pool="threads")
+    try:
+        threaded.wait_ready()
+        side = live.side_dir()
+        store = {"n": 64, "sleep": 0.05, "side_dir": str(side)}
+        handle = live.submit("map_square", store)
+        assert finish(live, handle)["squares"] == [i * i for i in range(64)]
+        ran = execs(side, handle.run_id)
+        assert Counter(i for i, _, _ in ran) == {i: 1 for i in range(64)}
+        assert any(threaded.owns(pid) for _, _, pid in ran)
+    finally:
+        threaded.kill()
+
+
+def test_terminate_mid_fan_out_revokes_running_items_and_resume_finishes(live: Cluster) -> None:
+    side = live.side_dir()
+    store = {"n": 8, "sleep": 1.0, "side_dir": str(side)}
+    handle = live.submit("map_square", store)
+    wait_until(lambda: len(execs(side, handle.run_id)) >= 2, TIMEOUT_S)
+    running = wait_until(lambda: live.db.running_items(handle.run_id, 0), TIMEOUT_S)
+    assert all(item["task_id"] for item in running)
+    handle.cancel(terminate=True)
+    assert handle.status == "cancelled"
+    # The killed items were fenced out and re-queued for a resume.
+    for item in running:
+        row = live.db.get_item(handle.run_id, 0, item["idx"])
+        assert row["status"] in ("queued", "done") and row["attempt"] >= item["attempt"]
+    handle.resume()
+    assert finish(live, handle)["squares"] == [i * i for i in range(8)]
