@@ -186,7 +186,8 @@ def _requeue_stranded_joins(db: WorkflowDB, publish: Callable[..., bool], lease_
             state["node_id"],
             state["step_attempt"],
         )
-        publish(join, queue=run.get("queue"))
+        step = db.get_step(stranded["run_id"], stranded["step"]) or {}
+        publish(join, queue=step.get("queue") or run.get("queue"))
 
 
 def _poison(db: WorkflowDB, row: dict[str, Any], max_crashes: int) -> None:

@@ -16,9 +16,10 @@ completes the join publishes the map step again, for its join (``mapstep``).
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
-from pocoflow import codec
+from pocoflow import codec, usage
 from pocoflow.codec import CodecError
 from pocoflow.distributed import lifecycle
 from pocoflow.distributed.control import FlagReader
@@ -29,6 +30,8 @@ from pocoflow.distributed.executor import (
     DUPLICATE,
     FAILED,
     LEDGER_UNREACHABLE,
+    LIMIT_JITTER,
+    LIMITED,
     LOST,
     MALFORMED,
     PAUSED,
@@ -40,11 +43,13 @@ from pocoflow.distributed.executor import (
     _unreachable,
     default_context,
     default_worker_id,
+    step_queue,
 )
 from pocoflow.distributed.graphs import mismatch_message
 from pocoflow.distributed.message import ItemMessage, MalformedMessage, StepMessage
 from pocoflow.hooks import NODE_ERROR, NODE_RETRY, RUN_PAUSED
 from pocoflow.ledger.items import ItemClaim
+from pocoflow.limits import LimitGate, LimitWait, limits_of
 from pocoflow.logging import get_logger
 from pocoflow.mapnode import ItemFailed, MapNode, error_record
 from pocoflow.registry import UnknownFlowError
@@ -107,6 +112,7 @@ class _ItemRun:
         self.claim = ItemClaim(msg.run_id, msg.step, msg.idx, msg.attempt, self.holder, task_id)
         self.claimed = False
         self.node_name = msg.node_id  # the node's name once the graph is loaded
+        self.node: MapNode | None = None
 
     def run(self) -> str:
         msg, db = self.msg, self.db
@@ -122,7 +128,7 @@ class _ItemRun:
         if isinstance(node, str):
             return self._fail(node, refused=True)
         value_text, try_number = item
-        self.node_name = node.name
+        self.node_name, self.node = node.name, node
         node.run_id, node.step, node.attempt = msg.run_id, msg.step, msg.attempt
         node._cancel_probe = FlagReader(msg.run_id, self.ctx.redis, db)
         with self.ctx.leases.hold(msg.run_id, msg.step, msg.attempt, self.holder, idx=msg.idx):
@@ -171,10 +177,25 @@ class _ItemRun:
 
     def _exec(self, run: dict[str, Any], node: MapNode, value: Any, try_number: int) -> str:
         msg = self.msg
+        # The node's limits hold each item's exec (keyed by ``limit_key(item)``); a call
+        # that must wait gives its slot back and comes again later, spending no try.
+        node._limit_gate = (
+            LimitGate(self.ctx.limiter, msg.flow, blocking=False) if limits_of(node) else None
+        )
         try:
-            result = node._exec_once(value)
+            # Usage reported by this item's exec is kept under its attempt and index.
+            with usage.recording(
+                msg.run_id, msg.step, msg.attempt, node.name, msg.idx, self.ctx.usage
+            ) as scope:
+                node._usage_scope = scope
+                try:
+                    result = node._exec_once(value)
+                finally:
+                    node._usage_scope = None
         except RunCancelled:
             raise
+        except LimitWait as wait:
+            return self._wait_for_limit(run, node, wait, try_number)
         except Exception as exc:
             tries = max(1, int(node.max_retries))
             if try_number < tries and node.is_retryable(exc):
@@ -218,8 +239,23 @@ class _ItemRun:
             join = StepMessage(
                 msg.run_id, msg.flow, msg.step, state["node_id"], state["step_attempt"]
             )
-            self.ctx.publisher.send(join, queue=run.get("queue"))
+            self.ctx.publisher.send(join, queue=step_queue(run, self.node))
         return COMMITTED
+
+    def _wait_for_limit(
+        self, run: dict[str, Any], node: MapNode, wait: LimitWait, try_number: int
+    ) -> str:
+        """The node's limits refused this item's call: hold no worker slot, send the item
+        again for when it may start, under a new attempt with the same try."""
+        msg = self.msg
+        delay = wait.wait_s * (1 + random.random() * LIMIT_JITTER)
+        attempt = self.db.retry_item(self.claim, next_try=try_number, due_in=delay)
+        if attempt is None:
+            return LOST
+        self.ctx.publisher.send(
+            msg.retry(try_number, attempt), queue=step_queue(run, node), countdown=delay
+        )
+        return LIMITED
 
     def _retry(self, run: dict[str, Any], node: MapNode, exc: Exception, try_number: int) -> str:
         msg = self.msg
@@ -248,7 +284,7 @@ class _ItemRun:
             delay,
         )
         self.ctx.publisher.send(
-            msg.retry(try_number + 1, attempt), queue=run.get("queue"), countdown=delay
+            msg.retry(try_number + 1, attempt), queue=step_queue(run, node), countdown=delay
         )
         return RETRY
 

@@ -51,7 +51,7 @@ def run_map_step(sr: _StepRun, run: dict[str, Any], loaded: _Loaded) -> str:
         return _join(sr, run, loaded, node)
     _parked(sr)
     sr._end(FANNED_OUT_OUTCOME, None)
-    _send(sr, run, [(r["idx"], r["attempt"], r["try_number"]) for r in todo])
+    _send(sr, run, node, [(r["idx"], r["attempt"], r["try_number"]) for r in todo])
     _log.info("Step %d of run %s: %d unfinished items sent again", msg.step, msg.run_id, len(todo))
     return FANNED_OUT
 
@@ -83,7 +83,7 @@ def _fan_out(sr: _StepRun, run: dict[str, Any], loaded: _Loaded, node: MapNode) 
         sr._end("lost", "lease taken over before the fan-out committed")
         return "lost"
     _parked(sr)
-    _send(sr, run, [(idx, 1, 1) for idx in range(len(texts))])
+    _send(sr, run, node, [(idx, 1, 1) for idx in range(len(texts))])
     _log.info("Step %d of run %s: fanned out %d items", msg.step, msg.run_id, len(texts))
     return FANNED_OUT
 
@@ -94,7 +94,9 @@ def _parked(sr: _StepRun) -> None:
         sr.ctx.leases.release(sr.holding)
 
 
-def _send(sr: _StepRun, run: dict[str, Any], todo: list[tuple[int, int, int]]) -> None:
+def _send(
+    sr: _StepRun, run: dict[str, Any], node: MapNode, todo: list[tuple[int, int, int]]
+) -> None:
     """Publish item messages in one batch through the process's producer; a message the
     broker did not take stays unsent in the ledger and the sweeper sends it (G3)."""
     msg = sr.msg
@@ -103,7 +105,9 @@ def _send(sr: _StepRun, run: dict[str, Any], todo: list[tuple[int, int, int]]) -
         for idx, attempt, try_number in todo
     ]
     if messages:
-        sr.ctx.publisher.send_items(messages, queue=run.get("queue"))
+        from pocoflow.distributed.executor import step_queue  # (executor imports this module)
+
+        sr.ctx.publisher.send_items(messages, queue=step_queue(run, node))
     sr.db.items_published(msg.run_id, msg.step, sr.worker)
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pocoflow import Flow, Node, flow
+from pocoflow import Flow, MapNode, Node, flow
 
 #: The key every limited node here counts under: one shared resource across flows.
 RATE = "3/s"
@@ -75,3 +75,37 @@ def routed() -> Flow:
     first.then("default", middle)
     middle.then("default", last)
     return Flow(start=first)
+
+
+class LimitedMap(MapNode):
+    """A fan-out whose items share the rate limit and a concurrency limit across workers,
+    and report their tokens: each item's exec records ``<start> <end> <pid> item<i>``."""
+
+    rate_limit = "4/s"
+    max_concurrency = 2
+    max_retries = 2
+
+    def prep(self, store: Any) -> Any:
+        return [(store["side_dir"], i, store.get("work_s", 0.05)) for i in range(store["n"])]
+
+    def exec(self, item: Any) -> Any:
+        side, i, work_s = item
+        start = time.time()
+        self.report_usage(model="m", input_tokens=10, output_tokens=i, cost_usd=0.01)
+        marker = Path(side) / f"{self.run_id}.{i}.failed"
+        if i == 0 and not marker.exists():  # item 0 fails once: its usage still counts
+            marker.write_text("1")
+            raise ConnectionError("flaky item 0")
+        time.sleep(work_s)
+        with open(Path(side) / "calls", "a", encoding="utf-8") as handle:
+            handle.write(f"{start} {time.time()} {os.getpid()} item{i}\n")
+        return i
+
+    def post(self, store: Any, items: Any, results: Any) -> str:
+        store["results"] = results
+        return "default"
+
+
+@flow("limited-map")
+def limited_map() -> Flow:
+    return Flow(start=LimitedMap(name="calls"))

@@ -126,3 +126,30 @@ def test_a_node_queue_routes_its_steps_to_the_workers_serving_it(live: Cluster) 
         assert ran_on["cpu"] not in gpu.pids()
     finally:
         gpu.stop()
+
+
+def test_a_limited_fan_out_holds_its_limits_across_workers_and_counts_usage(
+    live: Cluster,
+) -> None:
+    side = live.side_dir()
+    limited = live.submit("limited-map", {"side_dir": str(side), "n": 12, "work_s": 0.2})
+    wait_until(lambda: len(_calls(side)) >= 2, TIMEOUT_S)
+    free = live.submit("unlimited", {"side_dir": str(live.side_dir())})
+    assert free.wait(timeout=TIMEOUT_S)["attempt"] == 1  # not starved by waiting items
+    assert not limited.is_done  # ... which were still waiting for their limits
+    assert limited.wait(timeout=TIMEOUT_S)["results"] == list(range(12))
+    calls = _calls(side)
+    assert len(calls) == 12
+    starts = [start for start, _ in calls]
+    # rate 4/s: any 1 s window holds at most 4 starts (item 0's failed try included,
+    # it started too, but wrote no line: the check is on the successful ones only)
+    gaps = [starts[i + 4] - starts[i] for i in range(len(starts) - 4)]
+    assert min(gaps) >= 1.0 - CLOCK_SLACK_S, gaps
+    # max_concurrency 2: never three calls in flight at once, across both workers
+    events = sorted([(a, 1) for a, _ in calls] + [(b, -1) for _, b in calls])
+    assert max(itertools.accumulate(delta for _, delta in events)) <= 2
+    assert len({line.split()[2] for line in (side / "calls").read_text().splitlines()}) == 2
+    # usage per item attempt: 13 reports (item 0 twice: its failed try was billed too)
+    usage = limited.usage()
+    assert usage["calls"] == 13 and usage["input_tokens"] == 130
+    assert usage["output_tokens"] == sum(range(12)) and usage["cost_usd"] == pytest.approx(0.13)
