@@ -333,7 +333,14 @@ class LimitGate:
     blocking: bool = True
 
     def applies(self, node: Node) -> bool:
-        return limits_of(node) is not None
+        """Whether ``node``'s exec tries pass through this gate. A node whose limits do
+        not parse does: ``entered`` raises their ``ValueError`` inside the try, where it
+        fails the step naming the node; raised before the step it would crash a worker's
+        executor, and the sweeper would send the step again forever."""
+        try:
+            return limits_of(node) is not None
+        except ValueError:
+            return True
 
     def waiting(self) -> LimitGate:
         return LimitGate(self.limiter, self.flow_name, True)

@@ -75,3 +75,12 @@ def routed() -> Flow:
     first.then("default", middle)
     middle.then("default", last)
     return Flow(start=first)
+
+
+class BadlyLimited(Timed):
+    rate_limit = "10/d"  # no such unit: every step of it must fail, naming the node
+
+
+@flow("limited-badly")
+def limited_badly() -> Flow:
+    return Flow(start=BadlyLimited(name="call"))

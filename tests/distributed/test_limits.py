@@ -126,3 +126,14 @@ def test_a_node_queue_routes_its_steps_to_the_workers_serving_it(live: Cluster) 
         assert ran_on["cpu"] not in gpu.pids()
     finally:
         gpu.stop()
+
+
+def test_a_bad_limit_fails_the_run_naming_the_node_instead_of_looping(live: Cluster) -> None:
+    """A limit that does not parse is the node's error, not an executor crash: a crash
+    leaves the step to its lease and the sweeper, which would send it again forever."""
+    run = live.submit("limited-badly", {"side_dir": str(live.side_dir())})
+    wait_until(lambda: run.is_done, TIMEOUT_S)
+    row = live.db.get_run(run.run_id)
+    assert row["status"] == "failed"
+    assert "'call'" in row["error_msg"] and "rate_limit" in row["error_msg"]
+    assert "10/d" in row["error_msg"]
