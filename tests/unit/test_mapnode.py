@@ -223,3 +223,25 @@ def test_usage_reported_by_items_on_pool_threads_is_kept_per_item() -> None:
     totals = flow.usage()
     assert (totals["calls"], totals["input_tokens"], totals["output_tokens"]) == (10, 45, 10)
     assert totals["cost_usd"] == 5.0 and totals["by_node"]["Priced"]["calls"] == 10
+
+
+def test_async_items_honour_the_default_step_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """POCOFLOW_STEP_TIMEOUT is the timeout of every node that sets none, async map items
+    included."""
+    monkeypatch.setenv("POCOFLOW_STEP_TIMEOUT", "0.05")
+
+    class Stuck(MapNode, AsyncNode):
+        on_item_error = "collect"
+
+        def prep(self, store: Any) -> Any:
+            return [0]
+
+        async def exec_async(self, item: Any) -> Any:
+            await asyncio.sleep(30)
+            return item
+
+        def post(self, store: Any, items: Any, results: Any) -> str:
+            store["errors"] = [type(r).__name__ for r in results]
+            return "done"
+
+    assert Flow(Stuck()).run({})["errors"] == ["TimeoutError"]
