@@ -16,9 +16,9 @@ one hash tag per limit key (``{key}``) so a Redis Cluster keeps them on one node
   script sums the window (one entry per recorded call).
 - ``pocoflow:limit:{key}:waiters``: ZSET waiter -> when it is forgotten. Nobody knows
   when a slot frees, so a refused caller asks again later; with W waiters (a step is
-  one, whatever its attempt) for N slots each is told to ask again in ``poll * W / N``,
-  so 1,000 steps waiting for 3 slots cost about 3 asks (a ledger write and a message
-  each) per poll, not 1,000.
+  one, whatever its attempt) for N slots each is told to ask again in ``poll * W / N``
+  (the first N sooner when a slot's lease ends sooner), so 1,000 steps waiting for 3
+  slots cost about 3 asks (a ledger write and a message each) per poll, not 1,000.
 
 While Redis cannot be reached the limits fail closed: a decision answers "wait" with a
 backoff (0.5 s doubling to 15 s) and a warning, so a limited node never runs unlimited;
@@ -57,17 +57,21 @@ if cmax > 0 then
   if not redis.call('ZSCORE', KEYS[2], ARGV[6]) and redis.call('ZCARD', KEYS[2]) >= cmax then
     local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
     local poll = tonumber(ARGV[8])
+    -- The first round asks again after a poll, or sooner when a slot's lease ends sooner
+    -- (its holder may have died). W waiters for cmax slots then take turns, round k a
+    -- poll after round k-1, so the asks stay near cmax per poll however many wait. (Not
+    -- capped by the lease: live holders renew theirs, so its end says nothing of when a
+    -- slot frees, and would call every waiter back at once.)
+    wait = math.min(tonumber(first[2]) - now, poll)
     if ARGV[10] ~= '' then
-      -- W waiters for cmax slots each ask every poll * W / cmax: the asks stay near
-      -- cmax per poll however many wait. A waiter is forgotten a poll after its turn.
+      -- A waiter is forgotten a poll after its turn.
       redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
       local waiting = redis.call('ZCARD', KEYS[4])
       if not redis.call('ZSCORE', KEYS[4], ARGV[10]) then
         waiting = waiting + 1
       end
-      poll = poll * math.max(1, math.ceil(waiting / cmax))
+      wait = wait + poll * (math.max(1, math.ceil(waiting / cmax)) - 1)
     end
-    wait = math.min(tonumber(first[2]) - now, poll)
     if ARGV[10] ~= '' then
       redis.call('ZADD', KEYS[4], now + wait + tonumber(ARGV[8]), ARGV[10])
       redis.call('PEXPIRE', KEYS[4], math.ceil((wait + tonumber(ARGV[8])) / 1000) + 1000)

@@ -151,3 +151,18 @@ def test_many_waiters_for_few_slots_are_told_to_ask_less_often(
     assert limiter.acquire(limits, key, "x9", "step-9").wait_s == pytest.approx(0.6)
     for d in [*held[1:], served]:
         release(d.slot)
+
+
+def test_waiters_stay_spread_when_the_slots_lease_ends_before_their_turn(
+    client: redis.Redis, key: str
+) -> None:
+    """Live holders renew their slots: a lease ending within a second says nothing of when
+    a slot frees, so it must not call every waiter back at once (default lease 10 s,
+    1,000 waiters for 3 slots: every 7 s each, some 30 asks per poll instead of 3)."""
+    limiter = RedisLimiter(client, lease_s=1.0, poll_s=0.2)
+    limits = Limits(concurrency=2)
+    held = [limiter.acquire(limits, key, f"h{i}") for i in range(2)]
+    waits = [limiter.acquire(limits, key, f"x{i}", f"step-{i}").wait_s for i in range(20)]
+    assert waits == pytest.approx([0.2 * (1 + i // 2) for i in range(20)], abs=0.01)
+    for d in held:
+        release(d.slot)
