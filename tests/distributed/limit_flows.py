@@ -84,3 +84,13 @@ class BadlyLimited(Timed):
 @flow("limited-badly")
 def limited_badly() -> Flow:
     return Flow(start=BadlyLimited(name="call"))
+
+
+class RateLimitedTurns(Timed):
+    rate_limit = RATE
+
+
+@flow("limited-rate-turns")
+def limited_rate_turns() -> Flow:
+    """Its own limit key (flow / node name): no other test's starts in its window."""
+    return Flow(start=RateLimitedTurns(name="call"))

@@ -166,3 +166,18 @@ def test_waiters_stay_spread_when_the_slots_lease_ends_before_their_turn(
     assert waits == pytest.approx([0.2 * (1 + i // 2) for i in range(20)], abs=0.01)
     for d in held:
         release(d.slot)
+
+
+def test_rate_waiters_are_each_told_their_own_turn(client: redis.Redis, key: str) -> None:
+    """3 per 10 s, 3 started: waiters 0-2 get the places the 3 starts leave, 3-5 the ones
+    after, ... and a waiter asking again keeps its turn (it is not queued behind)."""
+    limiter = RedisLimiter(client, lease_s=5)
+    limits = Limits(rate=Rate(3, 10.0))
+    for i in range(3):
+        assert limiter.acquire(limits, key, f"h{i}").go
+    waits = [limiter.acquire(limits, key, f"x{i}", f"step-{i}").wait_s for i in range(9)]
+    assert waits == pytest.approx([10.0] * 3 + [20.0] * 3 + [30.0] * 3, abs=0.5)
+    assert waits == sorted(waits)  # each place later than the one before
+    assert limiter.acquire(limits, key, "y0", "step-0").wait_s == pytest.approx(10.0, abs=0.5)
+    assert limiter.acquire(limits, key, "y5", "step-5").wait_s == pytest.approx(20.0, abs=0.5)
+    assert limiter.acquire(limits, key, "z", "step-new").wait_s == pytest.approx(40.0, abs=0.5)
