@@ -33,6 +33,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pocoflow.logging import get_logger
 from pocoflow.node import STILL_RUNNING
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ __all__ = [
     "release",
     "use_limiter",
 ]
+
+_log = get_logger("limits")
 
 #: How long a caller refused for want of a concurrency slot waits before asking again
 #: (nobody can know when a slot frees; a slot whose lease ends sooner shortens it).
@@ -360,7 +363,7 @@ class LimitGate:
         sleep = getattr(self.limiter, "sleep", time.sleep)
         while not (decision := self._ask(node, call)).go:
             sleep(min(decision.wait_s, WAIT_SLICE_S))
-        with self._holding(call, decision):
+        with self._holding(node, call, decision):
             yield
 
     @asynccontextmanager
@@ -373,7 +376,7 @@ class LimitGate:
             return
         while not (decision := self._ask(node, call)).go:
             await asyncio.sleep(min(decision.wait_s, WAIT_SLICE_S))
-        with self._holding(call, decision):
+        with self._holding(node, call, decision):
             yield
 
     def _call(self, node: Node, prep_result: Any) -> _Call | None:
@@ -405,10 +408,11 @@ class LimitGate:
         return decision
 
     @contextmanager
-    def _holding(self, call: _Call, decision: Decision) -> Iterator[None]:
+    def _holding(self, node: Node, call: _Call, decision: Decision) -> Iterator[None]:
         """The call runs under its key (``record_tokens``' default) and gives its slot
-        back when it ends; an exec abandoned at its timeout still runs, so its slot is
-        given back only once it really returns (``max_concurrency`` counts it)."""
+        back when it ends. An exec abandoned at its timeout still runs, so its slot is
+        given back once it really returns (``max_concurrency`` counts it), or after one
+        more timeout: a call hung for good must not stop the node for good."""
         token = _current.set((call.limits, call.key))
         slot = decision.slot
         try:
@@ -416,7 +420,7 @@ class LimitGate:
         except TimeoutError as late:
             running = getattr(late, STILL_RUNNING, None)
             if slot is not None and running is not None:
-                _release_when(running, slot)
+                _release_when(running, slot, node.exec_timeout() or 0.0)
                 slot = None
             raise
         finally:
@@ -435,12 +439,19 @@ class _Call:
     waiter: str | None
 
 
-def _release_when(ended: threading.Event, slot: Slot) -> None:
-    """Give ``slot`` back once ``ended`` is set (the abandoned call returned); meanwhile
-    a Redis slot stays held and renewed, and a process that dies lets its lease free it."""
+def _release_when(ended: threading.Event, slot: Slot, within: float) -> None:
+    """Give ``slot`` back once ``ended`` is set (the abandoned call returned), or after
+    ``within`` seconds; meanwhile a Redis slot stays held and renewed, and a process that
+    dies lets its lease free it."""
 
     def wait_then_release() -> None:
-        ended.wait()
+        if not ended.wait(within):
+            _log.warning(
+                "A call under limit key %r still runs %.1fs after its timeout: its "
+                "concurrency slot is given back",
+                slot.key,
+                within,
+            )
         release(slot)
 
     threading.Thread(target=wait_then_release, name="pocoflow-late-slot", daemon=True).start()

@@ -288,29 +288,47 @@ def test_async_map_items_pass_through_the_limits() -> None:
     assert sum(t for _, t in limiter._tokens[("fetch/Fetch", 60.0)]) == 15
 
 
+def _hanging_node(timeout: float, hung: threading.Event) -> Node:
+    class Slow(Node):
+        max_concurrency = 1
+
+        def exec(self, prep_result: Any) -> Any:
+            hung.wait(30)
+            return 1
+
+    node = Slow()
+    node.timeout = timeout
+    return node
+
+
 def test_a_timed_out_call_keeps_its_concurrency_slot_until_it_really_ends() -> None:
     """A thread cannot be stopped: an exec abandoned at its timeout is still in flight,
     so its slot stays taken (max_concurrency holds) until the call returns."""
     hung = threading.Event()
-
-    class Slow(Node):
-        max_concurrency = 1
-        timeout = 0.05
-
-        def exec(self, prep_result: Any) -> Any:
-            hung.wait(10)
-            return 1
-
     limiter = LocalLimiter()
-    node = Slow()
+    node = _hanging_node(2.0, hung)
     node._limit_gate = LimitGate(limiter, "f")
     limits = Limits(concurrency=1)
     with pytest.raises(TimeoutError):
         node._exec_once(None)
     assert not limiter.acquire(limits, "f/Slow", "other").go  # the call still runs
-    hung.set()
-    freed = wait_until(lambda: limiter.acquire(limits, "f/Slow", "other"), 5)
+    hung.set()  # it returns, well before one more timeout
+    freed = wait_until(lambda: limiter.acquire(limits, "f/Slow", "other"), 1.0)
     release(freed.slot)
+
+
+def test_a_call_hung_for_good_gives_its_slot_back_after_one_more_timeout() -> None:
+    hung = threading.Event()
+    limiter = LocalLimiter()
+    node = _hanging_node(0.1, hung)
+    node._limit_gate = LimitGate(limiter, "f")
+    try:
+        with pytest.raises(TimeoutError):
+            node._exec_once(None)
+        freed = wait_until(lambda: limiter.acquire(Limits(concurrency=1), "f/Slow", "x"), 5)
+        release(freed.slot)
+    finally:
+        hung.set()
 
 
 def test_a_long_local_limit_wait_ends_when_the_run_is_cancelled() -> None:
