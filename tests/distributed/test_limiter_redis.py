@@ -181,3 +181,35 @@ def test_rate_waiters_are_each_told_their_own_turn(client: redis.Redis, key: str
     assert limiter.acquire(limits, key, "y0", "step-0").wait_s == pytest.approx(10.0, abs=0.5)
     assert limiter.acquire(limits, key, "y5", "step-5").wait_s == pytest.approx(20.0, abs=0.5)
     assert limiter.acquire(limits, key, "z", "step-new").wait_s == pytest.approx(40.0, abs=0.5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: local runs (Flow.run, run_background) ask an in-process limiter even "
+    "when POCOFLOW_REDIS_URL is set, so their calls are not counted with the workers' "
+    "(the contract: limits hold across every worker and process)",
+)
+def test_a_local_run_counts_against_the_workers_shared_limits(
+    client: redis.Redis, redis_url: str, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pocoflow import Flow, Node
+
+    monkeypatch.setenv("POCOFLOW_REDIS_URL", redis_url)
+    workers = RedisLimiter(client, lease_s=5)
+    limits = Limits(rate=Rate(2, 60.0))
+    assert all(workers.acquire(limits, key, f"w{i}").go for i in range(2))  # a worker's calls
+    started: list[float] = []
+
+    class Call(Node):
+        rate_limit = "2/m"
+
+        def limit_key(self, prep_result: object) -> str:
+            return key
+
+        def exec(self, prep_result: object) -> None:
+            started.append(time.monotonic())
+
+    runner = threading.Thread(target=Flow(Call(), flow_name="local").run, args=({},), daemon=True)
+    runner.start()
+    runner.join(2.0)
+    assert not started, "the local call started although the shared window was full"
