@@ -13,7 +13,7 @@ the call) or the number of seconds to wait before asking again. The semantics:
   (``record_tokens``) in the last window are below the limit.
 
 Calls with the same key share one concurrency pool; rate and token logs are shared by
-calls with the same key AND the same window length. This module is pure (stdlib only):
+calls with the same key AND the same window length. This module is pure core (no Redis):
 the in-process ``LocalLimiter`` serves local runs, ``pocoflow.distributed.limiter``
 holds the Redis one that every worker shares.
 """
