@@ -58,7 +58,8 @@ def main(n: int = N) -> bool:
         print(f"         run inside Redis by the script, per decision: {inner}")
 
         bare = client.register_script("return 0")
-        keys, args = ["a", "b", "c"], [1, 2, 3, 4, 5, "holder", 7, 8, "id"]
+        # As many keys and arguments as a decision passes (limiter.ACQUIRE's header).
+        keys, args = ["a", "b", "c", "d"], [1, 2, 3, 4, 5, "holder", 7, 8, "id", "waiter"]
 
         def decisions() -> None:
             for _ in range(n):

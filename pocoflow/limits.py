@@ -13,13 +13,14 @@ the call) or the number of seconds to wait before asking again. The semantics:
   (``record_tokens``) in the last window are below the limit.
 
 Calls with the same key share one concurrency pool; rate and token logs are shared by
-calls with the same key AND the same window length. This module is pure (stdlib only):
+calls with the same key AND the same window length. This module is pure core (no Redis):
 the in-process ``LocalLimiter`` serves local runs, ``pocoflow.distributed.limiter``
 holds the Redis one that every worker shares.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import re
@@ -27,10 +28,13 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+from pocoflow.logging import get_logger
+from pocoflow.node import STILL_RUNNING
 
 if TYPE_CHECKING:
     from pocoflow.node import Node
@@ -54,9 +58,14 @@ __all__ = [
     "use_limiter",
 ]
 
+_log = get_logger("limits")
+
 #: How long a caller refused for want of a concurrency slot waits before asking again
 #: (nobody can know when a slot frees; a slot whose lease ends sooner shortens it).
 CONCURRENCY_POLL_S = 0.2
+#: A blocking gate (local runs, sub-flows) sleeps at most this long before it asks again,
+#: so a cancelled run stops waiting within it even when its limit said "an hour".
+WAIT_SLICE_S = 0.5
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*(?:\.\d+)?)\s*([smh])\s*$")
@@ -333,39 +342,116 @@ class LimitGate:
     blocking: bool = True
 
     def applies(self, node: Node) -> bool:
-        return limits_of(node) is not None
+        """Whether ``node``'s exec tries pass through this gate. A node whose limits do
+        not parse does: ``entered`` raises their ``ValueError`` inside the try, where it
+        fails the step naming the node; raised before the step it would crash a worker's
+        executor, and the sweeper would send the step again forever."""
+        try:
+            return limits_of(node) is not None
+        except ValueError:
+            return True
 
     def waiting(self) -> LimitGate:
         return LimitGate(self.limiter, self.flow_name, True)
 
     @contextmanager
     def entered(self, node: Node, prep_result: Any) -> Iterator[None]:
-        limits = limits_of(node)
-        if limits is None:
+        call = self._call(node, prep_result)
+        if call is None:
             yield
             return
+        sleep = getattr(self.limiter, "sleep", time.sleep)
+        while not (decision := self._ask(node, call)).go:
+            sleep(min(decision.wait_s, WAIT_SLICE_S))
+        with self._holding(node, call, decision):
+            yield
+
+    @asynccontextmanager
+    async def entered_async(self, node: Node, item: Any) -> AsyncIterator[None]:
+        """``entered`` for a call on an event loop (an async map item): a blocking gate
+        waits with ``asyncio.sleep``, so the loop's other items go on meanwhile."""
+        call = self._call(node, item)
+        if call is None:
+            yield
+            return
+        while not (decision := self._ask(node, call)).go:
+            await asyncio.sleep(min(decision.wait_s, WAIT_SLICE_S))
+        with self._holding(node, call, decision):
+            yield
+
+    def _call(self, node: Node, prep_result: Any) -> _Call | None:
+        limits = limits_of(node)
+        if limits is None:
+            return None
         if self.limiter is None:
             raise RuntimeError(
                 f"Node {node.name!r} has limits but this process has no shared limiter: "
                 "set POCOFLOW_REDIS_URL (a redis:// URL) for the workers"
             )
         key = limit_key_of(node, prep_result, self.flow_name)
-        holder = new_holder()
         waiter = f"{node.run_id}:{node.step}" if node.run_id is not None else None
-        while True:
-            decision = self.limiter.acquire(limits, key, holder, waiter)
-            if decision.go:
-                break
-            if not self.blocking:
-                raise LimitWait(node.name, key, decision.wait_s)
-            if node.cancelled():
-                from pocoflow.step import RunCancelled
+        return _Call(self.limiter, limits, key, new_holder(), waiter)
 
-                raise RunCancelled(f"run cancelled while node {node.name!r} waited for its limit")
-            getattr(self.limiter, "sleep", time.sleep)(decision.wait_s)
-        token = _current.set((limits, key))
+    def _ask(self, node: Node, call: _Call) -> Decision:
+        """One decision; a refusal raises ``LimitWait`` from a non-blocking gate, and
+        ``RunCancelled`` once the run was cancelled (a blocking gate waits in slices of
+        ``WAIT_SLICE_S``, so a cancel is seen within one however long the wait)."""
+        decision = call.limiter.acquire(call.limits, call.key, call.holder, call.waiter)
+        if decision.go:
+            return decision
+        if not self.blocking:
+            raise LimitWait(node.name, call.key, decision.wait_s)
+        if node.cancelled():
+            from pocoflow.step import RunCancelled
+
+            raise RunCancelled(f"run cancelled while node {node.name!r} waited for its limit")
+        return decision
+
+    @contextmanager
+    def _holding(self, node: Node, call: _Call, decision: Decision) -> Iterator[None]:
+        """The call runs under its key (``record_tokens``' default) and gives its slot
+        back when it ends. An exec abandoned at its timeout still runs, so its slot is
+        given back once it really returns (``max_concurrency`` counts it), or after one
+        more timeout: a call hung for good must not stop the node for good."""
+        token = _current.set((call.limits, call.key))
+        slot = decision.slot
         try:
             yield
+        except TimeoutError as late:
+            running = getattr(late, STILL_RUNNING, None)
+            if slot is not None and running is not None:
+                _release_when(running, slot, node.exec_timeout() or 0.0)
+                slot = None
+            raise
         finally:
             _current.reset(token)
-            release(decision.slot)
+            release(slot)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One exec try's ask: under ``key``, as ``holder`` (its slot), for ``waiter``."""
+
+    limiter: Limiter
+    limits: Limits
+    key: str
+    holder: str
+    waiter: str | None
+
+
+def _release_when(ended: threading.Event, slot: Slot, within: float) -> None:
+    """Give ``slot`` back once ``ended`` is set (the abandoned call returned), or after
+    ``within`` seconds; meanwhile a Redis slot stays held and renewed, and a process that
+    dies lets its lease free it."""
+
+    def wait_then_release() -> None:
+        if not ended.wait(within):
+            _log.warning(
+                "A call under limit key %r still runs %.1fs after its timeout: its "
+                "concurrency slot is given back",
+                slot.key,
+                within,
+            )
+        release(slot)
+
+    threading.Thread(target=wait_then_release, name="pocoflow-late-slot", daemon=True).start()

@@ -20,6 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from pocoflow import usage
+from pocoflow.limits import LimitWait
 from pocoflow.node import AsyncNode, Node, run_coroutine
 from pocoflow.step import RunCancelled
 
@@ -195,13 +196,18 @@ def _map_threads(
 
 
 async def _exec_async_with_retries(node: AsyncNode, item: Any) -> Any:
-    """``exec_async`` with the node's retry policy, waiting on the loop (not a thread)."""
+    """``exec_async`` with the node's retry policy, waiting on the loop (not a thread);
+    each try passes the node's limits first, as a sync item's ``_exec_once`` does."""
     tries = max(1, int(node.max_retries))
+    gate = node._limit_gate
     for failed in range(1, tries + 1):
         try:
-            if node.timeout is not None:
-                return await asyncio.wait_for(node.exec_async(item), node.timeout)
-            return await node.exec_async(item)
+            if gate is None:
+                return await _exec_async_bounded(node, item)
+            async with gate.entered_async(node, item):
+                return await _exec_async_bounded(node, item)
+        except LimitWait:
+            raise
         except Exception as exc:
             if failed >= tries or not node.is_retryable(exc):
                 return node.exec_fallback(item, exc)
@@ -209,3 +215,12 @@ async def _exec_async_with_retries(node: AsyncNode, item: Any) -> Any:
             if delay > 0:
                 await asyncio.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _exec_async_bounded(node: AsyncNode, item: Any) -> Any:
+    """One try, bounded by the node's timeout (else ``POCOFLOW_STEP_TIMEOUT``); on the
+    loop a timed-out try is cancelled, so it ends (and gives its slot back) for real."""
+    limit = node.exec_timeout()
+    if limit is None:
+        return await node.exec_async(item)
+    return await asyncio.wait_for(node.exec_async(item), limit)

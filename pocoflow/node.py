@@ -361,8 +361,16 @@ def _parse_timeout(raw: str) -> float | None:
     return value
 
 
+#: Set on the ``TimeoutError`` of an abandoned exec try: a ``threading.Event`` set once
+#: the call really returns. Until then it is still in flight, so what it holds (its
+#: ``max_concurrency`` slot) stays held. (An attribute, not a subclass: the error keeps
+#: the name ``TimeoutError`` that events and users read.)
+STILL_RUNNING = "pocoflow_still_running"
+
+
 def call_with_timeout(fn: Callable[[Any], Any], arg: Any, limit: float, what: str) -> Any:
-    """``fn(arg)`` on a helper thread; past ``limit`` seconds raise ``TimeoutError``.
+    """``fn(arg)`` on a helper thread; past ``limit`` seconds raise ``TimeoutError``
+    (carrying ``STILL_RUNNING``).
 
     Why a thread that is abandoned, rather than killing the work: Python cannot stop a
     thread, and a signal (``SIGALRM``) only reaches the main thread and cannot break a
@@ -392,7 +400,9 @@ def call_with_timeout(fn: Callable[[Any], Any], arg: Any, limit: float, what: st
     thread = threading.Thread(target=context.run, args=(target,), name="pocoflow-exec", daemon=True)
     thread.start()
     if not done.wait(limit):
-        raise TimeoutError(f"{what} took longer than its timeout of {limit:g}s; abandoned")
+        late = TimeoutError(f"{what} took longer than its timeout of {limit:g}s; abandoned")
+        setattr(late, STILL_RUNNING, done)
+        raise late
     ok, value = box[0]
     if ok:
         return value

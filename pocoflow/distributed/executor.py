@@ -85,8 +85,10 @@ LEDGER_UNREACHABLE = "ledger_unreachable"
 MAX_WAKEUPS_IN_STEP = 20
 #: Stores kept for the next step of runs this process just advanced (see keep()).
 HANDOFF_SIZE = 64
-#: A limit wait is stretched by up to this fraction at random (see _wait_for_limit).
+#: A limit wait is stretched by up to this fraction at random, and at most by
+#: LIMIT_JITTER_CAP_S (see _wait_for_limit).
 LIMIT_JITTER = 0.1
+LIMIT_JITTER_CAP_S = 0.1
 
 
 def step_queue(run: dict[str, Any], node: Node | None) -> str | None:
@@ -680,8 +682,10 @@ class _StepRun:
         when it may start, under a new attempt with the same try (no retry is spent)."""
         msg = self.msg
         self._end(LIMITED, str(wait))
-        # A little jitter so the waiters of one key do not all come back at one instant.
-        delay = wait.wait_s * (1 + random.random() * LIMIT_JITTER)
+        # A little jitter so the waiters of one key do not all come back at one instant;
+        # capped, since the limiter gives each waiter its own turn: 10% of a long turn
+        # would leave its place unused meanwhile (a rate run below its limit).
+        delay = wait.wait_s + random.random() * min(wait.wait_s * LIMIT_JITTER, LIMIT_JITTER_CAP_S)
         if self._send_again(run, loaded, msg.try_number, delay) is None:
             return LOST
         _log.debug("Step %d of run %s: %s", msg.step, msg.run_id, wait)

@@ -6,19 +6,21 @@ start, records it, so two workers can never both take the last place. Keys, all 
 one hash tag per limit key (``{key}``) so a Redis Cluster keeps them on one node:
 
 - ``pocoflow:limit:{key}:rate:<window ms>``: ZSET of start times (us), an exact sliding
-  log: a start is allowed while fewer than N starts lie in the last window; the wait is
-  the time until the oldest counted one leaves it.
+  log: a start is allowed while fewer than N starts lie in the last window; a refused
+  waiter is told when its own turn's place frees (turn k: when start k mod N of the
+  window leaves it, k div N windows on), so each waiting step asks about once.
 - ``pocoflow:limit:{key}:slots``: ZSET holder -> lease expiry (us). Expired entries are
   pruned by the same script, so the slot of a worker killed with -9 is free once its
   lease (``POCOFLOW_LEASE_SECONDS``) runs out; a live holder renews it every lease/3
   from one thread per process, and releases it when the call ends.
 - ``pocoflow:limit:{key}:tokens:<window ms>``: ZSET ``<id>:<tokens>`` -> time (us); the
   script sums the window (one entry per recorded call).
-- ``pocoflow:limit:{key}:waiters``: ZSET waiter -> when it is forgotten. Nobody knows
-  when a slot frees, so a refused caller asks again later; with W waiters (a step is
-  one, whatever its attempt) for N slots each is told to ask again in ``poll * W / N``,
-  so 1,000 steps waiting for 3 slots cost about 3 asks (a ledger write and a message
-  each) per poll, not 1,000.
+- ``pocoflow:limit:{key}:waiters``: ZSET waiter -> when it is forgotten (a second after
+  its turn); its rank is the waiter's turn. Nobody knows when a concurrency slot
+  frees, so a refused caller asks again later; with W waiters (a step is
+  one, whatever its attempt) for N slots each is told to ask again in ``poll * W / N``
+  (the first N sooner when a slot's lease ends sooner), so 1,000 steps waiting for 3
+  slots cost about 3 asks (a ledger write and a message each) per poll, not 1,000.
 
 While Redis cannot be reached the limits fail closed: a decision answers "wait" with a
 backoff (0.5 s doubling to 15 s) and a warning, so a limited node never runs unlimited;
@@ -50,27 +52,39 @@ OUTAGE_WAIT_CAP_S = 15.0
 ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local waiter = ARGV[10]
+local poll = tonumber(ARGV[8])
 local wait = 0
+-- The key's waiters, this one counted, and this one's turn among them (0 = next): its
+-- rank by when the waiters' turns end, so a waiter asking again keeps its place, and a
+-- new one queues behind the others.
+local waiting, turn = nil, nil
+local function queue()
+  if waiting == nil then
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+    waiting = redis.call('ZCARD', KEYS[4])
+    turn = redis.call('ZRANK', KEYS[4], waiter)
+    if not turn then
+      turn = waiting
+      waiting = waiting + 1
+    end
+  end
+  return waiting, turn
+end
 local cmax = tonumber(ARGV[3])
 if cmax > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   if not redis.call('ZSCORE', KEYS[2], ARGV[6]) and redis.call('ZCARD', KEYS[2]) >= cmax then
     local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-    local poll = tonumber(ARGV[8])
-    if ARGV[10] ~= '' then
-      -- W waiters for cmax slots each ask every poll * W / cmax: the asks stay near
-      -- cmax per poll however many wait. A waiter is forgotten a poll after its turn.
-      redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-      local waiting = redis.call('ZCARD', KEYS[4])
-      if not redis.call('ZSCORE', KEYS[4], ARGV[10]) then
-        waiting = waiting + 1
-      end
-      poll = poll * math.max(1, math.ceil(waiting / cmax))
-    end
+    -- The first round asks again after a poll, or sooner when a slot's lease ends sooner
+    -- (its holder may have died). W waiters for cmax slots then take turns, round k a
+    -- poll after round k-1, so the asks stay near cmax per poll however many wait. (Not
+    -- capped by the lease: live holders renew theirs, so its end says nothing of when a
+    -- slot frees, and would call every waiter back at once.)
     wait = math.min(tonumber(first[2]) - now, poll)
-    if ARGV[10] ~= '' then
-      redis.call('ZADD', KEYS[4], now + wait + tonumber(ARGV[8]), ARGV[10])
-      redis.call('PEXPIRE', KEYS[4], math.ceil((wait + tonumber(ARGV[8])) / 1000) + 1000)
+    if waiter ~= '' then
+      local w = queue()
+      wait = wait + poll * (math.max(1, math.ceil(w / cmax)) - 1)
     end
   end
 end
@@ -80,8 +94,16 @@ if rn > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - rwin)
   local n = redis.call('ZCARD', KEYS[1])
   if n >= rn then
-    local edge = redis.call('ZRANGE', KEYS[1], n - rn, n - rn, 'WITHSCORES')
-    wait = math.max(wait, tonumber(edge[2]) + rwin - now)
+    -- The place of turn k frees when start n-rn+(k mod rn) leaves the window, k div rn
+    -- windows on: each waiter comes back once, when its own place frees, instead of all
+    -- of them at the next edge (W waiters for N places would ask W^2/2N times).
+    local k = 0
+    if waiter ~= '' then
+      local _, r = queue()
+      k = r
+    end
+    local edge = redis.call('ZRANGE', KEYS[1], n - rn + k % rn, n - rn + k % rn, 'WITHSCORES')
+    wait = math.max(wait, tonumber(edge[2]) + rwin * (1 + math.floor(k / rn)) - now)
   end
 end
 local tl = tonumber(ARGV[4])
@@ -104,16 +126,27 @@ if tl > 0 then
   end
 end
 if wait > 0 then
+  if waiter ~= '' then
+    -- A waiter is forgotten a while after its turn (at least 1 s: a busy worker may
+    -- start its message late, and it should keep its turn); the set lives as long as
+    -- its last waiter.
+    local slack = math.max(poll, 1000000)
+    local ttl = math.ceil((wait + slack) / 1000) + 1000
+    redis.call('ZADD', KEYS[4], now + wait + slack, waiter)
+    if redis.call('PTTL', KEYS[4]) < ttl then
+      redis.call('PEXPIRE', KEYS[4], ttl)
+    end
+  end
   return math.max(1, math.ceil(wait))
+end
+if waiter ~= '' then
+  redis.call('ZREM', KEYS[4], waiter)
 end
 if rn > 0 then
   redis.call('ZADD', KEYS[1], now, ARGV[9])
   redis.call('PEXPIRE', KEYS[1], math.ceil(rwin / 1000) + 1000)
 end
 if cmax > 0 then
-  if ARGV[10] ~= '' then
-    redis.call('ZREM', KEYS[4], ARGV[10])
-  end
   local lease = tonumber(ARGV[7])
   redis.call('ZADD', KEYS[2], now + lease, ARGV[6])
   redis.call('PEXPIRE', KEYS[2], math.ceil(lease / 1000) + 1000)

@@ -109,3 +109,22 @@ class LimitedMap(MapNode):
 @flow("limited-map")
 def limited_map() -> Flow:
     return Flow(start=LimitedMap(name="calls"))
+
+
+class BadlyLimited(Timed):
+    rate_limit = "10/d"  # no such unit: every step of it must fail, naming the node
+
+
+@flow("limited-badly")
+def limited_badly() -> Flow:
+    return Flow(start=BadlyLimited(name="call"))
+
+
+class RateLimitedTurns(Timed):
+    rate_limit = RATE
+
+
+@flow("limited-rate-turns")
+def limited_rate_turns() -> Flow:
+    """Its own limit key (flow / node name): no other test's starts in its window."""
+    return Flow(start=RateLimitedTurns(name="call"))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pocoflow.runner import RunHandle
 from tests.distributed import limit_flows
 from tests.distributed.conftest import Cluster
 from tests.distributed.faults import FLOWS_MODULE, start_worker, worker_running
@@ -37,17 +38,23 @@ def _calls(side: Path) -> list[tuple[float, float]]:
     return sorted((float(a), float(b)) for a, b, *_ in (line.split() for line in lines))
 
 
-def test_a_rate_limit_holds_across_workers(live: Cluster) -> None:
-    side = live.side_dir()
-    runs = [live.submit("limited-rate", {"side_dir": str(side)}) for _ in range(9)]
+def _rate_limited_runs(live: Cluster, flow_name: str, side: Path, n: int) -> list[RunHandle]:
+    """``n`` runs of a flow whose node has limit_flows.RATE, waited for; checks that any
+    window of 1 s held at most 3 of their starts (start i+3 is 1 s after start i)."""
+    runs = [live.submit(flow_name, {"side_dir": str(side)}) for _ in range(n)]
     for run in runs:
         run.wait(timeout=TIMEOUT_S)
     starts = [start for start, _ in _calls(side)]
-    assert len(starts) == 9
+    assert len(starts) == n
     count = int(limit_flows.RATE.split("/")[0])
-    # Any window of 1 s holds at most 3 starts: start i+3 is at least 1 s after start i.
     gaps = [starts[i + count] - starts[i] for i in range(len(starts) - count)]
     assert min(gaps) >= 1.0 - CLOCK_SLACK_S, gaps
+    return runs
+
+
+def test_a_rate_limit_holds_across_workers(live: Cluster) -> None:
+    side = live.side_dir()
+    runs = _rate_limited_runs(live, "limited-rate", side, 9)
     # ... and both workers ran calls: the limit is shared, not per worker.
     pids = {line.split()[2] for line in (side / "calls").read_text().splitlines()}
     assert len(pids) == 2
@@ -153,3 +160,28 @@ def test_a_limited_fan_out_holds_its_limits_across_workers_and_counts_usage(
     usage = limited.usage()
     assert usage["calls"] == 13 and usage["input_tokens"] == 130
     assert usage["output_tokens"] == sum(range(12)) and usage["cost_usd"] == pytest.approx(0.13)
+
+
+def test_a_bad_limit_fails_the_run_naming_the_node_instead_of_looping(live: Cluster) -> None:
+    """A limit that does not parse is the node's error, not an executor crash: a crash
+    leaves the step to its lease and the sweeper, which would send it again forever."""
+    run = live.submit("limited-badly", {"side_dir": str(live.side_dir())})
+    wait_until(lambda: run.is_done, TIMEOUT_S)
+    row = live.db.get_run(run.run_id)
+    assert row["status"] == "failed"
+    assert "'call'" in row["error_msg"] and "rate_limit" in row["error_msg"]
+    assert "10/d" in row["error_msg"]
+
+
+def test_steps_waiting_for_a_rate_take_turns_instead_of_all_asking_every_window(
+    live: Cluster,
+) -> None:
+    """W steps waiting for a rate of N per window are each told when their own turn comes:
+    about one ask (a ledger write and a message) per step, not all of them at every
+    window edge (W^2 / 2N asks: 24 steps at 3/s asked some 85 times)."""
+    runs = _rate_limited_runs(live, "limited-rate-turns", live.side_dir(), 24)
+    attempts = [a for run in runs for a in live.db.get_attempts(run.run_id)]
+    limited = sum(a["outcome"] == "limited" for a in attempts)
+    # Turns are computed as if each earlier start came on time; a late one sends a few
+    # waiters back once more (about 1.5 asks a step here), far below the herd's 3.5.
+    assert limited < 60, f"{limited} limit waits for 24 steps"

@@ -3,12 +3,14 @@ local runs pass every exec try through."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
 
-from pocoflow import Flow, Node
+from pocoflow import AsyncNode, Flow, MapNode, Node
 from pocoflow.limits import (
     CONCURRENCY_POLL_S,
     LimitGate,
@@ -24,6 +26,7 @@ from pocoflow.limits import (
     release,
     use_limiter,
 )
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.unit
 
@@ -242,3 +245,108 @@ def test_report_usage_counts_against_the_token_limit_and_holds_the_next_call() -
     # 80 tokens are under 100: the second call starts at once; 160 are not: the third
     # waits until the first call's tokens leave the minute window
     assert starts == [1000.0, 1000.0, 1060.0]
+
+
+def test_async_map_items_pass_through_the_limits() -> None:
+    """An async MapNode's items run on one event loop: each still asks the limiter, waits
+    on the loop (not a thread), and its report_usage counts under its own key."""
+    window = 0.3
+    starts: list[float] = []
+    in_flight: list[int] = [0, 0]  # now, most
+
+    class Fetch(MapNode, AsyncNode):
+        rate_limit = f"2/{window}s"
+        max_concurrency = 1
+        token_limit = "1000/m"
+
+        def prep(self, store: Any) -> Any:
+            return list(range(5))
+
+        async def exec_async(self, item: Any) -> Any:
+            starts.append(time.monotonic())
+            in_flight[0] += 1
+            in_flight[1] = max(in_flight)
+            await asyncio.sleep(0.01)
+            in_flight[0] -= 1
+            self.report_usage(model="m", input_tokens=3)
+            return item
+
+        def post(self, store: Any, items: Any, results: Any) -> str:
+            store["results"] = results
+            return "done"
+
+    limiter = LocalLimiter()
+    previous = use_limiter(limiter)
+    try:
+        store = Flow(Fetch(), flow_name="fetch").run({})
+    finally:
+        use_limiter(previous)
+    assert store["results"] == [0, 1, 2, 3, 4]
+    assert in_flight[1] == 1
+    # At most 2 starts in any window: start i+2 comes a window after start i.
+    assert min(b - a for a, b in zip(starts, starts[2:], strict=False)) >= window * 0.95
+    assert sum(t for _, t in limiter._tokens[("fetch/Fetch", 60.0)]) == 15
+
+
+def _hanging_node(timeout: float, hung: threading.Event) -> Node:
+    class Slow(Node):
+        max_concurrency = 1
+
+        def exec(self, prep_result: Any) -> Any:
+            hung.wait(30)
+            return 1
+
+    node = Slow()
+    node.timeout = timeout
+    return node
+
+
+def test_a_timed_out_call_keeps_its_concurrency_slot_until_it_really_ends() -> None:
+    """A thread cannot be stopped: an exec abandoned at its timeout is still in flight,
+    so its slot stays taken (max_concurrency holds) until the call returns."""
+    hung = threading.Event()
+    limiter = LocalLimiter()
+    node = _hanging_node(2.0, hung)
+    node._limit_gate = LimitGate(limiter, "f")
+    limits = Limits(concurrency=1)
+    with pytest.raises(TimeoutError):
+        node._exec_once(None)
+    assert not limiter.acquire(limits, "f/Slow", "other").go  # the call still runs
+    hung.set()  # it returns, well before one more timeout
+    freed = wait_until(lambda: limiter.acquire(limits, "f/Slow", "other"), 1.0)
+    release(freed.slot)
+
+
+def test_a_call_hung_for_good_gives_its_slot_back_after_one_more_timeout() -> None:
+    hung = threading.Event()
+    limiter = LocalLimiter()
+    node = _hanging_node(0.1, hung)
+    node._limit_gate = LimitGate(limiter, "f")
+    try:
+        with pytest.raises(TimeoutError):
+            node._exec_once(None)
+        freed = wait_until(lambda: limiter.acquire(Limits(concurrency=1), "f/Slow", "x"), 5)
+        release(freed.slot)
+    finally:
+        hung.set()
+
+
+def test_a_long_local_limit_wait_ends_when_the_run_is_cancelled() -> None:
+    class Hourly(Node):
+        rate_limit = "1/h"
+
+        def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+            store["calls"] = store.get("calls", 0) + 1
+            return "again"
+
+    node = Hourly()
+    node.then("again", node)
+    previous = use_limiter(LocalLimiter())
+    try:
+        handle = Flow(node, flow_name="hourly", max_steps=5).run_background({})
+        wait_until(lambda: handle.store().get("calls") == 1, 5)  # the 2nd call waits 1 h
+        handle.cancel()
+        wait_until(lambda: handle.is_done, 5)
+    finally:
+        use_limiter(previous)
+    assert handle.status == "cancelled"

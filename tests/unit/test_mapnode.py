@@ -241,3 +241,25 @@ def test_an_items_exception_survives_the_ledger_as_type_and_message() -> None:
     assert str(other) == "slow down"
     # A name that is a builtin but not an exception is never called.
     assert isinstance(revive_error({"type": "print", "message": "x"}), ItemError)
+
+
+def test_async_items_honour_the_default_step_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """POCOFLOW_STEP_TIMEOUT is the timeout of every node that sets none, async map items
+    included."""
+    monkeypatch.setenv("POCOFLOW_STEP_TIMEOUT", "0.05")
+
+    class Stuck(MapNode, AsyncNode):
+        on_item_error = "collect"
+
+        def prep(self, store: Any) -> Any:
+            return [0]
+
+        async def exec_async(self, item: Any) -> Any:
+            await asyncio.sleep(30)
+            return item
+
+        def post(self, store: Any, items: Any, results: Any) -> str:
+            store["errors"] = [type(r).__name__ for r in results]
+            return "done"
+
+    assert Flow(Stuck()).run({})["errors"] == ["TimeoutError"]
