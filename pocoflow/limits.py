@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import os
 import re
 import secrets
 import threading
@@ -272,23 +273,48 @@ class LocalLimiter:
 
 # ── the process's limiter and the small API MapNode and usage call ──────────
 
-_limiter: Limiter = LocalLimiter()
+_LOCAL: Limiter = LocalLimiter()
+_limiter: Limiter = _LOCAL
+#: Set by ``use_limiter``: then the process asks that one, whatever the environment says.
+_chosen = False
+#: (URL, limiter) of the shared limiter built from ``POCOFLOW_REDIS_URL`` (see below).
+_shared: tuple[str, Limiter] | None = None
 #: (limits, key) of the call in progress in this context: ``record_tokens`` defaults to it.
 _current: contextvars.ContextVar[tuple[Limits, str] | None] = contextvars.ContextVar(
     "pocoflow_limit_call", default=None
 )
 
 
-def use_limiter(limiter: Limiter) -> Limiter:
+def use_limiter(limiter: Limiter | None) -> Limiter | None:
     """Make ``limiter`` the one this process asks (workers install the Redis limiter at
-    start-up); returns the previous one."""
-    global _limiter
-    previous, _limiter = _limiter, limiter
+    start-up); None goes back to the default (see ``current_limiter``). Returns the one
+    installed before (None: the default), to hand back to ``use_limiter`` later."""
+    global _limiter, _chosen
+    previous = _limiter if _chosen else None
+    _limiter, _chosen = (limiter, True) if limiter is not None else (_LOCAL, False)
     return previous
 
 
 def current_limiter() -> Limiter:
-    return _limiter
+    """The limiter this process asks: the one ``use_limiter`` installed (workers: their
+    Redis limiter); else, when ``POCOFLOW_REDIS_URL`` names a Redis, a limiter on it, so
+    a local run counts against the same windows and slots as the workers ("across every
+    worker and process"); else the in-process one. Only a node with limits asks, so a
+    process without limited nodes never connects."""
+    global _shared
+    if _chosen:
+        return _limiter
+    url = os.environ.get("POCOFLOW_REDIS_URL", "")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return _limiter
+    if _shared is None or _shared[0] != url:
+        from pocoflow.distributed.control import redis_client
+        from pocoflow.distributed.limiter import RedisLimiter
+        from pocoflow.settings import Settings
+
+        lease_s = Settings.from_env().lease_seconds
+        _shared = (url, RedisLimiter(redis_client(url), lease_s=lease_s))
+    return _shared[1]
 
 
 def new_holder() -> str:
@@ -304,7 +330,7 @@ def acquire(
     limits = limits_of(node)
     if limits is None:
         return Decision()
-    return (limiter or _limiter).acquire(limits, key, new_holder(), waiter)
+    return (limiter or current_limiter()).acquire(limits, key, new_holder(), waiter)
 
 
 def release(slot: Slot | None) -> None:
@@ -326,7 +352,7 @@ def record_tokens(
         if call is None:
             return
         key = call[1]
-    (limiter or _limiter).record_tokens(limits.tokens, key, tokens)
+    (limiter or current_limiter()).record_tokens(limits.tokens, key, tokens)
 
 
 @dataclass

@@ -182,12 +182,6 @@ def test_rate_waiters_are_each_told_their_own_turn(client: redis.Redis, key: str
     assert limiter.acquire(limits, key, "z", "step-new").wait_s == pytest.approx(40.0, abs=0.5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: local runs (Flow.run, run_background) ask an in-process limiter even "
-    "when POCOFLOW_REDIS_URL is set, so their calls are not counted with the workers' "
-    "(the contract: limits hold across every worker and process)",
-)
 def test_a_local_run_counts_against_the_workers_shared_limits(
     client: redis.Redis, redis_url: str, key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -208,7 +202,10 @@ def test_a_local_run_counts_against_the_workers_shared_limits(
         def exec(self, prep_result: object) -> None:
             started.append(time.monotonic())
 
-    runner = threading.Thread(target=Flow(Call(), flow_name="local").run, args=({},), daemon=True)
-    runner.start()
-    runner.join(2.0)
+    handle = Flow(Call(), flow_name="local").run_background({})
+    with pytest.raises(TimeoutError):
+        handle.wait(timeout=2.0)  # the local call waits for the window the workers filled
     assert not started, "the local call started although the shared window was full"
+    handle.cancel()  # and a cancel ends that wait
+    handle.wait(timeout=10)
+    assert handle.status == "cancelled" and not started
