@@ -356,7 +356,14 @@ class Flow(Node):
                 if requested == "pause" and not self._hold_for_ledger(recorder, control, step):
                     return self._cancelled(recorder, control, step, store, current.name, False)
             budget = control.budget
-            if budget is not None and budget.limited and not self._within(budget, recorder, step):
+            # A cancel first: a run held by its budget must not pause itself again once
+            # cancel() woke it (its wait() would never return).
+            if (
+                budget is not None
+                and budget.limited
+                and not cancel_probe()
+                and not self._within(budget, recorder, step)
+            ):
                 if not control.held_by_handle:
                     recorder.hold(step)  # paused in the ledger: resume(run_id, max_tokens=)
                     return store

@@ -270,3 +270,14 @@ def test_budget_values_are_checked():
     assert budget.exceeded(100, 9.0) is None
     assert "max_tokens=100" in (budget.exceeded(101, 0.0) or "")
     assert budget.raised(None, 2.0) == Budget(100, 2.0)
+
+
+def test_cancel_of_a_background_run_held_by_its_budget_ends_it():
+    """A run held (paused) by its budget must honour handle.cancel(): before, the loop
+    checked the budget again first, paused itself anew, and wait() never returned."""
+    flow = ask_then_summarise(max_tokens=10)
+    handle = flow.run_background({})
+    wait_until(lambda: handle.status == "paused", timeout=10)
+    handle.cancel()
+    handle.wait(timeout=10)
+    assert handle.status == "cancelled" and Summarise.ran == 0
