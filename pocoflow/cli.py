@@ -407,7 +407,7 @@ def resume(
         from pocoflow.registry import import_flow_modules
 
         settings = cli_settings(db_url, broker_url, flows)
-        if run["status"] in ("queued", "running") and run.get("control") == "pause":
+        if run["status"] in ("queued", "running", "waiting") and run.get("control") == "pause":
             from pocoflow.distributed.client import attach
 
             attach(run_id, settings=settings).resume()  # not parked yet: withdraw the request

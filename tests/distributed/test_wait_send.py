@@ -112,3 +112,28 @@ def test_a_waiting_run_is_cancelled_and_resumed(live: Cluster) -> None:
     wait_until(status_is(live, handle.run_id, "waiting"), TIMEOUT_S)  # it asks again
     resumed.send("approval", {"ok": True})
     assert resumed.wait(timeout=TIMEOUT_S)["outcome"] == "shipped"
+
+
+def test_a_pause_of_a_waiting_run_holds_it_after_the_send(live: Cluster) -> None:
+    """pause() of a waiting run was silently dropped (only queued/running runs took the
+    request): after the send the run went on to its end. Now the request stands: the
+    woken step meets it and the run pauses before its node, until resume()."""
+    handle = live.submit("wait_approval", {"topic": "dunes"})
+    wait_until(status_is(live, handle.run_id, "waiting"), TIMEOUT_S)
+    handle.pause()
+    assert live.db.get_run(handle.run_id)["control"] == "pause"
+    handle.send("approval", {"ok": True})
+    wait_until(status_is(live, handle.run_id, "paused"), TIMEOUT_S)
+    assert live.db.latest_checkpoint(handle.run_id)["step"] == 0  # Draft only
+    handle.resume()
+    assert handle.wait(timeout=TIMEOUT_S)["outcome"] == "shipped"
+
+
+def test_a_pause_of_a_waiting_run_can_be_withdrawn_from_the_cli(live: Cluster) -> None:
+    handle = live.submit("wait_approval", {"topic": "capes"})
+    wait_until(status_is(live, handle.run_id, "waiting"), TIMEOUT_S)
+    handle.pause()
+    withdrawn = cli(live, "resume", handle.run_id)
+    assert withdrawn.returncode == 0 and "pause withdrawn" in withdrawn.stdout, withdrawn.stderr
+    handle.send("approval", {"ok": True})
+    assert handle.wait(timeout=TIMEOUT_S)["outcome"] == "shipped"
