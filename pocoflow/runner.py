@@ -181,7 +181,7 @@ class RunHandle:
         until ``flow.resume(run_id)``. A value may also be sent before the node asks.
 
         ``UnknownRunError`` for an unknown run; ``SendRefused`` (naming run and key) for a
-        finished run or a key that already has its value."""
+        completed or cancelled run or a key that already has its value."""
         sender = getattr(self._control, "send", None)
         if sender is not None:  # a run on the workers: the control also wakes it
             sender(key, value)

@@ -19,6 +19,7 @@ from pocoflow.errors import SendRefused, UnknownRunError
 from pocoflow.ledger import liveness
 from pocoflow.ledger.signals import StepFence
 from pocoflow.waiting import PARKED, SIGNALLED, WaitingFor
+from tests.helpers import wait_until
 from tests.ledger.test_distributed_executor import LEASE_S, Publish, drain, start
 
 pytestmark = pytest.mark.ledger
@@ -430,3 +431,32 @@ def test_a_send_and_a_park_committing_in_either_order_under_the_row_lock(
         assert box["wake"] is not None and box["wake"].step == 0
         assert db.get_run(run_id)["status"] == "running"
         assert db.get_step(run_id, 0)["sent_at"] is None
+
+
+class StrictApprove(Node):
+    """Waits briefly and does not catch the TimeoutError: the run fails when it passes."""
+
+    def prep(self, store: Any) -> Any:
+        return self.wait_for("approval", timeout=0.05)
+
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+        store["approval"] = prep_result
+        return "default"
+
+
+def test_a_run_failed_by_its_wait_timeout_takes_a_late_value_and_resumes(
+    ledger_url: str, db: Any
+) -> None:
+    """A failed run stays resumable, so it must be able to get the value it failed
+    without: before, the send was refused (a failed run is finished) and every resume
+    failed again on the same expired wait, so the run could never complete."""
+    flow = approval_flow(StrictApprove(), db_path=ledger_url)
+    flow.run({})
+    run_id = flow.last_run_id
+    wait_until(lambda: db.read_signal(run_id, "approval").expired, timeout=10)
+    with pytest.raises(TimeoutError, match="approval"):
+        flow.resume(run_id)
+    assert db.get_run(run_id)["status"] == "failed"
+    attach(run_id, ledger_url).send("approval", {"ok": True})
+    assert flow.resume(run_id)["approval"] == {"ok": True}
+    assert db.get_run(run_id)["status"] == "completed"
