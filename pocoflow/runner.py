@@ -127,7 +127,11 @@ class RunHandle:
     @property
     def is_done(self) -> bool:
         if self._done is not None:
-            return self._done.is_set()
+            if not self._done.is_set():
+                return False
+            # A background run whose node waits for a value ends its thread, but the run
+            # is not done: it is ``waiting`` (as a distributed handle says) until resumed.
+            return self._db is None or self.status != "waiting"
         return self.status in FINISHED_STATUSES
 
     # ── waiting ───────────────────────────────────────────────────────────────

@@ -161,10 +161,14 @@ def test_background_run_waits_and_the_handle_sends(ledger_url: str, db: Any) -> 
     handle = flow.run_background({})
     assert handle.wait(timeout=30).as_dict() == {"draft": "v1", "prep_ran": 1}
     assert handle.status == "waiting"
+    # Not done: it waits, as a distributed handle says (is_done was True once the thread
+    # ended, so a `while not handle.is_done` loop took a waiting run for a finished one).
+    assert not handle.is_done
     handle.send("approval", 42)
     resumed = flow.resume(handle.run_id, background=True)
     assert resumed.wait(timeout=30)["approval"] == 42
     assert resumed.status == "completed"
+    assert resumed.is_done and handle.is_done
 
 
 def test_sends_are_refused_clearly(ledger_url: str, db: Any) -> None:
