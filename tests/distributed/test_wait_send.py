@@ -137,3 +137,33 @@ def test_a_pause_of_a_waiting_run_can_be_withdrawn_from_the_cli(live: Cluster) -
     assert withdrawn.returncode == 0 and "pause withdrawn" in withdrawn.stdout, withdrawn.stderr
     handle.send("approval", {"ok": True})
     assert handle.wait(timeout=TIMEOUT_S)["outcome"] == "shipped"
+
+
+def test_a_broker_loss_while_a_run_waits_resends_nothing_and_a_send_completes_it(
+    live: Cluster,
+) -> None:
+    """The sweeper's bulk re-send after a broker loss (FLUSHDB: the sentinel is gone)
+    leaves a parked step alone: it has no message to lose; the send wakes it."""
+    import redis
+
+    # Every delivery of a step ends in one "Task pocoflow.step[...] succeeded" log line,
+    # whatever its outcome: a re-sent copy of the parked step would add one (its claim,
+    # refused, writes no attempt row, so the ledger alone could not tell).
+    sentinel = redis.Redis.from_url(live.settings.broker_url)
+    # A fresh broker's first sweep may take it for a lost one: past that before we start.
+    wait_until(lambda: sentinel.exists("pocoflow:broker-sentinel"), TIMEOUT_S, interval=0.2)
+    tasks = live.logs().count("succeeded in") + 2  # Draft, then the step that parks
+    handle = live.submit("wait_approval", {"topic": "atolls"})
+    wait_until(status_is(live, handle.run_id, "waiting"), TIMEOUT_S)
+    wait_until(lambda: live.logs().count("succeeded in") >= tasks, TIMEOUT_S)
+    before = len(live.db.get_attempts(handle.run_id))
+    sentinel.flushdb()  # the broker loses every message (a restart without persistence)
+    # The sentinel is set again once a sweeper has handled the loss.
+    wait_until(lambda: sentinel.exists("pocoflow:broker-sentinel"), TIMEOUT_S, interval=0.2)
+    sweeps = live.db.clock() + 2.0
+    wait_until(lambda: live.db.clock() > sweeps, TIMEOUT_S, interval=0.2)
+    assert handle.status == "waiting" and held_by_nobody(live, handle.run_id)
+    assert len(live.db.get_attempts(handle.run_id)) == before
+    assert live.logs().count("succeeded in") == tasks
+    handle.send("approval", {"ok": True})
+    assert handle.wait(timeout=TIMEOUT_S)["outcome"] == "shipped"
