@@ -38,16 +38,37 @@ def held_by_nobody(live: Cluster, run_id: str) -> bool:
     )
 
 
+SENTINEL = "pocoflow:broker-sentinel"
+
+
+def parked_or_refused(live: Cluster) -> int:
+    """Step deliveries the workers ended as ``waiting`` or ``duplicate`` so far (one "Task
+    pocoflow.step[...] succeeded ...: 'waiting'" log line each): what a copy of a parked
+    step's message ends as, whose refused claim writes no ledger row. Waits first for the
+    broker sentinel: a fresh broker's first sweep may take it for a lost one and send
+    queued steps again."""
+    import redis
+
+    broker = redis.Redis.from_url(live.settings.broker_url)
+    wait_until(lambda: broker.exists(SENTINEL), TIMEOUT_S, interval=0.2)
+    logs = live.logs()
+    return logs.count("s: 'waiting'") + logs.count("s: 'duplicate'")
+
+
 def test_a_run_waits_holding_no_worker_and_a_send_completes_it(live: Cluster) -> None:
+    tasks = parked_or_refused(live) + 1  # the delivery that parks
     handle = live.submit("wait_approval", {"topic": "tides"})
     wait_until(status_is(live, handle.run_id, "waiting"), TIMEOUT_S)
     assert handle.status == "waiting"
     assert held_by_nobody(live, handle.run_id)
-    # Still waiting after several sweeps and lease periods: nothing re-runs it.
+    wait_until(lambda: parked_or_refused(live) >= tasks, TIMEOUT_S)
+    # Still waiting after several sweeps and lease periods: nothing re-runs it, nor even
+    # sends it again (a copy's refused claim would write no attempt: the log counts it).
     before = len(live.db.get_attempts(handle.run_id))
     sweeps = live.db.clock() + 3.0
     wait_until(lambda: live.db.clock() > sweeps, TIMEOUT_S, interval=0.2)
     assert handle.status == "waiting" and len(live.db.get_attempts(handle.run_id)) == before
+    assert parked_or_refused(live) == tasks
 
     handle.send("approval", {"ok": True, "by": "ada"})
     store = handle.wait(timeout=TIMEOUT_S)
@@ -146,24 +167,19 @@ def test_a_broker_loss_while_a_run_waits_resends_nothing_and_a_send_completes_it
     leaves a parked step alone: it has no message to lose; the send wakes it."""
     import redis
 
-    # Every delivery of a step ends in one "Task pocoflow.step[...] succeeded" log line,
-    # whatever its outcome: a re-sent copy of the parked step would add one (its claim,
-    # refused, writes no attempt row, so the ledger alone could not tell).
-    sentinel = redis.Redis.from_url(live.settings.broker_url)
-    # A fresh broker's first sweep may take it for a lost one: past that before we start.
-    wait_until(lambda: sentinel.exists("pocoflow:broker-sentinel"), TIMEOUT_S, interval=0.2)
-    tasks = live.logs().count("succeeded in") + 2  # Draft, then the step that parks
+    broker = redis.Redis.from_url(live.settings.broker_url)
+    tasks = parked_or_refused(live) + 1  # the delivery that parks
     handle = live.submit("wait_approval", {"topic": "atolls"})
     wait_until(status_is(live, handle.run_id, "waiting"), TIMEOUT_S)
-    wait_until(lambda: live.logs().count("succeeded in") >= tasks, TIMEOUT_S)
+    wait_until(lambda: parked_or_refused(live) >= tasks, TIMEOUT_S)
     before = len(live.db.get_attempts(handle.run_id))
-    sentinel.flushdb()  # the broker loses every message (a restart without persistence)
+    broker.flushdb()  # the broker loses every message (a restart without persistence)
     # The sentinel is set again once a sweeper has handled the loss.
-    wait_until(lambda: sentinel.exists("pocoflow:broker-sentinel"), TIMEOUT_S, interval=0.2)
+    wait_until(lambda: broker.exists(SENTINEL), TIMEOUT_S, interval=0.2)
     sweeps = live.db.clock() + 2.0
     wait_until(lambda: live.db.clock() > sweeps, TIMEOUT_S, interval=0.2)
     assert handle.status == "waiting" and held_by_nobody(live, handle.run_id)
     assert len(live.db.get_attempts(handle.run_id)) == before
-    assert live.logs().count("succeeded in") == tasks
+    assert parked_or_refused(live) == tasks  # a re-sent copy of the parked step would add one
     handle.send("approval", {"ok": True})
     assert handle.wait(timeout=TIMEOUT_S)["outcome"] == "shipped"
