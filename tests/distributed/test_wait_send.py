@@ -18,7 +18,8 @@ from tests.helpers import wait_until
 
 pytestmark = pytest.mark.distributed
 
-WORKER_ENV = {"POCOFLOW_FLOWS": f"{FLOWS_MODULE},tests.distributed.wait_flows"}
+WAIT_FLOWS = "tests.distributed.wait_flows"
+WORKER_ENV = {"POCOFLOW_FLOWS": f"{FLOWS_MODULE},{WAIT_FLOWS}"}
 TIMEOUT_S = 60.0
 
 
@@ -51,7 +52,7 @@ def parked_or_refused(live: Cluster) -> int:
 
     broker = redis.Redis.from_url(live.settings.broker_url)
     wait_until(lambda: broker.exists(SENTINEL), TIMEOUT_S, interval=0.2)
-    logs = live.logs()
+    logs = "".join(worker.log() for worker in live.workers)  # whole: live.logs() is cut
     return logs.count("s: 'waiting'") + logs.count("s: 'duplicate'")
 
 
@@ -120,6 +121,20 @@ def test_send_from_the_command_line(live: Cluster) -> None:
     assert late.returncode == 2 and f"Run '{handle.run_id}' is completed" in late.stderr
     shown = cli(live, "show", handle.run_id)
     assert "signal 'approval': sent" in shown.stdout
+
+
+def test_submit_wait_stops_following_a_run_that_waits(live: Cluster) -> None:
+    """`pocoflow submit --wait` followed a waiting run for ever; it now says what the
+    run waits for and how to send it."""
+    store = json.dumps({"topic": "coves"})
+    done = cli(live, "submit", "wait_approval", "--store", store, "--wait", "--flows", WAIT_FLOWS)
+    assert done.returncode == 0, done.stderr
+    assert ": waiting" in done.stdout and "waits for 'approval'" in done.stderr
+    run_id = done.stdout.split("run ", 1)[1].split(":", 1)[0]
+    client.send(run_id, "approval", {"ok": True}, settings=live.settings)
+    assert client.attach(run_id, settings=live.settings).wait(timeout=TIMEOUT_S)["outcome"] == (
+        "shipped"
+    )
 
 
 def test_a_waiting_run_is_cancelled_and_resumed(live: Cluster) -> None:
