@@ -281,3 +281,17 @@ def test_cancel_of_a_background_run_held_by_its_budget_ends_it():
     handle.cancel()
     handle.wait(timeout=10)
     assert handle.status == "cancelled" and Summarise.ran == 0
+
+
+def test_an_unpriced_model_is_named_once_in_a_warning(caplog):
+    """A model nobody priced costs $0 in totals and budgets: a run with max_cost_usd
+    would never pause on it. Said once per model, not silently."""
+    usage._unpriced.clear()
+    sink = MemorySink()
+    with caplog.at_level("WARNING", logger="pocoflow"), recording("r", 0, 1, "N", sink=sink):
+        usage.report("N", model="mystery", input_tokens=7)
+        usage.report("N", model="mystery", input_tokens=7)
+        usage.report("N", input_tokens=7)  # no model: tokens only, nothing to price
+        usage.report("N", model="other", input_tokens=7, cost_usd=0.1)  # given: priced
+    warned = [r.getMessage() for r in caplog.records if "no price" in r.getMessage()]
+    assert len(warned) == 1 and "'mystery'" in warned[0] and "max_cost_usd" in warned[0]
