@@ -464,3 +464,33 @@ def test_a_run_failed_by_its_wait_timeout_takes_a_late_value_and_resumes(
     attach(run_id, ledger_url).send("approval", {"ok": True})
     assert flow.resume(run_id)["approval"] == {"ok": True}
     assert db.get_run(run_id)["status"] == "completed"
+
+
+def test_two_processes_resuming_a_waiting_local_run_run_its_node_once(
+    ledger_url: str, db: Any, monkeypatch: Any
+) -> None:
+    """After the send, two resumers (a web handler and its retry, two operators) must not
+    both run the node that was approved: the resume moves the run out of the status it
+    read (``waiting``), so the second finds it changed. Before, any resumable status
+    (``running`` included) let both go on, each running the node."""
+    import importlib
+
+    flow_module = importlib.import_module("pocoflow.flow")  # the module, not @flow
+    from pocoflow.errors import RunSetupError
+
+    approve = approval_flow(db_path=ledger_url)
+    approve.run({})
+    run_id = approve.last_run_id
+    attach(run_id, ledger_url).send("approval", True)
+    real_load = flow_module._ResumePlan.load
+
+    def load_then_lose_the_race(*args: Any, **kw: Any) -> Any:
+        plan = real_load(*args, **kw)  # read while waiting; the other resumer wins now:
+        assert db.update_run_if(run_id, status_in=("waiting",), status="running")
+        return plan
+
+    monkeypatch.setattr(flow_module._ResumePlan, "load", load_then_lose_the_race)
+    PREPS.clear()
+    with pytest.raises(RunSetupError, match="changed status"):
+        approve.resume(run_id)
+    assert PREPS == []  # the loser ran nothing
