@@ -407,7 +407,7 @@ def resume(
         from pocoflow.registry import import_flow_modules
 
         settings = cli_settings(db_url, broker_url, flows)
-        if run["status"] in ("queued", "running") and run.get("control") == "pause":
+        if run["status"] in ("queued", "running", "waiting") and run.get("control") == "pause":
             from pocoflow.distributed.client import attach
 
             attach(run_id, settings=settings).resume()  # not parked yet: withdraw the request
@@ -452,8 +452,32 @@ def fork(run_id: str, from_step: int, target: str | None, flows: str, db_url: st
 # ── distributed runs ─────────────────────────────────────────────────────────
 
 
+#: Statuses only a person moves a run out of (resume, send): following it stops there.
+HELD_STATUSES = ("paused", "waiting")
+
+
+def held_reason(db: Any, run: dict[str, Any]) -> str:
+    """What a paused or waiting run needs, from its latest event saying why it stopped."""
+    from pocoflow.hooks import RUN_PAUSED, RUN_WAITING
+    from pocoflow.usage import BUDGET_EXCEEDED
+
+    run_id = run["run_id"]
+    events = db.get_events(run_id)
+    held = [i for i, e in enumerate(events) if e["event"] in (RUN_PAUSED, RUN_WAITING)]
+    last = events[held[-1]] if held else None
+    if run["status"] == "waiting":
+        what = f" ({last['error_msg']})" if last and last["event"] == RUN_WAITING else ""
+        return f"run {run_id} waits{what}: send it with `pocoflow send {run_id} KEY JSON`"
+    # A budget pause records why just before it pauses the run.
+    before = events[held[-1] - 1] if held and held[-1] > 0 else None
+    if last and last["event"] == RUN_PAUSED and before and before["event"] == BUDGET_EXCEEDED:
+        return str(before["error_msg"])
+    return f"run {run_id} is paused: `pocoflow resume {run_id}` lets it go on"
+
+
 def wait_for(handle: Any) -> None:
-    """Follow a distributed run with a progress line; exit 1 if it fails."""
+    """Follow a distributed run with a progress line until it ends (exit 1 if it fails)
+    or is held: paused or waiting for a value, which nobody but a person changes."""
     from rich.console import Console
 
     from pocoflow.runner import FINISHED_STATUSES
@@ -466,10 +490,12 @@ def wait_for(handle: Any) -> None:
                 f"run {handle.run_id}: {run['status']}, {run['total_steps'] or 0} steps, "
                 f"at {run['current_node'] or '-'}"
             )
-            if run["status"] in FINISHED_STATUSES:
+            if run["status"] in FINISHED_STATUSES or run["status"] in HELD_STATUSES:
                 break
             time.sleep(0.1)
     click.echo(f"run {handle.run_id}: {run['status']}")
+    if run["status"] in HELD_STATUSES:
+        click.echo(held_reason(handle._db, run), err=True)
     if run["status"] == "failed":
         click.echo(f"error: {run['error_msg']}", err=True)
         sys.exit(EXIT_RUN_FAILED)

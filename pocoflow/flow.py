@@ -314,9 +314,12 @@ class Flow(Node):
         self._run_id = plan.run_id
         recorder = RunRecorder(plan.run_id, plan.db, self.checkpoint_dir)
         recorder.resume_from(plan.store, plan.manifest, plan.texts)
+        # From the status the plan read, not any resumable one: of two processes resuming
+        # a stopped run (a waiting run after its send), one wins and the other runs
+        # nothing. (An interrupted run reads ``running``: that race stays open.)
         if not plan.db.update_run_if(
             plan.run_id,
-            status_in=_RESUMABLE,
+            status_in=(plan.status,),
             status="running",
             error_msg=None,
             completed_at=None,
@@ -356,7 +359,14 @@ class Flow(Node):
                 if requested == "pause" and not self._hold_for_ledger(recorder, control, step):
                     return self._cancelled(recorder, control, step, store, current.name, False)
             budget = control.budget
-            if budget is not None and budget.limited and not self._within(budget, recorder, step):
+            # A cancel first: a run held by its budget must not pause itself again once
+            # cancel() woke it (its wait() would never return).
+            if (
+                budget is not None
+                and budget.limited
+                and not cancel_probe()
+                and not self._within(budget, recorder, step)
+            ):
                 if not control.held_by_handle:
                     recorder.hold(step)  # paused in the ledger: resume(run_id, max_tokens=)
                     return store
@@ -559,6 +569,8 @@ class _ResumePlan:
     step: int
     node: Node | None
     budget: Budget
+    #: The run's status when the plan was read: what the resume moves it from.
+    status: str
 
     @classmethod
     def load(
@@ -616,6 +628,7 @@ class _ResumePlan:
             step=step + 1,
             node=graph.node(next_id) if next_id is not None else None,
             budget=Budget(run.get("max_tokens"), run.get("max_cost_usd")),
+            status=run["status"],
         )
 
 

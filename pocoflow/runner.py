@@ -127,7 +127,11 @@ class RunHandle:
     @property
     def is_done(self) -> bool:
         if self._done is not None:
-            return self._done.is_set()
+            if not self._done.is_set():
+                return False
+            # A background run whose node waits for a value ends its thread, but the run
+            # is not done: it is ``waiting`` (as a distributed handle says) until resumed.
+            return self._db is None or self.status != "waiting"
         return self.status in FINISHED_STATUSES
 
     # ── waiting ───────────────────────────────────────────────────────────────
@@ -181,7 +185,7 @@ class RunHandle:
         until ``flow.resume(run_id)``. A value may also be sent before the node asks.
 
         ``UnknownRunError`` for an unknown run; ``SendRefused`` (naming run and key) for a
-        finished run or a key that already has its value."""
+        completed or cancelled run or a key that already has its value."""
         sender = getattr(self._control, "send", None)
         if sender is not None:  # a run on the workers: the control also wakes it
             sender(key, value)

@@ -132,9 +132,23 @@ def price_of(model: str | None) -> tuple[float, float] | None:
     return found if found is not None else _prices_from_file().get(model)
 
 
+#: Models reported without a price in this process, each warned about once.
+_unpriced: set[str] = set()
+
+
 def cost_of(model: str | None, input_tokens: int, output_tokens: int) -> float | None:
     price = price_of(model)
     if price is None:
+        if model is not None and model not in _unpriced:
+            # Its calls count $0: a run's max_cost_usd would never pause on them.
+            _unpriced.add(model)
+            _log.warning(
+                "Model %r has no price: its calls are recorded with an unknown cost, which "
+                "counts $0 in cost totals and max_cost_usd budgets; price it with "
+                "pocoflow.set_prices(...) or the %s file (or pass cost_usd=)",
+                model,
+                PRICES_ENV,
+            )
         return None
     return input_tokens * price[0] + output_tokens * price[1]
 

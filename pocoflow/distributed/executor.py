@@ -449,9 +449,19 @@ class _StepRun:
         # Parking needs the run's pause request (the compare-and-set that keeps a racing
         # resume or cancel consistent); a cancel that landed meanwhile stands.
         lifecycle.request_pause(db, msg.run_id)
-        parked = lifecycle.park(db, msg.run_id, msg.step, msg.attempt, self.holder)
+        if not lifecycle.park(db, msg.run_id, msg.step, msg.attempt, self.holder):
+            # The run changed meanwhile. A resume withdrew the request (most likely with
+            # a higher budget): this delivery still holds the step, so it runs it, as the
+            # guard goes on when a pause is withdrawn; otherwise the guard says why not.
+            # Returning PAUSED here would leave the claimed step to its lease's expiry.
+            stop = self._guard(db.get_run(msg.run_id) or {"status": "cancelled"})
+            if stop is None:
+                _log.info("Run %s: budget pause withdrawn; step %d goes on", msg.run_id, msg.step)
+                return None
+            self._end(stop, message)
+            return stop
         self._end(PAUSED, message)
-        _log.warning("%s%s", message, "" if parked else " (the run changed meanwhile)")
+        _log.warning("%s", message)
         return PAUSED
 
     def _load(self, run: dict[str, Any]) -> _Loaded:

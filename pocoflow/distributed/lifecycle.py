@@ -70,8 +70,12 @@ def stopped(db: WorkflowDB, run: dict[str, Any], step: int) -> str | None:
 
 
 def request_pause(db: WorkflowDB, run_id: str) -> bool:
-    """Leave a pause request; the next guard parks the run. False if it is not live."""
-    return db.update_run_if(run_id, status_in=LIVE, control="pause")
+    """Leave a pause request; the next guard parks the run. False if it is not live.
+
+    A ``waiting`` run takes it too: it stands while the run waits (a park needs no request
+    standing, so none is lost), and the step a send or a timeout wakes meets it in its
+    guard, so the run pauses before its node instead of going on."""
+    return db.update_run_if(run_id, status_in=(*LIVE, "waiting"), control="pause")
 
 
 def park(db: WorkflowDB, run_id: str, step: int, attempt: int, holder: str) -> bool:

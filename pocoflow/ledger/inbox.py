@@ -81,7 +81,7 @@ class SignalInbox(LedgerClient):
         row: the returned ``Wake`` is the message to publish (None: nothing to wake).
 
         ``UnknownRunError`` for an unknown run; ``SendRefused`` naming run and key for a
-        finished run or a key that has a value already; ``TypeError`` (``CodecError``)
+        completed or cancelled run or a key that has a value already; ``TypeError`` (``CodecError``)
         for a value that would not round-trip. Nothing is written then."""
         key = check_key(key)
         try:
@@ -111,7 +111,8 @@ class SignalInbox(LedgerClient):
             status = (self.get_run(run_id) or {}).get("status", "finished")  # type: ignore[attr-defined]
             raise SendRefused(
                 f"Run {run_id!r} is {status}: no value can be sent to it any more "
-                f"(key {key!r}); only a queued, running, paused or waiting run takes one",
+                f"(key {key!r}); only a run that may still go on (queued, running, paused, "
+                "waiting or failed) takes one",
                 run_id=run_id,
                 key=key,
             )

@@ -37,7 +37,10 @@ from pocoflow.waiting import LOST, PARKED, SIGNALLED, STOPPED
 
 #: Outcome of the attempt that parked its step (``pf_attempts.outcome``).
 WAITING_OUTCOME = "waiting"
-NOT_FINISHED = ("queued", "running", "paused", "waiting")
+#: The runs a send is accepted for: every run that may still go on. A failed run is
+#: resumable, and one that failed because its wait timed out can only succeed on resume
+#: with the value it lacked; completed and cancelled runs take none.
+TAKES_VALUES = ("queued", "running", "paused", "waiting", "failed")
 
 _g = pf_signals.c
 _r = pf_runs.c
@@ -56,7 +59,7 @@ _TO_WAITING = _RUN.where(_r.status == "running", _r.control.is_(None)).values(
 )
 # Takes the run row's lock without changing it: ``updated_at`` is the write token of the
 # run's transitions (``WorkflowDB.update_run_if``), which a send must not wipe.
-_LOCK_UNFINISHED = _RUN.where(_r.status.in_(NOT_FINISHED)).values(status=_r.status)
+_LOCK_UNFINISHED = _RUN.where(_r.status.in_(TAKES_VALUES)).values(status=_r.status)
 _TO_RUNNING = _RUN.where(_r.status == "waiting").values(
     status="running", updated_at=bindparam("stamp")
 )

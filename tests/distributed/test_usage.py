@@ -55,6 +55,12 @@ def test_a_budget_pauses_the_run_and_a_higher_budget_completes_it(live: Cluster)
     assert result.exit_code == 0, result.output
     wait_until(lambda: [e["event"] for e in handle.events()].count(BUDGET_EXCEEDED) == 2, TIMEOUT_S)
     wait_until(lambda: handle.status == "paused", TIMEOUT_S)
+    # Followed (--wait, the default), a resume that pauses again ends the command with
+    # the reason, instead of following a paused run for ever.
+    result = CliRunner().invoke(cli, ["resume", run_id, *args[:-1]])
+    assert result.exit_code == 0, result.output
+    assert f"run {run_id}: paused" in result.output and "max_tokens=12" in result.output
+    assert [e["event"] for e in handle.events()].count(BUDGET_EXCEEDED) == 3
     handle.resume(max_tokens=1000)
     assert handle.wait(timeout=TIMEOUT_S)["summarised"]
     run = live.db.get_run(run_id)

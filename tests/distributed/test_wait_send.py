@@ -18,7 +18,8 @@ from tests.helpers import wait_until
 
 pytestmark = pytest.mark.distributed
 
-WORKER_ENV = {"POCOFLOW_FLOWS": f"{FLOWS_MODULE},tests.distributed.wait_flows"}
+WAIT_FLOWS = "tests.distributed.wait_flows"
+WORKER_ENV = {"POCOFLOW_FLOWS": f"{FLOWS_MODULE},{WAIT_FLOWS}"}
 TIMEOUT_S = 60.0
 
 
@@ -38,16 +39,37 @@ def held_by_nobody(live: Cluster, run_id: str) -> bool:
     )
 
 
+SENTINEL = "pocoflow:broker-sentinel"
+
+
+def parked_or_refused(live: Cluster) -> int:
+    """Step deliveries the workers ended as ``waiting`` or ``duplicate`` so far (one "Task
+    pocoflow.step[...] succeeded ...: 'waiting'" log line each): what a copy of a parked
+    step's message ends as, whose refused claim writes no ledger row. Waits first for the
+    broker sentinel: a fresh broker's first sweep may take it for a lost one and send
+    queued steps again."""
+    import redis
+
+    broker = redis.Redis.from_url(live.settings.broker_url)
+    wait_until(lambda: broker.exists(SENTINEL), TIMEOUT_S, interval=0.2)
+    logs = "".join(worker.log() for worker in live.workers)  # whole: live.logs() is cut
+    return logs.count("s: 'waiting'") + logs.count("s: 'duplicate'")
+
+
 def test_a_run_waits_holding_no_worker_and_a_send_completes_it(live: Cluster) -> None:
+    tasks = parked_or_refused(live) + 1  # the delivery that parks
     handle = live.submit("wait_approval", {"topic": "tides"})
     wait_until(status_is(live, handle.run_id, "waiting"), TIMEOUT_S)
     assert handle.status == "waiting"
     assert held_by_nobody(live, handle.run_id)
-    # Still waiting after several sweeps and lease periods: nothing re-runs it.
+    wait_until(lambda: parked_or_refused(live) >= tasks, TIMEOUT_S)
+    # Still waiting after several sweeps and lease periods: nothing re-runs it, nor even
+    # sends it again (a copy's refused claim would write no attempt: the log counts it).
     before = len(live.db.get_attempts(handle.run_id))
     sweeps = live.db.clock() + 3.0
     wait_until(lambda: live.db.clock() > sweeps, TIMEOUT_S, interval=0.2)
     assert handle.status == "waiting" and len(live.db.get_attempts(handle.run_id)) == before
+    assert parked_or_refused(live) == tasks
 
     handle.send("approval", {"ok": True, "by": "ada"})
     store = handle.wait(timeout=TIMEOUT_S)
@@ -101,6 +123,20 @@ def test_send_from_the_command_line(live: Cluster) -> None:
     assert "signal 'approval': sent" in shown.stdout
 
 
+def test_submit_wait_stops_following_a_run_that_waits(live: Cluster) -> None:
+    """`pocoflow submit --wait` followed a waiting run for ever; it now says what the
+    run waits for and how to send it."""
+    store = json.dumps({"topic": "coves"})
+    done = cli(live, "submit", "wait_approval", "--store", store, "--wait", "--flows", WAIT_FLOWS)
+    assert done.returncode == 0, done.stderr
+    assert ": waiting" in done.stdout and "waits for 'approval'" in done.stderr
+    run_id = done.stdout.split("run ", 1)[1].split(":", 1)[0]
+    client.send(run_id, "approval", {"ok": True}, settings=live.settings)
+    assert client.attach(run_id, settings=live.settings).wait(timeout=TIMEOUT_S)["outcome"] == (
+        "shipped"
+    )
+
+
 def test_a_waiting_run_is_cancelled_and_resumed(live: Cluster) -> None:
     handle = live.submit("wait_approval", {"topic": "reefs"})
     wait_until(status_is(live, handle.run_id, "waiting"), TIMEOUT_S)
@@ -112,3 +148,53 @@ def test_a_waiting_run_is_cancelled_and_resumed(live: Cluster) -> None:
     wait_until(status_is(live, handle.run_id, "waiting"), TIMEOUT_S)  # it asks again
     resumed.send("approval", {"ok": True})
     assert resumed.wait(timeout=TIMEOUT_S)["outcome"] == "shipped"
+
+
+def test_a_pause_of_a_waiting_run_holds_it_after_the_send(live: Cluster) -> None:
+    """pause() of a waiting run was silently dropped (only queued/running runs took the
+    request): after the send the run went on to its end. Now the request stands: the
+    woken step meets it and the run pauses before its node, until resume()."""
+    handle = live.submit("wait_approval", {"topic": "dunes"})
+    wait_until(status_is(live, handle.run_id, "waiting"), TIMEOUT_S)
+    handle.pause()
+    assert live.db.get_run(handle.run_id)["control"] == "pause"
+    handle.send("approval", {"ok": True})
+    wait_until(status_is(live, handle.run_id, "paused"), TIMEOUT_S)
+    assert live.db.latest_checkpoint(handle.run_id)["step"] == 0  # Draft only
+    handle.resume()
+    assert handle.wait(timeout=TIMEOUT_S)["outcome"] == "shipped"
+
+
+def test_a_pause_of_a_waiting_run_can_be_withdrawn_from_the_cli(live: Cluster) -> None:
+    handle = live.submit("wait_approval", {"topic": "capes"})
+    wait_until(status_is(live, handle.run_id, "waiting"), TIMEOUT_S)
+    handle.pause()
+    withdrawn = cli(live, "resume", handle.run_id)
+    assert withdrawn.returncode == 0 and "pause withdrawn" in withdrawn.stdout, withdrawn.stderr
+    handle.send("approval", {"ok": True})
+    assert handle.wait(timeout=TIMEOUT_S)["outcome"] == "shipped"
+
+
+def test_a_broker_loss_while_a_run_waits_resends_nothing_and_a_send_completes_it(
+    live: Cluster,
+) -> None:
+    """The sweeper's bulk re-send after a broker loss (FLUSHDB: the sentinel is gone)
+    leaves a parked step alone: it has no message to lose; the send wakes it."""
+    import redis
+
+    broker = redis.Redis.from_url(live.settings.broker_url)
+    tasks = parked_or_refused(live) + 1  # the delivery that parks
+    handle = live.submit("wait_approval", {"topic": "atolls"})
+    wait_until(status_is(live, handle.run_id, "waiting"), TIMEOUT_S)
+    wait_until(lambda: parked_or_refused(live) >= tasks, TIMEOUT_S)
+    before = len(live.db.get_attempts(handle.run_id))
+    broker.flushdb()  # the broker loses every message (a restart without persistence)
+    # The sentinel is set again once a sweeper has handled the loss.
+    wait_until(lambda: broker.exists(SENTINEL), TIMEOUT_S, interval=0.2)
+    sweeps = live.db.clock() + 2.0
+    wait_until(lambda: live.db.clock() > sweeps, TIMEOUT_S, interval=0.2)
+    assert handle.status == "waiting" and held_by_nobody(live, handle.run_id)
+    assert len(live.db.get_attempts(handle.run_id)) == before
+    assert parked_or_refused(live) == tasks  # a re-sent copy of the parked step would add one
+    handle.send("approval", {"ok": True})
+    assert handle.wait(timeout=TIMEOUT_S)["outcome"] == "shipped"

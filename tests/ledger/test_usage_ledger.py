@@ -12,7 +12,7 @@ from pocoflow.cli import main as cli
 from pocoflow.db import WorkflowDB
 from pocoflow.distributed import lifecycle
 from pocoflow.distributed.client import record_run
-from pocoflow.distributed.executor import WorkerContext
+from pocoflow.distributed.executor import WorkerContext, execute_step
 from pocoflow.registry import build_flow
 from pocoflow.store import Store
 from pocoflow.usage import BUDGET_EXCEEDED, UsageReport
@@ -139,6 +139,32 @@ def test_executor_records_usage_and_pauses_over_budget(db: WorkflowDB) -> None:
     assert drain(ctx, publish, again) == ["committed"]
     assert db.get_run(run_id)["status"] == "completed"
     assert db.get_usage(run_id)["calls"] == 2
+
+
+def test_a_resume_landing_as_the_budget_guard_pauses_lets_the_step_run(
+    db: WorkflowDB, monkeypatch
+) -> None:
+    """The guard found the run over budget and asked for a pause, but a resume with a
+    higher budget withdrew the request before the guard could park the run. Before, the
+    guard returned ``paused`` anyway, still holding the step's claim: the run showed
+    ``running`` while nobody ran the step until its lease expired. Now it goes on."""
+    publish = Publish(db)
+    ctx = WorkerContext(db=db, publisher=publish, redis=None, lease_s=LEASE_S)  # type: ignore[arg-type]
+    first = record_run(db, build_flow("usage_two_budget"), Store({}), lease_s=LEASE_S)
+    run_id = first.run_id
+    real_request = lifecycle.request_pause
+
+    def request_then_resume(db_: WorkflowDB, run: str) -> bool:
+        done = real_request(db_, run)
+        db.set_budget(run, max_tokens=1000)  # the user's resume, between request and park
+        assert not lifecycle.resume_paused(db, run, publish, lease_s=LEASE_S)  # type: ignore[arg-type]
+        return done
+
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "committed"
+    (second,) = publish.take()
+    monkeypatch.setattr(lifecycle, "request_pause", request_then_resume)
+    assert execute_step(second.to_dict(), worker_id="h:1", context=ctx) == "committed"
+    assert db.get_run(run_id)["status"] == "completed"
 
 
 def test_executor_keeps_usage_of_a_retried_attempt(db: WorkflowDB) -> None:

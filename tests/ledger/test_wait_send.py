@@ -19,6 +19,7 @@ from pocoflow.errors import SendRefused, UnknownRunError
 from pocoflow.ledger import liveness
 from pocoflow.ledger.signals import StepFence
 from pocoflow.waiting import PARKED, SIGNALLED, WaitingFor
+from tests.helpers import wait_until
 from tests.ledger.test_distributed_executor import LEASE_S, Publish, drain, start
 
 pytestmark = pytest.mark.ledger
@@ -160,10 +161,14 @@ def test_background_run_waits_and_the_handle_sends(ledger_url: str, db: Any) -> 
     handle = flow.run_background({})
     assert handle.wait(timeout=30).as_dict() == {"draft": "v1", "prep_ran": 1}
     assert handle.status == "waiting"
+    # Not done: it waits, as a distributed handle says (is_done was True once the thread
+    # ended, so a `while not handle.is_done` loop took a waiting run for a finished one).
+    assert not handle.is_done
     handle.send("approval", 42)
     resumed = flow.resume(handle.run_id, background=True)
     assert resumed.wait(timeout=30)["approval"] == 42
     assert resumed.status == "completed"
+    assert resumed.is_done and handle.is_done
 
 
 def test_sends_are_refused_clearly(ledger_url: str, db: Any) -> None:
@@ -430,3 +435,62 @@ def test_a_send_and_a_park_committing_in_either_order_under_the_row_lock(
         assert box["wake"] is not None and box["wake"].step == 0
         assert db.get_run(run_id)["status"] == "running"
         assert db.get_step(run_id, 0)["sent_at"] is None
+
+
+class StrictApprove(Node):
+    """Waits briefly and does not catch the TimeoutError: the run fails when it passes."""
+
+    def prep(self, store: Any) -> Any:
+        return self.wait_for("approval", timeout=0.05)
+
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+        store["approval"] = prep_result
+        return "default"
+
+
+def test_a_run_failed_by_its_wait_timeout_takes_a_late_value_and_resumes(
+    ledger_url: str, db: Any
+) -> None:
+    """A failed run stays resumable, so it must be able to get the value it failed
+    without: before, the send was refused (a failed run is finished) and every resume
+    failed again on the same expired wait, so the run could never complete."""
+    flow = approval_flow(StrictApprove(), db_path=ledger_url)
+    flow.run({})
+    run_id = flow.last_run_id
+    wait_until(lambda: db.read_signal(run_id, "approval").expired, timeout=10)
+    with pytest.raises(TimeoutError, match="approval"):
+        flow.resume(run_id)
+    assert db.get_run(run_id)["status"] == "failed"
+    attach(run_id, ledger_url).send("approval", {"ok": True})
+    assert flow.resume(run_id)["approval"] == {"ok": True}
+    assert db.get_run(run_id)["status"] == "completed"
+
+
+def test_two_processes_resuming_a_waiting_local_run_run_its_node_once(
+    ledger_url: str, db: Any, monkeypatch: Any
+) -> None:
+    """After the send, two resumers (a web handler and its retry, two operators) must not
+    both run the node that was approved: the resume moves the run out of the status it
+    read (``waiting``), so the second finds it changed. Before, any resumable status
+    (``running`` included) let both go on, each running the node."""
+    import importlib
+
+    flow_module = importlib.import_module("pocoflow.flow")  # the module, not @flow
+    from pocoflow.errors import RunSetupError
+
+    approve = approval_flow(db_path=ledger_url)
+    approve.run({})
+    run_id = approve.last_run_id
+    attach(run_id, ledger_url).send("approval", True)
+    real_load = flow_module._ResumePlan.load
+
+    def load_then_lose_the_race(*args: Any, **kw: Any) -> Any:
+        plan = real_load(*args, **kw)  # read while waiting; the other resumer wins now:
+        assert db.update_run_if(run_id, status_in=("waiting",), status="running")
+        return plan
+
+    monkeypatch.setattr(flow_module._ResumePlan, "load", load_then_lose_the_race)
+    PREPS.clear()
+    with pytest.raises(RunSetupError, match="changed status"):
+        approve.resume(run_id)
+    assert PREPS == []  # the loser ran nothing

@@ -270,3 +270,28 @@ def test_budget_values_are_checked():
     assert budget.exceeded(100, 9.0) is None
     assert "max_tokens=100" in (budget.exceeded(101, 0.0) or "")
     assert budget.raised(None, 2.0) == Budget(100, 2.0)
+
+
+def test_cancel_of_a_background_run_held_by_its_budget_ends_it():
+    """A run held (paused) by its budget must honour handle.cancel(): before, the loop
+    checked the budget again first, paused itself anew, and wait() never returned."""
+    flow = ask_then_summarise(max_tokens=10)
+    handle = flow.run_background({})
+    wait_until(lambda: handle.status == "paused", timeout=10)
+    handle.cancel()
+    handle.wait(timeout=10)
+    assert handle.status == "cancelled" and Summarise.ran == 0
+
+
+def test_an_unpriced_model_is_named_once_in_a_warning(caplog):
+    """A model nobody priced costs $0 in totals and budgets: a run with max_cost_usd
+    would never pause on it. Said once per model, not silently."""
+    usage._unpriced.clear()
+    sink = MemorySink()
+    with caplog.at_level("WARNING", logger="pocoflow"), recording("r", 0, 1, "N", sink=sink):
+        usage.report("N", model="mystery", input_tokens=7)
+        usage.report("N", model="mystery", input_tokens=7)
+        usage.report("N", input_tokens=7)  # no model: tokens only, nothing to price
+        usage.report("N", model="other", input_tokens=7, cost_usd=0.1)  # given: priced
+    warned = [r.getMessage() for r in caplog.records if "no price" in r.getMessage()]
+    assert len(warned) == 1 and "'mystery'" in warned[0] and "max_cost_usd" in warned[0]
