@@ -27,6 +27,22 @@ if TYPE_CHECKING:
 _log = get_logger("distributed.publish")
 
 
+def task_labels(message: StepMessage) -> dict[str, str]:
+    """What Flower, ``celery events`` and worker logs show for a step task, instead of
+    ``pocoflow.step`` and a dict: a name saying the flow and node (Celery's ``shadow``)
+    and arguments saying the run, step, node and attempt (``argsrepr``). Display only:
+    the worker runs the task named ``pocoflow.step`` with the JSON body, whatever these
+    say, and they carry no more than the message itself (ids, no Store values)."""
+    return {
+        "shadow": f"{message.flow}.{message.node_id}",
+        "argsrepr": (
+            f"run_id={message.run_id} step={message.step} node={message.node_id} "
+            f"attempt={message.attempt}"
+        ),
+        "kwargsrepr": "{}",
+    }
+
+
 class SentMarker:
     """Marks published outbox rows sent from a background thread, in batches.
 
@@ -131,6 +147,7 @@ class Publisher:
                 retry=True,
                 retry_policy=PUBLISH_RETRY_POLICY,
                 producer=self._held_producer(),
+                **task_labels(message),
             )
         except Exception as exc:  # broker down: the sweeper resends the unsent row
             self._drop_producer()
