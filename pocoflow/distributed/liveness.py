@@ -160,7 +160,9 @@ def celery_held(task_name: str) -> Held:
             return set()
         keys: set[StepKey] = set()
         for request in waiting:
-            if request in active or request.name != task_name:
+            # request.name is the display name (the publisher's shadow, FLOW.NODE); the
+            # task that will run is request.task.
+            if request in active or getattr(request.task, "name", None) != task_name:
                 continue
             args = request.args
             body = args[0] if args else None
