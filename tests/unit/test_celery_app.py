@@ -168,3 +168,12 @@ def test_a_failed_send_releases_the_threads_producer() -> None:
     assert (pool.acquired, pool.released) == (1, 1)
     publisher.send(StepMessage("r", "f", 0, "a", 1))
     assert pool.acquired == 2  # a fresh producer after the failure
+
+
+def test_the_broker_loss_sentinel_is_for_redis_brokers_only() -> None:
+    """RabbitMQ keeps durable queues across restarts and returns a dead consumer's
+    unacked messages at once: nothing for the Redis sentinel to watch there."""
+    from pocoflow.distributed.sweeper import BrokerSentinel, broker_sentinel
+
+    assert broker_sentinel("amqp://guest:guest@rabbit:5672//") is None
+    assert isinstance(broker_sentinel("redis://127.0.0.1:1/0"), BrokerSentinel)
