@@ -13,7 +13,7 @@ Both sides are timed on the wall clock of the box, from the send of the first me
 the end of the last task: PocoFlow by its ledger (run ``started_at`` at submit ->
 ``completed_at`` of the last commit), the relay by the time its last task pushes.
 
-    python -m bench.distributed_latency [--postgres URL|private] [--runs N]
+    python -m bench.distributed_latency [--postgres URL|private] [--runs N] [--events]
 """
 
 from __future__ import annotations
@@ -51,20 +51,15 @@ def pocoflow_run_s(settings: Settings) -> float:
     return iso_s(run["completed_at"]) - iso_s(run["started_at"])
 
 
-def measure(
-    db_url: str, log_dir: Path, acks_late: bool, runs: int, task_events: bool = False
-) -> tuple[float, float]:
+def measure(db_url: str, log_dir: Path, acks_late: bool, runs: int) -> tuple[float, float]:
     """(PocoFlow ms/step, relay ms/task): medians of ``runs`` alternating runs, after one
-    warm-up run of each (imports, pools, statement caches). ``task_events`` turns them on
-    in both workers (the relay's cost of them is Celery's own)."""
+    warm-up run of each (imports, pools, statement caches)."""
     with start_redis() as redis_server:
         broker = redis_server.url
         settings = Settings(db_url=db_url, broker_url=broker)
         app, client = relay_client(broker)
-        relay_env = worker_env(
-            "sqlite:///unused.db", broker, acks_late=acks_late, task_events=task_events
-        )
-        poco_env = worker_env(db_url, broker, acks_late=acks_late, task_events=task_events)
+        relay_env = worker_env("sqlite:///unused.db", broker, acks_late=acks_late)
+        poco_env = worker_env(db_url, broker, acks_late=acks_late)
         with workers(relay_env, log_dir, 1, RELAY_APP), workers(poco_env, log_dir, 1):
             poco, relay = [], []
             for i in range(runs + 1):
@@ -78,6 +73,40 @@ def measure(
     return statistics.median(poco) / CHAIN * 1e3, statistics.median(relay) / CHAIN * 1e3
 
 
+def measure_task_events(workdir: Path, runs: int) -> tuple[float, float]:
+    """(ms/step with task events off, on): two setups side by side (a Redis, a SQLite
+    ledger and one worker each, default ack), their runs alternating so both see the
+    same load on the box; medians of ``runs`` after a warm-up run of each. No Flower
+    listens: the figure is what the workers pay to send the events."""
+    ms: dict[bool, list[float]] = {False: [], True: []}
+    with contextlib.ExitStack() as stack:
+        settings = {}
+        for events in (False, True):
+            broker = stack.enter_context(start_redis()).url
+            db_url = f"sqlite:///{workdir / f'events-{int(events)}.db'}"
+            settings[events] = Settings(db_url=db_url, broker_url=broker)
+            stack.enter_context(workers(worker_env(db_url, broker, task_events=events), workdir, 1))
+        for i in range(runs + 1):
+            for events in (False, True):
+                run_s = pocoflow_run_s(settings[events])
+                if i:
+                    ms[events].append(run_s / CHAIN * 1e3)
+    return statistics.median(ms[False]), statistics.median(ms[True])
+
+
+def report_task_events(workdir: Path, runs: int) -> None:
+    """What Flower costs the workers: task events on against off, interleaved."""
+    off_ms, on_ms = measure_task_events(workdir, runs)
+    report(
+        "per step, SQLite, task events on (Flower)",
+        on_ms,
+        "ms",
+        f"off: {off_ms:.2f} ms -> {on_ms - off_ms:+.2f} ms/step ({on_ms / off_ms:.2f}x)",
+        None,
+        digits=2,
+    )
+
+
 def main(runs: int = 7, postgres_url: str | None = None) -> bool:
     """Print ms/step beside the relay for both ack modes; True when the default ack mode
     on SQLite is within 1.5x of the relay."""
@@ -86,7 +115,6 @@ def main(runs: int = 7, postgres_url: str | None = None) -> bool:
         f"median of {runs} runs alternating with a raw Celery relay of {CHAIN} tasks"
     )
     ok = True
-    default_ms: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="pocoflow-bench-") as tmp:
         workdir = Path(tmp)
         ledgers = {"SQLite": f"sqlite:///{workdir / 'latency.db'}"}
@@ -99,8 +127,6 @@ def main(runs: int = 7, postgres_url: str | None = None) -> bool:
                 step_ms, relay_ms = measure(url, workdir, acks_late, runs)
                 ratio = step_ms / relay_ms
                 gated = default and name == "SQLite"
-                if default:
-                    default_ms[name] = step_ms
                 ok &= report(
                     f"per step, {name}, {mode}{' (default)' if default else ''}",
                     step_ms,
@@ -110,19 +136,7 @@ def main(runs: int = 7, postgres_url: str | None = None) -> bool:
                     ratio <= TARGET_RATIO if gated else None,
                     digits=2,
                 )
-        # What Flower costs the workers: the default setup with task events on.
-        mode = "late ack" if DEFAULT_ACKS_LATE else "early ack"
-        for name, url in ledgers.items():
-            step_ms, relay_ms = measure(url, workdir, DEFAULT_ACKS_LATE, runs, task_events=True)
-            report(
-                f"per step, {name}, {mode}, task events on",
-                step_ms,
-                "ms",
-                f"{step_ms - default_ms[name]:+.2f} ms/step against events off; "
-                f"raw relay with events: {relay_ms:.2f} ms/task",
-                None,
-                digits=2,
-            )
+        report_task_events(workdir, runs)
     return ok
 
 
@@ -132,7 +146,12 @@ def cli(argv: list[str] | None = None) -> int:
         "--postgres", help="also measure on this PostgreSQL URL ('private': start one here)"
     )
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--events", action="store_true", help="only the task events figure")
     args = parser.parse_args(argv)
+    if args.events:
+        with tempfile.TemporaryDirectory(prefix="pocoflow-bench-") as tmp:
+            report_task_events(Path(tmp), args.runs)
+        return 0
     with contextlib.ExitStack() as stack:
         url = args.postgres
         if url == "private":
