@@ -296,19 +296,15 @@ class RabbitServer:
             self._stop_epmd()
 
     def _stop_epmd(self) -> None:
-        """epmd daemonised out of our process group: stop ours by its port, once it has
-        seen the killed node go (it refuses to quit while a node is registered)."""
+        """epmd daemonised out of our process group: stop ours by its port. It refuses to
+        quit while the killed node is still registered (``-kill`` then fails too), so
+        ask again until it no longer answers."""
+        port = str(self._epmd_port)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
-            done = subprocess.run(
-                ["epmd", "-port", str(self._epmd_port), "-kill"],
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=10,
-            )
-            if done.returncode != 0 or "Killed" in done.stdout:  # gone, or not running
-                break
+            subprocess.run(["epmd", "-port", port, "-kill"], capture_output=True, timeout=10)
+            if subprocess.run(["epmd", "-port", port, "-names"], capture_output=True).returncode:
+                break  # cannot connect: gone
             time.sleep(0.1)
         self._epmd_port = 0
 
