@@ -38,6 +38,7 @@ def worker_env(
     lease_s: float | None = None,
     sweep_s: float | None = None,
     acks_late: bool | None = None,
+    task_events: bool | None = None,
 ) -> dict[str, str]:
     """A worker's environment: our POCOFLOW_* only (lease and sweep at their defaults
     unless given), the repository on PYTHONPATH so ``bench.*`` imports."""
@@ -46,6 +47,8 @@ def worker_env(
     )
     if acks_late is not None:
         env["POCOFLOW_ACKS_LATE"] = "1" if acks_late else "0"
+    if task_events is not None:
+        env["POCOFLOW_TASK_EVENTS"] = "1" if task_events else "0"
     return env
 
 

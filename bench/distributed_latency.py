@@ -6,13 +6,14 @@ two measured turn about in the same run: the difference is what the step protoco
 (guard, lease, load, commit, outbox, attempt rows). Target (issue 3): at most 1.5x the
 relay with PocoFlow's default acknowledgement on a durable SQLite ledger (a file, WAL,
 synchronous NORMAL: survives a kill -9 of any process). The other ack mode is measured
-too, which is how ``DEFAULT_ACKS_LATE`` was chosen.
+too, which is how ``DEFAULT_ACKS_LATE`` was chosen, and so are task events (what Flower
+lists steps from: three more messages per step), on against off, in the same run.
 
 Both sides are timed on the wall clock of the box, from the send of the first message to
 the end of the last task: PocoFlow by its ledger (run ``started_at`` at submit ->
 ``completed_at`` of the last commit), the relay by the time its last task pushes.
 
-    python -m bench.distributed_latency [--postgres URL|private] [--runs N]
+    python -m bench.distributed_latency [--postgres URL|private] [--runs N] [--events]
 """
 
 from __future__ import annotations
@@ -72,6 +73,40 @@ def measure(db_url: str, log_dir: Path, acks_late: bool, runs: int) -> tuple[flo
     return statistics.median(poco) / CHAIN * 1e3, statistics.median(relay) / CHAIN * 1e3
 
 
+def measure_task_events(workdir: Path, runs: int) -> tuple[float, float]:
+    """(ms/step with task events off, on): two setups side by side (a Redis, a SQLite
+    ledger and one worker each, default ack), their runs alternating so both see the
+    same load on the box; medians of ``runs`` after a warm-up run of each. No Flower
+    listens: the figure is what the workers pay to send the events."""
+    ms: dict[bool, list[float]] = {False: [], True: []}
+    with contextlib.ExitStack() as stack:
+        settings = {}
+        for events in (False, True):
+            broker = stack.enter_context(start_redis()).url
+            db_url = f"sqlite:///{workdir / f'events-{int(events)}.db'}"
+            settings[events] = Settings(db_url=db_url, broker_url=broker)
+            stack.enter_context(workers(worker_env(db_url, broker, task_events=events), workdir, 1))
+        for i in range(runs + 1):
+            for events in (False, True):
+                run_s = pocoflow_run_s(settings[events])
+                if i:
+                    ms[events].append(run_s / CHAIN * 1e3)
+    return statistics.median(ms[False]), statistics.median(ms[True])
+
+
+def report_task_events(workdir: Path, runs: int) -> None:
+    """What Flower costs the workers: task events on against off, interleaved."""
+    off_ms, on_ms = measure_task_events(workdir, runs)
+    report(
+        "per step, SQLite, task events on (Flower)",
+        on_ms,
+        "ms",
+        f"off: {off_ms:.2f} ms -> {on_ms - off_ms:+.2f} ms/step ({on_ms / off_ms:.2f}x)",
+        None,
+        digits=2,
+    )
+
+
 def main(runs: int = 7, postgres_url: str | None = None) -> bool:
     """Print ms/step beside the relay for both ack modes; True when the default ack mode
     on SQLite is within 1.5x of the relay."""
@@ -101,6 +136,7 @@ def main(runs: int = 7, postgres_url: str | None = None) -> bool:
                     ratio <= TARGET_RATIO if gated else None,
                     digits=2,
                 )
+        report_task_events(workdir, runs)
     return ok
 
 
@@ -110,7 +146,12 @@ def cli(argv: list[str] | None = None) -> int:
         "--postgres", help="also measure on this PostgreSQL URL ('private': start one here)"
     )
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--events", action="store_true", help="only the task events figure")
     args = parser.parse_args(argv)
+    if args.events:
+        with tempfile.TemporaryDirectory(prefix="pocoflow-bench-") as tmp:
+            report_task_events(Path(tmp), args.runs)
+        return 0
     with contextlib.ExitStack() as stack:
         url = args.postgres
         if url == "private":

@@ -672,17 +672,32 @@ def worker(
     run_worker(flows or None, concurrency, queues, loglevel, pool=pool)
 
 
-@main.command(epilog="Example: pocoflow flower --port 5555")
+@main.command(
+    epilog="Examples: pocoflow flower --port 5555; "
+    "pocoflow flower --address 0.0.0.0 -- --basic-auth=admin:secret",
+    context_settings={"ignore_unknown_options": True},
+)
 @click.option("--port", default=5555, show_default=True, type=int)
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to listen on (0.0.0.0 in a container; put auth in front first).",
+)
 @broker_option
-def flower(port: int, broker_url: str | None) -> None:
-    """Watch the workers in Flower (celery -A workers.app flower)."""
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+def flower(port: int, address: str, broker_url: str | None, flower_args: tuple[str, ...]) -> None:
+    """Watch workers and step tasks in Flower (celery -A workers.app flower).
+
+    Each step is listed as FLOW.NODE with its run id, step, node and attempt; any
+    further arguments go to Flower as they are."""
     import os
+
+    from pocoflow.cli_worker import run_flower
 
     if broker_url:
         os.environ["POCOFLOW_BROKER_URL"] = broker_url
-    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "flower", f"--port={port}"]
-    os.execv(sys.executable, argv)
+    run_flower(port=port, address=address, extra=flower_args)
 
 
 @main.command(epilog="Example: pocoflow demo --workers 2")

@@ -1,7 +1,7 @@
-"""``pocoflow worker``: start a Celery worker for PocoFlow steps (``workers.app``).
+"""``pocoflow worker`` and ``pocoflow flower``: Celery's worker and Flower on ``workers.app``.
 
-The process *becomes* the Celery worker (exec), so signals sent to ``pocoflow worker``
-(Ctrl-C, SIGTERM from a supervisor, SIGKILL from a chaos test) reach Celery itself.
+The process *becomes* the Celery worker or Flower (exec), so signals sent to it (Ctrl-C,
+SIGTERM from a supervisor, SIGKILL from a chaos test) reach Celery itself.
 """
 
 from __future__ import annotations
@@ -83,6 +83,39 @@ def run_worker(
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *argv], env)
+
+
+#: Flower keeps every task it saw in memory: a busy cluster runs thousands of steps an
+#: hour, so the list is bounded, and workers gone for 5 minutes leave the dashboard.
+FLOWER_DEFAULTS = ("--max_tasks=10000", "--purge_offline_workers=300")
+
+
+def flower_argv(
+    *, port: int = 5555, address: str = "127.0.0.1", extra: Sequence[str] = ()
+) -> list[str]:
+    """The ``celery`` command line ``run_flower`` executes (without the interpreter).
+
+    Flower's own ``enable_events`` (on) asks every worker it sees to send task events,
+    so steps are listed even by workers started without ``POCOFLOW_TASK_EVENTS=1``.
+    ``extra`` goes last, so it overrides the defaults (``--max_tasks=50000``) and adds
+    Flower options (``--basic-auth=user:pw``, ``--url_prefix=flower``)."""
+    argv = ["-m", "celery", "-A", "workers.app", "flower", f"--port={int(port)}"]
+    return [*argv, f"--address={address}", *FLOWER_DEFAULTS, *extra]
+
+
+def run_flower(*, port: int = 5555, address: str = "127.0.0.1", extra: Sequence[str] = ()) -> None:
+    """Replace this process with Flower watching PocoFlow's broker. Never returns."""
+    try:
+        import flower  # noqa: F401
+    except ImportError:
+        sys.exit("pocoflow flower needs Flower: pip install 'pocoflow[flower]'")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH")) if p)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(
+        sys.executable, [sys.executable, *flower_argv(port=port, address=address, extra=extra)], env
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m pocoflow.cli_worker FLOWS`

@@ -1,7 +1,8 @@
 """Session servers and per-test ledgers (design rule 5: real servers, never skipped).
 
-``redis_url`` / ``database_url`` honour ``POCOFLOW_TEST_REDIS_URL`` /
-``POCOFLOW_TEST_DATABASE_URL``, else start private servers (``tests.servers``) once per
+``redis_url`` / ``database_url`` / ``amqp_url`` honour ``POCOFLOW_TEST_REDIS_URL`` /
+``POCOFLOW_TEST_DATABASE_URL`` / ``POCOFLOW_TEST_AMQP_URL``, else start private servers
+(``tests.servers``; RabbitMQ only if installed, else its tests skip saying so) once per
 session, only when a test asks for them. ``ledger_url`` runs a test on SQLite and on
 PostgreSQL, each time on a fresh empty database; ``db`` opens a ``WorkflowDB`` on it.
 
@@ -22,13 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import start_postgres, start_redis
+from tests.servers import rabbitmq_binary, start_postgres, start_rabbitmq, start_redis
 
 REDIS_ENV = "POCOFLOW_TEST_REDIS_URL"
 #: Because the distributed tests empty (FLUSHDB) databases 1-15 of the Redis they use: a
 #: Redis given by URL is used only when its owner says these may be emptied.
 REDIS_FLUSH_ENV = "POCOFLOW_TEST_REDIS_FLUSH"
 DATABASE_ENV = "POCOFLOW_TEST_DATABASE_URL"
+AMQP_ENV = "POCOFLOW_TEST_AMQP_URL"
 LEDGER_BACKENDS = ["sqlite", "postgresql"]
 
 TESTS_ROOT = Path(__file__).resolve().parent
@@ -114,6 +116,24 @@ def redis_url() -> Iterator[str]:
         yield external
         return
     with start_redis() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """A RabbitMQ broker: ``POCOFLOW_TEST_AMQP_URL``, else a private ``rabbitmq-server``
+    started here; without either the test is skipped, saying so (RabbitMQ is an optional
+    broker). One that is installed but cannot start fails the suite."""
+    if os.environ.get(AMQP_ENV):
+        yield os.environ[AMQP_ENV]
+        return
+    binary = rabbitmq_binary()
+    if binary is None:
+        pytest.skip(
+            f"no RabbitMQ: set {AMQP_ENV}=amqp://... or install rabbitmq-server "
+            "(apt-get install rabbitmq-server) to run the amqp:// broker tests"
+        )
+    with start_rabbitmq(binary) as server:
         yield server.url
 
 

@@ -11,6 +11,9 @@ the cluster is owned by and run as ``nobody`` (present on every Debian-like syst
 
 ``RedisServer`` and ``PostgresServer`` can ``stop()`` and ``start()`` again on the same
 port and data, for tests that restart a server under load.
+
+RabbitMQ (``rabbitmq-server``, Debian's package) is optional: ``rabbitmq_binary()`` is
+None without it, and the tests that need it say so when they skip.
 """
 
 from __future__ import annotations
@@ -42,11 +45,14 @@ from pocoflow.devcluster import (
 
 __all__ = [
     "PostgresServer",
+    "RabbitServer",
     "RedisServer",
     "ServerError",
     "free_port",
     "postgres_bin_dir",
+    "rabbitmq_binary",
     "start_postgres",
+    "start_rabbitmq",
     "start_redis",
 ]
 
@@ -198,6 +204,121 @@ def start_postgres(*, durable: bool = False) -> Iterator[PostgresServer]:
     server = PostgresServer(durable=durable)
     try:
         _start(server)
+        yield server
+    finally:
+        server.close()
+
+
+# ── RabbitMQ ─────────────────────────────────────────────────────────────────
+
+#: Where Debian's package puts the real start script (``/usr/sbin/rabbitmq-server`` is a
+#: wrapper that switches to the ``rabbitmq`` user and its fixed directories).
+_RABBITMQ_SCRIPTS = ("/usr/lib/rabbitmq/bin/rabbitmq-server",)
+RABBITMQ_STARTUP_TIMEOUT_S = 90.0  # an Erlang VM boot on a loaded 2-core box
+
+
+def rabbitmq_binary() -> str | None:
+    """The ``rabbitmq-server`` start script, or None when RabbitMQ is not installed."""
+    for candidate in _RABBITMQ_SCRIPTS:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which("rabbitmq-server")
+
+
+class RabbitServer:
+    """A private RabbitMQ node on 127.0.0.1: its own node name, ports, Erlang port mapper
+    (epmd), data and logs in a temp dir, no plugins; user ``guest`` (allowed from
+    loopback only, which is all it listens on)."""
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.dir = Path(tempfile.mkdtemp(prefix="pocoflow-rabbit-"))
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._epmd_port = 0
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def _env(self) -> dict[str, str]:
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        return {
+            **os.environ,
+            "HOME": str(self.dir),  # the Erlang cookie
+            "RABBITMQ_NODENAME": f"pocoflow{self.port}@localhost",
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "ERL_EPMD_PORT": str(self._epmd_port),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq"),  # none: the defaults
+        }
+
+    def start(self) -> None:
+        self._epmd_port = free_port()
+        log = self.dir / "rabbitmq.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [self.binary],
+                cwd=self.dir,
+                env=self._env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + RABBITMQ_STARTUP_TIMEOUT_S
+        while not self._ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(f"RabbitMQ on port {self.port} did not start:\n{_log_tail(log)}")
+            time.sleep(0.2)
+
+    def _ready(self) -> bool:
+        from kombu import Connection
+
+        try:
+            with Connection(self.url, connect_timeout=1) as conn:
+                conn.connect()
+            return True
+        except Exception:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the node's whole process group
+            self.proc.wait(10)
+            self.proc = None
+        if self._epmd_port:
+            self._stop_epmd()
+
+    def _stop_epmd(self) -> None:
+        """epmd daemonised out of our process group: stop ours by its port. It refuses to
+        quit while the killed node is still registered (``-kill`` then fails too), so
+        ask again until it no longer answers."""
+        port = str(self._epmd_port)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            subprocess.run(["epmd", "-port", port, "-kill"], capture_output=True, timeout=10)
+            if subprocess.run(["epmd", "-port", port, "-names"], capture_output=True).returncode:
+                break  # cannot connect: gone
+            time.sleep(0.1)
+        self._epmd_port = 0
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def start_rabbitmq(binary: str) -> Iterator[RabbitServer]:
+    """A running private RabbitMQ; ``server.url`` is its ``amqp://`` URL."""
+    server = RabbitServer(binary)
+    try:
+        _start(server, tries=2)
         yield server
     finally:
         server.close()

@@ -25,7 +25,6 @@ from celery import signals
 
 from pocoflow.distributed import liveness
 from pocoflow.distributed.celery_app import ITEM_TASK_NAME, TASK_NAME, create_app
-from pocoflow.distributed.control import redis_client
 from pocoflow.distributed.executor import (
     LEDGER_UNREACHABLE,
     WorkerContext,
@@ -36,12 +35,12 @@ from pocoflow.distributed.executor import (
 )
 from pocoflow.distributed.itemtask import execute_item
 from pocoflow.distributed.publish import Publisher, SentMarker
-from pocoflow.distributed.sweeper import BrokerSentinel, SweeperThread
+from pocoflow.distributed.sweeper import SweeperThread, broker_sentinel
 from pocoflow.ledger.prune import Pruner
 from pocoflow.logging import get_logger
 from pocoflow.recorder import open_ledger
 from pocoflow.registry import import_flow_modules, registered_flows
-from pocoflow.settings import Settings, default_redis_url
+from pocoflow.settings import Settings
 
 _log = get_logger("worker")
 
@@ -99,7 +98,6 @@ def _start_sweeper(**_: Any) -> None:
         settings.heartbeat_seconds,
         held=liveness.celery_held(TASK_NAME, ITEM_TASK_NAME),
     )
-    broker_redis = default_redis_url(settings.broker_url)  # None: not Redis, no sentinel
     _sweeper = SweeperThread(
         lambda: open_ledger(settings.db_url),
         # Marks in a background batch: a bulk re-send after a broker loss (thousands of
@@ -108,9 +106,7 @@ def _start_sweeper(**_: Any) -> None:
         lease_s=settings.lease_seconds,
         interval_s=settings.sweep_seconds,
         pruner=None if settings.prune_older_than is None else Pruner(settings.prune_older_than),
-        sentinel_factory=lambda: (
-            BrokerSentinel(redis_client(broker_redis)) if broker_redis else None
-        ),
+        sentinel_factory=lambda: broker_sentinel(settings.broker_url),
         dead_after_s=liveness.dead_after(settings.heartbeat_seconds),
         max_crashes=settings.max_crashes,
     )

@@ -1,5 +1,6 @@
-"""Flower settings for PocoFlow workers: ``pocoflow flower`` or
-``celery -A workers.app flower --conf=deploy/flower/flowerconfig.py``."""
+"""Flower settings for PocoFlow workers, for ``celery -A workers.app flower
+--conf=deploy/flower/flowerconfig.py``. ``pocoflow flower`` needs no file: it passes the
+same bounds itself (``pocoflow.cli_worker.FLOWER_DEFAULTS``)."""
 
 port = 5555
 address = "127.0.0.1"  # put a reverse proxy with auth in front before exposing it

@@ -21,6 +21,7 @@ TASK_NAME = "pocoflow.step"
 ITEM_TASK_NAME = "pocoflow.item"
 DEFAULT_QUEUE = "pocoflow"
 ACKS_LATE_ENV = "POCOFLOW_ACKS_LATE"
+TASK_EVENTS_ENV = "POCOFLOW_TASK_EVENTS"
 
 # Early acknowledgement by default, because the ledger (worker heartbeats and leases, not
 # the broker) finds a step whose worker died (G3): with late ack a killed task is acked anyway (Celery's
@@ -30,6 +31,13 @@ ACKS_LATE_ENV = "POCOFLOW_ACKS_LATE"
 # Redis, 2 cores): early ack 1.5 ms/step on SQLite, 3.6 on PostgreSQL; late ack 1.9 and
 # 4.0. POCOFLOW_ACKS_LATE=1 turns late ack on.
 DEFAULT_ACKS_LATE = False
+
+# Task events off by default because each step then costs three more broker messages
+# (task-received, -started, -succeeded) that nobody reads unless Flower watches; Flower
+# turns them on in the workers it sees while it runs (its ``enable_events``), and
+# POCOFLOW_TASK_EVENTS=1 turns them on from the start (the deployments in deploy/ and
+# docker-compose.yml do). Measured with `python -m bench.distributed_latency --events`.
+DEFAULT_TASK_EVENTS = False
 
 #: Because an unacked message is redelivered after this long: far above any lease, so
 #: Redis never re-delivers a step the sweeper is already handling (1 h is Celery's own
@@ -46,18 +54,32 @@ PUBLISH_RETRY_POLICY = {
 }
 
 
-def acks_late_from_env(env: Mapping[str, str] | None = None) -> bool:
-    raw = (os.environ if env is None else env).get(ACKS_LATE_ENV, "").strip().lower()
+def _flag_from_env(var: str, default: bool, env: Mapping[str, str] | None) -> bool:
+    raw = (os.environ if env is None else env).get(var, "").strip().lower()
     if raw in ("", "default"):
-        return DEFAULT_ACKS_LATE
+        return default
     if raw in ("1", "true", "yes", "on"):
         return True
     if raw in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"{ACKS_LATE_ENV} must be 1/0, true/false, yes/no or on/off, got {raw!r}")
+    raise ValueError(f"{var} must be 1/0, true/false, yes/no or on/off, got {raw!r}")
 
 
-def create_app(settings: Settings | None = None, *, acks_late: bool | None = None) -> Celery:
+def acks_late_from_env(env: Mapping[str, str] | None = None) -> bool:
+    return _flag_from_env(ACKS_LATE_ENV, DEFAULT_ACKS_LATE, env)
+
+
+def task_events_from_env(env: Mapping[str, str] | None = None) -> bool:
+    """Whether workers send task events (what Flower lists tasks from)."""
+    return _flag_from_env(TASK_EVENTS_ENV, DEFAULT_TASK_EVENTS, env)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    acks_late: bool | None = None,
+    task_events: bool | None = None,
+) -> Celery:
     """A Celery app for ``settings`` (default ``Settings.from_env()``).
 
     JSON only (G7): no pickle can reach a worker. No result backend: a step's outcome is
@@ -74,12 +96,14 @@ def create_app(settings: Settings | None = None, *, acks_late: bool | None = Non
     settings = settings or Settings.from_env()
     if acks_late is None:
         acks_late = acks_late_from_env()
+    if task_events is None:
+        task_events = task_events_from_env()
     app = Celery("pocoflow", set_as_current=False)
-    app.conf.update(_config(settings, acks_late))
+    app.conf.update(_config(settings, acks_late, task_events))
     return app
 
 
-def _config(settings: Settings, acks_late: bool) -> dict[str, Any]:
+def _config(settings: Settings, acks_late: bool, task_events: bool) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,
@@ -100,8 +124,7 @@ def _config(settings: Settings, acks_late: bool) -> dict[str, Any]:
         "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
         # PocoFlow configures its own logging; Celery must not take over the root logger.
         "worker_hijack_root_logger": False,
-        # Steps are short and latency matters more than fairness across long tasks.
-        "worker_send_task_events": False,
+        "worker_send_task_events": task_events,
         "task_send_sent_event": False,
         "enable_utc": True,
     }

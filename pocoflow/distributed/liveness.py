@@ -162,14 +162,17 @@ def celery_held(task_name: str, item_task_name: str | None = None) -> Held:
             return set()
         keys: set[StepKey] = set()
         for request in waiting:
-            if request in active or request.name not in (task_name, item_task_name):
+            # request.name is the display name (the publisher's shadow, FLOW.NODE); the
+            # task that will run is request.task.
+            task = getattr(request.task, "name", None)
+            if request in active or task not in (task_name, item_task_name):
                 continue
             args = request.args
             body = args[0] if args else None
             if isinstance(body, dict):
                 try:
                     run_step = (str(body["run_id"]), int(body["step"]))
-                    if request.name == task_name:
+                    if task == task_name:
                         keys.add((*run_step, int(body["attempt"])))
                     else:
                         keys.add((*run_step, int(body["idx"]), int(body["attempt"])))

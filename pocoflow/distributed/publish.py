@@ -37,6 +37,24 @@ MARK_EVERY = 200
 MARK_AFTER_S = 0.25
 
 
+def task_labels(message: StepMessage | ItemMessage) -> dict[str, str]:
+    """What Flower, ``celery events`` and worker logs show for a step task, instead of
+    ``pocoflow.step`` and a dict: a name saying the flow and node (Celery's ``shadow``)
+    and arguments saying the run, step, node and attempt (``argsrepr``), and the item's
+    index for a map item (``FLOW.NODE[item]``). Display only: the worker runs the task
+    named ``pocoflow.step`` (``pocoflow.item``) with the JSON body, whatever these say,
+    and they carry no more than the message itself (ids, no Store values)."""
+    item = f"item={message.idx} " if isinstance(message, ItemMessage) else ""
+    return {
+        "shadow": f"{message.flow}.{message.node_id}" + ("[item]" if item else ""),
+        "argsrepr": (
+            f"run_id={message.run_id} step={message.step} node={message.node_id} {item}"
+            f"attempt={message.attempt}"
+        ),
+        "kwargsrepr": "{}",
+    }
+
+
 class SentMarker:
     """Marks published outbox rows sent from a background thread, in batches.
 
@@ -146,6 +164,7 @@ class Publisher:
                 retry=True,
                 retry_policy=PUBLISH_RETRY_POLICY,
                 producer=self._held_producer(),
+                **task_labels(message),
             )
         except Exception as exc:  # broker down: the sweeper resends the unsent row
             self._drop_producer()  # a fresh one (and connection) next time

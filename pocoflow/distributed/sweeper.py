@@ -141,6 +141,26 @@ class BrokerSentinel:
         self.seen = True
 
 
+def broker_sentinel(broker_url: str) -> BrokerSentinel | None:
+    """The broker-loss sentinel for ``broker_url``: one in the broker's own Redis
+    database, or None for a broker that is not Redis (RabbitMQ).
+
+    None on ``amqp://`` because neither thing the sentinel watches exists there: the
+    queues are durable and the messages persistent (Celery's defaults), so a RabbitMQ
+    restart loses nothing, and the unacked messages of a consumer that died (a worker
+    killed with steps prefetched) come back to the queue as soon as its connection
+    drops, instead of after Redis's visibility timeout. The ledger's paths (dead workers'
+    steps, unsent outbox rows, the 60 s queue backstop) stay as they are."""
+    from pocoflow.settings import default_redis_url
+
+    redis_url = default_redis_url(broker_url)
+    if redis_url is None:
+        return None
+    from pocoflow.distributed.control import redis_client
+
+    return BrokerSentinel(redis_client(redis_url))
+
+
 def sweep(
     db: WorkflowDB,
     publish: Publish,

@@ -39,20 +39,29 @@ class Cluster:
     """Ledger + broker + worker processes, and the client settings to talk to them."""
 
     def __init__(
-        self, db_url: str, broker_url: str, workdir: Path, worker_extra: dict[str, str]
+        self,
+        db_url: str,
+        broker_url: str,
+        workdir: Path,
+        worker_extra: dict[str, str],
+        *,
+        redis_url: str | None = None,
     ) -> None:
+        """``redis_url``: where the control flags live, when the broker is not Redis."""
         from pocoflow.db import WorkflowDB
 
         self.workdir = workdir
+        redis_url = redis_url or broker_url
         self.settings = Settings(
             db_url=db_url,
             broker_url=broker_url,
-            redis_url=broker_url,
+            redis_url=redis_url,
             lease_seconds=TEST_LEASE_S,
             sweep_seconds=TEST_SWEEP_S,
         )
         self.db = WorkflowDB(db_url)
-        self.env = worker_env(db_url, broker_url, extra=worker_extra)
+        self.env = worker_env(db_url, broker_url, extra={"POCOFLOW_REDIS_URL": redis_url})
+        self.env.update(worker_extra)
         self.workers: list[WorkerProcess] = []
         self._names = itertools.count(1)
         self._app: Any = None
@@ -121,7 +130,28 @@ def _ledger(backend: str, request: pytest.FixtureRequest, workdir: Path) -> Iter
         yield url
 
 
-def _broker(redis_url: str) -> str:
+@contextlib.contextmanager
+def running_cluster(
+    db_url: str,
+    broker_url: str,
+    request: pytest.FixtureRequest,
+    workdir: Path,
+    *,
+    redis_url: str | None = None,
+) -> Iterator[Cluster]:
+    """A cluster with the test module's ``WORKERS`` (2) workers and ``WORKER_ENV``,
+    every worker killed on the way out."""
+    extra = getattr(request.module, "WORKER_ENV", {})
+    cluster = Cluster(db_url, broker_url, workdir, extra, redis_url=redis_url)
+    try:
+        cluster.start_workers(getattr(request.module, "WORKERS", 2))
+        yield cluster
+    finally:
+        cluster.stop()
+        cluster.db.close()
+
+
+def fresh_redis_db(redis_url: str) -> str:
     """A Redis database of its own for each cluster, emptied first."""
     import redis
 
@@ -135,15 +165,11 @@ def _broker(redis_url: str) -> str:
 def cluster(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Cluster]:
     """Two live workers on a fresh ledger of each backend, shared by a test module."""
     workdir = Path(tempfile.mkdtemp(prefix="pocoflow-dist-"))
-    extra = getattr(request.module, "WORKER_ENV", {})
-    with _ledger(request.param, request, workdir) as db_url:
-        cluster = Cluster(db_url, _broker(redis_url), workdir, extra)
-        try:
-            cluster.start_workers(getattr(request.module, "WORKERS", 2))
-            yield cluster
-        finally:
-            cluster.stop()
-            cluster.db.close()
+    with (
+        _ledger(request.param, request, workdir) as db_url,
+        running_cluster(db_url, fresh_redis_db(redis_url), request, workdir) as cluster,
+    ):
+        yield cluster
     shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -191,4 +217,4 @@ def local_result(flow_name: str, store: dict[str, Any]) -> dict[str, Any]:
     return build_flow(flow_name).run(dict(store)).as_dict()
 
 
-__all__ = ["Cluster", "flows", "local_result"]
+__all__ = ["Cluster", "flows", "fresh_redis_db", "local_result", "running_cluster"]

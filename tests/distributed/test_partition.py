@@ -41,7 +41,7 @@ from pocoflow.devcluster import WorkerProcess
 from pocoflow.hooks import COMMIT_REFUSED
 from pocoflow.runner import RunHandle
 from tests.distributed import fault_flows  # noqa: F401  (registers the long flow here)
-from tests.distributed.conftest import Cluster, _broker, _ledger
+from tests.distributed.conftest import Cluster, _ledger, fresh_redis_db
 from tests.distributed.faults import (
     FaultProxy,
     attempts_of,
@@ -126,7 +126,7 @@ def live(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Cluster]:
     test's report carries the workers' logs, see conftest)."""
     workdir = Path(tempfile.mkdtemp(prefix="pocoflow-partition-"))
     with _ledger("postgresql", request, workdir) as db_url:
-        cluster = Cluster(db_url, _broker(redis_url), workdir, {"POCOFLOW_FLOWS": FLOWS})
+        cluster = Cluster(db_url, fresh_redis_db(redis_url), workdir, {"POCOFLOW_FLOWS": FLOWS})
         try:
             yield cluster
         finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.conftest import Cluster, _broker, _ledger, local_result
+from tests.distributed.conftest import Cluster, _ledger, fresh_redis_db, local_result
 from tests.distributed.faults import attempts_of, checkpoint_steps
 from tests.helpers import wait_until
 from tests.servers import PostgresServer, start_postgres
@@ -39,7 +39,7 @@ def cluster(
     """As conftest's, on the PostgreSQL ledger only (the one that can restart)."""
     workdir = Path(tmp_path_factory.mktemp("pg-restart"))
     with _ledger(request.param, request, workdir) as db_url:
-        cluster = Cluster(db_url, _broker(redis_url), workdir, {})
+        cluster = Cluster(db_url, fresh_redis_db(redis_url), workdir, {})
         try:
             cluster.start_workers(2)
             yield cluster

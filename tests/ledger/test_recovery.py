@@ -193,10 +193,14 @@ def test_celery_held_lists_prefetched_and_countdown_messages_only(
     from pocoflow.distributed.liveness import celery_held
 
     class Request:
-        def __init__(self, body: Any, name: str = TASK_NAME) -> None:
-            self.name, self.args = name, [body]
+        """As Celery's: ``name`` is the message's shadow (display) name if it has one,
+        ``task`` the task that will run."""
 
-    waiting = Request({"run_id": "r", "step": 1, "attempt": 2})
+        def __init__(self, body: Any, name: str = TASK_NAME, shadow: str | None = None) -> None:
+            self.task = type("Task", (), {"name": name})()
+            self.name, self.args = shadow or name, [body]
+
+    waiting = Request({"run_id": "r", "step": 1, "attempt": 2}, shadow="flow.node")
     running = Request({"run_id": "r", "step": 0, "attempt": 1})
     countdown = Request({"run_id": "s", "step": 3, "attempt": 4})
     other = Request({"run_id": "t", "step": 0, "attempt": 1}, name="other.task")

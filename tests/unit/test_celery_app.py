@@ -13,6 +13,7 @@ from pocoflow.distributed.celery_app import (
     TASK_NAME,
     acks_late_from_env,
     create_app,
+    task_events_from_env,
 )
 from pocoflow.distributed.message import StepMessage
 from pocoflow.distributed.publish import Publisher
@@ -44,6 +45,15 @@ def test_acks_late_is_a_setting() -> None:
     with pytest.raises(ValueError, match="POCOFLOW_ACKS_LATE"):
         acks_late_from_env({"POCOFLOW_ACKS_LATE": "sometimes"})
     assert create_app(SETTINGS, acks_late=True).conf.task_acks_late is True
+
+
+def test_task_events_are_a_setting_off_by_default() -> None:
+    assert task_events_from_env({}) is False
+    assert task_events_from_env({"POCOFLOW_TASK_EVENTS": "1"}) is True
+    with pytest.raises(ValueError, match="POCOFLOW_TASK_EVENTS"):
+        task_events_from_env({"POCOFLOW_TASK_EVENTS": "maybe"})
+    assert create_app(SETTINGS).conf.worker_send_task_events is False
+    assert create_app(SETTINGS, task_events=True).conf.worker_send_task_events is True
 
 
 class DownBroker:
@@ -86,6 +96,17 @@ def test_a_publish_marks_the_row_sent_under_its_attempt() -> None:
     assert call["name"] == TASK_NAME and call["queue"] == "gpu" and call["countdown"] == 1.5
     assert call["args"] == [StepMessage("r", "f", 4, "a", 2, try_number=2).to_dict()]
     assert ledger.marked == [("r", 4, 2)]
+
+
+def test_a_step_task_shows_its_flow_node_run_and_step_in_monitoring() -> None:
+    """Flower and worker logs show FLOW.NODE and the ids, not pocoflow.step and a dict;
+    the task that runs is still pocoflow.step with the JSON body."""
+    broker = Broker()
+    Publisher(broker, Ledger()).send(StepMessage("article-1a2b", "article", 3, "draft", 2))  # type: ignore[arg-type]
+    (call,) = broker.calls
+    assert call["name"] == TASK_NAME and call["shadow"] == "article.draft"
+    assert call["argsrepr"] == "run_id=article-1a2b step=3 node=draft attempt=2"
+    assert call["args"] == [StepMessage("article-1a2b", "article", 3, "draft", 2).to_dict()]
 
 
 class CountingPool:
@@ -147,3 +168,12 @@ def test_a_failed_send_releases_the_threads_producer() -> None:
     assert (pool.acquired, pool.released) == (1, 1)
     publisher.send(StepMessage("r", "f", 0, "a", 1))
     assert pool.acquired == 2  # a fresh producer after the failure
+
+
+def test_the_broker_loss_sentinel_is_for_redis_brokers_only() -> None:
+    """RabbitMQ keeps durable queues across restarts and returns a dead consumer's
+    unacked messages at once: nothing for the Redis sentinel to watch there."""
+    from pocoflow.distributed.sweeper import BrokerSentinel, broker_sentinel
+
+    assert broker_sentinel("amqp://guest:guest@rabbit:5672//") is None
+    assert isinstance(broker_sentinel("redis://127.0.0.1:1/0"), BrokerSentinel)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from pocoflow import cli_worker
 from pocoflow.cli import main
-from pocoflow.cli_worker import worker_argv
+from pocoflow.cli_worker import flower_argv, worker_argv
 
 
 def test_worker_argv_passes_pool_and_concurrency() -> None:
@@ -36,3 +36,20 @@ def test_the_cli_hands_the_pool_to_the_worker(monkeypatch: pytest.MonkeyPatch) -
     assert calls == [("m", 8, None, "info", {"pool": "threads"})]
     bad = CliRunner().invoke(main, ["worker", "--pool", "gevent"])
     assert bad.exit_code == 2 and "gevent" in bad.output
+
+
+def test_flower_runs_on_the_worker_app_with_a_bounded_task_list() -> None:
+    argv = flower_argv(port=5556, extra=["--max_tasks=50000", "--basic-auth=a:b"])
+    assert argv[:5] == ["-m", "celery", "-A", "workers.app", "flower"]
+    assert "--port=5556" in argv and "--address=127.0.0.1" in argv
+    # Extra arguments come last, so they override the defaults.
+    assert argv.index("--max_tasks=10000") < argv.index("--max_tasks=50000")
+    assert argv[-1] == "--basic-auth=a:b"
+
+
+def test_the_cli_passes_flower_its_own_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(cli_worker, "run_flower", lambda **kw: calls.append(kw))
+    result = CliRunner().invoke(main, ["flower", "--address", "0.0.0.0", "--", "--basic-auth=u:p"])
+    assert result.exit_code == 0, result.output
+    assert calls == [{"port": 5555, "address": "0.0.0.0", "extra": ("--basic-auth=u:p",)}]
