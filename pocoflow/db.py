@@ -484,16 +484,18 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
         dialect = self._dialect
         deleted, batches, after = 0, 0, ""
         while max_batches is None or batches < max_batches:
-            ids = self._read(
-                lambda conn, after=after: retention.candidates(conn, statuses, cutoff, after, batch)
-            )
+
+            def listing(conn: Connection, after: str = after) -> list[str]:
+                return retention.candidates(conn, statuses, cutoff, after, batch)
+
+            ids: list[str] = self._read(listing)
             if not ids:
                 break
             after = ids[-1]
-            deleted += self._write(
-                lambda conn, ids=ids: retention.delete_runs(conn, dialect, ids, statuses, cutoff),
-                f"pruning {len(ids)} runs",
-                None,
-            )
+
+            def deleting(conn: Connection, ids: list[str] = ids) -> int:
+                return retention.delete_runs(conn, dialect, ids, statuses, cutoff)
+
+            deleted += self._write(deleting, f"pruning {len(ids)} runs", None)
             batches += 1
         return deleted
