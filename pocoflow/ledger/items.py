@@ -392,6 +392,9 @@ _REOPEN = (
         attempt=_i.attempt + 1,
         status="queued",
         try_number=case((_i.status == "failed", 1), else_=_i.try_number),
+        # A resume is a new start: a poison item (failed after its crashes) gets its
+        # full count of worker losses again, as its tries start again at 1.
+        crashes=case((_i.status == "failed", 0), else_=_i.crashes),
         lease_owner=None,
         lease_expires_at=None,
         sent_at=None,

@@ -310,3 +310,46 @@ def test_items_being_published_by_a_live_worker_are_not_sent_twice(db):
     assert [r["idx"] for r in db.unsent_items(1.0, 3.0, now=104.0)] == [1]  # wp died
     assert db.items_published(RUN, 0, "wp") is True
     assert [r["idx"] for r in db.unsent_items(1.0, 3.0, now=102.0)] == [1]
+
+
+def test_a_live_publisher_that_never_says_done_does_not_hold_its_items_for_ever(db):
+    """A worker that committed a fan-out (or a resume's re-open) and then failed before
+    publishing (the ledger went away under ``_end``, an exception) keeps beating while
+    ``sending_by`` still names it: its unsent items must be sent after the publishing
+    window, or the run is stuck for as long as that worker lives."""
+    from pocoflow.ledger.itemrecovery import PUBLISH_WINDOW_S
+    from pocoflow.ledger.liveness import record_beat
+
+    db.create_run(RUN, "f", initial_store={}, status="running")
+    db.insert_step(RUN, 0, "M", lease_s=LEASE)
+    db.claim_step(RUN, 0, 1, "wp", LEASE, holder="wp#1")
+    db.fan_out(RUN, 0, 1, "wp#1", "wp", ['"a"', '"b"'], [], now=100.0)
+    late = 100.0 + PUBLISH_WINDOW_S + 1
+    record_beat(db, "wp", "h", 1, now=late)  # wp is alive and well, but never published
+    assert [r["idx"] for r in db.unsent_items(1.0, 3.0, now=late)] == [0, 1]
+    record_beat(db, "wp", "h", 1, now=102.0)
+    assert db.unsent_items(1.0, 3.0, now=102.0) == []  # within the window: left to wp
+
+
+def test_a_resume_forgets_the_crashes_of_a_poison_item(fanned):
+    """A poison item fails its run; the user fixes the node and resumes. Its tries start
+    again at 1 and so must its crash count: one ordinary worker loss later must not fail
+    the run again at once as a poison item."""
+    db = fanned
+    c = _c(0)
+    assert _claim(db, 0)[0]
+    # Lost with its worker once (crashes 1), then failed for good by the poison check.
+    assert db.take_over_item(RUN, 0, 0, 1, "w1#1", crashed=True) == 2
+    assert _claim(db, 0, holder="w2#1", attempt=2)[0]
+    c = _c(0, holder="w2#1", attempt=2)
+    assert db.fail_item(
+        c, error_json='{"type": "WorkerLost", "message": "x"}', error_msg="poison", events=[]
+    )
+    assert db.get_item(RUN, 0, 0)["crashes"] == 1
+    db.update_run_if(RUN, status_in=("failed",), status="running", error_msg=None)
+    db.take_over(RUN, 0, 1, LEASE, force=True)
+    assert db.claim_step(RUN, 0, 2, "w0", LEASE, holder="w0#2")
+    _state, todo = db.reopen_items(RUN, 0, 2, "w0#2", "w0")
+    assert [r["idx"] for r in todo] == [0, 1, 2]
+    row = db.get_item(RUN, 0, 0)
+    assert (row["status"], row["try_number"], row["crashes"]) == ("queued", 1, 0)
