@@ -16,7 +16,6 @@ completes the join publishes the map step again, for its join (``mapstep``).
 from __future__ import annotations
 
 import json
-import random
 from typing import Any
 
 from pocoflow import codec, usage
@@ -30,7 +29,6 @@ from pocoflow.distributed.executor import (
     DUPLICATE,
     FAILED,
     LEDGER_UNREACHABLE,
-    LIMIT_JITTER,
     LIMITED,
     LOST,
     MALFORMED,
@@ -43,6 +41,7 @@ from pocoflow.distributed.executor import (
     _unreachable,
     default_context,
     default_worker_id,
+    limit_delay,
     step_queue,
 )
 from pocoflow.distributed.graphs import mismatch_message
@@ -248,7 +247,7 @@ class _ItemRun:
         """The node's limits refused this item's call: hold no worker slot, send the item
         again for when it may start, under a new attempt with the same try."""
         msg = self.msg
-        delay = wait.wait_s * (1 + random.random() * LIMIT_JITTER)
+        delay = limit_delay(wait.wait_s)
         attempt = self.db.retry_item(self.claim, next_try=try_number, due_in=delay)
         if attempt is None:
             return LOST
