@@ -79,13 +79,53 @@ def _fan_out(sr: _StepRun, run: dict[str, Any], loaded: _Loaded, node: MapNode) 
         return _node_failed(sr, loaded, node, exc, [started], t0)
     if not values:  # nothing to fan out: post at once, as a plain step
         return _post(sr, run, loaded, node, [], [], [started], t0)
-    if not db.fan_out(msg.run_id, msg.step, msg.attempt, sr.holder, sr.worker, texts, [started]):
+    try:
+        prep_store = _prep_writes(loaded, msg.step)
+    except CodecError as exc:  # G7, as a plain step's commit would say
+        error = TypeError(f"MapNode {node.name!r} step {msg.step}: {exc}")
+        return _node_failed(sr, loaded, node, error, [started], t0)
+    if not db.fan_out(
+        msg.run_id,
+        msg.step,
+        msg.attempt,
+        sr.holder,
+        sr.worker,
+        texts,
+        [started],
+        prep_store=prep_store,
+    ):
         sr._end("lost", "lease taken over before the fan-out committed")
         return "lost"
     _parked(sr)
     _send(sr, run, node, [(idx, 1, 1) for idx in range(len(texts))])
     _log.info("Step %d of run %s: fanned out %d items", msg.step, msg.run_id, len(texts))
     return FANNED_OUT
+
+
+def _prep_writes(loaded: _Loaded, step: int) -> str | None:
+    """What ``prep`` wrote to the Store (keys set or changed, keys deleted), as the JSON
+    the join applies before ``post``: the join is another delivery, which loads the Store
+    of step-1 from the ledger. None if prep wrote nothing. Only for a step that fans out:
+    the diff moves the tracker on, and this delivery commits no checkpoint."""
+    before = loaded.tracker.manifest
+    manifest, changed = loaded.tracker.diff(loaded.store.as_dict(), step)
+    deleted = sorted(set(before) - set(manifest))
+    if not changed and not deleted:
+        return None
+    return json.dumps({"set": changed, "deleted": deleted})
+
+
+def _apply_prep_writes(sr: _StepRun, store: Any) -> None:
+    """The join: what ``prep`` wrote at the fan-out, written to the Store again."""
+    text = sr.db.get_prep_store(sr.msg.run_id, sr.msg.step)
+    if text is None:
+        return
+    writes = json.loads(text)
+    for key in writes["deleted"]:
+        if key in store:
+            del store[key]
+    for key, value in writes["set"].items():
+        store[key] = codec.decode(value, key=key)
 
 
 def _parked(sr: _StepRun) -> None:
@@ -118,6 +158,7 @@ def _join(sr: _StepRun, run: dict[str, Any], loaded: _Loaded, node: MapNode) -> 
     rows = sr.db.get_items(msg.run_id, msg.step, values_only=True)
     t0 = time.perf_counter()
     try:
+        _apply_prep_writes(sr, loaded.store)
         values = [codec.decode(r["item_json"], key=f"item {r['idx']}") for r in rows]
         results = [_result_of(r) for r in rows]
     except Exception as exc:

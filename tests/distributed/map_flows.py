@@ -193,3 +193,22 @@ class AsyncSquare(Square, AsyncNode):
 @flow("map_async")
 def map_async() -> Flow:
     return _map_flow(AsyncSquare())
+
+
+class PrepWrites(Square):
+    """A prep that writes to the Store (as a plain node's prep may): post reads it."""
+
+    def prep(self, store: Any) -> list[dict[str, Any]]:
+        items = super().prep(store)
+        store["planned"] = len(items)
+        store.update({"n": store["n"] * 10})  # changed, not only added
+        return items
+
+    def post(self, store: Any, items: list[Any], results: list[Any]) -> str:
+        store["summary"] = f"{store['planned']} planned, n={store['n']}"
+        return super().post(store, items, results)
+
+
+@flow("map_prep_writes")
+def map_prep_writes() -> Flow:
+    return _map_flow(PrepWrites())

@@ -279,3 +279,15 @@ def test_terminate_mid_fan_out_revokes_running_items_and_resume_finishes(live: C
         assert row["status"] in ("queued", "done") and row["attempt"] >= item["attempt"]
     handle.resume()
     assert finish(live, handle)["squares"] == [i * i for i in range(8)]
+
+
+def test_what_prep_writes_to_the_store_reaches_post_and_the_checkpoint(live: Cluster) -> None:
+    """A map step's prep runs at the fan-out and post at the join, in another delivery
+    (often another worker) that loads the Store from the ledger: what prep wrote must
+    reach post and the step's checkpoint, as in a local run and on a plain node."""
+    store = {"n": 3}
+    handle = live.submit("map_prep_writes", store)
+    result = finish(live, handle)
+    expected = local("map_prep_writes", store)
+    assert expected["summary"] == "3 planned, n=30"
+    assert result == expected
