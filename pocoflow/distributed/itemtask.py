@@ -181,6 +181,7 @@ class _ItemRun:
         node._limit_gate = (
             LimitGate(self.ctx.limiter, msg.flow, blocking=False) if limits_of(node) else None
         )
+        node._signals = self._no_waits
         try:
             # Usage reported by this item's exec is kept under its attempt and index.
             with usage.recording(
@@ -212,6 +213,16 @@ class _ItemRun:
         except CodecError as exc:  # G7: a result that would not round-trip, named
             return self._fail(f"MapNode {node.name!r} step {msg.step}: {exc}", cause=exc)
         return self._commit(run, text, None)
+
+    def _no_waits(self, key: str) -> Any:
+        """``wait_for`` in an item's exec: an item is not a step and cannot park its run
+        (its siblings run on), so it fails as the item's error, saying what to do."""
+        msg = self.msg
+        raise RuntimeError(
+            f"MapNode {self.node_name!r} item {msg.idx} of run {msg.run_id}: wait_for({key!r}) "
+            "cannot be called in a map item's exec on workers (an item cannot park the run); "
+            "call it in prep or post, or in a node before the map"
+        )
 
     def _commit(self, run: dict[str, Any], result: str | None, error: str | None) -> str:
         msg = self.msg

@@ -212,3 +212,22 @@ class PrepWrites(Square):
 @flow("map_prep_writes")
 def map_prep_writes() -> Flow:
     return _map_flow(PrepWrites())
+
+
+class WaitsInItem(MapNode):
+    """An item's exec asks for a human's value: not something an item can wait for."""
+
+    def prep(self, store: Any) -> list[int]:
+        return [0, 1]
+
+    def exec(self, item: int) -> Any:
+        return self.wait_for(f"ok-{item}")
+
+    def post(self, store: Any, items: list[Any], results: list[Any]) -> str:
+        store["got"] = results
+        return "default"
+
+
+@flow("map_waits_in_item")
+def map_waits_in_item() -> Flow:
+    return Flow(start=WaitsInItem(), max_steps=10)

@@ -291,3 +291,16 @@ def test_what_prep_writes_to_the_store_reaches_post_and_the_checkpoint(live: Clu
     expected = local("map_prep_writes", store)
     assert expected["summary"] == "3 planned, n=30"
     assert result == expected
+
+
+def test_wait_for_in_an_items_exec_fails_the_run_saying_why(live: Cluster) -> None:
+    """An item is not a step: it cannot park the run. The run fails naming the node, the
+    item and the fix, not with 'needs a run recorded in a ledger ... or submit it' (the
+    run was submitted)."""
+    handle = live.submit("map_waits_in_item", {})
+    with pytest.raises(RunFailed) as failed:
+        handle.wait(timeout=TIMEOUT_S)
+    message = str(failed.value)
+    assert "WaitsInItem" in message and "wait_for('ok-" in message
+    assert "map item" in message and "prep" in message
+    assert "submit it" not in message
