@@ -50,8 +50,10 @@ def run_map_step(sr: _StepRun, run: dict[str, Any], loaded: _Loaded) -> str:
     if state is not None and state["done"] >= state["total"]:
         return _join(sr, run, loaded, node)
     _parked(sr)
-    sr._end(FANNED_OUT_OUTCOME, None)
+    # Publish first: the re-opened items wait for this process (``sending_by``) until
+    # it has, so a ledger error closing the attempt row must not come before.
     _send(sr, run, node, [(r["idx"], r["attempt"], r["try_number"]) for r in todo])
+    sr._end(FANNED_OUT_OUTCOME, None)
     _log.info("Step %d of run %s: %d unfinished items sent again", msg.step, msg.run_id, len(todo))
     return FANNED_OUT
 
