@@ -231,3 +231,31 @@ class WaitsInItem(MapNode):
 @flow("map_waits_in_item")
 def map_waits_in_item() -> Flow:
     return Flow(start=WaitsInItem(), max_steps=10)
+
+
+def _crash_between_fan_out_and_publish() -> None:
+    """Workers of ``map_crash_after_fanout`` die (SIGKILL) right after the fan-out's
+    commit, before any item message is published: once per run (a marker file)."""
+    import signal
+    import tempfile
+
+    from pocoflow.distributed import mapstep
+
+    send = mapstep._send
+
+    def crashing(sr: Any, run: Any, node: Any, todo: Any) -> None:
+        marker = Path(tempfile.gettempdir()) / f"pocoflow-crash-{sr.msg.run_id}"
+        if sr.msg.flow == "map_crash_after_fanout" and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        send(sr, run, node, todo)
+
+    mapstep._send = crashing  # type: ignore[assignment]
+
+
+_crash_between_fan_out_and_publish()
+
+
+@flow("map_crash_after_fanout")
+def map_crash_after_fanout() -> Flow:
+    return _map_flow(Square())

@@ -304,3 +304,23 @@ def test_wait_for_in_an_items_exec_fails_the_run_saying_why(live: Cluster) -> No
     assert "WaitsInItem" in message and "wait_for('ok-" in message
     assert "map item" in message and "prep" in message
     assert "submit it" not in message
+
+
+def test_a_worker_killed_between_the_fan_out_commit_and_its_publish(live: Cluster) -> None:
+    """The fan-out committed its items (unsent) and its worker died before publishing
+    any: the sweeper sends them once the worker is found dead, each item runs once."""
+    import os
+
+    side = live.side_dir()
+    store = {"n": 12, "side_dir": str(side)}
+    handle = live.submit("map_crash_after_fanout", store)
+    result = finish(live, handle)
+    assert result["squares"] == [i * i for i in range(12)]
+    ran = execs(side, handle.run_id)
+    assert Counter(i for i, _, _ in ran) == {i: 1 for i in range(12)}
+    fanned = [a for a in live.db.get_attempts(handle.run_id) if a["outcome"] == "fanned_out"]
+    pid = int(fanned[0]["worker"].rpartition(":")[2])
+    with pytest.raises(ProcessLookupError):  # the fan-out's process died, as it should
+        os.kill(pid, 0)
+    assert pid not in {p for _, _, p in ran}
+    live.ensure_workers(2)
