@@ -259,3 +259,31 @@ _crash_between_fan_out_and_publish()
 @flow("map_crash_after_fanout")
 def map_crash_after_fanout() -> Flow:
     return _map_flow(Square())
+
+
+def _crash_between_last_item_commit_and_join_publish() -> None:
+    """Workers of ``map_crash_before_join`` die (SIGKILL) right after the item commit
+    that completed the join, before the join's message is published: once per run."""
+    import signal
+    import tempfile
+
+    from pocoflow.distributed import itemtask
+
+    message = itemtask.StepMessage
+
+    def crashing(run_id: str, flow_name: str, *args: Any, **kwargs: Any) -> Any:
+        marker = Path(tempfile.gettempdir()) / f"pocoflow-join-crash-{run_id}"
+        if flow_name == "map_crash_before_join" and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return message(run_id, flow_name, *args, **kwargs)
+
+    itemtask.StepMessage = crashing  # type: ignore[assignment,misc]
+
+
+_crash_between_last_item_commit_and_join_publish()
+
+
+@flow("map_crash_before_join")
+def map_crash_before_join() -> Flow:
+    return _map_flow(Square())

@@ -309,8 +309,6 @@ def test_wait_for_in_an_items_exec_fails_the_run_saying_why(live: Cluster) -> No
 def test_a_worker_killed_between_the_fan_out_commit_and_its_publish(live: Cluster) -> None:
     """The fan-out committed its items (unsent) and its worker died before publishing
     any: the sweeper sends them once the worker is found dead, each item runs once."""
-    import os
-
     side = live.side_dir()
     store = {"n": 12, "side_dir": str(side)}
     handle = live.submit("map_crash_after_fanout", store)
@@ -320,7 +318,34 @@ def test_a_worker_killed_between_the_fan_out_commit_and_its_publish(live: Cluste
     assert Counter(i for i, _, _ in ran) == {i: 1 for i in range(12)}
     fanned = [a for a in live.db.get_attempts(handle.run_id) if a["outcome"] == "fanned_out"]
     pid = int(fanned[0]["worker"].rpartition(":")[2])
-    with pytest.raises(ProcessLookupError):  # the fan-out's process died, as it should
-        os.kill(pid, 0)
+    assert not _alive(pid)  # the fan-out's process died, as it should
     assert pid not in {p for _, _, p in ran}
     live.ensure_workers(2)
+
+
+def test_a_worker_killed_between_the_last_item_commit_and_the_join_publish(
+    live: Cluster,
+) -> None:
+    """The item commit that completed the count re-queued the step (its outbox row) and
+    its worker died before publishing it: the sweeper sends it, the join runs once."""
+    side = live.side_dir()
+    store = {"n": 6, "side_dir": str(side)}
+    handle = live.submit("map_crash_before_join", store)
+    result = finish(live, handle)
+    assert result["squares"] == [i * i for i in range(6)] and result["finished"] is True
+    ran = execs(side, handle.run_id)
+    assert Counter(i for i, _, _ in ran) == {i: 1 for i in range(6)}
+    assert not all(_alive(pid) for _, _, pid in ran)  # the last item's process died
+    assert [c["step"] for c in live.db.get_checkpoints(handle.run_id)] == [0, 1]
+    outcomes = [a["outcome"] for a in live.db.get_attempts(handle.run_id) if a["step"] == 0]
+    assert outcomes == ["fanned_out", "committed"]
+    live.ensure_workers(2)
+
+
+def _alive(pid: int) -> bool:
+    """The process runs (a killed one not yet reaped by its parent is a zombie: dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
