@@ -28,6 +28,7 @@ from pocoflow.ledger.itemqueue import FANNED_OUT_OUTCOME
 from pocoflow.logging import get_logger
 from pocoflow.mapnode import MapNode, revive_error
 from pocoflow.step import utc_now
+from pocoflow.waiting import WaitingFor
 
 if TYPE_CHECKING:
     from pocoflow.distributed.executor import _Loaded, _StepRun
@@ -39,11 +40,29 @@ FANNED_OUT = FANNED_OUT_OUTCOME
 
 
 def run_map_step(sr: _StepRun, run: dict[str, Any], loaded: _Loaded) -> str:
-    """The claimed step of a MapNode: fan out, join, or re-open (module docstring)."""
+    """The claimed step of a MapNode: fan out, join, or re-open (module docstring).
+    ``wait_for`` in ``prep`` or ``post`` parks the run as a plain step's node does
+    (nothing of the step is committed: a woken step fans out, or joins, again)."""
+    from pocoflow.distributed.executor import LOST, MAX_WAKEUPS_IN_STEP
+
+    for _ in range(MAX_WAKEUPS_IN_STEP):
+        try:
+            return _run_map_step(sr, run, loaded)
+        except WaitingFor as waiting:
+            stop = sr._park(loaded, waiting)
+            if stop is not None:
+                return stop
+            loaded = sr._reload(loaded)  # the value came meanwhile: run again
+    sr._end(LOST, "woken too often in one step; the sweeper sends it again")
+    return LOST
+
+
+def _run_map_step(sr: _StepRun, run: dict[str, Any], loaded: _Loaded) -> str:
     msg, db = sr.msg, sr.db
     node = loaded.node
     assert isinstance(node, MapNode)
     node.run_id, node.step, node.attempt = msg.run_id, msg.step, msg.attempt
+    node._signals = lambda key: db.read_signal(msg.run_id, key, now=sr._now())
     if db.get_join(msg.run_id, msg.step) is None:
         return _fan_out(sr, run, loaded, node)
     state, todo = db.reopen_items(msg.run_id, msg.step, msg.attempt, sr.holder, sr.worker)

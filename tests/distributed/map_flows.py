@@ -287,3 +287,20 @@ _crash_between_last_item_commit_and_join_publish()
 @flow("map_crash_before_join")
 def map_crash_before_join() -> Flow:
     return _map_flow(Square())
+
+
+class ApprovedMap(Square):
+    """A human approves the fan-out (in prep) and the result (in post)."""
+
+    def prep(self, store: Any) -> list[dict[str, Any]]:
+        store["scale"] = self.wait_for("go")
+        return super().prep(store)
+
+    def post(self, store: Any, items: list[Any], results: list[Any]) -> str:
+        store["verdict"] = self.wait_for("verdict")
+        return super().post(store, items, results)
+
+
+@flow("map_approved")
+def map_approved() -> Flow:
+    return _map_flow(ApprovedMap())

@@ -349,3 +349,25 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_wait_for_in_a_map_steps_prep_and_post(live: Cluster) -> None:
+    """A MapNode's prep and post run in its step (fan-out and join): wait_for there
+    parks the run as in a plain node; the items run once, between the two waits."""
+    side = live.side_dir()
+    handle = live.submit("map_approved", {"n": 4, "side_dir": str(side)})
+
+    def waiting() -> bool:
+        status = live.db.get_run(handle.run_id)["status"]
+        assert status not in ("failed", "completed"), live.db.get_run(handle.run_id)
+        return status == "waiting"
+
+    wait_until(waiting, TIMEOUT_S)
+    assert execs(side, handle.run_id) == []
+    handle.send("go", 2)
+    wait_until(lambda: waiting() and len(execs(side, handle.run_id)) == 4, TIMEOUT_S)
+    handle.send("verdict", "fine")
+    result = finish(live, handle)
+    assert result["squares"] == [i * i for i in range(4)] and result["finished"] is True
+    assert (result["scale"], result["verdict"]) == (2, "fine")
+    assert Counter(i for i, _, _ in execs(side, handle.run_id)) == {i: 1 for i in range(4)}
