@@ -15,6 +15,7 @@ completes the join publishes the map step again, for its join (``mapstep``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -55,6 +56,12 @@ from pocoflow.registry import UnknownFlowError
 from pocoflow.step import RunCancelled, utc_now
 
 _log = get_logger("distributed.items")
+
+#: What an item's exec may raise that fails the item (its retry policy, then collect or
+#: fail the run): ``asyncio.CancelledError`` is a BaseException since Python 3.8, and a
+#: call cancelled inside a library must not escape the task, leaving the item running
+#: until its lease ran out and the sweeper sent it again, for ever.
+ITEM_FAILURES = (Exception, asyncio.CancelledError)
 
 
 def execute_item(
@@ -196,13 +203,13 @@ class _ItemRun:
             raise
         except LimitWait as wait:
             return self._wait_for_limit(run, node, wait, try_number)
-        except Exception as exc:
+        except ITEM_FAILURES as exc:
             tries = max(1, int(node.max_retries))
             if try_number < tries and node.is_retryable(exc):
                 return self._retry(run, node, exc, try_number)
             try:
                 result = node.exec_fallback(value, exc)
-            except Exception as final:
+            except ITEM_FAILURES as final:
                 try:
                     collected = node.item_outcome(msg.idx, final)
                 except ItemFailed as failed:
@@ -267,7 +274,9 @@ class _ItemRun:
         )
         return LIMITED
 
-    def _retry(self, run: dict[str, Any], node: MapNode, exc: Exception, try_number: int) -> str:
+    def _retry(
+        self, run: dict[str, Any], node: MapNode, exc: BaseException, try_number: int
+    ) -> str:
         msg = self.msg
         delay = node.delay_after(try_number)
         error = f"{type(exc).__name__}: {exc}"

@@ -304,3 +304,19 @@ class ApprovedMap(Square):
 @flow("map_approved")
 def map_approved() -> Flow:
     return _map_flow(ApprovedMap())
+
+
+class CancelledInItem(Square):
+    """Item 1's exec raises asyncio.CancelledError (a BaseException since Python 3.8),
+    as a library cancelled inside the call may."""
+
+    def exec(self, item: dict[str, Any]) -> int:
+        if item["i"] == 1:
+            _log_exec(item, self)
+            raise asyncio.CancelledError("the call was cancelled")
+        return super().exec(item)
+
+
+@flow("map_cancelled_error")
+def map_cancelled_error() -> Flow:
+    return _map_flow(CancelledInItem())

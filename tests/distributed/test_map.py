@@ -371,3 +371,16 @@ def test_wait_for_in_a_map_steps_prep_and_post(live: Cluster) -> None:
     assert result["squares"] == [i * i for i in range(4)] and result["finished"] is True
     assert (result["scale"], result["verdict"]) == (2, "fine")
     assert Counter(i for i, _, _ in execs(side, handle.run_id)) == {i: 1 for i in range(4)}
+
+
+def test_an_item_whose_exec_raises_a_base_exception_fails_instead_of_looping(
+    live: Cluster,
+) -> None:
+    """``asyncio.CancelledError`` is a BaseException: it escaped the item's failure
+    handling, the item stayed running until its lease ran out, and the sweeper sent it
+    again, for ever. It must fail the run naming the item, as any exception does."""
+    side = live.side_dir()
+    handle = live.submit("map_cancelled_error", {"n": 3, "side_dir": str(side)})
+    with pytest.raises(RunFailed, match="item 1"):
+        handle.wait(timeout=30)
+    assert Counter(i for i, _, _ in execs(side, handle.run_id))[1] == 1
