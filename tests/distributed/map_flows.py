@@ -320,3 +320,13 @@ class CancelledInItem(Square):
 @flow("map_cancelled_error")
 def map_cancelled_error() -> Flow:
     return _map_flow(CancelledInItem())
+
+
+class CancelledInStep(Node):
+    def exec(self, prep_result: Any) -> Any:
+        raise asyncio.CancelledError("the call was cancelled")
+
+
+@flow("step_cancelled_error")
+def step_cancelled_error() -> Flow:
+    return Flow(start=CancelledInStep(), max_steps=10)
