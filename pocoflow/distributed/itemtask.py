@@ -213,13 +213,29 @@ class _ItemRun:
                 try:
                     collected = node.item_outcome(msg.idx, final)
                 except ItemFailed as failed:
-                    return self._fail(str(failed), cause=final)
+                    outcome = self._fail(str(failed), cause=final)
+                    if outcome == FAILED:
+                        self._node_error_hook(failed)
+                    return outcome
                 return self._commit(run, None, json.dumps(error_record(collected)))
         try:
             text = codec.encode(result, key=f"item {msg.idx} result")
         except CodecError as exc:  # G7: a result that would not round-trip, named
             return self._fail(f"MapNode {node.name!r} step {msg.step}: {exc}", cause=exc)
         return self._commit(run, text, None)
+
+    def _node_error_hook(self, failed: ItemFailed) -> None:
+        """The flow's ``node_error`` hook, as a local run fires it when the item's
+        ``ItemFailed`` leaves the node: with the Store the map step started from (one
+        read, on this failure path only). A hook's error is logged, never raised."""
+        msg = self.msg
+        try:
+            flow, _graph = self.ctx.graphs.get(msg.flow)
+            store = self.db.load_store(msg.run_id, msg.step - 1)[0]
+        except Exception as exc:  # the run failed already: the hook is all we miss
+            _log.warning("Run %s: node_error hook of item %d skipped: %s", msg.run_id, msg.idx, exc)
+            return
+        flow._hooks.fire(NODE_ERROR, self.node_name, failed, store)
 
     def _no_waits(self, key: str) -> Any:
         """``wait_for`` in an item's exec: an item is not a step and cannot park its run

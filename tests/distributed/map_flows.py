@@ -330,3 +330,16 @@ class CancelledInStep(Node):
 @flow("step_cancelled_error")
 def step_cancelled_error() -> Flow:
     return Flow(start=CancelledInStep(), max_steps=10)
+
+
+@flow("map_fail_hooked")
+def map_fail_hooked() -> Flow:
+    """``map_fail`` whose node_error hook appends to ``<side_dir>/hooks``."""
+    built = map_fail()
+
+    def note(name: str, exc: BaseException, store: Any) -> None:
+        with open(Path(store["side_dir"]) / "hooks", "a", encoding="utf-8") as handle:
+            handle.write(f"node_error {name} {type(exc).__name__} {exc}\n")
+
+    built.on("node_error", note)
+    return built

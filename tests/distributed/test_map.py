@@ -398,3 +398,18 @@ def test_a_step_whose_exec_raises_a_base_exception_fails_instead_of_looping(
     handle = live.submit("step_cancelled_error", {})
     with pytest.raises(RunFailed, match="CancelledError"):
         handle.wait(timeout=30)
+
+
+def test_the_node_error_hook_fires_when_an_item_fails_the_run(live: Cluster) -> None:
+    """Locally an item out of tries raises ItemFailed out of the node and node_error
+    fires; on workers the item's task fails the run, and must fire it too (alerts)."""
+    side = live.side_dir()
+    store = {"n": 8, "side_dir": str(side)}
+    handle = live.submit("map_fail_hooked", store)
+    with pytest.raises(RunFailed, match="item 5"):
+        handle.wait(timeout=TIMEOUT_S)
+    hooks = side / "hooks"
+    wait_until(hooks.exists, 10)
+    lines = hooks.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("node_error FailingSquare ItemFailed")
+    assert "item 5" in lines[0]
