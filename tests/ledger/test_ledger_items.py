@@ -353,3 +353,31 @@ def test_a_resume_forgets_the_crashes_of_a_poison_item(fanned):
     assert [r["idx"] for r in todo] == [0, 1, 2]
     row = db.get_item(RUN, 0, 0)
     assert (row["status"], row["try_number"], row["crashes"]) == ("queued", 1, 0)
+
+
+def test_a_retry_a_dead_worker_held_is_sent_again_with_the_rest_of_its_backoff(fanned):
+    """A retry waits out its backoff in a worker's memory (a countdown message). If that
+    worker dies, the re-send keeps what is left of the backoff, as a step's does, rather
+    than running the retry at once."""
+    from pocoflow.distributed.sweeper import sweep
+    from pocoflow.ledger.liveness import record_beat
+
+    db = fanned
+    db.mark_items_sent([(RUN, 0, i, 1) for i in range(3)])
+    t = db.clock()
+    assert _claim(db, 1)[0]
+    assert db.retry_item(_c(1), next_try=2, due_in=30.0) == 2
+    db.mark_items_sent([(RUN, 0, 1, 2)])
+    record_beat(db, "wdead", "h", 1, [(RUN, 0, 1, 2)], now=t)
+    assert db.get_item(RUN, 0, 1)["received_by"] == "wdead"
+    sent: list = []
+
+    def publish(message, queue=None, **kwargs) -> bool:
+        sent.append((message, kwargs))
+        return True
+
+    report = sweep(db, publish, lease_s=LEASE, now=t + 5, dead_after_s=3.0)
+    assert report.items == [(RUN, 0, 1)]
+    message, kwargs = sent[-1]
+    assert (message.idx, message.attempt, message.try_number) == (1, 2, 2)
+    assert 20.0 < kwargs.get("countdown", 0.0) <= 25.5
