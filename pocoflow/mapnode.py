@@ -14,6 +14,7 @@ distributed executor fans the same items out as tasks.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -53,12 +54,24 @@ class ItemError(Exception):
         return f"ItemError({self.type_name}: {self.args[0]!r})"
 
 
-def error_record(exc: BaseException) -> dict[str, str]:
-    """What the ledger keeps of an item's exception: its type name and message (JSON)."""
-    return {"type": type(exc).__name__, "message": str(exc)}
+def error_record(exc: BaseException) -> dict[str, Any]:
+    """What the ledger keeps of an item's exception: its type name and message, and its
+    constructor arguments when they are plain JSON (so a built-in comes back as a local
+    run hands it to ``post``: a KeyError's key, an OSError's errno and filename)."""
+    record: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    args = list(exc.args)
+    if isinstance(exc, OSError) and len(args) == 2 and exc.filename is not None:
+        # OSError(errno, strerror, filename, winerror, filename2): args keep only two.
+        args += [exc.filename, None, exc.filename2] if exc.filename2 is not None else [exc.filename]
+    try:
+        if json.loads(json.dumps(args)) == args:
+            record["args"] = args
+    except (TypeError, ValueError):
+        pass  # not plain JSON: the message stands for them
+    return record
 
 
-def revive_error(record: dict[str, str]) -> Exception:
+def revive_error(record: dict[str, Any]) -> Exception:
     """The exception ``error_record`` described: the built-in type again when it is one
     (``ValueError("bad")``), else an ``ItemError`` naming the type. Never imports."""
     import builtins
@@ -66,10 +79,12 @@ def revive_error(record: dict[str, str]) -> Exception:
     cls = getattr(builtins, str(record.get("type")), None)
     message = str(record.get("message", ""))
     if isinstance(cls, type) and issubclass(cls, Exception):
-        try:
-            return cls(message)
-        except Exception:  # a built-in with another signature (UnicodeDecodeError)
-            pass
+        args = record.get("args")
+        for given in ([args] if isinstance(args, list) else []) + [[message]]:
+            try:
+                return cls(*given)
+            except Exception:  # a built-in with another signature (UnicodeDecodeError)
+                continue
     return ItemError(str(record.get("type")), message)
 
 

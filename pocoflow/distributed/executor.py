@@ -91,6 +91,14 @@ LIMIT_JITTER = 0.1
 LIMIT_JITTER_CAP_S = 0.1
 
 
+def limit_delay(wait_s: float) -> float:
+    """When a call the limits refused comes again: its wait plus a little jitter, so the
+    waiters of one key do not all come back at one instant; capped, since the limiter
+    gives each waiter its own turn: 10% of a long turn would leave its place unused
+    meanwhile (a rate run below its limit)."""
+    return wait_s + random.random() * min(wait_s * LIMIT_JITTER, LIMIT_JITTER_CAP_S)
+
+
 def step_queue(run: dict[str, Any], node: Node | None) -> str | None:
     """The queue a step of ``node`` goes to: the node's ``queue``, else the run's."""
     return getattr(node, "queue", None) or run.get("queue")
@@ -692,10 +700,7 @@ class _StepRun:
         when it may start, under a new attempt with the same try (no retry is spent)."""
         msg = self.msg
         self._end(LIMITED, str(wait))
-        # A little jitter so the waiters of one key do not all come back at one instant;
-        # capped, since the limiter gives each waiter its own turn: 10% of a long turn
-        # would leave its place unused meanwhile (a rate run below its limit).
-        delay = wait.wait_s + random.random() * min(wait.wait_s * LIMIT_JITTER, LIMIT_JITTER_CAP_S)
+        delay = limit_delay(wait.wait_s)
         if self._send_again(run, loaded, msg.try_number, delay) is None:
             return LOST
         _log.debug("Step %d of run %s: %s", msg.step, msg.run_id, wait)

@@ -143,11 +143,13 @@ def _recover(
                 owner,
                 attempt,
             )
+            later: dict[str, float] = {}  # taken over: due now
         elif db.release_received_item(*key, row["attempt"], row["received_by"]):
-            attempt = row["attempt"]
+            # A retry or limit wait the dead process held keeps the rest of its wait.
+            attempt, later = row["attempt"], _later(row, now)
         else:
             continue
-        if publish(_message(row, attempt), queue=row["queue"]):
+        if publish(_message(row, attempt), queue=row["queue"], **later):
             sent.append(key)
     return sent
 

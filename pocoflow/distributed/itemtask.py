@@ -15,8 +15,8 @@ completes the join publishes the map step again, for its join (``mapstep``).
 
 from __future__ import annotations
 
+import asyncio
 import json
-import random
 from typing import Any
 
 from pocoflow import codec, usage
@@ -30,7 +30,6 @@ from pocoflow.distributed.executor import (
     DUPLICATE,
     FAILED,
     LEDGER_UNREACHABLE,
-    LIMIT_JITTER,
     LIMITED,
     LOST,
     MALFORMED,
@@ -43,6 +42,7 @@ from pocoflow.distributed.executor import (
     _unreachable,
     default_context,
     default_worker_id,
+    limit_delay,
     step_queue,
 )
 from pocoflow.distributed.graphs import mismatch_message
@@ -56,6 +56,12 @@ from pocoflow.registry import UnknownFlowError
 from pocoflow.step import RunCancelled, utc_now
 
 _log = get_logger("distributed.items")
+
+#: What an item's exec may raise that fails the item (its retry policy, then collect or
+#: fail the run): ``asyncio.CancelledError`` is a BaseException since Python 3.8, and a
+#: call cancelled inside a library must not escape the task, leaving the item running
+#: until its lease ran out and the sweeper sent it again, for ever.
+ITEM_FAILURES = (Exception, asyncio.CancelledError)
 
 
 def execute_item(
@@ -182,6 +188,7 @@ class _ItemRun:
         node._limit_gate = (
             LimitGate(self.ctx.limiter, msg.flow, blocking=False) if limits_of(node) else None
         )
+        node._signals = self._no_waits
         try:
             # Usage reported by this item's exec is kept under its attempt and index.
             with usage.recording(
@@ -196,23 +203,49 @@ class _ItemRun:
             raise
         except LimitWait as wait:
             return self._wait_for_limit(run, node, wait, try_number)
-        except Exception as exc:
+        except ITEM_FAILURES as exc:
             tries = max(1, int(node.max_retries))
             if try_number < tries and node.is_retryable(exc):
                 return self._retry(run, node, exc, try_number)
             try:
                 result = node.exec_fallback(value, exc)
-            except Exception as final:
+            except ITEM_FAILURES as final:
                 try:
                     collected = node.item_outcome(msg.idx, final)
                 except ItemFailed as failed:
-                    return self._fail(str(failed), cause=final)
+                    outcome = self._fail(str(failed), cause=final)
+                    if outcome == FAILED:
+                        self._node_error_hook(failed)
+                    return outcome
                 return self._commit(run, None, json.dumps(error_record(collected)))
         try:
             text = codec.encode(result, key=f"item {msg.idx} result")
         except CodecError as exc:  # G7: a result that would not round-trip, named
             return self._fail(f"MapNode {node.name!r} step {msg.step}: {exc}", cause=exc)
         return self._commit(run, text, None)
+
+    def _node_error_hook(self, failed: ItemFailed) -> None:
+        """The flow's ``node_error`` hook, as a local run fires it when the item's
+        ``ItemFailed`` leaves the node: with the Store the map step started from (one
+        read, on this failure path only). A hook's error is logged, never raised."""
+        msg = self.msg
+        try:
+            flow, _graph = self.ctx.graphs.get(msg.flow)
+            store = self.db.load_store(msg.run_id, msg.step - 1)[0]
+        except Exception as exc:  # the run failed already: the hook is all we miss
+            _log.warning("Run %s: node_error hook of item %d skipped: %s", msg.run_id, msg.idx, exc)
+            return
+        flow._hooks.fire(NODE_ERROR, self.node_name, failed, store)
+
+    def _no_waits(self, key: str) -> Any:
+        """``wait_for`` in an item's exec: an item is not a step and cannot park its run
+        (its siblings run on), so it fails as the item's error, saying what to do."""
+        msg = self.msg
+        raise RuntimeError(
+            f"MapNode {self.node_name!r} item {msg.idx} of run {msg.run_id}: wait_for({key!r}) "
+            "cannot be called in a map item's exec on workers (an item cannot park the run); "
+            "call it in prep or post, or in a node before the map"
+        )
 
     def _commit(self, run: dict[str, Any], result: str | None, error: str | None) -> str:
         msg = self.msg
@@ -248,7 +281,7 @@ class _ItemRun:
         """The node's limits refused this item's call: hold no worker slot, send the item
         again for when it may start, under a new attempt with the same try."""
         msg = self.msg
-        delay = wait.wait_s * (1 + random.random() * LIMIT_JITTER)
+        delay = limit_delay(wait.wait_s)
         attempt = self.db.retry_item(self.claim, next_try=try_number, due_in=delay)
         if attempt is None:
             return LOST
@@ -257,7 +290,9 @@ class _ItemRun:
         )
         return LIMITED
 
-    def _retry(self, run: dict[str, Any], node: MapNode, exc: Exception, try_number: int) -> str:
+    def _retry(
+        self, run: dict[str, Any], node: MapNode, exc: BaseException, try_number: int
+    ) -> str:
         msg = self.msg
         delay = node.delay_after(try_number)
         error = f"{type(exc).__name__}: {exc}"

@@ -28,6 +28,7 @@ from pocoflow.ledger.itemqueue import FANNED_OUT_OUTCOME
 from pocoflow.logging import get_logger
 from pocoflow.mapnode import MapNode, revive_error
 from pocoflow.step import utc_now
+from pocoflow.waiting import WaitingFor
 
 if TYPE_CHECKING:
     from pocoflow.distributed.executor import _Loaded, _StepRun
@@ -39,19 +40,39 @@ FANNED_OUT = FANNED_OUT_OUTCOME
 
 
 def run_map_step(sr: _StepRun, run: dict[str, Any], loaded: _Loaded) -> str:
-    """The claimed step of a MapNode: fan out, join, or re-open (module docstring)."""
+    """The claimed step of a MapNode: fan out, join, or re-open (module docstring).
+    ``wait_for`` in ``prep`` or ``post`` parks the run as a plain step's node does
+    (nothing of the step is committed: a woken step fans out, or joins, again)."""
+    from pocoflow.distributed.executor import LOST, MAX_WAKEUPS_IN_STEP
+
+    for _ in range(MAX_WAKEUPS_IN_STEP):
+        try:
+            return _run_map_step(sr, run, loaded)
+        except WaitingFor as waiting:
+            stop = sr._park(loaded, waiting)
+            if stop is not None:
+                return stop
+            loaded = sr._reload(loaded)  # the value came meanwhile: run again
+    sr._end(LOST, "woken too often in one step; the sweeper sends it again")
+    return LOST
+
+
+def _run_map_step(sr: _StepRun, run: dict[str, Any], loaded: _Loaded) -> str:
     msg, db = sr.msg, sr.db
     node = loaded.node
     assert isinstance(node, MapNode)
     node.run_id, node.step, node.attempt = msg.run_id, msg.step, msg.attempt
+    node._signals = lambda key: db.read_signal(msg.run_id, key, now=sr._now())
     if db.get_join(msg.run_id, msg.step) is None:
         return _fan_out(sr, run, loaded, node)
     state, todo = db.reopen_items(msg.run_id, msg.step, msg.attempt, sr.holder, sr.worker)
     if state is not None and state["done"] >= state["total"]:
         return _join(sr, run, loaded, node)
     _parked(sr)
-    sr._end(FANNED_OUT_OUTCOME, None)
+    # Publish first: the re-opened items wait for this process (``sending_by``) until
+    # it has, so a ledger error closing the attempt row must not come before.
     _send(sr, run, node, [(r["idx"], r["attempt"], r["try_number"]) for r in todo])
+    sr._end(FANNED_OUT_OUTCOME, None)
     _log.info("Step %d of run %s: %d unfinished items sent again", msg.step, msg.run_id, len(todo))
     return FANNED_OUT
 
@@ -79,13 +100,53 @@ def _fan_out(sr: _StepRun, run: dict[str, Any], loaded: _Loaded, node: MapNode) 
         return _node_failed(sr, loaded, node, exc, [started], t0)
     if not values:  # nothing to fan out: post at once, as a plain step
         return _post(sr, run, loaded, node, [], [], [started], t0)
-    if not db.fan_out(msg.run_id, msg.step, msg.attempt, sr.holder, sr.worker, texts, [started]):
+    try:
+        prep_store = _prep_writes(loaded, msg.step)
+    except CodecError as exc:  # G7, as a plain step's commit would say
+        error = TypeError(f"MapNode {node.name!r} step {msg.step}: {exc}")
+        return _node_failed(sr, loaded, node, error, [started], t0)
+    if not db.fan_out(
+        msg.run_id,
+        msg.step,
+        msg.attempt,
+        sr.holder,
+        sr.worker,
+        texts,
+        [started],
+        prep_store=prep_store,
+    ):
         sr._end("lost", "lease taken over before the fan-out committed")
         return "lost"
     _parked(sr)
     _send(sr, run, node, [(idx, 1, 1) for idx in range(len(texts))])
     _log.info("Step %d of run %s: fanned out %d items", msg.step, msg.run_id, len(texts))
     return FANNED_OUT
+
+
+def _prep_writes(loaded: _Loaded, step: int) -> str | None:
+    """What ``prep`` wrote to the Store (keys set or changed, keys deleted), as the JSON
+    the join applies before ``post``: the join is another delivery, which loads the Store
+    of step-1 from the ledger. None if prep wrote nothing. Only for a step that fans out:
+    the diff moves the tracker on, and this delivery commits no checkpoint."""
+    before = loaded.tracker.manifest
+    manifest, changed = loaded.tracker.diff(loaded.store.as_dict(), step)
+    deleted = sorted(set(before) - set(manifest))
+    if not changed and not deleted:
+        return None
+    return json.dumps({"set": changed, "deleted": deleted})
+
+
+def _apply_prep_writes(sr: _StepRun, store: Any) -> None:
+    """The join: what ``prep`` wrote at the fan-out, written to the Store again."""
+    text = sr.db.get_prep_store(sr.msg.run_id, sr.msg.step)
+    if text is None:
+        return
+    writes = json.loads(text)
+    for key in writes["deleted"]:
+        if key in store:
+            del store[key]
+    for key, value in writes["set"].items():
+        store[key] = codec.decode(value, key=key)
 
 
 def _parked(sr: _StepRun) -> None:
@@ -118,6 +179,7 @@ def _join(sr: _StepRun, run: dict[str, Any], loaded: _Loaded, node: MapNode) -> 
     rows = sr.db.get_items(msg.run_id, msg.step, values_only=True)
     t0 = time.perf_counter()
     try:
+        _apply_prep_writes(sr, loaded.store)
         values = [codec.decode(r["item_json"], key=f"item {r['idx']}") for r in rows]
         results = [_result_of(r) for r in rows]
     except Exception as exc:

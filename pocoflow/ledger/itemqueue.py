@@ -28,12 +28,16 @@ class ItemQueue(LedgerClient):
         item_texts: Sequence[str],
         events: list[dict[str, Any]],
         now: float | None = None,
+        prep_store: str | None = None,
     ) -> bool:
-        """Write the items (codec texts, in order), the join row, the step's events and
-        park the step, iff ``holder``'s claim of ``attempt`` still holds it. After this
-        commit ``prep`` never runs again for the step: its items come from the ledger."""
+        """Write the items (codec texts, in order), the join row (``prep_store``: what
+        prep wrote to the Store, for the join), the step's events and park the step, iff
+        ``holder``'s claim of ``attempt`` still holds it. After this commit ``prep``
+        never runs again for the step: its items come from the ledger."""
         end = steps.end_attempt_op(run_id, step, attempt, worker, FANNED_OUT_OUTCOME, now)
-        ops = items.fan_out_ops(run_id, step, attempt, holder, worker, item_texts, events, end, now)
+        ops = items.fan_out_ops(
+            run_id, step, attempt, holder, worker, item_texts, events, end, now, prep_store
+        )
 
         def body(conn: Any) -> bool:
             if not pipeline.run(conn, ops):
@@ -158,6 +162,10 @@ class ItemQueue(LedgerClient):
         return self._read(
             lambda conn: items.all_items(conn, run_id, step, values_only=values_only), run_id
         )
+
+    def get_prep_store(self, run_id: str, step: int) -> str | None:
+        """What the map step's ``prep`` wrote to the Store at its fan-out (JSON), or None."""
+        return self._read(lambda conn: items.prep_store(conn, run_id, step), run_id)
 
     def get_join(self, run_id: str, step: int) -> dict[str, Any] | None:
         """``done``, ``total`` and the step row's state, or None: not fanned out."""

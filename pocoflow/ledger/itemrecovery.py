@@ -28,6 +28,12 @@ from pocoflow.ledger.tables import (
     pf_workers,
 )
 
+#: How long the process publishing a step's items (``sending_by``) is trusted to be
+#: doing so while it beats: ten thousand messages take a few seconds, so a minute means
+#: the publish never happened (the process failed between the commit and its publish,
+#: yet lives on), and the sweeper sends them; a copy too many is refused by the claim.
+PUBLISH_WINDOW_S = 60.0
+
 _i = pf_items.c
 _j = pf_joins.c
 _s = pf_steps.c
@@ -54,13 +60,15 @@ def unsent(
 ) -> list[dict[str, Any]]:
     """Queued items of live runs whose message was never published (the fan-out's or a
     retry's publisher died, the broker was down), due more than ``older_than_s`` ago,
-    unless the process publishing the step's items (``sending_by``) still beats: a
-    thousand messages take longer than the grace, and re-sending them would double them."""
+    unless the process publishing the step's items (``sending_by``) still beats and they
+    were queued less than ``PUBLISH_WINDOW_S`` ago: a thousand messages take longer than
+    the grace, and re-sending them would double them."""
     clock = DbEpoch() if now is None else literal(float(now), Float)
     publishing = (
         select(_j.run_id)
         .join(pf_workers, _w.worker_id == _j.sending_by)
         .where(_j.run_id == _i.run_id, _j.step == _i.step, _w.beat_at >= clock - dead_after_s)
+        .where(_i.queued_at >= clock - PUBLISH_WINDOW_S)
         .exists()
     )
     stmt = (

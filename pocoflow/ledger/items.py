@@ -199,12 +199,14 @@ def fan_out_ops(
     step_events: list[dict[str, Any]],
     end_attempt: Op,
     now: float | None,
+    prep_store: str | None = None,
 ) -> list[Op]:
-    """The fan-out's batch: park the step (fenced on ``holder``'s claim), the join row,
-    every item row in one executemany, the step's events and its attempt row closed."""
+    """The fan-out's batch: park the step (fenced on ``holder``'s claim), the join row
+    (with what prep wrote to the Store), every item row in one executemany, the step's
+    events and its attempt row closed."""
     park = {"b_run_id": run_id, "b_step": step, "b_attempt": attempt, "b_holder": holder}
     join = {"run_id": run_id, "step": step, "total": len(item_texts), "done": 0, "now": now}
-    join["sending_by"] = worker
+    join.update(sending_by=worker, prep_store=prep_store)
     rows = [
         {
             "run_id": run_id,
@@ -358,6 +360,12 @@ def all_items(
     return [dict(r) for r in conn.execute(stmt).mappings()]
 
 
+def prep_store(conn: Connection, run_id: str, step: int) -> str | None:
+    """What the step's ``prep`` wrote to the Store at the fan-out (JSON), or None."""
+    stmt = select(_j.prep_store).where(_j.run_id == run_id, _j.step == step)
+    return conn.execute(stmt).scalar()
+
+
 def join_state(conn: Connection, run_id: str, step: int) -> dict[str, Any] | None:
     """The join of a map step with its step row, or None: the step never fanned out."""
     return _state(
@@ -392,6 +400,9 @@ _REOPEN = (
         attempt=_i.attempt + 1,
         status="queued",
         try_number=case((_i.status == "failed", 1), else_=_i.try_number),
+        # A resume is a new start: a poison item (failed after its crashes) gets its
+        # full count of worker losses again, as its tries start again at 1.
+        crashes=case((_i.status == "failed", 0), else_=_i.crashes),
         lease_owner=None,
         lease_expires_at=None,
         sent_at=None,

@@ -6,7 +6,8 @@ the same thing step by step (0001 = the pocoflow 0.2.1 schema, 0002 = our additi
 received a step's message, 0005 = the partial indexes that keep the sweeper's cost
 independent of how many finished runs the ledger holds, 0007 = the queue of each step,
 0008 = usage rows and run budgets, 0009 = the values sent to runs that wait for them:
-``wait_for``/``send``, 0010 = map items and joins), and
+``wait_for``/``send``, 0010 = map items and joins, 0011 = what a map step's prep wrote,
+kept for its join), and
 a test compares the two. The 0.2 table and column names are kept so 0.2 readers (the
 Streamlit monitor, users' SQL) keep working.
 
@@ -351,6 +352,10 @@ pf_joins = Table(
     # The worker process publishing the step's item messages (fan-out, re-open), NULL
     # once all are out: its unsent items are not re-sent while it lives and publishes.
     Column("sending_by", Text),
+    # 0011: what ``prep`` wrote to the Store at the fan-out (JSON: ``{"set": {key: codec
+    # text}, "deleted": [key]}``), NULL if nothing: the join, another delivery that loads
+    # the Store of step-1, applies it before ``post``, as a local run's post sees it.
+    Column("prep_store", Text),
     PrimaryKeyConstraint("run_id", "step", name="pk_pf_joins"),
     _run_fk("pf_joins"),
 )

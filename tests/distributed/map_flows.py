@@ -193,3 +193,153 @@ class AsyncSquare(Square, AsyncNode):
 @flow("map_async")
 def map_async() -> Flow:
     return _map_flow(AsyncSquare())
+
+
+class PrepWrites(Square):
+    """A prep that writes to the Store (as a plain node's prep may): post reads it."""
+
+    def prep(self, store: Any) -> list[dict[str, Any]]:
+        items = super().prep(store)
+        store["planned"] = len(items)
+        store.update({"n": store["n"] * 10})  # changed, not only added
+        return items
+
+    def post(self, store: Any, items: list[Any], results: list[Any]) -> str:
+        store["summary"] = f"{store['planned']} planned, n={store['n']}"
+        return super().post(store, items, results)
+
+
+@flow("map_prep_writes")
+def map_prep_writes() -> Flow:
+    return _map_flow(PrepWrites())
+
+
+class WaitsInItem(MapNode):
+    """An item's exec asks for a human's value: not something an item can wait for."""
+
+    def prep(self, store: Any) -> list[int]:
+        return [0, 1]
+
+    def exec(self, item: int) -> Any:
+        return self.wait_for(f"ok-{item}")
+
+    def post(self, store: Any, items: list[Any], results: list[Any]) -> str:
+        store["got"] = results
+        return "default"
+
+
+@flow("map_waits_in_item")
+def map_waits_in_item() -> Flow:
+    return Flow(start=WaitsInItem(), max_steps=10)
+
+
+def _crash_between_fan_out_and_publish() -> None:
+    """Workers of ``map_crash_after_fanout`` die (SIGKILL) right after the fan-out's
+    commit, before any item message is published: once per run (a marker file)."""
+    import signal
+    import tempfile
+
+    from pocoflow.distributed import mapstep
+
+    send = mapstep._send
+
+    def crashing(sr: Any, run: Any, node: Any, todo: Any) -> None:
+        marker = Path(tempfile.gettempdir()) / f"pocoflow-crash-{sr.msg.run_id}"
+        if sr.msg.flow == "map_crash_after_fanout" and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        send(sr, run, node, todo)
+
+    mapstep._send = crashing  # type: ignore[assignment]
+
+
+_crash_between_fan_out_and_publish()
+
+
+@flow("map_crash_after_fanout")
+def map_crash_after_fanout() -> Flow:
+    return _map_flow(Square())
+
+
+def _crash_between_last_item_commit_and_join_publish() -> None:
+    """Workers of ``map_crash_before_join`` die (SIGKILL) right after the item commit
+    that completed the join, before the join's message is published: once per run."""
+    import signal
+    import tempfile
+
+    from pocoflow.distributed import itemtask
+
+    message = itemtask.StepMessage
+
+    def crashing(run_id: str, flow_name: str, *args: Any, **kwargs: Any) -> Any:
+        marker = Path(tempfile.gettempdir()) / f"pocoflow-join-crash-{run_id}"
+        if flow_name == "map_crash_before_join" and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return message(run_id, flow_name, *args, **kwargs)
+
+    itemtask.StepMessage = crashing  # type: ignore[assignment,misc]
+
+
+_crash_between_last_item_commit_and_join_publish()
+
+
+@flow("map_crash_before_join")
+def map_crash_before_join() -> Flow:
+    return _map_flow(Square())
+
+
+class ApprovedMap(Square):
+    """A human approves the fan-out (in prep) and the result (in post)."""
+
+    def prep(self, store: Any) -> list[dict[str, Any]]:
+        store["scale"] = self.wait_for("go")
+        return super().prep(store)
+
+    def post(self, store: Any, items: list[Any], results: list[Any]) -> str:
+        store["verdict"] = self.wait_for("verdict")
+        return super().post(store, items, results)
+
+
+@flow("map_approved")
+def map_approved() -> Flow:
+    return _map_flow(ApprovedMap())
+
+
+class CancelledInItem(Square):
+    """Item 1's exec raises asyncio.CancelledError (a BaseException since Python 3.8),
+    as a library cancelled inside the call may."""
+
+    def exec(self, item: dict[str, Any]) -> int:
+        if item["i"] == 1:
+            _log_exec(item, self)
+            raise asyncio.CancelledError("the call was cancelled")
+        return super().exec(item)
+
+
+@flow("map_cancelled_error")
+def map_cancelled_error() -> Flow:
+    return _map_flow(CancelledInItem())
+
+
+class CancelledInStep(Node):
+    def exec(self, prep_result: Any) -> Any:
+        raise asyncio.CancelledError("the call was cancelled")
+
+
+@flow("step_cancelled_error")
+def step_cancelled_error() -> Flow:
+    return Flow(start=CancelledInStep(), max_steps=10)
+
+
+@flow("map_fail_hooked")
+def map_fail_hooked() -> Flow:
+    """``map_fail`` whose node_error hook appends to ``<side_dir>/hooks``."""
+    built = map_fail()
+
+    def note(name: str, exc: BaseException, store: Any) -> None:
+        with open(Path(store["side_dir"]) / "hooks", "a", encoding="utf-8") as handle:
+            handle.write(f"node_error {name} {type(exc).__name__} {exc}\n")
+
+    built.on("node_error", note)
+    return built

@@ -279,3 +279,137 @@ def test_terminate_mid_fan_out_revokes_running_items_and_resume_finishes(live: C
         assert row["status"] in ("queued", "done") and row["attempt"] >= item["attempt"]
     handle.resume()
     assert finish(live, handle)["squares"] == [i * i for i in range(8)]
+
+
+def test_what_prep_writes_to_the_store_reaches_post_and_the_checkpoint(live: Cluster) -> None:
+    """A map step's prep runs at the fan-out and post at the join, in another delivery
+    (often another worker) that loads the Store from the ledger: what prep wrote must
+    reach post and the step's checkpoint, as in a local run and on a plain node."""
+    store = {"n": 3}
+    handle = live.submit("map_prep_writes", store)
+    result = finish(live, handle)
+    expected = local("map_prep_writes", store)
+    assert expected["summary"] == "3 planned, n=30"
+    assert result == expected
+
+
+def test_wait_for_in_an_items_exec_fails_the_run_saying_why(live: Cluster) -> None:
+    """An item is not a step: it cannot park the run. The run fails naming the node, the
+    item and the fix, not with 'needs a run recorded in a ledger ... or submit it' (the
+    run was submitted)."""
+    handle = live.submit("map_waits_in_item", {})
+    with pytest.raises(RunFailed) as failed:
+        handle.wait(timeout=TIMEOUT_S)
+    message = str(failed.value)
+    assert "WaitsInItem" in message and "wait_for('ok-" in message
+    assert "map item" in message and "prep" in message
+    assert "submit it" not in message
+
+
+def test_a_worker_killed_between_the_fan_out_commit_and_its_publish(live: Cluster) -> None:
+    """The fan-out committed its items (unsent) and its worker died before publishing
+    any: the sweeper sends them once the worker is found dead, each item runs once."""
+    side = live.side_dir()
+    store = {"n": 12, "side_dir": str(side)}
+    handle = live.submit("map_crash_after_fanout", store)
+    result = finish(live, handle)
+    assert result["squares"] == [i * i for i in range(12)]
+    ran = execs(side, handle.run_id)
+    assert Counter(i for i, _, _ in ran) == {i: 1 for i in range(12)}
+    fanned = [a for a in live.db.get_attempts(handle.run_id) if a["outcome"] == "fanned_out"]
+    pid = int(fanned[0]["worker"].rpartition(":")[2])
+    assert not _alive(pid)  # the fan-out's process died, as it should
+    assert pid not in {p for _, _, p in ran}
+    live.ensure_workers(2)
+
+
+def test_a_worker_killed_between_the_last_item_commit_and_the_join_publish(
+    live: Cluster,
+) -> None:
+    """The item commit that completed the count re-queued the step (its outbox row) and
+    its worker died before publishing it: the sweeper sends it, the join runs once."""
+    side = live.side_dir()
+    store = {"n": 6, "side_dir": str(side)}
+    handle = live.submit("map_crash_before_join", store)
+    result = finish(live, handle)
+    assert result["squares"] == [i * i for i in range(6)] and result["finished"] is True
+    ran = execs(side, handle.run_id)
+    assert Counter(i for i, _, _ in ran) == {i: 1 for i in range(6)}
+    assert not all(_alive(pid) for _, _, pid in ran)  # the last item's process died
+    assert [c["step"] for c in live.db.get_checkpoints(handle.run_id)] == [0, 1]
+    outcomes = [a["outcome"] for a in live.db.get_attempts(handle.run_id) if a["step"] == 0]
+    assert outcomes == ["fanned_out", "committed"]
+    live.ensure_workers(2)
+
+
+def _alive(pid: int) -> bool:
+    """The process runs (a killed one not yet reaped by its parent is a zombie: dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_wait_for_in_a_map_steps_prep_and_post(live: Cluster) -> None:
+    """A MapNode's prep and post run in its step (fan-out and join): wait_for there
+    parks the run as in a plain node; the items run once, between the two waits."""
+    side = live.side_dir()
+    handle = live.submit("map_approved", {"n": 4, "side_dir": str(side)})
+
+    def waiting() -> bool:
+        status = live.db.get_run(handle.run_id)["status"]
+        assert status not in ("failed", "completed"), live.db.get_run(handle.run_id)
+        return status == "waiting"
+
+    wait_until(waiting, TIMEOUT_S)
+    assert execs(side, handle.run_id) == []
+    handle.send("go", 2)
+    wait_until(lambda: waiting() and len(execs(side, handle.run_id)) == 4, TIMEOUT_S)
+    handle.send("verdict", "fine")
+    result = finish(live, handle)
+    assert result["squares"] == [i * i for i in range(4)] and result["finished"] is True
+    assert (result["scale"], result["verdict"]) == (2, "fine")
+    assert Counter(i for i, _, _ in execs(side, handle.run_id)) == {i: 1 for i in range(4)}
+
+
+def test_an_item_whose_exec_raises_a_base_exception_fails_instead_of_looping(
+    live: Cluster,
+) -> None:
+    """``asyncio.CancelledError`` is a BaseException: it escaped the item's failure
+    handling, the item stayed running until its lease ran out, and the sweeper sent it
+    again, for ever. It must fail the run naming the item, as any exception does."""
+    side = live.side_dir()
+    handle = live.submit("map_cancelled_error", {"n": 3, "side_dir": str(side)})
+    with pytest.raises(RunFailed, match="item 1"):
+        handle.wait(timeout=30)
+    assert Counter(i for i, _, _ in execs(side, handle.run_id))[1] == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (review r3): a plain step whose exec raises asyncio.CancelledError (a "
+    "BaseException) escapes execute_step; the step is re-run after every lease, for ever "
+    "(map items are fixed: itemtask.ITEM_FAILURES)",
+)
+def test_a_step_whose_exec_raises_a_base_exception_fails_instead_of_looping(
+    live: Cluster,
+) -> None:
+    handle = live.submit("step_cancelled_error", {})
+    with pytest.raises(RunFailed, match="CancelledError"):
+        handle.wait(timeout=30)
+
+
+def test_the_node_error_hook_fires_when_an_item_fails_the_run(live: Cluster) -> None:
+    """Locally an item out of tries raises ItemFailed out of the node and node_error
+    fires; on workers the item's task fails the run, and must fire it too (alerts)."""
+    side = live.side_dir()
+    store = {"n": 8, "side_dir": str(side)}
+    handle = live.submit("map_fail_hooked", store)
+    with pytest.raises(RunFailed, match="item 5"):
+        handle.wait(timeout=TIMEOUT_S)
+    hooks = side / "hooks"
+    wait_until(hooks.exists, 10)
+    lines = hooks.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("node_error FailingSquare ItemFailed")
+    assert "item 5" in lines[0]

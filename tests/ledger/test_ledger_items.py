@@ -310,3 +310,74 @@ def test_items_being_published_by_a_live_worker_are_not_sent_twice(db):
     assert [r["idx"] for r in db.unsent_items(1.0, 3.0, now=104.0)] == [1]  # wp died
     assert db.items_published(RUN, 0, "wp") is True
     assert [r["idx"] for r in db.unsent_items(1.0, 3.0, now=102.0)] == [1]
+
+
+def test_a_live_publisher_that_never_says_done_does_not_hold_its_items_for_ever(db):
+    """A worker that committed a fan-out (or a resume's re-open) and then failed before
+    publishing (the ledger went away under ``_end``, an exception) keeps beating while
+    ``sending_by`` still names it: its unsent items must be sent after the publishing
+    window, or the run is stuck for as long as that worker lives."""
+    from pocoflow.ledger.itemrecovery import PUBLISH_WINDOW_S
+    from pocoflow.ledger.liveness import record_beat
+
+    db.create_run(RUN, "f", initial_store={}, status="running")
+    db.insert_step(RUN, 0, "M", lease_s=LEASE)
+    db.claim_step(RUN, 0, 1, "wp", LEASE, holder="wp#1")
+    db.fan_out(RUN, 0, 1, "wp#1", "wp", ['"a"', '"b"'], [], now=100.0)
+    late = 100.0 + PUBLISH_WINDOW_S + 1
+    record_beat(db, "wp", "h", 1, now=late)  # wp is alive and well, but never published
+    assert [r["idx"] for r in db.unsent_items(1.0, 3.0, now=late)] == [0, 1]
+    record_beat(db, "wp", "h", 1, now=102.0)
+    assert db.unsent_items(1.0, 3.0, now=102.0) == []  # within the window: left to wp
+
+
+def test_a_resume_forgets_the_crashes_of_a_poison_item(fanned):
+    """A poison item fails its run; the user fixes the node and resumes. Its tries start
+    again at 1 and so must its crash count: one ordinary worker loss later must not fail
+    the run again at once as a poison item."""
+    db = fanned
+    c = _c(0)
+    assert _claim(db, 0)[0]
+    # Lost with its worker once (crashes 1), then failed for good by the poison check.
+    assert db.take_over_item(RUN, 0, 0, 1, "w1#1", crashed=True) == 2
+    assert _claim(db, 0, holder="w2#1", attempt=2)[0]
+    c = _c(0, holder="w2#1", attempt=2)
+    assert db.fail_item(
+        c, error_json='{"type": "WorkerLost", "message": "x"}', error_msg="poison", events=[]
+    )
+    assert db.get_item(RUN, 0, 0)["crashes"] == 1
+    db.update_run_if(RUN, status_in=("failed",), status="running", error_msg=None)
+    db.take_over(RUN, 0, 1, LEASE, force=True)
+    assert db.claim_step(RUN, 0, 2, "w0", LEASE, holder="w0#2")
+    _state, todo = db.reopen_items(RUN, 0, 2, "w0#2", "w0")
+    assert [r["idx"] for r in todo] == [0, 1, 2]
+    row = db.get_item(RUN, 0, 0)
+    assert (row["status"], row["try_number"], row["crashes"]) == ("queued", 1, 0)
+
+
+def test_a_retry_a_dead_worker_held_is_sent_again_with_the_rest_of_its_backoff(fanned):
+    """A retry waits out its backoff in a worker's memory (a countdown message). If that
+    worker dies, the re-send keeps what is left of the backoff, as a step's does, rather
+    than running the retry at once."""
+    from pocoflow.distributed.sweeper import sweep
+    from pocoflow.ledger.liveness import record_beat
+
+    db = fanned
+    db.mark_items_sent([(RUN, 0, i, 1) for i in range(3)])
+    t = db.clock()
+    assert _claim(db, 1)[0]
+    assert db.retry_item(_c(1), next_try=2, due_in=30.0) == 2
+    db.mark_items_sent([(RUN, 0, 1, 2)])
+    record_beat(db, "wdead", "h", 1, [(RUN, 0, 1, 2)], now=t)
+    assert db.get_item(RUN, 0, 1)["received_by"] == "wdead"
+    sent: list = []
+
+    def publish(message, queue=None, **kwargs) -> bool:
+        sent.append((message, kwargs))
+        return True
+
+    report = sweep(db, publish, lease_s=LEASE, now=t + 5, dead_after_s=3.0)
+    assert report.items == [(RUN, 0, 1)]
+    message, kwargs = sent[-1]
+    assert (message.idx, message.attempt, message.try_number) == (1, 2, 2)
+    assert 20.0 < kwargs.get("countdown", 0.0) <= 25.5

@@ -350,3 +350,31 @@ def test_a_long_local_limit_wait_ends_when_the_run_is_cancelled() -> None:
     finally:
         use_limiter(previous)
     assert handle.status == "cancelled"
+
+
+def test_a_limited_map_items_jitter_is_capped_as_a_steps_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A limit wait is stretched by at most LIMIT_JITTER_CAP_S (the limiter gives each
+    waiter its own turn: 10% of a 10 s turn would leave its place unused for a second, a
+    rate run below its limit). A map item waiting for its turn was stretched uncapped."""
+    import random
+    from types import SimpleNamespace
+
+    from pocoflow.distributed import itemtask
+    from pocoflow.distributed.executor import LIMIT_JITTER_CAP_S
+    from pocoflow.distributed.message import ItemMessage
+    from pocoflow.limits import LimitWait
+
+    sent: list[float] = []
+    item = itemtask._ItemRun.__new__(itemtask._ItemRun)
+    item.msg = ItemMessage("r", "f", 0, "M", 3, 1, 1)
+    item.claim = None
+    item.db = SimpleNamespace(retry_item=lambda claim, next_try, due_in: 2)
+    item.ctx = SimpleNamespace(
+        publisher=SimpleNamespace(send=lambda msg, queue, countdown: sent.append(countdown))
+    )
+    monkeypatch.setattr(random, "random", lambda: 0.999)
+    outcome = item._wait_for_limit({}, SimpleNamespace(queue=None), LimitWait("M", "k", 10.0), 1)
+    assert outcome == itemtask.LIMITED
+    assert 10.0 <= sent[0] <= 10.0 + LIMIT_JITTER_CAP_S

@@ -229,7 +229,8 @@ def test_an_items_exception_survives_the_ledger_as_type_and_message() -> None:
     from pocoflow.mapnode import ItemError, error_record, revive_error
 
     record = error_record(ValueError("bad item 3"))
-    assert record == {"type": "ValueError", "message": "bad item 3"}
+    assert record == {"type": "ValueError", "message": "bad item 3", "args": ["bad item 3"]}
+    del record["args"]  # a record written before args were kept
     revived = revive_error(record)
     assert type(revived) is ValueError and str(revived) == "bad item 3"
 
@@ -263,3 +264,24 @@ def test_async_items_honour_the_default_step_timeout(monkeypatch: pytest.MonkeyP
             return "done"
 
     assert Flow(Stuck()).run({})["errors"] == ["TimeoutError"]
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [KeyError("doc-7"), FileNotFoundError(2, "No such file", "a.txt"), ValueError("a", 1)],
+    ids=["KeyError", "FileNotFoundError", "two-args"],
+)
+def test_a_collected_builtin_exception_comes_back_as_post_would_see_it_locally(
+    exc: Exception,
+) -> None:
+    """On workers ``post`` gets a collected item's exception back from the ledger: a
+    built-in must equal what a local run hands over (its ``args``, so ``str``, a
+    KeyError's key, an OSError's errno and filename), not a copy built from ``str(exc)``
+    (``KeyError("'doc-7'")``, whose ``str`` gains a second pair of quotes)."""
+    import json
+
+    from pocoflow.mapnode import error_record, revive_error
+
+    revived = revive_error(json.loads(json.dumps(error_record(exc))))
+    assert type(revived) is type(exc)
+    assert revived.args == exc.args and str(revived) == str(exc)
