@@ -69,11 +69,11 @@ def render_workflow_monitor(
     try:
         ledger = queries.open_ledger(db)
     except MonitorError as exc:
-        st.error(str(exc))
+        st.error(escape_md(exc))
         return
     url = _raw_url(db, ledger)
     st.title("PocoFlow monitor")
-    st.caption(f"Ledger: {ledger.url}")
+    st.caption(escape_md(f"Ledger: {ledger.url}"))
     params = st.query_params
     try:
         run_id = params.get("run")
@@ -88,7 +88,7 @@ def render_workflow_monitor(
     except Exception as exc:  # say it on the page; Streamlit's own control flow passes
         if type(exc).__module__.startswith("streamlit"):
             raise
-        st.error(f"Reading the ledger {ledger.url} failed: {type(exc).__name__}: {exc}")
+        st.error(escape_md(f"Reading the ledger {ledger.url} failed: {type(exc).__name__}: {exc}"))
 
 
 def _raw_url(db: Any, ledger: WorkflowDB) -> str:
@@ -274,7 +274,7 @@ def _run_page(db: WorkflowDB, url: str, run_id: str, allow_control: bool) -> Non
     _nav("runs")
     run = db.get_run(run_id)
     if run is None:
-        st.error(f"Unknown run id {run_id!r} in ledger {db.url}")
+        st.error(escape_md(f"Unknown run id {run_id!r} in ledger {db.url}"))
         return
     st.subheader(f"Run {escape_md(run_id)}")
     every = _refresh_every(f"refresh-{run_id}")
@@ -369,10 +369,12 @@ def _store(db: WorkflowDB, run_id: str) -> None:
     try:
         data = db.load_checkpoint(run_id, step).as_dict()
     except KeyError:
-        st.warning(f"No checkpoint for step {step} of run {run_id!r}")
+        st.warning(escape_md(f"No checkpoint for step {step} of run {run_id!r}"))
         return
     node = queries.checkpoint_node(db, run_id, step)
-    st.caption(f"After step {step}" + (f" ({node})" if node else "") + f": {len(data)} keys")
+    st.caption(
+        escape_md(f"After step {step}" + (f" ({node})" if node else "") + f": {len(data)} keys")
+    )
     st.dataframe(
         [{"key": k, "value": _preview(v)} for k, v in data.items()],
         hide_index=True,
@@ -398,7 +400,7 @@ def _diff(db: WorkflowDB, run: dict[str, Any]) -> None:
     against = "this run"
     if parent:
         against = st.radio(
-            "Compare with", ["this run", f"parent {parent}"], key=f"diff-src-{run_id}"
+            "Compare with", ["this run", escape_md(f"parent {parent}")], key=f"diff-src-{run_id}"
         )
     left, right = st.columns(2)
     with right:
@@ -414,12 +416,12 @@ def _diff(db: WorkflowDB, run: dict[str, Any]) -> None:
         try:
             old = db.load_checkpoint(str(parent), step).as_dict()
         except KeyError:
-            st.warning(f"Parent run {parent!r} has no checkpoint {step} any more")
+            st.warning(escape_md(f"Parent run {parent!r} has no checkpoint {step} any more"))
             return
         title = f"parent {parent} at step {step} -> this run at step {after}"
     new = db.load_checkpoint(run_id, after).as_dict()
     rows = queries.diff_stores(old, new)
-    st.caption(f"{title}: {len(rows)} keys differ")
+    st.caption(escape_md(f"{title}: {len(rows)} keys differ"))
     if rows:
         st.dataframe(
             [
@@ -531,7 +533,7 @@ def _controls(run_id: str, url: str, allow_control: bool) -> None:
         key = st.text_input("Key", key=f"ctl-key-{run_id}")
         value = st.text_area("Value (JSON)", "true", key=f"ctl-value-{run_id}")
     token = st.text_input("Control token", type="password", key=f"ctl-token-{run_id}")
-    confirmed = st.checkbox(f"Yes, {action} run {run_id}", key=f"ctl-confirm-{run_id}")
+    confirmed = st.checkbox(escape_md(f"Yes, {action} run {run_id}"), key=f"ctl-confirm-{run_id}")
     if st.button("Apply", key=f"ctl-go-{run_id}"):
         try:
             done = actions.control_run(
@@ -545,9 +547,9 @@ def _controls(run_id: str, url: str, allow_control: bool) -> None:
                 value_json=value,
             )
         except Exception as exc:  # refused, unknown run, bad JSON, broker down: say it
-            st.error(f"{action} refused: {exc}")
+            st.error(escape_md(f"{action} refused: {exc}"))
         else:
-            st.success(done)
+            st.success(escape_md(done))
 
 
 # ── streamlit run pocoflow/ui/monitor.py -- DB [--allow-control] ─────────────
