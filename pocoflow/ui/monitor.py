@@ -73,7 +73,7 @@ def render_workflow_monitor(
         return
     url = _raw_url(db, ledger)
     st.title("PocoFlow monitor")
-    st.caption(escape_md(f"Ledger: {ledger.url}"))
+    st.caption(escape_md(f"Ledger: {ledger._ledger.label}"))
     params = st.query_params
     try:
         run_id = params.get("run")
@@ -276,8 +276,10 @@ def _run_page(db: WorkflowDB, url: str, run_id: str, allow_control: bool) -> Non
     if run is None:
         st.error(escape_md(f"Unknown run id {run_id!r} in ledger {db.url}"))
         return
-    st.subheader(f"Run {escape_md(run_id)}")
-    every = _refresh_every(f"refresh-{run_id}")
+    title, refresh = st.columns([5, 1])
+    title.subheader(f"Run {escape_md(run_id)}")
+    with refresh:
+        every = _refresh_every(f"refresh-{run_id}")
     st.fragment(run_every=every)(_run_header)(db, run_id)
     sections: list[tuple[str, Callable[[], None]]] = [
         ("Timeline", lambda: _timeline(db, run_id)),

@@ -1,0 +1,121 @@
+"""The monitor end to end: ``pocoflow monitor`` serving a real ledger, read by headless
+Chromium. Screenshots of the main pages are kept as artifacts, in
+``$POCOFLOW_TEST_ARTIFACTS`` if set, else under pytest's temp dir (never the checkout).
+
+Skipped, saying why, when Debian's chromium is not installed (``make e2e-deps``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.browser import CHROMIUM, Browser
+from tests.helpers import wait_until
+from tests.monitor_ledger import fill
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason=f"{CHROMIUM} is missing: `make e2e-deps` (apt-get install chromium) to run it",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    given = os.environ.get("POCOFLOW_TEST_ARTIFACTS")
+    path = Path(given) if given else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"\nmonitor screenshots in {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def monitor(tmp_path_factory):
+    """``pocoflow monitor`` on a filled SQLite ledger, on a free port; its base URL."""
+    ledger = tmp_path_factory.mktemp("e2e") / "ledger.db"
+    fill(str(ledger), extra=12).close()
+    port = free_port()
+    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    cmd = [sys.executable, "-m", "pocoflow.cli", "monitor", "--db", str(ledger)]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: healthy(url) or proc.poll() is not None, 60, 0.2)
+        assert proc.poll() is None, f"pocoflow monitor exited with {proc.returncode}"
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with Browser() as b:
+        yield b
+
+
+def test_runs_page_shows_the_runs(monitor, browser, artifacts):
+    browser.open(monitor)
+    # The grid draws only the rows in view: the newest runs, the oldest a scroll away.
+    html = browser.wait_for("stDataFrame", "16 runs", "many-011", "many-009")
+    assert "Auto-refresh" in html and "Traceback" not in html
+    assert browser.screenshot(artifacts / "monitor-runs.png").stat().st_size > 10_000
+
+
+def test_filter_in_the_url(monitor, browser, artifacts):
+    browser.open(f"{monitor}/?status=failed")
+    html = browser.wait_for("stDataFrame", "beta-1", "1 runs")
+    assert "many-011" not in html
+    browser.screenshot(artifacts / "monitor-runs-failed.png")
+    browser.open(f"{monitor}/?flow=alpha")
+    html = browser.wait_for("stDataFrame", "alpha-1", "gamma-1", "2 runs")
+    assert "beta-1" not in html
+
+
+def test_run_page(monitor, browser, artifacts):
+    browser.open(f"{monitor}/?run=alpha-1")
+    html = browser.wait_for(
+        "Run alpha", "completed", "Current node", "Timeline", "Resume", "node_start", "6 events"
+    )
+    assert "Traceback" not in html
+    browser.screenshot(artifacts / "monitor-run.png")
+
+
+def test_workers_page(monitor, browser, artifacts):
+    browser.open(f"{monitor}/?view=workers")
+    browser.wait_for("Workers seen in the ledger", "Stuck runs", "stDataFrame")
+    browser.screenshot(artifacts / "monitor-workers.png")
+
+
+def test_unknown_run_is_a_message_not_a_traceback(monitor, browser):
+    browser.open(f"{monitor}/?run=no-such-run")
+    html = browser.wait_for("Unknown run id")
+    assert "Traceback" not in html
