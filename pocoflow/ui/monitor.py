@@ -152,6 +152,7 @@ def _runs_page(db: WorkflowDB) -> None:
             st.query_params.pop(key, None)
         st.query_params.update(chosen.to_params())
         st.query_params.pop("page", None)
+        st.session_state.pop("runs-page", None)  # a new filter starts on its first page
     st.fragment(run_every=every)(_runs_table)(db, chosen)
 
 

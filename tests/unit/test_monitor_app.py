@@ -80,6 +80,15 @@ def test_second_page_comes_from_the_url(ledger_path):
     assert "page 2 of 2" in texts(at.caption)
 
 
+def test_paging_then_a_new_filter_starts_on_its_first_page(ledger_path):
+    at = page(ledger_path)
+    at.number_input(key="runs-page").set_value(2).run()
+    assert at.query_params["page"] == "2" and run_ids(at)[-1] == "alpha-1"
+    at.multiselect[1].set_value(["bulk"]).run()
+    assert "page" not in at.query_params
+    assert "60 runs · page 1 of 2" in texts(at.caption) and run_ids(at)[0] == "many-059"
+
+
 def test_filters_are_read_from_and_written_to_the_url(ledger_path):
     at = page(ledger_path, status="failed")
     assert run_ids(at) == ["beta-1"]
@@ -400,3 +409,60 @@ def test_send_a_value_and_bad_json(control_ledger):
     control(at, "live-1", "send", TOKEN)
     assert "sent" in texts(at.success)
     assert db.read_signal("live-1", "approval").value == {"ok": True}
+
+
+# ── pocoflow monitor ─────────────────────────────────────────────────────────
+
+
+class Exec(Exception):
+    pass
+
+
+@pytest.fixture
+def execv(monkeypatch):
+    calls = []
+
+    def fake(path, argv):
+        calls.append(argv)
+        raise Exec
+
+    monkeypatch.setattr("os.execv", fake)
+    return calls
+
+
+def test_monitor_command_runs_streamlit_on_the_monitor_script(execv, monkeypatch):
+    from click.testing import CliRunner
+
+    from pocoflow.cli import main as cli
+
+    monkeypatch.delenv(actions.TOKEN_ENV, raising=False)
+    result = CliRunner().invoke(cli, ["monitor", "--db", "x.db", "--port", "8600"])
+    assert isinstance(result.exception, Exec)
+    (argv,) = execv
+    assert argv[1:4] == ["-m", "streamlit", "run"] and argv[4].endswith("pocoflow/ui/monitor.py")
+    assert argv[argv.index("--server.port") + 1] == "8600"
+    assert argv[argv.index("--") + 1 :] == ["x.db"]
+
+
+def test_monitor_allow_control_needs_the_token(execv, monkeypatch):
+    from click.testing import CliRunner
+
+    from pocoflow.cli import main as cli
+
+    monkeypatch.delenv(actions.TOKEN_ENV, raising=False)
+    refused = CliRunner().invoke(cli, ["monitor", "--allow-control"])
+    assert refused.exit_code == 2 and "POCOFLOW_MONITOR_TOKEN" in refused.output
+    assert execv == []
+    monkeypatch.setenv(actions.TOKEN_ENV, TOKEN)
+    CliRunner().invoke(cli, ["monitor", "--allow-control", "--db", "y.db"])
+    assert execv[0][-2:] == ["y.db", "--allow-control"]
+
+
+def test_script_entry_reads_db_and_flag_from_its_arguments(tmp_path):
+    at = AppTest.from_string(
+        "from pocoflow.ui.monitor import main\n"
+        f"main([{str(tmp_path / 'none.db')!r}, '--allow-control'])\n",
+        default_timeout=30,
+    )
+    at.run()
+    assert not at.exception and "No ledger at" in at.error[0].value
