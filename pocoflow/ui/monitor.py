@@ -350,9 +350,71 @@ def _attempts(db: WorkflowDB, run_id: str) -> None:
     page = queries.attempts_page(db, run_id, limit=EVENT_PAGE, offset=offset)
     _paged("Attempts", page.total, EVENT_PAGE, key)
     if page.rows:
-        st.dataframe(page.rows, hide_index=True, width="stretch")
+        bars = gantt_bars(page.rows, datetime.now(UTC))
     else:
         st.info("No attempts: a run in a process records none; steps on workers do.")
+        events = queries.events_page(db, run_id, limit=EVENT_PAGE, offset=offset).rows
+        bars = gantt_from_events(events)
+    if bars:
+        st.caption("Gantt of the steps on this page (colour: worker)")
+        st.vega_lite_chart(bars, GANTT_SPEC, width="stretch")
+    if page.rows:
+        st.dataframe(page.rows, hide_index=True, width="stretch")
+
+
+GANTT_SPEC: dict[str, Any] = {
+    "mark": {"type": "bar", "tooltip": True},
+    "encoding": {
+        "y": {"field": "step", "type": "ordinal", "sort": None, "title": "step / attempt"},
+        "x": {"field": "start", "type": "temporal", "title": None},
+        "x2": {"field": "end"},
+        "color": {"field": "worker", "type": "nominal"},
+        "opacity": {
+            "condition": {"test": "datum.outcome == 'committed'", "value": 1},
+            "value": 0.5,
+        },
+    },
+}
+
+
+def gantt_bars(attempts: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
+    """One bar per attempt (step and attempt, worker, outcome, start, end); an attempt
+    still running ends ``now``."""
+    return [
+        {
+            "step": f"{a['step']} #{a['attempt']}",
+            "worker": a["worker"] or "?",
+            "outcome": a["outcome"] or "running",
+            "start": a["started"],
+            "end": a["ended"] or now.isoformat(),
+        }
+        for a in attempts
+        if a.get("started")
+    ]
+
+
+def gantt_from_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Bars of a run in a process (no attempts): each ``node_end`` event ends its step,
+    which began ``elapsed_ms`` before."""
+    out = []
+    for e in events:
+        if e["event"] != "node_end" or e["elapsed_ms"] is None or e["step"] is None:
+            continue
+        try:
+            end = datetime.fromisoformat(e["ts"])
+        except (TypeError, ValueError):
+            continue
+        start = end - timedelta(milliseconds=float(e["elapsed_ms"]))
+        out.append(
+            {
+                "step": f"{e['step']} {e['node_name']}",
+                "worker": "in process",
+                "outcome": "committed",
+                "start": start.isoformat(),
+                "end": end.isoformat(),
+            }
+        )
+    return out
 
 
 def _step_slider(label: str, bounds: tuple[int, int, int], value: int, key: str) -> int:

@@ -346,7 +346,7 @@ def attempts_page(db: WorkflowDB, run_id: str, *, limit: int = 100, offset: int 
         for r in conn.execute(rows_q).mappings():
             row = dict(r)
             start, end = row.pop("started_at"), row.pop("ended_at")
-            row["started"] = _from_epoch(start)
+            row["started"], row["ended"] = _from_epoch(start), _from_epoch(end)
             row["ms"] = None if end is None or start is None else round((end - start) * 1000, 1)
             rows.append(row)
         return Page(rows, int(conn.execute(count_q).scalar() or 0), offset, limit)

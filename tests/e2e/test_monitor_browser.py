@@ -109,6 +109,18 @@ def test_run_page(monitor, browser, artifacts):
     browser.screenshot(artifacts / "monitor-run.png")
 
 
+def test_attempts_tab_draws_a_gantt_chart(monitor, browser, artifacts):
+    browser.open(f"{monitor}/?run=alpha-1")
+    browser.wait_for("Run alpha", "node_start")
+    clicked = browser.evaluate(
+        "(() => { const tab = [...document.querySelectorAll('[role=tab]')]"
+        ".find(t => t.innerText.trim() === 'Attempts'); tab.click(); return !!tab; })()"
+    )
+    assert clicked
+    browser.wait_for("Gantt of the steps", "provider hiccup", "marks")  # vega's SVG/canvas
+    browser.screenshot(artifacts / "monitor-gantt.png")
+
+
 def test_workers_page(monitor, browser, artifacts):
     browser.open(f"{monitor}/?view=workers")
     browser.wait_for("Workers seen in the ledger", "Stuck runs", "stDataFrame")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import event
@@ -15,7 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from pocoflow.ui import actions
 from pocoflow.ui.actions import ControlRefused
-from pocoflow.ui.monitor import escape_md, graph_dot
+from pocoflow.ui.monitor import escape_md, gantt_bars, gantt_from_events, graph_dot
 from tests.monitor_ledger import NASTY, fill
 
 TOKEN = "s3cret-token"
@@ -466,3 +467,28 @@ def test_script_entry_reads_db_and_flag_from_its_arguments(tmp_path):
     )
     at.run()
     assert not at.exception and "No ledger at" in at.error[0].value
+
+
+def test_gantt_of_attempts_by_worker(ledger_path):
+    at = page(ledger_path, run="alpha-1")
+    (chart,) = at.get("vega_lite_chart")
+    spec = chart.proto.spec
+    assert '"worker"' in spec and '"x2"' in spec
+    attempts = next(d.value for d in at.dataframe if "outcome" in d.value.columns)
+    bars = gantt_bars(attempts.to_dict("records"), datetime.now(UTC))
+    assert [(b["step"], b["worker"], b["outcome"]) for b in bars] == [
+        ("0 #1", "w-1", "failed"),
+        ("0 #2", "w-1", "committed"),
+    ]
+    assert bars[0]["start"] < bars[0]["end"] <= bars[1]["start"] < bars[1]["end"]
+
+
+def test_gantt_of_a_run_in_a_process_comes_from_its_events(ledger_path):
+    at = page(ledger_path, run="beta-1")  # no attempts: it ran in a process
+    assert "No attempts" in texts(at.info)
+    from pocoflow.db import WorkflowDB
+
+    events = WorkflowDB(ledger_path).get_events("alpha-1")
+    bars = gantt_from_events(events)
+    assert [b["step"] for b in bars] == ["0 Ask", "1 Note"]
+    assert all(b["start"] <= b["end"] for b in bars)
