@@ -16,10 +16,21 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ACTIONS", "TOKEN_ENV", "ControlRefused", "control_run", "controls_enabled"]
+__all__ = [
+    "ACTIONS",
+    "BULK_ACTIONS",
+    "TOKEN_ENV",
+    "ControlRefused",
+    "control_run",
+    "control_runs",
+    "controls_enabled",
+]
 
 TOKEN_ENV = "POCOFLOW_MONITOR_TOKEN"
 ACTIONS = ("cancel", "pause", "resume", "send")
+BULK_ACTIONS = ("cancel", "pause", "resume")
+BULK_LIMIT = 1000
+"""At most this many runs per bulk action: a filter is narrowed, not a ledger emptied."""
 
 
 class ControlRefused(PermissionError):
@@ -83,3 +94,49 @@ def control_run(
         return f"run {run_id}: sent {key!r}"
     getattr(handle, action)()
     return f"run {run_id}: {action} requested"
+
+
+def control_runs(
+    action: str,
+    filt: Any,
+    *,
+    db: Any,
+    db_url: str,
+    allow_control: bool,
+    token: str,
+    confirmed: bool,
+    expected: int,
+    env: Mapping[str, str] | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """``action`` on every run the runs-page filter ``filt`` selects, after ``check``:
+    ``(done run ids, {run id: error})``.
+
+    ``expected`` is the count the user saw and confirmed; the filter is counted again here
+    and a different count is refused, because runs that started or ended since the page
+    was drawn are not what was confirmed.
+    """
+    check(allow_control, token, confirmed, env)
+    if action not in BULK_ACTIONS:
+        raise ValueError(f"Unknown bulk action {action!r}: one of {', '.join(BULK_ACTIONS)}")
+    from pocoflow.distributed.client import attach
+    from pocoflow.ui.queries import runs_page
+
+    page = runs_page(db, filt, limit=BULK_LIMIT)
+    if page.total != expected:
+        raise ControlRefused(
+            f"The filter now selects {page.total} runs, not the {expected} you confirmed: "
+            "look again"
+        )
+    if page.total > BULK_LIMIT:
+        raise ControlRefused(f"{page.total} runs: narrow the filter to {BULK_LIMIT} or fewer")
+    done: list[str] = []
+    failed: dict[str, str] = {}
+    for row in page.rows:
+        run_id = row["run_id"]
+        try:
+            getattr(attach(run_id, db_url), action)()
+        except Exception as exc:  # one run's refusal does not stop the others
+            failed[run_id] = f"{type(exc).__name__}: {exc}"
+        else:
+            done.append(run_id)
+    return done, failed

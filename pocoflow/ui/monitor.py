@@ -84,7 +84,7 @@ def render_workflow_monitor(
             _workers_page(ledger)
         else:
             _nav("workers")
-            _runs_page(ledger)
+            _runs_page(ledger, url, allow_control)
     except Exception as exc:  # say it on the page; Streamlit's own control flow passes
         if type(exc).__module__.startswith("streamlit"):
             raise
@@ -129,7 +129,7 @@ def _flow_names(url: str, _db: WorkflowDB) -> list[str]:
     return queries.flow_names(_db)
 
 
-def _runs_page(db: WorkflowDB) -> None:
+def _runs_page(db: WorkflowDB, url: str, allow_control: bool) -> None:
     current = RunFilter.from_params(st.query_params)
     cols = st.columns([2, 2, 1, 1, 2, 1])
     statuses = cols[0].multiselect("Status", RUN_STATUSES, default=list(current.statuses))
@@ -154,6 +154,8 @@ def _runs_page(db: WorkflowDB) -> None:
         st.query_params.pop("page", None)
         st.session_state.pop("runs-page", None)  # a new filter starts on its first page
     st.fragment(run_every=every)(_runs_table)(db, chosen)
+    if allow_control:
+        _bulk_controls(db, url, chosen, allow_control)
 
 
 def _refresh_every_in(container: Any) -> int | None:
@@ -201,7 +203,7 @@ def _runs_table(db: WorkflowDB, filt: RunFilter) -> None:
         hide_index=True,
         width="stretch",
     )
-    _open_run_picker([r["run_id"] for r in page.rows], key="open-from-runs")
+    _open_run_picker(ids(page.rows), key="open-from-runs")
 
 
 def _open_run_picker(run_ids: list[str], *, key: str) -> None:
@@ -242,6 +244,51 @@ def _duration(run: dict[str, Any], now: datetime) -> str | None:
     return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
 
 
+def _bulk_controls(db: WorkflowDB, url: str, filt: RunFilter, allow_control: bool) -> None:
+    """The same control on every run the filter selects: the count and the first runs
+    are shown before the confirmation, and counted again when it is applied."""
+    with st.expander("Act on every run this filter selects"):
+        first = queries.runs_page(db, filt, limit=10)
+        st.caption(escape_md(f"{first.total} runs, first: {', '.join(ids(first.rows))}"))
+        action = st.selectbox("Action", actions.BULK_ACTIONS, key="bulk-action")
+        token = st.text_input("Control token", type="password", key="bulk-token")
+        # The count the user confirmed is the one shown when the box was ticked: a click
+        # on Apply draws the page again first, with whatever count the ledger has then.
+        confirmed = st.checkbox(
+            f"Yes, {action} these {first.total} runs",
+            key="bulk-confirm",
+            on_change=_remember_count,
+            args=(first.total,),
+        )
+        if not st.button("Apply to all", key="bulk-go"):
+            return
+        try:
+            done, failed = actions.control_runs(
+                action,
+                filt,
+                db=db,
+                db_url=url,
+                allow_control=allow_control,
+                token=token,
+                confirmed=confirmed,
+                expected=st.session_state.get("bulk-confirmed-count", first.total),
+            )
+        except Exception as exc:
+            st.error(escape_md(f"{action} refused: {exc}"))
+            return
+        st.success(f"{action} requested for {len(done)} runs")
+        for run_id, error in failed.items():
+            st.error(escape_md(f"{run_id}: {error}"))
+
+
+def _remember_count(count: int) -> None:
+    st.session_state["bulk-confirmed-count"] = count
+
+
+def ids(rows: list[dict[str, Any]]) -> list[str]:
+    return [r["run_id"] for r in rows]
+
+
 # ── workers and stuck runs ───────────────────────────────────────────────────
 
 
@@ -265,7 +312,7 @@ def _workers_page(db: WorkflowDB) -> None:
         st.success("No stuck runs.")
         return
     st.dataframe(stuck, hide_index=True, width="stretch")
-    _open_run_picker([r["run_id"] for r in stuck], key="open-from-stuck")
+    _open_run_picker(ids(stuck), key="open-from-stuck")
 
 
 # ── one run ──────────────────────────────────────────────────────────────────

@@ -492,3 +492,58 @@ def test_gantt_of_a_run_in_a_process_comes_from_its_events(ledger_path):
     bars = gantt_from_events(events)
     assert [b["step"] for b in bars] == ["0 Ask", "1 Note"]
     assert all(b["start"] <= b["end"] for b in bars)
+
+
+# ── bulk controls ────────────────────────────────────────────────────────────
+
+
+def bulk(at, action, token, confirm=True):
+    at.selectbox(key="bulk-action").set_value(action)
+    at.text_input(key="bulk-token").set_value(token)
+    at.checkbox(key="bulk-confirm").set_value(confirm)
+    at.button(key="bulk-go").click().run()
+    assert not at.exception, at.exception
+
+
+def test_bulk_control_shows_count_and_first_runs_then_acts_on_each(control_ledger):
+    path, db = control_ledger
+    for i in range(3):
+        db.create_run(f"live-{i + 2}", "beta")
+    at = page(path, True, status="running")
+    assert "4 runs, first: live\\-4, live\\-3, live\\-2, live\\-1" in texts(at.caption)
+    assert at.checkbox(key="bulk-confirm").label == "Yes, cancel these 4 runs"
+    bulk(at, "pause", "wrong")
+    assert "Wrong control token" in texts(at.error)
+    bulk(at, "pause", TOKEN)
+    assert "pause requested for 4 runs" in texts(at.success)
+    assert [db.get_run(f"live-{i}")["control"] for i in range(1, 5)] == ["pause"] * 4
+    assert db.get_run("alpha-1")["control"] is None
+
+
+def test_bulk_control_refuses_when_the_filter_selects_other_runs_now(control_ledger):
+    path, db = control_ledger
+    at = page(path, True, status="running")
+    at.checkbox(key="bulk-confirm").check().run()  # confirmed while it showed 1 run
+    db.create_run("live-late", "beta")  # starts after that
+    bulk(at, "cancel", TOKEN)
+    assert "now selects 2 runs, not the 1 you confirmed" in texts(at.error)
+    assert db.get_run("live-1")["control"] is None
+
+
+def test_bulk_control_is_enforced_in_the_action(control_ledger):
+    path, db = control_ledger
+    from pocoflow.ui.queries import RunFilter
+
+    assert "Act on every run" not in " ".join(e.label for e in page(path).expander)
+    with pytest.raises(ControlRefused, match="--allow-control"):
+        actions.control_runs(
+            "cancel",
+            RunFilter(statuses=("running",)),
+            db=db,
+            db_url=path,
+            allow_control=False,
+            token=TOKEN,
+            confirmed=True,
+            expected=1,
+        )
+    assert db.get_run("live-1")["control"] is None
