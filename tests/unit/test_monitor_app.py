@@ -16,7 +16,8 @@ from streamlit.testing.v1 import AppTest
 
 from pocoflow.ui import actions
 from pocoflow.ui.actions import ControlRefused
-from pocoflow.ui.monitor import escape_md, gantt_bars, gantt_from_events, graph_dot
+from pocoflow.ui.charts import gantt_bars, gantt_from_events, graph_dot
+from pocoflow.ui.text import escape_md
 from tests.monitor_ledger import NASTY, fill
 
 TOKEN = "s3cret-token"
