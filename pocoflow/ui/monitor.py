@@ -166,7 +166,6 @@ def _runs_table(db: WorkflowDB, filt: RunFilter) -> None:
             for r in page.rows
         ],
         hide_index=True,
-        width="stretch",
     )
     open_run_picker(ids(page.rows), key="open-from-runs")
 
@@ -230,7 +229,7 @@ def _workers_page(db: WorkflowDB) -> None:
     dead_after = st.number_input("Stale after (s)", 1, 3600, 30, key="stale-after")
     workers = queries.workers_seen(db, float(dead_after))
     if workers:
-        st.dataframe(workers, hide_index=True, width="stretch")
+        st.dataframe(workers, hide_index=True)
     else:
         st.info("No worker has written to this ledger (in-process runs need none).")
     st.subheader("Stuck runs")
@@ -241,7 +240,7 @@ def _workers_page(db: WorkflowDB) -> None:
     if not stuck:
         st.success("No stuck runs.")
         return
-    st.dataframe(stuck, hide_index=True, width="stretch")
+    st.dataframe(stuck, hide_index=True)
     open_run_picker(ids(stuck), key="open-from-stuck")
 
 

@@ -75,7 +75,7 @@ def _run_header(db: WorkflowDB, run_id: str) -> None:
     st.session_state[key] = seen
     if seen["rows"]:
         st.caption(f"{len(seen['rows'])} new events since this page opened")
-        st.dataframe(seen["rows"], hide_index=True, width="stretch")
+        st.dataframe(seen["rows"], hide_index=True)
 
 
 def _timeline(db: WorkflowDB, run_id: str) -> None:
@@ -86,7 +86,7 @@ def _timeline(db: WorkflowDB, run_id: str) -> None:
     paged("Events", page.total, EVENT_PAGE, offset_key)
     st.caption(f"{page.total} events" + (" with a failure" if failures else ""))
     if page.rows:
-        st.dataframe(page.rows, hide_index=True, width="stretch")
+        st.dataframe(page.rows, hide_index=True)
     else:
         st.info("No failures." if failures else "No events recorded for this run.")
 
@@ -104,9 +104,9 @@ def _attempts(db: WorkflowDB, run_id: str) -> None:
         bars = gantt_from_events(events)
     if bars:
         st.caption("Gantt of the steps on this page (colour: worker)")
-        st.vega_lite_chart(bars, GANTT_SPEC, width="stretch")
+        st.vega_lite_chart(bars, GANTT_SPEC)
     if page.rows:
-        st.dataframe(page.rows, hide_index=True, width="stretch")
+        st.dataframe(page.rows, hide_index=True)
 
 
 def _store(db: WorkflowDB, run_id: str) -> None:
@@ -127,7 +127,6 @@ def _store(db: WorkflowDB, run_id: str) -> None:
     st.dataframe(
         [{"key": k, "value": preview(v)} for k, v in data.items()],
         hide_index=True,
-        width="stretch",
     )
     with st.expander("Raw JSON"):
         st.json(data)
@@ -178,7 +177,6 @@ def _diff(db: WorkflowDB, run: dict[str, Any]) -> None:
                 for r in rows
             ],
             hide_index=True,
-            width="stretch",
         )
 
 
@@ -191,7 +189,7 @@ def _usage(db: WorkflowDB, run_id: str) -> None:
     cols[3].metric("Cost (USD)", f"{total['cost_usd']:.4f}")
     rows = queries.usage_by_node_model(db, run_id)
     if rows:
-        st.dataframe(rows, hide_index=True, width="stretch")
+        st.dataframe(rows, hide_index=True)
     else:
         st.info("No usage reported (nodes call report_usage inside exec).")
 
