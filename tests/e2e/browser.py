@@ -1,6 +1,7 @@
-"""Headless Chromium driven over the DevTools protocol, with no dependency to install.
+"""Headless Chromium driven over the DevTools protocol, and ``pocoflow monitor`` served
+on a free port for it: the monitor's end-to-end tests and bench/monitor.py share both.
 
-Debian's ``chromium`` package is the browser (``make e2e-deps`` installs it; nothing is
+No dependency to install: Debian's ``chromium`` package is the browser (``make e2e-deps`` installs it; nothing is
 downloaded by the tests); the protocol is spoken over a WebSocket with Tornado's client,
 which Streamlit already brings. Only what the monitor's tests need: open a URL, wait
 until the page's HTML holds some text (waiting on state, not time), take a screenshot.
@@ -10,13 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +169,50 @@ class Browser:
         data = self.call("Page.captureScreenshot", format="png")["data"]
         path.write_bytes(base64.b64decode(data))
         return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def serve_monitor(
+    db_url: str, timeout: float = 60.0
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``pocoflow monitor --db DB_URL`` on a free port: ``(base URL, process)`` once it
+    answers its health check; stopped on the way out."""
+    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pocoflow.cli", "monitor", "--db", db_url, "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while not _healthy(url):
+            if proc.poll() is not None:
+                raise RuntimeError(f"pocoflow monitor exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pocoflow monitor did not answer on {url} in {timeout}s")
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

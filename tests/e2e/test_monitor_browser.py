@@ -7,36 +7,17 @@ Skipped, saying why, when Debian's chromium is not installed (``make e2e-deps``)
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.browser import CHROMIUM, Browser
-from tests.helpers import wait_until
+from tests.e2e.browser import CHROMIUM, Browser, serve_monitor
 from tests.monitor_ledger import fill
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(),
     reason=f"{CHROMIUM} is missing: `make e2e-deps` (apt-get install chromium) to run it",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -53,27 +34,8 @@ def monitor(tmp_path_factory):
     """``pocoflow monitor`` on a filled SQLite ledger, on a free port; its base URL."""
     ledger = tmp_path_factory.mktemp("e2e") / "ledger.db"
     fill(str(ledger), extra=12).close()
-    port = free_port()
-    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    cmd = [sys.executable, "-m", "pocoflow.cli", "monitor", "--db", str(ledger)]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: healthy(url) or proc.poll() is not None, 60, 0.2)
-        assert proc.poll() is None, f"pocoflow monitor exited with {proc.returncode}"
+    with serve_monitor(str(ledger)) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
