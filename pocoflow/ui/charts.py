@@ -67,7 +67,9 @@ def graph_dot(
     """Graphviz DOT of a run's graph shape, the current node filled, fan-out counts shown."""
 
     def q(text: Any) -> str:
-        return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # DOT string: backslash and quote escaped, a line break as DOT's own \n.
+        escaped = str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return '"' + escaped + '"'
 
     lines = [
         "digraph flow {",
@@ -78,12 +80,19 @@ def graph_dot(
         label = node_id
         counts = (items or {}).get(node_id)
         if counts:
-            label += "\n" + " / ".join(
-                f"{counts.get(s, 0)} {s}" for s in ("done", "failed", "running")
-            )
+            label += "\n" + " / ".join(f"{n} {status}" for status, n in _ordered(counts))
         fill = "#ffd54f" if node_id == current else "white"
         lines.append(f"  {q(node_id)} [label={q(label)}, fillcolor={q(fill)}];")
         for action, target in (entry.get("edges") or {}).items():
             lines.append(f"  {q(node_id)} -> {q(target)} [label={q(action)}];")
     lines.append("}")
     return "\n".join(lines)
+
+
+ITEM_ORDER = ("done", "failed", "running", "queued")
+
+
+def _ordered(counts: dict[str, int]) -> list[tuple[str, int]]:
+    """Item counts in reading order: done, failed, running, queued, then any other."""
+    rank = {status: i for i, status in enumerate(ITEM_ORDER)}
+    return sorted(counts.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))

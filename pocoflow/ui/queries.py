@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import Table, and_, func, inspect, or_, select
+from sqlalchemy import Table, Text, and_, cast, func, inspect, literal, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
@@ -32,6 +32,7 @@ from pocoflow.ledger.tables import (
     pf_checkpoints,
     pf_events,
     pf_runs,
+    pf_steps,
     pf_usage,
     pf_workers,
 )
@@ -491,26 +492,24 @@ def _items_table(db: WorkflowDB) -> Table | None:
 
 
 def item_counts(db: WorkflowDB, run_id: str) -> dict[str, dict[str, int]] | None:
-    """Map items of a run by node (or step) and status: ``{node: {status: n}}``; None
-    when the ledger has no ``pf_items`` table (or not the columns this reads)."""
+    """Map items of a run by node and status: ``{node id: {status: n}}``; None when the
+    ledger has no ``pf_items`` table (or not the columns this reads).
+
+    An item row names its step; the step's node is the one ``pf_steps`` recorded for it
+    (a map step in flight has no checkpoint yet), else the label is ``step N``.
+    """
     table = _items_table(db)
-    if table is None or "run_id" not in table.c or "status" not in table.c:
+    if table is None or not {"run_id", "step", "status"} <= set(table.c.keys()):
         return None
-    group = next((table.c[n] for n in ("node_id", "node_name", "step") if n in table.c), None)
-    label = group if group is not None else table.c.run_id
+    i, s = table.c, pf_steps.c
+    node = func.coalesce(s.node_id, literal("step ") + cast(i.step, Text)).label("node")
     q = (
-        select(label, table.c.status, func.count())
-        .where(table.c.run_id == run_id)
-        .group_by(label, table.c.status)
+        select(node, i.status, func.count())
+        .select_from(table.outerjoin(pf_steps, and_(s.run_id == i.run_id, s.step == i.step)))
+        .where(i.run_id == run_id)
+        .group_by(node, i.status)
     )
     out: dict[str, dict[str, int]] = {}
     for where, status, n in db._read(lambda conn: list(conn.execute(q)), run_id):
         out.setdefault(str(where), {})[str(status)] = int(n)
     return out
-
-
-def node_of_steps(db: WorkflowDB, run_id: str, steps: list[int]) -> dict[int, str]:
-    """Node name of each checkpoint step in ``steps`` (for labels), one query."""
-    c = pf_checkpoints.c
-    q = select(c.step, c.node_name).where(and_(c.run_id == run_id, c.step.in_(steps)))
-    return db._read(lambda conn: {int(s): n for s, n in conn.execute(q)}, run_id)

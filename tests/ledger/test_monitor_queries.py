@@ -6,9 +6,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, text
 
+from pocoflow.ledger.tables import pf_steps
 from pocoflow.ui import queries
+from pocoflow.ui.charts import graph_dot
 from pocoflow.ui.queries import RunFilter
 from tests.monitor_ledger import NASTY, fill
 
@@ -146,29 +148,36 @@ def test_stuck_runs_are_running_runs_idle_past_the_threshold(ledger):
     assert stuck[0]["idle_s"] >= 7200
 
 
-def test_item_counts_only_when_the_ledger_has_pf_items(ledger, ledger_url):
+def test_item_counts_only_when_the_ledger_has_pf_items(ledger):
+    """``pf_items`` comes with the fan-out's schema revision: absent, no counts; present
+    (its columns as that revision has them), counts by the node ``pf_steps`` names."""
     assert queries.item_counts(ledger, "alpha-1") is None
     queries._ITEMS_TABLES.clear()
-    ledger._write(
-        lambda conn: conn.execute(
-            text("CREATE TABLE pf_items (run_id TEXT, node_id TEXT, idx INTEGER, status TEXT)")
-        ),
-        "creating pf_items",
-        None,
-    )
-    rows = [("Ask", 0, "done"), ("Ask", 1, "done"), ("Ask", 2, "failed"), ("Ask", 3, "running")]
-    for node, idx, status in rows:
-        ledger._write(
-            lambda conn, n=node, i=idx, s=status: conn.execute(
-                text("INSERT INTO pf_items VALUES ('alpha-1', :n, :i, :s)"),
-                {"n": n, "i": i, "s": s},
-            ),
-            "adding an item",
-            None,
+
+    def write(conn):
+        conn.execute(
+            text(
+                "CREATE TABLE pf_items (run_id TEXT NOT NULL, step INTEGER NOT NULL, "
+                "idx INTEGER NOT NULL, item_json TEXT NOT NULL, status TEXT NOT NULL)"
+            )
         )
+        conn.execute(
+            insert(pf_steps),
+            {"run_id": "alpha-1", "step": 5, "node_id": "Fan", "queued_at": 0, "created_at": 0},
+        )
+        items = [(5, "done"), (5, "done"), (5, "failed"), (5, "running"), (6, "queued")]
+        for idx, (step, status) in enumerate(items):
+            conn.execute(
+                text("INSERT INTO pf_items VALUES ('alpha-1', :step, :idx, '1', :status)"),
+                {"step": step, "idx": idx, "status": status},
+            )
+
+    ledger._write(write, "adding map items", None)
     try:
-        assert queries.item_counts(ledger, "alpha-1") == {
-            "Ask": {"done": 2, "failed": 1, "running": 1}
-        }
+        counts = queries.item_counts(ledger, "alpha-1")
+        assert counts == {"Fan": {"done": 2, "failed": 1, "running": 1}, "step 6": {"queued": 1}}
+        assert queries.item_counts(ledger, "beta-1") == {}
+        dot = graph_dot({"nodes": {"Fan": {"edges": {}}}}, None, counts)
+        assert r"Fan\n2 done / 1 failed / 1 running" in dot
     finally:
         queries._ITEMS_TABLES.clear()

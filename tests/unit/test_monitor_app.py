@@ -219,7 +219,7 @@ def test_graph_highlights_the_current_node(ledger_path):
     dot = graph_dot(
         {"nodes": {'A"]': {"edges": {}}}}, None, {'A"]': {"done": 3, "failed": 1, "running": 2}}
     )
-    assert '"A\\"]" [label="A\\"]\n3 done / 1 failed / 2 running"' in dot
+    assert r'"A\"]" [label="A\"]\n3 done / 1 failed / 2 running"' in dot
 
 
 def test_resume_tab_has_a_snippet(ledger_path):
