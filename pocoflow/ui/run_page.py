@@ -16,11 +16,9 @@ from pocoflow.db import WorkflowDB
 from pocoflow.ui import actions, queries
 from pocoflow.ui.charts import GANTT_SPEC, gantt_bars, gantt_from_events, graph_dot
 from pocoflow.ui.text import BADGES, duration, escape_md, preview, short
-from pocoflow.ui.widgets import nav, paged, refresh_every, step_slider
+from pocoflow.ui.widgets import nav, page_offset, paged, refresh_every, step_slider
 
 EVENT_PAGE = 100
-
-
 LIVE_EVENTS_KEPT = 50
 
 
@@ -81,7 +79,7 @@ def _run_header(db: WorkflowDB, run_id: str) -> None:
 def _timeline(db: WorkflowDB, run_id: str) -> None:
     failures = st.checkbox("Failures only", key=f"failures-{run_id}")
     offset_key = f"events-page-{run_id}-{failures}"
-    offset = (int(st.session_state.get(offset_key, 1)) - 1) * EVENT_PAGE
+    offset = page_offset(offset_key, EVENT_PAGE)
     page = queries.events_page(db, run_id, failures_only=failures, limit=EVENT_PAGE, offset=offset)
     paged("Events", page.total, EVENT_PAGE, offset_key)
     st.caption(f"{page.total} events" + (" with a failure" if failures else ""))
@@ -93,7 +91,7 @@ def _timeline(db: WorkflowDB, run_id: str) -> None:
 
 def _attempts(db: WorkflowDB, run_id: str) -> None:
     key = f"attempts-page-{run_id}"
-    offset = (int(st.session_state.get(key, 1)) - 1) * EVENT_PAGE
+    offset = page_offset(key, EVENT_PAGE)
     page = queries.attempts_page(db, run_id, limit=EVENT_PAGE, offset=offset)
     paged("Attempts", page.total, EVENT_PAGE, key)
     if page.rows:

@@ -39,10 +39,16 @@ def open_run_picker(run_ids: list[str], *, key: str) -> None:
         go(run=picked)
 
 
-def paged(label: str, total: int, size: int, key: str) -> int:
+def page_offset(key: str, size: int) -> int:
+    """The offset of the page the pager ``key`` shows: read before the query, because the
+    pager itself is drawn after it, once the total is known."""
+    return (int(st.session_state.get(key, 1)) - 1) * size
+
+
+def paged(label: str, total: int, size: int, key: str) -> None:
+    """Draw the pager ``key`` for ``total`` rows, ``size`` a page."""
     pages = max(1, -(-total // size))
-    page = st.number_input(f"{label} page (of {pages})", 1, pages, 1, key=key)
-    return (int(page) - 1) * size
+    st.number_input(f"{label} page (of {pages})", 1, pages, 1, key=key)
 
 
 def step_slider(label: str, bounds: tuple[int, int, int], value: int, key: str) -> int:

@@ -548,3 +548,20 @@ def test_bulk_control_is_enforced_in_the_action(control_ledger):
             expected=1,
         )
     assert db.get_run("live-1")["control"] is None
+
+
+def test_events_page_two(tmp_path):
+    from pocoflow.db import WorkflowDB
+
+    path = str(tmp_path / "events.db")
+    db = WorkflowDB(path)
+    db.create_run("chatty-1", "chatty")
+    for i in range(150):
+        db.save_event("chatty-1", "tick", step=i, node_name="N")
+    db.close()
+    at = page(path, run="chatty-1")
+    first = at.dataframe[0].value
+    assert len(first) == 100 and first["step"].iloc[0] == 0
+    at.number_input(key="events-page-chatty-1-False").set_value(2).run()
+    second = at.dataframe[0].value
+    assert len(second) == 50 and second["step"].tolist() == list(range(100, 150))
