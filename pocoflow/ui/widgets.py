@@ -28,8 +28,18 @@ def go(**changes: str | None) -> None:
 
 
 def refresh_every(key: str) -> int | None:
-    choice = st.selectbox("Auto-refresh", list(REFRESH), key=key)
-    return REFRESH[choice]
+    """The auto-refresh period chosen (seconds, None = off), kept in the URL as
+    ``refresh=5`` so a shared link refreshes too."""
+    choices = list(REFRESH)
+    given = f"{st.query_params.get('refresh', '')} s"
+    index = choices.index(given) if given in choices else 0
+    choice = st.selectbox("Auto-refresh", choices, index=index, key=key)
+    seconds = REFRESH[choice]
+    if seconds is None:
+        st.query_params.pop("refresh", None)
+    else:
+        st.query_params["refresh"] = str(seconds)
+    return seconds
 
 
 def open_run_picker(run_ids: list[str], *, key: str) -> None:

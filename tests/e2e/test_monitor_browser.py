@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pocoflow.db import WorkflowDB
 from tests.e2e.browser import CHROMIUM, Browser, serve_monitor
 from tests.monitor_ledger import fill
 
@@ -30,11 +31,16 @@ def artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def monitor(tmp_path_factory):
+def ledger(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("e2e") / "ledger.db"
+    fill(str(path), extra=12).close()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def monitor(ledger):
     """``pocoflow monitor`` on a filled SQLite ledger, on a free port; its base URL."""
-    ledger = tmp_path_factory.mktemp("e2e") / "ledger.db"
-    fill(str(ledger), extra=12).close()
-    with serve_monitor(str(ledger)) as (url, _):
+    with serve_monitor(ledger) as (url, _):
         yield url
 
 
@@ -92,4 +98,18 @@ def test_workers_page(monitor, browser, artifacts):
 def test_unknown_run_is_a_message_not_a_traceback(monitor, browser):
     browser.open(f"{monitor}/?run=no-such-run")
     html = browser.wait_for("Unknown run id")
+    assert "Traceback" not in html
+
+
+def test_auto_refresh_shows_new_events_without_a_reload(monitor, browser, ledger):
+    browser.open(f"{monitor}/?run=live-1&refresh=5")
+    browser.wait_for("Run live", "Auto-refresh", "5 s")
+    db = WorkflowDB(ledger)
+    try:
+        db.save_event("live-1", "heartbeat_from_test", node_name="Waiter")
+    finally:
+        db.close()
+    html = browser.wait_for(
+        "1 new events since this page opened", "heartbeat_from_test", timeout=30
+    )
     assert "Traceback" not in html

@@ -76,6 +76,15 @@ def test_runs_page_lists_newest_runs_with_status_badges(ledger_path):
     assert at.selectbox(key="refresh-runs").options == ["off", "5 s", "10 s", "30 s"]
 
 
+def test_auto_refresh_choice_is_kept_in_the_url(ledger_path):
+    at = page(ledger_path, refresh="10")
+    assert at.selectbox(key="refresh-runs").value == "10 s"
+    at.selectbox(key="refresh-runs").set_value("30 s").run()
+    assert at.query_params["refresh"] == "30"
+    at.selectbox(key="refresh-runs").set_value("off").run()
+    assert "refresh" not in at.query_params
+
+
 def test_second_page_comes_from_the_url(ledger_path):
     at = page(ledger_path, page="2")
     assert len(run_ids(at)) == 14 and run_ids(at)[-1] == "alpha-1"
