@@ -29,7 +29,7 @@ from pocoflow.ledger.tables import RUN_STATUSES
 from pocoflow.ui import actions, queries
 from pocoflow.ui.queries import MonitorError, RunFilter
 from pocoflow.ui.run_page import render_run_page
-from pocoflow.ui.text import BADGES, duration, escape_md, short
+from pocoflow.ui.text import BADGES, duration, escape_md, short, short_times
 from pocoflow.ui.widgets import go, ids, nav, open_run_picker, refresh_every
 
 __all__ = ["render_workflow_monitor"]
@@ -229,7 +229,7 @@ def _workers_page(db: WorkflowDB) -> None:
     dead_after = st.number_input("Stale after (s)", 1, 3600, 30, key="stale-after")
     workers = queries.workers_seen(db, float(dead_after))
     if workers:
-        st.dataframe(workers, hide_index=True)
+        st.dataframe(short_times(workers, "started", "last_seen"), hide_index=True)
     else:
         st.info("No worker has written to this ledger (in-process runs need none).")
     st.subheader("Stuck runs")
@@ -240,7 +240,7 @@ def _workers_page(db: WorkflowDB) -> None:
     if not stuck:
         st.success("No stuck runs.")
         return
-    st.dataframe(stuck, hide_index=True)
+    st.dataframe(short_times(stuck, "started_at", "last_commit"), hide_index=True)
     open_run_picker(ids(stuck), key="open-from-stuck")
 
 

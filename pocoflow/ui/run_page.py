@@ -15,7 +15,7 @@ import streamlit as st
 from pocoflow.db import WorkflowDB
 from pocoflow.ui import actions, queries
 from pocoflow.ui.charts import GANTT_SPEC, gantt_bars, gantt_from_events, graph_dot
-from pocoflow.ui.text import BADGES, duration, escape_md, preview, short
+from pocoflow.ui.text import BADGES, duration, escape_md, preview, short, short_times
 from pocoflow.ui.widgets import nav, page_offset, paged, refresh_every, step_slider
 
 EVENT_PAGE = 100
@@ -84,7 +84,7 @@ def _timeline(db: WorkflowDB, run_id: str) -> None:
     paged("Events", page.total, EVENT_PAGE, offset_key)
     st.caption(f"{page.total} events" + (" with a failure" if failures else ""))
     if page.rows:
-        st.dataframe(page.rows, hide_index=True)
+        st.dataframe(short_times(page.rows, "ts"), hide_index=True)
     else:
         st.info("No failures." if failures else "No events recorded for this run.")
 
@@ -104,7 +104,7 @@ def _attempts(db: WorkflowDB, run_id: str) -> None:
         st.caption("Gantt of the steps on this page (colour: worker)")
         st.vega_lite_chart(bars, GANTT_SPEC)
     if page.rows:
-        st.dataframe(page.rows, hide_index=True)
+        st.dataframe(short_times(page.rows, "started", "ended"), hide_index=True)
 
 
 def _store(db: WorkflowDB, run_id: str) -> None:

@@ -53,3 +53,8 @@ def duration(run: dict[str, Any], now: datetime) -> str | None:
 def preview(value: Any, width: int = 200) -> str:
     text = json.dumps(value, default=repr, ensure_ascii=False)
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def short_times(rows: list[dict[str, Any]], *columns: str) -> list[dict[str, Any]]:
+    """``rows`` with the ISO times of ``columns`` shortened for a table (copies)."""
+    return [{k: short(v) if k in columns else v for k, v in row.items()} for row in rows]
