@@ -13,10 +13,10 @@ STAMP := $(VENV)/.pocoflow-installed
 PIP_LOG := $(VENV)/pip-install.log
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test chaos chaos-short demo bench lint fmt clean distclean
+.PHONY: help venv test e2e-deps chaos chaos-short demo bench lint fmt clean distclean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  variables: PYTHON=$(PYTHON) VENV=$(VENV) EXTRAS=$(EXTRAS) ARGS='pytest/bench args'"
 
 venv: $(STAMP)  ## create .venv and install -e .[EXTRAS] (again only when pyproject.toml changed)
@@ -42,6 +42,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 test: venv  ## run the test suite (ARGS="-k ledger -x" to narrow it)
 	$(BIN)/pytest -q $(ARGS)
+
+e2e-deps:  ## best effort: Debian's chromium (+ emoji font) for tests/e2e, skipped without it
+	@if [ -x /usr/bin/chromium ]; then /usr/bin/chromium --version; \
+	elif command -v apt-get >/dev/null; then \
+	  apt-get install -y chromium fonts-noto-color-emoji >$${TMPDIR:-/tmp}/pocoflow-e2e-deps.log 2>&1 \
+	    && echo "chromium installed (log: $${TMPDIR:-/tmp}/pocoflow-e2e-deps.log)" \
+	    || echo "could not install chromium (root needed? see $${TMPDIR:-/tmp}/pocoflow-e2e-deps.log): tests/e2e will skip" >&2; \
+	else echo "no apt-get: install chromium at /usr/bin/chromium to run tests/e2e" >&2; fi
 
 chaos: venv  ## long fault rounds on real processes, summary table (ARGS="--faults kill9 --rounds 5")
 	$(BIN)/python -m tests.chaos $(ARGS)

@@ -24,6 +24,7 @@ from bench import (
     ledger_scale,
     limits,
     load,
+    monitor,
     recovery,
     step_cost,
 )
@@ -59,6 +60,7 @@ def main() -> int:
         ok &= section(lambda: step_cost.main(pg_url) or True)  # figures only, no target
         ok &= section(lambda: ledger_scale.main(pg_url))
         ok &= section(lambda: load.main(server_url=pg_url))
+        ok &= section(lambda: monitor.main(pg_url))
     ok &= checkpoint_growth.main()
     ok &= section(distributed_latency.main)
     ok &= section(distributed_throughput.main)

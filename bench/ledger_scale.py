@@ -25,7 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,14 @@ def seed_sql(dialect: str, runs: int, steps: int = SEED_STEPS, prefix: str = "ol
 
 def seed(db_url: str, runs: int, steps: int = SEED_STEPS, prefix: str = "old-") -> float:
     """Write the old runs into the (migrated) ledger at ``db_url``; returns the seconds
-    it took. PostgreSQL is then ANALYZEd, as autovacuum would soon do by itself."""
+    it took."""
+    return run_seed(db_url, lambda dialect: seed_sql(dialect, runs, steps, prefix))
+
+
+def run_seed(db_url: str, statements: Callable[[str], list[str]]) -> float:
+    """Create or migrate the ledger at ``db_url``, then run ``statements(dialect)`` in one
+    transaction; returns the seconds they took. PostgreSQL is then ANALYZEd, as
+    autovacuum would soon do by itself."""
     from sqlalchemy import create_engine, text
 
     from pocoflow.db import WorkflowDB
@@ -158,7 +165,7 @@ def seed(db_url: str, runs: int, steps: int = SEED_STEPS, prefix: str = "old-") 
     started = time.perf_counter()
     try:
         with engine.begin() as conn:
-            for statement in seed_sql(dialect, runs, steps, prefix):
+            for statement in statements(dialect):
                 conn.execute(text(statement))
         if dialect == "postgresql":
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:

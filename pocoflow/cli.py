@@ -700,6 +700,36 @@ def flower(port: int, address: str, broker_url: str | None, flower_args: tuple[s
     run_flower(port=port, address=address, extra=flower_args)
 
 
+@main.command(
+    epilog="Examples:\n\n  pocoflow monitor --db sqlite:///pocoflow.db --port 8501"
+    "\n\n  POCOFLOW_MONITOR_TOKEN=s3cret pocoflow monitor --allow-control"
+)
+@click.option("--port", default=8501, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--allow-control",
+    is_flag=True,
+    help="Offer cancel/pause/resume/send on run pages; each needs the token of "
+    "POCOFLOW_MONITOR_TOKEN typed into the page.",
+)
+@db_option
+def monitor(port: int, allow_control: bool, db_url: str) -> None:
+    """Watch the ledger's runs in the Streamlit monitor (streamlit run pocoflow/ui/monitor.py)."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise BadInput("The monitor needs Streamlit: pip install 'pocoflow[ui]'")
+    if allow_control and not os.environ.get("POCOFLOW_MONITOR_TOKEN"):
+        raise BadInput("--allow-control needs a token: set POCOFLOW_MONITOR_TOKEN")
+    script = Path(__file__).resolve().parent / "ui" / "monitor.py"
+    argv = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port)]
+    argv += ["--server.headless", "true", "--", db_url]
+    argv += ["--allow-control"] if allow_control else []
+    click.echo(f"monitor of {mask_url(db_url)} on http://localhost:{port}")
+    os.execv(sys.executable, argv)
+
+
 @main.command(epilog="Example: pocoflow demo --workers 2")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 8))
 @click.option("--topic", default="durable workflows", show_default=True)

@@ -41,6 +41,7 @@ FOLDER_MARKERS = {
     "distributed": "distributed",
     "examples": "examples",
     "compat": "compat",
+    "e2e": "e2e",
 }
 
 

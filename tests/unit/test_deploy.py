@@ -31,7 +31,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 K8S = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
 UNITS = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
 #: Commands of issue 8 written on another branch; empty this once they are merged.
-PENDING_COMMANDS = {"monitor"}
+PENDING_COMMANDS: set[str] = set()
 
 _LOAD = "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))"
 

@@ -1,0 +1,1 @@
+"""The Streamlit monitor (``pocoflow.ui.monitor``) and the ledger queries it reads."""

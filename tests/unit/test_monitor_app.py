@@ -1,0 +1,581 @@
+"""The Streamlit monitor page by page with ``streamlit.testing.v1.AppTest``, on an SQLite
+ledger file written by real local runs (tests/monitor_ledger.py): runs list and its
+URL filters, paging, the run page's tabs, workers and stuck runs, live refresh, controls,
+bad input and escaping. The queries themselves run on both backends in
+tests/ledger/test_monitor_queries.py."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import event
+from streamlit.testing.v1 import AppTest
+
+from pocoflow.ui import actions
+from pocoflow.ui.actions import ControlRefused
+from pocoflow.ui.charts import gantt_bars, gantt_from_events, graph_dot
+from pocoflow.ui.text import escape_md
+from tests.monitor_ledger import NASTY, fill
+
+TOKEN = "s3cret-token"
+
+
+def app(location, allow_control=False):
+    from pocoflow.ui.monitor import render_workflow_monitor
+
+    render_workflow_monitor(location, allow_control=allow_control)
+
+
+@pytest.fixture(scope="module")
+def ledger_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("monitor") / "ledger.db"
+    fill(str(path), extra=60).close()
+    return str(path)
+
+
+def page(location, allow_control=False, **params):
+    at = AppTest.from_function(app, args=(location, allow_control), default_timeout=30)
+    for key, value in params.items():
+        at.query_params[key] = value
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def run_ids(at):
+    return at.dataframe[0].value["run id"].tolist()
+
+
+def texts(elements):
+    return " | ".join(str(e.value) for e in elements)
+
+
+# ── runs ─────────────────────────────────────────────────────────────────────
+
+
+def test_runs_page_lists_newest_runs_with_status_badges(ledger_path):
+    at = page(ledger_path)
+    table = at.dataframe[0].value
+    assert list(table.columns) == [
+        "run id",
+        "flow",
+        "status",
+        "started",
+        "duration",
+        "steps",
+        "current node",
+        "error",
+    ]
+    assert len(table) == 50  # one page, never the whole table
+    assert "64 runs · page 1 of 2" in texts(at.caption)
+    assert run_ids(at)[0] == "many-059"
+    assert [o.label for o in at.selectbox if o.key == "refresh-runs"] == ["Auto-refresh"]
+    assert at.selectbox(key="refresh-runs").options == ["off", "5 s", "10 s", "30 s"]
+
+
+def test_auto_refresh_choice_is_kept_in_the_url(ledger_path):
+    at = page(ledger_path, refresh="10")
+    assert at.selectbox(key="refresh-runs").value == "10 s"
+    at.selectbox(key="refresh-runs").set_value("30 s").run()
+    assert at.query_params["refresh"] == "30"
+    at.selectbox(key="refresh-runs").set_value("off").run()
+    assert "refresh" not in at.query_params
+
+
+def test_second_page_comes_from_the_url(ledger_path):
+    at = page(ledger_path, page="2")
+    assert len(run_ids(at)) == 14 and run_ids(at)[-1] == "alpha-1"
+    assert "page 2 of 2" in texts(at.caption)
+
+
+def test_paging_then_a_new_filter_starts_on_its_first_page(ledger_path):
+    at = page(ledger_path)
+    at.number_input(key="runs-page").set_value(2).run()
+    assert at.query_params["page"] == "2" and run_ids(at)[-1] == "alpha-1"
+    at.multiselect[1].set_value(["bulk"]).run()
+    assert "page" not in at.query_params
+    assert "60 runs · page 1 of 2" in texts(at.caption) and run_ids(at)[0] == "many-059"
+
+
+def test_filters_are_read_from_and_written_to_the_url(ledger_path):
+    at = page(ledger_path, status="failed")
+    assert run_ids(at) == ["beta-1"]
+    row = at.dataframe[0].value.iloc[0]
+    assert row["status"] == "🔴 failed" and row["error"] == NASTY
+    at.multiselect[0].set_value(["running", "failed"]).run()
+    assert at.query_params["status"] == "running,failed"
+    assert sorted(run_ids(at)) == ["beta-1", "live-1"]
+    at.multiselect[1].set_value(["beta"]).run()
+    at.text_input[0].set_value("live").run()
+    assert run_ids(at) == ["live-1"]
+    assert at.query_params["flow"] == "beta" and at.query_params["q"] == "live"
+
+
+def test_a_filter_matching_nothing_says_so(ledger_path):
+    at = page(ledger_path, q="no-such-run")
+    assert not at.dataframe
+    assert "No runs match these filters." in texts(at.info)
+
+
+def test_open_run_from_the_list(ledger_path):
+    at = page(ledger_path, flow="beta")
+    at.selectbox(key="open-from-runs").set_value("beta-1")
+    at.button(key="open-from-runs-go").click().run()
+    assert at.query_params["run"] == "beta-1"
+    assert "Run beta\\-1" in texts(at.subheader)
+
+
+# ── one run ──────────────────────────────────────────────────────────────────
+
+
+def test_run_page_header_and_tabs(ledger_path):
+    at = page(ledger_path, run="alpha-1")
+    assert [t.label for t in at.tabs] == [
+        "Timeline",
+        "Attempts",
+        "Store",
+        "Diff",
+        "Usage",
+        "Graph",
+        "Resume",
+    ]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Status"] == "🟢 completed" and metrics["Steps"] == "2"
+    assert metrics["Current node"] == "Note" and metrics["Flow"] == "alpha"
+    assert metrics["Calls"] == "2" and metrics["Input tokens"] == "110"
+    assert metrics["Cost (USD)"] == "0.5100"
+
+
+def test_timeline_pages_and_failures_only(ledger_path):
+    at = page(ledger_path, run="beta-1")
+    events = at.dataframe[0].value
+    assert {"node_start", "node_error"} <= set(events["event"])
+    at.checkbox(key="failures-beta-1").check().run()
+    failures = at.dataframe[0].value
+    assert set(failures["event"]) <= {"node_error", "node_retry", "flow_end"}
+    assert failures["error_msg"].notna().all() or "node_error" in set(failures["event"])
+    assert "with a failure" in texts(at.caption)
+
+
+def test_attempts_tab_shows_worker_outcome_and_error(ledger_path):
+    at = page(ledger_path, run="alpha-1")
+    attempts = next(d.value for d in at.dataframe if "outcome" in d.value.columns)
+    assert attempts[["attempt", "worker", "outcome"]].values.tolist() == [
+        [1, "w-1", "failed"],
+        [2, "w-1", "committed"],
+    ]
+    assert attempts["error_msg"].iloc[0] == "provider hiccup"
+
+
+def test_store_inspector_follows_the_step_slider(ledger_path):
+    at = page(ledger_path, run="alpha-1")
+    slider = at.slider(key="store-alpha-1")
+    assert (slider.min, slider.max, slider.value) == (-1, 1, 1)
+
+    def store_table():
+        return next(d.value for d in at.dataframe if list(d.value.columns) == ["key", "value"])
+
+    assert dict(store_table().values.tolist())["count"] == "2"
+    assert at.json[0].value is not None and '"note"' in at.json[0].value
+    slider.set_value(-1).run()
+    assert store_table().values.tolist() == [["topic", '"ledgers"']]
+    assert "After step \\-1" in texts(at.caption)
+
+
+def test_diff_between_two_checkpoints(ledger_path):
+    at = page(ledger_path, run="alpha-1")
+
+    def diff():
+        return next(d.value for d in at.dataframe if "change" in d.value.columns)
+
+    changes = dict(diff()[["key", "change"]].values.tolist())
+    assert changes == {"count": "changed", "note": "added", "topic": "removed"}
+    at.slider(key="diff-from-alpha-1").set_value(-1).run()
+    assert dict(diff()[["key", "change"]].values.tolist()) == {
+        "answer": "added",
+        "count": "added",
+        "note": "added",
+        "topic": "removed",
+    }
+
+
+def test_diff_of_a_fork_against_its_parent(ledger_path):
+    at = page(ledger_path, run="gamma-1")
+    radio = at.radio(key="diff-src-gamma-1")
+    radio.set_value(radio.options[1]).run()
+    assert "parent alpha\\-1 at step 0" in texts(at.caption)
+    assert "0 keys differ" in texts(at.caption)  # the fork starts from the parent's step 0
+
+
+def test_usage_per_node_and_model(ledger_path):
+    at = page(ledger_path, run="alpha-1")
+    usage = next(d.value for d in at.dataframe if "model" in d.value.columns)
+    assert usage[["node_name", "model", "calls"]].values.tolist() == [
+        ["Ask", "m-large", 1],
+        ["Ask", "m-small", 1],
+    ]
+
+
+def test_graph_highlights_the_current_node(ledger_path):
+    at = page(ledger_path, run="alpha-1")
+    (chart,) = at.get("graphviz_chart")
+    spec = chart.proto.spec
+    assert '"Ask" -> "Note" [label="default"]' in spec
+    assert '"Note" [label="Note", fillcolor="#ffd54f"]' in spec
+    dot = graph_dot(
+        {"nodes": {'A"]': {"edges": {}}}}, None, {'A"]': {"done": 3, "failed": 1, "running": 2}}
+    )
+    assert r'"A\"]" [label="A\"]\n3 done / 1 failed / 2 running"' in dot
+
+
+def test_resume_tab_has_a_snippet(ledger_path):
+    at = page(ledger_path, run="beta-1")
+    code = texts(at.code)
+    assert "attach('beta-1'" in code and "handle.resume()" in code
+    assert "pocoflow resume beta-1 --db" in code
+
+
+def test_live_refresh_reads_only_new_events(ledger_path):
+    from pocoflow.db import WorkflowDB
+
+    at = page(ledger_path, run="live-1")
+    assert "new events since" not in texts(at.caption)
+    WorkflowDB(ledger_path).save_event("live-1", "tick", node_name="Waiter")
+    at.run()
+    live = next(d.value for d in at.dataframe if "tick" in set(d.value.get("event", [])))
+    assert live["event"].tolist() == ["tick"]
+    assert "1 new events since this page opened" in texts(at.caption)
+
+
+def test_run_page_reads_bounded_queries_only(ledger_path):
+    """Every statement touching events, checkpoints, values or runs is a page (LIMIT) or
+    one aggregate/keyed row: nothing reads a whole table."""
+    from pocoflow.db import WorkflowDB
+
+    engine = WorkflowDB(ledger_path)._ledger.engine
+    seen: list[str] = []
+
+    def record(conn, cursor, statement, *args):
+        seen.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        page(ledger_path)
+        page(ledger_path, run="alpha-1")
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    selects = [s for s in seen if s.startswith("SELECT") and "pf_" in s]
+    assert selects
+    for statement in selects:
+        bounded = (
+            "LIMIT" in statement
+            or re.search(r"\b(count|max|min|sum)\(", statement)
+            or re.search(r"WHERE .*run_id = \?", statement)
+            or "pf_alembic_version" in statement
+        )
+        assert bounded, statement
+
+
+# ── workers and stuck runs ───────────────────────────────────────────────────
+
+
+def test_workers_and_stuck_runs_page(ledger_path):
+    at = page(ledger_path, view="workers")
+    workers = at.dataframe[0].value
+    assert workers["worker"].tolist() == ["w-1"] and workers["stale"].tolist() == [False]
+    assert "No stuck runs." in texts(at.success)
+    at.number_input(key="stuck-after").set_value(1).run()
+    assert "live-1" in at.dataframe[1].value["run_id"].tolist()
+    at.button(key="nav-runs").click().run()
+    assert "view" not in at.query_params and run_ids(at)
+
+
+def test_flower_link_when_its_url_is_set(ledger_path, monkeypatch):
+    monkeypatch.setenv("POCOFLOW_FLOWER_URL", "http://flower.example:5555")
+    at = page(ledger_path, view="workers")
+    assert at.get("link_button")[0].proto.url == "http://flower.example:5555"
+
+
+# ── bad input and escaping ───────────────────────────────────────────────────
+
+
+def test_missing_database(tmp_path):
+    missing = tmp_path / "nope.db"
+    at = page(str(missing))
+    assert "No ledger at" in at.error[0].value and "does not exist" in at.error[0].value
+    assert not missing.exists()  # the monitor does not create a ledger by looking
+
+
+def test_database_that_is_not_a_ledger(tmp_path):
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER)")
+    at = page(str(other))
+    assert "is not a PocoFlow ledger" in at.error[0].value
+    with sqlite3.connect(other) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert tables == {"customers"}  # nothing added to somebody else's database
+
+
+def test_file_that_is_not_a_database(tmp_path):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    at = page(str(junk))
+    assert "Cannot read" in at.error[0].value
+
+
+def test_unknown_run_id_is_escaped(ledger_path):
+    nasty = "[click](http://evil.example) **x** <b>"
+    at = page(ledger_path, run=nasty)
+    message = at.error[0].value
+    assert "Unknown run id" in message
+    assert "[click](" not in message and "**x**" not in message and "<b>" not in message
+    assert escape_md("[click](x)") == "\\[click\\]\\(x\\)"
+
+
+# ── controls ─────────────────────────────────────────────────────────────────
+
+
+def test_no_controls_without_allow_control(ledger_path, monkeypatch):
+    monkeypatch.setenv(actions.TOKEN_ENV, TOKEN)
+    at = page(ledger_path, run="live-1")
+    assert "Controls" not in [t.label for t in at.tabs]
+    with pytest.raises(ControlRefused, match="--allow-control"):
+        actions.control_run(
+            "cancel",
+            "live-1",
+            db_url=ledger_path,
+            allow_control=False,
+            token=TOKEN,
+            confirmed=True,
+        )
+
+
+def test_controls_refused_without_a_token_in_the_environment(ledger_path, monkeypatch):
+    monkeypatch.delenv(actions.TOKEN_ENV, raising=False)
+    at = page(ledger_path, True, run="live-1")
+    assert "Controls need a token" in texts(at.warning)
+    at.text_input(key="ctl-token-live-1").set_value("")
+    at.checkbox(key="ctl-confirm-live-1").check()
+    at.button(key="ctl-go-live-1").click().run()
+    assert "refused" in texts(at.error) and "POCOFLOW\\_MONITOR\\_TOKEN" in texts(at.error)
+
+
+def control(at, run_id, action, token, confirm=True):
+    at.selectbox(key=f"ctl-action-{run_id}").set_value(action)
+    at.text_input(key=f"ctl-token-{run_id}").set_value(token)
+    if confirm:
+        at.checkbox(key=f"ctl-confirm-{run_id}").check()
+    else:
+        at.checkbox(key=f"ctl-confirm-{run_id}").uncheck()
+    at.button(key=f"ctl-go-{run_id}").click().run()
+    assert not at.exception, at.exception
+
+
+@pytest.fixture
+def control_ledger(tmp_path, monkeypatch):
+    monkeypatch.setenv(actions.TOKEN_ENV, TOKEN)
+    path = str(tmp_path / "control.db")
+    db = fill(path)
+    yield path, db
+    db.close()
+
+
+def test_wrong_token_and_missing_confirmation_change_nothing(control_ledger):
+    path, db = control_ledger
+    at = page(path, True, run="live-1")
+    control(at, "live-1", "cancel", "wrong")
+    assert "Wrong control token" in texts(at.error)
+    control(at, "live-1", "cancel", TOKEN, confirm=False)
+    assert "Confirm the action first" in texts(at.error)
+    assert db.get_run("live-1")["control"] is None
+
+
+def test_pause_resume_cancel_with_token_and_confirmation(control_ledger):
+    path, db = control_ledger
+    at = page(path, True, run="live-1")
+    control(at, "live-1", "pause", TOKEN)
+    assert "pause requested" in texts(at.success)
+    assert db.get_run("live-1")["control"] == "pause"
+    control(at, "live-1", "resume", TOKEN)
+    assert "resume requested" in texts(at.success)
+    assert db.get_run("live-1")["control"] is None
+    control(at, "live-1", "cancel", TOKEN)
+    assert "cancel requested" in texts(at.success)
+    assert db.get_run("live-1")["control"] == "cancel"
+
+
+def test_send_a_value_and_bad_json(control_ledger):
+    path, db = control_ledger
+    at = page(path, True, run="live-1")
+    at.selectbox(key="ctl-action-live-1").set_value("send").run()
+    at.text_input(key="ctl-key-live-1").set_value("approval")
+    at.text_area(key="ctl-value-live-1").set_value("{not json")
+    control(at, "live-1", "send", TOKEN)
+    assert "not valid JSON" in texts(at.error)
+    at.text_area(key="ctl-value-live-1").set_value('{"ok": true}')
+    control(at, "live-1", "send", TOKEN)
+    assert "sent" in texts(at.success)
+    assert db.read_signal("live-1", "approval").value == {"ok": True}
+
+
+# ── pocoflow monitor ─────────────────────────────────────────────────────────
+
+
+class Exec(Exception):
+    pass
+
+
+@pytest.fixture
+def execv(monkeypatch):
+    calls = []
+
+    def fake(path, argv):
+        calls.append(argv)
+        raise Exec
+
+    monkeypatch.setattr("os.execv", fake)
+    return calls
+
+
+def test_monitor_command_runs_streamlit_on_the_monitor_script(execv, monkeypatch):
+    from click.testing import CliRunner
+
+    from pocoflow.cli import main as cli
+
+    monkeypatch.delenv(actions.TOKEN_ENV, raising=False)
+    result = CliRunner().invoke(cli, ["monitor", "--db", "x.db", "--port", "8600"])
+    assert isinstance(result.exception, Exec)
+    (argv,) = execv
+    assert argv[1:4] == ["-m", "streamlit", "run"] and argv[4].endswith("pocoflow/ui/monitor.py")
+    assert argv[argv.index("--server.port") + 1] == "8600"
+    assert argv[argv.index("--") + 1 :] == ["x.db"]
+
+
+def test_monitor_allow_control_needs_the_token(execv, monkeypatch):
+    from click.testing import CliRunner
+
+    from pocoflow.cli import main as cli
+
+    monkeypatch.delenv(actions.TOKEN_ENV, raising=False)
+    refused = CliRunner().invoke(cli, ["monitor", "--allow-control"])
+    assert refused.exit_code == 2 and "POCOFLOW_MONITOR_TOKEN" in refused.output
+    assert execv == []
+    monkeypatch.setenv(actions.TOKEN_ENV, TOKEN)
+    CliRunner().invoke(cli, ["monitor", "--allow-control", "--db", "y.db"])
+    assert execv[0][-2:] == ["y.db", "--allow-control"]
+
+
+def test_script_entry_reads_db_and_flag_from_its_arguments(tmp_path):
+    at = AppTest.from_string(
+        "from pocoflow.ui.monitor import main\n"
+        f"main([{str(tmp_path / 'none.db')!r}, '--allow-control'])\n",
+        default_timeout=30,
+    )
+    at.run()
+    assert not at.exception and "No ledger at" in at.error[0].value
+
+
+def test_gantt_of_attempts_by_worker(ledger_path):
+    at = page(ledger_path, run="alpha-1")
+    (chart,) = at.get("vega_lite_chart")
+    spec = chart.proto.spec
+    assert '"worker"' in spec and '"x2"' in spec
+    shown = next(d.value for d in at.dataframe if "outcome" in d.value.columns)
+    assert "T" not in shown["started"].iloc[0]  # times shortened for the table
+    from pocoflow.db import WorkflowDB
+    from pocoflow.ui import queries
+
+    rows = queries.attempts_page(WorkflowDB(ledger_path), "alpha-1").rows
+    bars = gantt_bars(rows, datetime.now(UTC))
+    assert [(b["step"], b["worker"], b["outcome"]) for b in bars] == [
+        ("0 #1", "w-1", "failed"),
+        ("0 #2", "w-1", "committed"),
+    ]
+    assert bars[0]["start"] < bars[0]["end"] <= bars[1]["start"] < bars[1]["end"]
+
+
+def test_gantt_of_a_run_in_a_process_comes_from_its_events(ledger_path):
+    at = page(ledger_path, run="beta-1")  # no attempts: it ran in a process
+    assert "No attempts" in texts(at.info)
+    from pocoflow.db import WorkflowDB
+
+    events = WorkflowDB(ledger_path).get_events("alpha-1")
+    bars = gantt_from_events(events)
+    assert [b["step"] for b in bars] == ["0 Ask", "1 Note"]
+    assert all(b["start"] <= b["end"] for b in bars)
+
+
+# ── bulk controls ────────────────────────────────────────────────────────────
+
+
+def bulk(at, action, token, confirm=True):
+    at.selectbox(key="bulk-action").set_value(action)
+    at.text_input(key="bulk-token").set_value(token)
+    at.checkbox(key="bulk-confirm").set_value(confirm)
+    at.button(key="bulk-go").click().run()
+    assert not at.exception, at.exception
+
+
+def test_bulk_control_shows_count_and_first_runs_then_acts_on_each(control_ledger):
+    path, db = control_ledger
+    for i in range(3):
+        db.create_run(f"live-{i + 2}", "beta")
+    at = page(path, True, status="running")
+    assert "4 runs, first: live\\-4, live\\-3, live\\-2, live\\-1" in texts(at.caption)
+    assert at.checkbox(key="bulk-confirm").label == "Yes, cancel these 4 runs"
+    bulk(at, "pause", "wrong")
+    assert "Wrong control token" in texts(at.error)
+    bulk(at, "pause", TOKEN)
+    assert "pause requested for 4 runs" in texts(at.success)
+    assert [db.get_run(f"live-{i}")["control"] for i in range(1, 5)] == ["pause"] * 4
+    assert db.get_run("alpha-1")["control"] is None
+
+
+def test_bulk_control_refuses_when_the_filter_selects_other_runs_now(control_ledger):
+    path, db = control_ledger
+    at = page(path, True, status="running")
+    at.checkbox(key="bulk-confirm").check().run()  # confirmed while it showed 1 run
+    db.create_run("live-late", "beta")  # starts after that
+    bulk(at, "cancel", TOKEN)
+    assert "now selects 2 runs, not the 1 you confirmed" in texts(at.error)
+    assert db.get_run("live-1")["control"] is None
+
+
+def test_bulk_control_is_enforced_in_the_action(control_ledger):
+    path, db = control_ledger
+    from pocoflow.ui.queries import RunFilter
+
+    assert "Act on every run" not in " ".join(e.label for e in page(path).expander)
+    with pytest.raises(ControlRefused, match="--allow-control"):
+        actions.control_runs(
+            "cancel",
+            RunFilter(statuses=("running",)),
+            db=db,
+            db_url=path,
+            allow_control=False,
+            token=TOKEN,
+            confirmed=True,
+            expected=1,
+        )
+    assert db.get_run("live-1")["control"] is None
+
+
+def test_events_page_two(tmp_path):
+    from pocoflow.db import WorkflowDB
+
+    path = str(tmp_path / "events.db")
+    db = WorkflowDB(path)
+    db.create_run("chatty-1", "chatty")
+    for i in range(150):
+        db.save_event("chatty-1", "tick", step=i, node_name="N")
+    db.close()
+    at = page(path, run="chatty-1")
+    first = at.dataframe[0].value
+    assert len(first) == 100 and first["step"].iloc[0] == 0
+    at.number_input(key="events-page-chatty-1-False").set_value(2).run()
+    second = at.dataframe[0].value
+    assert len(second) == 50 and second["step"].tolist() == list(range(100, 150))
