@@ -137,13 +137,16 @@ def build(target: str) -> Any:
 
     built = load_builder(target)()
     if isinstance(built, Flow):
+        built.builder = target  # recorded with its runs: resume and fork find it there
         return built
     raise BadInput(f"{target} returned {type(built).__name__}, not a Flow")
 
 
 def flow_for_run(db: Any, run_id: str, target: str | None, flows: str) -> Any:
-    """The graph to continue ``run_id`` with: ``--flow MODULE:BUILDER`` or the registry."""
+    """The graph to continue ``run_id`` with: ``--flow MODULE:BUILDER``, else the builder
+    the ledger recorded for a run the CLI started (``pocoflow run``), else the registry."""
     run = get_run_or_fail(db, run_id)
+    target = target or (None if flows else run.get("builder"))
     if target:
         return build(target)
     from pocoflow.registry import UnknownFlowError, build_flow, import_flow_modules

@@ -130,6 +130,7 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
         now: float | None = None,
         max_tokens: int | None = None,
         max_cost_usd: float | None = None,
+        builder: str | None = None,
     ) -> bool:
         """Record a new run; False (and nothing written) if ``run_id`` exists, as 0.2
         ignored duplicates.
@@ -141,6 +142,8 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
         steps go to and its ``graph_shape`` (JSON), which a version refusal compares (G6).
         ``start_events`` and the ``first_step`` outbox row (leased from ``now``) land in
         the same transaction, so a submitted run never exists without its first step.
+        ``builder`` is the ``MODULE:BUILDER`` a run started from the CLI was built by, so
+        ``pocoflow resume`` and ``fork`` rebuild its graph without being told.
         """
         runs.check_fields({"status": status})
         started = iso_now()  # also this call's write token (see ``own_run``)
@@ -159,6 +162,7 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
             "graph_shape": graph_shape,
             "max_tokens": max_tokens,
             "max_cost_usd": max_cost_usd,
+            "builder": builder,
         }
         texts = None if initial_store is None else _encode_all(_data_of(initial_store))
         dialect = self._dialect
