@@ -137,13 +137,16 @@ def build(target: str) -> Any:
 
     built = load_builder(target)()
     if isinstance(built, Flow):
+        built.builder = target  # recorded with its runs: resume and fork find it there
         return built
     raise BadInput(f"{target} returned {type(built).__name__}, not a Flow")
 
 
 def flow_for_run(db: Any, run_id: str, target: str | None, flows: str) -> Any:
-    """The graph to continue ``run_id`` with: ``--flow MODULE:BUILDER`` or the registry."""
+    """The graph to continue ``run_id`` with: ``--flow MODULE:BUILDER``, else the builder
+    the ledger recorded for a run the CLI started (``pocoflow run``), else the registry."""
     run = get_run_or_fail(db, run_id)
+    target = target or (None if flows else run.get("builder"))
     if target:
         return build(target)
     from pocoflow.registry import UnknownFlowError, build_flow, import_flow_modules
@@ -242,18 +245,54 @@ def run(target: str, store_text: str | None, db_url: str) -> None:
     finish_local(flow, lambda: flow.run(data))
 
 
-@main.command(epilog="Example: pocoflow runs --limit 20")
+@main.command(
+    epilog="Examples:\n\n  pocoflow runs --limit 20\n\n"
+    "  pocoflow runs --status failed,paused --flow article --since 2h --json"
+)
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--status", "statuses", default="", help="Only these statuses (comma-separated).")
+@click.option("--flow", "flow_name", default=None, help="Only runs of this flow.")
+@click.option("--since", default=None, help="Only runs started in the last 30m, 12h, 7d...")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array, for scripts.")
 @db_option
-def runs(limit: int, db_url: str) -> None:
+def runs(
+    limit: int,
+    statuses: str,
+    flow_name: str | None,
+    since: str | None,
+    as_json: bool,
+    db_url: str,
+) -> None:
     """List recent runs, newest first, with the tokens and cost each reported."""
+    from datetime import UTC, datetime, timedelta
+
+    from pocoflow.settings import parse_duration
+
+    chosen = [s.strip() for s in statuses.split(",") if s.strip()]
+    since_iso = None
+    if since:
+        try:
+            age_s = parse_duration(since, "--since")
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+        since_iso = (datetime.now(UTC) - timedelta(seconds=age_s)).isoformat()
+    db = open_db(db_url)
+    try:
+        rows = db.list_runs(limit=limit, statuses=chosen, flow_name=flow_name, since=since_iso)
+    except ValueError as exc:
+        raise BadInput(f"--status: {exc}") from None
+    spent = db.usage_by_run([row["run_id"] for row in rows])  # one grouped query
+    if as_json:
+        for row in rows:
+            used = spent.get(row["run_id"])
+            row["tokens"] = used["input_tokens"] + used["output_tokens"] if used else 0
+            row["cost_usd"] = used["cost_usd"] if used else 0.0
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
     from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    db = open_db(db_url)
-    rows = db.list_runs(limit=limit)
-    spent = db.usage_by_run([row["run_id"] for row in rows])  # one grouped query
     # Run ids are what users copy into the next command: never cut, even on 80 columns
     # (no vertical rules, so the eight columns fit).
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True, pad_edge=False)
@@ -277,9 +316,10 @@ def runs(limit: int, db_url: str) -> None:
 
 @main.command(epilog="Example: pocoflow show hello-1a2b3c4d")
 @click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
 @flows_option
 @db_option
-def show(run_id: str, flows: str, db_url: str) -> None:
+def show(run_id: str, as_json: bool, flows: str, db_url: str) -> None:
     """Show one run: its row, its events with timings and its latest Store.
 
     --flows imports the modules that register the Store's own classes, if any.
@@ -293,6 +333,9 @@ def show(run_id: str, flows: str, db_url: str) -> None:
 
     db = open_db(db_url)
     run = get_run_or_fail(db, run_id)
+    if as_json:
+        click.echo(show_json(db, run))
+        return
     console = Console()
     for key in (
         "run_id",
@@ -333,6 +376,31 @@ def show(run_id: str, flows: str, db_url: str) -> None:
         click.echo(store_json(db.load_checkpoint(run_id, step)))
     except TypeError as exc:  # a class this process has not registered
         click.echo(f"store of step {step} not shown: {exc}", err=True)
+
+
+def show_json(db: Any, run: dict[str, Any]) -> str:
+    """``show --json``: the run row, its events, usage, signals (keys, and whether each was
+    sent) and its latest Store, as one JSON object."""
+    run_id = run["run_id"]
+    latest = db.latest_checkpoint(run_id)
+    step = latest["step"] if latest else -1
+    try:
+        store: Any = json.loads(store_json(db.load_checkpoint(run_id, step)))
+    except TypeError as exc:  # a class this process has not registered
+        store = {"error": f"store of step {step} not shown: {exc}"}
+    signals = [
+        {"key": s["key"], "sent": "value" in s, "waiting_step": s.get("waiting_step")}
+        for s in db.get_signals(run_id)
+    ]
+    document = {
+        "run": run,
+        "events": db.get_events(run_id),
+        "usage": db.get_usage(run_id),
+        "signals": signals,
+        "store_step": step,
+        "store": store,
+    }
+    return json.dumps(document, indent=2, default=str, ensure_ascii=False)
 
 
 def usage_table(console: Any, usage: dict[str, Any], run: dict[str, Any]) -> None:
@@ -526,6 +594,7 @@ def submit(
 ) -> None:
     """Start registered flow FLOW_NAME on the workers; prints the run id at once."""
     from pocoflow.distributed.client import submit as submit_run
+    from pocoflow.doctor import broker_problem
     from pocoflow.registry import UnknownFlowError, build_flow, import_flow_modules
 
     data = parse_store(store_text)
@@ -536,6 +605,14 @@ def submit(
         flow = build_flow(flow_name)
     except (ImportError, UnknownFlowError) as exc:
         raise BadInput(str(exc)) from None
+    # Before the run is recorded: a run whose first step no broker took would only wait
+    # in the ledger, silently, for a worker's sweeper that may never come.
+    problem = broker_problem(settings.broker_url)
+    if problem:
+        raise BadInput(
+            f"the broker {mask_url(settings.broker_url)} cannot be reached ({problem}); "
+            "nothing was submitted. Check it with `pocoflow doctor`"
+        )
     try:
         handle = submit_run(flow, data, run_id=run_id, queue=queue, settings=settings)
     except (TypeError, ValueError) as exc:
@@ -730,6 +807,32 @@ def monitor(port: int, allow_control: bool, db_url: str) -> None:
     os.execv(sys.executable, argv)
 
 
+@main.command(epilog="Example: pocoflow doctor --db postgresql://ledger-host/pocoflow")
+@broker_option
+@db_option
+def doctor(broker_url: str | None, db_url: str) -> None:
+    """Check the ledger, the broker, the flags' Redis and the live workers: one line
+    each, saying what is wrong. Exit 1 when a check fails."""
+    from pocoflow.doctor import run_checks
+
+    checks = run_checks(cli_settings(db_url, broker_url))
+    for check in checks:
+        click.echo(check.line())
+    if not all(check.ok for check in checks):
+        sys.exit(EXIT_RUN_FAILED)
+
+
+@main.command(epilog='Example (bash, in ~/.bashrc): eval "$(pocoflow completion bash)"')
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL (commands, options, file names)."""
+    from click.shell_completion import get_completion_class
+
+    complete = get_completion_class(shell)
+    assert complete is not None  # the three choices are click's own
+    click.echo(complete(main, {}, "pocoflow", "_POCOFLOW_COMPLETE").source())
+
+
 @main.command(epilog="Example: pocoflow demo --workers 2")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 8))
 @click.option("--topic", default="durable workflows", show_default=True)
@@ -747,4 +850,4 @@ def demo(workers: int, topic: str) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    main(prog_name="pocoflow")  # as the console script: usage lines, completion variable

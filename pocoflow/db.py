@@ -18,7 +18,7 @@ Usage::
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -39,6 +39,7 @@ from pocoflow.ledger.common import iso_now
 from pocoflow.ledger.inbox import SignalInbox
 from pocoflow.ledger.itemqueue import ItemQueue
 from pocoflow.ledger.queue import StepQueue
+from pocoflow.ledger.tables import RUN_STATUSES
 from pocoflow.store import Store
 
 __all__ = ["WorkflowDB"]
@@ -129,6 +130,7 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
         now: float | None = None,
         max_tokens: int | None = None,
         max_cost_usd: float | None = None,
+        builder: str | None = None,
     ) -> bool:
         """Record a new run; False (and nothing written) if ``run_id`` exists, as 0.2
         ignored duplicates.
@@ -140,6 +142,8 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
         steps go to and its ``graph_shape`` (JSON), which a version refusal compares (G6).
         ``start_events`` and the ``first_step`` outbox row (leased from ``now``) land in
         the same transaction, so a submitted run never exists without its first step.
+        ``builder`` is the ``MODULE:BUILDER`` a run started from the CLI was built by, so
+        ``pocoflow resume`` and ``fork`` rebuild its graph without being told.
         """
         runs.check_fields({"status": status})
         started = iso_now()  # also this call's write token (see ``own_run``)
@@ -158,6 +162,7 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
             "graph_shape": graph_shape,
             "max_tokens": max_tokens,
             "max_cost_usd": max_cost_usd,
+            "builder": builder,
         }
         texts = None if initial_store is None else _encode_all(_data_of(initial_store))
         dialect = self._dialect
@@ -248,9 +253,26 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
         """The run row as a dict (0.2 column names plus ours), or None."""
         return self._read(lambda conn: runs.get(conn, run_id), run_id)
 
-    def list_runs(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The ``limit`` most recently started runs, newest first."""
-        return self._read(lambda conn: runs.list_recent(conn, limit))
+    def list_runs(
+        self,
+        limit: int = 100,
+        *,
+        statuses: Sequence[str] = (),
+        flow_name: str | None = None,
+        since: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The ``limit`` most recently started runs, newest first; optionally only those
+        in one of ``statuses``, of ``flow_name``, or started at or after ``since`` (an
+        ISO-8601 UTC time). An unknown status is a ``ValueError`` naming it."""
+        wanted = tuple(statuses)
+        unknown = [s for s in wanted if s not in RUN_STATUSES]
+        if unknown:
+            raise ValueError(f"unknown run status {unknown[0]!r}: one of {', '.join(RUN_STATUSES)}")
+        return self._read(
+            lambda conn: runs.list_recent(
+                conn, limit, statuses=wanted, flow_name=flow_name, since=since
+            )
+        )
 
     # ── checkpoints ───────────────────────────────────────────────────────────
 

@@ -94,6 +94,9 @@ class Flow(Node):
         #: The run budget: a run that has reported more tokens (input + output) or cost
         #: pauses before its next node; ``resume`` can raise it.
         self.budget = Budget(max_tokens, max_cost_usd)
+        #: ``MODULE:BUILDER`` this flow was built by, when the CLI built it: recorded with
+        #: its runs, so ``pocoflow resume`` and ``fork`` find the graph by themselves.
+        self.builder: str | None = None
         self._run_id: str | None = None
         self._usage: Any = None  # the last run's usage sink (``usage()``)
         self._hooks = Hooks()
@@ -230,6 +233,7 @@ class Flow(Node):
             parent_run_id=run_id,
             forked_from_step=from_step,
             budget=self.budget,
+            builder=self.builder,
         )
         control = RunControl()
         control.budget = self.budget  # the fork's own budget: its usage starts at zero
@@ -307,6 +311,7 @@ class Flow(Node):
                 start_id=graph.id_of(current),
                 start_name=current.name,
                 budget=self.budget,
+                builder=self.builder,
             )
         return self._loop(graph, current, store, 0, recorder, control)
 

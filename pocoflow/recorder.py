@@ -72,6 +72,7 @@ class RunRecorder:
         parent_run_id: str | None = None,
         forked_from_step: int | None = None,
         budget: Budget | None = None,
+        builder: str | None = None,
     ) -> None:
         if self.db is None:
             return
@@ -89,6 +90,7 @@ class RunRecorder:
             forked_from_step=forked_from_step,
             max_tokens=budget.max_tokens if budget else None,
             max_cost_usd=budget.max_cost_usd if budget else None,
+            builder=builder,
         )
         if not created:
             raise RunSetupError(

@@ -224,5 +224,25 @@ def exists(conn: Connection, run_id: str) -> bool:
     return bool(conn.execute(_EXISTS, {"run_id": run_id}).scalar())
 
 
-def list_recent(conn: Connection, limit: int) -> list[dict[str, Any]]:
-    return [dict(r) for r in conn.execute(_LIST, {"limit": limit}).mappings()]
+def list_recent(
+    conn: Connection,
+    limit: int,
+    *,
+    statuses: tuple[str, ...] = (),
+    flow_name: str | None = None,
+    since: str | None = None,
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` runs (by start), optionally only those with one of
+    ``statuses``, of ``flow_name``, started at or after ``since`` (ISO-8601 UTC): one
+    indexed read, newest first (``ix_pf_runs_started_at``)."""
+    if not (statuses or flow_name or since):
+        return [dict(r) for r in conn.execute(_LIST, {"limit": limit}).mappings()]
+    stmt = select(pf_runs)
+    if statuses:
+        stmt = stmt.where(_r.status.in_(statuses))
+    if flow_name:
+        stmt = stmt.where(_r.flow_name == flow_name)
+    if since:
+        stmt = stmt.where(_r.started_at >= since)
+    stmt = stmt.order_by(_r.started_at.desc()).limit(limit)
+    return [dict(r) for r in conn.execute(stmt).mappings()]

@@ -7,7 +7,7 @@ received a step's message, 0005 = the partial indexes that keep the sweeper's co
 independent of how many finished runs the ledger holds, 0007 = the queue of each step,
 0008 = usage rows and run budgets, 0009 = the values sent to runs that wait for them:
 ``wait_for``/``send``, 0010 = map items and joins, 0011 = what a map step's prep wrote,
-kept for its join), and
+kept for its join, 0012 = the builder of a CLI run), and
 a test compares the two. The 0.2 table and column names are kept so 0.2 readers (the
 Streamlit monitor, users' SQL) keep working.
 
@@ -109,6 +109,8 @@ pf_runs = Table(
     # ── 0008: the run's budget (NULL = no limit); raised by a resume ──
     Column("max_tokens", Integer),
     Column("max_cost_usd", Float),
+    # ── 0012: MODULE:BUILDER of a run started by ``pocoflow run`` (resume/fork rebuild it) ──
+    Column("builder", Text),
     CheckConstraint(_in("status", RUN_STATUSES), name="ck_pf_runs_status"),
     CheckConstraint(f"control IS NULL OR {_in('control', CONTROLS)}", name="ck_pf_runs_control"),
     Index("ix_pf_runs_started_at", "started_at"),

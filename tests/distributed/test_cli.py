@@ -89,3 +89,40 @@ def test_flower_serves_the_workers(live: Cluster) -> None:
     finally:
         flower.terminate()
         flower.wait(10)
+
+
+def test_doctor_says_each_part_is_fine_and_lists_the_live_workers(live: Cluster) -> None:
+    done = cli(live, "doctor")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert any(ln.startswith("ok") and "ledger" in ln and "(current)" in ln for ln in lines)
+    assert any(ln.startswith("ok") and "broker" in ln and "reachable" in ln for ln in lines)
+    assert any(ln.startswith("ok") and "redis" in ln and "PING" in ln for ln in lines)
+    assert any("live worker process" in ln for ln in lines), lines
+
+
+def test_doctor_names_an_unreachable_broker_and_submit_refuses_it(live: Cluster) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    env_broker = ("--broker", dead)
+    checked = cli(live, "doctor", *env_broker)
+    assert checked.returncode == 1
+    line = next(ln for ln in checked.stdout.splitlines() if "broker" in ln)
+    assert line.startswith("FAIL") and "cannot be reached" in line and dead in line
+    before = {r["run_id"] for r in live.db.list_runs(limit=1000)}
+    refused = cli(live, "submit", "counter", "--store", '{"count": 0}', *env_broker)
+    assert refused.returncode == 2 and "cannot be reached" in refused.stderr
+    assert "nothing was submitted" in refused.stderr
+    assert {r["run_id"] for r in live.db.list_runs(limit=1000)} == before  # no run recorded
+
+
+def test_completion_scripts_for_each_shell(live: Cluster) -> None:
+    for shell in ("bash", "zsh", "fish"):
+        done = cli(live, "completion", shell)
+        assert done.returncode == 0 and "_POCOFLOW_COMPLETE" in done.stdout, shell
+    offered = subprocess.run(
+        [sys.executable, "-m", "pocoflow.cli"],
+        env={**os.environ, "_POCOFLOW_COMPLETE": "bash_complete", "COMP_WORDS": "pocoflow ru",
+             "COMP_CWORD": "1", "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert "run" in offered.stdout and "runs" in offered.stdout

@@ -166,13 +166,19 @@ def test_cli_resume_and_fork(tmp_path):
     assert failed.returncode == 1 and "transient failure" in failed.stderr
     run_id = re.search(r"run (cli-count-[0-9a-f]{8}) failed", failed.stderr).group(1)
 
-    resumed = cli("resume", run_id, "--flows", "tests.examples.cli_flows")
+    # No --flow: the ledger recorded the MODULE:BUILDER `pocoflow run` was given.
+    resumed = cli("resume", run_id)
     assert resumed.returncode == 0, resumed.stderr
     assert '"n": 3' in resumed.stdout
 
-    forked = cli("fork", run_id, "--from-step", "0", "--flow", "tests.examples.cli_flows:build")
+    forked = cli("fork", run_id, "--from-step", "0")
     assert forked.returncode == 0, forked.stderr
     assert '"n": 3' in forked.stdout and run_id not in forked.stdout
+    fork_id = re.search(r"run (cli-count-[0-9a-f]{8}): completed", forked.stdout).group(1)
+    assert cli("fork", fork_id, "--from-step", "0").returncode == 0  # a fork records it too
+    # --flow still wins over the recorded builder
+    forked = cli("fork", run_id, "--from-step", "0", "--flow", "tests.examples.cli_flows:build")
+    assert forked.returncode == 0, forked.stderr
 
     assert (
         cli(
