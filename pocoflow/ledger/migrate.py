@@ -31,7 +31,9 @@ VERSION_TABLE = "pf_alembic_version"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # "pocoflow" as a signed 64-bit int: one advisory lock per database for our migrations.
 _PG_LOCK_KEY = int.from_bytes(b"pocoflow", "big", signed=True)
-_RACE_RETRIES = 5
+#: How long a process waits for another one migrating the same SQLite file (each try
+#: also waits the busy timeout): the whole chain of migrations on a loaded machine.
+_RACE_WAIT_S = 120.0
 
 _log = logging.getLogger("pocoflow.ledger.migrate")
 
@@ -52,16 +54,19 @@ def ensure_schema(ledger: LedgerEngine) -> None:
     with ledger.lock:
         if ledger.schema_ready:
             return
-        for attempt in range(_RACE_RETRIES):
+        deadline = time.monotonic() + _RACE_WAIT_S
+        attempt = 0
+        while True:
             try:
                 _ensure(ledger)
                 break
             except OperationalError as exc:
                 # Another process creating or migrating the same SQLite file: wait, recheck.
                 racing = is_locked(exc) or "already exists" in str(exc.orig)
-                if not racing or attempt == _RACE_RETRIES - 1:
+                if not racing or time.monotonic() > deadline:
                     raise
-                time.sleep(0.05 * (attempt + 1))
+                attempt += 1
+                time.sleep(min(0.05 * attempt, 1.0))
         ledger.schema_ready = True
 
 
