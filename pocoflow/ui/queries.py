@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import Table, Text, and_, cast, func, inspect, literal, or_, select
+from sqlalchemy import Text, and_, cast, func, literal, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
@@ -31,6 +31,7 @@ from pocoflow.ledger.tables import (
     pf_attempts,
     pf_checkpoints,
     pf_events,
+    pf_items,
     pf_runs,
     pf_steps,
     pf_usage,
@@ -471,36 +472,13 @@ def workers_seen(
 
 
 # Per ledger URL: pf_items reflected once per process (None: the ledger has none).
-_ITEMS_TABLES: dict[str, Table | None] = {}
-
-
-def _items_table(db: WorkflowDB) -> Table | None:
-    """``pf_items`` as the database has it, or None: the fan-out table comes with a later
-    schema revision, so the monitor looks before it reads."""
-    key = db.url
-    if key not in _ITEMS_TABLES:
-
-        def body(conn: Connection) -> Table | None:
-            if not inspect(conn).has_table("pf_items"):
-                return None
-            from sqlalchemy import MetaData
-
-            return Table("pf_items", MetaData(), autoload_with=conn)
-
-        _ITEMS_TABLES[key] = db._read(body)
-    return _ITEMS_TABLES[key]
-
-
-def item_counts(db: WorkflowDB, run_id: str) -> dict[str, dict[str, int]] | None:
-    """Map items of a run by node and status: ``{node id: {status: n}}``; None when the
-    ledger has no ``pf_items`` table (or not the columns this reads).
+def item_counts(db: WorkflowDB, run_id: str) -> dict[str, dict[str, int]]:
+    """Map items of a run by node and status: ``{node id: {status: n}}``.
 
     An item row names its step; the step's node is the one ``pf_steps`` recorded for it
     (a map step in flight has no checkpoint yet), else the label is ``step N``.
     """
-    table = _items_table(db)
-    if table is None or not {"run_id", "step", "status"} <= set(table.c.keys()):
-        return None
+    table = pf_items
     i, s = table.c, pf_steps.c
     node = func.coalesce(s.node_id, literal("step ") + cast(i.step, Text)).label("node")
     q = (

@@ -6,9 +6,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import insert, text
+from sqlalchemy import insert
 
-from pocoflow.ledger.tables import pf_steps
+from pocoflow.ledger.tables import pf_items, pf_steps
 from pocoflow.ui import queries
 from pocoflow.ui.charts import graph_dot
 from pocoflow.ui.queries import RunFilter
@@ -148,36 +148,35 @@ def test_stuck_runs_are_running_runs_idle_past_the_threshold(ledger):
     assert stuck[0]["idle_s"] >= 7200
 
 
-def test_item_counts_only_when_the_ledger_has_pf_items(ledger):
-    """``pf_items`` comes with the fan-out's schema revision: absent, no counts; present
-    (its columns as that revision has them), counts by the node ``pf_steps`` names."""
-    assert queries.item_counts(ledger, "alpha-1") is None
-    queries._ITEMS_TABLES.clear()
+def test_item_counts_by_node_and_status(ledger):
+    """Map items counted by the node ``pf_steps`` names for their step (``step N`` when
+    the step row is gone)."""
+    assert queries.item_counts(ledger, "alpha-1") == {}
 
     def write(conn):
-        conn.execute(
-            text(
-                "CREATE TABLE pf_items (run_id TEXT NOT NULL, step INTEGER NOT NULL, "
-                "idx INTEGER NOT NULL, item_json TEXT NOT NULL, status TEXT NOT NULL)"
-            )
-        )
         conn.execute(
             insert(pf_steps),
             {"run_id": "alpha-1", "step": 5, "node_id": "Fan", "queued_at": 0, "created_at": 0},
         )
         items = [(5, "done"), (5, "done"), (5, "failed"), (5, "running"), (6, "queued")]
-        for idx, (step, status) in enumerate(items):
-            conn.execute(
-                text("INSERT INTO pf_items VALUES ('alpha-1', :step, :idx, '1', :status)"),
-                {"step": step, "idx": idx, "status": status},
-            )
+        conn.execute(
+            insert(pf_items),
+            [
+                {
+                    "run_id": "alpha-1",
+                    "step": step,
+                    "idx": idx,
+                    "item_json": "1",
+                    "status": status,
+                    "queued_at": 0,
+                }  # fmt: skip
+                for idx, (step, status) in enumerate(items)
+            ],
+        )
 
     ledger._write(write, "adding map items", None)
-    try:
-        counts = queries.item_counts(ledger, "alpha-1")
-        assert counts == {"Fan": {"done": 2, "failed": 1, "running": 1}, "step 6": {"queued": 1}}
-        assert queries.item_counts(ledger, "beta-1") == {}
-        dot = graph_dot({"nodes": {"Fan": {"edges": {}}}}, None, counts)
-        assert r"Fan\n2 done / 1 failed / 1 running" in dot
-    finally:
-        queries._ITEMS_TABLES.clear()
+    counts = queries.item_counts(ledger, "alpha-1")
+    assert counts == {"Fan": {"done": 2, "failed": 1, "running": 1}, "step 6": {"queued": 1}}
+    assert queries.item_counts(ledger, "beta-1") == {}
+    dot = graph_dot({"nodes": {"Fan": {"edges": {}}}}, None, counts)
+    assert r"Fan\n2 done / 1 failed / 1 running" in dot
