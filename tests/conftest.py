@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
@@ -43,6 +44,17 @@ FOLDER_MARKERS = {
     "compat": "compat",
     "e2e": "e2e",
 }
+
+
+@pytest.fixture(autouse=True)
+def _main_module_kept() -> Iterator[None]:
+    """Streamlit's ``AppTest`` runs its script as ``sys.modules["__main__"]`` and leaves it
+    there; every later ``multiprocessing`` spawn would then re-run that script in its
+    child instead of importing the test. Each test gets the real ``__main__`` back."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None and sys.modules.get("__main__") is not main:
+        sys.modules["__main__"] = main
 
 
 def folder_marker(path: Path) -> str | None:

@@ -89,7 +89,13 @@ class Browser:
 
     def close(self) -> None:
         if self._ws is not None:
-            self._ws.close()
+            ws, self._ws = self._ws, None
+
+            async def closing() -> None:  # on the browser's own loop: Tornado needs one
+                ws.close()
+
+            with contextlib.suppress(Exception):
+                self._run(closing())
         self._proc.terminate()
         try:
             self._proc.wait(10)
