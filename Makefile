@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@touch $@
 	@echo "setup done: $(VENV) is ready"
 
-test: venv  ## run the test suite (ARGS="-k ledger -x" to narrow it)
+test: venv e2e-deps  ## run the test suite (ARGS="-k ledger -x" to narrow it)
 	$(BIN)/pytest -q $(ARGS)
 
 e2e-deps:  ## best effort: Debian's chromium (+ emoji font) for tests/e2e, skipped without it

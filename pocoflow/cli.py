@@ -543,6 +543,16 @@ def held_reason(db: Any, run: dict[str, Any]) -> str:
     return f"run {run_id} is paused: `pocoflow resume {run_id}` lets it go on"
 
 
+def items_progress(db: Any, run_id: str, step: int) -> str:
+    """``, items [####      ] 12/30`` while step ``step`` is a fan-out; else ``""``."""
+    join = db.get_join(run_id, step)
+    if not join or not join["total"]:
+        return ""
+    done, total = join["done"], join["total"]
+    bar = "#" * (done * 20 // total)
+    return f", items [{bar:<20}] {done}/{total}"
+
+
 def wait_for(handle: Any) -> None:
     """Follow a distributed run with a progress line until it ends (exit 1 if it fails)
     or is held: paused or waiting for a value, which nobody but a person changes."""
@@ -554,9 +564,10 @@ def wait_for(handle: Any) -> None:
     with console.status(f"run {handle.run_id}: waiting for the workers") as status:
         while True:
             run = handle._db.get_run(handle.run_id)
+            step = run["total_steps"] or 0
             status.update(
-                f"run {handle.run_id}: {run['status']}, {run['total_steps'] or 0} steps, "
-                f"at {run['current_node'] or '-'}"
+                f"run {handle.run_id}: {run['status']}, {step} steps, "
+                f"at {run['current_node'] or '-'}{items_progress(handle._db, run['run_id'], step)}"
             )
             if run["status"] in FINISHED_STATUSES or run["status"] in HELD_STATUSES:
                 break

@@ -78,3 +78,22 @@ def test_show_json_carries_the_run_its_events_usage_and_store(ledger_url: str) -
     assert [e["event"] for e in shown["events"]][-1] == "flow_end"
     assert shown["store"] == {"name": "Ada", "greeting": "hi"} and shown["store_step"] == 0
     assert shown["usage"]["calls"] == 0 and shown["signals"] == []
+
+
+def test_the_wait_progress_shows_a_fan_outs_items(ledger_url: str) -> None:
+    from sqlalchemy import insert
+
+    from pocoflow.cli import items_progress
+    from pocoflow.ledger.tables import pf_joins, pf_steps
+
+    db = WorkflowDB(ledger_url)
+    db.create_run("map-1", "map")
+    assert items_progress(db, "map-1", 0) == ""  # not a fan-out
+    with db._ledger.engine.begin() as conn:
+        conn.execute(
+            insert(pf_steps),
+            {"run_id": "map-1", "step": 0, "node_id": "Each", "queued_at": 0, "created_at": 0},
+        )
+        conn.execute(insert(pf_joins), {"run_id": "map-1", "step": 0, "total": 40, "done": 10,
+                                        "created_at": 0})  # fmt: skip
+    assert items_progress(db, "map-1", 0) == f", items [{'#' * 5:<20}] 10/40"

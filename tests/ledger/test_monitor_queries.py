@@ -169,7 +169,7 @@ def test_item_counts_by_node_and_status(ledger):
                     "item_json": "1",
                     "status": status,
                     "queued_at": 0,
-                }  # fmt: skip
+                }
                 for idx, (step, status) in enumerate(items)
             ],
         )
