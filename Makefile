@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@echo "setup done: $(VENV) is ready"
 
 test: venv e2e-deps  ## run the test suite (ARGS="-k ledger -x" to narrow it)
-	$(BIN)/pytest -q $(ARGS)
+	$(BIN)/pytest -q --durations=20 $(ARGS)
 
 e2e-deps:  ## best effort: Debian's chromium (+ emoji font) for tests/e2e, skipped without it
 	@if [ -x /usr/bin/chromium ]; then /usr/bin/chromium --version; \
