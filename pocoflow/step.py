@@ -7,6 +7,7 @@ wherever it runs.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,13 @@ from pocoflow.limits import LimitGate, LimitWait
 from pocoflow.node import Node
 from pocoflow.usage import UsageSink, recording
 from pocoflow.waiting import SignalReader
+
+#: What a node's prep/exec/post may raise that fails its step: its exceptions, and
+#: ``asyncio.CancelledError`` (a ``BaseException`` an async exec raises when its own
+#: task is cancelled), which would otherwise escape the executor and have the step
+#: re-sent after every lease, for ever. ``KeyboardInterrupt``, ``SystemExit`` and
+#: ``WaitingFor`` still pass through.
+NODE_FAILURES: tuple[type[BaseException], ...] = (Exception, asyncio.CancelledError)
 
 
 def utc_now() -> str:
@@ -128,7 +136,7 @@ def run_step(
             )
     except (RetryLater, RunCancelled, LimitWait):
         raise
-    except Exception as exc:
+    except NODE_FAILURES as exc:
         elapsed = time.perf_counter() - started
         if record:
             events.append(
@@ -171,7 +179,7 @@ def _exec_try(node: Node, prep_result: Any, try_number: int, step: int) -> Any:
         return node._exec_once(prep_result)
     except LimitWait:
         raise
-    except Exception as exc:
+    except NODE_FAILURES as exc:
         tries = max(1, int(node.max_retries))
         if try_number < tries and node.is_retryable(exc):
             raise RetryLater(

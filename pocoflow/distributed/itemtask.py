@@ -15,7 +15,6 @@ completes the join publishes the map step again, for its join (``mapstep``).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -53,7 +52,7 @@ from pocoflow.limits import LimitGate, LimitWait, limits_of
 from pocoflow.logging import get_logger
 from pocoflow.mapnode import ItemFailed, MapNode, error_record
 from pocoflow.registry import UnknownFlowError
-from pocoflow.step import RunCancelled, utc_now
+from pocoflow.step import NODE_FAILURES, RunCancelled, utc_now
 
 _log = get_logger("distributed.items")
 
@@ -61,7 +60,7 @@ _log = get_logger("distributed.items")
 #: fail the run): ``asyncio.CancelledError`` is a BaseException since Python 3.8, and a
 #: call cancelled inside a library must not escape the task, leaving the item running
 #: until its lease ran out and the sweeper sent it again, for ever.
-ITEM_FAILURES = (Exception, asyncio.CancelledError)
+ITEM_FAILURES = NODE_FAILURES
 
 
 def execute_item(

@@ -386,12 +386,6 @@ def test_an_item_whose_exec_raises_a_base_exception_fails_instead_of_looping(
     assert Counter(i for i, _, _ in execs(side, handle.run_id))[1] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (review r3): a plain step whose exec raises asyncio.CancelledError (a "
-    "BaseException) escapes execute_step; the step is re-run after every lease, for ever "
-    "(map items are fixed: itemtask.ITEM_FAILURES)",
-)
 def test_a_step_whose_exec_raises_a_base_exception_fails_instead_of_looping(
     live: Cluster,
 ) -> None:
