@@ -812,10 +812,13 @@ def monitor(port: int, allow_control: bool, db_url: str) -> None:
         raise BadInput("--allow-control needs a token: set POCOFLOW_MONITOR_TOKEN")
     script = Path(__file__).resolve().parent / "ui" / "monitor.py"
     argv = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port)]
-    argv += ["--server.headless", "true", "--", db_url]
+    argv += ["--server.headless", "true", "--"]
     argv += ["--allow-control"] if allow_control else []
+    # The ledger URL goes in the environment, not the command line: ``ps`` shows every
+    # process's arguments to every user of the machine, and the URL may hold a password.
+    env = {**os.environ, "POCOFLOW_DB_URL": db_url}
     click.echo(f"monitor of {mask_url(db_url)} on http://localhost:{port}")
-    os.execv(sys.executable, argv)
+    os.execve(sys.executable, argv, env)
 
 
 @main.command(epilog="Example: pocoflow doctor --db postgresql://ledger-host/pocoflow")

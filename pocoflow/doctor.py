@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pocoflow.settings import Settings, mask_url
+from pocoflow.settings import Settings, mask_url, scrub_secrets
 
 #: How long one check may wait for a server before it says it is unreachable.
 CHECK_TIMEOUT_S = 3.0
@@ -38,7 +38,7 @@ def broker_problem(url: str, timeout_s: float = CHECK_TIMEOUT_S) -> str | None:
         }) as conn:  # fmt: skip
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout_s)
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return scrub_secrets(f"{type(exc).__name__}: {exc}", url)
     return None
 
 
@@ -73,7 +73,8 @@ def check_redis(settings: Settings) -> Check:
         took_ms = (time.perf_counter() - started) * 1000
         client.close()
     except Exception as exc:
-        return Check("redis", False, f"{where} cannot be reached: {type(exc).__name__}: {exc}")
+        problem = scrub_secrets(f"{type(exc).__name__}: {exc}", settings.redis_url)
+        return Check("redis", False, f"{where} cannot be reached: {problem}")
     return Check("redis", True, f"{where} answers PING in {took_ms:.1f} ms")
 
 

@@ -433,11 +433,11 @@ class Exec(Exception):
 def execv(monkeypatch):
     calls = []
 
-    def fake(path, argv):
-        calls.append(argv)
+    def fake(path, argv, env):
+        calls.append([*argv, "env:" + env.get("POCOFLOW_DB_URL", "")])
         raise Exec
 
-    monkeypatch.setattr("os.execv", fake)
+    monkeypatch.setattr("os.execve", fake)
     return calls
 
 
@@ -452,7 +452,7 @@ def test_monitor_command_runs_streamlit_on_the_monitor_script(execv, monkeypatch
     (argv,) = execv
     assert argv[1:4] == ["-m", "streamlit", "run"] and argv[4].endswith("pocoflow/ui/monitor.py")
     assert argv[argv.index("--server.port") + 1] == "8600"
-    assert argv[argv.index("--") + 1 :] == ["x.db"]
+    assert argv[argv.index("--") + 1 :] == ["env:x.db"]  # the ledger URL in the environment
 
 
 def test_monitor_allow_control_needs_the_token(execv, monkeypatch):
@@ -466,7 +466,7 @@ def test_monitor_allow_control_needs_the_token(execv, monkeypatch):
     assert execv == []
     monkeypatch.setenv(actions.TOKEN_ENV, TOKEN)
     CliRunner().invoke(cli, ["monitor", "--allow-control", "--db", "y.db"])
-    assert execv[0][-2:] == ["y.db", "--allow-control"]
+    assert execv[0][-2:] == ["--allow-control", "env:y.db"]
 
 
 def test_script_entry_reads_db_and_flag_from_its_arguments(tmp_path):

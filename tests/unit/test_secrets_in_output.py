@@ -1,0 +1,49 @@
+"""A password in a broker, Redis or ledger URL never reaches a printed line or another
+process's command line (``ps`` shows every user's), even when the URL is malformed and
+the client library quotes part of it in its error."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from pocoflow import doctor
+from pocoflow.cli import main
+from pocoflow.settings import Settings
+
+# A password holding "/" that is not percent-escaped: redis-py and kombu then read part of
+# it as the port and quote it in their ValueError.
+BAD = "redis://:s3cr/etpw@127.0.0.1:1/0"
+
+
+def test_doctor_and_submit_lines_hide_a_password_quoted_by_the_client_error() -> None:
+    settings = Settings(broker_url=BAD, redis_url=BAD, db_url="sqlite:///:memory:")
+    problem = doctor.broker_problem(BAD, timeout_s=0.5)
+    assert problem is not None
+    lines = [doctor.check_broker(settings).line(), doctor.check_redis(settings).line(), problem]
+    for line in lines:
+        assert "s3cr" not in line and "etpw" not in line, line
+    assert "cannot be reached" in lines[0] and "cannot be reached" in lines[1]
+
+
+def test_monitor_passes_the_ledger_url_in_the_environment_not_the_command_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("streamlit")
+    calls: list[tuple[Any, ...]] = []
+
+    def fake_exec(path: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        calls.append((path, argv, env))
+
+    monkeypatch.setattr(os, "execv", lambda p, a: fake_exec(p, a))
+    monkeypatch.setattr(os, "execve", fake_exec)
+    url = "postgresql://user:s3cretpw@ledger-host/pocoflow"
+    result = CliRunner().invoke(main, ["monitor", "--db", url])
+    assert result.exit_code == 0, result.output
+    assert "s3cretpw" not in result.output
+    (_, argv, env) = calls[0]
+    assert not any("s3cretpw" in arg for arg in argv), argv
+    assert env is not None and env["POCOFLOW_DB_URL"] == url
