@@ -579,3 +579,26 @@ def test_events_page_two(tmp_path):
     at.number_input(key="events-page-chatty-1-False").set_value(2).run()
     second = at.dataframe[0].value
     assert len(second) == 50 and second["step"].tolist() == list(range(100, 150))
+
+
+def test_bulk_control_refuses_other_runs_behind_the_same_count(control_ledger):
+    """One run ended and another started since the box was ticked: the count is the same,
+    the runs are not; the one nobody saw must not be cancelled."""
+    path, db = control_ledger
+    at = page(path, True, status="running")
+    at.checkbox(key="bulk-confirm").check().run()  # confirmed while it showed live-1
+    db.update_run("live-1", status="completed")
+    db.create_run("live-late", "beta")
+    bulk(at, "cancel", TOKEN)
+    assert "refused" in texts(at.error)
+    assert db.get_run("live-late")["control"] is None
+
+
+def test_bulk_confirmation_does_not_carry_over_to_another_filter(control_ledger):
+    path, db = control_ledger
+    db.create_run("other-1", "gamma")
+    at = page(path, True, status="running", flow="beta")
+    at.checkbox(key="bulk-confirm").check().run()  # confirmed: live-1 (flow beta)
+    at.multiselect[1].set_value(["gamma"]).run()  # another filter, also one run
+    bulk(at, "cancel", TOKEN)
+    assert db.get_run("other-1")["control"] is None
