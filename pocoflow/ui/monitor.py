@@ -195,7 +195,7 @@ def _bulk_controls(db: WorkflowDB, url: str, filt: RunFilter, allow_control: boo
         )
         if not st.button("Apply to all", key="bulk-go"):
             return
-        confirmed_for = st.session_state.get("bulk-confirmed", (-1, ""))
+        count, fingerprint, ticked_for = st.session_state.get("bulk-confirmed", (-1, "", None))
         try:
             done, failed = actions.control_runs(
                 action,
@@ -204,10 +204,11 @@ def _bulk_controls(db: WorkflowDB, url: str, filt: RunFilter, allow_control: boo
                 db_url=url,
                 allow_control=allow_control,
                 token=token,
-                confirmed=confirmed,
-                # What the box was ticked for; nothing remembered matches nothing.
-                expected=confirmed_for[0],
-                expected_selection=confirmed_for[1],
+                # What the box was ticked for (the action its label named, the runs the
+                # filter selected); nothing remembered matches nothing.
+                confirmed=confirmed and ticked_for == action,
+                expected=count,
+                expected_selection=fingerprint,
             )
         except Exception as exc:
             st.error(escape_md(f"{action} refused: {exc}"))
@@ -221,7 +222,8 @@ def _remember_selection(db: WorkflowDB, filt: RunFilter) -> None:
     """When the box is ticked: the count and the run ids it was ticked for, so Apply acts
     only if the filter still selects exactly those runs (not the same count of others,
     not another filter's runs after the filter was changed with the box still ticked)."""
-    st.session_state["bulk-confirmed"] = actions.selection(db, filt)
+    action = st.session_state.get("bulk-action")
+    st.session_state["bulk-confirmed"] = (*actions.selection(db, filt), action)
 
 
 # ── workers and stuck runs ───────────────────────────────────────────────────

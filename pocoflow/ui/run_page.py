@@ -242,7 +242,16 @@ def _controls(run_id: str, url: str, allow_control: bool) -> None:
         key = st.text_input("Key", key=f"ctl-key-{run_id}")
         value = st.text_area("Value (JSON)", "true", key=f"ctl-value-{run_id}")
     token = st.text_input("Control token", type="password", key=f"ctl-token-{run_id}")
-    confirmed = st.checkbox(escape_md(f"Yes, {action} run {run_id}"), key=f"ctl-confirm-{run_id}")
+    ticked_for = f"ctl-confirmed-for-{run_id}"
+    confirmed = st.checkbox(
+        escape_md(f"Yes, {action} run {run_id}"),
+        key=f"ctl-confirm-{run_id}",
+        on_change=_remember,
+        args=(ticked_for, f"ctl-action-{run_id}"),
+    )
+    # The box stays ticked when another action is chosen: it confirms only the action
+    # its label named when it was ticked.
+    confirmed = confirmed and st.session_state.get(ticked_for) == action
     if st.button("Apply", key=f"ctl-go-{run_id}"):
         try:
             done = actions.control_run(
@@ -259,3 +268,9 @@ def _controls(run_id: str, url: str, allow_control: bool) -> None:
             st.error(escape_md(f"{action} refused: {exc}"))
         else:
             st.success(escape_md(done))
+
+
+def _remember(key: str, action_key: str) -> None:
+    """On a tick: the action chosen at that moment (read from its widget's state, which
+    already holds a change made in the same interaction)."""
+    st.session_state[key] = st.session_state.get(action_key)

@@ -367,7 +367,8 @@ def test_controls_refused_without_a_token_in_the_environment(ledger_path, monkey
 def control(at, run_id, action, token, confirm=True):
     at.selectbox(key=f"ctl-action-{run_id}").set_value(action)
     at.text_input(key=f"ctl-token-{run_id}").set_value(token)
-    if confirm:
+    if confirm:  # a fresh tick for this action: a tick confirms the action it named
+        at.checkbox(key=f"ctl-confirm-{run_id}").uncheck().run()
         at.checkbox(key=f"ctl-confirm-{run_id}").check()
     else:
         at.checkbox(key=f"ctl-confirm-{run_id}").uncheck()
@@ -602,3 +603,25 @@ def test_bulk_confirmation_does_not_carry_over_to_another_filter(control_ledger)
     at.multiselect[1].set_value(["gamma"]).run()  # another filter, also one run
     bulk(at, "cancel", TOKEN)
     assert db.get_run("other-1")["control"] is None
+
+
+def test_a_confirmation_is_for_the_action_it_named(control_ledger):
+    """Ticked "Yes, pause run live-1", then the action changed to cancel: not confirmed."""
+    path, db = control_ledger
+    at = page(path, True, run="live-1")
+    at.selectbox(key="ctl-action-live-1").set_value("pause").run()
+    at.checkbox(key="ctl-confirm-live-1").check().run()
+    at.selectbox(key="ctl-action-live-1").set_value("cancel").run()
+    at.text_input(key="ctl-token-live-1").set_value(TOKEN)
+    at.button(key="ctl-go-live-1").click().run()
+    assert db.get_run("live-1")["control"] is None
+
+
+def test_a_bulk_confirmation_is_for_the_action_it_named(control_ledger):
+    path, db = control_ledger
+    at = page(path, True, status="running")
+    at.selectbox(key="bulk-action").set_value("pause").run()
+    at.checkbox(key="bulk-confirm").check().run()  # "Yes, pause these 1 runs"
+    bulk(at, "cancel", TOKEN)  # the box still ticked
+    assert "Confirm the action first" in texts(at.error)
+    assert db.get_run("live-1")["control"] is None
