@@ -144,9 +144,13 @@ def build(target: str) -> Any:
 
 def flow_for_run(db: Any, run_id: str, target: str | None, flows: str) -> Any:
     """The graph to continue ``run_id`` with: ``--flow MODULE:BUILDER``, else the builder
-    the ledger recorded for a run the CLI started (``pocoflow run``), else the registry."""
+    the ledger recorded for a run the CLI started (``pocoflow run``), else the registry.
+
+    The recorded builder wins over ``--flows``/``POCOFLOW_FLOWS``: that setting is
+    exported wherever workers run, and the builder names the very graph the run used,
+    which no registered module may build."""
     run = get_run_or_fail(db, run_id)
-    target = target or (None if flows else run.get("builder"))
+    target = target or run.get("builder")
     if target:
         return build(target)
     from pocoflow.registry import UnknownFlowError, build_flow, import_flow_modules
