@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -150,17 +151,25 @@ def test_cli_run_show_and_bad_input(tmp_path):
     assert failing.returncode == 1 and "KeyError" in failing.stderr
 
 
-def test_cli_resume_and_fork(tmp_path):
-    db = str(tmp_path / "cli.db")
-    marker = tmp_path / "fail-once"
-    marker.touch()
-    env = {**os.environ, "POCOFLOW_TEST_FAIL_ONCE": str(marker), "PYTHONPATH": str(ROOT)}
+def cli_on(db: str, env: dict[str, str]) -> Any:
+    """``pocoflow ARGS --db DB`` in a subprocess with ``env``."""
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "pocoflow.cli", *args, "--db", db],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
+
+    return cli
+
+
+def test_cli_resume_and_fork(tmp_path):
+    db = str(tmp_path / "cli.db")
+    marker = tmp_path / "fail-once"
+    marker.touch()
+    env = {**os.environ, "POCOFLOW_TEST_FAIL_ONCE": str(marker), "PYTHONPATH": str(ROOT)}
+
+    cli = cli_on(db, env)
 
     failed = cli("run", "tests.examples.cli_flows:build", "--store", '{"n": 0}')
     assert failed.returncode == 1 and "transient failure" in failed.stderr
@@ -252,11 +261,7 @@ def test_cli_resume_uses_the_recorded_builder_even_with_pocoflow_flows_set(tmp_p
         "POCOFLOW_FLOWS": "tests.examples.cli_flows",  # registers other flows only
     }
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "pocoflow.cli", *args, "--db", db],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+    cli = cli_on(db, env)
 
     failed = cli("run", "plain_flows:build", "--store", '{"n": 0}')
     assert failed.returncode == 1 and "transient failure" in failed.stderr
