@@ -83,7 +83,7 @@ def check_ledger(settings: Settings) -> tuple[Check, Any]:
     from sqlalchemy import create_engine
 
     from pocoflow.ledger.engine import resolve_url
-    from pocoflow.ledger.migrate import HEAD, schema_version
+    from pocoflow.ledger.migrate import HEAD, REVISIONS, schema_version
 
     where = mask_url(settings.db_url)
     try:
@@ -95,6 +95,16 @@ def check_ledger(settings: Settings) -> tuple[Check, Any]:
         return Check("ledger", False, f"{where} cannot be opened: {type(exc).__name__}"), None
     if version is None and not has_v02:
         return Check("ledger", False, f"{where} is not a PocoFlow ledger (no tables)"), None
+    if version is not None and version not in REVISIONS:
+        return (
+            Check(
+                "ledger",
+                False,
+                f"{where} at schema {version}, newer than this pocoflow knows (head {HEAD}): "
+                "upgrade pocoflow to use it",
+            ),
+            None,
+        )
     if version != HEAD:
         found = version or "0.2 (no version table)"
         return (

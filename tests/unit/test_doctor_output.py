@@ -1,6 +1,7 @@
-"""A password in a broker, Redis or ledger URL never reaches a printed line or another
-process's command line (``ps`` shows every user's), even when the URL is malformed and
-the client library quotes part of it in its error."""
+"""What doctor, submit and monitor print or hand on: a password in a broker, Redis or
+ledger URL never reaches a printed line or another process's command line (``ps`` shows
+every user's), even when a client library quotes part of a malformed URL; and doctor
+fails what every other command would refuse."""
 
 from __future__ import annotations
 
@@ -47,3 +48,19 @@ def test_monitor_passes_the_ledger_url_in_the_environment_not_the_command_line(
     (_, argv, env) = calls[0]
     assert not any("s3cretpw" in arg for arg in argv), argv
     assert env is not None and env["POCOFLOW_DB_URL"] == url
+
+
+def test_doctor_fails_a_ledger_newer_than_this_pocoflow(tmp_path: Any) -> None:
+    """Every command refuses a ledger at a revision this version does not know (a newer
+    pocoflow migrated it); doctor must say so, not "ok ... migrates it"."""
+    import sqlite3
+
+    from pocoflow.db import WorkflowDB
+
+    path = tmp_path / "newer.db"
+    WorkflowDB(str(path)).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE pf_alembic_version SET version_num = '9999'")
+    check, db = doctor.check_ledger(Settings(db_url=f"sqlite:///{path}"))
+    assert db is None
+    assert not check.ok and "9999" in check.detail and "upgrade pocoflow" in check.detail
