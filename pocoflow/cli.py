@@ -803,8 +803,16 @@ def flower(port: int, address: str, broker_url: str | None, flower_args: tuple[s
     help="Offer cancel/pause/resume/send on run pages; each needs the token of "
     "POCOFLOW_MONITOR_TOKEN typed into the page.",
 )
+@click.option(
+    "--address",
+    envvar="STREAMLIT_SERVER_ADDRESS",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to listen on (env STREAMLIT_SERVER_ADDRESS); 0.0.0.0 serves every "
+    "Store value to the network, so put auth in front first.",
+)
 @db_option
-def monitor(port: int, allow_control: bool, db_url: str) -> None:
+def monitor(port: int, allow_control: bool, address: str, db_url: str) -> None:
     """Watch the ledger's runs in the Streamlit monitor (streamlit run pocoflow/ui/monitor.py)."""
     import importlib.util
     import os
@@ -816,12 +824,13 @@ def monitor(port: int, allow_control: bool, db_url: str) -> None:
         raise BadInput("--allow-control needs a token: set POCOFLOW_MONITOR_TOKEN")
     script = Path(__file__).resolve().parent / "ui" / "monitor.py"
     argv = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port)]
-    argv += ["--server.headless", "true", "--"]
+    # Loopback unless told (Streamlit's own default is every interface), as `flower`.
+    argv += ["--server.address", address, "--server.headless", "true", "--"]
     argv += ["--allow-control"] if allow_control else []
     # The ledger URL goes in the environment, not the command line: ``ps`` shows every
     # process's arguments to every user of the machine, and the URL may hold a password.
     env = {**os.environ, "POCOFLOW_DB_URL": db_url}
-    click.echo(f"monitor of {mask_url(db_url)} on http://localhost:{port}")
+    click.echo(f"monitor of {mask_url(db_url)} on http://{address}:{port}")
     os.execve(sys.executable, argv, env)
 
 

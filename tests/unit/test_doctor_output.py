@@ -64,3 +64,21 @@ def test_doctor_fails_a_ledger_newer_than_this_pocoflow(tmp_path: Any) -> None:
     check, db = doctor.check_ledger(Settings(db_url=f"sqlite:///{path}"))
     assert db is None
     assert not check.ok and "9999" in check.detail and "upgrade pocoflow" in check.detail
+
+
+def test_monitor_listens_on_loopback_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like ``pocoflow flower``: the monitor shows every Store value, so a bare
+    ``pocoflow monitor`` must not serve them on every interface (Streamlit's default);
+    deployments say 0.0.0.0 with --address or STREAMLIT_SERVER_ADDRESS."""
+    pytest.importorskip("streamlit")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: calls.append(argv))
+    monkeypatch.delenv("STREAMLIT_SERVER_ADDRESS", raising=False)
+    assert CliRunner().invoke(main, ["monitor", "--db", "x.db"]).exit_code == 0
+    assert calls[-1][calls[-1].index("--server.address") + 1] == "127.0.0.1"
+    monkeypatch.setenv("STREAMLIT_SERVER_ADDRESS", "0.0.0.0")
+    assert CliRunner().invoke(main, ["monitor", "--db", "x.db"]).exit_code == 0
+    assert calls[-1][calls[-1].index("--server.address") + 1] == "0.0.0.0"
+    args = ["monitor", "--db", "x.db", "--address", "10.0.0.5"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert calls[-1][calls[-1].index("--server.address") + 1] == "10.0.0.5"
