@@ -82,10 +82,13 @@ def check_ledger(settings: Settings) -> tuple[Check, Any]:
     """The ledger's schema revision against this version's, without migrating it."""
     from sqlalchemy import create_engine
 
-    from pocoflow.ledger.engine import resolve_url
+    from pocoflow.ledger.engine import resolve_url, sqlite_file
     from pocoflow.ledger.migrate import HEAD, REVISIONS, schema_version
 
     where = mask_url(settings.db_url)
+    path = sqlite_file(settings.db_url)
+    if path is not None and not path.is_file():  # opening it would create an empty file
+        return Check("ledger", False, f"{where} does not exist"), None
     try:
         engine = create_engine(resolve_url(settings.db_url), hide_parameters=True)
         with engine.connect() as conn:

@@ -82,3 +82,12 @@ def test_monitor_listens_on_loopback_unless_told(monkeypatch: pytest.MonkeyPatch
     args = ["monitor", "--db", "x.db", "--address", "10.0.0.5"]
     assert CliRunner().invoke(main, args).exit_code == 0
     assert calls[-1][calls[-1].index("--server.address") + 1] == "10.0.0.5"
+
+
+def test_doctor_says_a_missing_sqlite_ledger_is_missing_and_leaves_no_file(tmp_path: Any) -> None:
+    typo = tmp_path / "typo.db"
+    for location in (str(typo), f"sqlite:///{typo}"):
+        check, db = doctor.check_ledger(Settings(db_url=location))
+        assert not check.ok and db is None
+        assert "does not exist" in check.detail, check.detail
+        assert not typo.exists()
