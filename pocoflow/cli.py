@@ -315,7 +315,7 @@ def runs(
             (row["started_at"] or "")[:19],
             (row["error_msg"] or "")[:60],
         )
-    Console().print(table)
+    Console(markup=False).print(table)
 
 
 @main.command(epilog="Example: pocoflow show hello-1a2b3c4d")
@@ -340,7 +340,7 @@ def show(run_id: str, as_json: bool, flows: str, db_url: str) -> None:
     if as_json:
         click.echo(show_json(db, run))
         return
-    console = Console()
+    console = Console(markup=False)
     for key in (
         "run_id",
         "flow_name",
@@ -351,7 +351,7 @@ def show(run_id: str, as_json: bool, flows: str, db_url: str) -> None:
         "current_node",
         "error_msg",
     ):
-        console.print(f"[bold]{key}[/bold]: {run.get(key)}")
+        console.print(labelled(key, run.get(key)))
     table = Table("step", "event", "node", "action", "ms", "error")
     for event in db.get_events(run_id):
         elapsed = event.get("elapsed_ms")
@@ -373,13 +373,22 @@ def show(run_id: str, as_json: bool, flows: str, db_url: str) -> None:
             if signal["waiting_step"] is not None
             else "not sent"
         )
-        console.print(f"[bold]signal[/bold] {signal['key']!r}: {state}")
+        console.print(labelled("signal", f"{signal['key']!r}: {state}", sep=" "))
     latest = db.latest_checkpoint(run_id)
     step = latest["step"] if latest else -1
     try:
         click.echo(store_json(db.load_checkpoint(run_id, step)))
     except TypeError as exc:  # a class this process has not registered
         click.echo(f"store of step {step} not shown: {exc}", err=True)
+
+
+def labelled(label: str, value: Any, sep: str = ": ") -> Any:
+    """``label`` in bold, then ``value`` as plain text. The CLI's consoles parse no Rich
+    markup (``markup=False``): ledger values (error messages, node names, keys) are
+    printed as they are, so an error quoting ``x[/y]`` neither crashes nor restyles."""
+    from rich.text import Text
+
+    return Text.assemble((label, "bold"), f"{sep}{value}")
 
 
 def show_json(db: Any, run: dict[str, Any]) -> str:
@@ -417,7 +426,7 @@ def usage_table(console: Any, usage: dict[str, Any], run: dict[str, Any]) -> Non
         if run.get(name) is not None
     ]
     if budget:
-        console.print(f"[bold]budget[/bold]: {', '.join(budget)}")
+        console.print(labelled("budget", ", ".join(budget)))
     if not usage["calls"]:
         return
     table = Table("node", "calls", "input tokens", "output tokens", "cost $", title="usage")
@@ -564,7 +573,7 @@ def wait_for(handle: Any) -> None:
 
     from pocoflow.runner import FINISHED_STATUSES
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, markup=False)
     with console.status(f"run {handle.run_id}: waiting for the workers") as status:
         while True:
             run = handle._db.get_run(handle.run_id)
