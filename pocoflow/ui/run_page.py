@@ -56,9 +56,10 @@ def _run_header(db: WorkflowDB, run_id: str) -> None:
     status = run.get("status", "?")
     cols = st.columns(5)
     cols[0].metric("Status", f"{BADGES.get(status, '')} {status}")
-    cols[1].metric("Flow", run.get("flow_name") or "-")
+    # st.metric renders its value as Markdown: names from the ledger are escaped.
+    cols[1].metric("Flow", escape_md(run.get("flow_name") or "-"))
     cols[2].metric("Steps", run.get("total_steps") or 0)
-    cols[3].metric("Current node", run.get("current_node") or "-")
+    cols[3].metric("Current node", escape_md(run.get("current_node") or "-"))
     cols[4].metric("Duration", duration(run, datetime.now(UTC)) or "-")
     st.caption(f"Started {short(run.get('started_at'))}")
     if run.get("error_msg"):

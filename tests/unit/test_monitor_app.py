@@ -625,3 +625,19 @@ def test_a_bulk_confirmation_is_for_the_action_it_named(control_ledger):
     bulk(at, "cancel", TOKEN)  # the box still ticked
     assert "Confirm the action first" in texts(at.error)
     assert db.get_run("live-1")["control"] is None
+
+
+def test_run_header_metrics_escape_ledger_names(tmp_path):
+    """st.metric renders its value as Markdown: a flow or node name is escaped there too
+    (a link or an image from the ledger would load or lead elsewhere)."""
+    from pocoflow.db import WorkflowDB
+
+    nasty = "![x](http://evil.example/p.png) [click](http://evil.example)"
+    path = str(tmp_path / "names.db")
+    db = WorkflowDB(path)
+    db.create_run("named-1", nasty, initial_store={})
+    db.update_run("named-1", current_node=nasty)
+    db.close()
+    at = page(path, run="named-1")
+    values = {m.label: m.value for m in at.metric}
+    assert values["Flow"] == escape_md(nasty) and values["Current node"] == escape_md(nasty)
