@@ -775,7 +775,7 @@ def worker(
 
 @main.command(
     epilog="Examples: pocoflow flower --port 5555; "
-    "pocoflow flower --address 0.0.0.0 -- --basic-auth=admin:secret",
+    "FLOWER_BASIC_AUTH=admin:secret pocoflow flower --address 0.0.0.0",
     context_settings={"ignore_unknown_options": True},
 )
 @click.option("--port", default=5555, show_default=True, type=int)
