@@ -144,9 +144,13 @@ def build(target: str) -> Any:
 
 def flow_for_run(db: Any, run_id: str, target: str | None, flows: str) -> Any:
     """The graph to continue ``run_id`` with: ``--flow MODULE:BUILDER``, else the builder
-    the ledger recorded for a run the CLI started (``pocoflow run``), else the registry."""
+    the ledger recorded for a run the CLI started (``pocoflow run``), else the registry.
+
+    The recorded builder wins over ``--flows``/``POCOFLOW_FLOWS``: that setting is
+    exported wherever workers run, and the builder names the very graph the run used,
+    which no registered module may build."""
     run = get_run_or_fail(db, run_id)
-    target = target or (None if flows else run.get("builder"))
+    target = target or run.get("builder")
     if target:
         return build(target)
     from pocoflow.registry import UnknownFlowError, build_flow, import_flow_modules
@@ -311,7 +315,7 @@ def runs(
             (row["started_at"] or "")[:19],
             (row["error_msg"] or "")[:60],
         )
-    Console().print(table)
+    Console(markup=False).print(table)
 
 
 @main.command(epilog="Example: pocoflow show hello-1a2b3c4d")
@@ -336,7 +340,7 @@ def show(run_id: str, as_json: bool, flows: str, db_url: str) -> None:
     if as_json:
         click.echo(show_json(db, run))
         return
-    console = Console()
+    console = Console(markup=False)
     for key in (
         "run_id",
         "flow_name",
@@ -347,7 +351,7 @@ def show(run_id: str, as_json: bool, flows: str, db_url: str) -> None:
         "current_node",
         "error_msg",
     ):
-        console.print(f"[bold]{key}[/bold]: {run.get(key)}")
+        console.print(labelled(key, run.get(key)))
     table = Table("step", "event", "node", "action", "ms", "error")
     for event in db.get_events(run_id):
         elapsed = event.get("elapsed_ms")
@@ -369,13 +373,22 @@ def show(run_id: str, as_json: bool, flows: str, db_url: str) -> None:
             if signal["waiting_step"] is not None
             else "not sent"
         )
-        console.print(f"[bold]signal[/bold] {signal['key']!r}: {state}")
+        console.print(labelled("signal", f"{signal['key']!r}: {state}", sep=" "))
     latest = db.latest_checkpoint(run_id)
     step = latest["step"] if latest else -1
     try:
         click.echo(store_json(db.load_checkpoint(run_id, step)))
     except TypeError as exc:  # a class this process has not registered
         click.echo(f"store of step {step} not shown: {exc}", err=True)
+
+
+def labelled(label: str, value: Any, sep: str = ": ") -> Any:
+    """``label`` in bold, then ``value`` as plain text. The CLI's consoles parse no Rich
+    markup (``markup=False``): ledger values (error messages, node names, keys) are
+    printed as they are, so an error quoting ``x[/y]`` neither crashes nor restyles."""
+    from rich.text import Text
+
+    return Text.assemble((label, "bold"), f"{sep}{value}")
 
 
 def show_json(db: Any, run: dict[str, Any]) -> str:
@@ -413,7 +426,7 @@ def usage_table(console: Any, usage: dict[str, Any], run: dict[str, Any]) -> Non
         if run.get(name) is not None
     ]
     if budget:
-        console.print(f"[bold]budget[/bold]: {', '.join(budget)}")
+        console.print(labelled("budget", ", ".join(budget)))
     if not usage["calls"]:
         return
     table = Table("node", "calls", "input tokens", "output tokens", "cost $", title="usage")
@@ -560,7 +573,7 @@ def wait_for(handle: Any) -> None:
 
     from pocoflow.runner import FINISHED_STATUSES
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, markup=False)
     with console.status(f"run {handle.run_id}: waiting for the workers") as status:
         while True:
             run = handle._db.get_run(handle.run_id)
@@ -762,7 +775,7 @@ def worker(
 
 @main.command(
     epilog="Examples: pocoflow flower --port 5555; "
-    "pocoflow flower --address 0.0.0.0 -- --basic-auth=admin:secret",
+    "FLOWER_BASIC_AUTH=admin:secret pocoflow flower --address 0.0.0.0",
     context_settings={"ignore_unknown_options": True},
 )
 @click.option("--port", default=5555, show_default=True, type=int)
@@ -799,8 +812,16 @@ def flower(port: int, address: str, broker_url: str | None, flower_args: tuple[s
     help="Offer cancel/pause/resume/send on run pages; each needs the token of "
     "POCOFLOW_MONITOR_TOKEN typed into the page.",
 )
+@click.option(
+    "--address",
+    envvar="STREAMLIT_SERVER_ADDRESS",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to listen on (env STREAMLIT_SERVER_ADDRESS); 0.0.0.0 serves every "
+    "Store value to the network, so put auth in front first.",
+)
 @db_option
-def monitor(port: int, allow_control: bool, db_url: str) -> None:
+def monitor(port: int, allow_control: bool, address: str, db_url: str) -> None:
     """Watch the ledger's runs in the Streamlit monitor (streamlit run pocoflow/ui/monitor.py)."""
     import importlib.util
     import os
@@ -812,10 +833,14 @@ def monitor(port: int, allow_control: bool, db_url: str) -> None:
         raise BadInput("--allow-control needs a token: set POCOFLOW_MONITOR_TOKEN")
     script = Path(__file__).resolve().parent / "ui" / "monitor.py"
     argv = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port)]
-    argv += ["--server.headless", "true", "--", db_url]
+    # Loopback unless told (Streamlit's own default is every interface), as `flower`.
+    argv += ["--server.address", address, "--server.headless", "true", "--"]
     argv += ["--allow-control"] if allow_control else []
-    click.echo(f"monitor of {mask_url(db_url)} on http://localhost:{port}")
-    os.execv(sys.executable, argv)
+    # The ledger URL goes in the environment, not the command line: ``ps`` shows every
+    # process's arguments to every user of the machine, and the URL may hold a password.
+    env = {**os.environ, "POCOFLOW_DB_URL": db_url}
+    click.echo(f"monitor of {mask_url(db_url)} on http://{address}:{port}")
+    os.execve(sys.executable, argv, env)
 
 
 @main.command(epilog="Example: pocoflow doctor --db postgresql://ledger-host/pocoflow")

@@ -98,7 +98,8 @@ def flower_argv(
     Flower's own ``enable_events`` (on) asks every worker it sees to send task events,
     so steps are listed even by workers started without ``POCOFLOW_TASK_EVENTS=1``.
     ``extra`` goes last, so it overrides the defaults (``--max_tasks=50000``) and adds
-    Flower options (``--basic-auth=user:pw``, ``--url_prefix=flower``)."""
+    Flower options (``--url_prefix=flower``; a password goes in ``FLOWER_BASIC_AUTH``, which
+    ``run_flower`` hands on with the environment: ``ps`` shows arguments)."""
     argv = ["-m", "celery", "-A", "workers.app", "flower", f"--port={int(port)}"]
     return [*argv, f"--address={address}", *FLOWER_DEFAULTS, *extra]
 

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pocoflow.settings import Settings, mask_url
+from pocoflow.settings import Settings, mask_url, scrub_secrets
 
 #: How long one check may wait for a server before it says it is unreachable.
 CHECK_TIMEOUT_S = 3.0
@@ -38,7 +38,7 @@ def broker_problem(url: str, timeout_s: float = CHECK_TIMEOUT_S) -> str | None:
         }) as conn:  # fmt: skip
             conn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout_s)
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return scrub_secrets(f"{type(exc).__name__}: {exc}", url)
     return None
 
 
@@ -73,7 +73,8 @@ def check_redis(settings: Settings) -> Check:
         took_ms = (time.perf_counter() - started) * 1000
         client.close()
     except Exception as exc:
-        return Check("redis", False, f"{where} cannot be reached: {type(exc).__name__}: {exc}")
+        problem = scrub_secrets(f"{type(exc).__name__}: {exc}", settings.redis_url)
+        return Check("redis", False, f"{where} cannot be reached: {problem}")
     return Check("redis", True, f"{where} answers PING in {took_ms:.1f} ms")
 
 
@@ -81,10 +82,13 @@ def check_ledger(settings: Settings) -> tuple[Check, Any]:
     """The ledger's schema revision against this version's, without migrating it."""
     from sqlalchemy import create_engine
 
-    from pocoflow.ledger.engine import resolve_url
-    from pocoflow.ledger.migrate import HEAD, schema_version
+    from pocoflow.ledger.engine import resolve_url, sqlite_file
+    from pocoflow.ledger.migrate import HEAD, REVISIONS, schema_version
 
     where = mask_url(settings.db_url)
+    path = sqlite_file(settings.db_url)
+    if path is not None and not path.is_file():  # opening it would create an empty file
+        return Check("ledger", False, f"{where} does not exist"), None
     try:
         engine = create_engine(resolve_url(settings.db_url), hide_parameters=True)
         with engine.connect() as conn:
@@ -94,6 +98,16 @@ def check_ledger(settings: Settings) -> tuple[Check, Any]:
         return Check("ledger", False, f"{where} cannot be opened: {type(exc).__name__}"), None
     if version is None and not has_v02:
         return Check("ledger", False, f"{where} is not a PocoFlow ledger (no tables)"), None
+    if version is not None and version not in REVISIONS:
+        return (
+            Check(
+                "ledger",
+                False,
+                f"{where} at schema {version}, newer than this pocoflow knows (head {HEAD}): "
+                "upgrade pocoflow to use it",
+            ),
+            None,
+        )
     if version != HEAD:
         found = version or "0.2 (no version table)"
         return (

@@ -27,6 +27,7 @@ __all__ = [
     "default_redis_url",
     "mask_url",
     "parse_duration",
+    "scrub_secrets",
 ]
 
 DEFAULT_DB_URL = "sqlite:///pocoflow.db"
@@ -275,6 +276,33 @@ def mask_url(url: str | None) -> str:
         hostpart = rest.rpartition("@")[2]
         return f"{scheme}://{_MASK}@{_mask_query(hostpart)}"
     return f"{scheme}://{authority}{_mask_query(tail)}"
+
+
+_SECRET_PIECE_SEP = re.compile(r"[:/?#;@&=\s']+")
+
+
+def scrub_secrets(text: str, *urls: str | None) -> str:
+    """``text`` (a client library's error message) with every piece of the secrets in
+    ``urls`` replaced by ``***``.
+
+    ``mask_url`` cleans the URL we print, but a client's error may quote the raw URL or a
+    piece of it: redis-py and kombu read ``redis://:pa/ss@host`` as port ``pa`` and say
+    "Port could not be cast to integer value as 'pa'". The userinfo (everything before
+    the last ``@``) and secret query values are cut at URL delimiters and each piece of
+    three characters or more is hidden wherever it appears; shorter pieces reveal too
+    little to matter and would mangle ordinary words.
+    """
+    pieces: set[str] = set()
+    for url in urls:
+        for part in _URL_LIST_SEP.split(str(url or "")):
+            rest = part.partition("://")[2]
+            if "@" in rest:
+                pieces.update(_SECRET_PIECE_SEP.split(rest.rpartition("@")[0]))
+            for match in _SECRET_PARAM.finditer(part):
+                pieces.update(_SECRET_PIECE_SEP.split(match["value"]))
+    for piece in sorted((p for p in pieces if len(p) >= 3), key=len, reverse=True):
+        text = text.replace(piece, _MASK)
+    return text
 
 
 def _authority_end(rest: str) -> int:

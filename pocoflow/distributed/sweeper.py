@@ -141,21 +141,68 @@ class BrokerSentinel:
         self.seen = True
 
 
-def broker_sentinel(broker_url: str) -> BrokerSentinel | None:
-    """The broker-loss sentinel for ``broker_url``: one in the broker's own Redis
-    database, or None for a broker that is not Redis (RabbitMQ).
+class RabbitQueues(BrokerSentinel):
+    """The sweeper's view of a RabbitMQ broker: how many messages wait (ready, not yet
+    delivered) in the step queues, read with a passive ``queue_declare``, so a step that
+    waited ``REQUEUE_AFTER_S`` behind a long queue is held back as on Redis instead of
+    sent again every 60 s on top of the backlog.
 
-    None on ``amqp://`` because neither thing the sentinel watches exists there: the
-    queues are durable and the messages persistent (Celery's defaults), so a RabbitMQ
-    restart loses nothing, and the unacked messages of a consumer that died (a worker
-    killed with steps prefetched) come back to the queue as soon as its connection
-    drops, instead of after Redis's visibility timeout. The ledger's paths (dead workers'
-    steps, unsent outbox rows, the 60 s queue backstop) stay as they are."""
+    Never ``lost``: the queues are durable and the messages persistent (Celery's
+    defaults), so a RabbitMQ restart loses nothing, and the unacked messages of a consumer
+    that died come back to the queue as soon as its connection drops."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.seen = True
+        self._conn: Any = None
+
+    def lost(self, queues: Callable[[], list[str]] = lambda: [DEFAULT_QUEUE]) -> bool:
+        return False
+
+    def set(self) -> None:
+        pass
+
+    def busy(self, queues: list[str]) -> bool:
+        from kombu import Connection
+
+        if self._conn is None:
+            self._conn = Connection(self.url, connect_timeout=5)
+        try:
+            return any(self._waiting(queue) for queue in queues)
+        except Exception:
+            self.close()  # a fresh connection at the next look
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.release()
+            self._conn = None
+
+    def _waiting(self, queue: str) -> int:
+        channel = self._conn.channel()  # one each: a missing queue closes its channel
+        try:
+            return int(channel.queue_declare(queue=queue, passive=True).message_count)
+        except self._conn.channel_errors:  # no such queue: nothing waits there
+            return 0
+        finally:
+            try:
+                channel.close()
+            except Exception:  # already closed by the broker
+                pass
+
+
+def broker_sentinel(broker_url: str) -> BrokerSentinel | None:
+    """The sweeper's view of the broker at ``broker_url``: on Redis a sentinel in the
+    broker's own database (lost messages) and the queues' lengths; on RabbitMQ
+    (``amqp://``, ``pyamqp://``, ``amqps://``) the queues' lengths only (``RabbitQueues``);
+    None for another broker. The ledger's paths (dead workers' steps, unsent outbox rows,
+    the queue backstop) stay as they are."""
     from pocoflow.settings import default_redis_url
 
     redis_url = default_redis_url(broker_url)
     if redis_url is None:
-        return None
+        scheme = broker_url.split("://", 1)[0].lower()
+        return RabbitQueues(broker_url) if scheme in ("amqp", "amqps", "pyamqp") else None
     from pocoflow.distributed.control import redis_client
 
     return BrokerSentinel(redis_client(redis_url))

@@ -16,6 +16,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, create_engine, make_url
@@ -41,6 +42,19 @@ def mask_url(url: URL | str) -> str:
     if isinstance(url, URL):
         return settings.mask_url(url.render_as_string(hide_password=True))
     return settings.mask_url(url)
+
+
+def sqlite_file(location: str) -> Path | None:
+    """The file behind an SQLite location (a path or ``sqlite:///...``), None for a
+    server URL: what a reader checks exists before opening it, since opening an SQLite
+    path creates an empty database where a typo pointed."""
+    if "://" not in location:
+        return Path(location).expanduser()
+    if location.startswith("sqlite"):
+        path = urlsplit(location).path
+        # sqlite:///rel.db -> "/rel.db" (relative), sqlite:////abs.db -> "//abs.db".
+        return Path(path[1:]).expanduser() if path else None
+    return None
 
 
 def resolve_url(location: str | os.PathLike[str]) -> URL:

@@ -10,6 +10,7 @@ confirmed the action.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import os
@@ -24,6 +25,7 @@ __all__ = [
     "control_run",
     "control_runs",
     "controls_enabled",
+    "selection",
 ]
 
 TOKEN_ENV = "POCOFLOW_MONITOR_TOKEN"
@@ -96,6 +98,21 @@ def control_run(
     return f"run {run_id}: {action} requested"
 
 
+def selection(db: Any, filt: Any) -> tuple[int, str]:
+    """``(count, fingerprint)`` of the runs the filter ``filt`` selects now: what a bulk
+    confirmation is bound to. The fingerprint hashes the run ids (the first
+    ``BULK_LIMIT``), so the same count made of other runs, or another filter, differs."""
+    from pocoflow.ui.queries import runs_page
+
+    page = runs_page(db, filt, limit=BULK_LIMIT)
+    return page.total, _fingerprint(page.rows)
+
+
+def _fingerprint(rows: list[dict[str, Any]]) -> str:
+    ids = "\n".join(sorted(row["run_id"] for row in rows))
+    return hashlib.sha256(ids.encode()).hexdigest()
+
+
 def control_runs(
     action: str,
     filt: Any,
@@ -106,6 +123,7 @@ def control_runs(
     token: str,
     confirmed: bool,
     expected: int,
+    expected_selection: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """``action`` on every run the runs-page filter ``filt`` selects, after ``check``:
@@ -113,7 +131,9 @@ def control_runs(
 
     ``expected`` is the count the user saw and confirmed; the filter is counted again here
     and a different count is refused, because runs that started or ended since the page
-    was drawn are not what was confirmed.
+    was drawn are not what was confirmed. ``expected_selection`` (the fingerprint from
+    ``selection`` taken when the user confirmed) also refuses the same count made of other
+    runs: one ended, another started, or the filter was changed after confirming.
     """
     check(allow_control, token, confirmed, env)
     if action not in BULK_ACTIONS:
@@ -126,6 +146,10 @@ def control_runs(
         raise ControlRefused(
             f"The filter now selects {page.total} runs, not the {expected} you confirmed: "
             "look again"
+        )
+    if expected_selection is not None and _fingerprint(page.rows) != expected_selection:
+        raise ControlRefused(
+            f"The filter now selects other runs than the {expected} you confirmed: look again"
         )
     if page.total > BULK_LIMIT:
         raise ControlRefused(f"{page.total} runs: narrow the filter to {BULK_LIMIT} or fewer")

@@ -190,11 +190,12 @@ def _bulk_controls(db: WorkflowDB, url: str, filt: RunFilter, allow_control: boo
         confirmed = st.checkbox(
             f"Yes, {action} these {first.total} runs",
             key="bulk-confirm",
-            on_change=_remember_count,
-            args=(first.total,),
+            on_change=_remember_selection,
+            args=(db, filt),
         )
         if not st.button("Apply to all", key="bulk-go"):
             return
+        count, fingerprint, ticked_for = st.session_state.get("bulk-confirmed", (-1, "", None))
         try:
             done, failed = actions.control_runs(
                 action,
@@ -203,8 +204,11 @@ def _bulk_controls(db: WorkflowDB, url: str, filt: RunFilter, allow_control: boo
                 db_url=url,
                 allow_control=allow_control,
                 token=token,
-                confirmed=confirmed,
-                expected=st.session_state.get("bulk-confirmed-count", first.total),
+                # What the box was ticked for (the action its label named, the runs the
+                # filter selected); nothing remembered matches nothing.
+                confirmed=confirmed and ticked_for == action,
+                expected=count,
+                expected_selection=fingerprint,
             )
         except Exception as exc:
             st.error(escape_md(f"{action} refused: {exc}"))
@@ -214,8 +218,12 @@ def _bulk_controls(db: WorkflowDB, url: str, filt: RunFilter, allow_control: boo
             st.error(escape_md(f"{run_id}: {error}"))
 
 
-def _remember_count(count: int) -> None:
-    st.session_state["bulk-confirmed-count"] = count
+def _remember_selection(db: WorkflowDB, filt: RunFilter) -> None:
+    """When the box is ticked: the count and the run ids it was ticked for, so Apply acts
+    only if the filter still selects exactly those runs (not the same count of others,
+    not another filter's runs after the filter was changed with the box still ticked)."""
+    action = st.session_state.get("bulk-action")
+    st.session_state["bulk-confirmed"] = (*actions.selection(db, filt), action)
 
 
 # ── workers and stuck runs ───────────────────────────────────────────────────

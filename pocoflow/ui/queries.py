@@ -14,9 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy import Text, and_, cast, func, literal, or_, select
 from sqlalchemy.engine import Connection
@@ -78,17 +76,6 @@ class Page:
 # ── opening ──────────────────────────────────────────────────────────────────
 
 
-def _sqlite_file(location: str) -> Path | None:
-    """The file behind an SQLite location, None for a server URL."""
-    if "://" not in location:
-        return Path(location).expanduser()
-    if location.startswith("sqlite"):
-        path = urlsplit(location).path
-        # sqlite:///rel.db -> "/rel.db" (relative), sqlite:////abs.db -> "//abs.db".
-        return Path(path[1:]).expanduser() if path else None
-    return None
-
-
 def open_ledger(db: str | os.PathLike[str] | WorkflowDB) -> WorkflowDB:
     """A ``WorkflowDB`` on an existing PocoFlow ledger, or ``MonitorError`` saying why not.
 
@@ -102,14 +89,14 @@ def open_ledger(db: str | os.PathLike[str] | WorkflowDB) -> WorkflowDB:
     location = os.fspath(db)
     if not location:
         raise MonitorError("No ledger given: pass a SQLite path or a database URL")
-    path = _sqlite_file(location)
+    from pocoflow.ledger.engine import mask_url, resolve_url, shared_engine, sqlite_file
+
+    path = sqlite_file(location)
     if path is not None and not path.is_file():
         raise MonitorError(
             f"No ledger at {path}: the file does not exist (run a flow with "
             "db_path=..., or pass the right --db)"
         )
-    from pocoflow.ledger.engine import mask_url, resolve_url, shared_engine
-
     label = mask_url(location)
     try:
         ledger = shared_engine(resolve_url(location))

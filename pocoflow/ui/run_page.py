@@ -56,9 +56,10 @@ def _run_header(db: WorkflowDB, run_id: str) -> None:
     status = run.get("status", "?")
     cols = st.columns(5)
     cols[0].metric("Status", f"{BADGES.get(status, '')} {status}")
-    cols[1].metric("Flow", run.get("flow_name") or "-")
+    # st.metric renders its value as Markdown: names from the ledger are escaped.
+    cols[1].metric("Flow", escape_md(run.get("flow_name") or "-"))
     cols[2].metric("Steps", run.get("total_steps") or 0)
-    cols[3].metric("Current node", run.get("current_node") or "-")
+    cols[3].metric("Current node", escape_md(run.get("current_node") or "-"))
     cols[4].metric("Duration", duration(run, datetime.now(UTC)) or "-")
     st.caption(f"Started {short(run.get('started_at'))}")
     if run.get("error_msg"):
@@ -242,7 +243,16 @@ def _controls(run_id: str, url: str, allow_control: bool) -> None:
         key = st.text_input("Key", key=f"ctl-key-{run_id}")
         value = st.text_area("Value (JSON)", "true", key=f"ctl-value-{run_id}")
     token = st.text_input("Control token", type="password", key=f"ctl-token-{run_id}")
-    confirmed = st.checkbox(escape_md(f"Yes, {action} run {run_id}"), key=f"ctl-confirm-{run_id}")
+    ticked_for = f"ctl-confirmed-for-{run_id}"
+    confirmed = st.checkbox(
+        escape_md(f"Yes, {action} run {run_id}"),
+        key=f"ctl-confirm-{run_id}",
+        on_change=_remember,
+        args=(ticked_for, f"ctl-action-{run_id}"),
+    )
+    # The box stays ticked when another action is chosen: it confirms only the action
+    # its label named when it was ticked.
+    confirmed = confirmed and st.session_state.get(ticked_for) == action
     if st.button("Apply", key=f"ctl-go-{run_id}"):
         try:
             done = actions.control_run(
@@ -259,3 +269,9 @@ def _controls(run_id: str, url: str, allow_control: bool) -> None:
             st.error(escape_md(f"{action} refused: {exc}"))
         else:
             st.success(escape_md(done))
+
+
+def _remember(key: str, action_key: str) -> None:
+    """On a tick: the action chosen at that moment (read from its widget's state, which
+    already holds a change made in the same interaction)."""
+    st.session_state[key] = st.session_state.get(action_key)

@@ -79,3 +79,33 @@ def test_the_workers_use_rabbitmq_for_steps_and_redis_for_flags(cluster: Cluster
     assert cluster.env["POCOFLOW_BROKER_URL"].startswith("amqp://")
     assert cluster.env["POCOFLOW_REDIS_URL"].startswith("redis://")
     assert "transport:   amqp://" in cluster.workers[0].log()
+
+
+def test_the_sweeper_sees_a_rabbitmq_backlog(amqp_url: str) -> None:
+    """As with Redis, the sweeper reads how many messages wait in the step queues: a step
+    that waited 60 s behind a long RabbitMQ queue is held back (up to REQUEUE_CAP_S), not
+    sent again every 60 s on top of the backlog. A RabbitMQ broker never reports a loss
+    (its durable queues keep the messages)."""
+    import uuid
+
+    from kombu import Connection, Exchange, Queue
+
+    from pocoflow.distributed.sweeper import RabbitQueues, broker_sentinel
+
+    view = broker_sentinel(amqp_url)
+    assert isinstance(view, RabbitQueues)
+    name = f"pf-backlog-{uuid.uuid4().hex[:8]}"
+    assert not view.busy([name])  # no such queue: nothing waits there
+    assert not view.lost(lambda: [name])
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name, durable=False)
+    with Connection(amqp_url, connect_timeout=5) as conn:
+        producer = conn.Producer()
+        producer.publish({"x": 1}, exchange=queue.exchange, routing_key=name, declare=[queue])
+        try:
+            assert view.busy([name])  # a message waits
+            assert view.busy(["pf-missing-queue", name])  # a missing one does not hide it
+            queue.bind(conn.default_channel).purge()
+            assert not view.busy([name])
+        finally:
+            queue.bind(conn.default_channel).delete()
+            view.close()

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,17 +151,25 @@ def test_cli_run_show_and_bad_input(tmp_path):
     assert failing.returncode == 1 and "KeyError" in failing.stderr
 
 
-def test_cli_resume_and_fork(tmp_path):
-    db = str(tmp_path / "cli.db")
-    marker = tmp_path / "fail-once"
-    marker.touch()
-    env = {**os.environ, "POCOFLOW_TEST_FAIL_ONCE": str(marker), "PYTHONPATH": str(ROOT)}
+def cli_on(db: str, env: dict[str, str]) -> Any:
+    """``pocoflow ARGS --db DB`` in a subprocess with ``env``."""
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "pocoflow.cli", *args, "--db", db],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
+
+    return cli
+
+
+def test_cli_resume_and_fork(tmp_path):
+    db = str(tmp_path / "cli.db")
+    marker = tmp_path / "fail-once"
+    marker.touch()
+    env = {**os.environ, "POCOFLOW_TEST_FAIL_ONCE": str(marker), "PYTHONPATH": str(ROOT)}
+
+    cli = cli_on(db, env)
 
     failed = cli("run", "tests.examples.cli_flows:build", "--store", '{"n": 0}')
     assert failed.returncode == 1 and "transient failure" in failed.stderr
@@ -228,3 +237,35 @@ def test_fake_llm_failures_follow_the_attempt_not_the_process():
     assert local.complete("draft: x").startswith("X:")  # an in-process retry succeeds
     # A worker retry is attempt 2, often in a fresh process: it succeeds there at once.
     assert FakeLLM(fail_first=1).complete("draft: x", attempt=2).startswith("X:")
+
+
+def test_cli_resume_uses_the_recorded_builder_even_with_pocoflow_flows_set(tmp_path):
+    """POCOFLOW_FLOWS is set in every deployment (the workers need it); a run started with
+    ``pocoflow run MODULE:BUILDER`` of a builder no module registers must still resume
+    from the builder the ledger recorded, without --flow."""
+    (tmp_path / "plain_flows.py").write_text(
+        "from pocoflow import Flow\n"
+        "from tests.examples.cli_flows import Count\n\n"
+        "def build():\n"
+        "    node = Count()\n"
+        "    node.then('again', node)\n"
+        "    return Flow(start=node)\n"
+    )
+    db = str(tmp_path / "cli.db")
+    marker = tmp_path / "fail-once"
+    marker.touch()
+    env = {
+        **os.environ,
+        "POCOFLOW_TEST_FAIL_ONCE": str(marker),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)]),
+        "POCOFLOW_FLOWS": "tests.examples.cli_flows",  # registers other flows only
+    }
+
+    cli = cli_on(db, env)
+
+    failed = cli("run", "plain_flows:build", "--store", '{"n": 0}')
+    assert failed.returncode == 1 and "transient failure" in failed.stderr
+    run_id = re.search(r"run (\S+) failed", failed.stderr).group(1)
+    resumed = cli("resume", run_id)
+    assert resumed.returncode == 0, resumed.stderr
+    assert '"n": 3' in resumed.stdout

@@ -172,8 +172,11 @@ def test_a_failed_send_releases_the_threads_producer() -> None:
 
 def test_the_broker_loss_sentinel_is_for_redis_brokers_only() -> None:
     """RabbitMQ keeps durable queues across restarts and returns a dead consumer's
-    unacked messages at once: nothing for the Redis sentinel to watch there."""
-    from pocoflow.distributed.sweeper import BrokerSentinel, broker_sentinel
+    unacked messages at once: nothing for the Redis sentinel to watch there, only the
+    queues' backlog (RabbitQueues, never lost; read in tests/distributed/test_rabbitmq.py)."""
+    from pocoflow.distributed.sweeper import BrokerSentinel, RabbitQueues, broker_sentinel
 
-    assert broker_sentinel("amqp://guest:guest@rabbit:5672//") is None
-    assert isinstance(broker_sentinel("redis://127.0.0.1:1/0"), BrokerSentinel)
+    view = broker_sentinel("amqp://guest:guest@rabbit:5672//")
+    assert isinstance(view, RabbitQueues) and not view.lost()
+    assert type(broker_sentinel("redis://127.0.0.1:1/0")) is BrokerSentinel
+    assert broker_sentinel("sqs://") is None

@@ -53,3 +53,20 @@ def test_the_cli_passes_flower_its_own_options(monkeypatch: pytest.MonkeyPatch) 
     result = CliRunner().invoke(main, ["flower", "--address", "0.0.0.0", "--", "--basic-auth=u:p"])
     assert result.exit_code == 0, result.output
     assert calls == [{"port": 5555, "address": "0.0.0.0", "extra": ("--basic-auth=u:p",)}]
+
+
+def test_no_shipped_doc_puts_a_flower_password_on_a_command_line() -> None:
+    """``ps`` shows every process's arguments to every user: Flower's password goes in
+    ``FLOWER_BASIC_AUTH`` (the env file), which ``pocoflow flower`` hands on, never in
+    ``-- --basic-auth=user:pw``."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    shipped = [root / "README.md", root / "docker-compose.yml", root / "pocoflow" / "cli.py"]
+    shipped += sorted((root / "deploy").rglob("*"))
+    offenders = [
+        str(p.relative_to(root))
+        for p in shipped
+        if p.is_file() and "--basic-auth=" in p.read_text()
+    ]
+    assert offenders == []

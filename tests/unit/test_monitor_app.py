@@ -367,7 +367,8 @@ def test_controls_refused_without_a_token_in_the_environment(ledger_path, monkey
 def control(at, run_id, action, token, confirm=True):
     at.selectbox(key=f"ctl-action-{run_id}").set_value(action)
     at.text_input(key=f"ctl-token-{run_id}").set_value(token)
-    if confirm:
+    if confirm:  # a fresh tick for this action: a tick confirms the action it named
+        at.checkbox(key=f"ctl-confirm-{run_id}").uncheck().run()
         at.checkbox(key=f"ctl-confirm-{run_id}").check()
     else:
         at.checkbox(key=f"ctl-confirm-{run_id}").uncheck()
@@ -433,11 +434,11 @@ class Exec(Exception):
 def execv(monkeypatch):
     calls = []
 
-    def fake(path, argv):
-        calls.append(argv)
+    def fake(path, argv, env):
+        calls.append([*argv, "env:" + env.get("POCOFLOW_DB_URL", "")])
         raise Exec
 
-    monkeypatch.setattr("os.execv", fake)
+    monkeypatch.setattr("os.execve", fake)
     return calls
 
 
@@ -452,7 +453,7 @@ def test_monitor_command_runs_streamlit_on_the_monitor_script(execv, monkeypatch
     (argv,) = execv
     assert argv[1:4] == ["-m", "streamlit", "run"] and argv[4].endswith("pocoflow/ui/monitor.py")
     assert argv[argv.index("--server.port") + 1] == "8600"
-    assert argv[argv.index("--") + 1 :] == ["x.db"]
+    assert argv[argv.index("--") + 1 :] == ["env:x.db"]  # the ledger URL in the environment
 
 
 def test_monitor_allow_control_needs_the_token(execv, monkeypatch):
@@ -466,7 +467,7 @@ def test_monitor_allow_control_needs_the_token(execv, monkeypatch):
     assert execv == []
     monkeypatch.setenv(actions.TOKEN_ENV, TOKEN)
     CliRunner().invoke(cli, ["monitor", "--allow-control", "--db", "y.db"])
-    assert execv[0][-2:] == ["y.db", "--allow-control"]
+    assert execv[0][-2:] == ["--allow-control", "env:y.db"]
 
 
 def test_script_entry_reads_db_and_flag_from_its_arguments(tmp_path):
@@ -579,3 +580,64 @@ def test_events_page_two(tmp_path):
     at.number_input(key="events-page-chatty-1-False").set_value(2).run()
     second = at.dataframe[0].value
     assert len(second) == 50 and second["step"].tolist() == list(range(100, 150))
+
+
+def test_bulk_control_refuses_other_runs_behind_the_same_count(control_ledger):
+    """One run ended and another started since the box was ticked: the count is the same,
+    the runs are not; the one nobody saw must not be cancelled."""
+    path, db = control_ledger
+    at = page(path, True, status="running")
+    at.checkbox(key="bulk-confirm").check().run()  # confirmed while it showed live-1
+    db.update_run("live-1", status="completed")
+    db.create_run("live-late", "beta")
+    bulk(at, "cancel", TOKEN)
+    assert "refused" in texts(at.error)
+    assert db.get_run("live-late")["control"] is None
+
+
+def test_bulk_confirmation_does_not_carry_over_to_another_filter(control_ledger):
+    path, db = control_ledger
+    db.create_run("other-1", "gamma")
+    at = page(path, True, status="running", flow="beta")
+    at.checkbox(key="bulk-confirm").check().run()  # confirmed: live-1 (flow beta)
+    at.multiselect[1].set_value(["gamma"]).run()  # another filter, also one run
+    bulk(at, "cancel", TOKEN)
+    assert db.get_run("other-1")["control"] is None
+
+
+def test_a_confirmation_is_for_the_action_it_named(control_ledger):
+    """Ticked "Yes, pause run live-1", then the action changed to cancel: not confirmed."""
+    path, db = control_ledger
+    at = page(path, True, run="live-1")
+    at.selectbox(key="ctl-action-live-1").set_value("pause").run()
+    at.checkbox(key="ctl-confirm-live-1").check().run()
+    at.selectbox(key="ctl-action-live-1").set_value("cancel").run()
+    at.text_input(key="ctl-token-live-1").set_value(TOKEN)
+    at.button(key="ctl-go-live-1").click().run()
+    assert db.get_run("live-1")["control"] is None
+
+
+def test_a_bulk_confirmation_is_for_the_action_it_named(control_ledger):
+    path, db = control_ledger
+    at = page(path, True, status="running")
+    at.selectbox(key="bulk-action").set_value("pause").run()
+    at.checkbox(key="bulk-confirm").check().run()  # "Yes, pause these 1 runs"
+    bulk(at, "cancel", TOKEN)  # the box still ticked
+    assert "Confirm the action first" in texts(at.error)
+    assert db.get_run("live-1")["control"] is None
+
+
+def test_run_header_metrics_escape_ledger_names(tmp_path):
+    """st.metric renders its value as Markdown: a flow or node name is escaped there too
+    (a link or an image from the ledger would load or lead elsewhere)."""
+    from pocoflow.db import WorkflowDB
+
+    nasty = "![x](http://evil.example/p.png) [click](http://evil.example)"
+    path = str(tmp_path / "names.db")
+    db = WorkflowDB(path)
+    db.create_run("named-1", nasty, initial_store={})
+    db.update_run("named-1", current_node=nasty)
+    db.close()
+    at = page(path, run="named-1")
+    values = {m.label: m.value for m in at.metric}
+    assert values["Flow"] == escape_md(nasty) and values["Current node"] == escape_md(nasty)
