@@ -46,6 +46,8 @@ def page(live: Cluster, **params) -> AppTest:
 def apply(at: AppTest, run_id: str, action: str) -> None:
     at.selectbox(key=f"ctl-action-{run_id}").set_value(action)
     at.text_input(key=f"ctl-token-{run_id}").set_value(TOKEN)
+    # A fresh tick for this action: a tick confirms only the action it named.
+    at.checkbox(key=f"ctl-confirm-{run_id}").uncheck().run()
     at.checkbox(key=f"ctl-confirm-{run_id}").check()
     at.button(key=f"ctl-go-{run_id}").click().run()
     assert not at.exception and not at.error, at.error
