@@ -317,16 +317,17 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
         dialect = self._dialect
 
         def body(conn: Connection) -> tuple[bool, str | None]:
-            if not checkpoints.commit(conn, dialect, c, now):
+            committed = checkpoints.commit(conn, dialect, c, now, read_control=read_control)
+            if not committed[0]:
                 raise txn.Abort((False, None))
-            return True, checkpoints.control_after_commit(conn, c.run_id) if read_control else None
+            return committed
 
         def own_commit(
             conn: Connection, result: tuple[bool, str | None]
         ) -> tuple[bool, str | None]:
             if result[0] or not _own(conn, c):
                 return result
-            return True, checkpoints.control_after_commit(conn, c.run_id) if read_control else None
+            return True, runs.control(conn, c.run_id) if read_control else None
 
         return self._write(
             body, f"committing step {c.step}", c.run_id, confirm=own_commit, batched=True

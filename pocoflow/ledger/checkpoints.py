@@ -74,8 +74,9 @@ def _load_stmt(dialect: str) -> Select[Any]:
     )
 
 
-def _json(manifest: Mapping[str, int]) -> str:
-    return json.dumps(manifest, separators=(",", ":"))
+_json = json.JSONEncoder(separators=(",", ":")).encode
+"""A manifest as compact JSON text; one encoder for every step (``json.dumps`` with
+options builds a new one per call, which costs as much as the encoding)."""
 
 
 def _value_rows(run_id: str, step: int, texts: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -131,14 +132,25 @@ def check_commit(c: StepCommit) -> None:
             )
 
 
-def commit(conn: Connection, dialect: str, c: StepCommit, now: float | None = None) -> bool:
+def commit(
+    conn: Connection,
+    dialect: str,
+    c: StepCommit,
+    now: float | None = None,
+    *,
+    read_control: bool = False,
+) -> tuple[bool, str | None]:
     """Write one step (G1): fenced ``pf_steps`` update, checkpoint, values, events, run
-    fields and the successor's outbox row. False = another attempt owns or committed the
-    step; the caller then rolls the transaction back, so nothing of this attempt lands.
+    fields and the successor's outbox row. ``(False, None)`` = another attempt owns or
+    committed the step; the caller then rolls the transaction back, so nothing of this
+    attempt lands. ``read_control``: the second item is the run's cancel/pause request
+    as of this transaction (what an in-process run checks before its next node, G4),
+    else None.
 
-    No SELECT: the fence is an UPDATE's row count and the checkpoint an
-    ``INSERT ... ON CONFLICT DO NOTHING``'s row count. On PostgreSQL the statements go
-    out in one round trip (``pipeline``).
+    No SELECT but the control request's: the fence is an UPDATE's row count and the
+    checkpoint an ``INSERT ... ON CONFLICT DO NOTHING``'s row count. On PostgreSQL the
+    statements go out in one round trip (``pipeline``), the control request as the run
+    UPDATE's RETURNING.
     """
     ops: list[pipeline.Op] = []
     if c.attempt is not None:
@@ -161,31 +173,27 @@ def commit(conn: Connection, dialect: str, c: StepCommit, now: float | None = No
     )
     ops.append(pipeline.Op(_INSERT_VALUES, _value_rows(c.run_id, c.step, c.changed)))
     ops.append(events.insert_op(events.rows_of(c.run_id, c.events), dialect))
-    ops.extend(runs.step_update_ops(c.run_id, c.run_fields))
+    run_at = len(ops)
+    ops.extend(
+        runs.step_update_ops(
+            c.run_id,
+            c.run_fields,
+            read_control=read_control,
+            # Not on SQLite, where UPDATE ... RETURNING costs more than a second statement.
+            returning=dialect == "postgresql",
+        )
+    )
     if c.next_step is not None:
         ops.append(steps.successor_op(dialect, c.run_id, c.next_step, now))
     if c.attempt is not None and c.worker is not None:
         ops.append(steps.end_attempt_op(c.run_id, c.step, c.attempt, c.worker, "committed", now))
     # pk_pf_values can only fire when this step's checkpoint exists already (PostgreSQL
     # sends the whole batch before looking at the checkpoint insert's row count).
-    return pipeline.run(conn, ops, conflicts=("pk_pf_values",))
-
-
-@cache
-def _control_sql(dialect: Any) -> str:
-    return runs._CONTROL.compile(dialect=dialect).string
-
-
-def control_after_commit(conn: Connection, run_id: str) -> str | None:
-    """The run's control request, read in the transaction of the step just committed.
-
-    On SQLite straight through the driver (the Core execute path costs several times
-    this one-row primary key read, which an in-process run makes after every step)."""
-    if conn.dialect.name != "sqlite":
-        return runs.control(conn, run_id)
-    raw = conn.connection.driver_connection
-    row = raw.execute(_control_sql(conn.dialect), (run_id,)).fetchone()  # type: ignore[union-attr]
-    return None if row is None else row[0]
+    conflicts = ("pk_pf_values",)
+    if not read_control:
+        return pipeline.run(conn, ops, conflicts), None
+    ok, rows = pipeline.run_reading(conn, ops, conflicts)
+    return ok, runs.control_of(rows[run_at]) if ok else None
 
 
 def list_rows(conn: Connection, run_id: str) -> list[dict[str, Any]]:

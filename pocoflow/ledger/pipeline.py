@@ -13,11 +13,11 @@ like every other ledger error.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
@@ -29,9 +29,10 @@ from sqlalchemy.sql.expression import Executable
 BEGIN_OWED: ContextVar[Any] = ContextVar("pocoflow_begin_owed", default=None)
 
 
-@dataclass(frozen=True, slots=True)
-class Op:
-    """One statement of a batch; ``params`` is a list for an executemany."""
+class Op(NamedTuple):
+    """One statement of a batch; ``params`` is a list for an executemany. (A named
+    tuple: a step commit builds several per step, and a frozen dataclass costs about
+    three times as much to build.)"""
 
     stmt: Executable
     params: Mapping[str, Any] | Sequence[Mapping[str, Any]]
@@ -42,21 +43,21 @@ def run(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...] = ()) ->
     """Run ``ops`` in the caller's transaction; False if a guard missed or a constraint in
     ``conflicts`` fired. After False the caller must roll back."""
     if conn.dialect.name == "postgresql":
-        return _pipelined(conn, ops, conflicts, [])
-    return _sqlite_direct(conn, ops, [])
+        return _pipelined(conn, ops, conflicts, None)
+    return _sqlite_direct(conn, ops, None)
 
 
-def run_reading(conn: Connection, ops: Sequence[Op]) -> tuple[bool, list[list[tuple[Any, ...]]]]:
-    """``run``, also returning the rows (tuples, in the SELECT's column order) of each
-    SELECT in ``ops``: ``[]`` for the other statements, and for those a missed guard left
-    unrun on SQLite. Every op must have parameters (an empty executemany is skipped and
-    would shift the list)."""
-    rows: list[list[tuple[Any, ...]]] = []
+def run_reading(
+    conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...] = ()
+) -> tuple[bool, list[list[tuple[Any, ...]]]]:
+    """``run``, also returning, for each op in order, the rows (tuples, in column order)
+    of a SELECT or of a statement with RETURNING; ``[]`` for the other statements, for an
+    empty executemany and for those a missed guard left unrun on SQLite."""
+    rows: list[list[tuple[Any, ...]]] = [[] for _ in ops]
     if conn.dialect.name == "postgresql":
-        ok = _pipelined(conn, ops, (), rows)
+        ok = _pipelined(conn, ops, conflicts, rows)
     else:
         ok = _sqlite_direct(conn, ops, rows)
-    rows += [[] for _ in range(len(ops) - len(rows))]
     return ok, rows
 
 
@@ -64,7 +65,9 @@ def _rows_of(cur: Any) -> list[tuple[Any, ...]]:
     return [tuple(row) for row in cur.fetchall()]
 
 
-def _sqlite_direct(conn: Connection, ops: Sequence[Op], out: list[list[tuple[Any, ...]]]) -> bool:
+def _sqlite_direct(
+    conn: Connection, ops: Sequence[Op], out: list[list[tuple[Any, ...]]] | None
+) -> bool:
     """The batch through the sqlite3 cursor with SQL compiled once per statement: the
     Core execute path costs more than SQLite's own insert here (about 20 us a statement),
     and a step commit runs seven of them."""
@@ -75,15 +78,18 @@ def _sqlite_direct(conn: Connection, ops: Sequence[Op], out: list[list[tuple[Any
     cur = raw.cursor()
     sql = ""
     try:
-        for op, plan, rows, many in _batches(conn, ops):
+        for index, op, plan, rows, many in _batches(conn, ops):
             sql = plan.sql
             if many:
                 cur.executemany(sql, [plan.positional(r) for r in rows])
-            else:
-                cur.execute(sql, plan.positional(rows[0]))
-                if op.must_hit_one and cur.rowcount != 1:
-                    return False
-            out.append(_rows_of(cur) if plan.select else [])
+                continue
+            cur.execute(sql, plan.positional(rows[0]))
+            # A RETURNING statement's row count is known once its rows are read.
+            found = _rows_of(cur) if plan.returns_rows else None
+            if op.must_hit_one and cur.rowcount != 1:
+                return False
+            if out is not None and found is not None:
+                out[index] = found
     except sqlite3.Error as exc:
         raise DBAPIError.instance(sql, None, exc, sqlite3.Error) from exc
     return True
@@ -95,11 +101,12 @@ class _Plan:
     (which costs more than the statement on SQLite): each bound name either takes a row
     key or is the statement's own constant (e.g. ``status='committed'``)."""
 
-    __slots__ = ("named", "positions", "select", "sql")
+    __slots__ = ("named", "positional", "positions", "returns_rows", "sql")
 
-    def __init__(self, compiled: Compiled, keys: tuple[str, ...], select: bool) -> None:
+    def __init__(self, compiled: Compiled, keys: tuple[str, ...], returns_rows: bool) -> None:
         self.sql: str = compiled.string
-        self.select = select
+        #: A SELECT, or a statement with RETURNING: its rows are read.
+        self.returns_rows = returns_rows
         # Every bound name -> (row key, None) or (None, constant), found by binding a
         # marker per row key: what construct_params itself would pick.
         markers = {key: _Marker(key) for key in keys}
@@ -111,8 +118,13 @@ class _Plan:
         self.named = tuple((name, *source[name]) for name in bound)
         order = getattr(compiled, "positiontup", None) or ()  # qmark order of SQLite
         self.positions = tuple(source[name] for name in order)
+        #: The driver's positional parameters (SQLite) from a row.
+        self.positional: Callable[[Mapping[str, Any]], Sequence[Any]] = self._positional
+        if len(self.positions) > 1 and all(key is not None for key, _ in self.positions):
+            # Every parameter from the row (the common case): one C call per row.
+            self.positional = itemgetter(*(key for key, _ in self.positions))
 
-    def positional(self, row: Mapping[str, Any]) -> list[Any]:
+    def _positional(self, row: Mapping[str, Any]) -> list[Any]:
         return [row[key] if key is not None else const for key, const in self.positions]
 
     def params(self, row: Mapping[str, Any]) -> dict[str, Any]:
@@ -128,19 +140,25 @@ class _Marker:
 
 def _batches(
     conn: Connection, ops: Sequence[Op]
-) -> Iterator[tuple[Op, _Plan, Sequence[Mapping[str, Any]], bool]]:
-    """Each op with its compiled plan and rows; empty executemanys are skipped."""
-    for op in ops:
-        many = not isinstance(op.params, Mapping)
-        rows: Sequence[Mapping[str, Any]] = op.params if many else [op.params]  # type: ignore[assignment, list-item]
+) -> Iterator[tuple[int, Op, _Plan, Sequence[Mapping[str, Any]], bool]]:
+    """Each op with its index, compiled plan and rows; empty executemanys are skipped."""
+    dialect = conn.dialect
+    for index, op in enumerate(ops):
+        params = op.params
+        # A dict first: the Mapping ABC check costs more than the rest of this loop.
+        many = type(params) is list or (
+            type(params) is not dict and not isinstance(params, Mapping)
+        )
+        rows: Sequence[Mapping[str, Any]] = params if many else [params]  # type: ignore[assignment, list-item]
         if rows:
-            yield op, _plan(op.stmt, conn.dialect, tuple(rows[0])), rows, many
+            yield index, op, _plan(op.stmt, dialect, tuple(rows[0])), rows, many
 
 
 @lru_cache(maxsize=256)
 def _plan(stmt: Executable, dialect: Dialect, keys: tuple[str, ...]) -> _Plan:
     compiled = stmt.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
-    return _Plan(compiled, keys, bool(getattr(stmt, "is_select", False)))
+    returning = getattr(compiled, "effective_returning", None)
+    return _Plan(compiled, keys, bool(getattr(stmt, "is_select", False) or returning))
 
 
 _PG_IDLE = 0  # libpq's PQTRANS_IDLE
@@ -150,32 +168,35 @@ def _pipelined(
     conn: Connection,
     ops: Sequence[Op],
     conflicts: tuple[str, ...],
-    out: list[list[tuple[Any, ...]]],
+    out: list[list[tuple[Any, ...]]] | None,
 ) -> bool:
     import psycopg
 
     raw = conn.connection.driver_connection
     assert isinstance(raw, psycopg.Connection)
-    results: list[tuple[psycopg.Cursor[Any], bool, bool]] = []
+    results: list[tuple[int, psycopg.Cursor[Any], bool, bool]] = []
     sql = ""
     begin = BEGIN_OWED.get() is raw and raw.pgconn.transaction_status == _PG_IDLE
     try:
         with raw.pipeline():
             if begin:
                 raw.execute("BEGIN")
-            for op, plan, rows, many in _batches(conn, ops):
+            for index, op, plan, rows, many in _batches(conn, ops):
                 sql = plan.sql
                 cur = raw.cursor()
                 if many:
                     cur.executemany(sql, [plan.params(r) for r in rows])
                 else:
                     cur.execute(sql, plan.params(rows[0]))
-                results.append((cur, op.must_hit_one, plan.select))
+                results.append((index, cur, op.must_hit_one, plan.returns_rows))
     except psycopg.errors.UniqueViolation as exc:
         if exc.diag.constraint_name in conflicts:
             return False
         raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
     except psycopg.Error as exc:
         raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
-    out.extend(_rows_of(cur) if select else [] for cur, _, select in results)
-    return all(cur.rowcount == 1 for cur, guarded, _ in results if guarded)
+    if out is not None:
+        for index, cur, _, returns_rows in results:
+            if returns_rows:
+                out[index] = _rows_of(cur)
+    return all(cur.rowcount == 1 for _, cur, guarded, _ in results if guarded)

@@ -85,6 +85,8 @@ GUARD_COLUMNS = (
 _GUARD = select(*GUARD_COLUMNS).where(_r.run_id == bindparam("b_run_id"))
 _ENDING_FIELDS = frozenset({"status", "completed_at", "error_msg"})
 _CONTROL = select(pf_runs.c.control).where(pf_runs.c.run_id == bindparam("run_id"))
+_CONTROL_OF = select(pf_runs.c.control).where(pf_runs.c.run_id == bindparam("b_run_id"))
+_UPDATE_READING_CONTROL = _UPDATE.returning(pf_runs.c.control)
 _EXISTS = select(func.count()).select_from(pf_runs).where(pf_runs.c.run_id == bindparam("run_id"))
 
 
@@ -119,7 +121,13 @@ def update_op(run_id: str, fields: Mapping[str, Any]) -> Op:
     return Op(_UPDATE, params)
 
 
-def step_update_ops(run_id: str, fields: Mapping[str, Any]) -> list[Op]:
+def step_update_ops(
+    run_id: str,
+    fields: Mapping[str, Any],
+    *,
+    read_control: bool = False,
+    returning: bool = False,
+) -> list[Op]:
     """The run fields of a step commit. A status change (the run ends) applies only while
     the run is live or paused, so a cancel that landed while the last step ran stands
     (G4) while a pause parked meanwhile cannot leave a finished run unfinished.
@@ -127,14 +135,33 @@ def step_update_ops(run_id: str, fields: Mapping[str, Any]) -> list[Op]:
     Progress alone (``total_steps``, ``current_node``) leaves ``updated_at`` as it is:
     that column is the stamp of the run's last transition, which a compare-and-set whose
     COMMIT outcome was lost looks for on its retry (``WorkflowDB.update_run_if``); a step
-    committing meanwhile (a cancel does not stop a running step) must not wipe it."""
+    committing meanwhile (a cancel does not stop a running step) must not wipe it.
+
+    ``read_control``: the first op also returns the run's ``control`` (one row, or none
+    when the run is gone; see ``control_of``), read in the commit's transaction: by the
+    progress UPDATE's RETURNING when ``returning`` (a statement fewer per step), else
+    by a SELECT in the same batch."""
     ending = {k: v for k, v in fields.items() if k in _ENDING_FIELDS}
     progress = {k: v for k, v in fields.items() if k not in _ENDING_FIELDS}
-    ops = [Op(_UPDATE, {**progress, "b_run_id": run_id})] if progress else []
+    ops = []
+    if read_control:
+        params = {"b_run_id": run_id}
+        if progress and returning:
+            ops.append(Op(_UPDATE_READING_CONTROL, {**progress, **params}))
+            progress = {}
+        else:
+            ops.append(Op(_CONTROL_OF, params))
+    if progress:
+        ops.append(Op(_UPDATE, {**progress, "b_run_id": run_id}))
     if ending:
         params = {**ending, "updated_at": iso_now(), "b_run_id": run_id}
         ops.append(Op(_UPDATE_IF_ENDABLE, params))
     return ops
+
+
+def control_of(rows: list[tuple[Any, ...]]) -> str | None:
+    """The ``control`` read by the first of ``step_update_ops(..., read_control=True)``."""
+    return rows[0][0] if rows else None
 
 
 def update_fields(conn: Connection, run_id: str, fields: Mapping[str, Any]) -> bool:
