@@ -77,7 +77,9 @@ class Counter:
         from sqlalchemy import event
 
         engine = db._ledger.engine
-        engine.dispose()  # fresh connections, each traced from its checkout
+        # Fresh connections, each traced from its checkout (the kept ones of the batched
+        # path, LedgerEngine.borrow, included: dispose drops them too).
+        db._ledger.dispose()
 
         def trace(dbapi_conn: Any, *_: Any) -> None:
             dbapi_conn.set_trace_callback(self._statement)
@@ -87,7 +89,7 @@ class Counter:
             yield
         finally:
             event.remove(engine, "checkout", trace)
-            engine.dispose()
+            db._ledger.dispose()
 
     def _statement(self, sql: str) -> None:
         if not sql.startswith("PRAGMA"):

@@ -150,6 +150,9 @@ def _sqlite_engine(url: URL, synchronous: str, busy_timeout_s: float) -> Engine:
     # Because a process forked mid-transaction could never write the file (forkgate).
     event.listen(engine, "checkout", fork_gate.checkout)
     event.listen(engine, "checkin", fork_gate.checkin)
+    # A connection detached for LedgerEngine.borrow leaves the pool checked out: its
+    # loans are reported to the gate by borrow and give_back from then on.
+    event.listen(engine, "detach", fork_gate.checkin)
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -204,6 +207,24 @@ def _postgres_engine(url: URL) -> Engine:
     )
 
 
+#: Idle SQLite connections ``LedgerEngine.borrow`` keeps at most; more are closed on return.
+LOANS_KEPT = 4
+
+
+class SqliteLoan:
+    """One SQLite driver connection lent by ``LedgerEngine.borrow``, and what a batched
+    transaction body (``pipeline``) uses of a Connection: ``dialect`` and
+    ``connection.driver_connection``; no ``execute``."""
+
+    __slots__ = ("connection", "dialect", "driver_connection", "generation")
+
+    def __init__(self, driver_connection: sqlite3.Connection, dialect: Any, generation: int):
+        self.connection = self
+        self.driver_connection = driver_connection
+        self.dialect = dialect
+        self.generation = generation
+
+
 @dataclass(eq=False, repr=False)
 class LedgerEngine:
     """One pooled engine for one database, shared by every ``WorkflowDB`` on it."""
@@ -219,6 +240,9 @@ class LedgerEngine:
     #: SQLite: the write transactions of this process's threads, one at a time (see
     #: ``txn.run``).
     writers: threading.Lock = field(default_factory=threading.Lock)
+    #: SQLite: idle connections for ``borrow``, and the ``dispose`` count that made them.
+    loans: list[SqliteLoan] = field(default_factory=list)
+    generation: int = 0
 
     @property
     def label(self) -> str:
@@ -232,7 +256,44 @@ class LedgerEngine:
         return f"LedgerEngine({mask_url(self.url)!r})"
 
     def dispose(self) -> None:
+        self.generation += 1  # a connection lent before this is closed when given back
+        loans, self.loans = self.loans, []
+        for loan in loans:
+            loan.driver_connection.close()
         self.engine.dispose()
+
+    def borrow(self) -> SqliteLoan:
+        """An SQLite connection for one transaction of this thread, lent outside the pool
+        until ``give_back``.
+
+        Because a step commit is a handful of statements, the pool's checkout and checkin
+        (a connection record, reset on return, a queue and two events) cost more than any
+        of them; a kept connection costs a list pop. A new one comes from the pool, so it
+        has the engine's pragmas, and is then detached from it. Each loan is reported to
+        the fork gate, as a checkout is."""
+        try:
+            loan = self.loans.pop()
+        except IndexError:
+            pooled = self.engine.raw_connection()
+            raw = pooled.driver_connection
+            pooled.detach()
+            loan = SqliteLoan(raw, self.engine.dialect, self.generation)  # type: ignore[arg-type]
+        fork_gate.checkout(None, loan, None)
+        return loan
+
+    def give_back(self, loan: SqliteLoan) -> None:
+        """End a ``borrow``: the connection is kept for the next, unless it is still in a
+        transaction (its rollback failed), enough are kept, or ``dispose`` ran since."""
+        fork_gate.checkin(None, loan)
+        raw = loan.driver_connection
+        if (
+            raw.in_transaction
+            or loan.generation != self.generation
+            or len(self.loans) >= LOANS_KEPT
+        ):
+            raw.close()
+        else:
+            self.loans.append(loan)
 
 
 _registry: weakref.WeakValueDictionary[tuple[Any, ...], LedgerEngine] = (
@@ -277,6 +338,8 @@ def _after_fork_in_child() -> None:
     # queued in ``txn``) would stay held for ever in the child, where that thread is gone.
     for ledger in list(_registry.values()):
         ledger.engine.dispose(close=False)
+        ledger.loans = []  # the parent's, as the pool's above: never used here
+        ledger.generation += 1
         ledger.lock = threading.Lock()
         ledger.writers = threading.Lock()
 

@@ -23,9 +23,9 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from pocoflow.ledger import pipeline
@@ -85,8 +85,8 @@ def run(
     ``batched``: ``fn`` starts with a ``pipeline`` batch: what the claim and the commit
     of every step do. On PostgreSQL its BEGIN then goes out inside that batch instead of
     in a round trip of its own (psycopg sends and syncs a BEGIN alone before a
-    pipeline's first statement; see ``_begin_in_batch``). On SQLite ``fn`` gets the
-    pooled driver connection without SQLAlchemy's Connection and Transaction around it
+    pipeline's first statement; see ``_begin_in_batch``). On SQLite ``fn`` gets a
+    driver connection without SQLAlchemy's Connection and Transaction around it
     (``_on_raw_sqlite``), so it may use only what ``pipeline`` and the driver need.
 
     ``write`` asks SQLite for the write lock at BEGIN (so waiting for it is orderly). On
@@ -122,7 +122,7 @@ def run(
             if raw_sqlite:
                 assert begin is not None
                 with queue:
-                    result = _on_raw_sqlite(engine, begin, fn)
+                    result = _on_raw_sqlite(ledger, begin, fn)
             else:
                 with queue, engine.connect() as conn:
                     # SQLAlchemy's transaction first, so commit() reaches the driver even
@@ -180,39 +180,29 @@ def run(
         return result
 
 
-class _RawSqlite:
-    """What a batched body uses of a Connection: its dialect and its pooled driver
-    connection (``pipeline``, ``checkpoints.control_after_commit``); no ``execute``."""
-
-    __slots__ = ("connection", "dialect")
-
-    def __init__(self, connection: Any, dialect: Any) -> None:
-        self.connection = connection
-        self.dialect = dialect
-
-
-def _on_raw_sqlite(engine: Engine, begin: str, fn: Callable[[Connection], T]) -> T:
-    """``fn`` in one SQLite transaction on a pooled connection, straight through the
-    driver: SQLAlchemy's Connection and Transaction objects cost about a fifth of a
-    local step's CPU, and a batched body needs neither. Same transaction as the other
+def _on_raw_sqlite(ledger: LedgerEngine, begin: str, fn: Callable[[Connection], T]) -> T:
+    """``fn`` in one SQLite transaction straight through the driver, on a connection the
+    ledger lends outside its pool (``LedgerEngine.borrow``): SQLAlchemy's Connection and
+    Transaction objects, and the pool's checkout, cost more than a step commit's
+    statements, and a batched body needs none of them. Same transaction as the other
     path: ``begin`` (BEGIN IMMEDIATE) first, COMMIT if ``fn`` returns, ROLLBACK if it
     raises; driver errors come out as SQLAlchemy's, as everywhere in the ledger."""
-    pooled = engine.raw_connection()
+    loan = ledger.borrow()
+    raw = loan.driver_connection
     try:
-        raw = pooled.driver_connection
         try:
-            raw.execute(begin)  # type: ignore[union-attr]
-            result = fn(_RawSqlite(pooled, engine.dialect))  # type: ignore[arg-type]
-            raw.commit()  # type: ignore[union-attr]
+            raw.execute(begin)
+            result = fn(loan)  # type: ignore[arg-type]
+            raw.commit()
             return result
         except BaseException:
-            if raw.in_transaction:  # type: ignore[union-attr]
-                raw.rollback()  # type: ignore[union-attr]
+            if raw.in_transaction:
+                raw.rollback()
             raise
-    except sqlite3.Error as exc:  # BEGIN or COMMIT (the batch wraps its own)
+    except sqlite3.Error as exc:  # BEGIN, COMMIT or ROLLBACK (the batch wraps its own)
         raise DBAPIError.instance(begin, None, exc, sqlite3.Error) from exc
     finally:
-        pooled.close()
+        ledger.give_back(loan)
 
 
 @contextmanager

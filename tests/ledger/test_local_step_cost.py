@@ -2,10 +2,13 @@
 cost per local step at most 3x raw sqlite3 doing the same writes).
 
 One transaction per step: on PostgreSQL the run's cancel/pause request comes back with
-the commit's pipeline (the run UPDATE's RETURNING), not from a statement of its own."""
+the commit's pipeline (the run UPDATE's RETURNING), not from a statement of its own; on
+SQLite the step borrows a kept driver connection instead of checking one out of the
+pool, and the fork gate still sees every loan and nothing after it."""
 
 from __future__ import annotations
 
+import sqlite3
 import tempfile
 from typing import Any
 
@@ -14,6 +17,7 @@ from sqlalchemy import bindparam, event, insert, select
 
 from pocoflow.db import WorkflowDB
 from pocoflow.ledger import pipeline, txn
+from pocoflow.ledger.forkgate import gate
 from pocoflow.ledger.tables import pf_workers
 from tests.ledger.test_batched_txn import worker_row
 from tests.ledger.test_flow_runs import counter_flow
@@ -50,6 +54,48 @@ def test_a_local_step_on_postgresql_is_two_round_trips(database_url: str) -> Non
         per_step = (round_trips(db, 12, url) - round_trips(db, 2, url)) / 10
         db.close()
     assert per_step == 2
+
+
+def test_local_steps_on_sqlite_check_out_no_pool_connection(tmp_path) -> None:
+    """A run's set-up reads and writes through the pool; its steps do not, whatever their
+    number."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    db = WorkflowDB(url)
+    checkouts: list[object] = []
+    counter_flow(url).run({"n": 0, "until": 2})  # the kept connection is made (from the pool)
+    event.listen(db._ledger.engine, "checkout", lambda *_: checkouts.append(None))
+    counter_flow(url).run({"n": 0, "until": 2})
+    short = len(checkouts)
+    checkouts.clear()
+    counter_flow(url).run({"n": 0, "until": 12})
+    assert len(checkouts) == short
+
+
+def test_the_fork_gate_holds_nothing_once_a_runs_steps_ended(tmp_path) -> None:
+    """A kept connection leaves the pool checked out (detached): the gate must forget that
+    checkout, or every fork would wait for a connection no transaction uses (for up to
+    ``FORK_WAIT_S``, then fork with a warning)."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    handle = counter_flow(url).run_background({"n": 0, "until": 5})  # another thread
+    assert handle.wait(30)["n"] == 5
+    assert gate._held == {}
+
+
+def test_close_closes_the_kept_connections_and_those_lent_meanwhile(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    db = WorkflowDB(url)
+    counter_flow(url).run({"n": 0, "until": 3})
+    ledger = db._ledger
+    kept = [loan.driver_connection for loan in ledger.loans]
+    assert kept
+    lent = ledger.borrow()
+    db.close()
+    ledger.give_back(lent)  # lent before close: closed, not kept
+    assert ledger.loans == []
+    for conn in [*kept, lent.driver_connection]:
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
+    assert counter_flow(url).run({"n": 0, "until": 2})["n"] == 2  # and it lends new ones
 
 
 def test_run_reading_gives_each_ops_rows_at_its_own_index(db: Any) -> None:
