@@ -1,4 +1,5 @@
-"""The caller's side of distributed runs: ``submit``, ``attach``, ``resume_run``.
+"""The caller's side of distributed runs: ``submit``, ``attach``, ``resume_run``,
+``fork_run``, ``send``.
 
 ``submit`` writes everything a worker needs into the ledger (run row with the initial
 Store, fingerprint, graph shape, max_steps, queue; the step-0 outbox row leased from now)
@@ -24,7 +25,7 @@ from pocoflow.distributed.control import (
 )
 from pocoflow.distributed.graphs import shape_text
 from pocoflow.distributed.message import StepMessage
-from pocoflow.errors import UnknownRunError
+from pocoflow.errors import RunSetupError, UnknownRunError
 from pocoflow.hooks import FLOW_START
 from pocoflow.logging import get_logger
 from pocoflow.recorder import open_ledger
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
     from pocoflow.distributed.publish import Publisher
     from pocoflow.flow import Flow
-    from pocoflow.graph import Graph
 
 _log = get_logger("distributed.client")
 
@@ -85,15 +85,15 @@ def _handle(
     return RunHandle(run_id, db=db, control=control, initial_store=store)
 
 
-def _registered_graph(flow_name: str, settings: Settings) -> Graph:
-    """The graph a worker would build for ``flow_name``: from the registry, importing the
+def _registered_flow(flow_name: str, settings: Settings) -> Flow:
+    """The flow a worker would build for ``flow_name``: from the registry, importing the
     configured flow modules (``POCOFLOW_FLOWS``) if the name is not registered yet."""
     try:
         builder = get_builder(flow_name)
     except UnknownFlowError:
         import_flow_modules(settings.flows)
         builder = get_builder(flow_name)
-    return builder().graph()
+    return builder()
 
 
 def submit(
@@ -252,7 +252,7 @@ def resume_run(
         Budget(max_tokens, max_cost_usd)  # ValueError for a bad limit, before any write
         db.set_budget(run_id, max_tokens=max_tokens, max_cost_usd=max_cost_usd)
     if force:
-        graph = _registered_graph(run["flow_name"], settings)
+        graph = _registered_flow(run["flow_name"], settings).graph()
         db.update_run(run_id, fingerprint=graph.fingerprint, graph_shape=shape_text(graph))
     if settings.redis_url:
         client = redis_client(settings.redis_url)
@@ -268,6 +268,138 @@ def resume_run(
     ):
         raise ValueError(f"Run {run_id!r} changed status while resuming; look again")
     return _handle(run_id, db, settings)
+
+
+def fork_run(
+    run_id: str,
+    from_step: int,
+    *,
+    new_run_id: str | None = None,
+    queue: str | None = None,
+    db_url: str | None = None,
+    settings: Settings | None = None,
+) -> RunHandle:
+    """Start a new run on the workers from checkpoint ``from_step`` of ``run_id`` and
+    return its handle at once: the workers' twin of ``Flow.fork``.
+
+    The run forked may have run on the workers or in a process; its flow must be
+    registered under the name the ledger recorded (the flow modules of ``POCOFLOW_FLOWS``
+    are imported if needed), because the workers rebuild the graph by that name. The fork
+    keeps the step numbers (its first step is ``from_step + 1``), runs the node the
+    checkpoint recorded as next, records ``parent_run_id`` / ``forked_from_step``, and
+    starts its usage at zero under the flow's budget; the parent is only read. Its queue
+    is ``queue``, else the parent's, else the default. ``UnknownRunError`` for an unknown
+    run; ``RunSetupError`` (a ``ValueError``) naming run and step for a missing
+    checkpoint, a checkpoint with nothing after it, or a flow no registered builder makes.
+    """
+    settings = _settings(settings, db_url)
+    db = open_ledger(settings.db_url)
+    first, first_queue = record_fork(
+        db,
+        run_id,
+        from_step,
+        _registered_flow_of(db, run_id, settings),
+        new_run_id=new_run_id,
+        queue=queue,
+        lease_s=settings.lease_seconds,
+    )
+    if not _publisher(settings).send(first, queue=first_queue):
+        _log.warning(
+            "Fork %s of run %s is recorded but its first step could not be published to %s "
+            "yet; a worker's sweeper will send it",
+            first.run_id,
+            run_id,
+            mask_url(settings.broker_url),
+        )
+    _log.info("Run %s forked from step %d as %s", run_id, from_step, first.run_id)
+    return _handle(first.run_id, db, settings)
+
+
+def _registered_flow_of(db: WorkflowDB, run_id: str, settings: Settings) -> Flow:
+    """The registered flow that runs ``run_id``'s graph on the workers: by the flow name
+    the ledger recorded, never by a module the ledger names."""
+    run = db.get_run(run_id)
+    if run is None:
+        raise UnknownRunError(f"Unknown run id {run_id!r} in ledger {db.url}")
+    name = run["flow_name"]
+    try:
+        return _registered_flow(name, settings)
+    except (UnknownFlowError, ImportError) as exc:
+        raise RunSetupError(
+            f"Run {run_id!r} is a run of flow {name!r}, which no registered builder makes "
+            f"here ({exc}); the workers find a graph only by its registered name: register "
+            f"it with @flow({name!r}) in a module of POCOFLOW_FLOWS"
+        ) from None
+
+
+def record_fork(
+    db: WorkflowDB,
+    run_id: str,
+    from_step: int,
+    flow: Flow,
+    *,
+    new_run_id: str | None = None,
+    queue: str | None = None,
+    lease_s: float,
+) -> tuple[StepMessage, str | None]:
+    """The ledger half of ``fork_run``: check the checkpoint, write the fork's run row
+    (queued) with checkpoint ``from_step`` of ``run_id`` as its Store and the outbox row
+    of its first step, leased from now, in one transaction. Returns the message to publish
+    and its queue. ``flow`` is the registered flow of the run's name; which node runs
+    first comes from the checkpoint, never from the caller. Nothing is written if a check
+    fails."""
+    from pocoflow.flow import _with_schema, make_run_id
+
+    run = db.get_run(run_id)
+    if run is None:
+        raise UnknownRunError(f"Unknown run id {run_id!r} in ledger {db.url}")
+    try:
+        checkpoint = db.get_checkpoint(run_id, from_step)
+    except KeyError:
+        raise RunSetupError(
+            f"Run {run_id!r} has no checkpoint of step {from_step} to fork from"
+        ) from None
+    next_id = checkpoint.get("next_node")
+    if next_id is None:
+        raise RunSetupError(
+            f"Run {run_id!r} step {from_step} was its last step: there is nothing to fork from it"
+        )
+    graph = flow.graph()
+    try:
+        node = graph.node(next_id)
+    except KeyError:
+        raise RunSetupError(
+            f"Run {run_id!r} step {from_step} is followed by node {next_id!r}, which the "
+            f"registered flow {flow.flow_name!r} does not have (its graph changed): fork "
+            "from another step"
+        ) from None
+    store = _with_schema(db.load_checkpoint(run_id, from_step), db, run_id, flow.schema, run)
+    fork_id = new_run_id or make_run_id(flow.flow_name)
+    fork_queue = queue or run.get("queue") or DEFAULT_QUEUE
+    created = db.create_run(
+        fork_id,
+        flow.flow_name,
+        status="queued",
+        fingerprint=graph.fingerprint,
+        max_steps=flow.max_steps,
+        initial_store=store,
+        initial_step=from_step,
+        start_node=next_id,
+        parent_run_id=run_id,
+        forked_from_step=from_step,
+        queue=fork_queue,
+        graph_shape=shape_text(graph),
+        start_events=[{"event": FLOW_START, "node_name": node.name, "ts": utc_now()}],
+        first_step=NextStep(from_step + 1, next_id, 1, lease_s=lease_s, queue=node.queue),
+        # The fork's own budget, as Flow.fork: its usage starts at zero under it.
+        max_tokens=flow.budget.max_tokens,
+        max_cost_usd=flow.budget.max_cost_usd,
+        builder=run.get("builder"),
+    )
+    if not created:
+        raise RunSetupError(f"Run id {fork_id!r} already exists in ledger {db.url}; pick another")
+    first = StepMessage(fork_id, flow.flow_name, from_step + 1, next_id, 1)
+    return first, node.queue or fork_queue
 
 
 def send(
