@@ -9,6 +9,7 @@ import shlex
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import streamlit as st
 
@@ -16,7 +17,7 @@ from pocoflow.db import WorkflowDB
 from pocoflow.ui import actions, queries
 from pocoflow.ui.charts import GANTT_SPEC, gantt_bars, gantt_from_events, graph_dot
 from pocoflow.ui.text import BADGES, duration, escape_md, preview, short, short_times
-from pocoflow.ui.widgets import nav, page_offset, paged, refresh_every, step_slider
+from pocoflow.ui.widgets import go, nav, page_offset, paged, refresh_every, step_slider
 
 EVENT_PAGE = 100
 LIVE_EVENTS_KEPT = 50
@@ -43,7 +44,7 @@ def render_run_page(db: WorkflowDB, url: str, run_id: str, allow_control: bool) 
         ("Resume", lambda: _resume(run, url)),
     ]
     if allow_control:
-        sections.append(("Controls", lambda: _controls(run_id, url, allow_control)))
+        sections.append(("Controls", lambda: _controls(db, run_id, url, allow_control)))
     for tab, (_, draw) in zip(st.tabs([name for name, _ in sections]), sections, strict=True):
         with tab:
             draw()
@@ -234,44 +235,97 @@ def _resume(run: dict[str, Any], url: str) -> None:
     )
 
 
-def _controls(run_id: str, url: str, allow_control: bool) -> None:
+def _controls(db: WorkflowDB, run_id: str, url: str, allow_control: bool) -> None:
     if not actions.controls_enabled(allow_control):
         st.warning(f"Controls need a token: set {actions.TOKEN_ENV} where the monitor runs.")
     action = st.selectbox("Action", actions.ACTIONS, key=f"ctl-action-{run_id}")
     key = value = None
+    step: int | None = None
     if action == "send":
         key = st.text_input("Key", key=f"ctl-key-{run_id}")
         value = st.text_area("Value (JSON)", "true", key=f"ctl-value-{run_id}")
+    if action == "fork":
+        step = _fork_step(db, run_id)
+        if step is None:
+            return
     token = st.text_input("Control token", type="password", key=f"ctl-token-{run_id}")
     ticked_for = f"ctl-confirmed-for-{run_id}"
+    what = f"fork run {run_id} from step {step}" if action == "fork" else f"{action} run {run_id}"
     confirmed = st.checkbox(
-        escape_md(f"Yes, {action} run {run_id}"),
+        escape_md(f"Yes, {what}"),
         key=f"ctl-confirm-{run_id}",
         on_change=_remember,
-        args=(ticked_for, f"ctl-action-{run_id}"),
+        args=(ticked_for, f"ctl-action-{run_id}", f"ctl-step-{run_id}"),
     )
-    # The box stays ticked when another action is chosen: it confirms only the action
-    # its label named when it was ticked.
-    confirmed = confirmed and st.session_state.get(ticked_for) == action
+    # The box stays ticked when another action (or step) is chosen: it confirms only the
+    # action its label named when it was ticked.
+    confirmed = confirmed and st.session_state.get(ticked_for) == actions.confirmed_choice(
+        action, step
+    )
+    forked_key = f"ctl-forked-{run_id}"
     if st.button("Apply", key=f"ctl-go-{run_id}"):
         try:
-            done = actions.control_run(
-                action,
-                run_id,
-                db_url=url,
-                allow_control=allow_control,
-                token=token,
-                confirmed=confirmed,
-                key=key,
-                value_json=value,
-            )
+            if action == "fork":
+                assert step is not None
+                new_run_id = actions.fork_from(
+                    run_id,
+                    step,
+                    db_url=url,
+                    allow_control=allow_control,
+                    token=token,
+                    confirmed=confirmed,
+                )
+                st.session_state[forked_key] = (step, new_run_id)
+                done = f"run {run_id}: forked from step {step} as {new_run_id}"
+            else:
+                done = actions.control_run(
+                    action,
+                    run_id,
+                    db_url=url,
+                    allow_control=allow_control,
+                    token=token,
+                    confirmed=confirmed,
+                    key=key,
+                    value_json=value,
+                )
         except Exception as exc:  # refused, unknown run, bad JSON, broker down: say it
             st.error(escape_md(f"{action} refused: {exc}"))
         else:
             st.success(escape_md(done))
+    if forked_key in st.session_state:
+        _fork_link(*st.session_state[forked_key])
 
 
-def _remember(key: str, action_key: str) -> None:
-    """On a tick: the action chosen at that moment (read from its widget's state, which
-    already holds a change made in the same interaction)."""
-    st.session_state[key] = st.session_state.get(action_key)
+def _fork_step(db: WorkflowDB, run_id: str) -> int | None:
+    """The checkpoint to fork from: the Store tab's step if one was picked there, else the
+    latest; None (said on the page) when the run has no checkpoint yet."""
+    bounds = queries.checkpoint_range(db, run_id)
+    if bounds is None:
+        st.info("No checkpoint yet: nothing to fork from.")
+        return None
+    low, high, _ = bounds
+    picked = st.session_state.get(f"store-{run_id}", high)
+    st.caption("The fork runs on the workers, from the node that step recorded as next.")
+    return int(
+        st.number_input(
+            "Fork from step", low, high, min(max(low, picked), high), key=f"ctl-step-{run_id}"
+        )
+    )
+
+
+def _fork_link(step: int, new_run_id: str) -> None:
+    """The last fork made from this page, with a way to its page (kept across reruns, so
+    the button still works after the click that made the fork)."""
+    st.markdown(
+        escape_md(f"Fork from step {step}: ")
+        + f"[{escape_md(new_run_id)}](?run={quote(new_run_id)})"
+    )
+    if st.button(escape_md(f"Open run {new_run_id}"), key=f"ctl-open-fork-{new_run_id}"):
+        go(run=new_run_id)
+
+
+def _remember(key: str, action_key: str, step_key: str) -> None:
+    """On a tick: the action (and fork step) chosen at that moment, read from their
+    widgets' state, which already holds a change made in the same interaction."""
+    state = st.session_state
+    state[key] = actions.confirmed_choice(state.get(action_key), state.get(step_key))

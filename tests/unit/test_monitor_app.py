@@ -641,3 +641,161 @@ def test_run_header_metrics_escape_ledger_names(tmp_path):
     at = page(path, run="named-1")
     values = {m.label: m.value for m in at.metric}
     assert values["Flow"] == escape_md(nasty) and values["Current node"] == escape_md(nasty)
+
+
+# ── fork from a step ─────────────────────────────────────────────────────────
+
+
+def registered_alpha():
+    """Flow ``alpha`` as a worker would build it, so its runs can be forked onto them."""
+    from tests.monitor_ledger import alpha
+
+    return alpha(None, None)
+
+
+@pytest.fixture
+def fork_env(control_ledger, monkeypatch):
+    """The monitor's environment for forks: flow ``alpha`` registered, and an in-memory
+    broker, so a fork's first step is published (nowhere) without a broker server."""
+    from pocoflow.registry import register_flow
+
+    register_flow("alpha", registered_alpha)
+    monkeypatch.setenv("POCOFLOW_BROKER_URL", "memory://")
+    monkeypatch.delenv("POCOFLOW_REDIS_URL", raising=False)
+    return control_ledger
+
+
+def fork_control(at, run_id, step, token, confirm=True):
+    at.selectbox(key=f"ctl-action-{run_id}").set_value("fork").run()
+    at.number_input(key=f"ctl-step-{run_id}").set_value(step)
+    at.text_input(key=f"ctl-token-{run_id}").set_value(token)
+    at.checkbox(key=f"ctl-confirm-{run_id}").uncheck().run()
+    if confirm:
+        at.checkbox(key=f"ctl-confirm-{run_id}").check()
+    at.button(key=f"ctl-go-{run_id}").click().run()
+    assert not at.exception, at.exception
+
+
+def run_count(db):
+    return len(db.list_runs(limit=1000))
+
+
+def test_fork_is_refused_without_allow_control(fork_env):
+    path, db = fork_env
+    at = page(path, run="alpha-1")
+    assert "Controls" not in [t.label for t in at.tabs]
+    with pytest.raises(ControlRefused, match="--allow-control"):
+        actions.fork_from(
+            "alpha-1", 0, db_url=path, allow_control=False, token=TOKEN, confirmed=True
+        )
+    with pytest.raises(ControlRefused, match="--allow-control"):
+        actions.control_run(
+            "fork",
+            "alpha-1",
+            db_url=path,
+            allow_control=False,
+            token=TOKEN,
+            confirmed=True,
+            from_step=0,
+        )
+    assert run_count(db) == 4
+
+
+def test_fork_is_refused_without_a_token_a_right_token_or_a_confirmation(fork_env, monkeypatch):
+    path, db = fork_env
+    at = page(path, True, run="alpha-1")
+    fork_control(at, "alpha-1", 0, "wrong")
+    assert "fork refused: Wrong control token" in texts(at.error)
+    fork_control(at, "alpha-1", 0, TOKEN, confirm=False)
+    assert "Confirm the action first" in texts(at.error)
+    monkeypatch.delenv(actions.TOKEN_ENV)
+    fork_control(at, "alpha-1", 0, TOKEN)
+    assert "Controls need a token" in texts(at.error)
+    assert run_count(db) == 4  # no fork recorded
+
+
+def test_fork_from_the_run_page_queues_a_fork_and_links_to_it(fork_env):
+    path, db = fork_env
+    at = page(path, True, run="alpha-1")
+    at.selectbox(key="ctl-action-alpha-1").set_value("fork").run()
+    steps = at.number_input(key="ctl-step-alpha-1")
+    assert (steps.min, steps.max, steps.value) == (-1, 1, 1)  # the Store tab's step
+    fork_control(at, "alpha-1", 0, TOKEN)
+    (done,) = [s.value for s in at.success]
+    new_id = re.search(r"forked from step 0 as (alpha\\-[0-9a-f]{8})", done).group(1)
+    new_id = new_id.replace("\\", "")
+    fork = db.get_run(new_id)
+    assert (fork["parent_run_id"], fork["forked_from_step"], fork["status"]) == (
+        "alpha-1",
+        0,
+        "queued",
+    )
+    assert fork["queue"] == "pocoflow"  # a run of the workers now, not of this process
+    assert (db.get_step(new_id, 1)["node_id"], db.get_step(new_id, 1)["status"]) == (
+        "Note",
+        "queued",
+    )
+    assert f"(?run={new_id})" in texts(at.markdown)
+    at.button(key=f"ctl-open-fork-{new_id}").click().run()
+    assert at.query_params["run"] == new_id
+    assert f"Run {escape_md(new_id)}" in texts(at.subheader)
+
+
+def test_a_fork_confirmation_is_for_the_step_it_named(fork_env):
+    path, db = fork_env
+    at = page(path, True, run="alpha-1")
+    at.selectbox(key="ctl-action-alpha-1").set_value("fork").run()
+    at.number_input(key="ctl-step-alpha-1").set_value(0).run()
+    at.checkbox(key="ctl-confirm-alpha-1").check().run()  # "fork ... from step 0"
+    at.number_input(key="ctl-step-alpha-1").set_value(-1)
+    at.text_input(key="ctl-token-alpha-1").set_value(TOKEN)
+    at.button(key="ctl-go-alpha-1").click().run()
+    assert "Confirm the action first" in texts(at.error)
+    assert run_count(db) == 4
+
+
+def test_fork_of_a_last_step_says_there_is_nothing_to_fork(fork_env):
+    path, db = fork_env
+    at = page(path, True, run="alpha-1")
+    fork_control(at, "alpha-1", 1, TOKEN)
+    assert "step 1 was its last step" in texts(at.error).replace("\\", "")
+    assert run_count(db) == 4
+
+
+def test_bulk_fork_forks_each_run_with_the_step_and_lists_the_skipped(fork_env):
+    path, db = fork_env
+    at = page(path, True, flow="alpha")
+    at.selectbox(key="bulk-action").set_value("fork").run()
+    at.number_input(key="bulk-step").set_value(0).run()
+    assert at.checkbox(key="bulk-confirm").label == "Yes, fork these 2 runs from step 0"
+    at.text_input(key="bulk-token").set_value(TOKEN)
+    at.checkbox(key="bulk-confirm").check().run()
+    at.button(key="bulk-go").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert "forked 1 runs from step 0" in texts(at.success)
+    forks = next(d.value for d in at.dataframe if "fork" in d.value.columns)
+    assert forks["run id"].tolist() == ["alpha-1"]
+    assert db.get_run(forks["fork"].iloc[0])["parent_run_id"] == "alpha-1"
+    assert "skipped 1 runs with no step 0" in texts(at.warning)
+    skipped = next(d.value for d in at.dataframe if "skipped" in d.value.columns)
+    assert skipped.values.tolist() == [["gamma-1", "step 0 was its last step"]]
+
+
+def test_bulk_fork_is_enforced_in_the_action(fork_env):
+    path, db = fork_env
+    from pocoflow.ui.queries import RunFilter
+
+    filt = RunFilter(flows=("alpha",))
+    count, selected = actions.selection(db, filt)
+    common = dict(db=db, db_url=path, expected=count, expected_selection=selected)
+    with pytest.raises(ControlRefused, match="--allow-control"):
+        actions.fork_runs(filt, 0, allow_control=False, token=TOKEN, confirmed=True, **common)
+    with pytest.raises(ControlRefused, match="Wrong control token"):
+        actions.fork_runs(filt, 0, allow_control=True, token="x", confirmed=True, **common)
+    with pytest.raises(ControlRefused, match="Confirm"):
+        actions.fork_runs(filt, 0, allow_control=True, token=TOKEN, confirmed=False, **common)
+    with pytest.raises(ValueError, match="fork_runs|one of cancel, pause, resume"):
+        actions.control_runs(
+            "fork", filt, allow_control=True, token=TOKEN, confirmed=True, **common
+        )
+    assert run_count(db) == 4
