@@ -148,6 +148,11 @@ def test_doctor_names_an_unreachable_broker_and_submit_refuses_it(live: Cluster)
     refused = cli(live, "submit", "counter", "--store", '{"count": 0}', *env_broker)
     assert refused.returncode == 2 and "cannot be reached" in refused.stderr
     assert "nothing was submitted" in refused.stderr
+    parent = live.submit("counter", {"count": 0})
+    parent.wait(timeout=TIMEOUT_S)
+    before.add(parent.run_id)
+    no_fork = cli(live, "fork", parent.run_id, "--from-step", "1", *env_broker)
+    assert no_fork.returncode == 2 and "no fork was recorded" in no_fork.stderr
     assert {r["run_id"] for r in live.db.list_runs(limit=1000)} == before  # no run recorded
 
 
