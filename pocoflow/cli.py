@@ -574,7 +574,7 @@ def fork(
             handle = fork_run(
                 run_id, from_step, new_run_id=new_run_id, queue=queue, settings=settings
             )
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:  # TypeError: a Store off the schema
         raise BadInput(str(exc.args[0] if exc.args else exc)) from None
     click.echo(handle.run_id)
     if wait:

@@ -174,3 +174,15 @@ def test_a_checkpoint_whose_next_node_the_registered_graph_lacks_is_refused(db: 
     with pytest.raises(RunSetupError, match=r"Run 'old-1' step -1 is followed by node 'gone'"):
         record_fork(db, "old-1", -1, build_flow("fork_three"), lease_s=LEASE_S)
     assert [r["run_id"] for r in db.list_runs(limit=10)] == ["old-1"]
+
+
+@flow("fork_typed")
+def typed() -> Flow:
+    return Flow(start=Add(name="a"), schema={"n": int})
+
+
+def test_a_checkpoint_off_the_flows_schema_is_refused_naming_the_key(db: Any) -> None:
+    db.create_run("typed-1", "fork_typed", initial_store={"n": "three"}, start_node="a")
+    with pytest.raises(TypeError, match="'n'"):
+        record_fork(db, "typed-1", -1, build_flow("fork_typed"), lease_s=LEASE_S)
+    assert [r["run_id"] for r in db.list_runs(limit=10)] == ["typed-1"]
