@@ -318,7 +318,7 @@ def _fork_link(step: int, new_run_id: str) -> None:
     the button still works after the click that made the fork)."""
     st.markdown(
         escape_md(f"Fork from step {step}: ")
-        + f"[{escape_md(new_run_id)}](?run={quote(new_run_id)})"
+        + f"[{escape_md(new_run_id)}](?run={quote(new_run_id, safe='')})"
     )
     if st.button(escape_md(f"Open run {new_run_id}"), key=f"ctl-open-fork-{new_run_id}"):
         go(run=new_run_id)
