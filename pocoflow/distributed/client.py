@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
     from pocoflow.distributed.publish import Publisher
     from pocoflow.flow import Flow
+    from pocoflow.graph import Graph
 
 _log = get_logger("distributed.client")
 
@@ -146,23 +147,7 @@ def record_run(
     from pocoflow.flow import make_run_id
 
     name = flow.flow_name
-    graph = flow.graph()
-    try:
-        registered = get_builder(name)().graph()
-    except UnknownFlowError:
-        raise ValueError(
-            f"Flow {name!r} is not registered, so no worker can find its graph: build it "
-            f"with a function decorated @flow({name!r}) in a module the workers import "
-            "(--flows / POCOFLOW_FLOWS)"
-        ) from None
-    if registered.fingerprint != graph.fingerprint:
-        from pocoflow.graph import shape_difference
-
-        raise ValueError(
-            f"Flow {name!r} differs from the graph its registered builder makes, which is "
-            f"what workers would run ({shape_difference(registered.shape(), graph.shape())}); "
-            "submit the Flow the builder returns"
-        )
+    graph = _registered_as_is(flow, ValueError, "submit the Flow the builder returns")
     if flow.schema:  # what every worker will check when it rebuilds the Store: now
         Store(store.as_dict(), schema=flow.schema, name=store.name)
     run_id = run_id or flow.run_id or make_run_id(name)
@@ -186,6 +171,31 @@ def record_run(
         raise ValueError(f"Run id {run_id!r} already exists in ledger {db.url}; pick another")
     flow._run_id = run_id
     return StepMessage(run_id, name, 0, graph.start_id, 1)
+
+
+def _registered_as_is(flow: Flow, error: type[ValueError], advice: str, about: str = "") -> Graph:
+    """``flow``'s graph, if the workers would build the same one: ``error`` (prefixed
+    with ``about``) when its name is not registered, or its registered builder makes
+    another graph (G6, G7)."""
+    name = flow.flow_name
+    graph = flow.graph()
+    try:
+        registered = get_builder(name)().graph()
+    except UnknownFlowError:
+        raise error(
+            f"{about}Flow {name!r} is not registered, so no worker can find its graph: build "
+            f"it with a function decorated @flow({name!r}) in a module the workers import "
+            "(--flows / POCOFLOW_FLOWS)"
+        ) from None
+    if registered.fingerprint != graph.fingerprint:
+        from pocoflow.graph import shape_difference
+
+        raise error(
+            f"{about}Flow {name!r} differs from the graph its registered builder makes, which "
+            f"is what workers would run ({shape_difference(registered.shape(), graph.shape())}); "
+            f"{advice}"
+        )
+    return graph
 
 
 def _stranded(db: WorkflowDB, run_id: str, run: dict[str, Any]) -> bool:
@@ -298,7 +308,7 @@ def fork_run(
         db,
         run_id,
         from_step,
-        _registered_flow_of(db, run_id, settings),
+        _registered_flow_of(db, run_id, from_step, settings),
         new_run_id=new_run_id,
         queue=queue,
         lease_s=settings.lease_seconds,
@@ -315,7 +325,7 @@ def fork_run(
     return _handle(first.run_id, db, settings)
 
 
-def _registered_flow_of(db: WorkflowDB, run_id: str, settings: Settings) -> Flow:
+def _registered_flow_of(db: WorkflowDB, run_id: str, from_step: int, settings: Settings) -> Flow:
     """The registered flow that runs ``run_id``'s graph on the workers: by the flow name
     the ledger recorded, never by a module the ledger names."""
     run = db.get_run(run_id)
@@ -326,9 +336,10 @@ def _registered_flow_of(db: WorkflowDB, run_id: str, settings: Settings) -> Flow
         return _registered_flow(name, settings)
     except (UnknownFlowError, ImportError) as exc:
         raise RunSetupError(
-            f"Run {run_id!r} is a run of flow {name!r}, which no registered builder makes "
-            f"here ({exc}); the workers find a graph only by its registered name: register "
-            f"it with @flow({name!r}) in a module of POCOFLOW_FLOWS"
+            f"Run {run_id!r} step {from_step}: it is a run of flow {name!r}, which no "
+            f"registered builder makes here ({exc}); the workers find a graph only by its "
+            f"registered name: register it with @flow({name!r}) in a module named by --flows "
+            "/ POCOFLOW_FLOWS"
         ) from None
 
 
@@ -345,26 +356,30 @@ def record_fork(
     """The ledger half of ``fork_run``: check the checkpoint, write the fork's run row
     (queued) with checkpoint ``from_step`` of ``run_id`` as its Store and the outbox row
     of its first step, leased from now, in one transaction. Returns the message to publish
-    and its queue. ``flow`` is the registered flow of the run's name; which node runs
+    and its queue. ``flow`` is checked as ``record_run`` checks it (registered, built as
+    its registered builder builds it) and must be of the run's flow name; which node runs
     first comes from the checkpoint, never from the caller. Nothing is written if a check
     fails."""
-    from pocoflow.flow import _with_schema, make_run_id
+    from pocoflow.flow import _with_schema, fork_point, make_run_id
 
     run = db.get_run(run_id)
     if run is None:
         raise UnknownRunError(f"Unknown run id {run_id!r} in ledger {db.url}")
-    try:
-        checkpoint = db.get_checkpoint(run_id, from_step)
-    except KeyError:
+    about = f"Run {run_id!r} step {from_step}: "
+    if new_run_id is not None and not new_run_id.strip():
+        raise RunSetupError(f"{about}the fork's run id is empty: give one, or none")
+    if flow.flow_name != run["flow_name"]:
         raise RunSetupError(
-            f"Run {run_id!r} has no checkpoint of step {from_step} to fork from"
-        ) from None
-    next_id = checkpoint.get("next_node")
-    if next_id is None:
-        raise RunSetupError(
-            f"Run {run_id!r} step {from_step} was its last step: there is nothing to fork from it"
+            f"{about}it is a run of flow {run['flow_name']!r}, not of {flow.flow_name!r}: "
+            "a fork runs the flow of its parent"
         )
-    graph = flow.graph()
+    graph = _registered_as_is(flow, RunSetupError, "fork with the Flow it returns", about)
+    next_id = fork_point(db, run_id, from_step, run)["next_node"]
+    if from_step + 1 >= flow.max_steps:
+        raise RunSetupError(
+            f"{about}the fork's first step would be {from_step + 1}, past the flow's "
+            f"max_steps={flow.max_steps}"
+        )
     try:
         node = graph.node(next_id)
     except KeyError:

@@ -5,14 +5,18 @@ The distributed suite repeats it with real workers (tests/distributed/test_fork.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 import pytest
+from sqlalchemy import select, update
 
 from pocoflow import Flow, Node, flow
+from pocoflow.distributed import client
 from pocoflow.distributed.client import fork_run, record_fork, record_run
 from pocoflow.distributed.executor import WorkerContext
 from pocoflow.errors import RunSetupError, UnknownRunError
+from pocoflow.ledger.tables import pf_checkpoints, pf_steps
 from pocoflow.registry import build_flow
 from pocoflow.settings import Settings
 from pocoflow.store import Store
@@ -32,11 +36,17 @@ class Add(Node):
         return "default"
 
 
+def chain(names: str) -> list[Add]:
+    """Nodes named after the letters of ``names``, each followed by the next."""
+    nodes = [Add(name=name) for name in names]
+    for node, after in pairwise(nodes):
+        node.then("default", after)
+    return nodes
+
+
 @flow("fork_three")
 def three() -> Flow:
-    a, b, c = Add(name="a"), Add(name="b"), Add(name="c")
-    a.then("default", b)
-    b.then("default", c)
+    a, _, c = chain("abc")
     c.queue = "special"  # a node's own queue goes with its first step
     return Flow(start=a, max_steps=50, max_tokens=500)
 
@@ -144,29 +154,121 @@ def test_a_fork_can_be_given_its_run_id_and_queue(
         record_fork(db, parent, 0, build_flow("fork_three"), new_run_id="mine", lease_s=LEASE_S)
 
 
+def step_rows(db: Any) -> list[tuple[str, int]]:
+    rows = db._read(lambda conn: conn.execute(select(pf_steps.c.run_id, pf_steps.c.step)).all())
+    return sorted((run_id, step) for run_id, step in rows)
+
+
 def test_every_refusal_names_the_run_and_writes_nothing(
-    db: Any, ctx: WorkerContext, publish: Publish
+    db: Any, ctx: WorkerContext, publish: Publish, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     parent = completed_on_workers(db, ctx, publish)
     settings = settings_for(db)
+    # fork_run publishes through _publisher(settings): the double, so a send would show.
+    monkeypatch.setattr(client, "_publisher", lambda _settings: publish)
     db.create_run("stray-1", "no_such_flow", initial_store={"n": 1})
     runs_before = {r["run_id"] for r in db.list_runs(limit=100)}
+    steps_before = step_rows(db)
     cases = [
         (UnknownRunError, "Unknown run id 'nope-1'", dict(run_id="nope-1", from_step=0)),
         (RunSetupError, rf"Run '{parent}' has no checkpoint of step 7", dict(from_step=7)),
         (RunSetupError, rf"Run '{parent}' step 2 was its last step", dict(from_step=2)),
         (
             RunSetupError,
-            r"Run 'stray-1' is a run of flow 'no_such_flow', which no registered builder",
+            r"Run 'stray-1' step -1: it is a run of flow 'no_such_flow', which no registered "
+            r"builder makes here .*--flows / POCOFLOW_FLOWS",
             dict(run_id="stray-1", from_step=-1),
         ),
+        (
+            RunSetupError,
+            rf"Run '{parent}' step 0: the fork's run id is empty",
+            dict(from_step=0, new=""),
+        ),
     ]
-    for error, message, kwargs in cases:
-        kwargs = {"run_id": parent, **kwargs}
+    for i, (error, message, kwargs) in enumerate(cases):
+        kwargs = {"run_id": parent, "new": f"refused-{i}", **kwargs}
         with pytest.raises(error, match=message):
-            fork_run(kwargs["run_id"], kwargs["from_step"], settings=settings)
+            fork_run(
+                kwargs["run_id"], kwargs["from_step"], new_run_id=kwargs["new"], settings=settings
+            )
     assert {r["run_id"] for r in db.list_runs(limit=100)} == runs_before
+    assert step_rows(db) == steps_before  # no first step queued for any fork
     assert publish.sent == []
+    fork_run(parent, 0, new_run_id="accepted", settings=settings)  # the double is the one used
+    assert [m.run_id for m, _ in publish.sent] == ["accepted"]
+    assert step_rows(db) == sorted([*steps_before, ("accepted", 1)])
+
+
+@flow("zz_other")
+def other() -> Flow:
+    return Flow(start=chain("abc")[0])
+
+
+def test_a_fork_runs_only_the_registered_graph_of_its_parents_flow(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    """record_fork checks the flow it is given as record_run does: of the parent's flow
+    name, registered, built as its registered builder builds it."""
+    parent = completed_on_workers(db, ctx, publish)
+    a = chain("abcd")[0]
+    changed = Flow(start=a, flow_name="fork_three")  # an extra node d
+    with pytest.raises(RunSetupError, match=rf"Run '{parent}' step 1: it is a run of flow "):
+        record_fork(db, parent, 1, build_flow("zz_other"), lease_s=LEASE_S)
+    with pytest.raises(RunSetupError, match=rf"Run '{parent}' step 1: Flow 'fork_three' differs"):
+        record_fork(db, parent, 1, changed, lease_s=LEASE_S)
+    db.update_run(parent, flow_name="fork_nowhere")  # the parent's name, but unregistered
+    with pytest.raises(RunSetupError, match="step 1: Flow 'fork_nowhere' is not registered"):
+        record_fork(db, parent, 1, Flow(start=a, flow_name="fork_nowhere"), lease_s=LEASE_S)
+    assert [r["run_id"] for r in db.list_runs(limit=10)] == [parent]
+
+
+def test_a_checkpoint_without_a_next_node_before_the_last_is_no_last_step(db: Any) -> None:
+    """0.2 checkpoints (save_checkpoint) record no next node: only the latest checkpoint
+    'was its last step'; an earlier one is said to record no next node."""
+    from pocoflow.flow import Flow as LocalFlow
+
+    db.create_run("old-1", "fork_three", initial_store={"n": 0})
+    for step in range(3):
+        db.save_checkpoint("old-1", step, "abc"[step], {"n": step + 1})
+    with pytest.raises(RunSetupError, match="Run 'old-1' step 0: its checkpoint records no next"):
+        record_fork(db, "old-1", 0, build_flow("fork_three"), lease_s=LEASE_S)
+    with pytest.raises(RunSetupError, match="Run 'old-1' step 2 was its last step"):
+        record_fork(db, "old-1", 2, build_flow("fork_three"), lease_s=LEASE_S)
+    local: LocalFlow = build_flow("fork_three")
+    local.db_path = settings_for(db).db_url
+    with pytest.raises(RunSetupError, match="step 1: its checkpoint records no next node"):
+        local.fork("old-1", 1)
+    assert [r["run_id"] for r in db.list_runs(limit=10)] == ["old-1"]
+
+
+def test_a_fork_of_a_fork_before_its_fork_point_says_where_it_starts(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    parent = completed_on_workers(db, ctx, publish)
+    first, _ = record_fork(db, parent, 1, build_flow("fork_three"), lease_s=LEASE_S)
+    with pytest.raises(RunSetupError, match=r"its first checkpoint is its fork point, step 1"):
+        record_fork(db, first.run_id, 0, build_flow("fork_three"), lease_s=LEASE_S)
+
+
+@flow("fork_short")
+def short() -> Flow:
+    return Flow(start=chain("abc")[0], max_steps=2)
+
+
+def test_a_fork_past_max_steps_is_refused_up_front(db: Any) -> None:
+    db.create_run("short-1", "fork_short", initial_store={"n": 0}, start_node="a")
+    db.save_checkpoint("short-1", 0, "a", {"n": 1})
+    db.save_checkpoint("short-1", 1, "b", {"n": 2})
+    db.save_checkpoint("short-1", 2, "c", {"n": 3})
+    with db._ledger.engine.begin() as conn:  # step 1 recorded c as next, as 0.3 does
+        conn.execute(
+            update(pf_checkpoints)
+            .where(pf_checkpoints.c.run_id == "short-1", pf_checkpoints.c.step == 1)
+            .values(next_node="c")
+        )
+    with pytest.raises(RunSetupError, match=r"first step would be 2, past the flow's max_steps=2"):
+        record_fork(db, "short-1", 1, build_flow("fork_short"), lease_s=LEASE_S)
+    assert [r["run_id"] for r in db.list_runs(limit=10)] == ["short-1"]
 
 
 def test_a_checkpoint_whose_next_node_the_registered_graph_lacks_is_refused(db: Any) -> None:
