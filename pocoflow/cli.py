@@ -690,16 +690,13 @@ def submit(
 
 
 def _refuse_unreachable_broker(broker_url: str, outcome: str) -> None:
-    """Bad input before a run is recorded: a run whose first step no broker took would
-    only wait in the ledger, silently, for a worker's sweeper that may never come."""
-    from pocoflow.doctor import broker_problem
+    """Bad input before a run is recorded when the broker does not answer (see
+    ``broker_refusal``)."""
+    from pocoflow.doctor import broker_refusal
 
-    problem = broker_problem(broker_url)
-    if problem:
-        raise BadInput(
-            f"the broker {mask_url(broker_url)} cannot be reached ({problem}); "
-            f"{outcome}. Check it with `pocoflow doctor`"
-        )
+    refusal = broker_refusal(broker_url, outcome)
+    if refusal:
+        raise BadInput(refusal)
 
 
 def _control(verb: str) -> Callable[..., None]:

@@ -250,33 +250,38 @@ def _controls(db: WorkflowDB, run_id: str, url: str, allow_control: bool) -> Non
             return
     token = st.text_input("Control token", type="password", key=f"ctl-token-{run_id}")
     ticked_for = f"ctl-confirmed-for-{run_id}"
+    box = f"ctl-confirm-{run_id}"
     what = f"fork run {run_id} from step {step}" if action == "fork" else f"{action} run {run_id}"
-    confirmed = st.checkbox(
+    st.checkbox(
         escape_md(f"Yes, {what}"),
-        key=f"ctl-confirm-{run_id}",
+        key=box,
         on_change=_remember,
-        args=(ticked_for, f"ctl-action-{run_id}", f"ctl-step-{run_id}"),
-    )
-    # The box stays ticked when another action (or step) is chosen: it confirms only the
-    # action its label named when it was ticked.
-    confirmed = confirmed and st.session_state.get(ticked_for) == actions.confirmed_choice(
-        action, step
+        args=(run_id, box, ticked_for),
     )
     forked_key = f"ctl-forked-{run_id}"
-    if st.button("Apply", key=f"ctl-go-{run_id}"):
+    applied = f"ctl-applied-{run_id}"
+    # The click takes the tick (and clears the box): one tick, one action.
+    if st.button(
+        "Apply", key=f"ctl-go-{run_id}", on_click=_take_tick, args=(box, ticked_for, applied)
+    ):
+        # What the box was ticked for, the action compares: a tick confirms only the
+        # action (and fork step) its label named then, and a fork's tick only once.
+        confirmation = st.session_state.pop(applied, None)
         try:
             if action == "fork":
                 assert step is not None
-                new_run_id = actions.fork_from(
+                forked = actions.fork_from(
                     run_id,
                     step,
                     db_url=url,
                     allow_control=allow_control,
                     token=token,
-                    confirmed=confirmed,
+                    confirmed=confirmation,
                 )
-                st.session_state[forked_key] = (step, new_run_id)
-                done = f"run {run_id}: forked from step {step} as {new_run_id}"
+                st.session_state[forked_key] = (step, forked.run_id)
+                done = f"run {run_id}: forked from step {step} as {forked.run_id}"
+                if not forked.sent:
+                    st.warning(escape_md(actions.unsent_warning([forked.run_id])))
             else:
                 done = actions.control_run(
                     action,
@@ -284,7 +289,7 @@ def _controls(db: WorkflowDB, run_id: str, url: str, allow_control: bool) -> Non
                     db_url=url,
                     allow_control=allow_control,
                     token=token,
-                    confirmed=confirmed,
+                    confirmed=confirmation is not None and confirmation.choice == action,
                     key=key,
                     value_json=value,
                 )
@@ -297,19 +302,19 @@ def _controls(db: WorkflowDB, run_id: str, url: str, allow_control: bool) -> Non
 
 
 def _fork_step(db: WorkflowDB, run_id: str) -> int | None:
-    """The checkpoint to fork from: the Store tab's step if one was picked there, else the
-    latest; None (said on the page) when the run has no checkpoint yet."""
+    """The checkpoint to fork from: the Store tab's step if one was picked there before
+    the latest, else the one before the latest; None (said on the page) when the run has
+    no checkpoint yet."""
     bounds = queries.checkpoint_range(db, run_id)
     if bounds is None:
         st.info("No checkpoint yet: nothing to fork from.")
         return None
     low, high, _ = bounds
-    picked = st.session_state.get(f"store-{run_id}", high)
+    # The Store tab's step, but not the latest: a run that ended there has nothing after it.
+    picked = min(st.session_state.get(f"store-{run_id}", high), high - 1)
     st.caption("The fork runs on the workers, from the node that step recorded as next.")
     return int(
-        st.number_input(
-            "Fork from step", low, high, min(max(low, picked), high), key=f"ctl-step-{run_id}"
-        )
+        st.number_input("Fork from step", low, high, max(low, picked), key=f"ctl-step-{run_id}")
     )
 
 
@@ -324,8 +329,20 @@ def _fork_link(step: int, new_run_id: str) -> None:
         go(run=new_run_id)
 
 
-def _remember(key: str, action_key: str, step_key: str) -> None:
-    """On a tick: the action (and fork step) chosen at that moment, read from their
-    widgets' state, which already holds a change made in the same interaction."""
+def _remember(run_id: str, box: str, key: str) -> None:
+    """On a tick: a confirmation of the action (and fork step) chosen at that moment, read
+    from their widgets' state, which already holds a change made in the same
+    interaction; on an untick, none."""
     state = st.session_state
-    state[key] = actions.confirmed_choice(state.get(action_key), state.get(step_key))
+    choice = actions.confirmed_choice(
+        state.get(f"ctl-action-{run_id}"), state.get(f"ctl-step-{run_id}"), run_id
+    )
+    state[key] = actions.confirm(choice or "") if state.get(box) else None
+
+
+def _take_tick(box: str, key: str, applied: str) -> None:
+    """On Apply, before the page is drawn again: the tick's confirmation goes to the
+    action (``applied``) and the box is cleared, so the next Apply needs a new tick."""
+    state = st.session_state
+    state[applied] = state.pop(key, None) if state.get(box) else None
+    state[box] = False

@@ -655,11 +655,13 @@ def registered_alpha():
 
 @pytest.fixture
 def fork_env(control_ledger, monkeypatch):
-    """The monitor's environment for forks: flow ``alpha`` registered, and an in-memory
-    broker, so a fork's first step is published (nowhere) without a broker server."""
-    from pocoflow.registry import register_flow
+    """The monitor's environment for forks: flow ``alpha`` registered (in a copy of the
+    registry, dropped after the test), and an in-memory broker, so a fork's first step is
+    published (nowhere) without a broker server."""
+    from pocoflow import registry
 
-    register_flow("alpha", registered_alpha)
+    monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))
+    registry.register_flow("alpha", registered_alpha)
     monkeypatch.setenv("POCOFLOW_BROKER_URL", "memory://")
     monkeypatch.delenv("POCOFLOW_REDIS_URL", raising=False)
     return control_ledger
@@ -686,7 +688,12 @@ def test_fork_is_refused_without_allow_control(fork_env):
     assert "Controls" not in [t.label for t in at.tabs]
     with pytest.raises(ControlRefused, match="--allow-control"):
         actions.fork_from(
-            "alpha-1", 0, db_url=path, allow_control=False, token=TOKEN, confirmed=True
+            "alpha-1",
+            0,
+            db_url=path,
+            allow_control=False,
+            token=TOKEN,
+            confirmed=actions.confirm("fork run alpha-1 from step 0"),
         )
     with pytest.raises(ControlRefused, match="--allow-control"):
         actions.control_run(
@@ -719,7 +726,8 @@ def test_fork_from_the_run_page_queues_a_fork_and_links_to_it(fork_env):
     at = page(path, True, run="alpha-1")
     at.selectbox(key="ctl-action-alpha-1").set_value("fork").run()
     steps = at.number_input(key="ctl-step-alpha-1")
-    assert (steps.min, steps.max, steps.value) == (-1, 1, 1)  # the Store tab's step
+    # The step before the latest: alpha-1 ended at step 1, nothing can be forked from it.
+    assert (steps.min, steps.max, steps.value) == (-1, 1, 0)
     fork_control(at, "alpha-1", 0, TOKEN)
     (done,) = [s.value for s in at.success]
     new_id = re.search(r"forked from step 0 as (alpha\\-[0-9a-f]{8})", done).group(1)
@@ -778,7 +786,9 @@ def test_bulk_fork_forks_each_run_with_the_step_and_lists_the_skipped(fork_env):
     assert db.get_run(forks["fork"].iloc[0])["parent_run_id"] == "alpha-1"
     assert "skipped 1 runs with no step 0" in texts(at.warning)
     skipped = next(d.value for d in at.dataframe if "skipped" in d.value.columns)
-    assert skipped.values.tolist() == [["gamma-1", "step 0 was its last step"]]
+    assert skipped.values.tolist() == [
+        ["gamma-1", "Run 'gamma-1' step 0 was its last step: there is nothing to fork from it"]
+    ]
 
 
 def test_bulk_fork_is_enforced_in_the_action(fork_env):
@@ -788,14 +798,142 @@ def test_bulk_fork_is_enforced_in_the_action(fork_env):
     filt = RunFilter(flows=("alpha",))
     count, selected = actions.selection(db, filt)
     common = dict(db=db, db_url=path, expected=count, expected_selection=selected)
+    yes = actions.confirm("fork from step 0")
     with pytest.raises(ControlRefused, match="--allow-control"):
-        actions.fork_runs(filt, 0, allow_control=False, token=TOKEN, confirmed=True, **common)
+        actions.fork_runs(filt, 0, allow_control=False, token=TOKEN, confirmed=yes, **common)
     with pytest.raises(ControlRefused, match="Wrong control token"):
-        actions.fork_runs(filt, 0, allow_control=True, token="x", confirmed=True, **common)
+        actions.fork_runs(filt, 0, allow_control=True, token="x", confirmed=yes, **common)
     with pytest.raises(ControlRefused, match="Confirm"):
-        actions.fork_runs(filt, 0, allow_control=True, token=TOKEN, confirmed=False, **common)
-    with pytest.raises(ValueError, match="fork_runs|one of cancel, pause, resume"):
+        actions.fork_runs(filt, 0, allow_control=True, token=TOKEN, confirmed=None, **common)
+    assert "fork" not in actions.BULK_ACTIONS and "fork" in actions.BULK_CHOICES
+    with pytest.raises(
+        ValueError, match=r"one of cancel, pause, resume \(a bulk fork is fork_runs"
+    ):
         actions.control_runs(
             "fork", filt, allow_control=True, token=TOKEN, confirmed=True, **common
         )
     assert run_count(db) == 4
+
+
+def test_apply_clicked_twice_makes_one_fork(fork_env):
+    """One tick, one fork: Apply clears the tick, and the action uses up its nonce."""
+    path, db = fork_env
+    at = page(path, True, run="alpha-1")
+    fork_control(at, "alpha-1", 0, TOKEN)
+    assert "forked from step 0" in texts(at.success) and run_count(db) == 5
+    assert not at.checkbox(key="ctl-confirm-alpha-1").value  # the tick was used
+    at.button(key="ctl-go-alpha-1").click().run()
+    assert "Confirm the action first" in texts(at.error)
+    assert run_count(db) == 5
+
+
+def test_a_fork_confirmation_is_checked_and_used_up_in_the_action(fork_env):
+    """What the tick confirmed is passed in and compared in the action (run and step),
+    and its nonce works once, whatever page calls it."""
+    path, db = fork_env
+    common = dict(db_url=path, allow_control=True, token=TOKEN)
+    for wrong in (
+        True,  # a bare yes confirms no fork
+        actions.confirm("fork run alpha-1 from step -1"),  # another step
+        actions.confirm("fork run gamma-1 from step 0"),  # another run
+        actions.confirm("fork from step 0"),  # a bulk fork's tick
+    ):
+        with pytest.raises(ControlRefused, match="Confirm the action first"):
+            actions.fork_from("alpha-1", 0, confirmed=wrong, **common)
+    yes = actions.confirm("fork run alpha-1 from step 0")
+    forked = actions.fork_from("alpha-1", 0, confirmed=yes, **common)
+    assert forked.sent and db.get_run(forked.run_id)["parent_run_id"] == "alpha-1"
+    with pytest.raises(ControlRefused, match="was used already"):
+        actions.fork_from("alpha-1", 0, confirmed=yes, **common)
+    with pytest.raises(ControlRefused, match="was used already"):
+        actions.control_run("fork", "alpha-1", from_step=0, confirmed=yes, **common)
+    assert run_count(db) == 5
+
+
+def test_bulk_apply_clicked_twice_forks_the_selection_once(fork_env):
+    """The forks are queued runs the status filter does not select, so the recount
+    matches again: only the used-up tick stops a second round of forks."""
+    path, db = fork_env
+    at = page(path, True, flow="alpha", status="completed")
+    at.selectbox(key="bulk-action").set_value("fork").run()
+    at.number_input(key="bulk-step").set_value(0).run()
+    at.text_input(key="bulk-token").set_value(TOKEN)
+    at.checkbox(key="bulk-confirm").check().run()
+    at.button(key="bulk-go").click().run()
+    assert "forked 1 runs from step 0" in texts(at.success) and run_count(db) == 5
+    assert not at.checkbox(key="bulk-confirm").value
+    at.button(key="bulk-go").click().run()
+    assert "Confirm the action first" in texts(at.error)
+    from pocoflow.ui.queries import RunFilter
+
+    filt = RunFilter(flows=("alpha",), statuses=("completed",))
+    count, selected = actions.selection(db, filt)
+    yes = actions.confirm("fork from step 0")
+    common = dict(db=db, db_url=path, allow_control=True, token=TOKEN, expected=count)
+    actions.fork_runs(filt, 0, confirmed=yes, expected_selection=selected, **common)
+    with pytest.raises(ControlRefused, match="was used already"):
+        actions.fork_runs(filt, 0, confirmed=yes, expected_selection=selected, **common)
+    assert run_count(db) == 6
+    assert [r["parent_run_id"] for r in db.list_runs(limit=10)].count("alpha-1") == 3
+
+
+def test_bulk_fork_of_nothing_is_no_success(fork_env):
+    path, db = fork_env
+    at = page(path, True, flow="alpha")
+    at.selectbox(key="bulk-action").set_value("fork").run()
+    at.number_input(key="bulk-step").set_value(5).run()
+    at.text_input(key="bulk-token").set_value(TOKEN)
+    at.checkbox(key="bulk-confirm").check().run()
+    at.button(key="bulk-go").click().run()
+    assert not at.success
+    assert "no run was forked from step 5" in texts(at.error)
+    assert "skipped 2 runs" in texts(at.warning) and run_count(db) == 4
+
+
+UNREACHABLE = "redis://127.0.0.1:9/0"  # nothing listens on the discard port
+
+
+def test_fork_is_refused_before_anything_is_recorded_when_the_broker_is_unreachable(
+    fork_env, monkeypatch
+):
+    path, db = fork_env
+    monkeypatch.setenv("POCOFLOW_BROKER_URL", UNREACHABLE)
+    at = page(path, True, run="alpha-1")
+    fork_control(at, "alpha-1", 0, TOKEN)
+    error = texts(at.error).replace("\\", "")
+    assert "fork refused" in error and "cannot be reached" in error
+    assert "no fork was recorded" in error and not at.success
+    bulk = page(path, True, flow="alpha")
+    bulk.selectbox(key="bulk-action").set_value("fork").run()
+    bulk.text_input(key="bulk-token").set_value(TOKEN)
+    bulk.checkbox(key="bulk-confirm").check().run()
+    bulk.button(key="bulk-go").click().run()
+    assert "no fork was recorded" in texts(bulk.error).replace("\\", "")
+    assert run_count(db) == 4
+
+
+class Unsent:
+    """A publisher whose broker takes nothing (as Publisher.send when publishing fails)."""
+
+    def send(self, message, **kwargs):
+        return False
+
+
+def test_a_fork_recorded_but_not_sent_is_said_so(fork_env, monkeypatch):
+    from pocoflow.distributed import client
+
+    path, db = fork_env
+    monkeypatch.setattr(client, "_publisher", lambda settings: Unsent())
+    at = page(path, True, run="alpha-1")
+    fork_control(at, "alpha-1", 0, TOKEN)
+    assert "forked from step 0" in texts(at.success) and run_count(db) == 5
+    assert "Recorded but not sent" in texts(at.warning)
+    bulk = page(path, True, flow="alpha", status="completed")
+    bulk.selectbox(key="bulk-action").set_value("fork").run()
+    bulk.text_input(key="bulk-token").set_value(TOKEN)
+    bulk.checkbox(key="bulk-confirm").check().run()
+    bulk.button(key="bulk-go").click().run()
+    assert "forked 1 runs" in texts(bulk.success)
+    assert "Recorded but not sent" in texts(bulk.warning)
+    forks = [r["run_id"] for r in db.list_runs(limit=10) if r["status"] == "queued"]
+    assert len(forks) == 2 and all(db.get_step(f, 1)["sent_at"] is None for f in forks)
