@@ -937,3 +937,29 @@ def test_a_fork_recorded_but_not_sent_is_said_so(fork_env, monkeypatch):
     assert "Recorded but not sent" in texts(bulk.warning)
     forks = [r["run_id"] for r in db.list_runs(limit=10) if r["status"] == "queued"]
     assert len(forks) == 2 and all(db.get_step(f, 1)["sent_at"] is None for f in forks)
+
+
+def test_the_link_to_a_fork_escapes_every_reserved_character_of_its_run_id(fork_env, monkeypatch):
+    """A flow name (so a run id) with ) / ? would end the Markdown link, or make a path
+    or a query of it: each is percent-encoded in the link's target."""
+    from pocoflow import Flow, registry
+    from tests.monitor_ledger import Ask, Note
+
+    path, db = fork_env
+    name = "a)b/c?d"
+
+    def build():
+        ask = Ask()
+        ask.then("default", Note())
+        return Flow(ask, flow_name=name)
+
+    registry.register_flow(name, build)
+    local = build()
+    local.db_path = path
+    local.run({"topic": "t"})
+    run_id = local.last_run_id
+    at = page(path, True, run=run_id)
+    fork_control(at, run_id, 0, TOKEN)
+    (fork_id,) = [r["run_id"] for r in db.list_runs(limit=10) if r["parent_run_id"] == run_id]
+    suffix = fork_id.rsplit("-", 1)[1]
+    assert f"(?run=a%29b%2Fc%3Fd-{suffix})" in texts(at.markdown)
