@@ -516,7 +516,7 @@ def resume(
 
 @main.command(
     epilog="Examples:\n\n  pocoflow fork article-1a2b3c4d --from-step 2 --wait"
-    "\n\n  pocoflow fork cli-count-1a2b3c4d --from-step 0 --workers --flows examples.article"
+    "\n\n  pocoflow fork article-1a2b3c4d --from-step 0 --workers --flows examples.article"
     "\n\n  pocoflow fork article-1a2b3c4d --from-step 2 --local --flows examples.article"
 )
 @click.argument("run_id")
@@ -525,12 +525,15 @@ def resume(
     "--workers/--local",
     "on_workers",
     default=None,
-    help="Run the fork on the workers / in this process (default: where RUN ran).",
+    help="Run the fork on the workers / in this process (default: where RUN ran; in this "
+    "process with --flow).",
 )
-@click.option("--flow", "target", help="MODULE:BUILDER that builds the run's graph (--local).")
+@click.option(
+    "--flow", "target", help="MODULE:BUILDER that builds the run's graph (implies --local)."
+)
 @click.option("--run-id", "new_run_id", default=None, help="Run id of the fork.")
 @click.option("--queue", default=None, help="Workers: broker queue of the fork (default RUN's).")
-@click.option("--wait/--no-wait", default=False, help="Workers: follow the fork until it ends.")
+@click.option("--wait/--no-wait", default=None, help="Workers: follow the fork until it ends.")
 @flows_option
 @broker_option
 @db_option
@@ -541,7 +544,7 @@ def fork(
     target: str | None,
     new_run_id: str | None,
     queue: str | None,
-    wait: bool,
+    wait: bool | None,
     flows: str,
     broker_url: str | None,
     db_url: str,
@@ -549,13 +552,23 @@ def fork(
     """Start a new run from checkpoint N of RUN; RUN itself is left untouched.
 
     A run submitted to the workers is forked onto them (the fork's id is printed at once);
-    a run that ran in a process is forked in this one. --workers / --local choose.
+    a run that ran in a process is forked in this one, as is any run given --flow.
+    --workers / --local choose.
     """
+    if new_run_id is not None and not new_run_id.strip():
+        raise BadInput("--run-id is empty: give the fork's run id, or leave --run-id out")
     db = open_db(db_url)
     run = get_run_or_fail(db, run_id)
     if on_workers is None:
-        on_workers = bool(run.get("queue"))  # submitted runs record their queue
+        # Submitted runs record their queue; --flow builds the graph here, as it always did.
+        on_workers = bool(run.get("queue")) and not target
     if not on_workers:
+        ignored = [n for n, v in (("--queue", queue), ("--wait/--no-wait", wait)) if v is not None]
+        if ignored:
+            raise BadInput(
+                f"{' and '.join(ignored)}: only for a fork on the workers (--workers); a fork "
+                "in this process (--local, --flow) runs to its end here"
+            )
         flow = flow_for_run(db, run_id, target, flows)
         flow.db_path = db_url
         finish_local(flow, lambda: flow.fork(run_id, from_step, new_run_id=new_run_id))
