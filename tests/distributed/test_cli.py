@@ -102,7 +102,7 @@ def test_fork_onto_the_workers_from_the_command_line(live: Cluster) -> None:
 
     last = cli(live, "fork", parent.run_id, "--from-step", "19")
     assert last.returncode == 2 and "step 19 was its last step" in last.stderr
-    flow_given = cli(live, "fork", parent.run_id, "--from-step", "1", "--flow", "m:b")
+    flow_given = cli(live, "fork", parent.run_id, "--from-step", "1", "--flow", "m:b", "--workers")
     assert flow_given.returncode == 2 and "--local" in flow_given.stderr
 
 

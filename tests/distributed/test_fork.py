@@ -52,6 +52,12 @@ def test_a_completed_run_forked_from_step_1_completes_on_the_workers(live: Clust
     attempts = live.db.get_attempts(fork.run_id)
     assert sorted(a["step"] for a in attempts) == list(range(2, CHAIN_LENGTH))
     assert {a["outcome"] for a in attempts} == {"committed"} and all(a["worker"] for a in attempts)
+    # Its first step published once: one attempt, marked sent (by fork_run, with the
+    # broker's task id), never taken over or re-sent.
+    first = live.db.get_step(fork.run_id, 2)
+    assert (first["attempt"], first["status"]) == (1, "committed")
+    assert first["sent_at"] is not None and first["task_id"]
+    assert [(a["step"], a["attempt"]) for a in attempts if a["step"] == 2] == [(2, 1)]
     assert parent_record(live, parent.run_id) == before
 
 
