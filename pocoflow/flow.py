@@ -206,7 +206,7 @@ class Flow(Node):
         run = db.get_run(run_id)
         if run is None:
             raise UnknownRunError(f"Unknown run id {run_id!r}")
-        next_id = fork_point(db, run_id, from_step, run)["next_node"]
+        next_id = fork_point(db, run_id, from_step, run, self.max_steps)["next_node"]
         store = _with_schema(
             db.load_checkpoint(run_id, from_step), db, run_id, schema or self.schema, run
         )
@@ -632,12 +632,19 @@ class _ResumePlan:
 _RESUMABLE = ("failed", "cancelled", "paused", "running", "queued", "waiting")
 
 
-def fork_point(db: WorkflowDB, run_id: str, from_step: int, run: dict[str, Any]) -> dict[str, Any]:
+def fork_point(
+    db: WorkflowDB,
+    run_id: str,
+    from_step: int,
+    run: dict[str, Any],
+    max_steps: int | None = None,
+) -> dict[str, Any]:
     """Checkpoint ``from_step`` of run ``run`` (its ledger row), to start a fork from:
-    ``RunSetupError`` naming run and step when there is no such checkpoint or it records
-    no next node. "Was its last step" is said only of the run's latest checkpoint: an
-    earlier one without a next node was written by 0.2 (or ``save_checkpoint``), which
-    did not record one, and a fork would not know which node to run."""
+    ``RunSetupError`` naming run and step when there is no such checkpoint, it records
+    no next node, or the fork's first step would already be past ``max_steps``. "Was its
+    last step" is said only of the run's latest checkpoint: an earlier one without a next
+    node was written by 0.2 (or ``save_checkpoint``), which did not record one, and a fork
+    would not know which node to run."""
     try:
         checkpoint = db.get_checkpoint(run_id, from_step)
     except KeyError:
@@ -661,6 +668,11 @@ def fork_point(db: WorkflowDB, run_id: str, from_step: int, run: dict[str, Any])
         raise RunSetupError(
             f"Run {run_id!r} step {from_step}: its checkpoint records no next node (a 0.2 "
             "checkpoint, or one written by save_checkpoint), so there is no node to fork to"
+        )
+    if max_steps is not None and from_step + 1 >= max_steps:
+        raise RunSetupError(
+            f"Run {run_id!r} step {from_step}: the fork's first step would be "
+            f"{from_step + 1}, past the flow's max_steps={max_steps}"
         )
     return checkpoint
 

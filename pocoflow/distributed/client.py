@@ -374,12 +374,7 @@ def record_fork(
             "a fork runs the flow of its parent"
         )
     graph = _registered_as_is(flow, RunSetupError, "fork with the Flow it returns", about)
-    next_id = fork_point(db, run_id, from_step, run)["next_node"]
-    if from_step + 1 >= flow.max_steps:
-        raise RunSetupError(
-            f"{about}the fork's first step would be {from_step + 1}, past the flow's "
-            f"max_steps={flow.max_steps}"
-        )
+    next_id = fork_point(db, run_id, from_step, run, flow.max_steps)["next_node"]
     try:
         node = graph.node(next_id)
     except KeyError:

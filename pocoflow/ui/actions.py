@@ -161,6 +161,7 @@ def control_run(
     ``KeyError`` for an unknown run, ``ValueError`` for bad input.
     """
     if action == "fork":
+        check(allow_control, token, isinstance(confirmed, Confirmation), env)  # before all
         forked = fork_from(
             run_id,
             _step(from_step, f"run {run_id!r}"),

@@ -268,6 +268,10 @@ def test_a_fork_past_max_steps_is_refused_up_front(db: Any) -> None:
         )
     with pytest.raises(RunSetupError, match=r"first step would be 2, past the flow's max_steps=2"):
         record_fork(db, "short-1", 1, build_flow("fork_short"), lease_s=LEASE_S)
+    local = build_flow("fork_short")
+    local.db_path = settings_for(db).db_url
+    with pytest.raises(RunSetupError, match=r"step 1: the fork's first step would be 2, past"):
+        local.fork("short-1", 1)
     assert [r["run_id"] for r in db.list_runs(limit=10)] == ["short-1"]
 
 

@@ -703,7 +703,7 @@ def test_fork_is_refused_without_allow_control(fork_env):
             allow_control=False,
             token=TOKEN,
             confirmed=True,
-            from_step=0,
+            from_step="not a step",  # refused for the control before the step is read
         )
     assert run_count(db) == 4
 
