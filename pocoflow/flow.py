@@ -203,22 +203,14 @@ class Flow(Node):
         left untouched. Steps keep their numbers, so the fork's first step is
         ``from_step + 1``."""
         db = self._require_ledger("fork")
-        if db.get_run(run_id) is None:
+        run = db.get_run(run_id)
+        if run is None:
             raise UnknownRunError(f"Unknown run id {run_id!r}")
-        try:
-            checkpoint = db.get_checkpoint(run_id, from_step)
-            store = _with_schema(
-                db.load_checkpoint(run_id, from_step), db, run_id, schema or self.schema
-            )
-        except KeyError as exc:
-            raise RunSetupError(str(exc.args[0] if exc.args else exc)) from None
+        next_id = fork_point(db, run_id, from_step, run, self.max_steps)["next_node"]
+        store = _with_schema(
+            db.load_checkpoint(run_id, from_step), db, run_id, schema or self.schema, run
+        )
         graph = self.graph()
-        next_id = checkpoint.get("next_node")
-        if next_id is None:
-            raise RunSetupError(
-                f"Run {run_id!r} step {from_step} was its last step: there is nothing to fork "
-                "from it"
-            )
         fork_id = new_run_id or make_run_id(self.flow_name)
         self._run_id = fork_id
         recorder = RunRecorder(fork_id, db, self.checkpoint_dir)
@@ -638,6 +630,51 @@ class _ResumePlan:
 
 
 _RESUMABLE = ("failed", "cancelled", "paused", "running", "queued", "waiting")
+
+
+def fork_point(
+    db: WorkflowDB,
+    run_id: str,
+    from_step: int,
+    run: dict[str, Any],
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Checkpoint ``from_step`` of run ``run`` (its ledger row), to start a fork from:
+    ``RunSetupError`` naming run and step when there is no such checkpoint, it records
+    no next node, or the fork's first step would already be past ``max_steps``. "Was its
+    last step" is said only of the run's latest checkpoint: an earlier one without a next
+    node was written by 0.2 (or ``save_checkpoint``), which did not record one, and a fork
+    would not know which node to run."""
+    try:
+        checkpoint = db.get_checkpoint(run_id, from_step)
+    except KeyError:
+        first = run.get("forked_from_step")
+        hint = ""
+        if first is not None and from_step < first:
+            hint = (
+                f" (a fork of {run.get('parent_run_id')!r}: its first checkpoint is its fork "
+                f"point, step {first})"
+            )
+        raise RunSetupError(
+            f"Run {run_id!r} has no checkpoint of step {from_step} to fork from{hint}"
+        ) from None
+    if checkpoint.get("next_node") is None:
+        latest = db.latest_checkpoint(run_id)
+        if latest is not None and latest["step"] == from_step:
+            raise RunSetupError(
+                f"Run {run_id!r} step {from_step} was its last step: there is nothing to fork "
+                "from it"
+            )
+        raise RunSetupError(
+            f"Run {run_id!r} step {from_step}: its checkpoint records no next node (a 0.2 "
+            "checkpoint, or one written by save_checkpoint), so there is no node to fork to"
+        )
+    if max_steps is not None and from_step + 1 >= max_steps:
+        raise RunSetupError(
+            f"Run {run_id!r} step {from_step}: the fork's first step would be "
+            f"{from_step + 1}, past the flow's max_steps={max_steps}"
+        )
+    return checkpoint
 
 
 def _with_schema(
