@@ -125,6 +125,7 @@ def run(
     while True:
         tries += 1
         committing = False
+        pipeline.COMMIT_SENT.set(False)
         try:
             if raw_sqlite and grouped:
                 assert begin is not None
@@ -156,7 +157,7 @@ def run(
         except Exception as exc:
             if isinstance(exc, DBAPIError) and exc.connection_invalidated and not reconnected:
                 reconnected = True
-                unknown = committing
+                unknown = committing or pipeline.COMMIT_SENT.get()
                 if unknown:
                     _log.warning(
                         "Ledger %s: connection lost during COMMIT while %s%s; the outcome is "
