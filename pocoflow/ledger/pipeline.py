@@ -195,7 +195,7 @@ def _pipelined(
     except psycopg.Error as exc:
         # A connection the server dropped: ``txn.run`` retries once on a fresh one (and,
         # with the COMMIT sent, asks the call's ``confirm`` whether it landed).
-        lost = raw.broken or raw.closed
+        lost = bool(getattr(raw, "broken", False)) or raw.closed
         raise DBAPIError.instance(
             sql, None, exc, psycopg.Error, connection_invalidated=lost
         ) from exc
