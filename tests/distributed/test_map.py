@@ -423,7 +423,8 @@ def test_the_node_error_hook_fires_when_an_item_fails_the_run(live: Cluster) -> 
     with pytest.raises(RunFailed, match="item 5"):
         handle.wait(timeout=TIMEOUT_S)
     hooks = side / "hooks"
-    wait_until(hooks.exists, 10)
+    # A whole line: the hook's open() creates the file before its write lands.
+    wait_until(lambda: hooks.exists() and hooks.read_text().endswith("\n"), 10)
     lines = hooks.read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith("node_error FailingSquare ItemFailed")
     assert "item 5" in lines[0]
