@@ -104,6 +104,7 @@ _CLAIM = (
     )
 )
 _CLAIMED_ITEM = select(_i.item_json, _i.try_number).where(_HELD)
+_CLAIM_RETURNING = _CLAIM.returning(_i.item_json, _i.try_number)  # PostgreSQL
 _RENEW = update(pf_items).where(_HELD).values(lease_expires_at=_EXPIRES)
 # The holder keeps its token on the row (the proof a lost COMMIT's retry looks for).
 _FINISH = (
@@ -241,14 +242,24 @@ def claim(
     on, for the node the ledger recorded) and read its value and try: one batch, one
     round trip on PostgreSQL. ``(claimed, run, (item_json, try_number))``."""
     params = c.params(b_node_id=node_id, b_task_id=c.task_id, now=now, lease_s=lease_s)
+    if conn.dialect.name == "postgresql":
+        # Two statements, each its own transaction, one round trip: the claim reads its
+        # item back (RETURNING), and the guard read before it only informs the caller
+        # (the claim's UPDATE checks the run itself), so nothing needs them atomic.
+        ops = [
+            runs.guard_op(c.run_id),
+            Op(_CLAIM_RETURNING, params, must_hit_one=True, returns_rows=True),
+        ]
+        claimed, rows = pipeline.run_reading(conn, ops, autocommit=True)
+        item = rows[1][0] if claimed and rows[1] else None
+        run = runs.guard_row(rows[0])
+        return claimed, run, (str(item[0]), int(item[1])) if item is not None else None
     ops = [
         runs.guard_op(c.run_id),
         Op(_CLAIM, params, must_hit_one=True),
         Op(_CLAIMED_ITEM, c.params()),
     ]
-    # Its one write is its own guard (a missed claim wrote nothing): on PostgreSQL the
-    # batch carries the COMMIT too, one round trip for the whole claim.
-    claimed, rows = pipeline.run_reading(conn, ops, commit=True)
+    claimed, rows = pipeline.run_reading(conn, ops)
     run = runs.guard_row(rows[0])
     item = rows[2][0] if claimed and rows[2] else None
     return claimed, run, (str(item[0]), int(item[1])) if item is not None else None

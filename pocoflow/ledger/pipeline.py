@@ -39,6 +39,8 @@ class Op:
     stmt: Executable
     params: Mapping[str, Any] | Sequence[Mapping[str, Any]]
     must_hit_one: bool = False
+    #: A write with RETURNING whose rows ``run_reading`` returns, as a SELECT's.
+    returns_rows: bool = False
 
 
 def run(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...] = ()) -> bool:
@@ -50,7 +52,7 @@ def run(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...] = ()) ->
 
 
 def run_reading(
-    conn: Connection, ops: Sequence[Op], *, commit: bool = False
+    conn: Connection, ops: Sequence[Op], *, commit: bool = False, autocommit: bool = False
 ) -> tuple[bool, list[list[tuple[Any, ...]]]]:
     """``run``, also returning the rows (tuples, in the SELECT's column order) of each
     SELECT in ``ops``: ``[]`` for the other statements, and for those a missed guard left
@@ -61,10 +63,12 @@ def run_reading(
     sends its COMMIT, in the same round trip: the transaction's row locks are then held
     for no client round trip at all. Only for a batch whose writes may commit whatever its
     guards say (e.g. each write is its own guard: a miss wrote nothing); the caller's own
-    COMMIT then finds no transaction and costs nothing."""
+    COMMIT then finds no transaction and costs nothing. ``autocommit``: on PostgreSQL,
+    no BEGIN nor COMMIT at all, each statement its own transaction: for a batch whose
+    statements need not be atomic together."""
     rows: list[list[tuple[Any, ...]]] = []
     if conn.dialect.name == "postgresql":
-        ok = _pipelined(conn, ops, (), rows, commit=commit)
+        ok = _pipelined(conn, ops, (), rows, commit=commit, autocommit=autocommit)
     else:
         ok = _sqlite_direct(conn, ops, rows)
     rows += [[] for _ in range(len(ops) - len(rows))]
@@ -94,7 +98,7 @@ def _sqlite_direct(conn: Connection, ops: Sequence[Op], out: list[list[tuple[Any
                 cur.execute(sql, plan.positional(rows[0]))
                 if op.must_hit_one and cur.rowcount != 1:
                     return False
-            out.append(_rows_of(cur) if plan.select else [])
+            out.append(_rows_of(cur) if plan.select or op.returns_rows else [])
     except sqlite3.Error as exc:
         raise DBAPIError.instance(sql, None, exc, sqlite3.Error) from exc
     return True
@@ -164,6 +168,7 @@ def _pipelined(
     out: list[list[tuple[Any, ...]]],
     *,
     commit: bool = False,
+    autocommit: bool = False,
 ) -> bool:
     import psycopg
 
@@ -172,6 +177,9 @@ def _pipelined(
     results: list[tuple[psycopg.Cursor[Any], bool, bool]] = []
     sql = ""
     begin = BEGIN_OWED.get() is raw and raw.pgconn.transaction_status == _PG_IDLE
+    if begin and autocommit:  # the driver connection is in autocommit (``BEGIN_OWED``)
+        begin = False
+        COMMIT_SENT.set(True)  # each statement commits as it runs
     try:
         with raw.pipeline():
             if begin:
@@ -183,7 +191,7 @@ def _pipelined(
                     cur.executemany(sql, [plan.params(r) for r in rows])
                 else:
                     cur.execute(sql, plan.params(rows[0]))
-                results.append((cur, op.must_hit_one, plan.select))
+                results.append((cur, op.must_hit_one, plan.select or op.returns_rows))
             if commit and begin:  # this batch opened the transaction: it closes it too
                 sql = "COMMIT"
                 COMMIT_SENT.set(True)
@@ -199,5 +207,5 @@ def _pipelined(
         raise DBAPIError.instance(
             sql, None, exc, psycopg.Error, connection_invalidated=lost
         ) from exc
-    out.extend(_rows_of(cur) if select else [] for cur, _, select in results)
+    out.extend(_rows_of(cur) if rows else [] for cur, _, rows in results)
     return all(cur.rowcount == 1 for cur, guarded, _ in results if guarded)
