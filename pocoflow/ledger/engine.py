@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,8 @@ class LedgerEngine:
     #: SQLite: the write transactions of this process's threads, one at a time (see
     #: ``txn.run``).
     writers: threading.Lock = field(default_factory=threading.Lock)
+    #: SQLite: grouped write units waiting for ``writers`` (``txn.run(grouped=True)``).
+    grouped: deque[Any] = field(default_factory=deque)
 
     @property
     def label(self) -> str:
@@ -279,6 +282,7 @@ def _after_fork_in_child() -> None:
         ledger.engine.dispose(close=False)
         ledger.lock = threading.Lock()
         ledger.writers = threading.Lock()
+        ledger.grouped = deque()
 
 
 if hasattr(os, "register_at_fork"):

@@ -68,7 +68,8 @@ class ItemQueue(LedgerClient):
                 raise txn.Abort(got)  # roll back: PostgreSQL sent the whole batch
             return got
 
-        return self._write(body, f"claiming item {c.idx} of step {c.step}", c.run_id, batched=True)
+        what = f"claiming item {c.idx} of step {c.step}"
+        return self._write(body, what, c.run_id, batched=True, grouped=True)
 
     def renew_item_lease(self, c: ItemClaim, lease_s: float, now: float | None = None) -> bool:
         """Extend ``c``'s lease; False = the item was taken over: its commit will fail."""
@@ -101,7 +102,7 @@ class ItemQueue(LedgerClient):
                 return got
             return True, items.join_state(conn, c.run_id, c.step)
 
-        return self._finish_item(body, own, "committing", c)
+        return self._finish_item(body, own, "committing", c, grouped=True)
 
     def fail_item(
         self, c: ItemClaim, *, error_json: str, error_msg: str, events: list[dict[str, Any]]
@@ -119,10 +120,11 @@ class ItemQueue(LedgerClient):
 
         return self._finish_item(body, own, "failing", c)
 
-    def _finish_item(self, body: Any, own: Any, what: str, c: ItemClaim) -> Any:
-        return self._write(
-            body, f"{what} item {c.idx} of step {c.step}", c.run_id, confirm=own, batched=True
-        )
+    def _finish_item(
+        self, body: Any, own: Any, what: str, c: ItemClaim, *, grouped: bool = False
+    ) -> Any:
+        what = f"{what} item {c.idx} of step {c.step}"
+        return self._write(body, what, c.run_id, confirm=own, batched=True, grouped=grouped)
 
     def retry_item(
         self, c: ItemClaim, *, next_try: int, due_in: float, now: float | None = None

@@ -104,6 +104,7 @@ _CLAIM = (
     )
 )
 _CLAIMED_ITEM = select(_i.item_json, _i.try_number).where(_HELD)
+_CLAIM_RETURNING = _CLAIM.returning(_i.item_json, _i.try_number)  # PostgreSQL
 _RENEW = update(pf_items).where(_HELD).values(lease_expires_at=_EXPIRES)
 # The holder keeps its token on the row (the proof a lost COMMIT's retry looks for).
 _FINISH = (
@@ -121,6 +122,11 @@ _COUNT = (
     .where(_JOIN)
     .values(done=_j.done + 1, ready_at=case((_j.done + 1 >= _j.total, NOW), else_=_j.ready_at))
 )
+# PostgreSQL: the result and its count in one statement, so that a batch that also
+# carries its COMMIT (``pipeline.run_reading(commit=True)``) counts only an item this very
+# statement finished: a holder that lost its claim writes nothing at all.
+_FINISHED_NOW = _FINISH.returning(_i.idx).cte("finished_now")
+_FINISH_AND_COUNT = _COUNT.where(select(_FINISHED_NOW.c.idx).exists())
 _COMPLETE = (
     select(_j.run_id).where(_j.run_id == _s.run_id, _j.step == _s.step, _j.done >= _j.total)
 ).exists()
@@ -236,6 +242,18 @@ def claim(
     on, for the node the ledger recorded) and read its value and try: one batch, one
     round trip on PostgreSQL. ``(claimed, run, (item_json, try_number))``."""
     params = c.params(b_node_id=node_id, b_task_id=c.task_id, now=now, lease_s=lease_s)
+    if conn.dialect.name == "postgresql":
+        # Two statements, each its own transaction, one round trip: the claim reads its
+        # item back (RETURNING), and the guard read before it only informs the caller
+        # (the claim's UPDATE checks the run itself), so nothing needs them atomic.
+        ops = [
+            runs.guard_op(c.run_id),
+            Op(_CLAIM_RETURNING, params, must_hit_one=True, returns_rows=True),
+        ]
+        claimed, rows = pipeline.run_reading(conn, ops, autocommit=True)
+        item = rows[1][0] if claimed and rows[1] else None
+        run = runs.guard_row(rows[0])
+        return claimed, run, (str(item[0]), int(item[1])) if item is not None else None
     ops = [
         runs.guard_op(c.run_id),
         Op(_CLAIM, params, must_hit_one=True),
@@ -266,6 +284,18 @@ def commit(
     params = c.params(b_status="done", b_result=result_json, b_error=error_json)
     step = {"b_run_id": c.run_id, "b_step": c.step}
     join = {**step, "now": now, "lease_s": lease_s}
+    if conn.dialect.name == "postgresql":
+        # One batch with its COMMIT: the join row's lock, which every item of the step
+        # waits for, is held for no client round trip (the COMMIT came in a round trip of
+        # its own, after the batch's results: a thread of a busy worker then held the
+        # lock for its round trip and its wait for the GIL, and the items queued on it).
+        ops = [
+            Op(_FINISH_AND_COUNT, {**params, **join}, must_hit_one=True),
+            Op(REQUEUE_JOIN_STEP, join),
+            Op(_JOIN_STATE, step),
+        ]
+        committed, rows = pipeline.run_reading(conn, ops, commit=True)
+        return committed, _state(rows[2]) if committed else None
     ops = [
         Op(_FINISH, params, must_hit_one=True),
         Op(_COUNT, join, must_hit_one=True),

@@ -27,6 +27,9 @@ from sqlalchemy.sql.expression import Executable
 #: The driver connection whose transaction's BEGIN the next batch must send (set by
 #: ``txn.run(..., batched=True)`` on PostgreSQL, which put it in autocommit for that).
 BEGIN_OWED: ContextVar[Any] = ContextVar("pocoflow_begin_owed", default=None)
+#: Set once a batch went out with its transaction's COMMIT (``run_reading(commit=True)``):
+#: a connection lost from then on leaves the outcome unknown (``txn.run``).
+COMMIT_SENT: ContextVar[bool] = ContextVar("pocoflow_commit_sent", default=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,8 @@ class Op:
     stmt: Executable
     params: Mapping[str, Any] | Sequence[Mapping[str, Any]]
     must_hit_one: bool = False
+    #: A write with RETURNING whose rows ``run_reading`` returns, as a SELECT's.
+    returns_rows: bool = False
 
 
 def run(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...] = ()) -> bool:
@@ -46,14 +51,24 @@ def run(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...] = ()) ->
     return _sqlite_direct(conn, ops, [])
 
 
-def run_reading(conn: Connection, ops: Sequence[Op]) -> tuple[bool, list[list[tuple[Any, ...]]]]:
+def run_reading(
+    conn: Connection, ops: Sequence[Op], *, commit: bool = False, autocommit: bool = False
+) -> tuple[bool, list[list[tuple[Any, ...]]]]:
     """``run``, also returning the rows (tuples, in the SELECT's column order) of each
     SELECT in ``ops``: ``[]`` for the other statements, and for those a missed guard left
     unrun on SQLite. Every op must have parameters (an empty executemany is skipped and
-    would shift the list)."""
+    would shift the list).
+
+    ``commit``: on PostgreSQL, a batch that opened its transaction (``BEGIN_OWED``) also
+    sends its COMMIT, in the same round trip: the transaction's row locks are then held
+    for no client round trip at all. Only for a batch whose writes may commit whatever its
+    guards say (e.g. each write is its own guard: a miss wrote nothing); the caller's own
+    COMMIT then finds no transaction and costs nothing. ``autocommit``: on PostgreSQL,
+    no BEGIN nor COMMIT at all, each statement its own transaction: for a batch whose
+    statements need not be atomic together."""
     rows: list[list[tuple[Any, ...]]] = []
     if conn.dialect.name == "postgresql":
-        ok = _pipelined(conn, ops, (), rows)
+        ok = _pipelined(conn, ops, (), rows, commit=commit, autocommit=autocommit)
     else:
         ok = _sqlite_direct(conn, ops, rows)
     rows += [[] for _ in range(len(ops) - len(rows))]
@@ -83,7 +98,7 @@ def _sqlite_direct(conn: Connection, ops: Sequence[Op], out: list[list[tuple[Any
                 cur.execute(sql, plan.positional(rows[0]))
                 if op.must_hit_one and cur.rowcount != 1:
                     return False
-            out.append(_rows_of(cur) if plan.select else [])
+            out.append(_rows_of(cur) if plan.select or op.returns_rows else [])
     except sqlite3.Error as exc:
         raise DBAPIError.instance(sql, None, exc, sqlite3.Error) from exc
     return True
@@ -151,6 +166,9 @@ def _pipelined(
     ops: Sequence[Op],
     conflicts: tuple[str, ...],
     out: list[list[tuple[Any, ...]]],
+    *,
+    commit: bool = False,
+    autocommit: bool = False,
 ) -> bool:
     import psycopg
 
@@ -159,6 +177,9 @@ def _pipelined(
     results: list[tuple[psycopg.Cursor[Any], bool, bool]] = []
     sql = ""
     begin = BEGIN_OWED.get() is raw and raw.pgconn.transaction_status == _PG_IDLE
+    if begin and autocommit:  # the driver connection is in autocommit (``BEGIN_OWED``)
+        begin = False
+        COMMIT_SENT.set(True)  # each statement commits as it runs
     try:
         with raw.pipeline():
             if begin:
@@ -170,12 +191,21 @@ def _pipelined(
                     cur.executemany(sql, [plan.params(r) for r in rows])
                 else:
                     cur.execute(sql, plan.params(rows[0]))
-                results.append((cur, op.must_hit_one, plan.select))
+                results.append((cur, op.must_hit_one, plan.select or op.returns_rows))
+            if commit and begin:  # this batch opened the transaction: it closes it too
+                sql = "COMMIT"
+                COMMIT_SENT.set(True)
+                raw.execute("COMMIT")
     except psycopg.errors.UniqueViolation as exc:
         if exc.diag.constraint_name in conflicts:
             return False
         raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
     except psycopg.Error as exc:
-        raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
-    out.extend(_rows_of(cur) if select else [] for cur, _, select in results)
+        # A connection the server dropped: ``txn.run`` retries once on a fresh one (and,
+        # with the COMMIT sent, asks the call's ``confirm`` whether it landed).
+        lost = bool(getattr(raw, "broken", False)) or raw.closed
+        raise DBAPIError.instance(
+            sql, None, exc, psycopg.Error, connection_invalidated=lost
+        ) from exc
+    out.extend(_rows_of(cur) if rows else [] for cur, _, rows in results)
     return all(cur.rowcount == 1 for cur, guarded, _ in results if guarded)

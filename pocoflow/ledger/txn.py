@@ -79,6 +79,7 @@ def run(
     run_id: str | None = None,
     confirm: Callable[[Connection, T], T] | None = None,
     batched: bool = False,
+    grouped: bool = False,
 ) -> T:
     """Run ``fn(conn)`` in one transaction, committed if it returns, rolled back if it raises.
 
@@ -94,6 +95,12 @@ def run(
     (``engine``), so the BEGIN here is what makes the calls inside one transaction.
     Reads on PostgreSQL run in autocommit (``LedgerEngine.reader``). ``what`` and
     ``run_id`` only name the operation in a lock error.
+
+    ``grouped`` (with ``batched``): on SQLite, ``fn`` may share its transaction with the
+    grouped calls of other threads of this process that wait for the write lock at the
+    same moment, each in a savepoint of its own (``_run_grouped``): what every map item's
+    claim and commit does. The same outcome for each call as alone; one BEGIN, COMMIT
+    and lock hand-over for all of them.
 
     ``confirm(conn, result)`` runs (in a read after the retry) only when a try lost
     its connection during COMMIT: ``result`` is what the retry returned (or its ``Abort``
@@ -118,8 +125,12 @@ def run(
     while True:
         tries += 1
         committing = False
+        pipeline.COMMIT_SENT.set(False)
         try:
-            if raw_sqlite:
+            if raw_sqlite and grouped:
+                assert begin is not None
+                result = _run_grouped(ledger, engine, begin, fn)
+            elif raw_sqlite:
                 assert begin is not None
                 with queue:
                     result = _on_raw_sqlite(engine, begin, fn)
@@ -146,7 +157,7 @@ def run(
         except Exception as exc:
             if isinstance(exc, DBAPIError) and exc.connection_invalidated and not reconnected:
                 reconnected = True
-                unknown = committing
+                unknown = committing or pipeline.COMMIT_SENT.get()
                 if unknown:
                     _log.warning(
                         "Ledger %s: connection lost during COMMIT while %s%s; the outcome is "
@@ -213,6 +224,90 @@ def _on_raw_sqlite(engine: Engine, begin: str, fn: Callable[[Connection], T]) ->
         raise DBAPIError.instance(begin, None, exc, sqlite3.Error) from exc
     finally:
         pooled.close()
+
+
+#: At most this many grouped calls share one SQLite transaction.
+MAX_GROUP = 32
+
+
+class _Unit:
+    """One grouped call: its body, then its result or the exception it raised."""
+
+    __slots__ = ("done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[[Connection], Any]) -> None:
+        self.fn = fn
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+def _run_grouped(
+    ledger: LedgerEngine, engine: Engine, begin: str, fn: Callable[[Connection], T]
+) -> T:
+    """``fn`` on SQLite, in one transaction with the grouped calls that queued meanwhile.
+
+    Because on a threads-pool worker each map item's claim and commit was a transaction
+    of its own, and the BEGIN, COMMIT and the hand-over of the write lock (the process's
+    ``writers`` queue, then SQLite's file lock between processes) cost more than its
+    statements. Flat combining: the call joins ``ledger.grouped`` and waits for the write
+    lock; whoever gets the lock runs every queued call (up to ``MAX_GROUP``), its own
+    among them, in one transaction, and a call found done when its thread gets the lock
+    just returns. Each call runs in a savepoint of its own, so one whose compare-and-set
+    missed (``Abort``) or that failed rolls back alone and the others commit; a BEGIN or
+    COMMIT that fails fails each call, which retries alone (``run``)."""
+    unit = _Unit(fn)
+    ledger.grouped.append(unit)
+    with ledger.writers:
+        while not unit.done:
+            units: list[_Unit] = []
+            while ledger.grouped and len(units) < MAX_GROUP:
+                units.append(ledger.grouped.popleft())
+            _run_units(engine, begin, units)
+    if unit.error is not None:
+        raise unit.error
+    return unit.result  # type: ignore[no-any-return]
+
+
+def _run_units(engine: Engine, begin: str, units: list[_Unit]) -> None:
+    """Run ``units`` in one transaction (``_run_grouped``); each one ends done."""
+    if len(units) == 1:  # alone: the plain transaction, no savepoint
+        (unit,) = units
+        try:
+            unit.result = _on_raw_sqlite(engine, begin, unit.fn)
+        except BaseException as exc:
+            unit.error = exc
+        unit.done = True
+        return
+    pooled = engine.raw_connection()
+    raw = pooled.driver_connection
+    conn = _RawSqlite(pooled, engine.dialect)
+    sql = begin
+    try:
+        raw.execute(begin)  # type: ignore[union-attr]
+        for unit in units:
+            raw.execute("SAVEPOINT pf_unit")  # type: ignore[union-attr]
+            try:
+                unit.result = unit.fn(conn)  # type: ignore[arg-type]
+            except Exception as exc:  # Abort too: this call's writes only are undone
+                unit.error = exc
+                raw.execute("ROLLBACK TO pf_unit")  # type: ignore[union-attr]
+            raw.execute("RELEASE pf_unit")  # type: ignore[union-attr]
+        sql = "COMMIT"
+        raw.commit()  # type: ignore[union-attr]
+    except BaseException as exc:
+        if raw.in_transaction:  # type: ignore[union-attr]
+            raw.rollback()  # type: ignore[union-attr]
+        error: BaseException = exc
+        if isinstance(exc, sqlite3.Error):
+            error = DBAPIError.instance(sql, None, exc, sqlite3.Error)
+        for unit in units:
+            if unit.error is None or not isinstance(unit.error, Abort):
+                unit.error = error  # nothing of it committed: it retries alone
+    finally:
+        pooled.close()
+        for unit in units:
+            unit.done = True
 
 
 @contextmanager

@@ -289,6 +289,37 @@ def map_crash_before_join() -> Flow:
     return _map_flow(Square())
 
 
+def _crash_mid_batch_publish() -> None:
+    """Workers of ``map_crash_mid_publish`` die (SIGKILL) in the middle of publishing the
+    fan-out's item messages, right after the second batch reached the broker (the first
+    two batches out, perhaps unmarked, the rest never sent): once per run."""
+    import signal
+    import tempfile
+
+    from pocoflow.distributed import publish
+
+    publish_batch = publish.Publisher._publish_batch
+
+    def crashing(self: Any, messages: Any, queue: Any, countdown: Any) -> Any:
+        keys = publish_batch(self, messages, queue, countdown)
+        first = messages[0]
+        marker = Path(tempfile.gettempdir()) / f"pocoflow-batch-crash-{first.run_id}"
+        if first.flow == "map_crash_mid_publish" and first.idx > 0 and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return keys
+
+    publish.Publisher._publish_batch = crashing  # type: ignore[method-assign]
+
+
+_crash_mid_batch_publish()
+
+
+@flow("map_crash_mid_publish")
+def map_crash_mid_publish() -> Flow:
+    return _map_flow(Square())
+
+
 class ApprovedMap(Square):
     """A human approves the fan-out (in prep) and the result (in post)."""
 
