@@ -406,6 +406,7 @@ class Flow(Node):
                     usage_sink=recorder.usage,
                     signals=signals,
                     limit_gate=gate,
+                    item_log=recorder.item_log(step, current) if record else None,
                 )
             except RunCancelled:
                 return self._cancelled(recorder, control, step, store, current.name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pocoflow.ledger import itemrecovery, items, pipeline, steps, txn
+from pocoflow.ledger import itemrecovery, items, localitems, pipeline, steps, txn
 from pocoflow.ledger.client import LedgerClient
 from pocoflow.ledger.items import ItemClaim
 
@@ -184,6 +184,35 @@ class ItemQueue(LedgerClient):
         return self._write(
             lambda conn: items.reopen(conn, run_id, step, attempt, holder, worker, now),
             f"re-opening the items of step {step}",
+            run_id,
+        )
+
+    # ── a local run's map steps (``localitems``) ─────────────────────────────
+
+    def keep_items(self, run_id: str, step: int, rows: Sequence[tuple[int, str, str]]) -> None:
+        """Finished items of a local map step, ``(idx, item codec text, result codec
+        text)``, each kept once as a ``done`` row, in one transaction."""
+        if not rows:
+            return
+        op = localitems.keep_op(self._dialect, run_id, step, rows)
+        self._write(
+            lambda conn: pipeline.run(conn, [op]),
+            f"keeping {len(rows)} finished items of step {step}",
+            run_id,
+            batched=True,
+        )
+
+    def kept_items(self, run_id: str, step: int) -> list[dict[str, Any]]:
+        """A local map step's kept items, in item order: ``idx``, ``item_json`` and
+        ``result_json`` of each row that has a result."""
+        rows = self.get_items(run_id, step, values_only=True)
+        return [r for r in rows if r["result_json"] is not None and r["error_json"] is None]
+
+    def drop_items(self, run_id: str, step: int, idxs: Sequence[int]) -> int:
+        """Forget kept items of a local map step (their item changed); how many went."""
+        return self._write(
+            lambda conn: localitems.drop(conn, run_id, step, idxs),
+            f"dropping {len(idxs)} kept items of step {step}",
             run_id,
         )
 
