@@ -20,6 +20,7 @@ from pocoflow.graph import Graph
 from pocoflow.hooks import RUN_CANCELLED, RUN_RESUMED, Hooks
 from pocoflow.limits import LimitGate, current_limiter
 from pocoflow.logging import get_logger
+from pocoflow.mapnode import MapNode
 from pocoflow.node import Node
 from pocoflow.recorder import RunRecorder, open_ledger
 from pocoflow.runner import RunControl, RunHandle
@@ -394,6 +395,8 @@ class Flow(Node):
                 )
                 recorder.ended_early(step, "failed", "node_error", message)
                 raise RuntimeError(message)
+            if record and isinstance(current, MapNode):
+                current._item_log = recorder.item_log(step, current.name)
             try:
                 done = run_step(
                     current,
@@ -406,7 +409,6 @@ class Flow(Node):
                     usage_sink=recorder.usage,
                     signals=signals,
                     limit_gate=gate,
-                    item_log=recorder.item_log(step, current) if record else None,
                 )
             except RunCancelled:
                 return self._cancelled(recorder, control, step, store, current.name)

@@ -60,6 +60,9 @@ class ItemLog:
         self._error: BaseException | None = None
         self._warned = False
 
+    def belongs_to(self, run_id: str | None, step: int | None) -> bool:
+        return run_id == self.run_id and step == self.step
+
     def open(self, items: Sequence[Any]) -> dict[int, Any]:
         """The results an earlier attempt of this step kept for these items, by index (an
         item whose value changed since is dropped, and runs again); then start the

@@ -105,6 +105,9 @@ class MapNode(Node):
 
     max_parallel: int = 8
     on_item_error: str = "raise"
+    #: Set by a local run with a ledger before this node's step (``Flow``): keeps each
+    #: finished item, so a resume of the step runs only the others (``pocoflow.itemlog``).
+    _item_log: ItemLog | None = None
 
     # ── what executors call ───────────────────────────────────────────────────
 
@@ -146,8 +149,10 @@ class MapNode(Node):
     def map_items(self, items: Sequence[Any]) -> list[Any]:
         """Every item's result (or collected exception), in item order. With an item log,
         items it kept from an earlier attempt of the step do not run again."""
-        log = self._item_log  # this step's, even if another run of the node sets its own
-        if log is None:
+        # Taken once, and only for this run and step: a log left by a step that never
+        # reached its items (prep failed) is no other step's.
+        log, self._item_log = self._item_log, None
+        if log is None or not log.belongs_to(self.run_id, self.step):
             return self._map(items, None)
         log.open(items)
         try:

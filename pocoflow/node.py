@@ -23,7 +23,6 @@ from pocoflow.logging import get_logger
 from pocoflow.waiting import SignalReader, WaitingFor, check_key, check_timeout
 
 if TYPE_CHECKING:
-    from pocoflow.itemlog import ItemLog
     from pocoflow.limits import LimitGate
 
 _log = get_logger("node")
@@ -86,9 +85,6 @@ class Node:
     _signals: SignalReader | None = None
     #: Set by ``run_step`` for a node with limits: every exec try passes through it.
     _limit_gate: LimitGate | None = None
-    #: Set by ``run_step`` on a MapNode of a local run with a ledger: keeps each finished
-    #: item, so a resume of the step runs only the others (``pocoflow.itemlog``).
-    _item_log: ItemLog | None = None
 
     def __init__(self, *, name: str | None = None) -> None:
         self._successors: dict[str, Node] = {}

@@ -15,7 +15,6 @@ from pocoflow.delta import StoreTracker
 from pocoflow.errors import RunSetupError, StepConflict
 from pocoflow.hooks import FLOW_END, FLOW_START, RUN_PAUSED, RUN_RESUMED
 from pocoflow.itemlog import ItemLog
-from pocoflow.mapnode import MapNode
 from pocoflow.step import utc_now
 from pocoflow.store import Store
 from pocoflow.usage import BUDGET_EXCEEDED, Budget, LedgerSink, MemorySink, UsageSink
@@ -23,7 +22,6 @@ from pocoflow.waiting import Signal, SignalReader, WaitingFor
 
 if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
-    from pocoflow.node import Node
 
 _UNREAD = object()
 
@@ -159,12 +157,11 @@ class RunRecorder:
             return control  # type: ignore[return-value]
         return self.db.get_control(self.run_id) if self.db is not None else None
 
-    def item_log(self, step: int, node: Node) -> ItemLog | None:
-        """Where a MapNode's finished items of ``step`` are kept (a resume of the step
-        runs only the others); None for another node, or without a ledger."""
-        if self.db is None or not isinstance(node, MapNode):
-            return None
-        return ItemLog(self.db, self.run_id, step, node.name)
+    def item_log(self, step: int, node_name: str) -> ItemLog:
+        """Where the MapNode of ``step`` keeps its finished items (a resume of the step
+        runs only the others)."""
+        assert self.db is not None
+        return ItemLog(self.db, self.run_id, step, node_name)
 
     def signal_reader(self) -> SignalReader | None:
         """What ``Node.wait_for`` reads in this run: its signals in the ledger (None

@@ -12,16 +12,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pocoflow.hooks import NODE_END, NODE_ERROR, NODE_START, Hooks
 from pocoflow.limits import LimitGate, LimitWait
 from pocoflow.node import Node
 from pocoflow.usage import UsageSink, recording
 from pocoflow.waiting import SignalReader
-
-if TYPE_CHECKING:
-    from pocoflow.itemlog import ItemLog
 
 #: What a node's prep/exec/post may raise that fails its step: its exceptions, and
 #: ``asyncio.CancelledError`` (a ``BaseException`` an async exec raises when its own
@@ -88,7 +85,6 @@ def run_step(
     usage_sink: UsageSink | None = None,
     signals: SignalReader | None = None,
     limit_gate: LimitGate | None = None,
-    item_log: ItemLog | None = None,
 ) -> StepRun:
     """Run ``node`` once against ``store``; hooks fire here, in whatever process runs it.
 
@@ -107,10 +103,6 @@ def run_step(
     raises ``LimitWait`` out of here (nothing ran, no try was spent). The inner nodes of
     a sub-flow wait in place instead: sending the outer step again would re-run the
     inner nodes before them.
-
-    ``item_log`` keeps the finished items of a MapNode step (a local run with a ledger),
-    so a resume runs only the others; every other step, an inner node's included, runs
-    without one.
     """
     if node._is_flow:
         # A sub-flow keeps its own configured run_id; its inner steps get the outer run's.
@@ -124,8 +116,6 @@ def run_step(
             node._limit_gate = (
                 limit_gate if limit_gate is not None and limit_gate.applies(node) else None
             )
-        if item_log is not None or node._item_log is not None:
-            node._item_log = item_log
     name = node.name
     events: list[dict[str, Any]] = []
     if record:
