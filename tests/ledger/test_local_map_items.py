@@ -296,3 +296,14 @@ def test_kept_items_skips_rows_without_a_result(run_db: WorkflowDB) -> None:
 def test_keep_items_for_an_unknown_run_names_it(db: WorkflowDB) -> None:
     with pytest.raises(KeyError, match="nope"):
         db.keep_items("nope", 0, [(0, "1", "2")])
+
+
+def test_a_log_left_by_a_step_whose_prep_failed_serves_no_other_run(ledger_url: str) -> None:
+    node = Flaky(fail_times={}, items="not a list")  # type: ignore[arg-type]
+    flow = _flow(ledger_url, node)
+    with pytest.raises(TypeError, match="must return a list"):
+        flow.run({})
+    node.items = list(range(6))
+    assert _flow(None, node).run({})["squares"] == [0, 1, 4, 9, 16, 25]  # no ledger
+    assert WorkflowDB(ledger_url).get_items(flow.last_run_id, 0) == []  # type: ignore[arg-type]
+    assert node._item_log is None
