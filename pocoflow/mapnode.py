@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
-from pocoflow import usage
+from pocoflow import itemlog, usage
 from pocoflow.limits import LimitWait
 from pocoflow.node import AsyncNode, Node, run_coroutine
 from pocoflow.step import RunCancelled
@@ -105,9 +105,6 @@ class MapNode(Node):
 
     max_parallel: int = 8
     on_item_error: str = "raise"
-    #: Set by a local run with a ledger before this node's step (``Flow``): keeps each
-    #: finished item, so a resume of the step runs only the others (``pocoflow.itemlog``).
-    _item_log: ItemLog | None = None
 
     # ── what executors call ───────────────────────────────────────────────────
 
@@ -149,19 +146,14 @@ class MapNode(Node):
     def map_items(self, items: Sequence[Any]) -> list[Any]:
         """Every item's result (or collected exception), in item order. With an item log,
         items it kept from an earlier attempt of the step do not run again."""
-        # Taken once, and only for this run and step: a log left by a step that never
-        # reached its items (prep failed) is no other step's.
-        log, self._item_log = self._item_log, None
-        if log is None or not log.belongs_to(self.run_id, self.step):
+        log = itemlog.take(self)  # this step's, set by a local run with a ledger
+        if log is None:
             return self._map(items, None)
         log.open(items)
         try:
-            results = self._map(items, log)
-        except BaseException:
-            log.close(failing=True)  # what finished is kept all the same
-            raise
-        log.close()
-        return results
+            return self._map(items, log)
+        finally:
+            log.close()  # what finished is kept, also when the map fails
 
     def _map(self, items: Sequence[Any], log: ItemLog | None) -> list[Any]:
         if isinstance(self, AsyncNode):
@@ -181,23 +173,36 @@ class MapNode(Node):
         gate = asyncio.Semaphore(self.max_parallel)
         node = self
         kept = log.kept if log is not None else {}
+        stop: list[BaseException] = []  # as threads: the first fatal failure stops new starts
 
         async def one(index: int, item: Any) -> Any:
             if index in kept:
                 return kept[index]
             async with gate:
+                if stop:
+                    return None
                 if node.cancelled():
-                    raise RunCancelled(f"MapNode {node.name!r} cancelled before item {index}")
+                    stop.append(
+                        RunCancelled(f"MapNode {node.name!r} cancelled before item {index}")
+                    )
+                    return None
                 try:
                     with usage.for_item(node, index):
                         result = await _exec_async_with_retries(node, item)
                 except Exception as exc:
-                    return node.item_outcome(index, exc)
+                    try:
+                        return node.item_outcome(index, exc)
+                    except Exception as fatal:  # the running items end, and are kept
+                        stop.append(fatal)
+                        return None
                 if log is not None:
                     log.keep(index, result)
                 return result
 
-        return list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
+        results = list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
+        if stop:
+            raise stop[0]
+        return results
 
 
 def _map_threads(

@@ -190,8 +190,8 @@ class ItemQueue(LedgerClient):
     # ── a local run's map steps (``localitems``) ─────────────────────────────
 
     def keep_items(self, run_id: str, step: int, rows: Sequence[tuple[int, str, str]]) -> None:
-        """Finished items of a local map step, ``(idx, item codec text, result codec
-        text)``, each kept once as a ``done`` row, in one transaction."""
+        """Finished items of a local map step, ``(idx, item digest, result codec text)``,
+        in one transaction; a row of another item at the same index is replaced."""
         if not rows:
             return
         op = localitems.keep_op(self._dialect, run_id, step, rows)
@@ -208,11 +208,12 @@ class ItemQueue(LedgerClient):
         rows = self.get_items(run_id, step, values_only=True)
         return [r for r in rows if r["result_json"] is not None and r["error_json"] is None]
 
-    def drop_items(self, run_id: str, step: int, idxs: Sequence[int]) -> int:
-        """Forget kept items of a local map step (their item changed); how many went."""
+    def drop_items_from(self, run_id: str, step: int, first_idx: int) -> int:
+        """Forget the kept items of a local map step from ``first_idx`` on (its list got
+        shorter); how many went."""
         return self._write(
-            lambda conn: localitems.drop(conn, run_id, step, idxs),
-            f"dropping {len(idxs)} kept items of step {step}",
+            lambda conn: localitems.drop_from(conn, run_id, step, first_idx),
+            f"dropping kept items of step {step} from index {first_idx}",
             run_id,
         )
 
