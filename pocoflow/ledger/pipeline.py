@@ -176,6 +176,20 @@ def _pipelined(
             return False
         raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
     except psycopg.Error as exc:
-        raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
+        raise _driver_error(conn, raw, sql, exc) from exc
     out.extend(_rows_of(cur) if select else [] for cur, _, select in results)
     return all(cur.rowcount == 1 for cur, guarded, _ in results if guarded)
+
+
+def _driver_error(conn: Connection, raw: Any, sql: str, exc: Any) -> Exception:
+    """SQLAlchemy's error for a driver error of a batch. A connection the server dropped
+    (``pg_terminate_backend``, a restart, while it idled in the pool) is invalidated and
+    the error flagged ``connection_invalidated``, as SQLAlchemy flags one on its own
+    execute path: a batch never carries the COMMIT, so ``txn.run`` knows the write did
+    not land and retries it once on a fresh connection."""
+    import psycopg
+
+    lost = bool(conn.dialect.is_disconnect(exc, raw, None))
+    if lost:
+        conn.invalidate()
+    return DBAPIError.instance(sql, None, exc, psycopg.Error, connection_invalidated=lost)
