@@ -7,6 +7,12 @@ do not count; the overhead is the ledger's per-item time minus the reference's.
 Beside it, the same with one transaction per item (``MAX_BATCH = 1``): what the
 writer's batching saves.
 
+The per-item figure leaves out what a map step pays once (the 0-item run is subtracted),
+so a second figure times that: a fresh run of ``STEPS`` map steps of 2 items each (one
+node looping on itself), with a ledger, items kept against items not kept (the item log
+switched off, in the same run): the cost per step of keeping a small map's items (one
+more transaction and the writer thread; a fresh run's steps read nothing).
+
 Target: the kept item adds at most 50 us per item on SQLite and 100 us on PostgreSQL
 (an item stands for an LLM call of 0.5 s or more).
 
@@ -27,8 +33,10 @@ sys.path.insert(0, ".")
 
 from bench.common import report
 from pocoflow import Flow, MapNode, itemlog
+from pocoflow.recorder import RunRecorder
 
 ITEMS = 2000
+STEPS = 200
 TARGET_SQLITE_US = 50.0
 TARGET_POSTGRES_US = 100.0
 
@@ -45,6 +53,45 @@ class Double(MapNode):
     def post(self, store: Any, items: list[Any], results: list[Any]) -> str:
         store["total"] = sum(results)
         return "default"
+
+
+class Loop(MapNode):
+    """Two items a step; loops on itself ``store["steps"]`` times."""
+
+    def prep(self, store: Any) -> list[int]:
+        return [store["n"], store["n"] + 1]
+
+    def exec(self, item: int) -> int:
+        return item
+
+    def post(self, store: Any, items: list[Any], results: list[Any]) -> str | None:
+        store["n"] += 1
+        return "again" if store["n"] < store["steps"] else None
+
+
+def _loop_s(db_url: str, steps: int) -> float:
+    node = Loop()
+    node.then("again", node)
+    flow = Flow(start=node, db_path=db_url, flow_name="local_map_loop", max_steps=steps + 1)
+    started = time.perf_counter()
+    flow.run({"n": 0, "steps": steps})
+    return time.perf_counter() - started
+
+
+def per_step_us(db_url: str, steps: int, runs: int) -> tuple[float, float]:
+    """Median per-step time of a fresh ``steps``-step loop of 2-item maps: (items kept,
+    item log switched off), the two alternating in the same run."""
+    real = RunRecorder.item_log
+    kept, plain = [], []
+    _loop_s(db_url, steps)  # warm
+    for _ in range(runs):
+        kept.append(_loop_s(db_url, steps) / steps * 1e6)
+        RunRecorder.item_log = lambda *args, **kwargs: None  # type: ignore[assignment, method-assign, return-value]
+        try:
+            plain.append(_loop_s(db_url, steps) / steps * 1e6)
+        finally:
+            RunRecorder.item_log = real  # type: ignore[method-assign]
+    return statistics.median(kept), statistics.median(plain)
 
 
 def _run_s(db_url: str | None, n: int) -> float:
@@ -76,6 +123,14 @@ def _section(label: str, db_url: str, items: int, runs: int, target_us: float) -
     kept = per_item_us(db_url, items, runs)
     single = _one_per_transaction(db_url, items, runs)
     overhead = kept - plain
+    step_kept, step_plain = per_step_us(db_url, STEPS, runs)
+    report(
+        f"{label}: per map step of 2 items, items kept",
+        step_kept,
+        "us",
+        f"info: items not kept {step_plain:.0f} us/step, x{step_kept / step_plain:.2f}",
+        None,
+    )
     ok = report(
         f"{label}: per-item overhead, items kept",
         overhead,
