@@ -585,3 +585,37 @@ def test_a_map_step_run_again_after_a_wait_runs_no_kept_item_again(
     assert store["ok"] == "yes" and store["squares"] == [0, 1, 4, 9, 16, 25]
     assert sorted(node.tries) == list(range(6))  # each item once
     assert counted.reads == [0]  # the step's second try only
+
+
+def test_a_map_cancelled_mid_way_keeps_what_finished_and_the_resume_runs_the_rest(
+    ledger_url: str,
+) -> None:
+    """``handle.cancel()`` while item 2 runs (one at a time): item 2 ends and is kept,
+    items 3.. never start; the resume runs only them."""
+    import threading
+
+    handles: list[Any] = []
+    cancelled = threading.Event()
+
+    class Cancelling(Flaky):
+        max_parallel = 1
+
+        def exec(self, item: int) -> Any:
+            if item == 2 and not cancelled.is_set():
+                wait_until(lambda: handles, 30)[0].cancel()
+                cancelled.set()
+            return super().exec(item)
+
+    node = Cancelling(fail_times={})
+    flow = _flow(ledger_url, node)
+    handle = flow.run_background({})
+    handles.append(handle)
+    handle.wait(60)  # a cancelled run ends with the Store it had
+    db = WorkflowDB(ledger_url)
+    assert db.get_run(handle.run_id)["status"] == "cancelled"
+    assert node.tries == [0, 1, 2]
+    assert _kept(ledger_url, handle.run_id) == [0, 1, 2]
+    node.tries = []
+    store = flow.resume(handle.run_id)
+    assert node.tries == [3, 4, 5]
+    assert store["squares"] == [0, 1, 4, 9, 16, 25]
