@@ -77,6 +77,12 @@ def digest(text: str) -> str:
 
 
 Row = tuple[int, str, str]  # (idx, item digest, result codec text)
+_KEY = "item"  # what the codec's messages name; cut off again by ``_why``
+
+
+def _why(exc: BaseException) -> str:
+    """A codec error's reason without the "Store key" it names: an item is no Store key."""
+    return str(exc).removeprefix(f"Store key {_KEY!r}: ")
 
 
 class ItemLog:
@@ -183,9 +189,9 @@ class ItemLog:
         kept: dict[int, Any] = {}
         for idx, row in sorted(chosen.items()):
             try:
-                kept[idx] = codec.decode(row["result_json"], key=f"item {idx} result")
+                kept[idx] = codec.decode(row["result_json"], key=_KEY)
             except Exception as exc:  # e.g. its type is not registered any more
-                self._warn(idx, f"its kept result cannot be read: {exc}")
+                self._warn(idx, f"its kept result cannot be read back: {_why(exc)}")
                 continue
             if row["idx"] != idx:
                 self._put((idx, row["item_json"], row["result_json"]))
@@ -254,9 +260,9 @@ class ItemLog:
 
     def _encode(self, idx: int, value: Any, what: str) -> str | None:
         try:
-            return codec.encode(value, key=f"item {idx}")
+            return codec.encode(value, key=_KEY)
         except Exception as exc:  # CodecError, or a model's own dump failing
-            self._warn(idx, f"the codec cannot carry {what}: {exc}")
+            self._warn(idx, f"the codec cannot carry {what}: {_why(exc)}")
             return None
 
     def _warn(self, idx: int, why: str) -> None:

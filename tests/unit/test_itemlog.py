@@ -172,4 +172,17 @@ def test_an_item_or_result_the_codec_cannot_carry_is_not_kept_and_said_once(
     assert db.batches == [[2]]
     warnings = [r for r in caplog.records if "is not kept in the ledger" in r.getMessage()]
     assert len(warnings) == 1 and "item 0" in warnings[0].getMessage()
-    assert "the codec cannot carry the item" in warnings[0].getMessage()
+    message = warnings[0].getMessage()
+    assert "the codec cannot carry the item: cannot checkpoint value of type object" in message
+    assert "Store key" not in message  # an item is no Store key
+
+
+def test_a_kept_result_that_cannot_be_read_back_is_said_and_runs_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = _log(FakeLedger([_row(0, "a", "{not json")]))
+    with caplog.at_level(logging.WARNING, logger="pocoflow"):
+        assert log.open(["a"]) == {}
+    assert "item 0 is not kept in the ledger" in caplog.text
+    assert "its kept result cannot be read back: checkpoint text is not JSON" in caplog.text
+    assert "Store key" not in caplog.text
