@@ -507,17 +507,19 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
         deleted, batches, after = 0, 0, ""
         while max_batches is None or batches < max_batches:
 
-            def listing(conn: Connection, after: str = after) -> list[str]:
-                return retention.candidates(conn, statuses, cutoff, after, batch)
+            def listing(conn: Connection, after: str = after) -> list[list[str]]:
+                ids = retention.candidates(conn, statuses, cutoff, after, batch)
+                return retention.by_item_rows(conn, ids)  # many map items: smaller ones
 
-            ids: list[str] = self._read(listing)
-            if not ids:
+            groups: list[list[str]] = self._read(listing)
+            if not groups:
                 break
-            after = ids[-1]
+            after = groups[-1][-1]
+            for ids in groups:
 
-            def deleting(conn: Connection, ids: list[str] = ids) -> int:
-                return retention.delete_runs(conn, dialect, ids, statuses, cutoff)
+                def deleting(conn: Connection, ids: list[str] = ids) -> int:
+                    return retention.delete_runs(conn, dialect, ids, statuses, cutoff)
 
-            deleted += self._write(deleting, f"pruning {len(ids)} runs", None)
+                deleted += self._write(deleting, f"pruning {len(ids)} runs", None)
             batches += 1
         return deleted

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
+from pocoflow import itemlog
 from pocoflow.errors import RunSetupError, StepConflict, UnknownRunError
 from pocoflow.graph import Graph
 from pocoflow.hooks import RUN_CANCELLED, RUN_RESUMED, Hooks
 from pocoflow.limits import LimitGate, current_limiter
 from pocoflow.logging import get_logger
+from pocoflow.mapnode import MapNode
 from pocoflow.node import Node
 from pocoflow.recorder import RunRecorder, open_ledger
 from pocoflow.runner import RunControl, RunHandle
@@ -327,7 +329,9 @@ class Flow(Node):
         if plan.node is None:
             recorder.empty_run_done()
             return plan.store
-        return self._loop(plan.graph, plan.node, plan.store, plan.step, recorder, control)
+        return self._loop(
+            plan.graph, plan.node, plan.store, plan.step, recorder, control, resumed=True
+        )
 
     def _loop(
         self,
@@ -337,6 +341,7 @@ class Flow(Node):
         step: int,
         recorder: RunRecorder,
         control: RunControl,
+        resumed: bool = False,
     ) -> Store:
         run_id = recorder.run_id
         record = recorder.db is not None
@@ -346,6 +351,7 @@ class Flow(Node):
         is_running = control._running.is_set
         signals = recorder.signal_reader()
         steps_run = 0
+        again = step if resumed else -1  # the step that may have run before
         # Local runs wait in place for their limits (this process's limiter).
         gate = LimitGate(current_limiter(), self.flow_name)
         while current is not None:
@@ -386,6 +392,12 @@ class Flow(Node):
                 )
                 recorder.ended_early(step, "failed", "node_error", message)
                 raise RuntimeError(message)
+            # A MapNode keeps its finished items; only a step that ran before (the first
+            # of a resume, one run again after a wait) reads what an earlier try kept.
+            log_token = None
+            if record and isinstance(current, MapNode):
+                log = recorder.item_log(step, current, may_have_kept=step == again)
+                log_token = itemlog.CURRENT.set(log)
             try:
                 done = run_step(
                     current,
@@ -416,11 +428,15 @@ class Flow(Node):
                     _log.warning("Run %s stopped running while %r waited", run_id, current.name)
                     return store
                 recorder.rewind(store, step)  # the node runs again from prep
+                again = step
                 continue  # the value came meanwhile; a cancel or pause is met at the top
             except StepError as error:
                 _log.error("Flow %r aborted at node %r: %s", self.flow_name, current.name, error)
                 recorder.failed(step, error.events, str(error.cause))
                 raise error.cause from None
+            finally:
+                if log_token is not None:
+                    itemlog.CURRENT.reset(log_token)
             following = current.next_node(done.action)
             if recorder.active:
                 try:

@@ -18,12 +18,15 @@ import json
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pocoflow import usage
+from pocoflow import itemlog, usage
 from pocoflow.limits import LimitWait
 from pocoflow.node import AsyncNode, Node, run_coroutine
 from pocoflow.step import RunCancelled
+
+if TYPE_CHECKING:
+    from pocoflow.itemlog import ItemLog
 
 #: ``on_item_error`` values: fail the node naming the item, or hand the exception to post.
 ITEM_ERROR_POLICIES = ("raise", "collect")
@@ -141,10 +144,21 @@ class MapNode(Node):
         return self.post(store, items, self.map_items(items))
 
     def map_items(self, items: Sequence[Any]) -> list[Any]:
-        """Every item's result (or collected exception), in item order."""
+        """Every item's result (or collected exception), in item order. With an item log,
+        items it kept from an earlier attempt of the step do not run again."""
+        log = itemlog.take(self)  # this step's, set by a local run with a ledger
+        if log is None:
+            return self._map(items, None)
+        log.open(items)
+        try:
+            return self._map(items, log)
+        finally:
+            log.close()  # what finished is kept, also when the map fails
+
+    def _map(self, items: Sequence[Any], log: ItemLog | None) -> list[Any]:
         if isinstance(self, AsyncNode):
-            return run_coroutine(self._map_async(items))
-        return _map_threads(self, items, self.max_parallel, self.cancelled)
+            return run_coroutine(self._map_async(items, log))
+        return _map_threads(self, items, self.max_parallel, self.cancelled, log)
 
     def run_item(self, index: int, item: Any) -> Any:
         """One item: ``exec`` under the retry policy; a spent item per ``on_item_error``."""
@@ -154,33 +168,59 @@ class MapNode(Node):
         except Exception as exc:
             return self.item_outcome(index, exc)
 
-    async def _map_async(self, items: Sequence[Any]) -> list[Any]:
+    async def _map_async(self, items: Sequence[Any], log: ItemLog | None) -> list[Any]:
         assert isinstance(self, AsyncNode)
         gate = asyncio.Semaphore(self.max_parallel)
         node = self
+        kept = log.kept if log is not None else {}
+        stop: list[BaseException] = []  # as threads: the first fatal failure stops new starts
 
         async def one(index: int, item: Any) -> Any:
+            if index in kept:
+                return kept[index]
             async with gate:
+                if stop:
+                    return None
                 if node.cancelled():
-                    raise RunCancelled(f"MapNode {node.name!r} cancelled before item {index}")
+                    stop.append(
+                        RunCancelled(f"MapNode {node.name!r} cancelled before item {index}")
+                    )
+                    return None
                 try:
                     with usage.for_item(node, index):
-                        return await _exec_async_with_retries(node, item)
+                        result = await _exec_async_with_retries(node, item)
                 except Exception as exc:
-                    return node.item_outcome(index, exc)
+                    try:
+                        return node.item_outcome(index, exc)
+                    except Exception as fatal:  # the running items end, and are kept
+                        stop.append(fatal)
+                        return None
+                if log is not None:
+                    log.keep(index, result)
+                return result
 
-        return list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
+        results = list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
+        if stop:
+            raise stop[0]
+        return results
 
 
 def _map_threads(
-    node: MapNode, items: Sequence[Any], parallel: int, cancelled: Callable[[], bool]
+    node: MapNode,
+    items: Sequence[Any],
+    parallel: int,
+    cancelled: Callable[[], bool],
+    log: ItemLog | None,
 ) -> list[Any]:
     """Items on up to ``parallel`` threads, started in order, each only if the run was not
     cancelled meanwhile; the first item to fail for good stops new starts and is raised
-    once the running ones end (so no thread outlives the step)."""
+    once the running ones end (so no thread outlives the step). Items ``log`` kept from
+    an earlier attempt do not run; it keeps each result (not a collected error) as its
+    item ends."""
     results: list[Any] = [None] * len(items)
     if not items:
         return results
+    kept = log.kept if log is not None else {}
     failure: list[BaseException] = []
     lock = threading.Lock()
     with ThreadPoolExecutor(
@@ -190,12 +230,18 @@ def _map_threads(
 
         def one(index: int, item: Any) -> None:
             try:
-                results[index] = node.run_item(index, item)
+                results[index] = result = node.run_item(index, item)
             except BaseException as exc:
                 with lock:
                     failure.append(exc)
+                return
+            if log is not None and not isinstance(result, BaseException):
+                log.keep(index, result)
 
         for index, item in enumerate(items):
+            if index in kept:
+                results[index] = kept[index]
+                continue
             while len(running) >= parallel:
                 running = wait(running, return_when=FIRST_COMPLETED).not_done
             if failure:

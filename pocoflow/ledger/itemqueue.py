@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pocoflow.ledger import itemrecovery, items, pipeline, steps, txn
+from pocoflow.ledger import itemrecovery, items, localitems, pipeline, steps, txn
 from pocoflow.ledger.client import LedgerClient
 from pocoflow.ledger.items import ItemClaim
 
@@ -186,6 +186,36 @@ class ItemQueue(LedgerClient):
         return self._write(
             lambda conn: items.reopen(conn, run_id, step, attempt, holder, worker, now),
             f"re-opening the items of step {step}",
+            run_id,
+        )
+
+    # ── a local run's map steps (``localitems``) ─────────────────────────────
+
+    def keep_items(self, run_id: str, step: int, rows: Sequence[tuple[int, str, str]]) -> None:
+        """Finished items of a local map step, ``(idx, item digest, result codec text)``,
+        in one transaction; a row of another item at the same index is replaced."""
+        if not rows:
+            return
+        op = localitems.keep_op(self._dialect, run_id, step, rows)
+        self._write(
+            lambda conn: pipeline.run(conn, [op]),
+            f"keeping {len(rows)} finished items of step {step}",
+            run_id,
+            batched=True,
+        )
+
+    def kept_items(self, run_id: str, step: int) -> list[dict[str, Any]]:
+        """A local map step's kept items, in item order: ``idx``, ``item_json`` and
+        ``result_json`` of each row that has a result."""
+        rows = self.get_items(run_id, step, values_only=True)
+        return [r for r in rows if r["result_json"] is not None and r["error_json"] is None]
+
+    def drop_items_from(self, run_id: str, step: int, first_idx: int) -> int:
+        """Forget the kept items of a local map step from ``first_idx`` on (its list got
+        shorter); how many went."""
+        return self._write(
+            lambda conn: localitems.drop_from(conn, run_id, step, first_idx),
+            f"dropping kept items of step {step} from index {first_idx}",
             run_id,
         )
 

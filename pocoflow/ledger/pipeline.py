@@ -203,9 +203,24 @@ def _pipelined(
     except psycopg.Error as exc:
         # A connection the server dropped: ``txn.run`` retries once on a fresh one (and,
         # with the COMMIT sent, asks the call's ``confirm`` whether it landed).
-        lost = bool(getattr(raw, "broken", False)) or raw.closed
-        raise DBAPIError.instance(
-            sql, None, exc, psycopg.Error, connection_invalidated=lost
-        ) from exc
+        raise _driver_error(conn, raw, sql, exc) from exc
     out.extend(_rows_of(cur) if rows else [] for cur, _, rows in results)
     return all(cur.rowcount == 1 for cur, guarded, _ in results if guarded)
+
+
+def _driver_error(conn: Connection, raw: Any, sql: str, exc: Any) -> Exception:
+    """SQLAlchemy's error for a driver error of a batch. A connection the server dropped
+    (``pg_terminate_backend``, a restart, while it idled in the pool) is invalidated and
+    the error flagged ``connection_invalidated``, as SQLAlchemy flags one on its own
+    execute path, so ``txn.run`` retries once on a fresh connection: at once when the
+    batch carried no COMMIT, after asking the call's ``confirm`` when it did."""
+    import psycopg
+
+    lost = (
+        bool(conn.dialect.is_disconnect(exc, raw, None))
+        or bool(getattr(raw, "broken", False))
+        or raw.closed
+    )
+    if lost:
+        conn.invalidate()
+    return DBAPIError.instance(sql, None, exc, psycopg.Error, connection_invalidated=lost)

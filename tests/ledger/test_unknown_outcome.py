@@ -292,6 +292,52 @@ def test_a_local_step_commit_whose_outcome_was_lost_goes_on(
         recorder._open_ledger.cache_clear()
 
 
+class KillsIdleLedgerSessions(Node):
+    """Terminates every other session of the ledger's database: the pooled connection
+    the step commit will take is dead, and nobody has told the client yet."""
+
+    dsn = ""
+
+    def exec(self, prep_result: Any) -> int:
+        with psycopg.connect(self.dsn, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend'"
+            ).fetchone()
+        assert killed is not None and killed[0] >= 1
+        return int(killed[0])
+
+    def post(self, store: Any, prep_result: Any, exec_result: int) -> str:
+        store["killed"] = exec_result
+        return "default"
+
+
+def test_a_batched_step_commit_on_a_dropped_idle_connection_is_retried(pg_url: str) -> None:
+    """A step commit goes out pipelined (BEGIN and its statements in one batch): a
+    connection the server dropped while it idled in the pool fails that batch before
+    any COMMIT was sent, so the commit is retried on a fresh connection and the run
+    goes on (it used to fail at the step commit)."""
+    from pocoflow import recorder
+
+    killer = KillsIdleLedgerSessions(name="killer")
+    killer.dsn = dsn(pg_url)
+    killer.then("default", Add(name="add"))
+    local = Flow(start=killer, db_path=pg_url, run_id="r-dropped")
+    ledger = recorder.open_ledger(pg_url)
+    try:
+        store = local.run({})
+        assert store["n"] == 1 and store["killed"] >= 1
+        assert ledger.get_run("r-dropped")["status"] == "completed"
+        assert [c["node_name"] for c in ledger.get_checkpoints("r-dropped")] == [
+            "killer",
+            "add",
+        ]
+    finally:
+        ledger.close()
+        recorder._open_ledger.cache_clear()
+
+
 def test_a_step_commit_lost_before_it_landed_while_another_attempt_committed_is_lost(
     db: WorkflowDB, pg_url: str, ctx: WorkerContext, publish: Publish, killer: CommitKiller
 ) -> None:
