@@ -767,4 +767,6 @@ class _StepRun:
 
     def _end(self, outcome: str, error_msg: str | None = None) -> None:
         msg = self.msg
-        self.db.end_attempt(msg.run_id, msg.step, msg.attempt, self.worker, outcome, error_msg)
+        self.db.end_attempt(
+            msg.run_id, msg.step, msg.attempt, self.worker, outcome, error_msg, holder=self.holder
+        )

@@ -34,7 +34,9 @@ class ItemQueue(LedgerClient):
         prep wrote to the Store, for the join), the step's events and park the step, iff
         ``holder``'s claim of ``attempt`` still holds it. After this commit ``prep``
         never runs again for the step: its items come from the ledger."""
-        end = steps.end_attempt_op(run_id, step, attempt, worker, FANNED_OUT_OUTCOME, now)
+        end = steps.end_attempt_op(
+            run_id, step, attempt, worker, FANNED_OUT_OUTCOME, now, holder=holder
+        )
         ops = items.fan_out_ops(
             run_id, step, attempt, holder, worker, item_texts, events, end, now, prep_store
         )

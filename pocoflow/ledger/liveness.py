@@ -56,6 +56,10 @@ CRASHED_OUTCOME = "lost"
 #: ledger error, a connection killed mid-commit, a refused late commit) says nothing
 #: about the node, and counting it failed healthy runs under pg_terminate_backend.
 WORKER_DIED = "its worker process stopped beating"
+#: The outcome of an attempt that the executor ended on an exception of its own (not the
+#: node's): a Store that cannot be loaded, a codec error. It would fail the same way on
+#: every worker, so it counts toward the poison limit as a worker death does.
+EXECUTOR_CRASHED = "crashed"
 
 
 def db_clock(now: float | None) -> ColumnElement[float]:
@@ -297,17 +301,31 @@ def queue_names(conn: Connection, default: str) -> list[str]:
     return sorted({default, *conn.execute(runs).scalars(), *conn.execute(own).scalars()})
 
 
+def is_crash(row: dict[str, Any]) -> bool:
+    """An attempt row that counts toward the poison limit: lost with its worker process
+    (``WORKER_DIED``), or ended by an exception of the executor's own (``EXECUTOR_CRASHED``:
+    loading the Store, the graph, a codec), which would only fail the same way again."""
+    if row["outcome"] == EXECUTOR_CRASHED:
+        return True
+    return row["outcome"] == CRASHED_OUTCOME and row.get("error_msg") == WORKER_DIED
+
+
 def crashes(attempts: list[dict[str, Any]], step: int) -> tuple[int, int]:
-    """(attempts of ``step`` lost with their worker process, retries) since the step last
-    ended for good: what the poison limit and the try number count (pure; takes the
-    rows). Attempts lost while their worker lived on are not crashes (``WORKER_DIED``)."""
-    lost = retries = 0
+    """(attempts of ``step`` that crashed, retries) since the step last ended for good:
+    what the poison limit and the try number count (pure; takes the rows). Attempts lost
+    while their worker lived on are not crashes (``is_crash``). Counted by attempt
+    number, not by row: two deliveries of one attempt (a threads pool) each have a row,
+    and one worker death or one retry ends both."""
+    lost: set[Any] = set()
+    retries: set[Any] = set()
     for row in reversed([a for a in attempts if a["step"] == step]):
         if row["outcome"] in FRESH_START_AFTER:
             break
-        lost += row["outcome"] == CRASHED_OUTCOME and row.get("error_msg") == WORKER_DIED
-        retries += row["outcome"] == "retry"
-    return lost, retries
+        if is_crash(row):
+            lost.add(row.get("attempt"))
+        if row["outcome"] == "retry":
+            retries.add(row.get("attempt"))
+    return len(lost), len(retries)
 
 
 def count_workers(conn: Connection, dead_after_s: float, now: float | None) -> int:

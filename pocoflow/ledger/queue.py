@@ -195,12 +195,15 @@ class StepQueue(LedgerClient):
         outcome: str,
         error_msg: str | None = None,
         now: float | None = None,
+        *,
+        holder: str | None = None,
     ) -> bool:
         """Close the attempt's ``pf_attempts`` row with ``outcome`` (committed, duplicate,
-        retry, failed...). False if no open row matched."""
+        retry, failed...): the row of ``holder``'s claim, else every open row of
+        ``worker`` (of anyone, if None: a take-over). False if no open row matched."""
         return self._write(
             lambda conn: steps.end_attempt(
-                conn, run_id, step, attempt, worker, outcome, error_msg, now
+                conn, run_id, step, attempt, worker, outcome, error_msg, now, holder
             ),
             f"ending attempt {attempt} of step {step}",
             run_id,

@@ -311,25 +311,49 @@ def test_a_retried_claim_opens_its_attempt_row_once(db: Any) -> None:
     assert db.get_attempts("r1")[0]["started_at"] == 100.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pf_attempts rows are closed per (attempt, worker), not per holder: the live "
-    "delivery's commit also closes the frozen one's row as committed (review r1, not fixed)",
-)
-def test_two_holders_in_one_process_close_only_their_own_attempt_rows(db: Any) -> None:
-    """Two deliveries of one attempt in one process (threads pool) share the worker id;
-    each must close its own ``pf_attempts`` row. Today the live holder's commit closes the
-    frozen holder's row as committed too (and a frozen holder's ``lost`` would close the
-    live one's): the audit shows two commits, and the lost-COMMIT recognition (``_own``)
-    of the frozen holder would take the live holder's commit for its own."""
+def _two_holders_of_one_attempt(db: Any) -> dict[str, Any]:
+    """Step 0 of r1 claimed by h:1#1, which froze past its lease, then by h:1#2: two
+    deliveries of attempt 1 in one process (threads pool), one worker id."""
     manifest = start_run(db)
     db.update_run("r1", status="running")
     assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
     assert db.claim_step("r1", 0, 1, "h:1", lease_s=10, now=100.0, holder="h:1#1")
     assert db.claim_step("r1", 0, 1, "h:1", lease_s=10, now=111.0, holder="h:1#2")
+    return manifest
+
+
+def _outcomes(db: Any) -> list[tuple[str, str | None]]:
+    return sorted((a["holder"], a["outcome"]) for a in db.get_attempts("r1"))
+
+
+def test_two_holders_in_one_process_close_only_their_own_attempt_rows(db: Any) -> None:
+    """Each delivery closes its own ``pf_attempts`` row (by its holder token, not the
+    worker id they share): the live holder's commit does not close the frozen holder's
+    row as committed too, so the audit shows one commit."""
+    manifest = _two_holders_of_one_attempt(db)
     live = make_commit("r1", 0, manifest, {"n": 2}, attempt=1, worker="h:1", holder="h:1#2")
     assert db.commit_step(live, now=112.0)
+    assert _outcomes(db) == [("h:1#1", None), ("h:1#2", "committed")]
     frozen = make_commit("r1", 0, manifest, {"n": 1}, attempt=1, worker="h:1", holder="h:1#1")
     assert not db.commit_step(frozen, now=113.0)
-    db.end_attempt("r1", 0, 1, "h:1", "lost", now=113.0)  # what its executor then records
-    assert sorted(a["outcome"] for a in db.get_attempts("r1")) == ["committed", "lost"]
+    # What its executor then records (``_StepRun._end``).
+    assert db.end_attempt("r1", 0, 1, "h:1", "lost", now=113.0, holder="h:1#1")
+    assert _outcomes(db) == [("h:1#1", "lost"), ("h:1#2", "committed")]
+
+
+def test_a_frozen_holders_loss_leaves_the_live_holders_row_open(db: Any) -> None:
+    """The other order: the frozen holder wakes, is refused and ends its row ``lost``
+    while the live one still runs; the live row stays open (the monitor shows it running)
+    and its commit closes it, and only it counts as this holder's own commit after a
+    lost COMMIT (``_own``)."""
+    from pocoflow.db import _own
+
+    manifest = _two_holders_of_one_attempt(db)
+    frozen = make_commit("r1", 0, manifest, {"n": 1}, attempt=1, worker="h:1", holder="h:1#1")
+    assert not db.commit_step(frozen, now=112.0)
+    assert db.end_attempt("r1", 0, 1, "h:1", "lost", now=112.0, holder="h:1#1")
+    assert _outcomes(db) == [("h:1#1", "lost"), ("h:1#2", None)]
+    live = make_commit("r1", 0, manifest, {"n": 2}, attempt=1, worker="h:1", holder="h:1#2")
+    assert db.commit_step(live, now=113.0)
+    assert _outcomes(db) == [("h:1#1", "lost"), ("h:1#2", "committed")]
+    assert db._read(lambda conn: _own(conn, live) and not _own(conn, frozen))

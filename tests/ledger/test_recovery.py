@@ -426,7 +426,11 @@ def test_a_lease_that_ran_out_with_its_process_silent_is_a_crash(db: Any) -> Non
 
 
 def test_only_attempts_lost_with_their_worker_process_count_as_crashes() -> None:
-    lost_alive = {"step": 0, "outcome": "lost", "error_msg": "late commit refused"}
-    crashed = {"step": 0, "outcome": "lost", "error_msg": liveness.WORKER_DIED}
-    assert liveness.crashes([lost_alive, lost_alive, lost_alive], 0) == (0, 0)
-    assert liveness.crashes([crashed, lost_alive, crashed], 0) == (2, 0)
+    def row(attempt: int, died: bool) -> dict[str, Any]:
+        why = liveness.WORKER_DIED if died else "late commit refused"
+        return {"step": 0, "attempt": attempt, "outcome": "lost", "error_msg": why}
+
+    assert liveness.crashes([row(1, False), row(2, False), row(3, False)], 0) == (0, 0)
+    assert liveness.crashes([row(1, True), row(2, False), row(3, True)], 0) == (2, 0)
+    # Two deliveries of attempt 3 in the dead process: one crash, not two.
+    assert liveness.crashes([row(1, True), row(2, False), row(3, True), row(3, True)], 0) == (2, 0)
