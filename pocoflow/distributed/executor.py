@@ -37,12 +37,13 @@ from pocoflow.distributed.limiter import RedisLimiter
 from pocoflow.distributed.mapstep import run_map_step
 from pocoflow.distributed.message import MalformedMessage, StepMessage
 from pocoflow.hooks import COMMIT_REFUSED, FLOW_END, MESSAGE_MALFORMED, NODE_RETRY
+from pocoflow.ledger import liveness
 from pocoflow.ledger.signals import StepFence
 from pocoflow.limits import Limiter, LimitGate, LimitWait, use_limiter
 from pocoflow.logging import get_logger
 from pocoflow.mapnode import MapNode
 from pocoflow.registry import UnknownFlowError
-from pocoflow.settings import Settings
+from pocoflow.settings import DEFAULT_MAX_CRASHES, Settings
 from pocoflow.step import RetryLater, RunCancelled, StepError, run_step, utc_now
 from pocoflow.store import Store
 from pocoflow.usage import BUDGET_EXCEEDED, Budget, LedgerSink, budget_message
@@ -119,6 +120,9 @@ class WorkerContext:
     #: The limiter shared by every worker (Redis); None without a control Redis, when a
     #: node with limits fails rather than run unlimited.
     limiter: Limiter | None = None
+    #: The crash budget (``POCOFLOW_MAX_CRASHES``): a step or item whose deliveries end
+    #: this many times in a row on an exception of the executor's own fails its run.
+    max_crashes: int = DEFAULT_MAX_CRASHES
     leases: LeaseKeeper = field(init=False)
     #: Where every step's ``report_usage`` calls go: a ledger row each, written at once,
     #: so a call made before this process is killed is kept.
@@ -167,6 +171,7 @@ class WorkerContext:
             redis=client,
             lease_s=settings.lease_seconds,
             limiter=limiter,
+            max_crashes=settings.max_crashes,
         )
 
 
@@ -247,6 +252,8 @@ def execute_step(
                 exc,
             )
             return LEDGER_UNREACHABLE
+        if step_run is not None and step_run.claimed and not _unreachable(exc):
+            return step_run.crashed(exc)
         _log.exception(
             "Step %d of run %s (attempt %d) crashed in the executor; its lease will expire "
             "and the sweeper will re-run it",
@@ -268,6 +275,18 @@ def _unreachable(exc: BaseException) -> bool:
         return isinstance(exc.__cause__, InterfaceError | OperationalError)
     return isinstance(
         exc, InterfaceError | OperationalError | LedgerLockedError | LedgerConflictError
+    )
+
+
+def crash_verdict(what: str, crashes: int, worker: str, error: str) -> str:
+    """The ``error_msg`` of a run failed because ``what`` (its step or item, naming the
+    run, the step and the node) crashed in the executor ``crashes`` times in a row."""
+    return (
+        f"{what} crashed in the executor {crashes} times in a row (last on {worker}): "
+        f"{error}. Not an exception of the node's own code but of loading or running it "
+        "on a worker (a Store or item that cannot be decoded, the flow's graph, the "
+        "ledger's data), which fails the same way every time. Fix the cause (or raise "
+        "POCOFLOW_MAX_CRASHES), then resume the run."
     )
 
 
@@ -316,6 +335,10 @@ class _StepRun:
         self.holder = f"{worker}#{next(_claims)}"
         self.claimed = False
         self.task_id = task_id
+        #: The run's guard columns as the claim read them, and the graph and Store once
+        #: loaded: what a crash after the claim needs to send the step again.
+        self.run_row: dict[str, Any] | None = None
+        self.loaded: _Loaded | None = None
         self._prior: tuple[Store, dict[str, int], dict[str, str]] | None = None
         self._handed: tuple[Store, StoreTracker] | None = None
         #: The step's lease renewal while it runs (a map step releases it once parked).
@@ -329,7 +352,7 @@ class _StepRun:
         # flow was checked then); otherwise one read brings the run row and the Store.
         self._handed = self.ctx.take(msg.run_id, msg.flow, msg.step - 1)
         if self._handed is None:
-            first_look, self._prior = db.load_run_and_store(msg.run_id, msg.step - 1)
+            first_look, self._prior = self._first_look()
             if first_look is None:
                 _log.error("Step message for unknown run %r dropped", msg.run_id)
                 return UNKNOWN_RUN
@@ -359,6 +382,7 @@ class _StepRun:
         if run is None:
             _log.error("Step message for unknown run %r dropped", msg.run_id)
             return UNKNOWN_RUN
+        self.run_row = run
         if not claimed:
             if self._other_node():
                 return MALFORMED
@@ -384,12 +408,36 @@ class _StepRun:
             if stop is not None:
                 return stop
         try:
-            loaded = self._load(run)
+            loaded = self.loaded = self._load(run)
         except _Refused as refusal:
             return self._fail(str(refusal), refused=True)
         with self.ctx.leases.hold(msg.run_id, msg.step, msg.attempt, self.holder) as held:
             self.holding = held
             return self._run_and_commit(run, loaded)
+
+    def _first_look(
+        self,
+    ) -> tuple[dict[str, Any] | None, tuple[Store, dict[str, int], dict[str, str]] | None]:
+        """The run's guard columns and the Store of step-1, read together. A Store that
+        cannot be read (a codec error, a value of a type this process never registered)
+        is not this delivery's problem but the step's: the claim goes ahead without it,
+        and ``_read_store`` meets the same error after the claim, where it counts toward
+        the crash budget (``crashed``) instead of sending the step again for ever."""
+        msg = self.msg
+        try:
+            return self.db.load_run_and_store(msg.run_id, msg.step - 1)
+        except Exception as exc:
+            if _unreachable(exc):
+                raise
+            _log.warning(
+                "Step %d of run %s: its Store of step %d cannot be loaded (%s: %s)",
+                msg.step,
+                msg.run_id,
+                msg.step - 1,
+                type(exc).__name__,
+                exc,
+            )
+            return self.db.get_run(msg.run_id), None
 
     def _claim(self) -> tuple[bool, dict[str, Any] | None]:
         msg = self.msg
@@ -680,7 +728,8 @@ class _StepRun:
             ts=utc_now(),
         )
         self._end(RETRY, error)
-        new_attempt = self._send_again(run, loaded, retry.next_try, retry.delay)
+        queue = step_queue(run, loaded.node)
+        new_attempt = self._send_again(retry.next_try, retry.delay, queue)
         if new_attempt is None:
             return LOST
         _log.info(
@@ -701,17 +750,15 @@ class _StepRun:
         msg = self.msg
         self._end(LIMITED, str(wait))
         delay = limit_delay(wait.wait_s)
-        if self._send_again(run, loaded, msg.try_number, delay) is None:
+        if self._send_again(msg.try_number, delay, step_queue(run, loaded.node)) is None:
             return LOST
         _log.debug("Step %d of run %s: %s", msg.step, msg.run_id, wait)
         return LIMITED
 
-    def _send_again(
-        self, run: dict[str, Any], loaded: _Loaded, try_number: int, delay: float
-    ) -> int | None:
+    def _send_again(self, try_number: int, delay: float, queue: str | None) -> int | None:
         """Re-queue this step as try ``try_number`` under the next attempt, due in
-        ``delay`` s; the lease covers the delay so the sweeper leaves the waiting step
-        alone. None when this holder lost the step meanwhile."""
+        ``delay`` s, and send it to ``queue``; the lease covers the delay so the sweeper
+        leaves the waiting step alone. None when this holder lost the step meanwhile."""
         msg = self.msg
         new_attempt = self.db.take_over(
             msg.run_id,
@@ -723,14 +770,61 @@ class _StepRun:
         )
         if new_attempt is not None:
             self.ctx.publisher.send(
-                msg.retry(try_number, new_attempt),
-                queue=step_queue(run, loaded.node),
-                countdown=delay,
+                msg.retry(try_number, new_attempt), queue=queue, countdown=delay
             )
         return new_attempt
 
+    def crashed(self, exc: Exception) -> str:
+        """This claimed delivery ended on an exception of the executor's own, not the
+        node's (a Store that cannot be decoded, a codec or graph error): one that would
+        come back on every worker, so it is bounded by the crash budget, as a step that
+        kills its worker is (``ctx.max_crashes``). Below it, the attempt is closed as
+        ``crashed`` and the step sent again under the next attempt after a short backoff
+        (not left to its lease, which would re-send it for ever); at it, the run fails
+        naming run, step, node and the exception. Never raises: if the ledger cannot say
+        even this, the lease runs out and the sweeper re-sends the step, as before."""
+        msg, db = self.msg, self.db
+        error = f"{type(exc).__name__}: {exc}"
+        _log.error(
+            "Step %d of run %s (attempt %d) crashed in the executor",
+            msg.step,
+            msg.run_id,
+            msg.attempt,
+            exc_info=exc,
+        )
+        try:
+            crashes = liveness.crashes(db.get_attempts(msg.run_id), msg.step)[0] + 1
+            if crashes >= self.ctx.max_crashes:
+                what = f"Step {msg.step} (node {msg.node_id!r}) of run {msg.run_id}"
+                verdict = crash_verdict(what, crashes, self.worker, error)
+                return self._fail(verdict, node_name=msg.node_id)
+            self._end(liveness.EXECUTOR_CRASHED, error)
+            self._send_again(msg.try_number, redelivery_delay(crashes - 1), self._queue())
+        except Exception as failure:
+            _log.warning(
+                "Step %d of run %s: could not record its crash (%s); its lease will expire "
+                "and the sweeper will re-run it",
+                msg.step,
+                msg.run_id,
+                failure,
+            )
+        return CRASHED
+
+    def _queue(self) -> str | None:
+        """The queue of this step's node (its graph loaded or not), else the run's."""
+        msg, run = self.msg, self.run_row or {}
+        if self.loaded is not None:
+            return step_queue(run, self.loaded.node)
+        row = self.db.get_step(msg.run_id, msg.step) or {}
+        return row.get("queue") or run.get("queue")
+
     def _fail(
-        self, error_msg: str, events: list[dict[str, Any]] | None = None, *, refused: bool = False
+        self,
+        error_msg: str,
+        events: list[dict[str, Any]] | None = None,
+        *,
+        refused: bool = False,
+        node_name: str | None = None,
     ) -> str:
         """Fail the step and its run in one transaction, fenced on this holder's claim; a
         refusal (G5, G6, G7: the step cannot run here) names the node and is recorded as
@@ -746,7 +840,7 @@ class _StepRun:
             holder=self.holder,
             worker=self.worker,
             events=events,
-            node_name=msg.node_id if refused else None,
+            node_name=msg.node_id if refused else node_name,
             outcome=outcome,
         ):
             self._end(LOST, "lease taken over before the failure could be recorded")

@@ -127,12 +127,19 @@ class ItemQueue(LedgerClient):
         )
 
     def retry_item(
-        self, c: ItemClaim, *, next_try: int, due_in: float, now: float | None = None
+        self,
+        c: ItemClaim,
+        *,
+        next_try: int,
+        due_in: float,
+        now: float | None = None,
+        crashed: bool = False,
     ) -> int | None:
         """Hand the item to a new attempt (returned) for try ``next_try``, due in
-        ``due_in`` seconds; None if ``c`` no longer holds it."""
+        ``due_in`` seconds (``crashed``: after a crash of the executor, counted toward
+        the item's crash budget); None if ``c`` no longer holds it."""
         return self._write(
-            lambda conn: items.retry(conn, c, next_try, due_in, now),
+            lambda conn: items.retry(conn, c, next_try, due_in, now, crashed),
             f"retrying item {c.idx} of step {c.step}",
             c.run_id,
         )

@@ -159,6 +159,9 @@ _RETRY = (
         queued_at=NOW + bindparam("b_due_in"),
     )
 )
+# The same after the holder's delivery crashed in the executor: counted toward the
+# item's crash budget, as a worker death is (``itemrecovery.take_over``).
+_RETRY_CRASHED = _RETRY.values(crashes=_i.crashes + 1)
 _MARK_SENT = update(pf_items).where(ITEM_FENCE, _i.sent_at.is_(None)).values(sent_at=NOW)
 
 
@@ -320,12 +323,19 @@ def fail_ops(
 
 
 def retry(
-    conn: Connection, c: ItemClaim, next_try: int, due_in: float, now: float | None = None
+    conn: Connection,
+    c: ItemClaim,
+    next_try: int,
+    due_in: float,
+    now: float | None = None,
+    crashed: bool = False,
 ) -> int | None:
     """The holder hands its item to a new attempt for try ``next_try``, due in
-    ``due_in`` seconds; None if its claim no longer holds the item."""
+    ``due_in`` seconds (``crashed``: one crash more); None if its claim no longer holds
+    the item."""
     params = c.params(b_try=next_try, b_due_in=due_in, now=now)
-    return c.attempt + 1 if conn.execute(_RETRY, params).rowcount == 1 else None
+    stmt = _RETRY_CRASHED if crashed else _RETRY
+    return c.attempt + 1 if conn.execute(stmt, params).rowcount == 1 else None
 
 
 def mark_sent_op(sent: Sequence[tuple[str, int, int, int]], now: float | None) -> Op:

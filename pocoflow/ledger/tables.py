@@ -224,7 +224,7 @@ pf_attempts = Table(
     Column("worker", Text),
     Column("started_at", Float, nullable=False),
     Column("ended_at", Float),
-    # NULL while running; then e.g. committed, duplicate, failed, retry, lost.
+    # NULL while running; then e.g. committed, duplicate, failed, retry, lost, crashed.
     Column("outcome", Text),
     Column("error_msg", Text),
     # Broker task id of the delivery this attempt ran (0003).

@@ -141,7 +141,7 @@ def test_a_message_naming_another_node_is_refused_and_recorded(
 
 
 def test_failing_a_step_is_all_or_nothing(
-    db: Any, ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+    db: Any, ctx: WorkerContext, publish: Publish, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pocoflow.ledger import events
 
@@ -155,20 +155,20 @@ def test_failing_a_step_is_all_or_nothing(
 
     monkeypatch.setattr(events, "row", crash_on_node_error)
     assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "crashed"
-    # Nothing half done: the step is still held (the sweeper re-runs it when its lease
-    # runs out), the run still running, no error event.
+    # Nothing half done: the step is not failed but sent again as attempt 2 (a crash of
+    # the executor, within the crash budget), the run still running, no error event.
     step, run = db.get_step(first.run_id, 0), db.get_run(first.run_id)
-    assert (step["status"], run["status"]) == ("running", "running")
+    assert (step["status"], step["attempt"], run["status"]) == ("queued", 2, "running")
     assert [e["event"] for e in db.get_events(first.run_id)] == ["flow_start"]
+    [again] = publish.take()
+    assert (again.step, again.attempt) == (0, 2)
 
     monkeypatch.setattr(events, "row", real_row)
-    again = StepMessage(first.run_id, "fence_broken", 0, first.node_id, 2)
-    assert db.take_over(first.run_id, 0, 1, LEASE_S, force=True) == 2
     assert execute_step(again.to_dict(), worker_id="h:1", context=ctx) == "failed"
     step, run = db.get_step(first.run_id, 0), db.get_run(first.run_id)
     assert (step["status"], run["status"]) == ("failed", "failed")
     assert "broken for good" in run["error_msg"]
-    assert [a["outcome"] for a in db.get_attempts(first.run_id)] == ["lost", "failed"]
+    assert [a["outcome"] for a in db.get_attempts(first.run_id)] == ["crashed", "failed"]
     assert [e["event"] for e in db.get_events(first.run_id)].count(NODE_ERROR) == 1
 
 

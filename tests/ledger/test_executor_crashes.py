@@ -1,0 +1,101 @@
+"""A delivery that crashes in the executor after its claim (issue 7), driven in-process on
+both ledgers: an exception that is not the node's (here a Store value the ledger holds
+but no process can decode) is counted against the crash budget, the step is sent again
+under a new attempt after a backoff, and at the budget the run fails naming run, step
+and node; it is resumable once fixed. A ledger that cannot be reached is not a crash.
+The same with real workers, and for map items: tests/distributed/test_executor_crashes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
+
+from pocoflow.distributed import executor, lifecycle
+from pocoflow.distributed.executor import WorkerContext, execute_step
+from pocoflow.distributed.message import StepMessage
+from pocoflow.ledger.tables import pf_values
+from tests.ledger import test_distributed_executor as protocol
+from tests.ledger.test_distributed_executor import LEASE_S, Publish, drain, start
+
+pytestmark = pytest.mark.ledger
+# The step-protocol tests' fixtures: a recording publisher and a worker context on it.
+publish, ctx = protocol.publish, protocol.ctx
+
+UNDECODABLE = '{"__pf__": "no-such-tag", "v": 1}'
+
+
+def set_initial_value(db: Any, run_id: str, key: str, text: str) -> None:
+    """Write ``text`` as the stored value of ``key`` in the run's initial Store."""
+    stmt = (
+        update(pf_values)
+        .where(pf_values.c.run_id == run_id, pf_values.c.step == -1, pf_values.c.key == key)
+        .values(value_json=text)
+    )
+    assert db._write(lambda conn: conn.execute(stmt).rowcount, "corrupting", run_id) == 1
+
+
+def test_a_step_crashing_in_the_executor_is_sent_again_then_fails_its_run(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    first = start(db, "exec_three", {"n": 0})
+    set_initial_value(db, first.run_id, "n", UNDECODABLE)
+    sent: list[tuple[StepMessage, dict[str, Any]]] = []
+    real_send = publish.send
+
+    def recording(message: StepMessage, **kwargs: Any) -> bool:
+        sent.append((message, kwargs))
+        return real_send(message, **kwargs)
+
+    publish.send = recording  # type: ignore[method-assign]
+    assert drain(ctx, publish, first) == ["crashed", "crashed", "failed"]
+    # Each crash sent the step again under the next attempt, after a growing backoff.
+    assert [(m.attempt, kw.get("countdown")) for m, kw in sent] == [(2, 1.0), (3, 2.0)]
+    rows = [(a["attempt"], a["outcome"]) for a in db.get_attempts(first.run_id)]
+    assert rows == [(1, "crashed"), (2, "crashed"), (3, "failed")]
+    assert "CodecError" in db.get_attempts(first.run_id)[0]["error_msg"]
+    run = db.get_run(first.run_id)
+    assert run["status"] == "failed" and db.get_checkpoints(first.run_id) == []
+    for named in (first.run_id, "Step 0", "node 'a'", "3 times", "CodecError", "no-such-tag"):
+        assert named in run["error_msg"], (named, run["error_msg"])
+
+    # Fixed, and resumed: the crash count starts afresh and the run completes.
+    set_initial_value(db, first.run_id, "n", "0")
+    assert lifecycle.restart(db, first.run_id, publish, lease_s=LEASE_S)  # type: ignore[arg-type]
+    [again] = publish.take()
+    assert drain(ctx, publish, again) == ["committed"] * 3
+    assert db.load_checkpoint(first.run_id, 2).as_dict() == {"n": 3}
+
+
+def test_the_crash_budget_is_the_poison_step_setting(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    ctx.max_crashes = 1
+    first = start(db, "exec_three", {"n": 0})
+    set_initial_value(db, first.run_id, "n", UNDECODABLE)
+    assert drain(ctx, publish, first) == ["failed"]
+    assert "1 times in a row" in db.get_run(first.run_id)["error_msg"]
+
+
+def test_a_ledger_that_cannot_be_reached_after_the_claim_is_not_a_crash(
+    db: Any, ctx: WorkerContext, publish: Publish, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lost connection says nothing about the step: it is not counted, and the step is
+    left to its lease (the sweeper re-sends it), as before."""
+    first = start(db, "exec_three", {"n": 0})
+    real = db.load_run_and_store
+    monkeypatch.setattr(
+        db, "load_run_and_store", lambda run_id, step: (real(run_id, step)[0], None)
+    )
+
+    def unreachable(*args: Any) -> Any:
+        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(db, "load_store", unreachable)
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == executor.CRASHED
+    step = db.get_step(first.run_id, 0)
+    assert (step["status"], step["attempt"]) == ("running", 1)
+    [row] = db.get_attempts(first.run_id)
+    assert row["outcome"] is None and publish.take() == []
