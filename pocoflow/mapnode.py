@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from pocoflow import usage
@@ -27,6 +29,23 @@ from pocoflow.step import RunCancelled
 
 #: ``on_item_error`` values: fail the node naming the item, or hand the exception to post.
 ITEM_ERROR_POLICIES = ("raise", "collect")
+
+
+#: The map item whose ``exec`` runs in this thread or task: ``(node, index)``. A context
+#: variable, not a node attribute, because one node instance runs many items at once (the
+#: threads of a local map, the tasks of an async one), each of which reads its own.
+_current_item: ContextVar[tuple[Any, int] | None] = ContextVar("pocoflow_map_item", default=None)
+
+
+@contextmanager
+def running_item(node: MapNode, index: int) -> Iterator[None]:
+    """``node.item_index`` reads ``index`` inside this block, on this thread or task (and
+    on the threads it hands its context to: a timed exec's, an async exec's loop)."""
+    token = _current_item.set((node, index))
+    try:
+        yield
+    finally:
+        _current_item.reset(token)
 
 
 class ItemFailed(Exception):
@@ -103,6 +122,17 @@ class MapNode(Node):
     max_parallel: int = 8
     on_item_error: str = "raise"
 
+    @property
+    def item_index(self) -> int | None:
+        """The position, in ``prep``'s list, of the item whose ``exec`` (or
+        ``exec_fallback``) is running in this thread or task; None outside one (``prep``,
+        ``post``). Items run at once on threads of one node instance, so each reads its
+        own. With ``run_id``, ``step`` and ``attempt`` it makes an idempotency key for an
+        item's side effect: ``f"{self.run_id}/{self.step}/{self.item_index}/{self.attempt}"``
+        (on workers ``attempt`` is the item's own, higher after its retry or crash)."""
+        current = _current_item.get()
+        return current[1] if current is not None and current[0] is self else None
+
     # ── what executors call ───────────────────────────────────────────────────
 
     def items_of(self, prep_result: Any) -> list[Any]:
@@ -149,8 +179,8 @@ class MapNode(Node):
     def run_item(self, index: int, item: Any) -> Any:
         """One item: ``exec`` under the retry policy; a spent item per ``on_item_error``."""
         try:
-            with usage.for_item(self, index):  # report_usage names the item
-                return self._exec(item)
+            with usage.for_item(self, index), running_item(self, index):
+                return self._exec(item)  # report_usage and item_index name the item
         except Exception as exc:
             return self.item_outcome(index, exc)
 
@@ -164,7 +194,7 @@ class MapNode(Node):
                 if node.cancelled():
                     raise RunCancelled(f"MapNode {node.name!r} cancelled before item {index}")
                 try:
-                    with usage.for_item(node, index):
+                    with usage.for_item(node, index), running_item(node, index):
                         return await _exec_async_with_retries(node, item)
                 except Exception as exc:
                     return node.item_outcome(index, exc)

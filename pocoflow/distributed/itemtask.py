@@ -52,7 +52,7 @@ from pocoflow.hooks import NODE_ERROR, NODE_RETRY, RUN_PAUSED
 from pocoflow.ledger.items import ItemClaim
 from pocoflow.limits import LimitGate, LimitWait, limits_of
 from pocoflow.logging import get_logger
-from pocoflow.mapnode import ItemFailed, MapNode, error_record
+from pocoflow.mapnode import ItemFailed, MapNode, error_record, running_item
 from pocoflow.registry import UnknownFlowError
 from pocoflow.step import NODE_FAILURES, RunCancelled, utc_now
 
@@ -242,9 +242,12 @@ class _ItemRun:
         node._signals = self._no_waits
         try:
             # Usage reported by this item's exec is kept under its attempt and index.
-            with usage.recording(
-                msg.run_id, msg.step, msg.attempt, node.name, msg.idx, self.ctx.usage
-            ) as scope:
+            with (
+                usage.recording(
+                    msg.run_id, msg.step, msg.attempt, node.name, msg.idx, self.ctx.usage
+                ) as scope,
+                running_item(node, msg.idx),
+            ):
                 node._usage_scope = scope
                 try:
                     result = node._exec_once(value)
@@ -259,7 +262,8 @@ class _ItemRun:
             if try_number < tries and node.is_retryable(exc):
                 return self._retry(run, node, exc, try_number)
             try:
-                result = node.exec_fallback(value, exc)
+                with running_item(node, msg.idx):
+                    result = node.exec_fallback(value, exc)
             except ITEM_FAILURES as final:
                 try:
                     collected = node.item_outcome(msg.idx, final)

@@ -1,0 +1,61 @@
+"""MapNode flows whose items report ``self.item_index`` (issue 7), imported by the test
+workers (``POCOFLOW_FLOWS=tests.distributed.index_flows``) and by the test process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from pocoflow import AsyncNode, Flow, MapNode, flow
+
+ITEMS = 16
+#: The item whose first attempt fails (retried as attempt 2 on workers).
+FLAKY = 3
+
+
+def answer(node: MapNode, item: str) -> list[Any]:
+    """What an item's exec reports: its value, its index, and the idempotency key the
+    README shows."""
+    key = f"{node.run_id}/{node.step}/{node.item_index}/{node.attempt}"
+    return [item, node.item_index, key]
+
+
+class Keyed(MapNode):
+    """String items (their index is not their value), run side by side on threads."""
+
+    max_retries = 2
+    max_parallel = 8
+
+    def prep(self, store: Any) -> list[str]:
+        return [f"doc-{i}" for i in range(ITEMS)]
+
+    def exec(self, item: str) -> list[Any]:
+        index = self.item_index
+        time.sleep(0.05)  # other items run on this process's threads meanwhile
+        if index == FLAKY and self.attempt == 1:
+            raise ConnectionError("flaky first attempt")
+        assert self.item_index == index
+        return answer(self, item)
+
+    def post(self, store: Any, items: list[Any], results: list[Any]) -> str:
+        store["results"] = results
+        return "default"
+
+
+@flow("item_index")
+def item_index_flow() -> Flow:
+    return Flow(start=Keyed())
+
+
+class AsyncKeyed(Keyed, AsyncNode):
+    async def exec_async(self, item: str) -> list[Any]:
+        index = self.item_index
+        await asyncio.sleep(0.01)
+        assert self.item_index == index
+        return answer(self, item)
+
+
+@flow("item_index_async")
+def item_index_async_flow() -> Flow:
+    return Flow(start=AsyncKeyed())
