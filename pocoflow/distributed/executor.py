@@ -266,15 +266,24 @@ def execute_step(
 
 def _unreachable(exc: BaseException) -> bool:
     """The ledger could not be reached or stayed locked: a reason to try the message
-    again later, unlike a bug or a bad value, which would only fail again."""
-    from sqlalchemy.exc import InterfaceError, OperationalError
+    again later, unlike a bug or a bad value, which would only fail again (and, after
+    the claim, counts toward the crash budget: ``_StepRun.crashed``)."""
+    from sqlalchemy.exc import (
+        DBAPIError,
+        InterfaceError,
+        OperationalError,
+        TimeoutError as PoolTimeout,
+    )
 
     from pocoflow.ledger.errors import LedgerConflictError, LedgerLockedError, LedgerOpenError
 
     if isinstance(exc, LedgerOpenError):  # opening it: unreachable, or a bad URL?
         return isinstance(exc.__cause__, InterfaceError | OperationalError)
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True  # the connection died under the statement, whatever its class
     return isinstance(
-        exc, InterfaceError | OperationalError | LedgerLockedError | LedgerConflictError
+        exc,
+        InterfaceError | OperationalError | PoolTimeout | LedgerLockedError | LedgerConflictError,
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, TimeoutError as PoolTimeout
 
 from pocoflow.distributed import executor, lifecycle
 from pocoflow.distributed.executor import WorkerContext, execute_step
@@ -79,11 +79,23 @@ def test_the_crash_budget_is_the_poison_step_setting(
     assert "1 times in a row" in db.get_run(first.run_id)["error_msg"]
 
 
+@pytest.mark.parametrize(
+    "outage",
+    [
+        OperationalError("SELECT 1", {}, Exception("connection refused")),
+        PoolTimeout("QueuePool limit of size 5 overflow 10 reached"),
+    ],
+    ids=["connection", "pool"],
+)
 def test_a_ledger_that_cannot_be_reached_after_the_claim_is_not_a_crash(
-    db: Any, ctx: WorkerContext, publish: Publish, monkeypatch: pytest.MonkeyPatch
+    db: Any,
+    ctx: WorkerContext,
+    publish: Publish,
+    monkeypatch: pytest.MonkeyPatch,
+    outage: Exception,
 ) -> None:
-    """A lost connection says nothing about the step: it is not counted, and the step is
-    left to its lease (the sweeper re-sends it), as before."""
+    """A lost connection or a starved pool says nothing about the step: it is not
+    counted, and the step is left to its lease (the sweeper re-sends it), as before."""
     first = start(db, "exec_three", {"n": 0})
     real = db.load_run_and_store
     monkeypatch.setattr(
@@ -91,7 +103,7 @@ def test_a_ledger_that_cannot_be_reached_after_the_claim_is_not_a_crash(
     )
 
     def unreachable(*args: Any) -> Any:
-        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+        raise outage
 
     monkeypatch.setattr(db, "load_store", unreachable)
     assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == executor.CRASHED

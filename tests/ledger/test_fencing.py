@@ -339,6 +339,16 @@ def test_two_holders_in_one_process_close_only_their_own_attempt_rows(db: Any) -
     # What its executor then records (``_StepRun._end``).
     assert db.end_attempt("r1", 0, 1, "h:1", "lost", now=113.0, holder="h:1#1")
     assert _outcomes(db) == [("h:1#1", "lost"), ("h:1#2", "committed")]
+    # The readers: the monitor's Attempts tab and Gantt show one commit and one loss.
+    from datetime import UTC, datetime
+
+    from pocoflow.ui import queries
+    from pocoflow.ui.charts import gantt_bars
+
+    rows = queries.attempts_page(db, "r1").rows
+    assert sorted(r["outcome"] for r in rows) == ["committed", "lost"]
+    bars = gantt_bars(rows, datetime.now(UTC))
+    assert sorted(b["outcome"] for b in bars) == ["committed", "lost"]
 
 
 def test_a_frozen_holders_loss_leaves_the_live_holders_row_open(db: Any) -> None:
