@@ -39,14 +39,13 @@ from pocoflow.distributed.executor import (
     _claims,
     _record_malformed,
     _unreachable,
-    crash_verdict,
     default_context,
     default_worker_id,
     limit_delay,
-    redelivery_delay,
     step_queue,
 )
 from pocoflow.distributed.graphs import mismatch_message
+from pocoflow.distributed.itemcrash import item_crashed
 from pocoflow.distributed.message import ItemMessage, MalformedMessage, StepMessage
 from pocoflow.hooks import NODE_ERROR, NODE_RETRY, RUN_PAUSED
 from pocoflow.ledger.items import ItemClaim
@@ -95,7 +94,7 @@ def execute_item(
             )
             return LEDGER_UNREACHABLE
         if item is not None and item.claimed and not _unreachable(exc):
-            return item.crashed(exc)
+            return item_crashed(item, exc)
         _log.exception(
             "Item %d of step %d of run %s (attempt %d) crashed in the executor; its lease "
             "will expire and the sweeper will re-run it",
@@ -152,50 +151,6 @@ class _ItemRun:
                 # exec stopped itself: the item goes back to the queue for a resume.
                 db.take_over_item(msg.run_id, msg.step, msg.idx, msg.attempt, self.holder)
                 return CANCELLED
-
-    def crashed(self, exc: Exception) -> str:
-        """The claimed item ended on an exception of the executor's own (its value cannot
-        be decoded...): bounded by the crash budget as a step's is (``_StepRun.crashed``):
-        sent again as a new attempt of the same try after a short backoff, one crash
-        counted on its row, until the budget is spent and its run fails naming it."""
-        msg, db = self.msg, self.db
-        error = f"{type(exc).__name__}: {exc}"
-        _log.error(
-            "Item %d of step %d of run %s (attempt %d) crashed in the executor",
-            msg.idx,
-            msg.step,
-            msg.run_id,
-            msg.attempt,
-            exc_info=exc,
-        )
-        try:
-            crashes = (db.get_item(msg.run_id, msg.step, msg.idx) or {}).get("crashes", 0) + 1
-            if crashes >= self.ctx.max_crashes:
-                what = (
-                    f"MapNode {self.node_name!r}: item {msg.idx} of step {msg.step} of run "
-                    f"{msg.run_id}"
-                )
-                return self._fail(crash_verdict(what, crashes, self.worker, error), cause=exc)
-            delay = redelivery_delay(crashes - 1)
-            attempt = db.retry_item(
-                self.claim, next_try=self.try_number, due_in=delay, crashed=True
-            )
-            if attempt is not None:
-                self.ctx.publisher.send(
-                    msg.retry(self.try_number, attempt),
-                    queue=step_queue(self.run_row, self.node),
-                    countdown=delay,
-                )
-        except Exception as failure:
-            _log.warning(
-                "Item %d of step %d of run %s: could not record its crash (%s); its lease "
-                "will expire and the sweeper will re-run it",
-                msg.idx,
-                msg.step,
-                msg.run_id,
-                failure,
-            )
-        return CRASHED
 
     def _guard(self, run: dict[str, Any]) -> str:
         """The claim missed: the run stopped (G4), or this delivery is a duplicate."""
