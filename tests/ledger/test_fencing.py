@@ -6,13 +6,14 @@ Store values. On both ledgers, with an injected clock where the code allows."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
 from typing import Any
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, update
 
 from pocoflow import Flow, Node, flow
 from pocoflow.commit import NextStep
@@ -116,6 +117,39 @@ def test_two_deliveries_in_one_process_do_not_share_a_lease(
         ON_EXEC.clear()
     assert (outer, inner) == ("committed", ["duplicate"])
     assert [a["outcome"] for a in db.get_attempts(first.run_id)] == ["committed"]
+
+
+def test_a_redelivery_in_the_same_process_closes_only_its_own_attempt_row(
+    db: Any, ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The executor's side of the two-holder case: the first delivery's lease runs out
+    while its exec runs (no renewal here, as in a freeze), the broker delivers the same
+    attempt again to the same process, which claims, runs and commits it; the first then
+    finishes, its commit is refused, and each closes its own row."""
+    from pocoflow.ledger.tables import pf_steps
+
+    monkeypatch.setattr(ctx.leases, "hold", lambda *args, **kwargs: contextlib.nullcontext())
+    first = start(db, "exec_grabbed")
+    inner: list[str] = []
+
+    def redelivered_after_the_lease_ran_out(run_id: str, step: int, attempt: int) -> None:
+        ON_EXEC.clear()
+        expire = update(pf_steps).where(pf_steps.c.run_id == run_id, pf_steps.c.step == step)
+        db._write(lambda conn: conn.execute(expire.values(lease_expires_at=0.0)), "x", run_id)
+        inner.append(execute_step(first.to_dict(), worker_id="h:1", context=ctx))
+
+    ON_EXEC.append(redelivered_after_the_lease_ran_out)
+    try:
+        outer = execute_step(first.to_dict(), worker_id="h:1", context=ctx)
+    finally:
+        ON_EXEC.clear()
+    assert (outer, inner) == ("lost", ["committed"])
+    rows = [a for a in db.get_attempts(first.run_id) if a["step"] == 0]
+    assert sorted((a["attempt"], a["worker"], a["outcome"]) for a in rows) == [
+        (1, "h:1", "committed"),
+        (1, "h:1", "lost"),
+    ]
+    assert len({a["holder"] for a in rows}) == 2
 
 
 # ── defect 4: the ledger, not the message, names the node ───────────────────
