@@ -99,15 +99,18 @@ def test_a_frozen_holder_cannot_schedule_a_retry_of_its_attempt_claimed_again(
     assert db.take_over("r1", 0, 1, 10, now=112.0, holder="w2") == 2  # its own retry
 
 
-def test_two_deliveries_in_one_process_do_not_share_a_lease(
-    db: Any, ctx: WorkerContext, publish: Publish
-) -> None:
-    """A threads pool runs both copies under the same worker id: only one may claim."""
-    first = start(db, "exec_grabbed")
+def delivered_twice(
+    ctx: WorkerContext, first: StepMessage, meanwhile: Any = None
+) -> tuple[str, list[str]]:
+    """Outcomes of ``first`` delivered in this process, and of the same message delivered
+    again (same worker id) while the first one's exec runs, after ``meanwhile(run_id,
+    step)``."""
     inner: list[str] = []
 
-    def deliver_again(*_: Any) -> None:
+    def deliver_again(run_id: str, step: int, attempt: int) -> None:
         ON_EXEC.clear()  # the copy's own exec, if it ran, must not nest again
+        if meanwhile is not None:
+            meanwhile(run_id, step)
         inner.append(execute_step(first.to_dict(), worker_id="h:1", context=ctx))
 
     ON_EXEC.append(deliver_again)
@@ -115,7 +118,15 @@ def test_two_deliveries_in_one_process_do_not_share_a_lease(
         outer = execute_step(first.to_dict(), worker_id="h:1", context=ctx)
     finally:
         ON_EXEC.clear()
-    assert (outer, inner) == ("committed", ["duplicate"])
+    return outer, inner
+
+
+def test_two_deliveries_in_one_process_do_not_share_a_lease(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    """A threads pool runs both copies under the same worker id: only one may claim."""
+    first = start(db, "exec_grabbed")
+    assert delivered_twice(ctx, first) == ("committed", ["duplicate"])
     assert [a["outcome"] for a in db.get_attempts(first.run_id)] == ["committed"]
 
 
@@ -130,20 +141,12 @@ def test_a_redelivery_in_the_same_process_closes_only_its_own_attempt_row(
 
     monkeypatch.setattr(ctx.leases, "hold", lambda *args, **kwargs: contextlib.nullcontext())
     first = start(db, "exec_grabbed")
-    inner: list[str] = []
 
-    def redelivered_after_the_lease_ran_out(run_id: str, step: int, attempt: int) -> None:
-        ON_EXEC.clear()
+    def lease_runs_out(run_id: str, step: int) -> None:
         expire = update(pf_steps).where(pf_steps.c.run_id == run_id, pf_steps.c.step == step)
         db._write(lambda conn: conn.execute(expire.values(lease_expires_at=0.0)), "x", run_id)
-        inner.append(execute_step(first.to_dict(), worker_id="h:1", context=ctx))
 
-    ON_EXEC.append(redelivered_after_the_lease_ran_out)
-    try:
-        outer = execute_step(first.to_dict(), worker_id="h:1", context=ctx)
-    finally:
-        ON_EXEC.clear()
-    assert (outer, inner) == ("lost", ["committed"])
+    assert delivered_twice(ctx, first, lease_runs_out) == ("lost", ["committed"])
     rows = [a for a in db.get_attempts(first.run_id) if a["step"] == 0]
     assert sorted((a["attempt"], a["worker"], a["outcome"]) for a in rows) == [
         (1, "h:1", "committed"),
