@@ -299,6 +299,15 @@ def crash_verdict(what: str, crashes: int, worker: str, error: str) -> str:
     )
 
 
+def recordable_error(cause: str, refusal: BaseException) -> str:
+    """A node's failure ``cause`` that the ledger refused to record (``refusal``), as
+    text any ledger keeps: ASCII with escapes, cut to 2000 characters."""
+    return (
+        f"{ascii(cause)[1:-1][:2000]} (the error as first given could not be recorded: "
+        f"{type(refusal).__name__})"
+    )
+
+
 def redelivery_delay(redeliveries: int) -> float:
     """Seconds before a message that met an unreachable ledger is delivered again: 1, 2,
     4 ... up to 15, so a short outage costs a second and a long one a message per step
@@ -616,7 +625,7 @@ class _StepRun:
                 return CANCELLED
             except StepError as error:
                 cause = f"{type(error.cause).__name__}: {error.cause}"
-                return self._fail(cause, error.events)
+                return self._fail_node(cause, error.events)
             return self._commit(run, loaded, done.action, done.events)
         self._end(LOST, "woken too often in one step; the sweeper sends it again")
         return LOST
@@ -856,6 +865,24 @@ class _StepRun:
             return LOST
         _log.error("Run %s failed at step %d: %s", msg.run_id, msg.step, error_msg)
         return outcome
+
+    def _fail_node(self, cause: str, events: list[dict[str, Any]]) -> str:
+        """The node failed for good: fail its run with ``cause``. If the ledger refuses to
+        record that (its text, an event's value), that is still the node's failure, not a
+        crash of the executor (which would run the node again and blame the worker): the
+        run fails with the cause cleaned to ASCII and without the node's events."""
+        try:
+            return self._fail(cause, events)
+        except Exception as exc:
+            if _unreachable(exc):
+                raise
+            _log.warning(
+                "Step %d of run %s: the node's failure could not be recorded as it is (%s)",
+                self.msg.step,
+                self.msg.run_id,
+                exc,
+            )
+            return self._fail(recordable_error(cause, exc), node_name=self.msg.node_id)
 
     def _record(self, event: str, error_msg: str) -> None:
         """An event on the run for what happened to this delivery; the ledger blinking
