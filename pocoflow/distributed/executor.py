@@ -105,6 +105,18 @@ def step_queue(run: dict[str, Any], node: Node | None) -> str | None:
     return getattr(node, "queue", None) or run.get("queue")
 
 
+def crash_queue(
+    db: WorkflowDB, run: dict[str, Any], run_id: str, step: int, node: Node | None
+) -> str | None:
+    """The queue a step (or one of its map items) that crashed goes to again: its node's,
+    else, when the crash came before the node was loaded, the queue the step's row keeps
+    for it (``pf_steps.queue``, the node's when the step was sent), else the run's."""
+    if node is not None:
+        return step_queue(run, node)
+    row = db.get_step(run_id, step) or {}
+    return row.get("queue") or run.get("queue")
+
+
 @dataclass
 class WorkerContext:
     """What a worker process shares between its steps: ledger, publisher, control Redis,
@@ -829,12 +841,8 @@ class _StepRun:
         return CRASHED
 
     def _queue(self) -> str | None:
-        """The queue of this step's node (its graph loaded or not), else the run's."""
-        msg, run = self.msg, self.run_row or {}
-        if self.loaded is not None:
-            return step_queue(run, self.loaded.node)
-        row = self.db.get_step(msg.run_id, msg.step) or {}
-        return row.get("queue") or run.get("queue")
+        node = self.loaded.node if self.loaded is not None else None
+        return crash_queue(self.db, self.run_row or {}, self.msg.run_id, self.msg.step, node)
 
     def _fail(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pocoflow.distributed.executor import CRASHED, crash_verdict, redelivery_delay, step_queue
+from pocoflow.distributed.executor import CRASHED, crash_queue, crash_verdict, redelivery_delay
 from pocoflow.logging import get_logger
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def item_crashed(item: _ItemRun, exc: Exception) -> str:
         if attempt is not None:
             item.ctx.publisher.send(
                 msg.retry(item.try_number, attempt),
-                queue=step_queue(item.run_row, item.node),
+                queue=crash_queue(db, item.run_row, msg.run_id, msg.step, item.node),
                 countdown=delay,
             )
     except Exception as failure:
