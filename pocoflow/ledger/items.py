@@ -157,6 +157,9 @@ _RETRY = (
         sent_at=None,
         received_by=None,
         queued_at=NOW + bindparam("b_due_in"),
+        # The delivery ran the item to an outcome of its own (a retry, a limit wait):
+        # the crashes before it were not "in a row" with any after it.
+        crashes=0,
     )
 )
 # The same after the holder's delivery crashed in the executor: counted toward the
@@ -410,9 +413,10 @@ _REOPEN = (
         attempt=_i.attempt + 1,
         status="queued",
         try_number=case((_i.status == "failed", 1), else_=_i.try_number),
-        # A resume is a new start: a poison item (failed after its crashes) gets its
-        # full count of worker losses again, as its tries start again at 1.
-        crashes=case((_i.status == "failed", 0), else_=_i.crashes),
+        # A resume is a new start: every item re-opened (a poison item failed after its
+        # crashes, one queued after a crash when the run paused) gets its full count of
+        # crashes again, as a failed item's tries start again at 1.
+        crashes=0,
         lease_owner=None,
         lease_expires_at=None,
         sent_at=None,

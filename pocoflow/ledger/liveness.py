@@ -46,9 +46,11 @@ _SWEEPABLE = and_(
     literal_in(_s.status, ACTIVE_STEP_STATUSES),
 )
 
+#: The row a resume writes for the attempt it replaces (``steps.take_over``).
+RESUMED_OUTCOME = steps.RESUMED_OUTCOME
 #: Outcomes after which a step only goes on through a resume, which starts afresh: crash
 #: counting (and the try number) restart after them.
-FRESH_START_AFTER = frozenset({"failed", "refused", "cancelled", "terminated"})
+FRESH_START_AFTER = frozenset({"failed", "refused", "cancelled", "terminated", RESUMED_OUTCOME})
 #: The outcome ``take_over`` records for the attempt of a holder that stopped answering.
 CRASHED_OUTCOME = "lost"
 #: The ``error_msg`` of an attempt lost because its worker process stopped beating: only
@@ -310,19 +312,30 @@ def is_crash(row: dict[str, Any]) -> bool:
     return row["outcome"] == CRASHED_OUTCOME and row.get("error_msg") == WORKER_DIED
 
 
+def _says_nothing(row: dict[str, Any]) -> bool:
+    """A row that neither crashed nor ran the node to an outcome: still open, or lost while
+    its worker lived on (a lease that ran out, a claim fenced out, a ledger error)."""
+    return row["outcome"] is None or row["outcome"] == CRASHED_OUTCOME
+
+
 def crashes(attempts: list[dict[str, Any]], step: int) -> tuple[int, int]:
-    """(attempts of ``step`` that crashed, retries) since the step last ended for good:
-    what the poison limit and the try number count (pure; takes the rows). Attempts lost
-    while their worker lived on are not crashes (``is_crash``). Counted by attempt
-    number, not by row: two deliveries of one attempt (a threads pool) each have a row,
-    and one worker death or one retry ends both."""
+    """(attempts of ``step`` that crashed in a row, retries) since the step last ended for
+    good or was resumed: what the poison limit and the try number count (pure; takes the
+    rows). Any outcome of the node's own (a retry, a limit wait, a park) ends the row of
+    crashes; attempts lost while their worker lived on are not crashes (``is_crash``) and
+    do not end it. Counted by attempt number, not by row: two deliveries of one attempt
+    (a threads pool) each have a row, and one worker death or one retry ends both."""
     lost: set[Any] = set()
     retries: set[Any] = set()
+    in_a_row = True
     for row in reversed([a for a in attempts if a["step"] == step]):
         if row["outcome"] in FRESH_START_AFTER:
             break
         if is_crash(row):
-            lost.add(row.get("attempt"))
+            if in_a_row:
+                lost.add(row.get("attempt"))
+        elif not _says_nothing(row):
+            in_a_row = False
         if row["outcome"] == "retry":
             retries.add(row.get("attempt"))
     return len(lost), len(retries)

@@ -398,6 +398,14 @@ def failed_by(conn: Connection, f: StepFailure) -> bool:
     )
 
 
+#: The outcome of the row a resume writes for the attempt it replaces: a resume of a
+#: paused, cancelled or failed run is a new start for the step's crash and try counts
+#: (``liveness.crashes``), and a pause or cancel met at the guard, before any claim,
+#: leaves no attempt row of its own to say so.
+RESUMED_OUTCOME = "resumed"
+_RESUMED_NOTE = "the run was resumed: the step's crash and try counts start afresh"
+
+
 def take_over(
     conn: Connection,
     run_id: str,
@@ -409,10 +417,12 @@ def take_over(
     holder: str | None = None,
     due_in: float = 0.0,
     note: str | None = None,
+    fresh_start: bool = False,
 ) -> int | None:
     """Re-queue the step under ``old_attempt + 1`` (fencing out the old holder). With
     ``holder``: only while that claim holds the step (its own retry, due in ``due_in``
-    seconds: ``queued_at``)."""
+    seconds: ``queued_at``). ``fresh_start`` (a resume): a closed ``resumed`` row of the
+    old attempt marks where the step's counts start again."""
     params = _key(run_id, step, old_attempt)
     params.update(now=now, lease_s=lease_s, holder=holder)
     if holder is not None:
@@ -423,6 +433,11 @@ def take_over(
     if conn.execute(stmt, params).rowcount != 1:
         return None
     end_attempt(conn, run_id, step, old_attempt, None, "lost", note, now)
+    if fresh_start:
+        at = clock(conn) if now is None else now
+        marker = {"run_id": run_id, "step": step, "attempt": old_attempt, "started_at": at}
+        marker.update(ended_at=at, outcome=RESUMED_OUTCOME, error_msg=_RESUMED_NOTE)
+        conn.execute(insert(pf_attempts).values(**marker))
     return old_attempt + 1
 
 

@@ -111,3 +111,25 @@ def test_a_ledger_that_cannot_be_reached_after_the_claim_is_not_a_crash(
     assert (step["status"], step["attempt"]) == ("running", 1)
     [row] = db.get_attempts(first.run_id)
     assert row["outcome"] is None and publish.take() == []
+
+
+def test_a_resume_of_a_paused_run_starts_the_crash_count_afresh(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    """Crash, pause (met at the guard, before any claim: no attempt row of its own),
+    resume, crash: one crash since the resume, not two (which, at a budget of 2, failed
+    the run as if the crashes had come in a row)."""
+    ctx.max_crashes = 2
+    first = start(db, "exec_three", {"n": 0})
+    set_initial_value(db, first.run_id, "n", UNDECODABLE)
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == executor.CRASHED
+    [again] = publish.take()
+    assert lifecycle.request_pause(db, first.run_id)
+    assert execute_step(again.to_dict(), worker_id="h:1", context=ctx) == "paused"
+    assert lifecycle.resume_paused(db, first.run_id, publish, lease_s=LEASE_S)  # type: ignore[arg-type]
+    [resumed] = publish.take()
+    assert execute_step(resumed.to_dict(), worker_id="h:1", context=ctx) == executor.CRASHED
+    assert db.get_run(first.run_id)["status"] == "running"
+    [last] = publish.take()
+    assert execute_step(last.to_dict(), worker_id="h:1", context=ctx) == "failed"
+    assert "2 times in a row" in db.get_run(first.run_id)["error_msg"]

@@ -434,3 +434,21 @@ def test_only_attempts_lost_with_their_worker_process_count_as_crashes() -> None
     assert liveness.crashes([row(1, True), row(2, False), row(3, True)], 0) == (2, 0)
     # Two deliveries of attempt 3 in the dead process: one crash, not two.
     assert liveness.crashes([row(1, True), row(2, False), row(3, True), row(3, True)], 0) == (2, 0)
+
+
+def test_crashes_count_only_in_a_row_and_since_the_last_resume() -> None:
+    """An outcome of the node's own (a retry) ends a row of crashes; a resume (its
+    ``resumed`` row) starts both counts afresh; a row lost while its worker lived on
+    neither counts nor ends the row."""
+
+    def row(attempt: int, outcome: str, why: str | None = None) -> dict[str, Any]:
+        return {"step": 0, "attempt": attempt, "outcome": outcome, "error_msg": why}
+
+    crashed = liveness.EXECUTOR_CRASHED
+    died = ("lost", liveness.WORKER_DIED)
+    rows = [row(1, crashed), row(2, "retry"), row(3, crashed)]
+    assert liveness.crashes(rows, 0) == (1, 1)
+    rows = [row(1, crashed), row(2, *died), row(3, "lost", "late commit refused"), row(4, crashed)]
+    assert liveness.crashes(rows, 0) == (3, 0)
+    rows = [row(1, "retry"), row(2, crashed), row(2, liveness.RESUMED_OUTCOME), row(3, crashed)]
+    assert liveness.crashes(rows, 0) == (1, 0)
