@@ -378,6 +378,7 @@ def fail(conn: Connection, f: StepFailure, now: float | None) -> bool:
         end_attempt_op(
             f.run_id, f.step, f.attempt, f.worker, f.outcome, now, f.error_msg, holder=f.holder
         ),
+        fence_out_op(f.run_id, f.step, f.attempt, f.holder, now),
         events.insert_op(events.rows_of(f.run_id, f.events)),
         *runs.step_update_ops(
             f.run_id, {"status": "failed", "error_msg": f.error_msg, "completed_at": iso_now()}
@@ -483,6 +484,18 @@ def end_attempt_op(
     """Closing an attempt's row as part of a batch (the step commit or failure): the row
     of ``holder``'s claim (default: the claim made without a holder token, ``worker``)."""
     return _end_attempt(run_id, step, attempt, worker, outcome, now, error_msg, holder or worker)
+
+
+def fence_out_op(run_id: str, step: int, attempt: int, holder: str, now: float | None) -> Op:
+    """Closing, in the batch that commits or fails the step for ``holder``'s claim, every
+    other row of the same attempt still open (after ``end_attempt_op`` closed the
+    holder's own): another delivery of the attempt in the same process, frozen, whose
+    claim this commit fences out (G1). It may never wake to close its row itself, and
+    the sweeper looks only at steps not yet committed: left open, the monitor would show
+    it running for ever. ``lost``, not a crash: its worker lives on."""
+    params = _key(run_id, step, attempt)
+    params.update(now=now, outcome="lost", err=f"fenced out by {holder}")
+    return Op(_END_ANY_ATTEMPT, params)
 
 
 def end_attempt(

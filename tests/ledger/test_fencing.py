@@ -16,11 +16,12 @@ import pytest
 from sqlalchemy import insert, update
 
 from pocoflow import Flow, Node, flow
-from pocoflow.commit import NextStep
+from pocoflow.commit import NextStep, StepFailure
 from pocoflow.distributed import executor, lifecycle
 from pocoflow.distributed.executor import WorkerContext, execute_step
 from pocoflow.distributed.message import StepMessage
 from pocoflow.hooks import NODE_ERROR
+from pocoflow.ledger import liveness
 from pocoflow.ledger.tables import pf_values
 from tests.ledger.test_distributed_executor import LEASE_S, ON_EXEC, Publish, drain, start
 from tests.ledger.test_ledger_commit import make_commit, start as start_run
@@ -366,15 +367,19 @@ def _outcomes(db: Any) -> list[tuple[str, str | None]]:
 def test_two_holders_in_one_process_close_only_their_own_attempt_rows(db: Any) -> None:
     """Each delivery closes its own ``pf_attempts`` row (by its holder token, not the
     worker id they share): the live holder's commit does not close the frozen holder's
-    row as committed too, so the audit shows one commit."""
+    row as committed too, so the audit shows one commit. It closes it as ``lost``, fenced
+    out, in the same transaction: the frozen delivery may never wake to close it, and the
+    sweeper never looks at a committed step again (the monitor showed it running)."""
     manifest = _two_holders_of_one_attempt(db)
     live = make_commit("r1", 0, manifest, {"n": 2}, attempt=1, worker="h:1", holder="h:1#2")
     assert db.commit_step(live, now=112.0)
-    assert _outcomes(db) == [("h:1#1", None), ("h:1#2", "committed")]
+    assert _outcomes(db) == [("h:1#1", "lost"), ("h:1#2", "committed")]
+    [fenced] = [a for a in db.get_attempts("r1") if a["holder"] == "h:1#1"]
+    assert (fenced["error_msg"], fenced["ended_at"]) == ("fenced out by h:1#2", 112.0)
     frozen = make_commit("r1", 0, manifest, {"n": 1}, attempt=1, worker="h:1", holder="h:1#1")
     assert not db.commit_step(frozen, now=113.0)
-    # What its executor then records (``_StepRun._end``).
-    assert db.end_attempt("r1", 0, 1, "h:1", "lost", now=113.0, holder="h:1#1")
+    # What its executor then records (``_StepRun._end``) finds its row closed already.
+    assert not db.end_attempt("r1", 0, 1, "h:1", "lost", now=113.0, holder="h:1#1")
     assert _outcomes(db) == [("h:1#1", "lost"), ("h:1#2", "committed")]
     # The readers: the monitor's Attempts tab and Gantt show one commit and one loss.
     from datetime import UTC, datetime
@@ -386,6 +391,19 @@ def test_two_holders_in_one_process_close_only_their_own_attempt_rows(db: Any) -
     assert sorted(r["outcome"] for r in rows) == ["committed", "lost"]
     bars = gantt_bars(rows, datetime.now(UTC))
     assert sorted(b["outcome"] for b in bars) == ["committed", "lost"]
+
+
+def test_a_failure_closes_the_other_open_rows_of_its_attempt_as_fenced_out(db: Any) -> None:
+    """The same for a step failed by the live holder: one transaction fails the step,
+    closes its row ``failed`` and the frozen holder's ``lost``."""
+    _two_holders_of_one_attempt(db)
+    failure = StepFailure("r1", 0, 1, holder="h:1#2", worker="h:1", error_msg="ValueError: x")
+    assert db.fail_step(failure, now=112.0)
+    assert _outcomes(db) == [("h:1#1", "lost"), ("h:1#2", "failed")]
+    [fenced] = [a for a in db.get_attempts("r1") if a["holder"] == "h:1#1"]
+    assert fenced["error_msg"] == "fenced out by h:1#2"
+    # Not a crash: its worker lives on.
+    assert liveness.crashes(db.get_attempts("r1"), 0) == (0, 0)
 
 
 def test_a_frozen_holders_loss_leaves_the_live_holders_row_open(db: Any) -> None:
