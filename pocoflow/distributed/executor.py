@@ -287,12 +287,21 @@ def _unreachable(exc: BaseException) -> bool:
         TimeoutError as PoolTimeout,
     )
 
-    from pocoflow.ledger.errors import LedgerConflictError, LedgerLockedError, LedgerOpenError
+    from pocoflow.ledger.errors import (
+        LedgerConflictError,
+        LedgerLockedError,
+        LedgerOpenError,
+        is_transient_state,
+        sqlstate,
+    )
 
     if isinstance(exc, LedgerOpenError):  # opening it: unreachable, or a bad URL?
         return isinstance(exc.__cause__, InterfaceError | OperationalError)
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True  # the connection died under the statement, whatever its class
+    state = sqlstate(exc)
+    if state is not None:  # PostgreSQL answered: its SQLSTATE says, not psycopg's class
+        return is_transient_state(state)
     return isinstance(
         exc,
         InterfaceError | OperationalError | PoolTimeout | LedgerLockedError | LedgerConflictError,

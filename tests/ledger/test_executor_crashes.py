@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from psycopg import errors as psycopg_errors
 from sqlalchemy import update
-from sqlalchemy.exc import OperationalError, TimeoutError as PoolTimeout
+from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeout
 
 from pocoflow.distributed import executor, lifecycle
 from pocoflow.distributed.executor import WorkerContext, execute_step
@@ -79,13 +80,25 @@ def test_the_crash_budget_is_the_poison_step_setting(
     assert "1 times in a row" in db.get_run(first.run_id)["error_msg"]
 
 
+def pg_error(error: type[Exception]) -> Exception:
+    """A PostgreSQL error as SQLAlchemy raises it (psycopg files 25006, 25P03 under
+    ``InternalError``, 55P03 under ``OperationalError``)."""
+    import psycopg
+
+    return DBAPIError.instance("UPDATE pf_steps", {}, error("from the server"), psycopg.Error)
+
+
 @pytest.mark.parametrize(
     "outage",
     [
         OperationalError("SELECT 1", {}, Exception("connection refused")),
         PoolTimeout("QueuePool limit of size 5 overflow 10 reached"),
+        pg_error(psycopg_errors.ReadOnlySqlTransaction),
+        pg_error(psycopg_errors.IdleInTransactionSessionTimeout),
+        pg_error(psycopg_errors.LockNotAvailable),
+        pg_error(psycopg_errors.AdminShutdown),
     ],
-    ids=["connection", "pool"],
+    ids=["connection", "pool", "read-only", "idle-timeout", "lock", "shutdown"],
 )
 def test_a_ledger_that_cannot_be_reached_after_the_claim_is_not_a_crash(
     db: Any,
@@ -133,3 +146,16 @@ def test_a_resume_of_a_paused_run_starts_the_crash_count_afresh(
     [last] = publish.take()
     assert execute_step(last.to_dict(), worker_id="h:1", context=ctx) == "failed"
     assert "2 times in a row" in db.get_run(first.run_id)["error_msg"]
+
+
+def test_postgresql_errors_are_judged_by_their_sqlstate() -> None:
+    """Not by psycopg's class: a value too big for its index (54000) is an
+    ``OperationalError`` but fails the same way every time (a crash, bounded by the
+    budget); a read-only server (25006) is an ``InternalError`` but passes."""
+    unreachable = executor._unreachable
+    assert unreachable(pg_error(psycopg_errors.ReadOnlySqlTransaction))
+    assert unreachable(pg_error(psycopg_errors.SerializationFailure))
+    assert unreachable(pg_error(psycopg_errors.TooManyConnections))
+    assert not unreachable(pg_error(psycopg_errors.ProgramLimitExceeded))
+    assert not unreachable(pg_error(psycopg_errors.InFailedSqlTransaction))
+    assert not unreachable(pg_error(psycopg_errors.UntranslatableCharacter))
