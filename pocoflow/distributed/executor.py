@@ -34,6 +34,7 @@ from pocoflow.distributed.control import FlagReader, redis_client
 from pocoflow.distributed.graphs import GraphCache, mismatch_message
 from pocoflow.distributed.lease import Holding, LeaseKeeper
 from pocoflow.distributed.limiter import RedisLimiter
+from pocoflow.distributed.liveness import dead_after
 from pocoflow.distributed.mapstep import run_map_step
 from pocoflow.distributed.message import MalformedMessage, StepMessage
 from pocoflow.hooks import COMMIT_REFUSED, FLOW_END, MESSAGE_MALFORMED, NODE_RETRY
@@ -43,7 +44,7 @@ from pocoflow.limits import Limiter, LimitGate, LimitWait, use_limiter
 from pocoflow.logging import get_logger
 from pocoflow.mapnode import MapNode
 from pocoflow.registry import UnknownFlowError
-from pocoflow.settings import DEFAULT_MAX_CRASHES, Settings
+from pocoflow.settings import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_MAX_CRASHES, Settings
 from pocoflow.step import RetryLater, RunCancelled, StepError, run_step, utc_now
 from pocoflow.store import Store
 from pocoflow.usage import BUDGET_EXCEEDED, Budget, LedgerSink, budget_message
@@ -135,6 +136,9 @@ class WorkerContext:
     #: The crash budget (``POCOFLOW_MAX_CRASHES``): a step or item whose deliveries end
     #: this many times in a row on an exception of the executor's own fails its run.
     max_crashes: int = DEFAULT_MAX_CRASHES
+    #: Silence after which a worker process is taken for dead (``poisoned_by`` counts the
+    #: live ones).
+    dead_after_s: float = dead_after(DEFAULT_HEARTBEAT_SECONDS)
     leases: LeaseKeeper = field(init=False)
     #: Where every step's ``report_usage`` calls go: a ledger row each, written at once,
     #: so a call made before this process is killed is kept.
@@ -150,6 +154,15 @@ class WorkerContext:
     def __post_init__(self) -> None:
         self.leases = LeaseKeeper(self.db, self.lease_s)
         self.usage = LedgerSink(self.db)
+
+    def poisoned_by(self, workers: set[str]) -> bool:
+        """Crashes of the executor at the budget, seen on ``workers``: do they fail the
+        run? Only if they span at least two worker processes, or every live one when
+        fewer are alive (``liveness.spans_enough_workers``)."""
+        if len(workers) >= 2:
+            return True  # no need to ask the ledger
+        live = liveness.live_workers(self.db, self.dead_after_s)
+        return liveness.spans_enough_workers(workers, live)
 
     def keep(self, run_id: str, flow: str, step: int, store: Store, tracker: StoreTracker) -> None:
         """Hold the Store this process just committed as step ``step``: when the same
@@ -184,6 +197,7 @@ class WorkerContext:
             lease_s=settings.lease_seconds,
             limiter=limiter,
             max_crashes=settings.max_crashes,
+            dead_after_s=dead_after(settings.heartbeat_seconds),
         )
 
 
@@ -308,15 +322,25 @@ def _unreachable(exc: BaseException) -> bool:
     )
 
 
-def crash_verdict(what: str, crashes: int, worker: str, error: str) -> str:
+def crash_verdict(
+    what: str, crashes: int, workers: set[str], error: str, *, worker_deaths: int = 0
+) -> str:
     """The ``error_msg`` of a run failed because ``what`` (its step or item, naming the
-    run, the step and the node) crashed in the executor ``crashes`` times in a row."""
+    run, the step and the node) crashed ``crashes`` times in a row on ``workers``: in the
+    executor, the last with ``error``, and ``worker_deaths`` of them with its worker
+    process dying."""
+    kinds = "in the executor"
+    if worker_deaths:
+        kinds = (
+            f"({crashes - worker_deaths} in the executor, {worker_deaths} with its worker "
+            "process dying)"
+        )
     return (
-        f"{what} crashed in the executor {crashes} times in a row (last on {worker}): "
-        f"{error}. Not an exception of the node's own code but of loading or running it "
-        "on a worker (a Store or item that cannot be decoded, the flow's graph, the "
-        "ledger's data), which fails the same way every time. Fix the cause (or raise "
-        "POCOFLOW_MAX_CRASHES), then resume the run."
+        f"{what} crashed {kinds} {crashes} times in a row, on {len(workers)} worker "
+        f"process(es): {', '.join(sorted(workers))}. Last: {error}. Not an exception of the "
+        "node's own code but of loading or running it on a worker (a Store or item that "
+        "cannot be decoded, the flow's graph, the ledger's data), which fails the same "
+        "way every time. Fix the cause (or raise POCOFLOW_MAX_CRASHES), then resume the run."
     )
 
 
@@ -832,10 +856,13 @@ class _StepRun:
             exc_info=exc,
         )
         try:
-            crashes = liveness.crashes(db.get_attempts(msg.run_id), msg.step)[0] + 1
-            if crashes >= self.ctx.max_crashes:
+            attempts = db.get_attempts(msg.run_id)
+            crashes = liveness.crashes(attempts, msg.step)[0] + 1
+            workers, deaths = liveness.crash_kinds(attempts, msg.step)
+            workers.add(self.worker)
+            if crashes >= self.ctx.max_crashes and self.ctx.poisoned_by(workers):
                 what = f"Step {msg.step} (node {msg.node_id!r}) of run {msg.run_id}"
-                verdict = crash_verdict(what, crashes, self.worker, error)
+                verdict = crash_verdict(what, crashes, workers, error, worker_deaths=deaths)
                 return self._fail(verdict, node_name=msg.node_id)
             self._end(liveness.EXECUTOR_CRASHED, error)
             self._send_again(msg.try_number, redelivery_delay(crashes - 1), self._queue())

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pocoflow.distributed.executor import CRASHED, crash_queue, crash_verdict, redelivery_delay
+from pocoflow.ledger.items import crashed_on
 from pocoflow.logging import get_logger
 
 if TYPE_CHECKING:
@@ -36,14 +37,19 @@ def item_crashed(item: _ItemRun, exc: Exception) -> str:
         exc_info=exc,
     )
     try:
-        crashes = (db.get_item(msg.run_id, msg.step, msg.idx) or {}).get("crashes", 0) + 1
-        if crashes >= item.ctx.max_crashes:
+        row = db.get_item(msg.run_id, msg.step, msg.idx) or {}
+        crashes = int(row.get("crashes") or 0) + 1
+        workers = [*crashed_on(row), item.worker]
+        if crashes >= item.ctx.max_crashes and item.ctx.poisoned_by(set(workers)):
             what = (
                 f"MapNode {item.node_name!r}: item {msg.idx} of step {msg.step} of run {msg.run_id}"
             )
-            return item._fail(crash_verdict(what, crashes, item.worker, error), cause=exc)
+            verdict = crash_verdict(what, crashes, set(workers), error)
+            return item._fail(verdict, cause=exc, crashed=True)
         delay = redelivery_delay(crashes - 1)
-        attempt = db.retry_item(item.claim, next_try=item.try_number, due_in=delay, crashed=True)
+        attempt = db.retry_item(
+            item.claim, next_try=item.try_number, due_in=delay, crashed_on=workers
+        )
         if attempt is not None:
             item.ctx.publisher.send(
                 msg.retry(item.try_number, attempt),

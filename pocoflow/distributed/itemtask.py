@@ -334,9 +334,15 @@ class _ItemRun:
         return RETRY
 
     def _fail(
-        self, error_msg: str, *, cause: BaseException | None = None, refused: bool = False
+        self,
+        error_msg: str,
+        *,
+        cause: BaseException | None = None,
+        refused: bool = False,
+        crashed: bool = False,
     ) -> str:
-        """The item fails its run, naming the item; the run stays resumable."""
+        """The item fails its run, naming the item (``crashed``: its last crash, counted);
+        the run stays resumable."""
         msg = self.msg
         record = (
             error_record(cause) if cause is not None else {"type": "Refused", "message": error_msg}
@@ -350,7 +356,11 @@ class _ItemRun:
             "ts": utc_now(),
         }
         if not self.db.fail_item(
-            self.claim, error_json=json.dumps(record), error_msg=error_msg, events=[event]
+            self.claim,
+            error_json=json.dumps(record),
+            error_msg=error_msg,
+            events=[event],
+            crashed=crashed,
         ):
             return LOST
         _log.error("Run %s failed at step %d item %d: %s", msg.run_id, msg.step, msg.idx, error_msg)

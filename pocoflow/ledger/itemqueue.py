@@ -106,10 +106,17 @@ class ItemQueue(LedgerClient):
         return self._finish_item(body, own, "committing", c)
 
     def fail_item(
-        self, c: ItemClaim, *, error_json: str, error_msg: str, events: list[dict[str, Any]]
+        self,
+        c: ItemClaim,
+        *,
+        error_json: str,
+        error_msg: str,
+        events: list[dict[str, Any]],
+        crashed: bool = False,
     ) -> bool:
-        """The item out of tries fails its run, naming it (see ``items.fail_ops``)."""
-        ops = items.fail_ops(c, error_json, error_msg, events)
+        """The item out of tries (``crashed``: at its crash budget) fails its run, naming
+        it (see ``items.fail_ops``)."""
+        ops = items.fail_ops(c, error_json, error_msg, events, crashed)
 
         def body(conn: Any) -> bool:
             if not pipeline.run(conn, ops):
@@ -133,13 +140,14 @@ class ItemQueue(LedgerClient):
         next_try: int,
         due_in: float,
         now: float | None = None,
-        crashed: bool = False,
+        crashed_on: list[str] | None = None,
     ) -> int | None:
         """Hand the item to a new attempt (returned) for try ``next_try``, due in
-        ``due_in`` seconds (``crashed``: after a crash of the executor, counted toward
-        the item's crash budget); None if ``c`` no longer holds it."""
+        ``due_in`` seconds (``crashed_on``: after a crash of the executor, counted toward
+        the item's crash budget, with the workers of its crashes in a row); None if ``c``
+        no longer holds it."""
         return self._write(
-            lambda conn: items.retry(conn, c, next_try, due_in, now, crashed),
+            lambda conn: items.retry(conn, c, next_try, due_in, now, crashed_on),
             f"retrying item {c.idx} of step {c.step}",
             c.run_id,
         )

@@ -318,14 +318,12 @@ def _says_nothing(row: dict[str, Any]) -> bool:
     return row["outcome"] is None or row["outcome"] == CRASHED_OUTCOME
 
 
-def crashes(attempts: list[dict[str, Any]], step: int) -> tuple[int, int]:
-    """(attempts of ``step`` that crashed in a row, retries) since the step last ended for
-    good or was resumed: what the poison limit and the try number count (pure; takes the
-    rows). Any outcome of the node's own (a retry, a limit wait, a park) ends the row of
-    crashes; attempts lost while their worker lived on are not crashes (``is_crash``) and
-    do not end it. Counted by attempt number, not by row: two deliveries of one attempt
-    (a threads pool) each have a row, and one worker death or one retry ends both."""
-    lost: set[Any] = set()
+def _crashes_in_a_row(
+    attempts: list[dict[str, Any]], step: int
+) -> tuple[list[dict[str, Any]], set[Any]]:
+    """(the rows of ``step``'s crashes in a row, newest first; the attempt numbers of its
+    retries) since the step last ended for good or was resumed."""
+    crashed: list[dict[str, Any]] = []
     retries: set[Any] = set()
     in_a_row = True
     for row in reversed([a for a in attempts if a["step"] == step]):
@@ -333,12 +331,41 @@ def crashes(attempts: list[dict[str, Any]], step: int) -> tuple[int, int]:
             break
         if is_crash(row):
             if in_a_row:
-                lost.add(row.get("attempt"))
+                crashed.append(row)
         elif not _says_nothing(row):
             in_a_row = False
         if row["outcome"] == "retry":
             retries.add(row.get("attempt"))
-    return len(lost), len(retries)
+    return crashed, retries
+
+
+def crashes(attempts: list[dict[str, Any]], step: int) -> tuple[int, int]:
+    """(attempts of ``step`` that crashed in a row, retries) since the step last ended for
+    good or was resumed: what the poison limit and the try number count (pure; takes the
+    rows). Any outcome of the node's own (a retry, a limit wait, a park) ends the row of
+    crashes; attempts lost while their worker lived on are not crashes (``is_crash``) and
+    do not end it. Counted by attempt number, not by row: two deliveries of one attempt
+    (a threads pool) each have a row, and one worker death or one retry ends both."""
+    crashed, retries = _crashes_in_a_row(attempts, step)
+    return len({row.get("attempt") for row in crashed}), len(retries)
+
+
+def crash_kinds(attempts: list[dict[str, Any]], step: int) -> tuple[set[str], int]:
+    """(the worker processes ``step``'s crashes in a row happened on, how many of those
+    crashes were worker deaths rather than exceptions of the executor)."""
+    crashed, _ = _crashes_in_a_row(attempts, step)
+    workers = {row["worker"] for row in crashed if row.get("worker")}
+    died = {row.get("attempt") for row in crashed if row["outcome"] == CRASHED_OUTCOME}
+    return workers, len(died)
+
+
+def spans_enough_workers(workers: set[str], live_workers: int) -> bool:
+    """May crashes of the executor seen on ``workers`` fail their run? Only if they came
+    on at least two worker processes, or on every one alive when fewer are (one worker,
+    or none heard from: a test's in-process executor): a cause that only some workers
+    have (a type registered on some, an optional import missing on one host) must not
+    fail a run that a healthy worker would have run."""
+    return len(workers) >= min(2, live_workers)
 
 
 def count_workers(conn: Connection, dead_after_s: float, now: float | None) -> int:

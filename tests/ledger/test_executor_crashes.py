@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTim
 from pocoflow.distributed import executor, lifecycle
 from pocoflow.distributed.executor import WorkerContext, execute_step
 from pocoflow.distributed.message import StepMessage
+from pocoflow.ledger import liveness
 from pocoflow.ledger.tables import pf_values
 from tests.ledger import test_distributed_executor as protocol
 from tests.ledger.test_distributed_executor import LEASE_S, Publish, drain, start
@@ -159,3 +160,24 @@ def test_postgresql_errors_are_judged_by_their_sqlstate() -> None:
     assert not unreachable(pg_error(psycopg_errors.ProgramLimitExceeded))
     assert not unreachable(pg_error(psycopg_errors.InFailedSqlTransaction))
     assert not unreachable(pg_error(psycopg_errors.UntranslatableCharacter))
+
+
+def test_crashes_on_one_of_two_live_workers_do_not_fail_the_run(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    """A cause only one worker has (a type it never registered, an import missing on its
+    host): its crashes alone, even past the budget, do not fail the run while another
+    worker is alive; a crash on a second worker does, naming both."""
+    ctx.max_crashes, ctx.dead_after_s = 2, 600.0
+    for worker in ("h:1", "h:2"):
+        liveness.record_beat(db, worker, "h", 1)
+    first = start(db, "exec_three", {"n": 0})
+    set_initial_value(db, first.run_id, "n", UNDECODABLE)
+    message = first
+    for _ in range(3):  # past the budget of 2, all on h:1
+        assert execute_step(message.to_dict(), worker_id="h:1", context=ctx) == executor.CRASHED
+        [message] = publish.take()
+    assert db.get_run(first.run_id)["status"] == "running"
+    assert execute_step(message.to_dict(), worker_id="h:2", context=ctx) == "failed"
+    error = db.get_run(first.run_id)["error_msg"]
+    assert "4 times in a row, on 2 worker process(es): h:1, h:2" in error, error

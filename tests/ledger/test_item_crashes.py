@@ -14,6 +14,7 @@ from pocoflow.distributed import executor
 from pocoflow.distributed.executor import WorkerContext, execute_step
 from pocoflow.distributed.itemtask import execute_item
 from pocoflow.distributed.message import ItemMessage, StepMessage
+from pocoflow.ledger import liveness
 from tests.ledger.test_distributed_executor import LEASE_S, start
 
 pytestmark = pytest.mark.ledger
@@ -96,3 +97,30 @@ def test_an_item_crashing_before_its_node_is_loaded_is_sent_again_to_the_nodes_q
     [(again, queue)] = recorder.take()
     assert isinstance(again, ItemMessage) and (again.idx, again.attempt) == (item.idx, 2)
     assert queue == "gpu"
+
+
+def test_item_crashes_on_one_of_two_live_workers_do_not_fail_the_run(
+    db: Any, wctx: WorkerContext, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for steps: past the budget on one worker of two alive, the item is sent again;
+    a crash on the other fails the run naming both, and the item's ``crashes`` counts
+    what the run's error says."""
+    item, _ = fan_out(db, wctx, recorder, "items_on_gpu")
+    wctx.max_crashes, wctx.dead_after_s = 2, 600.0
+    for worker in ("h:1", "h:2"):
+        liveness.record_beat(db, worker, "h", 1)
+
+    def broken(name: str) -> Any:
+        raise RuntimeError(f"graph of {name} broke")
+
+    monkeypatch.setattr(wctx.graphs, "get", broken)
+    for _ in range(3):
+        assert execute_item(item.to_dict(), worker_id="h:1", context=wctx) == executor.CRASHED
+        [(item, _queue)] = recorder.take()
+    row = db.get_item(item.run_id, item.step, item.idx)
+    assert (row["status"], row["crashes"]) == ("queued", 3)
+    assert db.get_run(item.run_id)["status"] == "running"
+    assert execute_item(item.to_dict(), worker_id="h:2", context=wctx) == "failed"
+    error = db.get_run(item.run_id)["error_msg"]
+    assert "4 times in a row, on 2 worker process(es): h:1, h:2" in error, error
+    assert db.get_item(item.run_id, item.step, item.idx)["crashes"] == 4

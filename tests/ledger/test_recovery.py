@@ -452,3 +452,12 @@ def test_crashes_count_only_in_a_row_and_since_the_last_resume() -> None:
     assert liveness.crashes(rows, 0) == (3, 0)
     rows = [row(1, "retry"), row(2, crashed), row(2, liveness.RESUMED_OUTCOME), row(3, crashed)]
     assert liveness.crashes(rows, 0) == (1, 0)
+
+
+def test_executor_crashes_fail_a_run_only_across_two_workers_or_every_live_one() -> None:
+    assert not liveness.spans_enough_workers({"a"}, 2)
+    assert not liveness.spans_enough_workers({"a"}, 5)
+    assert liveness.spans_enough_workers({"a", "b"}, 2)
+    assert liveness.spans_enough_workers({"a", "b"}, 5)
+    assert liveness.spans_enough_workers({"a"}, 1)  # the only worker alive
+    assert liveness.spans_enough_workers({"a"}, 0)  # none heard from: in-process
