@@ -388,7 +388,7 @@ def test_an_items_crashes_are_counted_in_a_row_a_retry_of_its_own_ends_the_row(f
     the item to a retry of its own (its exec raised) starts the count again."""
     db = fanned
     assert _claim(db, 0)[0]
-    assert db.retry_item(_c(0), next_try=1, due_in=0.0, crashed=True) == 2
+    assert db.retry_item(_c(0), next_try=1, due_in=0.0, crashed_on=["w1"]) == 2
     assert db.get_item(RUN, 0, 0)["crashes"] == 1
     assert _claim(db, 0, holder="w2#1", attempt=2)[0]
     assert db.retry_item(_c(0, holder="w2#1", attempt=2), next_try=2, due_in=0.0) == 3

@@ -461,3 +461,24 @@ def test_executor_crashes_fail_a_run_only_across_two_workers_or_every_live_one()
     assert liveness.spans_enough_workers({"a", "b"}, 5)
     assert liveness.spans_enough_workers({"a"}, 1)  # the only worker alive
     assert liveness.spans_enough_workers({"a"}, 0)  # none heard from: in-process
+
+
+def test_a_poison_verdict_after_a_mix_of_crashes_says_which_were_which(db: Any) -> None:
+    """One crash in the executor, then two deaths of the worker: the verdict does not
+    say the step was lost with its worker 3 times."""
+    poison, t0 = submitted(db)
+    run_id = poison.run_id
+    db.mark_sent(run_id, 0, 1, now=t0)
+    assert db.claim_step(run_id, 0, 1, "host:100", LONG_LEASE_S, now=t0, holder="host:100#1")
+    db.end_attempt(run_id, 0, 1, "host:100", liveness.EXECUTOR_CRASHED, "CodecError: x")
+    assert db.take_over(run_id, 0, 1, LONG_LEASE_S, now=t0 + 1, force=True) == 2
+    sent = Sent(db)
+    for attempt in (2, 3):
+        t = t0 + 10 * attempt
+        worker = f"host:{100 + attempt}"
+        assert db.claim_step(run_id, 0, attempt, worker, LONG_LEASE_S, now=t)
+        liveness.record_beat(db, worker, "host", 100 + attempt, now=t)
+        report = swept(db, sent, t + DEAD_AFTER_S + 0.1, max_crashes=3)
+    assert report.poisoned == [(run_id, 0)]
+    error = db.get_run(run_id)["error_msg"]
+    assert "crashed 3 times in a row (2 with its worker process dying, 1 in the executor)" in error
