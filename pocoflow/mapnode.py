@@ -127,11 +127,20 @@ class MapNode(Node):
         """The position, in ``prep``'s list, of the item whose ``exec`` (or
         ``exec_fallback``) is running in this thread or task; None outside one (``prep``,
         ``post``). Items run at once on threads of one node instance, so each reads its
-        own. With ``run_id``, ``step`` and ``attempt`` it makes an idempotency key for an
-        item's side effect: ``f"{self.run_id}/{self.step}/{self.item_index}/{self.attempt}"``
-        (on workers ``attempt`` is the item's own, higher after its retry or crash)."""
+        own. With ``run_id`` and ``step`` it makes the idempotency key of an item's side
+        effect, the same on every try: ``f"{self.run_id}/{self.step}/{self.item_index}"``;
+        ``attempt`` (on workers the item's own, higher after its retry or crash) tells the
+        tries apart, for tracing, not for deduplication."""
         current = _current_item.get()
         return current[1] if current is not None and current[0] is self else None
+
+    @item_index.setter
+    def item_index(self, value: Any) -> None:
+        raise AttributeError(
+            f"MapNode {self.name!r}: item_index is set by PocoFlow for each item's exec "
+            f"(its position in prep's list) and cannot be assigned (got {value!r}); keep "
+            "a value of your own under another name"
+        )
 
     # ── what executors call ───────────────────────────────────────────────────
 

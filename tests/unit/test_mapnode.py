@@ -371,3 +371,16 @@ def test_each_async_item_reads_its_own_item_index_across_awaits() -> None:
 def test_item_index_is_read_only() -> None:
     with pytest.raises(AttributeError):
         Indexed().item_index = 3  # type: ignore[misc]
+
+
+def test_assigning_item_index_is_refused_naming_the_node() -> None:
+    """A subclass that assigns ``self.item_index`` (a name it used for its own value)
+    gets a clear error, not every item failing on a bare "property has no setter"."""
+
+    class Assigns(MapNode):
+        def prep(self, store: Any) -> Any:
+            self.item_index = 0
+            return [1]
+
+    with pytest.raises(AttributeError, match=r"MapNode 'Assigns': item_index is set by PocoFlow"):
+        Flow(start=Assigns()).run({})
