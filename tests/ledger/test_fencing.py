@@ -389,6 +389,7 @@ def test_two_holders_in_one_process_close_only_their_own_attempt_rows(db: Any) -
 
     rows = queries.attempts_page(db, "r1").rows
     assert sorted(r["outcome"] for r in rows) == ["committed", "lost"]
+    assert sorted((r["holder"], r["outcome"]) for r in rows) == _outcomes(db)  # tells them apart
     bars = gantt_bars(rows, datetime.now(UTC))
     assert sorted(b["outcome"] for b in bars) == ["committed", "lost"]
 
