@@ -136,8 +136,8 @@ class WorkerContext:
     #: The crash budget (``POCOFLOW_MAX_CRASHES``): a step or item whose deliveries end
     #: this many times in a row on an exception of the executor's own fails its run.
     max_crashes: int = DEFAULT_MAX_CRASHES
-    #: Silence after which a worker process is taken for dead (``poisoned_by`` counts the
-    #: live ones).
+    #: Silence after which a worker process is taken for dead (``crash_verdict_due``
+    #: counts the live ones).
     dead_after_s: float = dead_after(DEFAULT_HEARTBEAT_SECONDS)
     leases: LeaseKeeper = field(init=False)
     #: Where every step's ``report_usage`` calls go: a ledger row each, written at once,
@@ -155,11 +155,17 @@ class WorkerContext:
         self.leases = LeaseKeeper(self.db, self.lease_s)
         self.usage = LedgerSink(self.db)
 
-    def poisoned_by(self, workers: set[str]) -> bool:
-        """Crashes of the executor at the budget, seen on ``workers``: do they fail the
-        run? Only if they span at least two worker processes, or every live one when
-        fewer are alive (``liveness.spans_enough_workers``)."""
-        if len(workers) >= 2:
+    def crash_verdict_due(self, crashes: int, workers: set[str]) -> bool:
+        """Do ``crashes`` in a row of the executor, seen on ``workers``, fail the run? At
+        the budget (``max_crashes``), only if they span at least two worker processes, or
+        every live one when fewer are alive (``liveness.spans_enough_workers``): a cause
+        only some workers have must not fail a run a healthy worker would run. At twice
+        the budget, whatever the workers: a re-sent message can keep landing on the same
+        process (its queue's only consumer, the broker's order), and a crash must stay
+        bounded."""
+        if crashes < self.max_crashes:
+            return False
+        if len(workers) >= 2 or crashes >= 2 * self.max_crashes:
             return True  # no need to ask the ledger
         live = liveness.live_workers(self.db, self.dead_after_s)
         return liveness.spans_enough_workers(workers, live)
@@ -860,7 +866,7 @@ class _StepRun:
             crashes = liveness.crashes(attempts, msg.step)[0] + 1
             workers, deaths = liveness.crash_kinds(attempts, msg.step)
             workers.add(self.worker)
-            if crashes >= self.ctx.max_crashes and self.ctx.poisoned_by(workers):
+            if self.ctx.crash_verdict_due(crashes, workers):
                 what = f"Step {msg.step} (node {msg.node_id!r}) of run {msg.run_id}"
                 verdict = crash_verdict(what, crashes, workers, error, worker_deaths=deaths)
                 return self._fail(verdict, node_name=msg.node_id)

@@ -40,7 +40,7 @@ def item_crashed(item: _ItemRun, exc: Exception) -> str:
         row = db.get_item(msg.run_id, msg.step, msg.idx) or {}
         crashes = int(row.get("crashes") or 0) + 1
         workers = [*crashed_on(row), item.worker]
-        if crashes >= item.ctx.max_crashes and item.ctx.poisoned_by(set(workers)):
+        if item.ctx.crash_verdict_due(crashes, set(workers)):
             what = (
                 f"MapNode {item.node_name!r}: item {msg.idx} of step {msg.step} of run {msg.run_id}"
             )

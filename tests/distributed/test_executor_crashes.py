@@ -32,11 +32,12 @@ def test_a_step_whose_store_cannot_be_loaded_fails_its_run_after_the_crash_budge
     error = live.db.get_run(bad.run_id)["error_msg"]
     for named in (bad.run_id, "Step 0", "node 'load'", "CodecError", "POCOFLOW_MAX_CRASHES"):
         assert named in error, (named, error)
-    # At the budget (3) or later: the verdict waits for crashes on both live workers.
-    assert "on 2 worker process(es)" in error, error
+    # At the budget (3) once the crashes came on two worker processes, else at twice it.
     outcomes = [a["outcome"] for a in attempts_of(live.db, bad.run_id, 0)]
-    assert len(outcomes) >= 3 and outcomes == ["crashed"] * (len(outcomes) - 1) + ["failed"]
+    assert 3 <= len(outcomes) <= 6, outcomes
+    assert outcomes == ["crashed"] * (len(outcomes) - 1) + ["failed"]
     assert f"{len(outcomes)} times in a row" in error, error
+    assert len(outcomes) == 6 or "on 2 worker process(es)" in error, error
     assert checkpoint_steps(live.db, bad.run_id) == []
     assert healthy.wait(timeout=TIMEOUT_S)["count"] == 20
 
@@ -51,10 +52,10 @@ def test_a_map_item_that_cannot_be_decoded_fails_its_run_after_the_crash_budget(
     error = live.db.get_run(bad.run_id)["error_msg"]
     for named in (bad.run_id, "item 1 of step 0", "'checked'", "CodecError"):
         assert named in error, (named, error)
-    assert "on 2 worker process(es)" in error, error
     items = {row["idx"]: row for row in live.db.get_items(bad.run_id, 0)}
     crashes = items[1]["crashes"]
     assert (items[1]["status"], items[1]["attempt"]) == ("failed", crashes)
-    assert crashes >= 3 and f"{crashes} times in a row" in error, error
+    assert 3 <= crashes <= 6 and f"{crashes} times in a row" in error, error
+    assert crashes == 6 or "on 2 worker process(es)" in error, error
     assert [items[i]["status"] for i in (0, 2)] == ["done", "done"]
     assert healthy.wait(timeout=TIMEOUT_S)["count"] == 20

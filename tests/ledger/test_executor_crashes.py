@@ -168,16 +168,35 @@ def test_crashes_on_one_of_two_live_workers_do_not_fail_the_run(
     """A cause only one worker has (a type it never registered, an import missing on its
     host): its crashes alone, even past the budget, do not fail the run while another
     worker is alive; a crash on a second worker does, naming both."""
-    ctx.max_crashes, ctx.dead_after_s = 2, 600.0
+    ctx.max_crashes, ctx.dead_after_s = 3, 600.0
     for worker in ("h:1", "h:2"):
         liveness.record_beat(db, worker, "h", 1)
     first = start(db, "exec_three", {"n": 0})
     set_initial_value(db, first.run_id, "n", UNDECODABLE)
     message = first
-    for _ in range(3):  # past the budget of 2, all on h:1
+    for _ in range(4):  # past the budget of 3, all on h:1
         assert execute_step(message.to_dict(), worker_id="h:1", context=ctx) == executor.CRASHED
         [message] = publish.take()
     assert db.get_run(first.run_id)["status"] == "running"
     assert execute_step(message.to_dict(), worker_id="h:2", context=ctx) == "failed"
     error = db.get_run(first.run_id)["error_msg"]
-    assert "4 times in a row, on 2 worker process(es): h:1, h:2" in error, error
+    assert "5 times in a row, on 2 worker process(es): h:1, h:2" in error, error
+
+
+def test_crashes_on_one_worker_fail_the_run_at_twice_the_budget(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    """Bounded all the same: a re-sent step that keeps landing on the one worker (the
+    only consumer of its queue) fails its run at twice the budget."""
+    ctx.max_crashes, ctx.dead_after_s = 2, 600.0
+    for worker in ("h:1", "h:2"):
+        liveness.record_beat(db, worker, "h", 1)
+    first = start(db, "exec_three", {"n": 0})
+    set_initial_value(db, first.run_id, "n", UNDECODABLE)
+    outcomes, queue = [], [first]
+    while queue:
+        outcomes.append(execute_step(queue.pop().to_dict(), worker_id="h:1", context=ctx))
+        queue.extend(publish.take())
+    assert outcomes == [executor.CRASHED] * 3 + ["failed"]
+    error = db.get_run(first.run_id)["error_msg"]
+    assert "4 times in a row, on 1 worker process(es): h:1" in error, error

@@ -106,7 +106,7 @@ def test_item_crashes_on_one_of_two_live_workers_do_not_fail_the_run(
     a crash on the other fails the run naming both, and the item's ``crashes`` counts
     what the run's error says."""
     item, _ = fan_out(db, wctx, recorder, "items_on_gpu")
-    wctx.max_crashes, wctx.dead_after_s = 2, 600.0
+    wctx.max_crashes, wctx.dead_after_s = 3, 600.0
     for worker in ("h:1", "h:2"):
         liveness.record_beat(db, worker, "h", 1)
 
@@ -114,13 +114,13 @@ def test_item_crashes_on_one_of_two_live_workers_do_not_fail_the_run(
         raise RuntimeError(f"graph of {name} broke")
 
     monkeypatch.setattr(wctx.graphs, "get", broken)
-    for _ in range(3):
+    for _ in range(4):
         assert execute_item(item.to_dict(), worker_id="h:1", context=wctx) == executor.CRASHED
         [(item, _queue)] = recorder.take()
     row = db.get_item(item.run_id, item.step, item.idx)
-    assert (row["status"], row["crashes"]) == ("queued", 3)
+    assert (row["status"], row["crashes"]) == ("queued", 4)
     assert db.get_run(item.run_id)["status"] == "running"
     assert execute_item(item.to_dict(), worker_id="h:2", context=wctx) == "failed"
     error = db.get_run(item.run_id)["error_msg"]
-    assert "4 times in a row, on 2 worker process(es): h:1, h:2" in error, error
-    assert db.get_item(item.run_id, item.step, item.idx)["crashes"] == 4
+    assert "5 times in a row, on 2 worker process(es): h:1, h:2" in error, error
+    assert db.get_item(item.run_id, item.step, item.idx)["crashes"] == 5
