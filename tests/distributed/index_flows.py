@@ -50,6 +50,12 @@ def item_index_flow() -> Flow:
 
 
 class AsyncKeyed(Keyed, AsyncNode):
+    def exec(self, item: str) -> list[Any]:
+        """Not Keyed's, which comes first in the MRO: on workers an item runs ``exec``,
+        which for an AsyncNode runs ``exec_async``."""
+        result: list[Any] = AsyncNode.exec(self, item)
+        return result
+
     async def exec_async(self, item: str) -> list[Any]:
         index = self.item_index
         await asyncio.sleep(0.01)
