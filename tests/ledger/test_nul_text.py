@@ -85,3 +85,21 @@ def test_a_node_failure_the_ledger_refuses_to_record_still_fails_the_run_as_the_
     assert run["error_msg"].startswith("ValueError: caf\\xe9 \\x01 broke"), run["error_msg"]
     assert "DataError" in run["error_msg"]
     assert [a["outcome"] for a in db.get_attempts(first.run_id)] == ["failed"]
+
+
+def test_every_text_the_ledger_writes_may_hold_a_nul(db: Any) -> None:
+    """Not only a node's error: a model name given to ``report_usage``, an event's text,
+    a run's ``error_msg`` (written through SQLAlchemy or the batch pipeline alike)."""
+    from pocoflow.ledger.tables import pf_usage
+    from pocoflow.usage import UsageReport
+
+    nul = STORED_NUL[db.dialect]
+    db.create_run("r\x00", "f")
+    db.add_usage(UsageReport("r\x00", 0, 1, "n\x00de", None, "gpt\x00", 1, 1, None))
+    db.save_event("r\x00", "node_error", step=0, error_msg="bad\x00text")
+    db.update_run("r\x00", status="failed", error_msg="why\x00not")
+    run = db.get_run("r\x00")  # read back by the same id: escaped both ways
+    assert run["error_msg"] == f"why{nul}not"
+    assert [e["error_msg"] for e in db.get_events("r\x00")] == [f"bad{nul}text"]
+    models = db._read(lambda conn: list(conn.execute(pf_usage.select()).mappings()))
+    assert [(m["model"], m["node_name"]) for m in models] == [(f"gpt{nul}", f"n{nul}de")]
