@@ -68,14 +68,15 @@ def _decode_all(texts: Mapping[str, str]) -> dict[str, Any]:
 
 def _own(conn: Connection, c: StepCommit) -> bool:
     """After a step commit whose COMMIT outcome was lost, and whose retry found the step
-    committed: was it this commit? A distributed commit closed its own attempt's row (this
-    attempt, this worker) as committed in the same transaction; a local run has a single
-    writer, so the checkpoint of its step is its own."""
+    committed: was it this commit? A distributed commit closed its own claim's attempt row
+    (this attempt, this holder token: another delivery of the same attempt in the same
+    process has the same worker id) as committed in the same transaction; a local run has
+    a single writer, so the checkpoint of its step is its own."""
     if c.attempt is not None and c.worker is not None:
         return any(
             a["step"] == c.step
             and a["attempt"] == c.attempt
-            and a["worker"] == c.worker
+            and (a["holder"] or a["worker"]) == c.lease_holder
             and a["outcome"] == "committed"
             for a in steps.attempts(conn, c.run_id)
         )

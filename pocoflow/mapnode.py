@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from pocoflow import itemlog, usage
@@ -30,6 +32,23 @@ if TYPE_CHECKING:
 
 #: ``on_item_error`` values: fail the node naming the item, or hand the exception to post.
 ITEM_ERROR_POLICIES = ("raise", "collect")
+
+
+#: The map item whose ``exec`` runs in this thread or task: ``(node, index)``. A context
+#: variable, not a node attribute, because one node instance runs many items at once (the
+#: threads of a local map, the tasks of an async one), each of which reads its own.
+_current_item: ContextVar[tuple[Any, int] | None] = ContextVar("pocoflow_map_item", default=None)
+
+
+@contextmanager
+def running_item(node: MapNode, index: int) -> Iterator[None]:
+    """``node.item_index`` reads ``index`` inside this block, on this thread or task (and
+    on the threads it hands its context to: a timed exec's, an async exec's loop)."""
+    token = _current_item.set((node, index))
+    try:
+        yield
+    finally:
+        _current_item.reset(token)
 
 
 class ItemFailed(Exception):
@@ -106,6 +125,26 @@ class MapNode(Node):
     max_parallel: int = 8
     on_item_error: str = "raise"
 
+    @property
+    def item_index(self) -> int | None:
+        """The position, in ``prep``'s list, of the item whose ``exec`` (or
+        ``exec_fallback``) is running in this thread or task; None outside one (``prep``,
+        ``post``). Items run at once on threads of one node instance, so each reads its
+        own. With ``run_id`` and ``step`` it makes the idempotency key of an item's side
+        effect, the same on every try: ``f"{self.run_id}/{self.step}/{self.item_index}"``;
+        ``attempt`` (on workers the item's own, higher after its retry or crash) tells the
+        tries apart, for tracing, not for deduplication."""
+        current = _current_item.get()
+        return current[1] if current is not None and current[0] is self else None
+
+    @item_index.setter
+    def item_index(self, value: Any) -> None:
+        raise AttributeError(
+            f"MapNode {self.name!r}: item_index is set by PocoFlow for each item's exec "
+            f"(its position in prep's list) and cannot be assigned (got {value!r}); keep "
+            "a value of your own under another name"
+        )
+
     # ── what executors call ───────────────────────────────────────────────────
 
     def items_of(self, prep_result: Any) -> list[Any]:
@@ -163,8 +202,8 @@ class MapNode(Node):
     def run_item(self, index: int, item: Any) -> Any:
         """One item: ``exec`` under the retry policy; a spent item per ``on_item_error``."""
         try:
-            with usage.for_item(self, index):  # report_usage names the item
-                return self._exec(item)
+            with usage.for_item(self, index), running_item(self, index):
+                return self._exec(item)  # report_usage and item_index name the item
         except Exception as exc:
             return self.item_outcome(index, exc)
 
@@ -187,7 +226,7 @@ class MapNode(Node):
                     )
                     return None
                 try:
-                    with usage.for_item(node, index):
+                    with usage.for_item(node, index), running_item(node, index):
                         result = await _exec_async_with_retries(node, item)
                 except Exception as exc:
                     try:

@@ -192,17 +192,22 @@ POSTGRES_SESSION_OPTIONS = (
 
 
 def _postgres_engine(url: URL) -> Engine:
+    from pocoflow.ledger import pgtext  # psycopg: only installed with the postgres extra
+
     # No pool_pre_ping: it costs a round trip per checkout on the hot path; a dropped
     # connection is invalidated by SQLAlchemy and the ledger retries the call once.
     users = url.query.get("options")
     options = POSTGRES_SESSION_OPTIONS if not users else f"{POSTGRES_SESSION_OPTIONS} {users}"
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=5,
         max_overflow=10,
         hide_parameters=True,
         connect_args={"options": options},
     )
+    # Every string written escapes NUL, which PostgreSQL's text refuses (pgtext).
+    event.listen(engine, "connect", pgtext.register)
+    return engine
 
 
 @dataclass(eq=False, repr=False)

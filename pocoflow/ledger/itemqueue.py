@@ -34,7 +34,9 @@ class ItemQueue(LedgerClient):
         prep wrote to the Store, for the join), the step's events and park the step, iff
         ``holder``'s claim of ``attempt`` still holds it. After this commit ``prep``
         never runs again for the step: its items come from the ledger."""
-        end = steps.end_attempt_op(run_id, step, attempt, worker, FANNED_OUT_OUTCOME, now)
+        end = steps.end_attempt_op(
+            run_id, step, attempt, worker, FANNED_OUT_OUTCOME, now, holder=holder
+        )
         ops = items.fan_out_ops(
             run_id, step, attempt, holder, worker, item_texts, events, end, now, prep_store
         )
@@ -105,10 +107,17 @@ class ItemQueue(LedgerClient):
         return self._finish_item(body, own, "committing", c, grouped=True)
 
     def fail_item(
-        self, c: ItemClaim, *, error_json: str, error_msg: str, events: list[dict[str, Any]]
+        self,
+        c: ItemClaim,
+        *,
+        error_json: str,
+        error_msg: str,
+        events: list[dict[str, Any]],
+        crashed: bool = False,
     ) -> bool:
-        """The item out of tries fails its run, naming it (see ``items.fail_ops``)."""
-        ops = items.fail_ops(c, error_json, error_msg, events)
+        """The item out of tries (``crashed``: at its crash budget) fails its run, naming
+        it (see ``items.fail_ops``)."""
+        ops = items.fail_ops(c, error_json, error_msg, events, crashed)
 
         def body(conn: Any) -> bool:
             if not pipeline.run(conn, ops):
@@ -127,12 +136,20 @@ class ItemQueue(LedgerClient):
         return self._write(body, what, c.run_id, confirm=own, batched=True, grouped=grouped)
 
     def retry_item(
-        self, c: ItemClaim, *, next_try: int, due_in: float, now: float | None = None
+        self,
+        c: ItemClaim,
+        *,
+        next_try: int,
+        due_in: float,
+        now: float | None = None,
+        crashed_on: list[str] | None = None,
     ) -> int | None:
         """Hand the item to a new attempt (returned) for try ``next_try``, due in
-        ``due_in`` seconds; None if ``c`` no longer holds it."""
+        ``due_in`` seconds (``crashed_on``: after a crash of the executor, counted toward
+        the item's crash budget, with the workers of its crashes in a row); None if ``c``
+        no longer holds it."""
         return self._write(
-            lambda conn: items.retry(conn, c, next_try, due_in, now),
+            lambda conn: items.retry(conn, c, next_try, due_in, now, crashed_on),
             f"retrying item {c.idx} of step {c.step}",
             c.run_id,
         )

@@ -318,9 +318,10 @@ def last_event_id(db: WorkflowDB, run_id: str) -> int:
 
 
 def attempts_page(db: WorkflowDB, run_id: str, *, limit: int = 100, offset: int = 0) -> Page:
-    """Attempts of a run's steps (worker, outcome, error), by step and attempt."""
+    """Attempts of a run's steps (worker, the claim's holder token, outcome, error), by
+    step and attempt: two deliveries of one attempt in one process differ by holder."""
     a = pf_attempts.c
-    cols = (a.step, a.attempt, a.worker, a.outcome, a.started_at, a.ended_at, a.error_msg)
+    cols = (a.step, a.attempt, a.worker, a.holder, a.outcome, a.started_at, a.ended_at, a.error_msg)
     rows_q = (
         select(*cols)
         .where(a.run_id == run_id)
