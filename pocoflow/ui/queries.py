@@ -320,16 +320,16 @@ def last_event_id(db: WorkflowDB, run_id: str) -> int:
 def attempts_page(db: WorkflowDB, run_id: str, *, limit: int = 100, offset: int = 0) -> Page:
     """Attempts of a run's steps (worker, the claim's holder token, outcome, error), by
     step and attempt: two deliveries of one attempt in one process differ by holder."""
+    from pocoflow.ledger.steps import RESUMED_OUTCOME
+
     a = pf_attempts.c
     cols = (a.step, a.attempt, a.worker, a.holder, a.outcome, a.started_at, a.ended_at, a.error_msg)
+    # A resume's marker row (it starts crash counts afresh) ran nothing: not an attempt.
+    tried = and_(a.run_id == run_id, or_(a.outcome.is_(None), a.outcome != RESUMED_OUTCOME))
     rows_q = (
-        select(*cols)
-        .where(a.run_id == run_id)
-        .order_by(a.step, a.attempt, a.id)
-        .limit(limit)
-        .offset(offset)
+        select(*cols).where(tried).order_by(a.step, a.attempt, a.id).limit(limit).offset(offset)
     )
-    count_q = select(func.count()).select_from(pf_attempts).where(a.run_id == run_id)
+    count_q = select(func.count()).select_from(pf_attempts).where(tried)
 
     def body(conn: Connection) -> Page:
         rows = []
