@@ -375,3 +375,24 @@ def test_a_group_whose_commit_fails_fails_every_call(sqlite_fanned, monkeypatch)
     assert all(isinstance(g, IntegrityError) for g in got), got
     assert all("FOREIGN KEY" in str(g) and "COMMIT" in str(g) for g in got), got
     assert "e" not in [e["event"] for e in db.get_events(RUN)]
+
+
+def test_a_failed_savepoint_statement_is_named_in_the_error(sqlite_fanned, monkeypatch):
+    """A body that released the group's savepoint itself: the group's own RELEASE then
+    fails, and the error every call gets names that statement (not the BEGIN)."""
+    from sqlalchemy.exc import OperationalError
+
+    db = sqlite_fanned
+
+    def releases_early(conn: Any) -> str:
+        conn.connection.driver_connection.execute("RELEASE pf_unit")
+        return "released"
+
+    threads, got = _start_queued(
+        db, [_grouped_call(db, _event_body("e", None)), _grouped_call(db, releases_early)]
+    )
+    db._ledger.writers.release()
+    assert _stop_stranded(monkeypatch, threads) == []
+    assert all(isinstance(g, OperationalError) for g in got), got
+    assert all("RELEASE pf_unit" in str(g) and "BEGIN" not in str(g) for g in got), got
+    assert "e" not in [e["event"] for e in db.get_events(RUN)]
