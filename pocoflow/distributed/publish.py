@@ -210,8 +210,11 @@ class Publisher:
         if batch is None:
             return [m.key for m in messages if self._publish(m, queue, countdown) is not None]
         try:
-            # Each message may add a queue-expiry command to its push: room for both.
-            with batch(max_size=2 * len(messages)):
+            # max_size counts Redis commands, not messages: kombu buffers one LPUSH per
+            # message and, for a queue with an expiry, one PEXPIRE per priority step
+            # (4 by default). Room for all, so the batch goes in one round trip (a
+            # flush at max_size would only cost another).
+            with batch(max_size=5 * len(messages)):
                 for message in messages:
                     self._send_task(message, queue, countdown, producer)
         except Exception as exc:  # broker down: the sweeper resends the unsent rows

@@ -257,13 +257,19 @@ def claim(
     params = c.params(b_node_id=node_id, b_task_id=c.task_id, now=now, lease_s=lease_s)
     if conn.dialect.name == "postgresql":
         # Two statements, each its own transaction, one round trip: the claim reads its
-        # item back (RETURNING), and the guard read before it only informs the caller
-        # (the claim's UPDATE checks the run itself), so nothing needs them atomic.
+        # item back (RETURNING); the claim's UPDATE checks the run itself. Not atomic,
+        # so the guard read may predate the claim: a pause or cancel that landed between
+        # them refused the claim while the row read said the run goes on, and the caller
+        # would take the refusal for a duplicate delivery and leave the pause standing.
+        # A refused claim therefore reads the guard again (a round trip on that path
+        # only): the run as it was when the claim was refused, or later.
         ops = [
             runs.guard_op(c.run_id),
             Op(_CLAIM_RETURNING, params, must_hit_one=True, returns_rows=True),
         ]
         claimed, rows = pipeline.run_reading(conn, ops, autocommit=True)
+        if not claimed:
+            rows[0] = pipeline.run_reading(conn, [runs.guard_op(c.run_id)], autocommit=True)[1][0]
         item = rows[1][0] if claimed and rows[1] else None
         run = runs.guard_row(rows[0])
         return claimed, run, (str(item[0]), int(item[1])) if item is not None else None

@@ -154,6 +154,8 @@ def run(
                         conn.commit()
         except Abort as abort:
             result = abort.value  # type: ignore[assignment]
+        except GroupAborted:
+            continue  # nothing was written: run it again
         except Exception as exc:
             if isinstance(exc, DBAPIError) and exc.connection_invalidated and not reconnected:
                 reconnected = True
@@ -251,63 +253,122 @@ def _run_grouped(
     of its own, and the BEGIN, COMMIT and the hand-over of the write lock (the process's
     ``writers`` queue, then SQLite's file lock between processes) cost more than its
     statements. Flat combining: the call joins ``ledger.grouped`` and waits for the write
-    lock; whoever gets the lock runs every queued call (up to ``MAX_GROUP``), its own
-    among them, in one transaction, and a call found done when its thread gets the lock
-    just returns. Each call runs in a savepoint of its own, so one whose compare-and-set
-    missed (``Abort``) or that failed rolls back alone and the others commit; a BEGIN or
-    COMMIT that fails fails each call, which retries alone (``run``)."""
+    lock; whoever gets the lock with its call not yet run takes its own call first and
+    the others queued (up to ``MAX_GROUP`` in all), and runs them in one transaction; a
+    call found done when its thread gets the lock just returns. Each call runs in a
+    savepoint of its own, so one whose compare-and-set missed (``Abort``) or that failed
+    rolls back alone and the others commit; a checkout, BEGIN or COMMIT that fails fails
+    each call, which retries (``run``).
+
+    Every call taken from the queue ends done (``_run_units``), so a thread holding the
+    lock finds its own call done or still queued; a thread leaving by an exception (an
+    interrupt while it waits) takes its call out of the queue, so no later group runs a
+    call whose caller has gone (and whose ``run`` may be retrying it as a new call)."""
     unit = _Unit(fn)
     ledger.grouped.append(unit)
-    with ledger.writers:
-        while not unit.done:
-            units: list[_Unit] = []
-            while ledger.grouped and len(units) < MAX_GROUP:
-                units.append(ledger.grouped.popleft())
-            _run_units(engine, begin, units)
+    try:
+        with ledger.writers:
+            if not unit.done:
+                # Still queued (see above): it runs now, first, whatever else is queued.
+                try:
+                    ledger.grouped.remove(unit)
+                except ValueError:
+                    raise RuntimeError(
+                        "grouped ledger call neither done nor queued (a bug): not run"
+                    ) from None
+                units = [unit]
+                while ledger.grouped and len(units) < MAX_GROUP:
+                    units.append(ledger.grouped.popleft())
+                _run_units(engine, begin, units)
+    except BaseException:
+        # Atomic under the GIL, as the combiners' popleft: either it is still queued and
+        # no group will run it, or a group took it (and ran it, or runs it now).
+        with contextlib.suppress(ValueError):
+            ledger.grouped.remove(unit)
+        raise
     if unit.error is not None:
         raise unit.error
     return unit.result  # type: ignore[no-any-return]
 
 
+class GroupAborted(Exception):
+    """Another call of the group raised a ``BaseException`` (an interrupt, a
+    ``SystemExit``) in the shared transaction, which was rolled back: nothing of this
+    call was written, and ``run`` runs it again."""
+
+
 def _run_units(engine: Engine, begin: str, units: list[_Unit]) -> None:
-    """Run ``units`` in one transaction (``_run_grouped``); each one ends done."""
-    if len(units) == 1:  # alone: the plain transaction, no savepoint
-        (unit,) = units
-        try:
-            unit.result = _on_raw_sqlite(engine, begin, unit.fn)
-        except BaseException as exc:
-            unit.error = exc
-        unit.done = True
-        return
-    pooled = engine.raw_connection()
-    raw = pooled.driver_connection
-    conn = _RawSqlite(pooled, engine.dialect)
-    sql = begin
+    """Run ``units`` in one transaction (``_run_grouped``); each one ends done, whatever
+    fails (a checkout of the pooled connection too), with its result or its error."""
     try:
-        raw.execute(begin)  # type: ignore[union-attr]
-        for unit in units:
-            raw.execute("SAVEPOINT pf_unit")  # type: ignore[union-attr]
+        if len(units) == 1:  # alone: the plain transaction, no savepoint
+            (unit,) = units
             try:
-                unit.result = unit.fn(conn)  # type: ignore[arg-type]
-            except Exception as exc:  # Abort too: this call's writes only are undone
+                unit.result = _on_raw_sqlite(engine, begin, unit.fn)
+            except BaseException as exc:
                 unit.error = exc
-                raw.execute("ROLLBACK TO pf_unit")  # type: ignore[union-attr]
-            raw.execute("RELEASE pf_unit")  # type: ignore[union-attr]
-        sql = "COMMIT"
-        raw.commit()  # type: ignore[union-attr]
-    except BaseException as exc:
-        if raw.in_transaction:  # type: ignore[union-attr]
-            raw.rollback()  # type: ignore[union-attr]
-        error: BaseException = exc
-        if isinstance(exc, sqlite3.Error):
-            error = DBAPIError.instance(sql, None, exc, sqlite3.Error)
-        for unit in units:
-            if unit.error is None or not isinstance(unit.error, Abort):
-                unit.error = error  # nothing of it committed: it retries alone
+        else:
+            _run_together(engine, begin, units)
+    except BaseException as exc:  # e.g. the pool's checkout timed out
+        _fail(units, exc, None)
     finally:
-        pooled.close()
         for unit in units:
             unit.done = True
+
+
+def _run_together(engine: Engine, begin: str, units: list[_Unit]) -> None:
+    """Several units, each in a savepoint of one transaction (``_run_units``). Raises
+    only what the checkout of the pooled connection raised; every other failure is
+    recorded on the units."""
+    pooled = engine.raw_connection()
+    try:
+        raw = pooled.driver_connection
+        conn = _RawSqlite(pooled, engine.dialect)
+        sql = begin
+        culprit: _Unit | None = None  # the unit whose BaseException aborted the group
+        try:
+            raw.execute(sql)  # type: ignore[union-attr]
+            for unit in units:
+                sql = "SAVEPOINT pf_unit"
+                raw.execute(sql)  # type: ignore[union-attr]
+                try:
+                    unit.result = unit.fn(conn)  # type: ignore[arg-type]
+                except Exception as exc:  # Abort too: this call's writes only are undone
+                    unit.error = exc
+                    sql = "ROLLBACK TO pf_unit"
+                    raw.execute(sql)  # type: ignore[union-attr]
+                except BaseException:
+                    culprit = unit
+                    raise
+                sql = "RELEASE pf_unit"
+                raw.execute(sql)  # type: ignore[union-attr]
+            sql = "COMMIT"
+            raw.commit()  # type: ignore[union-attr]
+        except BaseException as exc:
+            if raw.in_transaction:  # type: ignore[union-attr]
+                raw.rollback()  # type: ignore[union-attr]
+            if isinstance(exc, sqlite3.Error):
+                exc = DBAPIError.instance(sql, None, exc, sqlite3.Error)
+            _fail(units, exc, culprit)
+    finally:
+        pooled.close()
+
+
+def _fail(units: list[_Unit], exc: BaseException, culprit: _Unit | None) -> None:
+    """The group's transaction failed with ``exc`` and nothing of it committed: every
+    unit fails, even one whose compare-and-set missed (its answer may rest on another
+    unit's rolled-back write), and retries (``run``). An interrupt or exit (not an
+    ``Exception``) goes to its own caller only: ``culprit`` whose body raised it, or else
+    the combiner's own unit (the first), on whose thread it arrived; the others get
+    ``GroupAborted`` and run again."""
+    if isinstance(exc, Exception):
+        for unit in units:
+            unit.error = exc
+        return
+    owner = culprit if culprit is not None else units[0]
+    aborted = GroupAborted(f"another call of the group raised {type(exc).__name__}")
+    for unit in units:
+        unit.error = exc if unit is owner else aborted
 
 
 @contextmanager

@@ -289,12 +289,13 @@ def map_crash_before_join() -> Flow:
     return _map_flow(Square())
 
 
-def _crash_mid_batch_publish() -> None:
-    """Workers of ``map_crash_mid_publish`` die (SIGKILL) in the middle of publishing the
-    fan-out's item messages, right after the second batch reached the broker (the first
-    two batches out, perhaps unmarked, the rest never sent): once per run."""
+def _arm_crash_mid_batch_publish(run_id: str, marker: Path) -> None:
+    """This process dies (SIGKILL) in the middle of publishing ``run_id``'s item
+    messages, right after the second batch reached the broker (the first two batches
+    out, perhaps unmarked, the rest never sent), unless ``marker`` exists: once per
+    run. Armed by the node's prep in the worker that fans out, so that no other process
+    (the test's own included) has its publisher patched."""
     import signal
-    import tempfile
 
     from pocoflow.distributed import publish
 
@@ -303,8 +304,7 @@ def _crash_mid_batch_publish() -> None:
     def crashing(self: Any, messages: Any, queue: Any, countdown: Any) -> Any:
         keys = publish_batch(self, messages, queue, countdown)
         first = messages[0]
-        marker = Path(tempfile.gettempdir()) / f"pocoflow-batch-crash-{first.run_id}"
-        if first.flow == "map_crash_mid_publish" and first.idx > 0 and not marker.exists():
+        if first.run_id == run_id and first.idx > 0 and not marker.exists():
             marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
         return keys
@@ -312,12 +312,20 @@ def _crash_mid_batch_publish() -> None:
     publish.Publisher._publish_batch = crashing  # type: ignore[method-assign]
 
 
-_crash_mid_batch_publish()
+class CrashesMidPublish(Square):
+    """``Square`` whose worker dies mid-publish of its item messages (the marker in the
+    run's side directory)."""
+
+    def prep(self, store: Any) -> list[dict[str, Any]]:
+        marker = Path(store["side_dir"]) / f"{self.run_id}.publish-crash"
+        if not marker.exists():
+            _arm_crash_mid_batch_publish(str(self.run_id), marker)
+        return super().prep(store)
 
 
 @flow("map_crash_mid_publish")
 def map_crash_mid_publish() -> Flow:
-    return _map_flow(Square())
+    return _map_flow(CrashesMidPublish())
 
 
 class ApprovedMap(Square):

@@ -340,6 +340,7 @@ def test_a_worker_killed_mid_batch_publish_loses_no_item(live: Cluster) -> None:
     fanned = [a for a in live.db.get_attempts(handle.run_id) if a["outcome"] == "fanned_out"]
     pid = int(fanned[0]["worker"].rpartition(":")[2])
     assert not _alive(pid)  # the fan-out's process died mid-publish, as it should
+    assert int((side / f"{handle.run_id}.publish-crash").read_text()) == pid
     live.ensure_workers(2)
 
 
