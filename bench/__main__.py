@@ -24,6 +24,7 @@ from bench import (
     ledger_scale,
     limits,
     load,
+    local_map,
     monitor,
     recovery,
     step_cost,
@@ -57,6 +58,7 @@ def main() -> int:
     ok = core_overhead.main()
     with postgres_url() as pg_url:
         ok &= ledger_overhead.main(pg_url)
+        ok &= section(lambda: local_map.main(pg_url))
         ok &= section(lambda: step_cost.main(pg_url) or True)  # figures only, no target
         ok &= section(lambda: ledger_scale.main(pg_url))
         ok &= section(lambda: load.main(server_url=pg_url))

@@ -515,19 +515,83 @@ def resume(
 
 
 @main.command(
-    epilog="Example: pocoflow fork article-1a2b3c4d --from-step 2 --flows examples.article"
+    epilog="Examples:\n\n  pocoflow fork article-1a2b3c4d --from-step 2 --wait"
+    "\n\n  pocoflow fork article-1a2b3c4d --from-step 0 --workers --flows examples.article"
+    "\n\n  pocoflow fork article-1a2b3c4d --from-step 2 --local --flows examples.article"
 )
 @click.argument("run_id")
 @click.option("--from-step", "from_step", required=True, type=int, help="Checkpoint to fork from.")
-@click.option("--flow", "target", help="MODULE:BUILDER that builds the run's graph.")
+@click.option(
+    "--workers/--local",
+    "on_workers",
+    default=None,
+    help="Run the fork on the workers / in this process (default: where RUN ran; in this "
+    "process with --flow).",
+)
+@click.option(
+    "--flow", "target", help="MODULE:BUILDER that builds the run's graph (implies --local)."
+)
+@click.option("--run-id", "new_run_id", default=None, help="Run id of the fork.")
+@click.option("--queue", default=None, help="Workers: broker queue of the fork (default RUN's).")
+@click.option("--wait/--no-wait", default=None, help="Workers: follow the fork until it ends.")
 @flows_option
+@broker_option
 @db_option
-def fork(run_id: str, from_step: int, target: str | None, flows: str, db_url: str) -> None:
-    """Start a new run from checkpoint N of RUN; RUN itself is left untouched."""
+def fork(
+    run_id: str,
+    from_step: int,
+    on_workers: bool | None,
+    target: str | None,
+    new_run_id: str | None,
+    queue: str | None,
+    wait: bool | None,
+    flows: str,
+    broker_url: str | None,
+    db_url: str,
+) -> None:
+    """Start a new run from checkpoint N of RUN; RUN itself is left untouched.
+
+    A run submitted to the workers is forked onto them (the fork's id is printed at once);
+    a run that ran in a process is forked in this one, as is any run given --flow.
+    --workers / --local choose.
+    """
+    if new_run_id is not None and not new_run_id.strip():
+        raise BadInput("--run-id is empty: give the fork's run id, or leave --run-id out")
     db = open_db(db_url)
-    flow = flow_for_run(db, run_id, target, flows)
-    flow.db_path = db_url
-    finish_local(flow, lambda: flow.fork(run_id, from_step))
+    run = get_run_or_fail(db, run_id)
+    if on_workers is None:
+        # Submitted runs record their queue; --flow builds the graph here, as it always did.
+        on_workers = bool(run.get("queue")) and not target
+    if not on_workers:
+        ignored = [n for n, v in (("--queue", queue), ("--wait/--no-wait", wait)) if v is not None]
+        if ignored:
+            raise BadInput(
+                f"{' and '.join(ignored)}: only for a fork on the workers (--workers); a fork "
+                "in this process (--local, --flow) runs to its end here"
+            )
+        flow = flow_for_run(db, run_id, target, flows)
+        flow.db_path = db_url
+        finish_local(flow, lambda: flow.fork(run_id, from_step, new_run_id=new_run_id))
+        return
+    if target:
+        raise BadInput(
+            "--flow builds the graph of a fork in this process (--local); the workers find "
+            "the graph by the run's registered flow name (--flows imports its module)"
+        )
+    from pocoflow.distributed.client import fork_run
+
+    settings = cli_settings(db_url, broker_url, flows)
+    _refuse_unreachable_broker(settings.broker_url, "no fork was recorded")
+    try:
+        with _cwd_on_path():
+            handle = fork_run(
+                run_id, from_step, new_run_id=new_run_id, queue=queue, settings=settings
+            )
+    except (KeyError, ValueError, TypeError) as exc:  # TypeError: a Store off the schema
+        raise BadInput(str(exc.args[0] if exc.args else exc)) from None
+    click.echo(handle.run_id)
+    if wait:
+        wait_for(handle)
 
 
 # ── distributed runs ─────────────────────────────────────────────────────────
@@ -618,7 +682,6 @@ def submit(
 ) -> None:
     """Start registered flow FLOW_NAME on the workers; prints the run id at once."""
     from pocoflow.distributed.client import submit as submit_run
-    from pocoflow.doctor import broker_problem
     from pocoflow.registry import UnknownFlowError, build_flow, import_flow_modules
 
     data = parse_store(store_text)
@@ -629,14 +692,7 @@ def submit(
         flow = build_flow(flow_name)
     except (ImportError, UnknownFlowError) as exc:
         raise BadInput(str(exc)) from None
-    # Before the run is recorded: a run whose first step no broker took would only wait
-    # in the ledger, silently, for a worker's sweeper that may never come.
-    problem = broker_problem(settings.broker_url)
-    if problem:
-        raise BadInput(
-            f"the broker {mask_url(settings.broker_url)} cannot be reached ({problem}); "
-            "nothing was submitted. Check it with `pocoflow doctor`"
-        )
+    _refuse_unreachable_broker(settings.broker_url, "nothing was submitted")
     try:
         handle = submit_run(flow, data, run_id=run_id, queue=queue, settings=settings)
     except (TypeError, ValueError) as exc:
@@ -644,6 +700,16 @@ def submit(
     click.echo(handle.run_id)
     if wait:
         wait_for(handle)
+
+
+def _refuse_unreachable_broker(broker_url: str, outcome: str) -> None:
+    """Bad input before a run is recorded when the broker does not answer (see
+    ``broker_refusal``)."""
+    from pocoflow.doctor import broker_refusal
+
+    refusal = broker_refusal(broker_url, outcome)
+    if refusal:
+        raise BadInput(refusal)
 
 
 def _control(verb: str) -> Callable[..., None]:

@@ -68,14 +68,15 @@ def _decode_all(texts: Mapping[str, str]) -> dict[str, Any]:
 
 def _own(conn: Connection, c: StepCommit) -> bool:
     """After a step commit whose COMMIT outcome was lost, and whose retry found the step
-    committed: was it this commit? A distributed commit closed its own attempt's row (this
-    attempt, this worker) as committed in the same transaction; a local run has a single
-    writer, so the checkpoint of its step is its own."""
+    committed: was it this commit? A distributed commit closed its own claim's attempt row
+    (this attempt, this holder token: another delivery of the same attempt in the same
+    process has the same worker id) as committed in the same transaction; a local run has
+    a single writer, so the checkpoint of its step is its own."""
     if c.attempt is not None and c.worker is not None:
         return any(
             a["step"] == c.step
             and a["attempt"] == c.attempt
-            and a["worker"] == c.worker
+            and (a["holder"] or a["worker"]) == c.lease_holder
             and a["outcome"] == "committed"
             for a in steps.attempts(conn, c.run_id)
         )
@@ -508,17 +509,19 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
         deleted, batches, after = 0, 0, ""
         while max_batches is None or batches < max_batches:
 
-            def listing(conn: Connection, after: str = after) -> list[str]:
-                return retention.candidates(conn, statuses, cutoff, after, batch)
+            def listing(conn: Connection, after: str = after) -> list[list[str]]:
+                ids = retention.candidates(conn, statuses, cutoff, after, batch)
+                return retention.by_item_rows(conn, ids)  # many map items: smaller ones
 
-            ids: list[str] = self._read(listing)
-            if not ids:
+            groups: list[list[str]] = self._read(listing)
+            if not groups:
                 break
-            after = ids[-1]
+            after = groups[-1][-1]
+            for ids in groups:
 
-            def deleting(conn: Connection, ids: list[str] = ids) -> int:
-                return retention.delete_runs(conn, dialect, ids, statuses, cutoff)
+                def deleting(conn: Connection, ids: list[str] = ids) -> int:
+                    return retention.delete_runs(conn, dialect, ids, statuses, cutoff)
 
-            deleted += self._write(deleting, f"pruning {len(ids)} runs", None)
+                deleted += self._write(deleting, f"pruning {len(ids)} runs", None)
             batches += 1
         return deleted

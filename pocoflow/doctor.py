@@ -42,6 +42,20 @@ def broker_problem(url: str, timeout_s: float = CHECK_TIMEOUT_S) -> str | None:
     return None
 
 
+def broker_refusal(url: str, outcome: str) -> str | None:
+    """Why nothing should be recorded for the workers now (``outcome`` says what was
+    not done), or None when the broker at ``url`` answers: a run whose first step no
+    broker took would only wait in the ledger, silently, for a worker's sweeper that may
+    never come."""
+    problem = broker_problem(url)
+    if not problem:
+        return None
+    return (
+        f"the broker {mask_url(url)} cannot be reached ({problem}); {outcome}. Check it "
+        "with `pocoflow doctor`"
+    )
+
+
 def check_broker(settings: Settings) -> Check:
     problem = broker_problem(settings.broker_url)
     where = mask_url(settings.broker_url)

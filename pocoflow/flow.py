@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
+from pocoflow import itemlog
 from pocoflow.errors import RunSetupError, StepConflict, UnknownRunError
 from pocoflow.graph import Graph
 from pocoflow.hooks import RUN_CANCELLED, RUN_RESUMED, Hooks
 from pocoflow.limits import LimitGate, current_limiter
 from pocoflow.logging import get_logger
+from pocoflow.mapnode import MapNode
 from pocoflow.node import Node
 from pocoflow.recorder import RunRecorder, open_ledger
 from pocoflow.runner import RunControl, RunHandle
@@ -203,22 +205,14 @@ class Flow(Node):
         left untouched. Steps keep their numbers, so the fork's first step is
         ``from_step + 1``."""
         db = self._require_ledger("fork")
-        if db.get_run(run_id) is None:
+        run = db.get_run(run_id)
+        if run is None:
             raise UnknownRunError(f"Unknown run id {run_id!r}")
-        try:
-            checkpoint = db.get_checkpoint(run_id, from_step)
-            store = _with_schema(
-                db.load_checkpoint(run_id, from_step), db, run_id, schema or self.schema
-            )
-        except KeyError as exc:
-            raise RunSetupError(str(exc.args[0] if exc.args else exc)) from None
+        next_id = fork_point(db, run_id, from_step, run, self.max_steps)["next_node"]
+        store = _with_schema(
+            db.load_checkpoint(run_id, from_step), db, run_id, schema or self.schema, run
+        )
         graph = self.graph()
-        next_id = checkpoint.get("next_node")
-        if next_id is None:
-            raise RunSetupError(
-                f"Run {run_id!r} step {from_step} was its last step: there is nothing to fork "
-                "from it"
-            )
         fork_id = new_run_id or make_run_id(self.flow_name)
         self._run_id = fork_id
         recorder = RunRecorder(fork_id, db, self.checkpoint_dir)
@@ -335,7 +329,9 @@ class Flow(Node):
         if plan.node is None:
             recorder.empty_run_done()
             return plan.store
-        return self._loop(plan.graph, plan.node, plan.store, plan.step, recorder, control)
+        return self._loop(
+            plan.graph, plan.node, plan.store, plan.step, recorder, control, resumed=True
+        )
 
     def _loop(
         self,
@@ -345,6 +341,7 @@ class Flow(Node):
         step: int,
         recorder: RunRecorder,
         control: RunControl,
+        resumed: bool = False,
     ) -> Store:
         run_id = recorder.run_id
         record = recorder.db is not None
@@ -354,6 +351,7 @@ class Flow(Node):
         is_running = control._running.is_set
         signals = recorder.signal_reader()
         steps_run = 0
+        again = step if resumed else -1  # the step that may have run before
         # Local runs wait in place for their limits (this process's limiter).
         gate = LimitGate(current_limiter(), self.flow_name)
         while current is not None:
@@ -394,6 +392,12 @@ class Flow(Node):
                 )
                 recorder.ended_early(step, "failed", "node_error", message)
                 raise RuntimeError(message)
+            # A MapNode keeps its finished items; only a step that ran before (the first
+            # of a resume, one run again after a wait) reads what an earlier try kept.
+            log_token = None
+            if record and isinstance(current, MapNode):
+                log = recorder.item_log(step, current, may_have_kept=step == again)
+                log_token = itemlog.CURRENT.set(log)
             try:
                 done = run_step(
                     current,
@@ -424,11 +428,15 @@ class Flow(Node):
                     _log.warning("Run %s stopped running while %r waited", run_id, current.name)
                     return store
                 recorder.rewind(store, step)  # the node runs again from prep
+                again = step
                 continue  # the value came meanwhile; a cancel or pause is met at the top
             except StepError as error:
                 _log.error("Flow %r aborted at node %r: %s", self.flow_name, current.name, error)
                 recorder.failed(step, error.events, str(error.cause))
                 raise error.cause from None
+            finally:
+                if log_token is not None:
+                    itemlog.CURRENT.reset(log_token)
             following = current.next_node(done.action)
             if recorder.active:
                 try:
@@ -638,6 +646,51 @@ class _ResumePlan:
 
 
 _RESUMABLE = ("failed", "cancelled", "paused", "running", "queued", "waiting")
+
+
+def fork_point(
+    db: WorkflowDB,
+    run_id: str,
+    from_step: int,
+    run: dict[str, Any],
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Checkpoint ``from_step`` of run ``run`` (its ledger row), to start a fork from:
+    ``RunSetupError`` naming run and step when there is no such checkpoint, it records
+    no next node, or the fork's first step would already be past ``max_steps``. "Was its
+    last step" is said only of the run's latest checkpoint: an earlier one without a next
+    node was written by 0.2 (or ``save_checkpoint``), which did not record one, and a fork
+    would not know which node to run."""
+    try:
+        checkpoint = db.get_checkpoint(run_id, from_step)
+    except KeyError:
+        first = run.get("forked_from_step")
+        hint = ""
+        if first is not None and from_step < first:
+            hint = (
+                f" (a fork of {run.get('parent_run_id')!r}: its first checkpoint is its fork "
+                f"point, step {first})"
+            )
+        raise RunSetupError(
+            f"Run {run_id!r} has no checkpoint of step {from_step} to fork from{hint}"
+        ) from None
+    if checkpoint.get("next_node") is None:
+        latest = db.latest_checkpoint(run_id)
+        if latest is not None and latest["step"] == from_step:
+            raise RunSetupError(
+                f"Run {run_id!r} step {from_step} was its last step: there is nothing to fork "
+                "from it"
+            )
+        raise RunSetupError(
+            f"Run {run_id!r} step {from_step}: its checkpoint records no next node (a 0.2 "
+            "checkpoint, or one written by save_checkpoint), so there is no node to fork to"
+        )
+    if max_steps is not None and from_step + 1 >= max_steps:
+        raise RunSetupError(
+            f"Run {run_id!r} step {from_step}: the fork's first step would be "
+            f"{from_step + 1}, past the flow's max_steps={max_steps}"
+        )
+    return checkpoint
 
 
 def _with_schema(

@@ -16,17 +16,39 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
 
-from pocoflow import usage
+from pocoflow import itemlog, usage
 from pocoflow.limits import LimitWait
 from pocoflow.node import AsyncNode, Node, run_coroutine
 from pocoflow.step import RunCancelled
 
+if TYPE_CHECKING:
+    from pocoflow.itemlog import ItemLog
+
 #: ``on_item_error`` values: fail the node naming the item, or hand the exception to post.
 ITEM_ERROR_POLICIES = ("raise", "collect")
+
+
+#: The map item whose ``exec`` runs in this thread or task: ``(node, index)``. A context
+#: variable, not a node attribute, because one node instance runs many items at once (the
+#: threads of a local map, the tasks of an async one), each of which reads its own.
+_current_item: ContextVar[tuple[Any, int] | None] = ContextVar("pocoflow_map_item", default=None)
+
+
+@contextmanager
+def running_item(node: MapNode, index: int) -> Iterator[None]:
+    """``node.item_index`` reads ``index`` inside this block, on this thread or task (and
+    on the threads it hands its context to: a timed exec's, an async exec's loop)."""
+    token = _current_item.set((node, index))
+    try:
+        yield
+    finally:
+        _current_item.reset(token)
 
 
 class ItemFailed(Exception):
@@ -103,6 +125,26 @@ class MapNode(Node):
     max_parallel: int = 8
     on_item_error: str = "raise"
 
+    @property
+    def item_index(self) -> int | None:
+        """The position, in ``prep``'s list, of the item whose ``exec`` (or
+        ``exec_fallback``) is running in this thread or task; None outside one (``prep``,
+        ``post``). Items run at once on threads of one node instance, so each reads its
+        own. With ``run_id`` and ``step`` it makes the idempotency key of an item's side
+        effect, the same on every try: ``f"{self.run_id}/{self.step}/{self.item_index}"``;
+        ``attempt`` (on workers the item's own, higher after its retry or crash) tells the
+        tries apart, for tracing, not for deduplication."""
+        current = _current_item.get()
+        return current[1] if current is not None and current[0] is self else None
+
+    @item_index.setter
+    def item_index(self, value: Any) -> None:
+        raise AttributeError(
+            f"MapNode {self.name!r}: item_index is set by PocoFlow for each item's exec "
+            f"(its position in prep's list) and cannot be assigned (got {value!r}); keep "
+            "a value of your own under another name"
+        )
+
     # ── what executors call ───────────────────────────────────────────────────
 
     def items_of(self, prep_result: Any) -> list[Any]:
@@ -141,46 +183,83 @@ class MapNode(Node):
         return self.post(store, items, self.map_items(items))
 
     def map_items(self, items: Sequence[Any]) -> list[Any]:
-        """Every item's result (or collected exception), in item order."""
+        """Every item's result (or collected exception), in item order. With an item log,
+        items it kept from an earlier attempt of the step do not run again."""
+        log = itemlog.take(self)  # this step's, set by a local run with a ledger
+        if log is None:
+            return self._map(items, None)
+        log.open(items)
+        try:
+            return self._map(items, log)
+        finally:
+            log.close()  # what finished is kept, also when the map fails
+
+    def _map(self, items: Sequence[Any], log: ItemLog | None) -> list[Any]:
         if isinstance(self, AsyncNode):
-            return run_coroutine(self._map_async(items))
-        return _map_threads(self, items, self.max_parallel, self.cancelled)
+            return run_coroutine(self._map_async(items, log))
+        return _map_threads(self, items, self.max_parallel, self.cancelled, log)
 
     def run_item(self, index: int, item: Any) -> Any:
         """One item: ``exec`` under the retry policy; a spent item per ``on_item_error``."""
         try:
-            with usage.for_item(self, index):  # report_usage names the item
-                return self._exec(item)
+            with usage.for_item(self, index), running_item(self, index):
+                return self._exec(item)  # report_usage and item_index name the item
         except Exception as exc:
             return self.item_outcome(index, exc)
 
-    async def _map_async(self, items: Sequence[Any]) -> list[Any]:
+    async def _map_async(self, items: Sequence[Any], log: ItemLog | None) -> list[Any]:
         assert isinstance(self, AsyncNode)
         gate = asyncio.Semaphore(self.max_parallel)
         node = self
+        kept = log.kept if log is not None else {}
+        stop: list[BaseException] = []  # as threads: the first fatal failure stops new starts
 
         async def one(index: int, item: Any) -> Any:
+            if index in kept:
+                return kept[index]
             async with gate:
+                if stop:
+                    return None
                 if node.cancelled():
-                    raise RunCancelled(f"MapNode {node.name!r} cancelled before item {index}")
+                    stop.append(
+                        RunCancelled(f"MapNode {node.name!r} cancelled before item {index}")
+                    )
+                    return None
                 try:
-                    with usage.for_item(node, index):
-                        return await _exec_async_with_retries(node, item)
+                    with usage.for_item(node, index), running_item(node, index):
+                        result = await _exec_async_with_retries(node, item)
                 except Exception as exc:
-                    return node.item_outcome(index, exc)
+                    try:
+                        return node.item_outcome(index, exc)
+                    except Exception as fatal:  # the running items end, and are kept
+                        stop.append(fatal)
+                        return None
+                if log is not None:
+                    log.keep(index, result)
+                return result
 
-        return list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
+        results = list(await asyncio.gather(*(one(i, item) for i, item in enumerate(items))))
+        if stop:
+            raise stop[0]
+        return results
 
 
 def _map_threads(
-    node: MapNode, items: Sequence[Any], parallel: int, cancelled: Callable[[], bool]
+    node: MapNode,
+    items: Sequence[Any],
+    parallel: int,
+    cancelled: Callable[[], bool],
+    log: ItemLog | None,
 ) -> list[Any]:
     """Items on up to ``parallel`` threads, started in order, each only if the run was not
     cancelled meanwhile; the first item to fail for good stops new starts and is raised
-    once the running ones end (so no thread outlives the step)."""
+    once the running ones end (so no thread outlives the step). Items ``log`` kept from
+    an earlier attempt do not run; it keeps each result (not a collected error) as its
+    item ends."""
     results: list[Any] = [None] * len(items)
     if not items:
         return results
+    kept = log.kept if log is not None else {}
     failure: list[BaseException] = []
     lock = threading.Lock()
     with ThreadPoolExecutor(
@@ -190,12 +269,18 @@ def _map_threads(
 
         def one(index: int, item: Any) -> None:
             try:
-                results[index] = node.run_item(index, item)
+                results[index] = result = node.run_item(index, item)
             except BaseException as exc:
                 with lock:
                     failure.append(exc)
+                return
+            if log is not None and not isinstance(result, BaseException):
+                log.keep(index, result)
 
         for index, item in enumerate(items):
+            if index in kept:
+                results[index] = kept[index]
+                continue
             while len(running) >= parallel:
                 running = wait(running, return_when=FIRST_COMPLETED).not_done
             if failure:

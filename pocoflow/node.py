@@ -207,7 +207,9 @@ class Node:
         from the first wait) makes it raise ``TimeoutError`` once no value came in time:
         a distributed run is woken for that by the sweeper; the error then follows the
         node's retry and ``exec_fallback`` policy if raised in ``exec``. Needs a ledger
-        (``Flow(db_path=...)`` or ``submit``).
+        (``Flow(db_path=...)`` or ``submit``). In a MapNode's ``post``, the items that
+        finished before the wait are kept: when the node runs again they do not run
+        ``exec`` again (locally and on workers alike).
         """
         key = check_key(key)
         timeout = check_timeout(timeout)

@@ -14,6 +14,7 @@ from pocoflow.commit import StepCommit
 from pocoflow.delta import StoreTracker
 from pocoflow.errors import RunSetupError, StepConflict
 from pocoflow.hooks import FLOW_END, FLOW_START, RUN_PAUSED, RUN_RESUMED
+from pocoflow.itemlog import ItemLog
 from pocoflow.step import utc_now
 from pocoflow.store import Store
 from pocoflow.usage import BUDGET_EXCEEDED, Budget, LedgerSink, MemorySink, UsageSink
@@ -21,6 +22,7 @@ from pocoflow.waiting import Signal, SignalReader, WaitingFor
 
 if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
+    from pocoflow.node import Node
 
 _UNREAD = object()
 
@@ -155,6 +157,13 @@ class RunRecorder:
         if control is not _UNREAD:
             return control  # type: ignore[return-value]
         return self.db.get_control(self.run_id) if self.db is not None else None
+
+    def item_log(self, step: int, node: Node, *, may_have_kept: bool) -> ItemLog:
+        """Where the MapNode of ``step`` keeps its finished items (a resume of the step
+        runs only the others); ``may_have_kept``: the step ran before, so read what it
+        kept (a fresh step reads nothing)."""
+        assert self.db is not None
+        return ItemLog(self.db, self.run_id, step, node, may_have_kept=may_have_kept)
 
     def signal_reader(self) -> SignalReader | None:
         """What ``Node.wait_for`` reads in this run: its signals in the ledger (None

@@ -155,29 +155,73 @@ def database_url() -> Iterator[str]:
     """A PostgreSQL server URL whose user may create databases."""
     if os.environ.get(DATABASE_ENV):
         yield os.environ[DATABASE_ENV]
+        drop_spare_databases()
         return
     with start_postgres() as server:
         yield server.url
+        drop_spare_databases()  # before the server goes: nothing outlives the session
+
+
+#: Emptied databases ready for the next test, by server: CREATE DATABASE costs ~0.3 s of
+#: server CPU (a copy of template1), emptying one ~5 ms, over ~500 PostgreSQL tests.
+_spare_databases: dict[str, list[str]] = {}
 
 
 @contextlib.contextmanager
 def fresh_postgres_database(server_url: str) -> Iterator[str]:
-    """A new empty database on the server (dropped after, connections and all)."""
+    """A new empty database on the server: a name never used before, no tables, types,
+    sequences or sessions.
+
+    A database given back has its sessions ended and is renamed, so nothing still holding
+    its URL (a thread or pool a test left behind) can reach it again; it is then emptied
+    (schema ``public`` dropped and made again) for the next caller. One that cannot be
+    renamed or emptied is dropped. ``drop_spare_databases`` drops the rest at the end."""
     import psycopg
     from sqlalchemy.engine import make_url
 
     admin = make_url(server_url).set(drivername="postgresql")
     dsn = admin.render_as_string(hide_password=False)
-    name = f"pf_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    spares = _spare_databases.setdefault(dsn, [])
+    if spares:
+        name = spares.pop()
+    else:
+        name = f"pf_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
     try:
         yield admin.set(drivername="postgresql+psycopg", database=name).render_as_string(
             hide_password=False
         )
     finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        spare = f"pf_test_{uuid.uuid4().hex[:12]}"
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (name,),
+                )
+                conn.execute(f'ALTER DATABASE "{name}" RENAME TO "{spare}"')
+            emptied = admin.set(database=spare).render_as_string(hide_password=False)
+            with psycopg.connect(emptied, autocommit=True) as db:
+                db.execute("DROP SCHEMA public CASCADE")
+                db.execute("CREATE SCHEMA public")
+            spares.append(spare)
+        except psycopg.Error:  # a session came back in between: drop it instead
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                for gone in (name, spare):
+                    conn.execute(f'DROP DATABASE IF EXISTS "{gone}" WITH (FORCE)')
+
+
+def drop_spare_databases() -> None:
+    """Drop the emptied databases kept for reuse (they live on in a server not ours)."""
+    import psycopg
+
+    for dsn, names in _spare_databases.items():
+        with contextlib.suppress(psycopg.Error), psycopg.connect(dsn, autocommit=True) as conn:
+            for name in names:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    _spare_databases.clear()
 
 
 @pytest.fixture(params=LEDGER_BACKENDS)

@@ -51,7 +51,7 @@ class Boom(Node):
         raise RuntimeError(NASTY)
 
 
-def alpha(url: str, run_id: str = "alpha-1") -> Flow:
+def alpha(url: str | None, run_id: str | None = "alpha-1") -> Flow:
     ask = Ask()
     ask.then("default", Note())
     return Flow(ask, db_path=url, run_id=run_id, flow_name="alpha")

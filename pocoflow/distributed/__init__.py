@@ -11,7 +11,7 @@ Modules, one job each:
 * ``lifecycle`` run-level transitions as compare-and-set ledger updates
 * ``control``   Redis cancel/pause flags and ``RemoteControl`` for ``RunHandle``
 * ``sweeper``   re-sends unsent outbox rows, takes over expired leases
-* ``client``    ``submit``, ``attach``, ``resume_run``
+* ``client``    ``submit``, ``attach``, ``resume_run``, ``fork_run``
 
 Importing this package loads neither Celery nor Redis; they load on first use.
 """

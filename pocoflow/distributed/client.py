@@ -1,4 +1,5 @@
-"""The caller's side of distributed runs: ``submit``, ``attach``, ``resume_run``.
+"""The caller's side of distributed runs: ``submit``, ``attach``, ``resume_run``,
+``fork_run``, ``send``.
 
 ``submit`` writes everything a worker needs into the ledger (run row with the initial
 Store, fingerprint, graph shape, max_steps, queue; the step-0 outbox row leased from now)
@@ -24,7 +25,7 @@ from pocoflow.distributed.control import (
 )
 from pocoflow.distributed.graphs import shape_text
 from pocoflow.distributed.message import StepMessage
-from pocoflow.errors import UnknownRunError
+from pocoflow.errors import RunSetupError, UnknownRunError
 from pocoflow.hooks import FLOW_START
 from pocoflow.logging import get_logger
 from pocoflow.recorder import open_ledger
@@ -85,15 +86,15 @@ def _handle(
     return RunHandle(run_id, db=db, control=control, initial_store=store)
 
 
-def _registered_graph(flow_name: str, settings: Settings) -> Graph:
-    """The graph a worker would build for ``flow_name``: from the registry, importing the
+def _registered_flow(flow_name: str, settings: Settings) -> Flow:
+    """The flow a worker would build for ``flow_name``: from the registry, importing the
     configured flow modules (``POCOFLOW_FLOWS``) if the name is not registered yet."""
     try:
         builder = get_builder(flow_name)
     except UnknownFlowError:
         import_flow_modules(settings.flows)
         builder = get_builder(flow_name)
-    return builder().graph()
+    return builder()
 
 
 def submit(
@@ -146,23 +147,7 @@ def record_run(
     from pocoflow.flow import make_run_id
 
     name = flow.flow_name
-    graph = flow.graph()
-    try:
-        registered = get_builder(name)().graph()
-    except UnknownFlowError:
-        raise ValueError(
-            f"Flow {name!r} is not registered, so no worker can find its graph: build it "
-            f"with a function decorated @flow({name!r}) in a module the workers import "
-            "(--flows / POCOFLOW_FLOWS)"
-        ) from None
-    if registered.fingerprint != graph.fingerprint:
-        from pocoflow.graph import shape_difference
-
-        raise ValueError(
-            f"Flow {name!r} differs from the graph its registered builder makes, which is "
-            f"what workers would run ({shape_difference(registered.shape(), graph.shape())}); "
-            "submit the Flow the builder returns"
-        )
+    graph = _registered_as_is(flow, ValueError, "submit the Flow the builder returns")
     if flow.schema:  # what every worker will check when it rebuilds the Store: now
         Store(store.as_dict(), schema=flow.schema, name=store.name)
     run_id = run_id or flow.run_id or make_run_id(name)
@@ -186,6 +171,31 @@ def record_run(
         raise ValueError(f"Run id {run_id!r} already exists in ledger {db.url}; pick another")
     flow._run_id = run_id
     return StepMessage(run_id, name, 0, graph.start_id, 1)
+
+
+def _registered_as_is(flow: Flow, error: type[ValueError], advice: str, about: str = "") -> Graph:
+    """``flow``'s graph, if the workers would build the same one: ``error`` (prefixed
+    with ``about``) when its name is not registered, or its registered builder makes
+    another graph (G6, G7)."""
+    name = flow.flow_name
+    graph = flow.graph()
+    try:
+        registered = get_builder(name)().graph()
+    except UnknownFlowError:
+        raise error(
+            f"{about}Flow {name!r} is not registered, so no worker can find its graph: build "
+            f"it with a function decorated @flow({name!r}) in a module the workers import "
+            "(--flows / POCOFLOW_FLOWS)"
+        ) from None
+    if registered.fingerprint != graph.fingerprint:
+        from pocoflow.graph import shape_difference
+
+        raise error(
+            f"{about}Flow {name!r} differs from the graph its registered builder makes, which "
+            f"is what workers would run ({shape_difference(registered.shape(), graph.shape())}); "
+            f"{advice}"
+        )
+    return graph
 
 
 def _stranded(db: WorkflowDB, run_id: str, run: dict[str, Any]) -> bool:
@@ -252,7 +262,7 @@ def resume_run(
         Budget(max_tokens, max_cost_usd)  # ValueError for a bad limit, before any write
         db.set_budget(run_id, max_tokens=max_tokens, max_cost_usd=max_cost_usd)
     if force:
-        graph = _registered_graph(run["flow_name"], settings)
+        graph = _registered_flow(run["flow_name"], settings).graph()
         db.update_run(run_id, fingerprint=graph.fingerprint, graph_shape=shape_text(graph))
     if settings.redis_url:
         client = redis_client(settings.redis_url)
@@ -268,6 +278,138 @@ def resume_run(
     ):
         raise ValueError(f"Run {run_id!r} changed status while resuming; look again")
     return _handle(run_id, db, settings)
+
+
+def fork_run(
+    run_id: str,
+    from_step: int,
+    *,
+    new_run_id: str | None = None,
+    queue: str | None = None,
+    db_url: str | None = None,
+    settings: Settings | None = None,
+) -> RunHandle:
+    """Start a new run on the workers from checkpoint ``from_step`` of ``run_id`` and
+    return its handle at once: the workers' twin of ``Flow.fork``.
+
+    The run forked may have run on the workers or in a process; its flow must be
+    registered under the name the ledger recorded (the flow modules of ``POCOFLOW_FLOWS``
+    are imported if needed), because the workers rebuild the graph by that name. The fork
+    keeps the step numbers (its first step is ``from_step + 1``), runs the node the
+    checkpoint recorded as next, records ``parent_run_id`` / ``forked_from_step``, and
+    starts its usage at zero under the flow's budget; the parent is only read. Its queue
+    is ``queue``, else the parent's, else the default. ``UnknownRunError`` for an unknown
+    run; ``RunSetupError`` (a ``ValueError``) naming run and step for a missing
+    checkpoint, a checkpoint with nothing after it, or a flow no registered builder makes.
+    """
+    settings = _settings(settings, db_url)
+    db = open_ledger(settings.db_url)
+    first, first_queue = record_fork(
+        db,
+        run_id,
+        from_step,
+        _registered_flow_of(db, run_id, from_step, settings),
+        new_run_id=new_run_id,
+        queue=queue,
+        lease_s=settings.lease_seconds,
+    )
+    if not _publisher(settings).send(first, queue=first_queue):
+        _log.warning(
+            "Fork %s of run %s is recorded but its first step could not be published to %s "
+            "yet; a worker's sweeper will send it",
+            first.run_id,
+            run_id,
+            mask_url(settings.broker_url),
+        )
+    _log.info("Run %s forked from step %d as %s", run_id, from_step, first.run_id)
+    return _handle(first.run_id, db, settings)
+
+
+def _registered_flow_of(db: WorkflowDB, run_id: str, from_step: int, settings: Settings) -> Flow:
+    """The registered flow that runs ``run_id``'s graph on the workers: by the flow name
+    the ledger recorded, never by a module the ledger names."""
+    run = db.get_run(run_id)
+    if run is None:
+        raise UnknownRunError(f"Unknown run id {run_id!r} in ledger {db.url}")
+    name = run["flow_name"]
+    try:
+        return _registered_flow(name, settings)
+    except (UnknownFlowError, ImportError) as exc:
+        raise RunSetupError(
+            f"Run {run_id!r} step {from_step}: it is a run of flow {name!r}, which no "
+            f"registered builder makes here ({exc}); the workers find a graph only by its "
+            f"registered name: register it with @flow({name!r}) in a module named by --flows "
+            "/ POCOFLOW_FLOWS"
+        ) from None
+
+
+def record_fork(
+    db: WorkflowDB,
+    run_id: str,
+    from_step: int,
+    flow: Flow,
+    *,
+    new_run_id: str | None = None,
+    queue: str | None = None,
+    lease_s: float,
+) -> tuple[StepMessage, str | None]:
+    """The ledger half of ``fork_run``: check the checkpoint, write the fork's run row
+    (queued) with checkpoint ``from_step`` of ``run_id`` as its Store and the outbox row
+    of its first step, leased from now, in one transaction. Returns the message to publish
+    and its queue. ``flow`` is checked as ``record_run`` checks it (registered, built as
+    its registered builder builds it) and must be of the run's flow name; which node runs
+    first comes from the checkpoint, never from the caller. Nothing is written if a check
+    fails."""
+    from pocoflow.flow import _with_schema, fork_point, make_run_id
+
+    run = db.get_run(run_id)
+    if run is None:
+        raise UnknownRunError(f"Unknown run id {run_id!r} in ledger {db.url}")
+    about = f"Run {run_id!r} step {from_step}: "
+    if new_run_id is not None and not new_run_id.strip():
+        raise RunSetupError(f"{about}the fork's run id is empty: give one, or none")
+    if flow.flow_name != run["flow_name"]:
+        raise RunSetupError(
+            f"{about}it is a run of flow {run['flow_name']!r}, not of {flow.flow_name!r}: "
+            "a fork runs the flow of its parent"
+        )
+    graph = _registered_as_is(flow, RunSetupError, "fork with the Flow it returns", about)
+    next_id = fork_point(db, run_id, from_step, run, flow.max_steps)["next_node"]
+    try:
+        node = graph.node(next_id)
+    except KeyError:
+        raise RunSetupError(
+            f"Run {run_id!r} step {from_step} is followed by node {next_id!r}, which the "
+            f"registered flow {flow.flow_name!r} does not have (its graph changed): fork "
+            "from another step"
+        ) from None
+    store = _with_schema(db.load_checkpoint(run_id, from_step), db, run_id, flow.schema, run)
+    fork_id = new_run_id or make_run_id(flow.flow_name)
+    fork_queue = queue or run.get("queue") or DEFAULT_QUEUE
+    created = db.create_run(
+        fork_id,
+        flow.flow_name,
+        status="queued",
+        fingerprint=graph.fingerprint,
+        max_steps=flow.max_steps,
+        initial_store=store,
+        initial_step=from_step,
+        start_node=next_id,
+        parent_run_id=run_id,
+        forked_from_step=from_step,
+        queue=fork_queue,
+        graph_shape=shape_text(graph),
+        start_events=[{"event": FLOW_START, "node_name": node.name, "ts": utc_now()}],
+        first_step=NextStep(from_step + 1, next_id, 1, lease_s=lease_s, queue=node.queue),
+        # The fork's own budget, as Flow.fork: its usage starts at zero under it.
+        max_tokens=flow.budget.max_tokens,
+        max_cost_usd=flow.budget.max_cost_usd,
+        builder=run.get("builder"),
+    )
+    if not created:
+        raise RunSetupError(f"Run id {fork_id!r} already exists in ledger {db.url}; pick another")
+    first = StepMessage(fork_id, flow.flow_name, from_step + 1, next_id, 1)
+    return first, node.queue or fork_queue
 
 
 def send(

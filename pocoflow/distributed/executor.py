@@ -34,15 +34,17 @@ from pocoflow.distributed.control import FlagReader, redis_client
 from pocoflow.distributed.graphs import GraphCache, mismatch_message
 from pocoflow.distributed.lease import Holding, LeaseKeeper
 from pocoflow.distributed.limiter import RedisLimiter
+from pocoflow.distributed.liveness import dead_after
 from pocoflow.distributed.mapstep import run_map_step
 from pocoflow.distributed.message import MalformedMessage, StepMessage
 from pocoflow.hooks import COMMIT_REFUSED, FLOW_END, MESSAGE_MALFORMED, NODE_RETRY
+from pocoflow.ledger import liveness
 from pocoflow.ledger.signals import StepFence
 from pocoflow.limits import Limiter, LimitGate, LimitWait, use_limiter
 from pocoflow.logging import get_logger
 from pocoflow.mapnode import MapNode
 from pocoflow.registry import UnknownFlowError
-from pocoflow.settings import Settings
+from pocoflow.settings import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_MAX_CRASHES, Settings
 from pocoflow.step import RetryLater, RunCancelled, StepError, run_step, utc_now
 from pocoflow.store import Store
 from pocoflow.usage import BUDGET_EXCEEDED, Budget, LedgerSink, budget_message
@@ -104,6 +106,18 @@ def step_queue(run: dict[str, Any], node: Node | None) -> str | None:
     return getattr(node, "queue", None) or run.get("queue")
 
 
+def crash_queue(
+    db: WorkflowDB, run: dict[str, Any], run_id: str, step: int, node: Node | None
+) -> str | None:
+    """The queue a step (or one of its map items) that crashed goes to again: its node's,
+    else, when the crash came before the node was loaded, the queue the step's row keeps
+    for it (``pf_steps.queue``, the node's when the step was sent), else the run's."""
+    if node is not None:
+        return step_queue(run, node)
+    row = db.get_step(run_id, step) or {}
+    return row.get("queue") or run.get("queue")
+
+
 @dataclass
 class WorkerContext:
     """What a worker process shares between its steps: ledger, publisher, control Redis,
@@ -119,6 +133,12 @@ class WorkerContext:
     #: The limiter shared by every worker (Redis); None without a control Redis, when a
     #: node with limits fails rather than run unlimited.
     limiter: Limiter | None = None
+    #: The crash budget (``POCOFLOW_MAX_CRASHES``): a step or item whose deliveries end
+    #: this many times in a row on an exception of the executor's own fails its run.
+    max_crashes: int = DEFAULT_MAX_CRASHES
+    #: Silence after which a worker process is taken for dead (``crash_verdict_due``
+    #: counts the live ones).
+    dead_after_s: float = dead_after(DEFAULT_HEARTBEAT_SECONDS)
     leases: LeaseKeeper = field(init=False)
     #: Where every step's ``report_usage`` calls go: a ledger row each, written at once,
     #: so a call made before this process is killed is kept.
@@ -134,6 +154,21 @@ class WorkerContext:
     def __post_init__(self) -> None:
         self.leases = LeaseKeeper(self.db, self.lease_s)
         self.usage = LedgerSink(self.db)
+
+    def crash_verdict_due(self, crashes: int, workers: set[str]) -> bool:
+        """Do ``crashes`` in a row of the executor, seen on ``workers``, fail the run? At
+        the budget (``max_crashes``), only if they span at least two worker processes, or
+        every live one when fewer are alive (``liveness.spans_enough_workers``): a cause
+        only some workers have must not fail a run a healthy worker would run. At twice
+        the budget, whatever the workers: a re-sent message can keep landing on the same
+        process (its queue's only consumer, the broker's order), and a crash must stay
+        bounded."""
+        if crashes < self.max_crashes:
+            return False
+        if len(workers) >= 2 or crashes >= 2 * self.max_crashes:
+            return True  # no need to ask the ledger
+        live = liveness.live_workers(self.db, self.dead_after_s)
+        return liveness.spans_enough_workers(workers, live)
 
     def keep(self, run_id: str, flow: str, step: int, store: Store, tracker: StoreTracker) -> None:
         """Hold the Store this process just committed as step ``step``: when the same
@@ -167,6 +202,8 @@ class WorkerContext:
             redis=client,
             lease_s=settings.lease_seconds,
             limiter=limiter,
+            max_crashes=settings.max_crashes,
+            dead_after_s=dead_after(settings.heartbeat_seconds),
         )
 
 
@@ -247,6 +284,8 @@ def execute_step(
                 exc,
             )
             return LEDGER_UNREACHABLE
+        if step_run is not None and step_run.claimed and not _unreachable(exc):
+            return step_run.crashed(exc)
         _log.exception(
             "Step %d of run %s (attempt %d) crashed in the executor; its lease will expire "
             "and the sweeper will re-run it",
@@ -259,15 +298,64 @@ def execute_step(
 
 def _unreachable(exc: BaseException) -> bool:
     """The ledger could not be reached or stayed locked: a reason to try the message
-    again later, unlike a bug or a bad value, which would only fail again."""
-    from sqlalchemy.exc import InterfaceError, OperationalError
+    again later, unlike a bug or a bad value, which would only fail again (and, after
+    the claim, counts toward the crash budget: ``_StepRun.crashed``)."""
+    from sqlalchemy.exc import (
+        DBAPIError,
+        InterfaceError,
+        OperationalError,
+        TimeoutError as PoolTimeout,
+    )
 
-    from pocoflow.ledger.errors import LedgerConflictError, LedgerLockedError, LedgerOpenError
+    from pocoflow.ledger.errors import (
+        LedgerConflictError,
+        LedgerLockedError,
+        LedgerOpenError,
+        is_transient_state,
+        sqlstate,
+    )
 
     if isinstance(exc, LedgerOpenError):  # opening it: unreachable, or a bad URL?
         return isinstance(exc.__cause__, InterfaceError | OperationalError)
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True  # the connection died under the statement, whatever its class
+    state = sqlstate(exc)
+    if state is not None:  # PostgreSQL answered: its SQLSTATE says, not psycopg's class
+        return is_transient_state(state)
     return isinstance(
-        exc, InterfaceError | OperationalError | LedgerLockedError | LedgerConflictError
+        exc,
+        InterfaceError | OperationalError | PoolTimeout | LedgerLockedError | LedgerConflictError,
+    )
+
+
+def crash_verdict(
+    what: str, crashes: int, workers: set[str], error: str, *, worker_deaths: int = 0
+) -> str:
+    """The ``error_msg`` of a run failed because ``what`` (its step or item, naming the
+    run, the step and the node) crashed ``crashes`` times in a row on ``workers``: in the
+    executor, the last with ``error``, and ``worker_deaths`` of them with its worker
+    process dying."""
+    kinds = "in the executor"
+    if worker_deaths:
+        kinds = (
+            f"({crashes - worker_deaths} in the executor, {worker_deaths} with its worker "
+            "process dying)"
+        )
+    return (
+        f"{what} crashed {kinds} {crashes} times in a row, on {len(workers)} worker "
+        f"process(es): {', '.join(sorted(workers))}. Last: {error}. Not an exception of the "
+        "node's own code but of loading or running it on a worker (a Store or item that "
+        "cannot be decoded, the flow's graph, the ledger's data), which fails the same "
+        "way every time. Fix the cause (or raise POCOFLOW_MAX_CRASHES), then resume the run."
+    )
+
+
+def recordable_error(cause: str, refusal: BaseException) -> str:
+    """A node's failure ``cause`` that the ledger refused to record (``refusal``), as
+    text any ledger keeps: ASCII with escapes, cut to 2000 characters."""
+    return (
+        f"{ascii(cause)[1:-1][:2000]} (the error as first given could not be recorded: "
+        f"{type(refusal).__name__})"
     )
 
 
@@ -316,6 +404,10 @@ class _StepRun:
         self.holder = f"{worker}#{next(_claims)}"
         self.claimed = False
         self.task_id = task_id
+        #: The run's guard columns as the claim read them, and the graph and Store once
+        #: loaded: what a crash after the claim needs to send the step again.
+        self.run_row: dict[str, Any] | None = None
+        self.loaded: _Loaded | None = None
         self._prior: tuple[Store, dict[str, int], dict[str, str]] | None = None
         self._handed: tuple[Store, StoreTracker] | None = None
         #: The step's lease renewal while it runs (a map step releases it once parked).
@@ -329,7 +421,7 @@ class _StepRun:
         # flow was checked then); otherwise one read brings the run row and the Store.
         self._handed = self.ctx.take(msg.run_id, msg.flow, msg.step - 1)
         if self._handed is None:
-            first_look, self._prior = db.load_run_and_store(msg.run_id, msg.step - 1)
+            first_look, self._prior = self._first_look()
             if first_look is None:
                 _log.error("Step message for unknown run %r dropped", msg.run_id)
                 return UNKNOWN_RUN
@@ -359,6 +451,7 @@ class _StepRun:
         if run is None:
             _log.error("Step message for unknown run %r dropped", msg.run_id)
             return UNKNOWN_RUN
+        self.run_row = run
         if not claimed:
             if self._other_node():
                 return MALFORMED
@@ -384,12 +477,36 @@ class _StepRun:
             if stop is not None:
                 return stop
         try:
-            loaded = self._load(run)
+            loaded = self.loaded = self._load(run)
         except _Refused as refusal:
             return self._fail(str(refusal), refused=True)
         with self.ctx.leases.hold(msg.run_id, msg.step, msg.attempt, self.holder) as held:
             self.holding = held
             return self._run_and_commit(run, loaded)
+
+    def _first_look(
+        self,
+    ) -> tuple[dict[str, Any] | None, tuple[Store, dict[str, int], dict[str, str]] | None]:
+        """The run's guard columns and the Store of step-1, read together. A Store that
+        cannot be read (a codec error, a value of a type this process never registered)
+        is not this delivery's problem but the step's: the claim goes ahead without it,
+        and ``_read_store`` meets the same error after the claim, where it counts toward
+        the crash budget (``crashed``) instead of sending the step again for ever."""
+        msg = self.msg
+        try:
+            return self.db.load_run_and_store(msg.run_id, msg.step - 1)
+        except Exception as exc:
+            if _unreachable(exc):
+                raise
+            _log.warning(
+                "Step %d of run %s: its Store of step %d cannot be loaded (%s: %s)",
+                msg.step,
+                msg.run_id,
+                msg.step - 1,
+                type(exc).__name__,
+                exc,
+            )
+            return self.db.get_run(msg.run_id), None
 
     def _claim(self) -> tuple[bool, dict[str, Any] | None]:
         msg = self.msg
@@ -559,7 +676,7 @@ class _StepRun:
                 return CANCELLED
             except StepError as error:
                 cause = f"{type(error.cause).__name__}: {error.cause}"
-                return self._fail(cause, error.events)
+                return self._fail_node(cause, error.events)
             return self._commit(run, loaded, done.action, done.events)
         self._end(LOST, "woken too often in one step; the sweeper sends it again")
         return LOST
@@ -680,7 +797,8 @@ class _StepRun:
             ts=utc_now(),
         )
         self._end(RETRY, error)
-        new_attempt = self._send_again(run, loaded, retry.next_try, retry.delay)
+        queue = step_queue(run, loaded.node)
+        new_attempt = self._send_again(retry.next_try, retry.delay, queue)
         if new_attempt is None:
             return LOST
         _log.info(
@@ -701,17 +819,15 @@ class _StepRun:
         msg = self.msg
         self._end(LIMITED, str(wait))
         delay = limit_delay(wait.wait_s)
-        if self._send_again(run, loaded, msg.try_number, delay) is None:
+        if self._send_again(msg.try_number, delay, step_queue(run, loaded.node)) is None:
             return LOST
         _log.debug("Step %d of run %s: %s", msg.step, msg.run_id, wait)
         return LIMITED
 
-    def _send_again(
-        self, run: dict[str, Any], loaded: _Loaded, try_number: int, delay: float
-    ) -> int | None:
+    def _send_again(self, try_number: int, delay: float, queue: str | None) -> int | None:
         """Re-queue this step as try ``try_number`` under the next attempt, due in
-        ``delay`` s; the lease covers the delay so the sweeper leaves the waiting step
-        alone. None when this holder lost the step meanwhile."""
+        ``delay`` s, and send it to ``queue``; the lease covers the delay so the sweeper
+        leaves the waiting step alone. None when this holder lost the step meanwhile."""
         msg = self.msg
         new_attempt = self.db.take_over(
             msg.run_id,
@@ -723,14 +839,60 @@ class _StepRun:
         )
         if new_attempt is not None:
             self.ctx.publisher.send(
-                msg.retry(try_number, new_attempt),
-                queue=step_queue(run, loaded.node),
-                countdown=delay,
+                msg.retry(try_number, new_attempt), queue=queue, countdown=delay
             )
         return new_attempt
 
+    def crashed(self, exc: Exception) -> str:
+        """This claimed delivery ended on an exception of the executor's own, not the
+        node's (a Store that cannot be decoded, a codec or graph error): one that would
+        come back on every worker, so it is bounded by the crash budget, as a step that
+        kills its worker is (``ctx.max_crashes``). Below it, the attempt is closed as
+        ``crashed`` and the step sent again under the next attempt after a short backoff
+        (not left to its lease, which would re-send it for ever); at it, the run fails
+        naming run, step, node and the exception. Never raises: if the ledger cannot say
+        even this, the lease runs out and the sweeper re-sends the step, as before."""
+        msg, db = self.msg, self.db
+        error = f"{type(exc).__name__}: {exc}"
+        _log.error(
+            "Step %d of run %s (attempt %d) crashed in the executor",
+            msg.step,
+            msg.run_id,
+            msg.attempt,
+            exc_info=exc,
+        )
+        try:
+            attempts = db.get_attempts(msg.run_id)
+            crashes = liveness.crashes(attempts, msg.step)[0] + 1
+            workers, deaths = liveness.crash_kinds(attempts, msg.step)
+            workers.add(self.worker)
+            if self.ctx.crash_verdict_due(crashes, workers):
+                what = f"Step {msg.step} (node {msg.node_id!r}) of run {msg.run_id}"
+                verdict = crash_verdict(what, crashes, workers, error, worker_deaths=deaths)
+                return self._fail(verdict, node_name=msg.node_id)
+            self._end(liveness.EXECUTOR_CRASHED, error)
+            self._send_again(msg.try_number, redelivery_delay(crashes - 1), self._queue())
+        except Exception as failure:
+            _log.warning(
+                "Step %d of run %s: could not record its crash (%s); its lease will expire "
+                "and the sweeper will re-run it",
+                msg.step,
+                msg.run_id,
+                failure,
+            )
+        return CRASHED
+
+    def _queue(self) -> str | None:
+        node = self.loaded.node if self.loaded is not None else None
+        return crash_queue(self.db, self.run_row or {}, self.msg.run_id, self.msg.step, node)
+
     def _fail(
-        self, error_msg: str, events: list[dict[str, Any]] | None = None, *, refused: bool = False
+        self,
+        error_msg: str,
+        events: list[dict[str, Any]] | None = None,
+        *,
+        refused: bool = False,
+        node_name: str | None = None,
     ) -> str:
         """Fail the step and its run in one transaction, fenced on this holder's claim; a
         refusal (G5, G6, G7: the step cannot run here) names the node and is recorded as
@@ -746,13 +908,31 @@ class _StepRun:
             holder=self.holder,
             worker=self.worker,
             events=events,
-            node_name=msg.node_id if refused else None,
+            node_name=msg.node_id if refused else node_name,
             outcome=outcome,
         ):
             self._end(LOST, "lease taken over before the failure could be recorded")
             return LOST
         _log.error("Run %s failed at step %d: %s", msg.run_id, msg.step, error_msg)
         return outcome
+
+    def _fail_node(self, cause: str, events: list[dict[str, Any]]) -> str:
+        """The node failed for good: fail its run with ``cause``. If the ledger refuses to
+        record that (its text, an event's value), that is still the node's failure, not a
+        crash of the executor (which would run the node again and blame the worker): the
+        run fails with the cause cleaned to ASCII and without the node's events."""
+        try:
+            return self._fail(cause, events)
+        except Exception as exc:
+            if _unreachable(exc):
+                raise
+            _log.warning(
+                "Step %d of run %s: the node's failure could not be recorded as it is (%s)",
+                self.msg.step,
+                self.msg.run_id,
+                exc,
+            )
+            return self._fail(recordable_error(cause, exc), node_name=self.msg.node_id)
 
     def _record(self, event: str, error_msg: str) -> None:
         """An event on the run for what happened to this delivery; the ledger blinking
@@ -767,4 +947,6 @@ class _StepRun:
 
     def _end(self, outcome: str, error_msg: str | None = None) -> None:
         msg = self.msg
-        self.db.end_attempt(msg.run_id, msg.step, msg.attempt, self.worker, outcome, error_msg)
+        self.db.end_attempt(
+            msg.run_id, msg.step, msg.attempt, self.worker, outcome, error_msg, holder=self.holder
+        )

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from pocoflow.distributed.message import ItemMessage, StepMessage
 from pocoflow.hooks import NODE_ERROR
-from pocoflow.ledger.items import ItemClaim
+from pocoflow.ledger.items import ItemClaim, crashed_on
 from pocoflow.ledger.liveness import last_beats
 from pocoflow.logging import get_logger
 from pocoflow.step import utc_now
@@ -196,17 +196,27 @@ def _poison(db: WorkflowDB, row: dict[str, Any], max_crashes: int) -> None:
     """An item lost with its worker ``max_crashes`` times (its exec kills the process):
     its run fails naming it, fenced on the dead holder's claim, instead of crashing
     workers forever. Fix the node or raise ``POCOFLOW_MAX_CRASHES``, then resume."""
+    crashes = row["crashes"] + 1
+    in_executor = len(crashed_on(row))
+    what = f"was lost with its worker {crashes} times in a row"
+    if in_executor:  # a mix: say so, rather than blame the exec for every crash
+        what = (
+            f"crashed {crashes} times in a row ({crashes - in_executor} with its worker "
+            f"process dying, {in_executor} in the executor)"
+        )
     error = (
         f"MapNode {row['node_id']!r}: item {row['idx']} of step {row['step']} of run "
-        f"{row['run_id']} was lost with its worker {max_crashes} times in a row (last on "
-        f"{row['lease_owner']}): a poison item, whose exec likely kills its process. Fix the "
-        "node or raise POCOFLOW_MAX_CRASHES, then resume the run."
+        f"{row['run_id']} {what} (last on {row['lease_owner']}): a poison item, whose exec "
+        "likely kills its process. Fix the node or raise POCOFLOW_MAX_CRASHES, then resume "
+        "the run."
     )
     claim = ItemClaim(row["run_id"], row["step"], row["idx"], row["attempt"], row["lease_owner"])
     record = {"type": "WorkerLost", "message": error}
     event = {"event": NODE_ERROR, "step": row["step"], "node_name": row["node_id"]}
     event.update(error_msg=error, attempt=row["attempt"], ts=utc_now())
-    if db.fail_item(claim, error_json=json.dumps(record), error_msg=error, events=[event]):
+    if db.fail_item(
+        claim, error_json=json.dumps(record), error_msg=error, events=[event], crashed=True
+    ):
         _log.error("%s", error)
 
 

@@ -45,12 +45,13 @@ from pocoflow.distributed.executor import (
     step_queue,
 )
 from pocoflow.distributed.graphs import mismatch_message
+from pocoflow.distributed.itemcrash import item_crashed
 from pocoflow.distributed.message import ItemMessage, MalformedMessage, StepMessage
 from pocoflow.hooks import NODE_ERROR, NODE_RETRY, RUN_PAUSED
 from pocoflow.ledger.items import ItemClaim
 from pocoflow.limits import LimitGate, LimitWait, limits_of
 from pocoflow.logging import get_logger
-from pocoflow.mapnode import ItemFailed, MapNode, error_record
+from pocoflow.mapnode import ItemFailed, MapNode, error_record, running_item
 from pocoflow.registry import UnknownFlowError
 from pocoflow.step import NODE_FAILURES, RunCancelled, utc_now
 
@@ -92,6 +93,8 @@ def execute_item(
                 exc,
             )
             return LEDGER_UNREACHABLE
+        if item is not None and item.claimed and not _unreachable(exc):
+            return item_crashed(item, exc)
         _log.exception(
             "Item %d of step %d of run %s (attempt %d) crashed in the executor; its lease "
             "will expire and the sweeper will re-run it",
@@ -118,6 +121,8 @@ class _ItemRun:
         self.claimed = False
         self.node_name = msg.node_id  # the node's name once the graph is loaded
         self.node: MapNode | None = None
+        self.run_row: dict[str, Any] = {}  # the run's guard columns, once claimed
+        self.try_number = msg.try_number  # the ledger's, once claimed
 
     def run(self) -> str:
         msg, db = self.msg, self.db
@@ -129,10 +134,12 @@ class _ItemRun:
         if not claimed:
             return self._guard(run)
         assert item is not None
+        self.run_row = run
+        value_text, try_number = item
+        self.try_number = try_number
         node = self._node(run)
         if isinstance(node, str):
             return self._fail(node, refused=True)
-        value_text, try_number = item
         self.node_name, self.node = node.name, node
         node.run_id, node.step, node.attempt = msg.run_id, msg.step, msg.attempt
         node._cancel_probe = FlagReader(msg.run_id, self.ctx.redis, db)
@@ -190,9 +197,12 @@ class _ItemRun:
         node._signals = self._no_waits
         try:
             # Usage reported by this item's exec is kept under its attempt and index.
-            with usage.recording(
-                msg.run_id, msg.step, msg.attempt, node.name, msg.idx, self.ctx.usage
-            ) as scope:
+            with (
+                usage.recording(
+                    msg.run_id, msg.step, msg.attempt, node.name, msg.idx, self.ctx.usage
+                ) as scope,
+                running_item(node, msg.idx),
+            ):
                 node._usage_scope = scope
                 try:
                     result = node._exec_once(value)
@@ -207,7 +217,8 @@ class _ItemRun:
             if try_number < tries and node.is_retryable(exc):
                 return self._retry(run, node, exc, try_number)
             try:
-                result = node.exec_fallback(value, exc)
+                with running_item(node, msg.idx):
+                    result = node.exec_fallback(value, exc)
             except ITEM_FAILURES as final:
                 try:
                     collected = node.item_outcome(msg.idx, final)
@@ -323,9 +334,15 @@ class _ItemRun:
         return RETRY
 
     def _fail(
-        self, error_msg: str, *, cause: BaseException | None = None, refused: bool = False
+        self,
+        error_msg: str,
+        *,
+        cause: BaseException | None = None,
+        refused: bool = False,
+        crashed: bool = False,
     ) -> str:
-        """The item fails its run, naming the item; the run stays resumable."""
+        """The item fails its run, naming the item (``crashed``: its last crash, counted);
+        the run stays resumable."""
         msg = self.msg
         record = (
             error_record(cause) if cause is not None else {"type": "Refused", "message": error_msg}
@@ -339,7 +356,11 @@ class _ItemRun:
             "ts": utc_now(),
         }
         if not self.db.fail_item(
-            self.claim, error_json=json.dumps(record), error_msg=error_msg, events=[event]
+            self.claim,
+            error_json=json.dumps(record),
+            error_msg=error_msg,
+            events=[event],
+            crashed=crashed,
         ):
             return LOST
         _log.error("Run %s failed at step %d item %d: %s", msg.run_id, msg.step, msg.idx, error_msg)

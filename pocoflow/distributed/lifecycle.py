@@ -232,7 +232,9 @@ def requeue_outstanding(
         elif row["status"] == "committed":
             continue
         else:
-            taken = db.take_over(run_id, step, row["attempt"], lease_s, now=t, force=True)
+            taken = db.take_over(
+                run_id, step, row["attempt"], lease_s, now=t, force=True, fresh_start=True
+            )
             if taken is None:
                 seen = db.get_step(run_id, step)
                 if seen is None or seen["status"] == "committed":

@@ -410,13 +410,21 @@ def _recover(
     its claim), so a holder that was only slow and commits first wins, and the step row,
     the attempt row, the events and the run's status change in one transaction."""
     run_id, step, owner = row["run_id"], row["step"], row["lease_owner"]
-    lost, retries = liveness.crashes(db.get_attempts(run_id), step)
+    attempts = db.get_attempts(run_id)
+    lost, retries = liveness.crashes(attempts, step)
     if crashed and lost + 1 >= max_crashes:
+        in_executor = lost - liveness.crash_kinds(attempts, step)[1]
+        what = f"was lost with its worker {lost + 1} times in a row"
+        if in_executor:  # a mix: say so, rather than blame the exec for every crash
+            what = (
+                f"crashed {lost + 1} times in a row ({lost + 1 - in_executor} with its worker "
+                f"process dying, {in_executor} in the executor)"
+            )
         error = (
-            f"Step {step} (node {row['node_id']!r}) of run {run_id} was lost with its worker "
-            f"{lost + 1} times in a row (last on {owner}): a poison step, whose exec likely "
-            "kills its process (os._exit, a segfault, the OOM killer). Fix the node or "
-            "raise POCOFLOW_MAX_CRASHES, then resume the run."
+            f"Step {step} (node {row['node_id']!r}) of run {run_id} {what} (last on "
+            f"{owner}): a poison step, whose exec likely kills its process (os._exit, a "
+            "segfault, the OOM killer). Fix the node or raise POCOFLOW_MAX_CRASHES, then "
+            "resume the run."
         )
         if lifecycle.fail_run(
             db,

@@ -81,10 +81,12 @@ class LedgerClient:
         *,
         confirm: Callable[[Connection, T], T] | None = None,
         batched: bool = False,
+        grouped: bool = False,
     ) -> T:
         """A write transaction; a row naming a run ``pf_runs`` lacks -> ``KeyError``.
         ``confirm``: see ``txn.run`` (a COMMIT whose outcome was lost); ``batched``: ``fn``
-        starts with a ``pipeline`` batch, which then carries the BEGIN (``txn.run``)."""
+        starts with a ``pipeline`` batch, which then carries the BEGIN (``txn.run``);
+        ``grouped``: it may share an SQLite transaction with other threads' (``txn.run``)."""
         try:
             return txn.run(
                 self._ledger,
@@ -94,6 +96,7 @@ class LedgerClient:
                 run_id=run_id,
                 confirm=confirm,
                 batched=batched,
+                grouped=grouped,
             )
         except IntegrityError as exc:
             if run_id is not None and is_fk_violation(exc):

@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,17 +195,22 @@ POSTGRES_SESSION_OPTIONS = (
 
 
 def _postgres_engine(url: URL) -> Engine:
+    from pocoflow.ledger import pgtext  # psycopg: only installed with the postgres extra
+
     # No pool_pre_ping: it costs a round trip per checkout on the hot path; a dropped
     # connection is invalidated by SQLAlchemy and the ledger retries the call once.
     users = url.query.get("options")
     options = POSTGRES_SESSION_OPTIONS if not users else f"{POSTGRES_SESSION_OPTIONS} {users}"
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=5,
         max_overflow=10,
         hide_parameters=True,
         connect_args={"options": options},
     )
+    # Every string written escapes NUL, which PostgreSQL's text refuses (pgtext).
+    event.listen(engine, "connect", pgtext.register)
+    return engine
 
 
 #: Idle SQLite connections ``LedgerEngine.borrow`` keeps at most; more are closed on return.
@@ -243,6 +249,8 @@ class LedgerEngine:
     #: SQLite: idle connections for ``borrow``, and the ``dispose`` count that made them.
     loans: list[SqliteLoan] = field(default_factory=list)
     generation: int = 0
+    #: SQLite: grouped write units waiting for ``writers`` (``txn.run(grouped=True)``).
+    grouped: deque[Any] = field(default_factory=deque)
 
     @property
     def label(self) -> str:
@@ -342,6 +350,7 @@ def _after_fork_in_child() -> None:
         ledger.generation += 1
         ledger.lock = threading.Lock()
         ledger.writers = threading.Lock()
+        ledger.grouped = deque()
 
 
 if hasattr(os, "register_at_fork"):

@@ -17,6 +17,15 @@ _PG_FK_VIOLATION = "23503"
 _PG_CONFLICTS = ("40001", "40P01")
 
 
+# SQLSTATEs of a PostgreSQL that cannot serve the ledger now, whatever the statement:
+# classes 08 (connection), 40 (transaction rolled back: serialization, deadlock), 53
+# (insufficient resources), 57 (operator intervention: shutdown, query cancelled), and
+# a read-only server (25006: a replica, a failover in progress), a session ended for
+# idling in a transaction (25P03), a lock not available (55P03).
+_PG_TRANSIENT_CLASSES = ("08", "40", "53", "57")
+_PG_TRANSIENT_STATES = ("25006", "25P03", "55P03")
+
+
 class LedgerError(RuntimeError):
     """A ledger operation could not be done; the message names the database and run."""
 
@@ -49,6 +58,21 @@ def is_locked(exc: BaseException) -> bool:
     if code is not None:
         return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
     return "database is locked" in str(orig) or "database table is locked" in str(orig)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL error (wrapped by SQLAlchemy or not); None for other
+    errors, and for a driver error the server never answered (a refused connection)."""
+    state = getattr(getattr(exc, "orig", exc), "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def is_transient_state(state: str) -> bool:
+    """A PostgreSQL error that says the server cannot serve us now (``_PG_TRANSIENT_*``),
+    not that the statement or its data is wrong: by SQLSTATE, since psycopg files several
+    of these under ``InternalError`` and some deterministic ones (54000, a value too big
+    for its index) under ``OperationalError``."""
+    return state[:2] in _PG_TRANSIENT_CLASSES or state in _PG_TRANSIENT_STATES
 
 
 def is_conflict(exc: BaseException) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pocoflow.ledger import itemrecovery, items, pipeline, steps, txn
+from pocoflow.ledger import itemrecovery, items, localitems, pipeline, steps, txn
 from pocoflow.ledger.client import LedgerClient
 from pocoflow.ledger.items import ItemClaim
 
@@ -34,7 +34,9 @@ class ItemQueue(LedgerClient):
         prep wrote to the Store, for the join), the step's events and park the step, iff
         ``holder``'s claim of ``attempt`` still holds it. After this commit ``prep``
         never runs again for the step: its items come from the ledger."""
-        end = steps.end_attempt_op(run_id, step, attempt, worker, FANNED_OUT_OUTCOME, now)
+        end = steps.end_attempt_op(
+            run_id, step, attempt, worker, FANNED_OUT_OUTCOME, now, holder=holder
+        )
         ops = items.fan_out_ops(
             run_id, step, attempt, holder, worker, item_texts, events, end, now, prep_store
         )
@@ -68,7 +70,8 @@ class ItemQueue(LedgerClient):
                 raise txn.Abort(got)  # roll back: PostgreSQL sent the whole batch
             return got
 
-        return self._write(body, f"claiming item {c.idx} of step {c.step}", c.run_id, batched=True)
+        what = f"claiming item {c.idx} of step {c.step}"
+        return self._write(body, what, c.run_id, batched=True, grouped=True)
 
     def renew_item_lease(self, c: ItemClaim, lease_s: float, now: float | None = None) -> bool:
         """Extend ``c``'s lease; False = the item was taken over: its commit will fail."""
@@ -101,13 +104,20 @@ class ItemQueue(LedgerClient):
                 return got
             return True, items.join_state(conn, c.run_id, c.step)
 
-        return self._finish_item(body, own, "committing", c)
+        return self._finish_item(body, own, "committing", c, grouped=True)
 
     def fail_item(
-        self, c: ItemClaim, *, error_json: str, error_msg: str, events: list[dict[str, Any]]
+        self,
+        c: ItemClaim,
+        *,
+        error_json: str,
+        error_msg: str,
+        events: list[dict[str, Any]],
+        crashed: bool = False,
     ) -> bool:
-        """The item out of tries fails its run, naming it (see ``items.fail_ops``)."""
-        ops = items.fail_ops(c, error_json, error_msg, events)
+        """The item out of tries (``crashed``: at its crash budget) fails its run, naming
+        it (see ``items.fail_ops``)."""
+        ops = items.fail_ops(c, error_json, error_msg, events, crashed)
 
         def body(conn: Any) -> bool:
             if not pipeline.run(conn, ops):
@@ -119,18 +129,27 @@ class ItemQueue(LedgerClient):
 
         return self._finish_item(body, own, "failing", c)
 
-    def _finish_item(self, body: Any, own: Any, what: str, c: ItemClaim) -> Any:
-        return self._write(
-            body, f"{what} item {c.idx} of step {c.step}", c.run_id, confirm=own, batched=True
-        )
+    def _finish_item(
+        self, body: Any, own: Any, what: str, c: ItemClaim, *, grouped: bool = False
+    ) -> Any:
+        what = f"{what} item {c.idx} of step {c.step}"
+        return self._write(body, what, c.run_id, confirm=own, batched=True, grouped=grouped)
 
     def retry_item(
-        self, c: ItemClaim, *, next_try: int, due_in: float, now: float | None = None
+        self,
+        c: ItemClaim,
+        *,
+        next_try: int,
+        due_in: float,
+        now: float | None = None,
+        crashed_on: list[str] | None = None,
     ) -> int | None:
         """Hand the item to a new attempt (returned) for try ``next_try``, due in
-        ``due_in`` seconds; None if ``c`` no longer holds it."""
+        ``due_in`` seconds (``crashed_on``: after a crash of the executor, counted toward
+        the item's crash budget, with the workers of its crashes in a row); None if ``c``
+        no longer holds it."""
         return self._write(
-            lambda conn: items.retry(conn, c, next_try, due_in, now),
+            lambda conn: items.retry(conn, c, next_try, due_in, now, crashed_on),
             f"retrying item {c.idx} of step {c.step}",
             c.run_id,
         )
@@ -184,6 +203,36 @@ class ItemQueue(LedgerClient):
         return self._write(
             lambda conn: items.reopen(conn, run_id, step, attempt, holder, worker, now),
             f"re-opening the items of step {step}",
+            run_id,
+        )
+
+    # ── a local run's map steps (``localitems``) ─────────────────────────────
+
+    def keep_items(self, run_id: str, step: int, rows: Sequence[tuple[int, str, str]]) -> None:
+        """Finished items of a local map step, ``(idx, item digest, result codec text)``,
+        in one transaction; a row of another item at the same index is replaced."""
+        if not rows:
+            return
+        op = localitems.keep_op(self._dialect, run_id, step, rows)
+        self._write(
+            lambda conn: pipeline.run(conn, [op]),
+            f"keeping {len(rows)} finished items of step {step}",
+            run_id,
+            batched=True,
+        )
+
+    def kept_items(self, run_id: str, step: int) -> list[dict[str, Any]]:
+        """A local map step's kept items, in item order: ``idx``, ``item_json`` and
+        ``result_json`` of each row that has a result."""
+        rows = self.get_items(run_id, step, values_only=True)
+        return [r for r in rows if r["result_json"] is not None and r["error_json"] is None]
+
+    def drop_items_from(self, run_id: str, step: int, first_idx: int) -> int:
+        """Forget the kept items of a local map step from ``first_idx`` on (its list got
+        shorter); how many went."""
+        return self._write(
+            lambda conn: localitems.drop_from(conn, run_id, step, first_idx),
+            f"dropping kept items of step {step} from index {first_idx}",
             run_id,
         )
 

@@ -46,7 +46,7 @@ _LIVE_ITEMS = and_(
 )
 _WITH_RUN = (
     select(pf_items.c.run_id, _i.step, _i.idx, _i.attempt, _i.try_number, _i.status, _i.crashes)
-    .add_columns(_i.lease_owner, _i.received_by, _i.queued_at, _i.sent_at)
+    .add_columns(_i.lease_owner, _i.received_by, _i.queued_at, _i.sent_at, _i.error_json)
     # The step's queue (its node's ``queue``), else the run's: where its items go too.
     .add_columns(_r.flow_name, func.coalesce(_s.queue, _r.queue).label("queue"))
     .add_columns(_s.node_id)

@@ -21,6 +21,7 @@ for tests, as in ``steps``. The sweeper's queries on the same tables are in
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,7 @@ _CLAIM = (
     )
 )
 _CLAIMED_ITEM = select(_i.item_json, _i.try_number).where(_HELD)
+_CLAIM_RETURNING = _CLAIM.returning(_i.item_json, _i.try_number)  # PostgreSQL
 _RENEW = update(pf_items).where(_HELD).values(lease_expires_at=_EXPIRES)
 # The holder keeps its token on the row (the proof a lost COMMIT's retry looks for).
 _FINISH = (
@@ -116,11 +118,19 @@ _FINISH = (
         lease_expires_at=None,
     )
 )
+# The same for a failure that is the item's last crash (the crash budget's verdict):
+# counted, so ``crashes`` says what the run's error says.
+_FINISH_CRASHED = _FINISH.values(crashes=_i.crashes + 1)
 _COUNT = (
     update(pf_joins)
     .where(_JOIN)
     .values(done=_j.done + 1, ready_at=case((_j.done + 1 >= _j.total, NOW), else_=_j.ready_at))
 )
+# PostgreSQL: the result and its count in one statement, so that a batch that also
+# carries its COMMIT (``pipeline.run_reading(commit=True)``) counts only an item this very
+# statement finished: a holder that lost its claim writes nothing at all.
+_FINISHED_NOW = _FINISH.returning(_i.idx).cte("finished_now")
+_FINISH_AND_COUNT = _COUNT.where(select(_FINISHED_NOW.c.idx).exists())
 _COMPLETE = (
     select(_j.run_id).where(_j.run_id == _s.run_id, _j.step == _s.step, _j.done >= _j.total)
 ).exists()
@@ -157,8 +167,17 @@ _RETRY = (
         sent_at=None,
         received_by=None,
         queued_at=NOW + bindparam("b_due_in"),
+        # The delivery ran the item to an outcome of its own (a retry, a limit wait):
+        # the crashes before it were not "in a row" with any after it.
+        crashes=0,
+        error_json=None,
     )
 )
+# The same after the holder's delivery crashed in the executor: counted toward the
+# item's crash budget, as a worker death is (``itemrecovery.take_over``), and the worker
+# processes its crashes came on kept (``crashed_on``) while the item waits: a queued
+# item has no error of its own in ``error_json``.
+_RETRY_CRASHED = _RETRY.values(crashes=_i.crashes + 1, error_json=bindparam("b_error"))
 _MARK_SENT = update(pf_items).where(ITEM_FENCE, _i.sent_at.is_(None)).values(sent_at=NOW)
 
 
@@ -236,6 +255,24 @@ def claim(
     on, for the node the ledger recorded) and read its value and try: one batch, one
     round trip on PostgreSQL. ``(claimed, run, (item_json, try_number))``."""
     params = c.params(b_node_id=node_id, b_task_id=c.task_id, now=now, lease_s=lease_s)
+    if conn.dialect.name == "postgresql":
+        # Two statements, each its own transaction, one round trip: the claim reads its
+        # item back (RETURNING); the claim's UPDATE checks the run itself. Not atomic,
+        # so the guard read may predate the claim: a pause or cancel that landed between
+        # them refused the claim while the row read said the run goes on, and the caller
+        # would take the refusal for a duplicate delivery and leave the pause standing.
+        # A refused claim therefore reads the guard again (a round trip on that path
+        # only): the run as it was when the claim was refused, or later.
+        ops = [
+            runs.guard_op(c.run_id),
+            Op(_CLAIM_RETURNING, params, must_hit_one=True, returns_rows=True),
+        ]
+        claimed, rows = pipeline.run_reading(conn, ops, autocommit=True)
+        if not claimed:
+            rows[0] = pipeline.run_reading(conn, [runs.guard_op(c.run_id)], autocommit=True)[1][0]
+        item = rows[1][0] if claimed and rows[1] else None
+        run = runs.guard_row(rows[0])
+        return claimed, run, (str(item[0]), int(item[1])) if item is not None else None
     ops = [
         runs.guard_op(c.run_id),
         Op(_CLAIM, params, must_hit_one=True),
@@ -266,6 +303,18 @@ def commit(
     params = c.params(b_status="done", b_result=result_json, b_error=error_json)
     step = {"b_run_id": c.run_id, "b_step": c.step}
     join = {**step, "now": now, "lease_s": lease_s}
+    if conn.dialect.name == "postgresql":
+        # One batch with its COMMIT: the join row's lock, which every item of the step
+        # waits for, is held for no client round trip (the COMMIT came in a round trip of
+        # its own, after the batch's results: a thread of a busy worker then held the
+        # lock for its round trip and its wait for the GIL, and the items queued on it).
+        ops = [
+            Op(_FINISH_AND_COUNT, {**params, **join}, must_hit_one=True),
+            Op(REQUEUE_JOIN_STEP, join),
+            Op(_JOIN_STATE, step),
+        ]
+        committed, rows = pipeline.run_reading(conn, ops, commit=True)
+        return committed, _state(rows[2]) if committed else None
     ops = [
         Op(_FINISH, params, must_hit_one=True),
         Op(_COUNT, join, must_hit_one=True),
@@ -303,29 +352,57 @@ def committed_by(conn: Connection, c: ItemClaim) -> bool:
 
 
 def fail_ops(
-    c: ItemClaim, error_json: str, error_msg: str, fail_events: list[dict[str, Any]]
+    c: ItemClaim,
+    error_json: str,
+    error_msg: str,
+    fail_events: list[dict[str, Any]],
+    crashed: bool = False,
 ) -> list[Op]:
-    """An item out of tries under ``on_item_error = "raise"``: the item failed and its
-    run failed naming it (only while live: a cancel that landed stands), one batch. The
-    step stays parked: a resume re-opens the failed and unfinished items (``reopen``)."""
+    """An item out of tries under ``on_item_error = "raise"`` (or, ``crashed``, at its
+    crash budget: one crash more): the item failed and its run failed naming it (only
+    while live: a cancel that landed stands), one batch. The step stays parked: a resume
+    re-opens the failed and unfinished items (``reopen``)."""
     from pocoflow.ledger.common import iso_now
 
     params = c.params(b_status="failed", b_result=None, b_error=error_json)
     ending = {"status": "failed", "error_msg": error_msg, "completed_at": iso_now()}
     return [
-        Op(_FINISH, params, must_hit_one=True),
+        Op(_FINISH_CRASHED if crashed else _FINISH, params, must_hit_one=True),
         events.insert_op(events.rows_of(c.run_id, fail_events)),
         *runs.step_update_ops(c.run_id, ending),
     ]
 
 
 def retry(
-    conn: Connection, c: ItemClaim, next_try: int, due_in: float, now: float | None = None
+    conn: Connection,
+    c: ItemClaim,
+    next_try: int,
+    due_in: float,
+    now: float | None = None,
+    crashed_on: list[str] | None = None,
 ) -> int | None:
     """The holder hands its item to a new attempt for try ``next_try``, due in
-    ``due_in`` seconds; None if its claim no longer holds the item."""
+    ``due_in`` seconds (``crashed_on``: after a crash of the executor, one crash more,
+    and the worker processes of its crashes in a row, the last this one's); None if its
+    claim no longer holds the item."""
     params = c.params(b_try=next_try, b_due_in=due_in, now=now)
-    return c.attempt + 1 if conn.execute(_RETRY, params).rowcount == 1 else None
+    stmt = _RETRY
+    if crashed_on is not None:
+        stmt = _RETRY_CRASHED
+        params["b_error"] = json.dumps({"crashed_on": crashed_on})
+    return c.attempt + 1 if conn.execute(stmt, params).rowcount == 1 else None
+
+
+def crashed_on(row: dict[str, Any]) -> list[str]:
+    """The worker processes a queued item's crashes of the executor in a row came on
+    (``retry`` keeps them in ``error_json``), as many as its ``crashes`` count at most:
+    the crashes of worker deaths are counted, not kept."""
+    try:
+        kept = json.loads(row.get("error_json") or "{}").get("crashed_on", [])
+    except (ValueError, AttributeError):
+        return []
+    crashes = int(row.get("crashes") or 0)
+    return [str(w) for w in kept][-crashes:] if crashes else []
 
 
 def mark_sent_op(sent: Sequence[tuple[str, int, int, int]], now: float | None) -> Op:
@@ -400,9 +477,11 @@ _REOPEN = (
         attempt=_i.attempt + 1,
         status="queued",
         try_number=case((_i.status == "failed", 1), else_=_i.try_number),
-        # A resume is a new start: a poison item (failed after its crashes) gets its
-        # full count of worker losses again, as its tries start again at 1.
-        crashes=case((_i.status == "failed", 0), else_=_i.crashes),
+        # A resume is a new start: every item re-opened (a poison item failed after its
+        # crashes, one queued after a crash when the run paused) gets its full count of
+        # crashes again, as a failed item's tries start again at 1.
+        crashes=0,
+        error_json=None,
         lease_owner=None,
         lease_expires_at=None,
         sent_at=None,

@@ -46,9 +46,11 @@ _SWEEPABLE = and_(
     literal_in(_s.status, ACTIVE_STEP_STATUSES),
 )
 
+#: The row a resume writes for the attempt it replaces (``steps.take_over``).
+RESUMED_OUTCOME = steps.RESUMED_OUTCOME
 #: Outcomes after which a step only goes on through a resume, which starts afresh: crash
 #: counting (and the try number) restart after them.
-FRESH_START_AFTER = frozenset({"failed", "refused", "cancelled", "terminated"})
+FRESH_START_AFTER = frozenset({"failed", "refused", "cancelled", "terminated", RESUMED_OUTCOME})
 #: The outcome ``take_over`` records for the attempt of a holder that stopped answering.
 CRASHED_OUTCOME = "lost"
 #: The ``error_msg`` of an attempt lost because its worker process stopped beating: only
@@ -56,6 +58,10 @@ CRASHED_OUTCOME = "lost"
 #: ledger error, a connection killed mid-commit, a refused late commit) says nothing
 #: about the node, and counting it failed healthy runs under pg_terminate_backend.
 WORKER_DIED = "its worker process stopped beating"
+#: The outcome of an attempt that the executor ended on an exception of its own (not the
+#: node's): a Store that cannot be loaded, a codec error. It would fail the same way on
+#: every worker, so it counts toward the poison limit as a worker death does.
+EXECUTOR_CRASHED = "crashed"
 
 
 def db_clock(now: float | None) -> ColumnElement[float]:
@@ -297,17 +303,69 @@ def queue_names(conn: Connection, default: str) -> list[str]:
     return sorted({default, *conn.execute(runs).scalars(), *conn.execute(own).scalars()})
 
 
-def crashes(attempts: list[dict[str, Any]], step: int) -> tuple[int, int]:
-    """(attempts of ``step`` lost with their worker process, retries) since the step last
-    ended for good: what the poison limit and the try number count (pure; takes the
-    rows). Attempts lost while their worker lived on are not crashes (``WORKER_DIED``)."""
-    lost = retries = 0
+def is_crash(row: dict[str, Any]) -> bool:
+    """An attempt row that counts toward the poison limit: lost with its worker process
+    (``WORKER_DIED``), or ended by an exception of the executor's own (``EXECUTOR_CRASHED``:
+    loading the Store, the graph, a codec), which would only fail the same way again."""
+    if row["outcome"] == EXECUTOR_CRASHED:
+        return True
+    return row["outcome"] == CRASHED_OUTCOME and row.get("error_msg") == WORKER_DIED
+
+
+def _says_nothing(row: dict[str, Any]) -> bool:
+    """A row that neither crashed nor ran the node to an outcome: still open, or lost while
+    its worker lived on (a lease that ran out, a claim fenced out, a ledger error)."""
+    return row["outcome"] is None or row["outcome"] == CRASHED_OUTCOME
+
+
+def _crashes_in_a_row(
+    attempts: list[dict[str, Any]], step: int
+) -> tuple[list[dict[str, Any]], set[Any]]:
+    """(the rows of ``step``'s crashes in a row, newest first; the attempt numbers of its
+    retries) since the step last ended for good or was resumed."""
+    crashed: list[dict[str, Any]] = []
+    retries: set[Any] = set()
+    in_a_row = True
     for row in reversed([a for a in attempts if a["step"] == step]):
         if row["outcome"] in FRESH_START_AFTER:
             break
-        lost += row["outcome"] == CRASHED_OUTCOME and row.get("error_msg") == WORKER_DIED
-        retries += row["outcome"] == "retry"
-    return lost, retries
+        if is_crash(row):
+            if in_a_row:
+                crashed.append(row)
+        elif not _says_nothing(row):
+            in_a_row = False
+        if row["outcome"] == "retry":
+            retries.add(row.get("attempt"))
+    return crashed, retries
+
+
+def crashes(attempts: list[dict[str, Any]], step: int) -> tuple[int, int]:
+    """(attempts of ``step`` that crashed in a row, retries) since the step last ended for
+    good or was resumed: what the poison limit and the try number count (pure; takes the
+    rows). Any outcome of the node's own (a retry, a limit wait, a park) ends the row of
+    crashes; attempts lost while their worker lived on are not crashes (``is_crash``) and
+    do not end it. Counted by attempt number, not by row: two deliveries of one attempt
+    (a threads pool) each have a row, and one worker death or one retry ends both."""
+    crashed, retries = _crashes_in_a_row(attempts, step)
+    return len({row.get("attempt") for row in crashed}), len(retries)
+
+
+def crash_kinds(attempts: list[dict[str, Any]], step: int) -> tuple[set[str], int]:
+    """(the worker processes ``step``'s crashes in a row happened on, how many of those
+    crashes were worker deaths rather than exceptions of the executor)."""
+    crashed, _ = _crashes_in_a_row(attempts, step)
+    workers = {row["worker"] for row in crashed if row.get("worker")}
+    died = {row.get("attempt") for row in crashed if row["outcome"] == CRASHED_OUTCOME}
+    return workers, len(died)
+
+
+def spans_enough_workers(workers: set[str], live_workers: int) -> bool:
+    """May crashes of the executor seen on ``workers`` fail their run? Only if they came
+    on at least two worker processes, or on every one alive when fewer are (one worker,
+    or none heard from: a test's in-process executor): a cause that only some workers
+    have (a type registered on some, an optional import missing on one host) must not
+    fail a run that a healthy worker would have run."""
+    return len(workers) >= min(2, live_workers)
 
 
 def count_workers(conn: Connection, dead_after_s: float, now: float | None) -> int:

@@ -24,9 +24,22 @@ from pocoflow.ledger.engine import LedgerEngine
 from pocoflow.ledger.errors import SchemaVersionError, is_locked
 from pocoflow.ledger.tables import V02_TABLES
 
-HEAD = "0012"
+HEAD = "0013"
 """The newest revision in ``migrations/versions`` (a test pins the two together)."""
-REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0007", "0008", "0009", "0010", "0011", "0012")
+REVISIONS = (
+    "0001",
+    "0002",
+    "0003",
+    "0004",
+    "0005",
+    "0007",
+    "0008",
+    "0009",
+    "0010",
+    "0011",
+    "0012",
+    "0013",
+)
 VERSION_TABLE = "pf_alembic_version"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # "pocoflow" as a signed 64-bit int: one advisory lock per database for our migrations.

@@ -27,6 +27,9 @@ from sqlalchemy.sql.expression import Executable
 #: The driver connection whose transaction's BEGIN the next batch must send (set by
 #: ``txn.run(..., batched=True)`` on PostgreSQL, which put it in autocommit for that).
 BEGIN_OWED: ContextVar[Any] = ContextVar("pocoflow_begin_owed", default=None)
+#: Set once a batch went out with its transaction's COMMIT (``run_reading(commit=True)``):
+#: a connection lost from then on leaves the outcome unknown (``txn.run``).
+COMMIT_SENT: ContextVar[bool] = ContextVar("pocoflow_commit_sent", default=False)
 
 
 class Op(NamedTuple):
@@ -37,6 +40,8 @@ class Op(NamedTuple):
     stmt: Executable
     params: Mapping[str, Any] | Sequence[Mapping[str, Any]]
     must_hit_one: bool = False
+    #: A write with RETURNING whose rows ``run_reading`` returns, as a SELECT's.
+    returns_rows: bool = False
 
 
 def run(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...] = ()) -> bool:
@@ -48,14 +53,28 @@ def run(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...] = ()) ->
 
 
 def run_reading(
-    conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...] = ()
+    conn: Connection,
+    ops: Sequence[Op],
+    conflicts: tuple[str, ...] = (),
+    *,
+    commit: bool = False,
+    autocommit: bool = False,
 ) -> tuple[bool, list[list[tuple[Any, ...]]]]:
     """``run``, also returning, for each op in order, the rows (tuples, in column order)
-    of a SELECT or of a statement with RETURNING; ``[]`` for the other statements, for an
-    empty executemany and for those a missed guard left unrun on SQLite."""
+    of a SELECT or of an op marked ``returns_rows`` (a write with RETURNING); ``[]`` for
+    the other statements, for an executemany (whose rows are never read), for an empty
+    one and for those a missed guard left unrun on SQLite.
+
+    ``commit``: on PostgreSQL, a batch that opened its transaction (``BEGIN_OWED``) also
+    sends its COMMIT, in the same round trip: the transaction's row locks are then held
+    for no client round trip at all. Only for a batch whose writes may commit whatever its
+    guards say (e.g. each write is its own guard: a miss wrote nothing); the caller's own
+    COMMIT then finds no transaction and costs nothing. ``autocommit``: on PostgreSQL,
+    no BEGIN nor COMMIT at all, each statement its own transaction: for a batch whose
+    statements need not be atomic together."""
     rows: list[list[tuple[Any, ...]]] = [[] for _ in ops]
     if conn.dialect.name == "postgresql":
-        ok = _pipelined(conn, ops, conflicts, rows)
+        ok = _pipelined(conn, ops, conflicts, rows, commit=commit, autocommit=autocommit)
     else:
         ok = _sqlite_direct(conn, ops, rows)
     return ok, rows
@@ -85,7 +104,7 @@ def _sqlite_direct(
                 continue
             cur.execute(sql, plan.positional(rows[0]))
             # A RETURNING statement's row count is known once its rows are read.
-            found = _rows_of(cur) if plan.returns_rows else None
+            found = _rows_of(cur) if plan.select or op.returns_rows else None
             if op.must_hit_one and cur.rowcount != 1:
                 return False
             if out is not None and found is not None:
@@ -101,12 +120,12 @@ class _Plan:
     (which costs more than the statement on SQLite): each bound name either takes a row
     key or is the statement's own constant (e.g. ``status='committed'``)."""
 
-    __slots__ = ("named", "positional", "positions", "returns_rows", "sql")
+    __slots__ = ("named", "positional", "positions", "select", "sql")
 
-    def __init__(self, compiled: Compiled, keys: tuple[str, ...], returns_rows: bool) -> None:
+    def __init__(self, compiled: Compiled, keys: tuple[str, ...], select: bool) -> None:
         self.sql: str = compiled.string
-        #: A SELECT, or a statement with RETURNING: its rows are read.
-        self.returns_rows = returns_rows
+        #: A SELECT: its rows are read (a write's RETURNING only when its op asks).
+        self.select = select
         # Every bound name -> (row key, None) or (None, constant), found by binding a
         # marker per row key: what construct_params itself would pick.
         markers = {key: _Marker(key) for key in keys}
@@ -157,8 +176,7 @@ def _batches(
 @lru_cache(maxsize=256)
 def _plan(stmt: Executable, dialect: Dialect, keys: tuple[str, ...]) -> _Plan:
     compiled = stmt.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
-    returning = getattr(compiled, "effective_returning", None)
-    return _Plan(compiled, keys, bool(getattr(stmt, "is_select", False) or returning))
+    return _Plan(compiled, keys, bool(getattr(stmt, "is_select", False)))
 
 
 _PG_IDLE = 0  # libpq's PQTRANS_IDLE
@@ -169,6 +187,9 @@ def _pipelined(
     ops: Sequence[Op],
     conflicts: tuple[str, ...],
     out: list[list[tuple[Any, ...]]] | None,
+    *,
+    commit: bool = False,
+    autocommit: bool = False,
 ) -> bool:
     import psycopg
 
@@ -177,6 +198,9 @@ def _pipelined(
     results: list[tuple[int, psycopg.Cursor[Any], bool, bool]] = []
     sql = ""
     begin = BEGIN_OWED.get() is raw and raw.pgconn.transaction_status == _PG_IDLE
+    if begin and autocommit:  # the driver connection is in autocommit (``BEGIN_OWED``)
+        begin = False
+        COMMIT_SENT.set(True)  # each statement commits as it runs
     try:
         with raw.pipeline():
             if begin:
@@ -188,15 +212,43 @@ def _pipelined(
                     cur.executemany(sql, [plan.params(r) for r in rows])
                 else:
                     cur.execute(sql, plan.params(rows[0]))
-                results.append((index, cur, op.must_hit_one, plan.returns_rows))
+                # Rows only of a single statement that asked for them: an executemany
+                # has none to read (psycopg: "no result available"), and an INSERT's
+                # implicit RETURNING of its key (SQLAlchemy's, on PostgreSQL) is not asked.
+                reads = not many and (plan.select or op.returns_rows)
+                results.append((index, cur, op.must_hit_one, reads))
+            if commit and begin:  # this batch opened the transaction: it closes it too
+                sql = "COMMIT"
+                COMMIT_SENT.set(True)
+                raw.execute("COMMIT")
     except psycopg.errors.UniqueViolation as exc:
         if exc.diag.constraint_name in conflicts:
             return False
         raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
     except psycopg.Error as exc:
-        raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
+        # A connection the server dropped: ``txn.run`` retries once on a fresh one (and,
+        # with the COMMIT sent, asks the call's ``confirm`` whether it landed).
+        raise _driver_error(conn, raw, sql, exc) from exc
     if out is not None:
-        for index, cur, _, returns_rows in results:
-            if returns_rows:
+        for index, cur, _, reads in results:
+            if reads:
                 out[index] = _rows_of(cur)
     return all(cur.rowcount == 1 for _, cur, guarded, _ in results if guarded)
+
+
+def _driver_error(conn: Connection, raw: Any, sql: str, exc: Any) -> Exception:
+    """SQLAlchemy's error for a driver error of a batch. A connection the server dropped
+    (``pg_terminate_backend``, a restart, while it idled in the pool) is invalidated and
+    the error flagged ``connection_invalidated``, as SQLAlchemy flags one on its own
+    execute path, so ``txn.run`` retries once on a fresh connection: at once when the
+    batch carried no COMMIT, after asking the call's ``confirm`` when it did."""
+    import psycopg
+
+    lost = (
+        bool(conn.dialect.is_disconnect(exc, raw, None))
+        or bool(getattr(raw, "broken", False))
+        or raw.closed
+    )
+    if lost:
+        conn.invalidate()
+    return DBAPIError.instance(sql, None, exc, psycopg.Error, connection_invalidated=lost)

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import Table, bindparam, delete, func, select
 from sqlalchemy.engine import Connection
 
-from pocoflow.ledger.tables import metadata, pf_runs
+from pocoflow.ledger.tables import metadata, pf_items, pf_runs
 
 FINISHED = ("completed", "failed", "cancelled")
 """The run statuses a prune may delete."""
@@ -34,6 +34,11 @@ DEFAULT_BATCH = 50
 """Runs per delete transaction: a 20-step run has about 120 rows, so a batch holds the
 SQLite write lock for tens of milliseconds at most (what a step beside it may wait), and
 a prune of 100,000 runs is 2,000 transactions."""
+
+MAX_ITEM_ROWS = 20_000
+"""Map item rows (``pf_items``) per delete transaction: a run of a map step has one per
+item, so 50 runs of 2,000 items held the SQLite write lock for most of a second; runs
+that pass this between them are deleted in transactions of their own."""
 
 _r = pf_runs.c
 # Because 0.2 rows have no updated_at and some finished runs no completed_at.
@@ -85,6 +90,32 @@ def candidates(
     """The next ``limit`` old finished run ids after ``after`` (a read: takes no lock)."""
     params = {"statuses": list(statuses), "cutoff": cutoff, "after": after, "limit": limit}
     return list(conn.execute(_CANDIDATES, params).scalars())
+
+
+_ITEM_ROWS = (
+    select(pf_items.c.run_id, func.count())
+    .where(pf_items.c.run_id.in_(_IDS))
+    .group_by(pf_items.c.run_id)
+)
+
+
+def by_item_rows(conn: Connection, ids: list[str]) -> list[list[str]]:
+    """``ids`` cut, in order, into groups whose map item rows stay within
+    ``MAX_ITEM_ROWS`` together (a run with more is a group of its own): one delete
+    transaction each."""
+    if not ids:
+        return []
+    rows = {run_id: int(n) for run_id, n in conn.execute(_ITEM_ROWS, {"ids": ids})}
+    groups: list[list[str]] = [[]]
+    held = 0
+    for run_id in ids:
+        n = rows.get(run_id, 0)
+        if groups[-1] and held + n > MAX_ITEM_ROWS:
+            groups.append([])
+            held = 0
+        groups[-1].append(run_id)
+        held += n
+    return groups
 
 
 def delete_runs(

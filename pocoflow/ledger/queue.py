@@ -195,12 +195,15 @@ class StepQueue(LedgerClient):
         outcome: str,
         error_msg: str | None = None,
         now: float | None = None,
+        *,
+        holder: str | None = None,
     ) -> bool:
         """Close the attempt's ``pf_attempts`` row with ``outcome`` (committed, duplicate,
-        retry, failed...). False if no open row matched."""
+        retry, failed...): the row of ``holder``'s claim, else every open row of
+        ``worker`` (of anyone, if None: a take-over). False if no open row matched."""
         return self._write(
             lambda conn: steps.end_attempt(
-                conn, run_id, step, attempt, worker, outcome, error_msg, now
+                conn, run_id, step, attempt, worker, outcome, error_msg, now, holder
             ),
             f"ending attempt {attempt} of step {step}",
             run_id,
@@ -235,6 +238,7 @@ class StepQueue(LedgerClient):
         holder: str | None = None,
         due_in: float = 0.0,
         note: str | None = None,
+        fresh_start: bool = False,
     ) -> int | None:
         """Re-queue a step whose lease expired under a new attempt (returned), fencing out
         the old holder (G1, G3); the caller then sends the new attempt's message. None if
@@ -242,10 +246,21 @@ class StepQueue(LedgerClient):
         expiry check (resume of a paused or failed run); ``holder`` takes it over only
         while that claim holds it (the holder's own retry, due after its backoff
         ``due_in``, which its lease must cover too). ``note``: the old attempt's
-        ``error_msg`` (why it was lost)."""
+        ``error_msg`` (why it was lost). ``fresh_start``: a resume, after which the step's
+        crash and try counts start again (``steps.RESUMED_OUTCOME``)."""
         return self._write(
             lambda conn: steps.take_over(
-                conn, run_id, step, old_attempt, lease_s, now, force, holder, due_in, note
+                conn,
+                run_id,
+                step,
+                old_attempt,
+                lease_s,
+                now,
+                force,
+                holder,
+                due_in,
+                note,
+                fresh_start,
             ),
             f"taking over step {step}",
             run_id,

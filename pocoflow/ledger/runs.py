@@ -147,7 +147,7 @@ def step_update_ops(
     if read_control:
         params = {"b_run_id": run_id}
         if progress and returning:
-            ops.append(Op(_UPDATE_READING_CONTROL, {**progress, **params}))
+            ops.append(Op(_UPDATE_READING_CONTROL, {**progress, **params}, returns_rows=True))
             progress = {}
         else:
             ops.append(Op(_CONTROL_OF, params))

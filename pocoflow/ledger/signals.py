@@ -209,7 +209,15 @@ def park(
         if conn.execute(_PARK_STEP, held).rowcount != 1:
             return LOST
         steps.end_attempt(
-            conn, run_id, step, fence.attempt, fence.worker, WAITING_OUTCOME, None, now
+            conn,
+            run_id,
+            step,
+            fence.attempt,
+            fence.worker,
+            WAITING_OUTCOME,
+            None,
+            now,
+            fence.holder,
         )
     events.insert_rows(conn, events.rows_of(run_id, event_rows))
     return PARKED

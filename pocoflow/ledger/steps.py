@@ -61,12 +61,13 @@ _ATTEMPT_OF_CLAIM = select(
     _s.step,
     _s.attempt,
     bindparam("worker", type_=Text),
+    _s.lease_owner,
     NOW,
     bindparam("task_id", type_=Text),
 ).where(_HELD)
-_ATTEMPT_COLUMNS = ["run_id", "step", "attempt", "worker", "started_at", "task_id"]
+_ATTEMPT_COLUMNS = ["run_id", "step", "attempt", "worker", "holder", "started_at", "task_id"]
 _INSERT_ATTEMPT = insert(pf_attempts).from_select(_ATTEMPT_COLUMNS, _ATTEMPT_OF_CLAIM)
-# The same, unless this worker's row of the attempt is open already: a claim retried after
+# The same, unless this claim's row of the attempt is open already: a claim retried after
 # its COMMIT's outcome was lost wins again (its own holder holds the row) and must not open
 # a second row, which the sweeper would count as a second crash or retry.
 _INSERT_ATTEMPT_ONCE = insert(pf_attempts).from_select(
@@ -77,7 +78,7 @@ _INSERT_ATTEMPT_ONCE = insert(pf_attempts).from_select(
             _a.run_id == _s.run_id,
             _a.step == _s.step,
             _a.attempt == _s.attempt,
-            _a.worker == bindparam("worker", type_=Text),
+            _a.holder == _s.lease_owner,
             _a.ended_at.is_(None),
         )
         .exists()
@@ -163,6 +164,15 @@ _END_ANY_ATTEMPT = (
     .values(ended_at=NOW, outcome=bindparam("outcome"), error_msg=bindparam("err"))
 )
 _END_ATTEMPT = _END_ANY_ATTEMPT.where(_a.worker == bindparam("b_worker"))
+# Only the row of one claim: two deliveries of one attempt in one process share the
+# worker id, and the outcome of one (its commit, its loss) is not the other's. A row
+# opened before revision 0013 has no holder: its worker's is the best match it has.
+_END_HELD_ATTEMPT = _END_ANY_ATTEMPT.where(
+    or_(
+        _a.holder == bindparam("b_holder"),
+        and_(_a.holder.is_(None), _a.worker == bindparam("b_worker")),
+    )
+)
 _GET = select(pf_steps).where(_KEY)
 _TASK_IDS = (
     select(_s.task_id)
@@ -365,7 +375,10 @@ def fail(conn: Connection, f: StepFailure, now: float | None) -> bool:
     params["holder"] = f.holder
     ops = [
         Op(_FAIL, params, must_hit_one=True),
-        end_attempt_op(f.run_id, f.step, f.attempt, f.worker, f.outcome, now, f.error_msg),
+        end_attempt_op(
+            f.run_id, f.step, f.attempt, f.worker, f.outcome, now, f.error_msg, holder=f.holder
+        ),
+        fence_out_op(f.run_id, f.step, f.attempt, f.holder, now),
         events.insert_op(events.rows_of(f.run_id, f.events)),
         *runs.step_update_ops(
             f.run_id, {"status": "failed", "error_msg": f.error_msg, "completed_at": iso_now()}
@@ -386,6 +399,14 @@ def failed_by(conn: Connection, f: StepFailure) -> bool:
     )
 
 
+#: The outcome of the row a resume writes for the attempt it replaces: a resume of a
+#: paused, cancelled or failed run is a new start for the step's crash and try counts
+#: (``liveness.crashes``), and a pause or cancel met at the guard, before any claim,
+#: leaves no attempt row of its own to say so.
+RESUMED_OUTCOME = "resumed"
+_RESUMED_NOTE = "the run was resumed: the step's crash and try counts start afresh"
+
+
 def take_over(
     conn: Connection,
     run_id: str,
@@ -397,10 +418,12 @@ def take_over(
     holder: str | None = None,
     due_in: float = 0.0,
     note: str | None = None,
+    fresh_start: bool = False,
 ) -> int | None:
     """Re-queue the step under ``old_attempt + 1`` (fencing out the old holder). With
     ``holder``: only while that claim holds the step (its own retry, due in ``due_in``
-    seconds: ``queued_at``)."""
+    seconds: ``queued_at``). ``fresh_start`` (a resume): a closed ``resumed`` row of the
+    old attempt marks where the step's counts start again."""
     params = _key(run_id, step, old_attempt)
     params.update(now=now, lease_s=lease_s, holder=holder)
     if holder is not None:
@@ -411,6 +434,11 @@ def take_over(
     if conn.execute(stmt, params).rowcount != 1:
         return None
     end_attempt(conn, run_id, step, old_attempt, None, "lost", note, now)
+    if fresh_start:
+        at = clock(conn) if now is None else now
+        marker = {"run_id": run_id, "step": step, "attempt": old_attempt, "started_at": at}
+        marker.update(ended_at=at, outcome=RESUMED_OUTCOME, error_msg=_RESUMED_NOTE)
+        conn.execute(insert(pf_attempts).values(**marker))
     return old_attempt + 1
 
 
@@ -423,6 +451,25 @@ def renew_queued(
     return conn.execute(_RELEASE_QUEUED, params).rowcount == 1
 
 
+def _end_attempt(
+    run_id: str,
+    step: int,
+    attempt: int,
+    worker: str | None,
+    outcome: str,
+    now: float | None,
+    error_msg: str | None,
+    holder: str | None,
+) -> Op:
+    """The statement closing the open row(s) of this attempt: ``holder``'s claim's, else
+    every row of ``worker``, else every row."""
+    params = _key(run_id, step, attempt)
+    params.update(now=now, outcome=outcome, err=error_msg, b_worker=worker, b_holder=holder)
+    if holder is not None:
+        return Op(_END_HELD_ATTEMPT, params)
+    return Op(_END_ANY_ATTEMPT if worker is None else _END_ATTEMPT, params)
+
+
 def end_attempt_op(
     run_id: str,
     step: int,
@@ -431,11 +478,24 @@ def end_attempt_op(
     outcome: str,
     now: float | None,
     error_msg: str | None = None,
+    *,
+    holder: str | None = None,
 ) -> Op:
-    """Closing an attempt's row as part of a batch (the step commit or failure)."""
+    """Closing an attempt's row as part of a batch (the step commit or failure): the row
+    of ``holder``'s claim (default: the claim made without a holder token, ``worker``)."""
+    return _end_attempt(run_id, step, attempt, worker, outcome, now, error_msg, holder or worker)
+
+
+def fence_out_op(run_id: str, step: int, attempt: int, holder: str, now: float | None) -> Op:
+    """Closing, in the batch that commits or fails the step for ``holder``'s claim, every
+    other row of the same attempt still open (after ``end_attempt_op`` closed the
+    holder's own): another delivery of the attempt in the same process, frozen, whose
+    claim this commit fences out (G1). It may never wake to close its row itself, and
+    the sweeper looks only at steps not yet committed: left open, the monitor would show
+    it running for ever. ``lost``, not a crash: its worker lives on."""
     params = _key(run_id, step, attempt)
-    params.update(now=now, outcome=outcome, err=error_msg, b_worker=worker)
-    return Op(_END_ATTEMPT, params)
+    params.update(now=now, outcome="lost", err=f"fenced out by {holder}")
+    return Op(_END_ANY_ATTEMPT, params)
 
 
 def end_attempt(
@@ -447,14 +507,13 @@ def end_attempt(
     outcome: str,
     error_msg: str | None,
     now: float | None,
+    holder: str | None = None,
 ) -> bool:
-    """Close the open ``pf_attempts`` row(s) of this attempt (of ``worker``, or any if None)."""
-    params = _key(run_id, step, attempt)
-    params.update(now=now, outcome=outcome, err=error_msg)
-    if worker is None:
-        return conn.execute(_END_ANY_ATTEMPT, params).rowcount > 0
-    params["b_worker"] = worker
-    return conn.execute(_END_ATTEMPT, params).rowcount > 0
+    """Close the open ``pf_attempts`` row of ``holder``'s claim of this attempt; without a
+    holder, every open row of ``worker`` (or of anyone, if None too): a take-over ends
+    whichever claims it fenced out."""
+    op = _end_attempt(run_id, step, attempt, worker, outcome, now, error_msg, holder)
+    return conn.execute(op.stmt, op.params).rowcount > 0
 
 
 def get(conn: Connection, run_id: str, step: int) -> dict[str, Any] | None:

@@ -7,7 +7,8 @@ received a step's message, 0005 = the partial indexes that keep the sweeper's co
 independent of how many finished runs the ledger holds, 0007 = the queue of each step,
 0008 = usage rows and run budgets, 0009 = the values sent to runs that wait for them:
 ``wait_for``/``send``, 0010 = map items and joins, 0011 = what a map step's prep wrote,
-kept for its join, 0012 = the builder of a CLI run), and
+kept for its join, 0012 = the builder of a CLI run, 0013 = the claim each attempt row
+belongs to), and
 a test compares the two. The 0.2 table and column names are kept so 0.2 readers (the
 Streamlit monitor, users' SQL) keep working.
 
@@ -223,11 +224,15 @@ pf_attempts = Table(
     Column("worker", Text),
     Column("started_at", Float, nullable=False),
     Column("ended_at", Float),
-    # NULL while running; then e.g. committed, duplicate, failed, retry, lost.
+    # NULL while running; then e.g. committed, duplicate, failed, retry, lost, crashed.
     Column("outcome", Text),
     Column("error_msg", Text),
     # Broker task id of the delivery this attempt ran (0003).
     Column("task_id", Text),
+    # 0013: the holder token of the claim that opened the row (``pf_steps.lease_owner``
+    # while it held the step): two deliveries of one attempt in one process share
+    # ``worker``, and each closes only its own row. NULL: opened before 0013.
+    Column("holder", Text),
     _run_fk("pf_attempts"),
     Index("ix_pf_attempts_run_step", "run_id", "step", "attempt"),
 )

@@ -183,33 +183,51 @@ def _bulk_controls(db: WorkflowDB, url: str, filt: RunFilter, allow_control: boo
     with st.expander("Act on every run this filter selects"):
         first = queries.runs_page(db, filt, limit=10)
         st.caption(escape_md(f"{first.total} runs, first: {', '.join(ids(first.rows))}"))
-        action = st.selectbox("Action", actions.BULK_ACTIONS, key="bulk-action")
+        action = st.selectbox("Action", actions.BULK_CHOICES, key="bulk-action")
+        step = None
+        what = f"{action} these {first.total} runs"
+        if action == "fork":
+            step = int(st.number_input("Fork each from step", -1, None, 0, key="bulk-step"))
+            what = f"fork these {first.total} runs from step {step}"
+            st.caption(
+                "Each fork runs on the workers; a run without that step (or whose step was "
+                "its last) is skipped and listed."
+            )
         token = st.text_input("Control token", type="password", key="bulk-token")
         # The count the user confirmed is the one shown when the box was ticked: a click
         # on Apply draws the page again first, with whatever count the ledger has then.
-        confirmed = st.checkbox(
-            f"Yes, {action} these {first.total} runs",
+        st.checkbox(
+            f"Yes, {what}",
             key="bulk-confirm",
             on_change=_remember_selection,
             args=(db, filt),
         )
-        if not st.button("Apply to all", key="bulk-go"):
+        # The click takes the tick (and clears the box): one tick, one bulk action.
+        if not st.button("Apply to all", key="bulk-go", on_click=_take_bulk_tick):
             return
-        count, fingerprint, ticked_for = st.session_state.get("bulk-confirmed", (-1, "", None))
+        count, fingerprint, confirmation = st.session_state.pop("bulk-applied", None) or (
+            -1,
+            "",
+            None,
+        )
+        checks: dict[str, Any] = dict(
+            db=db,
+            db_url=url,
+            allow_control=allow_control,
+            token=token,
+            expected=count,
+            expected_selection=fingerprint,
+        )
         try:
-            done, failed = actions.control_runs(
-                action,
-                filt,
-                db=db,
-                db_url=url,
-                allow_control=allow_control,
-                token=token,
-                # What the box was ticked for (the action its label named, the runs the
-                # filter selected); nothing remembered matches nothing.
-                confirmed=confirmed and ticked_for == action,
-                expected=count,
-                expected_selection=fingerprint,
-            )
+            if step is not None:
+                # What the box was ticked for (the step its label named, once) is
+                # compared in the action.
+                _show_forks(actions.fork_runs(filt, step, confirmed=confirmation, **checks), step)
+                return
+            # What the box was ticked for (the action its label named, the runs the
+            # filter selected); nothing remembered matches nothing.
+            confirmed = confirmation is not None and confirmation.choice == action
+            done, failed = actions.control_runs(action, filt, confirmed=confirmed, **checks)
         except Exception as exc:
             st.error(escape_md(f"{action} refused: {exc}"))
             return
@@ -218,12 +236,42 @@ def _bulk_controls(db: WorkflowDB, url: str, filt: RunFilter, allow_control: boo
             st.error(escape_md(f"{run_id}: {error}"))
 
 
+def _show_forks(forks: actions.Forks, step: int) -> None:
+    if forks.forked:
+        st.success(f"forked {len(forks.forked)} runs from step {step}")
+        rows = [{"run id": parent, "fork": fork} for parent, fork in forks.forked.items()]
+        st.dataframe(rows, hide_index=True, key="bulk-forks")
+    else:
+        st.error(f"no run was forked from step {step}")
+    if forks.unsent:
+        st.warning(escape_md(actions.unsent_warning(forks.unsent)))
+    if forks.skipped:
+        st.warning(f"skipped {len(forks.skipped)} runs with no step {step} to fork from")
+        rows = [{"run id": run_id, "skipped": why} for run_id, why in forks.skipped.items()]
+        st.dataframe(rows, hide_index=True, key="bulk-skipped")
+    for run_id, error in forks.failed.items():
+        st.error(escape_md(f"{run_id}: {error}"))
+
+
 def _remember_selection(db: WorkflowDB, filt: RunFilter) -> None:
     """When the box is ticked: the count and the run ids it was ticked for, so Apply acts
     only if the filter still selects exactly those runs (not the same count of others,
-    not another filter's runs after the filter was changed with the box still ticked)."""
-    action = st.session_state.get("bulk-action")
-    st.session_state["bulk-confirmed"] = (*actions.selection(db, filt), action)
+    not another filter's runs after the filter was changed with the box still ticked),
+    and a confirmation of the action chosen then (for a fork, its step), good once."""
+    state = st.session_state
+    if not state.get("bulk-confirm"):
+        state["bulk-confirmed"] = None
+        return
+    choice = actions.confirmed_choice(state.get("bulk-action"), state.get("bulk-step"))
+    state["bulk-confirmed"] = (*actions.selection(db, filt), actions.confirm(choice or ""))
+
+
+def _take_bulk_tick() -> None:
+    """On Apply, before the page is drawn again: the tick goes to the action and the box
+    is cleared, so the next Apply needs a new tick (and a fresh count)."""
+    state = st.session_state
+    state["bulk-applied"] = state.pop("bulk-confirmed", None) if state.get("bulk-confirm") else None
+    state["bulk-confirm"] = False
 
 
 # ── workers and stuck runs ───────────────────────────────────────────────────

@@ -318,17 +318,18 @@ def last_event_id(db: WorkflowDB, run_id: str) -> int:
 
 
 def attempts_page(db: WorkflowDB, run_id: str, *, limit: int = 100, offset: int = 0) -> Page:
-    """Attempts of a run's steps (worker, outcome, error), by step and attempt."""
+    """Attempts of a run's steps (worker, the claim's holder token, outcome, error), by
+    step and attempt: two deliveries of one attempt in one process differ by holder."""
+    from pocoflow.ledger.steps import RESUMED_OUTCOME
+
     a = pf_attempts.c
-    cols = (a.step, a.attempt, a.worker, a.outcome, a.started_at, a.ended_at, a.error_msg)
+    cols = (a.step, a.attempt, a.worker, a.holder, a.outcome, a.started_at, a.ended_at, a.error_msg)
+    # A resume's marker row (it starts crash counts afresh) ran nothing: not an attempt.
+    tried = and_(a.run_id == run_id, or_(a.outcome.is_(None), a.outcome != RESUMED_OUTCOME))
     rows_q = (
-        select(*cols)
-        .where(a.run_id == run_id)
-        .order_by(a.step, a.attempt, a.id)
-        .limit(limit)
-        .offset(offset)
+        select(*cols).where(tried).order_by(a.step, a.attempt, a.id).limit(limit).offset(offset)
     )
-    count_q = select(func.count()).select_from(pf_attempts).where(a.run_id == run_id)
+    count_q = select(func.count()).select_from(pf_attempts).where(tried)
 
     def body(conn: Connection) -> Page:
         rows = []
@@ -463,18 +464,28 @@ def item_counts(db: WorkflowDB, run_id: str) -> dict[str, dict[str, int]]:
     """Map items of a run by node and status: ``{node id: {status: n}}``.
 
     An item row names its step; the step's node is the one ``pf_steps`` recorded for it
-    (a map step in flight has no checkpoint yet), else the label is ``step N``.
+    (a distributed step), else the node the checkpoint before it named as next (a local
+    run's step, in flight or done: a local run has no ``pf_steps`` rows); else the label
+    is ``step N``.
     """
-    table = pf_items
-    i, s = table.c, pf_steps.c
-    node = func.coalesce(s.node_id, literal("step ") + cast(i.step, Text)).label("node")
-    q = (
-        select(node, i.status, func.count())
-        .select_from(table.outerjoin(pf_steps, and_(s.run_id == i.run_id, s.step == i.step)))
+    i, s = pf_items.c, pf_steps.c
+    counted = (
+        select(i.step, i.status, func.count().label("n"))
         .where(i.run_id == run_id)
-        .group_by(node, i.status)
+        .group_by(i.step, i.status)
+        .subquery()
+    )
+    before = pf_checkpoints.alias("before")
+    node = func.coalesce(
+        s.node_id, before.c.next_node, literal("step ") + cast(counted.c.step, Text)
+    )
+    q = select(node, counted.c.status, counted.c.n).select_from(
+        counted.outerjoin(pf_steps, and_(s.run_id == run_id, s.step == counted.c.step)).outerjoin(
+            before, and_(before.c.run_id == run_id, before.c.step == counted.c.step - 1)
+        )
     )
     out: dict[str, dict[str, int]] = {}
     for where, status, n in db._read(lambda conn: list(conn.execute(q)), run_id):
-        out.setdefault(str(where), {})[str(status)] = int(n)
+        by_status = out.setdefault(str(where), {})
+        by_status[str(status)] = by_status.get(str(status), 0) + int(n)
     return out

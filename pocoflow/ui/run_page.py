@@ -9,6 +9,7 @@ import shlex
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import streamlit as st
 
@@ -16,7 +17,7 @@ from pocoflow.db import WorkflowDB
 from pocoflow.ui import actions, queries
 from pocoflow.ui.charts import GANTT_SPEC, gantt_bars, gantt_from_events, graph_dot
 from pocoflow.ui.text import BADGES, duration, escape_md, preview, short, short_times
-from pocoflow.ui.widgets import nav, page_offset, paged, refresh_every, step_slider
+from pocoflow.ui.widgets import go, nav, page_offset, paged, refresh_every, step_slider
 
 EVENT_PAGE = 100
 LIVE_EVENTS_KEPT = 50
@@ -43,7 +44,7 @@ def render_run_page(db: WorkflowDB, url: str, run_id: str, allow_control: bool) 
         ("Resume", lambda: _resume(run, url)),
     ]
     if allow_control:
-        sections.append(("Controls", lambda: _controls(run_id, url, allow_control)))
+        sections.append(("Controls", lambda: _controls(db, run_id, url, allow_control)))
     for tab, (_, draw) in zip(st.tabs([name for name, _ in sections]), sections, strict=True):
         with tab:
             draw()
@@ -234,44 +235,114 @@ def _resume(run: dict[str, Any], url: str) -> None:
     )
 
 
-def _controls(run_id: str, url: str, allow_control: bool) -> None:
+def _controls(db: WorkflowDB, run_id: str, url: str, allow_control: bool) -> None:
     if not actions.controls_enabled(allow_control):
         st.warning(f"Controls need a token: set {actions.TOKEN_ENV} where the monitor runs.")
     action = st.selectbox("Action", actions.ACTIONS, key=f"ctl-action-{run_id}")
     key = value = None
+    step: int | None = None
     if action == "send":
         key = st.text_input("Key", key=f"ctl-key-{run_id}")
         value = st.text_area("Value (JSON)", "true", key=f"ctl-value-{run_id}")
+    if action == "fork":
+        step = _fork_step(db, run_id)
+        if step is None:
+            return
     token = st.text_input("Control token", type="password", key=f"ctl-token-{run_id}")
     ticked_for = f"ctl-confirmed-for-{run_id}"
-    confirmed = st.checkbox(
-        escape_md(f"Yes, {action} run {run_id}"),
-        key=f"ctl-confirm-{run_id}",
+    box = f"ctl-confirm-{run_id}"
+    what = f"fork run {run_id} from step {step}" if action == "fork" else f"{action} run {run_id}"
+    st.checkbox(
+        escape_md(f"Yes, {what}"),
+        key=box,
         on_change=_remember,
-        args=(ticked_for, f"ctl-action-{run_id}"),
+        args=(run_id, box, ticked_for),
     )
-    # The box stays ticked when another action is chosen: it confirms only the action
-    # its label named when it was ticked.
-    confirmed = confirmed and st.session_state.get(ticked_for) == action
-    if st.button("Apply", key=f"ctl-go-{run_id}"):
+    forked_key = f"ctl-forked-{run_id}"
+    applied = f"ctl-applied-{run_id}"
+    # The click takes the tick (and clears the box): one tick, one action.
+    if st.button(
+        "Apply", key=f"ctl-go-{run_id}", on_click=_take_tick, args=(box, ticked_for, applied)
+    ):
+        # What the box was ticked for, the action compares: a tick confirms only the
+        # action (and fork step) its label named then, and a fork's tick only once.
+        confirmation = st.session_state.pop(applied, None)
         try:
-            done = actions.control_run(
-                action,
-                run_id,
-                db_url=url,
-                allow_control=allow_control,
-                token=token,
-                confirmed=confirmed,
-                key=key,
-                value_json=value,
-            )
+            if action == "fork":
+                assert step is not None
+                forked = actions.fork_from(
+                    run_id,
+                    step,
+                    db_url=url,
+                    allow_control=allow_control,
+                    token=token,
+                    confirmed=confirmation,
+                )
+                st.session_state[forked_key] = (step, forked.run_id)
+                done = f"run {run_id}: forked from step {step} as {forked.run_id}"
+                if not forked.sent:
+                    st.warning(escape_md(actions.unsent_warning([forked.run_id])))
+            else:
+                done = actions.control_run(
+                    action,
+                    run_id,
+                    db_url=url,
+                    allow_control=allow_control,
+                    token=token,
+                    confirmed=confirmation is not None and confirmation.choice == action,
+                    key=key,
+                    value_json=value,
+                )
         except Exception as exc:  # refused, unknown run, bad JSON, broker down: say it
             st.error(escape_md(f"{action} refused: {exc}"))
         else:
             st.success(escape_md(done))
+    if forked_key in st.session_state:
+        _fork_link(*st.session_state[forked_key])
 
 
-def _remember(key: str, action_key: str) -> None:
-    """On a tick: the action chosen at that moment (read from its widget's state, which
-    already holds a change made in the same interaction)."""
-    st.session_state[key] = st.session_state.get(action_key)
+def _fork_step(db: WorkflowDB, run_id: str) -> int | None:
+    """The checkpoint to fork from: the Store tab's step if one was picked there before
+    the latest, else the one before the latest; None (said on the page) when the run has
+    no checkpoint yet."""
+    bounds = queries.checkpoint_range(db, run_id)
+    if bounds is None:
+        st.info("No checkpoint yet: nothing to fork from.")
+        return None
+    low, high, _ = bounds
+    # The Store tab's step, but not the latest: a run that ended there has nothing after it.
+    picked = min(st.session_state.get(f"store-{run_id}", high), high - 1)
+    st.caption("The fork runs on the workers, from the node that step recorded as next.")
+    return int(
+        st.number_input("Fork from step", low, high, max(low, picked), key=f"ctl-step-{run_id}")
+    )
+
+
+def _fork_link(step: int, new_run_id: str) -> None:
+    """The last fork made from this page, with a way to its page (kept across reruns, so
+    the button still works after the click that made the fork)."""
+    st.markdown(
+        escape_md(f"Fork from step {step}: ")
+        + f"[{escape_md(new_run_id)}](?run={quote(new_run_id, safe='')})"
+    )
+    if st.button(escape_md(f"Open run {new_run_id}"), key=f"ctl-open-fork-{new_run_id}"):
+        go(run=new_run_id)
+
+
+def _remember(run_id: str, box: str, key: str) -> None:
+    """On a tick: a confirmation of the action (and fork step) chosen at that moment, read
+    from their widgets' state, which already holds a change made in the same
+    interaction; on an untick, none."""
+    state = st.session_state
+    choice = actions.confirmed_choice(
+        state.get(f"ctl-action-{run_id}"), state.get(f"ctl-step-{run_id}"), run_id
+    )
+    state[key] = actions.confirm(choice or "") if state.get(box) else None
+
+
+def _take_tick(box: str, key: str, applied: str) -> None:
+    """On Apply, before the page is drawn again: the tick's confirmation goes to the
+    action (``applied``) and the box is cleared, so the next Apply needs a new tick."""
+    state = st.session_state
+    state[applied] = state.pop(key, None) if state.get(box) else None
+    state[box] = False

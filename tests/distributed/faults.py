@@ -97,6 +97,36 @@ def worker_running(workers: list[WorkerProcess], pid: int) -> WorkerProcess:
     raise AssertionError(f"no test worker owns pid {pid}")
 
 
+def freeze_outside_a_write(worker: WorkerProcess, db_url: str, timeout: float = 30.0) -> None:
+    """SIGSTOP ``worker`` at a moment it holds no SQLite write lock.
+
+    A process stopped inside a write transaction keeps the one SQLite write lock until it
+    is continued, so every other writer of the file waits for it (an SQLite property, the
+    README's "SQLite" section says so): a test about fencing a frozen holder needs the other
+    workers to write. PostgreSQL has no file lock, so there it freezes at once."""
+    if not db_url.startswith("sqlite"):
+        worker.freeze()
+        return
+    import sqlite3
+
+    path = db_url.split(":///", 1)[1]
+
+    def frozen_with_the_file_free() -> bool:
+        worker.freeze()
+        probe = sqlite3.connect(path, timeout=0.5, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError:  # it stopped mid-transaction: let it finish
+            worker.thaw()
+            return False
+        finally:
+            probe.close()
+
+    wait_until(frozen_with_the_file_free, timeout, interval=0.05)
+
+
 def attempts_of(db: WorkflowDB, run_id: str, step: int) -> list[dict[str, Any]]:
     return [a for a in db.get_attempts(run_id) if a["step"] == step]
 

@@ -289,6 +289,45 @@ def map_crash_before_join() -> Flow:
     return _map_flow(Square())
 
 
+def _arm_crash_mid_batch_publish(run_id: str, marker: Path) -> None:
+    """This process dies (SIGKILL) in the middle of publishing ``run_id``'s item
+    messages, right after the second batch reached the broker (the first two batches
+    out, perhaps unmarked, the rest never sent), unless ``marker`` exists: once per
+    run. Armed by the node's prep in the worker that fans out, so that no other process
+    (the test's own included) has its publisher patched."""
+    import signal
+
+    from pocoflow.distributed import publish
+
+    publish_batch = publish.Publisher._publish_batch
+
+    def crashing(self: Any, messages: Any, queue: Any, countdown: Any) -> Any:
+        keys = publish_batch(self, messages, queue, countdown)
+        first = messages[0]
+        if first.run_id == run_id and first.idx > 0 and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return keys
+
+    publish.Publisher._publish_batch = crashing  # type: ignore[method-assign]
+
+
+class CrashesMidPublish(Square):
+    """``Square`` whose worker dies mid-publish of its item messages (the marker in the
+    run's side directory)."""
+
+    def prep(self, store: Any) -> list[dict[str, Any]]:
+        marker = Path(store["side_dir"]) / f"{self.run_id}.publish-crash"
+        if not marker.exists():
+            _arm_crash_mid_batch_publish(str(self.run_id), marker)
+        return super().prep(store)
+
+
+@flow("map_crash_mid_publish")
+def map_crash_mid_publish() -> Flow:
+    return _map_flow(CrashesMidPublish())
+
+
 class ApprovedMap(Square):
     """A human approves the fan-out (in prep) and the result (in post)."""
 

@@ -1,4 +1,5 @@
-"""The distributed commands of the CLI against real workers: submit, pause, resume, cancel."""
+"""The distributed commands of the CLI against real workers: submit, pause, resume, cancel,
+fork."""
 
 from __future__ import annotations
 
@@ -70,6 +71,41 @@ def test_pause_resume_and_cancel_from_the_command_line(live: Cluster) -> None:
     assert cli(live, "cancel", "counter-00000000").returncode == 2
 
 
+def test_fork_onto_the_workers_from_the_command_line(live: Cluster) -> None:
+    from pocoflow.registry import build_flow
+
+    parent = live.submit("counter", {"count": 0})
+    parent.wait(timeout=TIMEOUT_S)
+    forked = cli(live, "fork", parent.run_id, "--from-step", "1", "--wait")
+    assert forked.returncode == 0, forked.stderr
+    fork_id = forked.stdout.splitlines()[0]
+    assert re.fullmatch(r"counter-[0-9a-f]{8}", fork_id) and fork_id != parent.run_id
+    assert forked.stdout.splitlines()[1] == f"run {fork_id}: completed"
+    assert json.loads(forked.stdout.split("completed\n", 1)[1])["count"] == 20
+    fork = live.db.get_run(fork_id)
+    assert (fork["parent_run_id"], fork["forked_from_step"]) == (parent.run_id, 1)
+    assert {a["step"] for a in live.db.get_attempts(fork_id)} == set(range(2, 20))  # workers'
+
+    local = build_flow("counter")  # a run of this process: --workers sends its fork there
+    local.db_path = live.settings.db_url
+    local.run({"count": 50})
+    onto = cli(live, "fork", local.last_run_id, "--from-step", "0", "--workers", "--run-id", "f-1")
+    assert onto.returncode == 0 and onto.stdout.strip() == "f-1", onto.stderr
+    assert live.db.get_run("f-1")["queue"] == "pocoflow"
+    wait_until(lambda: live.db.get_run("f-1")["status"] == "completed", TIMEOUT_S)
+    assert live.db.load_checkpoint("f-1", 19)["count"] == 70
+
+    here = cli(live, "fork", parent.run_id, "--from-step", "17", "--local")  # as before
+    assert here.returncode == 0 and '"count": 20' in here.stdout, here.stderr
+    here_id = re.search(r"run (counter-[0-9a-f]{8}): completed", here.stdout).group(1)
+    assert live.db.get_run(here_id)["queue"] is None and not live.db.get_attempts(here_id)
+
+    last = cli(live, "fork", parent.run_id, "--from-step", "19")
+    assert last.returncode == 2 and "step 19 was its last step" in last.stderr
+    flow_given = cli(live, "fork", parent.run_id, "--from-step", "1", "--flow", "m:b", "--workers")
+    assert flow_given.returncode == 2 and "--local" in flow_given.stderr
+
+
 def test_flower_serves_the_workers(live: Cluster) -> None:
     port = free_port()
     env = {**os.environ, "POCOFLOW_BROKER_URL": live.settings.broker_url}
@@ -112,6 +148,11 @@ def test_doctor_names_an_unreachable_broker_and_submit_refuses_it(live: Cluster)
     refused = cli(live, "submit", "counter", "--store", '{"count": 0}', *env_broker)
     assert refused.returncode == 2 and "cannot be reached" in refused.stderr
     assert "nothing was submitted" in refused.stderr
+    parent = live.submit("counter", {"count": 0})
+    parent.wait(timeout=TIMEOUT_S)
+    before.add(parent.run_id)
+    no_fork = cli(live, "fork", parent.run_id, "--from-step", "1", *env_broker)
+    assert no_fork.returncode == 2 and "no fork was recorded" in no_fork.stderr
     assert {r["run_id"] for r in live.db.list_runs(limit=1000)} == before  # no run recorded
 
 

@@ -13,7 +13,12 @@ import pytest
 
 from pocoflow.distributed.message import StepMessage
 from tests.distributed.conftest import Cluster
-from tests.distributed.faults import attempts_of, checkpoint_steps, worker_running
+from tests.distributed.faults import (
+    attempts_of,
+    checkpoint_steps,
+    freeze_outside_a_write,
+    worker_running,
+)
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.distributed
@@ -32,7 +37,7 @@ def test_a_frozen_holder_loses_to_a_copy_of_the_same_attempt(live: Cluster) -> N
     handle = live.submit("hold", {"count": 0, "side_dir": str(side)})
     (first,) = wait_until(lambda: attempts_of(live.db, handle.run_id, HOLD_STEP), TIMEOUT_S)
     frozen = worker_running(live.workers, pid_of(first))
-    frozen.freeze()
+    freeze_outside_a_write(frozen, live.settings.db_url)
     second = None
     try:
         wait_until(
@@ -52,7 +57,7 @@ def test_a_frozen_holder_loses_to_a_copy_of_the_same_attempt(live: Cluster) -> N
         )
         assert copy["attempt"] == 1 and pid_of(copy) != pid_of(first)
         second = worker_running(live.workers, pid_of(copy))
-        second.freeze()
+        freeze_outside_a_write(second, live.settings.db_url)
         # The first holder wakes up first and finishes its exec: its commit is refused.
         frozen.thaw()
         (side / f"{handle.run_id}.release").write_text("go")

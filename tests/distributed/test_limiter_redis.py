@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from pocoflow.distributed.limiter import OUTAGE_WAIT_S, RedisLimiter, slots_key, tokens_key
 from pocoflow.limits import Limits, Rate, release
@@ -127,7 +129,11 @@ def test_all_three_limits_in_one_decision(client: redis.Redis, key: str) -> None
 
 
 def test_redis_down_fails_closed_with_backoff() -> None:
-    down = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    # No client-side retries (redis-py's own backoff adds ~3 s a call): the backoff under
+    # test is the limiter's.
+    down = redis.Redis(
+        host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+    )
     limiter = RedisLimiter(down, lease_s=5)
     limits = Limits(rate=Rate(100, 1.0))
     waits = [limiter.acquire(limits, "k", "h").wait_s for _ in range(3)]

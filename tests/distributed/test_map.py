@@ -323,6 +323,27 @@ def test_a_worker_killed_between_the_fan_out_commit_and_its_publish(live: Cluste
     live.ensure_workers(2)
 
 
+def test_a_worker_killed_mid_batch_publish_loses_no_item(live: Cluster) -> None:
+    """The fan-out's worker died after two batches of item messages reached the broker
+    and before the rest were sent: the sweeper sends what is unsent (and again what was
+    out but not yet marked: those copies are refused by the claim), each item runs once."""
+    from pocoflow.distributed.publish import FIRST_BATCH
+
+    side = live.side_dir()
+    n = 6 * FIRST_BATCH  # batches of 1, 2 and 3 x FIRST_BATCH: killed after the second
+    store = {"n": n, "side_dir": str(side)}
+    handle = live.submit("map_crash_mid_publish", store)
+    result = finish(live, handle)
+    assert result["squares"] == [i * i for i in range(n)]
+    ran = execs(side, handle.run_id)
+    assert Counter(i for i, _, _ in ran) == {i: 1 for i in range(n)}
+    fanned = [a for a in live.db.get_attempts(handle.run_id) if a["outcome"] == "fanned_out"]
+    pid = int(fanned[0]["worker"].rpartition(":")[2])
+    assert not _alive(pid)  # the fan-out's process died mid-publish, as it should
+    assert int((side / f"{handle.run_id}.publish-crash").read_text()) == pid
+    live.ensure_workers(2)
+
+
 def test_a_worker_killed_between_the_last_item_commit_and_the_join_publish(
     live: Cluster,
 ) -> None:
@@ -403,7 +424,8 @@ def test_the_node_error_hook_fires_when_an_item_fails_the_run(live: Cluster) -> 
     with pytest.raises(RunFailed, match="item 5"):
         handle.wait(timeout=TIMEOUT_S)
     hooks = side / "hooks"
-    wait_until(hooks.exists, 10)
+    # A whole line: the hook's open() creates the file before its write lands.
+    wait_until(lambda: hooks.exists() and hooks.read_text().endswith("\n"), 10)
     lines = hooks.read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith("node_error FailingSquare ItemFailed")
     assert "item 5" in lines[0]

@@ -1,8 +1,10 @@
-"""The monitor on runs of real workers: its controls pause, resume and cancel them through
-Redis and the ledger, and its pages show their graph, attempts and workers."""
+"""The monitor on runs of real workers: its controls pause, resume, cancel and fork them
+through Redis, the ledger and the broker, and its pages show their graph, attempts,
+workers and a fork's diff against its parent."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,34 @@ def test_workers_page_lists_the_live_workers(monitor_env: Cluster) -> None:
     workers = at.dataframe[0].value
     assert len(workers) >= 2 and not workers["stale"].head(2).any()
     assert workers["last_step"].notna().any()
+
+
+def test_fork_from_the_monitor_runs_on_the_workers_and_diffs_against_its_parent(
+    monitor_env: Cluster,
+) -> None:
+    live = monitor_env
+    parent = live.submit("counter", {"count": 0})
+    full = parent.wait(timeout=TIMEOUT_S).as_dict()
+    run_id = parent.run_id
+    at = page(live, run=run_id)
+    at.selectbox(key=f"ctl-action-{run_id}").set_value("fork").run()
+    at.number_input(key=f"ctl-step-{run_id}").set_value(1)
+    at.text_input(key=f"ctl-token-{run_id}").set_value(TOKEN)
+    at.checkbox(key=f"ctl-confirm-{run_id}").uncheck().run()
+    at.checkbox(key=f"ctl-confirm-{run_id}").check()
+    at.button(key=f"ctl-go-{run_id}").click().run()
+    assert not at.exception and not at.error, at.error
+    done = " ".join(s.value for s in at.success).replace("\\", "")
+    fork_id = re.search(r"forked from step 1 as (counter-[0-9a-f]{8})", done).group(1)
+    wait_until(lambda: status(live, fork_id) == "completed", TIMEOUT_S)
+    assert live.db.load_checkpoint(fork_id, 19).as_dict() == full
+    assert {a["step"] for a in live.db.get_attempts(fork_id)} == set(range(2, 20))
+
+    at.button(key=f"ctl-open-fork-{fork_id}").click().run()
+    assert at.query_params["run"] == fork_id
+    radio = at.radio(key=f"diff-src-{fork_id}")
+    radio.set_value(radio.options[1]).run()
+    caption = " ".join(c.value for c in at.caption).replace("\\", "")
+    assert f"parent {run_id} at step 1 -> this run at step 19: 2 keys differ" in caption
+    diff = next(d.value for d in at.dataframe if "change" in d.value.columns)
+    assert sorted(diff["key"]) == ["count", "trail"] and set(diff["change"]) == {"changed"}

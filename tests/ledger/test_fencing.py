@@ -6,20 +6,22 @@ Store values. On both ledgers, with an injected clock where the code allows."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
 from typing import Any
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, update
 
 from pocoflow import Flow, Node, flow
-from pocoflow.commit import NextStep
+from pocoflow.commit import NextStep, StepFailure
 from pocoflow.distributed import executor, lifecycle
 from pocoflow.distributed.executor import WorkerContext, execute_step
 from pocoflow.distributed.message import StepMessage
 from pocoflow.hooks import NODE_ERROR
+from pocoflow.ledger import liveness
 from pocoflow.ledger.tables import pf_values
 from tests.ledger.test_distributed_executor import LEASE_S, ON_EXEC, Publish, drain, start
 from tests.ledger.test_ledger_commit import make_commit, start as start_run
@@ -98,15 +100,18 @@ def test_a_frozen_holder_cannot_schedule_a_retry_of_its_attempt_claimed_again(
     assert db.take_over("r1", 0, 1, 10, now=112.0, holder="w2") == 2  # its own retry
 
 
-def test_two_deliveries_in_one_process_do_not_share_a_lease(
-    db: Any, ctx: WorkerContext, publish: Publish
-) -> None:
-    """A threads pool runs both copies under the same worker id: only one may claim."""
-    first = start(db, "exec_grabbed")
+def delivered_twice(
+    ctx: WorkerContext, first: StepMessage, meanwhile: Any = None
+) -> tuple[str, list[str]]:
+    """Outcomes of ``first`` delivered in this process, and of the same message delivered
+    again (same worker id) while the first one's exec runs, after ``meanwhile(run_id,
+    step)``."""
     inner: list[str] = []
 
-    def deliver_again(*_: Any) -> None:
+    def deliver_again(run_id: str, step: int, attempt: int) -> None:
         ON_EXEC.clear()  # the copy's own exec, if it ran, must not nest again
+        if meanwhile is not None:
+            meanwhile(run_id, step)
         inner.append(execute_step(first.to_dict(), worker_id="h:1", context=ctx))
 
     ON_EXEC.append(deliver_again)
@@ -114,8 +119,41 @@ def test_two_deliveries_in_one_process_do_not_share_a_lease(
         outer = execute_step(first.to_dict(), worker_id="h:1", context=ctx)
     finally:
         ON_EXEC.clear()
-    assert (outer, inner) == ("committed", ["duplicate"])
+    return outer, inner
+
+
+def test_two_deliveries_in_one_process_do_not_share_a_lease(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    """A threads pool runs both copies under the same worker id: only one may claim."""
+    first = start(db, "exec_grabbed")
+    assert delivered_twice(ctx, first) == ("committed", ["duplicate"])
     assert [a["outcome"] for a in db.get_attempts(first.run_id)] == ["committed"]
+
+
+def test_a_redelivery_in_the_same_process_closes_only_its_own_attempt_row(
+    db: Any, ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The executor's side of the two-holder case: the first delivery's lease runs out
+    while its exec runs (no renewal here, as in a freeze), the broker delivers the same
+    attempt again to the same process, which claims, runs and commits it; the first then
+    finishes, its commit is refused, and each closes its own row."""
+    from pocoflow.ledger.tables import pf_steps
+
+    monkeypatch.setattr(ctx.leases, "hold", lambda *args, **kwargs: contextlib.nullcontext())
+    first = start(db, "exec_grabbed")
+
+    def lease_runs_out(run_id: str, step: int) -> None:
+        expire = update(pf_steps).where(pf_steps.c.run_id == run_id, pf_steps.c.step == step)
+        db._write(lambda conn: conn.execute(expire.values(lease_expires_at=0.0)), "x", run_id)
+
+    assert delivered_twice(ctx, first, lease_runs_out) == ("lost", ["committed"])
+    rows = [a for a in db.get_attempts(first.run_id) if a["step"] == 0]
+    assert sorted((a["attempt"], a["worker"], a["outcome"]) for a in rows) == [
+        (1, "h:1", "committed"),
+        (1, "h:1", "lost"),
+    ]
+    assert len({a["holder"] for a in rows}) == 2
 
 
 # ── defect 4: the ledger, not the message, names the node ───────────────────
@@ -141,7 +179,7 @@ def test_a_message_naming_another_node_is_refused_and_recorded(
 
 
 def test_failing_a_step_is_all_or_nothing(
-    db: Any, ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
+    db: Any, ctx: WorkerContext, publish: Publish, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pocoflow.ledger import events
 
@@ -155,20 +193,20 @@ def test_failing_a_step_is_all_or_nothing(
 
     monkeypatch.setattr(events, "row", crash_on_node_error)
     assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "crashed"
-    # Nothing half done: the step is still held (the sweeper re-runs it when its lease
-    # runs out), the run still running, no error event.
+    # Nothing half done: the step is not failed but sent again as attempt 2 (a crash of
+    # the executor, within the crash budget), the run still running, no error event.
     step, run = db.get_step(first.run_id, 0), db.get_run(first.run_id)
-    assert (step["status"], run["status"]) == ("running", "running")
+    assert (step["status"], step["attempt"], run["status"]) == ("queued", 2, "running")
     assert [e["event"] for e in db.get_events(first.run_id)] == ["flow_start"]
+    [again] = publish.take()
+    assert (again.step, again.attempt) == (0, 2)
 
     monkeypatch.setattr(events, "row", real_row)
-    again = StepMessage(first.run_id, "fence_broken", 0, first.node_id, 2)
-    assert db.take_over(first.run_id, 0, 1, LEASE_S, force=True) == 2
     assert execute_step(again.to_dict(), worker_id="h:1", context=ctx) == "failed"
     step, run = db.get_step(first.run_id, 0), db.get_run(first.run_id)
     assert (step["status"], run["status"]) == ("failed", "failed")
     assert "broken for good" in run["error_msg"]
-    assert [a["outcome"] for a in db.get_attempts(first.run_id)] == ["lost", "failed"]
+    assert [a["outcome"] for a in db.get_attempts(first.run_id)] == ["crashed", "failed"]
     assert [e["event"] for e in db.get_events(first.run_id)].count(NODE_ERROR) == 1
 
 
@@ -311,25 +349,77 @@ def test_a_retried_claim_opens_its_attempt_row_once(db: Any) -> None:
     assert db.get_attempts("r1")[0]["started_at"] == 100.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pf_attempts rows are closed per (attempt, worker), not per holder: the live "
-    "delivery's commit also closes the frozen one's row as committed (review r1, not fixed)",
-)
-def test_two_holders_in_one_process_close_only_their_own_attempt_rows(db: Any) -> None:
-    """Two deliveries of one attempt in one process (threads pool) share the worker id;
-    each must close its own ``pf_attempts`` row. Today the live holder's commit closes the
-    frozen holder's row as committed too (and a frozen holder's ``lost`` would close the
-    live one's): the audit shows two commits, and the lost-COMMIT recognition (``_own``)
-    of the frozen holder would take the live holder's commit for its own."""
+def _two_holders_of_one_attempt(db: Any) -> dict[str, Any]:
+    """Step 0 of r1 claimed by h:1#1, which froze past its lease, then by h:1#2: two
+    deliveries of attempt 1 in one process (threads pool), one worker id."""
     manifest = start_run(db)
     db.update_run("r1", status="running")
     assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
     assert db.claim_step("r1", 0, 1, "h:1", lease_s=10, now=100.0, holder="h:1#1")
     assert db.claim_step("r1", 0, 1, "h:1", lease_s=10, now=111.0, holder="h:1#2")
+    return manifest
+
+
+def _outcomes(db: Any) -> list[tuple[str, str | None]]:
+    return sorted((a["holder"], a["outcome"]) for a in db.get_attempts("r1"))
+
+
+def test_two_holders_in_one_process_close_only_their_own_attempt_rows(db: Any) -> None:
+    """Each delivery closes its own ``pf_attempts`` row (by its holder token, not the
+    worker id they share): the live holder's commit does not close the frozen holder's
+    row as committed too, so the audit shows one commit. It closes it as ``lost``, fenced
+    out, in the same transaction: the frozen delivery may never wake to close it, and the
+    sweeper never looks at a committed step again (the monitor showed it running)."""
+    manifest = _two_holders_of_one_attempt(db)
     live = make_commit("r1", 0, manifest, {"n": 2}, attempt=1, worker="h:1", holder="h:1#2")
     assert db.commit_step(live, now=112.0)
+    assert _outcomes(db) == [("h:1#1", "lost"), ("h:1#2", "committed")]
+    [fenced] = [a for a in db.get_attempts("r1") if a["holder"] == "h:1#1"]
+    assert (fenced["error_msg"], fenced["ended_at"]) == ("fenced out by h:1#2", 112.0)
     frozen = make_commit("r1", 0, manifest, {"n": 1}, attempt=1, worker="h:1", holder="h:1#1")
     assert not db.commit_step(frozen, now=113.0)
-    db.end_attempt("r1", 0, 1, "h:1", "lost", now=113.0)  # what its executor then records
-    assert sorted(a["outcome"] for a in db.get_attempts("r1")) == ["committed", "lost"]
+    # What its executor then records (``_StepRun._end``) finds its row closed already.
+    assert not db.end_attempt("r1", 0, 1, "h:1", "lost", now=113.0, holder="h:1#1")
+    assert _outcomes(db) == [("h:1#1", "lost"), ("h:1#2", "committed")]
+    # The readers: the monitor's Attempts tab and Gantt show one commit and one loss.
+    from datetime import UTC, datetime
+
+    from pocoflow.ui import queries
+    from pocoflow.ui.charts import gantt_bars
+
+    rows = queries.attempts_page(db, "r1").rows
+    assert sorted(r["outcome"] for r in rows) == ["committed", "lost"]
+    assert sorted((r["holder"], r["outcome"]) for r in rows) == _outcomes(db)  # tells them apart
+    bars = gantt_bars(rows, datetime.now(UTC))
+    assert sorted(b["outcome"] for b in bars) == ["committed", "lost"]
+
+
+def test_a_failure_closes_the_other_open_rows_of_its_attempt_as_fenced_out(db: Any) -> None:
+    """The same for a step failed by the live holder: one transaction fails the step,
+    closes its row ``failed`` and the frozen holder's ``lost``."""
+    _two_holders_of_one_attempt(db)
+    failure = StepFailure("r1", 0, 1, holder="h:1#2", worker="h:1", error_msg="ValueError: x")
+    assert db.fail_step(failure, now=112.0)
+    assert _outcomes(db) == [("h:1#1", "lost"), ("h:1#2", "failed")]
+    [fenced] = [a for a in db.get_attempts("r1") if a["holder"] == "h:1#1"]
+    assert fenced["error_msg"] == "fenced out by h:1#2"
+    # Not a crash: its worker lives on.
+    assert liveness.crashes(db.get_attempts("r1"), 0) == (0, 0)
+
+
+def test_a_frozen_holders_loss_leaves_the_live_holders_row_open(db: Any) -> None:
+    """The other order: the frozen holder wakes, is refused and ends its row ``lost``
+    while the live one still runs; the live row stays open (the monitor shows it running)
+    and its commit closes it, and only it counts as this holder's own commit after a
+    lost COMMIT (``_own``)."""
+    from pocoflow.db import _own
+
+    manifest = _two_holders_of_one_attempt(db)
+    frozen = make_commit("r1", 0, manifest, {"n": 1}, attempt=1, worker="h:1", holder="h:1#1")
+    assert not db.commit_step(frozen, now=112.0)
+    assert db.end_attempt("r1", 0, 1, "h:1", "lost", now=112.0, holder="h:1#1")
+    assert _outcomes(db) == [("h:1#1", "lost"), ("h:1#2", None)]
+    live = make_commit("r1", 0, manifest, {"n": 2}, attempt=1, worker="h:1", holder="h:1#2")
+    assert db.commit_step(live, now=113.0)
+    assert _outcomes(db) == [("h:1#1", "lost"), ("h:1#2", "committed")]
+    assert db._read(lambda conn: _own(conn, live) and not _own(conn, frozen))

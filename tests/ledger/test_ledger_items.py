@@ -381,3 +381,67 @@ def test_a_retry_a_dead_worker_held_is_sent_again_with_the_rest_of_its_backoff(f
     message, kwargs = sent[-1]
     assert (message.idx, message.attempt, message.try_number) == (1, 2, 2)
     assert 20.0 < kwargs.get("countdown", 0.0) <= 25.5
+
+
+def test_an_items_crashes_are_counted_in_a_row_a_retry_of_its_own_ends_the_row(fanned):
+    """Crashes of the executor count toward the budget only in a row: a delivery that ran
+    the item to a retry of its own (its exec raised) starts the count again."""
+    db = fanned
+    assert _claim(db, 0)[0]
+    assert db.retry_item(_c(0), next_try=1, due_in=0.0, crashed_on=["w1"]) == 2
+    assert db.get_item(RUN, 0, 0)["crashes"] == 1
+    assert _claim(db, 0, holder="w2#1", attempt=2)[0]
+    assert db.retry_item(_c(0, holder="w2#1", attempt=2), next_try=2, due_in=0.0) == 3
+    assert db.get_item(RUN, 0, 0)["crashes"] == 0
+
+
+def test_a_resume_starts_the_crash_count_of_every_reopened_item_afresh(fanned):
+    """An item queued again after a crash when its run paused: the resume (a re-claim of
+    the step that re-opens its items) is a new start, for its crashes as for its tries."""
+    db = fanned
+    assert _claim(db, 0)[0]
+    assert db.take_over_item(RUN, 0, 0, 1, "w1#1", crashed=True) == 2
+    assert (db.get_item(RUN, 0, 0)["status"], db.get_item(RUN, 0, 0)["crashes"]) == ("queued", 1)
+    db.take_over(RUN, 0, 1, LEASE, force=True)
+    assert db.claim_step(RUN, 0, 2, "w0", LEASE, holder="w0#2")
+    _state, todo = db.reopen_items(RUN, 0, 2, "w0#2", "w0")
+    assert [r["idx"] for r in todo] == [0, 1, 2]
+    assert db.get_item(RUN, 0, 0)["crashes"] == 0
+
+
+def test_a_claim_refused_by_a_pause_reports_the_pause(fanned):
+    """A pause that lands while an item is being claimed: the claim is refused and its
+    answer carries the pause (the worker then parks the run). On PostgreSQL the guard
+    read and the claim are two autocommit statements: here the claim's UPDATE waits on
+    a lock on pf_items after the guard read, and the pause commits as the lock goes, so
+    the first guard read still says 'running' (a refusal taken for a duplicate before).
+    On SQLite both are one transaction: the pause simply comes first."""
+    import time
+
+    db = fanned
+    got: dict[str, object] = {}
+    claimer = threading.Thread(target=lambda: got.update(r=_claim(db, 0)))
+    if db._ledger.dialect != "postgresql":
+        assert db.update_run_if(RUN, status_in=("running",), control="pause")
+        claimer.start()
+    else:
+        import psycopg
+
+        url = db._ledger.engine.url.set(drivername="postgresql")
+        dsn = url.render_as_string(hide_password=False)
+        with psycopg.connect(dsn) as admin, psycopg.connect(dsn, autocommit=True) as mon:
+            admin.execute("LOCK TABLE pf_items IN ACCESS EXCLUSIVE MODE")
+            claimer.start()
+            deadline = time.monotonic() + 10
+            waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted"
+            while not mon.execute(waiting).fetchone()[0]:  # type: ignore[index]
+                assert time.monotonic() < deadline, "the claim never waited on the lock"
+                time.sleep(0.01)
+            admin.execute("UPDATE pf_runs SET control = 'pause' WHERE run_id = %s", [RUN])
+            admin.commit()  # the pause and the lock's release, at once
+    claimer.join(10)
+    assert not claimer.is_alive()
+    claimed, run, item = got["r"]  # type: ignore[misc]
+    assert (claimed, item) == (False, None)
+    assert (run["status"], run["control"]) == ("running", "pause")
+    assert db.get_item(RUN, 0, 0)["lease_owner"] is None

@@ -204,3 +204,26 @@ def test_a_resume_landing_between_the_recheck_and_the_delete_keeps_its_run(
     # Either the resume won (the run is kept, running) or the prune did (the run is gone
     # and the resume found nothing to resume): never a resumed run deleted.
     assert resumed == ["old-12" in all_run_ids(seeded)]
+
+
+def test_a_batch_of_runs_with_many_map_items_is_deleted_in_smaller_transactions(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is sized by runs, but a run of a map step holds a row per item: runs
+    whose items pass ``MAX_ITEM_ROWS`` between them go in transactions of their own."""
+    monkeypatch.setattr(retention, "MAX_ITEM_ROWS", 250, raising=False)
+    for name, items in (("a", 200), ("b", 200), ("c", 10), ("d", 30), ("e", 0)):
+        db.create_run(name, status="completed", initial_store={})
+        db.keep_items(name, 0, [(i, "item", "1") for i in range(items)])
+    deletes: list[list[str]] = []
+    real = retention.delete_runs
+
+    def delete_runs(conn: Any, dialect: str, ids: list[str], *args: Any) -> int:
+        deletes.append(list(ids))
+        return real(conn, dialect, ids, *args)
+
+    monkeypatch.setattr(retention, "delete_runs", delete_runs)
+    assert db.prune_runs(30 * DAY, now=time.time() + 365 * DAY) == 5
+    assert deletes == [["a"], ["b", "c", "d", "e"]]
+    assert all_run_ids(db) == set()
+    assert rows_of(db, {"a", "b", "c", "d", "e"})["pf_items"] == 0

@@ -180,3 +180,34 @@ def test_item_counts_by_node_and_status(ledger):
     assert queries.item_counts(ledger, "beta-1") == {}
     dot = graph_dot({"nodes": {"Fan": {"edges": {}}}}, None, counts)
     assert r"Fan\n2 done / 1 failed / 1 running" in dot
+
+
+def test_item_counts_of_a_local_run_name_the_node_its_checkpoints_name(ledger_url):
+    """A local run has no pf_steps rows: a map step is named by the node the checkpoint
+    before it named as next (in flight or done); a step past the run's end by none."""
+    from pocoflow import Flow, MapNode
+    from pocoflow.db import WorkflowDB
+
+    class Squares(MapNode):
+        def prep(self, store):
+            return [1, 2, 3]
+
+        def exec(self, item):
+            return item * item
+
+        def post(self, store, items, results):
+            store["squares"] = results
+            return "default"
+
+    first, second = Squares(name="first"), Squares(name="second")
+    first.then("default", second)
+    flow = Flow(start=first, db_path=ledger_url, flow_name="local_items")
+    flow.run({})
+    db = WorkflowDB(ledger_url)
+    run_id = flow.last_run_id
+    db.keep_items(run_id, 2, [(0, "x", "1")])  # a step after the last: nothing names it
+    assert queries.item_counts(db, run_id) == {
+        "first": {"done": 3},
+        flow.graph().id_of(second): {"done": 3},
+        "step 2": {"done": 1},
+    }

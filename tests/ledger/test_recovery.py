@@ -426,7 +426,59 @@ def test_a_lease_that_ran_out_with_its_process_silent_is_a_crash(db: Any) -> Non
 
 
 def test_only_attempts_lost_with_their_worker_process_count_as_crashes() -> None:
-    lost_alive = {"step": 0, "outcome": "lost", "error_msg": "late commit refused"}
-    crashed = {"step": 0, "outcome": "lost", "error_msg": liveness.WORKER_DIED}
-    assert liveness.crashes([lost_alive, lost_alive, lost_alive], 0) == (0, 0)
-    assert liveness.crashes([crashed, lost_alive, crashed], 0) == (2, 0)
+    def row(attempt: int, died: bool) -> dict[str, Any]:
+        why = liveness.WORKER_DIED if died else "late commit refused"
+        return {"step": 0, "attempt": attempt, "outcome": "lost", "error_msg": why}
+
+    assert liveness.crashes([row(1, False), row(2, False), row(3, False)], 0) == (0, 0)
+    assert liveness.crashes([row(1, True), row(2, False), row(3, True)], 0) == (2, 0)
+    # Two deliveries of attempt 3 in the dead process: one crash, not two.
+    assert liveness.crashes([row(1, True), row(2, False), row(3, True), row(3, True)], 0) == (2, 0)
+
+
+def test_crashes_count_only_in_a_row_and_since_the_last_resume() -> None:
+    """An outcome of the node's own (a retry) ends a row of crashes; a resume (its
+    ``resumed`` row) starts both counts afresh; a row lost while its worker lived on
+    neither counts nor ends the row."""
+
+    def row(attempt: int, outcome: str, why: str | None = None) -> dict[str, Any]:
+        return {"step": 0, "attempt": attempt, "outcome": outcome, "error_msg": why}
+
+    crashed = liveness.EXECUTOR_CRASHED
+    died = ("lost", liveness.WORKER_DIED)
+    rows = [row(1, crashed), row(2, "retry"), row(3, crashed)]
+    assert liveness.crashes(rows, 0) == (1, 1)
+    rows = [row(1, crashed), row(2, *died), row(3, "lost", "late commit refused"), row(4, crashed)]
+    assert liveness.crashes(rows, 0) == (3, 0)
+    rows = [row(1, "retry"), row(2, crashed), row(2, liveness.RESUMED_OUTCOME), row(3, crashed)]
+    assert liveness.crashes(rows, 0) == (1, 0)
+
+
+def test_executor_crashes_fail_a_run_only_across_two_workers_or_every_live_one() -> None:
+    assert not liveness.spans_enough_workers({"a"}, 2)
+    assert not liveness.spans_enough_workers({"a"}, 5)
+    assert liveness.spans_enough_workers({"a", "b"}, 2)
+    assert liveness.spans_enough_workers({"a", "b"}, 5)
+    assert liveness.spans_enough_workers({"a"}, 1)  # the only worker alive
+    assert liveness.spans_enough_workers({"a"}, 0)  # none heard from: in-process
+
+
+def test_a_poison_verdict_after_a_mix_of_crashes_says_which_were_which(db: Any) -> None:
+    """One crash in the executor, then two deaths of the worker: the verdict does not
+    say the step was lost with its worker 3 times."""
+    poison, t0 = submitted(db)
+    run_id = poison.run_id
+    db.mark_sent(run_id, 0, 1, now=t0)
+    assert db.claim_step(run_id, 0, 1, "host:100", LONG_LEASE_S, now=t0, holder="host:100#1")
+    db.end_attempt(run_id, 0, 1, "host:100", liveness.EXECUTOR_CRASHED, "CodecError: x")
+    assert db.take_over(run_id, 0, 1, LONG_LEASE_S, now=t0 + 1, force=True) == 2
+    sent = Sent(db)
+    for attempt in (2, 3):
+        t = t0 + 10 * attempt
+        worker = f"host:{100 + attempt}"
+        assert db.claim_step(run_id, 0, attempt, worker, LONG_LEASE_S, now=t)
+        liveness.record_beat(db, worker, "host", 100 + attempt, now=t)
+        report = swept(db, sent, t + DEAD_AFTER_S + 0.1, max_crashes=3)
+    assert report.poisoned == [(run_id, 0)]
+    error = db.get_run(run_id)["error_msg"]
+    assert "crashed 3 times in a row (2 with its worker process dying, 1 in the executor)" in error

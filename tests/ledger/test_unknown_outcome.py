@@ -292,6 +292,52 @@ def test_a_local_step_commit_whose_outcome_was_lost_goes_on(
         recorder._open_ledger.cache_clear()
 
 
+class KillsIdleLedgerSessions(Node):
+    """Terminates every other session of the ledger's database: the pooled connection
+    the step commit will take is dead, and nobody has told the client yet."""
+
+    dsn = ""
+
+    def exec(self, prep_result: Any) -> int:
+        with psycopg.connect(self.dsn, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend'"
+            ).fetchone()
+        assert killed is not None and killed[0] >= 1
+        return int(killed[0])
+
+    def post(self, store: Any, prep_result: Any, exec_result: int) -> str:
+        store["killed"] = exec_result
+        return "default"
+
+
+def test_a_batched_step_commit_on_a_dropped_idle_connection_is_retried(pg_url: str) -> None:
+    """A step commit goes out pipelined (BEGIN and its statements in one batch): a
+    connection the server dropped while it idled in the pool fails that batch before
+    any COMMIT was sent, so the commit is retried on a fresh connection and the run
+    goes on (it used to fail at the step commit)."""
+    from pocoflow import recorder
+
+    killer = KillsIdleLedgerSessions(name="killer")
+    killer.dsn = dsn(pg_url)
+    killer.then("default", Add(name="add"))
+    local = Flow(start=killer, db_path=pg_url, run_id="r-dropped")
+    ledger = recorder.open_ledger(pg_url)
+    try:
+        store = local.run({})
+        assert store["n"] == 1 and store["killed"] >= 1
+        assert ledger.get_run("r-dropped")["status"] == "completed"
+        assert [c["node_name"] for c in ledger.get_checkpoints("r-dropped")] == [
+            "killer",
+            "add",
+        ]
+    finally:
+        ledger.close()
+        recorder._open_ledger.cache_clear()
+
+
 def test_a_step_commit_lost_before_it_landed_while_another_attempt_committed_is_lost(
     db: WorkflowDB, pg_url: str, ctx: WorkerContext, publish: Publish, killer: CommitKiller
 ) -> None:
@@ -452,3 +498,65 @@ def test_a_step_failure_whose_outcome_was_lost_reports_the_failure(
     assert killer.fired == 1
     assert db.get_run(first.run_id)["status"] == "failed"
     assert [(a["attempt"], a["outcome"]) for a in db.get_attempts(first.run_id)] == [(1, "failed")]
+
+
+class BatchCommitKiller:
+    """Arms a hook on psycopg's pipeline: the next batch that carries its own COMMIT (a
+    map item's claim or commit) lands on the server whole, then the session is
+    terminated before the client reads anything more: the outcome is unknown to it."""
+
+    def __init__(self, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        from pocoflow.ledger import pipeline
+
+        self.dsn = dsn(url)
+        self.armed = 0
+        self.fired = 0
+        real = psycopg.Connection.pipeline
+        killer = self
+
+        @contextlib.contextmanager
+        def hooked(conn: psycopg.Connection[Any]) -> Iterator[Any]:
+            with real(conn) as pipe:
+                yield pipe
+            if killer.armed and pipeline.COMMIT_SENT.get():  # its results are read
+                killer.armed -= 1
+                killer.fired += 1
+                with psycopg.connect(killer.dsn, autocommit=True) as admin:
+                    admin.execute("SELECT pg_terminate_backend(%s, 5000)", [conn.info.backend_pid])
+                conn.execute("SELECT 1")  # raises: the socket is dead, psycopg marks it broken
+
+        monkeypatch.setattr(psycopg.Connection, "pipeline", hooked)
+
+
+def test_map_item_claims_and_commits_whose_batched_commit_was_lost(
+    db: WorkflowDB, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An item's claim and its commit send their COMMIT in their batch: when the session
+    dies after it landed, the claim's retry finds its own claim and the commit's retry
+    its own result, counted once, reporting the join complete to the one that completed it."""
+    from pocoflow.ledger.items import ItemClaim
+
+    db.create_run("r-map", "f", initial_store={}, status="running")
+    db.insert_step("r-map", 0, "M", lease_s=LEASE_S)
+    assert db.claim_step("r-map", 0, 1, "w0", LEASE_S, holder="w0#1")
+    assert db.fan_out("r-map", 0, 1, "w0#1", "w0", ['"a"', '"b"'], [])
+    killer = BatchCommitKiller(pg_url, monkeypatch)
+    claims = [ItemClaim("r-map", 0, idx, 1, f"w{idx}#1") for idx in (0, 1)]
+    killer.armed = 1
+    claimed, run, item = db.claim_item(claims[0], "M", LEASE_S)
+    assert killer.fired == 1 and claimed and item == ('"a"', 1) and run is not None
+    assert db.claim_item(claims[1], "M", LEASE_S)[0]
+    killer.armed = 1
+    assert db.commit_item(claims[0], result_json='"A"', lease_s=LEASE_S)[0] is True
+    assert killer.fired == 2
+    assert (db.get_join("r-map", 0)["done"], db.get_item("r-map", 0, 0)["status"]) == (1, "done")
+    killer.armed = 1
+    committed, state = db.commit_item(claims[1], result_json='"B"', lease_s=LEASE_S)
+    assert killer.fired == 3
+    assert committed and state is not None and (state["done"], state["total"]) == (2, 2)
+    assert (state["step_status"], state["step_attempt"]) == ("queued", 2)  # the join, once
+    # A stale holder's commit still writes nothing, though its batch carries a COMMIT.
+    stale = ItemClaim("r-map", 0, 0, 1, "stale#1")
+    assert db.commit_item(stale, result_json='"X"', lease_s=LEASE_S) == (False, None)
+    assert db.get_join("r-map", 0)["done"] == 2
+    assert [r["result_json"] for r in db.get_items("r-map", 0)] == ['"A"', '"B"']

@@ -180,3 +180,79 @@ def test_the_broker_loss_sentinel_is_for_redis_brokers_only() -> None:
     assert isinstance(view, RabbitQueues) and not view.lost()
     assert type(broker_sentinel("redis://127.0.0.1:1/0")) is BrokerSentinel
     assert broker_sentinel("sqs://") is None
+
+
+class BatchingPool(CountingPool):
+    """Producers that batch as kombu 5.7's do: messages sent inside ``batch()`` reach the
+    broker at its exit; the exits listed in ``failing`` raise (delivery uncertain)."""
+
+    def __init__(self, failing: set[int]) -> None:
+        super().__init__()
+        self.failing = failing
+        self.flushed: list[list[int]] = []
+        self.exits = 0
+
+    def acquire(self, block: bool = False) -> Any:
+        pool = self
+        pool.acquired += 1
+
+        class Producer:
+            buffered: list[int] | None = None
+
+            def batch(self, max_size: int) -> Any:
+                producer = self
+
+                class Batch:
+                    def __enter__(self) -> None:
+                        producer.buffered = []
+
+                    def __exit__(self, *exc: object) -> None:
+                        pool.exits += 1
+                        sent, producer.buffered = producer.buffered, None
+                        if pool.exits in pool.failing:
+                            raise ConnectionResetError("broker gone mid-batch")
+                        pool.flushed.append(sent or [])
+
+                return Batch()
+
+            def release(self) -> None:
+                pool.released += 1
+
+        return Producer()
+
+
+class BatchBroker:
+    def __init__(self, pool: BatchingPool) -> None:
+        self.producer_pool = pool
+
+    def send_task(self, name: str, *, args: Any, producer: Any, **kwargs: Any) -> Any:
+        assert producer.buffered is not None, "an item message published outside a batch"
+        producer.buffered.append(args[0]["idx"])
+
+
+class ItemLedger:
+    def __init__(self) -> None:
+        self.marked: list[int] = []
+
+    def mark_items_sent(self, keys: list[tuple[str, int, int, int]]) -> None:
+        self.marked += [idx for _, _, idx, _ in keys]
+
+
+def test_item_messages_go_out_in_batches_and_a_failed_batch_stays_unsent() -> None:
+    """A fan-out publishes its items a batch (one broker round trip) at a time, growing
+    from a small first batch; a batch whose flush failed is not marked sent (the sweeper
+    resends it, a copy is refused by the item's claim), the batches around it are."""
+    from pocoflow.distributed import publish
+    from pocoflow.distributed.message import ItemMessage
+
+    pool, ledger = BatchingPool(failing={3}), ItemLedger()
+    publisher = Publisher(BatchBroker(pool), ledger)  # type: ignore[arg-type]
+    messages = [ItemMessage("r", "f", 2, "m", idx, 1, 1) for idx in range(300)]
+    taken = publisher.send_items(messages)
+    sizes = [len(b) for b in pool.flushed]
+    first = publish.FIRST_BATCH
+    assert sizes[:2] == [first, 2 * first] and max(sizes) == publish.PUBLISH_BATCH
+    lost = set(range(3 * first, 7 * first))  # the third batch: 4 x FIRST_BATCH messages
+    assert sorted(ledger.marked) == [i for i in range(300) if i not in lost]
+    assert taken == 300 - len(lost)
+    assert (pool.acquired, pool.released) == (2, 1)  # a fresh producer after the failure

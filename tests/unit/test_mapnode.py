@@ -285,3 +285,102 @@ def test_a_collected_builtin_exception_comes_back_as_post_would_see_it_locally(
     revived = revive_error(json.loads(json.dumps(error_record(exc))))
     assert type(revived) is type(exc)
     assert revived.args == exc.args and str(revived) == str(exc)
+
+
+# ── item_index: which item an exec runs (issue 7) ────────────────────────────
+
+
+class Indexed(MapNode):
+    """exec answers ``(item, self.item_index)`` after every item has read its index and
+    before any reads it again: all the items are in flight at once on one instance."""
+
+    max_parallel = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.all_in = threading.Barrier(8, timeout=WAIT_S)
+        self.outside: list[int | None] = []
+
+    def prep(self, store: Any) -> Any:
+        self.outside.append(self.item_index)
+        return [f"item-{i}" for i in range(8)]
+
+    def exec(self, item: str) -> tuple[str, int | None]:
+        before = self.item_index
+        self.all_in.wait()  # every other item set its own index meanwhile
+        assert self.item_index == before
+        return item, self.item_index
+
+    def post(self, store: Any, items: Any, results: Any) -> str:
+        self.outside.append(self.item_index)
+        store["out"] = [list(r) for r in results]
+        return "default"
+
+
+def test_each_concurrent_item_reads_its_own_item_index_on_threads() -> None:
+    node = Indexed()
+    out = Flow(start=node).run({})["out"]
+    assert out == [[f"item-{i}", i] for i in range(8)]
+    assert node.outside == [None, None]  # prep and post run outside any item
+
+
+def test_item_index_survives_a_timed_exec_and_reaches_the_fallback() -> None:
+    """A node with a timeout runs each try on a helper thread; the fallback of a spent
+    item still knows which one it is."""
+
+    class Timed(Indexed):
+        timeout = WAIT_S
+
+        def exec(self, item: str) -> tuple[str, int | None]:
+            if item == "item-5":
+                raise ValueError("spent")
+            return super().exec(item)
+
+        def exec_fallback(self, item: str, exc: BaseException) -> tuple[str, int | None]:
+            self.all_in.wait()
+            return f"fallback {item}", self.item_index
+
+    out = Flow(start=Timed()).run({})["out"]
+    assert out[5] == ["fallback item-5", 5]
+    assert [index for _, index in out] == list(range(8))
+
+
+def test_each_async_item_reads_its_own_item_index_across_awaits() -> None:
+    class Fetch(MapNode, AsyncNode):
+        max_parallel = 8
+
+        def prep(self, store: Any) -> Any:
+            return list(range(8))
+
+        async def exec_async(self, item: int) -> list[Any]:
+            before = self.item_index
+            await asyncio.sleep(0)  # the other items run and set theirs meanwhile
+            await asyncio.sleep(0)
+            key = f"{self.run_id}/{self.step}/{self.item_index}/{self.attempt}"
+            return [item, before, self.item_index, key]
+
+        def post(self, store: Any, items: Any, results: Any) -> str:
+            store["out"] = results
+            return "default"
+
+    out = Flow(start=Fetch()).run({})["out"]
+    assert [row[:3] for row in out] == [[i, i, i] for i in range(8)]
+    assert out[3][3].endswith("/0/3/1")  # run id / step 0 / item 3 / attempt 1
+
+
+def test_item_index_is_read_only() -> None:
+    with pytest.raises(AttributeError):
+        Indexed().item_index = 3  # type: ignore[misc]
+
+
+def test_assigning_item_index_is_refused_naming_the_node() -> None:
+    """A subclass that assigns ``self.item_index`` (a name it used for its own value)
+    gets a clear error, not every item failing on a bare "property has no setter"."""
+
+    class Assigns(MapNode):
+        def prep(self, store: Any) -> Any:
+            self.item_index = 0
+            return [1]
+
+    with pytest.raises(AttributeError, match=r"MapNode 'Assigns': item_index is set by PocoFlow"):
+        Flow(start=Assigns()).run({})

@@ -641,3 +641,325 @@ def test_run_header_metrics_escape_ledger_names(tmp_path):
     at = page(path, run="named-1")
     values = {m.label: m.value for m in at.metric}
     assert values["Flow"] == escape_md(nasty) and values["Current node"] == escape_md(nasty)
+
+
+# ── fork from a step ─────────────────────────────────────────────────────────
+
+
+def registered_alpha():
+    """Flow ``alpha`` as a worker would build it, so its runs can be forked onto them."""
+    from tests.monitor_ledger import alpha
+
+    return alpha(None, None)
+
+
+@pytest.fixture
+def fork_env(control_ledger, monkeypatch):
+    """The monitor's environment for forks: flow ``alpha`` registered (in a copy of the
+    registry, dropped after the test), and an in-memory broker, so a fork's first step is
+    published (nowhere) without a broker server."""
+    from pocoflow import registry
+
+    monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))
+    registry.register_flow("alpha", registered_alpha)
+    monkeypatch.setenv("POCOFLOW_BROKER_URL", "memory://")
+    monkeypatch.delenv("POCOFLOW_REDIS_URL", raising=False)
+    return control_ledger
+
+
+def fork_control(at, run_id, step, token, confirm=True):
+    at.selectbox(key=f"ctl-action-{run_id}").set_value("fork").run()
+    at.number_input(key=f"ctl-step-{run_id}").set_value(step)
+    at.text_input(key=f"ctl-token-{run_id}").set_value(token)
+    at.checkbox(key=f"ctl-confirm-{run_id}").uncheck().run()
+    if confirm:
+        at.checkbox(key=f"ctl-confirm-{run_id}").check()
+    at.button(key=f"ctl-go-{run_id}").click().run()
+    assert not at.exception, at.exception
+
+
+def run_count(db):
+    return len(db.list_runs(limit=1000))
+
+
+def test_fork_is_refused_without_allow_control(fork_env):
+    path, db = fork_env
+    at = page(path, run="alpha-1")
+    assert "Controls" not in [t.label for t in at.tabs]
+    with pytest.raises(ControlRefused, match="--allow-control"):
+        actions.fork_from(
+            "alpha-1",
+            0,
+            db_url=path,
+            allow_control=False,
+            token=TOKEN,
+            confirmed=actions.confirm("fork run alpha-1 from step 0"),
+        )
+    with pytest.raises(ControlRefused, match="--allow-control"):
+        actions.control_run(
+            "fork",
+            "alpha-1",
+            db_url=path,
+            allow_control=False,
+            token=TOKEN,
+            confirmed=True,
+            from_step="not a step",  # refused for the control before the step is read
+        )
+    assert run_count(db) == 4
+
+
+def test_fork_is_refused_without_a_token_a_right_token_or_a_confirmation(fork_env, monkeypatch):
+    path, db = fork_env
+    at = page(path, True, run="alpha-1")
+    fork_control(at, "alpha-1", 0, "wrong")
+    assert "fork refused: Wrong control token" in texts(at.error)
+    fork_control(at, "alpha-1", 0, TOKEN, confirm=False)
+    assert "Confirm the action first" in texts(at.error)
+    monkeypatch.delenv(actions.TOKEN_ENV)
+    fork_control(at, "alpha-1", 0, TOKEN)
+    assert "Controls need a token" in texts(at.error)
+    assert run_count(db) == 4  # no fork recorded
+
+
+def test_fork_from_the_run_page_queues_a_fork_and_links_to_it(fork_env):
+    path, db = fork_env
+    at = page(path, True, run="alpha-1")
+    at.selectbox(key="ctl-action-alpha-1").set_value("fork").run()
+    steps = at.number_input(key="ctl-step-alpha-1")
+    # The step before the latest: alpha-1 ended at step 1, nothing can be forked from it.
+    assert (steps.min, steps.max, steps.value) == (-1, 1, 0)
+    fork_control(at, "alpha-1", 0, TOKEN)
+    (done,) = [s.value for s in at.success]
+    new_id = re.search(r"forked from step 0 as (alpha\\-[0-9a-f]{8})", done).group(1)
+    new_id = new_id.replace("\\", "")
+    fork = db.get_run(new_id)
+    assert (fork["parent_run_id"], fork["forked_from_step"], fork["status"]) == (
+        "alpha-1",
+        0,
+        "queued",
+    )
+    assert fork["queue"] == "pocoflow"  # a run of the workers now, not of this process
+    assert (db.get_step(new_id, 1)["node_id"], db.get_step(new_id, 1)["status"]) == (
+        "Note",
+        "queued",
+    )
+    assert f"(?run={new_id})" in texts(at.markdown)
+    at.button(key=f"ctl-open-fork-{new_id}").click().run()
+    assert at.query_params["run"] == new_id
+    assert f"Run {escape_md(new_id)}" in texts(at.subheader)
+
+
+def test_a_fork_confirmation_is_for_the_step_it_named(fork_env):
+    path, db = fork_env
+    at = page(path, True, run="alpha-1")
+    at.selectbox(key="ctl-action-alpha-1").set_value("fork").run()
+    at.number_input(key="ctl-step-alpha-1").set_value(0).run()
+    at.checkbox(key="ctl-confirm-alpha-1").check().run()  # "fork ... from step 0"
+    at.number_input(key="ctl-step-alpha-1").set_value(-1)
+    at.text_input(key="ctl-token-alpha-1").set_value(TOKEN)
+    at.button(key="ctl-go-alpha-1").click().run()
+    assert "Confirm the action first" in texts(at.error)
+    assert run_count(db) == 4
+
+
+def test_fork_of_a_last_step_says_there_is_nothing_to_fork(fork_env):
+    path, db = fork_env
+    at = page(path, True, run="alpha-1")
+    fork_control(at, "alpha-1", 1, TOKEN)
+    assert "step 1 was its last step" in texts(at.error).replace("\\", "")
+    assert run_count(db) == 4
+
+
+def test_bulk_fork_forks_each_run_with_the_step_and_lists_the_skipped(fork_env):
+    path, db = fork_env
+    at = page(path, True, flow="alpha")
+    at.selectbox(key="bulk-action").set_value("fork").run()
+    at.number_input(key="bulk-step").set_value(0).run()
+    assert at.checkbox(key="bulk-confirm").label == "Yes, fork these 2 runs from step 0"
+    at.text_input(key="bulk-token").set_value(TOKEN)
+    at.checkbox(key="bulk-confirm").check().run()
+    at.button(key="bulk-go").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert "forked 1 runs from step 0" in texts(at.success)
+    forks = next(d.value for d in at.dataframe if "fork" in d.value.columns)
+    assert forks["run id"].tolist() == ["alpha-1"]
+    assert db.get_run(forks["fork"].iloc[0])["parent_run_id"] == "alpha-1"
+    assert "skipped 1 runs with no step 0" in texts(at.warning)
+    skipped = next(d.value for d in at.dataframe if "skipped" in d.value.columns)
+    assert skipped.values.tolist() == [
+        ["gamma-1", "Run 'gamma-1' step 0 was its last step: there is nothing to fork from it"]
+    ]
+
+
+def test_bulk_fork_is_enforced_in_the_action(fork_env):
+    path, db = fork_env
+    from pocoflow.ui.queries import RunFilter
+
+    filt = RunFilter(flows=("alpha",))
+    count, selected = actions.selection(db, filt)
+    common = dict(db=db, db_url=path, expected=count, expected_selection=selected)
+    yes = actions.confirm("fork from step 0")
+    with pytest.raises(ControlRefused, match="--allow-control"):
+        actions.fork_runs(filt, 0, allow_control=False, token=TOKEN, confirmed=yes, **common)
+    with pytest.raises(ControlRefused, match="Wrong control token"):
+        actions.fork_runs(filt, 0, allow_control=True, token="x", confirmed=yes, **common)
+    with pytest.raises(ControlRefused, match="Confirm"):
+        actions.fork_runs(filt, 0, allow_control=True, token=TOKEN, confirmed=None, **common)
+    assert "fork" not in actions.BULK_ACTIONS and "fork" in actions.BULK_CHOICES
+    with pytest.raises(
+        ValueError, match=r"one of cancel, pause, resume \(a bulk fork is fork_runs"
+    ):
+        actions.control_runs(
+            "fork", filt, allow_control=True, token=TOKEN, confirmed=True, **common
+        )
+    assert run_count(db) == 4
+
+
+def test_apply_clicked_twice_makes_one_fork(fork_env):
+    """One tick, one fork: Apply clears the tick, and the action uses up its nonce."""
+    path, db = fork_env
+    at = page(path, True, run="alpha-1")
+    fork_control(at, "alpha-1", 0, TOKEN)
+    assert "forked from step 0" in texts(at.success) and run_count(db) == 5
+    assert not at.checkbox(key="ctl-confirm-alpha-1").value  # the tick was used
+    at.button(key="ctl-go-alpha-1").click().run()
+    assert "Confirm the action first" in texts(at.error)
+    assert run_count(db) == 5
+
+
+def test_a_fork_confirmation_is_checked_and_used_up_in_the_action(fork_env):
+    """What the tick confirmed is passed in and compared in the action (run and step),
+    and its nonce works once, whatever page calls it."""
+    path, db = fork_env
+    common = dict(db_url=path, allow_control=True, token=TOKEN)
+    for wrong in (
+        True,  # a bare yes confirms no fork
+        actions.confirm("fork run alpha-1 from step -1"),  # another step
+        actions.confirm("fork run gamma-1 from step 0"),  # another run
+        actions.confirm("fork from step 0"),  # a bulk fork's tick
+    ):
+        with pytest.raises(ControlRefused, match="Confirm the action first"):
+            actions.fork_from("alpha-1", 0, confirmed=wrong, **common)
+    yes = actions.confirm("fork run alpha-1 from step 0")
+    forked = actions.fork_from("alpha-1", 0, confirmed=yes, **common)
+    assert forked.sent and db.get_run(forked.run_id)["parent_run_id"] == "alpha-1"
+    with pytest.raises(ControlRefused, match="was used already"):
+        actions.fork_from("alpha-1", 0, confirmed=yes, **common)
+    with pytest.raises(ControlRefused, match="was used already"):
+        actions.control_run("fork", "alpha-1", from_step=0, confirmed=yes, **common)
+    assert run_count(db) == 5
+
+
+def test_bulk_apply_clicked_twice_forks_the_selection_once(fork_env):
+    """The forks are queued runs the status filter does not select, so the recount
+    matches again: only the used-up tick stops a second round of forks."""
+    path, db = fork_env
+    at = page(path, True, flow="alpha", status="completed")
+    at.selectbox(key="bulk-action").set_value("fork").run()
+    at.number_input(key="bulk-step").set_value(0).run()
+    at.text_input(key="bulk-token").set_value(TOKEN)
+    at.checkbox(key="bulk-confirm").check().run()
+    at.button(key="bulk-go").click().run()
+    assert "forked 1 runs from step 0" in texts(at.success) and run_count(db) == 5
+    assert not at.checkbox(key="bulk-confirm").value
+    at.button(key="bulk-go").click().run()
+    assert "Confirm the action first" in texts(at.error)
+    from pocoflow.ui.queries import RunFilter
+
+    filt = RunFilter(flows=("alpha",), statuses=("completed",))
+    count, selected = actions.selection(db, filt)
+    yes = actions.confirm("fork from step 0")
+    common = dict(db=db, db_url=path, allow_control=True, token=TOKEN, expected=count)
+    actions.fork_runs(filt, 0, confirmed=yes, expected_selection=selected, **common)
+    with pytest.raises(ControlRefused, match="was used already"):
+        actions.fork_runs(filt, 0, confirmed=yes, expected_selection=selected, **common)
+    assert run_count(db) == 6
+    assert [r["parent_run_id"] for r in db.list_runs(limit=10)].count("alpha-1") == 3
+
+
+def test_bulk_fork_of_nothing_is_no_success(fork_env):
+    path, db = fork_env
+    at = page(path, True, flow="alpha")
+    at.selectbox(key="bulk-action").set_value("fork").run()
+    at.number_input(key="bulk-step").set_value(5).run()
+    at.text_input(key="bulk-token").set_value(TOKEN)
+    at.checkbox(key="bulk-confirm").check().run()
+    at.button(key="bulk-go").click().run()
+    assert not at.success
+    assert "no run was forked from step 5" in texts(at.error)
+    assert "skipped 2 runs" in texts(at.warning) and run_count(db) == 4
+
+
+UNREACHABLE = "redis://127.0.0.1:9/0"  # nothing listens on the discard port
+
+
+def test_fork_is_refused_before_anything_is_recorded_when_the_broker_is_unreachable(
+    fork_env, monkeypatch
+):
+    path, db = fork_env
+    monkeypatch.setenv("POCOFLOW_BROKER_URL", UNREACHABLE)
+    at = page(path, True, run="alpha-1")
+    fork_control(at, "alpha-1", 0, TOKEN)
+    error = texts(at.error).replace("\\", "")
+    assert "fork refused" in error and "cannot be reached" in error
+    assert "no fork was recorded" in error and not at.success
+    bulk = page(path, True, flow="alpha")
+    bulk.selectbox(key="bulk-action").set_value("fork").run()
+    bulk.text_input(key="bulk-token").set_value(TOKEN)
+    bulk.checkbox(key="bulk-confirm").check().run()
+    bulk.button(key="bulk-go").click().run()
+    assert "no fork was recorded" in texts(bulk.error).replace("\\", "")
+    assert run_count(db) == 4
+
+
+class Unsent:
+    """A publisher whose broker takes nothing (as Publisher.send when publishing fails)."""
+
+    def send(self, message, **kwargs):
+        return False
+
+
+def test_a_fork_recorded_but_not_sent_is_said_so(fork_env, monkeypatch):
+    from pocoflow.distributed import client
+
+    path, db = fork_env
+    monkeypatch.setattr(client, "_publisher", lambda settings: Unsent())
+    at = page(path, True, run="alpha-1")
+    fork_control(at, "alpha-1", 0, TOKEN)
+    assert "forked from step 0" in texts(at.success) and run_count(db) == 5
+    assert "Recorded but not sent" in texts(at.warning)
+    bulk = page(path, True, flow="alpha", status="completed")
+    bulk.selectbox(key="bulk-action").set_value("fork").run()
+    bulk.text_input(key="bulk-token").set_value(TOKEN)
+    bulk.checkbox(key="bulk-confirm").check().run()
+    bulk.button(key="bulk-go").click().run()
+    assert "forked 1 runs" in texts(bulk.success)
+    assert "Recorded but not sent" in texts(bulk.warning)
+    forks = [r["run_id"] for r in db.list_runs(limit=10) if r["status"] == "queued"]
+    assert len(forks) == 2 and all(db.get_step(f, 1)["sent_at"] is None for f in forks)
+
+
+def test_the_link_to_a_fork_escapes_every_reserved_character_of_its_run_id(fork_env, monkeypatch):
+    """A flow name (so a run id) with ) / ? would end the Markdown link, or make a path
+    or a query of it: each is percent-encoded in the link's target."""
+    from pocoflow import Flow, registry
+    from tests.monitor_ledger import Ask, Note
+
+    path, db = fork_env
+    name = "a)b/c?d"
+
+    def build():
+        ask = Ask()
+        ask.then("default", Note())
+        return Flow(ask, flow_name=name)
+
+    registry.register_flow(name, build)
+    local = build()
+    local.db_path = path
+    local.run({"topic": "t"})
+    run_id = local.last_run_id
+    at = page(path, True, run=run_id)
+    fork_control(at, run_id, 0, TOKEN)
+    (fork_id,) = [r["run_id"] for r in db.list_runs(limit=10) if r["parent_run_id"] == run_id]
+    suffix = fork_id.rsplit("-", 1)[1]
+    assert f"(?run=a%29b%2Fc%3Fd-{suffix})" in texts(at.markdown)

@@ -1,0 +1,126 @@
+"""Map items whose delivery crashes in the executor after the claim, driven in-process on
+both ledgers (``execute_step`` fans the items out, ``execute_item`` runs them, a
+recording publisher instead of Celery): where the re-sent item goes, and how its crash
+count is kept. The same with real workers: tests/distributed/test_executor_crashes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pocoflow import Flow, MapNode, flow
+from pocoflow.distributed import executor
+from pocoflow.distributed.executor import WorkerContext, execute_step
+from pocoflow.distributed.itemtask import execute_item
+from pocoflow.distributed.message import ItemMessage, StepMessage
+from pocoflow.ledger import liveness
+from tests.ledger.test_distributed_executor import LEASE_S, start
+
+pytestmark = pytest.mark.ledger
+
+
+class Recorder:
+    """What the executor publishes, by message and queue, marked sent as a Publisher
+    marks it."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.sent: list[tuple[StepMessage | ItemMessage, str | None]] = []
+
+    def send(self, message: Any, *, queue: str | None = None, **_: Any) -> bool:
+        self.sent.append((message, queue))
+        if isinstance(message, StepMessage):
+            self.db.mark_sent(message.run_id, message.step, message.attempt, task_id="t")
+        return True
+
+    def send_items(self, messages: list[ItemMessage], *, queue: str | None = None, **_: Any) -> int:
+        self.sent.extend((m, queue) for m in messages)
+        return len(messages)
+
+    def revoke(self, task_id: str, **kwargs: Any) -> None:
+        pass
+
+    def take(self) -> list[tuple[Any, str | None]]:
+        sent, self.sent = self.sent, []
+        return sent
+
+
+class OnGpu(MapNode):
+    queue = "gpu"
+
+    def prep(self, store: Any) -> list[int]:
+        return [1, 2]
+
+    def exec(self, item: int) -> int:
+        return item * 10
+
+    def post(self, store: Any, items: list[Any], results: list[Any]) -> str:
+        store["results"] = results
+        return "default"
+
+
+@flow("items_on_gpu")
+def items_on_gpu() -> Flow:
+    return Flow(start=OnGpu(name="gpu_map"))
+
+
+@pytest.fixture
+def recorder(db: Any) -> Recorder:
+    return Recorder(db)
+
+
+@pytest.fixture
+def wctx(db: Any, recorder: Recorder) -> WorkerContext:
+    return WorkerContext(db=db, publisher=recorder, redis=None, lease_s=LEASE_S)  # type: ignore[arg-type]
+
+
+def fan_out(db: Any, wctx: WorkerContext, recorder: Recorder, name: str) -> list[ItemMessage]:
+    first = start(db, name)
+    recorder.take()
+    assert execute_step(first.to_dict(), worker_id="h:1", context=wctx) == "fanned_out"
+    items = [m for m, _ in recorder.take()]
+    assert items and all(isinstance(m, ItemMessage) for m in items)
+    return items  # type: ignore[return-value]
+
+
+def test_an_item_crashing_before_its_node_is_loaded_is_sent_again_to_the_nodes_queue(
+    db: Any, wctx: WorkerContext, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    item, _ = fan_out(db, wctx, recorder, "items_on_gpu")
+
+    def broken(name: str) -> Any:
+        raise RuntimeError(f"graph of {name} broke")
+
+    monkeypatch.setattr(wctx.graphs, "get", broken)
+    assert execute_item(item.to_dict(), worker_id="h:1", context=wctx) == executor.CRASHED
+    [(again, queue)] = recorder.take()
+    assert isinstance(again, ItemMessage) and (again.idx, again.attempt) == (item.idx, 2)
+    assert queue == "gpu"
+
+
+def test_item_crashes_on_one_of_two_live_workers_do_not_fail_the_run(
+    db: Any, wctx: WorkerContext, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for steps: past the budget on one worker of two alive, the item is sent again;
+    a crash on the other fails the run naming both, and the item's ``crashes`` counts
+    what the run's error says."""
+    item, _ = fan_out(db, wctx, recorder, "items_on_gpu")
+    wctx.max_crashes, wctx.dead_after_s = 3, 600.0
+    for worker in ("h:1", "h:2"):
+        liveness.record_beat(db, worker, "h", 1)
+
+    def broken(name: str) -> Any:
+        raise RuntimeError(f"graph of {name} broke")
+
+    monkeypatch.setattr(wctx.graphs, "get", broken)
+    for _ in range(4):
+        assert execute_item(item.to_dict(), worker_id="h:1", context=wctx) == executor.CRASHED
+        [(item, _queue)] = recorder.take()
+    row = db.get_item(item.run_id, item.step, item.idx)
+    assert (row["status"], row["crashes"]) == ("queued", 4)
+    assert db.get_run(item.run_id)["status"] == "running"
+    assert execute_item(item.to_dict(), worker_id="h:2", context=wctx) == "failed"
+    error = db.get_run(item.run_id)["error_msg"]
+    assert "5 times in a row, on 2 worker process(es): h:1, h:2" in error, error
+    assert db.get_item(item.run_id, item.step, item.idx)["crashes"] == 5
