@@ -113,3 +113,20 @@ def test_run_reading_gives_each_ops_rows_at_its_own_index(db: Any) -> None:
 
     rows = txn.run(db._ledger, body, write=True, what="test batch", batched=True)
     assert rows == [[], [("w1",)]]
+
+
+@pytest.mark.parametrize("n_events", [0, 1, 2, 9])
+def test_a_step_reads_its_control_whatever_its_number_of_events(db: Any, n_events: int) -> None:
+    """On PostgreSQL one event, or more than a multi-row INSERT takes, go out as an
+    executemany of ``insert(pf_events)``, whose SQL carries SQLAlchemy's implicit
+    ``RETURNING id``: the batch must not read rows of it ("no result available"), only
+    the run UPDATE's asked-for RETURNING."""
+    from tests.ledger.test_ledger_commit import make_commit, start
+
+    manifest = start(db)
+    db.set_control("r1", "pause")
+    events = [{"event": "custom", "step": 0, "node_name": "Node", "i": i} for i in range(n_events)]
+    c = make_commit("r1", 0, manifest, {"n": 1}, events=events, run_fields={"total_steps": 1})
+    assert db.commit_step_read_control(c) == (True, "pause")
+    written = [e for e in db.get_events("r1") if e["event"] == "custom"]
+    assert len(written) == n_events
