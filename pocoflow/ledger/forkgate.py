@@ -10,8 +10,8 @@ the ledger several times a second; without this gate a replaced child is, now an
 worker that claims nothing.
 
 So the SQLite engines report every connection checkout and checkin here, and a fork (of
-any kind: ``os.register_at_fork``) first waits until no other thread holds a connection,
-holding new checkouts back until the fork is done. A transaction lasts milliseconds; a
+any kind: ``os.register_at_fork``) first holds new checkouts of other threads back (until
+the fork is done), then waits until no other thread holds a connection. A transaction lasts milliseconds; a
 thread that keeps a connection longer than ``FORK_WAIT_S`` is not waited for (the fork
 goes on, as it would without the gate, and says so in the log).
 
@@ -45,42 +45,46 @@ class ForkGate:
         self._cond = threading.Condition(self._lock)
         #: Checked-out connections (their pool records) -> the thread holding each.
         self._held: dict[int, int] = {}
-        #: The thread that is forking; other threads wait before a checkout meanwhile.
+        #: The thread that is forking, from the moment it asks (``before_fork``) until the
+        #: fork is done: other threads wait before a checkout meanwhile.
         self._forking: int | None = None
-        #: Forks waiting for checkins: only then does a checkin wake anyone.
-        self._fork_waiters = 0
 
     def checkout(self, _dbapi_conn: Any, record: Any, _proxy: Any) -> None:
         me = threading.get_ident()
         with self._lock:
-            while self._forking is not None and self._forking != me:
+            # A pending fork holds new checkouts back, or a thread writing back to back
+            # would check out again before the forking thread runs, and the fork would
+            # wait out FORK_WAIT_S and go on mid-transaction. Not the forking thread's, nor
+            # those of a thread already holding a connection (which the fork waits for:
+            # holding it back would deadlock both until FORK_WAIT_S).
+            while (
+                self._forking is not None and self._forking != me and me not in self._held.values()
+            ):
                 self._cond.wait()
             self._held[id(record)] = me
 
     def checkin(self, _dbapi_conn: Any, record: Any) -> None:
         with self._lock:
-            if self._held.pop(id(record), None) is not None and self._fork_waiters:
+            if self._held.pop(id(record), None) is not None and self._forking is not None:
                 self._cond.notify_all()
 
     def before_fork(self) -> None:
         me = threading.get_ident()
-        deadline = time.monotonic() + FORK_WAIT_S
         with self._lock:
-            self._fork_waiters += 1
-            try:
-                while any(thread != me for thread in self._held.values()):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        _log.warning(
-                            "forking while another thread holds an SQLite ledger connection "
-                            "(%d held): the child may find the ledger locked",
-                            len(self._held),
-                        )
-                        break
-                    self._cond.wait(left)
-            finally:
-                self._fork_waiters -= 1
-            self._forking = me
+            while self._forking is not None and self._forking != me:  # another thread forks
+                self._cond.wait()
+            self._forking = me  # from now on no other thread starts a transaction
+            deadline = time.monotonic() + FORK_WAIT_S
+            while any(thread != me for thread in self._held.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    _log.warning(
+                        "forking while another thread holds an SQLite ledger connection "
+                        "(%d held): the child may find the ledger locked",
+                        len(self._held),
+                    )
+                    break
+                self._cond.wait(left)
 
     def after_fork_in_parent(self) -> None:
         with self._lock:
