@@ -213,22 +213,83 @@ def _postgres_engine(url: URL) -> Engine:
     return engine
 
 
-#: Idle SQLite connections ``LedgerEngine.borrow`` keeps at most; more are closed on return.
-LOANS_KEPT = 4
-
-
 class SqliteLoan:
     """One SQLite driver connection lent by ``LedgerEngine.borrow``, and what a batched
     transaction body (``pipeline``) uses of a Connection: ``dialect`` and
     ``connection.driver_connection``; no ``execute``."""
 
-    __slots__ = ("connection", "dialect", "driver_connection", "generation")
+    __slots__ = ("dialect", "driver_connection", "generation")
 
     def __init__(self, driver_connection: sqlite3.Connection, dialect: Any, generation: int):
-        self.connection = self
         self.driver_connection = driver_connection
         self.dialect = dialect
         self.generation = generation
+
+    @property
+    def connection(self) -> SqliteLoan:
+        # A property, not an attribute holding self: that cycle would keep the loan, and
+        # its open files, alive until a full garbage collection.
+        return self
+
+
+class KeptConnection:
+    """The idle SQLite connection a ledger keeps for ``LedgerEngine.borrow``: one, since a
+    batched transaction borrows it under the ledger's ``writers`` lock, so at most one
+    loan is out at a time (a second is made only if a caller borrows outside it).
+
+    A holder of its own, not fields of the ledger, so the ledger's finalizer can close it
+    without referring to the ledger. ``generation`` counts ``close`` calls: a loan made
+    before one is closed when given back, not kept."""
+
+    __slots__ = ("_loan", "_lock", "generation")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loan: SqliteLoan | None = None
+        self.generation = 0
+
+    def take(self) -> SqliteLoan | None:
+        with self._lock:
+            loan, self._loan = self._loan, None
+        return loan
+
+    def keep(self, loan: SqliteLoan) -> bool:
+        """Keep ``loan`` for the next ``take``; False (the caller closes it) if one is
+        kept already or ``close`` ran since it was made."""
+        with self._lock:
+            if self._loan is not None or loan.generation != self.generation:
+                return False
+            self._loan = loan
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            self.generation += 1
+            loan, self._loan = self._loan, None
+        if loan is not None:
+            close_loan(loan)
+
+    def forget(self) -> None:
+        """In a forked child: the parent's connection is never used (nor closed) here."""
+        self._lock = threading.Lock()
+        self._loan = None
+        self.generation += 1
+
+
+def close_loan(loan: SqliteLoan) -> None:
+    """Close a lent connection inside the fork gate, as a transaction runs: closing
+    takes SQLite's own mutexes, which a child forked meanwhile would find held for ever."""
+    fork_gate.checkout(None, loan, None)
+    try:
+        loan.driver_connection.close()
+    finally:
+        fork_gate.checkin(None, loan)
+
+
+def _release(engine: Engine, kept: KeptConnection) -> None:
+    """A ledger no ``WorkflowDB`` uses any more: its kept connection and its pool."""
+    kept.close()
+    engine.dispose()
 
 
 @dataclass(eq=False, repr=False)
@@ -246,9 +307,8 @@ class LedgerEngine:
     #: SQLite: the write transactions of this process's threads, one at a time (see
     #: ``txn.run``).
     writers: threading.Lock = field(default_factory=threading.Lock)
-    #: SQLite: idle connections for ``borrow``, and the ``dispose`` count that made them.
-    loans: list[SqliteLoan] = field(default_factory=list)
-    generation: int = 0
+    #: SQLite: the idle connection ``borrow`` lends.
+    kept: KeptConnection = field(default_factory=KeptConnection)
     #: SQLite: grouped write units waiting for ``writers`` (``txn.run(grouped=True)``).
     grouped: deque[Any] = field(default_factory=deque)
 
@@ -264,11 +324,7 @@ class LedgerEngine:
         return f"LedgerEngine({mask_url(self.url)!r})"
 
     def dispose(self) -> None:
-        self.generation += 1  # a connection lent before this is closed when given back
-        loans, self.loans = self.loans, []
-        for loan in loans:
-            loan.driver_connection.close()
-        self.engine.dispose()
+        _release(self.engine, self.kept)
 
     def borrow(self) -> SqliteLoan:
         """An SQLite connection for one transaction of this thread, lent outside the pool
@@ -276,32 +332,27 @@ class LedgerEngine:
 
         Because a step commit is a handful of statements, the pool's checkout and checkin
         (a connection record, reset on return, a queue and two events) cost more than any
-        of them; a kept connection costs a list pop. A new one comes from the pool, so it
+        of them; the kept connection costs a lock. A new one comes from the pool, so it
         has the engine's pragmas, and is then detached from it. Each loan is reported to
-        the fork gate, as a checkout is."""
-        try:
-            loan = self.loans.pop()
-        except IndexError:
+        the fork gate, as a checkout is (and waits, as one does, while a fork is pending)."""
+        loan = self.kept.take()
+        if loan is None:
             pooled = self.engine.raw_connection()
             raw = pooled.driver_connection
             pooled.detach()
-            loan = SqliteLoan(raw, self.engine.dialect, self.generation)  # type: ignore[arg-type]
+            loan = SqliteLoan(raw, self.engine.dialect, self.kept.generation)  # type: ignore[arg-type]
         fork_gate.checkout(None, loan, None)
         return loan
 
     def give_back(self, loan: SqliteLoan) -> None:
         """End a ``borrow``: the connection is kept for the next, unless it is still in a
-        transaction (its rollback failed), enough are kept, or ``dispose`` ran since."""
-        fork_gate.checkin(None, loan)
-        raw = loan.driver_connection
-        if (
-            raw.in_transaction
-            or loan.generation != self.generation
-            or len(self.loans) >= LOANS_KEPT
-        ):
-            raw.close()
-        else:
-            self.loans.append(loan)
+        transaction (its rollback failed), one is kept already, or ``dispose`` ran since.
+        Closed before the fork gate hears it is back, so no fork comes between."""
+        try:
+            if loan.driver_connection.in_transaction or not self.kept.keep(loan):
+                loan.driver_connection.close()
+        finally:
+            fork_gate.checkin(None, loan)
 
 
 _registry: weakref.WeakValueDictionary[tuple[Any, ...], LedgerEngine] = (
@@ -334,7 +385,7 @@ def shared_engine(
         if dialect == "postgresql":
             reader = engine.execution_options(isolation_level="AUTOCOMMIT")
         ledger = LedgerEngine(url=url, engine=engine, reader=reader, dialect=dialect)
-        weakref.finalize(ledger, engine.dispose)
+        weakref.finalize(ledger, _release, engine, ledger.kept)
         _registry[key] = ledger
         return ledger
 
@@ -346,8 +397,7 @@ def _after_fork_in_child() -> None:
     # queued in ``txn``) would stay held for ever in the child, where that thread is gone.
     for ledger in list(_registry.values()):
         ledger.engine.dispose(close=False)
-        ledger.loans = []  # the parent's, as the pool's above: never used here
-        ledger.generation += 1
+        ledger.kept.forget()  # the parent's, as the pool's above
         ledger.lock = threading.Lock()
         ledger.writers = threading.Lock()
         ledger.grouped = deque()

@@ -8,8 +8,15 @@ pool, and the fork gate still sees every loan and nothing after it."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
 import sqlite3
+import sys
 import tempfile
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -81,21 +88,129 @@ def test_the_fork_gate_holds_nothing_once_a_runs_steps_ended(tmp_path) -> None:
     assert gate._held == {}
 
 
-def test_close_closes_the_kept_connections_and_those_lent_meanwhile(tmp_path) -> None:
+def test_close_closes_the_kept_connection_and_one_lent_meanwhile(tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     db = WorkflowDB(url)
     counter_flow(url).run({"n": 0, "until": 3})
     ledger = db._ledger
-    kept = [loan.driver_connection for loan in ledger.loans]
-    assert kept
-    lent = ledger.borrow()
+    kept = ledger.kept._loan
+    assert kept is not None
+    lent = ledger.borrow()  # the kept one
+    assert lent is kept
     db.close()
     ledger.give_back(lent)  # lent before close: closed, not kept
-    assert ledger.loans == []
-    for conn in [*kept, lent.driver_connection]:
-        with pytest.raises(sqlite3.ProgrammingError):
-            conn.execute("SELECT 1")
-    assert counter_flow(url).run({"n": 0, "until": 2})["n"] == 2  # and it lends new ones
+    assert ledger.kept._loan is None
+    with pytest.raises(sqlite3.ProgrammingError):
+        lent.driver_connection.execute("SELECT 1")
+    assert counter_flow(url).run({"n": 0, "until": 2})["n"] == 2  # and it lends a new one
+
+
+def open_files_under(folder: Path) -> list[str]:
+    """This process's open file descriptors on files in ``folder`` (Linux)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(folder)):
+                found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="Linux /proc")
+def test_a_ledger_nobody_uses_leaves_no_file_open(tmp_path) -> None:
+    """Ledgers each on a fresh file, each committing a step (on its kept connection) and
+    then dropped without ``close``: the last reference gone, the kept connection is closed
+    (database, -wal and -shm files) at once, not at the next full garbage collection (off
+    here, so it cannot hide a reference cycle)."""
+    from tests.ledger.test_ledger_commit import make_commit, start
+
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(10):
+            db = WorkflowDB(f"sqlite:///{tmp_path / f'ledger{i}.db'}")
+            assert db.commit_step_read_control(make_commit("r1", 0, start(db), {"n": 1}))[0]
+            assert db._ledger.kept._loan is not None
+            del db
+        assert open_files_under(tmp_path) == []
+    finally:
+        gc.enable()
+
+
+def test_a_connection_whose_rollback_failed_is_closed_before_the_fork_gate_hears(
+    tmp_path, monkeypatch
+) -> None:
+    """Still in a transaction when given back: closed, and only then reported back to the
+    fork gate, so a fork cannot come between and find it mid-transaction."""
+    db = WorkflowDB(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger = db._ledger
+    loan = ledger.borrow()
+    loan.driver_connection.execute("BEGIN IMMEDIATE")
+    open_at_checkin: list[bool] = []
+    real_checkin = gate.checkin
+
+    def checkin(dbapi_conn: Any, record: Any) -> None:
+        if record is loan:
+            try:
+                loan.driver_connection.execute("SELECT 1")
+                open_at_checkin.append(True)
+            except sqlite3.ProgrammingError:  # closed
+                open_at_checkin.append(False)
+        real_checkin(dbapi_conn, record)
+
+    monkeypatch.setattr(gate, "checkin", checkin)
+    ledger.give_back(loan)
+    assert open_at_checkin == [False]
+    assert ledger.kept._loan is None
+    db.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is a POSIX call")
+def test_a_fork_waits_for_a_connection_lent_to_another_thread(tmp_path) -> None:
+    """A loan is a checkout to the fork gate: a fork waits until it is given back, and a
+    thread asking for a loan meanwhile waits for the fork."""
+    db = WorkflowDB(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger = db._ledger
+    lent = threading.Event()
+    give_back = threading.Event()
+    events: list[str] = []
+
+    def holder() -> None:
+        loan = ledger.borrow()
+        lent.set()
+        assert give_back.wait(10)
+        events.append("given back")
+        ledger.give_back(loan)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert lent.wait(10)
+    forker = threading.Thread(target=lambda: events.append(f"forked {_fork_and_reap()}"))
+    forker.start()
+    deadline = time.monotonic() + 10
+    while gate._forking is None:  # the fork is pending: it waits for the loan
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    late: list[str] = []
+    borrower = threading.Thread(target=lambda: late.append(ledger.give_back(ledger.borrow())))
+    borrower.start()
+    borrower.join(0.2)
+    assert borrower.is_alive(), "a new loan went out while a fork was pending"
+    assert events == []
+    give_back.set()
+    for t in (thread, forker, borrower):
+        t.join(10)
+        assert not t.is_alive()
+    assert events == ["given back", "forked 0"]
+    db.close()
+
+
+def _fork_and_reap() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def test_run_reading_gives_each_ops_rows_at_its_own_index(db: Any) -> None:
@@ -130,3 +245,48 @@ def test_a_step_reads_its_control_whatever_its_number_of_events(db: Any, n_event
     assert db.commit_step_read_control(c) == (True, "pause")
     written = [e for e in db.get_events("r1") if e["event"] == "custom"]
     assert len(written) == n_events
+
+
+def test_dispose_racing_loans_leaves_no_connection_open(tmp_path, monkeypatch) -> None:
+    """``close`` (``dispose``) on one thread while another borrows and gives back: every
+    connection ever lent ends closed by the last ``dispose``, none dropped open from the
+    kept slot by a swap between a give-back's check and its keep."""
+    db = WorkflowDB(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger = db._ledger
+    made: list[sqlite3.Connection] = []
+    real = ledger.engine.raw_connection
+
+    def raw_connection() -> Any:
+        pooled = real()
+        made.append(pooled.driver_connection)
+        return pooled
+
+    monkeypatch.setattr(ledger.engine, "raw_connection", raw_connection)
+    monkeypatch.setattr(sys, "getswitchinterval", sys.getswitchinterval)
+    sys.setswitchinterval(1e-6)  # threads switch between almost any two bytecodes
+    stop = threading.Event()
+
+    def lend() -> None:
+        while not stop.is_set():
+            ledger.give_back(ledger.borrow())
+
+    threads = [threading.Thread(target=lend) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for _ in range(300):
+            ledger.dispose()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        sys.setswitchinterval(0.005)
+    ledger.dispose()
+    still_open = 0
+    for conn in made:
+        try:
+            conn.execute("SELECT 1")
+            still_open += 1
+        except sqlite3.ProgrammingError:
+            pass
+    assert len(made) > 1 and still_open == 0
