@@ -247,10 +247,14 @@ def test_a_step_reads_its_control_whatever_its_number_of_events(db: Any, n_event
     assert len(written) == n_events
 
 
+DISPOSES = 300
+
+
 def test_dispose_racing_loans_leaves_no_connection_open(tmp_path, monkeypatch) -> None:
-    """``close`` (``dispose``) on one thread while another borrows and gives back: every
-    connection ever lent ends closed by the last ``dispose``, none dropped open from the
-    kept slot by a swap between a give-back's check and its keep."""
+    """``close`` (``dispose``) on one thread while others borrow and give back: no loan
+    is closed by ``dispose`` while lent (taken from the kept slot as ``dispose`` empties
+    it), and every connection ever lent ends closed by the last ``dispose``, none dropped
+    open from the kept slot by a swap between a give-back's check and its keep."""
     db = WorkflowDB(f"sqlite:///{tmp_path / 'ledger.db'}")
     ledger = db._ledger
     made: list[sqlite3.Connection] = []
@@ -265,16 +269,22 @@ def test_dispose_racing_loans_leaves_no_connection_open(tmp_path, monkeypatch) -
     monkeypatch.setattr(sys, "getswitchinterval", sys.getswitchinterval)
     sys.setswitchinterval(1e-6)  # threads switch between almost any two bytecodes
     stop = threading.Event()
+    errors: list[BaseException] = []
 
     def lend() -> None:
         while not stop.is_set():
-            ledger.give_back(ledger.borrow())
+            loan = ledger.borrow()
+            try:
+                loan.driver_connection.execute("SELECT 1")  # not closed under it
+            except BaseException as exc:
+                errors.append(exc)
+            ledger.give_back(loan)
 
     threads = [threading.Thread(target=lend) for _ in range(2)]
     try:
         for t in threads:
             t.start()
-        for _ in range(300):
+        for _ in range(DISPOSES):
             ledger.dispose()
     finally:
         stop.set()
@@ -289,4 +299,5 @@ def test_dispose_racing_loans_leaves_no_connection_open(tmp_path, monkeypatch) -
             still_open += 1
         except sqlite3.ProgrammingError:
             pass
+    assert errors == []
     assert len(made) > 1 and still_open == 0
