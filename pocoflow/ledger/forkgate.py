@@ -40,8 +40,10 @@ class ForkGate:
 
     def _reset(self) -> None:
         # The condition's own lock, taken directly on the checkout and checkin paths (every
-        # ledger transaction passes both): cheaper than the condition's ``with``.
-        self._lock = threading.Lock()
+        # ledger transaction passes both): cheaper than the condition's ``with``. Reentrant:
+        # a garbage collection run while this thread holds it may close a dropped ledger's
+        # kept connection, which passes the gate too (``engine.close_loan``).
+        self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         #: Checked-out connections (their pool records) -> the thread holding each.
         self._held: dict[int, int] = {}
