@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -38,7 +39,9 @@ class Browser:
     """One headless Chromium process and one page; use as a context manager."""
 
     def __init__(self, width: int = 1400, height: int = 1000) -> None:
-        self._profile = tempfile.mkdtemp(prefix="pocoflow-chromium-")
+        # In the session's temp dir (what children see as TMPDIR), removed at its end: a
+        # helper process of Chromium (crashpad) may still write here after ``close``.
+        self._profile = tempfile.mkdtemp(prefix="pocoflow-chromium-", dir=os.environ.get("TMPDIR"))
         self._proc = subprocess.Popen(
             [
                 str(CHROMIUM),
@@ -53,6 +56,7 @@ class Browser:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # its renderer and crashpad helpers go with it
         )
         self._loop = asyncio.new_event_loop()
         self._ws: WebSocketClientConnection | None = None
@@ -96,16 +100,32 @@ class Browser:
 
             with contextlib.suppress(Exception):
                 self._run(closing())
-        self._proc.terminate()
+        self._stop_process_group()
+        if self._proc.stderr is not None:
+            self._proc.stderr.close()
+        self._loop.close()
+        shutil.rmtree(self._profile, ignore_errors=True)
+
+    def _stop_process_group(self) -> None:
+        """Chromium and every helper it started (they share its session), so none writes
+        into the profile once it is removed."""
+        group = self._proc.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGTERM)
         try:
             self._proc.wait(10)
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
-        if self._proc.stderr is not None:
-            self._proc.stderr.close()
-        self._loop.close()
-        shutil.rmtree(self._profile, ignore_errors=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.killpg(group, signal.SIGKILL if time.monotonic() > deadline else 0)
+            except ProcessLookupError:
+                return  # no process of the group is left
+            if time.monotonic() > deadline + 5:
+                return
+            time.sleep(0.05)
 
     def _devtools_port(self) -> int:
         assert self._proc.stderr is not None
