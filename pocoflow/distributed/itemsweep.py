@@ -44,7 +44,8 @@ PAGE = 1000
 STALE_PAGE = 100
 
 
-def _message(row: dict[str, Any], attempt: int) -> ItemMessage:
+def item_message(row: dict[str, Any], attempt: int) -> ItemMessage:
+    """The message of the item ``row`` (joined with its run and step) under ``attempt``."""
     return ItemMessage(
         row["run_id"],
         row["flow_name"],
@@ -105,7 +106,7 @@ def _resend_unsent(
     return [
         _key(row)
         for row in rows
-        if publish(_message(row, row["attempt"]), queue=row["queue"], **_later(row, now))
+        if publish(item_message(row, row["attempt"]), queue=row["queue"], **_later(row, now))
     ]
 
 
@@ -149,7 +150,7 @@ def _recover(
             attempt, later = row["attempt"], _later(row, now)
         else:
             continue
-        if publish(_message(row, attempt), queue=row["queue"], **later):
+        if publish(item_message(row, attempt), queue=row["queue"], **later):
             sent.append(key)
     return sent
 
@@ -169,7 +170,7 @@ def _resend_stale(
             continue
         key = _key(row)
         if db.touch_queued_item(*key, row["attempt"], row["sent_at"]) and publish(
-            _message(row, row["attempt"]), queue=row["queue"]
+            item_message(row, row["attempt"]), queue=row["queue"]
         ):
             sent.append(key)
     return sent
@@ -229,7 +230,7 @@ def resend_all(db: WorkflowDB, publish: Callable[..., bool], now: float) -> int:
         page = db.queued_items(after, PAGE)
         for row in page:
             count += bool(
-                publish(_message(row, row["attempt"]), queue=row["queue"], **_later(row, now))
+                publish(item_message(row, row["attempt"]), queue=row["queue"], **_later(row, now))
             )
         if len(page) < PAGE:
             if count:

@@ -14,9 +14,12 @@ What a Celery worker holds unstarted is read from Celery's own in-memory state
 same thread, and written only for messages held across two looks (0.2 s apart): a
 message taken straight into the pool, which is every step of a busy chain, costs nothing.
 What this does not cover, by design: a message received less than ~0.4 s before its
-worker died, or in flight between the worker's main process and its pool child, is not
-known to the ledger; it is found by the queued-step backstop (``sweeper.REQUEUE_AFTER_S``
-once the broker's queues are empty, ``REQUEUE_CAP_S`` at the latest).
+worker died is not known to the ledger; on a Redis broker its unacknowledged entry finds
+it (``distributed.orphans``), elsewhere the broker gives it back (RabbitMQ) or the
+queued-step backstop does (``sweeper.REQUEUE_AFTER_S`` once the broker's queues are
+empty, ``REQUEUE_CAP_S`` at the latest). One in flight between the worker's main process
+and its pool child, or acknowledged by a child that died before its claim, is found by
+the step's lease or that backstop.
 A process starved of the GIL for ``dead_after`` (a C call that never releases it) is
 taken for dead; its step is re-run and its own late commit refused (G1), never doubled.
 """

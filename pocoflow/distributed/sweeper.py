@@ -11,6 +11,9 @@ Kinds of orphans, fastest found first:
   ``dead_after_s``: the step it was running is taken over under a new attempt, which
   fences it out (G1), and the messages it held unstarted (prefetched) are sent again
   under their attempt. This is the 5 s path of G3, whatever the lease says;
+* a step or item message a worker took from a Redis broker and died with before its
+  heartbeat could record it: its entry in the broker's unacknowledged messages, still
+  unclaimed in the ledger after ``dead_after_s`` (``orphans``), is sent again;
 * a run waiting for a value (``wait_for``) whose timeout passed: woken, its node runs
   again and gets ``TimeoutError`` (a waiting run's parked step has no lease and is
   marked sent, so no other pass touches it while it waits);
@@ -42,10 +45,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pocoflow.distributed import itemsweep, lifecycle
+from pocoflow.distributed import itemsweep, lifecycle, orphans
 from pocoflow.distributed.celery_app import DEFAULT_QUEUE
 from pocoflow.distributed.liveness import dead_after
-from pocoflow.distributed.message import StepMessage
+from pocoflow.distributed.message import ItemMessage, StepMessage
 from pocoflow.ledger import liveness
 from pocoflow.logging import get_logger
 from pocoflow.settings import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_MAX_CRASHES
@@ -116,9 +119,12 @@ class BrokerSentinel:
     LOCK = "pocoflow:broker-sentinel:resend"
     LOCK_TTL_S = 60
 
+    HELD_MEMO_S = 60.0
+
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self.seen = False
+        self._held: dict[bytes, float] = {}
 
     def lost(self, queues: Callable[[], list[str]] = lambda: [DEFAULT_QUEUE]) -> bool:
         """True (to one sweeper) when the sentinel is gone: re-send, then ``set()``."""
@@ -134,6 +140,22 @@ class BrokerSentinel:
     def busy(self, queues: list[str]) -> bool:
         """Messages wait in one of ``queues`` (a step not claimed may just be there)."""
         return any(self.client.llen(q) for q in queues)
+
+    def orphans(self, older_than_s: float) -> list[orphans.Orphan]:
+        """Step and item messages unacknowledged for ``older_than_s`` (``orphans``), but
+        those this sweeper saw held by a live worker lately (``held``)."""
+        now = time.monotonic()
+        self._held = {tag: until for tag, until in self._held.items() if until > now}
+        return [o for o in orphans.unacked(self.client, older_than_s) if o.tag not in self._held]
+
+    def held(self, tag: bytes) -> None:
+        """The entry ``tag`` is a live worker's (running with a late ack, or recorded as
+        received): not read again for ``HELD_MEMO_S``, so long steps on late-ack workers
+        do not cost a ledger read each per sweep."""
+        self._held[tag] = time.monotonic() + self.HELD_MEMO_S
+
+    def take(self, tag: bytes) -> bool:
+        return orphans.take(self.client, tag)
 
     def set(self) -> None:
         self.client.set(self.KEY, "1")
@@ -155,12 +177,16 @@ class RabbitQueues(BrokerSentinel):
         self.url = url
         self.seen = True
         self._conn: Any = None
+        self._held = {}
 
     def lost(self, queues: Callable[[], list[str]] = lambda: [DEFAULT_QUEUE]) -> bool:
         return False
 
     def set(self) -> None:
         pass
+
+    def orphans(self, older_than_s: float) -> list[orphans.Orphan]:
+        return []  # a dead consumer's unacked messages go back to their queue at once
 
     def busy(self, queues: list[str]) -> bool:
         from kombu import Connection
@@ -311,6 +337,9 @@ def sweep(
             message = _message(db, run, row, row["attempt"])
             if publish(message, queue=_queue(run, row), **later):
                 report.resent.append((row["run_id"], row["step"]))
+
+    if sentinel is not None and judge_holders:
+        _resend_orphans(db, publish, sentinel, run_of, lease_s, dead_after_s, now, report)
 
     expired = db.expired_steps(now=now)
     # An expired step nobody claimed, while the broker's step queues are empty, is not
@@ -480,6 +509,89 @@ def _wake_timed_out(
         lifecycle.wake(db, found, publish, lease_s=lease_s)
         woken.append((run_id, key))
     return woken
+
+
+def _resend_orphans(
+    db: WorkflowDB,
+    publish: Publish,
+    sentinel: BrokerSentinel,
+    run_of: Callable[[str], dict[str, Any] | None],
+    lease_s: float,
+    older_than_s: float,
+    now: float,
+    report: SweepReport,
+) -> None:
+    """Send again the steps and items whose message a dead worker took from the broker
+    unrecorded (``orphans``): the ledger still has them queued under that attempt,
+    unclaimed and held by no live worker. An entry whose attempt ended or moved on is
+    only removed (its copy would be refused by the claim)."""
+    try:
+        found = sentinel.orphans(older_than_s)
+    except Exception as exc:  # the broker is down: its messages are found once it is back
+        _log.warning("Could not read the broker's unacknowledged messages: %s", exc)
+        return
+    for orphan in found:
+        message = orphan.message
+        if isinstance(message, ItemMessage):
+            row = db.get_item(message.run_id, message.step, message.idx)
+        else:
+            row = db.get_step(message.run_id, message.step)
+        if (
+            row is None
+            or row["attempt"] != message.attempt
+            or row["status"]
+            not in (
+                "queued",
+                "running",
+            )
+        ):
+            sentinel.take(orphan.tag)  # its attempt is over: nothing to send
+            continue
+        if row["status"] != "queued" or row["received_by"] is not None:
+            # Claimed (it runs, acked late) or recorded as held: a live worker's, or a dead
+            # one's, which the liveness pass above recovers.
+            sentinel.held(orphan.tag)
+            continue
+        run = run_of(message.run_id)
+        if (
+            row["sent_at"] is None  # unsent: the outbox pass sends it
+            or run is None
+            or run["status"] not in ("queued", "running")  # parked runs send nothing
+            or not sentinel.take(orphan.tag)  # another sweeper owns it
+        ):
+            continue
+        if isinstance(message, ItemMessage):
+            step_row = db.get_step(message.run_id, message.step) or {}
+            item = {
+                **row,
+                "flow_name": run["flow_name"],
+                "node_id": step_row.get("node_id", message.node_id),
+                "queue": step_row.get("queue") or run.get("queue"),
+            }
+            if db.touch_queued_item(*message.key[:3], message.attempt, row["sent_at"]):
+                _log.warning(
+                    "Item %d of step %d of run %s: its message was taken by a worker that "
+                    "is gone; sending it again",
+                    message.idx,
+                    message.step,
+                    message.run_id,
+                )
+                resend = itemsweep.item_message(item, message.attempt)
+                if publish(resend, queue=item["queue"], **_rest_of_backoff(row, now)):
+                    report.items.append(message.key[:3])
+            continue
+        if liveness.recover_received(
+            db, message.run_id, message.step, message.attempt, None, lease_s
+        ):
+            _log.warning(
+                "Step %d of run %s: its message was taken by a worker that is gone; "
+                "sending it again",
+                message.step,
+                message.run_id,
+            )
+            step_message = _message(db, run, row, message.attempt)
+            if publish(step_message, queue=_queue(run, row), **_rest_of_backoff(row, now)):
+                report.resent.append((message.run_id, message.step))
 
 
 def _broker_busy(db: WorkflowDB, sentinel: BrokerSentinel) -> bool:

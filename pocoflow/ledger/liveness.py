@@ -200,11 +200,12 @@ def take_over_dead(
 
 
 def release_received(
-    conn: Connection, run_id: str, step: int, attempt: int, receiver: str, lease_s: float
+    conn: Connection, run_id: str, step: int, attempt: int, receiver: str | None, lease_s: float
 ) -> bool:
     """A dead worker's unstarted message: forget the receiver and lease the step afresh
     for its re-send under the same attempt; one sweeper wins. A retry not yet due stays
-    queued as of its due time, its lease covering the rest of its backoff."""
+    queued as of its due time, its lease covering the rest of its backoff. ``receiver``
+    None: a message no worker recorded (``distributed.orphans``)."""
     clock = case((_s.queued_at > DbEpoch(), _s.queued_at), else_=DbEpoch())
     stmt = (
         update(pf_steps)
@@ -213,7 +214,7 @@ def release_received(
             _s.step == step,
             _s.attempt == attempt,
             _s.status == "queued",
-            _s.received_by == receiver,
+            _s.received_by.is_(None) if receiver is None else _s.received_by == receiver,
         )
         .values(received_by=None, queued_at=clock, lease_expires_at=clock + lease_s)
     )
@@ -419,11 +420,11 @@ def recover_running(
 
 
 def recover_received(
-    db: LedgerClient, run_id: str, step: int, attempt: int, receiver: str, lease_s: float
+    db: LedgerClient, run_id: str, step: int, attempt: int, receiver: str | None, lease_s: float
 ) -> bool:
     return db._write(
         lambda conn: release_received(conn, run_id, step, attempt, receiver, lease_s),
-        f"releasing step {step} from dead worker {receiver}",
+        f"releasing step {step} from dead worker {receiver or '(unrecorded)'}",
         run_id,
     )
 

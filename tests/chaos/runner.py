@@ -326,6 +326,31 @@ def _terminate_backends(
     return killed
 
 
+def stuck_detail(db: Any, run_id: str) -> str:
+    """Where a run that did not finish stands: its unfinished step rows, as the ledger
+    has them (what a triage of a stuck run starts from)."""
+    from sqlalchemy import select
+
+    from pocoflow.ledger.tables import pf_steps
+
+    s = pf_steps.c
+    with db._ledger.engine.connect() as conn:
+        now = db.clock()
+        rows = conn.execute(
+            select(pf_steps).where(s.run_id == run_id, s.status != "committed")
+        ).mappings()
+        parts = []
+        for r in rows:
+            sent = "never" if r["sent_at"] is None else f"{now - r['sent_at']:.0f}s ago"
+            expires = r["lease_expires_at"]
+            lease = "none" if expires is None else f"{expires - now:+.0f}s"
+            parts.append(
+                f"step {r['step']} {r['status']} attempt {r['attempt']}, sent {sent}, "
+                f"holder {r['lease_owner']}, lease {lease}"
+            )
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def run_round(
     fault: str, chaos: Chaos, rng: random.Random, pg: PostgresServer, runs: int, timeout: float
 ) -> RoundResult:
@@ -345,7 +370,10 @@ def run_round(
     seconds = time.monotonic() - injected_at
     result = RoundResult(fault, injected, len(run_ids), 0, seconds)
     for run_id in pending:
-        result.problems.append(f"{run_id}: still {chaos.status(run_id)} after {timeout:.0f}s")
+        result.problems.append(
+            f"{run_id}: still {chaos.status(run_id)} after {timeout:.0f}s"
+            f"{_quietly(lambda r=run_id: stuck_detail(chaos.db, r)) or ''}"
+        )
     for run_id, start in zip(run_ids, starts):
         if run_id in pending:
             continue

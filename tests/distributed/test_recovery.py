@@ -7,13 +7,14 @@ within a few seconds."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.distributed import recovery_flows
-from tests.distributed.conftest import Cluster
+from tests.distributed.conftest import Cluster, local_result
 from tests.distributed.faults import (
     FLOWS_MODULE,
     attempts_of,
@@ -70,6 +71,49 @@ def test_kill_9_reruns_the_running_and_the_prefetched_step_promptly(cluster: Clu
     assert checkpoint_steps(cluster.db, held.run_id) == [0, 1, 2]
     outcomes = [(a["attempt"], a["outcome"]) for a in attempts_of(cluster.db, held.run_id, 1)]
     assert outcomes == [(1, "lost"), (2, "committed")]
+
+
+def test_kill_9_within_a_beat_of_a_prefetch_reruns_the_unrecorded_message_promptly(
+    cluster: Cluster,
+) -> None:
+    """Killed a few milliseconds after its main process reserved a message, before its
+    heartbeat could record it, a worker takes that message with it unrecorded. The
+    broker's unacked entry finds it (``distributed.orphans``), not the 30 s lease nor
+    the minute-long queue backstop (the chaos rounds' 1-in-18 stall before)."""
+    import redis
+
+    from pocoflow.distributed import client, orphans
+    from pocoflow.distributed.sweeper import BrokerSentinel
+    from pocoflow.registry import build_flow
+
+    cluster.ensure_workers(1)
+    broker = redis.Redis.from_url(cluster.settings.broker_url)
+    # A sweeper has looked at this broker (a first look at an empty one is a loss).
+    wait_until(lambda: broker.exists(BrokerSentinel.KEY), TIMEOUT_S)
+    side = cluster.side_dir()
+    held = cluster.submit("hold", {"count": 0, "side_dir": str(side)})
+    victim = worker_running(cluster.workers, _pid_of_hold(side, held.run_id))
+    before = set(broker.zrange(orphans.UNACKED_INDEX, 0, -1))
+    # Leased as the workers lease (30 s): no expiry can explain a prompt re-run.
+    settings = dataclasses.replace(cluster.settings, lease_seconds=30.0)
+    queued = client.submit(build_flow("counter"), {"count": 0}, settings=settings)
+    unacked = lambda: set(broker.zrange(orphans.UNACKED_INDEX, 0, -1)) - before  # noqa: E731
+    wait_until(unacked, TIMEOUT_S, 0.002)
+    victim.kill()  # its copy of the queued step's message dies with it
+    killed_at = time.time()
+    recorded = cluster.db.get_step(queued.run_id, 0)["received_by"]
+    cluster.ensure_workers(2)
+    prefetched_ran = wait_until(lambda: _started(cluster, queued.run_id, 0, 1), TIMEOUT_S)
+    print(
+        f"\nunrecorded prefetch (recorded: {recorded}) ran "
+        f"{prefetched_ran - killed_at:.1f}s after kill -9"
+    )
+    assert prefetched_ran - killed_at < RECOVERY_BOUND_S, prefetched_ran - killed_at
+    assert queued.wait(timeout=TIMEOUT_S).as_dict() == local_result("counter", {"count": 0})
+    assert held.wait(timeout=TIMEOUT_S)["hold_attempt"] == 2
+    assert [(a["attempt"], a["outcome"]) for a in attempts_of(cluster.db, queued.run_id, 0)] == [
+        (1, "committed")
+    ]
 
 
 def test_a_poison_step_fails_its_run_after_max_crashes_and_others_go_on(
