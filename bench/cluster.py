@@ -118,13 +118,20 @@ def relay_client(broker_url: str) -> tuple[Any, Any]:
     return app, redis.Redis.from_url(broker_url, socket_timeout=LOAD_TIMEOUT_S + 10)
 
 
-def relay_load(app: Any, client: Any, chains: int, tasks: int) -> tuple[float, float]:
-    """Start ``chains`` relays of ``tasks`` tasks each at once; block until every one
-    finished. Returns (epoch time the first was sent, epoch time the last finished)."""
+def relay_load(
+    app: Any, client: Any, chains: int, tasks: int, *, durable: bool = False
+) -> tuple[float, float]:
+    """Start ``chains`` relays of ``tasks`` tasks each at once (``durable``: each hop
+    commits a row to PostgreSQL first, ``relay_app.durable_relay``); block until every
+    one finished. Returns (epoch time the first was sent, epoch time the last finished)."""
     key = f"relay-{uuid.uuid4().hex}"
     started = time.time()
-    for _ in range(chains):
-        app.send_task(relay_app.TASK, args=[tasks - 1, key], queue=relay_app.QUEUE)
+    for chain in range(chains):
+        if durable:
+            args = [tasks - 1, key, f"{key}-{chain}"]
+            app.send_task(relay_app.DURABLE_TASK, args=args, queue=relay_app.QUEUE)
+        else:
+            app.send_task(relay_app.TASK, args=[tasks - 1, key], queue=relay_app.QUEUE)
     finished = []
     for _ in range(chains):
         popped = client.blpop([key], timeout=LOAD_TIMEOUT_S)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, ".")
 
+from bench import relay_app
 from bench.cluster import RELAY_APP, relay_client, relay_load, worker_env, workers
 from bench.common import percentile, report
 from bench.dist_flows import THROUGHPUT_CHAIN as STEPS
@@ -95,8 +96,9 @@ def ledger_size(db_url: str) -> tuple[int, dict[str, int]]:
 
 def run_loads(
     db_url: str, runs: int, n_workers: int, loads: int, warm: bool
-) -> tuple[list[float], list[Load]]:
-    """Relay tasks/s and our Load, per measured load (after a small warm-up if ``warm``)."""
+) -> tuple[list[float], list[float], list[Load]]:
+    """Relay tasks/s, durable relay tasks/s and our Load, per measured load (after a
+    small warm-up if ``warm``)."""
     from pocoflow.db import WorkflowDB
 
     timeout_s = max(120.0, runs * STEPS / MIN_STEPS_PER_S)
@@ -106,8 +108,11 @@ def run_loads(
         db = WorkflowDB(db_url)
         app, client = relay_client(redis.url)
         relay_env = worker_env("sqlite:///unused.db", redis.url)
+        relay_env[relay_app.DURABLE_DB_ENV] = psycopg_url(db_url)
+        relay_app.create_hops_table(psycopg_url(db_url))
         poco_env = worker_env(db_url, redis.url)
         relay_tps: list[float] = []
+        durable_tps: list[float] = []
         poco: list[Load] = []
         with (
             workers(relay_env, workdir, n_workers, RELAY_APP),
@@ -116,15 +121,26 @@ def run_loads(
             if warm:
                 relay_load(app, client, min(runs, WARM_RUNS), STEPS)
                 wait_finished(db, submit_load(settings, min(runs, WARM_RUNS)), timeout_s)
+                relay_load(app, client, min(runs, WARM_RUNS), STEPS, durable=True)
             for _ in range(loads):
                 started, finished = relay_load(app, client, runs, STEPS)
+                relay_tps.append(runs * STEPS / (finished - started))
+                started, finished = relay_load(app, client, runs, STEPS, durable=True)
+                durable_tps.append(runs * STEPS / (finished - started))
                 run_ids = submit_load(settings, runs)
                 wait_finished(db, run_ids, timeout_s)
-                relay_tps.append(runs * STEPS / (finished - started))
                 poco.append(examine(db, run_ids))
         client.close()
         db.close()
-    return relay_tps, poco
+    relay_app.drop_hops_table(psycopg_url(db_url))  # not the ledger's: out of its size
+    return relay_tps, durable_tps, poco
+
+
+def psycopg_url(db_url: str) -> str:
+    """The libpq form of a SQLAlchemy PostgreSQL URL."""
+    from pocoflow.ledger.engine import resolve_url
+
+    return resolve_url(db_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @contextlib.contextmanager
@@ -155,9 +171,10 @@ def main(
     )
     started = time.perf_counter()
     with fresh_database(server_url) as db_url:
-        relay_tps, poco = run_loads(db_url, runs, n_workers, loads, warm)
+        relay_tps, durable_tps, poco = run_loads(db_url, runs, n_workers, loads, warm)
         size, rows = ledger_size(db_url)
     relay = statistics.median(relay_tps)
+    durable = statistics.median(durable_tps)
     tps = statistics.median(runs * STEPS / load.seconds for load in poco if load.seconds)
     latencies = [s * 1e3 for load in poco for s in load.latencies_s]
     problems = [p for load in poco for p in load.problems]
@@ -183,6 +200,14 @@ def main(
         f"raw relay, same load: {relay:.0f} tasks/s -> {tps / relay:.2f}x "
         f"(goal >= {TARGET_RATIO}x)",
         tps / relay >= TARGET_RATIO,
+    )
+    report(
+        "throughput against a durable relay",
+        tps,
+        "steps/s",
+        f"raw relay committing one row per hop to the same PostgreSQL: {durable:.0f} "
+        f"tasks/s -> {tps / durable:.2f}x (the floor for a relay that keeps a durable record of each hop)",
+        None,
     )
     for q in (50, 99):
         report(f"step latency p{q}", percentile(latencies, q), "ms",

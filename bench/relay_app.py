@@ -42,6 +42,54 @@ def relay(n: int, key: str) -> None:
     _redis().rpush(key, repr(time.time()))
 
 
+DURABLE_TASK = "bench.durable_relay"
+#: The table each durable relay hop commits a row to (``create_hops_table``).
+HOPS_TABLE = "bench_relay_hops"
+#: The PostgreSQL database of the durable relay (a psycopg URL), from the environment.
+DURABLE_DB_ENV = "POCOFLOW_BENCH_RELAY_DB"
+
+
+@functools.cache
+def _hops_connection() -> Any:
+    import os
+
+    import psycopg
+
+    return psycopg.connect(os.environ[DURABLE_DB_ENV], autocommit=True)
+
+
+def create_hops_table(url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {HOPS_TABLE} "
+            "(chain TEXT NOT NULL, hop INTEGER NOT NULL, at DOUBLE PRECISION NOT NULL, "
+            "PRIMARY KEY (chain, hop))"
+        )
+
+
+def drop_hops_table(url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {HOPS_TABLE}")
+
+
+@app.task(name=DURABLE_TASK, ignore_result=True)
+def durable_relay(n: int, key: str, chain: str) -> None:
+    """A relay hop that first commits one row to PostgreSQL (one statement, one commit,
+    as durable as the hop's record gets): the floor for any relay that keeps a ledger,
+    beside which PocoFlow's two fenced transactions per step are measured."""
+    _hops_connection().execute(
+        f"INSERT INTO {HOPS_TABLE} (chain, hop, at) VALUES (%s, %s, %s)", (chain, n, time.time())
+    )
+    if n > 0:
+        durable_relay.apply_async(args=[n - 1, key, chain], queue=QUEUE)
+        return
+    _redis().rpush(key, repr(time.time()))
+
+
 SLEEP_TASK = "bench.sleep_item"
 
 
