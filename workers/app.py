@@ -55,23 +55,25 @@ if os.getcwd() not in sys.path:
 imported_flow_modules = import_flow_modules(settings.flows)
 
 
-@app.task(name=TASK_NAME, bind=True, ignore_result=True)
+# ``max_retries=None`` on the task itself: Celery reads None in ``retry()`` as "the task's
+# default" (3), which dropped a step whose ledger stayed unreachable past 3 redeliveries.
+@app.task(name=TASK_NAME, bind=True, ignore_result=True, max_retries=None)
 def step(self: Any, message: dict[str, Any]) -> str:
     """One node step of one run (see ``execute_step``); a message that met an unreachable
     ledger goes back to its queue with a countdown (Celery's retry: same queue, JSON)."""
     outcome = execute_step(message, task_id=self.request.id)
     if outcome == LEDGER_UNREACHABLE:
-        raise self.retry(countdown=redelivery_delay(self.request.retries), max_retries=None)
+        raise self.retry(countdown=redelivery_delay(self.request.retries))
     return outcome
 
 
-@app.task(name=ITEM_TASK_NAME, bind=True, ignore_result=True)
+@app.task(name=ITEM_TASK_NAME, bind=True, ignore_result=True, max_retries=None)
 def item(self: Any, message: dict[str, Any]) -> str:
     """One item of a map step (see ``execute_item``); redelivered like a step when the
     ledger was unreachable."""
     outcome = execute_item(message, task_id=self.request.id)
     if outcome == LEDGER_UNREACHABLE:
-        raise self.retry(countdown=redelivery_delay(self.request.retries), max_retries=None)
+        raise self.retry(countdown=redelivery_delay(self.request.retries))
     return outcome
 
 
