@@ -123,6 +123,9 @@ def _decode(cls: Any, data: Any, what: str) -> Any:
 
 
 _INT_FIELDS = {"step": 0, "idx": 0, "attempt": 1, "try_number": 1, "v": 1}  # field -> minimum
+#: The ledger's integer columns hold 32 bits (PostgreSQL ``integer``): a larger number is no
+#: step, and would make every lookup of it raise instead of miss.
+_INT_MAX = 2**31 - 1
 _STR_FIELDS = ("run_id", "flow", "node_id")
 
 
@@ -138,9 +141,14 @@ def _check_types(values: dict[str, Any]) -> None:
             continue
         value = values[name]
         # bool is an int in Python, but True is never a step number.
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or not minimum <= value <= _INT_MAX
+        ):
             raise MalformedMessage(
-                f"step message field {name!r} must be an int >= {minimum}, got {value!r}"
+                f"step message field {name!r} must be an int from {minimum} to {_INT_MAX}, "
+                f"got {value!r}"
             )
 
 

@@ -8,26 +8,29 @@ across two looks (``distributed.liveness``), so a worker killed within about 0.4
 receiving a message took it with it unrecorded: the ledger saw it sent, never claimed,
 and only the queue backstop (a minute, ten while the queues are busy) sent it again.
 
-The broker itself knows better: an entry of ``unacked`` older than a few heartbeats
-(``older_than_s``) whose step the ledger still has queued under the same attempt, and
-that no live worker recorded as held, was taken by a process that is gone (a live one
-records what it holds within a beat, or starts it). The sweeper removes the entry (the
-sweeper whose ``HDEL`` removes it owns it, so one sweeper re-sends) and sends the step
-again from the ledger under its attempt; the claim lets one copy run (G1), so a live
-worker that was only slow to record costs a duplicate delivery, never a second run.
+The broker itself knows better: an entry of ``unacked`` delivered more than a few
+heartbeats ago (``older_than_s``) whose step the ledger still has queued under the same
+attempt, sent and recorded as held by no worker, was taken by a process that is gone (a
+live one records what it holds within a beat, or starts it). The sweeper turns the step
+back into an unsent outbox row (a compare-and-set on the ``sent_at`` it read: one
+sweeper wins), removes the entry, and sends the step again under its attempt; a crash or
+a failed publish in between leaves an outbox row, which the unsent pass sends. The claim
+lets one copy run (G1), so a live worker that was only slow to record costs a duplicate
+delivery, never a second run.
 
 What a message says is only used to find its step: the ledger decides whether it is
 still waiting and what is sent. Only Redis brokers (kombu's default key names): a
-RabbitMQ broker requeues a dead consumer's unacked messages as soon as its connection
-drops. Scores in ``unacked_index`` are the receiving host's clock: a host whose clock
-runs behind makes its messages look older, which costs at most that duplicate.
+RabbitMQ broker requeues a dead consumer's unacked messages once its connection is
+known dead. Delivery times are the receiving host's clock, so a sweeper also waits until
+it has itself seen an entry for half of ``older_than_s`` (a host whose clock runs behind
+does not make its fresh reservations look old); a host whose clock runs ahead delays its
+own orphans by as much.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +44,11 @@ if TYPE_CHECKING:
 #: Celery app does not change them.
 UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
-#: Entries looked at per sweep, oldest first.
+#: Entries read per sweep, oldest first (tags and delivery times only): what a busy cluster
+#: holds unacknowledged at once, countdowns and late acks included. Past it, an orphan
+#: waits for the queue backstop.
+SCAN = 2000
+#: Payloads decoded per sweep, of the entries old enough and not known to be held.
 PAGE = 200
 
 
@@ -53,19 +60,22 @@ class Orphan:
     message: StepMessage | ItemMessage
 
 
-def unacked(client: redis.Redis, older_than_s: float, *, now: float | None = None) -> list[Orphan]:
-    """Step and item messages received more than ``older_than_s`` ago and still not
-    acknowledged, oldest first (other tasks' and unreadable entries are passed over)."""
-    cutoff = (time.time() if now is None else now) - older_than_s
-    tags: list[bytes] = client.zrangebyscore(UNACKED_INDEX, "-inf", cutoff, start=0, num=PAGE)  # type: ignore[assignment]
+def unacked(client: redis.Redis) -> list[tuple[bytes, float]]:
+    """``(tag, delivery time)`` of the oldest ``SCAN`` unacknowledged deliveries, oldest
+    first (the delivery time is the receiving host's clock)."""
+    entries: list[tuple[bytes, float]] = client.zrange(  # type: ignore[assignment]
+        UNACKED_INDEX, 0, SCAN - 1, withscores=True
+    )
+    return [(tag, float(delivered)) for tag, delivered in entries]
+
+
+def decode(client: redis.Redis, tags: list[bytes]) -> dict[bytes, StepMessage | ItemMessage | None]:
+    """The step or item message of each entry ``tags`` names; None for another task's,
+    an unreadable or a vanished one."""
     if not tags:
-        return []
-    found = []
-    for tag, payload in zip(tags, client.hmget(UNACKED, tags), strict=True):
-        message = _decode(payload)
-        if message is not None:
-            found.append(Orphan(tag, message))
-    return found
+        return {}
+    payloads = client.hmget(UNACKED, tags)
+    return {tag: _decode(payload) for tag, payload in zip(tags, payloads, strict=True)}  # type: ignore[arg-type]
 
 
 def take(client: redis.Redis, tag: bytes) -> bool:

@@ -50,6 +50,7 @@ from pocoflow.distributed.celery_app import DEFAULT_QUEUE
 from pocoflow.distributed.liveness import dead_after
 from pocoflow.distributed.message import ItemMessage, StepMessage
 from pocoflow.ledger import liveness
+from pocoflow.ledger.tables import LIVE_RUN_STATUSES
 from pocoflow.logging import get_logger
 from pocoflow.settings import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_MAX_CRASHES
 
@@ -121,10 +122,12 @@ class BrokerSentinel:
 
     HELD_MEMO_S = 60.0
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
+        self.clock = clock  # injected by tests
         self.seen = False
         self._held: dict[bytes, float] = {}
+        self._first_seen: dict[bytes, float] = {}
 
     def lost(self, queues: Callable[[], list[str]] = lambda: [DEFAULT_QUEUE]) -> bool:
         """True (to one sweeper) when the sentinel is gone: re-send, then ``set()``."""
@@ -142,17 +145,34 @@ class BrokerSentinel:
         return any(self.client.llen(q) for q in queues)
 
     def orphans(self, older_than_s: float) -> list[orphans.Orphan]:
-        """Step and item messages unacknowledged for ``older_than_s`` (``orphans``), but
-        those this sweeper saw held by a live worker lately (``held``)."""
-        now = time.monotonic()
+        """Step and item messages unacknowledged for ``older_than_s`` by their delivery
+        time, and seen by this sweeper for half of that (a receiving host's clock may run
+        behind), but those known to be held lately (``held``)."""
+        now = self.clock()
+        wall = time.time()
+        entries = orphans.unacked(self.client)
+        self._first_seen = {tag: self._first_seen.get(tag, now) for tag, _ in entries}
         self._held = {tag: until for tag, until in self._held.items() if until > now}
-        return [o for o in orphans.unacked(self.client, older_than_s) if o.tag not in self._held]
+        due = [
+            tag
+            for tag, delivered in entries
+            if tag not in self._held
+            and wall - delivered >= older_than_s
+            and now - self._first_seen[tag] >= older_than_s / 2
+        ][: orphans.PAGE]
+        found = []
+        for tag, message in orphans.decode(self.client, due).items():
+            if message is None:  # another task's, or unreadable: not ours to judge
+                self.held(tag)
+            else:
+                found.append(orphans.Orphan(tag, message))
+        return found
 
     def held(self, tag: bytes) -> None:
-        """The entry ``tag`` is a live worker's (running with a late ack, or recorded as
-        received): not read again for ``HELD_MEMO_S``, so long steps on late-ack workers
-        do not cost a ledger read each per sweep."""
-        self._held[tag] = time.monotonic() + self.HELD_MEMO_S
+        """Pass over the entry ``tag`` for ``HELD_MEMO_S``: a live worker's (running with a
+        late ack, recorded as received, a parked run's) or not a step's at all, so long
+        steps on late-ack workers cost no ledger read each per sweep."""
+        self._held[tag] = self.clock() + self.HELD_MEMO_S
 
     def take(self, tag: bytes) -> bool:
         return orphans.take(self.client, tag)
@@ -186,7 +206,7 @@ class RabbitQueues(BrokerSentinel):
         pass
 
     def orphans(self, older_than_s: float) -> list[orphans.Orphan]:
-        return []  # a dead consumer's unacked messages go back to their queue at once
+        return []  # a dead consumer's unacked messages go back to their queue
 
     def busy(self, queues: list[str]) -> bool:
         from kombu import Connection
@@ -522,76 +542,106 @@ def _resend_orphans(
     report: SweepReport,
 ) -> None:
     """Send again the steps and items whose message a dead worker took from the broker
-    unrecorded (``orphans``): the ledger still has them queued under that attempt,
-    unclaimed and held by no live worker. An entry whose attempt ended or moved on is
-    only removed (its copy would be refused by the claim)."""
+    unrecorded (``orphans``): the ledger still has them queued under that attempt, sent,
+    unclaimed, held by no worker. An entry whose attempt is over (or whose run finished)
+    is only removed; one a live worker holds, or of a parked run, is passed over."""
     try:
         found = sentinel.orphans(older_than_s)
     except Exception as exc:  # the broker is down: its messages are found once it is back
         _log.warning("Could not read the broker's unacknowledged messages: %s", exc)
         return
+    sent_now = set(report.resent)
+    items_now = set(report.items)
     for orphan in found:
-        message = orphan.message
-        if isinstance(message, ItemMessage):
-            row = db.get_item(message.run_id, message.step, message.idx)
-        else:
-            row = db.get_step(message.run_id, message.step)
-        if (
-            row is None
-            or row["attempt"] != message.attempt
-            or row["status"]
-            not in (
-                "queued",
-                "running",
+        try:
+            _resend_orphan(
+                db, publish, sentinel, orphan, run_of, lease_s, now, report, sent_now, items_now
             )
-        ):
-            sentinel.take(orphan.tag)  # its attempt is over: nothing to send
-            continue
-        if row["status"] != "queued" or row["received_by"] is not None:
-            # Claimed (it runs, acked late) or recorded as held: a live worker's, or a dead
-            # one's, which the liveness pass above recovers.
+        except Exception as exc:
+            from pocoflow.distributed.executor import _unreachable
+
+            if _unreachable(exc):  # the ledger blinked: as any other pass, the sweep ends
+                raise
+            # A bad entry (a value no ledger column takes): passed over for a while, so it
+            # stops neither this sweep nor every sweep until Redis restores it in an hour.
             sentinel.held(orphan.tag)
-            continue
-        run = run_of(message.run_id)
-        if (
-            row["sent_at"] is None  # unsent: the outbox pass sends it
-            or run is None
-            or run["status"] not in ("queued", "running")  # parked runs send nothing
-            or not sentinel.take(orphan.tag)  # another sweeper owns it
-        ):
-            continue
+            _log.warning("Could not judge the unacknowledged message %r: %s", orphan.message, exc)
+
+
+def _resend_orphan(
+    db: WorkflowDB,
+    publish: Publish,
+    sentinel: BrokerSentinel,
+    orphan: orphans.Orphan,
+    run_of: Callable[[str], dict[str, Any] | None],
+    lease_s: float,
+    now: float,
+    report: SweepReport,
+    sent_now: set[tuple[str, int]],
+    items_now: set[tuple[str, int, int]],
+) -> None:
+    message = orphan.message
+    item = isinstance(message, ItemMessage)
+    if isinstance(message, ItemMessage):
+        row = db.get_item(message.run_id, message.step, message.idx)
+        again = message.key[:3] in items_now
+    else:
+        row = db.get_step(message.run_id, message.step)
+        again = (message.run_id, message.step) in sent_now
+    run = run_of(message.run_id)
+    if (
+        row is None
+        or run is None
+        or row["attempt"] != message.attempt
+        or row["status"] not in ("queued", "running")
+        or run["status"] not in (*LIVE_RUN_STATUSES, "paused")
+        or again  # this sweep sent it already (a dead receiver's): the entry is the old copy
+    ):
+        sentinel.take(orphan.tag)  # its attempt is over, or sent anew: nothing to send
+        return
+    if (
+        row["status"] != "queued"  # claimed: it runs (a late ack), or its holder is judged
+        or row["received_by"] is not None  # recorded: a live worker's, or a dead one's
+        or row["sent_at"] is None  # unsent: the outbox pass sends it
+        or run["status"] not in ("queued", "running")  # parked: a resume sends it
+    ):
+        sentinel.held(orphan.tag)
+        return
+    # The ledger decides who sends it (one sweeper wins), and makes it an outbox row
+    # first: whatever happens next, the unsent pass sends it if this sweeper does not.
+    if item:
+        assert isinstance(message, ItemMessage)
+        if not db.unsend_item(*message.key, row["sent_at"]):
+            return
+    elif not liveness.release_unrecorded(
+        db, message.run_id, message.step, message.attempt, row["sent_at"], lease_s
+    ):
+        return
+    if not sentinel.take(orphan.tag):  # another sweeper owns it, and sends it
         if isinstance(message, ItemMessage):
-            step_row = db.get_step(message.run_id, message.step) or {}
-            item = {
-                **row,
-                "flow_name": run["flow_name"],
-                "node_id": step_row.get("node_id", message.node_id),
-                "queue": step_row.get("queue") or run.get("queue"),
-            }
-            if db.touch_queued_item(*message.key[:3], message.attempt, row["sent_at"]):
-                _log.warning(
-                    "Item %d of step %d of run %s: its message was taken by a worker that "
-                    "is gone; sending it again",
-                    message.idx,
-                    message.step,
-                    message.run_id,
-                )
-                resend = itemsweep.item_message(item, message.attempt)
-                if publish(resend, queue=item["queue"], **_rest_of_backoff(row, now)):
-                    report.items.append(message.key[:3])
-            continue
-        if liveness.recover_received(
-            db, message.run_id, message.step, message.attempt, None, lease_s
-        ):
-            _log.warning(
-                "Step %d of run %s: its message was taken by a worker that is gone; "
-                "sending it again",
-                message.step,
-                message.run_id,
-            )
-            step_message = _message(db, run, row, message.attempt)
-            if publish(step_message, queue=_queue(run, row), **_rest_of_backoff(row, now)):
-                report.resent.append((message.run_id, message.step))
+            db.keep_item_sent(*message.key, row["sent_at"])
+        else:
+            liveness.keep_sent(db, message.run_id, message.step, message.attempt, row["sent_at"])
+        return
+    where = f"step {message.step} of run {message.run_id}"
+    if isinstance(message, ItemMessage):
+        where = f"item {message.idx} of {where}"
+    _log.warning("%s: its message was taken by a worker that is gone; sending it again", where)
+    if isinstance(message, ItemMessage):
+        step_row = db.get_step(message.run_id, message.step) or {}
+        joined = {
+            **row,
+            "flow_name": run["flow_name"],
+            "node_id": step_row.get("node_id", message.node_id),
+            "queue": step_row.get("queue") or run.get("queue"),
+        }
+        resend = itemsweep.item_message(joined, message.attempt)
+        if publish(resend, queue=joined["queue"], **_rest_of_backoff(row, now)):
+            report.items.append(message.key[:3])
+        return
+    step_message = _message(db, run, row, message.attempt)
+    if publish(step_message, queue=_queue(run, row), **_rest_of_backoff(row, now)):
+        report.resent.append((message.run_id, message.step))
 
 
 def _broker_busy(db: WorkflowDB, sentinel: BrokerSentinel) -> bool:

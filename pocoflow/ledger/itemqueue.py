@@ -312,6 +312,22 @@ class ItemQueue(LedgerClient):
     ) -> list[dict[str, Any]]:
         return self._read(lambda conn: itemrecovery.stale_queued(conn, older_than_s, now, limit))
 
+    def unsend_item(self, run_id: str, step: int, idx: int, attempt: int, sent_at: float) -> bool:
+        return self._write(
+            lambda conn: itemrecovery.unsend(conn, run_id, step, idx, attempt, sent_at),
+            f"releasing item {idx} of step {step}, taken by a gone worker",
+            run_id,
+        )
+
+    def keep_item_sent(
+        self, run_id: str, step: int, idx: int, attempt: int, sent_at: float
+    ) -> bool:
+        return self._write(
+            lambda conn: itemrecovery.resend(conn, run_id, step, idx, attempt, sent_at),
+            f"marking item {idx} of step {step} sent again",
+            run_id,
+        )
+
     def touch_queued_item(
         self, run_id: str, step: int, idx: int, attempt: int, sent_at: float
     ) -> bool:

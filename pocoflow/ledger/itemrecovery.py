@@ -242,6 +242,39 @@ def stale_queued(
     return [dict(r) for r in conn.execute(stmt, params).mappings()]
 
 
+def unsend(
+    conn: Connection, run_id: str, step: int, idx: int, attempt: int, sent_at: float
+) -> bool:
+    """A message a gone worker took unrecorded (``distributed.orphans``): make the item an
+    outbox row again (``sent_at`` NULL), so that whoever sends it marks it sent and, if
+    nobody does, the unsent pass sends it; one sweeper wins (compare-and-set on the
+    ``sent_at`` it read)."""
+    stmt = (
+        update(pf_items)
+        .where(
+            ITEM_FENCE,
+            _i.status == "queued",
+            _i.received_by.is_(None),
+            _i.sent_at == bindparam("b_seen"),
+        )
+        .values(sent_at=None)
+    )
+    params = {**item_key(run_id, step, idx, attempt), "b_seen": sent_at}
+    return conn.execute(stmt, params).rowcount == 1
+
+
+def resend(
+    conn: Connection, run_id: str, step: int, idx: int, attempt: int, sent_at: float
+) -> bool:
+    """Undo ``unsend`` (another sweeper owned the message after all): the item is marked
+    sent again as it was, unless someone sent it meanwhile."""
+    stmt = (
+        update(pf_items).where(ITEM_FENCE, _i.sent_at.is_(None)).values(sent_at=bindparam("b_seen"))
+    )
+    params = {**item_key(run_id, step, idx, attempt), "b_seen": sent_at}
+    return conn.execute(stmt, params).rowcount == 1
+
+
 def touch_queued(
     conn: Connection, run_id: str, step: int, idx: int, attempt: int, sent_at: float
 ) -> bool:

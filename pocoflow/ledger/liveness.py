@@ -200,12 +200,11 @@ def take_over_dead(
 
 
 def release_received(
-    conn: Connection, run_id: str, step: int, attempt: int, receiver: str | None, lease_s: float
+    conn: Connection, run_id: str, step: int, attempt: int, receiver: str, lease_s: float
 ) -> bool:
     """A dead worker's unstarted message: forget the receiver and lease the step afresh
     for its re-send under the same attempt; one sweeper wins. A retry not yet due stays
-    queued as of its due time, its lease covering the rest of its backoff. ``receiver``
-    None: a message no worker recorded (``distributed.orphans``)."""
+    queued as of its due time, its lease covering the rest of its backoff."""
     clock = case((_s.queued_at > DbEpoch(), _s.queued_at), else_=DbEpoch())
     stmt = (
         update(pf_steps)
@@ -214,9 +213,50 @@ def release_received(
             _s.step == step,
             _s.attempt == attempt,
             _s.status == "queued",
-            _s.received_by.is_(None) if receiver is None else _s.received_by == receiver,
+            _s.received_by == receiver,
         )
         .values(received_by=None, queued_at=clock, lease_expires_at=clock + lease_s)
+    )
+    return conn.execute(stmt).rowcount == 1
+
+
+def unsend_unrecorded(
+    conn: Connection, run_id: str, step: int, attempt: int, sent_at: float, lease_s: float
+) -> bool:
+    """A message a gone worker took unrecorded (``distributed.orphans``): make the step an
+    outbox row again (``sent_at`` NULL, leased afresh), so that whoever sends it marks it
+    sent and, if nobody does, the unsent pass sends it; one sweeper wins (compare-and-set
+    on the ``sent_at`` it read). A retry not yet due keeps its due time."""
+    clock = case((_s.queued_at > DbEpoch(), _s.queued_at), else_=DbEpoch())
+    stmt = (
+        update(pf_steps)
+        .where(
+            _s.run_id == run_id,
+            _s.step == step,
+            _s.attempt == attempt,
+            _s.status == "queued",
+            _s.received_by.is_(None),
+            _s.sent_at == sent_at,
+        )
+        .values(sent_at=None, queued_at=clock, lease_expires_at=clock + lease_s)
+    )
+    return conn.execute(stmt).rowcount == 1
+
+
+def resend_unrecorded(
+    conn: Connection, run_id: str, step: int, attempt: int, sent_at: float
+) -> bool:
+    """Undo ``unsend_unrecorded`` (another sweeper owned the message after all): the step
+    is marked sent again as it was, unless someone sent it meanwhile."""
+    stmt = (
+        update(pf_steps)
+        .where(
+            _s.run_id == run_id,
+            _s.step == step,
+            _s.attempt == attempt,
+            _s.sent_at.is_(None),
+        )
+        .values(sent_at=sent_at)
     )
     return conn.execute(stmt).rowcount == 1
 
@@ -420,11 +460,29 @@ def recover_running(
 
 
 def recover_received(
-    db: LedgerClient, run_id: str, step: int, attempt: int, receiver: str | None, lease_s: float
+    db: LedgerClient, run_id: str, step: int, attempt: int, receiver: str, lease_s: float
 ) -> bool:
     return db._write(
         lambda conn: release_received(conn, run_id, step, attempt, receiver, lease_s),
-        f"releasing step {step} from dead worker {receiver or '(unrecorded)'}",
+        f"releasing step {step} from dead worker {receiver}",
+        run_id,
+    )
+
+
+def release_unrecorded(
+    db: LedgerClient, run_id: str, step: int, attempt: int, sent_at: float, lease_s: float
+) -> bool:
+    return db._write(
+        lambda conn: unsend_unrecorded(conn, run_id, step, attempt, sent_at, lease_s),
+        f"releasing step {step}, taken by a gone worker",
+        run_id,
+    )
+
+
+def keep_sent(db: LedgerClient, run_id: str, step: int, attempt: int, sent_at: float) -> bool:
+    return db._write(
+        lambda conn: resend_unrecorded(conn, run_id, step, attempt, sent_at),
+        f"marking step {step} sent again",
         run_id,
     )
 

@@ -9,6 +9,8 @@ Its delivery time is moved back rather than waited for."""
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import pytest
 
 from pocoflow.distributed import orphans, sweeper
-from pocoflow.distributed.celery_app import create_app
+from pocoflow.distributed.celery_app import TASK_NAME, create_app
 from pocoflow.distributed.message import StepMessage
 from pocoflow.distributed.publish import Publisher
 from pocoflow.ledger import liveness
@@ -78,11 +80,48 @@ def broker(redis_url: str, db: Any) -> Iterator[Broker]:
     broker.close()
 
 
-def swept(db: Any, broker: Broker, sent: Sent, **kw: Any) -> sweeper.SweepReport:
-    sentinel = kw.pop("sentinel", None) or sweeper.BrokerSentinel(broker.client)
+class Clock:
+    """The sweeper's own clock (how long it has seen an entry), moved by hand."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def sentinel_of(broker: Broker) -> tuple[sweeper.BrokerSentinel, Clock]:
+    clock = Clock()
+    return sweeper.BrokerSentinel(broker.client, clock=clock), clock
+
+
+def swept(db: Any, broker: Broker, sent: Any, **kw: Any) -> sweeper.SweepReport:
+    """Two sweeps of one sweeper, ``DEAD_AFTER_S`` apart on its own clock: the first sees
+    the entries, the second may act on them (the second's report)."""
+    sentinel, clock = kw.pop("sentinel", None) or sentinel_of(broker)
+    first = sweeper.sweep(
+        db, sent, lease_s=LEASE_S, dead_after_s=DEAD_AFTER_S, sentinel=sentinel, **kw
+    )
+    assert (not first.resent and not first.items) or kw.get("now"), first
+    clock.t += DEAD_AFTER_S
     return sweeper.sweep(
         db, sent, lease_s=LEASE_S, dead_after_s=DEAD_AFTER_S, sentinel=sentinel, **kw
     )
+
+
+def sent_step(db: Any) -> StepMessage:
+    first, _ = submitted(db)
+    db.mark_sent(first.run_id, 0, 1)
+    return first
+
+
+def entry(broker: Broker, tag: str, message: Any, *, age_s: float = 10.0, task: str = "") -> None:
+    """An unacked entry as kombu writes it (``QoS.append``), delivered ``age_s`` ago."""
+    body = base64.b64encode(json.dumps([[message.to_dict()], {}, {}]).encode()).decode()
+    headers = {"task": task or TASK_NAME}
+    raw = {"body": body, "headers": headers, "properties": {"body_encoding": "base64"}}
+    broker.client.hset(orphans.UNACKED, tag, json.dumps([raw, "", "pocoflow"]))
+    broker.client.zadd(orphans.UNACKED_INDEX, {tag: time.time() - age_s})
 
 
 def test_a_message_a_dead_worker_took_unrecorded_is_sent_again_once(
@@ -93,29 +132,63 @@ def test_a_message_a_dead_worker_took_unrecorded_is_sent_again_once(
     broker.reserve(age_s=DEAD_AFTER_S / 2)  # received lately: its worker may record it yet
     sent = Sent(db)
     assert not swept(db, broker, sent) and broker.unacked() == 1
-    broker.client.zadd(
-        orphans.UNACKED_INDEX,
-        {broker.client.zrange(orphans.UNACKED_INDEX, 0, -1)[0]: time.time() - 10},
-    )
-    report = swept(db, broker, sent)
+    (tag,) = broker.client.zrange(orphans.UNACKED_INDEX, 0, -1)
+    broker.client.zadd(orphans.UNACKED_INDEX, {tag: time.time() - 10})
+    # Delivered long ago by its host's clock, which may run behind: a sweeper that has
+    # only just seen it waits until it has seen it for half of dead_after.
+    sentinel, clock = sentinel_of(broker)
+
+    def one_sweep() -> sweeper.SweepReport:
+        return sweeper.sweep(
+            db, sent, lease_s=LEASE_S, dead_after_s=DEAD_AFTER_S, sentinel=sentinel
+        )
+
+    assert not one_sweep()
+    clock.t += DEAD_AFTER_S / 2 - 0.1
+    assert not one_sweep()
+    clock.t += 0.1
+    report = one_sweep()
     assert report.resent == [(first.run_id, 0)]
     assert [m for m, _ in sent.messages] == [first]  # the same attempt: its claim decides
-    assert broker.unacked() == 0  # taken: no sweeper sends it twice, no restore in an hour
+    assert broker.unacked() == 0  # no sweeper sends it twice, no restore in an hour
     row = db.get_step(first.run_id, 0)
-    assert row["status"] == "queued" and row["lease_expires_at"] > db.clock() + LEASE_S / 2
+    assert row["status"] == "queued" and row["sent_at"] is not None  # marked sent anew
+    assert row["lease_expires_at"] > db.clock() + LEASE_S / 2
     assert not swept(db, broker, sent)
 
 
-def test_two_sweepers_send_an_orphan_once(db: Any, broker: Broker) -> None:
-    first, _ = submitted(db)
-    broker.publish(first, db)
-    tag = broker.reserve()
+def test_two_sweepers_racing_send_an_orphan_once(db: Any, broker: Broker) -> None:
+    lost = sent_step(db)
+    entry(broker, "dead", lost)
     sent = Sent(db)
-    one, two = sweeper.BrokerSentinel(broker.client), sweeper.BrokerSentinel(broker.client)
-    found = one.orphans(DEAD_AFTER_S)
-    assert [o.tag for o in found] == [tag] == [o.tag for o in two.orphans(DEAD_AFTER_S)]
-    assert one.take(tag) and not two.take(tag)
-    assert not swept(db, broker, sent, sentinel=two)  # the entry is gone: nothing to send
+    (one, one_clock), (two, two_clock) = sentinel_of(broker), sentinel_of(broker)
+    one.orphans(DEAD_AFTER_S), two.orphans(DEAD_AFTER_S)  # both see it
+    one_clock.t += DEAD_AFTER_S
+    two_clock.t += DEAD_AFTER_S
+    stale = two.orphans(DEAD_AFTER_S)  # two has it in hand ...
+    assert [o.tag for o in stale] == [b"dead"]
+    report = sweeper.sweep(db, sent, lease_s=LEASE_S, dead_after_s=DEAD_AFTER_S, sentinel=one)
+    assert report.resent == [(lost.run_id, 0)]  # ... while one sends it
+    two.orphans = lambda older_than_s: stale  # type: ignore[method-assign]
+    again = sweeper.sweep(db, sent, lease_s=LEASE_S, dead_after_s=DEAD_AFTER_S, sentinel=two)
+    assert not again.resent and len(sent.messages) == 1  # the entry's one owner sends it
+    assert db.get_step(lost.run_id, 0)["sent_at"] is not None  # and it stays marked sent
+
+
+def test_a_failed_publish_leaves_an_outbox_row_the_unsent_pass_sends(
+    db: Any, broker: Broker
+) -> None:
+    lost = sent_step(db)
+    entry(broker, "dead", lost)
+
+    def failing(message: Any, **_: Any) -> bool:
+        return False
+
+    assert not swept(db, broker, failing).resent
+    assert broker.unacked() == 0 and db.get_step(lost.run_id, 0)["sent_at"] is None
+    sent = Sent(db)
+    report = sweeper.sweep(db, sent, lease_s=LEASE_S, now=db.clock() + 2)  # after the grace
+    assert report.resent == [(lost.run_id, 0)] and [m for m, _ in sent.messages] == [lost]
 
 
 def test_a_message_a_live_worker_recorded_is_left_to_it(db: Any, broker: Broker) -> None:
@@ -124,10 +197,59 @@ def test_a_message_a_live_worker_recorded_is_left_to_it(db: Any, broker: Broker)
     broker.reserve()
     liveness.record_beat(db, "host:7", "host", 7, [(first.run_id, 0, 1)])  # alive, holds it
     sent = Sent(db)
-    sentinel = sweeper.BrokerSentinel(broker.client)
-    assert not swept(db, broker, sent, sentinel=sentinel)
+    sentinel, clock = sentinel_of(broker)
+    assert not swept(db, broker, sent, sentinel=(sentinel, clock))
     assert sent.messages == [] and broker.unacked() == 1  # still the live worker's
     assert sentinel.orphans(DEAD_AFTER_S) == []  # not read again for a while
+    clock.t += sweeper.BrokerSentinel.HELD_MEMO_S
+    assert [o.message for o in sentinel.orphans(DEAD_AFTER_S)] == [first]  # then looked at
+
+
+def test_a_dead_receivers_message_is_sent_once(db: Any, broker: Broker) -> None:
+    """The heartbeat recorded it, then its worker died: the dead-receiver pass sends it,
+    and the orphan pass only removes the old copy's entry."""
+    lost = sent_step(db)
+    liveness.record_beat(db, "host:7", "host", 7, [(lost.run_id, 0, 1)], now=db.clock() - 10)
+    entry(broker, "dead", lost)
+    sent = Sent(db)
+    sentinel, clock = sentinel_of(broker)
+    sentinel.orphans(DEAD_AFTER_S)
+    clock.t += DEAD_AFTER_S
+    report = sweeper.sweep(db, sent, lease_s=LEASE_S, dead_after_s=DEAD_AFTER_S, sentinel=sentinel)
+    assert report.resent == [(lost.run_id, 0)]
+    assert [m for m, _ in sent.messages] == [lost] and broker.unacked() == 0
+
+
+def test_live_and_foreign_entries_do_not_hide_an_orphan(db: Any, broker: Broker) -> None:
+    """A page's worth of older entries held by a live worker, and of another app's tasks on
+    the same broker database, are passed over before their payloads are read."""
+    held = [sent_step(db) for _ in range(orphans.PAGE)]
+    liveness.record_beat(db, "host:7", "host", 7, [(m.run_id, 0, 1) for m in held])
+    for i, message in enumerate(held):
+        entry(broker, f"live-{i}", message, age_s=100 - i * 0.01)
+        entry(broker, f"x-{i}", message, age_s=200, task="billing.reminder")
+    lost = sent_step(db)
+    entry(broker, "dead", lost)
+    sent = Sent(db)
+    sentinel, clock = sentinel_of(broker)
+    # A page of payloads per sweep: theirs are judged once, then passed over unread.
+    reports = [swept(db, broker, sent, sentinel=(sentinel, clock)) for _ in range(3)]
+    assert [r.resent for r in reports] == [[], [(lost.run_id, 0)], []]
+    assert broker.unacked() == 2 * orphans.PAGE  # theirs stay
+
+
+def test_a_garbled_entry_does_not_stop_the_sweep(db: Any, broker: Broker) -> None:
+    """A step number past the ledger's integers is no step message; and an entry whose
+    lookup fails is passed over, the rest of the sweep goes on."""
+    lost = sent_step(db)
+    bad = {**lost.to_dict(), "step": 2**64}
+    body = base64.b64encode(json.dumps([[bad], {}, {}]).encode()).decode()
+    raw = {"body": body, "headers": {"task": TASK_NAME}, "properties": {"body_encoding": "base64"}}
+    broker.client.hset(orphans.UNACKED, "bad", json.dumps([raw, "", "pocoflow"]))
+    broker.client.zadd(orphans.UNACKED_INDEX, {"bad": time.time() - 10})
+    entry(broker, "dead", lost)
+    report = swept(db, broker, Sent(db))
+    assert report.resent == [(lost.run_id, 0)]
 
 
 def test_a_claimed_step_keeps_its_late_ack_entry(db: Any, broker: Broker) -> None:
@@ -166,14 +288,8 @@ def test_an_orphan_of_a_paused_run_is_not_sent(db: Any, broker: Broker) -> None:
 def test_other_tasks_and_unreadable_entries_are_passed_over(broker: Broker) -> None:
     broker.client.zadd(orphans.UNACKED_INDEX, {b"a": 1.0, b"b": 2.0, b"c": 3.0})
     other = {"headers": {"task": "someone.else"}, "body": "W10=", "properties": {}}
-    broker.client.hset(orphans.UNACKED, mapping={"a": "not json", "b": f"[{_json(other)}]"})
-    assert orphans.unacked(broker.client, 0.0) == []
-
-
-def _json(value: Any) -> str:
-    import json
-
-    return json.dumps(value)
+    broker.client.hset(orphans.UNACKED, mapping={"a": "not json", "b": f"[{json.dumps(other)}]"})
+    assert orphans.decode(broker.client, [b"a", b"b", b"c"]) == {b"a": None, b"b": None, b"c": None}
 
 
 def test_an_item_message_a_dead_worker_took_unrecorded_is_sent_again(
