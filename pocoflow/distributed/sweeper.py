@@ -555,7 +555,17 @@ def _resend_orphans(
     for orphan in found:
         try:
             _resend_orphan(
-                db, publish, sentinel, orphan, run_of, lease_s, now, report, sent_now, items_now
+                db,
+                publish,
+                sentinel,
+                orphan,
+                run_of,
+                lease_s,
+                older_than_s,
+                now,
+                report,
+                sent_now,
+                items_now,
             )
         except Exception as exc:
             from pocoflow.distributed.executor import _unreachable
@@ -575,6 +585,7 @@ def _resend_orphan(
     orphan: orphans.Orphan,
     run_of: Callable[[str], dict[str, Any] | None],
     lease_s: float,
+    settled_s: float,
     now: float,
     report: SweepReport,
     sent_now: set[tuple[str, int]],
@@ -611,10 +622,10 @@ def _resend_orphan(
     # first: whatever happens next, the unsent pass sends it if this sweeper does not.
     if item:
         assert isinstance(message, ItemMessage)
-        if not db.unsend_item(*message.key, row["sent_at"]):
+        if not db.unsend_item(*message.key, row["sent_at"], settled_s):
             return
     elif not liveness.release_unrecorded(
-        db, message.run_id, message.step, message.attempt, row["sent_at"], lease_s
+        db, message.run_id, message.step, message.attempt, row["sent_at"], lease_s, settled_s
     ):
         return
     if not sentinel.take(orphan.tag):  # another sweeper owns it, and sends it

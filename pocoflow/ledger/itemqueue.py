@@ -312,9 +312,11 @@ class ItemQueue(LedgerClient):
     ) -> list[dict[str, Any]]:
         return self._read(lambda conn: itemrecovery.stale_queued(conn, older_than_s, now, limit))
 
-    def unsend_item(self, run_id: str, step: int, idx: int, attempt: int, sent_at: float) -> bool:
+    def unsend_item(
+        self, run_id: str, step: int, idx: int, attempt: int, sent_at: float, settled_s: float
+    ) -> bool:
         return self._write(
-            lambda conn: itemrecovery.unsend(conn, run_id, step, idx, attempt, sent_at),
+            lambda conn: itemrecovery.unsend(conn, run_id, step, idx, attempt, sent_at, settled_s),
             f"releasing item {idx} of step {step}, taken by a gone worker",
             run_id,
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Float, and_, bindparam, func, literal, or_, select, tuple_, update
+from sqlalchemy import Float, and_, bindparam, case, func, literal, or_, select, tuple_, update
 from sqlalchemy.engine import Connection
 
 from pocoflow.commit import PARKED_OWNER
@@ -39,6 +39,9 @@ _j = pf_joins.c
 _s = pf_steps.c
 _r = pf_runs.c
 _w = pf_workers.c
+
+# When an item was last handed out: now, or its due time if later (a retry's backoff).
+_SENT_ANEW = case((_i.queued_at > DbEpoch(), _i.queued_at), else_=DbEpoch())
 
 _LIVE_ITEMS = and_(
     _i.run_id.in_(select(_r.run_id).where(literal_in(_r.status, LIVE_RUN_STATUSES))),
@@ -157,7 +160,7 @@ def release_received(
     stmt = (
         update(pf_items)
         .where(ITEM_FENCE, _i.status == "queued", _i.received_by == bindparam("b_receiver"))
-        .values(received_by=None)
+        .values(received_by=None, queued_at=_SENT_ANEW)
     )
     return (
         conn.execute(
@@ -243,12 +246,19 @@ def stale_queued(
 
 
 def unsend(
-    conn: Connection, run_id: str, step: int, idx: int, attempt: int, sent_at: float
+    conn: Connection,
+    run_id: str,
+    step: int,
+    idx: int,
+    attempt: int,
+    sent_at: float,
+    settled_s: float,
 ) -> bool:
     """A message a gone worker took unrecorded (``distributed.orphans``): make the item an
-    outbox row again (``sent_at`` NULL), so that whoever sends it marks it sent and, if
-    nobody does, the unsent pass sends it; one sweeper wins (compare-and-set on the
-    ``sent_at`` it read)."""
+    outbox row again (``sent_at`` NULL, handed out now: the unsent pass keeps its grace),
+    so that whoever sends it marks it sent and, if nobody does, the unsent pass sends it;
+    one sweeper wins (compare-and-set on the ``sent_at`` it read). Not an item handed out
+    in the last ``settled_s``: its old entry is only an old copy."""
     stmt = (
         update(pf_items)
         .where(
@@ -256,10 +266,11 @@ def unsend(
             _i.status == "queued",
             _i.received_by.is_(None),
             _i.sent_at == bindparam("b_seen"),
+            _i.queued_at <= DbEpoch() - bindparam("b_settled"),
         )
-        .values(sent_at=None)
+        .values(sent_at=None, queued_at=_SENT_ANEW)
     )
-    params = {**item_key(run_id, step, idx, attempt), "b_seen": sent_at}
+    params = {**item_key(run_id, step, idx, attempt), "b_seen": sent_at, "b_settled": settled_s}
     return conn.execute(stmt, params).rowcount == 1
 
 
@@ -283,7 +294,7 @@ def touch_queued(
     stmt = (
         update(pf_items)
         .where(ITEM_FENCE, _i.status == "queued", _i.sent_at == bindparam("b_seen"))
-        .values(sent_at=NOW)
+        .values(sent_at=NOW, queued_at=_SENT_ANEW)
     )
     params = {**item_key(run_id, step, idx, attempt), "b_seen": sent_at, "now": None}
     return conn.execute(stmt, params).rowcount == 1

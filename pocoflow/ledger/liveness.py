@@ -221,12 +221,20 @@ def release_received(
 
 
 def unsend_unrecorded(
-    conn: Connection, run_id: str, step: int, attempt: int, sent_at: float, lease_s: float
+    conn: Connection,
+    run_id: str,
+    step: int,
+    attempt: int,
+    sent_at: float,
+    lease_s: float,
+    settled_s: float,
 ) -> bool:
     """A message a gone worker took unrecorded (``distributed.orphans``): make the step an
     outbox row again (``sent_at`` NULL, leased afresh), so that whoever sends it marks it
     sent and, if nobody does, the unsent pass sends it; one sweeper wins (compare-and-set
-    on the ``sent_at`` it read). A retry not yet due keeps its due time."""
+    on the ``sent_at`` it read). A retry not yet due keeps its due time. Not a step
+    handed out in the last ``settled_s`` (a dead receiver's, sent again by another
+    sweeper): its old entry is only an old copy."""
     clock = case((_s.queued_at > DbEpoch(), _s.queued_at), else_=DbEpoch())
     stmt = (
         update(pf_steps)
@@ -237,6 +245,7 @@ def unsend_unrecorded(
             _s.status == "queued",
             _s.received_by.is_(None),
             _s.sent_at == sent_at,
+            _s.queued_at <= DbEpoch() - settled_s,
         )
         .values(sent_at=None, queued_at=clock, lease_expires_at=clock + lease_s)
     )
@@ -470,10 +479,16 @@ def recover_received(
 
 
 def release_unrecorded(
-    db: LedgerClient, run_id: str, step: int, attempt: int, sent_at: float, lease_s: float
+    db: LedgerClient,
+    run_id: str,
+    step: int,
+    attempt: int,
+    sent_at: float,
+    lease_s: float,
+    settled_s: float,
 ) -> bool:
     return db._write(
-        lambda conn: unsend_unrecorded(conn, run_id, step, attempt, sent_at, lease_s),
+        lambda conn: unsend_unrecorded(conn, run_id, step, attempt, sent_at, lease_s, settled_s),
         f"releasing step {step}, taken by a gone worker",
         run_id,
     )

@@ -48,6 +48,7 @@ class Broker:
     def publish(self, message: StepMessage, db: Any) -> None:
         assert self.publisher.send(message)
         db.mark_sent(message.run_id, message.step, message.attempt)
+        backdate(db, message.run_id)
 
     def reserve(self, *, age_s: float = 10.0) -> bytes:
         """Take one message as a worker's prefetch does (no ack), delivered ``age_s`` ago."""
@@ -109,9 +110,26 @@ def swept(db: Any, broker: Broker, sent: Any, **kw: Any) -> sweeper.SweepReport:
     )
 
 
+def backdate(db: Any, run_id: str, seconds: float = 10.0) -> None:
+    """Queued and sent ``seconds`` earlier than now: what an orphan's row looks like (its
+    entry was delivered, and its worker died, seconds ago)."""
+    from sqlalchemy import update
+
+    from pocoflow.ledger.tables import pf_items, pf_steps
+
+    with db._ledger.engine.begin() as conn:
+        for table in (pf_steps, pf_items):
+            conn.execute(
+                update(table)
+                .where(table.c.run_id == run_id)
+                .values(queued_at=table.c.queued_at - seconds, sent_at=table.c.sent_at - seconds)
+            )
+
+
 def sent_step(db: Any) -> StepMessage:
     first, _ = submitted(db)
     db.mark_sent(first.run_id, 0, 1)
+    backdate(db, first.run_id)
     return first
 
 
@@ -238,18 +256,64 @@ def test_live_and_foreign_entries_do_not_hide_an_orphan(db: Any, broker: Broker)
     assert broker.unacked() == 2 * orphans.PAGE  # theirs stay
 
 
-def test_a_garbled_entry_does_not_stop_the_sweep(db: Any, broker: Broker) -> None:
-    """A step number past the ledger's integers is no step message; and an entry whose
-    lookup fails is passed over, the rest of the sweep goes on."""
-    lost = sent_step(db)
-    bad = {**lost.to_dict(), "step": 2**64}
+def test_a_step_number_past_the_ledgers_integers_is_no_step_message(broker: Broker) -> None:
+    message = StepMessage("r1", "f", 0, "n", 1)
+    bad = {**message.to_dict(), "step": 2**64}
     body = base64.b64encode(json.dumps([[bad], {}, {}]).encode()).decode()
     raw = {"body": body, "headers": {"task": TASK_NAME}, "properties": {"body_encoding": "base64"}}
     broker.client.hset(orphans.UNACKED, "bad", json.dumps([raw, "", "pocoflow"]))
-    broker.client.zadd(orphans.UNACKED_INDEX, {"bad": time.time() - 10})
+    assert orphans.decode(broker.client, [b"bad"]) == {b"bad": None}
+
+
+def test_an_entry_that_cannot_be_judged_does_not_stop_the_sweep(
+    db: Any, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup that fails for one entry (not because the ledger is away) passes it over
+    for a while; the other orphans are sent, and the rest of the sweep runs. A ledger
+    that is away ends the sweep, as in every other pass."""
+    from sqlalchemy.exc import OperationalError
+
+    bad, lost = sent_step(db), sent_step(db)
+    entry(broker, "bad", bad, age_s=20)
     entry(broker, "dead", lost)
-    report = swept(db, broker, Sent(db))
-    assert report.resent == [(lost.run_id, 0)]
+    get_step = db.get_step
+    failure: list[Exception] = [ValueError("a value no column takes")]
+
+    def failing(run_id: str, step: int) -> Any:
+        if run_id == bad.run_id and failure:
+            raise failure[0]
+        return get_step(run_id, step)
+
+    monkeypatch.setattr(db, "get_step", failing)
+    sent = Sent(db)
+    sentinel, clock = sentinel_of(broker)
+    report = swept(db, broker, sent, sentinel=(sentinel, clock))
+    assert report.resent == [(lost.run_id, 0)] and broker.unacked() == 1
+    assert sentinel.orphans(DEAD_AFTER_S) == []  # the bad one is passed over for a while
+    failure[0] = OperationalError("SELECT", {}, Exception("server closed the connection"))
+    clock.t += sweeper.BrokerSentinel.HELD_MEMO_S
+    with pytest.raises(OperationalError):
+        sweeper.sweep(db, sent, lease_s=LEASE_S, dead_after_s=DEAD_AFTER_S, sentinel=sentinel)
+
+
+def test_a_dead_receivers_message_another_sweeper_sent_is_not_sent_again(
+    db: Any, broker: Broker
+) -> None:
+    """Sweeper one sends a dead receiver's message again; sweeper two, which watched the
+    dead worker's entry all along, finds a step handed out just now: its entry is an old
+    copy, sent by nobody again."""
+    lost = sent_step(db)
+    liveness.record_beat(db, "host:7", "host", 7, [(lost.run_id, 0, 1)], now=db.clock() - 10)
+    entry(broker, "dead", lost)
+    sent = Sent(db)
+    two, two_clock = sentinel_of(broker)
+    two.orphans(DEAD_AFTER_S)
+    two_clock.t += DEAD_AFTER_S
+    assert sweeper.sweep(db, sent, lease_s=LEASE_S, dead_after_s=DEAD_AFTER_S).resent == [
+        (lost.run_id, 0)
+    ]  # one, without a broker view: the dead-receiver pass
+    again = sweeper.sweep(db, sent, lease_s=LEASE_S, dead_after_s=DEAD_AFTER_S, sentinel=two)
+    assert not again.resent and len(sent.messages) == 1
 
 
 def test_a_claimed_step_keeps_its_late_ack_entry(db: Any, broker: Broker) -> None:
@@ -303,7 +367,8 @@ def test_an_item_message_a_dead_worker_took_unrecorded_is_sent_again(
     assert db.fan_out("r1", 0, 1, "w0#1", "w0", ['"a"', '"b"'], [])
     item = ItemMessage("r1", "f", 0, "M", 1, 1)
     assert broker.publisher.send(item)
-    db.mark_items_sent([item.key])
+    db.mark_items_sent([item.key, ("r1", 0, 0, 1)])  # item 0's copy went elsewhere
+    backdate(db, "r1")
     broker.reserve()
     sent = Sent(db)
     report = swept(db, broker, sent)
