@@ -194,10 +194,6 @@ POSTGRES_SESSION_OPTIONS = (
 )
 
 
-#: Connections a process keeps to a PostgreSQL ledger, at most (``_postgres_engine``).
-POSTGRES_POOL_SIZE = 15
-
-
 def _postgres_engine(url: URL) -> Engine:
     from pocoflow.ledger import pgtext  # psycopg: only installed with the postgres extra
 
@@ -207,13 +203,8 @@ def _postgres_engine(url: URL) -> Engine:
     options = POSTGRES_SESSION_OPTIONS if not users else f"{POSTGRES_SESSION_OPTIONS} {users}"
     engine = create_engine(
         url,
-        # Because a threads-pool worker's map items check connections out in bursts (a
-        # claim or commit per item, beside the lease, heartbeat, sent-marks and sweeper
-        # threads): with 5 kept and 10 overflow, each burst past 5 opened connections
-        # (a server backend forked, the session set up) only to close them at checkin,
-        # on every item's way. The same 15 at most, all kept once opened.
-        pool_size=POSTGRES_POOL_SIZE,
-        max_overflow=0,
+        pool_size=5,
+        max_overflow=10,
         hide_parameters=True,
         connect_args={"options": options},
     )
