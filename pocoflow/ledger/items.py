@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, case, insert, or_, select, update
 from sqlalchemy.engine import Connection
 
 from pocoflow.commit import PARKED_OWNER
@@ -106,14 +106,6 @@ _CLAIM = (
 )
 _CLAIMED_ITEM = select(_i.item_json, _i.try_number).where(_HELD)
 _CLAIM_RETURNING = _CLAIM.returning(_i.item_json, _i.try_number)  # PostgreSQL
-# PostgreSQL: the claim's COMMIT returns before its WAL record is flushed to disk. Because
-# a claim is a lease, not a result: a claim a server crash loses is one that never was
-# (the item is queued again, or its old lease expired, and the sweeper sends it again,
-# G3), and the holder's later commit, which is flushed as every commit is, cannot land
-# without it (its record comes after the claim's in the WAL, and the commit is fenced on
-# the claim, G1). What it saves is a wait for the disk on every item's way to its exec,
-# behind the flushes of every other item commit.
-_NO_FLUSH_WAIT = text("SET LOCAL synchronous_commit TO OFF")
 _RENEW = update(pf_items).where(_HELD).values(lease_expires_at=_EXPIRES)
 # The holder keeps its token on the row (the proof a lost COMMIT's retry looks for).
 _FINISH = (
@@ -264,24 +256,22 @@ def claim(
     round trip on PostgreSQL. ``(claimed, run, (item_json, try_number))``."""
     params = c.params(b_node_id=node_id, b_task_id=c.task_id, now=now, lease_s=lease_s)
     if conn.dialect.name == "postgresql":
-        # One round trip: BEGIN, the guard read, the claim (which reads its item back,
-        # RETURNING, and checks the run itself) and the COMMIT, which waits for no WAL
-        # flush (``_NO_FLUSH_WAIT``). The two reads are not atomic (READ COMMITTED), so
-        # the guard read may predate the claim: a pause or cancel that landed between
+        # Two statements, each its own transaction, one round trip: the claim reads its
+        # item back (RETURNING); the claim's UPDATE checks the run itself. Not atomic,
+        # so the guard read may predate the claim: a pause or cancel that landed between
         # them refused the claim while the row read said the run goes on, and the caller
         # would take the refusal for a duplicate delivery and leave the pause standing.
         # A refused claim therefore reads the guard again (a round trip on that path
         # only): the run as it was when the claim was refused, or later.
         ops = [
-            Op(_NO_FLUSH_WAIT, {}),
             runs.guard_op(c.run_id),
             Op(_CLAIM_RETURNING, params, must_hit_one=True, returns_rows=True),
         ]
-        claimed, rows = pipeline.run_reading(conn, ops, commit=True)
+        claimed, rows = pipeline.run_reading(conn, ops, autocommit=True)
         if not claimed:
-            rows[1] = pipeline.run_reading(conn, [runs.guard_op(c.run_id)], autocommit=True)[1][0]
-        item = rows[2][0] if claimed and rows[2] else None
-        run = runs.guard_row(rows[1])
+            rows[0] = pipeline.run_reading(conn, [runs.guard_op(c.run_id)], autocommit=True)[1][0]
+        item = rows[1][0] if claimed and rows[1] else None
+        run = runs.guard_row(rows[0])
         return claimed, run, (str(item[0]), int(item[1])) if item is not None else None
     ops = [
         runs.guard_op(c.run_id),

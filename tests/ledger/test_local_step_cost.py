@@ -13,6 +13,7 @@ import gc
 import os
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,7 +26,6 @@ from pocoflow.db import WorkflowDB
 from pocoflow.ledger import pipeline, txn
 from pocoflow.ledger.forkgate import gate
 from pocoflow.ledger.tables import pf_workers
-from tests.helpers import pg_client_trace, round_trips_of
 from tests.ledger.test_batched_txn import worker_row
 from tests.ledger.test_flow_runs import counter_flow
 
@@ -35,12 +35,21 @@ pytestmark = pytest.mark.ledger
 def round_trips(db: WorkflowDB, steps: int, ledger_url: str) -> int:
     """libpq's round trips (each Sync or simple Query the client sends) of a local run of
     ``steps`` nodes."""
-    with pg_client_trace(db._ledger.engine) as sent:
+    engine = db._ledger.engine
+    with tempfile.NamedTemporaryFile("w+") as log:
+
+        def trace(dbapi_conn: Any, *_: Any) -> None:
+            dbapi_conn.pgconn.trace(log.fileno())
+
+        event.listen(engine, "checkout", trace)
         try:
             counter_flow(ledger_url).run({"n": 0, "until": steps})
         finally:
+            event.remove(engine, "checkout", trace)
             db.close()  # traced connections are not lent again
-    return round_trips_of(sent)
+        log.seek(0)
+        sent = [line.split("\t") for line in log]
+    return sum(1 for p in sent if len(p) > 3 and p[1] == "F" and p[3].startswith(("Sync", "Query")))
 
 
 def test_a_local_step_on_postgresql_is_two_round_trips(database_url: str) -> None:
