@@ -148,6 +148,8 @@ def _follow(handle, settings: Settings, timeout: float, echo: Callable[[str], No
     seen = 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        # Read "done" before the events: the last step's events are then read after it.
+        done = handle.is_done
         events = db.get_events(handle.run_id, after_id=seen)
         for event in events:
             seen = event["id"]
@@ -162,7 +164,7 @@ def _follow(handle, settings: Settings, timeout: float, echo: Callable[[str], No
                     f"  step {event['step']:>2}  {event['node_name']:<10} {event['event']}: "
                     f"{event['error_msg']}"
                 )
-        if handle.is_done:
+        if done:
             return
         time.sleep(0.05)
 
