@@ -8,7 +8,9 @@ successor) on 4 relay workers and the same broker, run turn about with it.
 
 * throughput: runs x 20 steps / (first submit -> last commit), by the ledger's clock, and
   its ratio to the relay's tasks/s (goal >= 0.67x: the 1.5x cost per step we hold for a
-  single chain);
+  single chain); beside it, the same ratio to a durable relay whose every hop first
+  commits one row to the same PostgreSQL (``relay_app.durable_relay``): what keeping any
+  durable record per step costs on this box, apart from what ours costs;
 * step latency p50/p99: this step's commit - the previous step's commit in the same run
   (step 0: from the submit), so it includes the wait behind the other runs' steps;
 * ledger size: the database's bytes (``pg_database_size``) and rows, per committed step;
