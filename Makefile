@@ -46,9 +46,10 @@ test: venv e2e-deps  ## run the test suite (ARGS="-k ledger -x" to narrow it)
 e2e-deps:  ## best effort: Debian's chromium (+ emoji font) for tests/e2e, skipped without it
 	@if [ -x /usr/bin/chromium ]; then /usr/bin/chromium --version; \
 	elif command -v apt-get >/dev/null; then \
-	  apt-get install -y chromium fonts-noto-color-emoji >$${TMPDIR:-/tmp}/pocoflow-e2e-deps.log 2>&1 \
-	    && echo "chromium installed (log: $${TMPDIR:-/tmp}/pocoflow-e2e-deps.log)" \
-	    || echo "could not install chromium (root needed? see $${TMPDIR:-/tmp}/pocoflow-e2e-deps.log): tests/e2e will skip" >&2; \
+	  log="$$(mktemp)"; \
+	  if apt-get install -y chromium fonts-noto-color-emoji >"$$log" 2>&1; then echo "chromium installed"; \
+	  else tail -n 20 "$$log" >&2; echo "could not install chromium (root needed?): tests/e2e will skip" >&2; fi; \
+	  rm -f "$$log"; \
 	else echo "no apt-get: install chromium at /usr/bin/chromium to run tests/e2e" >&2; fi
 
 chaos: venv  ## long fault rounds on real processes, summary table (ARGS="--faults kill9 --rounds 5")
