@@ -79,7 +79,7 @@ def test_fan_out_of_200_items_over_2_workers_equals_a_local_run(live: Cluster) -
 
 def test_kill_9_mid_fan_out_reruns_only_the_items_in_flight(live: Cluster) -> None:
     side = live.side_dir()
-    store = {"n": 30, "sleep": map_flows.SLOW_ITEM_S, "side_dir": str(side)}
+    store = {"n": 16, "sleep": map_flows.SLOW_ITEM_S, "side_dir": str(side)}
     handle = live.submit("map_square", store)
     started = wait_until(
         lambda: len(execs(side, handle.run_id)) >= 6 and execs(side, handle.run_id), TIMEOUT_S
@@ -90,10 +90,10 @@ def test_kill_9_mid_fan_out_reruns_only_the_items_in_flight(live: Cluster) -> No
         started[-1][2]
     }
     result = finish(live, handle)
-    assert result["squares"] == [i * i for i in range(30)]
+    assert result["squares"] == [i * i for i in range(16)]
     ran = execs(side, handle.run_id)
     counts = Counter(i for i, _, _ in ran)
-    assert set(counts) == set(range(30))
+    assert set(counts) == set(range(16))
     twice = [i for i, n in counts.items() if n > 1]
     assert all(n <= 2 for n in counts.values()), counts
     # Only what was in flight on the dead worker ran again: its concurrency is 1, so one
