@@ -20,7 +20,9 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,7 +104,31 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["TMPDIR"] = _session_tmp
 
 
+#: The private RabbitMQ booting in the background (``pytest_collection_finish``), and
+#: what stops it at the end of the session.
+_rabbit: tuple[Future[Any], contextlib.ExitStack] | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the private RabbitMQ as soon as the collected tests show one will want it:
+    its boot (about 10 s, mostly Erlang starting) then runs beside the tests before the
+    first ``amqp_url``, instead of stalling it."""
+    global _rabbit
+    wanted = any("amqp_url" in getattr(item, "fixturenames", ()) for item in session.items)
+    binary = rabbitmq_binary() if wanted and not os.environ.get(AMQP_ENV) else None
+    if binary is None:
+        return
+    stack = contextlib.ExitStack()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="rabbitmq-boot")
+    _rabbit = (pool.submit(stack.enter_context, start_rabbitmq(binary)), stack)
+    pool.shutdown(wait=False)  # the boot goes on in its thread
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if _rabbit is not None:
+        with contextlib.suppress(Exception):  # a boot that failed failed its tests already
+            _rabbit[0].result()
+        _rabbit[1].close()  # before the session dir its data lives in is removed
     if _session_tmp is not None:
         shutil.rmtree(_session_tmp, ignore_errors=True)
 
@@ -139,6 +165,9 @@ def amqp_url() -> Iterator[str]:
     broker). One that is installed but cannot start fails the suite."""
     if os.environ.get(AMQP_ENV):
         yield os.environ[AMQP_ENV]
+        return
+    if _rabbit is not None:  # booting since collection ended
+        yield _rabbit[0].result().url
         return
     binary = rabbitmq_binary()
     if binary is None:
