@@ -205,19 +205,23 @@ def release_received(
     """A dead worker's unstarted message: forget the receiver and lease the step afresh
     for its re-send under the same attempt; one sweeper wins. A retry not yet due stays
     queued as of its due time, its lease covering the rest of its backoff."""
-    clock = case((_s.queued_at > DbEpoch(), _s.queued_at), else_=DbEpoch())
     stmt = (
         update(pf_steps)
-        .where(
-            _s.run_id == run_id,
-            _s.step == step,
-            _s.attempt == attempt,
-            _s.status == "queued",
-            _s.received_by == receiver,
-        )
-        .values(received_by=None, queued_at=clock, lease_expires_at=clock + lease_s)
+        .where(*_queued(run_id, step, attempt), _s.received_by == receiver)
+        .values(received_by=None, **_handed_out_anew(lease_s))
     )
     return conn.execute(stmt).rowcount == 1
+
+
+def _queued(run_id: str, step: int, attempt: int) -> tuple[Any, ...]:
+    """The step row of this attempt, while it waits in the queue."""
+    return (_s.run_id == run_id, _s.step == step, _s.attempt == attempt, _s.status == "queued")
+
+
+def _handed_out_anew(lease_s: float) -> dict[str, Any]:
+    """Queued as of now (or of its due time, a retry's backoff), leased from then."""
+    clock = case((_s.queued_at > DbEpoch(), _s.queued_at), else_=DbEpoch())
+    return {"queued_at": clock, "lease_expires_at": clock + lease_s}
 
 
 def unsend_unrecorded(
@@ -235,19 +239,15 @@ def unsend_unrecorded(
     on the ``sent_at`` it read). A retry not yet due keeps its due time. Not a step
     handed out in the last ``settled_s`` (a dead receiver's, sent again by another
     sweeper): its old entry is only an old copy."""
-    clock = case((_s.queued_at > DbEpoch(), _s.queued_at), else_=DbEpoch())
     stmt = (
         update(pf_steps)
         .where(
-            _s.run_id == run_id,
-            _s.step == step,
-            _s.attempt == attempt,
-            _s.status == "queued",
+            *_queued(run_id, step, attempt),
             _s.received_by.is_(None),
             _s.sent_at == sent_at,
             _s.queued_at <= DbEpoch() - settled_s,
         )
-        .values(sent_at=None, queued_at=clock, lease_expires_at=clock + lease_s)
+        .values(sent_at=None, **_handed_out_anew(lease_s))
     )
     return conn.execute(stmt).rowcount == 1
 
