@@ -135,6 +135,16 @@ def test_broker_sentinel_reports_a_flushed_broker_once(fake_redis: Any) -> None:
     assert not sentinel.lost()
 
 
+def test_a_first_look_at_a_broker_whose_only_message_a_worker_reserved_is_no_loss(
+    fake_redis: Any,
+) -> None:
+    """The queues are empty because a worker prefetched the one message (it waits in
+    kombu's ``unacked`` hash): sending it again would run a duplicate beside it."""
+    fake_redis.hset("unacked", "a-delivery-tag", "a message")
+    assert not sweeper.BrokerSentinel(fake_redis).lost()
+    assert fake_redis.exists(sweeper.BrokerSentinel.KEY)
+
+
 def test_a_first_look_at_an_empty_broker_without_sentinel_is_a_loss(fake_redis: Any) -> None:
     """Queued steps in the ledger, nothing in the broker, never marked: their messages
     are gone (a broker restarted empty before any worker looked)."""
