@@ -129,11 +129,16 @@ class Browser:
 
     def _devtools_port(self) -> int:
         assert self._proc.stderr is not None
+        said: list[str] = []
         for line in self._proc.stderr:
             found = _DEVTOOLS.search(line)
             if found:
                 return int(found.group(1))
-        raise RuntimeError(f"{CHROMIUM} exited ({self._proc.wait()}) before DevTools started")
+            said = [*said[-19:], line.rstrip()]
+        raise RuntimeError(
+            f"{CHROMIUM} exited ({self._proc.wait()}) before DevTools started; its last "
+            "words:\n" + "\n".join(said)
+        )
 
     def _run(self, coro: Any) -> Any:
         return self._loop.run_until_complete(asyncio.wait_for(coro, 30))

@@ -21,6 +21,7 @@ import pytest
 
 from pocoflow import codec
 from pocoflow.codec import CodecError, decode, encode, register_type
+from tests.helpers import stable_id
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -171,14 +172,14 @@ TAGGED_VALUES = [
 ]
 
 
-@pytest.mark.parametrize("value", PLAIN_VALUES, ids=repr)
+@pytest.mark.parametrize("value", PLAIN_VALUES, ids=stable_id)
 def test_plain_json_values_pass_through_untouched(value: Any) -> None:
     text = encode(value, key="k")
     assert text == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     roundtrip(value)
 
 
-@pytest.mark.parametrize("value", TAGGED_VALUES, ids=repr)
+@pytest.mark.parametrize("value", TAGGED_VALUES, ids=stable_id)
 def test_tagged_values_round_trip_exactly(value: Any) -> None:
     roundtrip(value)
 

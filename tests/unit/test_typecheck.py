@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, Union
 import pytest
 
 from pocoflow.typecheck import checker, describe, describe_value, matches, registered_types
+from tests.helpers import stable_id
 
 
 class Base:
@@ -133,7 +134,7 @@ CASES: list[tuple[Any, Any, bool]] = [
 ]
 
 
-@pytest.mark.parametrize(("value", "expected", "ok"), CASES, ids=repr)
+@pytest.mark.parametrize(("value", "expected", "ok"), CASES, ids=stable_id)
 def test_matches(value: Any, expected: Any, ok: bool) -> None:
     assert matches(value, expected) is ok
 
@@ -151,7 +152,7 @@ def test_checkers_are_compiled_once_per_type() -> None:
 @pytest.mark.parametrize(
     "bad",
     ["int", typing.ForwardRef("int"), 3, typing.Protocol, typing.NoReturn],
-    ids=repr,
+    ids=stable_id,
 )
 def test_unsupported_schema_types_fail_when_compiled(bad: Any) -> None:
     with pytest.raises(TypeError):
@@ -187,7 +188,7 @@ def test_non_runtime_protocol_says_how_to_fix() -> None:
         (abc.Callable[[int], str], "Callable[[int], str]"),
         (abc.Sequence[str], "Sequence[str]"),
     ],
-    ids=repr,
+    ids=stable_id,
 )
 def test_describe(expected: Any, text: str) -> None:
     assert describe(expected) == text
