@@ -13,7 +13,6 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from sqlalchemy.engine import URL, Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError
 
 from pocoflow import settings
+from pocoflow.ledger.combine import Combiner
 from pocoflow.ledger.errors import is_locked
 from pocoflow.ledger.forkgate import gate as fork_gate
 from pocoflow.settings import DEFAULT_SQLITE_SYNCHRONOUS, SQLITE_SYNCHRONOUS_MODES
@@ -305,12 +305,13 @@ class LedgerEngine:
     schema_ready: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: SQLite: the write transactions of this process's threads, one at a time (see
-    #: ``txn.run``).
+    #: ``txn.run``); PostgreSQL: the groups of item commits, one at a time.
     writers: threading.Lock = field(default_factory=threading.Lock)
     #: SQLite: the idle connection ``borrow`` lends.
     kept: KeptConnection = field(default_factory=KeptConnection)
-    #: SQLite: grouped write units waiting for ``writers`` (``txn.run(grouped=True)``).
-    grouped: deque[Any] = field(default_factory=deque)
+    #: The groups of this process's write calls (``combine``): on SQLite the grouped
+    #: ones (``txn.run(grouped=True)``), on PostgreSQL the map items' commits.
+    grouped: Combiner = field(default_factory=Combiner)
 
     @property
     def label(self) -> str:
@@ -400,7 +401,7 @@ def _after_fork_in_child() -> None:
         ledger.kept.forget()  # the parent's, as the pool's above
         ledger.lock = threading.Lock()
         ledger.writers = threading.Lock()
-        ledger.grouped = deque()
+        ledger.grouped = Combiner()
 
 
 if hasattr(os, "register_at_fork"):

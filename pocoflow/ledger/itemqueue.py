@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pocoflow.ledger import itemrecovery, items, localitems, pipeline, steps, txn
+from pocoflow.ledger import combine, itemrecovery, items, localitems, pipeline, steps, txn
 from pocoflow.ledger.client import LedgerClient
 from pocoflow.ledger.items import ItemClaim
 
@@ -91,7 +91,19 @@ class ItemQueue(LedgerClient):
         now: float | None = None,
     ) -> tuple[bool, dict[str, Any] | None]:
         """The item's result and its count on the join, in one transaction (see
-        ``items.commit``). ``(False, None)``, nothing written, if the claim was lost."""
+        ``items.commit``). ``(False, None)``, nothing written, if the claim was lost.
+
+        On PostgreSQL the commits of this process's threads that come at the same moment
+        share one transaction (``items.commit_many``, ``txn.combine``)."""
+        if self._ledger.dialect == "postgresql":
+            work = items.ItemCommit(c, result_json, error_json, lease_s, now)
+            ledger = self._ledger
+            while True:
+                try:
+                    unit = combine.Unit(work)
+                    return ledger.grouped.run(unit, self._commit_items, ledger.writers)  # type: ignore[no-any-return]
+                except combine.GroupAborted:
+                    continue  # another call's interrupt rolled the group back: again
 
         def body(conn: Any) -> tuple[bool, dict[str, Any] | None]:
             got = items.commit(conn, c, result_json, error_json, lease_s, now)
@@ -105,6 +117,30 @@ class ItemQueue(LedgerClient):
             return True, items.join_state(conn, c.run_id, c.step)
 
         return self._finish_item(body, own, "committing", c, grouped=True)
+
+    def _commit_items(self, units: list[combine.Unit]) -> None:
+        """One group of item commits (``commit_item``): one transaction, each unit's
+        outcome its own. A COMMIT whose outcome was lost is confirmed item by item."""
+        commits: list[items.ItemCommit] = [unit.work for unit in units]
+
+        def body(conn: Any) -> list[tuple[bool, dict[str, Any] | None]]:
+            return items.commit_many(conn, commits)
+
+        def own(conn: Any, got: list[tuple[bool, dict[str, Any] | None]]) -> Any:
+            return [
+                (True, items.join_state(conn, w.claim.run_id, w.claim.step))
+                if not done and items.committed_by(conn, w.claim)
+                else (done, state)
+                for w, (done, state) in zip(commits, got, strict=True)
+            ]
+
+        first = commits[0].claim
+        what = f"committing item {first.idx} of step {first.step}"
+        if len(commits) > 1:
+            what += f" and {len(commits) - 1} more item(s)"
+        outcomes = self._write(body, what, first.run_id, confirm=own, batched=True)
+        for unit, outcome in zip(units, outcomes, strict=True):
+            unit.result = outcome
 
     def fail_item(
         self,

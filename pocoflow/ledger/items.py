@@ -131,6 +131,9 @@ _COUNT = (
 # statement finished: a holder that lost its claim writes nothing at all.
 _FINISHED_NOW = _FINISH.returning(_i.idx).cte("finished_now")
 _FINISH_AND_COUNT = _COUNT.where(select(_FINISHED_NOW.c.idx).exists())
+#: The same for one item of a group (``commit_many``): the count it brought the join to,
+#: or no row when its claim was lost (nothing written).
+_FINISH_AND_COUNT_RETURNING = _FINISH_AND_COUNT.returning(_j.done)
 _COMPLETE = (
     select(_j.run_id).where(_j.run_id == _s.run_id, _j.step == _s.step, _j.done >= _j.total)
 ).exists()
@@ -323,6 +326,62 @@ def commit(
     ]
     committed, rows = pipeline.run_reading(conn, ops)
     return committed, _state(rows[3]) if committed else None
+
+
+@dataclass(frozen=True)
+class ItemCommit:
+    """One item commit of a group (``commit_many``)."""
+
+    claim: ItemClaim
+    result_json: str | None
+    error_json: str | None
+    lease_s: float
+    now: float | None = None
+
+
+def commit_many(
+    conn: Connection, commits: Sequence[ItemCommit]
+) -> list[tuple[bool, dict[str, Any] | None]]:
+    """PostgreSQL: the item commits of several threads in one transaction and one round
+    trip, its COMMIT included; for each, what ``commit`` returns for it alone.
+
+    Because every item commit of a step moves the same ``pf_joins`` row, whose lock each
+    one held through its COMMIT's WAL flush: a thousand items took turns on one lock
+    for one flush each. A group takes the lock once per flush. Each item's finish is its
+    own guard (a lost claim writes nothing, the others commit), its count is moved by the
+    same statement, and the join row sees the counts in order, so the one item that
+    brought ``done`` to ``total`` is told so (its state's ``done``): it publishes the
+    join. Rows are locked in key order, so two processes' groups cannot deadlock on the
+    joins of two steps."""
+    order = sorted(range(len(commits)), key=lambda i: _item_order(commits[i].claim))
+    ops: list[Op] = []
+    for i in order:
+        c = commits[i]
+        params = c.claim.params(b_status="done", b_result=c.result_json, b_error=c.error_json)
+        params.update(now=c.now, lease_s=c.lease_s)
+        ops.append(Op(_FINISH_AND_COUNT_RETURNING, params, returns_rows=True))
+    joins: dict[tuple[str, int], int] = {}
+    for i in order:
+        c = commits[i]
+        key = (c.claim.run_id, c.claim.step)
+        if key not in joins:
+            step = {"b_run_id": key[0], "b_step": key[1]}
+            ops.append(Op(REQUEUE_JOIN_STEP, {**step, "now": c.now, "lease_s": c.lease_s}))
+            joins[key] = len(ops)
+            ops.append(Op(_JOIN_STATE, step))
+    _ok, rows = pipeline.run_reading(conn, ops, commit=True)
+    out: list[tuple[bool, dict[str, Any] | None]] = [(False, None)] * len(commits)
+    for position, i in enumerate(order):
+        claim = commits[i].claim
+        counted = rows[position]
+        state = _state(rows[joins[(claim.run_id, claim.step)]])
+        if counted and state is not None:
+            out[i] = (True, {**state, "done": counted[0][0]})
+    return out
+
+
+def _item_order(c: ItemClaim) -> tuple[str, int, int]:
+    return (c.run_id, c.step, c.idx)
 
 
 def _state(rows: list[tuple[Any, ...]]) -> dict[str, Any] | None:

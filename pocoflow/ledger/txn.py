@@ -23,12 +23,13 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from pocoflow.ledger import pipeline
+from pocoflow.ledger.combine import GroupAborted, Unit, fail
 from pocoflow.ledger.engine import LedgerEngine
 from pocoflow.ledger.errors import (
     LedgerConflictError,
@@ -218,93 +219,33 @@ def _on_raw_sqlite(ledger: LedgerEngine, begin: str, fn: Callable[[Connection], 
         ledger.give_back(loan)
 
 
-#: At most this many grouped calls share one SQLite transaction.
-MAX_GROUP = 32
-
-
-class _Unit:
-    """One grouped call: its body, then its result or the exception it raised."""
-
-    __slots__ = ("done", "error", "fn", "result")
-
-    def __init__(self, fn: Callable[[Connection], Any]) -> None:
-        self.fn = fn
-        self.done = False
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-
 def _run_grouped(ledger: LedgerEngine, begin: str, fn: Callable[[Connection], T]) -> T:
-    """``fn`` on SQLite, in one transaction with the grouped calls that queued meanwhile.
+    """``fn`` on SQLite, in one transaction with the grouped calls that queued meanwhile
+    (``combine``), each in a savepoint of its own (``_run_units``), its leader holding
+    the process's ``writers`` lock.
 
     Because on a threads-pool worker each map item's claim and commit was a transaction
     of its own, and the BEGIN, COMMIT and the hand-over of the write lock (the process's
     ``writers`` queue, then SQLite's file lock between processes) cost more than its
-    statements. Flat combining: the call joins ``ledger.grouped`` and waits for the write
-    lock; whoever gets the lock with its call not yet run takes its own call first and
-    the others queued (up to ``MAX_GROUP`` in all), and runs them in one transaction; a
-    call found done when its thread gets the lock just returns. Each call runs in a
-    savepoint of its own, so one whose compare-and-set missed (``Abort``) or that failed
-    rolls back alone and the others commit; a checkout, BEGIN or COMMIT that fails fails
-    each call, which retries (``run``).
-
-    Every call taken from the queue ends done (``_run_units``), so a thread holding the
-    lock finds its own call done or still queued; a thread leaving by an exception (an
-    interrupt while it waits) takes its call out of the queue, so no later group runs a
-    call whose caller has gone (and whose ``run`` may be retrying it as a new call)."""
-    unit = _Unit(fn)
-    ledger.grouped.append(unit)
-    try:
-        with ledger.writers:
-            if not unit.done:
-                # Still queued (see above): it runs now, first, whatever else is queued.
-                try:
-                    ledger.grouped.remove(unit)
-                except ValueError:
-                    raise RuntimeError(
-                        "grouped ledger call neither done nor queued (a bug): not run"
-                    ) from None
-                units = [unit]
-                while ledger.grouped and len(units) < MAX_GROUP:
-                    units.append(ledger.grouped.popleft())
-                _run_units(ledger, begin, units)
-    except BaseException:
-        # Atomic under the GIL, as the combiners' popleft: either it is still queued and
-        # no group will run it, or a group took it (and ran it, or runs it now).
-        with contextlib.suppress(ValueError):
-            ledger.grouped.remove(unit)
-        raise
-    if unit.error is not None:
-        raise unit.error
-    return unit.result  # type: ignore[no-any-return]
+    statements."""
+    run_units = lambda units: _run_units(ledger, begin, units)  # noqa: E731
+    return ledger.grouped.run(Unit(fn), run_units, ledger.writers)  # type: ignore[no-any-return]
 
 
-class GroupAborted(Exception):
-    """Another call of the group raised a ``BaseException`` (an interrupt, a
-    ``SystemExit``) in the shared transaction, which was rolled back: nothing of this
-    call was written, and ``run`` runs it again."""
+def _run_units(ledger: LedgerEngine, begin: str, units: list[Unit]) -> None:
+    """Run ``units`` in one SQLite transaction (``_run_grouped``), each with its result
+    or its error; what fails the whole transaction fails each unit (``combine``)."""
+    if len(units) == 1:  # alone: the plain transaction, no savepoint
+        (unit,) = units
+        try:
+            unit.result = _on_raw_sqlite(ledger, begin, unit.work)
+        except BaseException as exc:
+            unit.error = exc
+    else:
+        _run_together(ledger, begin, units)
 
 
-def _run_units(ledger: LedgerEngine, begin: str, units: list[_Unit]) -> None:
-    """Run ``units`` in one transaction (``_run_grouped``); each one ends done, whatever
-    fails (a checkout of the pooled connection too), with its result or its error."""
-    try:
-        if len(units) == 1:  # alone: the plain transaction, no savepoint
-            (unit,) = units
-            try:
-                unit.result = _on_raw_sqlite(ledger, begin, unit.fn)
-            except BaseException as exc:
-                unit.error = exc
-        else:
-            _run_together(ledger, begin, units)
-    except BaseException as exc:  # e.g. the pool's checkout timed out
-        _fail(units, exc, None)
-    finally:
-        for unit in units:
-            unit.done = True
-
-
-def _run_together(ledger: LedgerEngine, begin: str, units: list[_Unit]) -> None:
+def _run_together(ledger: LedgerEngine, begin: str, units: list[Unit]) -> None:
     """Several units, each in a savepoint of one transaction (``_run_units``), on the
     ledger's kept connection (``LedgerEngine.borrow``; the caller holds ``writers``).
     Raises only what ``borrow`` raised; every other failure is recorded on the units."""
@@ -312,14 +253,14 @@ def _run_together(ledger: LedgerEngine, begin: str, units: list[_Unit]) -> None:
     try:
         raw = loan.driver_connection
         sql = begin
-        culprit: _Unit | None = None  # the unit whose BaseException aborted the group
+        culprit: Unit | None = None  # the unit whose BaseException aborted the group
         try:
             raw.execute(sql)
             for unit in units:
                 sql = "SAVEPOINT pf_unit"
                 raw.execute(sql)
                 try:
-                    unit.result = unit.fn(loan)  # type: ignore[arg-type]
+                    unit.result = unit.work(loan)  # type: ignore[arg-type]
                 except Exception as exc:  # Abort too: this call's writes only are undone
                     unit.error = exc
                     sql = "ROLLBACK TO pf_unit"
@@ -336,26 +277,9 @@ def _run_together(ledger: LedgerEngine, begin: str, units: list[_Unit]) -> None:
                 raw.rollback()
             if isinstance(exc, sqlite3.Error):
                 exc = DBAPIError.instance(sql, None, exc, sqlite3.Error)
-            _fail(units, exc, culprit)
+            fail(units, exc, culprit)
     finally:
         ledger.give_back(loan)
-
-
-def _fail(units: list[_Unit], exc: BaseException, culprit: _Unit | None) -> None:
-    """The group's transaction failed with ``exc`` and nothing of it committed: every
-    unit fails, even one whose compare-and-set missed (its answer may rest on another
-    unit's rolled-back write), and retries (``run``). An interrupt or exit (not an
-    ``Exception``) goes to its own caller only: ``culprit`` whose body raised it, or else
-    the combiner's own unit (the first), on whose thread it arrived; the others get
-    ``GroupAborted`` and run again."""
-    if isinstance(exc, Exception):
-        for unit in units:
-            unit.error = exc
-        return
-    owner = culprit if culprit is not None else units[0]
-    aborted = GroupAborted(f"another call of the group raised {type(exc).__name__}")
-    for unit in units:
-        unit.error = exc if unit is owner else aborted
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """Group commit of map items, on SQLite and PostgreSQL: the claims and commits of one
 process's threads that wait for the write lock together share one SQLite transaction,
-each in a savepoint of its own, with the same outcome for each as alone. PostgreSQL
-runs each alone (its transactions do not queue on a file lock): the same outcomes."""
+each in a savepoint of its own, with the same outcome for each as alone. On PostgreSQL
+the item commits that come together share one transaction (``items.commit_many``), and
+the claims run alone: the same outcomes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pocoflow.ledger import events, pipeline, txn
+from pocoflow.ledger import combine, events, pipeline, txn
 from pocoflow.ledger.items import ItemClaim
 
 pytestmark = pytest.mark.ledger
@@ -22,12 +23,13 @@ RUN = "r1"
 WAIT_S = 10.0
 
 
-def _queued_together(db, calls: list[Callable[[], Any]]) -> list[Any]:
-    """Run ``calls`` on threads of their own; on SQLite, hold the write lock until all of
-    them wait for it, so that the thread that gets it next runs them as one group.
-    Returns each call's result (or the exception it raised)."""
+def _queued_together(db, calls: list[Callable[[], Any]], pg_groups: bool = False) -> list[Any]:
+    """Run ``calls`` on threads of their own; on SQLite (on PostgreSQL too: ``pg_groups``,
+    item commits), hold the write lock until all of them wait for it, so that the thread
+    that gets it next runs them as one group. Returns each call's result (or the
+    exception it raised)."""
     ledger = db._ledger
-    sqlite = ledger.dialect == "sqlite"
+    sqlite = ledger.dialect == "sqlite" or pg_groups
     results: list[Any] = [None] * len(calls)
 
     def call(i: int) -> None:
@@ -96,7 +98,7 @@ def test_a_group_where_one_compare_and_set_misses_commits_the_others(fanned):
         (lambda i=i: db.commit_item(_c(i, holders[i]), result_json=f'"R{i}"', lease_s=LEASE))
         for i in range(4)
     ]
-    got = _queued_together(db, calls)
+    got = _queued_together(db, calls, pg_groups=True)
     assert [g[0] for g in got] == [True, True, True, False]
     assert got[3] == (False, None)
     rows = {r["idx"]: r for r in db.get_items(RUN, 0)}
@@ -115,6 +117,54 @@ def test_a_group_where_one_compare_and_set_misses_commits_the_others(fanned):
     assert db.get_step(RUN, 0)["attempt"] == 1  # not complete: the step stays parked
     # The lost holder's claim is still fenced out, the true one commits and completes.
     assert db.commit_item(_c(3, "w3#1"), result_json='"R3"', lease_s=LEASE)[1]["done"] == 4
+
+
+def test_the_group_that_completes_a_join_tells_exactly_one_item(fanned):
+    """Every item of the step committed in one group, given in reverse order: each is
+    counted once, the step is queued once for its join, and exactly one commit is told
+    it completed the count (the one that publishes the join)."""
+    db = fanned
+    for idx in range(4):
+        assert db.claim_item(_c(idx, f"w{idx}#1"), "M", LEASE)[0]
+    calls = [
+        (lambda i=i: db.commit_item(_c(i, f"w{i}#1"), result_json=f'"R{i}"', lease_s=LEASE))
+        for i in reversed(range(4))
+    ]
+    got = _queued_together(db, calls, pg_groups=True)
+    assert all(committed for committed, _ in got)
+    assert sorted(state["done"] for _, state in got) == [1, 2, 3, 4]
+    completer = next(state for _, state in got if state["done"] == state["total"])
+    assert (completer["step_status"], completer["step_attempt"]) == ("queued", 2)
+    assert completer["lease_owner"] is None
+    assert db.get_join(RUN, 0)["done"] == 4
+    assert [r["result_json"] for r in db.get_items(RUN, 0)] == ['"R0"', '"R1"', '"R2"', '"R3"']
+
+
+def test_a_group_spanning_two_steps_counts_each_on_its_own_join(fanned):
+    """Items of two fanned-out steps (of two runs) in one group: each join counts its own
+    items only, and the one that completes is told so."""
+    db = fanned
+    db.create_run("r2", "f", initial_store={}, status="running")
+    db.insert_step("r2", 0, "M", lease_s=LEASE)
+    assert db.claim_step("r2", 0, 1, "w0", LEASE, holder="w0#2")
+    assert db.fan_out("r2", 0, 1, "w0#2", "w0", ['"x"'], [])
+    other = ItemClaim("r2", 0, 0, 1, "w9#1")
+    assert db.claim_item(other, "M", LEASE)[0]
+    for idx in range(2):
+        assert db.claim_item(_c(idx, f"w{idx}#1"), "M", LEASE)[0]
+    calls = [
+        lambda: db.commit_item(_c(1, "w1#1"), result_json='"R1"', lease_s=LEASE),
+        lambda: db.commit_item(other, result_json='"X"', lease_s=LEASE),
+        lambda: db.commit_item(_c(0, "w0#1"), result_json='"R0"', lease_s=LEASE),
+    ]
+    got = _queued_together(db, calls, pg_groups=True)
+    assert [(g[0], g[1]["done"], g[1]["total"]) for g in got] in (
+        [(True, 2, 4), (True, 1, 1), (True, 1, 4)],
+        [(True, 1, 4), (True, 1, 1), (True, 2, 4)],
+    )
+    assert got[1][1]["step_status"] == "queued"  # r2's join is complete
+    assert (db.get_join(RUN, 0)["done"], db.get_join("r2", 0)["done"]) == (2, 1)
+    assert db.get_step(RUN, 0)["attempt"] == 1  # r1's step stays parked
 
 
 def test_claims_in_one_group_each_get_their_own_answer(fanned):
@@ -251,12 +301,12 @@ def test_a_failed_checkout_fails_each_call_of_the_group_and_strands_none(
     ledger.writers.release()
 
 
-def test_a_combiner_whose_checkout_fails_leaves_no_second_copy_of_its_call(
+def test_a_leader_whose_checkout_fails_leaves_no_second_copy_of_its_call(
     sqlite_fanned, monkeypatch
 ):
-    """Three item commits queued; the last to queue gets the lock first, and the group
-    it runs (``MAX_GROUP`` 2) fails its checkout with 'locked', which ``run`` retries.
-    Its call must not stay queued beside the retry's: run twice, the second copy's
+    """Three item commits queued as one group would be, ``MAX_GROUP`` 2: the leader takes
+    its own and one more, and its checkout fails with 'locked', which ``run`` retries as
+    new calls. No call may stay queued beside its retry: run twice, the second copy's
     compare-and-set misses and its caller hears 'lost' for a result in the ledger."""
     import sqlite3
 
@@ -266,53 +316,23 @@ def test_a_combiner_whose_checkout_fails_leaves_no_second_copy_of_its_call(
     ledger = db._ledger
     for i in range(3):
         assert db.claim_item(_c(i, f"w{i}#1"), "M", LEASE)[0]
-    monkeypatch.setattr(txn, "MAX_GROUP", 2)
-    gate = threading.Event()
-    real_lock = ledger.writers
-    late: set[int] = set()
-
-    class GatedLock:  # the first two callers reach the real lock once the gate opens
-        def __enter__(self) -> None:
-            if threading.get_ident() in late:
-                assert gate.wait(WAIT_S)
-            real_lock.acquire()
-
-        def __exit__(self, *_: Any) -> None:
-            real_lock.release()
-
-    monkeypatch.setattr(ledger, "writers", GatedLock())
-    real_borrow = ledger.borrow  # the combiner's connection (kept, else checked out)
+    monkeypatch.setattr(combine, "MAX_GROUP", 2)
+    real_borrow = ledger.borrow  # the leader's connection (kept, else checked out)
     failed: list[int] = []
 
     def borrow() -> Any:
-        if not failed and len(ledger.grouped) == 1:  # the first two-call group
+        if not failed:  # the first (two-call) group
             failed.append(1)
             raise OperationalError("connect", None, sqlite3.OperationalError("database is locked"))
         return real_borrow()
 
     monkeypatch.setattr(ledger, "borrow", borrow)
-    got: list[Any] = [None] * 3
-
-    def call(i: int) -> None:
-        if i < 2:
-            late.add(threading.get_ident())
-        try:
-            got[i] = db.commit_item(_c(i, f"w{i}#1"), result_json=f'"R{i}"', lease_s=LEASE)
-        except Exception as exc:
-            got[i] = exc
-
-    real_lock.acquire()
-    threads = []
-    for i in range(3):  # queued in this order
-        threads.append(threading.Thread(target=call, args=(i,), daemon=True))
-        threads[-1].start()
-        deadline = time.monotonic() + WAIT_S
-        while len(ledger.grouped) < i + 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-    real_lock.release()
-    threads[2].join(WAIT_S)
-    gate.set()
+    calls = [
+        (lambda i=i: db.commit_item(_c(i, f"w{i}#1"), result_json=f'"R{i}"', lease_s=LEASE))
+        for i in range(3)
+    ]
+    threads, got = _start_queued(db, calls)
+    ledger.writers.release()
     assert _stop_stranded(monkeypatch, threads) == []
     assert failed
     assert [g[0] for g in got] == [True, True, True], got

@@ -31,6 +31,7 @@ from pocoflow.ledger.errors import LedgerConflictError
 from pocoflow.registry import build_flow
 from pocoflow.store import Store
 from tests.conftest import fresh_postgres_database
+from tests.helpers import wait_until
 from tests.ledger.test_distributed_executor import LEASE_S, Add, Publish, drain, start
 
 pytestmark = pytest.mark.ledger
@@ -560,3 +561,47 @@ def test_map_item_claims_and_commits_whose_batched_commit_was_lost(
     assert db.commit_item(stale, result_json='"X"', lease_s=LEASE_S) == (False, None)
     assert db.get_join("r-map", 0)["done"] == 2
     assert [r["result_json"] for r in db.get_items("r-map", 0)] == ['"A"', '"B"']
+
+
+def test_a_group_of_item_commits_whose_commit_was_lost_confirms_each_item(
+    db: WorkflowDB, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads' item commits share one transaction (``items.commit_many``) whose
+    session dies after its COMMIT landed: the retry's compare-and-sets miss, and each
+    item is confirmed as its own (committed, counted once, the join queued once); a
+    third, stale holder's commit in the same group stays refused."""
+    import threading
+
+    from pocoflow.ledger.items import ItemClaim
+
+    db.create_run("r-g", "f", initial_store={}, status="running")
+    db.insert_step("r-g", 0, "M", lease_s=LEASE_S)
+    assert db.claim_step("r-g", 0, 1, "w0", LEASE_S, holder="w0#1")
+    assert db.fan_out("r-g", 0, 1, "w0#1", "w0", ['"a"', '"b"'], [])
+    claims = [ItemClaim("r-g", 0, idx, 1, f"w{idx}#1") for idx in (0, 1)]
+    for claim in claims:
+        assert db.claim_item(claim, "M", LEASE_S)[0]
+    stale = ItemClaim("r-g", 0, 0, 1, "stale#1")
+    got: dict[str, Any] = {}
+    killer = BatchCommitKiller(pg_url, monkeypatch)
+
+    def commit(name: str, claim: ItemClaim) -> None:
+        got[name] = db.commit_item(claim, result_json=f'"{name}"', lease_s=LEASE_S)
+
+    ledger = db._ledger
+    threads = [
+        threading.Thread(target=commit, args=(name, claim))
+        for name, claim in (("A", claims[0]), ("B", claims[1]), ("X", stale))
+    ]
+    killer.armed = 1
+    with ledger.writers:  # held until all three wait: the next holder runs them as one
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(ledger.grouped) == 3, 10.0)
+    for thread in threads:
+        thread.join(10.0)
+    assert killer.fired == 1
+    assert got["A"][0] is True and got["B"][0] is True and got["X"] == (False, None)
+    assert db.get_join("r-g", 0)["done"] == 2
+    assert [r["result_json"] for r in db.get_items("r-g", 0)] == ['"A"', '"B"']
+    assert (db.get_step("r-g", 0)["status"], db.get_step("r-g", 0)["attempt"]) == ("queued", 2)
