@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 EXTRAS ?= dev,ui,flower
 ARGS   ?=
+# Test processes (pytest-xdist; 0 runs the suite in this process). Most tests wait on
+# real workers and servers, so two share 2 cores well; whole modules go to one process
+# (--dist loadscope), so a module's cluster of workers starts once.
+TEST_JOBS ?= 2
 
 BIN   := $(VENV)/bin
 # Touched after a successful install: the venv is re-synced only when pyproject.toml
@@ -41,7 +45,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@echo "setup done: $(VENV) is ready"
 
 test: venv e2e-deps  ## run the test suite (ARGS="-k ledger -x" to narrow it)
-	$(BIN)/pytest -q --durations=20 $(ARGS)
+	$(BIN)/pytest -q -n $(TEST_JOBS) --dist loadscope --durations=20 $(ARGS)
 
 e2e-deps:  ## best effort: Debian's chromium (+ emoji font) for tests/e2e, skipped without it
 	@if [ -x /usr/bin/chromium ]; then /usr/bin/chromium --version; \

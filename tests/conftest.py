@@ -114,6 +114,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     its boot (about 10 s, mostly Erlang starting) then runs beside the tests before the
     first ``amqp_url``, instead of stalling it."""
     global _rabbit
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # each test process collects every test: the one that runs them boots it
     wanted = any("amqp_url" in getattr(item, "fixturenames", ()) for item in session.items)
     binary = rabbitmq_binary() if wanted and not os.environ.get(AMQP_ENV) else None
     if binary is None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,22 @@ from tests.distributed.faults import (
 
 pytestmark = pytest.mark.distributed
 
-_redis_dbs = itertools.cycle(range(1, 16))
+
+def _own_redis_dbs(env: Mapping[str, str]) -> list[int]:
+    """Databases 1-15 of the test Redis, shared out between pytest-xdist's processes
+    (``gw0``, ``gw1``...), which may share one Redis (``POCOFLOW_TEST_REDIS_URL``): no
+    two processes empty or use the same database."""
+    worker = env.get("PYTEST_XDIST_WORKER", "")
+    count = int(env.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or count < 2:
+        return list(range(1, 16))
+    index = int(worker[2:])
+    if count > 15:
+        raise RuntimeError(f"{count} test processes share 15 Redis databases: use -n 15 or fewer")
+    return [db for db in range(1, 16) if (db - 1) % count == index]
+
+
+_redis_dbs = itertools.cycle(_own_redis_dbs(os.environ))
 
 
 class Cluster:
