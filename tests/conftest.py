@@ -91,6 +91,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 _session_tmp: str | None = None
+_SESSION_PREFIX = "pocoflow-tests-"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -100,7 +101,12 @@ def pytest_configure(config: pytest.Config) -> None:
     global _session_tmp
     external_redis_url(os.environ)  # refuse at once, not in the first distributed test
     tempfile.gettempdir()  # cached first, so only children see the new TMPDIR
-    _session_tmp = tempfile.mkdtemp(prefix="pocoflow-tests-")
+    if os.environ.get("PYTEST_XDIST_WORKER") and _SESSION_PREFIX in os.environ.get("TMPDIR", ""):
+        # A pytest-xdist test process: its controller's session dir is already TMPDIR
+        # (and removed by it). Not one more level: Chromium's socket path must stay
+        # under 108 bytes.
+        return
+    _session_tmp = tempfile.mkdtemp(prefix=_SESSION_PREFIX)
     os.environ["TMPDIR"] = _session_tmp
 
 

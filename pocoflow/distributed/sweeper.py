@@ -112,10 +112,8 @@ class BrokerSentinel:
 
     A missing key is ambiguous only the first time a sweeper looks: a fresh broker whose
     clients published before any worker started has no sentinel either. Then the step
-    queues decide: messages waiting there, or taken by a worker and not yet acknowledged
-    (kombu's ``unacked`` hash: a worker that prefetched the only message), mean nothing
-    was lost (no 2x duplicate of a whole backlog at every first start); empty queues and
-    no unacknowledged message, with queued steps, mean it was.
+    queues decide: messages waiting there mean nothing was lost (no 2x duplicate of a
+    whole backlog at every first start); empty queues with queued steps mean it was.
     """
 
     KEY = "pocoflow:broker-sentinel"
@@ -136,7 +134,7 @@ class BrokerSentinel:
         if self.client.exists(self.KEY):
             self.seen = True
             return False
-        if not self.seen and (self.busy(queues()) or self.client.hlen(orphans.UNACKED)):
+        if not self.seen and any(self.client.llen(q) for q in queues()):
             self.client.set(self.KEY, "1", nx=True)
             self.seen = True
             return False

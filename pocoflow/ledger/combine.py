@@ -70,46 +70,40 @@ class Combiner:
         still queued; a caller that leaves by an exception (an interrupt while it waits)
         takes its unit out of the queue first, so no later group runs a unit whose caller
         has gone (and may be retrying it as a new call)."""
-        with self._cond:
-            self._queue.append(unit)
-            try:
-                while self._leading and not unit.done:
-                    self._cond.wait()
-            except BaseException:
-                self._drop(unit)
-                raise
-            lead = not unit.done
-            if lead:
-                self._leading = True
-        if lead:
-            self._lead(unit, run_units, gate)
-        if unit.error is not None:
-            raise unit.error
-        return unit.result
-
-    def _lead(
-        self, unit: Unit, run_units: Callable[[list[Unit]], None], gate: AbstractContextManager[Any]
-    ) -> None:
+        lead = False
         units: list[Unit] = []
         try:
-            with gate:
-                with self._cond:  # its own first: no other leader ran while it led
-                    self._queue.remove(unit)
-                    units.append(unit)
-                    while self._queue and len(units) < MAX_GROUP:
-                        units.append(self._queue.popleft())
-                try:
-                    run_units(units)
-                except BaseException as exc:  # e.g. the pool's checkout timed out
-                    fail(units, exc, None)
+            with self._cond:
+                self._queue.append(unit)
+                while self._leading and not unit.done:
+                    self._cond.wait()
+                if not unit.done:
+                    # ``lead`` first: an interrupt between the two leaves the flag unset,
+                    # never set with no leader to clear it.
+                    lead = self._leading = True
+            if lead:
+                with gate:
+                    with self._cond:  # its own first: no other leader ran while it led
+                        self._queue.remove(unit)
+                        units.append(unit)
+                        while self._queue and len(units) < MAX_GROUP:
+                            units.append(self._queue.popleft())
+                    try:
+                        run_units(units)
+                    except BaseException as exc:  # e.g. the pool's checkout timed out
+                        fail(units, exc, None)
         finally:
             with self._cond:
-                if not units:  # the gate raised (an interrupt): nothing was taken
+                if not units:  # it left before a group took it (an interrupt)
                     self._drop(unit)
                 for taken in units:
                     taken.done = True
-                self._leading = False
-                self._cond.notify_all()
+                if lead:
+                    self._leading = False
+                    self._cond.notify_all()
+        if unit.error is not None:
+            raise unit.error
+        return unit.result
 
     def _drop(self, unit: Unit) -> None:
         try:

@@ -4,6 +4,7 @@ distributed executor and the sweeper. The queries are in ``pocoflow.ledger.items
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from pocoflow.ledger import combine, itemrecovery, items, localitems, pipeline, steps, txn
@@ -98,12 +99,18 @@ class ItemQueue(LedgerClient):
         if self._ledger.dialect == "postgresql":
             work = items.ItemCommit(c, result_json, error_json, lease_s, now)
             ledger = self._ledger
+            aborted = False
             while True:
                 try:
                     unit = combine.Unit(work)
-                    return ledger.grouped.run(unit, self._commit_items, ledger.writers)  # type: ignore[no-any-return]
+                    got = ledger.grouped.run(unit, self._commit_items, ledger.writers)
                 except combine.GroupAborted:
-                    continue  # another call's interrupt rolled the group back: again
+                    aborted = True  # another call's interrupt ended the group: again
+                    continue
+                if aborted and not got[0]:
+                    # The aborted group's COMMIT may have gone out and landed first.
+                    got = self._read(partial(self._own_commit, c=c, got=got), c.run_id)
+                return got  # type: ignore[no-any-return]
 
         def body(conn: Any) -> tuple[bool, dict[str, Any] | None]:
             got = items.commit(conn, c, result_json, error_json, lease_s, now)
@@ -112,9 +119,7 @@ class ItemQueue(LedgerClient):
             return got
 
         def own(conn: Any, got: tuple[bool, dict[str, Any] | None]) -> Any:
-            if got[0] or not items.committed_by(conn, c):
-                return got
-            return True, items.join_state(conn, c.run_id, c.step)
+            return self._own_commit(conn, c, got)
 
         return self._finish_item(body, own, "committing", c, grouped=True)
 
@@ -127,12 +132,21 @@ class ItemQueue(LedgerClient):
             return items.commit_many(conn, commits)
 
         def own(conn: Any, got: list[tuple[bool, dict[str, Any] | None]]) -> Any:
-            return [
-                (True, items.join_state(conn, w.claim.run_id, w.claim.step))
-                if not done and items.committed_by(conn, w.claim)
-                else (done, state)
-                for w, (done, state) in zip(commits, got, strict=True)
-            ]
+            # The COMMIT was lost: each miss may be this group's own landed write. Only
+            # one item per join may hear that it completed the count (it publishes the
+            # join), though none can tell which one did.
+            told: set[tuple[str, int]] = set()
+            out = []
+            for w, outcome in zip(commits, got, strict=True):
+                outcome = self._own_commit(conn, w.claim, outcome)
+                key = (w.claim.run_id, w.claim.step)
+                state = outcome[1]
+                if outcome[0] and state is not None and state["done"] >= state["total"]:
+                    if key in told:
+                        outcome = (True, {**state, "done": state["total"] - 1})
+                    told.add(key)
+                out.append(outcome)
+            return out
 
         first = commits[0].claim
         what = f"committing item {first.idx} of step {first.step}"
@@ -141,6 +155,16 @@ class ItemQueue(LedgerClient):
         outcomes = self._write(body, what, first.run_id, confirm=own, batched=True)
         for unit, outcome in zip(units, outcomes, strict=True):
             unit.result = outcome
+
+    @staticmethod
+    def _own_commit(
+        conn: Any, c: ItemClaim, got: tuple[bool, dict[str, Any] | None]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """``got`` (a commit's answer), or committed when it missed but the item is
+        finished under ``c`` (only its commit writes that)."""
+        if got[0] or not items.committed_by(conn, c):
+            return got
+        return True, items.join_state(conn, c.run_id, c.step)
 
     def fail_item(
         self,

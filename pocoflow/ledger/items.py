@@ -134,6 +134,7 @@ _FINISH_AND_COUNT = _COUNT.where(select(_FINISHED_NOW.c.idx).exists())
 #: The same for one item of a group (``commit_many``): the count it brought the join to,
 #: or no row when its claim was lost (nothing written).
 _FINISH_AND_COUNT_RETURNING = _FINISH_AND_COUNT.returning(_j.done)
+_LOCK_JOIN_ROW = select(_j.done).where(_JOIN).with_for_update()
 _COMPLETE = (
     select(_j.run_id).where(_j.run_id == _s.run_id, _j.step == _s.step, _j.done >= _j.total)
 ).exists()
@@ -354,7 +355,12 @@ def commit_many(
     join. Rows are locked in key order, so two processes' groups cannot deadlock on the
     joins of two steps."""
     order = sorted(range(len(commits)), key=lambda i: _item_order(commits[i].claim))
-    ops: list[Op] = []
+    # The join rows first, in key order, as ``reopen`` takes them: a commit that locked
+    # its item row first and then waited for the join would deadlock with a resume that
+    # holds the join and re-opens that item (its lease expired).
+    steps = sorted({(c.claim.run_id, c.claim.step) for c in commits})
+    ops = [Op(_LOCK_JOIN_ROW, {"b_run_id": run_id, "b_step": step}) for run_id, step in steps]
+    first = len(ops)
     for i in order:
         c = commits[i]
         params = c.claim.params(b_status="done", b_result=c.result_json, b_error=c.error_json)
@@ -371,7 +377,7 @@ def commit_many(
             ops.append(Op(_JOIN_STATE, step))
     _ok, rows = pipeline.run_reading(conn, ops, commit=True)
     out: list[tuple[bool, dict[str, Any] | None]] = [(False, None)] * len(commits)
-    for position, i in enumerate(order):
+    for position, i in enumerate(order, start=first):
         claim = commits[i].claim
         counted = rows[position]
         state = _state(rows[joins[(claim.run_id, claim.step)]])
@@ -560,7 +566,7 @@ def reopen(
     now: float | None = None,
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """A fanned-out step claimed again (a resume, or a copy of its message): lock the
-    join row first, as every item commit does, so a commit that completes the count
+    join row first, as every item commit does (``commit_many``), so a commit that completes the count
     either lands before (the count is complete: the caller joins, holding the step) or
     after the step is parked again (that commit re-queues it). When not complete: the
     step parked again and every unfinished item that nobody holds (queued, failed, lease

@@ -15,6 +15,7 @@ import pytest
 
 from pocoflow.ledger import combine, events, pipeline, txn
 from pocoflow.ledger.items import ItemClaim
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.ledger
 
@@ -201,7 +202,7 @@ def test_a_call_that_fails_in_a_group_rolls_back_alone(db):
     assert "kept" in names and "failed" not in names and "aborted" not in names
 
 
-# --- SQLite only: how the group itself fails (PostgreSQL runs no groups). ---
+# --- SQLite only: how the group itself fails (a PostgreSQL group is one batch). ---
 
 
 @pytest.fixture
@@ -417,3 +418,55 @@ def test_a_failed_savepoint_statement_is_named_in_the_error(sqlite_fanned, monke
     assert all(isinstance(g, OperationalError) for g in got), got
     assert all("RELEASE pf_unit" in str(g) and "BEGIN" not in str(g) for g in got), got
     assert "e" not in [e["event"] for e in db.get_events(RUN)]
+
+
+@pytest.fixture
+def pg_fanned(database_url):
+    """``fanned`` on a PostgreSQL ledger, with a psycopg DSN to lock rows beside it."""
+    from sqlalchemy.engine import make_url
+
+    from pocoflow.db import WorkflowDB
+    from tests.conftest import fresh_postgres_database
+
+    with fresh_postgres_database(database_url) as url:
+        db = WorkflowDB(url)
+        db.create_run(RUN, "f", initial_store={}, status="running")
+        db.insert_step(RUN, 0, "M", lease_s=LEASE)
+        assert db.claim_step(RUN, 0, 1, "w0", LEASE, holder="w0#1")
+        assert db.fan_out(RUN, 0, 1, "w0#1", "w0", ['"a"', '"b"', '"c"', '"d"'], [])
+        try:
+            yield db, make_url(url).set(drivername="postgresql").render_as_string(False)
+        finally:
+            db.close()
+
+
+def test_an_item_commit_waits_for_its_join_row_before_it_locks_its_item(pg_fanned):
+    """A resume's ``reopen`` holds the join row and re-opens items whose lease expired;
+    an item commit waiting for that join row must not hold its item row meanwhile (the
+    two would deadlock: PostgreSQL would abort one of them after ``deadlock_timeout``)."""
+    import psycopg
+
+    db, dsn = pg_fanned
+    claim = _c(0, "w0#1")
+    assert db.claim_item(claim, "M", LEASE)[0]
+    got: list[Any] = []
+    with psycopg.connect(dsn) as resumer, psycopg.connect(dsn, autocommit=True) as probe:
+        resumer.execute("UPDATE pf_joins SET done = done WHERE run_id = %s", [RUN])
+        committer = threading.Thread(
+            target=lambda: got.append(db.commit_item(claim, result_json='"A"', lease_s=LEASE))
+        )
+        committer.start()
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()"
+        )
+        wait_until(lambda: probe.execute(waiting).fetchone()[0] == 1, WAIT_S)
+        # The item row is free: the resume may re-open it without waiting.
+        row = probe.execute(
+            "SELECT idx FROM pf_items WHERE run_id = %s AND idx = 0 FOR UPDATE NOWAIT", [RUN]
+        ).fetchone()
+        assert row == (0,)
+        resumer.commit()
+    committer.join(WAIT_S)
+    assert got and got[0][0] is True
+    assert db.get_join(RUN, 0)["done"] == 1

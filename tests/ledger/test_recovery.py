@@ -135,14 +135,17 @@ def test_broker_sentinel_reports_a_flushed_broker_once(fake_redis: Any) -> None:
     assert not sentinel.lost()
 
 
-def test_a_first_look_at_a_broker_whose_only_message_a_worker_reserved_is_no_loss(
-    fake_redis: Any,
-) -> None:
-    """The queues are empty because a worker prefetched the one message (it waits in
-    kombu's ``unacked`` hash): sending it again would run a duplicate beside it."""
-    fake_redis.hset("unacked", "a-delivery-tag", "a message")
-    assert not sweeper.BrokerSentinel(fake_redis).lost()
-    assert fake_redis.exists(sweeper.BrokerSentinel.KEY)
+def test_a_loss_is_seen_though_a_new_message_was_reserved_since(fake_redis: Any) -> None:
+    """Redis restarted empty, then a worker prefetched one new message (kombu's
+    ``unacked`` hash): a first look must still call it a loss, or it would set the key
+    and hide the loss from every sweeper (a duplicate of the new message is harmless, the
+    claim refuses it)."""
+    seen_before = sweeper.BrokerSentinel(fake_redis)
+    seen_before.set()
+    assert not seen_before.lost()
+    fake_redis.flushall()
+    fake_redis.hset("unacked", "tag-of-a-new-message", "a message")
+    assert sweeper.BrokerSentinel(fake_redis).lost()  # a worker started meanwhile
 
 
 def test_a_first_look_at_an_empty_broker_without_sentinel_is_a_loss(fake_redis: Any) -> None:

@@ -602,6 +602,61 @@ def test_a_group_of_item_commits_whose_commit_was_lost_confirms_each_item(
         thread.join(10.0)
     assert killer.fired == 1
     assert got["A"][0] is True and got["B"][0] is True and got["X"] == (False, None)
+    # One of them, only, is told it completed the count (it publishes the join).
+    told = [name for name in "AB" if got[name][1]["done"] == got[name][1]["total"]]
+    assert len(told) == 1, got
     assert db.get_join("r-g", 0)["done"] == 2
     assert [r["result_json"] for r in db.get_items("r-g", 0)] == ['"A"', '"B"']
     assert (db.get_step("r-g", 0)["status"], db.get_step("r-g", 0)["attempt"]) == ("queued", 2)
+
+
+def test_an_interrupt_after_a_group_committed_leaves_the_others_committed(
+    db: WorkflowDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader's thread is interrupted once its group's COMMIT landed: the other
+    calls, told to run again, miss their compare-and-set on their own landed write and
+    must still hear 'committed' (one of them that it completed the join), not 'lost'."""
+    import threading
+
+    from pocoflow.ledger import itemqueue
+    from pocoflow.ledger.items import ItemClaim
+
+    class Interrupt(BaseException):
+        pass
+
+    db.create_run("r-i", "f", initial_store={}, status="running")
+    db.insert_step("r-i", 0, "M", lease_s=LEASE_S)
+    assert db.claim_step("r-i", 0, 1, "w0", LEASE_S, holder="w0#1")
+    assert db.fan_out("r-i", 0, 1, "w0#1", "w0", ['"a"', '"b"', '"c"'], [])
+    claims = [ItemClaim("r-i", 0, idx, 1, f"w{idx}#1") for idx in range(3)]
+    for claim in claims:
+        assert db.claim_item(claim, "M", LEASE_S)[0]
+    real = itemqueue.ItemQueue._commit_items
+
+    def interrupted(self: Any, units: list[Any]) -> None:
+        real(self, units)
+        if len(units) == 3:
+            raise Interrupt
+
+    monkeypatch.setattr(itemqueue.ItemQueue, "_commit_items", interrupted)
+    got: dict[int, Any] = {}
+
+    def commit(i: int) -> None:
+        try:
+            got[i] = db.commit_item(claims[i], result_json=f'"R{i}"', lease_s=LEASE_S)
+        except BaseException as exc:
+            got[i] = exc
+
+    ledger = db._ledger
+    threads = [threading.Thread(target=commit, args=(i,)) for i in range(3)]
+    with ledger.writers:
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(ledger.grouped) == 3, 10.0)
+    for thread in threads:
+        thread.join(10.0)
+    interrupted_calls = [i for i, g in got.items() if isinstance(g, Interrupt)]
+    assert len(interrupted_calls) == 1
+    others = [g for g in got.values() if not isinstance(g, BaseException)]
+    assert len(others) == 2 and all(g[0] is True for g in others), got
+    assert db.get_join("r-i", 0)["done"] == 3
