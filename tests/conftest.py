@@ -121,7 +121,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     first ``amqp_url``, instead of stalling it."""
     global _rabbit
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        return  # each test process collects every test: the one that runs them boots it
+        # Each test process collects every test, not only those it will run: the process
+        # that runs the RabbitMQ tests boots it on first use (``amqp_url``).
+        return
     wanted = any("amqp_url" in getattr(item, "fixturenames", ()) for item in session.items)
     binary = rabbitmq_binary() if wanted and not os.environ.get(AMQP_ENV) else None
     if binary is None:

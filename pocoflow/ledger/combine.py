@@ -83,18 +83,20 @@ class Combiner:
                     lead = self._leading = True
             if lead:
                 with gate:
-                    with self._cond:  # its own first: no other leader ran while it led
-                        self._queue.remove(unit)
-                        units.append(unit)
-                        while self._queue and len(units) < MAX_GROUP:
-                            units.append(self._queue.popleft())
                     try:
+                        with self._cond:  # its own first: no other leader ran while it led
+                            self._queue.remove(unit)
+                            units.append(unit)
+                            while self._queue and len(units) < MAX_GROUP:
+                                units.append(self._queue.popleft())
                         run_units(units)
                     except BaseException as exc:  # e.g. the pool's checkout timed out
-                        fail(units, exc, None)
+                        if not units:  # nothing taken: its own unit is dropped below
+                            raise
+                        fail(units, exc, None)  # every unit taken ends with an answer
         finally:
             with self._cond:
-                if not units:  # it left before a group took it (an interrupt)
+                if not units and not unit.done:  # it left before a group took it
                     self._drop(unit)
                 for taken in units:
                     taken.done = True

@@ -108,7 +108,9 @@ class ItemQueue(LedgerClient):
                     aborted = True  # another call's interrupt ended the group: again
                     continue
                 if aborted and not got[0]:
-                    # The aborted group's COMMIT may have gone out and landed first.
+                    # The aborted group's COMMIT may have gone out and landed first. Then
+                    # each such call reads the join as complete, and more than one may
+                    # publish it: a copy the step's claim refuses (G1).
                     got = self._read(partial(self._own_commit, c=c, got=got), c.run_id)
                 return got  # type: ignore[no-any-return]
 

@@ -130,10 +130,8 @@ _COUNT = (
 # carries its COMMIT (``pipeline.run_reading(commit=True)``) counts only an item this very
 # statement finished: a holder that lost its claim writes nothing at all.
 _FINISHED_NOW = _FINISH.returning(_i.idx).cte("finished_now")
-_FINISH_AND_COUNT = _COUNT.where(select(_FINISHED_NOW.c.idx).exists())
-#: The same for one item of a group (``commit_many``): the count it brought the join to,
-#: or no row when its claim was lost (nothing written).
-_FINISH_AND_COUNT_RETURNING = _FINISH_AND_COUNT.returning(_j.done)
+#: ... and the count it brought the join to, or no row when the claim was lost.
+_FINISH_AND_COUNT = _COUNT.where(select(_FINISHED_NOW.c.idx).exists()).returning(_j.done)
 _LOCK_JOIN_ROW = select(_j.done).where(_JOIN).with_for_update()
 _COMPLETE = (
     select(_j.run_id).where(_j.run_id == _s.run_id, _j.step == _s.step, _j.done >= _j.total)
@@ -300,25 +298,15 @@ def commit(
     lease_s: float,
     now: float | None = None,
 ) -> tuple[bool, dict[str, Any] | None]:
-    """An item's result (or collected error), its count on the join and, if it completes
-    the count, the step re-queued for its join: one batch (G1: only under ``c``).
+    """SQLite: an item's result (or collected error), its count on the join and, if it
+    completes the count, the step re-queued for its join: one batch (G1: only under
+    ``c``). PostgreSQL commits items in groups (``commit_many``).
+
     Returns ``(committed, join state)``; the state's ``done == total`` tells the one
     commit that completed the join."""
     params = c.params(b_status="done", b_result=result_json, b_error=error_json)
     step = {"b_run_id": c.run_id, "b_step": c.step}
     join = {**step, "now": now, "lease_s": lease_s}
-    if conn.dialect.name == "postgresql":
-        # One batch with its COMMIT: the join row's lock, which every item of the step
-        # waits for, is held for no client round trip (the COMMIT came in a round trip of
-        # its own, after the batch's results: a thread of a busy worker then held the
-        # lock for its round trip and its wait for the GIL, and the items queued on it).
-        ops = [
-            Op(_FINISH_AND_COUNT, {**params, **join}, must_hit_one=True),
-            Op(REQUEUE_JOIN_STEP, join),
-            Op(_JOIN_STATE, step),
-        ]
-        committed, rows = pipeline.run_reading(conn, ops, commit=True)
-        return committed, _state(rows[2]) if committed else None
     ops = [
         Op(_FINISH, params, must_hit_one=True),
         Op(_COUNT, join, must_hit_one=True),
@@ -365,7 +353,7 @@ def commit_many(
         c = commits[i]
         params = c.claim.params(b_status="done", b_result=c.result_json, b_error=c.error_json)
         params.update(now=c.now, lease_s=c.lease_s)
-        ops.append(Op(_FINISH_AND_COUNT_RETURNING, params, returns_rows=True))
+        ops.append(Op(_FINISH_AND_COUNT, params, returns_rows=True))
     joins: dict[tuple[str, int], int] = {}
     for i in order:
         c = commits[i]

@@ -22,6 +22,7 @@ from pocoflow.distributed.celery_app import TASK_NAME, create_app
 from pocoflow.distributed.message import StepMessage
 from pocoflow.runner import RunHandle
 from pocoflow.settings import Settings
+from tests.conftest import REDIS_ENV
 from tests.distributed import flows
 from tests.distributed.faults import (
     TEST_LEASE_S,
@@ -35,16 +36,17 @@ pytestmark = pytest.mark.distributed
 
 
 def _own_redis_dbs(env: Mapping[str, str]) -> list[int]:
-    """Databases 1-15 of the test Redis, shared out between pytest-xdist's processes
-    (``gw0``, ``gw1``...), which may share one Redis (``POCOFLOW_TEST_REDIS_URL``): no
-    two processes empty or use the same database."""
+    """Databases 1-15 of the test Redis; shared out between pytest-xdist's processes
+    (``gw0``, ``gw1``..., a replacement for a crashed one ``gw2``...) when they share one
+    Redis (``POCOFLOW_TEST_REDIS_URL``), so no two empty or use the same database. Each
+    private Redis is one process's own."""
     worker = env.get("PYTEST_XDIST_WORKER", "")
     count = int(env.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
-    if not worker.startswith("gw") or count < 2:
+    if not (env.get(REDIS_ENV) and worker.startswith("gw")) or count < 2:
         return list(range(1, 16))
-    index = int(worker[2:])
     if count > 15:
-        raise RuntimeError(f"{count} test processes share 15 Redis databases: use -n 15 or fewer")
+        raise RuntimeError(f"{count} test processes cannot share the 15 databases of {REDIS_ENV}")
+    index = int(worker[2:]) % count
     return [db for db in range(1, 16) if (db - 1) % count == index]
 
 

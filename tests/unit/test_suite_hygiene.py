@@ -87,3 +87,18 @@ def test_the_suite_refuses_a_users_redis_before_running_anything():
     )  # fmt: skip
     assert done.returncode == 4, done.stdout + done.stderr  # usage error
     assert "FLUSHDB" in done.stderr and REDIS_FLUSH_ENV in done.stderr
+
+
+def test_test_processes_sharing_one_redis_get_databases_of_their_own():
+    from tests.distributed.conftest import _own_redis_dbs
+
+    shared = {REDIS_ENV: "redis://127.0.0.1:6379/0", "PYTEST_XDIST_WORKER_COUNT": "2"}
+    first = _own_redis_dbs({**shared, "PYTEST_XDIST_WORKER": "gw0"})
+    second = _own_redis_dbs({**shared, "PYTEST_XDIST_WORKER": "gw1"})
+    assert first and second and not set(first) & set(second)
+    assert set(first) | set(second) == set(range(1, 16))
+    # A replacement for a crashed process (xdist names it gw2) still gets databases.
+    assert _own_redis_dbs({**shared, "PYTEST_XDIST_WORKER": "gw2"}) == first
+    # Private servers: each process has all of its own Redis, however many processes.
+    alone = {"PYTEST_XDIST_WORKER": "gw7", "PYTEST_XDIST_WORKER_COUNT": "16"}
+    assert _own_redis_dbs(alone) == list(range(1, 16))
