@@ -149,8 +149,8 @@ def commit(
 
     No SELECT but the control request's: the fence is an UPDATE's row count and the
     checkpoint an ``INSERT ... ON CONFLICT DO NOTHING``'s row count. On PostgreSQL the
-    statements go out in one round trip (``pipeline``), the control request as the run
-    UPDATE's RETURNING.
+    statements and the COMMIT go out in one round trip (``pipeline``; a missed guard
+    aborts the transaction there), the control request as the run UPDATE's RETURNING.
     """
     ops: list[pipeline.Op] = []
     if c.attempt is not None:
@@ -195,10 +195,12 @@ def commit(
     # pk_pf_values can only fire when this step's checkpoint exists already (PostgreSQL
     # sends the whole batch before looking at the checkpoint insert's row count).
     conflicts = ("pk_pf_values",)
-    if not read_control:
-        return pipeline.run(conn, ops, conflicts), None
-    ok, rows = pipeline.run_reading(conn, ops, conflicts)
-    return ok, runs.control_of(rows[run_at]) if ok else None
+    # On PostgreSQL the batch carries its COMMIT (one round trip): every guard aborts the
+    # transaction when it misses, and so does a conflict, so nothing of a missed commit
+    # lands.
+    ops = [op._replace(aborts_on_miss=True) if op.must_hit_one else op for op in ops]
+    ok, rows = pipeline.run_reading(conn, ops, conflicts, commit=True)
+    return ok, runs.control_of(rows[run_at]) if ok and read_control else None
 
 
 def list_rows(conn: Connection, run_id: str) -> list[dict[str, Any]]:

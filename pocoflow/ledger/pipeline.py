@@ -42,6 +42,10 @@ class Op(NamedTuple):
     must_hit_one: bool = False
     #: A write with RETURNING whose rows ``run_reading`` returns, as a SELECT's.
     returns_rows: bool = False
+    #: With ``must_hit_one``, on PostgreSQL: a miss aborts the transaction on the server
+    #: (the write runs in a CTE divided by its row count), so a batch that carries its
+    #: COMMIT (``run_reading(commit=True)``) commits nothing when the guard missed.
+    aborts_on_miss: bool = False
 
 
 def run(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...] = ()) -> bool:
@@ -68,8 +72,9 @@ def run_reading(
     ``commit``: on PostgreSQL, a batch that opened its transaction (``BEGIN_OWED``) also
     sends its COMMIT, in the same round trip: the transaction's row locks are then held
     for no client round trip at all. Only for a batch whose writes may commit whatever its
-    guards say (e.g. each write is its own guard: a miss wrote nothing); the caller's own
-    COMMIT then finds no transaction and costs nothing. ``autocommit``: on PostgreSQL,
+    guards say (e.g. each write is its own guard: a miss wrote nothing), or whose guards
+    abort on a miss (``Op.aborts_on_miss``); the caller's own COMMIT then finds no
+    transaction and costs nothing. ``autocommit``: on PostgreSQL,
     no BEGIN nor COMMIT at all, each statement its own transaction: for a batch whose
     statements need not be atomic together."""
     rows: list[list[tuple[Any, ...]]] = [[] for _ in ops]
@@ -170,13 +175,24 @@ def _batches(
         )
         rows: Sequence[Mapping[str, Any]] = params if many else [params]  # type: ignore[assignment, list-item]
         if rows:
-            yield index, op, _plan(op.stmt, dialect, tuple(rows[0])), rows, many
+            guarded = op.aborts_on_miss and dialect.name == "postgresql"
+            yield index, op, _plan(op.stmt, dialect, tuple(rows[0]), guarded), rows, many
 
 
 @lru_cache(maxsize=256)
-def _plan(stmt: Executable, dialect: Dialect, keys: tuple[str, ...]) -> _Plan:
+def _plan(
+    stmt: Executable, dialect: Dialect, keys: tuple[str, ...], guarded: bool = False
+) -> _Plan:
     compiled = stmt.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
-    return _Plan(compiled, keys, bool(getattr(stmt, "is_select", False)))
+    plan = _Plan(compiled, keys, bool(getattr(stmt, "is_select", False)))
+    if guarded:
+        # The write (an INSERT or UPDATE) in a CTE, divided by the rows it changed:
+        # division_by_zero, which aborts the transaction, when it missed. (An INSERT
+        # returns its key already: SQLAlchemy's implicit RETURNING on PostgreSQL.)
+        write = plan.sql if " RETURNING " in plan.sql else f"{plan.sql} RETURNING 1"
+        plan.sql = f"WITH guarded AS ({write}) SELECT 1 / count(*) FROM guarded"
+        plan.select = True
+    return plan
 
 
 _PG_IDLE = 0  # libpq's PQTRANS_IDLE
@@ -223,6 +239,10 @@ def _pipelined(
                 raw.execute("COMMIT")
     except psycopg.errors.UniqueViolation as exc:
         if exc.diag.constraint_name in conflicts:
+            return False
+        raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
+    except psycopg.errors.DivisionByZero as exc:
+        if any(op.aborts_on_miss for op in ops):  # a guard missed (``_plan``)
             return False
         raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
     except psycopg.Error as exc:

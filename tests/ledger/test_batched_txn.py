@@ -61,3 +61,38 @@ def test_a_batched_transaction_is_one_and_gives_its_connection_back_clean(db: An
     finally:
         for pooled in lent:
             pooled.close()
+
+
+@pytest.mark.parametrize("aborts", [True, False])
+def test_a_batch_carrying_its_commit_commits_nothing_when_an_aborting_guard_missed(
+    db: Any, aborts: bool
+) -> None:
+    """A batch that sends its COMMIT with it (``run_reading(commit=True)``): a guard that
+    aborts on a miss (``Op.aborts_on_miss``) keeps the writes before it out of the
+    ledger; a plain guard would let them commit on PostgreSQL (which is why the step
+    commit's guards abort). The connection goes back to the pool clean either way."""
+    from sqlalchemy import update
+
+    batched(db, "w1")
+    missed = update(pf_workers).where(pf_workers.c.worker_id == "nobody").values(pid=2)
+
+    def body(conn: Any) -> bool:
+        ops = [
+            pipeline.Op(insert(pf_workers), worker_row("w2")),
+            pipeline.Op(missed, {}, must_hit_one=True, aborts_on_miss=aborts),
+        ]
+        ok, _rows = pipeline.run_reading(conn, ops, commit=True)
+        if not ok:
+            raise txn.Abort(False)
+        return True
+
+    assert txn.run(db._ledger, body, write=True, what="test batch", batched=True) is False
+    leaked = db._ledger.dialect == "postgresql" and not aborts
+    assert workers(db) == (2 if leaked else 1)
+    engine = db._ledger.engine
+    lent = [engine.raw_connection() for _ in range(engine.pool.checkedin())]
+    try:
+        assert all(lent_as_new(pooled, db._ledger.dialect) for pooled in lent)
+    finally:
+        for pooled in lent:
+            pooled.close()

@@ -137,8 +137,9 @@ def test_submit_whose_commit_outcome_was_lost_finds_its_own_run(
 
 
 def test_a_step_commit_whose_outcome_was_lost_is_committed_and_its_successor_sent(
-    db: WorkflowDB, ctx: WorkerContext, publish: Publish, killer: CommitKiller
+    db: WorkflowDB, ctx: WorkerContext, publish: Publish, batch_killer: BatchCommitKiller
 ) -> None:
+    killer = batch_killer
     from tests.ledger import test_distributed_executor as base
 
     first = start(db, "exec_grabbed")
@@ -239,7 +240,7 @@ def test_a_lost_cancel_is_recognised_though_a_running_step_committed_before_the_
 class Quiet(Node):
     """Changes nothing in the Store; its exec arms the kill hook for the step's COMMIT."""
 
-    killer: CommitKiller | None = None
+    killer: BatchCommitKiller | None = None
 
     def exec(self, prep_result: Any) -> None:
         assert Quiet.killer is not None
@@ -254,8 +255,9 @@ def quiet() -> Flow:
 
 
 def test_a_lost_commit_of_a_step_that_changed_no_value_is_committed(
-    db: WorkflowDB, ctx: WorkerContext, publish: Publish, killer: CommitKiller
+    db: WorkflowDB, ctx: WorkerContext, publish: Publish, batch_killer: BatchCommitKiller
 ) -> None:
+    killer = batch_killer
     first = start(db, "unknown_quiet")
     Quiet.killer = killer
     try:
@@ -277,7 +279,7 @@ def test_a_local_step_commit_whose_outcome_was_lost_goes_on(
     from pocoflow import recorder
 
     ledger = recorder.open_ledger(pg_url)
-    killer = CommitKiller(ledger, pg_url, monkeypatch)
+    killer = BatchCommitKiller(pg_url, monkeypatch)
     first = Quiet(name="quiet")
     first.then("default", Add(name="add"))
     local = Flow(start=first, db_path=pg_url, run_id="r-local")
@@ -340,7 +342,11 @@ def test_a_batched_step_commit_on_a_dropped_idle_connection_is_retried(pg_url: s
 
 
 def test_a_step_commit_lost_before_it_landed_while_another_attempt_committed_is_lost(
-    db: WorkflowDB, pg_url: str, ctx: WorkerContext, publish: Publish, killer: CommitKiller
+    db: WorkflowDB,
+    pg_url: str,
+    ctx: WorkerContext,
+    publish: Publish,
+    batch_killer: BatchCommitKiller,
 ) -> None:
     """The retry of a step commit finds the step committed, by a take-over's attempt and
     not by this one: the commit is not recognised as its own (nothing is sent on, the
@@ -354,6 +360,7 @@ def test_a_step_commit_lost_before_it_landed_while_another_attempt_committed_is_
         assert db.claim_step(first.run_id, 0, 2, "h:2", LEASE_S)
         commit_running_step(pg_url, first.run_id, 0, "h:2", attempt=2, grabbed="true")
 
+    killer = batch_killer
     killer.before = True
     killer.meanwhile.append(other_attempt_commits)
     base.ON_EXEC.append(lambda run_id, step, attempt: killer.arm())  # the commit's COMMIT
@@ -504,8 +511,11 @@ def test_a_step_failure_whose_outcome_was_lost_reports_the_failure(
 
 class BatchCommitKiller:
     """Arms a hook on psycopg's pipeline: the next batch that carries its own COMMIT (a
-    map item's claim or commit) lands on the server whole, then the session is
-    terminated before the client reads anything more: the outcome is unknown to it."""
+    step's claim or commit, a map item's claim or commit) lands on the server whole, then
+    the session is terminated before the client reads anything more: the outcome is
+    unknown to it. ``before``: the next batch's session is terminated before anything of
+    it reaches the server (it never lands; the client cannot tell), after the writes of
+    ``meanwhile`` (what other processes write then)."""
 
     def __init__(self, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
         from pocoflow.ledger import pipeline
@@ -513,21 +523,38 @@ class BatchCommitKiller:
         self.dsn = dsn(url)
         self.armed = 0
         self.fired = 0
+        self.before = False
+        self.meanwhile: list[Any] = []
         real = psycopg.Connection.pipeline
         killer = self
 
         @contextlib.contextmanager
         def hooked(conn: psycopg.Connection[Any]) -> Iterator[Any]:
+            if killer.armed and killer.before:
+                killer._kill(conn)
             with real(conn) as pipe:
                 yield pipe
             if killer.armed and pipeline.COMMIT_SENT.get():  # its results are read
-                killer.armed -= 1
-                killer.fired += 1
-                with psycopg.connect(killer.dsn, autocommit=True) as admin:
-                    admin.execute("SELECT pg_terminate_backend(%s, 5000)", [conn.info.backend_pid])
+                killer._kill(conn)
                 conn.execute("SELECT 1")  # raises: the socket is dead, psycopg marks it broken
 
         monkeypatch.setattr(psycopg.Connection, "pipeline", hooked)
+
+    def arm(self, times: int = 1) -> None:
+        self.armed = times
+
+    def _kill(self, conn: psycopg.Connection[Any]) -> None:
+        self.armed -= 1
+        self.fired += 1
+        with psycopg.connect(self.dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s, 5000)", [conn.info.backend_pid])
+        for write in self.meanwhile:
+            write()
+
+
+@pytest.fixture
+def batch_killer(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> BatchCommitKiller:
+    return BatchCommitKiller(pg_url, monkeypatch)
 
 
 def test_map_item_claims_and_commits_whose_batched_commit_was_lost(
