@@ -43,9 +43,14 @@ class Op(NamedTuple):
     #: A write with RETURNING whose rows ``run_reading`` returns, as a SELECT's.
     returns_rows: bool = False
     #: With ``must_hit_one``, on PostgreSQL: a miss aborts the transaction on the server
-    #: (the write runs in a CTE divided by its row count), so a batch that carries its
-    #: COMMIT (``run_reading(commit=True)``) commits nothing when the guard missed.
+    #: (the write runs in a CTE that raises ``GUARD_MISSED`` unless it changed one row),
+    #: so a batch that carries its COMMIT (``run_reading(commit=True)``) commits nothing
+    #: when the guard missed. Not for an executemany, nor with ``returns_rows``.
     aborts_on_miss: bool = False
+
+
+#: The error text of a guard that aborted its transaction (``Op.aborts_on_miss``).
+GUARD_MISSED = "pocoflow guard missed: rows changed "
 
 
 def run(conn: Connection, ops: Sequence[Op], conflicts: tuple[str, ...] = ()) -> bool:
@@ -176,6 +181,8 @@ def _batches(
         rows: Sequence[Mapping[str, Any]] = params if many else [params]  # type: ignore[assignment, list-item]
         if rows:
             guarded = op.aborts_on_miss and dialect.name == "postgresql"
+            if guarded and (many or op.returns_rows):
+                raise ValueError(f"aborts_on_miss on an executemany or returns_rows op: {op}")
             yield index, op, _plan(op.stmt, dialect, tuple(rows[0]), guarded), rows, many
 
 
@@ -186,11 +193,14 @@ def _plan(
     compiled = stmt.compile(dialect=dialect, column_keys=list(keys))  # type: ignore[attr-defined]
     plan = _Plan(compiled, keys, bool(getattr(stmt, "is_select", False)))
     if guarded:
-        # The write (an INSERT or UPDATE) in a CTE, divided by the rows it changed:
-        # division_by_zero, which aborts the transaction, when it missed. (An INSERT
-        # returns its key already: SQLAlchemy's implicit RETURNING on PostgreSQL.)
+        # The write (an INSERT or UPDATE) in a CTE, and an error of its own, which aborts
+        # the transaction, unless it changed exactly one row. (An INSERT returns its key
+        # already: SQLAlchemy's implicit RETURNING on PostgreSQL.)
         write = plan.sql if " RETURNING " in plan.sql else f"{plan.sql} RETURNING 1"
-        plan.sql = f"WITH guarded AS ({write}) SELECT 1 / count(*) FROM guarded"
+        plan.sql = (
+            f"WITH guarded AS ({write}) SELECT CASE WHEN count(*) = 1 THEN 1 "
+            f"ELSE ('{GUARD_MISSED}' || count(*))::int END FROM guarded"
+        )
         plan.select = True
     return plan
 
@@ -241,8 +251,8 @@ def _pipelined(
         if exc.diag.constraint_name in conflicts:
             return False
         raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
-    except psycopg.errors.DivisionByZero as exc:
-        if any(op.aborts_on_miss for op in ops):  # a guard missed (``_plan``)
+    except psycopg.errors.InvalidTextRepresentation as exc:
+        if GUARD_MISSED in (exc.diag.message_primary or ""):  # a guard missed (``_plan``)
             return False
         raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
     except psycopg.Error as exc:

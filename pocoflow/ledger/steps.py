@@ -334,8 +334,8 @@ def claim_reading_run(
     before, whose COMMIT may have landed; its attempt row is then not opened twice.
 
     Returns ``(claimed, run)``, run None for an unknown run or without ``read_run``. One
-    round trip on PostgreSQL for the read, the claim, the attempt row and the COMMIT,
-    because every step makes it (G1, G4)."""
+    round trip on PostgreSQL for the read, the claim and the attempt row, because every
+    step makes it (G1, G4)."""
     params = _key(run_id, step, attempt)
     params.update(holder=holder, now=now, lease_s=lease_s, b_node_id=node_id)
     # Its own dict: an UPDATE compiled for parameter names that are column names
@@ -344,9 +344,10 @@ def claim_reading_run(
     ops = [runs.guard_op(run_id)] if read_run else []
     ops += [Op(_CLAIMS[(if_runnable, node_id is not None)], params, must_hit_one=True)]
     ops += [Op(_INSERT_ATTEMPT_ONCE if retried else _INSERT_ATTEMPT, attempt_params)]
-    # The batch carries its COMMIT (one round trip, not two): each write is its own guard,
-    # a missed claim writes nothing, so the batch may commit whatever the claim's guard says.
-    claimed, rows = pipeline.run_reading(conn, ops, commit=True)
+    # Not ``commit=True``: the attempt row's INSERT checks only that this holder holds the
+    # step, so a claim of a step its holder held already, missed on the run's guard or the
+    # node, would commit a second open attempt row; the caller rolls a miss back.
+    claimed, rows = pipeline.run_reading(conn, ops)
     return claimed, runs.guard_row(rows[0]) if read_run else None
 
 

@@ -96,3 +96,26 @@ def test_a_batch_carrying_its_commit_commits_nothing_when_an_aborting_guard_miss
     finally:
         for pooled in lent:
             pooled.close()
+
+
+def test_an_aborting_guard_that_changed_two_rows_misses_too(db: Any) -> None:
+    """``must_hit_one`` means one: a guarded write that changed two rows aborts the
+    transaction as a miss does, on both ledgers."""
+    from sqlalchemy import update
+
+    batched(db, "w1", "w2")
+    both = update(pf_workers).where(pf_workers.c.host == "h").values(pid=7)  # w1 and w2
+
+    def body(conn: Any) -> bool:
+        ops = [
+            pipeline.Op(insert(pf_workers), worker_row("w3")),
+            pipeline.Op(both, {}, must_hit_one=True, aborts_on_miss=True),
+        ]
+        if not pipeline.run_reading(conn, ops, commit=True)[0]:
+            raise txn.Abort(False)
+        return True
+
+    assert txn.run(db._ledger, body, write=True, what="test batch", batched=True) is False
+    assert workers(db) == 2
+    with db._ledger.engine.connect() as conn:
+        assert conn.execute(select(pf_workers.c.pid)).scalars().all() == [1, 1]

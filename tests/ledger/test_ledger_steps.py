@@ -141,3 +141,16 @@ def test_count_committed_counts_node_steps(db, run):
         manifest = commit.manifest
     assert db.count_committed(run) == 3
     assert db.count_committed("ghost") == 0
+
+
+def test_a_claim_its_own_holder_misses_opens_no_second_attempt_row(db, run):
+    """The holder of a step claims it again and misses on the run's guard (paused) or on
+    the node: nothing of that claim lands, no second open ``pf_attempts`` row (the sweeper
+    and the crash budget count those rows)."""
+    db.insert_step(run, 0, "Node")
+    assert db.claim_if_runnable(run, 0, 1, "w1", 30.0)[0]
+    db.set_control(run, "pause")
+    claimed, seen = db.claim_if_runnable(run, 0, 1, "w1", 30.0)
+    assert not claimed and seen is not None and seen["control"] == "pause"
+    assert not db.claim_step(run, 0, 1, "w1", 30.0, node_id="Other")
+    assert [(a["attempt"], a["ended_at"]) for a in db.get_attempts(run)] == [(1, None)]
