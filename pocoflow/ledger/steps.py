@@ -125,6 +125,50 @@ _CLAIMS = {
     for live in (False, True)
     for node in (False, True)
 }
+
+
+def _claim_opening(claim: Any, once: bool) -> Any:
+    """PostgreSQL: ``claim`` and the attempt row it opens as one statement, whose one row
+    is the number of steps claimed (0 or 1). The INSERT takes its row from the UPDATE's
+    RETURNING, so it opens a row iff this very statement claimed the step (not merely
+    because this holder held it already), and the batch may carry its COMMIT. ``once``:
+    not when this holder's row of the attempt is open already (a retried claim). Its own
+    parameter names (``b_worker``, ``b_task_id``): not columns of ``pf_steps``, which the
+    UPDATE would SET."""
+    claimed = claim.returning(_s.run_id, _s.step, _s.attempt, _s.lease_owner).cte("claimed")
+    c = claimed.c
+    rows = select(
+        c.run_id,
+        c.step,
+        c.attempt,
+        bindparam("b_worker", type_=Text),
+        c.lease_owner,
+        NOW,
+        bindparam("b_task_id", type_=Text),
+    )
+    if once:
+        rows = rows.where(
+            ~select(_a.id)
+            .where(
+                _a.run_id == c.run_id,
+                _a.step == c.step,
+                _a.attempt == c.attempt,
+                _a.holder == c.lease_owner,
+                _a.ended_at.is_(None),
+            )
+            .exists()
+        )
+    opened = insert(pf_attempts).from_select(_ATTEMPT_COLUMNS, rows).cte("opened")
+    return select(func.count()).select_from(claimed).add_cte(opened)
+
+
+# (while the run goes on, for the recorded node, retried) -> statement (PostgreSQL)
+_CLAIMS_OPENING = {
+    (live, node, once): _claim_opening(_CLAIMS[(live, node)], once)
+    for live in (False, True)
+    for node in (False, True)
+    for once in (False, True)
+}
 _RENEW = update(pf_steps).where(_HELD).values(lease_expires_at=_EXPIRES)
 _TAKE_OVER = (
     update(pf_steps)
@@ -334,19 +378,24 @@ def claim_reading_run(
     before, whose COMMIT may have landed; its attempt row is then not opened twice.
 
     Returns ``(claimed, run)``, run None for an unknown run or without ``read_run``. One
-    round trip on PostgreSQL for the read, the claim and the attempt row, because every
-    step makes it (G1, G4)."""
+    round trip on PostgreSQL for the read, the claim, the attempt row and the COMMIT,
+    because every step makes it (G1, G4)."""
     params = _key(run_id, step, attempt)
     params.update(holder=holder, now=now, lease_s=lease_s, b_node_id=node_id)
+    ops = [runs.guard_op(run_id)] if read_run else []
+    if conn.dialect.name == "postgresql":
+        # One statement for the claim and its attempt row, and the COMMIT in the batch:
+        # a claim that missed wrote nothing at all (``_claim_opening``).
+        opening = _CLAIMS_OPENING[(if_runnable, node_id is not None, retried)]
+        ops += [Op(opening, {**params, "b_worker": worker, "b_task_id": task_id})]
+        _ok, rows = pipeline.run_reading(conn, ops, commit=True)
+        claimed = rows[-1] == [(1,)]
+        return claimed, runs.guard_row(rows[0]) if read_run else None
     # Its own dict: an UPDATE compiled for parameter names that are column names
     # (task_id) would SET those columns too.
     attempt_params = {**params, "worker": worker, "task_id": task_id}
-    ops = [runs.guard_op(run_id)] if read_run else []
     ops += [Op(_CLAIMS[(if_runnable, node_id is not None)], params, must_hit_one=True)]
     ops += [Op(_INSERT_ATTEMPT_ONCE if retried else _INSERT_ATTEMPT, attempt_params)]
-    # Not ``commit=True``: the attempt row's INSERT checks only that this holder holds the
-    # step, so a claim of a step its holder held already, missed on the run's guard or the
-    # node, would commit a second open attempt row; the caller rolls a miss back.
     claimed, rows = pipeline.run_reading(conn, ops)
     return claimed, runs.guard_row(rows[0]) if read_run else None
 

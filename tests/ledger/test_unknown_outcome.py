@@ -470,13 +470,14 @@ def test_a_park_whose_outcome_was_lost_records_the_pause(
 
 
 def test_a_claim_whose_commit_outcome_was_lost_opens_one_attempt_row(
-    db: WorkflowDB, ctx: WorkerContext, publish: Publish, killer: CommitKiller
+    db: WorkflowDB, batch_killer: BatchCommitKiller
 ) -> None:
     """The claim's retry wins again (the row is held by its own holder token); it must not
     open a second ``pf_attempts`` row for the one delivery: the sweeper and the poison
     limit count those rows (a take-over closes each open one as lost, a retry each as
-    retry), so one crash would count twice."""
+    retry), so one crash would count twice. (The claim's COMMIT goes out in its batch.)"""
     first = start(db, "exec_three")
+    killer = batch_killer
     killer.arm()
     assert db.claim_if_runnable(first.run_id, 0, 1, "w:1", LEASE_S, holder="w:1#1")[0]
     assert killer.fired == 1
