@@ -127,12 +127,11 @@ _CLAIMS = {
 }
 
 
-def _claim_opening(claim: Any, once: bool) -> Any:
+def _claim_opening(claim: Any) -> Any:
     """PostgreSQL: ``claim`` and the attempt row it opens as one statement, whose one row
     is the number of steps claimed (0 or 1). The INSERT takes its row from the UPDATE's
     RETURNING, so it opens a row iff this very statement claimed the step (not merely
-    because this holder held it already), and the batch may carry its COMMIT. ``once``:
-    not when this holder's row of the attempt is open already (a retried claim). Its own
+    because this holder held it already), and the batch may carry its COMMIT. Its own
     parameter names (``b_worker``, ``b_task_id``): not columns of ``pf_steps``, which the
     UPDATE would SET."""
     claimed = claim.returning(_s.run_id, _s.step, _s.attempt, _s.lease_owner).cte("claimed")
@@ -146,28 +145,15 @@ def _claim_opening(claim: Any, once: bool) -> Any:
         NOW,
         bindparam("b_task_id", type_=Text),
     )
-    if once:
-        rows = rows.where(
-            ~select(_a.id)
-            .where(
-                _a.run_id == c.run_id,
-                _a.step == c.step,
-                _a.attempt == c.attempt,
-                _a.holder == c.lease_owner,
-                _a.ended_at.is_(None),
-            )
-            .exists()
-        )
     opened = insert(pf_attempts).from_select(_ATTEMPT_COLUMNS, rows).cte("opened")
     return select(func.count()).select_from(claimed).add_cte(opened)
 
 
-# (while the run goes on, for the recorded node, retried) -> statement (PostgreSQL)
+# (while the run goes on, for the recorded node) -> statement (PostgreSQL)
 _CLAIMS_OPENING = {
-    (live, node, once): _claim_opening(_CLAIMS[(live, node)], once)
+    (live, node): _claim_opening(_CLAIMS[(live, node)])
     for live in (False, True)
     for node in (False, True)
-    for once in (False, True)
 }
 _RENEW = update(pf_steps).where(_HELD).values(lease_expires_at=_EXPIRES)
 _TAKE_OVER = (
@@ -383,10 +369,13 @@ def claim_reading_run(
     params = _key(run_id, step, attempt)
     params.update(holder=holder, now=now, lease_s=lease_s, b_node_id=node_id)
     ops = [runs.guard_op(run_id)] if read_run else []
-    if conn.dialect.name == "postgresql":
+    if conn.dialect.name == "postgresql" and not retried:
         # One statement for the claim and its attempt row, and the COMMIT in the batch:
-        # a claim that missed wrote nothing at all (``_claim_opening``).
-        opening = _CLAIMS_OPENING[(if_runnable, node_id is not None, retried)]
+        # a claim that missed wrote nothing at all (``_claim_opening``). Not for a retry:
+        # its first try may still be running on the server, and a retry that waited for
+        # that try's row lock would win the step again, while one statement's snapshot
+        # (the "row open already?" test) predates that try's attempt row.
+        opening = _CLAIMS_OPENING[(if_runnable, node_id is not None)]
         ops += [Op(opening, {**params, "b_worker": worker, "b_task_id": task_id})]
         _ok, rows = pipeline.run_reading(conn, ops, commit=True)
         claimed = rows[-1] == [(1,)]

@@ -688,3 +688,48 @@ def test_an_interrupt_after_a_group_committed_leaves_the_others_committed(
     others = [g for g in got.values() if not isinstance(g, BaseException)]
     assert len(others) == 2 and all(g[0] is True for g in others), got
     assert db.get_join("r-i", 0)["done"] == 3
+
+
+def test_a_claim_retried_while_its_first_try_still_runs_opens_one_attempt_row(
+    db: WorkflowDB, pg_url: str
+) -> None:
+    """The first try's batch reached the server (its claim holds the row lock, its COMMIT
+    not yet done) when the client lost the connection; the retry (``retried``) waits for
+    that lock, then wins the step again as the same holder once the first try commits. It
+    must see the first try's attempt row and open none of its own."""
+    import threading
+
+    from sqlalchemy import create_engine
+
+    from pocoflow.ledger import steps
+
+    db.create_run("r1", "f", initial_store={"n": 0})
+    db.update_run("r1", status="running")
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+    engine = create_engine(pg_url)
+    first = engine.connect()
+    first.begin()
+    claim = ("r1", 0, 1, "w1", "w1#1", 10, 100.0, "t1")
+    assert steps.claim_reading_run(first, *claim, read_run=False)[0]
+    got: list[Any] = []
+
+    def retry() -> None:
+        body = lambda conn: steps.claim_reading_run(conn, *claim, read_run=False, retried=True)  # noqa: E731
+        got.append(db._write(body, "claiming", "r1", batched=True)[0])
+
+    retrying = threading.Thread(target=retry)
+    retrying.start()
+    try:
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()"
+        )
+        with psycopg.connect(dsn(pg_url), autocommit=True) as probe:
+            wait_until(lambda: probe.execute(waiting).fetchone()[0] == 1, 10.0)
+        first.commit()
+    finally:
+        retrying.join(10.0)
+        first.close()
+        engine.dispose()
+    assert got == [True]
+    assert [(a["holder"], a["ended_at"]) for a in db.get_attempts("r1")] == [("w1#1", None)]
