@@ -228,25 +228,39 @@ def _pipelined(
         begin = False
         COMMIT_SENT.set(True)  # each statement commits as it runs
     try:
-        with raw.pipeline():
-            if begin:
-                raw.execute("BEGIN")
-            for index, op, plan, rows, many in _batches(conn, ops):
-                sql = plan.sql
-                cur = raw.cursor()
-                if many:
-                    cur.executemany(sql, [plan.params(r) for r in rows])
-                else:
-                    cur.execute(sql, plan.params(rows[0]))
-                # Rows only of a single statement that asked for them: an executemany
-                # has none to read (psycopg: "no result available"), and an INSERT's
-                # implicit RETURNING of its key (SQLAlchemy's, on PostgreSQL) is not asked.
-                reads = not many and (plan.select or op.returns_rows)
-                results.append((index, cur, op.must_hit_one, reads))
-            if commit and begin:  # this batch opened the transaction: it closes it too
-                sql = "COMMIT"
-                COMMIT_SENT.set(True)
-                raw.execute("COMMIT")
+        failed: psycopg.Error | None = None
+        try:
+            with raw.pipeline():
+                try:
+                    if begin:
+                        raw.execute("BEGIN")
+                    for index, op, plan, rows, many in _batches(conn, ops):
+                        sql = plan.sql
+                        cur = raw.cursor()
+                        if many:
+                            cur.executemany(sql, [plan.params(r) for r in rows])
+                        else:
+                            cur.execute(sql, plan.params(rows[0]))
+                        # Rows only of a single statement that asked for them: an
+                        # executemany has none to read (psycopg: "no result available"),
+                        # and an INSERT's implicit RETURNING of its key (SQLAlchemy's, on
+                        # PostgreSQL) is not asked.
+                        reads = not many and (plan.select or op.returns_rows)
+                        results.append((index, cur, op.must_hit_one, reads))
+                    if commit and begin:  # the batch opened the transaction: it closes it
+                        sql = "COMMIT"
+                        COMMIT_SENT.set(True)
+                        raw.execute("COMMIT")
+                except psycopg.Error as exc:
+                    # Raised after the pipeline's exit, not through it: an exit that
+                    # fails (the pipeline aborted by this very error) while an error
+                    # propagates makes psycopg log a warning, at every missed guard.
+                    failed = exc
+        except psycopg.Error:
+            if failed is None:
+                raise
+        if failed is not None:
+            raise failed
     except psycopg.errors.UniqueViolation as exc:
         if exc.diag.constraint_name in conflicts:
             return False
