@@ -52,19 +52,27 @@ _OUTBOX_TIMES = {
     "queued_at": NOW,
     "created_at": NOW,
 }
+
+
 # The attempt row of a claim, copied from the step row only while this holder's claim of
 # this attempt holds it: run right after the claim in its batch, it inserts iff the claim
 # took the step, so the batch needs no round trip between them (PostgreSQL sends the
 # whole batch at once) and never inserts for a claim that missed, or for a missing run.
-_ATTEMPT_OF_CLAIM = select(
-    _s.run_id,
-    _s.step,
-    _s.attempt,
-    bindparam("worker", type_=Text),
-    _s.lease_owner,
-    NOW,
-    bindparam("task_id", type_=Text),
-).where(_HELD)
+def _attempt_row(step: Any, worker: str, task_id: str) -> Any:
+    """The ``pf_attempts`` row (``_ATTEMPT_COLUMNS``) of a claim of the step whose
+    columns ``step`` names, with ``worker`` and ``task_id`` as parameter names."""
+    return select(
+        step.run_id,
+        step.step,
+        step.attempt,
+        bindparam(worker, type_=Text),
+        step.lease_owner,
+        NOW,
+        bindparam(task_id, type_=Text),
+    )
+
+
+_ATTEMPT_OF_CLAIM = _attempt_row(_s, "worker", "task_id").where(_HELD)
 _ATTEMPT_COLUMNS = ["run_id", "step", "attempt", "worker", "holder", "started_at", "task_id"]
 _INSERT_ATTEMPT = insert(pf_attempts).from_select(_ATTEMPT_COLUMNS, _ATTEMPT_OF_CLAIM)
 # The same, unless this claim's row of the attempt is open already: a claim retried after
@@ -135,16 +143,7 @@ def _claim_opening(claim: Any) -> Any:
     parameter names (``b_worker``, ``b_task_id``): not columns of ``pf_steps``, which the
     UPDATE would SET."""
     claimed = claim.returning(_s.run_id, _s.step, _s.attempt, _s.lease_owner).cte("claimed")
-    c = claimed.c
-    rows = select(
-        c.run_id,
-        c.step,
-        c.attempt,
-        bindparam("b_worker", type_=Text),
-        c.lease_owner,
-        NOW,
-        bindparam("b_task_id", type_=Text),
-    )
+    rows = _attempt_row(claimed.c, "b_worker", "b_task_id")
     opened = insert(pf_attempts).from_select(_ATTEMPT_COLUMNS, rows).cte("opened")
     return select(func.count()).select_from(claimed).add_cte(opened)
 
