@@ -95,7 +95,7 @@ class ItemQueue(LedgerClient):
         ``items.commit``). ``(False, None)``, nothing written, if the claim was lost.
 
         On PostgreSQL the commits of this process's threads that come at the same moment
-        share one transaction (``items.commit_many``, ``txn.combine``)."""
+        share one transaction (``items.commit_many``, ``combine.Combiner``)."""
         if self._ledger.dialect == "postgresql":
             work = items.ItemCommit(c, result_json, error_json, lease_s, now)
             ledger = self._ledger

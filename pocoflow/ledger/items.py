@@ -132,7 +132,6 @@ _COUNT = (
 _FINISHED_NOW = _FINISH.returning(_i.idx).cte("finished_now")
 #: ... and the count it brought the join to, or no row when the claim was lost.
 _FINISH_AND_COUNT = _COUNT.where(select(_FINISHED_NOW.c.idx).exists()).returning(_j.done)
-_LOCK_JOIN_ROW = select(_j.done).where(_JOIN).with_for_update()
 _COMPLETE = (
     select(_j.run_id).where(_j.run_id == _s.run_id, _j.step == _s.step, _j.done >= _j.total)
 ).exists()
@@ -152,6 +151,8 @@ REQUEUE_JOIN_STEP = (
         queued_at=NOW,
     )
 )
+# The join row locked before anything else (a group of item commits, a resume).
+_LOCK_JOIN = update(pf_joins).where(_JOIN).values(done=_j.done)
 _JOIN_STATE = (
     select(_j.done, _j.total, _s.status, _s.attempt, _s.node_id, _s.lease_owner)
     .join(pf_steps, and_(_s.run_id == _j.run_id, _s.step == _j.step))
@@ -347,7 +348,7 @@ def commit_many(
     # its item row first and then waited for the join would deadlock with a resume that
     # holds the join and re-opens that item (its lease expired).
     steps = sorted({(c.claim.run_id, c.claim.step) for c in commits})
-    ops = [Op(_LOCK_JOIN_ROW, {"b_run_id": run_id, "b_step": step}) for run_id, step in steps]
+    ops = [Op(_LOCK_JOIN, {"b_run_id": run_id, "b_step": step}) for run_id, step in steps]
     first = len(ops)
     for i in order:
         c = commits[i]
@@ -503,7 +504,6 @@ def join_state(conn: Connection, run_id: str, step: int) -> dict[str, Any] | Non
     )
 
 
-_LOCK_JOIN = update(pf_joins).where(_JOIN).values(done=_j.done)
 _SENDING = update(pf_joins).where(_JOIN).values(sending_by=bindparam("b_worker"))
 _SENT_ALL = (
     update(pf_joins).where(_JOIN, _j.sending_by == bindparam("b_worker")).values(sending_by=None)
@@ -554,8 +554,8 @@ def reopen(
     now: float | None = None,
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """A fanned-out step claimed again (a resume, or a copy of its message): lock the
-    join row first, as every item commit does (``commit_many``), so a commit that completes the count
-    either lands before (the count is complete: the caller joins, holding the step) or
+    join row first, as every item commit does (``commit_many``), so a commit that
+    completes the count either lands before (the count is complete: the caller joins, holding the step) or
     after the step is parked again (that commit re-queues it). When not complete: the
     step parked again and every unfinished item that nobody holds (queued, failed, lease
     expired) re-opened under a new attempt; returns ``(join, items to send)``."""
