@@ -24,7 +24,7 @@ from pocoflow.ledger.engine import LedgerEngine
 from pocoflow.ledger.errors import SchemaVersionError, is_locked
 from pocoflow.ledger.tables import V02_TABLES
 
-HEAD = "0013"
+HEAD = "0014"
 """The newest revision in ``migrations/versions`` (a test pins the two together)."""
 REVISIONS = (
     "0001",
@@ -39,6 +39,7 @@ REVISIONS = (
     "0011",
     "0012",
     "0013",
+    "0014",
 )
 VERSION_TABLE = "pf_alembic_version"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"

@@ -122,7 +122,14 @@ _CLAIM_ANY = (
             ),
         ),
     )
-    .values(status="running", lease_owner=bindparam("holder"), lease_expires_at=_EXPIRES)
+    # Started, no longer held unstarted (as an item's claim): ``received_by`` is set on
+    # queued rows only, so its partial index never holds the history (0014).
+    .values(
+        status="running",
+        lease_owner=bindparam("holder"),
+        lease_expires_at=_EXPIRES,
+        received_by=None,
+    )
 )
 # (only while the run goes on, only for the node the ledger recorded) -> statement
 _CLAIMS = {

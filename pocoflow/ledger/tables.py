@@ -80,6 +80,17 @@ def _run_fk(table: str) -> ForeignKeyConstraint:
     return ForeignKeyConstraint(["run_id"], ["pf_runs.run_id"], name=f"fk_{table}_run_id")
 
 
+def _held_index(table: Table) -> Index:
+    """The index of ``table``'s rows a worker process holds (``received_by`` set)."""
+    held = table.c.received_by.is_not(None)
+    return Index(
+        f"ix_{table.name}_received_by",
+        table.c.received_by,
+        sqlite_where=held,
+        postgresql_where=held,
+    )
+
+
 metadata = MetaData()
 
 pf_runs = Table(
@@ -200,9 +211,11 @@ pf_steps = Table(
     PrimaryKeyConstraint("run_id", "step", name="pk_pf_steps"),
     CheckConstraint(_in("status", STEP_STATUSES), name="ck_pf_steps_status"),
     _run_fk("pf_steps"),
-    # A dead worker's received messages are found from the worker (0004).
-    Index("ix_pf_steps_received_by", "received_by"),
 )
+# A dead worker's received messages are found from the worker (0004). Held rows only
+# (0014): a full index also holds every finished row's NULL, and SQLite took it for the
+# sweeper's ``received_by IS NULL`` and walked them all.
+_held_index(pf_steps)
 # A live run's unfinished steps (one or a few per run), without its committed ones nor
 # the queued rows that paused and cancelled runs leave behind: the sweeper's second seek.
 _ACTIVE = literal_in(pf_steps.c.status, ACTIVE_STEP_STATUSES)
@@ -332,8 +345,8 @@ pf_items = Table(
     PrimaryKeyConstraint("run_id", "step", "idx", name="pk_pf_items"),
     CheckConstraint(_in("status", ITEM_STATUSES), name="ck_pf_items_status"),
     _run_fk("pf_items"),
-    Index("ix_pf_items_received_by", "received_by"),
 )
+_held_index(pf_items)
 _ITEM_ACTIVE = literal_in(pf_items.c.status, ACTIVE_ITEM_STATUSES)
 Index(
     "ix_pf_items_active",

@@ -352,3 +352,38 @@ def test_a_lock_released_while_retrying_lets_the_write_land_once(tmp_path):
     assert db.get_run("r1")["error_msg"] is None  # the holder's write was rolled back
     assert table_rows(path, "PRAGMA integrity_check") == [("ok",)]
     db.close()
+
+
+def test_0014_clears_received_marks_of_started_rows_and_keeps_held_ones(tmp_path):
+    """Before 0014 a step's claim left ``received_by`` set: the upgrade clears it on rows
+    no longer queued, so the new held-messages index starts without the history, and
+    keeps it on queued rows, whose receiver's death the sweeper must still see."""
+    from alembic import command
+    from alembic.config import Config
+
+    path = tmp_path / "at0013.db"
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(migrate.MIGRATIONS_DIR))
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0013")
+        conn.execute(text("INSERT INTO pf_runs (run_id, started_at) VALUES ('r', 'x')"))
+        for step, status in ((0, "committed"), (1, "running"), (2, "queued")):
+            conn.execute(
+                text(
+                    "INSERT INTO pf_steps (run_id, step, node_id, status, queued_at, "
+                    "created_at, received_by) VALUES ('r', :s, 'n', :st, 0, 0, 'host:1')"
+                ),
+                {"s": step, "st": status},
+            )
+    engine.dispose()
+
+    WorkflowDB(path).close()
+
+    marks = table_rows(path, "SELECT step, received_by FROM pf_steps ORDER BY step")
+    assert marks == [(0, None), (1, None), (2, "host:1")]
+    (index_sql,) = table_rows(
+        path, "SELECT sql FROM sqlite_master WHERE name = 'ix_pf_steps_received_by'"
+    )[0]
+    assert "WHERE received_by IS NOT NULL" in index_sql

@@ -64,6 +64,18 @@ def test_a_dead_workers_prefetched_message_is_sent_again_under_its_attempt(db: A
     assert db.claim_step(first.run_id, 0, 1, "host:23", LONG_LEASE_S, now=t0 + 4)
 
 
+def test_a_claim_clears_the_received_mark_so_only_held_messages_keep_one(db: Any) -> None:
+    """``received_by`` says a process holds the message unstarted; the claim starts it. A
+    mark left on started and finished rows would keep the held-messages index growing
+    with the history (migration 0014), and a sweep's dead-receiver seek with it."""
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    liveness.record_beat(db, "host:31", "host", 31, [(first.run_id, 0, 1)], now=t0)
+    assert db.get_step(first.run_id, 0)["received_by"] == "host:31"
+    assert db.claim_step(first.run_id, 0, 1, "host:31", LONG_LEASE_S, now=t0 + 1)
+    assert db.get_step(first.run_id, 0)["received_by"] is None
+
+
 def test_a_step_lost_with_its_worker_max_crashes_times_fails_its_run(db: Any) -> None:
     poison, t0 = submitted(db)
     healthy, _ = submitted(db)
