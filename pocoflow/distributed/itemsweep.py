@@ -79,6 +79,8 @@ def sweep_items(
     step, idx)`` sent again. ``judge_holders=False`` (right after a ledger outage) leaves
     alone every item a worker holds, as for steps. ``stale_after_s()`` is asked only when
     some sent item waits unclaimed (it may look at the broker's queues)."""
+    if not db.any_live_fan_out():
+        return []
     sent = _resend_unsent(db, publish, db.unsent_items(grace_s, dead_after_s, now=now), now)
     if judge_holders:
         orphans = db.orphaned_items(dead_after_s, now=injected)

@@ -74,6 +74,8 @@ REQUEUE_AFTER_S = 60.0
 REQUEUE_CAP_S = 600.0
 #: Rows per page of the bulk re-send after a broker loss.
 BULK_PAGE = 1000
+#: Expired steps a pass handles (oldest lease first); the rest wait for the next pass.
+EXPIRED_PAGE = 100
 #: Worker rows silent this long are deleted (their steps were recovered long before).
 FORGET_WORKERS_AFTER_S = 3600.0
 
@@ -361,7 +363,10 @@ def sweep(
     if sentinel is not None and judge_holders:
         _resend_orphans(db, publish, sentinel, run_of, lease_s, dead_after_s, now, report)
 
-    expired = db.expired_steps(now=now)
+    expired = db.expired_steps(now=now, limit=EXPIRED_PAGE)
+    # A full page may hide queued rows past it; a short one without any shows there are
+    # none to postpone (one expiring since is postponed by the next pass).
+    queued_expired = len(expired) >= EXPIRED_PAGE or any(r["status"] == "queued" for r in expired)
     # An expired step nobody claimed, while the broker's step queues are empty, is not
     # waiting behind a backlog: a live worker holds it (recorded as received) or its
     # message is gone, e.g. with a worker killed within a beat of receiving it, before its
@@ -371,9 +376,9 @@ def sweep(
         and sentinel is not None
         and not _broker_busy(db, sentinel)
     )
-    if not broker_idle:
+    if queued_expired and not broker_idle:
         liveness.postpone_waiting(db, requeue_after_s, now=injected)
-        expired = db.expired_steps(now=now)
+        expired = db.expired_steps(now=now, limit=EXPIRED_PAGE)
         due = [
             r
             for r in expired

@@ -351,6 +351,9 @@ class ItemQueue(LedgerClient):
             run_id,
         )
 
+    def any_live_fan_out(self) -> bool:
+        return self._read(itemrecovery.any_live_fan_out)
+
     def stranded_joins(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._read(lambda conn: itemrecovery.stranded_joins(conn, limit))
 

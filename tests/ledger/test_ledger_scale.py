@@ -158,11 +158,22 @@ def test_every_query_of_a_sweep_starts_from_the_live_runs(seeded: Any) -> None:
     def capture(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
         ran.append((statement, params))
 
-    event.listen(engine, "before_cursor_execute", capture)
-    try:
-        sweep(seeded, Sent(seeded), lease_s=LEASE_S, now=time.time() + LEASE_S + 5)
-    finally:
-        event.remove(engine, "before_cursor_execute", capture)
+    def one_sweep() -> None:
+        ran.clear()
+        event.listen(engine, "before_cursor_execute", capture)
+        try:
+            sweep(seeded, Sent(seeded), lease_s=LEASE_S, now=time.time() + LEASE_S + 5)
+        finally:
+            event.remove(engine, "before_cursor_execute", capture)
+
+    one_sweep()  # no live run fanned out: the item sweep is one seek of the join rows
+    item_reads = [s for s, _ in ran if "FROM pf_items" in s]
+    assert item_reads == [], item_reads
+    seeded.create_run("fanned", "f", initial_store={}, status="running", queue="celery")
+    seeded.insert_step("fanned", 0, "M", lease_s=LEASE_S)
+    assert seeded.claim_step("fanned", 0, 1, "w0", LEASE_S, holder="w0#1")
+    assert seeded.fan_out("fanned", 0, 1, "w0#1", "w0", ['"a"', '"b"'], [])
+    one_sweep()
     reads = [
         (statement, params)
         for statement, params in ran
@@ -181,3 +192,25 @@ def test_every_query_of_a_sweep_starts_from_the_live_runs(seeded: Any) -> None:
             scans = [line for line in full_scans(seeded, text) if "pf_workers" not in line]
             assert scans == [], f"{statement}\n{text}"
         conn.rollback()
+
+
+def test_a_sweep_with_nothing_to_recover_writes_nothing(seeded: Any) -> None:
+    """The sweeper's steady state is a few reads: with live runs whose steps wait
+    unexpired (and the seeded parked rows), one pass writes no row."""
+    from sqlalchemy import event
+
+    record_run(seeded, build_flow("sweep_two"), Store({}), lease_s=60.0)
+    engine = seeded._ledger.engine
+    writes: list[str] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if not statement.lstrip().upper().startswith(("SELECT", "WITH")):
+            writes.append(statement)
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        report = sweep(seeded, Sent(seeded), lease_s=60.0)
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    assert not report
+    assert writes == []
