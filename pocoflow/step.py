@@ -17,7 +17,7 @@ from typing import Any
 from pocoflow.hooks import NODE_END, NODE_ERROR, NODE_START, Hooks
 from pocoflow.limits import LimitGate, LimitWait
 from pocoflow.node import Node
-from pocoflow.usage import UsageSink, recording
+from pocoflow.usage import UsageSink, enter_step, leave_step
 from pocoflow.waiting import SignalReader
 
 #: What a node's prep/exec/post may raise that fails its step: its exceptions, and
@@ -32,7 +32,7 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-@dataclass
+@dataclass(slots=True)
 class StepRun:
     """What one step did: the action it returned and the ledger events it produced."""
 
@@ -123,12 +123,12 @@ def run_step(
     hooks.fire(NODE_START, name, store)
     started = time.perf_counter()
     try:
-        with recording(run_id, step, attempt, name, None, usage_sink) as scope:
-            node._usage_scope = scope
-            try:
-                action = _prep_exec_post(node, store, step, try_number)
-            finally:
-                node._usage_scope = None
+        node._usage_scope, token = enter_step(run_id, step, attempt, name, usage_sink)
+        try:
+            action = _prep_exec_post(node, store, step, try_number)
+        finally:
+            node._usage_scope = None
+            leave_step(token)
         if action is not None and not isinstance(action, str):
             raise TypeError(
                 f"Node {name!r} (step {step}): post() must return an action str or None, "
