@@ -203,7 +203,7 @@ def main(
                 vs_group <= TARGET_VS_GROUP if goal else None,
                 digits=2,
             )
-            if goal:
+            if goal and join_items:
                 ok &= report(
                     f"join of {join_items} results: peak worker RSS",
                     got["join_rss_mb"],
