@@ -173,6 +173,9 @@ _TAKE_OVER = (
         sent_at=None,
         task_id=None,
         queued_at=NOW,
+        # A new attempt's message is held by nobody yet: a mark left by the old one's
+        # receiver would have the sweeper count the new one as held by a live worker.
+        received_by=None,
     )
 )
 _TAKE_OVER_EXPIRED = _TAKE_OVER.where(_s.status.in_(("queued", "running")), _LEASE_OVER)

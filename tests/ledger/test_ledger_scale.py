@@ -104,6 +104,17 @@ def test_the_timed_out_waits_query_starts_from_the_live_runs(seeded: Any) -> Non
     assert full_scans(seeded, text) == [], text
 
 
+def test_the_item_sweeps_gate_starts_from_the_live_runs(seeded: Any) -> None:
+    """Every sweep first asks whether any live run fanned out: from the live runs and the
+    join rows' primary key, not the joins of the whole history (every seeded run has one)."""
+    from pocoflow.ledger import itemrecovery
+
+    text = plan(seeded, itemrecovery._ANY_LIVE_JOIN, {})
+    assert "ix_pf_runs_live" in text, text
+    assert full_scans(seeded, text) == [], text
+    assert seeded.any_live_fan_out() is False
+
+
 def test_the_dead_worker_queries_start_from_the_live_runs(seeded: Any) -> None:
     """The heartbeat sweep runs every second in every worker: its steps come from the live
     runs too, whatever the ledger keeps (a scan of the few worker rows is fine)."""

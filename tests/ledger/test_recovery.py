@@ -76,6 +76,45 @@ def test_a_claim_clears_the_received_mark_so_only_held_messages_keep_one(db: Any
     assert db.get_step(first.run_id, 0)["received_by"] is None
 
 
+class IdleBroker:
+    """A sentinel whose broker lost nothing and holds no message: the sweeper's view when
+    every queue is empty."""
+
+    def lost(self, queues: Any = None) -> bool:
+        return False
+
+    def set(self) -> None:
+        pass
+
+    def orphans(self, older_than_s: float) -> list[Any]:
+        return []
+
+    def busy(self, queues: Any) -> bool:
+        return False
+
+
+def test_a_new_attempt_does_not_inherit_the_old_receivers_mark(db: Any) -> None:
+    """A live worker received attempt 1 (its beat marked the row), the run was paused and
+    resumed: attempt 2 is held by nobody. Were the mark kept, a lost attempt-2 message
+    would count as held by that live worker and never be sent again."""
+    from pocoflow.distributed import lifecycle
+
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    liveness.record_beat(db, "host:41", "host", 41, [(first.run_id, 0, 1)], now=t0)
+    db.update_run(first.run_id, status="paused")
+    db.update_run(first.run_id, status="running")
+    sent = Sent(db)
+    lifecycle.requeue_outstanding(db, first.run_id, sent, lease_s=2.0)
+    row = db.get_step(first.run_id, 0)
+    assert (row["attempt"], row["received_by"]) == (2, None)
+    sent.messages.clear()  # attempt 2's message is lost; host:41 lives on
+    for k in range(1, 4):
+        liveness.record_beat(db, "host:41", "host", 41, [], now=t0 + k * 10)
+        sweep(db, sent, lease_s=2.0, now=t0 + k * 10, sentinel=IdleBroker(), dead_after_s=3.0)
+    assert [m.attempt for m, _ in sent.messages][:1] == [2]
+
+
 def test_a_step_lost_with_its_worker_max_crashes_times_fails_its_run(db: Any) -> None:
     poison, t0 = submitted(db)
     healthy, _ = submitted(db)
