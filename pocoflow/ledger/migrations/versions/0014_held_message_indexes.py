@@ -14,6 +14,10 @@ items in the ledger one sweep's stale-item query took 20 ms instead of 0.2 ms. T
 lookups the indexes exist for (``received_by = <worker>``) imply NOT NULL, so both
 databases still use the partial ones for them.
 
+The UPDATE and the index rebuilds lock ``pf_steps`` and ``pf_items`` for their length:
+on a ledger of millions of steps, upgrade while the workers are stopped (any command that
+opens the ledger migrates it, ``pocoflow runs`` for one).
+
 Revision ID: 0014
 Revises: 0013
 Create Date: 2026-11-30
