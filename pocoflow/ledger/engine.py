@@ -194,6 +194,22 @@ POSTGRES_SESSION_OPTIONS = (
 )
 
 
+#: The client side of the same: a peer that vanished without a word (its host died, the
+#: link was cut) leaves a half-open socket, on which a call waiting for a reply would
+#: wait for ever. Keepalive probes find it in ~11 s while the call waits; unacknowledged
+#: sent data, after 10 s; a new connection gives up after 10 s. Until then a worker
+#: thread is stuck, and with it every item commit its process groups behind that thread
+#: (``combine``). A setting in the URL wins.
+POSTGRES_CLIENT_KEEPALIVES = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+
+
 def _postgres_engine(url: URL) -> Engine:
     from pocoflow.ledger import pgtext  # psycopg: only installed with the postgres extra
 
@@ -206,7 +222,10 @@ def _postgres_engine(url: URL) -> Engine:
         pool_size=5,
         max_overflow=10,
         hide_parameters=True,
-        connect_args={"options": options},
+        connect_args={
+            "options": options,
+            **{k: v for k, v in POSTGRES_CLIENT_KEEPALIVES.items() if k not in url.query},
+        },
     )
     # Every string written escapes NUL, which PostgreSQL's text refuses (pgtext).
     event.listen(engine, "connect", pgtext.register)

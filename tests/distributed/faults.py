@@ -151,40 +151,46 @@ def restart_redis(server: RedisServer, down_s: float = 0.0) -> None:
 
 
 class FaultProxy:
-    """A TCP proxy on 127.0.0.1 in front of one loopback server (Redis, PostgreSQL), for
-    one client: ``partition()`` stops every byte both ways, as a cut cable would (the
-    connections stay open, what is sent waits), ``heal()`` lets the held bytes through
-    as TCP retransmission would, and ``reset()`` closes every connection at once.
+    """A TCP proxy (on 127.0.0.1 unless ``listen_host``) in front of one loopback server
+    (Redis, PostgreSQL), for one client: ``partition()`` stops every byte both ways, as a
+    cut cable would (the connections stay open, what is sent waits), ``heal()`` lets the
+    held bytes through as TCP retransmission would, and ``reset()`` closes every
+    connection at once. Its own kernel still acknowledges what the client sends, so a
+    client's TCP never sees the cut: ``tests/ledger/test_pg_session_limits.py`` cuts a
+    real link for that.
 
-    Loopback only, by construction: it listens on 127.0.0.1 and refuses any other target.
+    Its targets are loopback servers only, by construction: it refuses any other.
     Threads are daemons and ``close()`` ends them, so a test cannot leave one behind.
     """
 
     BUFFER = 65536
 
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target_port: int, target_host: str = "127.0.0.1", listen_host: str = "127.0.0.1"
+    ) -> None:
         if not ipaddress.ip_address(target_host).is_loopback:
             raise ValueError(f"FaultProxy proxies loopback servers only, not {target_host}")
         self.target = (target_host, target_port)
+        self.listen_host = listen_host
         self._flowing = threading.Event()
         self._flowing.set()
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._sockets: set[Any] = set()
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server((listen_host, 0))
         self._listener.settimeout(0.2)
         self.port: int = self._listener.getsockname()[1]
         self._thread = threading.Thread(target=self._accept, name="fault-proxy", daemon=True)
         self._thread.start()
 
     def url_for(self, url: str) -> str:
-        """``url`` with its port replaced by the proxy's (host must be 127.0.0.1)."""
+        """``url`` with its host and port replaced by the proxy's."""
         from sqlalchemy.engine import make_url
 
         if url.startswith("redis://"):
             path = url.split("://", 1)[1].partition("/")[2]
-            return f"redis://127.0.0.1:{self.port}/{path}"
-        proxied = make_url(url).set(host="127.0.0.1", port=self.port)
+            return f"redis://{self.listen_host}:{self.port}/{path}"
+        proxied = make_url(url).set(host=self.listen_host, port=self.port)
         return proxied.render_as_string(hide_password=False)
 
     @property

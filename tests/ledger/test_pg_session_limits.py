@@ -63,3 +63,144 @@ def test_a_session_gone_quiet_inside_a_transaction_releases_its_row_lock(
             stuck.close()
         except Exception:  # the server ended that session: nothing left to close
             pass
+
+
+def test_the_client_side_limits_are_set_and_a_url_setting_wins(database_url: str) -> None:
+    with fresh_postgres_database(database_url) as url:
+        for query, idle in (("", "5"), ("?keepalives_idle=30", "30")):
+            db = WorkflowDB(url + query)
+            try:
+                with db._ledger.engine.connect() as conn:
+                    params = conn.connection.driver_connection.info.get_parameters()
+            finally:
+                db.close()
+            assert params["keepalives_idle"] == idle
+            assert (params["keepalives"], params["tcp_user_timeout"]) == ("1", "10000")
+
+
+#: Keepalive probes find the dead link in 5 + 3 x 2 s; room for a loaded box.
+HALF_OPEN_FOUND_WITHIN_S = 25.0
+
+_WAIT_ON_THE_LINK = """
+import sys, time
+from sqlalchemy import text
+from pocoflow.db import WorkflowDB
+
+db = WorkflowDB(sys.argv[1])
+conn = db._ledger.reader.connect()
+print("waiting", flush=True)
+started = time.monotonic()
+try:
+    conn.execute(text("SELECT pg_sleep(120)")).all()
+    print("returned", time.monotonic() - started, flush=True)
+except Exception as exc:
+    print("failed", round(time.monotonic() - started, 1), type(exc).__name__, flush=True)
+"""
+
+
+class CutLink:
+    """A network namespace joined to this one by a veth pair: a process run in it reaches
+    this namespace's ``host_ip`` over a link ``cut()`` takes down. Packets are dropped,
+    nothing is closed or refused: a half-open socket, as a dead host or a cut cable
+    leaves (a proxy that stops forwarding cannot make one: its kernel still answers)."""
+
+    def __init__(self) -> None:
+        import os
+
+        tag = os.getpid() % 100_000
+        self.ns, self.outer, self.inner = f"pfh{tag}", f"pfh{tag}a", f"pfh{tag}b"
+        subnet = f"10.{200 + tag % 50}.{tag // 50 % 250}"
+        self.host_ip, self.ns_ip = f"{subnet}.1", f"{subnet}.2"
+
+    def __enter__(self) -> CutLink:
+        import os
+        import shutil
+        import subprocess
+
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            pytest.skip("cutting a real link needs root and iproute2 (ip netns, veth)")
+        ns, outer, inner = self.ns, self.outer, self.inner
+        steps = [
+            ["ip", "netns", "add", ns],
+            ["ip", "link", "add", outer, "type", "veth", "peer", "name", inner],
+            ["ip", "link", "set", inner, "netns", ns],
+            ["ip", "addr", "add", f"{self.host_ip}/30", "dev", outer],
+            ["ip", "link", "set", outer, "up"],
+            ["ip", "-n", ns, "addr", "add", f"{self.ns_ip}/30", "dev", inner],
+            ["ip", "-n", ns, "link", "set", inner, "up"],
+            ["ip", "-n", ns, "link", "set", "lo", "up"],
+        ]
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode != 0:
+                self.__exit__()
+                pytest.skip(f"cannot build a link to cut ({' '.join(step)}): {done.stderr}")
+        return self
+
+    def popen(self, argv: list[str]) -> Any:
+        import subprocess
+
+        return subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, *argv], stdout=subprocess.PIPE, text=True
+        )
+
+    def cut(self) -> None:
+        import subprocess
+
+        subprocess.run(["ip", "link", "set", self.outer, "down"], check=True)
+
+    def __exit__(self, *exc: object) -> None:
+        import subprocess
+
+        subprocess.run(["ip", "link", "del", self.outer], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+
+
+def test_a_call_waiting_on_a_half_open_link_fails_instead_of_hanging(database_url: str) -> None:
+    """A worker's ledger call waits for a reply when its link dies without a word: the
+    client's keepalive probes find it and the call fails (the ledger's retry, the lease
+    and the sweeper take it from there). Without them the thread waits for ever, and an
+    item-commit group leader would hold every commit of its process behind it."""
+    import sys
+
+    from sqlalchemy.engine import make_url
+
+    from tests.distributed.faults import FaultProxy
+    from tests.helpers import wait_until
+
+    with fresh_postgres_database(database_url) as url, CutLink() as link:
+        WorkflowDB(url).close()  # migrated here, not through the link
+        port = make_url(url).port or 5432
+        proxy = FaultProxy(port, listen_host=link.host_ip)
+        waiter = link.popen([sys.executable, "-c", _WAIT_ON_THE_LINK, proxy.url_for(url)])
+        try:
+            assert waiter.stdout.readline().strip() == "waiting"
+            admin = WorkflowDB(url)
+            try:
+                wait_until(lambda: _sleeping(admin), 30)
+            finally:
+                admin.close()
+            link.cut()
+            started = time.monotonic()
+            try:
+                out = waiter.communicate(timeout=HALF_OPEN_FOUND_WITHIN_S)[0]
+            except Exception:
+                pytest.fail(f"the call still waits {HALF_OPEN_FOUND_WITHIN_S}s after the cut")
+            assert out.startswith("failed"), out
+            assert time.monotonic() - started >= 4.0  # the probes found it, not luck
+        finally:
+            if waiter.poll() is None:
+                waiter.kill()
+                waiter.wait()
+            proxy.close()
+
+
+def _sleeping(db: WorkflowDB) -> bool:
+    with db._ledger.engine.connect() as conn:
+        return bool(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(120)%'"
+                )
+            ).scalar_one()
+        )
