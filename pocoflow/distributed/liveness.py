@@ -19,7 +19,9 @@ it (``distributed.orphans``), elsewhere the broker gives it back (RabbitMQ) or t
 queued-step backstop does (``sweeper.REQUEUE_AFTER_S`` once the broker's queues are
 empty, ``REQUEUE_CAP_S`` at the latest). One in flight between the worker's main process
 and its pool child, or acknowledged by a child that died before its claim, is found by
-the step's lease or that backstop.
+the step's lease or that backstop: a message that leaves the process's hands is unmarked
+at the next look (one its claim started is unmarked by the claim already), so a lost one
+is not taken for held by a live process.
 A process starved of the GIL for ``dead_after`` (a C call that never releases it) is
 taken for dead; its step is re-run and its own late commit refused (G1), never doubled.
 """
@@ -67,11 +69,20 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pocoflow-heartbeat", daemon=True)
 
-    def beat(self, received: list[StepKey] | None = None) -> bool:
+    def beat(
+        self, received: list[StepKey] | None = None, released: list[StepKey] | None = None
+    ) -> bool:
         from pocoflow.ledger.liveness import record_beat
 
         try:
-            record_beat(self.db, self.worker, socket.gethostname(), os.getpid(), received or [])
+            record_beat(
+                self.db,
+                self.worker,
+                socket.gethostname(),
+                os.getpid(),
+                received or [],
+                released=released or [],
+            )
         except Exception as exc:  # the ledger blinked: the next beat tries again
             _log.warning("Heartbeat of worker %s failed: %s", self.worker, exc)
             return False
@@ -86,9 +97,13 @@ class Heartbeat:
             # Written only when held across two looks: a message the pool took at once
             # (every step of a busy chain) never costs a write.
             new = [key for key in held if key in seen and key not in recorded]
+            # Recorded, no longer held: started (its claim cleared the mark already) or
+            # lost inside this process (handed to a pool child that died): unmarked, so
+            # the sweeper does not take it for held by this live process.
+            gone = list(recorded - held)
             seen = held
-            due = new or time.monotonic() - last >= self.heartbeat_s
-            if due and self.beat(new):
+            due = new or gone or time.monotonic() - last >= self.heartbeat_s
+            if due and self.beat(new, gone):
                 last = time.monotonic()
                 recorded = (recorded | set(new)) & held
 

@@ -187,6 +187,21 @@ def mark_received(
         conn.execute(_MARK_RECEIVED, [{**item_key(*key), "b_worker": worker} for key in received])
 
 
+_UNMARK_RECEIVED = (
+    update(pf_items)
+    .where(ITEM_FENCE, _i.status == "queued", _i.received_by == bindparam("b_worker"))
+    .values(received_by=None)
+)
+
+
+def unmark_received(
+    conn: Connection, worker: str, released: Sequence[tuple[str, int, int, int]]
+) -> None:
+    """``worker`` no longer holds these item messages (started, or lost inside it)."""
+    if released:
+        conn.execute(_UNMARK_RECEIVED, [{**item_key(*key), "b_worker": worker} for key in released])
+
+
 # Some live run fanned out: its items, and only they, are what an item sweep looks at.
 _ANY_LIVE_JOIN = select(_j.run_id).where(_j.run_id.in_(_LIVE_RUN_IDS)).limit(1)
 

@@ -85,6 +85,13 @@ _MARK_RECEIVED = (
 )
 
 
+_UNMARK_RECEIVED = (
+    update(pf_steps)
+    .where(_KEY, _s.status == "queued", _s.received_by == bindparam("w"))
+    .values(received_by=None)
+)
+
+
 def beat(
     conn: Connection,
     dialect: str,
@@ -93,10 +100,14 @@ def beat(
     pid: int,
     received: list[tuple[Any, ...]],
     now: float | None,
+    released: list[tuple[Any, ...]] = (),  # type: ignore[assignment]
 ) -> None:
-    """Record that ``worker`` is alive, and that it holds the (not started) messages
+    """Record that ``worker`` is alive, that it holds the (not started) messages
     ``received`` = ``[(run_id, step, attempt)]`` of steps and ``[(run_id, step, idx,
-    attempt)]`` of map items: one transaction, off the step's path."""
+    attempt)]`` of map items, and no longer holds ``released`` (started, or lost inside
+    the process: handed to a pool child that died): one transaction, off the step's path.
+    A mark left on a message the process lost would have the sweeper take it for held by
+    a live worker, and wait for the queue backstop."""
     clock = db_clock(now)
     hit = conn.execute(
         update(pf_workers).where(_w.worker_id == worker).values(beat_at=clock)
@@ -104,13 +115,20 @@ def beat(
     if not hit:
         row = {"worker_id": worker, "host": host, "pid": pid, "started_at": clock, "beat_at": clock}
         conn.execute(insert_ignore(dialect, pf_workers, "worker_id").values(**row))
-    held_steps = [key for key in received if len(key) == 3]
-    if held_steps:
-        conn.execute(
-            _MARK_RECEIVED,
-            [{"b_run_id": r, "b_step": s, "b_attempt": a, "w": worker} for r, s, a in held_steps],
-        )
+    _each_step(conn, _MARK_RECEIVED, worker, received)
     itemrecovery.mark_received(conn, worker, [key for key in received if len(key) == 4])
+    _each_step(conn, _UNMARK_RECEIVED, worker, released)
+    itemrecovery.unmark_received(conn, worker, [key for key in released if len(key) == 4])
+
+
+def _each_step(conn: Connection, stmt: Any, worker: str, keys: list[tuple[Any, ...]]) -> None:
+    """``stmt`` for ``worker`` and every step key (``(run_id, step, attempt)``) of ``keys``."""
+    rows = [
+        {"b_run_id": r, "b_step": s, "b_attempt": a, "w": worker}
+        for r, s, a in (key for key in keys if len(key) == 3)
+    ]
+    if rows:
+        conn.execute(stmt, rows)
 
 
 def bury(conn: Connection, worker: str) -> None:
@@ -435,10 +453,11 @@ def record_beat(
     received: list[tuple[Any, ...]] = (),  # type: ignore[assignment]
     *,
     now: float | None = None,
+    released: list[tuple[Any, ...]] = (),  # type: ignore[assignment]
 ) -> None:
     dialect = db.dialect
     db._write(
-        lambda conn: beat(conn, dialect, worker, host, pid, list(received), now),
+        lambda conn: beat(conn, dialect, worker, host, pid, list(received), now, list(released)),
         f"recording the heartbeat of worker {worker}",
         None,
     )

@@ -445,3 +445,16 @@ def test_a_claim_refused_by_a_pause_reports_the_pause(fanned):
     assert (claimed, item) == (False, None)
     assert (run["status"], run["control"]) == ("running", "pause")
     assert db.get_item(RUN, 0, 0)["lease_owner"] is None
+
+
+def test_a_released_item_mark_of_its_own_receiver_goes(fanned):
+    """A heartbeat's ``released`` unmarks items as it does steps: only its own marks."""
+    from pocoflow.ledger.liveness import record_beat
+
+    db = fanned
+    db.mark_items_sent([(RUN, 0, i, 1) for i in range(3)])
+    record_beat(db, "wa", "h", 1, [(RUN, 0, 0, 1)])
+    record_beat(db, "wb", "h", 2, [(RUN, 0, 1, 1)])
+    record_beat(db, "wa", "h", 1, released=[(RUN, 0, 0, 1), (RUN, 0, 1, 1)])
+    assert db.get_item(RUN, 0, 0)["received_by"] is None
+    assert db.get_item(RUN, 0, 1)["received_by"] == "wb"

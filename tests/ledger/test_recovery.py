@@ -248,6 +248,49 @@ def test_the_heartbeat_thread_records_what_its_process_holds(db: Any) -> None:
     assert report.resent == [(first.run_id, 0)]
 
 
+def test_a_message_that_left_a_live_process_unstarted_is_unmarked(db: Any) -> None:
+    """A worker's main process held a step's message (marked), then lost it inside the
+    process (handed to a pool child that died before its claim) and lives on. The mark
+    goes at its next look, so once the lease runs out the sweeper sends the step again
+    while the broker is idle, instead of taking it for held by that live process until
+    the queue backstop (a CI run waited past 60 s on that)."""
+    from pocoflow.distributed import liveness as process_liveness
+    from tests.helpers import wait_until
+
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    held = {(first.run_id, 0, 1)}
+    heartbeat = process_liveness.ensure(db, "host:52", 0.2, held=lambda: set(held))
+    try:
+        wait_until(lambda: db.get_step(first.run_id, 0)["received_by"] == "host:52", 10)
+        held.clear()  # gone from the process's hands, never claimed
+        wait_until(lambda: db.get_step(first.run_id, 0)["received_by"] is None, 10)
+        sent = Sent(db)
+        lease_over = db.get_step(first.run_id, 0)["lease_expires_at"] + 0.1
+        liveness.record_beat(db, "host:52", "host", 52, now=lease_over)  # alive
+        report = sweep(
+            db, sent, lease_s=LONG_LEASE_S, now=lease_over, sentinel=IdleBroker(),
+            dead_after_s=DEAD_AFTER_S,
+        )  # fmt: skip
+        assert report.resent == [(first.run_id, 0)]
+    finally:
+        process_liveness.stop(heartbeat)
+
+
+def test_a_released_mark_of_another_worker_or_a_started_step_stays(db: Any) -> None:
+    first, t0 = submitted(db)
+    second, _ = submitted(db)
+    for run in (first, second):
+        db.mark_sent(run.run_id, 0, 1, now=t0)
+    liveness.record_beat(db, "host:61", "host", 61, [(first.run_id, 0, 1)], now=t0)
+    liveness.record_beat(db, "host:62", "host", 62, [(second.run_id, 0, 1)], now=t0)
+    # host:61 releases both: its own mark goes, host:62's stays.
+    keys = [(first.run_id, 0, 1), (second.run_id, 0, 1)]
+    liveness.record_beat(db, "host:61", "host", 61, released=keys, now=t0 + 1)
+    assert db.get_step(first.run_id, 0)["received_by"] is None
+    assert db.get_step(second.run_id, 0)["received_by"] == "host:62"
+
+
 def test_celery_held_lists_prefetched_and_countdown_messages_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
