@@ -372,9 +372,13 @@ class LimitGate:
         not parse does: ``entered`` raises their ``ValueError`` inside the try, where it
         fails the step naming the node; raised before the step it would crash a worker's
         executor, and the sweeper would send the step again forever."""
-        if node.rate_limit is None and node.max_concurrency is None and node.token_limit is None:
-            return False  # every step of a local run asks: the common answer, cheaply
         try:
+            if (
+                node.rate_limit is None
+                and node.max_concurrency is None
+                and node.token_limit is None
+            ):
+                return False  # every step of a local run asks: the common answer, cheaply
             return limits_of(node) is not None
         except ValueError:
             return True

@@ -123,8 +123,9 @@ def run_step(
     hooks.fire(NODE_START, name, store)
     started = time.perf_counter()
     try:
-        node._usage_scope, token = enter_step(run_id, step, attempt, name, usage_sink)
+        token = None
         try:
+            node._usage_scope, token = enter_step(run_id, step, attempt, name, usage_sink)
             action = _prep_exec_post(node, store, step, try_number)
         finally:
             node._usage_scope = None

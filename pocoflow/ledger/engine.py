@@ -196,18 +196,32 @@ POSTGRES_SESSION_OPTIONS = (
 
 #: The client side of the same: a peer that vanished without a word (its host died, the
 #: link was cut) leaves a half-open socket, on which a call waiting for a reply would
-#: wait for ever. Keepalive probes find it in ~11 s while the call waits; unacknowledged
-#: sent data, after 10 s; a new connection gives up after 10 s. Until then a worker
-#: thread is stuck, and with it every item commit its process groups behind that thread
-#: (``combine``). A setting in the URL wins.
+#: wait for ever (or ~15 min of retransmissions, if its request was not acknowledged).
+#: Until then a worker thread is stuck, and with it every item commit its process groups
+#: behind that thread (``combine``). Keepalive probes start after 5 s of silence, and
+#: ``tcp_user_timeout`` ends the socket 30 s after the peer last answered, probes or
+#: retransmissions alike (on Linux it replaces the probes' count). Not shorter: Linux also
+#: ends a session whose server answers but reads nothing for that long, as a pipelined
+#: batch whose first statement waits on a lock does once it fills the server's window,
+#: and a session cut off holding that lock is ended by the server within ~16 s (above).
+#: A new connection gives up after 10 s. A setting in the URL wins, and
+#: ``PGCONNECT_TIMEOUT`` over the connect timeout.
 POSTGRES_CLIENT_KEEPALIVES = {
     "connect_timeout": 10,
     "keepalives": 1,
     "keepalives_idle": 5,
     "keepalives_interval": 2,
     "keepalives_count": 3,
-    "tcp_user_timeout": 10_000,
+    "tcp_user_timeout": 30_000,
 }
+
+
+def _client_limits(url: URL) -> dict[str, int]:
+    """``POSTGRES_CLIENT_KEEPALIVES`` but what the URL or the environment sets."""
+    given = set(url.query)
+    if os.environ.get("PGCONNECT_TIMEOUT"):
+        given.add("connect_timeout")
+    return {k: v for k, v in POSTGRES_CLIENT_KEEPALIVES.items() if k not in given}
 
 
 def _postgres_engine(url: URL) -> Engine:
@@ -224,7 +238,7 @@ def _postgres_engine(url: URL) -> Engine:
         hide_parameters=True,
         connect_args={
             "options": options,
-            **{k: v for k, v in POSTGRES_CLIENT_KEEPALIVES.items() if k not in url.query},
+            **_client_limits(url),
         },
     )
     # Every string written escapes NUL, which PostgreSQL's text refuses (pgtext).
