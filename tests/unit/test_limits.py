@@ -378,3 +378,19 @@ def test_a_limited_map_items_jitter_is_capped_as_a_steps_is(
     outcome = item._wait_for_limit({}, SimpleNamespace(queue=None), LimitWait("M", "k", 10.0), 1)
     assert outcome == itemtask.LIMITED
     assert 10.0 <= sent[0] <= 10.0 + LIMIT_JITTER_CAP_S
+
+
+def test_the_gate_takes_a_node_whose_limits_do_not_read_so_its_step_names_it() -> None:
+    """A limit that raises when read (a property checking its own value) still passes
+    the node through the gate, where ``entered`` fails the step naming the node; raised
+    from ``applies`` it would escape before the step, and on a worker the sweeper would
+    send the step again for ever. An unlimited node does not pass through."""
+
+    class BadLimit(Node):
+        @property
+        def rate_limit(self) -> str:  # type: ignore[override]
+            raise ValueError("rate_limit: not a rate")
+
+    gate = LimitGate(None, "f")
+    assert gate.applies(BadLimit()) is True
+    assert gate.applies(Node()) is False
