@@ -92,6 +92,7 @@ class Heartbeat:
         last = time.monotonic()
         seen: set[StepKey] = set()
         recorded: set[StepKey] = set()
+        released: set[StepKey] = set()
         while not self._stop.wait(LOOK_S if self.held is not None else self.heartbeat_s):
             held = _safely(self.held) if self.held is not None else set()
             # Written only when held across two looks: a message the pool took at once
@@ -99,13 +100,17 @@ class Heartbeat:
             new = [key for key in held if key in seen and key not in recorded]
             # Recorded, no longer held: started (its claim cleared the mark already) or
             # lost inside this process (handed to a pool child that died): unmarked, so
-            # the sweeper does not take it for held by this live process.
-            gone = list(recorded - held)
+            # the sweeper does not take it for held by this live process. With the next
+            # beat due anyway, in one statement: a busy process's stream of started
+            # messages costs no write of its own.
+            released = (released | (recorded - held)) - held
+            recorded &= held
             seen = held
-            due = new or gone or time.monotonic() - last >= self.heartbeat_s
-            if due and self.beat(new, gone):
+            due = new or time.monotonic() - last >= self.heartbeat_s
+            if due and self.beat(new, list(released)):
                 last = time.monotonic()
-                recorded = (recorded | set(new)) & held
+                recorded |= set(new)
+                released = set()
 
     def stop(self) -> None:
         """A clean stop: no more beats, and the ledger told this process is gone, so what

@@ -187,19 +187,22 @@ def mark_received(
         conn.execute(_MARK_RECEIVED, [{**item_key(*key), "b_worker": worker} for key in received])
 
 
-_UNMARK_RECEIVED = (
-    update(pf_items)
-    .where(ITEM_FENCE, _i.status == "queued", _i.received_by == bindparam("b_worker"))
-    .values(received_by=None)
-)
-
-
 def unmark_received(
     conn: Connection, worker: str, released: Sequence[tuple[str, int, int, int]]
 ) -> None:
-    """``worker`` no longer holds these item messages (started, or lost inside it)."""
+    """``worker`` no longer holds these item messages (started, or lost inside it): one
+    statement for all of them."""
     if released:
-        conn.execute(_UNMARK_RECEIVED, [{**item_key(*key), "b_worker": worker} for key in released])
+        stmt = (
+            update(pf_items)
+            .where(
+                tuple_(_i.run_id, _i.step, _i.idx, _i.attempt).in_(list(released)),
+                _i.status == "queued",
+                _i.received_by == worker,
+            )
+            .values(received_by=None)
+        )
+        conn.execute(stmt)
 
 
 # Some live run fanned out: its items, and only they, are what an item sweep looks at.

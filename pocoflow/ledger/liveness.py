@@ -85,11 +85,20 @@ _MARK_RECEIVED = (
 )
 
 
-_UNMARK_RECEIVED = (
-    update(pf_steps)
-    .where(_KEY, _s.status == "queued", _s.received_by == bindparam("w"))
-    .values(received_by=None)
-)
+def _unmark_steps(conn: Connection, worker: str, keys: list[tuple[Any, ...]]) -> None:
+    """One statement for all of a beat's released step keys."""
+    keys = [key for key in keys if len(key) == 3]
+    if keys:
+        stmt = (
+            update(pf_steps)
+            .where(
+                tuple_(_s.run_id, _s.step, _s.attempt).in_(keys),
+                _s.status == "queued",
+                _s.received_by == worker,
+            )
+            .values(received_by=None)
+        )
+        conn.execute(stmt)
 
 
 def beat(
@@ -115,20 +124,15 @@ def beat(
     if not hit:
         row = {"worker_id": worker, "host": host, "pid": pid, "started_at": clock, "beat_at": clock}
         conn.execute(insert_ignore(dialect, pf_workers, "worker_id").values(**row))
-    _each_step(conn, _MARK_RECEIVED, worker, received)
-    itemrecovery.mark_received(conn, worker, [key for key in received if len(key) == 4])
-    _each_step(conn, _UNMARK_RECEIVED, worker, released)
-    itemrecovery.unmark_received(conn, worker, [key for key in released if len(key) == 4])
-
-
-def _each_step(conn: Connection, stmt: Any, worker: str, keys: list[tuple[Any, ...]]) -> None:
-    """``stmt`` for ``worker`` and every step key (``(run_id, step, attempt)``) of ``keys``."""
-    rows = [
-        {"b_run_id": r, "b_step": s, "b_attempt": a, "w": worker}
-        for r, s, a in (key for key in keys if len(key) == 3)
+    held_steps = [
+        {"b_run_id": r, "b_step": st, "b_attempt": a, "w": worker}
+        for r, st, a in (key for key in received if len(key) == 3)
     ]
-    if rows:
-        conn.execute(stmt, rows)
+    if held_steps:
+        conn.execute(_MARK_RECEIVED, held_steps)
+    itemrecovery.mark_received(conn, worker, [key for key in received if len(key) == 4])
+    _unmark_steps(conn, worker, released)
+    itemrecovery.unmark_received(conn, worker, [key for key in released if len(key) == 4])
 
 
 def bury(conn: Connection, worker: str) -> None:
