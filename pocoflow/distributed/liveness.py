@@ -95,6 +95,10 @@ class Heartbeat:
         released: set[StepKey] = set()
         while not self._stop.wait(LOOK_S if self.held is not None else self.heartbeat_s):
             held = _safely(self.held) if self.held is not None else set()
+            if held is None:  # this look failed: judge nothing from it, but beat on
+                if time.monotonic() - last >= self.heartbeat_s and self.beat():
+                    last = time.monotonic()
+                continue
             # Written only when held across two looks: a message the pool took at once
             # (every step of a busy chain) never costs a write.
             new = [key for key in held if key in seen and key not in recorded]
@@ -157,12 +161,14 @@ def stop(only: Heartbeat | None = None) -> None:
                 _running.pop(key).stop()
 
 
-def _safely(held: Held) -> set[StepKey]:
+def _safely(held: Held) -> set[StepKey] | None:
+    """What the process holds, or None when the look failed: an empty set would read as
+    "everything went" and unmark messages still held."""
     try:
         return held()
     except Exception as exc:  # a look that failed is retried at the next one
         _log.debug("Could not list held messages: %s", exc)
-        return set()
+        return None
 
 
 def celery_held(task_name: str, item_task_name: str | None = None) -> Held:
@@ -182,7 +188,7 @@ def celery_held(task_name: str, item_task_name: str | None = None) -> Held:
             except RuntimeError:
                 continue
         else:
-            return set()
+            raise RuntimeError("Celery's request sets kept changing while being copied")
         keys: set[StepKey] = set()
         for request in waiting:
             # request.name is the display name (the publisher's shadow, FLOW.NODE); the

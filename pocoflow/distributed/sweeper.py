@@ -395,7 +395,10 @@ def sweep(
             continue
         if row["status"] == "queued":  # sent, never claimed
             if broker_idle:
-                if row["received_by"] is not None:  # held by a live worker (dead: above)
+                # Held by a live worker (dead: above), unless past the cap: a mark its
+                # process failed to clear must not hold the step for ever.
+                held = row["received_by"] is not None
+                if held and now < row["queued_at"] + REQUEUE_CAP_S:
                     continue
             elif now < row["queued_at"] + requeue_after_s:  # postponed by another sweeper
                 continue

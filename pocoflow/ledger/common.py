@@ -101,3 +101,9 @@ def json_object_items(
         return items, items.c.key, cast(items.c.value, Integer), items.c.ord
     items = func.json_each(document).table_valued("key", "value", "id", name="m")
     return items, items.c.key, items.c.value, items.c.id
+
+
+#: Keys per unmark statement of a heartbeat: a statement takes at most 65,535 parameters
+#: (PostgreSQL) or 32,766 (SQLite's default), and a process may release tens of thousands
+#: at once (countdown retries of a big map); one failing beat would fail every later one.
+UNMARK_CHUNK = 1000

@@ -19,7 +19,7 @@ from sqlalchemy import Float, and_, bindparam, case, func, literal, or_, select,
 from sqlalchemy.engine import Connection
 
 from pocoflow.ledger import itemrecovery, steps
-from pocoflow.ledger.common import DbEpoch, insert_ignore
+from pocoflow.ledger.common import UNMARK_CHUNK, DbEpoch, insert_ignore
 from pocoflow.ledger.tables import (
     ACTIVE_STEP_STATUSES,
     LIVE_RUN_STATUSES,
@@ -86,13 +86,13 @@ _MARK_RECEIVED = (
 
 
 def _unmark_steps(conn: Connection, worker: str, keys: list[tuple[Any, ...]]) -> None:
-    """One statement for all of a beat's released step keys."""
+    """A statement per ``UNMARK_CHUNK`` of a beat's released step keys."""
     keys = [key for key in keys if len(key) == 3]
-    if keys:
+    for start in range(0, len(keys), UNMARK_CHUNK):
         stmt = (
             update(pf_steps)
             .where(
-                tuple_(_s.run_id, _s.step, _s.attempt).in_(keys),
+                tuple_(_s.run_id, _s.step, _s.attempt).in_(keys[start : start + UNMARK_CHUNK]),
                 _s.status == "queued",
                 _s.received_by == worker,
             )

@@ -291,6 +291,89 @@ def test_a_released_mark_of_another_worker_or_a_started_step_stays(db: Any) -> N
     assert db.get_step(second.run_id, 0)["received_by"] == "host:62"
 
 
+def test_a_release_of_an_older_attempt_or_another_workers_mark_leaves_it(db: Any) -> None:
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    liveness.record_beat(db, "host:71", "host", 71, [(first.run_id, 0, 1)], now=t0)
+    liveness.record_beat(db, "host:71", "host", 71, released=[(first.run_id, 0, 2)], now=t0)
+    liveness.record_beat(db, "host:72", "host", 72, released=[(first.run_id, 0, 1)], now=t0)
+    assert db.get_step(first.run_id, 0)["received_by"] == "host:71"
+
+
+def test_a_release_of_twenty_thousand_keys_is_one_beat_that_lands(db: Any) -> None:
+    """A process may let go of tens of thousands of messages at once (countdown retries
+    of a big map): a statement holds at most 65,535 parameters, and a beat that failed
+    on it would fail at every try after, until the live worker was taken for dead."""
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    liveness.record_beat(db, "host:73", "host", 73, [(first.run_id, 0, 1)], now=t0)
+    keys: list[tuple[Any, ...]] = [(first.run_id, 0, 1)]
+    keys += [(f"gone-{n}", 0, 1) for n in range(20_000)]
+    keys += [(f"gone-{n}", 0, n, 1) for n in range(20_000)]
+    liveness.record_beat(db, "host:73", "host", 73, released=keys, now=t0 + 1)
+    assert db.get_step(first.run_id, 0)["received_by"] is None
+
+
+def test_a_failed_look_unmarks_nothing_and_a_failed_beat_keeps_its_release(db: Any) -> None:
+    """A look that fails says nothing about what the process holds: read as an empty set
+    it would unmark messages still held, and a sweep would send them again. A release
+    whose beat failed goes with the next beat."""
+    from pocoflow.distributed import liveness as process_liveness
+    from tests.helpers import wait_until
+
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    key = (first.run_id, 0, 1)
+    looks = {"fail": False, "held": {key}}
+    fails_left = {"beats": 0}
+
+    def held() -> set[Any]:
+        if looks["fail"]:
+            raise RuntimeError("the sets kept changing")
+        return set(looks["held"])
+
+    heartbeat = process_liveness.ensure(db, "host:74", 0.05, held=held)
+    real_beat = heartbeat.beat
+
+    def flaky_beat(*args: Any, **kwargs: Any) -> bool:
+        if fails_left["beats"] > 0:
+            fails_left["beats"] -= 1
+            return False
+        return real_beat(*args, **kwargs)
+
+    heartbeat.beat = flaky_beat  # type: ignore[method-assign]
+    try:
+        wait_until(lambda: db.get_step(first.run_id, 0)["received_by"] == "host:74", 10)
+        looks["fail"] = True
+        beats = liveness.last_beats(db)["host:74"]
+        wait_until(lambda: liveness.last_beats(db)["host:74"] > beats + 0.2, 10)  # beats on
+        assert db.get_step(first.run_id, 0)["received_by"] == "host:74"
+        fails_left["beats"] = 3
+        looks["fail"], looks["held"] = False, set()
+        wait_until(lambda: db.get_step(first.run_id, 0)["received_by"] is None, 10)
+        assert fails_left["beats"] == 0  # it went out after the failed beats
+    finally:
+        process_liveness.stop(heartbeat)
+
+
+def test_a_stale_mark_of_a_live_worker_holds_its_step_only_until_the_cap(db: Any) -> None:
+    """A mark nobody clears (its process lost the message and failed to say so) holds a
+    queued step while the broker is idle, but not past ``REQUEUE_CAP_S``."""
+    first, t0 = submitted(db)
+    db.mark_sent(first.run_id, 0, 1, now=t0)
+    liveness.record_beat(db, "host:75", "host", 75, [(first.run_id, 0, 1)], now=t0)
+    queued_at = db.get_step(first.run_id, 0)["queued_at"]
+    sent = Sent(db)
+    for now in (queued_at + LONG_LEASE_S + 1, queued_at + sweeper.REQUEUE_CAP_S + 1):
+        liveness.record_beat(db, "host:75", "host", 75, now=now)  # alive throughout
+        report = sweep(
+            db, sent, lease_s=LONG_LEASE_S, now=now, sentinel=IdleBroker(),
+            dead_after_s=DEAD_AFTER_S,
+        )  # fmt: skip
+    assert report.resent == [(first.run_id, 0)]
+    assert len(sent.messages) == 1  # at the cap, not before
+
+
 def test_celery_held_lists_prefetched_and_countdown_messages_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
