@@ -151,8 +151,11 @@ REQUEUE_JOIN_STEP = (
         queued_at=NOW,
     )
 )
-# The join row locked before anything else (a group of item commits, a resume).
-_LOCK_JOIN = update(pf_joins).where(_JOIN).values(done=_j.done)
+# The join row locked before anything else (a group of item commits, a resume). A read
+# that locks, not a no-op UPDATE: PostgreSQL wrote a new version of the row for each
+# group's UPDATE, a thousand dead versions of one row per thousand-item map. (SQLite
+# renders no FOR UPDATE; its write transactions hold the whole file.)
+_LOCK_JOIN = select(_j.run_id).where(_JOIN).with_for_update()
 _JOIN_STATE = (
     select(_j.done, _j.total, _s.status, _s.attempt, _s.node_id, _s.lease_owner)
     .join(pf_steps, and_(_s.run_id == _j.run_id, _s.step == _j.step))
