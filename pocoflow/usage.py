@@ -188,6 +188,7 @@ def enter_step(
     """``recording`` of a whole step, without its object: every step enters one, and the
     class's calls cost a third of a node step's overhead. Returns (scope, token for
     ``_current.reset``); (None, None) when there is no sink, as ``recording``."""
+    # ``_scope_of`` written out: a call fewer on every step (0.05 of the core ratio).
     if sink is None:
         outer = _current.get()
         if outer is None:
@@ -195,6 +196,24 @@ def enter_step(
         sink = outer.sink
     scope = Attempt(run_id, step, attempt, node_name, None, sink)
     return scope, _current.set(scope)
+
+
+def _scope_of(
+    run_id: str | None,
+    step: int | None,
+    attempt: int,
+    node_name: str,
+    item: int | None,
+    sink: UsageSink | None,
+) -> Attempt | None:
+    """The attempt to record under: with ``sink`` None, the enclosing attempt's sink, and
+    None when there is none either."""
+    if sink is None:
+        outer = _current.get()
+        if outer is None:
+            return None
+        sink = outer.sink
+    return Attempt(run_id, step, attempt, node_name, item, sink)
 
 
 def leave_step(token: contextvars.Token[Attempt | None] | None) -> None:
@@ -209,7 +228,7 @@ class recording:
     with neither, nothing is set and reports are dropped with a warning. Threads do not
     inherit contextvars: a thread running items enters its own ``recording`` (pass
     ``current().sink``) or runs under ``contextvars.copy_context()``. A class, not a
-    generator, because every step enters one: about a microsecond.
+    generator, because every map item enters one (a step uses ``enter_step``).
     """
 
     __slots__ = ("_token", "scope")
@@ -224,13 +243,7 @@ class recording:
         sink: UsageSink | None = None,
     ) -> None:
         self._token: contextvars.Token[Attempt | None] | None = None
-        self.scope: Attempt | None = None
-        if sink is None:
-            outer = _current.get()
-            if outer is None:
-                return
-            sink = outer.sink
-        self.scope = Attempt(run_id, step, attempt, node_name, item, sink)
+        self.scope = _scope_of(run_id, step, attempt, node_name, item, sink)
 
     def __enter__(self) -> Attempt | None:
         if self.scope is not None:

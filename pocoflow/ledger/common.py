@@ -3,11 +3,24 @@ one dialect-specific insert."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import JSON, ColumnElement, Float, Integer, Table, bindparam, cast, func, select
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    Float,
+    Integer,
+    Table,
+    bindparam,
+    cast,
+    func,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.dml import Insert
@@ -107,3 +120,23 @@ def json_object_items(
 #: (PostgreSQL) or 32,766 (SQLite's default), and a process may release tens of thousands
 #: at once (countdown retries of a big map); one failing beat would fail every later one.
 UNMARK_CHUNK = 1000
+
+
+def unmark_received(
+    conn: Any, table: Table, key_columns: Sequence[str], worker: str, keys: Sequence[Any]
+) -> None:
+    """Clear ``worker``'s received mark on the queued rows of ``table`` whose
+    ``key_columns`` are among ``keys`` (its heartbeat's released messages): a statement
+    per ``UNMARK_CHUNK`` keys."""
+    key = tuple_(*(table.c[name] for name in key_columns))
+    for start in range(0, len(keys), UNMARK_CHUNK):
+        stmt = (
+            update(table)
+            .where(
+                key.in_(list(keys[start : start + UNMARK_CHUNK])),
+                table.c.status == "queued",
+                table.c.received_by == worker,
+            )
+            .values(received_by=None)
+        )
+        conn.execute(stmt)

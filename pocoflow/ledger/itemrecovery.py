@@ -15,7 +15,8 @@ from sqlalchemy import Float, and_, bindparam, case, func, literal, or_, select,
 from sqlalchemy.engine import Connection
 
 from pocoflow.commit import PARKED_OWNER
-from pocoflow.ledger.common import NOW, UNMARK_CHUNK, DbEpoch
+from pocoflow.ledger import common
+from pocoflow.ledger.common import NOW, DbEpoch
 from pocoflow.ledger.items import ITEM_FENCE, REQUEUE_JOIN_STEP, item_key, join_state
 from pocoflow.ledger.tables import (
     ACTIVE_ITEM_STATUSES,
@@ -190,21 +191,9 @@ def mark_received(
 def unmark_received(
     conn: Connection, worker: str, released: Sequence[tuple[str, int, int, int]]
 ) -> None:
-    """``worker`` no longer holds these item messages (started, or lost inside it): a
-    statement per ``UNMARK_CHUNK`` of them."""
-    keys = list(released)
-    for start in range(0, len(keys), UNMARK_CHUNK):
-        chunk = keys[start : start + UNMARK_CHUNK]
-        stmt = (
-            update(pf_items)
-            .where(
-                tuple_(_i.run_id, _i.step, _i.idx, _i.attempt).in_(chunk),
-                _i.status == "queued",
-                _i.received_by == worker,
-            )
-            .values(received_by=None)
-        )
-        conn.execute(stmt)
+    """``worker`` no longer holds these item messages (started, or lost inside it)."""
+    key = ("run_id", "step", "idx", "attempt")
+    common.unmark_received(conn, pf_items, key, worker, list(released))
 
 
 # Some live run fanned out: its items, and only they, are what an item sweep looks at.

@@ -19,7 +19,7 @@ from sqlalchemy import Float, and_, bindparam, case, func, literal, or_, select,
 from sqlalchemy.engine import Connection
 
 from pocoflow.ledger import itemrecovery, steps
-from pocoflow.ledger.common import UNMARK_CHUNK, DbEpoch, insert_ignore
+from pocoflow.ledger.common import DbEpoch, insert_ignore, unmark_received
 from pocoflow.ledger.tables import (
     ACTIVE_STEP_STATUSES,
     LIVE_RUN_STATUSES,
@@ -85,22 +85,6 @@ _MARK_RECEIVED = (
 )
 
 
-def _unmark_steps(conn: Connection, worker: str, keys: list[tuple[Any, ...]]) -> None:
-    """A statement per ``UNMARK_CHUNK`` of a beat's released step keys."""
-    keys = [key for key in keys if len(key) == 3]
-    for start in range(0, len(keys), UNMARK_CHUNK):
-        stmt = (
-            update(pf_steps)
-            .where(
-                tuple_(_s.run_id, _s.step, _s.attempt).in_(keys[start : start + UNMARK_CHUNK]),
-                _s.status == "queued",
-                _s.received_by == worker,
-            )
-            .values(received_by=None)
-        )
-        conn.execute(stmt)
-
-
 def beat(
     conn: Connection,
     dialect: str,
@@ -131,7 +115,8 @@ def beat(
     if held_steps:
         conn.execute(_MARK_RECEIVED, held_steps)
     itemrecovery.mark_received(conn, worker, [key for key in received if len(key) == 4])
-    _unmark_steps(conn, worker, released)
+    released_steps = [key for key in released if len(key) == 3]
+    unmark_received(conn, pf_steps, ("run_id", "step", "attempt"), worker, released_steps)
     itemrecovery.unmark_received(conn, worker, [key for key in released if len(key) == 4])
 
 
