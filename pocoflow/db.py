@@ -17,6 +17,7 @@ Usage::
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,7 +29,6 @@ from pocoflow.commit import NextStep, StepCommit
 from pocoflow.ledger import (
     checkpoints,
     events,
-    pipeline,
     prune as retention,
     runs,
     steps,
@@ -41,6 +41,8 @@ from pocoflow.ledger.itemqueue import ItemQueue
 from pocoflow.ledger.queue import StepQueue
 from pocoflow.ledger.tables import RUN_STATUSES
 from pocoflow.store import Store
+
+_log = logging.getLogger("pocoflow.ledger")
 
 __all__ = ["WorkflowDB"]
 
@@ -371,34 +373,55 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
         data = legacy if legacy is not None else _decode_all(texts)
         return Store(data, name=f"{run_id}@step{step}"), manifest, texts
 
-    def load_run_and_store(
-        self, run_id: str, step: int
-    ) -> tuple[dict[str, Any] | None, tuple[Store, dict[str, int], dict[str, str]] | None]:
-        """The run's guard columns (``runs.GUARD_COLUMNS``: not ``graph_shape``, which only
-        a version refusal needs) and ``load_store(run_id, step)`` in one read, one round
-        trip on PostgreSQL: a worker needs both before every step. The store part is None
-        when the run or the checkpoint is missing."""
-        dialect = self._dialect
+    def claim_to_run(
+        self,
+        run_id: str,
+        step: int,
+        attempt: int,
+        worker: str,
+        lease_s: float,
+        *,
+        holder: str,
+        node_id: str,
+        flow: str,
+        task_id: str | None = None,
+        now: float | None = None,
+        load_step: int | None = None,
+    ) -> tuple[bool, dict[str, Any] | None, tuple[Store, dict[str, int], dict[str, str]] | None]:
+        """``claim_if_runnable`` for a step message naming ``node_id`` of a run of
+        ``flow`` (it wins only if the ledger agrees on both), with the Store of
+        ``load_step`` read in the same batch: one round trip on PostgreSQL for all a
+        worker needs before every step.
 
-        def body(conn: Connection) -> tuple[Any, Any]:
-            # One batch: one round trip on PostgreSQL for both reads.
-            ops = [runs.guard_op(run_id), checkpoints.load_op(dialect, run_id, step)]
-            run_rows, store_rows = pipeline.run_reading(conn, ops)[1]
-            run = runs.guard_row(run_rows)
-            if run is None:
-                return None, None
-            try:
-                return run, checkpoints.texts_of(store_rows, run_id, step)
-            except KeyError:
-                return run, None
-
-        run, loaded = self._read(body, run_id)
-        if loaded is None:
-            return run, None
-        manifest, texts, legacy = loaded
-        data = legacy if legacy is not None else _decode_all(texts)
-        name = run.get("store_name") or f"{run_id}@step{step}"  # the Store the run began with
-        return run, (Store(data, name=name), manifest, texts)
+        Returns ``(claimed, run, (store, manifest, texts))``; the Store part is None
+        unless the claim won and the checkpoint was read and decoded. A Store that cannot
+        be (a codec error, a value of a type this process never registered, a missing
+        checkpoint) is left for the caller to read again under its claim, where the error
+        counts toward the step's crash budget instead of failing this call."""
+        read = None
+        if load_step is not None:
+            read = checkpoints.load_op(self._dialect, run_id, load_step)
+        claimed, run, rows = self._claim(
+            run_id, step, attempt, worker, holder, lease_s, now, task_id, node_id, True,
+            flow=flow, then_read=read,
+        )  # fmt: skip
+        if not claimed or run is None or load_step is None:
+            return claimed, run, None
+        try:
+            manifest, texts, legacy = checkpoints.texts_of(rows, run_id, load_step)
+            data = legacy if legacy is not None else _decode_all(texts)
+        except Exception as exc:
+            _log.warning(
+                "Step %d of run %s: its Store of step %d cannot be loaded (%s: %s)",
+                step,
+                run_id,
+                load_step,
+                type(exc).__name__,
+                exc,
+            )
+            return claimed, run, None
+        name = run.get("store_name") or f"{run_id}@step{load_step}"  # as the run began
+        return claimed, run, (Store(data, name=name), manifest, texts)
 
     def count_committed(self, run_id: str) -> int:
         """Committed node steps of the run (checkpoints with step >= 0): what

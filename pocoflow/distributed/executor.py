@@ -418,23 +418,8 @@ class _StepRun:
     def run(self) -> str:
         msg, db = self.msg, self.db
         # The Store of step-1 is in memory when this process committed it (and the run's
-        # flow was checked then); otherwise one read brings the run row and the Store.
+        # flow was checked then); otherwise the claim's batch reads it.
         self._handed = self.ctx.take(msg.run_id, msg.flow, msg.step - 1)
-        if self._handed is None:
-            first_look, self._prior = self._first_look()
-            if first_look is None:
-                _log.error("Step message for unknown run %r dropped", msg.run_id)
-                return UNKNOWN_RUN
-            if msg.flow != first_look["flow_name"]:  # forged or garbled: must not fail the run
-                _record_malformed(
-                    db,
-                    MalformedMessage(
-                        f"step message names flow {msg.flow!r} but run {msg.run_id!r} is a "
-                        f"run of {first_look['flow_name']!r}",
-                        run_id=msg.run_id,
-                    ),
-                )
-                return MALFORMED
         # Guard and claim in one transaction: a cancel or pause that lands after the check
         # cannot slip in before the claim (G4). A run that may not go on is handed to the
         # guard; if the guard finds nothing to stop for (a pause withdrawn meanwhile), one
@@ -445,6 +430,16 @@ class _StepRun:
             self.claimed = claimed
             if claimed or run is None:
                 break
+            if msg.flow != run["flow_name"]:  # forged or garbled: must not fail the run
+                _record_malformed(
+                    db,
+                    MalformedMessage(
+                        f"step message names flow {msg.flow!r} but run {msg.run_id!r} is a "
+                        f"run of {run['flow_name']!r}",
+                        run_id=msg.run_id,
+                    ),
+                )
+                return MALFORMED
             stop = self._guard(run)
             if stop is not None:
                 return stop
@@ -484,35 +479,12 @@ class _StepRun:
             self.holding = held
             return self._run_and_commit(run, loaded)
 
-    def _first_look(
-        self,
-    ) -> tuple[dict[str, Any] | None, tuple[Store, dict[str, int], dict[str, str]] | None]:
-        """The run's guard columns and the Store of step-1, read together. A Store that
-        cannot be read (a codec error, a value of a type this process never registered)
-        is not this delivery's problem but the step's: the claim goes ahead without it,
-        and ``_read_store`` meets the same error after the claim, where it counts toward
-        the crash budget (``crashed``) instead of sending the step again for ever."""
-        msg = self.msg
-        try:
-            return self.db.load_run_and_store(msg.run_id, msg.step - 1)
-        except Exception as exc:
-            if _unreachable(exc):
-                raise
-            _log.warning(
-                "Step %d of run %s: its Store of step %d cannot be loaded (%s: %s)",
-                msg.step,
-                msg.run_id,
-                msg.step - 1,
-                type(exc).__name__,
-                exc,
-            )
-            return self.db.get_run(msg.run_id), None
-
     def _claim(self) -> tuple[bool, dict[str, Any] | None]:
         msg = self.msg
-        # The claim names the node the message asks for: it wins only if the ledger
-        # recorded that node for the step, so a message cannot choose what runs.
-        return self.db.claim_if_runnable(
+        # The claim names the node and flow the message asks for: it wins only if the
+        # ledger recorded them, so a message cannot choose what runs. Unless this process
+        # has it in hand, the Store of step-1 comes back with a claim that won.
+        claimed, run, self._prior = self.db.claim_to_run(
             msg.run_id,
             msg.step,
             msg.attempt,
@@ -521,7 +493,10 @@ class _StepRun:
             task_id=self.task_id,
             holder=self.holder,
             node_id=msg.node_id,
+            flow=msg.flow,
+            load_step=msg.step - 1 if self._handed is None else None,
         )
+        return claimed, run
 
     def _other_node(self) -> bool:
         """After a lost claim (off the hot path): did the message name another node than

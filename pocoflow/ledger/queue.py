@@ -8,6 +8,7 @@ from typing import Any
 from pocoflow.commit import StepFailure
 from pocoflow.ledger import pipeline, steps, txn
 from pocoflow.ledger.client import LedgerClient
+from pocoflow.ledger.pipeline import Op
 
 
 class StepQueue(LedgerClient):
@@ -112,7 +113,7 @@ class StepQueue(LedgerClient):
         caller's guard to handle (run None: no such run)."""
         return self._claim(
             run_id, step, attempt, worker, holder, lease_s, now, task_id, node_id, True
-        )
+        )[:2]
 
     def _claim(
         self,
@@ -126,17 +127,20 @@ class StepQueue(LedgerClient):
         task_id: str | None,
         node_id: str | None,
         runnable_only: bool,
-    ) -> tuple[bool, dict[str, Any] | None]:
+        *,
+        flow: str | None = None,
+        then_read: Op | None = None,
+    ) -> tuple[bool, dict[str, Any] | None, list[tuple[Any, ...]]]:
         token = holder or worker
         tries = 0
 
-        def body(conn: Any) -> tuple[bool, dict[str, Any] | None]:
+        def body(conn: Any) -> tuple[bool, dict[str, Any] | None, list[tuple[Any, ...]]]:
             nonlocal tries
             tries += 1
             # The run's guard columns, the claim and the attempt row in one batch: the
             # claim's own statement decides whether the run may go on (G4), so the read
             # need not come first, and PostgreSQL gets all three in one round trip.
-            claimed, run = steps.claim_reading_run(
+            claimed, run, read = steps.claim_reading_run(
                 conn,
                 run_id,
                 step,
@@ -147,13 +151,15 @@ class StepQueue(LedgerClient):
                 now,
                 task_id,
                 node_id=node_id,
+                flow=flow,
                 if_runnable=runnable_only,
                 read_run=runnable_only,
                 retried=tries > 1,  # only a lost COMMIT can have left its row (txn.run)
+                then_read=then_read,
             )
             if not claimed:
-                raise txn.Abort((False, run))  # roll back: PostgreSQL sent the whole batch
-            return True, run
+                raise txn.Abort((False, run, []))  # roll back: PostgreSQL sent the whole batch
+            return True, run, read
 
         return self._write(body, f"claiming step {step}", run_id, batched=True)
 

@@ -99,17 +99,21 @@ _MARK_SENT = (
 )
 _COMMIT = update(pf_steps).where(_HELD).values(status="committed", lease_expires_at=None)
 _FAIL = update(pf_steps).where(_HELD).values(status="failed", lease_expires_at=None)
-# A run may go on: checked by the claim's own statement, so a cancel or pause committed
-# after the guard read the run row (PostgreSQL, READ COMMITTED) still stops it (G4).
-_RUN_GOES_ON = (
-    select(_r.run_id)
-    .where(
-        _r.run_id == _s.run_id,
-        or_(_r.status == "queued", _r.status == "running"),
-        _r.control.is_(None),
-    )
-    .exists()
-)
+
+
+def _run_is(live: bool, flow: bool) -> Any:
+    """The step's run row as the claim requires it: ``live``, the run may go on (checked
+    by the claim's own statement, so a cancel or pause committed after the guard read the
+    run row, PostgreSQL READ COMMITTED, still stops it, G4); ``flow``, it is a run of the
+    flow the message names (a message cannot choose the graph a step runs)."""
+    terms = [_r.run_id == _s.run_id]
+    if live:
+        terms += [or_(_r.status == "queued", _r.status == "running"), _r.control.is_(None)]
+    if flow:
+        terms.append(_r.flow_name == bindparam("b_flow"))
+    return select(_r.run_id).where(*terms).exists()
+
+
 _CLAIM_ANY = (
     update(pf_steps)
     .where(
@@ -131,14 +135,17 @@ _CLAIM_ANY = (
         received_by=None,
     )
 )
-# (only while the run goes on, only for the node the ledger recorded) -> statement
+_BOTH = (False, True)
+# (only while the run goes on, only for the node the ledger recorded, only for the flow
+# of the run) -> statement
 _CLAIMS = {
-    (live, node): _CLAIM_ANY.where(
-        *([_RUN_GOES_ON] if live else []),
+    (live, node, flow): _CLAIM_ANY.where(
+        *([_run_is(live, flow)] if live or flow else []),
         *([_s.node_id == bindparam("b_node_id")] if node else []),
     )
-    for live in (False, True)
-    for node in (False, True)
+    for live in _BOTH
+    for node in _BOTH
+    for flow in _BOTH
 }
 
 
@@ -155,12 +162,8 @@ def _claim_opening(claim: Any) -> Any:
     return select(func.count()).select_from(claimed).add_cte(opened)
 
 
-# (while the run goes on, for the recorded node) -> statement (PostgreSQL)
-_CLAIMS_OPENING = {
-    (live, node): _claim_opening(_CLAIMS[(live, node)])
-    for live in (False, True)
-    for node in (False, True)
-}
+# The same keys as ``_CLAIMS`` -> statement (PostgreSQL)
+_CLAIMS_OPENING = {key: _claim_opening(claim) for key, claim in _CLAIMS.items()}
 _RENEW = update(pf_steps).where(_HELD).values(lease_expires_at=_EXPIRES)
 _TAKE_OVER = (
     update(pf_steps)
@@ -357,26 +360,31 @@ def claim_reading_run(
     task_id: str | None = None,
     *,
     node_id: str | None = None,
+    flow: str | None = None,
     if_runnable: bool = False,
     read_run: bool = True,
     retried: bool = False,
-) -> tuple[bool, dict[str, Any] | None]:
+    then_read: Op | None = None,
+) -> tuple[bool, dict[str, Any] | None, list[tuple[Any, ...]]]:
     """Take the lease for ``attempt`` as ``holder`` and open its ``pf_attempts`` row (of
     ``worker``), in one transaction; with ``read_run``, the run's guard columns
     (``runs.GUARD_COLUMNS``) are read in the same batch first.
 
     Wins when the row is queued with this attempt, or running under this attempt with an
     expired lease (the broker redelivered a dead worker's message) or under this holder
-    (a retried transaction). With ``node_id``, only if the ledger recorded that node for
-    the step (a message cannot choose what runs); with ``if_runnable``, only while the run
-    may go on, decided by this statement (G4). ``retried``: a try of the same call went
-    before, whose COMMIT may have landed; its attempt row is then not opened twice.
+    (a retried transaction). With ``node_id`` (``flow``), only if the ledger recorded
+    that node for the step (that flow for the run): a message cannot choose what runs;
+    with ``if_runnable``, only while the run may go on, decided by this statement (G4).
+    ``retried``: a try of the same call went before, whose COMMIT may have landed; its
+    attempt row is then not opened twice. ``then_read``: a read for the same batch (what
+    the step needs once claimed: its Store), whose rows come back when the claim won.
 
-    Returns ``(claimed, run)``, run None for an unknown run or without ``read_run``. One
-    round trip on PostgreSQL for the read, the claim, the attempt row and the COMMIT,
-    because every step makes it (G1, G4)."""
+    Returns ``(claimed, run, then_read's rows)``, run None for an unknown run or without
+    ``read_run``. One round trip on PostgreSQL for the reads, the claim, the attempt row
+    and the COMMIT, because every step makes it (G1, G4)."""
     params = _key(run_id, step, attempt)
-    params.update(holder=holder, now=now, lease_s=lease_s, b_node_id=node_id)
+    params.update(holder=holder, now=now, lease_s=lease_s, b_node_id=node_id, b_flow=flow)
+    key = (if_runnable, node_id is not None, flow is not None)
     ops = [runs.guard_op(run_id)] if read_run else []
     if conn.dialect.name == "postgresql" and not retried:
         # One statement for the claim and its attempt row, and the COMMIT in the batch:
@@ -384,18 +392,23 @@ def claim_reading_run(
         # its first try may still be running on the server, and a retry that waited for
         # that try's row lock would win the step again, while one statement's snapshot
         # (the "row open already?" test) predates that try's attempt row.
-        opening = _CLAIMS_OPENING[(if_runnable, node_id is not None)]
+        opening = _CLAIMS_OPENING[key]
+        claim_at = len(ops)
         ops += [Op(opening, {**params, "b_worker": worker, "b_task_id": task_id})]
-        _ok, rows = pipeline.run_reading(conn, ops, commit=True)
-        claimed = rows[-1] == [(1,)]
-        return claimed, runs.guard_row(rows[0]) if read_run else None
-    # Its own dict: an UPDATE compiled for parameter names that are column names
-    # (task_id) would SET those columns too.
-    attempt_params = {**params, "worker": worker, "task_id": task_id}
-    ops += [Op(_CLAIMS[(if_runnable, node_id is not None)], params, must_hit_one=True)]
-    ops += [Op(_INSERT_ATTEMPT_ONCE if retried else _INSERT_ATTEMPT, attempt_params)]
-    claimed, rows = pipeline.run_reading(conn, ops)
-    return claimed, runs.guard_row(rows[0]) if read_run else None
+    else:
+        # Its own dict: an UPDATE compiled for parameter names that are column names
+        # (task_id) would SET those columns too.
+        attempt_params = {**params, "worker": worker, "task_id": task_id}
+        claim_at = None
+        ops += [Op(_CLAIMS[key], params, must_hit_one=True)]
+        ops += [Op(_INSERT_ATTEMPT_ONCE if retried else _INSERT_ATTEMPT, attempt_params)]
+    if then_read is not None:
+        ops.append(then_read)
+    # SQLite stops at a claim that missed (``must_hit_one``), so the read is not run.
+    ok, rows = pipeline.run_reading(conn, ops, commit=claim_at is not None)
+    claimed = rows[claim_at] == [(1,)] if claim_at is not None else ok
+    run = runs.guard_row(rows[0]) if read_run else None
+    return claimed, run, rows[-1] if claimed and then_read is not None else []
 
 
 def renew(

@@ -267,11 +267,9 @@ def test_a_ledger_failure_inside_the_step_is_contained(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("ledger went away")
 
-    real = db.load_run_and_store
-    # The run row reads fine, then the Store load (after the claim) fails.
-    monkeypatch.setattr(
-        db, "load_run_and_store", lambda run_id, step: (real(run_id, step)[0], None)
-    )
+    real = db.claim_to_run
+    # The claim wins without the Store, then reading it again under the claim fails.
+    monkeypatch.setattr(db, "claim_to_run", lambda *a, **kw: (*real(*a, **kw)[:2], None))
     monkeypatch.setattr(db, "load_store", broken)
     assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == executor.CRASHED
 
@@ -292,13 +290,14 @@ def test_the_next_step_in_the_same_process_reuses_the_committed_store(
 ) -> None:
     first = start(db, "exec_three")
     loads: list[int] = []
-    real = db.load_run_and_store
+    real = db.claim_to_run
 
-    def counting(run_id: str, step: int) -> Any:
-        loads.append(step)
-        return real(run_id, step)
+    def counting(*args: Any, load_step: int | None, **kwargs: Any) -> Any:
+        if load_step is not None:
+            loads.append(load_step)
+        return real(*args, load_step=load_step, **kwargs)
 
-    monkeypatch.setattr(db, "load_run_and_store", counting)
+    monkeypatch.setattr(db, "claim_to_run", counting)
     assert drain(ctx, publish, first) == ["committed"] * 3
     assert loads == [-1]  # steps 1 and 2 took the Store this process had just committed
     assert db.load_checkpoint(first.run_id, 2).as_dict() == {"n": 3}
@@ -307,18 +306,18 @@ def test_the_next_step_in_the_same_process_reuses_the_committed_store(
     assert loads == [-1, -1]
 
 
-def test_a_cancel_between_the_first_look_and_the_claim_runs_no_node(
+def test_a_cancel_between_the_delivery_and_the_claim_runs_no_node(
     db: Any, ctx: WorkerContext, publish: Publish, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = start(db, "exec_three")
-    real = db.load_run_and_store
+    real = db.claim_to_run
 
-    def then_cancel(run_id: str, step: int) -> Any:
-        seen = real(run_id, step)
-        lifecycle.request_cancel(db, run_id)  # lands after the look, before the claim
-        return seen
+    def cancel_first(run_id: str, *args: Any, **kwargs: Any) -> Any:
+        if not db.get_run(run_id)["control"]:
+            lifecycle.request_cancel(db, run_id)  # lands after the delivery, before the claim
+        return real(run_id, *args, **kwargs)
 
-    monkeypatch.setattr(db, "load_run_and_store", then_cancel)
+    monkeypatch.setattr(db, "claim_to_run", cancel_first)
     assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "cancelled"
     assert db.get_checkpoints(first.run_id) == [] and db.get_attempts(first.run_id) == []
     assert db.get_run(first.run_id)["status"] == "cancelled"

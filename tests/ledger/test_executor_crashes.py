@@ -111,10 +111,8 @@ def test_a_ledger_that_cannot_be_reached_after_the_claim_is_not_a_crash(
     """A lost connection or a starved pool says nothing about the step: it is not
     counted, and the step is left to its lease (the sweeper re-sends it), as before."""
     first = start(db, "exec_three", {"n": 0})
-    real = db.load_run_and_store
-    monkeypatch.setattr(
-        db, "load_run_and_store", lambda run_id, step: (real(run_id, step)[0], None)
-    )
+    real = db.claim_to_run  # the claim wins without the Store, read again after it
+    monkeypatch.setattr(db, "claim_to_run", lambda *a, **kw: (*real(*a, **kw)[:2], None))
 
     def unreachable(*args: Any) -> Any:
         raise outage

@@ -260,13 +260,51 @@ def test_a_worker_commit_closes_its_attempt_in_the_same_transaction(db):
     )
 
 
-def test_run_and_store_come_in_one_read(db):
-    start(db, n=5, s="x")
-    run, (store, manifest, texts) = db.load_run_and_store("r1", -1)
-    assert run["run_id"] == "r1" and store.as_dict() == {"n": 5, "s": "x"}
+def claim_to_run(
+    db, step: int = 0, *, flow: str = "f", node: str = "Node", holder: str = "w1#1"
+) -> Any:
+    return db.claim_to_run(
+        "r1", step, 1, "w1", 10, holder=holder, node_id=node, flow=flow, load_step=step - 1
+    )
+
+
+def test_a_claim_brings_the_run_and_its_store_in_the_same_batch(db):
+    db.create_run("r1", "f", initial_store=Store({"n": 5, "s": "x"}, name="mine"))
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+    claimed, run, (store, manifest, texts) = claim_to_run(db)
+    assert claimed and run["run_id"] == "r1" and db.get_step("r1", 0)["status"] == "running"
+    assert store.as_dict() == {"n": 5, "s": "x"} and store.name == "mine"  # the run's Store
     assert manifest == {"n": -1, "s": -1} and set(texts) == {"n", "s"}
-    assert db.load_run_and_store("r1", 7) == (run, None)
-    assert db.load_run_and_store("nope", -1) == (None, None)
+    assert claim_to_run(db, holder="w2#1")[::2] == (False, None)  # a duplicate: no Store
+    assert db.claim_to_run(
+        "nope", 0, 1, "w1", 10, holder="w1#1", node_id="Node", flow="f", load_step=-1
+    ) == (False, None, None)
+
+
+def test_a_claim_refuses_a_message_naming_another_flow_or_node(db):
+    start(db)
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+    claimed, run, store = claim_to_run(db, flow="other")
+    assert (claimed, run["flow_name"], store) == (False, "f", None)
+    assert claim_to_run(db, node="Other")[0] is False
+    assert db.get_step("r1", 0)["status"] == "queued" and db.get_attempts("r1") == []
+    assert claim_to_run(db)[0] is True
+
+
+def test_a_claim_whose_store_cannot_be_read_still_wins_without_it(db, monkeypatch):
+    start(db)
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+    assert db.insert_step("r1", 1, "Node", lease_s=10, now=100.0)
+    # No checkpoint of step 0: the caller reads it again under its claim, and fails there.
+    claimed, _run, store = claim_to_run(db, step=1)
+    assert (claimed, store) == (True, None) and db.get_step("r1", 1)["status"] == "running"
+
+    def undecodable(text: str, key: str) -> Any:
+        raise codec.CodecError(f"cannot decode {key!r}")
+
+    monkeypatch.setattr(codec, "decode", undecodable)
+    claimed, _run, store = claim_to_run(db)
+    assert (claimed, store) == (True, None) and db.get_step("r1", 0)["status"] == "running"
 
 
 def test_claim_if_runnable_claims_only_a_run_that_may_go_on(db):

@@ -130,9 +130,10 @@ def test_the_dead_worker_queries_start_from_the_live_runs(seeded: Any) -> None:
 def test_the_claim_and_the_run_read_seek_their_primary_keys(seeded: Any) -> None:
     key = {"b_run_id": "old-10", "b_step": 2, "b_attempt": 1}
     claim = {**key, "holder": "w#1", "now": time.time(), "lease_s": 10.0, "b_node_id": "n0"}
+    claim["b_flow"] = "f"
     ended = {**key, "b_worker": "w", "now": 1.0, "outcome": "committed", "err": None}
     for stmt, params in (
-        (steps._CLAIMS[(True, True)], claim),
+        (steps._CLAIMS[(True, True, True)], claim),  # the executor's
         (steps._END_ATTEMPT, ended),
         (runs._GET, {"run_id": "old-10"}),
     ):
