@@ -187,11 +187,10 @@ def commit(
         ops.append(steps.successor_op(dialect, c.run_id, c.next_step, now))
     if c.attempt is not None and c.worker is not None:
         ops.append(
-            steps.end_attempt_op(
-                c.run_id, c.step, c.attempt, c.worker, "committed", now, holder=c.holder
+            steps.close_attempt_op(
+                c.run_id, c.step, c.attempt, c.worker, c.lease_holder, "committed", now
             )
         )
-        ops.append(steps.fence_out_op(c.run_id, c.step, c.attempt, c.lease_holder, now))
     # pk_pf_values can only fire when this step's checkpoint exists already (PostgreSQL
     # sends the whole batch before looking at the checkpoint insert's row count).
     conflicts = ("pk_pf_values",)

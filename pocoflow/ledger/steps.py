@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Text, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import Text, and_, bindparam, case, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.dml import Insert
 
@@ -209,11 +209,18 @@ _END_ATTEMPT = _END_ANY_ATTEMPT.where(_a.worker == bindparam("b_worker"))
 # Only the row of one claim: two deliveries of one attempt in one process share the
 # worker id, and the outcome of one (its commit, its loss) is not the other's. A row
 # opened before revision 0013 has no holder: its worker's is the best match it has.
-_END_HELD_ATTEMPT = _END_ANY_ATTEMPT.where(
-    or_(
-        _a.holder == bindparam("b_holder"),
-        and_(_a.holder.is_(None), _a.worker == bindparam("b_worker")),
-    )
+_MINE = or_(
+    _a.holder == bindparam("b_holder"),
+    and_(_a.holder.is_(None), _a.worker == bindparam("b_worker")),
+)
+_END_HELD_ATTEMPT = _END_ANY_ATTEMPT.where(_MINE)
+# The commit or failure of one claim closes every open row of its attempt: the claim's
+# own with its outcome, and any other (another delivery of the attempt in the same
+# process, frozen, whose claim this one fences out) as ``lost``. One statement, because
+# every step commit runs it.
+_END_ATTEMPT_FENCING = _END_ANY_ATTEMPT.values(
+    outcome=case((_MINE, bindparam("outcome")), else_="lost"),
+    error_msg=case((_MINE, bindparam("err")), else_=bindparam("fenced_err")),
 )
 _GET = select(pf_steps).where(_KEY)
 _TASK_IDS = (
@@ -438,10 +445,9 @@ def fail(conn: Connection, f: StepFailure, now: float | None) -> bool:
     params["holder"] = f.holder
     ops = [
         Op(_FAIL, params, must_hit_one=True),
-        end_attempt_op(
-            f.run_id, f.step, f.attempt, f.worker, f.outcome, now, f.error_msg, holder=f.holder
+        close_attempt_op(
+            f.run_id, f.step, f.attempt, f.worker, f.holder, f.outcome, now, f.error_msg
         ),
-        fence_out_op(f.run_id, f.step, f.attempt, f.holder, now),
         events.insert_op(events.rows_of(f.run_id, f.events)),
         *runs.step_update_ops(
             f.run_id, {"status": "failed", "error_msg": f.error_msg, "completed_at": iso_now()}
@@ -549,16 +555,32 @@ def end_attempt_op(
     return _end_attempt(run_id, step, attempt, worker, outcome, now, error_msg, holder or worker)
 
 
-def fence_out_op(run_id: str, step: int, attempt: int, holder: str, now: float | None) -> Op:
-    """Closing, in the batch that commits or fails the step for ``holder``'s claim, every
-    other row of the same attempt still open (after ``end_attempt_op`` closed the
-    holder's own): another delivery of the attempt in the same process, frozen, whose
+def close_attempt_op(
+    run_id: str,
+    step: int,
+    attempt: int,
+    worker: str | None,
+    holder: str,
+    outcome: str,
+    now: float | None,
+    error_msg: str | None = None,
+) -> Op:
+    """Closing, in the batch that commits or fails the step for ``holder``'s claim, the
+    claim's attempt row with ``outcome``, and every other row of the same attempt still
+    open as ``lost``: another delivery of the attempt in the same process, frozen, whose
     claim this commit fences out (G1). It may never wake to close its row itself, and
     the sweeper looks only at steps not yet committed: left open, the monitor would show
     it running for ever. ``lost``, not a crash: its worker lives on."""
     params = _key(run_id, step, attempt)
-    params.update(now=now, outcome="lost", err=f"fenced out by {holder}")
-    return Op(_END_ANY_ATTEMPT, params)
+    params.update(
+        now=now,
+        outcome=outcome,
+        err=error_msg,
+        b_worker=worker,
+        b_holder=holder,
+        fenced_err=f"fenced out by {holder}",
+    )
+    return Op(_END_ATTEMPT_FENCING, params)
 
 
 def end_attempt(
