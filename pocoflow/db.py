@@ -389,26 +389,35 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
         load_step: int | None = None,
     ) -> tuple[bool, dict[str, Any] | None, tuple[Store, dict[str, int], dict[str, str]] | None]:
         """``claim_if_runnable`` for a step message naming ``node_id`` of a run of
-        ``flow`` (it wins only if the ledger agrees on both), with the Store of
-        ``load_step`` read in the same batch: one round trip on PostgreSQL for all a
-        worker needs before every step.
+        ``flow`` (it wins only if the ledger agrees on both), then the Store of
+        ``load_step``: on PostgreSQL read in the claim's own batch, one round trip for
+        all a worker needs before every step; on SQLite, which has no round trips to
+        save, read after the claim's COMMIT, so the write lock is not held while a large
+        Store is read.
 
         Returns ``(claimed, run, (store, manifest, texts))``; the Store part is None
         unless the claim won and the checkpoint was read and decoded. A Store that cannot
         be (a codec error, a value of a type this process never registered, a missing
         checkpoint) is left for the caller to read again under its claim, where the error
-        counts toward the step's crash budget instead of failing this call."""
-        read = None
-        if load_step is not None:
-            read = checkpoints.load_op(self._dialect, run_id, load_step)
+        counts toward the step's crash budget instead of failing this call. (On
+        PostgreSQL a read the server refuses rolls the claim back with it: the caller
+        claims again without the read.)"""
+        dialect = self._dialect
+        in_batch = load_step is not None and dialect == "postgresql"
         claimed, run, rows = self._claim(
             run_id, step, attempt, worker, holder, lease_s, now, task_id, node_id, True,
-            flow=flow, then_read=read,
+            flow=flow,
+            then_read=checkpoints.load_op(dialect, run_id, load_step) if in_batch else None,
         )  # fmt: skip
         if not claimed or run is None or load_step is None:
             return claimed, run, None
         try:
-            manifest, texts, legacy = checkpoints.texts_of(rows, run_id, load_step)
+            if in_batch:
+                manifest, texts, legacy = checkpoints.texts_of(rows, run_id, load_step)
+            else:
+                manifest, texts, legacy = self._read(
+                    lambda conn: checkpoints.load_texts(conn, dialect, run_id, load_step), run_id
+                )
             data = legacy if legacy is not None else _decode_all(texts)
         except Exception as exc:
             _log.warning(

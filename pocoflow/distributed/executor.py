@@ -484,7 +484,32 @@ class _StepRun:
         # The claim names the node and flow the message asks for: it wins only if the
         # ledger recorded them, so a message cannot choose what runs. Unless this process
         # has it in hand, the Store of step-1 comes back with a claim that won.
-        claimed, run, self._prior = self.db.claim_to_run(
+        load_step = msg.step - 1 if self._handed is None else None
+        try:
+            claimed, run, self._prior = self._claim_to_run(load_step)
+        except Exception as exc:
+            if load_step is None or _unreachable(exc):
+                raise
+            # The server refused the Store's read (corrupt rows), and with it the claim
+            # in the same batch: claim without it, and meet the error under the claim,
+            # where it counts toward the step's crash budget instead of coming back
+            # with every re-send.
+            _log.warning(
+                "Step %d of run %s: its Store of step %d cannot be read (%s: %s)",
+                msg.step,
+                msg.run_id,
+                load_step,
+                type(exc).__name__,
+                exc,
+            )
+            claimed, run, self._prior = self._claim_to_run(None)
+        return claimed, run
+
+    def _claim_to_run(
+        self, load_step: int | None
+    ) -> tuple[bool, dict[str, Any] | None, tuple[Store, dict[str, int], dict[str, str]] | None]:
+        msg = self.msg
+        return self.db.claim_to_run(
             msg.run_id,
             msg.step,
             msg.attempt,
@@ -494,9 +519,8 @@ class _StepRun:
             holder=self.holder,
             node_id=msg.node_id,
             flow=msg.flow,
-            load_step=msg.step - 1 if self._handed is None else None,
+            load_step=load_step,
         )
-        return claimed, run
 
     def _other_node(self) -> bool:
         """After a lost claim (off the hot path): did the message name another node than
@@ -593,9 +617,11 @@ class _StepRun:
         its tracker."""
         msg = self.msg
         store, manifest, texts = prior or self.db.load_store(msg.run_id, msg.step - 1)
-        if flow.schema:  # the flow's schema, as the Store it was submitted with had
+        # The name of the Store the run began with, as the claim's read gives it.
+        name = (self.run_row or {}).get("store_name") or store.name
+        if flow.schema or name != store.name:  # and the flow's schema, as that Store had
             try:
-                store = Store(store.as_dict(), schema=flow.schema, name=store.name)
+                store = Store(store.as_dict(), schema=flow.schema, name=name)
             except TypeError as exc:  # a crash would be re-run by the sweeper, forever
                 raise _Refused(
                     f"Run {msg.run_id!r} step {msg.step}: its Store does not fit the schema "

@@ -259,6 +259,42 @@ def test_unknown_runs_and_malformed_messages(db: Any, ctx: WorkerContext, publis
     assert execute_step({"junk": True}, worker_id="h:1", context=ctx) == "malformed"
 
 
+def test_a_message_naming_another_flow_parks_no_paused_run(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    """The flow is checked before the guard: a forged message for a paused run is
+    refused as malformed and does not park the step (which the guard would do for a
+    real one), so the run's real message still finds it queued."""
+    first = start(db, "exec_three")
+    lifecycle.request_pause(db, first.run_id)
+    other_flow = {**first.to_dict(), "flow": "exec_grabbed"}
+    assert execute_step(other_flow, worker_id="h:1", context=ctx) == "malformed"
+    assert db.get_run(first.run_id)["status"] == "queued"
+    assert db.get_step(first.run_id, 0)["status"] == "queued"
+    assert execute_step(first.to_dict(), worker_id="h:1", context=ctx) == "paused"
+
+
+def test_a_step_gets_its_store_from_the_claim_not_from_a_read_of_its_own(
+    db: Any, ctx: WorkerContext, publish: Publish, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every step of a run whose Store this process does not hold takes it from the
+    claim (``claim_to_run``): no read of its own after the claim."""
+
+    def no_second_read(*args: Any) -> Any:
+        raise AssertionError("the Store was read again after the claim")
+
+    monkeypatch.setattr(db, "load_store", no_second_read)
+    first = start(db, "exec_three")
+    outcomes, queue = [], [first]
+    while queue:
+        ctx.handoff.clear()  # as under load: the next step lands on another process
+        outcomes.append(execute_step(queue.pop(0).to_dict(), worker_id="h:1", context=ctx))
+        queue.extend(publish.take())
+    assert outcomes == ["committed"] * 3
+    monkeypatch.undo()
+    assert db.load_checkpoint(first.run_id, 2).as_dict() == {"n": 3}
+
+
 def test_a_ledger_failure_inside_the_step_is_contained(
     db: Any, ctx: WorkerContext, publish: Publish, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -309,6 +345,8 @@ def test_the_next_step_in_the_same_process_reuses_the_committed_store(
 def test_a_cancel_between_the_delivery_and_the_claim_runs_no_node(
     db: Any, ctx: WorkerContext, publish: Publish, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A cancel committed before the claim's batch starts. (One landing between the
+    batch's run read and its claim, on PostgreSQL: tests/ledger/test_fencing.py.)"""
     first = start(db, "exec_three")
     real = db.claim_to_run
 

@@ -18,7 +18,7 @@ from pocoflow.distributed import executor, lifecycle
 from pocoflow.distributed.executor import WorkerContext, execute_step
 from pocoflow.distributed.message import StepMessage
 from pocoflow.ledger import liveness
-from pocoflow.ledger.tables import pf_values
+from pocoflow.ledger.tables import pf_checkpoints, pf_values
 from tests.ledger import test_distributed_executor as protocol
 from tests.ledger.test_distributed_executor import LEASE_S, Publish, drain, start
 
@@ -69,6 +69,26 @@ def test_a_step_crashing_in_the_executor_is_sent_again_then_fails_its_run(
     [again] = publish.take()
     assert drain(ctx, publish, again) == ["committed"] * 3
     assert db.load_checkpoint(first.run_id, 2).as_dict() == {"n": 3}
+
+
+def test_a_store_the_database_refuses_to_read_is_a_crash_too(
+    db: Any, ctx: WorkerContext, publish: Publish
+) -> None:
+    """A checkpoint whose rows the server cannot even read (a manifest naming a step
+    that is not a number: PostgreSQL's cast fails inside the claim's batch, rolling the
+    claim back with it) is claimed again without the read and counted as the decoding
+    error is, not re-sent for ever unclaimed."""
+    first = start(db, "exec_three", {"n": 0})
+    stmt = (
+        update(pf_checkpoints)
+        .where(pf_checkpoints.c.run_id == first.run_id, pf_checkpoints.c.step == -1)
+        .values(manifest='{"n": "x"}')
+    )
+    assert db._write(lambda conn: conn.execute(stmt).rowcount, "corrupting", first.run_id) == 1
+    assert drain(ctx, publish, first) == ["crashed", "crashed", "failed"]
+    rows = [(a["attempt"], a["outcome"]) for a in db.get_attempts(first.run_id)]
+    assert rows == [(1, "crashed"), (2, "crashed"), (3, "failed")]
+    assert db.get_run(first.run_id)["status"] == "failed"
 
 
 def test_the_crash_budget_is_the_poison_step_setting(

@@ -281,6 +281,32 @@ def test_a_claim_brings_the_run_and_its_store_in_the_same_batch(db):
     ) == (False, None, None)
 
 
+def test_a_retried_claim_batch_reads_the_same_store_and_opens_no_second_attempt(db):
+    """The try after a COMMIT whose outcome was lost (``retried``: the claim and its
+    attempt row as two statements, the row only if not open yet) wins again for the same
+    holder, with the same rows of the read, and for no other holder."""
+    from pocoflow.ledger import checkpoints, steps
+
+    start(db, n=5)
+    assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
+
+    def claim(holder: str, retried: bool) -> Any:
+        def body(conn: Any) -> Any:
+            read = checkpoints.load_op(db.dialect, "r1", -1)
+            return steps.claim_reading_run(
+                conn, "r1", 0, 1, "w1", holder, 10, 101.0, node_id="Node", flow="f",
+                if_runnable=True, retried=retried, then_read=read,
+            )  # fmt: skip
+
+        return db._write(body, "claiming", "r1", batched=True)
+
+    won, run, rows = claim("w1#1", retried=False)
+    assert won and run["run_id"] == "r1" and rows
+    assert claim("w1#1", retried=True) == (True, run, rows)
+    assert len(db.get_attempts("r1")) == 1
+    assert claim("w2#1", retried=True)[::2] == (False, [])
+
+
 def test_a_claim_refuses_a_message_naming_another_flow_or_node(db):
     start(db)
     assert db.insert_step("r1", 0, "Node", lease_s=10, now=100.0)
