@@ -29,6 +29,7 @@ from pocoflow.commit import NextStep, StepCommit
 from pocoflow.ledger import (
     checkpoints,
     events,
+    pipeline,
     prune as retention,
     runs,
     steps,
@@ -403,21 +404,18 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
         PostgreSQL a read the server refuses rolls the claim back with it: the caller
         claims again without the read.)"""
         dialect = self._dialect
-        in_batch = load_step is not None and dialect == "postgresql"
+        read = checkpoints.load_op(dialect, run_id, load_step) if load_step is not None else None
+        in_batch = dialect == "postgresql"
         claimed, run, rows = self._claim(
             run_id, step, attempt, worker, holder, lease_s, now, task_id, node_id, True,
-            flow=flow,
-            then_read=checkpoints.load_op(dialect, run_id, load_step) if in_batch else None,
+            flow=flow, then_read=read if in_batch else None,
         )  # fmt: skip
-        if not claimed or run is None or load_step is None:
+        if not claimed or run is None or read is None or load_step is None:
             return claimed, run, None
         try:
-            if in_batch:
-                manifest, texts, legacy = checkpoints.texts_of(rows, run_id, load_step)
-            else:
-                manifest, texts, legacy = self._read(
-                    lambda conn: checkpoints.load_texts(conn, dialect, run_id, load_step), run_id
-                )
+            if not in_batch:
+                rows = self._read(lambda conn: pipeline.run_reading(conn, [read])[1][0], run_id)
+            manifest, texts, legacy = checkpoints.texts_of(rows, run_id, load_step)
             data = legacy if legacy is not None else _decode_all(texts)
         except Exception as exc:
             _log.warning(
