@@ -2,9 +2,10 @@
 
 The step commit is such a batch (fence, checkpoint, values, events, run, outbox). On
 SQLite the statements run one by one and stop at the first miss. On PostgreSQL a round
-trip costs more than the statement, so the batch goes out in psycopg's pipeline mode
-(one round trip for all of it) and the guards are checked when the results are back;
-a miss then rolls the whole transaction back, so the outcome is the same.
+trip costs more than the statement, so the batch goes out whole in libpq's pipeline mode
+(``pgbatch``: one write, one round trip, each statement prepared once per connection)
+and the guards are checked when the results are back; a miss then rolls the whole
+transaction back, so the outcome is the same.
 
 The SQL is compiled from the same Core statements (once per statement and parameter set)
 and executed on the driver's connection; driver errors are re-raised as SQLAlchemy's,
@@ -13,6 +14,7 @@ like every other ledger error.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from functools import lru_cache
@@ -130,7 +132,7 @@ class _Plan:
     (which costs more than the statement on SQLite): each bound name either takes a row
     key or is the statement's own constant (e.g. ``status='committed'``)."""
 
-    __slots__ = ("named", "positional", "positions", "select", "sql")
+    __slots__ = ("_dollar", "named", "positional", "positions", "select", "sql")
 
     def __init__(self, compiled: Compiled, keys: tuple[str, ...], select: bool) -> None:
         self.sql: str = compiled.string
@@ -156,8 +158,31 @@ class _Plan:
     def _positional(self, row: Mapping[str, Any]) -> list[Any]:
         return [row[key] if key is not None else const for key, const in self.positions]
 
+    def dollar(self) -> tuple[bytes, tuple[tuple[str | None, Any], ...]]:
+        """PostgreSQL: the SQL with ``$n`` placeholders (``pgbatch``), and the source of
+        each value in that order, from psycopg's ``%(name)s`` form (once per plan)."""
+        found = getattr(self, "_dollar", None)
+        if found is None:
+            source = {name: (key, const) for name, key, const in self.named}
+            order: list[str] = []
+
+            def number(match: re.Match[str]) -> str:
+                name = match.group(1)
+                if name is None:  # ``%%``
+                    return "%"
+                if name not in order:
+                    order.append(name)
+                return f"${order.index(name) + 1}"
+
+            sql = _PYFORMAT.sub(number, self.sql).encode()
+            found = self._dollar = (sql, tuple(source[name] for name in order))
+        return found
+
     def params(self, row: Mapping[str, Any]) -> dict[str, Any]:
         return {name: row[key] if key is not None else c for name, key, c in self.named}
+
+
+_PYFORMAT = re.compile(r"%\((\w+)\)s|%%")
 
 
 class _Marker:
@@ -219,48 +244,39 @@ def _pipelined(
 ) -> bool:
     import psycopg
 
+    from pocoflow.ledger import pgbatch  # psycopg: only with PostgreSQL installed
+
     raw = conn.connection.driver_connection
     assert isinstance(raw, psycopg.Connection)
-    results: list[tuple[int, psycopg.Cursor[Any], bool, bool]] = []
-    sql = ""
     begin = BEGIN_OWED.get() is raw and raw.pgconn.transaction_status == _PG_IDLE
     if begin and autocommit:  # the driver connection is in autocommit (``BEGIN_OWED``)
         begin = False
         COMMIT_SENT.set(True)  # each statement commits as it runs
+    idle = raw.pgconn.transaction_status == _PG_IDLE
+    # psycopg's own rule too: a connection not in autocommit opens its transaction with
+    # the first statement (the caller's COMMIT, or rollback, then ends it).
+    opens = begin or (idle and not raw.autocommit)
+    commands: list[pgbatch.Command] = [pgbatch.Command(b"BEGIN")] if opens else []
+    # Per command: (op index, guarded, rows read) or None for BEGIN and COMMIT.
+    slots: list[tuple[int, bool, bool] | None] = [None] * len(commands)
+    sql = ""
+    for index, op, plan, rows, many in _batches(conn, ops):
+        sql = plan.sql
+        dollar, sources = plan.dollar()
+        # Rows only of a single statement that asked for them (an INSERT's implicit
+        # RETURNING of its key, SQLAlchemy's on PostgreSQL, is not asked).
+        reads = not many and (plan.select or op.returns_rows)
+        slot = (index, op.must_hit_one and not many, reads)
+        for row in rows:
+            values = [row[key] if key is not None else const for key, const in sources]
+            commands.append(pgbatch.Command(dollar, values, reads))
+            slots.append(slot)
+    if commit and begin:  # the batch opened the transaction: it closes it
+        commands.append(pgbatch.Command(b"COMMIT"))
+        slots.append(None)
+        COMMIT_SENT.set(True)
     try:
-        failed: psycopg.Error | None = None
-        try:
-            with raw.pipeline():
-                try:
-                    if begin:
-                        raw.execute("BEGIN")
-                    for index, op, plan, rows, many in _batches(conn, ops):
-                        sql = plan.sql
-                        cur = raw.cursor()
-                        if many:
-                            cur.executemany(sql, [plan.params(r) for r in rows])
-                        else:
-                            cur.execute(sql, plan.params(rows[0]))
-                        # Rows only of a single statement that asked for them: an
-                        # executemany has none to read (psycopg: "no result available"),
-                        # and an INSERT's implicit RETURNING of its key (SQLAlchemy's, on
-                        # PostgreSQL) is not asked.
-                        reads = not many and (plan.select or op.returns_rows)
-                        results.append((index, cur, op.must_hit_one, reads))
-                    if commit and begin:  # the batch opened the transaction: it closes it
-                        sql = "COMMIT"
-                        COMMIT_SENT.set(True)
-                        raw.execute("COMMIT")
-                except psycopg.Error as exc:
-                    # Raised after the pipeline's exit, not through it: an exit that
-                    # fails (the pipeline aborted by this very error) while an error
-                    # propagates makes psycopg log a warning, at every missed guard.
-                    failed = exc
-        except psycopg.Error:
-            if failed is None:
-                raise
-        if failed is not None:
-            raise failed
+        outcomes = pgbatch.run(raw, commands)
     except psycopg.errors.UniqueViolation as exc:
         if exc.diag.constraint_name in conflicts:
             return False
@@ -273,11 +289,16 @@ def _pipelined(
         # A connection the server dropped: ``txn.run`` retries once on a fresh one (and,
         # with the COMMIT sent, asks the call's ``confirm`` whether it landed).
         raise _driver_error(conn, raw, sql, exc) from exc
-    if out is not None:
-        for index, cur, _, reads in results:
-            if reads:
-                out[index] = _rows_of(cur)
-    return all(cur.rowcount == 1 for _, cur, guarded, _ in results if guarded)
+    hit = True
+    for answered, outcome in zip(slots, outcomes, strict=True):
+        if answered is None:
+            continue
+        index, guarded, reads = answered
+        if guarded and outcome.rowcount != 1:
+            hit = False
+        if reads and out is not None and outcome.rows is not None:
+            out[index] = outcome.rows
+    return hit
 
 
 def _driver_error(conn: Connection, raw: Any, sql: str, exc: Any) -> Exception:
@@ -287,11 +308,13 @@ def _driver_error(conn: Connection, raw: Any, sql: str, exc: Any) -> Exception:
     execute path, so ``txn.run`` retries once on a fresh connection: at once when the
     batch carried no COMMIT, after asking the call's ``confirm`` when it did."""
     import psycopg
+    from psycopg import pq
 
     lost = (
         bool(conn.dialect.is_disconnect(exc, raw, None))
         or bool(getattr(raw, "broken", False))
         or raw.closed
+        or raw.pgconn.status == pq.ConnStatus.BAD
     )
     if lost:
         conn.invalidate()

@@ -510,35 +510,34 @@ def test_a_step_failure_whose_outcome_was_lost_reports_the_failure(
 
 
 class BatchCommitKiller:
-    """Arms a hook on psycopg's pipeline: the next batch that carries its own COMMIT (a
-    step's claim or commit, a map item's claim or commit) lands on the server whole, then
-    the session is terminated before the client reads anything more: the outcome is
-    unknown to it. ``before``: the next batch's session is terminated before anything of
-    it reaches the server (it never lands; the client cannot tell), after the writes of
-    ``meanwhile`` (what other processes write then)."""
+    """Arms a hook on the ledger's batches (``pgbatch.run``): the next batch that carries
+    its own COMMIT (a step's claim or commit, a map item's claim or commit) lands on the
+    server whole, then the session is terminated and the client fails on it: the outcome
+    is unknown to it. ``before``: the next batch's session is terminated before anything
+    of it reaches the server (it never lands; the client cannot tell), after the writes
+    of ``meanwhile`` (what other processes write then)."""
 
     def __init__(self, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-        from pocoflow.ledger import pipeline
+        from pocoflow.ledger import pgbatch, pipeline
 
         self.dsn = dsn(url)
         self.armed = 0
         self.fired = 0
         self.before = False
         self.meanwhile: list[Any] = []
-        real = psycopg.Connection.pipeline
+        real = pgbatch.run
         killer = self
 
-        @contextlib.contextmanager
-        def hooked(conn: psycopg.Connection[Any]) -> Iterator[Any]:
+        def hooked(conn: psycopg.Connection[Any], commands: Any) -> Any:
             if killer.armed and killer.before:
                 killer._kill(conn)
-            with real(conn) as pipe:
-                yield pipe
+            outcomes = real(conn, commands)
             if killer.armed and pipeline.COMMIT_SENT.get():  # its results are read
                 killer._kill(conn)
                 conn.execute("SELECT 1")  # raises: the socket is dead, psycopg marks it broken
+            return outcomes
 
-        monkeypatch.setattr(psycopg.Connection, "pipeline", hooked)
+        monkeypatch.setattr(pgbatch, "run", hooked)
 
     def arm(self, times: int = 1) -> None:
         self.armed = times
