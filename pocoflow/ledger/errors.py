@@ -15,6 +15,7 @@ _PG_FK_VIOLATION = "23503"
 # serialization_failure, deadlock_detected: PostgreSQL rolled the transaction back to let
 # a concurrent one through; the same transaction run again normally succeeds.
 _PG_CONFLICTS = ("40001", "40P01")
+_PG_INVALID_STATEMENT_NAME = "26000"
 
 
 # SQLSTATEs of a PostgreSQL that cannot serve the ledger now, whatever the statement:
@@ -78,6 +79,14 @@ def is_transient_state(state: str) -> bool:
 def is_conflict(exc: BaseException) -> bool:
     """A PostgreSQL serialization failure or deadlock: retry the whole transaction."""
     return getattr(getattr(exc, "orig", exc), "sqlstate", None) in _PG_CONFLICTS
+
+
+def is_lost_statement(exc: BaseException) -> bool:
+    """A prepared statement of a batch (``pgbatch``) the session no longer has: psycopg
+    sends DEALLOCATE ALL after a rollback on a connection where it prepared statements
+    of its own. Nothing after the missing statement ran: retry the whole transaction,
+    which prepares its statements again."""
+    return sqlstate(exc) == _PG_INVALID_STATEMENT_NAME
 
 
 def is_fk_violation(exc: DBAPIError) -> bool:

@@ -79,16 +79,21 @@ def run(raw: psycopg.Connection[Any], commands: Sequence[Command]) -> list[Outco
         pgconn.enter_pipeline_mode()
         try:
             kinds = _send(pgconn, tx, commands, prepared, added)
-            outcomes, failure = _receive(pgconn, tx, commands, kinds, raw.info.encoding)
+            outcomes, failure, unprepared = _receive(pgconn, tx, commands, kinds, raw.info.encoding)
+            pgconn.exit_pipeline_mode()
         except BaseException:
             pgconn.finish()
             raise
-        pgconn.exit_pipeline_mode()
         if failure is None:
             return outcomes
-        for key in added:  # its prepare may not have run: prepare it afresh next time
+        # A prepare that failed or never ran (after the failure) is prepared afresh next
+        # time; one that ran stays: the session keeps it whatever the transaction did.
+        for key in (added[n] for n in unprepared):
             prepared.names.pop(key, None)
-        if isinstance(failure, errors.InvalidSqlStatementName):  # deallocated under us
+        if isinstance(failure, errors.InvalidSqlStatementName):
+            # Deallocated under us (psycopg's DEALLOCATE ALL after a rollback, a
+            # DISCARD ALL): none of this connection's names can be trusted. The ledger
+            # retries the transaction (``errors.is_lost_statement``).
             prepared.names.clear()
         raise failure
 
@@ -117,7 +122,7 @@ def _send(
             name = prepared.names[key] = prepared.new_name()
             added.append(key)
             pgconn.send_prepare(name, command.sql, param_types=key[1])
-            kinds.append(_PREPARE)
+            kinds.append(_PREPARE)  # the n-th prepare answers for added[n]
         pgconn.send_query_prepared(name, values, param_formats=tx.formats)
         kinds.append(index)
     pgconn.pipeline_sync()
@@ -131,11 +136,14 @@ def _send(
 
 def _receive(
     pgconn: Any, tx: Any, commands: Sequence[Command], kinds: list[int], encoding: str
-) -> tuple[list[Outcome], psycopg.Error | None]:
+) -> tuple[list[Outcome], psycopg.Error | None, list[int]]:
     """Every result up to the batch's Sync: the outcome of each command, or the first
-    error (the commands after it come back aborted)."""
+    error (the commands after it come back aborted), and which of the batch's prepares
+    (by order) did not prepare their statement."""
     outcomes: list[Outcome] = []
     failure: psycopg.Error | None = None
+    unprepared: list[int] = []
+    prepares = 0
     pending = iter(kinds)
     while True:
         result = _next_result(pgconn)
@@ -145,6 +153,10 @@ def _receive(
         if status == pq.ExecStatus.PIPELINE_SYNC:
             break
         kind = next(pending, None)
+        if kind == _PREPARE:
+            if status != pq.ExecStatus.COMMAND_OK:
+                unprepared.append(prepares)
+            prepares += 1
         if status in _OK:
             if kind is not None and kind != _PREPARE:
                 rows = None
@@ -160,7 +172,7 @@ def _receive(
         failure = psycopg.InternalError(
             f"a batch of {len(commands)} commands returned {len(outcomes)} results"
         )
-    return outcomes, failure
+    return outcomes, failure, unprepared
 
 
 def _next_result(pgconn: Any) -> Any:

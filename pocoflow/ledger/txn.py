@@ -36,6 +36,7 @@ from pocoflow.ledger.errors import (
     LedgerLockedError,
     is_conflict,
     is_locked,
+    is_lost_statement,
 )
 
 T = TypeVar("T")
@@ -170,6 +171,8 @@ def run(
                         f" for run {run_id!r}" if run_id is not None else "",
                     )
                 continue
+            if is_lost_statement(exc) and tries <= CONFLICT_RETRIES:
+                continue  # the batch prepares its statements again; none of it landed
             conflict = is_conflict(exc)
             if not (conflict or is_locked(exc)):
                 raise

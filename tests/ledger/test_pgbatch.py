@@ -32,13 +32,22 @@ def pg_url(database_url: str) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def raw(pg_url: str) -> Iterator[psycopg.Connection[Any]]:
+def libpq(pg_url: str) -> str:
     from pocoflow.ledger.engine import resolve_url
 
-    libpq = resolve_url(pg_url).set(drivername="postgresql").render_as_string(False)
-    with psycopg.connect(libpq, autocommit=True) as conn:
+    return resolve_url(pg_url).set(drivername="postgresql").render_as_string(False)
+
+
+@pytest.fixture
+def raw(pg_url: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(libpq(pg_url), autocommit=True) as conn:
         yield conn
+
+
+def ours(raw: Any) -> list[str]:
+    """The names of this session's prepared statements that pgbatch made."""
+    rows = raw.execute("SELECT name FROM pg_prepared_statements WHERE name LIKE 'pf%'")
+    return sorted(name for (name,) in rows.fetchall())
 
 
 def test_a_batch_larger_than_the_socket_buffers_goes_through(raw: Any) -> None:
@@ -62,8 +71,7 @@ def test_each_statement_is_prepared_once_per_connection(raw: Any) -> None:
                  pgbatch.Command(b"SELECT $1::int", [n], reads=True), pgbatch.Command(b"COMMIT")]  # fmt: skip
         outcomes = pgbatch.run(raw, batch)
         assert (outcomes[0].rows, outcomes[2].rows) == ([(f"v{n}",)], [(n,)])
-    names = raw.execute("SELECT name FROM pg_prepared_statements ORDER BY name").fetchall()
-    assert names == [("pf_1",), ("pf_2",)]
+    assert ours(raw) == ["pf_1", "pf_2"]
     assert raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
@@ -80,6 +88,86 @@ def test_a_server_error_mid_batch_is_raised_and_leaves_the_connection_usable(raw
     assert raw.execute("SELECT count(*) FROM t").fetchone() == (0,)
     assert pgbatch.run(raw, [pgbatch.Command(b"INSERT INTO t VALUES ($1)", [3])])[0].rowcount == 1
     assert raw.execute("SELECT k FROM t").fetchall() == [(3,)]
+
+
+def test_failing_batches_leave_no_prepared_statements_behind(raw: Any) -> None:
+    """A prepare that ran stays known after its batch failed (the session keeps it
+    whatever the transaction did): a batch that keeps failing prepares nothing again."""
+    raw.execute("CREATE TABLE t (k int PRIMARY KEY)")
+    raw.execute("INSERT INTO t VALUES (1)")
+    for _ in range(20):
+        batch = [pgbatch.Command(b"BEGIN"), pgbatch.Command(b"INSERT INTO t VALUES ($1)", [1]),
+                 pgbatch.Command(b"SELECT $1::int", [7], reads=True)]  # fmt: skip
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            pgbatch.run(raw, batch)
+        raw.execute("ROLLBACK")
+    assert ours(raw) == ["pf_1"]  # the SELECT after the failure was never prepared
+
+
+def test_a_batch_on_a_connection_not_in_autocommit_is_in_its_transaction(pg_url: str) -> None:
+    """As psycopg's own rule: a batch on a connection outside autocommit (how the pool
+    lends them) opens its transaction, which the caller's rollback undoes and commit keeps."""
+    db = WorkflowDB(pg_url)
+    try:
+        row = {"worker_id": "w1", "host": "h", "pid": 1, "started_at": 1.0, "beat_at": 1.0}
+        for worker, end in (("w1", "rollback"), ("w2", "commit")):
+            with db._ledger.engine.connect() as conn:
+                conn.begin()
+                assert pipeline.run(
+                    conn, [pipeline.Op(insert(pf_workers), {**row, "worker_id": worker})]
+                )
+                getattr(conn, end)()
+        with db._ledger.engine.connect() as conn:
+            assert conn.execute(select(pf_workers.c.worker_id)).scalars().all() == ["w2"]
+    finally:
+        db.close()
+
+
+def test_statements_psycopg_deallocated_are_prepared_again(pg_url: str) -> None:
+    """psycopg sends DEALLOCATE ALL after a rollback on a connection where it prepared
+    statements of its own (after 5 runs of one): the next batch meets a statement the
+    session no longer has, fails without running it, and the one after prepares again."""
+    with psycopg.connect(libpq(pg_url)) as conn:
+        select_one = [pgbatch.Command(b"SELECT $1::int", [1], reads=True)]
+        assert pgbatch.run(conn, select_one)[0].rows == [(1,)]
+        conn.commit()
+        for _ in range(6):
+            conn.execute("SELECT 1").fetchall()  # psycopg prepares it
+        conn.rollback()  # ROLLBACK, then psycopg's DEALLOCATE ALL
+        with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+            pgbatch.run(conn, select_one)
+        conn.rollback()
+        assert pgbatch.run(conn, select_one)[0].rows == [(1,)]
+
+
+def test_the_ledger_retries_a_transaction_whose_statements_were_deallocated(
+    pg_url: str,
+) -> None:
+    db = WorkflowDB(pg_url)
+    try:
+        row = {"worker_id": "w1", "host": "h", "pid": 1, "started_at": 1.0, "beat_at": 1.0}
+
+        def write(worker: str) -> bool:
+            op = pipeline.Op(insert(pf_workers), {**row, "worker_id": worker})
+            body = lambda conn: pipeline.run(conn, [op])  # noqa: E731
+            return txn.run(db._ledger, body, write=True, what="test batch", batched=True)
+
+        def backend() -> int:
+            with db._ledger.engine.connect() as conn:
+                return int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+
+        assert write("w1")
+        pid = backend()
+        with db._ledger.engine.connect() as conn:  # the same pooled connection
+            assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() == pid
+            for _ in range(6):
+                conn.exec_driver_sql("SELECT 1").all()  # psycopg prepares it
+            conn.rollback()  # and deallocates everything, pgbatch's statements included
+        assert write("w2") and backend() == pid
+        with db._ledger.engine.connect() as conn:
+            assert conn.execute(select(pf_workers.c.worker_id)).scalars().all() == ["w1", "w2"]
+    finally:
+        db.close()
 
 
 def test_a_statement_that_does_not_prepare_is_prepared_afresh_once_fixed(raw: Any) -> None:
