@@ -53,10 +53,15 @@ def _rate_limited_runs(live: Cluster, flow_name: str, side: Path, n: int) -> lis
 
 
 def test_a_rate_limit_holds_across_workers(live: Cluster) -> None:
-    side = live.side_dir()
-    runs = _rate_limited_runs(live, "limited-rate", side, 9)
-    # ... and both workers ran calls: the limit is shared, not per worker.
-    pids = {line.split()[2] for line in (side / "calls").read_text().splitlines()}
+    # ... while both workers ran calls: the limit is shared, not per worker. On a loaded
+    # box one worker can take a whole round (it holds every re-sent call on its
+    # countdown), which shows nothing about sharing: up to 3 rounds, each held to the rate.
+    for _ in range(3):
+        side = live.side_dir()
+        runs = _rate_limited_runs(live, "limited-rate", side, 9)
+        pids = {line.split()[2] for line in (side / "calls").read_text().splitlines()}
+        if len(pids) == 2:
+            break
     assert len(pids) == 2
     attempts = [a for run in runs for a in live.db.get_attempts(run.run_id)]
     assert {a["outcome"] for a in attempts} <= {"limited", "committed"}
