@@ -150,17 +150,11 @@ class _Plan:
         order = getattr(compiled, "positiontup", None) or ()  # qmark order of SQLite
         self.positions = tuple(source[name] for name in order)
         #: The driver's positional parameters (SQLite) from a row.
-        self.positional: Callable[[Mapping[str, Any]], Sequence[Any]] = self._positional
-        if len(self.positions) > 1 and all(key is not None for key, _ in self.positions):
-            # Every parameter from the row (the common case): one C call per row.
-            self.positional = itemgetter(*(key for key, _ in self.positions))
+        self.positional = _values_in(self.positions)
 
-    def _positional(self, row: Mapping[str, Any]) -> list[Any]:
-        return [row[key] if key is not None else const for key, const in self.positions]
-
-    def dollar(self) -> tuple[bytes, tuple[tuple[str | None, Any], ...]]:
-        """PostgreSQL: the SQL with ``$n`` placeholders (``pgbatch``), and the source of
-        each value in that order, from psycopg's ``%(name)s`` form (once per plan)."""
+    def dollar(self) -> tuple[bytes, Callable[[Mapping[str, Any]], Sequence[Any]]]:
+        """PostgreSQL: the SQL with ``$n`` placeholders (``pgbatch``), and the values of a
+        row in that order, from psycopg's ``%(name)s`` form (once per plan)."""
         found = getattr(self, "_dollar", None)
         if found is None:
             source = {name: (key, const) for name, key, const in self.named}
@@ -175,11 +169,18 @@ class _Plan:
                 return f"${order.index(name) + 1}"
 
             sql = _PYFORMAT.sub(number, self.sql).encode()
-            found = self._dollar = (sql, tuple(source[name] for name in order))
+            found = self._dollar = (sql, _values_in(tuple(source[name] for name in order)))
         return found
 
-    def params(self, row: Mapping[str, Any]) -> dict[str, Any]:
-        return {name: row[key] if key is not None else c for name, key, c in self.named}
+
+def _values_in(
+    positions: tuple[tuple[str | None, Any], ...],
+) -> Callable[[Mapping[str, Any]], Sequence[Any]]:
+    """A row's values in ``positions`` order, each a row key or the statement's constant."""
+    if len(positions) > 1 and all(key is not None for key, _ in positions):
+        # Every parameter from the row (the common case): one C call per row.
+        return itemgetter(*(key for key, _ in positions))
+    return lambda row: [row[key] if key is not None else const for key, const in positions]
 
 
 _PYFORMAT = re.compile(r"%\((\w+)\)s|%%")
@@ -262,14 +263,13 @@ def _pipelined(
     sql = ""
     for index, op, plan, rows, many in _batches(conn, ops):
         sql = plan.sql
-        dollar, sources = plan.dollar()
+        dollar, values_of = plan.dollar()
         # Rows only of a single statement that asked for them (an INSERT's implicit
         # RETURNING of its key, SQLAlchemy's on PostgreSQL, is not asked).
         reads = not many and (plan.select or op.returns_rows)
         slot = (index, op.must_hit_one and not many, reads)
         for row in rows:
-            values = [row[key] if key is not None else const for key, const in sources]
-            commands.append(pgbatch.Command(dollar, values, reads))
+            commands.append(pgbatch.Command(dollar, values_of(row), reads))
             slots.append(slot)
     if commit and begin:  # the batch opened the transaction: it closes it
         commands.append(pgbatch.Command(b"COMMIT"))
