@@ -417,6 +417,7 @@ class _StepRun:
 
     def run(self) -> str:
         msg, db = self.msg, self.db
+        self.ctx.leases.beating(self.worker)
         # The Store of step-1 is in memory when this process committed it (and the run's
         # flow was checked then); otherwise the claim's batch reads it.
         self._handed = self.ctx.take(msg.run_id, msg.flow, msg.step - 1)

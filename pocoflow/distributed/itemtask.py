@@ -126,6 +126,7 @@ class _ItemRun:
 
     def run(self) -> str:
         msg, db = self.msg, self.db
+        self.ctx.leases.beating(self.worker)
         claimed, run, item = db.claim_item(self.claim, msg.node_id, self.ctx.lease_s)
         self.claimed = claimed
         if run is None:

@@ -69,18 +69,27 @@ class LeaseKeeper:
         item ``idx``) renewed while the block runs. The holder token is
         ``<worker id>#<n>``; the heartbeat is the worker's."""
         holding = Holding(run_id, step, attempt, holder, idx=idx)
-        worker = holder.rpartition("#")[0] or holder
         with self._lock:
             self._ensure_thread()
-            if self._beating != (os.getpid(), worker):
-                liveness.ensure(self.db, worker, self._heartbeat_s())
-                self._beating = (os.getpid(), worker)
+            self._beat_as(holder.rpartition("#")[0] or holder)
             self._held[id(holding)] = holding
         try:
             yield holding
         finally:
             with self._lock:
                 self._held.pop(id(holding), None)
+
+    def beating(self, worker: str) -> None:
+        """Have this process beat as ``worker`` before it claims anything: a process that
+        dies right after its first claim is then known, and found dead in seconds (G3),
+        instead of its step waiting out the lease backstop."""
+        with self._lock:
+            self._beat_as(worker)
+
+    def _beat_as(self, worker: str) -> None:
+        if self._beating != (os.getpid(), worker):
+            liveness.ensure(self.db, worker, self._heartbeat_s())
+            self._beating = (os.getpid(), worker)
 
     def release(self, holding: Holding) -> None:
         """Stop renewing ``holding`` before its block ends: a map step whose fan-out

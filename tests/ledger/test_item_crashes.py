@@ -124,3 +124,33 @@ def test_item_crashes_on_one_of_two_live_workers_do_not_fail_the_run(
     error = db.get_run(item.run_id)["error_msg"]
     assert "5 times in a row, on 2 worker process(es): h:1, h:2" in error, error
     assert db.get_item(item.run_id, item.step, item.idx)["crashes"] == 5
+
+
+def test_a_process_beats_before_its_first_claim_of_a_step_or_an_item(
+    db: Any, wctx: WorkerContext, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process killed right after its first claim must be known to the ledger, or the
+    sweeper cannot find it dead and its step waits for the lease backstop (10 s, not 4)."""
+    from pocoflow.distributed import liveness as process_liveness
+
+    beaten: dict[str, bool] = {}
+
+    def seen_at_claim(claim: Any, label: str) -> Any:
+        def claiming(*args: Any, **kwargs: Any) -> Any:
+            holder = kwargs.get("holder") or args[0].holder
+            worker = holder.rpartition("#")[0]
+            beaten[label] = worker in liveness.last_beats(db)
+            return claim(*args, **kwargs)
+
+        return claiming
+
+    first = start(db, "items_on_gpu")
+    monkeypatch.setattr(db, "claim_to_run", seen_at_claim(db.claim_to_run, "step"))
+    monkeypatch.setattr(db, "claim_item", seen_at_claim(db.claim_item, "item"))
+    try:
+        assert execute_step(first.to_dict(), worker_id="h:s", context=wctx) == "fanned_out"
+        item = next(m for m, _ in recorder.take() if isinstance(m, ItemMessage))
+        assert execute_item(item.to_dict(), worker_id="h:i", context=wctx) == "committed"
+    finally:
+        process_liveness.stop()
+    assert beaten == {"step": True, "item": True}
