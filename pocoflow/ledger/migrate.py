@@ -24,7 +24,7 @@ from pocoflow.ledger.engine import LedgerEngine
 from pocoflow.ledger.errors import SchemaVersionError, is_locked
 from pocoflow.ledger.tables import V02_TABLES
 
-HEAD = "0014"
+HEAD = "0015"
 """The newest revision in ``migrations/versions`` (a test pins the two together)."""
 REVISIONS = (
     "0001",
@@ -40,6 +40,7 @@ REVISIONS = (
     "0012",
     "0013",
     "0014",
+    "0015",
 )
 VERSION_TABLE = "pf_alembic_version"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"

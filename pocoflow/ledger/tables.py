@@ -150,7 +150,6 @@ pf_checkpoints = Table(
     # G1's last line of defence: one committed transition per (run_id, step).
     UniqueConstraint("run_id", "step", name="uq_pf_checkpoints_run_step"),
     _run_fk("pf_checkpoints"),
-    sqlite_autoincrement=True,
 )
 
 pf_values = Table(
@@ -163,6 +162,8 @@ pf_values = Table(
     Column("value_json", Text, nullable=False),
     PrimaryKeyConstraint("run_id", "step", "key", name="pk_pf_values"),
     _run_fk("pf_values"),
+    # One b-tree, not a rowid table plus a key index: a page fewer per commit (0015).
+    sqlite_with_rowid=False,
 )
 
 pf_events = Table(
@@ -180,7 +181,6 @@ pf_events = Table(
     Column("attempt", Integer),
     _run_fk("pf_events"),
     Index("ix_pf_events_run_id", "run_id", "id"),
-    sqlite_autoincrement=True,
 )
 
 pf_steps = Table(

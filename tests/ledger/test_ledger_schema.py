@@ -387,3 +387,55 @@ def test_0014_clears_received_marks_of_started_rows_and_keeps_held_ones(tmp_path
         path, "SELECT sql FROM sqlite_master WHERE name = 'ix_pf_steps_received_by'"
     )[0]
     assert "WHERE received_by IS NOT NULL" in index_sql
+
+
+def test_0015_rebuilds_the_step_tables_lean_keeping_rows_and_growing_ids(tmp_path):
+    """SQLite: pf_events and pf_checkpoints lose AUTOINCREMENT and pf_values its rowid
+    (a page fewer each per step's commit); rows survive, and new ids follow the old."""
+    from alembic import command
+    from alembic.config import Config
+
+    path = tmp_path / "at0014.db"
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(migrate.MIGRATIONS_DIR))
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0014")
+        conn.execute(text("INSERT INTO pf_runs (run_id, started_at) VALUES ('r', 'x')"))
+        for step in range(3):
+            conn.execute(
+                text(
+                    "INSERT INTO pf_checkpoints (run_id, step, node_name, created_at, "
+                    "manifest) VALUES ('r', :s, 'n', 't', '{}')"
+                ),
+                {"s": step},
+            )
+            conn.execute(
+                text("INSERT INTO pf_events (run_id, step, event, ts) VALUES ('r', :s, 'e', 't')"),
+                {"s": step},
+            )
+            conn.execute(
+                text("INSERT INTO pf_values VALUES ('r', :s, 'k', :v)"), {"s": step, "v": str(step)}
+            )
+    engine.dispose()
+
+    db = WorkflowDB(path)
+    db.save_event("r", "later")
+    db.close()
+
+    ddl = dict(table_rows(path, "SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+    assert "AUTOINCREMENT" not in ddl["pf_events"] + ddl["pf_checkpoints"]
+    assert ddl["pf_values"].rstrip().endswith("WITHOUT ROWID")
+    assert "sqlite_sequence" not in table_rows(path, "SELECT name FROM sqlite_master")
+    assert table_rows(path, "SELECT id, step FROM pf_checkpoints") == [(1, 0), (2, 1), (3, 2)]
+    assert table_rows(path, "SELECT id, step, event FROM pf_events ORDER BY id") == [
+        (1, 0, "e"), (2, 1, "e"), (3, 2, "e"), (4, None, "later")
+    ]  # fmt: skip
+    assert table_rows(path, "SELECT step, value_json FROM pf_values") == [
+        (0, "0"), (1, "1"), (2, "2")
+    ]  # fmt: skip
+    indexes = {
+        name for (name,) in table_rows(path, "SELECT name FROM sqlite_master WHERE type = 'index'")
+    }
+    assert {"ix_pf_events_run_id", "sqlite_autoindex_pf_checkpoints_1"} <= indexes
