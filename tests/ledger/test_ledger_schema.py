@@ -354,20 +354,25 @@ def test_a_lock_released_while_retrying_lets_the_write_land_once(tmp_path):
     db.close()
 
 
+def upgrade_to(conn, revision: str) -> None:
+    """Migrate the database of ``conn`` to ``revision`` only (an older ledger)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrate.MIGRATIONS_DIR))
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, revision)
+
+
 def test_0014_clears_received_marks_of_started_rows_and_keeps_held_ones(tmp_path):
     """Before 0014 a step's claim left ``received_by`` set: the upgrade clears it on rows
     no longer queued, so the new held-messages index starts without the history, and
     keeps it on queued rows, whose receiver's death the sweeper must still see."""
-    from alembic import command
-    from alembic.config import Config
-
     path = tmp_path / "at0013.db"
     engine = create_engine(f"sqlite:///{path}")
     with engine.begin() as conn:
-        cfg = Config()
-        cfg.set_main_option("script_location", str(migrate.MIGRATIONS_DIR))
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0013")
+        upgrade_to(conn, "0013")
         conn.execute(text("INSERT INTO pf_runs (run_id, started_at) VALUES ('r', 'x')"))
         for step, status in ((0, "committed"), (1, "running"), (2, "queued")):
             conn.execute(
@@ -392,16 +397,10 @@ def test_0014_clears_received_marks_of_started_rows_and_keeps_held_ones(tmp_path
 def test_0015_rebuilds_the_step_tables_lean_keeping_rows_and_growing_ids(tmp_path):
     """SQLite: pf_events and pf_checkpoints lose AUTOINCREMENT and pf_values its rowid
     (a page fewer each per step's commit); rows survive, and new ids follow the old."""
-    from alembic import command
-    from alembic.config import Config
-
     path = tmp_path / "at0014.db"
     engine = create_engine(f"sqlite:///{path}")
     with engine.begin() as conn:
-        cfg = Config()
-        cfg.set_main_option("script_location", str(migrate.MIGRATIONS_DIR))
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0014")
+        upgrade_to(conn, "0014")
         conn.execute(text("INSERT INTO pf_runs (run_id, started_at) VALUES ('r', 'x')"))
         for step in range(3):
             conn.execute(
