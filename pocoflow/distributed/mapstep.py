@@ -25,6 +25,7 @@ from pocoflow.codec import CodecError
 from pocoflow.distributed.message import ItemMessage
 from pocoflow.hooks import NODE_END, NODE_ERROR, NODE_START
 from pocoflow.ledger.itemqueue import FANNED_OUT_OUTCOME
+from pocoflow.limits import limits_of
 from pocoflow.logging import get_logger
 from pocoflow.mapnode import MapNode, revive_error
 from pocoflow.step import utc_now
@@ -89,6 +90,7 @@ def _fan_out(sr: _StepRun, run: dict[str, Any], loaded: _Loaded, node: MapNode) 
     t0 = time.perf_counter()
     try:
         node.check_policy()
+        limits_of(node)  # a bad limit fails the node now, not each item as a crash
         values = node.items_of(node.prep(loaded.store))
         texts = []
         for idx, value in enumerate(values):

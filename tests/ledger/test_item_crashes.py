@@ -65,6 +65,15 @@ def items_on_gpu() -> Flow:
     return Flow(start=OnGpu(name="gpu_map"))
 
 
+class BadLimit(OnGpu):
+    rate_limit = "10/d"  # no such period
+
+
+@flow("items_bad_limit")
+def items_bad_limit() -> Flow:
+    return Flow(start=BadLimit(name="bad_limit_map"))
+
+
 @pytest.fixture
 def recorder(db: Any) -> Recorder:
     return Recorder(db)
@@ -154,3 +163,18 @@ def test_a_process_beats_before_its_first_claim_of_a_step_or_an_item(
     finally:
         process_liveness.stop()
     assert beaten == {"step": True, "item": True}
+
+
+def test_a_map_with_a_bad_limit_fails_at_its_fan_out_naming_the_node(
+    db: Any, wctx: WorkerContext, recorder: Recorder
+) -> None:
+    """Not item by item as executor crashes (three each, then a vague reason): the
+    limit is the node's, so the node fails before any item exists, as a step's would."""
+    first = start(db, "items_bad_limit")
+    recorder.take()
+    assert execute_step(first.to_dict(), worker_id="h:1", context=wctx) == "failed"
+    assert recorder.take() == []  # no item was sent
+    run = db.get_run(first.run_id)
+    assert run["status"] == "failed"
+    assert "'bad_limit_map'" in run["error_msg"] and "rate_limit" in run["error_msg"]
+    assert db.get_items(first.run_id, 0) == []
