@@ -21,15 +21,17 @@ hands back, so parallel passes can become map items on workers unchanged.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pocoflow.flow import Flow, as_store
+from pocoflow.limits import LimitGate
 from pocoflow.mapnode import MapNode
 from pocoflow.node import DEFAULT_ACTION, Node
 from pocoflow.step import RunCancelled, StepError
 from pocoflow.store import Store
+from pocoflow.waiting import SignalReader
 
 #: How much of a pass's params an error message shows.
 PARAMS_SHOWN = 200
@@ -168,9 +170,10 @@ class BatchPasses(MapNode):
     """
 
     def __init__(self, batch: BatchFlow) -> None:
-        super().__init__(name=f"{batch.name}[passes]")
+        super().__init__(name=batch.name)  # its events and hooks are the batch's
         self.batch = batch
         self.max_parallel = batch.max_parallel
+        self.queue = batch.queue
         self.base: Store | None = None
 
     def bind(self, store: Store) -> None:
@@ -198,10 +201,40 @@ class BatchPasses(MapNode):
         # own policy, and a failed pass is already named by BatchPassFailed.
         return self.exec(item)
 
+    def _exec_once(self, prep_result: Any) -> Any:
+        return self.exec(prep_result)  # as run_item, for an executor running one item
+
+    def run_in(
+        self,
+        run_id: str,
+        step: int,
+        attempt: int,
+        cancel_probe: Callable[[], bool] | None,
+        signals: SignalReader | None,
+        limit_gate: LimitGate | None,
+    ) -> None:
+        """What ``run_step`` would have given the batch, for a pass run as an item where
+        the batch's own step did not run (a worker): its inner nodes see the run's ids,
+        its cancel, and wait in place for their limits."""
+        self.batch._outer_context = (run_id, step, attempt, cancel_probe, signals)
+        self.batch._limit_gate = limit_gate
+
     def post(self, store: Any, items: list[dict[str, Any]], results: list[Any]) -> str | None:
         for result in results:
             PassWrites.from_dict(result).apply(store)
         return self.batch.post(store, [item["params"] for item in items], None)
+
+
+def map_node_of(node: Node) -> MapNode | None:
+    """The MapNode whose items do ``node``'s work where map items run (on workers): the
+    node itself, a parallel BatchFlow's passes, or None. The passes are new at each call,
+    over a copy of the batch, so what one delivery binds (the Store, the run) is its own
+    while other deliveries of the same graph run beside it (a threads pool)."""
+    if isinstance(node, MapNode):
+        return node
+    if isinstance(node, BatchFlow) and node.parallel:
+        return BatchPasses(copy.copy(node))
+    return None
 
 
 def _writes_of(

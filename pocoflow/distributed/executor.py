@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pocoflow.batchflow import map_node_of
 from pocoflow.codec import CodecError
 from pocoflow.commit import NextStep, StepCommit
 from pocoflow.delta import StoreTracker
@@ -42,7 +43,6 @@ from pocoflow.ledger import liveness
 from pocoflow.ledger.signals import StepFence
 from pocoflow.limits import Limiter, LimitGate, LimitWait, use_limiter
 from pocoflow.logging import get_logger
-from pocoflow.mapnode import MapNode
 from pocoflow.registry import UnknownFlowError
 from pocoflow.settings import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_MAX_CRASHES, Settings
 from pocoflow.step import RetryLater, RunCancelled, StepError, run_step, utc_now
@@ -635,8 +635,9 @@ class _StepRun:
 
     def _run_and_commit(self, run: dict[str, Any], loaded: _Loaded) -> str:
         msg, db = self.msg, self.db
-        if isinstance(loaded.node, MapNode):  # its items run as tasks of their own
-            return run_map_step(self, run, loaded)
+        map_node = map_node_of(loaded.node)
+        if map_node is not None:  # its items run as tasks of their own
+            return run_map_step(self, run, loaded, map_node)
         probe = FlagReader(msg.run_id, self.ctx.redis, db)
 
         def signals(key: str) -> Signal:

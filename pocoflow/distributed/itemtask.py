@@ -19,6 +19,7 @@ import json
 from typing import Any
 
 from pocoflow import codec, usage
+from pocoflow.batchflow import BatchPasses, map_node_of
 from pocoflow.codec import CodecError
 from pocoflow.distributed import lifecycle
 from pocoflow.distributed.control import FlagReader
@@ -46,6 +47,7 @@ from pocoflow.distributed.executor import (
 )
 from pocoflow.distributed.graphs import mismatch_message
 from pocoflow.distributed.itemcrash import item_crashed
+from pocoflow.distributed.mapstep import apply_prep_writes
 from pocoflow.distributed.message import ItemMessage, MalformedMessage, StepMessage
 from pocoflow.hooks import NODE_ERROR, NODE_RETRY, RUN_PAUSED
 from pocoflow.ledger.items import ItemClaim
@@ -146,12 +148,31 @@ class _ItemRun:
         node._cancel_probe = FlagReader(msg.run_id, self.ctx.redis, db)
         with self.ctx.leases.hold(msg.run_id, msg.step, msg.attempt, self.holder, idx=msg.idx):
             try:
+                if isinstance(node, BatchPasses):
+                    self._enter_batch(node)
                 value = codec.decode(value_text, key=f"item {msg.idx}")
                 return self._exec(run, node, value, try_number)
             except RunCancelled:
                 # exec stopped itself: the item goes back to the queue for a resume.
                 db.take_over_item(msg.run_id, msg.step, msg.idx, msg.attempt, self.holder)
                 return CANCELLED
+
+    def _enter_batch(self, passes: BatchPasses) -> None:
+        """A parallel BatchFlow's pass: it starts from the Store its batch's ``prep``
+        left (the Store of step-1 and what prep wrote, one read per item) and runs its
+        inner nodes in this run, under its cancel, waiting in place for their limits."""
+        msg = self.msg
+        store = self.db.load_store(msg.run_id, msg.step - 1)[0]
+        apply_prep_writes(self.db, msg.run_id, msg.step, store)
+        passes.bind(store)
+        passes.run_in(
+            msg.run_id,
+            msg.step,
+            msg.attempt,
+            passes._cancel_probe,
+            self._no_waits,
+            LimitGate(self.ctx.limiter, msg.flow),
+        )
 
     def _guard(self, run: dict[str, Any]) -> str:
         """The claim missed: the run stopped (G4), or this delivery is a duplicate."""
@@ -184,9 +205,10 @@ class _ItemRun:
             node = graph.node(msg.node_id)
         except KeyError as exc:
             return f"Run {msg.run_id!r}, flow {msg.flow!r}: {exc.args[0]}"
-        if not isinstance(node, MapNode):
+        passes = map_node_of(node)
+        if passes is None:
             return f"Run {msg.run_id!r}: node {msg.node_id!r} is not a MapNode"
-        return node
+        return passes
 
     def _exec(self, run: dict[str, Any], node: MapNode, value: Any, try_number: int) -> str:
         msg = self.msg

@@ -32,6 +32,7 @@ from pocoflow.step import utc_now
 from pocoflow.waiting import WaitingFor
 
 if TYPE_CHECKING:
+    from pocoflow.db import WorkflowDB
     from pocoflow.distributed.executor import _Loaded, _StepRun
 
 _log = get_logger("distributed.mapstep")
@@ -40,15 +41,16 @@ _log = get_logger("distributed.mapstep")
 FANNED_OUT = FANNED_OUT_OUTCOME
 
 
-def run_map_step(sr: _StepRun, run: dict[str, Any], loaded: _Loaded) -> str:
-    """The claimed step of a MapNode: fan out, join, or re-open (module docstring).
-    ``wait_for`` in ``prep`` or ``post`` parks the run as a plain step's node does
-    (nothing of the step is committed: a woken step fans out, or joins, again)."""
+def run_map_step(sr: _StepRun, run: dict[str, Any], loaded: _Loaded, node: MapNode) -> str:
+    """The claimed step of a MapNode (``node``: ``loaded.node`` itself, or the passes of
+    a parallel BatchFlow, ``batchflow.map_node_of``): fan out, join, or re-open (module
+    docstring). ``wait_for`` in ``prep`` or ``post`` parks the run as a plain step's node
+    does (nothing of the step is committed: a woken step fans out, or joins, again)."""
     from pocoflow.distributed.executor import LOST, MAX_WAKEUPS_IN_STEP
 
     for _ in range(MAX_WAKEUPS_IN_STEP):
         try:
-            return _run_map_step(sr, run, loaded)
+            return _run_map_step(sr, run, loaded, node)
         except WaitingFor as waiting:
             stop = sr._park(loaded, waiting)
             if stop is not None:
@@ -58,10 +60,8 @@ def run_map_step(sr: _StepRun, run: dict[str, Any], loaded: _Loaded) -> str:
     return LOST
 
 
-def _run_map_step(sr: _StepRun, run: dict[str, Any], loaded: _Loaded) -> str:
+def _run_map_step(sr: _StepRun, run: dict[str, Any], loaded: _Loaded, node: MapNode) -> str:
     msg, db = sr.msg, sr.db
-    node = loaded.node
-    assert isinstance(node, MapNode)
     node.run_id, node.step, node.attempt = msg.run_id, msg.step, msg.attempt
     node._signals = lambda key: db.read_signal(msg.run_id, key, now=sr._now())
     if db.get_join(msg.run_id, msg.step) is None:
@@ -138,9 +138,10 @@ def _prep_writes(loaded: _Loaded, step: int) -> str | None:
     return json.dumps({"set": changed, "deleted": deleted})
 
 
-def _apply_prep_writes(sr: _StepRun, store: Any) -> None:
-    """The join: what ``prep`` wrote at the fan-out, written to the Store again."""
-    text = sr.db.get_prep_store(sr.msg.run_id, sr.msg.step)
+def apply_prep_writes(db: WorkflowDB, run_id: str, step: int, store: Any) -> None:
+    """What ``prep`` wrote at the fan-out, written to the Store of step-1 again: at the
+    join, and for a parallel BatchFlow's pass, which starts from the Store ``prep`` left."""
+    text = db.get_prep_store(run_id, step)
     if text is None:
         return
     writes = json.loads(text)
@@ -181,7 +182,7 @@ def _join(sr: _StepRun, run: dict[str, Any], loaded: _Loaded, node: MapNode) -> 
     rows = sr.db.get_items(msg.run_id, msg.step, values_only=True)
     t0 = time.perf_counter()
     try:
-        _apply_prep_writes(sr, loaded.store)
+        apply_prep_writes(sr.db, msg.run_id, msg.step, loaded.store)
         values = [codec.decode(r["item_json"], key=f"item {r['idx']}") for r in rows]
         results = [_result_of(r) for r in rows]
     except Exception as exc:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pocoflow import AsyncNode, Flow, MapNode, Node, Store, flow
+from pocoflow import AsyncNode, BatchFlow, Flow, MapNode, Node, Store, flow
 
 #: A cancel or kill test's item must still be running when the test acts on it.
 SLOW_ITEM_S = 0.3
@@ -382,3 +382,40 @@ def map_fail_hooked() -> Flow:
 
     built.on("node_error", note)
     return built
+
+
+class SquarePass(Node):
+    """One pass of ``batch_square``: logs its exec as a map item does (``i`` = the pass)
+    and writes its own key; reads what the batch's prep wrote."""
+
+    def prep(self, store: Any) -> dict[str, Any]:
+        return {"i": self.params["i"], "side": store.get("side_dir"), "base": store["base"]}
+
+    def exec(self, item: dict[str, Any]) -> int:
+        _log_exec(item, self)
+        time.sleep(0.05)  # long enough that both workers take passes
+        return item["base"] + item["i"] ** 2
+
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+        store[f"square/{self.params['i']}"] = exec_result
+        return "default"
+
+
+class SquareBatch(BatchFlow):
+    parallel = True
+
+    def prep(self, store: Any) -> list[dict[str, Any]]:
+        store["base"] = 1000  # a pass starts from the Store prep left
+        return [{"i": i} for i in range(store["n"])]
+
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+        store["total"] = sum(store[f"square/{p['i']}"] for p in prep_result)
+        return "default"
+
+
+@flow("batch_square")
+def batch_square() -> Flow:
+    """A parallel BatchFlow as a node: its passes are map items on workers."""
+    batch = SquareBatch(start=SquarePass(), flow_name="square_pass")
+    batch.then("default", Finish())
+    return Flow(start=batch, max_steps=10)

@@ -429,3 +429,23 @@ def test_the_node_error_hook_fires_when_an_item_fails_the_run(live: Cluster) -> 
     lines = hooks.read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith("node_error FailingSquare ItemFailed")
     assert "item 5" in lines[0]
+
+
+def test_a_parallel_batchflows_passes_are_map_items_over_both_workers(live: Cluster) -> None:
+    """ARCHITECTURE §1: parallel passes run as map items on workers: one item row and
+    one exec per pass, spread over the workers, the same Store as a local run."""
+    side = live.side_dir()
+    store = {"n": 12, "side_dir": str(side)}
+    handle = live.submit("batch_square", store)
+    result = finish(live, handle)
+    assert {k: v for k, v in result.items() if k != "side_dir"} == local("batch_square", store)
+    assert result["total"] == sum(1000 + i * i for i in range(12)) and result["finished"]
+    ran = execs(side, handle.run_id)
+    assert Counter(i for i, _, _ in ran) == {i: 1 for i in range(12)}  # each pass once
+    assert len({pid for _, _, pid in ran}) == 2  # spread over both workers
+    items = live.db.get_items(handle.run_id, 0)
+    assert [r["status"] for r in items] == ["done"] * 12
+    outcomes = [a["outcome"] for a in live.db.get_attempts(handle.run_id) if a["step"] == 0]
+    assert outcomes == ["fanned_out", "committed"]
+    names = {e["node_name"] for e in handle.events() if e["event"] == "node_end"}
+    assert names == {"square_pass", "Finish"}  # the batch, not its passes
