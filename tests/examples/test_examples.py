@@ -226,6 +226,13 @@ def test_demo_runs_the_article_pipeline_on_real_workers(tmp_path):
     assert "summary: In short:" in done.stdout
     workers = set(re.findall(r"-> \S+ +[\d.]+ ms +on (\S+)", done.stdout))
     assert len(workers) >= 1 and "Summarise  -> done" in done.stdout
+    # The fan-out: a live progress line up to every item, then tokens and cost by node.
+    progress = [int(n) for n in re.findall(r"items done: (\d+)/50", done.stdout)]
+    assert progress and progress == sorted(progress) and progress[-1] == 50, progress
+    assert re.search(r"50 summaries in [\d.]+ s", done.stdout)
+    assert re.search(r"SummarizeEach +50 calls +\d+ tokens in", done.stdout)
+    total = re.search(r"total: (\d+) tokens, \$(\d+\.\d+)", done.stdout)
+    assert total and int(total[1]) > 0 and float(total[2]) > 0, done.stdout
 
 
 def test_fake_llm_failures_follow_the_attempt_not_the_process():
