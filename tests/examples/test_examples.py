@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,16 @@ def test_article_pipeline_is_deterministic(tmp_path):
     assert first["summary"] == second["summary"]
     assert len(first["drafts"]) == len(first["sections"]) == 3
     assert first["summary"].startswith("In short:")
+
+
+def test_the_summarizers_rate_limit_holds_its_calls_back(tmp_path, monkeypatch):
+    """Lowered to 10/s, the limit binds on 25 calls that would take milliseconds: the
+    first 10 start at once, the next 10 a second later, the last 5 a second after."""
+    monkeypatch.setattr(summarize.SummarizeEach, "rate_limit", "10/s")
+    started = time.monotonic()
+    store, usage = summarize.main(25, str(tmp_path / "s.db"))
+    assert time.monotonic() - started >= 1.9
+    assert len(store["summaries"]) == 25 and usage["by_node"]["SummarizeEach"]["calls"] == 25
 
 
 def test_summarizer_reports_cost_per_node(tmp_path):
