@@ -419,3 +419,12 @@ def batch_square() -> Flow:
     batch = SquareBatch(start=SquarePass(), flow_name="square_pass")
     batch.then("default", Finish())
     return Flow(start=batch, max_steps=10)
+
+
+class OnGpu(Square):
+    queue = "gpu"  # its items too, not only its step
+
+
+@flow("map_on_gpu")
+def map_on_gpu() -> Flow:
+    return _map_flow(OnGpu())

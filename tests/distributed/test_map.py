@@ -14,7 +14,7 @@ import pytest
 from pocoflow.runner import RunFailed, RunHandle
 from tests.distributed import map_flows
 from tests.distributed.conftest import Cluster, local_result
-from tests.distributed.faults import worker_running
+from tests.distributed.faults import start_worker, worker_running
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.distributed
@@ -459,3 +459,17 @@ def test_a_parallel_batchflows_passes_are_map_items_over_both_workers(live: Clus
     assert outcomes == ["fanned_out", "committed"]
     names = {e["node_name"] for e in handle.events() if e["event"] == "node_end"}
     assert names == {"square_pass", "Finish"}  # the batch, not its passes
+
+
+def test_a_map_nodes_queue_routes_its_items_to_the_workers_serving_it(live: Cluster) -> None:
+    gpu = start_worker("gpu", live.env, live.workdir, queues="gpu")
+    try:
+        gpu.wait_ready()
+        side = live.side_dir()
+        store = {"n": 12, "side_dir": str(side)}
+        result = finish(live, live.submit("map_on_gpu", store))
+        assert result["squares"] == [i * i for i in range(12)] and result["finished"]
+        ran = execs(side, next(iter(side.glob("*.items"))).stem)
+        assert len(ran) == 12 and all(pid in gpu.pids() for _, _, pid in ran), ran
+    finally:
+        gpu.stop()
