@@ -421,8 +421,7 @@ class LimitGate:
                 "set POCOFLOW_REDIS_URL (a redis:// URL) for the workers"
             )
         key = limit_key_of(node, prep_result, self.flow_name)
-        waiter = f"{node.run_id}:{node.step}" if node.run_id is not None else None
-        return _Call(self.limiter, limits, key, new_holder(), waiter)
+        return _Call(self.limiter, limits, key, new_holder(), _waiter(node))
 
     def _ask(self, node: Node, call: _Call) -> Decision:
         """One decision; a refusal raises ``LimitWait`` from a non-blocking gate, and
@@ -458,6 +457,19 @@ class LimitGate:
         finally:
             _current.reset(token)
             release(slot)
+
+
+def _waiter(node: Node) -> str | None:
+    """Who asks again after a refusal: a step is ``run:step``, a map item
+    ``run:step:index``. Each item is its own waiter, with its own turn: under one id the
+    refused items of a map would all be told turn 0 and come back at once, each return a
+    ledger write, a message and a claim (40 items for 1 slot asked 24 times each)."""
+    if node.run_id is None:
+        return None
+    index = getattr(node, "item_index", None)  # a MapNode's, inside an item's exec
+    if index is None:
+        return f"{node.run_id}:{node.step}"
+    return f"{node.run_id}:{node.step}:{index}"
 
 
 @dataclass(frozen=True)

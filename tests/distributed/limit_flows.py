@@ -128,3 +128,30 @@ class RateLimitedTurns(Timed):
 def limited_rate_turns() -> Flow:
     """Its own limit key (flow / node name): no other test's starts in its window."""
     return Flow(start=RateLimitedTurns(name="call"))
+
+
+class OneSlotMap(MapNode):
+    """A fan-out whose items share one concurrency slot (its own key: flow / node name);
+    each item's exec records ``<start> <end> <pid> item<i>``."""
+
+    max_concurrency = 1
+
+    def prep(self, store: Any) -> Any:
+        return [(store["side_dir"], i, store["work_s"]) for i in range(store["n"])]
+
+    def exec(self, item: Any) -> Any:
+        side, i, work_s = item
+        start = time.time()
+        time.sleep(work_s)
+        with open(Path(side) / "calls", "a", encoding="utf-8") as handle:
+            handle.write(f"{start} {time.time()} {os.getpid()} item{i}\n")
+        return i
+
+    def post(self, store: Any, items: Any, results: Any) -> str:
+        store["results"] = results
+        return "default"
+
+
+@flow("limited-slot-map")
+def limited_slot_map() -> Flow:
+    return Flow(start=OneSlotMap(name="calls"))

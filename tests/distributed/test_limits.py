@@ -6,6 +6,7 @@ the concurrency slot of a worker killed with -9 is freed when its lease runs out
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,24 @@ def test_steps_waiting_for_a_rate_take_turns_instead_of_all_asking_every_window(
     # Turns are computed as if each earlier start came on time; a late one sends a few
     # waiters back once more (about 1.5 asks a step here), far below the herd's 3.5.
     assert limited < 60, f"{limited} limit waits for 24 steps"
+
+
+def test_map_items_waiting_for_a_slot_take_turns_each_as_its_own_waiter(live: Cluster) -> None:
+    """Each map item is a waiter of its own (``run:step:index``): W refused items for one
+    slot are told to ask again some W polls apart, about one ask each per W / slots polls.
+    As one waiter (``run:step``) every item had turn 0 and came back at every poll, each
+    return a ledger write, a message and a claim (12 items here: 53-69 limit waits, not
+    15-18)."""
+    side = live.side_dir()
+    n = 12
+    started = time.monotonic()
+    run = live.submit("limited-slot-map", {"side_dir": str(side), "n": n, "work_s": 0.3})
+    assert run.wait(timeout=TIMEOUT_S)["results"] == list(range(n))
+    elapsed = time.monotonic() - started
+    calls = _calls(side)
+    assert len(calls) == n
+    overlaps = [b_start - a_end for (_, a_end), (b_start, _) in itertools.pairwise(calls)]
+    assert min(overlaps) >= -CLOCK_SLACK_S / 10, calls  # one slot: one call at a time
+    # Every new attempt of an item that never failed is a limit wait (retry_item).
+    waits = [row["attempt"] - 1 for row in live.db.get_items(run.run_id, 0)]
+    assert sum(waits) <= 3 * n, f"{sum(waits)} limit waits for {n} items ({elapsed:.1f}s): {waits}"

@@ -13,6 +13,7 @@ import pytest
 from pocoflow import AsyncNode, Flow, MapNode, Node
 from pocoflow.limits import (
     CONCURRENCY_POLL_S,
+    Decision,
     LimitGate,
     Limits,
     LimitWait,
@@ -26,6 +27,7 @@ from pocoflow.limits import (
     release,
     use_limiter,
 )
+from pocoflow.mapnode import running_item
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.unit
@@ -152,6 +154,44 @@ def test_non_blocking_gate_raises_limit_wait() -> None:
     with pytest.raises(LimitWait) as caught, gate.entered(node, None):
         pass
     assert caught.value.key == "f/Limited" and caught.value.wait_s == pytest.approx(60.0)
+
+
+def test_each_map_item_asks_as_its_own_waiter_and_a_step_as_run_and_step() -> None:
+    """A waiter's turn is kept per waiter id: the items of one map must not share one
+    (they would all get turn 0 and come back at once), sync and async items alike."""
+    asked: list[str | None] = []
+
+    class Refusing(LocalLimiter):
+        def acquire(
+            self, limits: Limits, key: str, holder: str, waiter: str | None = None
+        ) -> Decision:
+            asked.append(waiter)
+            return Decision(wait_s=1.0)
+
+    class Items(MapNode):
+        max_concurrency = 1
+
+    class Step(Node):
+        max_concurrency = 1
+
+    gate = LimitGate(Refusing(), "f", blocking=False)
+    items, step = Items(), Step()
+    for node in (items, step):
+        node.run_id, node.step = "r-1", 4
+
+    async def ask_async(index: int) -> None:
+        with running_item(items, index):
+            async with gate.entered_async(items, index):
+                pass
+
+    for index in (0, 1):
+        with pytest.raises(LimitWait), running_item(items, index), gate.entered(items, index):
+            pass
+    with pytest.raises(LimitWait):
+        asyncio.run(ask_async(2))
+    with pytest.raises(LimitWait), gate.entered(step, None):
+        pass
+    assert asked == ["r-1:4:0", "r-1:4:1", "r-1:4:2", "r-1:4"]
 
 
 def test_gate_without_a_shared_limiter_refuses_to_run_unlimited() -> None:
