@@ -12,7 +12,11 @@ one hash tag per limit key (``{key}``) so a Redis Cluster keeps them on one node
 - ``pocoflow:limit:{key}:slots``: ZSET holder -> lease expiry (us). Expired entries are
   pruned by the same script, so the slot of a worker killed with -9 is free once its
   lease (``POCOFLOW_LEASE_SECONDS``) runs out; a live holder renews it every lease/3
-  from one thread per process, and releases it when the call ends.
+  from one thread per process, and releases it when the call ends. A renewal puts back
+  a holder Redis forgot while its lease ran (a restart without persistence, a flush):
+  its call still runs, so it counts again, free place or not; one whose lease may have
+  ended, so that its place may be another caller's now, comes back only into a free
+  place (the set never grows past the limit through it), else its slot is lost.
 - ``pocoflow:limit:{key}:tokens:<window ms>``: ZSET ``<id>:<tokens>`` -> time (us); the
   script sums the window (one entry per recorded call).
 - ``pocoflow:limit:{key}:waiters``: ZSET waiter -> when it is forgotten (a second after
@@ -31,6 +35,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pocoflow.limits import CONCURRENCY_POLL_S, Decision, Limits, Rate, Slot, new_holder
@@ -154,17 +160,30 @@ end
 return 0
 """
 
-# KEYS: slots. ARGV: holder, lease us. 1 if the holder still had its slot (renewed).
+# KEYS: slots. ARGV: holder, lease us, max concurrency, "1" when the holder's lease
+# surely still runs (by its own count) else "0". Returns 1: renewed; 2: the holder was
+# missing and holds its slot again; 0: lost (missing, and no free place to come back to).
 RENEW = """
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  return 0
-end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local lease = tonumber(ARGV[2])
+local renewed = 1
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  -- Missing while its lease ran: Redis forgot it (a restart without persistence, a
+  -- flush), not a prune (ACQUIRE prunes ended leases only). Its call runs on, so it is
+  -- counted again, free place or not. A lease that may have ended may have been pruned
+  -- and its place given to another call: then it comes back only into a free place.
+  if ARGV[4] ~= '1' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+    if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+      return 0
+    end
+  end
+  renewed = 2
+end
 redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], math.ceil(lease / 1000) + 1000)
-return 1
+return renewed
 """
 
 # KEYS: tokens. ARGV: entry "<id>:<tokens>", window us.
@@ -175,6 +194,23 @@ redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) / 1000) + 1000)
 return 1
 """
+
+
+#: A lease counts as surely running (RENEW may put its holder back, free place or not)
+#: until this fraction of it before its end on this process's clock: the margin covers
+#: the renewal's way to Redis.
+LEASE_MARGIN = 0.1
+
+
+@dataclass
+class _Held:
+    """A slot this process holds: ``concurrency`` is its key's limit; on the monotonic
+    clock, its lease runs at least until ``lease_ends`` (when the decision or renewal
+    that set it was sent, plus the lease)."""
+
+    slot: Slot
+    concurrency: int
+    lease_ends: float
 
 
 def _us(seconds: float) -> int:
@@ -210,7 +246,7 @@ class RedisLimiter:
         self._renew = client.register_script(RENEW)
         self._record = client.register_script(RECORD_TOKENS)
         self._failures = 0
-        self._held: dict[str, Slot] = {}
+        self._held: dict[str, _Held] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -242,6 +278,7 @@ class RedisLimiter:
             tokens_key(key, tokens or no_rate),
             waiters_key(key),
         ]
+        sent = time.monotonic()
         try:
             wait_us = int(self._acquire(keys=keys, args=args))
         except Exception as exc:
@@ -252,12 +289,15 @@ class RedisLimiter:
         if limits.concurrency is None:
             return Decision()
         slot = Slot(key, holder, self)
-        self._keep(slot)
+        self._keep(_Held(slot, limits.concurrency, sent + self.lease_s))
         return Decision(slot=slot)
 
     def release(self, slot: Slot) -> None:
         with self._lock:
             self._held.pop(slot.holder, None)
+        self._forget(slot)
+
+    def _forget(self, slot: Slot) -> None:
         try:
             self.client.zrem(slots_key(slot.key), slot.holder)
         except Exception as exc:  # the slot's lease frees it soon enough
@@ -271,14 +311,42 @@ class RedisLimiter:
             _log.warning("Could not record %d tokens under limit key %r: %s", tokens, key, exc)
 
     def renew(self, slot: Slot) -> bool:
-        """Extend the slot's lease; False when it was lost (it expired meanwhile)."""
+        """Extend the slot's lease; False when it was lost (or released already). A slot
+        Redis forgot while its lease ran (restarted without persistence, flushed) is
+        held again; one whose lease may have ended, only if its key has a free place."""
+        with self._lock:
+            held = self._held.get(slot.holder)
+        return held is not None and self._renew_held(held) is True
+
+    def _renew_held(self, held: _Held) -> bool | None:
+        """One renewal (one round trip): True renewed, False lost, None released during
+        the renewal (the call ended: whatever the renewal wrote is taken back)."""
+        slot = held.slot
+        sent = time.monotonic()
+        running = sent < held.lease_ends - self.lease_s * LEASE_MARGIN
+        args: list[str | int] = [slot.holder, _us(self.lease_s), held.concurrency, int(running)]
         try:
-            return bool(
-                self._renew(keys=[slots_key(slot.key)], args=[slot.holder, _us(self.lease_s)])
-            )
+            state = int(self._renew(keys=[slots_key(slot.key)], args=args))
         except Exception as exc:  # Redis blinked: next beat tries again
             _log.warning("Could not renew limit slot of %r: %s", slot.key, exc)
             return True
+        with self._lock:
+            released = self._held.get(slot.holder) is not held
+            if state and not released:
+                held.lease_ends = sent + self.lease_s
+        if released:
+            # Released while the renewal was on its way: it may have put the holder back
+            # after the release removed it (a slot nobody holds, until its lease ends).
+            self._forget(slot)
+            return None
+        if state == 2:
+            _log.warning(
+                "Limit slot of %r (holder %s) was gone from Redis while its call ran "
+                "(restarted without persistence? flushed?): it is held again",
+                slot.key,
+                slot.holder,
+            )
+        return state > 0
 
     # ── fail closed while Redis is away ──────────────────────────────────────
 
@@ -296,9 +364,9 @@ class RedisLimiter:
 
     # ── slot renewal: one thread per process ────────────────────────────────
 
-    def _keep(self, slot: Slot) -> None:
+    def _keep(self, held: _Held) -> None:
         with self._lock:
-            self._held[slot.holder] = slot
+            self._held[held.slot.holder] = held
             if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
                 self._pid = os.getpid()
                 self._thread = threading.Thread(
@@ -312,12 +380,14 @@ class RedisLimiter:
             wake.wait(self.lease_s / 3)
             with self._lock:
                 held = list(self._held.values())
-            for slot in held:
-                if not self.renew(slot):
+            for one in held:
+                if self._renew_held(one) is False:
                     _log.warning(
-                        "Limit slot of %r (holder %s) expired before its call ended",
-                        slot.key,
-                        slot.holder,
+                        "Limit slot of %r (holder %s) expired before its call ended, and "
+                        "its place was taken: the call runs on uncounted",
+                        one.slot.key,
+                        one.slot.holder,
                     )
                     with self._lock:
-                        self._held.pop(slot.holder, None)
+                        if self._held.get(one.slot.holder) is one:
+                            del self._held[one.slot.holder]

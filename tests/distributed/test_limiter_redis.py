@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -15,6 +16,9 @@ from redis.retry import Retry
 
 from pocoflow.distributed.limiter import OUTAGE_WAIT_S, RedisLimiter, slots_key, tokens_key
 from pocoflow.limits import Limits, Rate, release
+from tests.distributed.faults import restart_redis
+from tests.helpers import wait_until
+from tests.servers import start_redis
 
 pytestmark = pytest.mark.distributed
 
@@ -100,6 +104,89 @@ def test_a_live_holder_keeps_its_slot_past_the_lease(client: redis.Redis, key: s
     after = other.acquire(limits, key, "other")
     assert after.go
     release(after.slot)
+
+
+def test_a_running_call_takes_its_slot_back_after_a_redis_restart(key: str) -> None:
+    """A Redis restarted without persistence forgets every slot while their calls run:
+    the next renewal puts the holder back (it was dropped: a second call could start
+    beside the first for as long as the first ran)."""
+    limits = Limits(concurrency=1)
+    with start_redis() as server:
+        client = redis.Redis.from_url(server.url)
+        running = RedisLimiter(client, lease_s=0.9)  # renewed every 0.3 s
+        other = RedisLimiter(client, lease_s=5)
+        call = running.acquire(limits, key, "a")
+        assert call.slot is not None and not other.acquire(limits, key, "b").go
+        restart_redis(server)
+        wait_until(lambda: client.zrange(slots_key(key), 0, -1) == [b"a"], 5)
+        assert not other.acquire(limits, key, "b").go
+        release(call.slot)
+        assert other.acquire(limits, key, "b").go
+        client.close()
+
+
+def test_after_a_flush_no_call_starts_once_the_running_ones_hold_their_slots_again(
+    client: redis.Redis, key: str
+) -> None:
+    """Until the running calls renew, the emptied set admits new calls beside them (the
+    overshoot the README states, one renewal interval at most); the renewal counts the
+    running call again although the set is full, so nothing more starts until both end."""
+    limits = Limits(concurrency=1)
+    limiter = RedisLimiter(client, lease_s=30)  # no renewal by its thread in this test
+    first = limiter.acquire(limits, key, "a")
+    assert first.slot is not None and not limiter.acquire(limits, key, "b").go
+    client.delete(slots_key(key))  # what a restart without persistence did to the key
+    second = limiter.acquire(limits, key, "b")
+    assert second.go  # the window before the renewal
+    assert limiter.renew(first.slot)
+    assert sorted(client.zrange(slots_key(key), 0, -1)) == [b"a", b"b"]
+    assert not limiter.acquire(limits, key, "c").go
+    release(second.slot)
+    assert not limiter.acquire(limits, key, "c").go  # the first call still runs
+    release(first.slot)
+    third = limiter.acquire(limits, key, "c")
+    assert third.go
+    release(third.slot)
+
+
+def test_a_holder_whose_lease_ended_comes_back_only_into_a_free_place(
+    client: redis.Redis, key: str
+) -> None:
+    """A lease that ran out (its process frozen, cut off from Redis) may have been pruned
+    and its place given to another call: renewing must not push the set past the limit,
+    else a holder that keeps missing its renewals would exceed it again and again."""
+    limits = Limits(concurrency=1)
+    late = RedisLimiter(client, lease_s=0.3)
+    late._renew_loop = lambda: None  # type: ignore[method-assign]  # renews only when told
+    stale = late.acquire(limits, key, "late")
+    assert stale.slot is not None
+    other = RedisLimiter(client, lease_s=30)
+    taken = wait_until(lambda: (d := other.acquire(limits, key, "other")).go and d, 5)
+    assert not late.renew(stale.slot)  # its place is taken: lost
+    assert client.zrange(slots_key(key), 0, -1) == [b"other"]
+    release(taken.slot)
+    assert late.renew(stale.slot)  # a free place: it holds a slot again
+    assert client.zrange(slots_key(key), 0, -1) == [b"late"]
+    release(stale.slot)
+
+
+def test_a_renewal_crossing_the_release_of_its_slot_leaves_no_slot_held(
+    client: redis.Redis, key: str
+) -> None:
+    """The call ends while its renewal is on its way: the renewal, finding the holder
+    gone, must not leave it in the set (a slot nobody holds, for a whole lease)."""
+    limiter = RedisLimiter(client, lease_s=30)
+    call = limiter.acquire(Limits(concurrency=1), key, "a")
+    assert call.slot is not None
+    script = limiter._renew
+
+    def released_first(**kw: Any) -> Any:
+        release(call.slot)
+        return script(**kw)
+
+    limiter._renew = released_first  # type: ignore[assignment]
+    assert not limiter.renew(call.slot)
+    assert client.zcard(slots_key(key)) == 0
 
 
 def test_token_window_sums_recorded_tokens(client: redis.Redis, key: str) -> None:
