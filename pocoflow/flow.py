@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
-from pocoflow import itemlog
+from pocoflow import itemlog, pausing
 from pocoflow.errors import RunSetupError, StepConflict, UnknownRunError
 from pocoflow.graph import Graph
 from pocoflow.hooks import RUN_CANCELLED, RUN_RESUMED, Hooks
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
     from pocoflow.db import WorkflowDB
 
 _log = get_logger("flow")
-
-#: How often a run held by a pause request from another process looks for its withdrawal.
-LEDGER_POLL_S = 0.05
 
 
 def make_run_id(flow_name: str) -> str:
@@ -354,12 +351,13 @@ class Flow(Node):
         again = step if resumed else -1  # the step that may have run before
         # Local runs wait in place for their limits (this process's limiter).
         gate = LimitGate(current_limiter(), self.flow_name)
+        between = pausing.ItemGate(recorder, control)  # a pause met between map items
         while current is not None:
             if record:
                 requested = recorder.requested_control()
                 if requested == "cancel":  # the requester recorded the cancel already
                     return self._cancelled(recorder, control, step, store, current.name, False)
-                if requested == "pause" and not self._hold_for_ledger(recorder, control, step):
+                if requested == "pause" and not pausing.hold_for_ledger(recorder, control, step):
                     return self._cancelled(recorder, control, step, store, current.name, False)
             budget = control.budget
             # A cancel first: a run held by its budget must not pause itself again once
@@ -375,11 +373,9 @@ class Flow(Node):
                     return store
                 control.pause()  # a handle's run waits for handle.resume(max_tokens=...)
             if not is_running():
-                recorder.hold(step)
-                control.wait_until_resumed()
                 # A cancel from another process while held ended the run (G4): go on only
                 # if the run is still this process's paused run.
-                if not control.cancelled and not recorder.release(step):
+                if not pausing.hold_for_handle(recorder, control, step):
                     return self._cancelled(recorder, control, step, store, current.name, False)
                 continue  # look again: a cancel, or a budget still spent
             if cancel_probe():
@@ -398,6 +394,8 @@ class Flow(Node):
             if record and isinstance(current, MapNode):
                 log = recorder.item_log(step, current, may_have_kept=step == again)
                 log_token = itemlog.CURRENT.set(log)
+            between.at_step(step)
+            between_token = pausing.CURRENT.set(between)
             try:
                 done = run_step(
                     current,
@@ -411,8 +409,10 @@ class Flow(Node):
                     signals=signals,
                     limit_gate=gate,
                 )
-            except RunCancelled:
-                return self._cancelled(recorder, control, step, store, current.name)
+            except RunCancelled as stop:
+                # A cancel recorded by another process, met between map items, stands.
+                recorded = isinstance(stop, pausing.CancelledInLedger)
+                return self._cancelled(recorder, control, step, store, current.name, not recorded)
             except WaitingFor as waiting:
                 found = recorder.wait(step, current.name, waiting)
                 if found == PARKED:
@@ -435,6 +435,7 @@ class Flow(Node):
                 recorder.failed(step, error.events, str(error.cause))
                 raise error.cause from None
             finally:
+                pausing.CURRENT.reset(between_token)
                 if log_token is not None:
                     itemlog.CURRENT.reset(log_token)
             following = current.next_node(done.action)
@@ -477,19 +478,6 @@ class Flow(Node):
         _log.warning("%s", message)
         recorder.budget_exceeded(step, message)
         return False
-
-    def _hold_for_ledger(self, recorder: RunRecorder, control: RunControl, step: int) -> bool:
-        """Wait while another process's pause request stands; False if it became a cancel.
-        Polls the ledger, since the request comes from another process."""
-        recorder.park(step)
-        while True:
-            requested = recorder.requested_control()
-            if requested == "cancel" or control.cancelled:
-                return False
-            if requested != "pause":
-                recorder.unpark(step)
-                return True
-            control.cancel_event.wait(LEDGER_POLL_S)
 
     def _cancelled(
         self,

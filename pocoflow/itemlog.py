@@ -88,7 +88,8 @@ def _why(exc: BaseException) -> str:
 class ItemLog:
     """The kept items of one map step of a local run: ``open`` at the start of the map
     (what an earlier attempt kept), ``keep`` from any item thread or the event loop as an
-    item finishes, ``close`` once every item is done (flushes, stops the writer)."""
+    item finishes, ``close`` once every item is done (flushes, stops the writer); ``flush``
+    when the map holds for a pause."""
 
     def __init__(
         self, db: WorkflowDB, run_id: str, step: int, node: Node, *, may_have_kept: bool
@@ -155,6 +156,12 @@ class ItemLog:
     def close(self) -> None:
         """Write what is queued and stop the writer. Never raises: rows that could not
         be written are logged (their items run again on a resume)."""
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what is queued now and wait for it (a map held by a pause: what finished
+        is durable while no item runs); a later ``keep`` starts a writer again. Never
+        raises, as ``close``."""
         writer, self._writer = self._writer, None
         if writer is None:
             return

@@ -22,13 +22,14 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from pocoflow import itemlog, usage
+from pocoflow import itemlog, pausing, usage
 from pocoflow.limits import LimitWait
 from pocoflow.node import AsyncNode, Node, run_coroutine
 from pocoflow.step import RunCancelled
 
 if TYPE_CHECKING:
     from pocoflow.itemlog import ItemLog
+    from pocoflow.pausing import ItemGate
 
 #: ``on_item_error`` values: fail the node naming the item, or hand the exception to post.
 ITEM_ERROR_POLICIES = ("raise", "collect")
@@ -119,7 +120,10 @@ class MapNode(Node):
     node's retry policy (``max_retries``, ``retry_delay``, ``timeout``...); when its tries
     are spent the node fails with ``ItemFailed`` naming the item index, or, with
     ``on_item_error = "collect"``, the exception takes the item's place in ``results``.
-    A cancel stops the map between items: items not started never start (G4).
+    A cancel stops the map between items: items not started never start (G4). A pause
+    of a local run stops it there too: no item starts after it, the running ones end
+    (and are kept, with a ledger), and the run holds, ``paused``, until it is resumed
+    (then the items not started run) or cancelled (see ``pocoflow.pausing``).
     """
 
     max_parallel: int = 8
@@ -195,9 +199,10 @@ class MapNode(Node):
             log.close()  # what finished is kept, also when the map fails
 
     def _map(self, items: Sequence[Any], log: ItemLog | None) -> list[Any]:
+        between = pausing.CURRENT.get()  # a local run's pause between items (None: none)
         if isinstance(self, AsyncNode):
-            return run_coroutine(self._map_async(items, log))
-        return _map_threads(self, items, self.max_parallel, self.cancelled, log)
+            return run_coroutine(self._map_async(items, log, between))
+        return _map_threads(self, items, self.max_parallel, self.cancelled, log, between)
 
     def run_item(self, index: int, item: Any) -> Any:
         """One item: ``exec`` under the retry policy; a spent item per ``on_item_error``."""
@@ -207,17 +212,46 @@ class MapNode(Node):
         except Exception as exc:
             return self.item_outcome(index, exc)
 
-    async def _map_async(self, items: Sequence[Any], log: ItemLog | None) -> list[Any]:
+    async def _map_async(
+        self, items: Sequence[Any], log: ItemLog | None, between: ItemGate | None = None
+    ) -> list[Any]:
         assert isinstance(self, AsyncNode)
         gate = asyncio.Semaphore(self.max_parallel)
         node = self
         kept = log.kept if log is not None else {}
         stop: list[BaseException] = []  # as threads: the first fatal failure stops new starts
+        active = 0  # items whose exec runs now
+        idle = asyncio.Event()  # set while none does
+        idle.set()
+        holding: asyncio.Event | None = None  # while the run is held: set when it goes on
+
+        async def paused_before(index: int) -> None:
+            """A pause met before item ``index`` starts: no item starts until the running
+            ones ended and the run, held meanwhile off the loop, goes on (or stops)."""
+            nonlocal holding
+            while holding is not None:  # another item met it: wait with it
+                await holding.wait()
+            if stop or between is None or not between.requested():
+                return
+            holding = asyncio.Event()  # before any await: no item starts from here on
+            try:
+                while active:
+                    await idle.wait()
+                if not stop:
+                    await asyncio.to_thread(_hold, between, log, node, index)
+            except Exception as exc:  # RunCancelled: the run was cancelled while held
+                stop.append(exc)
+            finally:
+                holding.set()
+                holding = None
 
         async def one(index: int, item: Any) -> Any:
+            nonlocal active
             if index in kept:
                 return kept[index]
             async with gate:
+                if between is not None:
+                    await paused_before(index)
                 if stop:
                     return None
                 if node.cancelled():
@@ -225,6 +259,8 @@ class MapNode(Node):
                         RunCancelled(f"MapNode {node.name!r} cancelled before item {index}")
                     )
                     return None
+                active += 1  # no await since the checks: a pause met later waits for it
+                idle.clear()
                 try:
                     with usage.for_item(node, index), running_item(node, index):
                         result = await _exec_async_with_retries(node, item)
@@ -234,6 +270,10 @@ class MapNode(Node):
                     except Exception as fatal:  # the running items end, and are kept
                         stop.append(fatal)
                         return None
+                finally:
+                    active -= 1
+                    if not active:
+                        idle.set()
                 if log is not None:
                     log.keep(index, result)
                 return result
@@ -250,12 +290,14 @@ def _map_threads(
     parallel: int,
     cancelled: Callable[[], bool],
     log: ItemLog | None,
+    between: ItemGate | None = None,
 ) -> list[Any]:
     """Items on up to ``parallel`` threads, started in order, each only if the run was not
     cancelled meanwhile; the first item to fail for good stops new starts and is raised
     once the running ones end (so no thread outlives the step). Items ``log`` kept from
     an earlier attempt do not run; it keeps each result (not a collected error) as its
-    item ends."""
+    item ends. A pause ``between`` says was requested holds the run, once the running
+    items ended, before the next item starts."""
     results: list[Any] = [None] * len(items)
     if not items:
         return results
@@ -285,6 +327,12 @@ def _map_threads(
                 running = wait(running, return_when=FIRST_COMPLETED).not_done
             if failure:
                 break
+            if between is not None and between.requested():
+                wait(running)  # they end, and are kept, before the run holds
+                running = set()
+                if failure:
+                    break
+                _hold(between, log, node, index)
             if cancelled():
                 wait(running)
                 raise RunCancelled(f"MapNode {node.name!r} cancelled before item {index}")
@@ -293,6 +341,14 @@ def _map_threads(
     if failure:
         raise failure[0]
     return results
+
+
+def _hold(between: ItemGate, log: ItemLog | None, node: MapNode, index: int) -> None:
+    """No item runs: make what finished durable (a process that dies while held leaves
+    its items kept for ``flow.resume``), then hold the run until it may go on."""
+    if log is not None:
+        log.flush()
+    between.hold(f"MapNode {node.name!r} paused before item {index}")
 
 
 async def _exec_async_with_retries(node: AsyncNode, item: Any) -> Any:

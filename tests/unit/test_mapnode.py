@@ -1,5 +1,5 @@
 """MapNode in one process: item order, bounded concurrency, per-item retries, failure
-policies, async exec, cancel between items, nested sub-flows."""
+policies, async exec, cancel and pause between items, nested sub-flows."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import pytest
 
 from pocoflow import AsyncNode, Flow, MapNode, Node
 from pocoflow.mapnode import ItemFailed
+from pocoflow.runner import RunControl
+from tests import pause_maps
+from tests.helpers import wait_until
 
 WAIT_S = 10.0
 
@@ -384,3 +387,38 @@ def test_assigning_item_index_is_refused_naming_the_node() -> None:
 
     with pytest.raises(AttributeError, match=r"MapNode 'Assigns': item_index is set by PocoFlow"):
         Flow(start=Assigns()).run({})
+
+
+@pytest.mark.parametrize("kind", pause_maps.KINDS)
+def test_a_pause_stops_a_local_map_between_items_and_resume_runs_the_rest(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``handle.pause()`` while items run: those finish, no other item starts, and the
+    run holds in the map (no ledger: ``wait_until_resumed`` tells the test it holds);
+    ``resume()`` runs the items not started, each once, and the rest of the flow."""
+    held = threading.Event()
+    real = RunControl.wait_until_resumed
+
+    def holding(self: RunControl, timeout: float | None = None) -> bool:
+        held.set()
+        return real(self, timeout)
+
+    monkeypatch.setattr(RunControl, "wait_until_resumed", holding)
+    items = pause_maps.Items()
+    handle = pause_maps.build(kind, items).run_background({})
+    try:
+        wait_until(lambda: len(items.started) == len(pause_maps.IN_FLIGHT), WAIT_S)
+        handle.pause()
+        items.release.set()  # the items in flight end
+        assert held.wait(WAIT_S)
+        assert handle.status == "paused" and not handle.is_done
+        assert sorted(items.started) == pause_maps.IN_FLIGHT  # none started after the pause
+
+        handle.resume()
+        store = handle.wait(timeout=WAIT_S)
+    finally:
+        items.release.set()
+        handle.cancel()  # a failed check leaves no run held in a thread
+    assert sorted(items.started) == list(range(pause_maps.ITEMS))  # the others, once each
+    assert store.as_dict() == pause_maps.uninterrupted(kind)
+    assert handle.status == "completed"
