@@ -81,10 +81,13 @@ def build(db_url: str | None, kind: str, run_id: str | None = None) -> Flow:
     return Flow(start=start, db_path=db_url, run_id=run_id, flow_name=f"local_map_{kind}")
 
 
-if __name__ == "__main__":  # python -m tests.ledger.local_map_kill_flows DB_URL KIND RUN_ID SIDE
+if __name__ == "__main__":  # ... DB_URL KIND RUN_ID SIDE [ITEM_POLL_S]
     # Imported by its module name: the graph's fingerprint names node classes by module,
     # and the resuming process knows them as tests.ledger.local_map_kill_flows.
+    from pocoflow import pausing
     from tests.ledger.local_map_kill_flows import build as build_by_name
 
     db_url, kind, run_id, side = sys.argv[1:5]
+    if len(sys.argv) > 5:  # how often the map reads the ledger for a pause (0: each item)
+        pausing.ITEM_POLL_S = float(sys.argv[5])
     build_by_name(db_url, kind, run_id).run({"side": side})
