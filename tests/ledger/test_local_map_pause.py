@@ -89,6 +89,33 @@ def test_a_handle_pause_holds_a_local_map_between_items_and_resume_runs_the_rest
         db.close()
 
 
+def test_a_map_held_by_a_pause_has_written_its_finished_items_first(
+    ledger_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The item log writes on a thread of its own; a slow write must not leave the run
+    ``paused`` (a process that may be killed while held) with finished items unwritten."""
+    real = WorkflowDB.keep_items
+
+    def slow(self: WorkflowDB, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)  # a slow ledger, not a synchronisation
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(WorkflowDB, "keep_items", slow)
+    items = Items()
+    handle = pause_maps.build("threads", items, ledger_url).run_background({})
+    db = WorkflowDB(ledger_url)
+    try:
+        wait_until(lambda: len(items.started) == len(IN_FLIGHT), WAIT_S)
+        handle.pause()
+        items.release.set()
+        _assert_held(db, handle.run_id, items)  # every ended item kept once it shows paused
+        handle.resume()
+        _assert_completed(db, handle.run_id, items, handle.wait(timeout=WAIT_S), "threads")
+    finally:
+        _stop(handle, items)
+        db.close()
+
+
 @pytest.mark.parametrize("kind", MAP_KINDS)
 def test_a_pause_requested_in_the_ledger_holds_a_local_map_between_items(
     ledger_url: str, kind: str, monkeypatch: pytest.MonkeyPatch
