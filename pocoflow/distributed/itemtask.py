@@ -56,6 +56,7 @@ from pocoflow.logging import get_logger
 from pocoflow.mapnode import ItemFailed, MapNode, error_record, running_item
 from pocoflow.registry import UnknownFlowError
 from pocoflow.step import NODE_FAILURES, RunCancelled, utc_now
+from pocoflow.usage import BUDGET_EXCEEDED, Budget, budget_message
 
 _log = get_logger("distributed.items")
 
@@ -138,6 +139,10 @@ class _ItemRun:
             return self._guard(run)
         assert item is not None
         self.run_row = run
+        if run.get("max_tokens") is not None or run.get("max_cost_usd") is not None:
+            stop = self._over_budget(run)  # only runs with a budget pay for this read
+            if stop is not None:
+                return stop
         value_text, try_number = item
         self.try_number = try_number
         node = self._node(run)
@@ -173,6 +178,32 @@ class _ItemRun:
             self._no_waits,
             LimitGate(self.ctx.limiter, msg.flow),
         )
+
+    def _over_budget(self, run: dict[str, Any]) -> str | None:
+        """Between items as before a node: once the run has reported more than its
+        budget, the item goes back unstarted and the run pauses (the step's ``resume``,
+        with a higher budget, sends the items not done). None: within budget, or a resume
+        withdrew the pause meanwhile (this claimed item runs)."""
+        msg, db = self.msg, self.db
+        budget = Budget(run.get("max_tokens"), run.get("max_cost_usd"))
+        reason = budget.exceeded(*db.usage_totals(msg.run_id))
+        if reason is None:
+            return None
+        lifecycle.request_pause(db, msg.run_id)
+        parked = db.update_run_if(
+            msg.run_id, status_in=lifecycle.LIVE, control_in=("pause",), status="paused"
+        )
+        if not parked:
+            now = db.get_run(msg.run_id) or {"status": "cancelled"}
+            if now["status"] in lifecycle.LIVE and now.get("control") is None:
+                return None  # resumed meanwhile (a higher budget): this item runs
+        db.take_over_item(msg.run_id, msg.step, msg.idx, msg.attempt, self.holder)
+        if parked:  # the item that paused the run says why, once
+            message = budget_message(msg.run_id, reason, msg.step)
+            db.save_event(msg.run_id, BUDGET_EXCEEDED, step=msg.step, error_msg=message)
+            db.save_event(msg.run_id, RUN_PAUSED, step=msg.step, ts=utc_now())
+            _log.warning("%s (between items)", message)
+        return PAUSED
 
     def _guard(self, run: dict[str, Any]) -> str:
         """The claim missed: the run stopped (G4), or this delivery is a duplicate."""

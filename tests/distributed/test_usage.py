@@ -68,6 +68,28 @@ def test_a_budget_pauses_the_run_and_a_higher_budget_completes_it(live: Cluster)
     assert handle.usage()["calls"] == 2  # Ask ran once: a pause does not re-run a step
 
 
+def test_a_budget_pauses_a_fan_out_between_items(live: Cluster) -> None:
+    """Items claimed once the run has spent more go back unstarted and the run pauses;
+    a higher budget runs the rest: every item ran exactly once (one report each)."""
+    handle = live.submit("usage_map_budget")
+    wait_until(lambda: handle.status == "paused", TIMEOUT_S)
+
+    def settled() -> list[dict]:  # the pausing item's events, and no item left running
+        items = live.db.get_items(handle.run_id, 0)
+        stopped = "run_paused" in [e["event"] for e in handle.events()]
+        return items if stopped and all(r["status"] != "running" for r in items) else []
+
+    items = wait_until(settled, TIMEOUT_S)
+    events = [e["event"] for e in handle.events()]
+    assert events.count(BUDGET_EXCEEDED) == 1 and events.count("run_paused") == 1
+    done = [r["idx"] for r in items if r["status"] == "done"]
+    # Two calls of 100 tokens pass 150; with 2 workers at most 2 more were in flight.
+    assert 2 <= len(done) <= 4, items
+    handle.resume(max_tokens=10_000)
+    assert handle.wait(timeout=TIMEOUT_S)["results"] == list(range(12))
+    assert handle.usage()["calls"] == 12  # no item ran twice, none was skipped
+
+
 def test_usage_reported_before_a_kill_9_is_kept(live: Cluster) -> None:
     side = live.side_dir()
     handle = live.submit("usage_hold", {"side_dir": str(side)})

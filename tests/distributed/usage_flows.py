@@ -3,9 +3,10 @@ usage on the workers, priced there from ``usage_prices.json`` (``POCOFLOW_PRICES
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from pocoflow import Flow, Node, flow
+from pocoflow import Flow, MapNode, Node, flow
 from tests.distributed.flows import Hold
 from tests.usage_nodes import Summarise, ask_then_summarise
 
@@ -48,3 +49,25 @@ def usage_budget() -> Flow:
 @flow("usage_hold")
 def usage_hold() -> Flow:
     return Flow(start=AskThenHold())
+
+
+class SpendEach(MapNode):
+    """12 items, each a call that reports 100 tokens of model ``m``."""
+
+    def prep(self, store: Any) -> list[int]:
+        return list(range(12))
+
+    def exec(self, item: int) -> int:
+        self.report_usage(model="m", input_tokens=60, output_tokens=40)
+        time.sleep(0.1)
+        return item
+
+    def post(self, store: Any, items: list[Any], results: list[Any]) -> str:
+        store["results"] = results
+        return "default"
+
+
+@flow("usage_map_budget")
+def usage_map_budget() -> Flow:
+    """A fan-out of 12 calls of 100 tokens under a budget of 150."""
+    return Flow(SpendEach(), flow_name="usage_map_budget", max_tokens=150)
