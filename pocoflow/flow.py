@@ -394,8 +394,10 @@ class Flow(Node):
             if record and isinstance(current, MapNode):
                 log = recorder.item_log(step, current, may_have_kept=step == again)
                 log_token = itemlog.CURRENT.set(log)
-            between.at_step(step)
-            between_token = pausing.CURRENT.set(between)
+            between_token = None
+            if current._is_flow or isinstance(current, MapNode):  # where maps run
+                between.at_step(step)
+                between_token = pausing.CURRENT.set(between)
             try:
                 done = run_step(
                     current,
@@ -435,7 +437,8 @@ class Flow(Node):
                 recorder.failed(step, error.events, str(error.cause))
                 raise error.cause from None
             finally:
-                pausing.CURRENT.reset(between_token)
+                if between_token is not None:
+                    pausing.CURRENT.reset(between_token)
                 if log_token is not None:
                     itemlog.CURRENT.reset(log_token)
             following = current.next_node(done.action)
