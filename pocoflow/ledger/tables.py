@@ -162,8 +162,6 @@ pf_values = Table(
     Column("value_json", Text, nullable=False),
     PrimaryKeyConstraint("run_id", "step", "key", name="pk_pf_values"),
     _run_fk("pf_values"),
-    # One b-tree, not a rowid table plus a key index: a page fewer per commit (0015).
-    sqlite_with_rowid=False,
 )
 
 pf_events = Table(
