@@ -27,7 +27,7 @@ from typing import Any
 
 from pocoflow.flow import Flow, as_store
 from pocoflow.limits import LimitGate
-from pocoflow.mapnode import MapNode
+from pocoflow.mapnode import ItemFailed, MapNode
 from pocoflow.node import DEFAULT_ACTION, Node
 from pocoflow.step import RunCancelled, StepError
 from pocoflow.store import Store
@@ -37,9 +37,10 @@ from pocoflow.waiting import SignalReader
 PARAMS_SHOWN = 200
 
 
-class BatchPassFailed(Exception):
+class BatchPassFailed(ItemFailed):
     """A pass of a BatchFlow failed: names the batch, the pass index, its params and the
-    inner node; ``cause`` is the node's own exception."""
+    inner node; ``cause`` is the node's own exception. An ``ItemFailed`` (a pass is an
+    item of the batch's passes), so a worker fails the run with this same message."""
 
     def __init__(
         self, batch: str, index: int, params: Mapping[str, Any], cause: BaseException
@@ -50,11 +51,12 @@ class BatchPassFailed(Exception):
         shown = repr(dict(params))
         if len(shown) > PARAMS_SHOWN:
             shown = shown[: PARAMS_SHOWN - 3] + "..."
-        super().__init__(
+        Exception.__init__(
+            self,
             f"BatchFlow {batch!r}: pass {index} (params {shown}) failed{node}: "
-            f"{type(cause).__name__}: {cause}"
+            f"{type(cause).__name__}: {cause}",
         )
-        self.batch = batch
+        self.batch = self.node_name = batch
         self.index = index
         self.params = dict(params)
         self.cause = cause
@@ -173,7 +175,10 @@ class BatchPasses(MapNode):
         super().__init__(name=batch.name)  # its events and hooks are the batch's
         self.batch = batch
         self.max_parallel = batch.max_parallel
-        self.queue = batch.queue
+        # On workers the passes are the batch's items: its queue routes them and its
+        # limits (max_concurrency: how many passes at once across workers) hold them.
+        for setting in ("queue", "rate_limit", "max_concurrency", "token_limit"):
+            setattr(self, setting, getattr(batch, setting))
         self.base: Store | None = None
 
     def bind(self, store: Store) -> None:
@@ -202,7 +207,21 @@ class BatchPasses(MapNode):
         return self.exec(item)
 
     def _exec_once(self, prep_result: Any) -> Any:
-        return self.exec(prep_result)  # as run_item, for an executor running one item
+        # As run_item, for an executor running one item; the batch's limits hold each
+        # pass as a whole when a gate is set (on workers).
+        gate = self._limit_gate
+        if gate is not None:
+            with gate.entered(self, prep_result):
+                return self.exec(prep_result)
+        return self.exec(prep_result)
+
+    def limit_key(self, prep_result_or_item: Any) -> str:
+        return self.batch.limit_key(prep_result_or_item)
+
+    def item_outcome(self, index: int, exc: BaseException) -> BaseException:
+        if isinstance(exc, BatchPassFailed) and self.on_item_error != "collect":
+            raise exc  # names the batch, the pass, its params and the inner node already
+        return super().item_outcome(index, exc)
 
     def run_in(
         self,

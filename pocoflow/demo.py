@@ -138,6 +138,10 @@ def _progress(handle, settings: Settings, timeout: float, echo: Callable[[str], 
         time.sleep(0.1)
     if live:
         print(f"\r  items [{'#' * 30}] {DOCUMENTS}/{DOCUMENTS} done")
+        return
+    join = db.get_join(handle.run_id, 0)  # the run ended between two looks: say where
+    if join and join["done"] != shown:
+        echo(f"  items done: {join['done']}/{DOCUMENTS}")
 
 
 def _follow(handle, settings: Settings, timeout: float, echo: Callable[[str], None]) -> None:

@@ -56,6 +56,7 @@ from pocoflow.logging import get_logger
 from pocoflow.mapnode import ItemFailed, MapNode, error_record, running_item
 from pocoflow.registry import UnknownFlowError
 from pocoflow.step import NODE_FAILURES, RunCancelled, utc_now
+from pocoflow.store import Store
 from pocoflow.usage import BUDGET_EXCEEDED, Budget, budget_message
 
 _log = get_logger("distributed.items")
@@ -167,7 +168,13 @@ class _ItemRun:
         left (the Store of step-1 and what prep wrote, one read per item) and runs its
         inner nodes in this run, under its cancel, waiting in place for their limits."""
         msg = self.msg
+        flow, _graph = self.ctx.graphs.get(msg.flow)
         store = self.db.load_store(msg.run_id, msg.step - 1)[0]
+        # The Store as the step's own delivery has it: the flow's schema (a pass's wrong
+        # write fails in the pass, naming it), the run's Store name.
+        name = self.run_row.get("store_name") or store.name
+        if flow.schema or name != store.name:
+            store = Store(store.as_dict(), schema=flow.schema, name=name)
         apply_prep_writes(self.db, msg.run_id, msg.step, store)
         passes.bind(store)
         passes.run_in(
@@ -175,8 +182,19 @@ class _ItemRun:
             msg.step,
             msg.attempt,
             passes._cancel_probe,
-            self._no_waits,
+            self._no_waits_in_pass,
             LimitGate(self.ctx.limiter, msg.flow),
+        )
+
+    def _no_waits_in_pass(self, key: str) -> Any:
+        """``wait_for`` in a node of a parallel pass: on workers a pass is a map item,
+        which cannot park its run (the other passes run on)."""
+        msg = self.msg
+        raise RuntimeError(
+            f"BatchFlow {self.node_name!r} pass {msg.idx} of run {msg.run_id}: "
+            f"wait_for({key!r}) cannot be called in a parallel pass on workers (each pass "
+            "is a map item, which cannot park its run); call it in the batch's prep or in "
+            "a node before the batch, or set parallel = False"
         )
 
     def _over_budget(self, run: dict[str, Any]) -> str | None:
@@ -285,6 +303,12 @@ class _ItemRun:
         try:
             text = codec.encode(result, key=f"item {msg.idx} result")
         except CodecError as exc:  # G7: a result that would not round-trip, named
+            if isinstance(node, BatchPasses):
+                return self._fail(
+                    f"BatchFlow {node.name!r} step {msg.step}, pass {msg.idx}: what a "
+                    f"parallel pass writes goes back to the join as a Store value: {exc}",
+                    cause=exc,
+                )
             return self._fail(f"MapNode {node.name!r} step {msg.step}: {exc}", cause=exc)
         return self._commit(run, text, None)
 

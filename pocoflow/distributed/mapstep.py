@@ -21,6 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pocoflow import codec
+from pocoflow.batchflow import BatchPasses
 from pocoflow.codec import CodecError
 from pocoflow.distributed.message import ItemMessage
 from pocoflow.hooks import NODE_END, NODE_ERROR, NODE_START
@@ -97,6 +98,11 @@ def _fan_out(sr: _StepRun, run: dict[str, Any], loaded: _Loaded, node: MapNode) 
             try:
                 texts.append(codec.encode(value, key=f"item {idx}"))
             except CodecError as exc:  # G7: named, never stringified
+                if isinstance(node, BatchPasses):
+                    raise TypeError(
+                        f"BatchFlow {node.name!r} step {msg.step}: on workers each parallel "
+                        f"pass is a map item, so its params must be Store values: {exc}"
+                    ) from None
                 raise TypeError(f"MapNode {node.name!r} step {msg.step}: {exc}") from None
     except Exception as exc:
         return _node_failed(sr, loaded, node, exc, [started], t0)

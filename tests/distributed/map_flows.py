@@ -428,3 +428,77 @@ class OnGpu(Square):
 @flow("map_on_gpu")
 def map_on_gpu() -> Flow:
     return _map_flow(OnGpu())
+
+
+class WrongType(Node):
+    """Pass 1 writes a str where the flow's schema wants an int."""
+
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+        store["count"] = "three" if self.params["i"] == 1 else self.params["i"]
+        return "default"
+
+
+class ThreePasses(BatchFlow):
+    parallel = True
+
+    def prep(self, store: Any) -> list[dict[str, Any]]:
+        return [{"i": i} for i in range(3)]
+
+
+@flow("batch_schema")
+def batch_schema() -> Flow:
+    return Flow(
+        start=ThreePasses(start=WrongType(), flow_name="schema_batch"), schema={"count": int}
+    )
+
+
+class TimedPass(Node):
+    """Appends ``i start end pid`` to ``<side>/<run_id>.passes``."""
+
+    def prep(self, store: Any) -> tuple[str, int, str | None]:
+        return store["side_dir"], self.params["i"], self.run_id
+
+    def exec(self, prep_result: Any) -> int:
+        side, i, run_id = prep_result
+        started = time.time()
+        time.sleep(0.2)
+        with open(Path(side) / f"{run_id}.passes", "a", encoding="utf-8") as handle:
+            handle.write(f"{i} {started} {time.time()} {os.getpid()}\n")
+        return i
+
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+        store[f"out/{exec_result}"] = exec_result
+        return "default"
+
+
+class OneAtATime(BatchFlow):
+    parallel = True
+    max_concurrency = 1  # on workers: one pass at a time, across every worker
+
+    def prep(self, store: Any) -> list[dict[str, Any]]:
+        return [{"i": i} for i in range(4)]
+
+
+@flow("batch_one_at_a_time")
+def batch_one_at_a_time() -> Flow:
+    return Flow(start=OneAtATime(start=TimedPass(), flow_name="one_at_a_time"))
+
+
+class WaitsInPass(Node):
+    def prep(self, store: Any) -> Any:
+        return self.wait_for("go")
+
+
+@flow("batch_wait")
+def batch_wait() -> Flow:
+    return Flow(start=ThreePasses(start=WaitsInPass(), flow_name="wait_batch"))
+
+
+class PathPasses(ThreePasses):
+    def prep(self, store: Any) -> list[dict[str, Any]]:
+        return [{"i": i, "path": Path(f"/data/doc{i}.txt")} for i in range(3)]
+
+
+@flow("batch_path_params")
+def batch_path_params() -> Flow:
+    return Flow(start=PathPasses(start=WrongType(), flow_name="path_batch"))

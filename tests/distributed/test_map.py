@@ -5,6 +5,7 @@ collect, cancel between items, and items that run a sub-flow."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from pathlib import Path
@@ -473,3 +474,43 @@ def test_a_map_nodes_queue_routes_its_items_to_the_workers_serving_it(live: Clus
         assert len(ran) == 12 and all(pid in gpu.pids() for _, _, pid in ran), ran
     finally:
         gpu.stop()
+
+
+def test_a_parallel_pass_on_workers_meets_the_flows_schema_and_fails_naming_itself(
+    live: Cluster,
+) -> None:
+    handle = live.submit("batch_schema", {})
+    with pytest.raises(RunFailed):
+        handle.wait(timeout=TIMEOUT_S)
+    error = live.db.get_run(handle.run_id)["error_msg"]
+    assert "BatchFlow 'schema_batch': pass 1" in error and "'WrongType'" in error, error
+    assert "TypeError" in error and "'count'" in error, error
+    item = live.db.get_item(handle.run_id, 0, 1)
+    assert item["status"] == "failed"  # not kept as done: a resume runs the pass again
+
+
+def test_a_batchs_max_concurrency_bounds_its_passes_across_workers(live: Cluster) -> None:
+    side = live.side_dir()
+    handle = live.submit("batch_one_at_a_time", {"side_dir": str(side)})
+    finish(live, handle)
+    passes = [line.split() for line in (side / f"{handle.run_id}.passes").read_text().splitlines()]
+    spans = sorted((float(start), float(end)) for _, start, end, _ in passes)
+    assert len(spans) == 4
+    assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(spans)), spans
+
+
+def test_wait_for_in_a_parallel_pass_on_workers_fails_saying_what_to_do(live: Cluster) -> None:
+    handle = live.submit("batch_wait", {})
+    with pytest.raises(RunFailed):
+        handle.wait(timeout=TIMEOUT_S)
+    error = live.db.get_run(handle.run_id)["error_msg"]
+    assert "cannot be called in a parallel pass on workers" in error, error
+    assert "set parallel = False" in error
+
+
+def test_pass_params_the_store_cannot_keep_fail_the_batch_naming_it(live: Cluster) -> None:
+    handle = live.submit("batch_path_params", {})
+    with pytest.raises(RunFailed):
+        handle.wait(timeout=TIMEOUT_S)
+    error = live.db.get_run(handle.run_id)["error_msg"]
+    assert "BatchFlow 'path_batch'" in error and "params must be Store values" in error, error
