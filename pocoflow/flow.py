@@ -358,7 +358,10 @@ class Flow(Node):
                 if requested == "cancel":  # the requester recorded the cancel already
                     return self._cancelled(recorder, control, step, store, current.name, False)
                 if requested == "pause" and not pausing.hold_for_ledger(recorder, control, step):
-                    return self._cancelled(recorder, control, step, store, current.name, False)
+                    # A cancel the ledger gave was recorded by its requester; one from
+                    # this run's own handle, while held, is this process's to record.
+                    own = control.cancelled
+                    return self._cancelled(recorder, control, step, store, current.name, own)
             budget = control.budget
             # A cancel first: a run held by its budget must not pause itself again once
             # cancel() woke it (its wait() would never return).

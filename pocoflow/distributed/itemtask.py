@@ -203,24 +203,29 @@ class _ItemRun:
         with a higher budget, sends the items not done). None: within budget, or a resume
         withdrew the pause meanwhile (this claimed item runs)."""
         msg, db = self.msg, self.db
-        budget = Budget(run.get("max_tokens"), run.get("max_cost_usd"))
-        reason = budget.exceeded(*db.usage_totals(msg.run_id))
+        spent = db.usage_totals(msg.run_id)
+        if Budget(run.get("max_tokens"), run.get("max_cost_usd")).exceeded(*spent) is None:
+            return None
+        # Over the budget the claim read: judge by the run's budget now (a resume may
+        # have raised it since), off the hot path.
+        now = db.get_run(msg.run_id) or {"status": "cancelled"}
+        reason = Budget(now.get("max_tokens"), now.get("max_cost_usd")).exceeded(*spent)
         if reason is None:
             return None
         lifecycle.request_pause(db, msg.run_id)
         parked = db.update_run_if(
             msg.run_id, status_in=lifecycle.LIVE, control_in=("pause",), status="paused"
         )
-        if not parked:
-            now = db.get_run(msg.run_id) or {"status": "cancelled"}
-            if now["status"] in lifecycle.LIVE and now.get("control") is None:
-                return None  # resumed meanwhile (a higher budget): this item runs
-        db.take_over_item(msg.run_id, msg.step, msg.idx, msg.attempt, self.holder)
-        if parked:  # the item that paused the run says why, once
+        if parked:  # the item that paused the run says why, once, before it lets go
             message = budget_message(msg.run_id, reason, msg.step)
             db.save_event(msg.run_id, BUDGET_EXCEEDED, step=msg.step, error_msg=message)
             db.save_event(msg.run_id, RUN_PAUSED, step=msg.step, ts=utc_now())
             _log.warning("%s (between items)", message)
+        else:
+            now = db.get_run(msg.run_id) or {"status": "cancelled"}
+            if now["status"] in lifecycle.LIVE and now.get("control") is None:
+                return None  # resumed meanwhile (a higher budget): this item runs
+        db.take_over_item(msg.run_id, msg.step, msg.idx, msg.attempt, self.holder)
         return PAUSED
 
     def _guard(self, run: dict[str, Any]) -> str:

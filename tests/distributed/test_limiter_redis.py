@@ -246,6 +246,37 @@ def test_many_waiters_for_few_slots_are_told_to_ask_less_often(
         release(d.slot)
 
 
+def test_waiters_that_stopped_asking_hold_a_newcomer_back_at_most_50_polls(
+    client: redis.Redis, key: str
+) -> None:
+    """A cancelled fan-out's 200 refused items never ask again but keep their places;
+    a step asking while the slot is held is told at most 50 polls, not 200."""
+    limiter = RedisLimiter(client, lease_s=30, poll_s=0.2)
+    limits = Limits(concurrency=1)
+    held = limiter.acquire(limits, key, "running")
+    for item in range(200):
+        assert not limiter.acquire(limits, key, f"h{item}", f"cancelled:1:{item}").go
+    told = limiter.acquire(limits, key, "newcomer", "other:3").wait_s
+    release(held.slot)
+    assert 9.0 <= told <= 10.2, told  # the cap (50 polls), not the 200 ghosts' 40 s
+
+
+def test_a_forked_child_does_not_renew_the_slots_of_its_parent(
+    client: redis.Redis, key: str
+) -> None:
+    """The child inherits the parent's held slots in memory: renewing one the parent
+    released would put it back in Redis for as long as the child lives."""
+    limiter = RedisLimiter(client, lease_s=30)
+    limits = Limits(concurrency=1)
+    parents = limiter.acquire(limits, key, "parent-call")
+    real_pid = limiter._pid
+    limiter._pid = real_pid + 1  # what a forked child sees: a pid other than the one that held
+    childs = limiter.acquire(limits, f"{key}-child", "child-call")
+    assert set(limiter._held) == {"child-call"}
+    release(parents.slot)  # the parent's release, seen by nothing the child renews
+    release(childs.slot)
+
+
 def test_waiters_stay_spread_when_the_slots_lease_ends_before_their_turn(
     client: redis.Redis, key: str
 ) -> None:

@@ -329,3 +329,23 @@ def test_attach_pauses_resumes_and_cancels_a_background_run_via_the_ledger(ledge
     assert handle.wait(10)["n"] == 0  # stopped before Count
     assert handle.status == "cancelled"
     assert [e["event"] for e in db.get_events(handle.run_id)].count("run_cancelled") == 1
+
+
+def test_a_run_held_by_a_ledger_pause_and_cancelled_by_its_handle_records_the_cancel(
+    ledger_url,
+):
+    """Held before a node by another process's pause, then cancelled through its own
+    handle: the cancel is this process's, so it records it (it stayed ``paused``)."""
+    from pocoflow import attach
+
+    flow, gate = gated_flow(ledger_url)
+    handle = flow.run_background({"n": 0, "until": 3})
+    assert gate.entered.wait(10)
+    attach(handle.run_id, db_url=ledger_url).pause()
+    gate.release.set()
+    db = WorkflowDB(ledger_url)
+    wait_until(lambda: db.get_run(handle.run_id)["status"] == "paused", timeout=10)
+    handle.cancel()
+    assert handle.wait(10)["n"] == 0
+    assert db.get_run(handle.run_id)["status"] == "cancelled"
+    assert [e["event"] for e in db.get_events(handle.run_id)].count("run_cancelled") == 1

@@ -178,3 +178,30 @@ def test_a_map_with_a_bad_limit_fails_at_its_fan_out_naming_the_node(
     assert run["status"] == "failed"
     assert "'bad_limit_map'" in run["error_msg"] and "rate_limit" in run["error_msg"]
     assert db.get_items(first.run_id, 0) == []
+
+
+def test_an_items_budget_check_judges_by_the_budget_a_resume_raised_since_its_claim(
+    db: Any,
+) -> None:
+    """The claim read max_tokens=150; a resume raised it to 10,000 before the check:
+    the item runs, and the run is not paused again."""
+    from types import SimpleNamespace
+
+    from pocoflow import Node
+    from pocoflow.distributed.itemtask import _ItemRun
+
+    class Spend(Node):
+        def exec(self, prep_result: Any) -> None:
+            self.report_usage(model="m", input_tokens=150, output_tokens=50)
+
+    Flow(start=Spend(), db_path=db.url, run_id="budget-00000001").run({})
+    db.update_run(
+        "budget-00000001", status="running", max_tokens=10_000, control=None, completed_at=None
+    )
+    item = _ItemRun.__new__(_ItemRun)
+    item.db, item.holder = db, "w#1"
+    item.msg = SimpleNamespace(run_id="budget-00000001", step=0, idx=3, attempt=1)
+    assert item._over_budget({"max_tokens": 150, "max_cost_usd": None}) is None
+    run = db.get_run("budget-00000001")
+    assert (run["status"], run["control"]) == ("running", None)
+    assert "budget_exceeded" not in [e["event"] for e in db.get_events("budget-00000001")]
