@@ -392,6 +392,9 @@ class RedisLimiter:
             with self._lock:
                 held = list(self._held.values())
             for one in held:
+                with self._lock:  # released since the snapshot: a renewal would re-add it
+                    if self._held.get(one.slot.holder) is not one:
+                        continue
                 if self._renew_held(one) is False:
                     _log.warning(
                         "Limit slot of %r (holder %s) expired before its call ended, and "
