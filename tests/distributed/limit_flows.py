@@ -155,3 +155,39 @@ class OneSlotMap(MapNode):
 @flow("limited-slot-map")
 def limited_slot_map() -> Flow:
     return Flow(start=OneSlotMap(name="calls"))
+
+
+class TenantTokens(MapNode):
+    """Items of one tenant (``limit_key``) share a token limit across runs and workers:
+    each call reports 100 tokens; each exec records ``<start> <end> <pid> <run_id>``."""
+
+    token_limit = "250/2s"
+
+    def limit_key(self, item: Any) -> str:
+        return f"tenant-{item[1]}"
+
+    def prep(self, store: Any) -> Any:
+        return [(store["side_dir"], store["tenant"]) for _ in range(store["n"])]
+
+    def exec(self, item: Any) -> Any:
+        start = time.time()
+        self.report_usage(model="m", input_tokens=60, output_tokens=40)
+        time.sleep(0.05)
+        with open(Path(item[0]) / "calls", "a", encoding="utf-8") as handle:
+            handle.write(f"{start} {time.time()} {os.getpid()} {self.run_id}\n")
+        return 100
+
+    def post(self, store: Any, items: Any, results: Any) -> str:
+        store["tokens"] = sum(results)
+        return "default"
+
+
+@flow("tenant-tokens")
+def tenant_tokens() -> Flow:
+    return Flow(start=TenantTokens(name="tenant_calls"))
+
+
+@flow("tenant-tokens-b")
+def tenant_tokens_b() -> Flow:
+    """Another flow and node: only the tenant key makes its calls share the limit."""
+    return Flow(start=TenantTokens(name="other_calls"))

@@ -212,3 +212,26 @@ def test_map_items_waiting_for_a_slot_take_turns_each_as_its_own_waiter(live: Cl
     # Every new attempt of an item that never failed is a limit wait (retry_item).
     waits = [row["attempt"] - 1 for row in live.db.get_items(run.run_id, 0)]
     assert sum(waits) <= 3 * n, f"{sum(waits)} limit waits for {n} items ({elapsed:.1f}s): {waits}"
+
+
+def test_a_token_limit_under_one_limit_key_holds_across_runs_and_workers(
+    live: Cluster,
+) -> None:
+    """Runs of two flows (two nodes: their default keys differ) of one tenant
+    (``limit_key``), 5 calls of 100 tokens each, on both workers, under 250 tokens per
+    2 s: a call starts only while the window holds fewer than 250, so any 2 s window
+    holds at most 3 starts (4 if two calls start at the same instant on two workers,
+    which the limit allows: tokens count once reported)."""
+    side = live.side_dir()
+    store = {"side_dir": str(side), "n": 5, "tenant": "acme"}
+    runs = [live.submit(name, store) for name in ("tenant-tokens", "tenant-tokens-b")]
+    for run in runs:
+        assert run.wait(timeout=TIMEOUT_S)["tokens"] == 500
+    lines = [line.split() for line in (side / "calls").read_text().splitlines()]
+    starts = sorted(float(start) for start, *_ in lines)
+    assert len(starts) == 10 and len({run_id for *_, run_id in lines}) == 2
+    assert len({pid for _, _, pid, _ in lines}) == 2  # both workers took calls
+    in_window = [sum(1 for t in starts if s <= t < s + 2.0 - CLOCK_SLACK_S) for s in starts]
+    assert max(in_window) <= 4, starts
+    # 10 starts at most 4 per 2 s: the last cannot start before the third window.
+    assert starts[-1] - starts[0] >= 4.0 - CLOCK_SLACK_S, starts
