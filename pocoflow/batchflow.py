@@ -140,6 +140,9 @@ class BatchFlow(Flow):
         if self.parallel:
             passes = BatchPasses(self)
             passes._cancel_probe = self._outer_context[3]
+            # The run's gate (it waits in place here): the batch's own limits hold each
+            # pass locally as on workers.
+            passes._limit_gate = self._limit_gate
             return passes._run(store)
         batch = self.batch_of(self.prep(store))
         for index, params in enumerate(batch):
@@ -175,10 +178,13 @@ class BatchPasses(MapNode):
         super().__init__(name=batch.name)  # its events and hooks are the batch's
         self.batch = batch
         self.max_parallel = batch.max_parallel
-        # On workers the passes are the batch's items: its queue routes them and its
-        # limits (max_concurrency: how many passes at once across workers) hold them.
-        for setting in ("queue", "rate_limit", "max_concurrency", "token_limit"):
-            setattr(self, setting, getattr(batch, setting))
+        # The passes are the batch's items: its queue routes them (on workers), and its
+        # rate_limit and max_concurrency hold each pass, under the batch's own key (the
+        # flow's and its name: never an inner node's, which a pass may wait for while
+        # it holds its slot). Not token_limit: tokens count under the node reporting them.
+        self.queue = batch.queue
+        self.rate_limit = batch.rate_limit
+        self.max_concurrency = batch.max_concurrency
         self.base: Store | None = None
 
     def bind(self, store: Store) -> None:
@@ -204,19 +210,16 @@ class BatchPasses(MapNode):
     def run_item(self, index: int, item: Any) -> Any:
         # Neither the map's retries nor its timeout: a pass is many nodes, each with its
         # own policy, and a failed pass is already named by BatchPassFailed.
-        return self.exec(item)
+        return self._exec_once(item)
 
     def _exec_once(self, prep_result: Any) -> Any:
-        # As run_item, for an executor running one item; the batch's limits hold each
-        # pass as a whole when a gate is set (on workers).
+        # One pass (here, or an executor's one item), held as a whole by the batch's
+        # limits when a gate is set: a local run's, or a worker's.
         gate = self._limit_gate
         if gate is not None:
             with gate.entered(self, prep_result):
                 return self.exec(prep_result)
         return self.exec(prep_result)
-
-    def limit_key(self, prep_result_or_item: Any) -> str:
-        return self.batch.limit_key(prep_result_or_item)
 
     def item_outcome(self, index: int, exc: BaseException) -> BaseException:
         if isinstance(exc, BatchPassFailed) and self.on_item_error != "collect":

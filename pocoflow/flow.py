@@ -360,7 +360,7 @@ class Flow(Node):
                 if requested == "pause" and not pausing.hold_for_ledger(recorder, control, step):
                     # A cancel the ledger gave was recorded by its requester; one from
                     # this run's own handle, while held, is this process's to record.
-                    own = control.cancelled
+                    own = control.cancelled and recorder.requested_control() != "cancel"
                     return self._cancelled(recorder, control, step, store, current.name, own)
             budget = control.budget
             # A cancel first: a run held by its budget must not pause itself again once

@@ -155,7 +155,9 @@ class _ItemRun:
         with self.ctx.leases.hold(msg.run_id, msg.step, msg.attempt, self.holder, idx=msg.idx):
             try:
                 if isinstance(node, BatchPasses):
-                    self._enter_batch(node)
+                    refused = self._enter_batch(node)
+                    if refused is not None:
+                        return self._fail(refused, refused=True)
                 value = codec.decode(value_text, key=f"item {msg.idx}")
                 return self._exec(run, node, value, try_number)
             except RunCancelled:
@@ -163,10 +165,11 @@ class _ItemRun:
                 db.take_over_item(msg.run_id, msg.step, msg.idx, msg.attempt, self.holder)
                 return CANCELLED
 
-    def _enter_batch(self, passes: BatchPasses) -> None:
+    def _enter_batch(self, passes: BatchPasses) -> str | None:
         """A parallel BatchFlow's pass: it starts from the Store its batch's ``prep``
         left (the Store of step-1 and what prep wrote, one read per item) and runs its
-        inner nodes in this run, under its cancel, waiting in place for their limits."""
+        inner nodes in this run, under its cancel, waiting in place for their limits.
+        A refusal's text if that Store does not fit the flow's schema."""
         msg = self.msg
         flow, _graph = self.ctx.graphs.get(msg.flow)
         store = self.db.load_store(msg.run_id, msg.step - 1)[0]
@@ -174,7 +177,14 @@ class _ItemRun:
         # write fails in the pass, naming it), the run's Store name.
         name = self.run_row.get("store_name") or store.name
         if flow.schema or name != store.name:
-            store = Store(store.as_dict(), schema=flow.schema, name=name)
+            try:
+                store = Store(store.as_dict(), schema=flow.schema, name=name)
+            except TypeError as exc:  # as the step's own delivery says, not a crash
+                return (
+                    f"Run {msg.run_id!r} step {msg.step}: its Store does not fit the schema "
+                    f"of flow {msg.flow!r} ({exc}); fix the schema and resume, or fork the "
+                    "run from an earlier step"
+                )
         apply_prep_writes(self.db, msg.run_id, msg.step, store)
         passes.bind(store)
         passes.run_in(
@@ -185,6 +195,7 @@ class _ItemRun:
             self._no_waits_in_pass,
             LimitGate(self.ctx.limiter, msg.flow),
         )
+        return None
 
     def _no_waits_in_pass(self, key: str) -> Any:
         """``wait_for`` in a node of a parallel pass: on workers a pass is a map item,

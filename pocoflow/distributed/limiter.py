@@ -24,11 +24,12 @@ one hash tag per limit key (``{key}``) so a Redis Cluster keeps them on one node
   frees, so a refused caller asks again later; with W waiters (a step is
   one, whatever its attempt) for N slots each is told to ask again in ``poll * W / N``
   (the first N sooner when a slot's lease ends sooner), so 1,000 steps waiting for 3
-  slots cost about 20 asks (a ledger write and a message each) per poll, not 1,000:
-  3 for the waiters whose turns come, and one per 50 polls from each of the others,
-  as a wait is at most 50 polls (10 s). The cap is for waiters that stopped asking
-  (a cancelled fan-out's items): they keep their places until their turns, and must
-  not hold back for longer a newcomer who finds the slot free when it asks again.
+  slots cost about 3 asks (a ledger write and a message each) per poll, not 1,000.
+  Waiters that stop asking (the items of a fan-out that was cancelled, paused or
+  failed) keep their places until their turns pass: until then a newcomer that finds
+  every slot taken is told to come back after them (at most ``poll * W / N``), though a
+  slot may free sooner. A cap on that wait would bring back the asks it saves (W / cap
+  per poll), so it stays: a newcomer that finds a slot free starts at once.
 
 While Redis cannot be reached the limits fail closed: a decision answers "wait" with a
 backoff (0.5 s doubling to 15 s) and a warning, so a limited node never runs unlimited;
@@ -94,10 +95,7 @@ if cmax > 0 then
     wait = math.min(tonumber(first[2]) - now, poll)
     if waiter ~= '' then
       local w = queue()
-      -- At most WAITER_CAP_POLLS polls: waiters that stopped asking (a cancelled
-      -- fan-out's items) keep their places until their turns, and would hold back a
-      -- newcomer with the slot free; asking again, it moves ahead of them.
-      wait = wait + poll * math.min(math.max(1, math.ceil(w / cmax)) - 1, 50)
+      wait = wait + poll * (math.max(1, math.ceil(w / cmax)) - 1)
     end
   end
 end

@@ -246,21 +246,6 @@ def test_many_waiters_for_few_slots_are_told_to_ask_less_often(
         release(d.slot)
 
 
-def test_waiters_that_stopped_asking_hold_a_newcomer_back_at_most_50_polls(
-    client: redis.Redis, key: str
-) -> None:
-    """A cancelled fan-out's 200 refused items never ask again but keep their places;
-    a step asking while the slot is held is told at most 50 polls, not 200."""
-    limiter = RedisLimiter(client, lease_s=30, poll_s=0.2)
-    limits = Limits(concurrency=1)
-    held = limiter.acquire(limits, key, "running")
-    for item in range(200):
-        assert not limiter.acquire(limits, key, f"h{item}", f"cancelled:1:{item}").go
-    told = limiter.acquire(limits, key, "newcomer", "other:3").wait_s
-    release(held.slot)
-    assert 9.0 <= told <= 10.2, told  # the cap (50 polls), not the 200 ghosts' 40 s
-
-
 def test_a_forked_child_does_not_renew_the_slots_of_its_parent(
     client: redis.Redis, key: str
 ) -> None:

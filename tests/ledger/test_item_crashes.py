@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pocoflow import Flow, MapNode, flow
+from pocoflow import BatchFlow, Flow, MapNode, Node, flow
 from pocoflow.distributed import executor
 from pocoflow.distributed.executor import WorkerContext, execute_step
 from pocoflow.distributed.itemtask import execute_item
@@ -205,3 +205,44 @@ def test_an_items_budget_check_judges_by_the_budget_a_resume_raised_since_its_cl
     run = db.get_run("budget-00000001")
     assert (run["status"], run["control"]) == ("running", None)
     assert "budget_exceeded" not in [e["event"] for e in db.get_events("budget-00000001")]
+
+
+class Tally(Node):
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+        store[f"seen/{self.params['i']}"] = store["count"]
+        return "default"
+
+
+class TwoPasses(BatchFlow):
+    parallel = True
+
+    def prep(self, store: Any) -> list[dict[str, Any]]:
+        return [{"i": 0}, {"i": 1}]
+
+
+@flow("passes_schema")
+def passes_schema() -> Flow:
+    return Flow(start=TwoPasses(start=Tally(), flow_name="tally"), schema={"count": int})
+
+
+def test_a_pass_whose_store_no_longer_fits_the_schema_is_refused_not_crashed(
+    db: Any, wctx: WorkerContext, recorder: Recorder
+) -> None:
+    """As a step's delivery says it (a crash would come back until the crash budget):
+    the run fails at once, naming the schema."""
+    first = start(db, "passes_schema", {"count": 1})
+    recorder.take()
+    assert execute_step(first.to_dict(), worker_id="h:1", context=wctx) == "fanned_out"
+    item = next(m for m, _ in recorder.take() if isinstance(m, ItemMessage))
+    db._write(
+        lambda conn: conn.exec_driver_sql(
+            "UPDATE pf_values SET value_json = '\"three\"' WHERE key = 'count'"
+        ),
+        "corrupting",
+        None,
+    )
+    assert execute_item(item.to_dict(), worker_id="h:1", context=wctx) == "refused"
+    run = db.get_run(first.run_id)
+    error = run["error_msg"]
+    assert run["status"] == "failed"
+    assert "does not fit the schema" in error and "'count'" in error, error

@@ -424,3 +424,31 @@ def test_parallel_passes_are_json_map_items_an_executor_can_run_anywhere():
     store = Store(before)
     assert BatchPasses(batch).post(store, items, results) == "default"
     assert (store["last"], store["log"], "gone" in store) == ("y", ["y"], False)
+
+
+class Overlap(Node):
+    """Counts the passes inside its exec at once (the most seen in ``peak``)."""
+
+    lock = threading.Lock()
+    inside = 0
+    peak = 0
+
+    def exec(self, prep_result: Any) -> None:
+        with Overlap.lock:
+            Overlap.inside += 1
+            Overlap.peak = max(Overlap.peak, Overlap.inside)
+        threading.Event().wait(0.2)  # long enough for the other threads to start
+        with Overlap.lock:
+            Overlap.inside -= 1
+
+
+def test_a_parallel_batchs_max_concurrency_holds_its_passes_locally_too():
+    """As on workers (and as a MapNode's): max_parallel threads, max_concurrency passes."""
+    peaks = []
+    for concurrency in (None, 1):
+        Overlap.inside = Overlap.peak = 0
+        batch = Docs(start=Overlap(), flow_name="docs")
+        batch.parallel, batch.max_parallel, batch.max_concurrency = True, 4, concurrency
+        batch.run({"docs": [f"d{i}" for i in range(4)]})
+        peaks.append(Overlap.peak)
+    assert peaks[0] >= 2 and peaks[1] == 1, peaks  # side by side, then one at a time
