@@ -384,6 +384,21 @@ def map_fail_hooked() -> Flow:
     return built
 
 
+def _until_two_processes_started(item: dict[str, Any], node: Node, timeout: float = 5.0) -> None:
+    """Hold this exec until another process has started one of the run's too (or
+    ``timeout``): a test of spreading then does not depend on how fast each worker
+    takes its next message."""
+    if not item.get("side"):  # a local run: one process
+        return
+    path = Path(item["side"]) / f"{node.run_id}.items"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = {line.split()[2] for line in path.read_text(encoding="utf-8").splitlines()}
+        if len(pids) >= 2:
+            return
+        time.sleep(0.01)
+
+
 class SquarePass(Node):
     """One pass of ``batch_square``: logs its exec as a map item does (``i`` = the pass)
     and writes its own key; reads what the batch's prep wrote."""
@@ -393,7 +408,7 @@ class SquarePass(Node):
 
     def exec(self, item: dict[str, Any]) -> int:
         _log_exec(item, self)
-        time.sleep(0.05)  # long enough that both workers take passes
+        _until_two_processes_started(item, self)
         return item["base"] + item["i"] ** 2
 
     def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
