@@ -393,14 +393,13 @@ class Flow(Node):
                 raise RuntimeError(message)
             # A MapNode keeps its finished items; only a step that ran before (the first
             # of a resume, one run again after a wait) reads what an earlier try kept.
-            log_token = None
-            if record and isinstance(current, MapNode):
-                log = recorder.item_log(step, current, may_have_kept=step == again)
-                log_token = itemlog.CURRENT.set(log)
-            between_token = None
-            if current._is_flow or isinstance(current, MapNode):  # where maps run
+            log_token = between_token = None
+            if current._runs_items:  # a MapNode, or a sub-flow that may hold one
                 between.at_step(step)
                 between_token = pausing.CURRENT.set(between)
+                if record and isinstance(current, MapNode):
+                    log = recorder.item_log(step, current, may_have_kept=step == again)
+                    log_token = itemlog.CURRENT.set(log)
             try:
                 done = run_step(
                     current,
@@ -513,6 +512,7 @@ class Flow(Node):
         return self.post(store, prep_result, last_action)
 
     _is_flow = True
+    _runs_items = True
     _outer_context: tuple[
         str | None, int | None, int, Callable[[], bool] | None, SignalReader | None
     ] = (None, None, 1, None, None)

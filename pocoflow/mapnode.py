@@ -127,6 +127,7 @@ class MapNode(Node):
     """
 
     max_parallel: int = 8
+    _runs_items = True
     on_item_error: str = "raise"
 
     @property

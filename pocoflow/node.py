@@ -76,6 +76,9 @@ class Node:
     #: Read-only and empty by default; a BatchFlow pass sets it on its copy of the node.
     params: Mapping[str, Any] = MappingProxyType({})
     _is_flow = False
+    #: A step whose node may run map items (a MapNode, a sub-flow): the local loop hands
+    #: it the between-items pause gate and, for a MapNode, its item log.
+    _runs_items = False
     #: True on the copy of a node that runs inside a BatchFlow pass (see ``Flow._run``).
     _in_pass = False
     #: The step attempt this node runs, for ``report_usage`` from threads ``exec`` starts
