@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection
 
 from pocoflow import codec
 from pocoflow.commit import NextStep, StepCommit
+from pocoflow.hooks import RUN_PAUSED
 from pocoflow.ledger import (
     checkpoints,
     events,
@@ -206,18 +207,25 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
         *,
         status_in: tuple[str, ...] | None = None,
         control_in: tuple[str, ...] | None = None,
+        with_events: list[dict[str, Any]] | None = None,
         **fields: Any,
     ) -> bool:
         """``update_run`` as a compare-and-set: only while the run's status (and control)
         is one of ``status_in`` (``control_in``). False, nothing written, otherwise or for
-        an unknown run. How distributed runs change state without racing each other."""
+        an unknown run. How distributed runs change state without racing each other.
+        ``with_events`` (dicts with an ``event`` key) are written only if the update is,
+        in its transaction: a reader never sees the new status without its reason."""
         runs.check_fields(fields)
         stamp = iso_now()  # this call's write token, if its COMMIT's outcome is lost
+        rows = events.rows_of(run_id, with_events or [])
 
         def body(conn: Connection) -> bool:
-            return runs.update_fields_if(
+            done = runs.update_fields_if(
                 conn, run_id, fields, status_in=status_in, control_in=control_in, stamp=stamp
             )
+            if done and rows:
+                events.insert_rows(conn, rows)
+            return done
 
         def own_update(conn: Connection, done: bool) -> bool:
             return done or runs.shows(conn, run_id, {**fields, "updated_at": stamp})
@@ -227,21 +235,24 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
     def park_run(
         self, run_id: str, step: int, attempt: int, holder: str, now: float | None = None
     ) -> bool:
-        """Mark a live run with a pause request ``paused`` before step ``step``, iff the
-        delivery of ``attempt`` by ``holder`` is the one that would run that step (not a
-        duplicate of a step another worker holds or committed). False, nothing written,
-        otherwise (G4 without stranding a running step)."""
+        """Mark a live run with a pause request ``paused`` before step ``step`` (and write
+        its ``run_paused`` event), iff the delivery of ``attempt`` by ``holder`` is the one
+        that would run that step (not a duplicate of a step another worker holds or
+        committed). False, nothing written, otherwise (G4 without stranding a running
+        step)."""
         stamp = iso_now()  # this call's write token, as in ``update_run_if``
+        said = events.rows_of(run_id, [{"event": RUN_PAUSED, "step": step}])
+
+        def body(conn: Connection) -> bool:
+            done = runs.park(conn, run_id, step, attempt, holder, now, stamp)
+            if done:  # with its event: a reader never sees paused without run_paused
+                events.insert_rows(conn, said)
+            return done
 
         def own_park(conn: Connection, done: bool) -> bool:
             return done or runs.shows(conn, run_id, {"status": "paused", "updated_at": stamp})
 
-        return self._write(
-            lambda conn: runs.park(conn, run_id, step, attempt, holder, now, stamp),
-            "parking the run",
-            run_id,
-            confirm=own_park,
-        )
+        return self._write(body, "parking the run", run_id, confirm=own_park)
 
     def get_control(self, run_id: str) -> str | None:
         """The ``cancel``/``pause`` request standing on a run (None: none, or no run): what

@@ -200,23 +200,34 @@ class RunRecorder:
         """A ledger pause request met before ``step``: the run is ``paused`` until the
         request is withdrawn."""
         assert self.db is not None
-        if self.db.update_run_if(
-            self.run_id, status_in=("running",), control_in=("pause",), status="paused"
-        ):
-            self.db.save_event(self.run_id, RUN_PAUSED, step=step, ts=utc_now())
+        self.db.update_run_if(
+            self.run_id,
+            status_in=("running",),
+            control_in=("pause",),
+            with_events=[{"event": RUN_PAUSED, "step": step}],
+            status="paused",
+        )
 
     def unpark(self, step: int) -> None:
         assert self.db is not None
-        if self.db.update_run_if(self.run_id, status_in=("paused",), status="running"):
-            self.db.save_event(self.run_id, RUN_RESUMED, step=step, ts=utc_now())
+        self.db.update_run_if(
+            self.run_id,
+            status_in=("paused",),
+            with_events=[{"event": RUN_RESUMED, "step": step}],
+            status="running",
+        )
 
     def hold(self, step: int) -> None:
         """The run's own handle paused it before ``step``: ``paused`` in the ledger, unless
         another process cancelled it meanwhile (compare-and-set: the cancel stands). The
-        event goes first, so whoever sees the status ``paused`` finds its event."""
+        event lands with the status, so whoever sees ``paused`` finds its event."""
         if self.db is not None:
-            self.db.save_event(self.run_id, RUN_PAUSED, step=step, ts=utc_now())
-            self.db.update_run_if(self.run_id, status_in=("running",), status="paused")
+            self.db.update_run_if(
+                self.run_id,
+                status_in=("running",),
+                with_events=[{"event": RUN_PAUSED, "step": step}],
+                status="paused",
+            )
 
     def budget_exceeded(self, step: int, message: str) -> None:
         """Why the run pauses before ``step``: it spent its budget (an event)."""

@@ -224,13 +224,20 @@ class _ItemRun:
         if reason is None:
             return None
         lifecycle.request_pause(db, msg.run_id)
+        message = budget_message(msg.run_id, reason, msg.step)
+        # The item that pauses the run says why, once, with the pause itself.
+        said = [
+            {"event": BUDGET_EXCEEDED, "step": msg.step, "error_msg": message},
+            {"event": RUN_PAUSED, "step": msg.step, "ts": utc_now()},
+        ]
         parked = db.update_run_if(
-            msg.run_id, status_in=lifecycle.LIVE, control_in=("pause",), status="paused"
+            msg.run_id,
+            status_in=lifecycle.LIVE,
+            control_in=("pause",),
+            with_events=said,
+            status="paused",
         )
-        if parked:  # the item that paused the run says why, once, before it lets go
-            message = budget_message(msg.run_id, reason, msg.step)
-            db.save_event(msg.run_id, BUDGET_EXCEEDED, step=msg.step, error_msg=message)
-            db.save_event(msg.run_id, RUN_PAUSED, step=msg.step, ts=utc_now())
+        if parked:
             _log.warning("%s (between items)", message)
         else:
             now = db.get_run(msg.run_id) or {"status": "cancelled"}
@@ -247,9 +254,12 @@ class _ItemRun:
             return stop
         if run.get("control") == "pause":
             if self.db.update_run_if(
-                msg.run_id, status_in=lifecycle.LIVE, control_in=("pause",), status="paused"
+                msg.run_id,
+                status_in=lifecycle.LIVE,
+                control_in=("pause",),
+                with_events=[{"event": RUN_PAUSED, "step": msg.step}],
+                status="paused",
             ):
-                self.db.save_event(msg.run_id, RUN_PAUSED, step=msg.step, ts=utc_now())
                 _log.info("Run %s paused between items of step %d", msg.run_id, msg.step)
             return PAUSED
         return DUPLICATE

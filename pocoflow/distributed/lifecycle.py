@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pocoflow.commit import StepFailure
 from pocoflow.distributed.message import StepMessage
-from pocoflow.hooks import NODE_ERROR, RUN_CANCELLED, RUN_PAUSED, RUN_RESUMED
+from pocoflow.hooks import NODE_ERROR, RUN_CANCELLED, RUN_RESUMED
 from pocoflow.logging import get_logger
 from pocoflow.step import utc_now
 
@@ -85,10 +85,7 @@ def park(db: WorkflowDB, run_id: str, step: int, attempt: int, holder: str) -> b
     would run the step (it is committed, another attempt holds it, or another worker's
     live lease does): that worker commits the step, and the guard of its successor parks
     the run, so a pause never strands a step that is running."""
-    done = db.park_run(run_id, step, attempt, holder)
-    if done:
-        db.save_event(run_id, RUN_PAUSED, step=step, ts=utc_now())
-    return done
+    return db.park_run(run_id, step, attempt, holder)
 
 
 def resume_paused(

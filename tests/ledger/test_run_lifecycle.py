@@ -421,3 +421,25 @@ def test_of_two_resumers_that_both_saw_the_run_stopped_one_restarts_it(
         resume(first.run_id)
     (sent,) = publish.take()
     assert sent.attempt == 2 and db.get_step(first.run_id, 0)["attempt"] == 2
+
+
+def test_a_pause_and_its_event_land_in_one_transaction_or_not_at_all(db: Any) -> None:
+    """A reader that sees ``paused`` also sees why: the status and its events are one
+    write (a budget's pause between items, a pause between items, the guard's park)."""
+    first = start(db, "exec_three")
+    said = [{"event": "budget_exceeded", "step": 0, "error_msg": "over"}, {"event": "run_paused"}]
+    # A miss (no pause requested) writes neither the status nor the events.
+    assert not db.update_run_if(
+        first.run_id, control_in=("pause",), with_events=said, status="paused"
+    )
+    assert [e["event"] for e in db.get_events(first.run_id)].count("run_paused") == 0
+    lifecycle.request_pause(db, first.run_id)
+    assert db.update_run_if(first.run_id, control_in=("pause",), with_events=said, status="paused")
+    events = [e["event"] for e in db.get_events(first.run_id)]
+    assert events[-2:] == ["budget_exceeded", "run_paused"]
+    # The guard's park writes its run_paused with the status too.
+    second = start(db, "exec_three")
+    lifecycle.request_pause(db, second.run_id)
+    assert lifecycle.park(db, second.run_id, 0, 1, "h:1#1")
+    assert db.get_run(second.run_id)["status"] == "paused"
+    assert [e["event"] for e in db.get_events(second.run_id)][-1] == "run_paused"
