@@ -15,7 +15,7 @@ their own (say ``results/<doc>``) and ``post`` gathers them.
 Why the parallel passes are a MapNode's items: a pass is then one unit of concurrency
 (``max_parallel`` threads here) and of failure (a failed pass is named by its index), and
 its result is the JSON-shaped set of keys it wrote, which is what a distributed map item
-hands back, so parallel passes can become map items on workers unchanged.
+hands back, and on workers they are map items (``map_node_of``).
 """
 
 from __future__ import annotations
@@ -169,9 +169,10 @@ class BatchPasses(MapNode):
 
     ``exec`` starts each pass from a copy of ``base``, the Store as it was before the
     batch, which ``prep`` binds; an executor that runs items elsewhere (a worker that
-    did not run ``prep``) binds it with ``bind(store)`` first: the step's input Store.
-    In process, MapNode runs the items on threads (``max_parallel``, in pass order) and
-    stops starting them on a cancel or a failure.
+    did not run ``prep``) binds it with ``bind(store)`` first: the Store of step-1 and
+    what ``prep`` wrote (``apply_prep_writes``). In process, MapNode runs the items on
+    threads (``max_parallel``, in pass order) and stops starting them on a cancel or a
+    failure, or holds on a pause.
     """
 
     def __init__(self, batch: BatchFlow) -> None:

@@ -233,15 +233,22 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
         return self._write(body, "updating the run", run_id, confirm=own_update)
 
     def park_run(
-        self, run_id: str, step: int, attempt: int, holder: str, now: float | None = None
+        self,
+        run_id: str,
+        step: int,
+        attempt: int,
+        holder: str,
+        now: float | None = None,
+        *,
+        reason: list[dict[str, Any]] | None = None,
     ) -> bool:
         """Mark a live run with a pause request ``paused`` before step ``step`` (and write
-        its ``run_paused`` event), iff the delivery of ``attempt`` by ``holder`` is the one
+        its ``run_paused`` event, after the ``reason`` events if any), iff the delivery of ``attempt`` by ``holder`` is the one
         that would run that step (not a duplicate of a step another worker holds or
         committed). False, nothing written, otherwise (G4 without stranding a running
         step)."""
         stamp = iso_now()  # this call's write token, as in ``update_run_if``
-        said = events.rows_of(run_id, [{"event": RUN_PAUSED, "step": step}])
+        said = events.rows_of(run_id, [*(reason or []), {"event": RUN_PAUSED, "step": step}])
 
         def body(conn: Connection) -> bool:
             done = runs.park(conn, run_id, step, attempt, holder, now, stamp)

@@ -25,7 +25,7 @@ do not pay for the read. An item or result that the codec cannot carry (G7) is n
 (a warning says so): it runs again on a resume. A collected or fatal item error is not
 kept either: on a resume the item runs again, its tries from the first.
 
-How the log reaches the node: ``Flow`` sets it for the step (``keeping``), a context
+How the log reaches the node: ``Flow`` sets it for the step (``CURRENT``), a context
 variable, and ``MapNode.map_items`` takes it (``take``) if it is its own node's: two
 runs of one Flow object at once each see their own log.
 

@@ -108,7 +108,9 @@ class ItemGate:
             if requested == "cancel":
                 raise CancelledInLedger(f"{where}: cancelled")
             if requested == "pause" and not hold_for_ledger(recorder, control, step):
-                if control.cancelled:
+                # The handle's own cancel is this run's to record, unless the ledger
+                # holds one already (another process's, recorded by it).
+                if control.cancelled and recorder.requested_control() != "cancel":
                     raise RunCancelled(f"{where}: cancelled")
                 raise CancelledInLedger(f"{where}: cancelled")
             if control.paused:

@@ -193,7 +193,8 @@ class RunHandle:
         self._require_db("send").send_signal(self.run_id, key, value, lease_s=_NO_LEASE)
 
     def pause(self) -> None:
-        """Hold the run before its next node; ``resume()`` lets it go on."""
+        """Hold the run before its next node, or between a map's items; ``resume()``
+        lets it go on."""
         self._control.pause()
 
     def resume(self, *, max_tokens: int | None = None, max_cost_usd: float | None = None) -> None:

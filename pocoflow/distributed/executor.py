@@ -560,21 +560,23 @@ class _StepRun:
 
     def _over_budget(self, run: dict[str, Any]) -> str | None:
         """Pause the run before this step if it has reported more than its budget: the
-        reason as a ``budget_exceeded`` event, then the run parked (``paused``) with the
-        step left for ``resume``, which may raise the budget. None: within budget."""
+        run parked (``paused``) with the step left for ``resume``, which may raise the
+        budget, and the reason as a ``budget_exceeded`` event in the same write. None:
+        within budget."""
         msg, db = self.msg, self.db
         budget = Budget(run.get("max_tokens"), run.get("max_cost_usd"))
         reason = budget.exceeded(*db.usage_totals(msg.run_id))
         if reason is None:
             return None
         message = budget_message(msg.run_id, reason, msg.step)
-        db.save_event(
-            msg.run_id, BUDGET_EXCEEDED, step=msg.step, attempt=msg.attempt, error_msg=message
-        )
+        said = [
+            {"event": BUDGET_EXCEEDED, "step": msg.step, "attempt": msg.attempt,
+             "error_msg": message},
+        ]  # fmt: skip
         # Parking needs the run's pause request (the compare-and-set that keeps a racing
         # resume or cancel consistent); a cancel that landed meanwhile stands.
         lifecycle.request_pause(db, msg.run_id)
-        if not lifecycle.park(db, msg.run_id, msg.step, msg.attempt, self.holder):
+        if not lifecycle.park(db, msg.run_id, msg.step, msg.attempt, self.holder, said):
             # The run changed meanwhile. A resume withdrew the request (most likely with
             # a higher budget): this delivery still holds the step, so it runs it, as the
             # guard goes on when a pause is withdrawn; otherwise the guard says why not.

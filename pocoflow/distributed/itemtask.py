@@ -8,7 +8,10 @@ claim re-checks the run row, so cancel and pause take effect between items (G4);
 ``pf_runs`` write happens on an item's way unless its run ends. A retryable failure with
 tries left becomes a new attempt sent with a Celery countdown (no worker sleeps); a spent
 item is collected into ``results`` or fails the run naming its index. The commit that
-completes the join publishes the map step again, for its join (``mapstep``).
+completes the join publishes the map step again, for its join (``mapstep``). A run with
+a budget is checked right after the claim: once it has spent more, the item goes back
+unstarted and the run pauses. A parallel BatchFlow's pass (its map's item) first loads
+the Store its batch's ``prep`` left (``_enter_batch``).
 
 ``execute_item`` never raises, for the reason ``execute_step`` does not.
 """
@@ -16,7 +19,7 @@ completes the join publishes the map step again, for its join (``mapstep``).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NoReturn
 
 from pocoflow import codec, usage
 from pocoflow.batchflow import BatchPasses, map_node_of
@@ -192,21 +195,10 @@ class _ItemRun:
             msg.step,
             msg.attempt,
             passes._cancel_probe,
-            self._no_waits_in_pass,
+            self._no_waits,
             LimitGate(self.ctx.limiter, msg.flow),
         )
         return None
-
-    def _no_waits_in_pass(self, key: str) -> Any:
-        """``wait_for`` in a node of a parallel pass: on workers a pass is a map item,
-        which cannot park its run (the other passes run on)."""
-        msg = self.msg
-        raise RuntimeError(
-            f"BatchFlow {self.node_name!r} pass {msg.idx} of run {msg.run_id}: "
-            f"wait_for({key!r}) cannot be called in a parallel pass on workers (each pass "
-            "is a map item, which cannot park its run); call it in the batch's prep or in "
-            "a node before the batch, or set parallel = False"
-        )
 
     def _over_budget(self, run: dict[str, Any]) -> str | None:
         """Between items as before a node: once the run has reported more than its
@@ -351,10 +343,18 @@ class _ItemRun:
             return
         flow._hooks.fire(NODE_ERROR, self.node_name, failed, store)
 
-    def _no_waits(self, key: str) -> Any:
-        """``wait_for`` in an item's exec: an item is not a step and cannot park its run
-        (its siblings run on), so it fails as the item's error, saying what to do."""
+    def _no_waits(self, key: str) -> NoReturn:
+        """``wait_for`` in an item's exec, or in a node of a parallel pass: an item is not
+        a step and cannot park its run (its siblings run on), so it fails as the item's
+        error, saying what to do."""
         msg = self.msg
+        if isinstance(self.node, BatchPasses):
+            raise RuntimeError(
+                f"BatchFlow {self.node_name!r} pass {msg.idx} of run {msg.run_id}: "
+                f"wait_for({key!r}) cannot be called in a parallel pass on workers (each "
+                "pass is a map item, which cannot park its run); call it in a node before "
+                "the batch, or set parallel = False"
+            )
         raise RuntimeError(
             f"MapNode {self.node_name!r} item {msg.idx} of run {msg.run_id}: wait_for({key!r}) "
             "cannot be called in a map item's exec on workers (an item cannot park the run); "

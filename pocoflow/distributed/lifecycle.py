@@ -78,14 +78,21 @@ def request_pause(db: WorkflowDB, run_id: str) -> bool:
     return db.update_run_if(run_id, status_in=(*LIVE, "waiting"), control="pause")
 
 
-def park(db: WorkflowDB, run_id: str, step: int, attempt: int, holder: str) -> bool:
+def park(
+    db: WorkflowDB,
+    run_id: str,
+    step: int,
+    attempt: int,
+    holder: str,
+    reason: list[dict[str, Any]] | None = None,
+) -> bool:
     """The guard of ``attempt`` of step ``step`` met a pause request: mark the run paused,
     leaving the step queued for ``resume``. False, and nothing changes, if the request was
     withdrawn meanwhile (go on with the step) or if this delivery is not the one that
     would run the step (it is committed, another attempt holds it, or another worker's
     live lease does): that worker commits the step, and the guard of its successor parks
     the run, so a pause never strands a step that is running."""
-    return db.park_run(run_id, step, attempt, holder)
+    return db.park_run(run_id, step, attempt, holder, reason=reason)
 
 
 def resume_paused(

@@ -21,15 +21,15 @@ one hash tag per limit key (``{key}``) so a Redis Cluster keeps them on one node
   script sums the window (one entry per recorded call).
 - ``pocoflow:limit:{key}:waiters``: ZSET waiter -> when it is forgotten (a second after
   its turn); its rank is the waiter's turn. Nobody knows when a concurrency slot
-  frees, so a refused caller asks again later; with W waiters (a step is
-  one, whatever its attempt) for N slots each is told to ask again in ``poll * W / N``
+  frees, so a refused caller asks again later; with W waiters (a step, or a map item,
+  is one, whatever its attempt) for N slots each is told to ask again in ``poll * W / N``
   (the first N sooner when a slot's lease ends sooner), so 1,000 steps waiting for 3
   slots cost about 3 asks (a ledger write and a message each) per poll, not 1,000.
   Waiters that stop asking (the items of a fan-out that was cancelled, paused or
   failed) keep their places until their turns pass: until then a newcomer that finds
   every slot taken is told to come back after them (at most ``poll * W / N``), though a
-  slot may free sooner. A cap on that wait would bring back the asks it saves (W / cap
-  per poll), so it stays: a newcomer that finds a slot free starts at once.
+  slot may free sooner; a newcomer that finds a slot free starts at once. There is no
+  cap on that wait: a cap C would cost W / C asks per poll.
 
 While Redis cannot be reached the limits fail closed: a decision answers "wait" with a
 backoff (0.5 s doubling to 15 s) and a warning, so a limited node never runs unlimited;

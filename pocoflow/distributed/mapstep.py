@@ -1,4 +1,5 @@
-"""A MapNode's step on workers: the fan-out and the join (ARCHITECTURE §1, issue 7).
+"""A MapNode's step on workers (or a parallel BatchFlow's, whose passes are the items):
+the fan-out and the join (ARCHITECTURE §1, issue 7).
 
     claim -> join row?  no:   prep -> items + join row + step parked (one transaction)
                               -> one message per item           (node_start here)
