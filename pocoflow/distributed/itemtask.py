@@ -215,19 +215,15 @@ class _ItemRun:
         reason = Budget(now.get("max_tokens"), now.get("max_cost_usd")).exceeded(*spent)
         if reason is None:
             return None
-        lifecycle.request_pause(db, msg.run_id)
         message = budget_message(msg.run_id, reason, msg.step)
-        # The item that pauses the run says why, once, with the pause itself.
+        # The request, the pause and why, in one write: an item whose claim meets a
+        # request left alone would park the run itself, and the reason be lost.
         said = [
             {"event": BUDGET_EXCEEDED, "step": msg.step, "error_msg": message},
-            {"event": RUN_PAUSED, "step": msg.step, "ts": utc_now()},
+            {"event": RUN_PAUSED, "step": msg.step},
         ]
         parked = db.update_run_if(
-            msg.run_id,
-            status_in=lifecycle.LIVE,
-            control_in=("pause",),
-            with_events=said,
-            status="paused",
+            msg.run_id, status_in=lifecycle.LIVE, with_events=said, control="pause", status="paused"
         )
         if parked:
             _log.warning("%s (between items)", message)
