@@ -77,13 +77,9 @@ def routed() -> Flow:
     return Flow(start=first)
 
 
-class LimitedMap(MapNode):
-    """A fan-out whose items share the rate limit and a concurrency limit across workers,
-    and report their tokens: each item's exec records ``<start> <end> <pid> item<i>``."""
-
-    rate_limit = "4/s"
-    max_concurrency = 2
-    max_retries = 2
+class RecordedCalls(MapNode):
+    """A fan-out whose items nap ``store["work_s"]`` (0.05 s) and each record
+    ``<start> <end> <pid> item<i>``; ``before_call`` is what a call does first."""
 
     def prep(self, store: Any) -> Any:
         return [(store["side_dir"], i, store.get("work_s", 0.05)) for i in range(store["n"])]
@@ -91,19 +87,34 @@ class LimitedMap(MapNode):
     def exec(self, item: Any) -> Any:
         side, i, work_s = item
         start = time.time()
-        self.report_usage(model="m", input_tokens=10, output_tokens=i, cost_usd=0.01)
-        marker = Path(side) / f"{self.run_id}.{i}.failed"
-        if i == 0 and not marker.exists():  # item 0 fails once: its usage still counts
-            marker.write_text("1")
-            raise ConnectionError("flaky item 0")
+        self.before_call(side, i)
         time.sleep(work_s)
         with open(Path(side) / "calls", "a", encoding="utf-8") as handle:
             handle.write(f"{start} {time.time()} {os.getpid()} item{i}\n")
         return i
 
+    def before_call(self, side: str, i: int) -> None:
+        pass
+
     def post(self, store: Any, items: Any, results: Any) -> str:
         store["results"] = results
         return "default"
+
+
+class LimitedMap(RecordedCalls):
+    """A fan-out whose items share the rate limit and a concurrency limit across workers,
+    and report their tokens."""
+
+    rate_limit = "4/s"
+    max_concurrency = 2
+    max_retries = 2
+
+    def before_call(self, side: str, i: int) -> None:
+        self.report_usage(model="m", input_tokens=10, output_tokens=i, cost_usd=0.01)
+        marker = Path(side) / f"{self.run_id}.{i}.failed"
+        if i == 0 and not marker.exists():  # item 0 fails once: its usage still counts
+            marker.write_text("1")
+            raise ConnectionError("flaky item 0")
 
 
 @flow("limited-map")
@@ -130,26 +141,10 @@ def limited_rate_turns() -> Flow:
     return Flow(start=RateLimitedTurns(name="call"))
 
 
-class OneSlotMap(MapNode):
-    """A fan-out whose items share one concurrency slot (its own key: flow / node name);
-    each item's exec records ``<start> <end> <pid> item<i>``."""
+class OneSlotMap(RecordedCalls):
+    """A fan-out whose items share one concurrency slot (its own key: flow / node name)."""
 
     max_concurrency = 1
-
-    def prep(self, store: Any) -> Any:
-        return [(store["side_dir"], i, store["work_s"]) for i in range(store["n"])]
-
-    def exec(self, item: Any) -> Any:
-        side, i, work_s = item
-        start = time.time()
-        time.sleep(work_s)
-        with open(Path(side) / "calls", "a", encoding="utf-8") as handle:
-            handle.write(f"{start} {time.time()} {os.getpid()} item{i}\n")
-        return i
-
-    def post(self, store: Any, items: Any, results: Any) -> str:
-        store["results"] = results
-        return "default"
 
 
 @flow("limited-slot-map")

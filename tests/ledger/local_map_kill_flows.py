@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,34 @@ class End(Node):
     def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
         store["joined"] = " ".join(store["upper"])
         return "default"
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_blocked(
+    db_url: str, kind: str, run_id: str, side: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    """Run ``build(...)`` in a process of its own, its items from ``FINISHING`` on blocked
+    (``<side>/block``) until the test lets them go or kills the process; ``extra``: the
+    ledger poll interval of a map (``pausing.ITEM_POLL_S``)."""
+    side.mkdir()
+    (side / "block").touch()
+    return subprocess.Popen(
+        [sys.executable, "-m", __name__, db_url, kind, run_id, str(side), *extra],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def ran_by(side: Path) -> dict[int, list[int]]:
+    """pid -> the item indexes it started, in order."""
+    out: dict[int, list[int]] = {}
+    if (side / "ran").exists():
+        for line in (side / "ran").read_text().splitlines():
+            pid, index = map(int, line.split())
+            out.setdefault(pid, []).append(index)
+    return out
 
 
 def build(db_url: str | None, kind: str, run_id: str | None = None) -> Flow:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +18,12 @@ from sqlalchemy import text
 from pocoflow import Flow, MapNode, codec, itemlog
 from pocoflow.db import WorkflowDB
 from tests.helpers import wait_until
+from tests.ledger import local_map_kill_flows as kill_flows
 from tests.ledger.local_map_kill_flows import FINISHING, ITEMS, build
 
 pytestmark = pytest.mark.ledger
 
-ROOT = Path(__file__).resolve().parents[2]
 MAP_STEP = 1  # start (0) -> upper (1) -> end (2)
-
-
-def _ran_by(side: Path) -> dict[int, list[int]]:
-    """pid -> the item indexes it started, in order."""
-    out: dict[int, list[int]] = {}
-    if not (side / "ran").exists():
-        return out
-    for line in (side / "ran").read_text().splitlines():
-        pid, index = map(int, line.split())
-        out.setdefault(pid, []).append(index)
-    return out
 
 
 @pytest.mark.parametrize("kind", ["threads", "async"])
@@ -44,15 +31,8 @@ def test_a_local_map_killed_with_kill_9_resumes_running_only_unfinished_items(
     ledger_url: str, tmp_path: Path, kind: str
 ) -> None:
     side = tmp_path / "side"
-    side.mkdir()
-    (side / "block").touch()
     run_id = f"local_map_{kind}-0000dead"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.ledger.local_map_kill_flows", ledger_url, kind, run_id,
-         str(side)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    proc = kill_flows.start_blocked(ledger_url, kind, run_id, side)
     db = WorkflowDB(ledger_url)
     try:
         try:
@@ -60,7 +40,7 @@ def test_a_local_map_killed_with_kill_9_resumes_running_only_unfinished_items(
             wait_until(
                 lambda: (
                     len(db.kept_items(run_id, MAP_STEP)) >= FINISHING
-                    and max(_ran_by(side).get(proc.pid, [0])) >= FINISHING
+                    and max(kill_flows.ran_by(side).get(proc.pid, [0])) >= FINISHING
                 ),
                 60,
             )
@@ -72,13 +52,13 @@ def test_a_local_map_killed_with_kill_9_resumes_running_only_unfinished_items(
         assert [c["step"] for c in db.get_checkpoints(run_id)] == [0]  # the map never ended
         kept = db.kept_items(run_id, MAP_STEP)
         assert [r["idx"] for r in kept] == list(range(FINISHING))
-        in_flight = set(_ran_by(side)[proc.pid]) - set(range(FINISHING))
+        in_flight = set(kill_flows.ran_by(side)[proc.pid]) - set(range(FINISHING))
         assert in_flight  # the kill caught items running, not a finished map
 
         (side / "block").unlink()
         store = build(ledger_url, kind).resume(run_id)
 
-        ran = _ran_by(side)
+        ran = kill_flows.ran_by(side)
         assert sorted(ran[os.getpid()]) == list(range(FINISHING, ITEMS))  # only unfinished
         assert sorted(ran[proc.pid])[:FINISHING] == list(range(FINISHING))  # once each
         clean = build(None, kind).run({"side": str(side)})

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,6 @@ from tests.pause_maps import IN_FLIGHT, ITEMS, WAIT_S, Items
 
 pytestmark = pytest.mark.ledger
 
-ROOT = Path(__file__).resolve().parents[2]
 MAP_STEP = 1  # start (0) -> tenfold (1) -> end (2)
 MAP_KINDS = ["threads", "async"]
 
@@ -54,6 +51,14 @@ def _assert_held(db: WorkflowDB, run_id: str, items: Items) -> None:
     assert [e["step"] for e in _events(db, run_id, "run_paused")] == [MAP_STEP]
 
 
+def _hold_mid_map(items: Items, pause: Any, db: WorkflowDB, run_id: str) -> None:
+    """Pause once the first items are in flight, let them end, and check the map holds."""
+    wait_until(lambda: len(items.started) == len(IN_FLIGHT), WAIT_S)
+    pause()
+    items.release.set()
+    _assert_held(db, run_id, items)
+
+
 def _stop(handle: RunHandle, items: Items) -> None:
     """A failed check leaves no run held in a thread of this process."""
     items.release.set()
@@ -75,10 +80,7 @@ def test_a_handle_pause_holds_a_local_map_between_items_and_resume_runs_the_rest
     handle = pause_maps.build(kind, items, ledger_url).run_background({})
     db = WorkflowDB(ledger_url)
     try:
-        wait_until(lambda: len(items.started) == len(IN_FLIGHT), WAIT_S)
-        handle.pause()
-        items.release.set()
-        _assert_held(db, handle.run_id, items)
+        _hold_mid_map(items, handle.pause, db, handle.run_id)
         assert not handle.is_done
 
         handle.resume()
@@ -105,10 +107,9 @@ def test_a_map_held_by_a_pause_has_written_its_finished_items_first(
     handle = pause_maps.build("threads", items, ledger_url).run_background({})
     db = WorkflowDB(ledger_url)
     try:
-        wait_until(lambda: len(items.started) == len(IN_FLIGHT), WAIT_S)
-        handle.pause()
-        items.release.set()
-        _assert_held(db, handle.run_id, items)  # every ended item kept once it shows paused
+        _hold_mid_map(
+            items, handle.pause, db, handle.run_id
+        )  # every ended item kept once it shows paused
         handle.resume()
         _assert_completed(db, handle.run_id, items, handle.wait(timeout=WAIT_S), "threads")
     finally:
@@ -127,10 +128,7 @@ def test_a_pause_requested_in_the_ledger_holds_a_local_map_between_items(
     handle = pause_maps.build(kind, items, ledger_url).run_background({})
     other = WorkflowDB(ledger_url)
     try:
-        wait_until(lambda: len(items.started) == len(IN_FLIGHT), WAIT_S)
-        LedgerControl(handle.run_id, other).pause()
-        items.release.set()
-        _assert_held(other, handle.run_id, items)
+        _hold_mid_map(items, LedgerControl(handle.run_id, other).pause, other, handle.run_id)
 
         LedgerControl(handle.run_id, other).resume()  # the request withdrawn
         store = handle.wait(timeout=WAIT_S)
@@ -174,10 +172,7 @@ def test_a_run_cancelled_while_held_in_a_map_resumes_with_only_the_unfinished_it
     handle = flow.run_background({})
     db = WorkflowDB(ledger_url)
     try:
-        wait_until(lambda: len(items.started) == len(IN_FLIGHT), WAIT_S)
-        handle.pause()
-        items.release.set()
-        _assert_held(db, handle.run_id, items)
+        _hold_mid_map(items, handle.pause, db, handle.run_id)
         handle.cancel()
         handle.wait(timeout=WAIT_S)
         assert _status(db, handle.run_id) == "cancelled"
@@ -235,24 +230,17 @@ def test_a_process_killed_while_held_in_a_map_resumes_with_only_the_unfinished_i
     flight end, no other starts), which is then killed with kill -9 while held: its
     finished items are kept, so ``flow.resume(run_id)`` runs only the others."""
     side = tmp_path / "side"
-    side.mkdir()
-    (side / "block").touch()
     run_id = f"local_map_{kind}-0000held"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.ledger.local_map_kill_flows", ledger_url, kind, run_id,
-         str(side), "0"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    proc = kill_flows.start_blocked(ledger_url, kind, run_id, side, "0")
     in_flight = list(range(kill_flows.FINISHING + kill_flows.Upper.max_parallel))
     db = WorkflowDB(ledger_url)
     try:
         try:
-            wait_until(lambda: sorted(_ran_by(side).get(proc.pid, [])) == in_flight, 60)
+            wait_until(lambda: sorted(kill_flows.ran_by(side).get(proc.pid, [])) == in_flight, 60)
             LedgerControl(run_id, db).pause()
             (side / "block").unlink()  # the items in flight end
             wait_until(lambda: _status(db, run_id) == "paused", 60)
-            assert sorted(_ran_by(side)[proc.pid]) == in_flight  # none started after
+            assert sorted(kill_flows.ran_by(side)[proc.pid]) == in_flight  # none started after
             assert _kept(db, run_id) == in_flight
         finally:
             proc.send_signal(signal.SIGKILL)
@@ -260,20 +248,10 @@ def test_a_process_killed_while_held_in_a_map_resumes_with_only_the_unfinished_i
         assert proc.returncode == -signal.SIGKILL, output
 
         store = kill_flows.build(ledger_url, kind).resume(run_id)
-        ran = _ran_by(side)
+        ran = kill_flows.ran_by(side)
         assert sorted(ran[os.getpid()]) == list(range(len(in_flight), kill_flows.ITEMS))
         clean = kill_flows.build(None, kind).run({"side": str(side)})
         assert store.as_dict() == clean.as_dict()
         assert _status(db, run_id) == "completed"
     finally:
         db.close()
-
-
-def _ran_by(side: Path) -> dict[int, list[int]]:
-    """pid -> the item indexes it started."""
-    out: dict[int, list[int]] = {}
-    if (side / "ran").exists():
-        for line in (side / "ran").read_text().splitlines():
-            pid, index = map(int, line.split())
-            out.setdefault(pid, []).append(index)
-    return out
