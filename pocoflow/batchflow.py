@@ -21,7 +21,7 @@ hands back, and on workers they are map items (``map_node_of``).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,19 +227,17 @@ class BatchPasses(MapNode):
             raise exc  # names the batch, the pass, its params and the inner node already
         return super().item_outcome(index, exc)
 
-    def run_in(
-        self,
-        run_id: str,
-        step: int,
-        attempt: int,
-        cancel_probe: Callable[[], bool] | None,
-        signals: SignalReader | None,
-        limit_gate: LimitGate | None,
-    ) -> None:
+    def run_in(self, signals: SignalReader | None, limit_gate: LimitGate | None) -> None:
         """What ``run_step`` would have given the batch, for a pass run as an item where
-        the batch's own step did not run (a worker): its inner nodes see the run's ids,
-        its cancel, and wait in place for their limits."""
-        self.batch._outer_context = (run_id, step, attempt, cancel_probe, signals)
+        the batch's own step did not run (a worker): its inner nodes see the run's ids
+        and cancel (as set on these passes), and wait in place for their limits."""
+        self.batch._outer_context = (
+            self.run_id,
+            self.step,
+            self.attempt,
+            self._cancel_probe,
+            signals,
+        )
         self.batch._limit_gate = limit_gate
 
     def post(self, store: Any, items: list[dict[str, Any]], results: list[Any]) -> str | None:

@@ -190,14 +190,7 @@ class _ItemRun:
                 )
         apply_prep_writes(self.db, msg.run_id, msg.step, store)
         passes.bind(store)
-        passes.run_in(
-            msg.run_id,
-            msg.step,
-            msg.attempt,
-            passes._cancel_probe,
-            self._no_waits,
-            LimitGate(self.ctx.limiter, msg.flow),
-        )
+        passes.run_in(self._no_waits, LimitGate(self.ctx.limiter, msg.flow))
         return None
 
     def _over_budget(self, run: dict[str, Any]) -> str | None:
