@@ -37,7 +37,7 @@ from pocoflow.distributed.lease import Holding, LeaseKeeper
 from pocoflow.distributed.limiter import RedisLimiter
 from pocoflow.distributed.liveness import dead_after
 from pocoflow.distributed.mapstep import run_map_step
-from pocoflow.distributed.message import MalformedMessage, StepMessage
+from pocoflow.distributed.message import ItemMessage, MalformedMessage, StepMessage
 from pocoflow.hooks import COMMIT_REFUSED, FLOW_END, MESSAGE_MALFORMED, NODE_RETRY
 from pocoflow.ledger import liveness
 from pocoflow.ledger.signals import StepFence
@@ -381,6 +381,25 @@ class _Refused(Exception):
     """The step cannot run on this worker (unknown flow, other graph version, bad node)."""
 
 
+def run_store(
+    store: Store, flow: Flow, store_name: str | None, msg: StepMessage | ItemMessage
+) -> Store:
+    """The Store of a step (or of a pass) as its run has it: the name the run began with
+    (the claim's read gives it) and the flow's schema. ``_Refused`` if the values no
+    longer fit that schema: a crash would be re-run by the sweeper, forever."""
+    name = store_name or store.name
+    if not flow.schema and name == store.name:
+        return store
+    try:
+        return Store(store.as_dict(), schema=flow.schema, name=name)
+    except TypeError as exc:
+        raise _Refused(
+            f"Run {msg.run_id!r} step {msg.step}: its Store does not fit the schema "
+            f"of flow {msg.flow!r} ({exc}); fix the schema and resume, or fork the "
+            "run from an earlier step"
+        ) from None
+
+
 @dataclass
 class _Loaded:
     flow: Flow
@@ -620,17 +639,7 @@ class _StepRun:
         its tracker."""
         msg = self.msg
         store, manifest, texts = prior or self.db.load_store(msg.run_id, msg.step - 1)
-        # The name of the Store the run began with, as the claim's read gives it.
-        name = (self.run_row or {}).get("store_name") or store.name
-        if flow.schema or name != store.name:  # and the flow's schema, as that Store had
-            try:
-                store = Store(store.as_dict(), schema=flow.schema, name=name)
-            except TypeError as exc:  # a crash would be re-run by the sweeper, forever
-                raise _Refused(
-                    f"Run {msg.run_id!r} step {msg.step}: its Store does not fit the schema "
-                    f"of flow {msg.flow!r} ({exc}); fix the schema and resume, or fork the "
-                    "run from an earlier step"
-                ) from None
+        store = run_store(store, flow, (self.run_row or {}).get("store_name"), msg)
         tracker = StoreTracker()
         tracker.seed(manifest, texts, store.as_dict())
         return store, tracker

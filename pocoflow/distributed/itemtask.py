@@ -42,10 +42,12 @@ from pocoflow.distributed.executor import (
     WorkerContext,
     _claims,
     _record_malformed,
+    _Refused,
     _unreachable,
     default_context,
     default_worker_id,
     limit_delay,
+    run_store,
     step_queue,
 )
 from pocoflow.distributed.graphs import mismatch_message
@@ -59,7 +61,6 @@ from pocoflow.logging import get_logger
 from pocoflow.mapnode import ItemFailed, MapNode, error_record, running_item
 from pocoflow.registry import UnknownFlowError
 from pocoflow.step import NODE_FAILURES, RunCancelled, utc_now
-from pocoflow.store import Store
 from pocoflow.usage import BUDGET_EXCEEDED, Budget, budget_message
 
 _log = get_logger("distributed.items")
@@ -176,18 +177,11 @@ class _ItemRun:
         msg = self.msg
         flow, _graph = self.ctx.graphs.get(msg.flow)
         store = self.db.load_store(msg.run_id, msg.step - 1)[0]
-        # The Store as the step's own delivery has it: the flow's schema (a pass's wrong
-        # write fails in the pass, naming it), the run's Store name.
-        name = self.run_row.get("store_name") or store.name
-        if flow.schema or name != store.name:
-            try:
-                store = Store(store.as_dict(), schema=flow.schema, name=name)
-            except TypeError as exc:  # as the step's own delivery says, not a crash
-                return (
-                    f"Run {msg.run_id!r} step {msg.step}: its Store does not fit the schema "
-                    f"of flow {msg.flow!r} ({exc}); fix the schema and resume, or fork the "
-                    "run from an earlier step"
-                )
+        # As the step's own delivery has it: a pass's wrong write fails in the pass.
+        try:
+            store = run_store(store, flow, self.run_row.get("store_name"), msg)
+        except _Refused as refusal:  # as the step's own delivery says, not a crash
+            return str(refusal)
         apply_prep_writes(self.db, msg.run_id, msg.step, store)
         passes.bind(store)
         passes.run_in(self._no_waits, LimitGate(self.ctx.limiter, msg.flow))
