@@ -59,6 +59,19 @@ def _main_module_kept() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _heartbeats_end_with_their_module() -> Iterator[None]:
+    """A test that runs a step in-process starts this process's heartbeat for its ledger
+    (``liveness.ensure``), a thread that beats every second until the process ends: over
+    a session, hundreds of them wrote to ledgers long deleted, and one caught holding a
+    checkout made a fork-gate test flaky. Each module's heartbeats stop with it (after
+    its own fixtures: this one is set up first, so torn down last)."""
+    yield
+    liveness = sys.modules.get("pocoflow.distributed.liveness")
+    if liveness is not None:
+        liveness.stop()
+
+
 def folder_marker(path: Path) -> str | None:
     """The marker a test file gets from the folder it lives in under ``tests/``."""
     try:
