@@ -13,6 +13,10 @@ successor) on 4 relay workers and the same broker, run turn about with it.
   durable record per step costs on this box, apart from what ours costs;
 * step latency p50/p99: this step's commit - the previous step's commit in the same run
   (step 0: from the submit), so it includes the wait behind the other runs' steps;
+* CPU per step by part (``bench.cpu``), ours beside the relay's per hop: worker main
+  processes, pool children, PostgreSQL, Redis and this process (which submits and
+  waits). The box's cores are saturated, so the ratio of the two sums is about the
+  throughput ratio, and the parts say where it goes;
 * ledger size: the database's bytes (``pg_database_size``) and rows, per committed step;
 * lost steps (must be 0): every run completed with exactly 20 checkpoints, steps 0-19,
   and the Store they end with.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -35,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, ".")
 
-from bench import relay_app
+from bench import cpu, relay_app
 from bench.cluster import RELAY_APP, relay_client, relay_load, worker_env, workers
 from bench.common import percentile, report
 from bench.dist_flows import THROUGHPUT_CHAIN as STEPS
@@ -98,9 +103,10 @@ def ledger_size(db_url: str) -> tuple[int, dict[str, int]]:
 
 def run_loads(
     db_url: str, runs: int, n_workers: int, loads: int, warm: bool
-) -> tuple[list[float], list[float], list[Load]]:
-    """Relay tasks/s, durable relay tasks/s and our Load, per measured load (after a
-    small warm-up if ``warm``)."""
+) -> tuple[list[float], list[float], list[Load], list[tuple[str, str]]]:
+    """Relay tasks/s, durable relay tasks/s, our Load and the CPU per step by part of
+    the relay and of ours (``bench.cpu``), per measured load (after a small warm-up if
+    ``warm``)."""
     from pocoflow.db import WorkflowDB
 
     timeout_s = max(120.0, runs * STEPS / MIN_STEPS_PER_S)
@@ -116,26 +122,49 @@ def run_loads(
         relay_tps: list[float] = []
         durable_tps: list[float] = []
         poco: list[Load] = []
+        cpu_texts: list[tuple[str, str]] = []
         with (
-            workers(relay_env, workdir, n_workers, RELAY_APP),
-            workers(poco_env, workdir, n_workers),
+            workers(relay_env, workdir, n_workers, RELAY_APP) as relay_workers,
+            workers(poco_env, workdir, n_workers) as poco_workers,
         ):
+            shared = {
+                "PostgreSQL": cpu.server_probe(postgres_pid(db_url)),
+                "Redis": cpu.server_probe(int(client.info("server")["process_id"])),
+                "this process": lambda: cpu.own_s(os.getpid()),
+            }
+            relay_probes = {**cpu.worker_probes(w.pid for w in relay_workers), **shared}
+            poco_probes = {**cpu.worker_probes(w.pid for w in poco_workers), **shared}
             if warm:
                 relay_load(app, client, min(runs, WARM_RUNS), STEPS)
                 wait_finished(db, submit_load(settings, min(runs, WARM_RUNS)), timeout_s)
                 relay_load(app, client, min(runs, WARM_RUNS), STEPS, durable=True)
             for _ in range(loads):
+                before = cpu.snapshot(relay_probes)
                 started, finished = relay_load(app, client, runs, STEPS)
+                relay_cpu = cpu.per_step_us(before, cpu.snapshot(relay_probes), runs * STEPS)
                 relay_tps.append(runs * STEPS / (finished - started))
                 started, finished = relay_load(app, client, runs, STEPS, durable=True)
                 durable_tps.append(runs * STEPS / (finished - started))
+                before = cpu.snapshot(poco_probes)
                 run_ids = submit_load(settings, runs)
                 wait_finished(db, run_ids, timeout_s)
+                poco_cpu = cpu.per_step_us(before, cpu.snapshot(poco_probes), runs * STEPS)
                 poco.append(examine(db, run_ids))
+                cpu_texts.append((poco_cpu, relay_cpu))
         client.close()
         db.close()
     relay_app.drop_hops_table(psycopg_url(db_url))  # not the ledger's: out of its size
-    return relay_tps, durable_tps, poco
+    return relay_tps, durable_tps, poco, cpu_texts
+
+
+def postgres_pid(db_url: str) -> int | None:
+    """The PostgreSQL server's root process, if it runs on this box: the parent of the
+    backend that serves a connection (None when that backend is not visible here)."""
+    import psycopg
+
+    with psycopg.connect(psycopg_url(db_url), autocommit=True) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+    return cpu.parent(backend)
 
 
 def psycopg_url(db_url: str) -> str:
@@ -173,7 +202,7 @@ def main(
     )
     started = time.perf_counter()
     with fresh_database(server_url) as db_url:
-        relay_tps, durable_tps, poco = run_loads(db_url, runs, n_workers, loads, warm)
+        relay_tps, durable_tps, poco, cpu_texts = run_loads(db_url, runs, n_workers, loads, warm)
         size, rows = ledger_size(db_url)
     relay = statistics.median(relay_tps)
     durable = statistics.median(durable_tps)
@@ -214,6 +243,10 @@ def main(
     for q in (50, 99):
         report(f"step latency p{q}", percentile(latencies, q), "ms",
                f"raw relay mean hop, same load: {runs / relay * 1e3:.1f} ms", None)  # fmt: skip
+    for ours, relay_cpu in cpu_texts:
+        # Info: where each step's CPU goes on this box, beside the relay's hop.
+        print(f"  [info] CPU per step, ours:  {ours}")
+        print(f"  [info] CPU per hop, relay: {relay_cpu}")
     all_steps = (len(poco) * runs + warm * min(runs, WARM_RUNS)) * STEPS
     report(
         "ledger size",
