@@ -51,15 +51,13 @@ class BatchPassFailed(ItemFailed):
         shown = repr(dict(params))
         if len(shown) > PARAMS_SHOWN:
             shown = shown[: PARAMS_SHOWN - 3] + "..."
-        Exception.__init__(
-            self,
+        message = (
             f"BatchFlow {batch!r}: pass {index} (params {shown}) failed{node}: "
-            f"{type(cause).__name__}: {cause}",
+            f"{type(cause).__name__}: {cause}"
         )
-        self.batch = self.node_name = batch
-        self.index = index
+        super().__init__(batch, index, cause, message)
+        self.batch = batch
         self.params = dict(params)
-        self.cause = cause
 
 
 @dataclass

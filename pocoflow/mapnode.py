@@ -55,9 +55,12 @@ def running_item(node: MapNode, index: int) -> Iterator[None]:
 class ItemFailed(Exception):
     """An item's ``exec`` failed for good (its tries spent): the node fails naming it."""
 
-    def __init__(self, node_name: str, index: int, cause: BaseException) -> None:
+    def __init__(
+        self, node_name: str, index: int, cause: BaseException, message: str | None = None
+    ) -> None:
         super().__init__(
-            f"MapNode {node_name!r}: item {index} failed: {type(cause).__name__}: {cause}"
+            message
+            or f"MapNode {node_name!r}: item {index} failed: {type(cause).__name__}: {cause}"
         )
         self.node_name = node_name
         self.index = index
@@ -214,7 +217,7 @@ class MapNode(Node):
             return self.item_outcome(index, exc)
 
     async def _map_async(
-        self, items: Sequence[Any], log: ItemLog | None, between: ItemGate | None = None
+        self, items: Sequence[Any], log: ItemLog | None, between: ItemGate | None
     ) -> list[Any]:
         assert isinstance(self, AsyncNode)
         gate = asyncio.Semaphore(self.max_parallel)
@@ -291,7 +294,7 @@ def _map_threads(
     parallel: int,
     cancelled: Callable[[], bool],
     log: ItemLog | None,
-    between: ItemGate | None = None,
+    between: ItemGate | None,
 ) -> list[Any]:
     """Items on up to ``parallel`` threads, started in order, each only if the run was not
     cancelled meanwhile; the first item to fail for good stops new starts and is raised
