@@ -172,15 +172,20 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
         texts = None if initial_store is None else _encode_all(_data_of(initial_store))
         dialect = self._dialect
 
+        # One batch (one round trip on PostgreSQL, its COMMIT included): the run row
+        # first, a guard that aborts the whole batch when the run id exists already.
+        ops = [runs.insert_op(dialect, row)]
+        if texts is not None:
+            ops += checkpoints.full_ops(run_id, initial_step, "", texts, next_node=start_node)
+        if start_events:
+            ops.append(events.insert_op(events.rows_of(run_id, start_events), dialect))
+        if first_step is not None:
+            ops.append(steps.successor_op(dialect, run_id, first_step, now))
+        ops = [op._replace(aborts_on_miss=True) if op.must_hit_one else op for op in ops]
+
         def body(conn: Connection) -> bool:
-            if not runs.insert(conn, dialect, row):
-                return False
-            if texts is not None:
-                checkpoints.write_full(conn, run_id, initial_step, "", texts, next_node=start_node)
-            if start_events:
-                events.insert_rows(conn, events.rows_of(run_id, start_events))
-            if first_step is not None:
-                steps.insert_successor(conn, run_id, first_step, now)
+            if not pipeline.run_reading(conn, ops, commit=True)[0]:
+                raise txn.Abort(False)
             return True
 
         def own_run(conn: Connection, created: bool) -> bool:
@@ -190,7 +195,7 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
                 conn, run_id, {"started_at": started, "flow_name": flow_name}
             )
 
-        return self._write(body, "creating the run", run_id, confirm=own_run)
+        return self._write(body, "creating the run", run_id, confirm=own_run, batched=True)
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         """Set fields of a run row (0.2's five, plus ``fingerprint``, ``max_steps``,

@@ -93,32 +93,41 @@ def write_full(
     node_name: str,
     texts: Mapping[str, str],
     *,
-    next_node: str | None = None,
-    action: str | None = None,
     replace: bool = False,
 ) -> None:
-    """A checkpoint holding every value at ``step`` (0.2's ``save_checkpoint``, and the
-    initial Store of a run). ``replace`` overwrites an existing checkpoint, as 0.2's
-    INSERT OR REPLACE did."""
+    """A checkpoint holding every value at ``step`` (0.2's ``save_checkpoint``).
+    ``replace`` overwrites an existing checkpoint, as 0.2's INSERT OR REPLACE did."""
     if replace:
         params = {"run_id": run_id, "step": step}
         conn.execute(_DELETE_VALUES, params)
         conn.execute(_DELETE_CHECKPOINT, params)
-    if texts:
-        conn.execute(_INSERT_VALUES, _value_rows(run_id, step, texts))
-    conn.execute(
-        _INSERT_CHECKPOINT,
-        {
-            "run_id": run_id,
-            "step": step,
-            "node_name": node_name,
-            "store_json": None,
-            "created_at": iso_now(),
-            "next_node": next_node,
-            "action": action,
-            "manifest": _json(dict.fromkeys(texts, step)),
-        },
-    )
+    pipeline.run(conn, full_ops(run_id, step, node_name, texts))
+
+
+def full_ops(
+    run_id: str,
+    step: int,
+    node_name: str,
+    texts: Mapping[str, str],
+    *,
+    next_node: str | None = None,
+) -> list[pipeline.Op]:
+    """The statements of a checkpoint holding every value at ``step``: ``write_full``'s,
+    and the initial Store's in the batch that creates a run."""
+    checkpoint = {
+        "run_id": run_id,
+        "step": step,
+        "node_name": node_name,
+        "store_json": None,
+        "created_at": iso_now(),
+        "next_node": next_node,
+        "action": None,
+        "manifest": _json(dict.fromkeys(texts, step)),
+    }
+    return [
+        pipeline.Op(_INSERT_VALUES, _value_rows(run_id, step, texts)),
+        pipeline.Op(_INSERT_CHECKPOINT, checkpoint),
+    ]
 
 
 def check_commit(c: StepCommit) -> None:

@@ -106,11 +106,12 @@ def check_fields(fields: Mapping[str, Any]) -> None:
         raise ValueError(f"Unknown run control {control!r}; one of {', '.join(CONTROLS)} or None")
 
 
-def insert(conn: Connection, dialect: str, row: dict[str, Any]) -> bool:
-    """Insert the run row; False if the run id exists already (0.2's INSERT OR IGNORE)."""
+def insert_op(dialect: str, row: dict[str, Any]) -> Op:
+    """Insert the run row, a guard that misses if the run id exists already (0.2's
+    INSERT OR IGNORE): the first op of the batch that creates a run."""
     row.setdefault("started_at", iso_now())
     row.setdefault("updated_at", row["started_at"])
-    return conn.execute(insert_ignore(dialect, pf_runs, "run_id"), row).rowcount == 1
+    return Op(insert_ignore(dialect, pf_runs, "run_id"), row, must_hit_one=True)
 
 
 def update_op(run_id: str, fields: Mapping[str, Any]) -> Op:

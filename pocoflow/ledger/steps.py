@@ -293,11 +293,6 @@ def successor_op(dialect: str, run_id: str, nxt: NextStep, now: float | None) ->
     return Op(_insert_outbox(dialect), row, must_hit_one=True)
 
 
-def insert_successor(conn: Connection, run_id: str, nxt: NextStep, now: float | None) -> bool:
-    op = successor_op(conn.dialect.name, run_id, nxt, now)
-    return conn.execute(op.stmt, op.params).rowcount == 1
-
-
 def _row(
     run_id: str,
     step: int,
@@ -341,18 +336,14 @@ def mark_sent_op(sent: Sequence[tuple[str, int, int, str | None, float | None]])
     return Op(_MARK_SENT, rows)
 
 
-def mark_sent(
-    conn: Connection,
-    run_id: str,
-    step: int,
-    attempt: int,
-    task_id: str | None,
-    now: float | None,
-) -> bool:
-    """Close the outbox entry: the message of this attempt is with the broker."""
+def mark_sent_one_op(
+    run_id: str, step: int, attempt: int, task_id: str | None, now: float | None
+) -> Op:
+    """Close the outbox entry: the message of this attempt is with the broker. A guard:
+    it misses when the attempt is stale or its message was marked sent already."""
     params = _key(run_id, step, attempt)
     params.update(now=now, task_id=task_id)
-    return conn.execute(_MARK_SENT, params).rowcount == 1
+    return Op(_MARK_SENT, params, must_hit_one=True)
 
 
 def claim_reading_run(

@@ -123,8 +123,9 @@ def test_the_kill_hook_loses_the_connection_after_the_commit_landed(
 
 
 def test_submit_whose_commit_outcome_was_lost_finds_its_own_run(
-    db: WorkflowDB, killer: CommitKiller
+    db: WorkflowDB, batch_killer: BatchCommitKiller
 ) -> None:
+    killer = batch_killer  # the run's rows go out in one batch, with their COMMIT
     killer.arm()
     first = record_run(db, build_flow("exec_three"), Store({}), run_id="r-1", lease_s=LEASE_S)
     assert killer.fired == 1
@@ -443,10 +444,11 @@ def test_a_conflict_that_never_clears_is_reported_after_bounded_tries(
 
 
 def test_a_commit_lost_on_the_retry_of_a_conflict_is_still_recognised(
-    db: WorkflowDB, pg_url: str, killer: CommitKiller
+    db: WorkflowDB, pg_url: str, batch_killer: BatchCommitKiller
 ) -> None:
     """A serialization failure first, then the retry's COMMIT lands with its connection
     lost: the one retry on a fresh connection is not used up by the conflict's retry."""
+    killer = batch_killer
     killer.arm()
     with failing_inserts(pg_url, "40001", times=1):  # the run's start event, first try
         first = record_run(db, build_flow("exec_three"), Store({}), run_id="r-2", lease_s=LEASE_S)
