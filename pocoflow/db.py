@@ -488,20 +488,28 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
 
     def add_usage(self, report: Any) -> None:
         """Record one ``report_usage`` call (a ``pocoflow.usage.UsageReport``) at once, in
-        its own transaction: the call was billed whatever the attempt does next."""
+        its own transaction: the call was billed whatever the attempt does next. The same
+        transaction adds it to the run's totals (``usage_totals``), so the row and the
+        addition land together or not at all. An unknown run id: ``KeyError``."""
         values = usage_rows.row(report)
         tries = 0
 
         def body(conn: Connection) -> None:
             nonlocal tries
             tries += 1
-            if tries == 1 or not usage_rows.exists(conn, values):  # see save_event
-                usage_rows.insert_row(conn, values)
+            # A retry after a COMMIT whose outcome was lost finds its first try's row (see
+            # save_event); that try added to the totals too, so it does neither again.
+            if tries > 1 and usage_rows.exists(conn, values):
+                return
+            if not usage_rows.add(conn, values):
+                raise self._unknown_run(report.run_id)  # rolls the row back with it
 
         self._write(body, "recording usage", report.run_id)
 
     def usage_totals(self, run_id: str) -> tuple[int, float]:
-        """(tokens, cost_usd) the run reported so far, every attempt included."""
+        """(tokens, cost_usd) the run reported so far, every attempt included: the totals
+        kept on its run row, so a budget check costs one row read at any number of calls.
+        (0, 0.0) for a run id the ledger does not hold."""
         return self._read(lambda conn: usage_rows.totals(conn, run_id), run_id)
 
     def get_usage(self, run_id: str) -> dict[str, Any]:

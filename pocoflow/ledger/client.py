@@ -100,8 +100,11 @@ class LedgerClient:
             )
         except IntegrityError as exc:
             if run_id is not None and is_fk_violation(exc):
-                raise KeyError(
-                    f"Unknown run id {run_id!r} in ledger {self._ledger.label}: "
-                    "create_run() it first"
-                ) from None
+                raise self._unknown_run(run_id) from None
             raise
+
+    def _unknown_run(self, run_id: str) -> KeyError:
+        """What a write naming a run ``pf_runs`` lacks raises."""
+        return KeyError(
+            f"Unknown run id {run_id!r} in ledger {self._ledger.label}: create_run() it first"
+        )

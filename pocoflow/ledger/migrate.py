@@ -24,7 +24,7 @@ from pocoflow.ledger.engine import LedgerEngine
 from pocoflow.ledger.errors import SchemaVersionError, is_locked
 from pocoflow.ledger.tables import V02_TABLES
 
-HEAD = "0015"
+HEAD = "0016"
 """The newest revision in ``migrations/versions`` (a test pins the two together)."""
 REVISIONS = (
     "0001",
@@ -41,6 +41,7 @@ REVISIONS = (
     "0013",
     "0014",
     "0015",
+    "0016",
 )
 VERSION_TABLE = "pf_alembic_version"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"

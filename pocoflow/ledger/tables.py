@@ -8,7 +8,7 @@ independent of how many finished runs the ledger holds, 0007 = the queue of each
 0008 = usage rows and run budgets, 0009 = the values sent to runs that wait for them:
 ``wait_for``/``send``, 0010 = map items and joins, 0011 = what a map step's prep wrote,
 kept for its join, 0012 = the builder of a CLI run, 0013 = the claim each attempt row
-belongs to), and
+belongs to, 0016 = a run's usage totals on its row), and
 a test compares the two. The 0.2 table and column names are kept so 0.2 readers (the
 Streamlit monitor, users' SQL) keep working.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     Column,
     ColumnElement,
@@ -123,6 +124,14 @@ pf_runs = Table(
     Column("max_cost_usd", Float),
     # ── 0012: MODULE:BUILDER of a run started by ``pocoflow run`` (resume/fork rebuild it) ──
     Column("builder", Text),
+    # ── 0016: the run's usage so far, the sums over its pf_usage rows (tokens = input +
+    # output; an unknown cost counts 0), so a budget check reads this row, not every call.
+    # ``add_usage`` writes a row and adds it here in one transaction; nothing else writes
+    # pf_usage rows (a fork starts at zero and copies none; a prune deletes a run's rows
+    # with its run row). BIGINT because a big fan-out passes 2**31 tokens (PostgreSQL's
+    # INTEGER), as the SUM it replaces (a bigint) did.
+    Column("used_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("used_cost_usd", Float, nullable=False, server_default="0"),
     CheckConstraint(_in("status", RUN_STATUSES), name="ck_pf_runs_status"),
     CheckConstraint(f"control IS NULL OR {_in('control', CONTROLS)}", name="ck_pf_runs_control"),
     Index("ix_pf_runs_started_at", "started_at"),

@@ -1,8 +1,11 @@
 """Queries on ``pf_usage``: one row per ``report_usage`` call, and the totals read from it.
 
-Totals are grouped in SQL (by node for ``show``, by run for ``runs``), so a run with
-thousands of calls costs one small result, and listing runs costs one query, not one per
-run.
+A budget check reads the run's running totals (``pf_runs.used_tokens`` /
+``used_cost_usd``), which ``add`` keeps equal to the sums over its rows: one row read
+whatever the number of calls, where summing the rows made a budgeted fan-out of n items
+read O(n^2) rows. Reports are grouped in SQL (by node for ``show``, by run for ``runs``),
+so a run with thousands of calls costs one small result, and listing runs costs one
+query, not one per run.
 """
 
 from __future__ import annotations
@@ -10,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy import BigInteger, Float, bindparam, func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from pocoflow.ledger.common import iso_now
-from pocoflow.ledger.tables import pf_usage
+from pocoflow.ledger.tables import pf_runs, pf_usage
 
 _u = pf_usage.c
 COLUMNS = (
@@ -41,10 +44,19 @@ _SUMS = (
     func.coalesce(func.sum(_u.output_tokens), 0).label("output_tokens"),
     func.coalesce(func.sum(_u.cost_usd), 0.0).label("cost_usd"),
 )
-_TOTALS = select(
-    func.coalesce(func.sum(_u.input_tokens + _u.output_tokens), 0),
-    func.coalesce(func.sum(_u.cost_usd), 0.0),
-).where(_u.run_id == bindparam("run_id"))
+_r = pf_runs.c
+# In SQL, not read-modify-write in Python: concurrent reporters on PostgreSQL each add to
+# the row they find after the one before them committed (the UPDATE's row lock), so none
+# is lost. ``b_run_id`` because a bind named after a column is the one SET takes.
+_ADD_TO_RUN = (
+    update(pf_runs)
+    .where(_r.run_id == bindparam("b_run_id"))
+    .values(
+        used_tokens=_r.used_tokens + bindparam("b_tokens", type_=BigInteger),
+        used_cost_usd=_r.used_cost_usd + bindparam("b_cost", type_=Float),
+    )
+)
+_TOTALS = select(_r.used_tokens, _r.used_cost_usd).where(_r.run_id == bindparam("run_id"))
 _BY_NODE = (
     select(_u.node_name, *_SUMS)
     .where(_u.run_id == bindparam("run_id"))
@@ -63,8 +75,23 @@ def row(report: Any) -> dict[str, Any]:
     return out
 
 
-def insert_row(conn: Connection, values: dict[str, Any]) -> None:
+def add(conn: Connection, values: dict[str, Any]) -> bool:
+    """Inside the caller's write transaction: insert the row of ``values`` and add it to
+    its run's totals, so the two never disagree. False: no run row took the addition
+    (the row's foreign key refuses an unknown run first, so this is only a backstop).
+
+    The insert goes first so that an unknown run fails on its foreign key, as it did
+    before the totals existed."""
     conn.execute(_INSERT, values)
+    added = conn.execute(
+        _ADD_TO_RUN,
+        {
+            "b_run_id": values["run_id"],
+            "b_tokens": values["input_tokens"] + values["output_tokens"],
+            "b_cost": values["cost_usd"] or 0.0,  # an unknown cost counts 0
+        },
+    )
+    return added.rowcount == 1
 
 
 def exists(conn: Connection, values: dict[str, Any]) -> bool:
@@ -74,9 +101,12 @@ def exists(conn: Connection, values: dict[str, Any]) -> bool:
 
 
 def totals(conn: Connection, run_id: str) -> tuple[int, float]:
-    """(tokens, cost_usd) of the run: what a budget guard reads, one aggregate row."""
-    tokens, cost = conn.execute(_TOTALS, {"run_id": run_id}).one()
-    return int(tokens or 0), float(cost or 0.0)
+    """(tokens, cost_usd) of the run: what a budget guard reads, one row by primary key.
+    A run id with no run row has spent nothing, as a sum over no rows said before."""
+    found = conn.execute(_TOTALS, {"run_id": run_id}).first()
+    if found is None:
+        return 0, 0.0
+    return int(found[0]), float(found[1])
 
 
 def by_node(conn: Connection, run_id: str) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from sqlalchemy import create_engine, text
 from pocoflow.db import WorkflowDB
 from pocoflow.ledger import LedgerLockedError, SchemaVersionError, migrate, txn
 from pocoflow.ledger.tables import metadata
+from pocoflow.usage import UsageReport
 from tests.helpers import wait_until
 from tests.ledger.test_ledger_commit import make_commit
 
@@ -438,3 +439,41 @@ def test_0015_drops_autoincrement_keeping_rows_and_growing_ids(tmp_path):
         name for (name,) in table_rows(path, "SELECT name FROM sqlite_master WHERE type = 'index'")
     }
     assert {"ix_pf_events_run_id", "sqlite_autoindex_pf_checkpoints_1"} <= indexes
+
+
+def test_0016_backfills_run_usage_totals_from_the_usage_rows(ledger_url):
+    """A ledger that had usage rows at 0015: the upgrade sums them onto each run row
+    (tokens = input + output, an unknown cost counts 0; a run without rows: 0), and the
+    next report adds to the backfilled totals."""
+    engine = create_engine(ledger_url)
+    with engine.begin() as conn:
+        upgrade_to(conn, "0015")
+        for run_id in ("r1", "r2", "r3"):
+            conn.execute(
+                text("INSERT INTO pf_runs (run_id, started_at) VALUES (:r, 'x')"), {"r": run_id}
+            )
+        for run_id, tokens_in, tokens_out, cost in (
+            ("r1", 100, 20, 0.5),
+            ("r1", 7, 3, None),
+            ("r1", 1, 1, 0.25),
+            ("r2", 40, 2, 0.125),
+        ):
+            conn.execute(
+                text(
+                    "INSERT INTO pf_usage (run_id, step, attempt, node_name, model, "
+                    "input_tokens, output_tokens, cost_usd, ts) "
+                    "VALUES (:r, 0, 1, 'n', 'm', :i, :o, :c, 't')"
+                ),
+                {"r": run_id, "i": tokens_in, "o": tokens_out, "c": cost},
+            )
+    engine.dispose()
+
+    db = WorkflowDB(ledger_url)
+    try:
+        assert db.usage_totals("r1") == (132, 0.75)
+        assert db.usage_totals("r2") == (42, 0.125)
+        assert (db.get_run("r3")["used_tokens"], db.get_run("r3")["used_cost_usd"]) == (0, 0.0)
+        db.add_usage(UsageReport("r1", 1, 1, "n", None, "m", 5, 5, 0.25))
+        assert db.usage_totals("r1") == (142, 1.0)
+    finally:
+        db.close()

@@ -4,8 +4,12 @@ CLI's show / runs / resume --max-tokens."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import delete
 
 from pocoflow import Flow, flow, set_prices
 from pocoflow.cli import main as cli
@@ -13,10 +17,13 @@ from pocoflow.db import WorkflowDB
 from pocoflow.distributed import lifecycle
 from pocoflow.distributed.client import record_run
 from pocoflow.distributed.executor import WorkerContext, execute_step
+from pocoflow.ledger.tables import pf_usage
 from pocoflow.registry import build_flow
 from pocoflow.store import Store
 from pocoflow.usage import BUDGET_EXCEEDED, UsageReport
+from tests.conftest import fresh_postgres_database
 from tests.ledger.test_distributed_executor import LEASE_S, Publish, drain
+from tests.ledger.test_unknown_outcome import CommitKiller
 from tests.usage_nodes import Ask, ask_then_summarise
 
 
@@ -69,6 +76,106 @@ def test_usage_rows_totals_by_node_and_by_run(db: WorkflowDB) -> None:
 def test_usage_of_an_unknown_run_is_refused(db: WorkflowDB) -> None:
     with pytest.raises(KeyError, match="nope"):
         db.add_usage(report("nope", "A", 1, None))
+
+
+def spent(db: WorkflowDB, run_id: str) -> tuple[int, float]:
+    """The run row's totals, read as columns (not through ``usage_totals``)."""
+    run = db.get_run(run_id)
+    return run["used_tokens"], run["used_cost_usd"]
+
+
+def summed(db: WorkflowDB, run_id: str) -> tuple[int, float]:
+    """The sums over the run's pf_usage rows (the reporting query)."""
+    got = db.get_usage(run_id)
+    return got["input_tokens"] + got["output_tokens"], got["cost_usd"]
+
+
+def test_run_totals_are_kept_on_the_run_row_and_read_from_it(db: WorkflowDB) -> None:
+    """A budget check reads the run row, so it costs the same at any number of calls:
+    the row's totals equal the sums over the rows after every report, and usage_totals
+    no longer reads the rows (deleted by hand here only to show where it reads)."""
+    db.create_run("r1", "f")
+    db.create_run("r2", "f")
+    assert spent(db, "r1") == (0, 0.0)
+    for each in (
+        report("r1", "A", 10, 0.5),
+        report("r1", "A", 20, None),  # unknown cost counts 0
+        report("r2", "A", 7, 1.0),
+        report("r1", "B", 5, 0.25, step=1),
+    ):
+        db.add_usage(each)
+        tokens, cost = spent(db, each.run_id)
+        assert (tokens, pytest.approx(cost)) == summed(db, each.run_id)
+    assert spent(db, "r1") == (38, 0.75) and spent(db, "r2") == (8, 1.0)
+    db._write(lambda conn: conn.execute(delete(pf_usage)), "emptying pf_usage", None)
+    assert db.usage_totals("r1") == (38, 0.75) and db.usage_totals("r2") == (8, 1.0)
+    assert db.usage_totals("no-such-run") == (0, 0.0)
+
+
+def test_a_run_total_past_two_billion_tokens_is_kept(db: WorkflowDB) -> None:
+    """A big fan-out passes 2**31 tokens, PostgreSQL's INTEGER; the SUM the totals replace
+    was a bigint, so the column is one too."""
+    db.create_run("r-big", "f")
+    for _ in range(2):
+        db.add_usage(UsageReport("r-big", 0, 1, "A", None, "m", 2_000_000_000, 0, None))
+    assert spent(db, "r-big") == (4_000_000_000, 0.0) == db.usage_totals("r-big")
+
+
+def test_concurrent_reporters_lose_no_addition(db: WorkflowDB) -> None:
+    """Reporters on threads of their own (their own pooled connections), started at once:
+    on PostgreSQL each UPDATE adds to the total the one before it committed, so the total
+    equals the sum of the rows (a read-modify-write in Python would lose additions)."""
+    db.create_run("r-race", "f")
+    threads, calls = 8, 25
+    barrier = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def reporter(i: int) -> None:
+        barrier.wait(30)
+        try:
+            for n in range(calls):
+                db.add_usage(UsageReport("r-race", 0, 1, f"N{i}", n, "m", i + 1, n, 0.001))
+        except BaseException as exc:  # surfaced by the assert below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=reporter, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert errors == [] and not any(w.is_alive() for w in workers)
+    assert db.get_usage("r-race")["calls"] == threads * calls
+    expected = sum(i + 1 + n for i in range(threads) for n in range(calls))
+    tokens, cost = spent(db, "r-race")
+    assert (tokens, cost) == (expected, pytest.approx(threads * calls * 0.001))
+    assert (tokens, pytest.approx(cost)) == summed(db, "r-race")
+
+
+@pytest.fixture
+def pg_db(database_url: str) -> Iterator[tuple[WorkflowDB, str]]:
+    with fresh_postgres_database(database_url) as url:
+        ledger = WorkflowDB(url)
+        yield ledger, url
+        ledger.close()
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["commit-landed", "commit-lost"])
+def test_a_report_whose_commit_outcome_was_unknown_counts_once(
+    pg_db: tuple[WorkflowDB, str], monkeypatch: pytest.MonkeyPatch, landed: bool
+) -> None:
+    """PostgreSQL: the connection dies at the report's COMMIT, which either landed or not;
+    the retry then finds its row (and adds nothing) or writes row and addition once."""
+    db, url = pg_db
+    killer = CommitKiller(db, url, monkeypatch)
+    killer.before = not landed
+    db.create_run("r-lost", "f")
+    killer.arm()
+    db.add_usage(report("r-lost", "A", 10, 0.5))
+    assert killer.fired == 1
+    assert db.get_usage("r-lost")["calls"] == 1
+    assert spent(db, "r-lost") == (11, 0.5) == summed(db, "r-lost")
+    db.add_usage(report("r-lost", "A", 10, 0.5))  # a new call counts
+    assert spent(db, "r-lost") == (22, 1.0) == summed(db, "r-lost")
 
 
 # ── local runs with a ledger ──────────────────────────────────────────────────
