@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable
 
 from bench import (
+    budget_check,
     checkpoint_growth,
     core_overhead,
     distributed_latency,
@@ -61,6 +62,7 @@ def main() -> int:
         ok &= section(lambda: local_map.main(pg_url))
         ok &= section(lambda: step_cost.main(pg_url) or True)  # figures only, no target
         ok &= section(lambda: ledger_scale.main(pg_url))
+        ok &= section(lambda: budget_check.main(pg_url))  # figures only, no target
         ok &= section(lambda: load.main(server_url=pg_url))
         ok &= section(lambda: monitor.main(pg_url))
     ok &= checkpoint_growth.main()
