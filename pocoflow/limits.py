@@ -174,10 +174,18 @@ class Decision:
 class Limiter(Protocol):
     """Decides whether a call may start; each decision is atomic across its callers."""
 
-    def acquire(self, limits: Limits, key: str, holder: str, waiter: str | None = None) -> Decision:
+    def acquire(
+        self,
+        limits: Limits,
+        key: str,
+        holder: str,
+        waiter: str | None = None,
+        run_id: str | None = None,
+    ) -> Decision:
         """``holder`` names this call's slot (unique per call); ``waiter`` names who asks
         again after a refusal (a step, a map item: stable across its re-sends), so a
-        limiter can spread the asks of many waiters."""
+        limiter can spread the asks of many waiters; ``run_id``, the run it belongs to,
+        so that a run that stops can leave every queue its waiters joined."""
         ...
 
     def release(self, slot: Slot) -> None: ...
@@ -217,9 +225,16 @@ class LocalLimiter:
         self._tokens: dict[tuple[str, float], deque[tuple[float, int]]] = {}
         self._slots: dict[str, set[str]] = {}
 
-    def acquire(self, limits: Limits, key: str, holder: str, waiter: str | None = None) -> Decision:
+    def acquire(
+        self,
+        limits: Limits,
+        key: str,
+        holder: str,
+        waiter: str | None = None,
+        run_id: str | None = None,
+    ) -> Decision:
         # Local waiters are threads that sleep: their asks cost no ledger write, so the
-        # poll is not spread by waiter here.
+        # poll is not spread by waiter here (and no queue is kept for a stop to clear).
         with self._lock:
             now = self.clock()
             wait = 0.0
@@ -322,15 +337,20 @@ def new_holder() -> str:
 
 
 def acquire(
-    node: Node, key: str, *, waiter: str | None = None, limiter: Limiter | None = None
+    node: Node,
+    key: str,
+    *,
+    waiter: str | None = None,
+    run_id: str | None = None,
+    limiter: Limiter | None = None,
 ) -> Decision:
     """One decision for one ``exec`` call of ``node`` under ``key`` (a map item's gate;
-    ``waiter``: the item, e.g. ``f"{run_id}:{step}:{index}"``). A node without limits
-    always goes; ``release(decision.slot)`` after the call."""
+    ``waiter``: the item, e.g. ``f"{run_id}:{step}:{index}"``, of run ``run_id``). A node
+    without limits always goes; ``release(decision.slot)`` after the call."""
     limits = limits_of(node)
     if limits is None:
         return Decision()
-    return (limiter or current_limiter()).acquire(limits, key, new_holder(), waiter)
+    return (limiter or current_limiter()).acquire(limits, key, new_holder(), waiter, run_id)
 
 
 def release(slot: Slot | None) -> None:
@@ -421,13 +441,15 @@ class LimitGate:
                 "set POCOFLOW_REDIS_URL (a redis:// URL) for the workers"
             )
         key = limit_key_of(node, prep_result, self.flow_name)
-        return _Call(self.limiter, limits, key, new_holder(), _waiter(node))
+        return _Call(self.limiter, limits, key, new_holder(), _waiter(node), node.run_id)
 
     def _ask(self, node: Node, call: _Call) -> Decision:
         """One decision; a refusal raises ``LimitWait`` from a non-blocking gate, and
         ``RunCancelled`` once the run was cancelled (a blocking gate waits in slices of
         ``WAIT_SLICE_S``, so a cancel is seen within one however long the wait)."""
-        decision = call.limiter.acquire(call.limits, call.key, call.holder, call.waiter)
+        decision = call.limiter.acquire(
+            call.limits, call.key, call.holder, call.waiter, call.run_id
+        )
         if decision.go:
             return decision
         if not self.blocking:
@@ -474,13 +496,15 @@ def _waiter(node: Node) -> str | None:
 
 @dataclass(frozen=True)
 class _Call:
-    """One exec try's ask: under ``key``, as ``holder`` (its slot), for ``waiter``."""
+    """One exec try's ask: under ``key``, as ``holder`` (its slot), for ``waiter`` of
+    ``run_id``."""
 
     limiter: Limiter
     limits: Limits
     key: str
     holder: str
     waiter: str | None
+    run_id: str | None
 
 
 def _release_when(ended: threading.Event, slot: Slot, within: float) -> None:

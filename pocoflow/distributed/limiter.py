@@ -38,6 +38,7 @@ workers send the step again for then, as for any limit wait.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -59,7 +60,8 @@ OUTAGE_WAIT_CAP_S = 15.0
 
 # KEYS: rate, slots, tokens, waiters. ARGV: rate count, rate window us, max concurrency,
 # token limit, token window us, holder, slot lease us, concurrency poll us, rate entry id,
-# waiter id ("" = none). A 0 turns a limit off. Returns 0 (go) or the wait in us.
+# waiter id ("" = none). A 0 turns a limit off. Returns {0, 0} (go) or {the wait in us,
+# 1 when the waiter was not queued before (its first refusal) else 0}.
 ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -143,12 +145,13 @@ if wait > 0 then
     -- its last waiter.
     local slack = math.max(poll, 1000000)
     local ttl = math.ceil((wait + slack) / 1000) + 1000
-    redis.call('ZADD', KEYS[4], now + wait + slack, waiter)
+    local new = redis.call('ZADD', KEYS[4], now + wait + slack, waiter)
     if redis.call('PTTL', KEYS[4]) < ttl then
       redis.call('PEXPIRE', KEYS[4], ttl)
     end
+    return {math.max(1, math.ceil(wait)), new}
   end
-  return math.max(1, math.ceil(wait))
+  return {math.max(1, math.ceil(wait)), 0}
 end
 if waiter ~= '' then
   redis.call('ZREM', KEYS[4], waiter)
@@ -162,7 +165,7 @@ if cmax > 0 then
   redis.call('ZADD', KEYS[2], now + lease, ARGV[6])
   redis.call('PEXPIRE', KEYS[2], math.ceil(lease / 1000) + 1000)
 end
-return 0
+return {0, 0}
 """
 
 # KEYS: slots. ARGV: holder, lease us, max concurrency, "1" when the holder's lease
@@ -191,6 +194,16 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(lease / 1000) + 1000)
 return renewed
 """
 
+# KEYS: a run's waits. ARGV: member (limit key and waiter), ttl ms. Its own script, not
+# ACQUIRE's: the run's key lies in another hash slot than the limit key's.
+REMEMBER_WAIT = """
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
 # KEYS: tokens. ARGV: entry "<id>:<tokens>", window us.
 RECORD_TOKENS = """
 local t = redis.call('TIME')
@@ -200,6 +213,12 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) / 1000) + 1000)
 return 1
 """
 
+
+#: How long a run's record of its waits outlives the longest wait it was told: the run's
+#: stop or completion deletes it, so this only bounds what a run that never ends leaves
+#: behind. A waiter still queued when its record expired is not removed at the stop; it
+#: is forgotten after its turn, as every waiter was before the record existed.
+RUN_WAITS_TTL_S = 24 * 3600
 
 #: A lease counts as surely running (RENEW may put its holder back, free place or not)
 #: until this fraction of it before its end on this process's clock: the margin covers
@@ -238,6 +257,48 @@ def tokens_key(key: str, window: Rate) -> str:
     return f"{KEY_PREFIX}{{{key}}}:tokens:{window.window_ms}"
 
 
+def run_waits_key(run_id: str) -> str:
+    """A SET of ``[limit key, waiter]`` (JSON) the run's steps and items queued under."""
+    return f"{KEY_PREFIX}run:{run_id}"
+
+
+def forget_waiters(client: redis.Redis, run_id: str) -> int:
+    """Take the run's waiters out of every limit key's queue they joined: a run that
+    stopped (cancelled, paused, failed) asks no more, and a newcomer must not be told to
+    come back after them. Returns how many were still queued. Never raises: a Redis that
+    does not answer leaves them to be forgotten after their turns, as before; the stop
+    itself must not fail for it.
+
+    Only the members read are removed from the run's record: a waiter that joined while
+    this ran (a call of the run asking as it stopped) stays recorded for the next stop
+    that is seen (its own delivery's, when it comes back to a stopped run)."""
+    record = run_waits_key(run_id)
+    try:
+        members = client.smembers(record)
+        if not members:
+            return 0
+        by_key: dict[str, list[str]] = {}
+        for member in members:
+            key, waiter = json.loads(member)
+            by_key.setdefault(key, []).append(waiter)
+        pipe = client.pipeline(transaction=False)  # a key per slot: no MULTI across them
+        for key, waiters in by_key.items():
+            pipe.zrem(waiters_key(key), *waiters)
+        pipe.srem(record, *members)
+        removed = sum(pipe.execute()[:-1])
+    except Exception as exc:
+        _log.warning(
+            "Could not take the limit waiters of run %s out of their queues (%s); they are "
+            "forgotten after their turns",
+            run_id,
+            exc,
+        )
+        return 0
+    if removed:
+        _log.info("Run %s: %d limit waiter(s) taken out of their queues", run_id, removed)
+    return removed
+
+
 class RedisLimiter:
     """``pocoflow.limits.Limiter`` on Redis, shared by every worker and process."""
 
@@ -250,6 +311,7 @@ class RedisLimiter:
         self._acquire = client.register_script(ACQUIRE)
         self._renew = client.register_script(RENEW)
         self._record = client.register_script(RECORD_TOKENS)
+        self._remember = client.register_script(REMEMBER_WAIT)
         self._failures = 0
         self._held: dict[str, _Held] = {}
         self._lock = threading.Lock()
@@ -262,7 +324,14 @@ class RedisLimiter:
 
         return cls(redis_client(url), lease_s=lease_s)
 
-    def acquire(self, limits: Limits, key: str, holder: str, waiter: str | None = None) -> Decision:
+    def acquire(
+        self,
+        limits: Limits,
+        key: str,
+        holder: str,
+        waiter: str | None = None,
+        run_id: str | None = None,
+    ) -> Decision:
         rate, tokens = limits.rate, limits.tokens
         no_rate = Rate(1, 1.0)
         args: list[str | int] = [
@@ -285,17 +354,31 @@ class RedisLimiter:
         ]
         sent = time.monotonic()
         try:
-            wait_us = int(self._acquire(keys=keys, args=args))
+            wait_us, queued = (int(value) for value in self._acquire(keys=keys, args=args))
         except Exception as exc:
             return self._outage(key, exc)
         self._failures = 0
         if wait_us > 0:
+            if queued and waiter and run_id:
+                self._remember_wait(run_id, key, waiter, wait_us)
             return Decision(wait_s=wait_us / 1_000_000)
         if limits.concurrency is None:
             return Decision()
         slot = Slot(key, holder, self)
         self._keep(_Held(slot, limits.concurrency, sent + self.lease_s))
         return Decision(slot=slot)
+
+    def _remember_wait(self, run_id: str, key: str, waiter: str, wait_us: int) -> None:
+        """Record that ``waiter`` of ``run_id`` joined ``key``'s queue, so that the run's
+        stop can take it out (``forget_waiters``). Once per waiter (its first refusal):
+        one round trip more for a call that waits anyway, none for one that goes. A
+        failure only costs the purge: the waiter is forgotten after its turn."""
+        member = json.dumps([key, waiter], separators=(",", ":"))
+        ttl_ms = wait_us // 1000 + RUN_WAITS_TTL_S * 1000
+        try:
+            self._remember(keys=[run_waits_key(run_id)], args=[member, ttl_ms])
+        except Exception as exc:
+            _log.warning("Could not record limit waiter %s under %r: %s", waiter, key, exc)
 
     def release(self, slot: Slot) -> None:
         with self._lock:

@@ -14,7 +14,15 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from pocoflow.distributed.limiter import OUTAGE_WAIT_S, RedisLimiter, slots_key, tokens_key
+from pocoflow.distributed.limiter import (
+    OUTAGE_WAIT_S,
+    RedisLimiter,
+    forget_waiters,
+    run_waits_key,
+    slots_key,
+    tokens_key,
+    waiters_key,
+)
 from pocoflow.limits import Limits, Rate, release
 from tests.distributed.faults import restart_redis
 from tests.helpers import wait_until
@@ -318,3 +326,35 @@ def test_a_local_run_counts_against_the_workers_shared_limits(
     handle.cancel()  # and a cancel ends that wait
     handle.wait(timeout=10)
     assert handle.status == "cancelled" and not started
+
+
+def test_a_stopped_runs_waiters_leave_every_queue_and_a_newcomer_waits_one_poll(
+    client: redis.Redis, key: str
+) -> None:
+    """Run A's 50 items wait for the 1 slot of ``key`` (and one more step under a second
+    key); A stops, its waiters are forgotten: a newcomer of run B is told to come back
+    as one of the live waiters only (C's and its own: two polls), not of A's 50 too (52
+    polls, 10.4 s). Only A's waiters go, under every key they joined; C's stays."""
+    limiter = RedisLimiter(client, lease_s=30, poll_s=0.2)
+    limits = Limits(concurrency=1)
+    other_key = f"{key}-other"
+    held = [limiter.acquire(limits, k, f"holder-{k}") for k in (key, other_key)]
+    run_a, run_c = f"a-{uuid.uuid4().hex[:8]}", f"c-{uuid.uuid4().hex[:8]}"
+    assert limiter.acquire(limits, key, "c", f"{run_c}:0", run_c).wait_s == pytest.approx(0.2)
+    waits = [limiter.acquire(limits, key, f"x{i}", f"{run_a}:3:{i}", run_a) for i in range(50)]
+    assert waits[-1].wait_s == pytest.approx(0.2 * 51)
+    # A waiter asking again is counted once (and recorded once).
+    assert limiter.acquire(limits, key, "x0b", f"{run_a}:3:0", run_a).wait_s == pytest.approx(10.2)
+    assert not limiter.acquire(limits, other_key, "s", f"{run_a}:4", run_a).go
+    assert client.scard(run_waits_key(run_a)) == 51
+
+    assert forget_waiters(client, run_a) == 51
+
+    newcomer = limiter.acquire(limits, key, "b", "b-1:0", "b-1")
+    assert newcomer.wait_s == pytest.approx(0.4)  # behind C's waiter only
+    assert client.zrange(waiters_key(key), 0, -1) == [f"{run_c}:0".encode(), b"b-1:0"]
+    assert client.zcard(waiters_key(other_key)) == 0
+    assert not client.exists(run_waits_key(run_a))  # nothing left behind
+    assert forget_waiters(client, run_a) == 0  # a second stop finds nothing to do
+    for decision in held:
+        release(decision.slot)

@@ -163,8 +163,14 @@ def test_each_map_item_asks_as_its_own_waiter_and_a_step_as_run_and_step() -> No
 
     class Refusing(LocalLimiter):
         def acquire(
-            self, limits: Limits, key: str, holder: str, waiter: str | None = None
+            self,
+            limits: Limits,
+            key: str,
+            holder: str,
+            waiter: str | None = None,
+            run_id: str | None = None,
         ) -> Decision:
+            assert run_id == "r-1"
             asked.append(waiter)
             return Decision(wait_s=1.0)
 
