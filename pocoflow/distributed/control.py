@@ -242,8 +242,7 @@ class RemoteControl(LedgerControl):
         """Stop the run before its next node; ``terminate`` also kills the running step's
         task (Celery revoke with terminate), whose attempt then commits nothing."""
         super().cancel()
-        client = self._redis()
-        if client is not None and not set_flag(client, self.run_id, CANCEL):
+        if not self._raise(CANCEL):
             _log.warning(
                 "Cancel of run %s recorded in the ledger only (Redis %s unreachable)",
                 self.run_id,
@@ -298,9 +297,23 @@ class RemoteControl(LedgerControl):
         """Hold the run before its next node; the worker that meets the request marks the
         run ``paused`` and leaves the step queued for ``resume``."""
         super().pause()
+        self._raise(PAUSE)
+
+    def _raise(self, flag: str) -> bool:
+        """Raise ``flag`` in Redis and take the run's waiters out of the limits' queues:
+        a stopped run asks no more, and a newcomer under the same limit key must not be
+        told to come back after it. False if Redis stayed unreachable (then the first of
+        the run's waiting messages to come back meets the stop and clears them: see
+        ``WorkerContext.forget_waiters``)."""
+        from pocoflow.distributed.limiter import forget_waiters
+
         client = self._redis()
-        if client is not None:
-            set_flag(client, self.run_id, PAUSE)
+        if client is None:
+            return True
+        if not set_flag(client, self.run_id, flag):
+            return False  # its budget spent already: no second wait for the purge
+        forget_waiters(client, self.run_id)
+        return True
 
     def resume(self) -> None:
         """Let a paused run go on: clears the request and, if a worker already parked the

@@ -34,7 +34,7 @@ from pocoflow.distributed import lifecycle
 from pocoflow.distributed.control import FlagReader, redis_client
 from pocoflow.distributed.graphs import GraphCache, mismatch_message
 from pocoflow.distributed.lease import Holding, LeaseKeeper
-from pocoflow.distributed.limiter import RedisLimiter
+from pocoflow.distributed.limiter import RedisLimiter, forget_waiters
 from pocoflow.distributed.liveness import dead_after
 from pocoflow.distributed.mapstep import run_map_step
 from pocoflow.distributed.message import ItemMessage, MalformedMessage, StepMessage
@@ -81,6 +81,9 @@ CRASHED = "crashed"
 #: The ledger could not be reached before the step was claimed: nothing in the ledger
 #: knows this delivery, so the message itself must come back (``redelivery_delay``).
 LEDGER_UNREACHABLE = "ledger_unreachable"
+#: Outcomes of a delivery that stopped its run or found it stopped: the run's steps and
+#: items waiting for their limits will not ask again (``WorkerContext.forget_waiters``).
+RUN_STOPPED = frozenset({CANCELLED, PAUSED, FAILED, REFUSED, STOPPED})
 
 #: Because a node may wait for several keys in turn and each value may land just as it
 #: parks: a step re-runs its node in place at most this often before it lets go.
@@ -183,6 +186,17 @@ class WorkerContext:
         with self._handoff_lock:
             return self.handoff.pop((run_id, flow, step), None)
 
+    def forget_waiters(self, run_id: str, outcome: str | None = None) -> None:
+        """Take the run's waiters out of the limits' queues when ``outcome`` (None: the
+        run completed) says the run stopped. Every delivery that stops a run or meets a
+        stopped one calls it, so a stop recorded by a process without Redis is cleared by
+        the first of the run's waiting messages to come back (each waiter has one, due
+        at its turn: about a poll after the stop for the first); no sweep is needed for
+        those. Never raises: without an answer the waiters are forgotten after their
+        turns."""
+        if self.redis is not None and (outcome is None or outcome in RUN_STOPPED):
+            forget_waiters(self.redis, run_id)
+
     @classmethod
     def from_settings(cls, settings: Settings, app: Celery | None = None) -> WorkerContext:
         from pocoflow.distributed.celery_app import create_app
@@ -270,7 +284,7 @@ def execute_step(
     try:
         # Inside the try: a process's first step opens its ledger here.
         step_run = _StepRun(context or default_context(), msg, worker, task_id)
-        return step_run.run()
+        outcome = step_run.run()
     except Exception as exc:
         if (step_run is None or not step_run.claimed) and _unreachable(exc):
             # Early ack took the message off the broker, and the ledger never saw this
@@ -284,16 +298,20 @@ def execute_step(
                 exc,
             )
             return LEDGER_UNREACHABLE
-        if step_run is not None and step_run.claimed and not _unreachable(exc):
-            return step_run.crashed(exc)
-        _log.exception(
-            "Step %d of run %s (attempt %d) crashed in the executor; its lease will expire "
-            "and the sweeper will re-run it",
-            msg.step,
-            msg.run_id,
-            msg.attempt,
-        )
-        return CRASHED
+        if step_run is None or not step_run.claimed or _unreachable(exc):
+            _log.exception(
+                "Step %d of run %s (attempt %d) crashed in the executor; its lease will "
+                "expire and the sweeper will re-run it",
+                msg.step,
+                msg.run_id,
+                msg.attempt,
+            )
+            return CRASHED
+        outcome = step_run.crashed(exc)
+    # A failed or refused step, a budget pause, or a guard that met a cancel or pause:
+    # the run's steps and items waiting for their limits ask no more.
+    step_run.ctx.forget_waiters(msg.run_id, outcome)
+    return outcome
 
 
 def _unreachable(exc: BaseException) -> bool:
@@ -793,6 +811,7 @@ class _StepRun:
             successor = StepMessage(msg.run_id, msg.flow, next_step.step, next_step.node_id, 1)
             self.ctx.publisher.send(successor, queue=step_queue(run, following))
         else:
+            self.ctx.forget_waiters(msg.run_id)  # none wait any more: only its record goes
             loaded.flow._hooks.fire(FLOW_END, msg.step + 1, loaded.store)
         return COMMITTED
 

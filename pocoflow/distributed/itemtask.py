@@ -89,7 +89,7 @@ def execute_item(
     item: _ItemRun | None = None
     try:
         item = _ItemRun(context or default_context(), msg, worker, task_id)
-        return item.run()
+        outcome = item.run()
     except Exception as exc:
         if (item is None or not item.claimed) and _unreachable(exc):
             _log.warning(
@@ -101,17 +101,21 @@ def execute_item(
                 exc,
             )
             return LEDGER_UNREACHABLE
-        if item is not None and item.claimed and not _unreachable(exc):
-            return item_crashed(item, exc)
-        _log.exception(
-            "Item %d of step %d of run %s (attempt %d) crashed in the executor; its lease "
-            "will expire and the sweeper will re-run it",
-            msg.idx,
-            msg.step,
-            msg.run_id,
-            msg.attempt,
-        )
-        return CRASHED
+        if item is None or not item.claimed or _unreachable(exc):
+            _log.exception(
+                "Item %d of step %d of run %s (attempt %d) crashed in the executor; its "
+                "lease will expire and the sweeper will re-run it",
+                msg.idx,
+                msg.step,
+                msg.run_id,
+                msg.attempt,
+            )
+            return CRASHED
+        outcome = item_crashed(item, exc)
+    # A failed item, a budget pause, or a claim that met a cancel or pause: the run's
+    # other items waiting for their limits ask no more.
+    item.ctx.forget_waiters(msg.run_id, outcome)
+    return outcome
 
 
 class _ItemRun:

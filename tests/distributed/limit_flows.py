@@ -186,3 +186,53 @@ def tenant_tokens() -> Flow:
 def tenant_tokens_b() -> Flow:
     """Another flow and node: only the tenant key makes its calls share the limit."""
     return Flow(start=TenantTokens(name="other_calls"))
+
+
+class HeldSlotMap(MapNode):
+    """Items sharing one slot under ``store["key"]``: the item that gets it holds it until
+    the test writes ``release`` in the side directory, so the others queue meanwhile."""
+
+    max_concurrency = 1
+
+    def limit_key(self, item: Any) -> str:
+        return str(item[1])
+
+    def prep(self, store: Any) -> Any:
+        return [(store["side_dir"], store["key"], i) for i in range(store["n"])]
+
+    def exec(self, item: Any) -> Any:
+        side = Path(item[0])
+        (side / f"{self.run_id}.item{item[2]}.started").write_text(str(os.getpid()))
+        deadline = time.monotonic() + HANG_LIMIT_S
+        while not (side / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return item[2]
+
+    def post(self, store: Any, items: Any, results: Any) -> str:
+        store["results"] = results
+        return "default"
+
+
+@flow("held-slot-map")
+def held_slot_map() -> Flow:
+    return Flow(start=HeldSlotMap(name="held"))
+
+
+class KeyedCall(Node):
+    """One call under ``store["key"]``'s single slot; records when its exec started."""
+
+    max_concurrency = 1
+
+    def limit_key(self, prep_result: Any) -> str:
+        return str(prep_result[1])
+
+    def prep(self, store: Any) -> Any:
+        return store["side_dir"], store["key"]
+
+    def exec(self, prep_result: Any) -> Any:
+        (Path(prep_result[0]) / f"{self.run_id}.started").write_text(str(time.time()))
+
+
+@flow("keyed-call")
+def keyed_call() -> Flow:
+    return Flow(start=KeyedCall(name="call"))

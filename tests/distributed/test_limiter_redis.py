@@ -358,3 +358,73 @@ def test_a_stopped_runs_waiters_leave_every_queue_and_a_newcomer_waits_one_poll(
     assert forget_waiters(client, run_a) == 0  # a second stop finds nothing to do
     for decision in held:
         release(decision.slot)
+
+
+@pytest.fixture
+def ledger(tmp_path: Any) -> Iterator[Any]:
+    from pocoflow.db import WorkflowDB
+
+    db = WorkflowDB(f"sqlite:///{tmp_path / 'ledger.db'}")
+    yield db
+    db.close()
+
+
+def _control(db: Any, redis_url: str, client: redis.Redis) -> Any:
+    """A client's handle on a new running run, steering it through ``client``."""
+    from pocoflow.distributed.control import RemoteControl
+
+    run_id = f"run-{uuid.uuid4().hex[:8]}"
+    db.create_run(run_id, flow_name="any")
+    control = RemoteControl(
+        run_id,
+        db,
+        redis_url=redis_url,
+        publisher_factory=lambda: None,  # type: ignore[arg-type,return-value]
+        lease_s=5,
+    )
+    control._redis = lambda: client  # type: ignore[method-assign]
+    return control
+
+
+@pytest.mark.parametrize("stop", ["cancel", "pause"])
+def test_a_cancel_or_pause_request_takes_the_runs_waiters_out_at_once(
+    client: redis.Redis, redis_url: str, ledger: Any, key: str, stop: str
+) -> None:
+    """What the client does as it raises the flag: no worker needs to see the stop
+    first (``pocoflow cancel`` with Redis at hand)."""
+    control = _control(ledger, redis_url, client)
+    limiter = RedisLimiter(client, lease_s=30, poll_s=0.2)
+    limits = Limits(concurrency=1)
+    held = limiter.acquire(limits, key, "holder")
+    for i in range(5):
+        waiter = f"{control.run_id}:0:{i}"
+        assert not limiter.acquire(limits, key, f"x{i}", waiter, control.run_id).go
+    getattr(control, stop)()
+    assert client.zcard(waiters_key(key)) == 0
+    release(held.slot)
+
+
+def test_a_purge_redis_does_not_answer_leaves_the_cancel_standing(
+    redis_url: str, ledger: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis answers the cancel flag, then goes away before the purge: the cancel stands
+    (ledger and flag), the failed purge is only a warning. With Redis gone altogether
+    the purge returns at once, without raising."""
+    from pocoflow.distributed.control import CANCEL, flag_key
+
+    class GoneBeforeThePurge(redis.Redis):
+        def smembers(self, name: Any) -> Any:
+            raise redis.ConnectionError("Connection refused (Redis went away)")
+
+    flaky = GoneBeforeThePurge.from_url(redis_url)
+    control = _control(ledger, redis_url, flaky)
+    with caplog.at_level("WARNING", logger="pocoflow.distributed.limiter"):
+        control.cancel()
+    assert ledger.get_run(control.run_id)["status"] == "cancelled"
+    assert flaky.get(flag_key(control.run_id, CANCEL)) == b"1"
+    assert "Could not take the limit waiters of run" in caplog.text
+    down = redis.Redis(
+        host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+    )
+    assert forget_waiters(down, control.run_id) == 0
+    flaky.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,41 @@ def test_a_token_limit_under_one_limit_key_holds_across_runs_and_workers(
     assert max(in_window) <= 4, starts
     # 10 starts at most 4 per 2 s: the last cannot start before the third window.
     assert starts[-1] - starts[0] >= 4.0 - CLOCK_SLACK_S, starts
+
+
+def _limit_waits(live: Cluster, run_id: str) -> list[float]:
+    """The waits the limiter told the run's refused calls (``... wait 0.200s``)."""
+    return [
+        float(a["error_msg"].rsplit("wait ", 1)[1].rstrip("s"))
+        for a in live.db.get_attempts(run_id)
+        if a["outcome"] == "limited"
+    ]
+
+
+def test_a_cancelled_fan_out_leaves_the_queue_of_its_limit_key(live: Cluster) -> None:
+    """The items of a cancelled run queued for one slot under a shared ``limit_key`` no
+    longer hold back another run's call under that key: refused while the slot is still
+    taken, it is told to come back in about a poll (0.2 s), not after the 40 or more
+    stopped items (8 s or more), and starts well within that once the slot frees."""
+    import redis
+
+    from pocoflow.distributed.limiter import waiters_key
+
+    side, key, n = live.side_dir(), f"shared-{uuid.uuid4().hex[:8]}", 80
+    client = redis.Redis.from_url(live.settings.redis_url)
+    try:
+        stopped = live.submit("held-slot-map", {"side_dir": str(side), "key": key, "n": n})
+        # One item holds the slot (until `release`), the others wait for it: at least
+        # half of them queued (a waiter back late is forgotten and queued again).
+        wait_until(lambda: client.zcard(waiters_key(key)) >= n // 2, TIMEOUT_S)
+        stopped.cancel()
+        newcomer = live.submit("keyed-call", {"side_dir": str(side), "key": key})
+        (told,) = wait_until(lambda: _limit_waits(live, newcomer.run_id), TIMEOUT_S)
+        assert told < 1.0, f"the newcomer was told to wait {told}s"
+        (side / "release").write_text("")
+        wait_until(lambda: (side / f"{newcomer.run_id}.started").exists(), 5.0)
+        assert newcomer.wait(timeout=TIMEOUT_S) is not None
+        assert stopped.status == "cancelled"
+    finally:
+        (side / "release").write_text("")
+        client.close()
