@@ -3,7 +3,8 @@
 Each decision is ONE ``EVALSHA`` round trip that reads the Redis server's clock
 (``TIME``, never a worker's), prunes, checks all three limits and, when the call may
 start, records it, so two workers can never both take the last place. Keys, all under
-one hash tag per limit key (``{key}``) so a Redis Cluster keeps them on one node:
+one hash tag per limit key (``{key}``) so a Redis Cluster keeps them on one node (the
+run's record of its waits, last, is another slot's: the script never touches it):
 
 - ``pocoflow:limit:{key}:rate:<window ms>``: ZSET of start times (us), an exact sliding
   log: a start is allowed while fewer than N starts lie in the last window; a refused
@@ -25,11 +26,21 @@ one hash tag per limit key (``{key}``) so a Redis Cluster keeps them on one node
   is one, whatever its attempt) for N slots each is told to ask again in ``poll * W / N``
   (the first N sooner when a slot's lease ends sooner), so 1,000 steps waiting for 3
   slots cost about 3 asks (a ledger write and a message each) per poll, not 1,000.
-  Waiters that stop asking (the items of a fan-out that was cancelled, paused or
-  failed) keep their places until their turns pass: until then a newcomer that finds
-  every slot taken is told to come back after them (at most ``poll * W / N``), though a
-  slot may free sooner; a newcomer that finds a slot free starts at once. There is no
-  cap on that wait: a cap C would cost W / C asks per poll.
+  There is no cap on that wait: a cap C would cost W / C asks per poll. A newcomer that
+  finds a slot free starts at once.
+- ``pocoflow:limit:run:<run id>``: SET of ``[limit key, waiter]`` (JSON): the queues
+  the run's steps and items joined, written by a second round trip on a waiter's first
+  refusal only (a call allowed at once writes nothing). When the run stops (cancelled,
+  paused, failed) ``forget_waiters`` takes its waiters out of those queues, so a
+  newcomer queues only behind live waiters, not behind a stopped fan-out's items (200
+  of them for 1 slot held one back some 40 s). The client does so as it raises a cancel
+  or pause flag (``RemoteControl``); on workers, every delivery that stops its run (a
+  failed step or item, a budget pause, a guard that parks) or meets it stopped, and the
+  commit that completes it (nothing waits then: the record goes). So a stop recorded
+  without Redis (a CLI with only the ledger) is cleared by the first of the run's
+  waiting messages to come back, at its turn (about a poll for a slot): every waiter
+  has one scheduled, so no sweep is needed. A waiter the purge misses (Redis did not
+  answer; it asked just as its run stopped) is forgotten after its turn, as before.
 
 While Redis cannot be reached the limits fail closed: a decision answers "wait" with a
 backoff (0.5 s doubling to 15 s) and a warning, so a limited node never runs unlimited;
