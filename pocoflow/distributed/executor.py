@@ -811,8 +811,9 @@ class _StepRun:
             successor = StepMessage(msg.run_id, msg.flow, next_step.step, next_step.node_id, 1)
             self.ctx.publisher.send(successor, queue=step_queue(run, following))
         else:
-            self.ctx.forget_waiters(msg.run_id)  # none wait any more: only its record goes
             loaded.flow._hooks.fire(FLOW_END, msg.step + 1, loaded.store)
+            # After the hook: a Redis round trip must not delay what the run's end calls.
+            self.ctx.forget_waiters(msg.run_id)  # none wait any more: only its record goes
         return COMMITTED
 
     def _retry(self, run: dict[str, Any], loaded: _Loaded, retry: RetryLater) -> str:
