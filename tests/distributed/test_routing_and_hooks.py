@@ -11,6 +11,7 @@ import pytest
 from pocoflow.devcluster import WorkerProcess
 from tests.distributed.conftest import Cluster
 from tests.distributed.faults import REPO_ROOT
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.distributed
 
@@ -21,7 +22,14 @@ def test_builder_hooks_fire_in_the_worker_and_events_reach_the_client(live: Clus
     side = live.side_dir()
     handle = live.submit("hooked", {"count": 0, "side_dir": str(side)})
     assert handle.wait(TIMEOUT_S)["count"] == 2
-    lines = (side / "hooks").read_text().splitlines()
+
+    # flow_end fires on the worker after the commit that completed the run, which is
+    # what wait() returns on: its line may land an instant later.
+    def hook_lines() -> list[str] | None:
+        lines = (side / "hooks").read_text().splitlines()
+        return lines if lines and lines[-1].startswith("flow_end") else None
+
+    lines = wait_until(hook_lines, TIMEOUT_S)
     assert [line.rsplit(" ", 1)[0] for line in lines] == [
         "node_end h1",
         "node_end h2",
