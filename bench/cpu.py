@@ -35,13 +35,27 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def own_s(pid: int) -> float:
-    """User + system time of ``pid`` and of the children it reaped."""
+def _ticks_s(pid: int, first: int, end: int) -> float:
     fields = _stat(pid)
     if fields is None:
         return 0.0
     # utime, stime, cutime, cstime are fields 14-17 (1-based), 11-14 from field 3 on.
-    return sum(int(v) for v in fields[11:15]) * _TICK_S
+    return sum(int(v) for v in fields[first:end]) * _TICK_S
+
+
+def self_s(pid: int) -> float:
+    """User + system time of ``pid`` itself (its threads), not of any child."""
+    return _ticks_s(pid, 11, 13)
+
+
+def reaped_s(pid: int) -> float:
+    """User + system time of the children ``pid`` reaped (and of theirs)."""
+    return _ticks_s(pid, 13, 15)
+
+
+def own_s(pid: int) -> float:
+    """User + system time of ``pid`` and of the children it reaped."""
+    return _ticks_s(pid, 11, 15)
 
 
 def tree_s(pid: int) -> float:
@@ -61,15 +75,25 @@ def worker_probes(main_pids: Iterable[int]) -> dict[str, Probe]:
     """Celery worker nodes, their main processes apart from their pool children."""
     mains = list(main_pids)
     return {
-        "worker main": lambda: sum(own_s(m) for m in mains),
-        "pool children": lambda: sum(tree_s(c) for m in mains for c in _children(m)),
+        "worker main": lambda: sum(self_s(m) for m in mains),
+        # A pool child the main process replaced (and reaped) stays pool work.
+        "pool children": lambda: sum(
+            reaped_s(m) + sum(tree_s(c) for c in _children(m)) for m in mains
+        ),
     }
 
 
-def server_probe(pid: int | None) -> Probe:
-    """A server on this box (its root process and every process it started); 0 for one
-    that is not (``pid`` None)."""
-    return (lambda: 0.0) if pid is None else (lambda: tree_s(pid))
+def server_probe(pid: int | None, program: str) -> Probe:
+    """A server on this box: its root process ``pid`` and every process it started; 0
+    when ``pid`` is None or is not ``program`` here (a server in a container or on
+    another host reports a pid of its own namespace, which names another process)."""
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip() if pid is not None else ""
+    except OSError:
+        name = ""
+    if pid is None or not name.startswith(program):
+        return lambda: 0.0
+    return lambda: tree_s(pid)
 
 
 def snapshot(probes: Mapping[str, Probe]) -> dict[str, float]:

@@ -149,6 +149,15 @@ def seed(db_url: str, runs: int, steps: int = SEED_STEPS, prefix: str = "old-") 
     return run_seed(db_url, lambda dialect: seed_sql(dialect, runs, steps, prefix))
 
 
+_OF_RUN = "FROM pf_usage u WHERE u.run_id = pf_runs.run_id"
+_USAGE_TOTALS = (
+    "UPDATE pf_runs SET "
+    f"used_tokens = (SELECT COALESCE(SUM(CAST(u.input_tokens AS BIGINT) + u.output_tokens), 0) "
+    f"{_OF_RUN}), used_cost_usd = (SELECT COALESCE(SUM(u.cost_usd), 0) {_OF_RUN}) "
+    "WHERE run_id IN (SELECT run_id FROM pf_usage)"
+)
+
+
 def run_seed(db_url: str, statements: Callable[[str], list[str]]) -> float:
     """Create or migrate the ledger at ``db_url``, then run ``statements(dialect)`` in one
     transaction; returns the seconds they took. PostgreSQL is then ANALYZEd, as
@@ -167,6 +176,8 @@ def run_seed(db_url: str, statements: Callable[[str], list[str]]) -> float:
         with engine.begin() as conn:
             for statement in statements(dialect):
                 conn.execute(text(statement))
+            # What add_usage keeps: each run's totals are the sums over its usage rows.
+            conn.execute(text(_USAGE_TOTALS))
         if dialect == "postgresql":
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.execute(text("ANALYZE"))

@@ -128,8 +128,8 @@ def run_loads(
             workers(poco_env, workdir, n_workers) as poco_workers,
         ):
             shared = {
-                "PostgreSQL": cpu.server_probe(postgres_pid(db_url)),
-                "Redis": cpu.server_probe(int(client.info("server")["process_id"])),
+                "PostgreSQL": cpu.server_probe(postgres_pid(db_url), "postgres"),
+                "Redis": cpu.server_probe(int(client.info("server")["process_id"]), "redis-server"),
                 "this process": lambda: cpu.own_s(os.getpid()),
             }
             relay_probes = {**cpu.worker_probes(w.pid for w in relay_workers), **shared}
@@ -164,7 +164,8 @@ def postgres_pid(db_url: str) -> int | None:
 
     with psycopg.connect(psycopg_url(db_url), autocommit=True) as conn:
         backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
-    return cpu.parent(backend)
+        # While the connection is open: once it closes, its backend exits.
+        return cpu.parent(backend)
 
 
 def psycopg_url(db_url: str) -> str:

@@ -32,11 +32,15 @@ COLUMNS = (
     "cost_usd",
 )
 _INSERT = insert(pf_usage)
+# The step and the map item too: two items of one node may report in the same
+# microsecond, and a retry must not take the other's row for its own.
 _SAME = select(_u.id).where(
     _u.run_id == bindparam("run_id"),
     _u.ts == bindparam("ts"),
     _u.node_name == bindparam("node_name"),
     _u.attempt == bindparam("attempt"),
+    _u.step.is_not_distinct_from(bindparam("step")),
+    _u.item.is_not_distinct_from(bindparam("item")),
 )
 _SUMS = (
     func.count().label("calls"),

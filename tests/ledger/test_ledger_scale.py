@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import Executable
 
 from bench.ledger_scale import seed
+from pocoflow.db import WorkflowDB
 from pocoflow.distributed.client import record_run
 from pocoflow.distributed.sweeper import sweep
 from pocoflow.ledger import liveness, runs, signals, steps
@@ -226,3 +227,22 @@ def test_a_sweep_with_nothing_to_recover_writes_nothing(seeded: Any) -> None:
         event.remove(engine, "before_cursor_execute", capture)
     assert not report
     assert writes == []
+
+
+def test_bench_seeds_keep_the_run_totals_equal_to_their_usage_rows(ledger_url):
+    """The benches' SQL seeds write usage rows by hand: they keep each run's totals equal
+    to its rows' sums, as add_usage does, so a seeded ledger reads like a real one."""
+    from bench.monitor import BIG_RUN, seed as monitor_seed
+
+    monitor_seed(ledger_url, runs=3, big_steps=5)
+    seed(ledger_url, runs=2, prefix="old-")
+    db = WorkflowDB(ledger_url)
+    try:
+        for run_id in (BIG_RUN, "old-0"):
+            got = db.get_usage(run_id)
+            assert got["calls"] > 0
+            summed = (got["input_tokens"] + got["output_tokens"], got["cost_usd"])
+            tokens, cost = db.usage_totals(run_id)
+            assert (tokens, pytest.approx(cost)) == summed, run_id
+    finally:
+        db.close()

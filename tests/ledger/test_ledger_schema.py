@@ -477,3 +477,28 @@ def test_0016_backfills_run_usage_totals_from_the_usage_rows(ledger_url):
         assert db.usage_totals("r1") == (142, 1.0)
     finally:
         db.close()
+
+
+def test_0016_backfills_a_row_whose_token_sum_passes_int32(ledger_url):
+    """Each of input_tokens / output_tokens fits pf_usage's INTEGER, their sum does not.
+    ``add_usage`` adds such a row fine (Python int -> BIGINT); the backfill must too,
+    or (PostgreSQL) the migration fails and no command can open the ledger."""
+    engine = create_engine(ledger_url)
+    with engine.begin() as conn:
+        upgrade_to(conn, "0015")
+        conn.execute(text("INSERT INTO pf_runs (run_id, started_at) VALUES ('r1', 'x')"))
+        conn.execute(
+            text(
+                "INSERT INTO pf_usage (run_id, step, attempt, node_name, model, "
+                "input_tokens, output_tokens, cost_usd, ts) "
+                "VALUES ('r1', 0, 1, 'n', 'm', 2000000000, 2000000000, NULL, 't')"
+            )
+        )
+    engine.dispose()
+    db = WorkflowDB(ledger_url)
+    try:
+        assert db.usage_totals("r1") == (4_000_000_000, 0.0)
+        db.add_usage(UsageReport("r1", 1, 1, "n", None, "m", 2_000_000_000, 2_000_000_000, None))
+        assert db.usage_totals("r1") == (8_000_000_000, 0.0)
+    finally:
+        db.close()

@@ -151,6 +151,24 @@ def test_concurrent_reporters_lose_no_addition(db: WorkflowDB) -> None:
     assert (tokens, pytest.approx(cost)) == summed(db, "r-race")
 
 
+def test_a_retry_never_takes_another_items_row_of_the_same_instant_for_its_own(
+    db: WorkflowDB,
+) -> None:
+    """The rows of two map items of one node, reported in the same microsecond: the row a
+    retried report looks for (its write after a lost COMMIT) is its own item's, or the
+    second item's call would be dropped, and its tokens with it."""
+    from pocoflow.ledger import usage as usage_rows
+
+    db.create_run("r-same", "f")
+    first = usage_rows.row(UsageReport("r-same", 0, 1, "n", 0, "m", 1, 1, None))
+    with db._ledger.engine.begin() as conn:
+        usage_rows.add(conn, first)
+        assert usage_rows.exists(conn, first)
+        assert not usage_rows.exists(conn, {**first, "item": 1})
+        assert not usage_rows.exists(conn, {**first, "item": None})
+        assert not usage_rows.exists(conn, {**first, "step": 1})
+
+
 @pytest.fixture
 def pg_db(database_url: str) -> Iterator[tuple[WorkflowDB, str]]:
     with fresh_postgres_database(database_url) as url:

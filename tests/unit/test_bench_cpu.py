@@ -39,3 +39,33 @@ def test_per_step_figures_are_the_difference_per_step_by_part() -> None:
     text = cpu.per_step_us({"a": 1.0, "b": 0.0}, {"a": 1.5, "b": 0.25}, 1000)
     assert text == "a 500, b 250; all 750 us"
     assert cpu.per_step_us({}, {"a": 0.0}, 10) == "no /proc here: not measured"
+
+
+# A stand-in for a Celery main process: on "go" it starts a pool child that burns 0.3 s
+# of CPU and ends (as a replaced prefork child does), reaps it, and says so.
+MAIN = (
+    "import subprocess, sys\n"
+    "sys.stdin.readline()\n"
+    "burn = 'import time\\nt = time.process_time()\\nwhile time.process_time() - t < 0.3: pass'\n"
+    "subprocess.run([sys.executable, '-c', burn], check=True)\n"
+    "print('done', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+def test_a_replaced_pool_childs_cpu_stays_with_the_pool_children() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", MAIN], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as main:
+        assert main.stdin is not None and main.stdout is not None
+        probes = cpu.worker_probes([main.pid])
+        before = cpu.snapshot(probes)
+        main.stdin.write(b"go\n")
+        main.stdin.flush()
+        assert main.stdout.readline() == b"done\n"
+        after = cpu.snapshot(probes)
+        main.communicate()
+    used = {name: after[name] - before[name] for name in after}
+    # The child's 0.3 s is pool work: it must not read as the main process's own.
+    assert used["pool children"] >= 0.25, used
+    assert used["worker main"] < 0.15, used

@@ -41,7 +41,9 @@ def upgrade() -> None:
     # Correlated subqueries, not UPDATE ... FROM: the same SQL on both backends.
     op.execute(
         "UPDATE pf_runs SET "
-        f"used_tokens = (SELECT COALESCE(SUM(u.input_tokens + u.output_tokens), 0) {_OF_RUN}), "
+        # BIGINT before adding: each column is an INTEGER, their sum may not fit one.
+        "used_tokens = (SELECT COALESCE(SUM(CAST(u.input_tokens AS BIGINT) + u.output_tokens), 0) "
+        f"{_OF_RUN}), "
         f"used_cost_usd = (SELECT COALESCE(SUM(u.cost_usd), 0) {_OF_RUN}) "
         "WHERE run_id IN (SELECT run_id FROM pf_usage)"
     )
