@@ -340,6 +340,26 @@ class Flow(Node):
         control: RunControl,
         resumed: bool = False,
     ) -> Store:
+        # Local runs wait in place for their limits (this process's limiter).
+        gate = LimitGate(current_limiter(), self.flow_name)
+        try:
+            return self._steps(graph, current, store, step, recorder, control, resumed, gate)
+        finally:
+            # However the run ends here (done, cancelled, failed, held): the waits it
+            # queued in a shared limiter go (no round trip unless a call was refused).
+            gate.forget_refused(recorder.run_id)
+
+    def _steps(
+        self,
+        graph: Graph | None,
+        current: Node | None,
+        store: Store,
+        step: int,
+        recorder: RunRecorder,
+        control: RunControl,
+        resumed: bool,
+        gate: LimitGate,
+    ) -> Store:
         run_id = recorder.run_id
         record = recorder.db is not None
         hooks = self._hooks
@@ -349,8 +369,6 @@ class Flow(Node):
         signals = recorder.signal_reader()
         steps_run = 0
         again = step if resumed else -1  # the step that may have run before
-        # Local runs wait in place for their limits (this process's limiter).
-        gate = LimitGate(current_limiter(), self.flow_name)
         between = pausing.ItemGate(recorder, control)  # a pause met between map items
         while current is not None:
             if record:

@@ -41,6 +41,7 @@ class Graph:
             self._by_id[node_id] = node
             queue.extend(node._successors.values())
         self._fingerprint: str | None = None
+        self._limited: bool | None = None
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -86,11 +87,29 @@ class Graph:
         return {"start": self.start_id, "nodes": shape}
 
     @property
+    def limited(self) -> bool:
+        """Whether a node (a sub-flow's inner nodes included) declares a limit: only then
+        may the run's calls have queued in a limiter."""
+        if self._limited is None:
+            self._limited = any(_declares_limits(n) for n in self._by_id.values())
+        return self._limited
+
+    @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             text = json.dumps(self.shape(), sort_keys=True, separators=(",", ":"))
             self._fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
         return self._fingerprint
+
+
+def _declares_limits(node: Node) -> bool:
+    if any(
+        getattr(node, name, None) is not None
+        for name in ("rate_limit", "max_concurrency", "token_limit")
+    ):
+        return True
+    inner = getattr(node, "start", None)
+    return isinstance(inner, Node) and hasattr(node, "graph") and Graph(inner).limited
 
 
 def shape_difference(recorded: dict[str, Any], current: dict[str, Any]) -> str:

@@ -386,6 +386,9 @@ class LimitGate:
     limiter: Limiter | None
     flow_name: str | None
     blocking: bool = True
+    #: Runs whose calls this gate (or a sub-flow's gate made from it) saw refused: their
+    #: waits may be queued in the limiter (a local run's end takes them out).
+    refused_runs: set[str] = field(default_factory=set, compare=False, repr=False)
 
     def applies(self, node: Node) -> bool:
         """Whether ``node``'s exec tries pass through this gate. A node whose limits do
@@ -404,7 +407,16 @@ class LimitGate:
             return True
 
     def waiting(self) -> LimitGate:
-        return LimitGate(self.limiter, self.flow_name, True)
+        return LimitGate(self.limiter, self.flow_name, True, self.refused_runs)
+
+    def forget_refused(self, run_id: str) -> None:
+        """``run_id`` ended: if one of its calls was refused here, take its waiters out
+        of the limiter's queues (no round trip for a run that never waited)."""
+        if run_id in self.refused_runs:
+            self.refused_runs.discard(run_id)
+            forget = getattr(self.limiter, "forget_run", None)
+            if forget is not None:
+                forget(run_id)
 
     @contextmanager
     def entered(self, node: Node, prep_result: Any) -> Iterator[None]:
@@ -452,6 +464,8 @@ class LimitGate:
         )
         if decision.go:
             return decision
+        if call.run_id is not None:
+            self.refused_runs.add(call.run_id)
         if not self.blocking:
             raise LimitWait(node.name, call.key, decision.wait_s)
         if node.cancelled():

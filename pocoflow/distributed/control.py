@@ -312,7 +312,10 @@ class RemoteControl(LedgerControl):
             return True
         if not set_flag(client, self.run_id, flag):
             return False  # its budget spent already: no second wait for the purge
-        forget_waiters(client, self.run_id)
+        if flag == CANCEL:
+            # A pause is only a request until a worker parks the run (which purges
+            # then): a resume may withdraw it first, and the run's places must stand.
+            forget_waiters(client, self.run_id)
         return True
 
     def resume(self) -> None:

@@ -194,8 +194,11 @@ class WorkerContext:
         at its turn: about a poll after the stop for the first); no sweep is needed for
         those. Never raises: without an answer the waiters are forgotten after their
         turns."""
-        if self.redis is not None and (outcome is None or outcome in RUN_STOPPED):
-            forget_waiters(self.redis, run_id)
+        if self.redis is None or not (outcome is None or outcome in RUN_STOPPED):
+            return
+        if outcome == PAUSED and _live_again(self.db, run_id):
+            return  # resumed since its park: its steps wait on (their places stand)
+        forget_waiters(self.redis, run_id)
 
     @classmethod
     def from_settings(cls, settings: Settings, app: Celery | None = None) -> WorkerContext:
@@ -312,6 +315,16 @@ def execute_step(
     # the run's steps and items waiting for their limits ask no more.
     step_run.ctx.forget_waiters(msg.run_id, outcome)
     return outcome
+
+
+def _live_again(db: WorkflowDB, run_id: str) -> bool:
+    """The run goes on (a resume landed since a delivery parked it). A read that fails
+    says no: the purge then costs the resumed run's places, never a stop's."""
+    try:
+        run = db.get_run(run_id)
+    except Exception:
+        return False
+    return run is not None and run["status"] in ("queued", "running", "waiting")
 
 
 def _unreachable(exc: BaseException) -> bool:
@@ -813,7 +826,9 @@ class _StepRun:
         else:
             loaded.flow._hooks.fire(FLOW_END, msg.step + 1, loaded.store)
             # After the hook: a Redis round trip must not delay what the run's end calls.
-            self.ctx.forget_waiters(msg.run_id)  # none wait any more: only its record goes
+            # A flow without limits has no record: its end costs no round trip.
+            if loaded.graph.limited:
+                self.ctx.forget_waiters(msg.run_id)  # none wait any more: only its record goes
         return COMMITTED
 
     def _retry(self, run: dict[str, Any], loaded: _Loaded, retry: RetryLater) -> str:

@@ -240,7 +240,12 @@ class _ItemRun:
                 status="paused",
             ):
                 _log.info("Run %s paused between items of step %d", msg.run_id, msg.step)
-            return PAUSED
+                return PAUSED
+            # Not parked here: another item parked it, a cancel landed, or a resume
+            # withdrew the request (the run goes on: it did not stop).
+            now = self.db.get_run(msg.run_id) or {"status": "cancelled"}
+            stop = lifecycle.stopped(self.db, now, msg.step)
+            return stop if stop is not None else DUPLICATE
         return DUPLICATE
 
     def _node(self, run: dict[str, Any]) -> MapNode | str:

@@ -229,7 +229,7 @@ return 1
 #: stop or completion deletes it, so this only bounds what a run that never ends leaves
 #: behind. A waiter still queued when its record expired is not removed at the stop; it
 #: is forgotten after its turn, as every waiter was before the record existed.
-RUN_WAITS_TTL_S = 24 * 3600
+RUN_WAITS_TTL_S = 7 * 24 * 3600
 
 #: A lease counts as surely running (RENEW may put its holder back, free place or not)
 #: until this fraction of it before its end on this process's clock: the margin covers
@@ -384,12 +384,27 @@ class RedisLimiter:
         stop can take it out (``forget_waiters``). Once per waiter (its first refusal):
         one round trip more for a call that waits anyway, none for one that goes. A
         failure only costs the purge: the waiter is forgotten after its turn."""
+        from pocoflow.distributed.control import CANCEL, flag_key
+
         member = json.dumps([key, waiter], separators=(",", ":"))
         ttl_ms = wait_us // 1000 + RUN_WAITS_TTL_S * 1000
         try:
             self._remember(keys=[run_waits_key(run_id)], args=[member, ttl_ms])
+            # A cancel raises its flag before it purges: a purge that ran between this
+            # waiter's ACQUIRE and the record above missed it, and the flag says so.
+            # (Read after the record, in its own round trip: only on a first refusal.)
+            if self.client.exists(flag_key(run_id, CANCEL)):
+                pipe = self.client.pipeline(transaction=False)
+                pipe.zrem(waiters_key(key), waiter)
+                pipe.srem(run_waits_key(run_id), member)
+                pipe.execute()
         except Exception as exc:
             _log.warning("Could not record limit waiter %s under %r: %s", waiter, key, exc)
+
+    def forget_run(self, run_id: str) -> None:
+        """A run of this process that waited here ended (a local run): its waiters
+        leave the queues they joined."""
+        forget_waiters(self.client, run_id)
 
     def release(self, slot: Slot) -> None:
         with self._lock:

@@ -23,7 +23,7 @@ from pocoflow.distributed.limiter import (
     tokens_key,
     waiters_key,
 )
-from pocoflow.limits import Limits, Rate, release
+from pocoflow.limits import Limits, Rate, release, use_limiter
 from tests.distributed.faults import restart_redis
 from tests.helpers import wait_until
 from tests.servers import start_redis
@@ -400,7 +400,9 @@ def test_a_cancel_or_pause_request_takes_the_runs_waiters_out_at_once(
         waiter = f"{control.run_id}:0:{i}"
         assert not limiter.acquire(limits, key, f"x{i}", waiter, control.run_id).go
     getattr(control, stop)()
-    assert client.zcard(waiters_key(key)) == 0
+    # A cancel purges at once; a pause only once a worker parks the run (a resume may
+    # withdraw the request first: tests/ledger/test_limit_waiters_review.py).
+    assert client.zcard(waiters_key(key)) == (0 if stop == "cancel" else 5)
     release(held.slot)
 
 
@@ -428,3 +430,33 @@ def test_a_purge_redis_does_not_answer_leaves_the_cancel_standing(
     )
     assert forget_waiters(down, control.run_id) == 0
     flaky.close()
+
+
+def test_a_cancelled_local_run_leaves_the_shared_queue_and_no_record(
+    client: redis.Redis, key: str
+) -> None:
+    """A local run asking the shared Redis limiter (POCOFLOW_REDIS_URL) records its waits
+    as a worker does: when it ends here (cancelled, as here, or done) its waiter leaves
+    the queue at once, not after its turn (a whole window), and its record goes."""
+    from pocoflow import Flow, Node
+
+    shared = RedisLimiter(client, lease_s=5)
+    assert shared.acquire(Limits(rate=Rate(1, 60.0)), key, "a-worker-call").go
+
+    class Call(Node):
+        rate_limit = "1/m"
+
+        def limit_key(self, prep_result: object) -> str:
+            return key
+
+    previous = use_limiter(shared)
+    try:
+        handle = Flow(Call(), flow_name="local-review").run_background({})
+        wait_until(lambda: client.zcard(waiters_key(key)) == 1, 10.0)
+        handle.cancel()
+        handle.wait(timeout=10)
+    finally:
+        use_limiter(previous)
+    assert handle.status == "cancelled"
+    assert client.zcard(waiters_key(key)) == 0, "the cancelled local run is still queued"
+    assert not client.exists(run_waits_key(handle.run_id)), "its record is left"

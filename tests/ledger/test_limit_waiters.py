@@ -15,6 +15,7 @@ import redis
 
 from pocoflow import Flow, MapNode, Node, flow
 from pocoflow.distributed import lifecycle
+from pocoflow.distributed.control import RemoteControl
 from pocoflow.distributed.executor import WorkerContext, execute_step
 from pocoflow.distributed.itemtask import execute_item
 from pocoflow.distributed.limiter import RedisLimiter, run_waits_key, waiters_key
@@ -168,3 +169,157 @@ def test_a_step_back_to_a_run_paused_without_redis_leaves_the_queue(
     assert deliver(wctx, again) == "paused"
     assert db.get_run(first.run_id)["status"] == "paused"
     assert client.zcard(waiters_key(key)) == 0
+
+
+class Plain(Node):
+    def exec(self, prep_result: Any) -> Any:
+        return None
+
+
+@flow("review_plain")
+def review_plain() -> Flow:
+    return Flow(start=Plain(name="plain"))
+
+
+class CountingRedis(redis.Redis):
+    """A client that counts the commands it sends (pipelines included)."""
+
+    sent: list[str]
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.sent.append(str(args[0]))
+        return super().execute_command(*args, **options)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        self.sent.append("PIPELINE")
+        return super().pipeline(transaction, shard_hint)
+
+
+def test_a_run_without_limits_costs_no_redis_round_trip_when_it_completes(
+    db: Any, recorder: Recorder, redis_url: str
+) -> None:
+    """A flow with no limited node can have no waiters and no record: the commit that
+    completes it should not ask Redis anything (today: one SMEMBERS per completed run,
+    every run, after the flow_end hook, on the worker's task)."""
+    counting = CountingRedis.from_url(redis_url)
+    counting.sent = []
+    ctx = WorkerContext(
+        db=db,
+        publisher=recorder,  # type: ignore[arg-type]
+        redis=counting,
+        lease_s=LEASE_S,
+        limiter=RedisLimiter(counting, lease_s=30),
+    )
+    first = start(db, "review_plain", {})
+    assert deliver(ctx, first) == "committed"
+    assert db.get_run(first.run_id)["status"] == "completed"
+    assert counting.sent == [], f"a run without limits sent {counting.sent} to Redis"
+    counting.close()
+
+
+def test_an_item_whose_park_lost_to_a_resume_leaves_the_live_runs_waiters_queued(
+    db: Any, wctx: WorkerContext, recorder: Recorder, client: redis.Redis, key: str, held: Any
+) -> None:
+    """An item's claim misses on a pause request, and a resume withdraws it before the
+    item's guard parks the run: ``_ItemRun._guard`` still returns ``paused`` (whatever
+    ``update_run_if`` said), so the delivery purges the waiters of a run that never
+    stopped. Its items then come back to find their places gone."""
+    run_id, again = queued_items(db, wctx, recorder, key, [f"i{i}" for i in range(4)])
+    assert client.zcard(waiters_key(key)) == 4
+    assert lifecycle.request_pause(db, run_id)
+    real = db.update_run_if
+
+    def resume_lands_first(run: str, **kw: Any) -> bool:
+        if kw.get("status") == "paused" and kw.get("control_in") == ("pause",):
+            real(run, control_in=("pause",), control=None)  # the resume, just before
+        return real(run, **kw)
+
+    db.update_run_if = resume_lands_first  # type: ignore[method-assign]
+    try:
+        outcome = deliver(wctx, again[0])
+    finally:
+        del db.update_run_if
+    run = db.get_run(run_id)
+    assert run["status"] == "running" and run["control"] is None  # the run never stopped
+    assert client.zcard(waiters_key(key)) == 4, "a live run's waiters were purged"
+    assert outcome != "paused", "the item reports a pause that did not happen"
+
+
+def test_a_pause_withdrawn_before_any_worker_parks_keeps_the_runs_places(
+    db: Any, wctx: WorkerContext, recorder: Recorder, client: redis.Redis, redis_url: str,
+    key: str, held: Any,
+) -> None:  # fmt: skip
+    """``RemoteControl.pause`` purges as it raises the request, before the run stopped:
+    pause + resume (nothing parked in between) leaves a running run whose waiting items
+    lost their places (each comes back to the tail, told a new full wait)."""
+    run_id, _again = queued_items(db, wctx, recorder, key, [f"i{i}" for i in range(4)])
+    control = RemoteControl(
+        run_id, db, redis_url=redis_url, publisher_factory=lambda: recorder,  # type: ignore[arg-type,return-value]
+        lease_s=LEASE_S,
+    )  # fmt: skip
+    control.pause()
+    control.resume()
+    assert db.get_run(run_id)["status"] == "running"
+    assert client.zcard(waiters_key(key)) == 4, "the waiters of a run that never paused were purged"
+
+
+def test_a_first_refusal_racing_the_cancel_purge_leaves_no_waiter_queued(
+    db: Any, client: redis.Redis, redis_url: str, key: str, held: Any, recorder: Recorder
+) -> None:
+    """The two round trips of a first refusal (ACQUIRE queues the waiter, REMEMBER_WAIT
+    records it) with a cancel's purge in between: the purge does not see the waiter, the
+    record is written (re-created) after it, and the waiter of a cancelled run keeps its
+    place until its own message comes back to meet the cancel (its turn)."""
+    limiter = RedisLimiter(client, lease_s=30, poll_s=0.2)
+    run_id = f"race-{uuid.uuid4().hex[:8]}"
+    db.create_run(run_id, flow_name="any")
+    control = RemoteControl(
+        run_id, db, redis_url=redis_url, publisher_factory=lambda: recorder,  # type: ignore[arg-type,return-value]
+        lease_s=LEASE_S,
+    )  # fmt: skip
+    real = limiter._remember_wait
+
+    def cancel_lands_between(*args: Any) -> None:
+        control.cancel()  # flag, then purge: it finds nothing recorded yet
+        real(*args)
+
+    limiter._remember_wait = cancel_lands_between  # type: ignore[method-assign]
+    assert not limiter.acquire(Limits(concurrency=1), key, "h", f"{run_id}:0", run_id).go
+    assert db.get_run(run_id)["status"] == "cancelled"
+    assert client.zcard(waiters_key(key)) == 0, "a cancelled run's waiter is still queued"
+    assert not client.exists(run_waits_key(run_id)), "the record came back after the purge"
+
+
+def test_a_resume_between_the_park_and_its_purge_keeps_the_resumed_runs_waiter(
+    db: Any, wctx: WorkerContext, recorder: Recorder, client: redis.Redis, key: str, held: Any
+) -> None:
+    """The delivery that parks a run purges after ``run()`` returned: a resume landing in
+    between, whose step is refused and queued again, keeps its live waiter (the purge
+    of a pause looks at the run first)."""
+    first = start(db, "waiters_step", {"key": key})
+    assert deliver(wctx, first) == "limited"
+    [(again, _queue)] = recorder.take()
+    assert lifecycle.request_pause(db, first.run_id)
+    real = db.park_run
+    assert wctx.limiter is not None
+    limiter = wctx.limiter
+
+    def resumed_at_once(*args: Any, **kw: Any) -> bool:
+        parked = real(*args, **kw)
+        # The user resumes; the resumed step's delivery is refused and queued again.
+        assert lifecycle.resume_paused(db, first.run_id, recorder, lease_s=LEASE_S)  # type: ignore[arg-type]
+        client.zrem(waiters_key(key), f"{first.run_id}:0")  # (as if purged at the pause)
+        assert not limiter.acquire(
+            Limits(concurrency=1), key, "resumed", f"{first.run_id}:0", first.run_id
+        ).go
+        return parked
+
+    db.park_run = resumed_at_once  # type: ignore[method-assign]
+    try:
+        assert deliver(wctx, again) == "paused"
+    finally:
+        del db.park_run
+    assert db.get_run(first.run_id)["status"] == "running"
+    assert client.zrange(waiters_key(key), 0, -1) == [f"{first.run_id}:0".encode()], (
+        "the resumed run's waiter was purged by the stale pause"
+    )
