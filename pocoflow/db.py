@@ -492,6 +492,7 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
         transaction adds it to the run's totals (``usage_totals``), so the row and the
         addition land together or not at all. An unknown run id: ``KeyError``."""
         values = usage_rows.row(report)
+        ops = usage_rows.add_ops(values)
         tries = 0
 
         def body(conn: Connection) -> None:
@@ -501,10 +502,10 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
             # save_event); that try added to the totals too, so it does neither again.
             if tries > 1 and usage_rows.exists(conn, values):
                 return
-            if not usage_rows.add(conn, values):
+            if not pipeline.run_reading(conn, ops, commit=True)[0]:
                 raise self._unknown_run(report.run_id)  # rolls the row back with it
 
-        self._write(body, "recording usage", report.run_id)
+        self._write(body, "recording usage", report.run_id, batched=True)
 
     def usage_totals(self, run_id: str) -> tuple[int, float]:
         """(tokens, cost_usd) the run reported so far, every attempt included: the totals

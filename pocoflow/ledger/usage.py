@@ -16,7 +16,9 @@ from typing import Any
 from sqlalchemy import BigInteger, Float, bindparam, func, insert, select, update
 from sqlalchemy.engine import Connection
 
+from pocoflow.ledger import pipeline
 from pocoflow.ledger.common import iso_now
+from pocoflow.ledger.pipeline import Op
 from pocoflow.ledger.tables import pf_runs, pf_usage
 
 _u = pf_usage.c
@@ -79,29 +81,25 @@ def row(report: Any) -> dict[str, Any]:
     return out
 
 
-def add(conn: Connection, values: dict[str, Any]) -> bool:
-    """Inside the caller's write transaction: insert the row of ``values`` and add it to
-    its run's totals, so the two never disagree. False: no run row took the addition
-    (the row's foreign key refuses an unknown run first, so this is only a backstop).
-
-    The insert goes first so that an unknown run fails on its foreign key, as it did
-    before the totals existed."""
-    conn.execute(_INSERT, values)
-    added = conn.execute(
-        _ADD_TO_RUN,
-        {
-            "b_run_id": values["run_id"],
-            "b_tokens": values["input_tokens"] + values["output_tokens"],
-            "b_cost": values["cost_usd"] or 0.0,  # an unknown cost counts 0
-        },
-    )
-    return added.rowcount == 1
+def add_ops(values: dict[str, Any]) -> list[Op]:
+    """Insert the row of ``values`` and add it to its run's totals, in one batch (one
+    round trip on PostgreSQL, its COMMIT included, so the run row is locked for no client
+    round trip), so the two never disagree. The addition is a guard that aborts the batch
+    when no run row took it; the insert goes first, so an unknown run fails on its
+    foreign key as it did before the totals existed."""
+    addition = {
+        "b_run_id": values["run_id"],
+        "b_tokens": values["input_tokens"] + values["output_tokens"],
+        "b_cost": values["cost_usd"] or 0.0,  # an unknown cost counts 0
+    }
+    return [Op(_INSERT, values), Op(_ADD_TO_RUN, addition, must_hit_one=True, aborts_on_miss=True)]
 
 
 def exists(conn: Connection, values: dict[str, Any]) -> bool:
     """The row was written already: how an insert retried after a COMMIT whose outcome
-    was lost finds its first try (no call is counted twice)."""
-    return conn.execute(_SAME, values).first() is not None
+    was lost finds its first try (no call is counted twice). A batch read, so it runs in
+    a batched write (``txn.run(..., batched=True)``)."""
+    return bool(pipeline.run_reading(conn, [Op(_SAME, values)])[1][0])
 
 
 def totals(conn: Connection, run_id: str) -> tuple[int, float]:

@@ -23,7 +23,7 @@ from pocoflow.store import Store
 from pocoflow.usage import BUDGET_EXCEEDED, UsageReport
 from tests.conftest import fresh_postgres_database
 from tests.ledger.test_distributed_executor import LEASE_S, Publish, drain
-from tests.ledger.test_unknown_outcome import CommitKiller
+from tests.ledger.test_unknown_outcome import BatchCommitKiller
 from tests.usage_nodes import Ask, ask_then_summarise
 
 
@@ -157,12 +157,12 @@ def test_a_retry_never_takes_another_items_row_of_the_same_instant_for_its_own(
     """The rows of two map items of one node, reported in the same microsecond: the row a
     retried report looks for (its write after a lost COMMIT) is its own item's, or the
     second item's call would be dropped, and its tokens with it."""
-    from pocoflow.ledger import usage as usage_rows
+    from pocoflow.ledger import pipeline, usage as usage_rows
 
     db.create_run("r-same", "f")
     first = usage_rows.row(UsageReport("r-same", 0, 1, "n", 0, "m", 1, 1, None))
     with db._ledger.engine.begin() as conn:
-        usage_rows.add(conn, first)
+        assert pipeline.run(conn, usage_rows.add_ops(first))
         assert usage_rows.exists(conn, first)
         assert not usage_rows.exists(conn, {**first, "item": 1})
         assert not usage_rows.exists(conn, {**first, "item": None})
@@ -181,10 +181,11 @@ def pg_db(database_url: str) -> Iterator[tuple[WorkflowDB, str]]:
 def test_a_report_whose_commit_outcome_was_unknown_counts_once(
     pg_db: tuple[WorkflowDB, str], monkeypatch: pytest.MonkeyPatch, landed: bool
 ) -> None:
-    """PostgreSQL: the connection dies at the report's COMMIT, which either landed or not;
-    the retry then finds its row (and adds nothing) or writes row and addition once."""
+    """PostgreSQL: the connection dies at the report's COMMIT (sent in its batch), which
+    either landed or not; the retry then finds its row (and adds nothing) or writes row
+    and addition once."""
     db, url = pg_db
-    killer = CommitKiller(db, url, monkeypatch)
+    killer = BatchCommitKiller(url, monkeypatch)
     killer.before = not landed
     db.create_run("r-lost", "f")
     killer.arm()
