@@ -416,7 +416,11 @@ class LimitGate:
             self.refused_runs.discard(run_id)
             forget = getattr(self.limiter, "forget_run", None)
             if forget is not None:
-                forget(run_id)
+                # Off the run's thread: a Redis that hangs must not hold wait() (or run()'s
+                # return) for its socket timeout; the purge is best effort anyway.
+                threading.Thread(
+                    target=forget, args=(run_id,), name="pocoflow-forget-waits", daemon=True
+                ).start()
 
     @contextmanager
     def entered(self, node: Node, prep_result: Any) -> Iterator[None]:

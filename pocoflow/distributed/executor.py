@@ -196,8 +196,10 @@ class WorkerContext:
         turns."""
         if self.redis is None or not (outcome is None or outcome in RUN_STOPPED):
             return
-        if outcome == PAUSED and _live_again(self.db, run_id):
-            return  # resumed since its park: its steps wait on (their places stand)
+        if outcome is not None and _live_again(self.db, run_id):
+            # Resumed (or restarted) since this delivery saw it stop: its steps wait on
+            # (their places stand), whatever stopped it (pause, cancel, failure).
+            return
         forget_waiters(self.redis, run_id)
 
     @classmethod
@@ -212,6 +214,7 @@ class WorkerContext:
         limiter = None
         if client is not None:
             limiter = RedisLimiter(client, lease_s=settings.lease_seconds)
+            limiter.run_cancelled = lambda run_id: _cancelled_in_ledger(db, run_id)
             use_limiter(limiter)  # what a map item's gate asks in this process too
         return cls(
             db=db,
@@ -317,6 +320,15 @@ def execute_step(
     return outcome
 
 
+def _cancelled_in_ledger(db: WorkflowDB, run_id: str) -> bool:
+    """The ledger, not a Redis flag that may have outlived a resume, says cancelled."""
+    try:
+        run = db.get_run(run_id)
+    except Exception:
+        return True  # cannot tell: the flag stands (the purge costs at most a place)
+    return run is None or run["status"] == "cancelled" or run.get("control") == "cancel"
+
+
 def _live_again(db: WorkflowDB, run_id: str) -> bool:
     """The run goes on (a resume landed since a delivery parked it). A read that fails
     says no: the purge then costs the resumed run's places, never a stop's."""
@@ -324,7 +336,11 @@ def _live_again(db: WorkflowDB, run_id: str) -> bool:
         run = db.get_run(run_id)
     except Exception:
         return False
-    return run is not None and run["status"] in ("queued", "running", "waiting")
+    return (
+        run is not None
+        and run["status"] in ("queued", "running", "waiting")
+        and run.get("control") != "cancel"  # a cancel not yet made the status is a stop
+    )
 
 
 def _unreachable(exc: BaseException) -> bool:

@@ -135,6 +135,7 @@ class _ItemRun:
         self.node: MapNode | None = None
         self.run_row: dict[str, Any] = {}  # the run's guard columns, once claimed
         self.try_number = msg.try_number  # the ledger's, once claimed
+        self._claimed_again = False  # _guard's one claim after a withdrawn pause
 
     def run(self) -> str:
         msg, db = self.msg, self.db
@@ -245,7 +246,13 @@ class _ItemRun:
             # withdrew the request (the run goes on: it did not stop).
             now = self.db.get_run(msg.run_id) or {"status": "cancelled"}
             stop = lifecycle.stopped(self.db, now, msg.step)
-            return stop if stop is not None else DUPLICATE
+            if stop is not None:
+                return stop
+            if now.get("control") is None and not self._claimed_again:
+                # The request was withdrawn: the claim missed only for it, so claim again
+                # (once) rather than drop a live item until the sweeper's backstop.
+                self._claimed_again = True
+                return self.run()
         return DUPLICATE
 
     def _node(self, run: dict[str, Any]) -> MapNode | str:

@@ -53,6 +53,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -328,6 +329,9 @@ class RedisLimiter:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = 0
+        #: Confirms a CANCEL flag against the ledger (workers set it): a flag left over
+        #: after a resume that could not reach Redis must not evict a live run's waiter.
+        self.run_cancelled: Callable[[str], bool] | None = None
 
     @classmethod
     def from_url(cls, url: str, *, lease_s: float) -> RedisLimiter:
@@ -393,7 +397,9 @@ class RedisLimiter:
             # A cancel raises its flag before it purges: a purge that ran between this
             # waiter's ACQUIRE and the record above missed it, and the flag says so.
             # (Read after the record, in its own round trip: only on a first refusal.)
-            if self.client.exists(flag_key(run_id, CANCEL)):
+            if self.client.exists(flag_key(run_id, CANCEL)) and (
+                self.run_cancelled is None or self.run_cancelled(run_id)
+            ):
                 pipe = self.client.pipeline(transaction=False)
                 pipe.zrem(waiters_key(key), waiter)
                 pipe.srem(run_waits_key(run_id), member)

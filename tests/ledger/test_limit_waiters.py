@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import text
 
 from pocoflow import Flow, MapNode, Node, flow
 from pocoflow.distributed import lifecycle
-from pocoflow.distributed.control import RemoteControl
+from pocoflow.distributed.control import CANCEL, RemoteControl, set_flag
 from pocoflow.distributed.executor import WorkerContext, execute_step
 from pocoflow.distributed.itemtask import execute_item
 from pocoflow.distributed.limiter import RedisLimiter, run_waits_key, waiters_key
@@ -323,3 +324,92 @@ def test_a_resume_between_the_park_and_its_purge_keeps_the_resumed_runs_waiter(
     assert client.zrange(waiters_key(key), 0, -1) == [f"{first.run_id}:0".encode()], (
         "the resumed run's waiter was purged by the stale pause"
     )
+
+
+def test_a_stale_cancel_flag_does_not_throw_a_live_runs_waiter_out(
+    db: Any, client: redis.Redis, key: str, held: Any
+) -> None:
+    """A resumed run whose CANCEL flag outlived the resume (clear_flag could not reach
+    Redis; the executor's guard explicitly ignores such a flag): the run is running in
+    the ledger, yet each first refusal of its steps takes itself out of the queue, so a
+    later newcomer of another run is put ahead of it, every time."""
+    from pocoflow.distributed import executor
+
+    limiter = RedisLimiter(client, lease_s=30, poll_s=0.2)
+    if hasattr(executor, "_cancelled_in_ledger"):  # the proposed fix, wired as workers do
+        limiter.run_cancelled = lambda r: executor._cancelled_in_ledger(db, r)
+    run_id = f"live-{uuid.uuid4().hex[:8]}"
+    db.create_run(run_id, flow_name="any")  # status running: the ledger says live
+    set_flag(client, run_id, CANCEL)  # left over from before the resume
+    assert not limiter.acquire(Limits(concurrency=1), key, "h1", f"{run_id}:0", run_id).go
+    assert not limiter.acquire(Limits(concurrency=1), key, "h2", "other:0", "other").go
+    assert db.get_run(run_id)["status"] == "running"
+    assert client.zrank(waiters_key(key), f"{run_id}:0") == 0, (
+        "the live run's waiter was taken out by a stale cancel flag"
+    )
+
+
+def test_a_resume_between_a_cancelled_guard_and_its_purge_keeps_the_resumed_waiter(
+    db: Any, wctx: WorkerContext, recorder: Recorder, client: redis.Redis, key: str,
+    held: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """As test_a_resume_between_the_park_and_its_purge_keeps_the_resumed_runs_waiter, for
+    a cancel: the delivery that meets the cancel purges after run() returned; a resume
+    (restart) that landed in between, whose step is refused and queued again, loses
+    its place (only PAUSED looks at the run first)."""
+    first = start(db, "waiters_step", {"key": key})
+    assert deliver(wctx, first) == "limited"
+    [(again, _queue)] = recorder.take()
+    assert lifecycle.request_cancel(db, first.run_id)
+    real = lifecycle.stopped
+    limiter = wctx.limiter
+    assert limiter is not None
+
+    def resumed_at_once(db_: Any, run: dict[str, Any], step: int) -> str | None:
+        stop = real(db_, run, step)
+        if stop == "cancelled":
+            assert lifecycle.restart(db, first.run_id, recorder, lease_s=LEASE_S)  # type: ignore[arg-type]
+            client.zrem(waiters_key(key), f"{first.run_id}:0")
+            assert not limiter.acquire(
+                Limits(concurrency=1), key, "resumed", f"{first.run_id}:0", first.run_id
+            ).go
+        return stop
+
+    monkeypatch.setattr(lifecycle, "stopped", resumed_at_once)
+    assert deliver(wctx, again) == "cancelled"
+    assert db.get_run(first.run_id)["status"] == "running"
+    assert client.zrange(waiters_key(key), 0, -1) == [f"{first.run_id}:0".encode()], (
+        "the resumed run's waiter was purged by the stale cancel"
+    )
+
+
+def test_an_item_whose_pause_was_withdrawn_is_not_dropped(
+    db: Any, wctx: WorkerContext, recorder: Recorder, client: redis.Redis, key: str, held: Any
+) -> None:
+    """A pause withdrawn between an item's missed claim and its park: the item claims
+    again and runs (or is sent again), not left to the sweeper's stale-item backstop."""
+    run_id, again = queued_items(db, wctx, recorder, key, [f"i{i}" for i in range(2)])
+    assert lifecycle.request_pause(db, run_id)
+    real = db.update_run_if
+
+    def resume_lands_first(run: str, **kw: Any) -> bool:
+        if kw.get("status") == "paused" and kw.get("control_in") == ("pause",):
+            real(run, control_in=("pause",), control=None)
+        return real(run, **kw)
+
+    db.update_run_if = resume_lands_first  # type: ignore[method-assign]
+    try:
+        outcome = deliver(wctx, again[0])
+    finally:
+        del db.update_run_if
+    sent = recorder.take()
+    status = db._read(
+        lambda c: c.execute(
+            text("SELECT status FROM pf_items WHERE run_id = :r AND idx = :i"),
+            {"r": run_id, "i": again[0].idx},
+        ).scalar_one()
+    )
+    # The run goes on (the pause was withdrawn): the item must run now or be sent again,
+    # not wait for the sweeper's stale-item backstop (REQUEUE_CAP_S = 600 s while the
+    # broker has messages queued, as it has during a limited fan-out).
+    assert outcome != "duplicate" or sent or status != "queued", "a live run's item was dropped"

@@ -4,9 +4,13 @@ CLI's show / runs / resume --max-tokens."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import warnings
 from collections.abc import Iterator
+from typing import Any
 
+import psycopg
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import delete
@@ -17,6 +21,7 @@ from pocoflow.db import WorkflowDB
 from pocoflow.distributed import lifecycle
 from pocoflow.distributed.client import record_run
 from pocoflow.distributed.executor import WorkerContext, execute_step
+from pocoflow.ledger import pgbatch, pipeline
 from pocoflow.ledger.tables import pf_usage
 from pocoflow.registry import build_flow
 from pocoflow.store import Store
@@ -157,7 +162,7 @@ def test_a_retry_never_takes_another_items_row_of_the_same_instant_for_its_own(
     """The rows of two map items of one node, reported in the same microsecond: the row a
     retried report looks for (its write after a lost COMMIT) is its own item's, or the
     second item's call would be dropped, and its tokens with it."""
-    from pocoflow.ledger import pipeline, usage as usage_rows
+    from pocoflow.ledger import usage as usage_rows
 
     db.create_run("r-same", "f")
     first = usage_rows.row(UsageReport("r-same", 0, 1, "n", 0, "m", 1, 1, None))
@@ -359,3 +364,89 @@ def test_a_fork_gets_the_flows_budget_and_its_own_usage(ledger_url: str) -> None
     assert db.get_run(fork_id)["max_tokens"] == 0
     assert db.get_usage(fork_id)["by_node"].keys() == {"Summarise"}
     assert db.get_usage(parent)["calls"] == 2
+
+
+def test_a_report_for_an_unknown_run_raises_keyerror_and_writes_nothing(db: WorkflowDB) -> None:
+    db.create_run("known", "f")
+    with pytest.raises(KeyError, match="nope"):
+        db.add_usage(report("nope", "A", 1, 0.5))
+    assert db.get_usage("nope")["calls"] == 0
+    db.add_usage(report("known", "A", 1, 0.5))
+    assert spent(db, "known") == (2, 0.5) == summed(db, "known")
+
+
+def test_a_report_retried_after_a_conflict_reads_first_then_writes_once(
+    pg_db: tuple[WorkflowDB, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, _url = pg_db
+    db.create_run("r-c", "f")
+    real = pgbatch.run
+    seen: list[list[bytes]] = []
+    fail = [1]
+
+    def hooked(conn: Any, commands: Any) -> Any:
+        seen.append([c.sql[:12] for c in commands])
+        if fail[0]:
+            fail[0] -= 1
+            raise psycopg.errors.SerializationFailure("forced")
+        return real(conn, commands)
+
+    monkeypatch.setattr(pgbatch, "run", hooked)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        db.add_usage(report("r-c", "A", 10, 0.5))
+    assert spent(db, "r-c") == (11, 0.5) == summed(db, "r-c")
+    assert db.get_usage("r-c")["calls"] == 1
+    assert seen[0][0] == b"BEGIN" and seen[0][-1] == b"COMMIT"
+    assert seen[1][0] == b"BEGIN" and len(seen[1]) == 2
+    assert b"BEGIN" not in seen[2] and b"COMMIT" not in seen[2]
+
+
+def test_threads_reporting_at_once_each_count_once(db: WorkflowDB) -> None:
+    n = 16
+    db.create_run("r-t", "f")
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        barrier.wait(30)
+        try:
+            for k in range(20):
+                db.add_usage(UsageReport("r-t", 0, 1, "M", i, "m", k, 1, 0.001))
+        except BaseException as exc:
+            errors.append(exc)
+
+    ts = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errors
+    tokens, cost = spent(db, "r-t")
+    assert db.get_usage("r-t")["calls"] == n * 20
+    assert (tokens, pytest.approx(cost)) == summed(db, "r-t")
+
+
+def test_a_locked_retry_on_sqlite_counts_once(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    from pocoflow.ledger import pipeline
+
+    db = WorkflowDB(f"sqlite:///{tmp_path / 'l.db'}")
+    db.create_run("r-l", "f")
+    real = pipeline._sqlite_direct
+    calls: list[int] = []
+
+    def flaky(conn: Any, ops: Any, out: Any) -> bool:
+        calls.append(len(ops))
+        ok = real(conn, ops, out)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database is locked")  # after writing: rolled back
+        return ok
+
+    monkeypatch.setattr(pipeline, "_sqlite_direct", flaky)
+    db.add_usage(report("r-l", "A", 10, 0.5))
+    assert calls == [2, 1, 2]
+    assert spent(db, "r-l") == (11, 0.5) == summed(db, "r-l")
+    db.close()
