@@ -13,6 +13,7 @@ import json
 from collections import deque
 from typing import Any
 
+from pocoflow.limits import declares_limits
 from pocoflow.node import Node
 
 
@@ -103,13 +104,7 @@ class Graph:
 
 
 def _declares_limits(node: Node) -> bool:
-    if any(
-        getattr(node, name, None) is not None
-        for name in ("rate_limit", "max_concurrency", "token_limit")
-    ):
-        return True
-    inner = getattr(node, "start", None)
-    return isinstance(inner, Node) and hasattr(node, "graph") and Graph(inner).limited
+    return declares_limits(node) or (node._is_flow and node.graph().limited)  # type: ignore[attr-defined]
 
 
 def shape_difference(recorded: dict[str, Any], current: dict[str, Any]) -> str:

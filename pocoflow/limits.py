@@ -109,16 +109,29 @@ class Limits:
     tokens: Rate | None = None
 
 
-def limits_of(node: Node) -> Limits | None:
-    """The node's limits, or None when it sets none (the common case, kept cheap: the
-    parse is cached per distinct attribute values). A bad value raises ``ValueError``
-    naming the node."""
-    raw = (
+_NO_LIMITS = (None, None, None)
+
+
+def _raw_limits(node: Node) -> tuple[Any, Any, Any]:
+    return (
         getattr(node, "rate_limit", None),
         getattr(node, "max_concurrency", None),
         getattr(node, "token_limit", None),
     )
-    if raw == (None, None, None):
+
+
+def declares_limits(node: Node) -> bool:
+    """Whether the node sets a limit, judged without parsing it (a bad value is the
+    node's own gate's error to raise, when a call of it asks)."""
+    return _raw_limits(node) != _NO_LIMITS
+
+
+def limits_of(node: Node) -> Limits | None:
+    """The node's limits, or None when it sets none (the common case, kept cheap: the
+    parse is cached per distinct attribute values). A bad value raises ``ValueError``
+    naming the node."""
+    raw = _raw_limits(node)
+    if raw == _NO_LIMITS:
         return None
     try:
         return _parse_limits(*raw)

@@ -41,6 +41,7 @@ from pocoflow.distributed.message import ItemMessage, MalformedMessage, StepMess
 from pocoflow.hooks import COMMIT_REFUSED, FLOW_END, MESSAGE_MALFORMED, NODE_RETRY
 from pocoflow.ledger import liveness
 from pocoflow.ledger.signals import StepFence
+from pocoflow.ledger.tables import LIVE_RUN_STATUSES
 from pocoflow.limits import Limiter, LimitGate, LimitWait, use_limiter
 from pocoflow.logging import get_logger
 from pocoflow.registry import UnknownFlowError
@@ -338,7 +339,7 @@ def _live_again(db: WorkflowDB, run_id: str) -> bool:
         return False
     return (
         run is not None
-        and run["status"] in ("queued", "running", "waiting")
+        and run["status"] in LIVE_RUN_STATUSES
         and run.get("control") != "cancel"  # a cancel not yet made the status is a stop
     )
 

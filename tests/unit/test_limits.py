@@ -440,3 +440,27 @@ def test_the_gate_takes_a_node_whose_limits_do_not_read_so_its_step_names_it() -
     gate = LimitGate(None, "f")
     assert gate.applies(BadLimit()) is True
     assert gate.applies(Node()) is False
+
+
+class _Plain(Node):
+    pass
+
+
+class _Limited(Node):
+    max_concurrency = 2
+
+
+def test_a_graph_is_limited_when_a_node_or_a_sub_flows_inner_node_sets_a_limit() -> None:
+    """What lets the commit that completes a run skip the limiter's purge: only a graph
+    with a limited node, its sub-flows' nodes included, may have queued a call."""
+    from pocoflow.graph import Graph
+
+    plain = _Plain()
+    plain.then("default", _Plain())
+    assert not Graph(plain).limited
+    limited = _Plain()
+    limited.then("default", _Limited())
+    assert Graph(limited).limited
+    outer = _Plain()
+    outer.then("default", Flow(start=_Limited()))  # the limit lives inside a sub-flow
+    assert Graph(outer).limited
