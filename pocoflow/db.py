@@ -181,7 +181,7 @@ class WorkflowDB(ItemQueue, StepQueue, SignalInbox):
             ops.append(events.insert_op(events.rows_of(run_id, start_events), dialect))
         if first_step is not None:
             ops.append(steps.successor_op(dialect, run_id, first_step, now))
-        ops = [op._replace(aborts_on_miss=True) if op.must_hit_one else op for op in ops]
+        ops = pipeline.aborting(ops)
 
         def body(conn: Connection) -> bool:
             if not pipeline.run_reading(conn, ops, commit=True)[0]:

@@ -206,7 +206,7 @@ def commit(
     # On PostgreSQL the batch carries its COMMIT (one round trip): every guard aborts the
     # transaction when it misses, and so does a conflict, so nothing of a missed commit
     # lands.
-    ops = [op._replace(aborts_on_miss=True) if op.must_hit_one else op for op in ops]
+    ops = pipeline.aborting(ops)
     ok, rows = pipeline.run_reading(conn, ops, conflicts, commit=True)
     return ok, runs.control_of(rows[run_at]) if ok and read_control else None
 

@@ -51,6 +51,13 @@ class Op(NamedTuple):
     aborts_on_miss: bool = False
 
 
+def aborting(ops: Sequence[Op]) -> list[Op]:
+    """``ops`` with every guard made to abort the transaction when it misses: what a batch
+    that carries its COMMIT (``run_reading(commit=True)``) needs, so that nothing of it
+    lands when one guard missed."""
+    return [op._replace(aborts_on_miss=True) if op.must_hit_one else op for op in ops]
+
+
 #: The error text of a guard that aborted its transaction (``Op.aborts_on_miss``).
 GUARD_MISSED = "pocoflow guard missed: rows changed "
 
