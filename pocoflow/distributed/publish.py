@@ -15,6 +15,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from celery.signals import after_task_publish, before_task_publish
+from kombu.utils.uuid import uuid
+
 from pocoflow.distributed.celery_app import (
     DEFAULT_QUEUE,
     ITEM_TASK_NAME,
@@ -61,6 +64,39 @@ def task_labels(message: StepMessage | ItemMessage) -> dict[str, str]:
         ),
         "kwargsrepr": "{}",
     }
+
+
+def _plain_publish(app: Any, queue: str) -> bool:
+    """Whether ``Publisher`` may publish to ``queue`` without ``send_task``: a Celery app
+    whose queue is bound to a direct exchange (which ``send_task`` too sends through the
+    default exchange, the routing key naming the queue), with no
+    receiver of the publish signals (tracing and error-reporting libraries connect
+    ``before_task_publish`` to add headers: their messages keep the full path)."""
+    amqp = getattr(app, "amqp", None)
+    if amqp is None or before_task_publish.receivers or after_task_publish.receivers:
+        return False
+    return amqp.queues[queue].exchange.type == "direct"  # type: ignore[no-any-return]
+
+
+def _keep_redis_client(channel: Any) -> None:
+    """Have kombu's Redis ``channel`` reuse one client for the commands it sends.
+
+    The channel builds a ``redis.Redis`` for every command (``_create_client``); with
+    redis-py 8 that costs 100-160 us (its response-callback table, redis-py 3624), more
+    than a third of a publish. The client is a stateless facade over the channel's
+    connection pool, so one serves every command. A channel kombu replaces after a
+    failure is a new object, kept again on its first publish."""
+    from kombu.transport import redis as kombu_redis
+
+    if not isinstance(channel, kombu_redis.Channel) or "_create_client" in vars(channel):
+        return
+    create = channel._create_client
+    client = create()
+
+    def reuse(asynchronous: bool = False) -> Any:
+        return create(asynchronous=True) if asynchronous else client
+
+    channel._create_client = reuse  # type: ignore[method-assign]
 
 
 class SentMarker:
@@ -159,9 +195,9 @@ class Publisher:
 
     def _publish(
         self, message: StepMessage | ItemMessage, queue: str | None, countdown: float | None
-    ) -> Any:
-        """The broker's task for ``message`` (its result), or None when it failed: the
-        row stays unsent and the sweeper sends it later."""
+    ) -> str | None:
+        """The broker's task id for ``message``, or None when it failed: the row stays
+        unsent and the sweeper sends it later."""
         try:  # no lock: each thread publishes through a producer of its own
             return self._send_task(message, queue, countdown, self._held_producer())
         except Exception as exc:  # broker down: the sweeper resends the unsent row
@@ -184,18 +220,88 @@ class Publisher:
         queue: str | None,
         countdown: float | None,
         producer: Any,
-    ) -> Any:
+    ) -> str:
+        """Publish ``message``; its task id."""
         task = ITEM_TASK_NAME if isinstance(message, ItemMessage) else TASK_NAME
-        return self.app.send_task(
+        queue = queue or DEFAULT_QUEUE
+        countdown = countdown if countdown and countdown > 0 else None
+        task_id = uuid()
+        if producer is not None and _plain_publish(self.app, queue):
+            self._publish_plainly(message, task_id, task, queue, countdown, producer)
+        else:
+            self.app.send_task(
+                task,
+                args=[message.to_dict()],
+                task_id=task_id,
+                queue=queue,
+                countdown=countdown,
+                retry=True,
+                retry_policy=PUBLISH_RETRY_POLICY,
+                producer=producer,
+                **task_labels(message),
+            )
+        return task_id
+
+    def _publish_plainly(
+        self,
+        message: StepMessage | ItemMessage,
+        task_id: str,
+        task: str,
+        queue: str,
+        countdown: float | None,
+        producer: Any,
+    ) -> None:
+        """The message ``send_task`` would send, built by Celery's own ``amqp`` and put
+        through kombu's ``Producer.publish``, without what ``send_task`` does around it
+        for the general case: routing a task whose queue we name, resolving the queue
+        and its exchange on every call, declaring the queue before every message (here
+        once per producer: kombu's own check of its declared set cost more than the rest
+        of the publish), the task signals nobody listens to (``_plain_publish``) and an
+        ``AsyncResult`` nobody reads. The publish was the largest part of a step's CPU
+        in its pool child (issue 6's load goal): 720 us of CPU a message through
+        ``send_task`` against 270 us this way (one process, one Redis); in a loaded
+        worker 1,100-1,200 us a step against 500-600 us, with ``_keep_redis_client``."""
+        labels = task_labels(message)
+        parent = self.app.current_worker_task
+        parent_id = parent.request.id if parent else None
+        headers, properties, body, _ = self.app.amqp.create_task_message(
+            task_id,
             task,
-            args=[message.to_dict()],
-            queue=queue or DEFAULT_QUEUE,
-            countdown=countdown if countdown and countdown > 0 else None,
+            [message.to_dict()],
+            {},
+            countdown=countdown,
+            shadow=labels["shadow"],
+            argsrepr=labels["argsrepr"],
+            kwargsrepr=labels["kwargsrepr"],
+            root_id=(parent.request.root_id or parent_id) if parent else None,
+            parent_id=parent_id,
+            reply_to=self.app.thread_oid,
+            ignore_result=None,  # the task's own setting, as send_task leaves it
+        )
+        declared = self._declared_on(producer)
+        amqp_queue = self.app.amqp.queues[queue]
+        producer.publish(
+            body,
+            exchange="",  # the direct default exchange: the routing key is the queue
+            routing_key=queue,
+            serializer="json",
+            headers=headers,
+            delivery_mode=amqp_queue.exchange.delivery_mode or 2,
             retry=True,
             retry_policy=PUBLISH_RETRY_POLICY,
-            producer=producer,
-            **task_labels(message),
+            declare=[] if queue in declared else [amqp_queue],
+            **properties,
         )
+        declared.add(queue)
+        _keep_redis_client(producer.channel)
+
+    def _declared_on(self, producer: Any) -> set[str]:
+        """The queues this thread declared through ``producer`` (a new producer, after a
+        failure, declares again)."""
+        local = self._local
+        if getattr(local, "declared_by", None) is not producer:
+            local.declared_by, local.declared = producer, set()
+        return local.declared  # type: ignore[no-any-return]
 
     def _publish_batch(
         self, messages: list[ItemMessage], queue: str | None, countdown: float | None
@@ -281,12 +387,12 @@ class Publisher:
             return True
         if self.marker is not None:
             self.marker.add(
-                message.run_id, message.step, message.attempt, result.id, now or time.time()
+                message.run_id, message.step, message.attempt, result, now or time.time()
             )
             return True
         try:
             self.db.mark_sent(
-                message.run_id, message.step, message.attempt, task_id=result.id, now=now
+                message.run_id, message.step, message.attempt, task_id=result, now=now
             )
         except Exception as exc:  # the message is out; a resend would only be a duplicate
             _log.warning(
