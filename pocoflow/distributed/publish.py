@@ -78,27 +78,6 @@ def _plain_publish(app: Any, queue: str) -> bool:
     return amqp.queues[queue].exchange.type == "direct"  # type: ignore[no-any-return]
 
 
-def _keep_redis_client(channel: Any) -> None:
-    """Have kombu's Redis ``channel`` reuse one client for the commands it sends.
-
-    The channel builds a ``redis.Redis`` for every command (``_create_client``); with
-    redis-py 8 that costs 100-160 us (its response-callback table, redis-py 3624), more
-    than a third of a publish. The client is a stateless facade over the channel's
-    connection pool, so one serves every command. A channel kombu replaces after a
-    failure is a new object, kept again on its first publish."""
-    from kombu.transport import redis as kombu_redis
-
-    if not isinstance(channel, kombu_redis.Channel) or "_create_client" in vars(channel):
-        return
-    create = channel._create_client
-    client = create()
-
-    def reuse(asynchronous: bool = False) -> Any:
-        return create(asynchronous=True) if asynchronous else client
-
-    channel._create_client = reuse  # type: ignore[method-assign]
-
-
 class SentMarker:
     """Marks published outbox rows sent from a background thread, in batches.
 
@@ -260,7 +239,7 @@ class Publisher:
         ``AsyncResult`` nobody reads. The publish was the largest part of a step's CPU
         in its pool child (issue 6's load goal): 720 us of CPU a message through
         ``send_task`` against 270 us this way (one process, one Redis); in a loaded
-        worker 1,100-1,200 us a step against 500-600 us, with ``_keep_redis_client``."""
+        worker 1,100-1,200 us a step against 500-600 us, with ``transport``."""
         labels = task_labels(message)
         parent = self.app.current_worker_task
         parent_id = parent.request.id if parent else None
@@ -293,7 +272,6 @@ class Publisher:
             **properties,
         )
         declared.add(queue)
-        _keep_redis_client(producer.channel)
 
     def _declared_on(self, producer: Any) -> set[str]:
         """The queues this thread declared through ``producer`` (a new producer, after a

@@ -5,14 +5,20 @@ publish signals keeps ``send_task``; the kombu channel reuses one Redis client."
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from celery.signals import before_task_publish
+from kombu.transport import redis as kombu_redis
 
+from pocoflow.distributed import transport
 from pocoflow.distributed.celery_app import PUBLISH_RETRY_POLICY, TASK_NAME, create_app
 from pocoflow.distributed.message import StepMessage
 from pocoflow.distributed.publish import Publisher, task_labels
@@ -20,6 +26,7 @@ from pocoflow.settings import Settings
 
 pytestmark = pytest.mark.distributed
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = StepMessage("run-p", "article", 3, "draft", 2, try_number=2)
 #: What differs between two publishes of one message: its ids and its clock.
 PER_PUBLISH = {"headers.id", "headers.root_id", "headers.eta", "properties.correlation_id",
@@ -82,7 +89,7 @@ def test_a_publish_signal_receiver_keeps_send_task(broker: tuple[Any, Any, str])
     assert seen == [task_id] and json.loads(raw)["headers"]["traceparent"] == "00-abc-def-01"
 
 
-def test_the_channel_reuses_one_redis_client(broker: tuple[Any, Any, str]) -> None:
+def test_the_broker_channel_reuses_one_redis_client(broker: tuple[Any, Any, str]) -> None:
     app, client, queue = broker
     publisher = Publisher(app, db=None)  # type: ignore[arg-type]
     producer = publisher._held_producer()
@@ -92,3 +99,25 @@ def test_the_channel_reuses_one_redis_client(broker: tuple[Any, Any, str]) -> No
     assert channel._create_client() is channel._create_client()
     assert channel._create_client(asynchronous=True) is not channel._create_client()
     assert client.llen(queue) == 3
+    # After a fork the channel's pools are new (kombu's ``_after_fork``): so is its client.
+    before = channel._create_client()
+    channel._disconnect_pools()
+    assert channel._create_client() is not before
+    assert channel._create_client().connection_pool is channel.pool
+    publisher._send_task(MESSAGE, queue, None, producer)
+    assert client.llen(queue) == 4
+
+
+def test_the_raw_relay_keeps_kombus_own_transport(redis_url: str) -> None:
+    """The benchmarks' raw Celery relay is stock Celery: PocoFlow's transport is ours."""
+    ours = create_app(Settings(db_url="sqlite:///unused.db", broker_url=redis_url))
+    with ours.connection_for_read() as conn:
+        assert type(conn.default_channel) is transport.Channel
+    amqp = create_app(Settings(db_url="sqlite:///unused.db", broker_url="amqp://localhost//"))
+    assert amqp.conf.broker_transport is None
+    env = {**os.environ, "POCOFLOW_BROKER_URL": redis_url}
+    code = ("from bench.relay_app import app\n"
+            "with app.connection_for_read() as c: print(type(c.default_channel).__module__)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, cwd=REPO_ROOT)  # fmt: skip
+    assert out.stdout.strip() == kombu_redis.__name__
