@@ -25,8 +25,6 @@ QUEUE = "relay"
 settings = Settings.from_env()
 app = create_app(settings)
 app.conf.task_routes = {TASK: {"queue": QUEUE}}
-# Raw Celery: kombu's own Redis transport, not PocoFlow's (``distributed.transport``).
-app.conf.broker_transport = None
 
 
 @functools.cache

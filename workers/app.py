@@ -36,6 +36,7 @@ from pocoflow.distributed.executor import (
 from pocoflow.distributed.itemtask import execute_item
 from pocoflow.distributed.publish import Publisher, SentMarker
 from pocoflow.distributed.sweeper import SweeperThread, broker_sentinel
+from pocoflow.distributed.transport import KeepOneRedisClient
 from pocoflow.ledger.prune import Pruner
 from pocoflow.logging import get_logger
 from pocoflow.recorder import open_ledger
@@ -46,6 +47,7 @@ _log = get_logger("worker")
 
 settings = Settings.from_env()
 app = create_app(settings)
+app.steps["consumer"].add(KeepOneRedisClient)
 configure(lambda: WorkerContext.from_settings(settings, app=app))
 
 # Because flow modules usually live in the project directory the worker starts in, which

@@ -104,15 +104,8 @@ def create_app(
 
 
 def _config(settings: Settings, acks_late: bool, task_events: bool) -> dict[str, Any]:
-    from urllib.parse import urlsplit
-
-    from pocoflow.distributed import transport
-
-    scheme = urlsplit(settings.broker_url).scheme
     return {
         "broker_url": settings.broker_url,
-        # kombu's Redis transport with one client per channel (``transport``).
-        "broker_transport": transport.TRANSPORT if scheme in transport.SCHEMES else None,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
         # JSON only, both ways (G7).

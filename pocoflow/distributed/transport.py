@@ -1,41 +1,55 @@
-"""kombu's Redis transport, with one Redis client per channel instead of one per command.
+"""One Redis client per kombu channel instead of one per command.
 
 kombu's Redis channel builds a ``redis.Redis`` for every command it sends outside its
 event loop (``Channel._create_client``): each publish, and in a worker's main process
 the two bookkeeping writes of every message it receives (the unacked index, then its
 ack). With redis-py 8 a new client costs 100-160 us of CPU (it rebuilds its table of
-response callbacks, redis-py 3624), which made it the largest single cost of a message
-in the worker's main process. The client holds nothing but its connection pool, so one
-client per pool serves every command and thread; a channel's pool is replaced after a
-fork, and the client with it.
+response callbacks, redis-py 3624): the largest single cost of a message in the worker's
+main process. The client holds nothing but its connection pool, so one client per pool
+serves every command and thread; a channel's pool is replaced after a fork, and the
+client with it.
 
-``create_app`` selects this transport for ``redis://`` and ``rediss://`` brokers (the
-``broker_transport`` setting); everything else is kombu's.
+Applied to the channels PocoFlow owns, not to kombu's transport: the publisher's
+producers (``publish``) and the task consumer of a PocoFlow worker (``KeepOneRedisClient``,
+a consumer bootstep that ``workers.app`` adds). A transport of our own (Celery's
+``broker_transport``) would also have changed what kombu and Flower read from the
+transport's name: TLS for ``rediss://`` URLs, and the broker URL that Flower's broker
+page parses.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from celery import bootsteps
 from kombu.transport import redis as kombu_redis
 
-#: The ``broker_transport`` value that selects this module's transport.
-TRANSPORT = "pocoflow.distributed.transport:Transport"
-#: Broker URL schemes this transport serves (kombu's ``redis`` transport's own).
-SCHEMES = ("redis", "rediss")
 
+def keep_one_client(channel: Any) -> None:
+    """Have kombu's Redis ``channel`` reuse one client while its pool lasts; any other
+    channel (another broker) is left alone. Idempotent."""
+    if not isinstance(channel, kombu_redis.Channel) or "_create_client" in vars(channel):
+        return
+    create = channel._create_client
+    kept: list[Any] = []
 
-class Channel(kombu_redis.Channel):  # type: ignore[misc]
-    _kept_client: Any = None
-
-    def _create_client(self, asynchronous: bool = False) -> Any:
+    def reuse(asynchronous: bool = False) -> Any:
         if asynchronous:
-            return super()._create_client(asynchronous=True)
-        kept = self._kept_client
-        if kept is None or kept.connection_pool is not self.pool:
-            kept = self._kept_client = super()._create_client()
-        return kept
+            return create(asynchronous=True)
+        if not kept or kept[0].connection_pool is not channel.pool:
+            kept[:] = [create()]
+        return kept[0]
+
+    channel._create_client = reuse  # type: ignore[method-assign]
 
 
-class Transport(kombu_redis.Transport):  # type: ignore[misc]
-    Channel = Channel
+class KeepOneRedisClient(bootsteps.StartStopStep):  # type: ignore[misc]
+    """A worker consumer step: its task channel keeps one Redis client (``keep_one_client``).
+    Started again with the consumer after a lost connection, on the new channel."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, consumer: Any) -> None:
+        task_consumer = getattr(consumer, "task_consumer", None)
+        if task_consumer is not None:
+            keep_one_client(task_consumer.channel)

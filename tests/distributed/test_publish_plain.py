@@ -1,34 +1,33 @@
 """A step message published without ``send_task`` (``Publisher._publish_plainly``) is the
-message ``send_task`` sends, on a real Redis broker; a process whose code listens to the
-publish signals keeps ``send_task``; the kombu channel reuses one Redis client."""
+message ``send_task`` sends, on a real Redis broker (and reaches a real RabbitMQ queue the
+broker lost); a process whose code listens to the publish signals keeps ``send_task``;
+the publisher's and a worker consumer's Redis channels reuse one client."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import socket
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis
 from celery.signals import before_task_publish
-from kombu.transport import redis as kombu_redis
 
-from pocoflow.distributed import transport
 from pocoflow.distributed.celery_app import PUBLISH_RETRY_POLICY, TASK_NAME, create_app
 from pocoflow.distributed.message import StepMessage
 from pocoflow.distributed.publish import Publisher, task_labels
+from pocoflow.distributed.transport import KeepOneRedisClient
 from pocoflow.settings import Settings
 
 pytestmark = pytest.mark.distributed
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = StepMessage("run-p", "article", 3, "draft", 2, try_number=2)
-#: What differs between two publishes of one message: its ids and its clock.
+#: What differs between two publishes of one message: its ids and its clock; and
+#: ``send_task`` copies its display arguments into the properties too (its options),
+#: where no worker or Flower reads them (they read the headers).
 PER_PUBLISH = {"headers.id", "headers.root_id", "headers.eta", "properties.correlation_id",
                "properties.delivery_tag", "properties.argsrepr", "properties.kwargsrepr"}  # fmt: skip
 
@@ -58,7 +57,11 @@ def _flat(envelope: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def test_a_plain_publish_sends_what_send_task_sends(broker: tuple[Any, Any, str]) -> None:
     app, client, queue = broker
     publisher = Publisher(app, db=None)  # type: ignore[arg-type]
-    task_id = publisher._send_task(MESSAGE, queue, 2.5, publisher._held_producer())
+    send_task, app.send_task = app.send_task, None  # the plain path must not need it
+    try:
+        task_id = publisher._send_task(MESSAGE, queue, 2.5, publisher._held_producer())
+    finally:
+        app.send_task = send_task
     app.send_task(TASK_NAME, args=[MESSAGE.to_dict()], queue=queue, countdown=2.5,
                   retry=True, retry_policy=PUBLISH_RETRY_POLICY, **task_labels(MESSAGE))  # fmt: skip
     # LPUSH: the head of the list is the last message published.
@@ -108,16 +111,60 @@ def test_the_broker_channel_reuses_one_redis_client(broker: tuple[Any, Any, str]
     assert client.llen(queue) == 4
 
 
-def test_the_raw_relay_keeps_kombus_own_transport(redis_url: str) -> None:
-    """The benchmarks' raw Celery relay is stock Celery: PocoFlow's transport is ours."""
-    ours = create_app(Settings(db_url="sqlite:///unused.db", broker_url=redis_url))
-    with ours.connection_for_read() as conn:
-        assert type(conn.default_channel) is transport.Channel
-    amqp = create_app(Settings(db_url="sqlite:///unused.db", broker_url="amqp://localhost//"))
-    assert amqp.conf.broker_transport is None
-    env = {**os.environ, "POCOFLOW_BROKER_URL": redis_url}
-    code = ("from bench.relay_app import app\n"
-            "with app.connection_for_read() as c: print(type(c.default_channel).__module__)")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True, cwd=REPO_ROOT)  # fmt: skip
-    assert out.stdout.strip() == kombu_redis.__name__
+def test_a_step_sent_from_a_task_names_its_parent_and_root(
+    broker: tuple[Any, Any, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As ``send_task`` does: Flower links a step to the task that sent it."""
+    app, client, queue = broker
+    request = SimpleNamespace(id="task-7", root_id="task-1")
+    monkeypatch.setattr(type(app), "current_worker_task", SimpleNamespace(request=request))
+    publisher = Publisher(app, db=None)  # type: ignore[arg-type]
+    publisher._send_task(MESSAGE, queue, None, publisher._held_producer())
+    (raw,) = client.lrange(queue, 0, -1)
+    headers = json.loads(raw)["headers"]
+    assert (headers["parent_id"], headers["root_id"]) == ("task-7", "task-1")
+
+
+def test_a_worker_consumer_keeps_one_redis_client(redis_url: str, amqp_url: str) -> None:
+    """The worker's consumer step: its Redis task channel reuses one client (the unacked
+    index and the ack of every message); a RabbitMQ channel is left as kombu made it."""
+    for url, kept in ((redis_url, True), (amqp_url, False)):
+        app = create_app(Settings(db_url="sqlite:///unused.db", broker_url=url))
+        with app.connection_for_read() as conn:
+            consumer = SimpleNamespace(task_consumer=SimpleNamespace(channel=conn.default_channel))
+            KeepOneRedisClient(parent=None).start(consumer)
+            channel = conn.default_channel
+            assert ("_create_client" in vars(channel)) is kept
+            if kept:
+                assert channel._create_client() is channel._create_client()
+
+
+def test_the_broker_url_kombu_and_flower_read_is_unchanged(redis_url: str) -> None:
+    """kombu turns TLS on from a ``rediss://`` scheme and Flower's broker page parses the
+    URL the connection reports: both read the transport's name, which stays kombu's."""
+    tls = create_app(Settings(db_url="sqlite:///unused.db", broker_url="rediss://:pw@h:6380/0"))
+    assert tls.connection_for_write().ssl
+    app = create_app(Settings(db_url="sqlite:///unused.db", broker_url=redis_url))
+    assert app.connection().as_uri().startswith("redis://")
+
+
+def test_a_queue_rabbitmq_lost_is_declared_again(amqp_url: str) -> None:
+    """RabbitMQ drops a message for a queue it does not have: after the broker lost the
+    queue and the link, the next publish declares it again (kombu's per-connection
+    cache, emptied on reconnect), so the message is kept."""
+    app = create_app(Settings(db_url="sqlite:///unused.db", broker_url=amqp_url))
+    queue = f"gpu-{uuid.uuid4().hex}"
+    publisher = Publisher(app, db=None)  # type: ignore[arg-type]
+    producer = publisher._held_producer()
+    assert publisher._publish(MESSAGE, queue, None)
+    with app.connection_for_write() as admin:
+        channel = admin.channel()
+        try:
+            channel.queue_delete(queue)
+            producer.connection.connection.transport.sock.shutdown(socket.SHUT_RDWR)
+            sent = [publisher._publish(MESSAGE, queue, None) for _ in range(3)]
+            assert sent[-1] is not None
+            _, count, _ = channel.queue_declare(queue, passive=True)
+            assert count >= 1
+        finally:
+            channel.queue_delete(queue)
