@@ -258,15 +258,17 @@ class Publisher:
             reply_to=self.app.thread_oid,
             ignore_result=None,  # the task's own setting, as send_task leaves it
         )
+        conf = self.app.conf
         amqp_queue = self.app.amqp.queues[queue]
         redis_channel = isinstance(producer.channel, kombu_redis.Channel)
         producer.publish(
             body,
             exchange="",  # the direct default exchange: the routing key is the queue
             routing_key=queue,
-            serializer="json",
+            serializer=conf.task_serializer,
+            compression=conf.task_compression,
             headers=headers,
-            delivery_mode=amqp_queue.exchange.delivery_mode or 2,
+            delivery_mode=amqp_queue.exchange.delivery_mode or conf.task_default_delivery_mode,
             retry=True,
             retry_policy=PUBLISH_RETRY_POLICY,
             # Redis needs no declared queue for the default exchange (the message is

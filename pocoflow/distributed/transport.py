@@ -24,6 +24,10 @@ from typing import Any
 from celery import bootsteps
 from kombu.transport import redis as kombu_redis
 
+from pocoflow.logging import get_logger
+
+_log = get_logger("distributed.transport")
+
 
 def keep_one_client(channel: Any) -> None:
     """Have kombu's Redis ``channel`` reuse one client while its pool lasts; any other
@@ -51,5 +55,7 @@ class KeepOneRedisClient(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def start(self, consumer: Any) -> None:
         task_consumer = getattr(consumer, "task_consumer", None)
-        if task_consumer is not None:
-            keep_one_client(task_consumer.channel)
+        if task_consumer is None:  # Celery changed its consumer: say so, run as before
+            _log.warning("No task consumer at start: its Redis channel builds a client a command")
+            return
+        keep_one_client(task_consumer.channel)

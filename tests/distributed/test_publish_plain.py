@@ -25,9 +25,9 @@ from pocoflow.settings import Settings
 pytestmark = pytest.mark.distributed
 
 MESSAGE = StepMessage("run-p", "article", 3, "draft", 2, try_number=2)
-#: What differs between two publishes of one message: its ids and its clock; and
-#: ``send_task`` copies its display arguments into the properties too (its options),
-#: where no worker or Flower reads them (they read the headers).
+#: What differs between two publishes of one message: its ids (a message sent outside a
+#: task is its own root) and its clock; and ``send_task`` copies its display arguments
+#: into the properties too (its options), where no worker or Flower reads them.
 PER_PUBLISH = {"headers.id", "headers.root_id", "headers.eta", "properties.correlation_id",
                "properties.delivery_tag", "properties.argsrepr", "properties.kwargsrepr"}  # fmt: skip
 
@@ -42,6 +42,7 @@ def broker(redis_url: str) -> Iterator[tuple[Any, redis.Redis, str]]:
     finally:
         client.delete(queue)
         client.close()
+        app.close()
 
 
 def _flat(envelope: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -66,7 +67,9 @@ def test_a_plain_publish_sends_what_send_task_sends(broker: tuple[Any, Any, str]
                   retry=True, retry_policy=PUBLISH_RETRY_POLICY, **task_labels(MESSAGE))  # fmt: skip
     # LPUSH: the head of the list is the last message published.
     theirs, ours = (_flat(json.loads(raw)) for raw in client.lrange(queue, 0, -1))
-    assert ours["headers.id"] == task_id and ours["headers.shadow"] == "article.draft"
+    assert ours["headers.id"] == ours["headers.root_id"] == task_id
+    assert theirs["headers.id"] == theirs["headers.root_id"]
+    assert ours["headers.shadow"] == "article.draft"
     assert ours["headers.eta"] is not None  # the countdown went out as an ETA
     differ = {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)}
     assert differ <= PER_PUBLISH, {k: (ours.get(k), theirs.get(k)) for k in differ - PER_PUBLISH}
@@ -118,6 +121,7 @@ def test_a_step_sent_from_a_task_names_its_parent_and_root(
     app, client, queue = broker
     request = SimpleNamespace(id="task-7", root_id="task-1")
     monkeypatch.setattr(type(app), "current_worker_task", SimpleNamespace(request=request))
+    monkeypatch.setattr(app, "send_task", None)  # the plain path must not need it
     publisher = Publisher(app, db=None)  # type: ignore[arg-type]
     publisher._send_task(MESSAGE, queue, None, publisher._held_producer())
     (raw,) = client.lrange(queue, 0, -1)
@@ -125,18 +129,27 @@ def test_a_step_sent_from_a_task_names_its_parent_and_root(
     assert (headers["parent_id"], headers["root_id"]) == ("task-7", "task-1")
 
 
-def test_a_worker_consumer_keeps_one_redis_client(redis_url: str, amqp_url: str) -> None:
-    """The worker's consumer step: its Redis task channel reuses one client (the unacked
-    index and the ack of every message); a RabbitMQ channel is left as kombu made it."""
-    for url, kept in ((redis_url, True), (amqp_url, False)):
-        app = create_app(Settings(db_url="sqlite:///unused.db", broker_url=url))
-        with app.connection_for_read() as conn:
-            consumer = SimpleNamespace(task_consumer=SimpleNamespace(channel=conn.default_channel))
-            KeepOneRedisClient(parent=None).start(consumer)
-            channel = conn.default_channel
-            assert ("_create_client" in vars(channel)) is kept
-            if kept:
-                assert channel._create_client() is channel._create_client()
+def _consumer_step_keeps(url: str) -> bool:
+    app = create_app(Settings(db_url="sqlite:///unused.db", broker_url=url))
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        KeepOneRedisClient(parent=None).start(
+            SimpleNamespace(task_consumer=SimpleNamespace(channel=channel))
+        )
+        kept = "_create_client" in vars(channel)
+        assert not kept or channel._create_client() is channel._create_client()
+    app.close()
+    return kept
+
+
+def test_the_consumer_step_keeps_a_redis_channels_client(redis_url: str) -> None:
+    """The unacked index and the ack of every message: one client (a real worker:
+    ``test_redis_client_kept``)."""
+    assert _consumer_step_keeps(redis_url)
+
+
+def test_the_consumer_step_leaves_a_rabbitmq_channel_alone(amqp_url: str) -> None:
+    assert not _consumer_step_keeps(amqp_url)
 
 
 def test_the_broker_url_kombu_and_flower_read_is_unchanged(redis_url: str) -> None:
