@@ -1,4 +1,4 @@
-"""A flows module for one test's workers (``test_redis_client_kept``): counts the
+"""A flows module for one test's workers (``test_redis_restart``): counts the
 ``redis.Redis`` clients built in the worker process and reports, over remote control,
 whether the consumer's task channel keeps one (``KeepOneRedisClient``)."""
 

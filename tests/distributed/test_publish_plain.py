@@ -144,7 +144,7 @@ def _consumer_step_keeps(url: str) -> bool:
 
 def test_the_consumer_step_keeps_a_redis_channels_client(redis_url: str) -> None:
     """The unacked index and the ack of every message: one client (a real worker:
-    ``test_redis_client_kept``)."""
+    ``test_redis_restart``)."""
     assert _consumer_step_keeps(redis_url)
 
 

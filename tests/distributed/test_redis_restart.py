@@ -1,9 +1,12 @@
 """Redis restarted mid-run (every queued message and flag lost: no persistence): the
-workers reconnect, the sweeper re-sends what was lost, the run completes (G3)."""
+workers reconnect, the sweeper re-sends what was lost, the run completes (G3). And a
+worker's consumer keeps one Redis client on its task channel
+(``transport.KeepOneRedisClient``), again on its new channel after the restart."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -15,7 +18,9 @@ from tests.servers import RedisServer, start_redis
 
 pytestmark = pytest.mark.distributed
 
-WORKER_ENV = MAP_WORKER_ENV  # the map flows too
+# The map flows too, and a probe of the worker's Redis clients (``clientprobe``).
+WORKER_ENV = {"POCOFLOW_FLOWS": MAP_WORKER_ENV["POCOFLOW_FLOWS"] + ",tests.distributed.clientprobe"}
+STEPS = 20  # the counter flow's
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +82,45 @@ def test_a_redis_restart_mid_fan_out_loses_no_item(
     rows = live.db.get_items(handle.run_id, 0)
     assert [r["status"] for r in rows] == ["done"] * 30
     assert {i for i, _, _ in execs(side, handle.run_id)} == set(range(30))
+
+
+def _probe(live: Cluster) -> dict[str, Any]:
+    replies = live.app.control.broadcast("pf_redis_client", reply=True, timeout=3)
+    assert replies, "no worker answered"
+    seen = [next(iter(reply.values())) for reply in replies]
+    return {
+        "kept": all(s["kept"] and s["is_default"] for s in seen),
+        "channels": {s["channel"] for s in seen},
+        "built": sum(s["built"] for s in seen),
+        "workers": len(seen),
+    }
+
+
+def _answers(live: Cluster) -> dict[str, Any] | None:
+    try:
+        return _probe(live)
+    except Exception:  # Redis is still coming back
+        return None
+
+
+def _run_counter(live: Cluster) -> None:
+    assert live.submit("counter", {"count": 0}).wait(timeout=60)["count"] == STEPS
+
+
+def test_a_worker_consumer_keeps_one_redis_client_across_a_redis_restart(
+    live: Cluster, redis_server: RedisServer
+) -> None:
+    _run_counter(live)
+    first = _probe(live)
+    assert first["kept"], first
+    _run_counter(live)
+    # Two clients a message without the step: 40 for the run's 20 steps.
+    assert _probe(live)["built"] - first["built"] < STEPS
+    restart_redis(redis_server, down_s=1.0)
+    wait_until(lambda: _answers(live), 60)
+    _run_counter(live)
+    before = _probe(live)
+    _run_counter(live)
+    after = _probe(live)
+    assert after["kept"] and not after["channels"] & first["channels"], (first, after)
+    assert after["built"] - before["built"] < STEPS
