@@ -70,10 +70,10 @@ def task_labels(message: StepMessage | ItemMessage) -> dict[str, str]:
 
 def _plain_publish(app: Any, queue: str) -> bool:
     """Whether ``Publisher`` may publish to ``queue`` without ``send_task``: a Celery app
-    whose queue is bound to a direct exchange (which ``send_task`` too sends through the
-    default exchange, the routing key naming the queue), with no
-    receiver of the publish signals (tracing and error-reporting libraries connect
-    ``before_task_publish`` to add headers: their messages keep the full path)."""
+    whose queue is bound to a direct exchange (``send_task`` too sends those through the
+    default exchange, the routing key naming the queue), and no receiver of the publish
+    signals (tracing and error-reporting libraries connect ``before_task_publish`` to add
+    headers: their messages keep the full path)."""
     amqp = getattr(app, "amqp", None)
     if amqp is None or before_task_publish.receivers or after_task_publish.receivers:
         return False
@@ -235,12 +235,13 @@ class Publisher:
         """The message ``send_task`` would send, built by Celery's own ``amqp`` and put
         through kombu's ``Producer.publish``, without what ``send_task`` does around it
         for the general case: routing a task whose queue we name, resolving the queue
-        and its exchange on every call, checking the queue is declared before every
-        message on Redis, where nothing needs it (``declare`` below), the task signals nobody listens to (``_plain_publish``) and an
-        ``AsyncResult`` nobody reads. The publish was the largest part of a step's CPU
-        in its pool child (issue 6's load goal): 720 us of CPU a message through
-        ``send_task`` against 270 us this way (one process, one Redis); in a loaded
-        worker 1,100-1,200 us a step against 500-600 us, with ``transport``."""
+        and its exchange, a declare check before every message on Redis, where nothing
+        needs it (``declare`` below), the task signals nobody listens to
+        (``_plain_publish``) and an ``AsyncResult`` nobody reads. The publish was the
+        largest part of a step's CPU in its pool child (issue 6's load goal): 720 us of
+        CPU a message through ``send_task`` against 270 us this way (one process, one
+        Redis); in a worker under load 1,220 us a step against 510 us, with the Redis
+        client kept (``transport``)."""
         labels = task_labels(message)
         parent = self.app.current_worker_task
         parent_id = parent.request.id if parent else None

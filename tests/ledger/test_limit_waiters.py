@@ -107,6 +107,26 @@ def deliver(wctx: WorkerContext, message: StepMessage | ItemMessage) -> str:
     return run(message.to_dict(), worker_id="h:1", context=wctx)
 
 
+def deliver_as_pause_is_withdrawn(
+    db: Any, wctx: WorkerContext, run_id: str, message: ItemMessage
+) -> str:
+    """``deliver`` after a pause request, which a resume withdraws just before the
+    delivery's guard parks the run (between its missed claim and its park)."""
+    assert lifecycle.request_pause(db, run_id)
+    real = db.update_run_if
+
+    def resume_lands_first(run: str, **kw: Any) -> bool:
+        if kw.get("status") == "paused" and kw.get("control_in") == ("pause",):
+            real(run, control_in=("pause",), control=None)  # the resume, just before
+        return real(run, **kw)
+
+    db.update_run_if = resume_lands_first
+    try:
+        return deliver(wctx, message)
+    finally:
+        del db.update_run_if
+
+
 def queued_items(
     db: Any, wctx: WorkerContext, recorder: Recorder, key: str, items: list[str]
 ) -> tuple[str, list[ItemMessage]]:
@@ -227,19 +247,7 @@ def test_an_item_whose_park_lost_to_a_resume_leaves_the_live_runs_waiters_queued
     stopped. Its items then come back to find their places gone."""
     run_id, again = queued_items(db, wctx, recorder, key, [f"i{i}" for i in range(4)])
     assert client.zcard(waiters_key(key)) == 4
-    assert lifecycle.request_pause(db, run_id)
-    real = db.update_run_if
-
-    def resume_lands_first(run: str, **kw: Any) -> bool:
-        if kw.get("status") == "paused" and kw.get("control_in") == ("pause",):
-            real(run, control_in=("pause",), control=None)  # the resume, just before
-        return real(run, **kw)
-
-    db.update_run_if = resume_lands_first  # type: ignore[method-assign]
-    try:
-        outcome = deliver(wctx, again[0])
-    finally:
-        del db.update_run_if
+    outcome = deliver_as_pause_is_withdrawn(db, wctx, run_id, again[0])
     run = db.get_run(run_id)
     assert run["status"] == "running" and run["control"] is None  # the run never stopped
     assert client.zcard(waiters_key(key)) == 4, "a live run's waiters were purged"
@@ -389,19 +397,7 @@ def test_an_item_whose_pause_was_withdrawn_is_not_dropped(
     """A pause withdrawn between an item's missed claim and its park: the item claims
     again and runs (or is sent again), not left to the sweeper's stale-item backstop."""
     run_id, again = queued_items(db, wctx, recorder, key, [f"i{i}" for i in range(2)])
-    assert lifecycle.request_pause(db, run_id)
-    real = db.update_run_if
-
-    def resume_lands_first(run: str, **kw: Any) -> bool:
-        if kw.get("status") == "paused" and kw.get("control_in") == ("pause",):
-            real(run, control_in=("pause",), control=None)
-        return real(run, **kw)
-
-    db.update_run_if = resume_lands_first  # type: ignore[method-assign]
-    try:
-        outcome = deliver(wctx, again[0])
-    finally:
-        del db.update_run_if
+    outcome = deliver_as_pause_is_withdrawn(db, wctx, run_id, again[0])
     sent = recorder.take()
     status = db._read(
         lambda c: c.execute(
