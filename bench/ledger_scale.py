@@ -272,6 +272,9 @@ class InProcessWorker:
         return elapsed
 
     def close(self) -> None:
+        from pocoflow.distributed import liveness
+
+        liveness.stop()  # this process's heartbeats: none beats into a deleted ledger
         self.db.close()
 
 

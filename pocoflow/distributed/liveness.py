@@ -50,6 +50,8 @@ Held = Callable[[], set[StepKey]]
 LOOK_S = 0.2
 #: Missed beats after which a process is taken for dead.
 DEAD_AFTER_BEATS = 3
+#: How long a stop waits for a beat under way (a write that may wait out a lock).
+STOP_JOIN_S = 5.0
 
 
 def dead_after(heartbeat_s: float) -> float:
@@ -118,10 +120,14 @@ class Heartbeat:
 
     def stop(self) -> None:
         """A clean stop: no more beats, and the ledger told this process is gone, so what
-        it held unstarted is sent again at the next sweep."""
+        it held unstarted is sent again at the next sweep. A beat under way is waited
+        for first: landing after the stop, it would make the process look alive again
+        (and write to a ledger its owner is about to close)."""
         from pocoflow.ledger.liveness import record_stop
 
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(STOP_JOIN_S)
         try:
             record_stop(self.db, self.worker)
         except Exception as exc:

@@ -248,6 +248,40 @@ def test_the_heartbeat_thread_records_what_its_process_holds(db: Any) -> None:
     assert report.resent == [(first.run_id, 0)]
 
 
+def test_a_clean_stop_lands_after_a_beat_under_way(
+    db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A beat that lands after the stop makes the stopped process look alive again (the
+    sweeper then leaves what it held for 3 beats) and writes to a ledger its owner may
+    have closed (a benchmark's temp dir was deleted under it): the stop waits for it."""
+    from pocoflow.distributed import liveness as process_liveness
+
+    written: list[str] = []
+    beating, release, stopped = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_beat(*_: Any, **__: Any) -> None:
+        beating.set()
+        release.wait(10)
+        written.append("beat")
+
+    def stop_row(*_: Any, **__: Any) -> None:
+        written.append("stop")
+        stopped.set()
+
+    monkeypatch.setattr(liveness, "record_beat", slow_beat)
+    monkeypatch.setattr(liveness, "record_stop", stop_row)
+    heartbeat = process_liveness.Heartbeat(db, "host:53", 0.01)
+    heartbeat._thread.start()
+    assert beating.wait(10)
+    stopping = threading.Thread(target=heartbeat.stop)
+    stopping.start()
+    # Bounded look that the stop is still waiting (a stop that did not wait is done).
+    assert not stopped.wait(0.5), "the stop was written while a beat was under way"
+    release.set()
+    stopping.join(10)
+    assert written == ["beat", "stop"]
+
+
 def test_a_message_that_left_a_live_process_unstarted_is_unmarked(db: Any) -> None:
     """A worker's main process held a step's message (marked), then lost it inside the
     process (handed to a pool child that died before its claim) and lives on. The mark
