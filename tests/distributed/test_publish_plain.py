@@ -21,6 +21,7 @@ from pocoflow.distributed.message import StepMessage
 from pocoflow.distributed.publish import Publisher, task_labels
 from pocoflow.distributed.transport import KeepOneRedisClient
 from pocoflow.settings import Settings
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.distributed
 
@@ -177,7 +178,8 @@ def test_a_queue_rabbitmq_lost_is_declared_again(amqp_url: str) -> None:
             producer.connection.connection.transport.sock.shutdown(socket.SHUT_RDWR)
             sent = [publisher._publish(MESSAGE, queue, None) for _ in range(3)]
             assert sent[-1] is not None
-            _, count, _ = channel.queue_declare(queue, passive=True)
-            assert count >= 1
+            # Passive: a queue the publish did not declare again raises NOT_FOUND. Polled,
+            # because RabbitMQ counts a message a moment after the publish returns.
+            wait_until(lambda: channel.queue_declare(queue, passive=True)[1] >= 1, 10)
         finally:
             channel.queue_delete(queue)
