@@ -62,7 +62,9 @@ def start_worker(
     pool: str | None = None,
 ) -> WorkerProcess:
     """One worker node (concurrency 1 unless given), as ``pocoflow worker`` starts it (not
-    waiting)."""
+    waiting). Its temp files go to ``log_dir``, removed with it: a worker killed with
+    kill -9 (as every bench stops them) leaves its ``pymp-*`` dirs behind."""
+    env = {**env, "TMPDIR": str(log_dir)}
     if app == POCOFLOW_APP:
         return devcluster.start_worker(
             name, env, log_dir, cwd=REPO_ROOT, concurrency=concurrency, pool=pool
@@ -119,15 +121,41 @@ def relay_client(broker_url: str) -> tuple[Any, Any]:
 
 
 def relay_load(
-    app: Any, client: Any, chains: int, tasks: int, *, durable: bool = False
+    app: Any,
+    client: Any,
+    chains: int,
+    tasks: int,
+    *,
+    durable: bool = False,
+    leased_db: str | None = None,
 ) -> tuple[float, float]:
     """Start ``chains`` relays of ``tasks`` tasks each at once (``durable``: each hop
-    commits a row to PostgreSQL first, ``relay_app.durable_relay``); block until every
-    one finished. Returns (epoch time the first was sent, epoch time the last finished)."""
+    commits a row to PostgreSQL first, ``relay_app.durable_relay``; ``leased_db``, a
+    psycopg URL: each hop claims and commits its step there, ``relay_app.leased_relay``);
+    block until every one finished. Returns (epoch time the first was sent, epoch time
+    the last finished)."""
     key = f"relay-{uuid.uuid4().hex}"
     started = time.time()
+    if leased_db is not None:  # each chain's run row and first step row, as a submit's
+        import psycopg
+
+        names = [(f"{key}-{chain}",) for chain in range(chains)]
+        with psycopg.connect(leased_db, autocommit=True) as conn, conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {relay_app.LEASED_RUNS} (chain, status, steps) "
+                "VALUES (%s, 'running', 0)",
+                names,
+            )
+            cur.executemany(
+                f"INSERT INTO {relay_app.LEASED_TABLE} (chain, hop, status) "
+                "VALUES (%s, 0, 'queued')",
+                names,
+            )
     for chain in range(chains):
-        if durable:
+        if leased_db is not None:
+            args = [tasks - 1, key, f"{key}-{chain}", 0]
+            app.send_task(relay_app.LEASED_TASK, args=args, queue=relay_app.QUEUE)
+        elif durable:
             args = [tasks - 1, key, f"{key}-{chain}"]
             app.send_task(relay_app.DURABLE_TASK, args=args, queue=relay_app.QUEUE)
         else:

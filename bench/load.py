@@ -10,7 +10,12 @@ successor) on 4 relay workers and the same broker, run turn about with it.
   its ratio to the relay's tasks/s (goal >= 0.67x: the 1.5x cost per step we hold for a
   single chain); beside it, the same ratio to a durable relay whose every hop first
   commits one row to the same PostgreSQL (``relay_app.durable_relay``): what keeping any
-  durable record per step costs on this box, apart from what ours costs;
+  durable record per step costs on this box, apart from what ours costs; and to a
+  leased relay (``relay_app.leased_relay``), whose every hop claims its step's lease
+  while its run row says running, reading the previous checkpoint, then commits its
+  checkpoint, an event, the run row and its successor's row fenced on that lease: the
+  least that ARCHITECTURE 3 asks of a step, so its ratio to the raw relay is about the
+  most any implementation of the protocol could reach on this box;
 * step latency p50/p99: this step's commit - the previous step's commit in the same run
   (step 0: from the submit), so it includes the wait behind the other runs' steps;
 * CPU per step by part (``bench.cpu``), ours beside the relay's per hop: worker main
@@ -22,6 +27,9 @@ successor) on 4 relay workers and the same broker, run turn about with it.
   and the Store they end with.
 
     python -m bench.load [--runs 1000] [--workers 4] [--loads 1] [--postgres URL]
+
+With ``--loads N`` every other load runs its four parts in reverse order, so the box's
+drift does not always fall on the same one; each load's ratios are printed.
 
 A quick run: ``python -m bench.load --runs 100``.
 """
@@ -35,6 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,10 +126,12 @@ def run_loads(
         app, client = relay_client(redis.url)
         relay_env = worker_env("sqlite:///unused.db", redis.url)
         relay_env[relay_app.DURABLE_DB_ENV] = psycopg_url(db_url)
-        relay_app.create_hops_table(psycopg_url(db_url))
+        leased_db = psycopg_url(db_url)
+        relay_app.create_hops_table(leased_db)
         poco_env = worker_env(db_url, redis.url)
         relay_tps: list[float] = []
         durable_tps: list[float] = []
+        leased_tps: list[float] = []
         poco: list[Load] = []
         cpu_texts: list[tuple[str, str]] = []
         with (
@@ -138,23 +149,41 @@ def run_loads(
                 relay_load(app, client, min(runs, WARM_RUNS), STEPS)
                 wait_finished(db, submit_load(settings, min(runs, WARM_RUNS)), timeout_s)
                 relay_load(app, client, min(runs, WARM_RUNS), STEPS, durable=True)
-            for _ in range(loads):
+                relay_load(app, client, min(runs, WARM_RUNS), STEPS, leased_db=leased_db)
+
+            def relay_phase(**kind: Any) -> tuple[float, str]:
                 before = cpu.snapshot(relay_probes)
-                started, finished = relay_load(app, client, runs, STEPS)
-                relay_cpu = cpu.per_step_us(before, cpu.snapshot(relay_probes), runs * STEPS)
-                relay_tps.append(runs * STEPS / (finished - started))
-                started, finished = relay_load(app, client, runs, STEPS, durable=True)
-                durable_tps.append(runs * STEPS / (finished - started))
+                started, finished = relay_load(app, client, runs, STEPS, **kind)
+                used = cpu.per_step_us(before, cpu.snapshot(relay_probes), runs * STEPS)
+                return runs * STEPS / (finished - started), used
+
+            def our_phase() -> tuple[Load, str]:
                 before = cpu.snapshot(poco_probes)
                 run_ids = submit_load(settings, runs)
                 wait_finished(db, run_ids, timeout_s)
-                poco_cpu = cpu.per_step_us(before, cpu.snapshot(poco_probes), runs * STEPS)
-                poco.append(examine(db, run_ids))
-                cpu_texts.append((poco_cpu, relay_cpu))
+                used = cpu.per_step_us(before, cpu.snapshot(poco_probes), runs * STEPS)
+                return examine(db, run_ids), used
+
+            phases: dict[str, Callable[[], Any]] = {
+                "relay": relay_phase,
+                "durable": lambda: relay_phase(durable=True),
+                "leased": lambda: relay_phase(leased_db=leased_db),
+                "ours": our_phase,
+            }
+            for turn in range(loads):
+                # Every other load in reverse order: the box's speed drifts by a third
+                # within an hour, and a fixed order would hand the drift to the last.
+                order = list(phases) if turn % 2 == 0 else list(reversed(phases))
+                done = {name: phases[name]() for name in order}
+                relay_tps.append(done["relay"][0])
+                durable_tps.append(done["durable"][0])
+                leased_tps.append(done["leased"][0])
+                poco.append(done["ours"][0])
+                cpu_texts.append((done["ours"][1], done["relay"][1], done["leased"][1]))
         client.close()
         db.close()
     relay_app.drop_hops_table(psycopg_url(db_url))  # not the ledger's: out of its size
-    return relay_tps, durable_tps, poco, cpu_texts
+    return relay_tps, durable_tps, leased_tps, poco, cpu_texts
 
 
 def postgres_pid(db_url: str) -> int | None:
@@ -203,10 +232,13 @@ def main(
     )
     started = time.perf_counter()
     with fresh_database(server_url) as db_url:
-        relay_tps, durable_tps, poco, cpu_texts = run_loads(db_url, runs, n_workers, loads, warm)
+        relay_tps, durable_tps, leased_tps, poco, cpu_texts = run_loads(
+            db_url, runs, n_workers, loads, warm
+        )
         size, rows = ledger_size(db_url)
     relay = statistics.median(relay_tps)
     durable = statistics.median(durable_tps)
+    leased = statistics.median(leased_tps)
     tps = statistics.median(runs * STEPS / load.seconds for load in poco if load.seconds)
     latencies = [s * 1e3 for load in poco for s in load.latencies_s]
     problems = [p for load in poco for p in load.problems]
@@ -241,13 +273,32 @@ def main(
         f"tasks/s -> {tps / durable:.2f}x (the floor for a relay that keeps a durable record of each hop)",
         None,
     )
+    report(
+        "throughput against the step protocol's floor",
+        tps,
+        "steps/s",
+        f"leased relay (the least a step of ARCHITECTURE 3 writes, one statement each for "
+        f"claim and commit): {leased:.0f} tasks/s = {leased / relay:.2f}x the raw relay -> "
+        f"ours {tps / leased:.2f}x of it",
+        None,
+    )
     for q in (50, 99):
         report(f"step latency p{q}", percentile(latencies, q), "ms",
                f"raw relay mean hop, same load: {runs / relay * 1e3:.1f} ms", None)  # fmt: skip
-    for ours, relay_cpu in cpu_texts:
-        # Info: where each step's CPU goes on this box, beside the relay's hop.
-        print(f"  [info] CPU per step, ours:  {ours}")
-        print(f"  [info] CPU per hop, relay: {relay_cpu}")
+    for turn, (ours, relay_cpu, leased_cpu) in enumerate(cpu_texts):
+        # Info: each load's ratios (their range is the figure to quote on a box whose
+        # speed drifts) and where each step's CPU goes, beside the relays' hops.
+        load_tps = runs * STEPS / poco[turn].seconds if poco[turn].seconds else 0.0
+        print(
+            f"  [info] load {turn + 1}: ours {load_tps:.0f} steps/s, relay "
+            f"{relay_tps[turn]:.0f} -> {load_tps / relay_tps[turn]:.2f}x; durable relay "
+            f"{durable_tps[turn]:.0f} -> {load_tps / durable_tps[turn]:.2f}x; leased relay "
+            f"{leased_tps[turn]:.0f} ({leased_tps[turn] / relay_tps[turn]:.2f}x the relay) "
+            f"-> {load_tps / leased_tps[turn]:.2f}x"
+        )
+        print(f"  [info] CPU per step, ours:          {ours}")
+        print(f"  [info] CPU per hop, relay:         {relay_cpu}")
+        print(f"  [info] CPU per hop, leased relay:  {leased_cpu}")
     all_steps = (len(poco) * runs + warm * min(runs, WARM_RUNS)) * STEPS
     report(
         "ledger size",

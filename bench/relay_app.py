@@ -6,6 +6,10 @@ the broker, each doing nothing else. Same broker, same JSON, same prefetch and a
 as PocoFlow's app (``create_app``), so the difference is our step. The caller blocks on
 the list (``BLPOP``) rather than polling it, so waiting costs the box nothing.
 
+Two relays beside it keep a record in PostgreSQL, so ``bench.load`` can tell what any
+ledger costs from what ours costs: ``bench.durable_relay`` commits one row a hop, and
+``bench.leased_relay`` does the least a step of ARCHITECTURE 3 must (claim, commit).
+
 The worker runs ``celery -A bench.relay_app worker --queues relay``; callers send by name
 (``send_task``) through an app of their own, so they need not import this module.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import time
+import uuid
 from typing import Any
 
 from pocoflow.distributed.celery_app import create_app
@@ -67,13 +72,30 @@ def create_hops_table(url: str) -> None:
             "(chain TEXT NOT NULL, hop INTEGER NOT NULL, at DOUBLE PRECISION NOT NULL, "
             "PRIMARY KEY (chain, hop))"
         )
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {LEASED_RUNS} (chain TEXT PRIMARY KEY, "
+            "status TEXT NOT NULL, steps INTEGER NOT NULL)"
+        )
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {LEASED_TABLE} (chain TEXT NOT NULL, "
+            "hop INTEGER NOT NULL, status TEXT NOT NULL, lease_owner TEXT, "
+            "lease_expires_at DOUBLE PRECISION, PRIMARY KEY (chain, hop))"
+        )
+        for table, column in ((CHECKPOINT_TABLE, "store_json"), (EVENT_TABLE, "event")):
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {table} (chain TEXT NOT NULL, "
+                f"hop INTEGER NOT NULL, {column} TEXT NOT NULL, PRIMARY KEY (chain, hop))"
+            )
 
 
 def drop_hops_table(url: str) -> None:
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f"DROP TABLE IF EXISTS {HOPS_TABLE}")
+        conn.execute(
+            f"DROP TABLE IF EXISTS {HOPS_TABLE}, {LEASED_RUNS}, {LEASED_TABLE}, "
+            f"{CHECKPOINT_TABLE}, {EVENT_TABLE}"
+        )
 
 
 @app.task(name=DURABLE_TASK, ignore_result=True)
@@ -86,6 +108,66 @@ def durable_relay(n: int, key: str, chain: str) -> None:
     )
     if n > 0:
         durable_relay.apply_async(args=[n - 1, key, chain], queue=QUEUE)
+        return
+    _redis().rpush(key, repr(time.time()))
+
+
+LEASED_TASK = "bench.leased_relay"
+#: The leased relay's tables (``create_hops_table``): a run row per chain, a step row
+#: per hop, its checkpoint and its event.
+LEASED_RUNS = "bench_relay_runs"
+LEASED_TABLE = "bench_relay_steps"
+CHECKPOINT_TABLE = "bench_relay_checkpoints"
+EVENT_TABLE = "bench_relay_events"
+#: This process's part of a claim's holder token.
+_HOLDER = uuid.uuid4().hex
+
+
+@app.task(name=LEASED_TASK, ignore_result=True)
+def leased_relay(n: int, key: str, chain: str, hop: int) -> None:
+    """A relay hop that does the least ARCHITECTURE 3 asks of a step, each part as one
+    statement (so one transaction and one round trip, prepared after its fifth use):
+
+    1. guard and claim: the step row's lease taken only while the run row says running,
+       returning the previous step's checkpoint (the Store to load);
+    2. commit: the step closed, fenced on the claim's holder, its checkpoint, one event,
+       the run row and the successor's step row;
+    3. the successor's message.
+
+    No Store codec, values, attempt row, sent mark, hooks nor constraints beyond primary
+    keys: the floor of any implementation of the step protocol on this box. The caller
+    writes each chain's run row and first step row (``relay_load``)."""
+    conn = _hops_connection()
+    holder = f"{_HOLDER}-{hop}"
+    params = {"chain": chain, "hop": hop, "holder": holder}
+    claimed = conn.execute(
+        f"UPDATE {LEASED_TABLE} SET status = 'running', lease_owner = %(holder)s, "
+        "lease_expires_at = extract(epoch from now()) + 30 "
+        "WHERE chain = %(chain)s AND hop = %(hop)s AND status = 'queued' "
+        f"AND EXISTS (SELECT 1 FROM {LEASED_RUNS} WHERE chain = %(chain)s "
+        "AND status = 'running') "
+        f"RETURNING (SELECT store_json FROM {CHECKPOINT_TABLE} WHERE chain = %(chain)s "
+        "AND hop = %(hop)s - 1)",
+        params,
+    ).fetchall()
+    if not claimed:
+        return
+    conn.execute(
+        f"WITH done AS (UPDATE {LEASED_TABLE} SET status = 'done' WHERE chain = %(chain)s "
+        "AND hop = %(hop)s AND lease_owner = %(holder)s AND status = 'running' RETURNING 1), "
+        f"checkpoint AS (INSERT INTO {CHECKPOINT_TABLE} (chain, hop, store_json) "
+        "SELECT %(chain)s, %(hop)s, %(store)s FROM done), "
+        f"event AS (INSERT INTO {EVENT_TABLE} (chain, hop, event) "
+        "SELECT %(chain)s, %(hop)s, 'node_end' FROM done), "
+        f"run AS (UPDATE {LEASED_RUNS} SET steps = %(hop)s + 1, status = CASE WHEN "
+        "%(more)s THEN status ELSE 'completed' END WHERE chain = %(chain)s "
+        "AND EXISTS (SELECT 1 FROM done)) "
+        f"INSERT INTO {LEASED_TABLE} (chain, hop, status) "
+        "SELECT %(chain)s, %(hop)s + 1, 'queued' FROM done WHERE %(more)s",
+        {**params, "store": f'{{"n": {hop + 1}}}', "more": n > 0},
+    )
+    if n > 0:
+        leased_relay.apply_async(args=[n - 1, key, chain, hop + 1], queue=QUEUE)
         return
     _redis().rpush(key, repr(time.time()))
 

@@ -11,6 +11,9 @@ the step path buys. Two paths, each on SQLite and PostgreSQL:
 * local: ``Flow.run(db_path=...)`` on a 100-node chain, beside raw sqlite3 doing the
   same writes (the reference of ``bench.ledger_overhead``), both by CPU time.
 
+On PostgreSQL it also prints the server's CPU time per step when the server runs on this
+box (a private one is durable: fsync on, as ``bench.load``'s).
+
 Round trips are psycopg's waits on the server (one per statement outside a pipeline, one
 per pipeline sync, BEGIN and COMMIT included); statements on SQLite are what its trace
 callback sees.
@@ -125,10 +128,25 @@ class Counter:
                     self.statements += 1
 
 
-def _cpu_wall(fn: Callable[[], int]) -> tuple[float, float, int]:
-    cpu, wall = time.process_time(), time.perf_counter()
+def _cpu_wall(
+    fn: Callable[[], int], server: Callable[[], float]
+) -> tuple[float, float, float, int]:
+    cpu, wall, served = time.process_time(), time.perf_counter(), server()
     steps = fn()
-    return time.process_time() - cpu, time.perf_counter() - wall, steps
+    return time.process_time() - cpu, time.perf_counter() - wall, server() - served, steps
+
+
+def server_probe(db: Any) -> Callable[[], float]:
+    """The CPU time so far of the PostgreSQL server (every backend, its WAL writer and
+    checkpointer) when it runs on this box; 0 otherwise, and for SQLite. Steadier than
+    a whole load's figures: what a change to the step's statements saves the server."""
+    from bench import cpu
+    from bench.load import postgres_pid
+
+    if db.dialect == "sqlite":
+        return lambda: 0.0
+    url = db._ledger.url.render_as_string(hide_password=False)
+    return cpu.server_probe(postgres_pid(url), "postgres")
 
 
 def distributed_steps(db: Any, runs: int) -> int:
@@ -167,17 +185,21 @@ def measure(
     """(CPU us/step, wall us/step, statements/step, round trips/step): CPU and wall the
     fastest of ``repeat`` uncounted passes, the counts from one more, counted."""
     fn()  # warm: pools, statement caches, imports
-    cpus, walls = [], []
+    cpus, walls, servers = [], [], []
+    server = server_probe(db)
     for _ in range(repeat):
-        cpu, wall, steps = _cpu_wall(fn)
+        cpu, wall, served, steps = _cpu_wall(fn, server)
         cpus.append(cpu / steps * 1e6)
         walls.append(wall / steps * 1e6)
+        servers.append(served / steps * 1e6)
     counter = Counter()
     with counter.on(db):
         steps = fn()
     cpu_us, wall_us = min(cpus), min(walls)
     stmts, trips = counter.statements / steps, counter.round_trips / steps
     trips_text = f", {trips:.2f} round trips" if db.dialect != "sqlite" else ""
+    if any(servers):
+        trips_text += f", server CPU {min(servers):.1f} us"
     print(
         f"  {label:<34} CPU {cpu_us:7.1f} us/step  wall {wall_us:7.1f} us/step  "
         f"{stmts:.2f} statements{trips_text} per step"
@@ -222,7 +244,7 @@ def _postgres(arg: str | None) -> Iterator[str | None]:
         return
     from tests.servers import start_postgres
 
-    with start_postgres() as server:
+    with start_postgres(durable=True) as server:
         yield server.url
 
 
