@@ -29,7 +29,8 @@ successor) on 4 relay workers and the same broker, run turn about with it.
     python -m bench.load [--runs 1000] [--workers 4] [--loads 1] [--postgres URL]
 
 With ``--loads N`` every other load runs its four parts in reverse order, so the box's
-drift does not always fall on the same one; each load's ratios are printed.
+drift does not always fall on the same one (use an even N); the headline ratios are
+those of the medians, and each load's own ratios are printed under them.
 
 A quick run: ``python -m bench.load --runs 100``.
 """
@@ -112,10 +113,10 @@ def ledger_size(db_url: str) -> tuple[int, dict[str, int]]:
 
 def run_loads(
     db_url: str, runs: int, n_workers: int, loads: int, warm: bool
-) -> tuple[list[float], list[float], list[Load], list[tuple[str, str]]]:
-    """Relay tasks/s, durable relay tasks/s, our Load and the CPU per step by part of
-    the relay and of ours (``bench.cpu``), per measured load (after a small warm-up if
-    ``warm``)."""
+) -> tuple[list[float], list[float], list[float], list[Load], list[tuple[str, str, str]]]:
+    """Relay, durable relay and leased relay tasks/s, our Load, and the CPU per step by
+    part of ours, the relay and the leased relay (``bench.cpu``), per measured load
+    (after a small warm-up if ``warm``)."""
     from pocoflow.db import WorkflowDB
 
     timeout_s = max(120.0, runs * STEPS / MIN_STEPS_PER_S)
@@ -133,7 +134,7 @@ def run_loads(
         durable_tps: list[float] = []
         leased_tps: list[float] = []
         poco: list[Load] = []
-        cpu_texts: list[tuple[str, str]] = []
+        cpu_texts: list[tuple[str, str, str]] = []
         with (
             workers(relay_env, workdir, n_workers, RELAY_APP) as relay_workers,
             workers(poco_env, workdir, n_workers) as poco_workers,

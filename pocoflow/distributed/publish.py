@@ -80,6 +80,66 @@ def _plain_publish(app: Any, queue: str) -> bool:
     return amqp.queues[queue].exchange.type == "direct"  # type: ignore[no-any-return]
 
 
+def publish_plainly(
+    app: Celery,
+    producer: Any,
+    task_id: str,
+    task: str,
+    args: list[Any],
+    queue: str,
+    countdown: float | None = None,
+    labels: dict[str, str] | None = None,
+) -> None:
+    """The message ``send_task`` would send, built by Celery's own ``amqp`` and put
+    through kombu's ``Producer.publish``, without what ``send_task`` does around it for
+    the general case: routing a task whose queue we name, resolving the queue and its
+    exchange, a declare check before every message on Redis, where nothing needs it
+    (``declare`` below), the task signals nobody listens to (``_plain_publish``) and an
+    ``AsyncResult`` nobody reads. The publish was the largest part of a step's CPU in its
+    pool child (issue 6's load goal): 720 us of CPU a message through ``send_task``
+    against 270 us this way (one process, one Redis); in a worker under load 1,220 us a
+    step against 510 us, with the Redis client kept (``transport``). ``labels``: what
+    Flower and the logs show (``task_labels``)."""
+    labels = labels or {}
+    parent = app.current_worker_task
+    parent_id = parent.request.id if parent else None
+    headers, properties, body, _ = app.amqp.create_task_message(
+        task_id,
+        task,
+        args,
+        {},
+        countdown=countdown,
+        shadow=labels.get("shadow"),
+        argsrepr=labels.get("argsrepr"),
+        kwargsrepr=labels.get("kwargsrepr"),
+        root_id=(parent.request.root_id or parent_id) if parent else None,
+        parent_id=parent_id,
+        reply_to=app.thread_oid,
+        ignore_result=None,  # the task's own setting, as send_task leaves it
+    )
+    conf = app.conf
+    amqp_queue = app.amqp.queues[queue]
+    redis_channel = isinstance(producer.channel, kombu_redis.Channel)
+    producer.publish(
+        body,
+        exchange="",  # the direct default exchange: the routing key is the queue
+        routing_key=queue,
+        serializer=conf.task_serializer,
+        compression=conf.task_compression,
+        headers=headers,
+        delivery_mode=amqp_queue.exchange.delivery_mode or conf.task_default_delivery_mode,
+        retry=True,
+        retry_policy=PUBLISH_RETRY_POLICY,
+        # Redis needs no declared queue for the default exchange (the message is pushed
+        # on the queue's list), so its declare check, which cost more than the rest of
+        # the publish, is skipped; elsewhere (RabbitMQ drops a message for a queue it
+        # does not have) kombu declares once per connection, again after a reconnect.
+        declare=[] if redis_channel else [amqp_queue],
+        **properties,
+    )
+    keep_one_client(producer.channel)
+
+
 class SentMarker:
     """Marks published outbox rows sent from a background thread, in batches.
 
@@ -208,7 +268,16 @@ class Publisher:
         countdown = countdown if countdown and countdown > 0 else None
         task_id = uuid()
         if producer is not None and _plain_publish(self.app, queue):
-            self._publish_plainly(message, task_id, task, queue, countdown, producer)
+            publish_plainly(
+                self.app,
+                producer,
+                task_id,
+                task,
+                [message.to_dict()],
+                queue,
+                countdown,
+                task_labels(message),
+            )
         else:
             self.app.send_task(
                 task,
@@ -222,65 +291,6 @@ class Publisher:
                 **task_labels(message),
             )
         return task_id
-
-    def _publish_plainly(
-        self,
-        message: StepMessage | ItemMessage,
-        task_id: str,
-        task: str,
-        queue: str,
-        countdown: float | None,
-        producer: Any,
-    ) -> None:
-        """The message ``send_task`` would send, built by Celery's own ``amqp`` and put
-        through kombu's ``Producer.publish``, without what ``send_task`` does around it
-        for the general case: routing a task whose queue we name, resolving the queue
-        and its exchange, a declare check before every message on Redis, where nothing
-        needs it (``declare`` below), the task signals nobody listens to
-        (``_plain_publish``) and an ``AsyncResult`` nobody reads. The publish was the
-        largest part of a step's CPU in its pool child (issue 6's load goal): 720 us of
-        CPU a message through ``send_task`` against 270 us this way (one process, one
-        Redis); in a worker under load 1,220 us a step against 510 us, with the Redis
-        client kept (``transport``)."""
-        labels = task_labels(message)
-        parent = self.app.current_worker_task
-        parent_id = parent.request.id if parent else None
-        headers, properties, body, _ = self.app.amqp.create_task_message(
-            task_id,
-            task,
-            [message.to_dict()],
-            {},
-            countdown=countdown,
-            shadow=labels["shadow"],
-            argsrepr=labels["argsrepr"],
-            kwargsrepr=labels["kwargsrepr"],
-            root_id=(parent.request.root_id or parent_id) if parent else None,
-            parent_id=parent_id,
-            reply_to=self.app.thread_oid,
-            ignore_result=None,  # the task's own setting, as send_task leaves it
-        )
-        conf = self.app.conf
-        amqp_queue = self.app.amqp.queues[queue]
-        redis_channel = isinstance(producer.channel, kombu_redis.Channel)
-        producer.publish(
-            body,
-            exchange="",  # the direct default exchange: the routing key is the queue
-            routing_key=queue,
-            serializer=conf.task_serializer,
-            compression=conf.task_compression,
-            headers=headers,
-            delivery_mode=amqp_queue.exchange.delivery_mode or conf.task_default_delivery_mode,
-            retry=True,
-            retry_policy=PUBLISH_RETRY_POLICY,
-            # Redis needs no declared queue for the default exchange (the message is
-            # pushed on the queue's list), so its declare check, which cost more than the
-            # rest of the publish, is skipped; elsewhere (RabbitMQ drops a message for a
-            # queue it does not have) kombu declares once per connection, again after a
-            # reconnect.
-            declare=[] if redis_channel else [amqp_queue],
-            **properties,
-        )
-        keep_one_client(producer.channel)
 
     def _publish_batch(
         self, messages: list[ItemMessage], queue: str | None, countdown: float | None

@@ -1,4 +1,4 @@
-"""A step message published without ``send_task`` (``Publisher._publish_plainly``) is the
+"""A step message published without ``send_task`` (``publish.publish_plainly``) is the
 message ``send_task`` sends, on a real Redis broker (and reaches a real RabbitMQ queue the
 broker lost); a process whose code listens to the publish signals keeps ``send_task``;
 the publisher's and a worker consumer's Redis channels reuse one client."""

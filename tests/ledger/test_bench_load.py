@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 
@@ -43,11 +45,10 @@ class _Finished:
         self.keys.append(key)
 
 
-def test_the_leased_relay_writes_what_a_step_of_the_protocol_must(
-    database_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``bench.load`` quotes the leased relay as the floor of the step protocol: a hop
-    that skipped one of its writes, or ran twice, would flatter that floor."""
+@pytest.fixture
+def leased(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
+    """The leased relay on a fresh database: its connection (autocommit), the messages it
+    sent and the chains it finished; one chain ``c`` submitted, as ``relay_load`` does."""
     import psycopg
 
     from bench import relay_app
@@ -55,9 +56,7 @@ def test_the_leased_relay_writes_what_a_step_of_the_protocol_must(
 
     sent: list[list[object]] = []
     finished = _Finished()
-    monkeypatch.setattr(
-        relay_app.leased_relay, "apply_async", lambda args, queue: sent.append(args)
-    )
+    monkeypatch.setattr(relay_app, "_send_next", sent.append)
     monkeypatch.setattr(relay_app, "_redis", lambda: finished)
     with fresh_postgres_database(database_url) as url:
         dsn = psycopg_url(url)
@@ -68,25 +67,63 @@ def test_the_leased_relay_writes_what_a_step_of_the_protocol_must(
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute(f"INSERT INTO {relay_app.LEASED_RUNS} VALUES ('c', 'running', 0)")
                 conn.execute(f"INSERT INTO {relay_app.LEASED_TABLE} VALUES ('c', 0, 'queued')")
-                relay_app.leased_relay.run(1, "k", "c", 0)
-                relay_app.leased_relay.run(1, "k", "c", 0)  # a second delivery: no-op
-                assert sent == [[0, "k", "c", 1]]
-                relay_app.leased_relay.run(*sent[0])
 
                 def hops(table: str, column: str) -> list[tuple[object, ...]]:
                     return conn.execute(
                         f"SELECT hop, {column} FROM {table} ORDER BY hop"
                     ).fetchall()
 
-                assert hops(relay_app.LEASED_TABLE, "status") == [(0, "done"), (1, "done")]
-                assert hops(relay_app.CHECKPOINT_TABLE, "store_json") == [
-                    (0, '{"n": 1}'),
-                    (1, '{"n": 2}'),
-                ]
-                assert hops(relay_app.EVENT_TABLE, "event") == [(0, "node_end"), (1, "node_end")]
-                run = conn.execute(f"SELECT status, steps FROM {relay_app.LEASED_RUNS}").fetchone()
-                assert run == ("completed", 2)
-                assert finished.keys == ["k"] and len(sent) == 1
+                yield SimpleNamespace(
+                    app=relay_app, conn=conn, sent=sent, finished=finished.keys, hops=hops
+                )
         finally:
             relay_app._hops_connection().close()
             relay_app._hops_connection.cache_clear()
+
+
+def test_the_leased_relay_writes_what_a_step_of_the_protocol_must(leased: SimpleNamespace) -> None:
+    """``bench.load`` quotes the leased relay as the floor of the step protocol: a hop
+    that skipped one of its writes, or ran twice, would flatter that floor."""
+    relay = leased.app
+    relay.leased_relay.run(1, "k", "c", 0)
+    relay.leased_relay.run(1, "k", "c", 0)  # a second delivery: no-op
+    assert leased.sent == [[0, "k", "c", 1]]
+    relay.leased_relay.run(*leased.sent[0])
+    assert leased.hops(relay.LEASED_TABLE, "status") == [(0, "done"), (1, "done")]
+    # Each checkpoint is the one the claim loaded, counted up: the load is not skipped.
+    assert leased.hops(relay.CHECKPOINT_TABLE, "store_json") == [(0, '{"n": 1}'), (1, '{"n": 2}')]
+    assert leased.hops(relay.EVENT_TABLE, "event") == [(0, "node_end"), (1, "node_end")]
+    run = leased.conn.execute(f"SELECT status, steps FROM {relay.LEASED_RUNS}").fetchone()
+    assert run == ("completed", 2)
+    assert leased.finished == ["k"] and len(leased.sent) == 1
+
+
+def test_the_leased_relay_stops_at_a_run_that_is_not_running(leased: SimpleNamespace) -> None:
+    relay = leased.app
+    leased.conn.execute(f"UPDATE {relay.LEASED_RUNS} SET status = 'paused'")
+    relay.leased_relay.run(1, "k", "c", 0)
+    assert leased.hops(relay.LEASED_TABLE, "status") == [(0, "queued")]
+    assert leased.hops(relay.CHECKPOINT_TABLE, "hop") == [] and leased.sent == []
+
+
+def test_a_leased_relay_hop_whose_lease_was_taken_commits_and_sends_nothing(
+    leased: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between its claim and its commit another holder takes the step's lease (a take-over
+    after a freeze): the hop's commit is fenced out, so it writes and sends nothing."""
+    relay = leased.app
+    cached = relay._hops_connection
+    real = cached()
+
+    class TakenAfterTheClaim:
+        def execute(self, sql: str, params: dict[str, object]) -> object:
+            result = real.execute(sql, params)
+            if sql.startswith(f"UPDATE {relay.LEASED_TABLE} SET status = 'running'"):
+                leased.conn.execute(f"UPDATE {relay.LEASED_TABLE} SET lease_owner = 'another'")
+            return result
+
+    monkeypatch.setattr(relay, "_hops_connection", lambda: TakenAfterTheClaim())
+    relay.leased_relay.run(1, "k", "c", 0)
+    monkeypatch.setattr(relay, "_hops_connection", cached)
+    assert leased.hops(relay.LEASED_TABLE, "lease_owner") == [(0, "another")]
+    assert leased.hops(relay.CHECKPOINT_TABLE, "hop") == [] and leased.sent == []
