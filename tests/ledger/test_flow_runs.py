@@ -239,6 +239,29 @@ def test_background_pause_holds_the_next_node_until_resume(ledger_url):
     assert db.get_run(handle.run_id)["status"] == "completed"
 
 
+def test_a_pause_lets_a_running_sub_flow_finish_and_holds_the_outer_flows_next_node(
+    ledger_url,
+):
+    """README, G4: a sub-flow keeps nothing until its outer step commits, so a pause is
+    met after it (its inner nodes all run), before the outer flow's next node."""
+    gate = Gate()
+    gate.then("next", Count())
+    inner = Flow(start=gate, flow_name="inner")
+    inner.then("done", Count())
+    handle = Flow(start=inner, db_path=ledger_url, flow_name="outer").run_background(
+        {"n": 0, "until": 1}
+    )
+    assert gate.entered.wait(10)
+    handle.pause()
+    gate.release.set()
+    db = WorkflowDB(ledger_url)
+    wait_until(lambda: db.get_run(handle.run_id)["status"] == "paused", timeout=10)
+    assert handle.store()["trail"] == [1] and not handle.is_done  # the inner Count ran
+    handle.resume()
+    assert handle.wait(10)["trail"] == [1, 2]  # the outer Count, and nothing twice
+    assert db.get_run(handle.run_id)["status"] == "completed"
+
+
 def test_resume_from_starts_a_new_run_at_that_node(ledger_url):
     first, second = Count(), Count()
     first.then("next", second)
