@@ -126,9 +126,10 @@ def run_loads(
         db = WorkflowDB(db_url)
         app, client = relay_client(redis.url)
         relay_env = worker_env("sqlite:///unused.db", redis.url)
-        relay_env[relay_app.DURABLE_DB_ENV] = psycopg_url(db_url)
-        leased_db = psycopg_url(db_url)
-        relay_app.create_hops_table(leased_db)
+        # The relays' tables live beside the ledger, reached with psycopg's URL form.
+        relay_db = psycopg_url(db_url)
+        relay_env[relay_app.DURABLE_DB_ENV] = relay_db
+        relay_app.create_hops_table(relay_db)
         poco_env = worker_env(db_url, redis.url)
         relay_tps: list[float] = []
         durable_tps: list[float] = []
@@ -150,7 +151,7 @@ def run_loads(
                 relay_load(app, client, min(runs, WARM_RUNS), STEPS)
                 wait_finished(db, submit_load(settings, min(runs, WARM_RUNS)), timeout_s)
                 relay_load(app, client, min(runs, WARM_RUNS), STEPS, durable=True)
-                relay_load(app, client, min(runs, WARM_RUNS), STEPS, leased_db=leased_db)
+                relay_load(app, client, min(runs, WARM_RUNS), STEPS, leased_db=relay_db)
 
             def relay_phase(**kind: Any) -> tuple[float, str]:
                 before = cpu.snapshot(relay_probes)
@@ -168,7 +169,7 @@ def run_loads(
             phases: dict[str, Callable[[], Any]] = {
                 "relay": relay_phase,
                 "durable": lambda: relay_phase(durable=True),
-                "leased": lambda: relay_phase(leased_db=leased_db),
+                "leased": lambda: relay_phase(leased_db=relay_db),
                 "ours": our_phase,
             }
             for turn in range(loads):
@@ -183,7 +184,7 @@ def run_loads(
                 cpu_texts.append((done["ours"][1], done["relay"][1], done["leased"][1]))
         client.close()
         db.close()
-    relay_app.drop_hops_table(psycopg_url(db_url))  # not the ledger's: out of its size
+    relay_app.drop_hops_table(relay_db)  # not the ledger's: out of its size
     return relay_tps, durable_tps, leased_tps, poco, cpu_texts
 
 
