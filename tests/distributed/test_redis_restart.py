@@ -85,7 +85,10 @@ def test_a_redis_restart_mid_fan_out_loses_no_item(
 
 
 def _probe(live: Cluster) -> dict[str, Any]:
-    replies = live.app.control.broadcast("pf_redis_client", reply=True, timeout=3)
+    # ``limit``: back as soon as every worker answered, not after the whole timeout.
+    replies = live.app.control.broadcast(
+        "pf_redis_client", reply=True, timeout=3, limit=len(live.workers)
+    )
     assert replies, "no worker answered"
     seen = [next(iter(reply.values())) for reply in replies]
     return {
