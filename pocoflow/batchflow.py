@@ -103,6 +103,13 @@ class BatchFlow(Flow):
     parallel: bool = False
     max_parallel: int = 8
 
+    @property
+    def _keeps_items(self) -> bool:  # type: ignore[override]
+        """A local run with a ledger keeps each finished parallel pass (as workers keep
+        each pass as its item): a resume runs only the others. Sequential passes share
+        one Store, so the batch runs again whole."""
+        return self.parallel
+
     def prep(self, store: Any) -> list[dict[str, Any]]:
         """The param dicts, one per pass (override). None means no pass."""
         return []
@@ -205,6 +212,9 @@ class BatchPasses(MapNode):
         own.add_observer(lambda key, old, new: written.setdefault(key))
         self.batch.run_pass(own, item["index"], item["params"])
         return _writes_of(own.as_dict(), before, written).to_dict()
+
+    def _log_owner(self) -> Node:
+        return self.batch  # the step's node: a local run keeps the passes under it
 
     def run_item(self, index: int, item: Any) -> Any:
         # Neither the map's retries nor its timeout: a pass is many nodes, each with its

@@ -21,7 +21,6 @@ from pocoflow.graph import Graph
 from pocoflow.hooks import RUN_CANCELLED, RUN_RESUMED, Hooks
 from pocoflow.limits import LimitGate, current_limiter
 from pocoflow.logging import get_logger
-from pocoflow.mapnode import MapNode
 from pocoflow.node import Node
 from pocoflow.recorder import RunRecorder, open_ledger
 from pocoflow.runner import RunControl, RunHandle
@@ -409,13 +408,14 @@ class Flow(Node):
                 )
                 recorder.ended_early(step, "failed", "node_error", message)
                 raise RuntimeError(message)
-            # A MapNode keeps its finished items; only a step that ran before (the first
-            # of a resume, one run again after a wait) reads what an earlier try kept.
+            # A MapNode (or a parallel BatchFlow) keeps its finished items (passes); only a
+            # step that ran before (the first of a resume, one run again after a wait)
+            # reads what an earlier try kept.
             log_token = between_token = None
             if current._runs_items:  # a MapNode, or a sub-flow that may hold one
                 between.at_step(step)
                 between_token = pausing.CURRENT.set(between)
-                if record and isinstance(current, MapNode):
+                if record and current._keeps_items:
                     log = recorder.item_log(step, current, may_have_kept=step == again)
                     log_token = itemlog.CURRENT.set(log)
             try:

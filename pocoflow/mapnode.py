@@ -131,6 +131,7 @@ class MapNode(Node):
 
     max_parallel: int = 8
     _runs_items = True
+    _keeps_items = True
     on_item_error: str = "raise"
 
     @property
@@ -193,7 +194,7 @@ class MapNode(Node):
     def map_items(self, items: Sequence[Any]) -> list[Any]:
         """Every item's result (or collected exception), in item order. With an item log,
         items it kept from an earlier attempt of the step do not run again."""
-        log = itemlog.take(self)  # this step's, set by a local run with a ledger
+        log = itemlog.take(self._log_owner())  # this step's, set by a local run with a ledger
         if log is None:
             return self._map(items, None)
         log.open(items)
@@ -201,6 +202,11 @@ class MapNode(Node):
             return self._map(items, log)
         finally:
             log.close()  # what finished is kept, also when the map fails
+
+    def _log_owner(self) -> Node:
+        """The step's node whose item log this map's items go to: itself, unless it runs
+        another node's items (a parallel BatchFlow's passes)."""
+        return self
 
     def _map(self, items: Sequence[Any], log: ItemLog | None) -> list[Any]:
         between = pausing.CURRENT.get()  # a local run's pause between items (None: none)

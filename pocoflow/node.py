@@ -79,6 +79,9 @@ class Node:
     #: A step whose node may run map items (a MapNode, a sub-flow): the local loop hands
     #: it the between-items pause gate and, for a MapNode, its item log.
     _runs_items = False
+    #: A step whose finished items a local run with a ledger keeps (``itemlog``), so a
+    #: resume runs only the others: a MapNode, a parallel BatchFlow (its passes).
+    _keeps_items = False
     #: True on the copy of a node that runs inside a BatchFlow pass (see ``Flow._run``).
     _in_pass = False
     #: The step attempt this node runs, for ``report_usage`` from threads ``exec`` starts

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from pocoflow import Flow, MapNode, codec, itemlog
+from pocoflow import BatchFlow, Flow, MapNode, Node, codec, itemlog
 from pocoflow.db import WorkflowDB
 from tests.helpers import wait_until
 from tests.ledger import local_map_kill_flows as kill_flows
@@ -599,3 +599,81 @@ def test_a_map_cancelled_mid_way_keeps_what_finished_and_the_resume_runs_the_res
     store = flow.resume(handle.run_id)
     assert node.tries == [3, 4, 5]
     assert store["squares"] == [0, 1, 4, 9, 16, 25]
+
+
+# ── a parallel BatchFlow: its passes are the items ─────────────────────────────
+
+
+class Write(Node):
+    """One pass's node: counts its runs by language in ``ran``, fails the passes in
+    ``failing`` once each."""
+
+    def __init__(self, ran: list[str], failing: set[str]) -> None:
+        super().__init__(name="write")
+        self.ran, self.failing = ran, failing
+
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+        lang = self.params["lang"]
+        self.ran.append(lang)
+        if lang in self.failing:
+            self.failing.discard(lang)
+            raise ValueError(f"pass {lang} is flaky")
+        store[f"out/{lang}"] = f"{store['text']} [{lang}]"
+        return "default"
+
+
+class PerLanguage(BatchFlow):
+    def prep(self, store: Any) -> list[dict[str, Any]]:
+        return [{"lang": lang} for lang in store["langs"]]
+
+
+LANGS = ["fr", "de", "ja", "es"]
+
+
+def _batch_flow(ledger_url: str | None, ran: list[str], failing: set[str], parallel: bool) -> Flow:
+    batch = PerLanguage(start=Write(ran, failing), flow_name="per_language")
+    batch.parallel, batch.max_parallel = parallel, 1  # in order: fr, de, ja, es
+    return Flow(start=batch, db_path=ledger_url, flow_name="translate")
+
+
+def test_the_finished_passes_of_a_parallel_batch_are_kept_and_a_resume_runs_the_others(
+    ledger_url: str,
+) -> None:
+    """As on workers, where each pass is its own map item: pass "ja" fails the run after
+    "fr" and "de" finished; the resume runs only "ja" and "es", and ends with the Store
+    of an uninterrupted run."""
+    ran: list[str] = []
+    flow = _batch_flow(ledger_url, ran, {"ja"}, parallel=True)
+    with pytest.raises(Exception, match="pass ja is flaky"):
+        flow.run({"text": "hi", "langs": LANGS})
+    assert ran == ["fr", "de", "ja"]
+    assert _kept(ledger_url, flow.last_run_id) == [0, 1]
+    ran.clear()
+    store = flow.resume(flow.last_run_id)  # type: ignore[arg-type]
+    assert ran == ["ja", "es"]
+    clean = _batch_flow(None, [], set(), parallel=True).run({"text": "hi", "langs": LANGS})
+    assert store.as_dict() == clean.as_dict()
+    assert _kept(ledger_url, flow.last_run_id) == [0, 1, 2, 3]
+
+
+def test_a_sequential_batch_keeps_no_pass_and_runs_again_whole(ledger_url: str) -> None:
+    """Sequential passes share one Store (a pass sees the ones before it): kept alone, a
+    pass's writes could not be told from the others', so the batch runs again whole."""
+    ran: list[str] = []
+    flow = _batch_flow(ledger_url, ran, {"ja"}, parallel=False)
+    with pytest.raises(Exception, match="pass ja is flaky"):
+        flow.run({"text": "hi", "langs": LANGS})
+    assert _kept(ledger_url, flow.last_run_id) == []
+    ran.clear()
+    store = flow.resume(flow.last_run_id)  # type: ignore[arg-type]
+    assert ran == LANGS
+    assert store["out/es"] == "hi [es]"
+
+
+def test_a_parallel_batch_inside_a_sub_flow_keeps_nothing(ledger_url: str) -> None:
+    """Its passes' step would be the sub-flow's own, not the run's."""
+    batch = PerLanguage(start=Write([], set()), flow_name="per_language")
+    batch.parallel = True
+    outer = Flow(start=Flow(start=batch, flow_name="sub"), db_path=ledger_url, flow_name="outer")
+    assert outer.run({"text": "hi", "langs": LANGS})["out/ja"] == "hi [ja]"
+    assert WorkflowDB(ledger_url).get_items(outer.last_run_id, 0) == []  # type: ignore[arg-type]
