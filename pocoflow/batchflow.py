@@ -21,11 +21,14 @@ hands back, and on workers they are map items (``map_node_of``).
 from __future__ import annotations
 
 import copy
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pocoflow import codec
 from pocoflow.flow import Flow, as_store
+from pocoflow.itemlog import digest
 from pocoflow.limits import LimitGate
 from pocoflow.mapnode import ItemFailed, MapNode
 from pocoflow.node import DEFAULT_ACTION, Node
@@ -202,10 +205,13 @@ class BatchPasses(MapNode):
         batch = self.batch.batch_of(self.batch.prep(store))
         return [{"index": index, "params": params} for index, params in enumerate(batch)]
 
-    def exec(self, item: dict[str, Any]) -> dict[str, Any]:
-        base = self.base
-        if base is None:
+    def _base(self) -> Store:
+        if self.base is None:
             raise RuntimeError(f"{self.name}: bind(store) before running a pass")
+        return self.base
+
+    def exec(self, item: dict[str, Any]) -> dict[str, Any]:
+        base = self._base()
         before = base.as_dict()
         own = Store(copy.deepcopy(before), schema=base.schema, name=base.name)
         written: dict[str, None] = {}
@@ -215,6 +221,19 @@ class BatchPasses(MapNode):
 
     def _log_owner(self) -> Node:
         return self.batch  # the step's node: a local run keeps the passes under it
+
+    def _log_scope(self) -> str:
+        """A pass's writes depend on the Store it starts from, which the batch's ``prep``
+        (run again on a resume, or after a ``wait_for``) may leave otherwise: a pass kept
+        from another start serves none. (Workers keep ``prep``'s writes instead and
+        never run it again.)"""
+        values = self._base().as_dict()
+        try:
+            # Keys in order: a Store loaded from its checkpoint may list them otherwise.
+            text = codec.encode({key: values[key] for key in sorted(values)}, key="store")
+            return digest(text) + "\n"
+        except Exception:  # not encodable: the step's checkpoint will say which key
+            return uuid.uuid4().hex + "\n"  # so nothing kept is taken
 
     def run_item(self, index: int, item: Any) -> Any:
         # Neither the map's retries nor its timeout: a pass is many nodes, each with its

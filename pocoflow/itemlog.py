@@ -101,6 +101,7 @@ class ItemLog:
         self.may_have_kept = may_have_kept
         self.taken = False
         self._items: Sequence[Any] = ()
+        self._scope = ""
         self._digests: list[str | None] | None = None  # computed by open only on a resume
         #: Results an earlier attempt of the step kept, by item index (set by ``open``).
         self.kept: dict[int, Any] = {}
@@ -109,13 +110,19 @@ class ItemLog:
         self._start_lock = threading.Lock()
         self._warned = False
 
-    def open(self, items: Sequence[Any]) -> dict[int, Any]:
+    def open(self, items: Sequence[Any], scope: str = "") -> dict[int, Any]:
         """The results an earlier attempt of this step kept for these items, by index: a
         kept row serves an equal item wherever it is now. Rows found at another index
         are written again at the new one (before any new result), and rows past the end
         of the list go, so the rows follow the list. Nothing is read for a step that
-        cannot have kept rows."""
+        cannot have kept rows.
+
+        ``scope``: what else an item's result depends on (a parallel BatchFlow's pass
+        runs on the Store its batch's ``prep`` left, which a resume's ``prep`` may leave
+        otherwise); folded into every item's digest, so a row kept under another scope
+        serves no item."""
         self._items = items
+        self._scope = scope
         self.kept = {}
         if not self.may_have_kept:
             return self.kept
@@ -263,7 +270,7 @@ class ItemLog:
 
     def _digest(self, idx: int, item: Any) -> str | None:
         text = self._encode(idx, item, "the item")
-        return None if text is None else digest(text)
+        return None if text is None else digest(self._scope + text)
 
     def _encode(self, idx: int, value: Any, what: str) -> str | None:
         try:

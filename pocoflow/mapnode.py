@@ -197,7 +197,7 @@ class MapNode(Node):
         log = itemlog.take(self._log_owner())  # this step's, set by a local run with a ledger
         if log is None:
             return self._map(items, None)
-        log.open(items)
+        log.open(items, self._log_scope())
         try:
             return self._map(items, log)
         finally:
@@ -207,6 +207,11 @@ class MapNode(Node):
         """The step's node whose item log this map's items go to: itself, unless it runs
         another node's items (a parallel BatchFlow's passes)."""
         return self
+
+    def _log_scope(self) -> str:
+        """What, besides its item, a kept result depends on (``ItemLog.open``): nothing
+        for a MapNode, whose ``exec`` sees only its item."""
+        return ""
 
     def _map(self, items: Sequence[Any], log: ItemLog | None) -> list[Any]:
         between = pausing.CURRENT.get()  # a local run's pause between items (None: none)

@@ -89,7 +89,9 @@ def _probe(live: Cluster) -> dict[str, Any]:
     replies = live.app.control.broadcast(
         "pf_redis_client", reply=True, timeout=3, limit=len(live.workers)
     )
-    assert replies, "no worker answered"
+    # Each worker once: a worker answering twice (two consumers) would fill the limit.
+    answered = sorted(name for reply in replies for name in reply)
+    assert len(set(answered)) == len(answered) == len(live.workers), answered
     seen = [next(iter(reply.values())) for reply in replies]
     return {
         "kept": all(s["kept"] and s["is_default"] for s in seen),

@@ -118,9 +118,9 @@ def _flow(ledger_url: str | None, node: MapNode) -> Flow:
     return Flow(start=node, db_path=ledger_url, flow_name="flaky")
 
 
-def _kept(ledger_url: str, run_id: str | None) -> list[int]:
+def _kept(ledger_url: str, run_id: str | None, step: int = 0) -> list[int]:
     assert run_id is not None
-    return [r["idx"] for r in WorkflowDB(ledger_url).kept_items(run_id, 0)]
+    return [r["idx"] for r in WorkflowDB(ledger_url).kept_items(run_id, step)]
 
 
 def test_a_collected_item_error_is_not_kept_and_runs_again_with_all_its_tries(
@@ -628,12 +628,30 @@ class PerLanguage(BatchFlow):
 
 
 LANGS = ["fr", "de", "ja", "es"]
+BATCH_STEP = 1  # setup (0) -> the batch (1)
 
 
-def _batch_flow(ledger_url: str | None, ran: list[str], failing: set[str], parallel: bool) -> Flow:
-    batch = PerLanguage(start=Write(ran, failing), flow_name="per_language")
+class Setup(Node):
+    """Writes keys out of their sorted order, so the Store a resume loads from this
+    step's checkpoint is not merely the initial one."""
+
+    def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
+        store["zeta"], store["alpha"] = 1, 2
+        return "default"
+
+
+def _batch_flow(
+    ledger_url: str | None,
+    ran: list[str],
+    failing: set[str],
+    parallel: bool,
+    batch_class: type[BatchFlow] | None = None,
+) -> Flow:
+    batch = (batch_class or PerLanguage)(start=Write(ran, failing), flow_name="per_language")
     batch.parallel, batch.max_parallel = parallel, 1  # in order: fr, de, ja, es
-    return Flow(start=batch, db_path=ledger_url, flow_name="translate")
+    setup = Setup(name="setup")
+    setup.then("default", batch)
+    return Flow(start=setup, db_path=ledger_url, flow_name="translate")
 
 
 def test_the_finished_passes_of_a_parallel_batch_are_kept_and_a_resume_runs_the_others(
@@ -647,13 +665,37 @@ def test_the_finished_passes_of_a_parallel_batch_are_kept_and_a_resume_runs_the_
     with pytest.raises(Exception, match="pass ja is flaky"):
         flow.run({"text": "hi", "langs": LANGS})
     assert ran == ["fr", "de", "ja"]
-    assert _kept(ledger_url, flow.last_run_id) == [0, 1]
+    assert _kept(ledger_url, flow.last_run_id, BATCH_STEP) == [0, 1]
     ran.clear()
     store = flow.resume(flow.last_run_id)  # type: ignore[arg-type]
     assert ran == ["ja", "es"]
     clean = _batch_flow(None, [], set(), parallel=True).run({"text": "hi", "langs": LANGS})
     assert store.as_dict() == clean.as_dict()
-    assert _kept(ledger_url, flow.last_run_id) == [0, 1, 2, 3]
+    assert _kept(ledger_url, flow.last_run_id, BATCH_STEP) == [0, 1, 2, 3]
+
+
+def test_a_kept_pass_serves_no_resume_whose_batch_prep_left_another_store(
+    ledger_url: str,
+) -> None:
+    """A pass's writes depend on the Store the batch's ``prep`` left, and a resume runs
+    ``prep`` again: when it leaves another Store (a new batch id here), no kept pass is
+    taken and every pass runs from it, so no pass's writes come from the old one."""
+    counter = iter(range(1, 10))
+
+    class Numbered(PerLanguage):
+        def prep(self, store: Any) -> list[dict[str, Any]]:
+            store["text"] = f"batch {next(counter)}"
+            return super().prep(store)
+
+    ran: list[str] = []
+    flow = _batch_flow(ledger_url, ran, {"ja"}, parallel=True, batch_class=Numbered)
+    with pytest.raises(Exception, match="pass ja is flaky"):
+        flow.run({"langs": LANGS})
+    assert _kept(ledger_url, flow.last_run_id, BATCH_STEP) == [0, 1]
+    ran.clear()
+    store = flow.resume(flow.last_run_id)  # type: ignore[arg-type]
+    assert ran == LANGS
+    assert [store[f"out/{lang}"] for lang in LANGS] == [f"batch 2 [{lang}]" for lang in LANGS]
 
 
 def test_a_sequential_batch_keeps_no_pass_and_runs_again_whole(ledger_url: str) -> None:
@@ -663,7 +705,7 @@ def test_a_sequential_batch_keeps_no_pass_and_runs_again_whole(ledger_url: str) 
     flow = _batch_flow(ledger_url, ran, {"ja"}, parallel=False)
     with pytest.raises(Exception, match="pass ja is flaky"):
         flow.run({"text": "hi", "langs": LANGS})
-    assert _kept(ledger_url, flow.last_run_id) == []
+    assert _kept(ledger_url, flow.last_run_id, BATCH_STEP) == []
     ran.clear()
     store = flow.resume(flow.last_run_id)  # type: ignore[arg-type]
     assert ran == LANGS
