@@ -21,20 +21,22 @@ hands back, and on workers they are map items (``map_node_of``).
 from __future__ import annotations
 
 import copy
-import uuid
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pocoflow import codec
 from pocoflow.flow import Flow, as_store
-from pocoflow.itemlog import digest
 from pocoflow.limits import LimitGate
+from pocoflow.logging import get_logger
 from pocoflow.mapnode import ItemFailed, MapNode
 from pocoflow.node import DEFAULT_ACTION, Node
 from pocoflow.step import RunCancelled, StepError
 from pocoflow.store import Store
 from pocoflow.waiting import SignalReader
+
+_log = get_logger("batchflow")
 
 #: How much of a pass's params an error message shows.
 PARAMS_SHOWN = 200
@@ -222,18 +224,30 @@ class BatchPasses(MapNode):
     def _log_owner(self) -> Node:
         return self.batch  # the step's node: a local run keeps the passes under it
 
-    def _log_scope(self) -> str:
+    def _log_scope(self) -> str | None:
         """A pass's writes depend on the Store it starts from, which the batch's ``prep``
-        (run again on a resume, or after a ``wait_for``) may leave otherwise: a pass kept
-        from another start serves none. (Workers keep ``prep``'s writes instead and
-        never run it again.)"""
+        (run again on a resume, or when a pass's node waited with ``wait_for``) may leave
+        otherwise: a pass kept from another start serves none. (Workers keep ``prep``'s
+        writes instead and never run it again.) One codec encoding of the Store a step,
+        key by key; a value whose text depends on hash order (a pydantic model's set
+        field) makes every pass run again, which costs time, not correctness. None (keep
+        nothing, with a warning) when a value cannot be encoded."""
         values = self._base().as_dict()
-        try:
-            # Keys in order: a Store loaded from its checkpoint may list them otherwise.
-            text = codec.encode({key: values[key] for key in sorted(values)}, key="store")
-            return digest(text) + "\n"
-        except Exception:  # not encodable: the step's checkpoint will say which key
-            return uuid.uuid4().hex + "\n"  # so nothing kept is taken
+        scope = hashlib.sha256()
+        # Keys in order: a Store loaded from its checkpoint may list them otherwise.
+        for key in sorted(values):
+            try:
+                text = codec.encode(values[key], key=key)
+            except Exception as exc:  # CodecError, or a model's own dump failing
+                _log.warning(
+                    "BatchFlow %r: its passes are not kept in the ledger and run again on a "
+                    "resume: %s",
+                    self.batch.name,
+                    exc,
+                )
+                return None
+            scope.update(f"{len(key)}:{key}{len(text)}:{text}".encode())
+        return scope.hexdigest() + "\n"
 
     def run_item(self, index: int, item: Any) -> Any:
         # Neither the map's retries nor its timeout: a pass is many nodes, each with its

@@ -195,9 +195,10 @@ class MapNode(Node):
         """Every item's result (or collected exception), in item order. With an item log,
         items it kept from an earlier attempt of the step do not run again."""
         log = itemlog.take(self._log_owner())  # this step's, set by a local run with a ledger
-        if log is None:
+        scope = self._log_scope() if log is not None else None
+        if log is None or scope is None:
             return self._map(items, None)
-        log.open(items, self._log_scope())
+        log.open(items, scope)
         try:
             return self._map(items, log)
         finally:
@@ -208,9 +209,9 @@ class MapNode(Node):
         another node's items (a parallel BatchFlow's passes)."""
         return self
 
-    def _log_scope(self) -> str:
+    def _log_scope(self) -> str | None:
         """What, besides its item, a kept result depends on (``ItemLog.open``): nothing
-        for a MapNode, whose ``exec`` sees only its item."""
+        for a MapNode, whose ``exec`` sees only its item. None: keep nothing this step."""
         return ""
 
     def _map(self, items: Sequence[Any], log: ItemLog | None) -> list[Any]:

@@ -632,8 +632,8 @@ BATCH_STEP = 1  # setup (0) -> the batch (1)
 
 
 class Setup(Node):
-    """Writes keys out of their sorted order, so the Store a resume loads from this
-    step's checkpoint is not merely the initial one."""
+    """Step 0: the batch is step 1, whose resume starts from a checkpoint's Store (keys
+    written out of their sorted order), not from the run's initial one."""
 
     def post(self, store: Any, prep_result: Any, exec_result: Any) -> str:
         store["zeta"], store["alpha"] = 1, 2
@@ -719,3 +719,42 @@ def test_a_parallel_batch_inside_a_sub_flow_keeps_nothing(ledger_url: str) -> No
     outer = Flow(start=Flow(start=batch, flow_name="sub"), db_path=ledger_url, flow_name="outer")
     assert outer.run({"text": "hi", "langs": LANGS})["out/ja"] == "hi [ja]"
     assert WorkflowDB(ledger_url).get_items(outer.last_run_id, 0) == []  # type: ignore[arg-type]
+
+
+class Helper:
+    """A value the codec cannot carry (not registered), equal to its copies."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Helper)
+
+
+def test_a_batch_whose_prep_leaves_a_value_the_codec_cannot_carry_keeps_no_pass(
+    ledger_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The passes' starting Store cannot be told apart from another one: nothing is kept
+    (rows no resume could take), and a warning names the batch and the key."""
+
+    class WithHelper(PerLanguage):
+        def prep(self, store: Any) -> list[dict[str, Any]]:
+            store["helper"] = Helper()  # for the passes; post drops it
+            return super().prep(store)
+
+        def post(self, store: Any, prep_result: Any, exec_result: Any) -> str | None:
+            del store["helper"]
+            return super().post(store, prep_result, exec_result)
+
+    ran: list[str] = []
+    flow = _batch_flow(ledger_url, ran, {"ja"}, parallel=True, batch_class=WithHelper)
+    with (
+        caplog.at_level(logging.WARNING, logger="pocoflow"),
+        pytest.raises(Exception, match="pass ja is flaky"),
+    ):
+        flow.run({"text": "hi", "langs": LANGS})
+    assert ran == ["fr", "de", "ja"]
+    assert _kept(ledger_url, flow.last_run_id, BATCH_STEP) == []
+    warned = [r.getMessage() for r in caplog.records if "are not kept" in r.getMessage()]
+    assert len(warned) == 1 and "'per_language'" in warned[0] and "helper" in warned[0], warned
+    ran.clear()
+    store = flow.resume(flow.last_run_id)  # type: ignore[arg-type]
+    assert ran == LANGS
+    assert "helper" not in store and store["out/es"] == "hi [es]"
