@@ -77,7 +77,7 @@ class Node:
     params: Mapping[str, Any] = MappingProxyType({})
     _is_flow = False
     #: A step whose node may run map items (a MapNode, a sub-flow): the local loop hands
-    #: it the between-items pause gate and, for a MapNode, its item log.
+    #: it the between-items pause gate and, where ``_keeps_items``, its item log.
     _runs_items = False
     #: A step whose finished items a local run with a ledger keeps (``itemlog``), so a
     #: resume runs only the others: a MapNode, a parallel BatchFlow (its passes).
